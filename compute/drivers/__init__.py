@@ -1,0 +1,1 @@
+"""Instance drivers: one per isolation technology."""

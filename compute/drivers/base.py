@@ -1,0 +1,155 @@
+"""The driver interface shared by the VM (libvirt) and container (crun) drivers.
+
+Every method names its idempotency and cleanup contract.  Drivers are used
+from Celery node tasks that may be redelivered (``acks_late``), so every
+state-changing method must be safe to call again after a crash half-way.
+Errors a caller can act on are :class:`DriverError` subclasses; anything
+else is a bug.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+from compute.spec import InstanceSpec, Kind, PowerState
+
+
+class DriverError(Exception):
+    """An instance operation failed; the message is one sentence for users."""
+
+
+class InstanceNotFound(DriverError):
+    """The node has no workload with that instance id."""
+
+
+class InvalidState(DriverError):
+    """The operation is not possible in the instance's current power state."""
+
+
+class NotSupported(DriverError):
+    """This driver cannot do that operation (e.g. snapshots of containers)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceInfo:
+    """What the node knows of one workload right now."""
+
+    instance_id: str
+    kind: Kind
+    power_state: PowerState
+    pid: int | None = None
+    exit_code: int | None = None
+    oom_killed: bool = False
+    started_at: float | None = None
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Resource counters.  ``None`` where the driver cannot measure it."""
+
+    cpu_time_ns: int
+    memory_bytes: int
+    memory_peak_bytes: int | None = None
+    memory_limit_bytes: int | None = None
+    pids: int | None = None
+    disk_read_bytes: int | None = None
+    disk_write_bytes: int | None = None
+    net_rx_bytes: int | None = None
+    net_tx_bytes: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotInfo:
+    name: str
+    created_at: float
+
+
+class Driver(abc.ABC):
+    """One isolation technology on one compute node."""
+
+    kind: Kind
+
+    @abc.abstractmethod
+    def health(self) -> tuple[bool, str]:
+        """Whether the driver can work on this host, and why not.
+
+        Never raises; cheap enough for every heartbeat.
+        """
+
+    @abc.abstractmethod
+    def spawn(self, spec: InstanceSpec) -> InstanceInfo:
+        """Create the workload from ``spec`` and start it.
+
+        Idempotent by ``spec.instance_id``: if the workload already exists it
+        is left as it is and its info returned.  On failure everything this
+        call made (disks, seeds, bundles, cgroups, netns, taps, veths) is
+        removed before the error is raised.
+        """
+
+    @abc.abstractmethod
+    def destroy(self, instance_id: str) -> None:
+        """Stop the workload at once and remove all it owns on the node.
+
+        Succeeds if the workload is already gone, or half-gone.  Logs that
+        the portal shows after deletion may be kept (see ``console_log``).
+        """
+
+    @abc.abstractmethod
+    def start(self, instance_id: str) -> InstanceInfo:
+        """Start a stopped workload.  No-op if it is already running."""
+
+    @abc.abstractmethod
+    def stop(self, instance_id: str, timeout: float = 30.0, force: bool = False) -> InstanceInfo:
+        """Stop gracefully (ACPI power button / SIGTERM), forcing after ``timeout``.
+
+        ``force=True`` skips the graceful phase.  No-op if already stopped.
+        """
+
+    @abc.abstractmethod
+    def reboot(self, instance_id: str) -> InstanceInfo:
+        """Restart the workload's OS or process.  The instance must be running."""
+
+    @abc.abstractmethod
+    def pause(self, instance_id: str) -> InstanceInfo:
+        """Freeze the workload in memory.  No-op if already paused."""
+
+    @abc.abstractmethod
+    def resume(self, instance_id: str) -> InstanceInfo:
+        """Thaw a paused workload.  No-op if already running."""
+
+    @abc.abstractmethod
+    def snapshot(self, instance_id: str, name: str) -> SnapshotInfo:
+        """Take a named snapshot.  Taking an existing name again is a no-op."""
+
+    @abc.abstractmethod
+    def revert(self, instance_id: str, name: str) -> InstanceInfo:
+        """Return the workload to a named snapshot."""
+
+    @abc.abstractmethod
+    def delete_snapshot(self, instance_id: str, name: str) -> None:
+        """Delete a snapshot; succeeds if it does not exist."""
+
+    @abc.abstractmethod
+    def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
+        """Snapshots of the workload, oldest first."""
+
+    @abc.abstractmethod
+    def info(self, instance_id: str) -> InstanceInfo:
+        """Current info; raises :class:`InstanceNotFound` if there is none."""
+
+    @abc.abstractmethod
+    def list(self) -> list[InstanceInfo]:
+        """Every workload of this driver on the node (inventory for reconcile)."""
+
+    @abc.abstractmethod
+    def stats(self, instance_id: str) -> Stats:
+        """Resource counters of a workload."""
+
+    @abc.abstractmethod
+    def console_log(self, instance_id: str, max_bytes: int = 65536) -> str:
+        """Tail of the serial console (VM) or stdout/stderr (container) log.
+
+        Readable after the workload stopped or exited.
+        """

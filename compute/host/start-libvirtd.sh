@@ -1,0 +1,24 @@
+#!/bin/sh
+# Start virtlogd + libvirtd without systemd, under tini as a subreaper so
+# QEMU processes are reaped at once (destroy() 0.2 s instead of 1.2-1.8 s).
+# Idempotent: does nothing if libvirtd already answers.  $1 = log file.
+set -eu
+log=${1:-/var/log/skyport-libvirtd.log}
+if virsh -c qemu:///system version >/dev/null 2>&1; then
+    exit 0
+fi
+if [ -e /dev/kvm ]; then
+    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm    # else libvirt re-probes QEMU on every call
+fi
+rm -f /etc/libvirt/qemu/networks/autostart/default.xml   # no dnsmasq/NAT network
+mkdir -p "$(dirname "$log")"
+setsid tini -s -- sh -c 'virtlogd -d && exec libvirtd' </dev/null >>"$log" 2>&1 &
+i=0
+until virsh -c qemu:///system version >/dev/null 2>&1; do
+    i=$((i + 1))
+    if [ "$i" -gt 120 ]; then
+        echo "libvirtd did not answer within 60 s; see $log" >&2
+        exit 1
+    fi
+    sleep 0.5
+done

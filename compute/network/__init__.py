@@ -1,0 +1,1 @@
+"""Node-side networking: tenant bridges, taps and veths (pyroute2)."""

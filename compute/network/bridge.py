@@ -1,0 +1,85 @@
+"""Tenant network bridges on a node (pyroute2).
+
+One Linux bridge per tenant network.  Bridges never forward to each other
+and get no uplink here; a host-side address is only set where a caller
+asks for one (tests and the gateway of a network).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+_lock = threading.Lock()
+
+ENOENT = 2
+ENODEV = 19
+EEXIST = 17
+
+
+class NetworkError(Exception):
+    """A host networking operation failed; the message says which and why."""
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return int(found[0]) if found else None
+
+
+def ensure_bridge(name: str, mtu: int = 1500, address: str | None = None) -> int:
+    """Create bridge ``name`` if missing, bring it up, return its ifindex.
+
+    Idempotent.  ``address`` (``198.18.0.1/24``) is added to the bridge if
+    given and not present yet.
+    """
+    with _lock, IPRoute() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            try:
+                ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0)
+            except NetlinkError as exc:
+                if exc.code != EEXIST:
+                    raise NetworkError(f"cannot create bridge {name}: {exc}") from exc
+            idx = _index(ipr, name)
+            if idx is None:
+                raise NetworkError(f"bridge {name} vanished after creation")
+        ipr.link("set", index=idx, mtu=mtu, state="up")
+        if address:
+            iface = ipaddress.ip_interface(address)
+            have = {
+                (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)
+            }
+            if (str(iface.ip), iface.network.prefixlen) not in have:
+                ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        return idx
+
+
+def delete_bridge(name: str) -> None:
+    """Delete bridge ``name``; succeeds if it does not exist."""
+    with _lock, IPRoute() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            return
+        try:
+            ipr.link("del", index=idx)
+        except NetlinkError as exc:
+            if exc.code not in (ENODEV, ENOENT):
+                raise NetworkError(f"cannot delete bridge {name}: {exc}") from exc
+
+
+def link_exists(name: str) -> bool:
+    """Whether a network interface of that name exists in this namespace."""
+    with IPRoute() as ipr:
+        return _index(ipr, name) is not None
+
+
+def bridge_ports(name: str) -> list[str]:
+    """Names of the interfaces enslaved to bridge ``name`` ([] if no bridge)."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            return []
+        return [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links() if link.get_attr("IFLA_MASTER") == idx]
