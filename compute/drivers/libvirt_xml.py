@@ -1,0 +1,115 @@
+"""libvirt domain XML built from typed config objects (never string-formatted).
+
+Only what the Skyport VM driver needs: BIOS boot from a qcow2 overlay, a
+read-only NoCloud seed, bridged virtio NICs with named taps, a serial console
+written to a file, and the knobs that keep a TCG guest small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import xml.etree.ElementTree as ET
+
+METADATA_NS = "https://skyport.invalid/xmlns/libvirt/instance/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskConfig:
+    path: str
+    target: str  # vda, vdb ...
+    format: str = "qcow2"
+    readonly: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class InterfaceConfig:
+    bridge: str
+    mac: str
+    tap: str  # host-side tap name, at most 15 characters
+    mtu: int = 1500
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainConfig:
+    name: str
+    uuid: str
+    domain_type: str  # "kvm" or "qemu" (TCG)
+    vcpus: int
+    memory_mib: int
+    disks: tuple[DiskConfig, ...]
+    interfaces: tuple[InterfaceConfig, ...]
+    console_log: str
+    tenant: str = ""
+    tb_cache_mib: int = 32
+    machine: str = "pc"
+
+    def to_xml(self) -> str:
+        return ET.tostring(self.to_element(), encoding="unicode")
+
+    def to_element(self) -> ET.Element:
+        dom = ET.Element("domain", type=self.domain_type)
+        _text(dom, "name", self.name)
+        _text(dom, "uuid", self.uuid)
+        meta = ET.SubElement(dom, "metadata")
+        inst = ET.SubElement(meta, "skyport:instance", {"xmlns:skyport": METADATA_NS})
+        _text(inst, "skyport:tenant", self.tenant)
+        _text(dom, "memory", str(self.memory_mib), unit="MiB")
+        _text(dom, "vcpu", str(self.vcpus), placement="static")
+
+        os_el = ET.SubElement(dom, "os")
+        _text(os_el, "type", "hvm", arch="x86_64", machine=self.machine)
+        ET.SubElement(os_el, "boot", dev="hd")
+
+        features = ET.SubElement(dom, "features")
+        ET.SubElement(features, "acpi")  # the power button is how stop() asks nicely
+        if self.domain_type == "qemu":
+            tcg = ET.SubElement(features, "tcg")
+            _text(tcg, "tb-cache", str(self.tb_cache_mib), unit="MiB")
+
+        _text(dom, "on_poweroff", "destroy")
+        _text(dom, "on_reboot", "restart")
+        _text(dom, "on_crash", "destroy")
+
+        devices = ET.SubElement(dom, "devices")
+        for disk in self.disks:
+            d = ET.SubElement(devices, "disk", type="file", device="disk")
+            ET.SubElement(d, "driver", name="qemu", type=disk.format)
+            ET.SubElement(d, "source", file=disk.path)
+            ET.SubElement(d, "target", dev=disk.target, bus="virtio")
+            if disk.readonly:
+                ET.SubElement(d, "readonly")
+        for nic in self.interfaces:
+            n = ET.SubElement(devices, "interface", type="bridge")
+            ET.SubElement(n, "mac", address=nic.mac)
+            ET.SubElement(n, "source", bridge=nic.bridge)
+            ET.SubElement(n, "target", dev=nic.tap)
+            ET.SubElement(n, "model", type="virtio")
+            ET.SubElement(n, "mtu", size=str(nic.mtu))
+            ET.SubElement(n, "rom", enabled="no")
+        serial = ET.SubElement(devices, "serial", type="file")
+        ET.SubElement(serial, "source", path=self.console_log, append="on")
+        ET.SubElement(serial, "target", port="0")
+        console = ET.SubElement(devices, "console", type="file")
+        ET.SubElement(console, "source", path=self.console_log, append="on")
+        ET.SubElement(console, "target", type="serial", port="0")
+        ET.SubElement(devices, "controller", type="usb", model="none")
+        ET.SubElement(devices, "memballoon", model="none")
+        return dom
+
+
+def _text(parent: ET.Element, tag: str, text: str, **attrib: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrib)
+    el.text = text
+    return el
+
+
+def snapshot_xml(name: str, internal: tuple[str, ...], skip: tuple[str, ...] = ()) -> str:
+    """Request for an internal (qcow2) snapshot of disks ``internal``; ``skip`` (the seed) is left out."""
+    snap = ET.Element("domainsnapshot")
+    _text(snap, "name", name)
+    disks = ET.SubElement(snap, "disks")
+    for target in internal:
+        ET.SubElement(disks, "disk", name=target, snapshot="internal")
+    for target in skip:
+        ET.SubElement(disks, "disk", name=target, snapshot="no")
+    return ET.tostring(snap, encoding="unicode")
