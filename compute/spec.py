@@ -228,18 +228,20 @@ def _from_json(cls: type[_T], data: Mapping[str, Any]) -> _T:
         raise SpecError(f"{cls.__name__}: {exc}") from exc
 
 
+_ENUMS: dict[str, type[enum.Enum]] = {"kind": Kind, "format": ImageFormat, "power_state": PowerState}
+
+
 def _convert(owner: str, name: str, value: Any) -> Any:
     nested = _NESTED.get((owner, name))
+    if nested is not None and isinstance(value, list):
+        return tuple(_from_json(nested, v) for v in value)
     if nested is not None:
-        if name in ("networks", "inventory"):
-            return tuple(_from_json(nested, v) for v in value)
         return _from_json(nested, value)
-    if name in ("kind",):
-        return Kind(value)
-    if name == "format":
-        return ImageFormat(value)
-    if name == "power_state":
-        return PowerState(value)
+    if name in _ENUMS:
+        try:
+            return _ENUMS[name](value)
+        except ValueError as exc:
+            raise SpecError(f"{owner}.{name}: {exc}") from exc
     if isinstance(value, list):
         return tuple(tuple(v) if isinstance(v, list) else v for v in value)
     return value

@@ -49,9 +49,7 @@ def ensure_bridge(name: str, mtu: int = 1500, address: str | None = None) -> int
         ipr.link("set", index=idx, mtu=mtu, state="up")
         if address:
             iface = ipaddress.ip_interface(address)
-            have = {
-                (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)
-            }
+            have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
             if (str(iface.ip), iface.network.prefixlen) not in have:
                 ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         return idx
@@ -82,4 +80,8 @@ def bridge_ports(name: str) -> list[str]:
         idx = _index(ipr, name)
         if idx is None:
             return []
-        return [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links() if link.get_attr("IFLA_MASTER") == idx]
+        return [
+            str(link.get_attr("IFLA_IFNAME"))
+            for link in ipr.get_links()
+            if link.get_attr("IFLA_MASTER") == idx
+        ]

@@ -1,0 +1,78 @@
+"""JSON errors with a message for every failure: never an HTML page, never a 500 for bad input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import IntegrityError
+from django.db.models import ProtectedError, RestrictedError
+from django.http import Http404, HttpRequest, JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from portal.audit.record import note_error
+
+
+class Conflict(exceptions.APIException):
+    """The request is valid but conflicts with the current state (409)."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "The request conflicts with the current state."
+    default_code = "conflict"
+
+
+def _first_message(data: Any) -> str:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            inner = _first_message(value)
+            return inner if key in ("non_field_errors", "detail") else f"{key}: {inner}"
+    if isinstance(data, list) and data:
+        return _first_message(data[0])
+    return str(data)
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, ProtectedError | RestrictedError):
+        exc = Conflict("This object is still in use by other objects and cannot be deleted.")
+    elif isinstance(exc, IntegrityError):
+        exc = Conflict("This conflicts with an existing object (a name or key is already taken).")
+    elif isinstance(exc, DjangoValidationError):
+        exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
+    elif isinstance(exc, Http404):
+        exc = exceptions.NotFound("Not found.")
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, exceptions.ValidationError):
+        message = _first_message(response.data)
+        body: dict[str, Any] = {"message": message, "code": "invalid", "errors": response.data}
+    else:
+        detail = (
+            response.data.get("detail", response.data) if isinstance(response.data, dict) else response.data
+        )
+        message = str(detail)
+        body = {
+            "message": message,
+            "code": getattr(detail, "code", None) or getattr(exc, "default_code", "error"),
+        }
+    request = context.get("request")
+    if request is not None:
+        note_error(request, message)
+    response.data = body
+    return response
+
+
+def json_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return JsonResponse({"message": "Not found.", "code": "not_found"}, status=404)
+
+
+def json_server_error(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(
+        {
+            "message": "Internal error; it was logged. Quote the X-Request-ID header when reporting it.",
+            "code": "error",
+        },
+        status=500,
+    )

@@ -1,0 +1,46 @@
+"""Serializer fields that respect tenant scoping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from portal.api.authentication import actor_for
+from portal.tenancy.models import Tenant
+
+
+class TenantField(serializers.SlugRelatedField):  # type: ignore[type-arg]
+    """A tenant by slug, chosen among the tenants the requester belongs to.
+
+    Another tenant's slug reads as unknown, exactly like a slug that does
+    not exist, so nothing leaks.
+    """
+
+    default_error_messages = {
+        "does_not_exist": "No tenant '{value}' that you belong to.",
+        "invalid": "Invalid tenant slug.",
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("slug_field", "slug")
+        super().__init__(**kwargs)
+
+    def get_queryset(self) -> Any:
+        return Tenant.objects.restrict(actor_for(self.context["request"])).filter(active=True)
+
+
+class DefaultTenantMixin:
+    """Fill ``tenant`` with the requester's only tenant when it is left out."""
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().validate(attrs)  # type: ignore[misc]
+        view = self.context.get("view")  # type: ignore[attr-defined]
+        if "tenant" not in attrs and getattr(view, "action", None) == "create":
+            actor = actor_for(self.context["request"])  # type: ignore[attr-defined]
+            if len(actor.roles) != 1:
+                raise serializers.ValidationError(
+                    {"tenant": "Name the tenant (you belong to several, or none)."}
+                )
+            attrs["tenant"] = Tenant.objects.get(pk=actor.tenant_ids[0])
+        return attrs

@@ -1,0 +1,25 @@
+from django.urls import include, path
+from rest_framework.routers import DefaultRouter
+
+from portal.audit.api.views import EventViewSet
+from portal.cloud.api.views import ComputeNodeViewSet, FlavorViewSet, InstanceViewSet
+from portal.tenancy.api.views import (
+    APITokenViewSet,
+    MembershipViewSet,
+    QuotaViewSet,
+    SSHKeyViewSet,
+    TenantViewSet,
+)
+
+router = DefaultRouter()
+router.register("tenants", TenantViewSet)
+router.register("memberships", MembershipViewSet)
+router.register("quotas", QuotaViewSet)
+router.register("ssh-keys", SSHKeyViewSet)
+router.register("tokens", APITokenViewSet)
+router.register("flavors", FlavorViewSet)
+router.register("nodes", ComputeNodeViewSet)
+router.register("instances", InstanceViewSet)
+router.register("events", EventViewSet)
+
+urlpatterns = [path("", include(router.urls))]

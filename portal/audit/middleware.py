@@ -1,0 +1,69 @@
+"""Writes an Event for every state-changing request, in one place.
+
+Views only describe what they acted on (:func:`portal.audit.record.describe`);
+this middleware writes the row after the response is known, so refusals
+(403, 404, 409) are audited as well as successes and no view can forget it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse
+
+from portal.audit.models import Event, Outcome
+
+log = logging.getLogger(__name__)
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+
+
+def outcome_for(status: int) -> str:
+    if status < 400:
+        return Outcome.SUCCESS
+    if status in (401, 403):
+        return Outcome.DENIED
+    return Outcome.FAILURE
+
+
+class AuditMiddleware:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        given = request.headers.get("X-Request-ID", "")
+        request.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex  # type: ignore[attr-defined]
+        response = self.get_response(request)
+        response["X-Request-ID"] = request.request_id  # type: ignore[attr-defined]
+        if request.method not in SAFE_METHODS:
+            try:
+                self._record(request, response)
+            except Exception:  # the audit write must never turn a done action into a 500
+                log.exception("could not write audit event for %s %s", request.method, request.path)
+        return response
+
+    def _record(self, request: HttpRequest, response: HttpResponse) -> None:
+        info: dict[str, Any] = getattr(request, "audit", {})
+        user = getattr(request, "user", None)
+        authenticated = bool(user is not None and user.is_authenticated)
+        Event.objects.create(
+            actor=user if authenticated else None,
+            actor_name=user.get_username() if authenticated and user is not None else "",
+            tenant_id=info.get("tenant_id"),
+            action=str(info.get("action") or f"{request.method} {request.path}")[:100],
+            object_type=str(info.get("object_type", ""))[:50],
+            object_id=str(info.get("object_id", ""))[:64],
+            object_repr=str(info.get("object_repr", ""))[:200],
+            request_id=request.request_id,  # type: ignore[attr-defined]
+            source_ip=request.META.get("REMOTE_ADDR") or None,
+            method=request.method or "",
+            path=request.path[:255],
+            status_code=response.status_code,
+            outcome=outcome_for(response.status_code),
+            message=str(info.get("message", "")),
+        )

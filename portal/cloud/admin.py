@@ -1,0 +1,25 @@
+from django.contrib import admin
+
+from portal.cloud.models import ComputeNode, Flavor, Instance
+
+
+@admin.register(Flavor)
+class FlavorAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["name", "vcpus", "ram_mb", "disk_gb", "is_public", "tenant"]
+    list_filter = ["is_public", "tenant"]
+    search_fields = ["name"]
+
+
+@admin.register(ComputeNode)
+class ComputeNodeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["name", "tenancy", "owner", "status", "vcpus", "ram_mb", "disk_gb", "last_heartbeat"]
+    list_filter = ["tenancy", "status", "owner"]
+    search_fields = ["name", "queue"]
+
+
+@admin.register(Instance)
+class InstanceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["name", "tenant", "kind", "vm_state", "task_state", "power_state", "node", "created_at"]
+    list_filter = ["kind", "vm_state", "task_state", "power_state", "tenant", "node"]
+    search_fields = ["name", "id", "image", "tenant__slug"]
+    readonly_fields = ["id", "created_at", "updated_at", "deleted_at"]

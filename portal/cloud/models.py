@@ -1,0 +1,161 @@
+"""Flavors, compute nodes and instances."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from portal.cloud.choices import Kind, NodeStatus, NodeTenancy, PowerState, RequestedKind, TaskState, VmState
+from portal.tenancy.models import Tenant
+from portal.tenancy.querysets import TenantScopedQuerySet
+
+
+class FlavorQuerySet(TenantScopedQuerySet["Flavor"]):
+    def restrict(self, actor):  # type: ignore[no-untyped-def]
+        """Public flavors plus the private flavors of the actor's tenants."""
+        if actor.is_operator:
+            return self
+        return self.filter(Q(is_public=True) | Q(tenant_id__in=actor.tenant_ids))
+
+
+class Flavor(models.Model):
+    """A size of instance: vCPUs, memory and disk.
+
+    Public flavors have no tenant; private ones belong to exactly one tenant.
+    """
+
+    name = models.CharField(max_length=64)
+    vcpus = models.PositiveSmallIntegerField()
+    ram_mb = models.PositiveIntegerField()
+    disk_gb = models.PositiveIntegerField()
+    is_public = models.BooleanField(default=True)
+    tenant = models.ForeignKey(
+        Tenant, null=True, blank=True, on_delete=models.CASCADE, related_name="flavors"
+    )
+
+    objects = FlavorQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["vcpus", "ram_mb", "name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(is_public=True, tenant__isnull=True) | Q(is_public=False, tenant__isnull=False),
+                name="flavor_public_xor_tenant",
+            ),
+            models.CheckConstraint(condition=Q(vcpus__gte=1) & Q(ram_mb__gte=16), name="flavor_min_size"),
+            models.UniqueConstraint(
+                fields=["name"], condition=Q(tenant__isnull=True), name="flavor_unique_public_name"
+            ),
+            models.UniqueConstraint(fields=["tenant", "name"], name="flavor_unique_tenant_name"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.vcpus} vCPU, {self.ram_mb} MiB, {self.disk_gb} GiB)"
+
+
+class ComputeNode(models.Model):
+    """A host running a compute worker that consumes queue ``node.<name>``.
+
+    A dedicated node belongs to one tenant and may run its containers; a
+    shared node runs VMs of any tenant.  Capacity times the allocation ratio
+    is what the scheduler may place.
+    """
+
+    name = models.CharField(max_length=63, unique=True)
+    queue = models.CharField(max_length=80, unique=True)
+    tenancy = models.CharField(max_length=16, choices=NodeTenancy.choices, default=NodeTenancy.SHARED)
+    owner = models.ForeignKey(
+        Tenant, null=True, blank=True, on_delete=models.PROTECT, related_name="dedicated_nodes"
+    )
+    vcpus = models.PositiveIntegerField(default=0)
+    ram_mb = models.PositiveIntegerField(default=0)
+    disk_gb = models.PositiveIntegerField(default=0)
+    cpu_allocation_ratio = models.FloatField(default=4.0)
+    ram_allocation_ratio = models.FloatField(default=1.0)
+    disk_allocation_ratio = models.FloatField(default=1.0)
+    status = models.CharField(max_length=16, choices=NodeStatus.choices, default=NodeStatus.DOWN)
+    status_reason = models.CharField(max_length=255, blank=True)
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+    drivers = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(tenancy=NodeTenancy.SHARED, owner__isnull=True)
+                | Q(tenancy=NodeTenancy.DEDICATED, owner__isnull=False),
+                name="node_dedicated_has_owner",
+            ),
+            models.CheckConstraint(
+                condition=Q(cpu_allocation_ratio__gt=0)
+                & Q(ram_allocation_ratio__gt=0)
+                & Q(disk_allocation_ratio__gt=0),
+                name="node_positive_ratios",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class InstanceQuerySet(TenantScopedQuerySet["Instance"]):
+    def live(self) -> InstanceQuerySet:
+        """Instances that count against quota and capacity."""
+        return self.exclude(vm_state=VmState.DELETED)
+
+
+class Instance(models.Model):
+    """A VM or container of a tenant.
+
+    ``kind`` is what the portal decided and ``isolation_reason`` says why in
+    one sentence.  Sizes are copied from the flavor at creation so later
+    flavor edits do not change what is accounted.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="instances")
+    name = models.CharField(max_length=63)
+    requested_kind = models.CharField(
+        max_length=16, choices=RequestedKind.choices, default=RequestedKind.AUTO
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    isolation_reason = models.CharField(max_length=255)
+    image = models.CharField(max_length=200, help_text="Image reference, name:version")
+    flavor = models.ForeignKey(Flavor, on_delete=models.PROTECT, related_name="instances")
+    vcpus = models.PositiveSmallIntegerField()
+    ram_mb = models.PositiveIntegerField()
+    disk_gb = models.PositiveIntegerField()
+    node = models.ForeignKey(
+        ComputeNode, null=True, blank=True, on_delete=models.PROTECT, related_name="instances"
+    )
+    vm_state = models.CharField(max_length=16, choices=VmState.choices, default=VmState.BUILDING)
+    task_state = models.CharField(  # noqa: DJ001 -- null means "no action in flight", as in Nova
+        max_length=16, choices=TaskState.choices, null=True, blank=True
+    )
+    power_state = models.CharField(max_length=16, choices=PowerState.choices, default="nostate")
+    status_reason = models.CharField(max_length=255, blank=True)
+    addresses = models.JSONField(default=list, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="instances"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    objects = InstanceQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "name"], condition=~Q(vm_state="deleted"), name="instance_unique_live_name"
+            ),
+        ]
+        indexes = [models.Index(fields=["tenant", "vm_state"], name="instance_tenant_state")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.kind}, {self.vm_state})"

@@ -1,0 +1,51 @@
+from django.contrib import admin
+
+from portal.tenancy.models import APIToken, Membership, Quota, SSHKey, Tenant
+
+
+class MembershipInline(admin.TabularInline):  # type: ignore[type-arg]
+    model = Membership
+    extra = 0
+    autocomplete_fields = ["user"]
+
+
+class QuotaInline(admin.StackedInline):  # type: ignore[type-arg]
+    model = Quota
+    can_delete = False
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["slug", "name", "active", "created_at"]
+    list_filter = ["active"]
+    search_fields = ["slug", "name"]
+    inlines = [QuotaInline, MembershipInline]
+
+
+@admin.register(Membership)
+class MembershipAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["user", "tenant", "role", "created_at"]
+    list_filter = ["role", "tenant"]
+    search_fields = ["user__username", "tenant__slug"]
+    autocomplete_fields = ["user", "tenant"]
+
+
+@admin.register(Quota)
+class QuotaAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["tenant", *Quota.LIMITS]
+    search_fields = ["tenant__slug"]
+
+
+@admin.register(SSHKey)
+class SSHKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["name", "user", "fingerprint", "created_at"]
+    search_fields = ["name", "user__username", "fingerprint"]
+    readonly_fields = ["fingerprint"]
+
+
+@admin.register(APIToken)
+class APITokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["name", "user", "membership", "key_id", "expires_at", "last_used_at", "revoked_at"]
+    list_filter = ["revoked_at", "expires_at"]
+    search_fields = ["name", "user__username", "key_id"]
+    readonly_fields = ["key_id", "key_hash", "last_used_at"]

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+from rest_framework import serializers
+
+from portal.api.authentication import actor_for
+from portal.api.fields import DefaultTenantMixin, TenantField
+from portal.cloud import services
+from portal.tenancy.models import APIToken, Membership, Quota, SSHKey, Tenant
+
+
+class TenantSerializer(serializers.ModelSerializer[Tenant]):
+    class Meta:
+        model = Tenant
+        fields = ["id", "slug", "name", "active", "created_at"]
+        read_only_fields = ["id", "created_at"]
+
+
+class MembershipSerializer(DefaultTenantMixin, serializers.ModelSerializer[Membership]):
+    tenant = TenantField(required=False)
+    user = serializers.SlugRelatedField(
+        slug_field="username", queryset=get_user_model().objects.filter(is_active=True)
+    )
+
+    class Meta:
+        model = Membership
+        fields = ["id", "tenant", "user", "role", "created_at"]
+        read_only_fields = ["id", "created_at"]
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().validate(attrs)
+        if (
+            self.instance is not None
+            and ("tenant" in attrs or "user" in attrs)
+            and (
+                attrs.get("tenant", self.instance.tenant) != self.instance.tenant
+                or attrs.get("user", self.instance.user) != self.instance.user
+            )
+        ):
+            raise serializers.ValidationError("Only the role of a membership can change.")
+        return attrs
+
+
+class QuotaSerializer(serializers.ModelSerializer[Quota]):
+    tenant: serializers.SlugRelatedField[Quota] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True
+    )
+    usage = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Quota
+        fields = ["id", "tenant", *Quota.LIMITS, "usage"]
+        read_only_fields = ["id", "tenant"]
+
+    def get_usage(self, obj: Quota) -> dict[str, int]:
+        return services.usage(obj.tenant_id)
+
+
+class SSHKeySerializer(serializers.ModelSerializer[SSHKey]):
+    class Meta:
+        model = SSHKey
+        fields = ["id", "name", "public_key", "fingerprint", "created_at"]
+        read_only_fields = ["id", "fingerprint", "created_at"]
+
+
+class APITokenSerializer(serializers.ModelSerializer[APIToken]):
+    tenant = TenantField(required=False, allow_null=True, source="membership.tenant")
+    role = serializers.CharField(source="membership.role", read_only=True, default=None)
+    expires_in_days = serializers.IntegerField(write_only=True, min_value=1, default=30)
+    key = serializers.SerializerMethodField(help_text="The token, returned once at creation and never again.")
+
+    class Meta:
+        model = APIToken
+        fields = [
+            "id",
+            "name",
+            "tenant",
+            "role",
+            "key",
+            "expires_in_days",
+            "created_at",
+            "expires_at",
+            "last_used_at",
+            "revoked_at",
+        ]
+        read_only_fields = ["id", "created_at", "expires_at", "last_used_at", "revoked_at"]
+
+    def get_key(self, obj: APIToken) -> str | None:
+        return getattr(obj, "plain_key", None)
+
+    def validate_expires_in_days(self, value: int) -> int:
+        limit = settings.SKYPORT_TOKEN_MAX_DAYS
+        if value > limit:
+            raise serializers.ValidationError(f"At most {limit} days.")
+        return value
+
+    def create(self, validated: dict[str, Any]) -> APIToken:
+        request = self.context["request"]
+        actor = actor_for(request)
+        tenant = validated.get("membership", {}).get("tenant")
+        membership = None
+        if tenant is not None:
+            membership = Membership.objects.filter(user=request.user, tenant=tenant).first()
+            if membership is None:
+                raise serializers.ValidationError({"tenant": "You are not a member of that tenant."})
+        elif not actor.is_operator:
+            raise serializers.ValidationError({"tenant": "Name the tenant this token acts in."})
+        token = APIToken(
+            user=request.user,
+            membership=membership,
+            name=validated["name"],
+            expires_at=timezone.now() + dt.timedelta(days=validated["expires_in_days"]),
+        )
+        token.plain_key = token.issue()  # type: ignore[attr-defined]
+        token.save()
+        return token

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.utils import timezone
+from rest_framework.exceptions import PermissionDenied
+
+from portal.api.authentication import user_id_of
+from portal.api.viewsets import ScopedViewSet
+from portal.audit.record import describe
+from portal.tenancy.api import serializers
+from portal.tenancy.choices import Role
+from portal.tenancy.models import APIToken, Membership, Quota, SSHKey, Tenant
+
+
+class TenantViewSet(ScopedViewSet):
+    """Tenants you belong to; operators create and delete them, tenant admins rename."""
+
+    queryset = Tenant.objects.all()
+    serializer_class = serializers.TenantSerializer
+    write_role = Role.ADMIN
+    operator_actions = frozenset({"create", "destroy"})
+    filterset_fields = ["slug", "active"]
+    search_fields = ["slug", "name"]
+    ordering_fields = ["slug", "name", "created_at"]
+    lookup_field = "slug"
+
+    def tenant_id_of(self, obj: models.Model) -> int | None:
+        return obj.pk  # type: ignore[no-any-return]
+
+    def perform_update(self, serializer: Any) -> None:
+        if "active" in serializer.validated_data and not self.actor.is_operator:
+            raise PermissionDenied("Only operators can enable or disable a tenant.")
+        super().perform_update(serializer)
+
+
+class MembershipViewSet(ScopedViewSet):
+    """Members of your tenants; tenant admins add, change and remove them."""
+
+    queryset = Membership.objects.select_related("user", "tenant")
+    serializer_class = serializers.MembershipSerializer
+    write_role = Role.ADMIN
+    filterset_fields = {"tenant__slug": ["exact"], "role": ["exact"], "user__username": ["exact"]}
+    search_fields = ["user__username", "tenant__slug"]
+    ordering_fields = ["created_at", "role"]
+
+
+class QuotaViewSet(ScopedViewSet):
+    """Quota limits and current usage per tenant; operators change limits."""
+
+    queryset = Quota.objects.select_related("tenant")
+    serializer_class = serializers.QuotaSerializer
+    operator_actions = frozenset({"create", "update", "partial_update", "destroy"})
+    http_method_names = ["get", "patch", "head", "options"]
+    filterset_fields = {"tenant__slug": ["exact"]}
+    ordering_fields = ["tenant__slug"]
+
+
+class SSHKeyViewSet(ScopedViewSet):
+    """Your own SSH public keys (other users' keys do not exist for you)."""
+
+    queryset = SSHKey.objects.all()
+    serializer_class = serializers.SSHKeySerializer
+    http_method_names = ["get", "post", "delete", "head", "options"]
+    filterset_fields = ["name", "fingerprint"]
+    search_fields = ["name"]
+    ordering_fields = ["name", "created_at"]
+
+    def get_queryset(self) -> models.QuerySet[Any]:
+        return SSHKey.objects.filter(user_id=user_id_of(self.request))
+
+    def tenant_id_of(self, obj: models.Model) -> int | None:
+        return None
+
+    def check_role(self, tenant_id: int | None, min_role: str) -> None:
+        """Keys belong to the user, not a tenant: the queryset already limits them."""
+
+    def create_extra(self) -> dict[str, Any]:
+        return {"user": self.request.user}
+
+
+class APITokenViewSet(ScopedViewSet):
+    """Your API tokens; the key is shown once, at creation. DELETE revokes."""
+
+    queryset = APIToken.objects.all()
+    serializer_class = serializers.APITokenSerializer
+    http_method_names = ["get", "post", "delete", "head", "options"]
+    filterset_fields = ["name"]
+    ordering_fields = ["created_at", "expires_at"]
+
+    def get_queryset(self) -> models.QuerySet[Any]:
+        qs = APIToken.objects.filter(user_id=user_id_of(self.request)).select_related("membership__tenant")
+        token = self.request.auth
+        if isinstance(token, APIToken) and token.membership_id is not None:
+            qs = qs.filter(membership_id=token.membership_id)
+        return qs
+
+    def tenant_id_of(self, obj: models.Model) -> int | None:
+        return None
+
+    def check_role(self, tenant_id: int | None, min_role: str) -> None:
+        """Any member may hold tokens for their own membership."""
+
+    def perform_destroy(self, instance: models.Model) -> None:
+        assert isinstance(instance, APIToken)
+        describe(self.request, "apitoken.revoke", instance)
+        if instance.revoked_at is None:
+            instance.revoked_at = timezone.now()
+            instance.save(update_fields=["revoked_at"])
