@@ -1,0 +1,643 @@
+"""Container driver: OCI bundles run by crun under conmon.
+
+Layout under ``<state_dir>/containers``::
+
+    crun/                 crun --root (this driver's containers only)
+    locks/<cid>           per-instance flock
+    <cid>/spec.json       the InstanceSpec; written last by spawn (marks "exists")
+    <cid>/bundle/         config.json + rootfs/ (overlay mount point)
+    <cid>/upper, work/    the container's private overlay layers
+    <cid>/console.log     stdout+stderr (conmon passthrough), kept after exit
+    <cid>/conmon/exit     exit code written by conmon (survives worker restarts)
+    <cid>/result.json     exit code + OOM verdict, saved before the cgroup goes
+
+``cid`` is ``sky-<instance_id>``.  The overlay rootfs and the netns bind
+mount exist in the worker's private mount namespace only while crun creates
+the container; crun's mount namespace keeps its own copy, so the worker's
+mount table stays small whatever the density.  The network namespace then
+lives exactly as long as the container and takes the veth with it.
+
+conmon is each container's parent: it reaps PID 1 and writes the exit code,
+so results survive worker restarts.  The worker spawns with plain
+``subprocess.Popen`` (vfork) and never captures pipes of a detached
+container.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from compute import cgroups, nsenv
+from compute.config import NodeConfig
+from compute.drivers.base import (
+    Driver,
+    DriverError,
+    InstanceInfo,
+    InstanceNotFound,
+    InvalidState,
+    NotSupported,
+    SnapshotInfo,
+    Stats,
+)
+from compute.layers import ImageError, LayerStore, UnpackedImage
+from compute.network import veth
+from compute.network.bridge import NetworkError
+from compute.oci import BundleSpec, runtime_config
+from compute.spec import ImageFormat, InstanceSpec, Kind, PowerState
+
+UID_BASE = 1_000_000
+UID_SPAN = 1_000_000
+CGROUP_PARENT = "skyport"
+CREATE_TIMEOUT = 15.0
+_ID_RE = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+
+
+def container_id(instance_id: str) -> str:
+    return f"sky-{instance_id}"
+
+
+def container_uid(instance_id: str) -> int:
+    """Unprivileged uid/gid of a container, fixed by its id (1000000-1999999)."""
+    return UID_BASE + int(instance_id.replace("-", "")[:12], 16) % UID_SPAN
+
+
+def cgroups_path(instance_id: str) -> str:
+    return f"/{CGROUP_PARENT}/{container_id(instance_id)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Paths:
+    root: Path
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "spec.json"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.root / "bundle" / "rootfs"
+
+    @property
+    def upper(self) -> Path:
+        return self.root / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "console.log"
+
+    @property
+    def conmon(self) -> Path:
+        return self.root / "conmon"
+
+    @property
+    def exit(self) -> Path:
+        return self.root / "conmon" / "exit"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "pid"
+
+    @property
+    def netns(self) -> Path:
+        return self.root / "netns"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.json"
+
+    @property
+    def started(self) -> Path:
+        return self.root / "started"
+
+
+class ContainerDriver(Driver):
+    """Containers on one node, each an OCI bundle run by crun (or runc)."""
+
+    kind = Kind.CONTAINER
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.base = config.state_dir / "containers"
+        self.crun_root = self.base / "crun"
+        self.locks = self.base / "locks"
+        self.layers = LayerStore(config.state_dir)
+        self.runtime = config.container_runtime
+        self.fs = cgroups.SysCgroupFS()
+
+    # ----------------------------------------------------------------- helpers
+
+    def _paths(self, instance_id: str) -> _Paths:
+        if not _ID_RE.fullmatch(instance_id):
+            raise InstanceNotFound(f"no container {instance_id!r}: not an instance id")
+        return _Paths(self.base / container_id(instance_id))
+
+    @contextlib.contextmanager
+    def _locked(self, instance_id: str) -> Iterator[_Paths]:
+        paths = self._paths(instance_id)
+        nsenv.enter_private_mount_ns()
+        self.locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.locks / container_id(instance_id), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield paths
+        finally:
+            os.close(fd)
+
+    def _runtime(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        cmd = [self.runtime, f"--root={self.crun_root}", *args]
+        proc = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and proc.returncode != 0:
+            raise DriverError(f"{self.runtime} {args[0]} failed: {proc.stderr.strip() or proc.returncode}")
+        return proc
+
+    def _crun_state(self, instance_id: str) -> dict[str, Any] | None:
+        proc = self._runtime("state", container_id(instance_id), check=False, timeout=10.0)
+        if proc.returncode != 0:
+            return None
+        data = json.loads(proc.stdout)
+        return data if isinstance(data, dict) else None
+
+    def _load_spec(self, paths: _Paths) -> InstanceSpec:
+        try:
+            return InstanceSpec.from_json(json.loads(paths.spec.read_text()))
+        except FileNotFoundError:
+            raise InstanceNotFound(f"no container {paths.root.name} on this node") from None
+
+    def _image(self, spec: InstanceSpec) -> UnpackedImage:
+        if spec.image.format != ImageFormat.OCI:
+            raise DriverError(f"containers need an OCI image, {spec.image.name} is {spec.image.format}")
+        location = Path(spec.image.location)
+        if not location.is_absolute() or not location.is_file():
+            raise DriverError(f"image {spec.image.name} is not on this node ({spec.image.location})")
+        try:
+            return self.layers.unpack(location, spec.image.digest)
+        except (ImageError, OSError, ValueError, KeyError) as exc:
+            raise DriverError(f"cannot unpack image {spec.image.name}: {exc}") from exc
+
+    def _bundle_spec(self, spec: InstanceSpec, image: UnpackedImage, paths: _Paths) -> BundleSpec:
+        args = spec.command or (image.config.entrypoint + image.config.cmd)
+        if not args:
+            raise DriverError(f"image {spec.image.name} has no command and the spec gives none")
+        env = dict(image.config.env)
+        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        env.update(dict(spec.env))
+        env["HOSTNAME"] = spec.hostname
+        uid = container_uid(spec.instance_id)
+        return BundleSpec(
+            hostname=spec.hostname,
+            args=tuple(args),
+            env=tuple(env.items()),
+            uid=uid,
+            gid=uid,
+            cgroups_path=cgroups_path(spec.instance_id),
+            memory_bytes=spec.ram_mb * 1024 * 1024,
+            cpu_quota_percent=spec.cpu_quota_percent,
+            pids_limit=spec.pids_limit,
+            cwd=image.config.working_dir,
+            netns_path=str(paths.netns) if spec.networks else None,
+        )
+
+    def _pid(self, paths: _Paths, instance_id: str) -> int | None:
+        """PID 1 of the container if it is alive and in our cgroup."""
+        try:
+            pid = int(paths.pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            with open(f"/proc/{pid}/cgroup") as fh:
+                cg = fh.read()
+            with open(f"/proc/{pid}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return None
+        if state in ("Z", "X") or cgroups_path(instance_id) not in cg:
+            return None
+        return pid
+
+    def _exit_code(self, paths: _Paths) -> int | None:
+        try:
+            return int(paths.exit.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _record_result(self, paths: _Paths, instance_id: str) -> dict[str, Any]:
+        """Persist exit code and OOM verdict while the cgroup still exists."""
+        result = self._read_result(paths)
+        oom = cgroups.oom_killed(self.fs, cgroups_path(instance_id))
+        if oom is not None:
+            result["oom_killed"] = result.get("oom_killed", False) or oom
+        code = self._exit_code(paths)
+        if code is not None:
+            result["exit_code"] = code
+        if not paths.root.is_dir():
+            return result
+        tmp = paths.result.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, paths.result)
+        return result
+
+    def _read_result(self, paths: _Paths) -> dict[str, Any]:
+        try:
+            data = json.loads(paths.result.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _info(self, paths: _Paths, instance_id: str) -> InstanceInfo:
+        if not paths.spec.exists():
+            raise InstanceNotFound(f"no container {paths.root.name} on this node")
+        started_at = _mtime(paths.started)
+        pid = self._pid(paths, instance_id)
+        if pid is not None:
+            frozen = cgroups.frozen(self.fs, cgroups_path(instance_id))
+            state = PowerState.PAUSED if frozen else PowerState.RUNNING
+            return InstanceInfo(instance_id, self.kind, state, pid=pid, started_at=started_at)
+        result = self._record_result(paths, instance_id)
+        code = result.get("exit_code")
+        oom = bool(result.get("oom_killed", False))
+        if code is None and started_at is not None and paths.conmon.exists():
+            # conmon writes the exit file a moment after PID 1 dies.
+            deadline = time.monotonic() + 2.0
+            while code is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+                code = self._exit_code(paths)
+            if code is not None:
+                result = self._record_result(paths, instance_id)
+        message = ""
+        if oom:
+            message = "killed by the kernel: out of memory (memory limit reached)"
+        elif code is not None:
+            message = f"exited with code {code}"
+        state = PowerState.CRASHED if oom else PowerState.SHUTDOWN
+        return InstanceInfo(
+            instance_id, self.kind, state, exit_code=code, oom_killed=oom, started_at=started_at, message=message
+        )
+
+    # ------------------------------------------------------------- lifecycle
+
+    def health(self) -> tuple[bool, str]:
+        try:
+            if os.geteuid() != 0:
+                return False, "the container driver needs root"
+            for binary in (self.runtime, "conmon"):
+                if shutil.which(binary) is None:
+                    return False, f"{binary} is not installed"
+            out = subprocess.run(
+                [self.runtime, "--version"], capture_output=True, text=True, timeout=5, check=False
+            )
+            if out.returncode != 0:
+                return False, f"{self.runtime} --version failed: {out.stderr.strip()}"
+            version = out.stdout.splitlines()[0].strip() if out.stdout else self.runtime
+            m = re.search(r"version (\S+)", version)
+            nsenv.enter_private_mount_ns()
+            if not nsenv.hybrid_hidden():
+                return False, "cannot hide the cgroup2 hybrid mount from crun"
+            self.base.mkdir(parents=True, exist_ok=True)
+            return True, f"{self.runtime} {m.group(1) if m else version}"
+        except Exception as exc:  # health never raises: report instead
+            return False, f"container driver unusable: {exc}"
+
+    def spawn(self, spec: InstanceSpec) -> InstanceInfo:
+        if spec.kind != Kind.CONTAINER:
+            raise DriverError(f"instance {spec.instance_id} is a {spec.kind}, not a container")
+        with self._locked(spec.instance_id) as paths:
+            if paths.spec.exists():
+                return self._info(paths, spec.instance_id)
+            if paths.root.exists():  # a spawn that died half-way: start over
+                self._teardown(paths, spec.instance_id)
+            image = self._image(spec)
+            with contextlib.ExitStack() as undo:
+                paths.root.mkdir(parents=True, mode=0o700)
+                undo.callback(self._teardown, paths, spec.instance_id)
+                for d in (paths.rootfs, paths.upper, paths.work, paths.conmon):
+                    d.mkdir(parents=True, mode=0o755)
+                bundle = self._bundle_spec(spec, image, paths)
+                (paths.bundle / "config.json").write_text(json.dumps(runtime_config(bundle), indent=1))
+                (paths.root / "lowerdir").write_text(image.lowerdir)
+                tmp = paths.spec.with_suffix(".tmp")
+                tmp.write_text(json.dumps(_spec_json(spec)))
+                os.replace(tmp, paths.spec)  # from here on the instance exists
+                info = self._launch(paths, spec)
+                undo.pop_all()
+                return info
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _launch(self, paths: _Paths, spec: InstanceSpec) -> InstanceInfo:
+        """Mount, wire, create under conmon, start; undo all of it on failure."""
+        cid = container_id(spec.instance_id)
+        for stale in (paths.exit, paths.pidfile, paths.result):
+            stale.unlink(missing_ok=True)
+        if self._crun_state(spec.instance_id) is not None:
+            self._runtime("delete", "--force", cid, check=False)
+        self.fs.remove(cgroups_path(spec.instance_id))
+        with contextlib.ExitStack() as transient, contextlib.ExitStack() as undo:
+            if not nsenv.is_mountpoint(paths.rootfs):
+                lower = (paths.root / "lowerdir").read_text()
+                opts = f"lowerdir={lower},upperdir={paths.upper},workdir={paths.work}"
+                nsenv.mount("overlay", paths.rootfs, "overlay", nsenv.MS_NODEV, opts)
+            transient.callback(_umount_quiet, paths.rootfs)
+            if spec.networks:
+                try:
+                    veth.create_netns(paths.netns, spec.short_id, spec.networks)
+                except (NetworkError, OSError) as exc:
+                    raise DriverError(f"cannot set up the network of {spec.name}: {exc}") from exc
+                transient.callback(veth.release_netns, paths.netns)
+                hosts = [veth.host_ifname(spec.short_id, i) for i in range(len(spec.networks))]
+                undo.callback(veth.delete_links, hosts)
+            undo.callback(self._runtime, "delete", "--force", cid, check=False)
+            undo.callback(self.fs.remove, cgroups_path(spec.instance_id))
+            self._conmon_create(paths, cid)
+            paths.started.touch()
+            self._runtime("start", cid)
+            undo.pop_all()
+        info = self._info(paths, spec.instance_id)
+        if info.power_state not in (PowerState.RUNNING, PowerState.SHUTDOWN):
+            raise DriverError(f"container {spec.name} did not start: {info.message}")
+        return info
+
+    def _conmon_create(self, paths: _Paths, cid: str) -> None:
+        r, w = os.pipe()
+        try:
+            env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "_OCI_SYNCPIPE": str(w)}
+            cmd = [
+                "conmon", "--api-version", "1", "-c", cid, "-u", cid, "-n", cid,
+                "-r", shutil.which(self.runtime) or self.runtime,
+                "-b", str(paths.bundle), "-p", str(paths.pidfile),
+                "--persist-dir", str(paths.conmon), "--exit-dir", str(paths.conmon),
+                "--conmon-pidfile", str(paths.conmon / "conmon.pid"),
+                "--socket-dir-path", str(paths.conmon),
+                "-l", "passthrough", "--log-level", "error",
+                "--runtime-arg", f"--root={self.crun_root}",
+            ]  # fmt: skip
+            with paths.log.open("ab") as log:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, pass_fds=(w,), cwd=paths.root
+                )
+            os.close(w)
+            w = -1
+            data = b""
+            deadline = time.monotonic() + CREATE_TIMEOUT
+            while not data.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([r], [], [], left)[0]:
+                    raise DriverError(f"conmon did not create {cid} within {CREATE_TIMEOUT:.0f} s")
+                chunk = os.read(r, 4096)
+                if not chunk:
+                    break
+                data += chunk
+            proc.wait(timeout=CREATE_TIMEOUT)
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+        try:
+            pid = int(json.loads(data.decode().splitlines()[0])["data"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            pid = -1
+        if pid <= 0:
+            raise DriverError(f"crun could not create {cid}: {_tail(paths.log, 400)}")
+
+    def start(self, instance_id: str) -> InstanceInfo:
+        with self._locked(instance_id) as paths:
+            spec = self._load_spec(paths)
+            info = self._info(paths, instance_id)
+            if info.power_state in (PowerState.RUNNING, PowerState.PAUSED):
+                return info
+            return self._launch(paths, spec)
+
+    def stop(self, instance_id: str, timeout: float = 30.0, force: bool = False) -> InstanceInfo:
+        with self._locked(instance_id) as paths:
+            self._load_spec(paths)
+            self._stop(paths, instance_id, timeout, force)
+            return self._info(paths, instance_id)
+
+    def _stop(self, paths: _Paths, instance_id: str, timeout: float, force: bool) -> None:
+        pid = self._pid(paths, instance_id)
+        if pid is not None:
+            cg = cgroups_path(instance_id)
+            with _pidfd(pid) as pidfd:
+                if pidfd is not None:
+                    if not force:
+                        _signal(pidfd, signal.SIGTERM)
+                        _thaw_quiet(self.fs, cg)
+                        select.select([pidfd], [], [], max(timeout, 0.0))
+                    _signal(pidfd, signal.SIGKILL)
+                    _thaw_quiet(self.fs, cg)
+                    select.select([pidfd], [], [], 10.0)
+            # conmon reaps PID 1 and then writes the exit code.
+            deadline = time.monotonic() + 5.0
+            while self._exit_code(paths) is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+        if paths.started.exists() or self._crun_state(instance_id) is not None:
+            self._record_result(paths, instance_id)
+            self._runtime("delete", "--force", container_id(instance_id), check=False)
+            self.fs.remove(cgroups_path(instance_id))
+
+    def reboot(self, instance_id: str) -> InstanceInfo:
+        with self._locked(instance_id) as paths:
+            spec = self._load_spec(paths)
+            info = self._info(paths, instance_id)
+            if info.power_state not in (PowerState.RUNNING, PowerState.PAUSED):
+                raise InvalidState(f"container {spec.name} is not running ({info.power_state})")
+            self._stop(paths, instance_id, timeout=10.0, force=False)
+            return self._launch(paths, spec)
+
+    def pause(self, instance_id: str) -> InstanceInfo:
+        return self._freeze(instance_id, True)
+
+    def resume(self, instance_id: str) -> InstanceInfo:
+        return self._freeze(instance_id, False)
+
+    def _freeze(self, instance_id: str, frozen: bool) -> InstanceInfo:
+        with self._locked(instance_id) as paths:
+            info = self._info(paths, instance_id)
+            if info.power_state not in (PowerState.RUNNING, PowerState.PAUSED):
+                raise InvalidState(f"container is {info.power_state}, cannot {'pause' if frozen else 'resume'}")
+            cg = cgroups_path(instance_id)
+            cgroups.freeze(self.fs, cg, frozen)
+            deadline = time.monotonic() + 5.0
+            while frozen and (self.fs.read("freezer", cg, "freezer.state") or "").strip() != "FROZEN":
+                if time.monotonic() > deadline:
+                    raise DriverError("the container did not freeze within 5 s")
+                time.sleep(0.002)
+            return self._info(paths, instance_id)
+
+    def destroy(self, instance_id: str) -> None:
+        with self._locked(instance_id) as paths:
+            self._teardown(paths, instance_id)
+        with contextlib.suppress(FileNotFoundError):
+            (self.locks / container_id(instance_id)).unlink()
+
+    def _teardown(self, paths: _Paths, instance_id: str) -> None:
+        """Kill and remove everything of the instance; safe on half-made ones."""
+        with contextlib.suppress(InstanceNotFound):
+            self._stop(paths, instance_id, timeout=0.0, force=True)
+        cid = container_id(instance_id)
+        self._runtime("delete", "--force", cid, check=False)
+        conmon_pid = _read_int(paths.conmon / "conmon.pid")
+        if conmon_pid is not None and _is_conmon(conmon_pid, cid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(conmon_pid, signal.SIGKILL)
+        _umount_quiet(paths.rootfs)
+        if paths.netns.exists():
+            veth.release_netns(paths.netns)
+        try:
+            spec = self._load_spec(paths)
+            veth.delete_links([veth.host_ifname(spec.short_id, i) for i in range(len(spec.networks))])
+        except (InstanceNotFound, DriverError, ValueError):
+            pass
+        left = self.fs.remove(cgroups_path(instance_id))
+        shutil.rmtree(paths.root, ignore_errors=True)
+        if left or paths.root.exists():
+            raise DriverError(f"could not remove all of {cid}: {', '.join(left) or paths.root}")
+
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self, instance_id: str, name: str) -> SnapshotInfo:
+        raise NotSupported("container snapshots are not supported: build a new image instead")
+
+    def revert(self, instance_id: str, name: str) -> InstanceInfo:
+        raise NotSupported("container snapshots are not supported: nothing to revert to")
+
+    def delete_snapshot(self, instance_id: str, name: str) -> None:
+        raise NotSupported("container snapshots are not supported")
+
+    def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
+        self.info(instance_id)
+        return []
+
+    # ---------------------------------------------------------- observation
+
+    def info(self, instance_id: str) -> InstanceInfo:
+        paths = self._paths(instance_id)
+        return self._info(paths, instance_id)
+
+    def list(self) -> list[InstanceInfo]:
+        out: list[InstanceInfo] = []
+        if not self.base.exists():
+            return out
+        for d in sorted(self.base.iterdir()):
+            iid = d.name.removeprefix("sky-")
+            if d.name.startswith("sky-") and _ID_RE.fullmatch(iid):
+                with contextlib.suppress(InstanceNotFound):
+                    out.append(self._info(_Paths(d), iid))
+        return out
+
+    def stats(self, instance_id: str) -> Stats:
+        paths = self._paths(instance_id)
+        spec = self._load_spec(paths)
+        s = cgroups.read_stats(self.fs, cgroups_path(instance_id))
+        if s is None or self._pid(paths, instance_id) is None:
+            return Stats(cpu_time_ns=0, memory_bytes=0, memory_limit_bytes=spec.ram_mb * 1024 * 1024, pids=0)
+        return Stats(
+            cpu_time_ns=s.cpu_time_ns,
+            memory_bytes=s.memory_bytes,
+            memory_peak_bytes=s.memory_peak_bytes,
+            memory_limit_bytes=s.memory_limit_bytes,
+            pids=s.pids,
+        )
+
+    def console_log(self, instance_id: str, max_bytes: int = 65536) -> str:
+        paths = self._paths(instance_id)
+        if not paths.spec.exists():
+            raise InstanceNotFound(f"no container {paths.root.name} on this node")
+        return _tail(paths.log, max_bytes)
+
+
+# ---------------------------------------------------------------- utilities
+
+
+def _spec_json(spec: InstanceSpec) -> Any:
+    from compute.spec import to_json
+
+    return to_json(spec)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _is_conmon(pid: int, cid: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return bool(cmdline) and cmdline[0].endswith(b"conmon") and cid.encode() in cmdline
+
+
+def _tail(path: Path, max_bytes: int) -> str:
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - max_bytes))
+            return fh.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _umount_quiet(path: Path) -> None:
+    while nsenv.is_mountpoint(path):
+        try:
+            nsenv.umount(path)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOENT):
+                return
+            raise
+
+
+def _thaw_quiet(fs: cgroups.SysCgroupFS, path: str) -> None:
+    with contextlib.suppress(OSError):
+        if cgroups.frozen(fs, path):
+            cgroups.freeze(fs, path, False)
+
+
+@contextlib.contextmanager
+def _pidfd(pid: int) -> Iterator[int | None]:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _signal(pidfd: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, sig)

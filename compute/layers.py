@@ -1,0 +1,301 @@
+"""OCI image archives → per-layer unpacked directories, shared by every image.
+
+An archive is an OCI image layout in a tar (``index.json``, ``blobs/``).  Each
+layer is unpacked once per digest into ``<state_dir>/layers/<hex>`` and made
+read-only by convention: containers stack these directories as overlay lower
+dirs, so two images with the same base layer store it once.  Layer whiteouts
+(``.wh.name``, ``.wh..wh..opq``) become overlay whiteouts (0:0 character
+device, ``trusted.overlay.opaque`` xattr).
+
+Archive and layer members are validated before anything is written: no
+absolute paths, no ``..``, no device nodes or FIFOs, no links leaving the
+layer, no writes through symlinks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tarfile
+import threading
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+_lock = threading.Lock()
+
+
+class ImageError(Exception):
+    """An image archive is malformed, unsafe or does not match its digest."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConfig:
+    """The parts of an OCI image config the container driver uses."""
+
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    working_dir: str = "/"
+
+
+@dataclasses.dataclass(frozen=True)
+class UnpackedImage:
+    """Layer directories bottom first, plus the image config."""
+
+    layers: tuple[Path, ...]
+    config: ImageConfig
+
+    @property
+    def lowerdir(self) -> str:
+        """overlay ``lowerdir=`` value: top layer first."""
+        return ":".join(str(p) for p in reversed(self.layers))
+
+
+def _safe_name(name: str) -> PurePosixPath:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts:
+        raise ImageError(f"unsafe path in archive: {name!r}")
+    parts = [x for x in p.parts if x not in (".", "")]
+    return PurePosixPath(*parts) if parts else PurePosixPath(".")
+
+
+def _sha256_file(fh: IO[bytes]) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def verify_digest(path: Path, digest: str) -> None:
+    with path.open("rb") as fh:
+        got = _sha256_file(fh)
+    if got != digest:
+        raise ImageError(f"{path.name}: digest {got} does not match {digest}")
+
+
+class LayerStore:
+    """Unpacks OCI archives into ``<root>/layers/<hex>``, once per layer digest."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "layers"
+
+    def layer_dir(self, digest: str) -> Path:
+        return self.root / digest.split(":", 1)[1]
+
+    def layers(self) -> list[str]:
+        """Digests of the complete layers in the store."""
+        if not self.root.exists():
+            return []
+        return sorted(f"sha256:{p.name}" for p in self.root.iterdir() if not p.name.startswith("."))
+
+    def unpack(self, archive: Path, digest: str | None = None) -> UnpackedImage:
+        """Unpack ``archive`` (checked against ``digest`` if given); idempotent.
+
+        With a digest, the result is remembered in ``layers/.images/<hex>.json``
+        so later spawns of the same artifact read neither the archive nor its
+        layers again.
+        """
+        memo = self.root / ".images" / f"{digest.split(':', 1)[1]}.json" if digest else None
+        if memo is not None and memo.exists():
+            known = _load_memo(memo)
+            if known is not None and all(p.is_dir() for p in known.layers):
+                return known
+        if digest is not None:
+            verify_digest(archive, digest)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive, "r:") as outer:
+            members: dict[str, tarfile.TarInfo] = {}
+            for m in outer.getmembers():
+                name = str(_safe_name(m.name))
+                if not (m.isfile() or m.isdir()):
+                    raise ImageError(f"archive member {m.name!r} is not a file or directory")
+                members[name] = m
+
+            def blob(d: str) -> bytes:
+                hexd = d.split(":", 1)[1] if ":" in d else ""
+                m = members.get(f"blobs/sha256/{hexd}")
+                fh = outer.extractfile(m) if m else None
+                if fh is None:
+                    raise ImageError(f"archive lacks blob {d}")
+                data = fh.read()
+                if "sha256:" + hashlib.sha256(data).hexdigest() != d:
+                    raise ImageError(f"blob {d} does not match its digest")
+                return data
+
+            index = _read_json(outer, members, "index.json")
+            manifests = index.get("manifests") or []
+            if len(manifests) != 1:
+                raise ImageError("index.json must list exactly one manifest")
+            manifest = json.loads(blob(manifests[0]["digest"]))
+            config = json.loads(blob(manifest["config"]["digest"]))
+            dirs = []
+            for layer in manifest.get("layers", []):
+                d = layer["digest"]
+                dest = self.layer_dir(d)
+                if not dest.exists():
+                    m = members.get(f"blobs/sha256/{d.split(':', 1)[1]}")
+                    fh = outer.extractfile(m) if m else None
+                    if fh is None:
+                        raise ImageError(f"archive lacks layer {d}")
+                    self._unpack_layer(fh, d, dest)
+                dirs.append(dest)
+        image = UnpackedImage(tuple(dirs), _image_config(config))
+        if memo is not None:
+            memo.parent.mkdir(exist_ok=True)
+            tmp = memo.with_name(f".{memo.name}.{uuid.uuid4().hex[:8]}")
+            tmp.write_text(json.dumps({"layers": [str(p) for p in dirs], "config": dataclasses.asdict(image.config)}))
+            os.replace(tmp, memo)
+        return image
+
+    def _unpack_layer(self, fh: IO[bytes], digest: str, dest: Path) -> None:
+        tmp = self.root / f".tmp-{dest.name[:12]}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(mode=0o755)
+        try:
+            h = hashlib.sha256()
+            reader = _HashingReader(fh, h)
+            with tarfile.open(fileobj=reader, mode="r|*") as tf:  # type: ignore[call-overload]
+                for m in tf:
+                    _extract_member(tf, m, tmp)
+            # Read the rest (tar padding) so the digest covers the whole blob.
+            while reader.read(1 << 20):
+                pass
+            if "sha256:" + h.hexdigest() != digest:
+                raise ImageError(f"layer {digest} does not match its digest")
+            os.chmod(tmp, 0o755)
+            # The rename publishes a complete layer; a crash leaves only .tmp-*.
+            with _lock:
+                if dest.exists():
+                    shutil.rmtree(tmp)
+                    return
+                os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def remove_unused(self, keep: set[str]) -> None:
+        """Delete layers not in ``keep`` (digests); callers know which are in use."""
+        for d in self.layers():
+            if d not in keep:
+                shutil.rmtree(self.layer_dir(d), ignore_errors=True)
+
+
+class _HashingReader:
+    def __init__(self, fh: IO[bytes], h: Any) -> None:
+        self._fh = fh
+        self._h = h
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self._h.update(data)
+        return data
+
+
+def _read_json(outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name: str) -> dict[str, Any]:
+    m = members.get(name)
+    fh = outer.extractfile(m) if m else None
+    if fh is None:
+        raise ImageError(f"archive lacks {name}")
+    data = json.loads(fh.read())
+    if not isinstance(data, dict):
+        raise ImageError(f"{name} is not an object")
+    return data
+
+
+def _load_memo(path: Path) -> UnpackedImage | None:
+    try:
+        data = json.loads(path.read_text())
+        c = data["config"]
+        config = ImageConfig(
+            entrypoint=tuple(c["entrypoint"]),
+            cmd=tuple(c["cmd"]),
+            env=tuple((str(k), str(v)) for k, v in c["env"]),
+            working_dir=str(c["working_dir"]),
+        )
+        return UnpackedImage(tuple(Path(p) for p in data["layers"]), config)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _image_config(config: dict[str, Any]) -> ImageConfig:
+    c = config.get("config") or {}
+    env = []
+    for item in c.get("Env") or []:
+        k, _, v = str(item).partition("=")
+        env.append((k, v))
+    return ImageConfig(
+        entrypoint=tuple(str(x) for x in c.get("Entrypoint") or ()),
+        cmd=tuple(str(x) for x in c.get("Cmd") or ()),
+        env=tuple(env),
+        working_dir=str(c.get("WorkingDir") or "/"),
+    )
+
+
+def _inside(root: Path, path: Path) -> bool:
+    real = os.path.realpath(path)
+    return real == str(root) or real.startswith(str(root) + os.sep)
+
+
+def _extract_member(tf: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> None:
+    rel = _safe_name(m.name)
+    if rel == PurePosixPath("."):
+        if m.isdir():
+            return
+        raise ImageError(f"layer member {m.name!r} has no name")
+    if m.ischr() or m.isblk() or m.isfifo() or not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+        raise ImageError(f"layer member {m.name!r}: device nodes and FIFOs are not allowed")
+    target = root / rel
+    parent = target.parent
+    # Never write through a symlink: every parent must resolve inside the layer.
+    if not _inside(root.resolve(), parent):
+        raise ImageError(f"layer member {m.name!r} would be written outside the layer")
+    parent.mkdir(parents=True, exist_ok=True)
+    base = rel.name
+    if base == OPAQUE:
+        os.setxattr(parent, "trusted.overlay.opaque", b"y")
+        return
+    if base.startswith(WHITEOUT):
+        victim = parent / base[len(WHITEOUT) :]
+        _remove(victim)
+        os.mknod(victim, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+        return
+    if target.is_symlink() or (target.exists() and not (m.isdir() and target.is_dir())):
+        _remove(target)
+    mode = m.mode & 0o7777
+    if m.isdir():
+        target.mkdir(exist_ok=True)
+        os.chmod(target, mode)
+    elif m.issym():
+        os.symlink(m.linkname, target)
+    elif m.islnk():
+        src = root / _safe_name(m.linkname)
+        if src.is_symlink() or not _inside(root.resolve(), src) or not src.is_file():
+            raise ImageError(f"hard link {m.name!r} → {m.linkname!r} leaves the layer")
+        os.link(src, target)
+    else:
+        fh = tf.extractfile(m)
+        if fh is None:
+            raise ImageError(f"cannot read {m.name!r}")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(fh, out)
+        os.chmod(target, mode)
+    if not m.islnk():
+        os.lchown(target, m.uid, m.gid)
+        if m.isfile():
+            os.chmod(target, mode)  # chown clears set-id bits; restore them
+        if not m.issym():
+            os.utime(target, (m.mtime, m.mtime))
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
