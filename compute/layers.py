@@ -140,8 +140,8 @@ class LayerStore:
                 d = layer["digest"]
                 dest = self.layer_dir(d)
                 if not dest.exists():
-                    m = members.get(f"blobs/sha256/{d.split(':', 1)[1]}")
-                    fh = outer.extractfile(m) if m else None
+                    lm = members.get(f"blobs/sha256/{d.split(':', 1)[1]}")
+                    fh = outer.extractfile(lm) if lm else None
                     if fh is None:
                         raise ImageError(f"archive lacks layer {d}")
                     self._unpack_layer(fh, d, dest)
@@ -150,7 +150,9 @@ class LayerStore:
         if memo is not None:
             memo.parent.mkdir(exist_ok=True)
             tmp = memo.with_name(f".{memo.name}.{uuid.uuid4().hex[:8]}")
-            tmp.write_text(json.dumps({"layers": [str(p) for p in dirs], "config": dataclasses.asdict(image.config)}))
+            tmp.write_text(
+                json.dumps({"layers": [str(p) for p in dirs], "config": dataclasses.asdict(image.config)})
+            )
             os.replace(tmp, memo)
         return image
 
@@ -168,7 +170,7 @@ class LayerStore:
                 pass
             if "sha256:" + h.hexdigest() != digest:
                 raise ImageError(f"layer {digest} does not match its digest")
-            os.chmod(tmp, 0o755)
+            os.chmod(tmp, 0o755)  # noqa: S103 - a rootfs layer must be world-readable
             # The rename publishes a complete layer; a crash leaves only .tmp-*.
             with _lock:
                 if dest.exists():
@@ -242,7 +244,7 @@ def _inside(root: Path, path: Path) -> bool:
     return real == str(root) or real.startswith(str(root) + os.sep)
 
 
-def _extract_member(tf: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> None:
+def _extract_member(tf: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> None:  # noqa: PLR0912
     rel = _safe_name(m.name)
     if rel == PurePosixPath("."):
         if m.isdir():

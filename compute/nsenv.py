@@ -40,7 +40,6 @@ _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
-
 def _check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
@@ -89,7 +88,12 @@ def is_mountpoint(path: str | os.PathLike[str]) -> bool:
 
 
 def _unescape(field: bytes) -> bytes:
-    return field.replace(b"\\040", b" ").replace(b"\\011", b"\t").replace(b"\\012", b"\n").replace(b"\\134", b"\\")
+    return (
+        field.replace(b"\\040", b" ")
+        .replace(b"\\011", b"\t")
+        .replace(b"\\012", b"\n")
+        .replace(b"\\134", b"\\")
+    )
 
 
 def hybrid_hidden() -> bool:
@@ -107,8 +111,9 @@ def hybrid_hidden() -> bool:
 def enter_private_mount_ns() -> None:
     """Give this thread a private mount namespace hiding the cgroup2 hybrid mount.
 
-    Idempotent per thread; cheap enough to call before every operation.  Mounts made afterwards by this thread (overlays,
-    tmpfs) are invisible to the rest of the host.
+    Idempotent per thread; cheap enough to call before every operation.
+    Mounts made afterwards by this thread (overlays, netns bind mounts) are
+    invisible to the rest of the host.
     """
     if hybrid_hidden():
         return

@@ -48,6 +48,9 @@ STANDARD_DEVICES = (
 )
 
 CPU_PERIOD_US = 100_000
+# Paths inside the container, private tmpfs each.
+SHM = "/dev/shm"  # noqa: S108
+TMP = "/tmp"  # noqa: S108
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +103,9 @@ def runtime_config(b: BundleSpec) -> dict[str, Any]:
             "args": list(b.args),
             "env": [f"{k}={v}" for k, v in b.env],
             "cwd": b.cwd or "/",
-            "capabilities": {s: caps for s in ("bounding", "effective", "inheritable", "permitted", "ambient")},
+            "capabilities": {
+                s: caps for s in ("bounding", "effective", "inheritable", "permitted", "ambient")
+            },
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 1024}],
             "noNewPrivileges": True,
             "oomScoreAdj": 500,
@@ -108,11 +113,16 @@ def runtime_config(b: BundleSpec) -> dict[str, Any]:
         "mounts": [
             _mount("/proc", "proc", "proc", ("nosuid", "noexec", "nodev")),
             _mount("/dev", "tmpfs", "tmpfs", ("nosuid", "strictatime", "mode=755", "size=65536k")),
-            _mount("/dev/pts", "devpts", "devpts", ("nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620")),
-            _mount("/dev/shm", "tmpfs", "shm", ("nosuid", "noexec", "nodev", "mode=1777", "size=8m")),
+            _mount(
+                "/dev/pts",
+                "devpts",
+                "devpts",
+                ("nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"),
+            ),
+            _mount(SHM, "tmpfs", "shm", ("nosuid", "noexec", "nodev", "mode=1777", "size=8m")),
             _mount("/dev/mqueue", "mqueue", "mqueue", ("nosuid", "noexec", "nodev")),
             _mount("/sys", "sysfs", "sysfs", ("nosuid", "noexec", "nodev", "ro")),
-            _mount("/tmp", "tmpfs", "tmpfs", ("nosuid", "nodev", "mode=1777", f"size={b.tmp_size_mb}m")),
+            _mount(TMP, "tmpfs", "tmpfs", ("nosuid", "nodev", "mode=1777", f"size={b.tmp_size_mb}m")),
         ],
         "linux": {
             "namespaces": namespaces,

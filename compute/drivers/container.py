@@ -165,7 +165,9 @@ class ContainerDriver(Driver):
         finally:
             os.close(fd)
 
-    def _runtime(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    def _runtime(
+        self, *args: str, check: bool = True, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [self.runtime, f"--root={self.crun_root}", *args]
         proc = subprocess.run(
             cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False
@@ -294,7 +296,13 @@ class ContainerDriver(Driver):
             message = f"exited with code {code}"
         state = PowerState.CRASHED if oom else PowerState.SHUTDOWN
         return InstanceInfo(
-            instance_id, self.kind, state, exit_code=code, oom_killed=oom, started_at=started_at, message=message
+            instance_id,
+            self.kind,
+            state,
+            exit_code=code,
+            oom_killed=oom,
+            started_at=started_at,
+            message=message,
         )
 
     # ------------------------------------------------------------- lifecycle
@@ -395,7 +403,13 @@ class ContainerDriver(Driver):
             ]  # fmt: skip
             with paths.log.open("ab") as log:
                 proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, pass_fds=(w,), cwd=paths.root
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    pass_fds=(w,),
+                    cwd=paths.root,
                 )
             os.close(w)
             w = -1
@@ -476,7 +490,9 @@ class ContainerDriver(Driver):
         with self._locked(instance_id) as paths:
             info = self._info(paths, instance_id)
             if info.power_state not in (PowerState.RUNNING, PowerState.PAUSED):
-                raise InvalidState(f"container is {info.power_state}, cannot {'pause' if frozen else 'resume'}")
+                raise InvalidState(
+                    f"container is {info.power_state}, cannot {'pause' if frozen else 'resume'}"
+                )
             cg = cgroups_path(instance_id)
             cgroups.freeze(self.fs, cg, frozen)
             deadline = time.monotonic() + 5.0

@@ -63,7 +63,12 @@ def create_netns(netns_path: Path, short_id: str, nics: Sequence[NetworkAttachme
         host_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
         try:
             nsenv.unshare(nsenv.CLONE_NEWNET)
-            nsenv.mount(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/ns/net", netns_path, None, nsenv.MS_BIND)
+            nsenv.mount(
+                f"/proc/{os.getpid()}/task/{threading.get_native_id()}/ns/net",
+                netns_path,
+                None,
+                nsenv.MS_BIND,
+            )
             with IPRoute() as ipr:
                 _wire_inside(ipr, nics, hosts, host_fd)
         except BaseException as exc:

@@ -21,10 +21,42 @@ from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
 MTIME = 1700000000
-APPLETS = (
-    "sh cat echo ls ps hostname sleep id httpd ping ip ifconfig mkdir rm cp mv grep head tail "
-    "wc seq true false kill dd env uname touch chmod free top nc wget date"
-).split()
+APPLETS = [
+    "sh",
+    "cat",
+    "echo",
+    "ls",
+    "ps",
+    "hostname",
+    "sleep",
+    "id",
+    "httpd",
+    "ping",
+    "ip",
+    "ifconfig",
+    "mkdir",
+    "rm",
+    "cp",
+    "mv",
+    "grep",
+    "head",
+    "tail",
+    "wc",
+    "seq",
+    "true",
+    "false",
+    "kill",
+    "dd",
+    "env",
+    "uname",
+    "touch",
+    "chmod",
+    "free",
+    "top",
+    "nc",
+    "wget",
+    "date",
+]
 
 
 def busybox_version() -> str:
@@ -75,7 +107,9 @@ def base_layer() -> tuple[bytes, str]:
     entries.append(("tmp", d, 0o1777, None))
     entries.append(("bin/busybox", r, 0o755, BUSYBOX.read_bytes()))
     entries += [(f"bin/{a}", s, 0o777, "busybox") for a in APPLETS]
-    entries.append(("etc/passwd", r, 0o644, b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"))
+    entries.append(
+        ("etc/passwd", r, 0o644, b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
+    )
     entries.append(("etc/group", r, 0o644, b"root:x:0:\nnogroup:x:65534:\n"))
     entries.append(("etc/hosts", r, 0o644, b"127.0.0.1 localhost\n"))
     return make_layer(entries)
@@ -92,7 +126,9 @@ def web_layer() -> tuple[bytes, str]:
     )
 
 
-def write_archive(out: Path, ref: str, layers: list[tuple[bytes, str]], config_extra: dict[str, object]) -> None:
+def write_archive(
+    out: Path, ref: str, layers: list[tuple[bytes, str]], config_extra: dict[str, object]
+) -> None:
     blobs: dict[str, bytes] = {}
 
     def add(data: bytes) -> str:
@@ -111,9 +147,17 @@ def write_archive(out: Path, ref: str, layers: list[tuple[bytes, str]], config_e
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": add(cfg), "size": len(cfg)},
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": add(cfg),
+            "size": len(cfg),
+        },
         "layers": [
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": add(blob), "size": len(blob)}
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": add(blob),
+                "size": len(blob),
+            }
             for blob, _ in layers
         ],
     }
@@ -173,7 +217,10 @@ def main() -> None:
             outdir / f"busybox-web-{ver}.oci.tar",
             f"busybox-web:{ver}",
             [base, web_layer()],
-            {"Entrypoint": ["/bin/httpd", "-f", "-p", "8080", "-h", "/var/www"], "ExposedPorts": {"8080/tcp": {}}},
+            {
+                "Entrypoint": ["/bin/httpd", "-f", "-p", "8080", "-h", "/var/www"],
+                "ExposedPorts": {"8080/tcp": {}},
+            },
         ),
     ]
     for out, ref, layers, extra in targets:
