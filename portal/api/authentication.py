@@ -76,9 +76,8 @@ def actor_for(request: Request) -> Actor:
         membership: Membership = token.membership
         actor = Actor(user.pk, user.get_username(), False, {membership.tenant_id: membership.role})
     else:
-        roles = dict(
-            Membership.objects.filter(user_id=user_id_of(request), tenant__active=True).values_list("tenant_id", "role")
-        )
+        memberships = Membership.objects.filter(user_id=user_id_of(request), tenant__active=True)
+        roles = dict(memberships.values_list("tenant_id", "role"))
         actor = Actor(user.pk, user.get_username(), bool(user.is_staff), roles)
     django_request.actor = actor
     return actor

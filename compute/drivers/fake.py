@@ -1,0 +1,93 @@
+"""An in-memory driver that keeps the full contract, for fast functional tests."""
+
+from __future__ import annotations
+
+import time
+
+from compute.drivers.base import (
+    Driver,
+    InstanceInfo,
+    InstanceNotFound,
+    InvalidState,
+    SnapshotInfo,
+    Stats,
+)
+from compute.spec import InstanceSpec, Kind, PowerState
+
+
+class FakeDriver(Driver):
+    """Keeps workloads in a dict; state changes follow the real drivers' rules."""
+
+    def __init__(self, kind: Kind = Kind.VM) -> None:
+        self.kind = kind
+        self.workloads: dict[str, PowerState] = {}
+        self.snapshots: dict[str, dict[str, SnapshotInfo]] = {}
+        self.spawn_calls = 0
+
+    def _get(self, instance_id: str) -> PowerState:
+        if instance_id not in self.workloads:
+            raise InstanceNotFound(f"no workload {instance_id} on this node")
+        return self.workloads[instance_id]
+
+    def _set(self, instance_id: str, state: PowerState) -> InstanceInfo:
+        self._get(instance_id)
+        self.workloads[instance_id] = state
+        return self.info(instance_id)
+
+    def health(self) -> tuple[bool, str]:
+        return True, "fake"
+
+    def spawn(self, spec: InstanceSpec) -> InstanceInfo:
+        self.spawn_calls += 1
+        self.workloads.setdefault(spec.instance_id, PowerState.RUNNING)
+        return self.info(spec.instance_id)
+
+    def destroy(self, instance_id: str) -> None:
+        self.workloads.pop(instance_id, None)
+        self.snapshots.pop(instance_id, None)
+
+    def start(self, instance_id: str) -> InstanceInfo:
+        return self._set(instance_id, PowerState.RUNNING)
+
+    def stop(self, instance_id: str, timeout: float = 30.0, force: bool = False) -> InstanceInfo:
+        return self._set(instance_id, PowerState.SHUTDOWN)
+
+    def reboot(self, instance_id: str) -> InstanceInfo:
+        if self._get(instance_id) is not PowerState.RUNNING:
+            raise InvalidState("only a running instance can be rebooted")
+        return self.info(instance_id)
+
+    def pause(self, instance_id: str) -> InstanceInfo:
+        return self._set(instance_id, PowerState.PAUSED)
+
+    def resume(self, instance_id: str) -> InstanceInfo:
+        return self._set(instance_id, PowerState.RUNNING)
+
+    def snapshot(self, instance_id: str, name: str) -> SnapshotInfo:
+        self._get(instance_id)
+        return self.snapshots.setdefault(instance_id, {}).setdefault(name, SnapshotInfo(name, time.time()))
+
+    def revert(self, instance_id: str, name: str) -> InstanceInfo:
+        if name not in self.snapshots.get(instance_id, {}):
+            raise InstanceNotFound(f"no snapshot {name} of {instance_id}")
+        return self.info(instance_id)
+
+    def delete_snapshot(self, instance_id: str, name: str) -> None:
+        self.snapshots.get(instance_id, {}).pop(name, None)
+
+    def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
+        return sorted(self.snapshots.get(instance_id, {}).values(), key=lambda s: s.created_at)
+
+    def info(self, instance_id: str) -> InstanceInfo:
+        return InstanceInfo(instance_id, self.kind, self._get(instance_id))
+
+    def list(self) -> list[InstanceInfo]:
+        return [self.info(i) for i in self.workloads]
+
+    def stats(self, instance_id: str) -> Stats:
+        self._get(instance_id)
+        return Stats(cpu_time_ns=0, memory_bytes=0)
+
+    def console_log(self, instance_id: str, max_bytes: int = 65536) -> str:
+        self._get(instance_id)
+        return ""

@@ -1,0 +1,191 @@
+"""Node tasks: what a compute worker does for the portal, without Django.
+
+Each task takes JSON (built from :mod:`compute.spec`), acts through the
+driver of the instance's kind and reports an :class:`Observation` on the
+``control`` queue.  Tasks are redelivered after a worker crash
+(``acks_late``), so each is idempotent: drivers treat "already done" as
+success, and the portal ignores an observation whose action id it has seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from compute.config import NodeConfig
+from compute.drivers.base import Driver, DriverError, InstanceNotFound
+from compute.spec import (
+    InstanceSpec,
+    InventoryItem,
+    Kind,
+    NodeReport,
+    Observation,
+    PowerState,
+    SpecError,
+    to_json,
+)
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("start", "stop", "reboot", "pause", "resume", "snapshot", "revert", "delete_snapshot")
+
+
+class Sender(Protocol):
+    def __call__(self, name: str, payload: dict[str, Any]) -> None: ...
+
+
+class NodeService:
+    """The node's side of the contract: drivers by kind plus a way to report.
+
+    Drivers are created lazily, in the process that uses them (Celery forks
+    its pool after start-up; libvirt connections must not cross a fork).
+    """
+
+    def __init__(self, config: NodeConfig, send: Sender, drivers: dict[Kind, Driver] | None = None) -> None:
+        self.config = config
+        self.send = send
+        self._drivers: dict[Kind, Driver] = dict(drivers or {})
+        self._pid = os.getpid()
+
+    def driver(self, kind: Kind) -> Driver:
+        if os.getpid() != self._pid:
+            self._drivers, self._pid = {}, os.getpid()
+        if kind not in self._drivers:
+            self._drivers[kind] = _make_driver(kind, self.config)
+        return self._drivers[kind]
+
+    def _observe(
+        self,
+        instance_id: str,
+        action: str,
+        action_id: str,
+        ok: bool,
+        state: PowerState,
+        message: str = "",
+        details: dict[str, str] | None = None,
+    ) -> Observation:
+        obs = Observation(
+            instance_id=instance_id,
+            node=self.config.name,
+            action=action,
+            action_id=action_id,
+            ok=ok,
+            power_state=state,
+            message=message,
+            observed_at=time.time(),
+            details=tuple(sorted((details or {}).items())),
+        )
+        self.send("portal.observe", to_json(obs))
+        return obs
+
+    def _run(
+        self, instance_id: str, kind: Kind, action: str, action_id: str, body: Callable[[Driver], PowerState]
+    ) -> Observation:
+        try:
+            state = body(self.driver(kind))
+        except InstanceNotFound as exc:
+            return self._observe(instance_id, action, action_id, False, PowerState.NOSTATE, str(exc))
+        except DriverError as exc:
+            log.warning("%s of %s failed: %s", action, instance_id, exc)
+            return self._observe(
+                instance_id, action, action_id, False, self._current(kind, instance_id), str(exc)
+            )
+        return self._observe(instance_id, action, action_id, True, state)
+
+    def _current(self, kind: Kind, instance_id: str) -> PowerState:
+        try:
+            return self.driver(kind).info(instance_id).power_state
+        except DriverError:
+            return PowerState.NOSTATE
+
+    def create(self, spec_json: dict[str, Any], action_id: str) -> Observation:
+        """Spawn the instance (a redelivered create finds it and reports it again)."""
+        try:
+            spec = InstanceSpec.from_json(spec_json)
+        except (SpecError, ValueError, TypeError) as exc:
+            iid = str(spec_json.get("instance_id", "?")) if isinstance(spec_json, dict) else "?"
+            return self._observe(iid, "create", action_id, False, PowerState.NOSTATE, f"invalid spec: {exc}")
+        return self._run(
+            spec.instance_id, spec.kind, "create", action_id, lambda d: d.spawn(spec).power_state
+        )
+
+    def action(
+        self, instance_id: str, kind: str, action: str, action_id: str, params: dict[str, Any] | None = None
+    ) -> Observation:
+        params = params or {}
+        if action not in ACTIONS:
+            return self._observe(
+                instance_id, action, action_id, False, PowerState.NOSTATE, f"unknown action {action!r}"
+            )
+
+        def body(d: Driver) -> PowerState:
+            if action == "stop":
+                return d.stop(
+                    instance_id, float(params.get("timeout", 30)), bool(params.get("force"))
+                ).power_state
+            if action in ("snapshot", "delete_snapshot"):
+                getattr(d, action)(instance_id, str(params["name"]))
+                return d.info(instance_id).power_state
+            if action == "revert":
+                return d.revert(instance_id, str(params["name"])).power_state
+            return getattr(d, action)(instance_id).power_state  # type: ignore[no-any-return]
+
+        return self._run(instance_id, Kind(kind), action, action_id, body)
+
+    def delete(self, instance_id: str, kind: str, action_id: str) -> Observation:
+        """Destroy the workload; deleting what is already gone succeeds."""
+
+        def body(d: Driver) -> PowerState:
+            d.destroy(instance_id)
+            return PowerState.NOSTATE
+
+        return self._run(instance_id, Kind(kind), "delete", action_id, body)
+
+    def report(self) -> NodeReport:
+        """Capacity, driver health and inventory, sent as the node's heartbeat."""
+        health: list[tuple[str, bool, str]] = []
+        inventory: list[InventoryItem] = []
+        for kind in Kind:
+            try:
+                driver = self.driver(kind)
+                ok, why = driver.health()
+                if ok:
+                    inventory += [InventoryItem(i.instance_id, kind, i.power_state) for i in driver.list()]
+            except Exception as exc:  # a broken driver is reported, never fatal to the heartbeat
+                ok, why = False, f"{type(exc).__name__}: {exc}"
+            health.append((kind.value, ok, why))
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        report = NodeReport(
+            node=self.config.name,
+            queue=self.config.queue,
+            vcpus=os.cpu_count() or 1,
+            ram_mb=_mem_total_mb(),
+            disk_gb=shutil.disk_usage(self.config.state_dir).total // 2**30,
+            drivers=tuple(health),
+            inventory=tuple(inventory),
+            sent_at=time.time(),
+        )
+        self.send("portal.node_report", to_json(report))
+        return report
+
+
+def _mem_total_mb() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def _make_driver(kind: Kind, config: NodeConfig) -> Driver:
+    if kind is Kind.VM:
+        from compute.drivers.vm import LibvirtDriver
+
+        return LibvirtDriver(config)
+    from compute.drivers.container import ContainerDriver
+
+    return ContainerDriver(config)

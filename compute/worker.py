@@ -1,0 +1,86 @@
+"""The compute node's Celery app: ``celery -A compute.worker worker -Q node.<name>``.
+
+No Django here.  Settings come from the environment (:class:`NodeConfig`).
+The worker's main process sends a heartbeat (:class:`NodeReport`) every
+``SKYPORT_HEARTBEAT_SECONDS`` to the control queue, which also registers the
+node with the portal the first time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from compute.config import NodeConfig
+from compute.tasks import NodeService
+
+log = logging.getLogger(__name__)
+
+config = NodeConfig.from_env()
+
+app = Celery("skyport-node")
+app.conf.update(
+    broker_url=config.broker_url,
+    broker_connection_retry_on_startup=True,
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue=config.queue,
+    worker_hijack_root_logger=False,
+)
+
+
+def _send(name: str, payload: dict[str, Any]) -> None:
+    app.send_task(name, args=[payload], queue="control")
+
+
+service = NodeService(config, _send)
+
+
+@app.task(name="compute.instance.create")
+def create(spec: dict[str, Any], action_id: str) -> None:
+    service.create(spec, action_id)
+
+
+@app.task(name="compute.instance.action")
+def action(
+    instance_id: str, kind: str, action: str, action_id: str, params: dict[str, Any] | None = None
+) -> None:
+    service.action(instance_id, kind, action, action_id, params)
+
+
+@app.task(name="compute.instance.delete")
+def delete(instance_id: str, kind: str, action_id: str) -> None:
+    service.delete(instance_id, kind, action_id)
+
+
+_stop = threading.Event()
+
+
+def _heartbeat_loop() -> None:
+    interval = float(os.environ.get("SKYPORT_HEARTBEAT_SECONDS", "5"))
+    while not _stop.is_set():
+        try:
+            service.report()
+        except Exception:  # keep beating; the portal marks the node down if beats stop
+            log.exception("heartbeat failed")
+        _stop.wait(interval)
+
+
+@worker_ready.connect
+def _start_heartbeat(**kwargs: Any) -> None:
+    threading.Thread(target=_heartbeat_loop, name="heartbeat", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**kwargs: Any) -> None:
+    _stop.set()

@@ -1,0 +1,72 @@
+"""The control worker applies node observations and heartbeats idempotently."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from portal.audit.models import Event
+from portal.cloud.models import ComputeNode
+from portal.cloud.tasks import apply_node_report, apply_observation
+from tests.portal.conftest import World
+
+
+def _obs(world: World, **kw: Any) -> dict[str, Any]:
+    base = {
+        "instance_id": str(world.instance_a.pk),
+        "node": "node-a",
+        "action": "create",
+        "action_id": "act-1",
+        "ok": True,
+        "power_state": "running",
+        "message": "",
+        "observed_at": time.time(),
+        "details": [],
+    }
+    return base | kw
+
+
+def test_observation_applied_once(world: World) -> None:
+    assert apply_observation(_obs(world)) == "applied"
+    world.instance_a.refresh_from_db()
+    assert (world.instance_a.vm_state, world.instance_a.power_state) == ("active", "running")
+    world.instance_a.vm_state = "stopped"
+    world.instance_a.save()
+    assert apply_observation(_obs(world)) == "duplicate"
+    world.instance_a.refresh_from_db()
+    assert world.instance_a.vm_state == "stopped", "a duplicate must change nothing"
+    assert Event.objects.filter(action="node.create", request_id="act-1").count() == 1
+
+
+def test_failed_create_goes_to_error_with_reason(world: World) -> None:
+    apply_observation(_obs(world, ok=False, power_state="nostate", message="image digest mismatch"))
+    world.instance_a.refresh_from_db()
+    assert world.instance_a.vm_state == "error" and world.instance_a.status_reason == "image digest mismatch"
+
+
+def test_malformed_and_unknown_observations_are_dropped(world: World) -> None:
+    assert apply_observation({"nope": 1}) == "malformed"
+    assert apply_observation(_obs(world, power_state="exploded")) == "malformed"
+    assert (
+        apply_observation(_obs(world, instance_id="00000000-0000-0000-0000-000000000000"))
+        == "unknown-instance"
+    )
+
+
+def test_heartbeat_registers_node_and_ignores_late_beats(world: World) -> None:
+    now = time.time()
+    report = {
+        "node": "n9",
+        "queue": "node.n9",
+        "vcpus": 2,
+        "ram_mb": 1024,
+        "disk_gb": 10,
+        "drivers": [["vm", True, "ok"], ["container", False, "crun missing"]],
+        "inventory": [],
+        "sent_at": now,
+    }
+    node = apply_node_report(report)
+    assert node is not None and node.status == "up" and node.drivers["container"]["ok"] is False
+    apply_node_report(report | {"sent_at": now - 60, "vcpus": 64})
+    assert ComputeNode.objects.get(name="n9").vcpus == 2
+    assert Event.objects.filter(action="node.register", object_repr="n9").count() == 1
