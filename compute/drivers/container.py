@@ -455,7 +455,9 @@ class ContainerDriver(Driver):
             cg = cgroups_path(instance_id)
             with _pidfd(pid) as pidfd:
                 if pidfd is not None:
-                    if not force:
+                    # A namespace's PID 1 never gets signals it has no handler
+                    # for: without a SIGTERM handler waiting would be pointless.
+                    if not force and _handles(pid, signal.SIGTERM):
                         _signal(pidfd, signal.SIGTERM)
                         _thaw_quiet(self.fs, cg)
                         select.select([pidfd], [], [], max(timeout, 0.0))
@@ -652,6 +654,17 @@ def _pidfd(pid: int) -> Iterator[int | None]:
         yield fd
     finally:
         os.close(fd)
+
+
+def _handles(pid: int, sig: int) -> bool:
+    """Whether ``pid`` has installed a handler for ``sig`` (SigCgt in its status)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _signal(pidfd: int, sig: int) -> None:

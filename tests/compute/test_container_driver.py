@@ -1,0 +1,222 @@
+"""The container driver for real: crun + conmon as root, on test bridges."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from compute import cgroups
+from compute.drivers.base import DriverError, InstanceNotFound, InvalidState, NotSupported
+from compute.drivers.container import ContainerDriver, cgroups_path
+from compute.spec import PowerState
+from tests.compute.container_fixtures import (
+    BridgeNet,
+    SampleImages,
+    driver,
+    leftovers,
+    make_spec,
+    sample_images,
+    testnet,
+)
+
+__all__ = ["driver", "sample_images", "testnet"]
+
+pytestmark = pytest.mark.host
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def ping(address: str, wait: int = 2) -> bool:
+    return subprocess.run(["ping", "-c1", f"-W{wait}", address], capture_output=True).returncode == 0
+
+
+def test_health(driver: ContainerDriver) -> None:
+    ok, why = driver.health()
+    assert ok, why
+    assert why.startswith("crun ")
+
+
+def test_lifecycle_network_stats_and_cleanup(
+    driver: ContainerDriver, sample_images: SampleImages, testnet: BridgeNet
+) -> None:
+    spec = make_spec(sample_images.base, networks=(testnet.attachment(10),), hostname="web-1")
+    info = driver.spawn(spec)
+    assert info.power_state == PowerState.RUNNING and info.pid
+    # The image's command prints its hostname and $$: the workload is PID 1.
+    wait_for(lambda: "pid=" in driver.console_log(spec.instance_id), what="log line")
+    assert "hostname=web-1 pid=1" in driver.console_log(spec.instance_id)
+
+    # Not host root, no capabilities, no new privileges.
+    status = proc_status(info.pid)
+    assert all(int(u) >= 1_000_000 for u in status["Uid"].split())
+    assert all(int(g) >= 1_000_000 for g in status["Gid"].split())
+    assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+    assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2"
+
+    assert ping(testnet.address(10))
+    assert driver.spawn(spec).pid == info.pid  # idempotent
+    assert [i.instance_id for i in driver.list()] == [spec.instance_id]
+
+    stats = driver.stats(spec.instance_id)
+    assert stats.memory_bytes > 0 and stats.cpu_time_ns > 0
+    assert stats.memory_limit_bytes == 32 * 1024 * 1024
+    assert stats.pids == 1 and (stats.memory_peak_bytes or 0) >= stats.memory_bytes
+
+    assert driver.pause(spec.instance_id).power_state == PowerState.PAUSED
+    assert driver.pause(spec.instance_id).power_state == PowerState.PAUSED
+    assert driver.resume(spec.instance_id).power_state == PowerState.RUNNING
+
+    stopped = driver.stop(spec.instance_id, timeout=0.3)
+    assert stopped.power_state == PowerState.SHUTDOWN and stopped.exit_code == 137
+    assert driver.stop(spec.instance_id).power_state == PowerState.SHUTDOWN  # no-op
+    assert not ping(testnet.address(10), wait=1)
+    with pytest.raises(InvalidState):
+        driver.reboot(spec.instance_id)
+
+    started = driver.start(spec.instance_id)
+    assert started.power_state == PowerState.RUNNING and started.pid != info.pid
+    assert ping(testnet.address(10))
+    rebooted = driver.reboot(spec.instance_id)
+    assert rebooted.power_state == PowerState.RUNNING and rebooted.pid != started.pid
+    assert ping(testnet.address(10))
+    assert driver.console_log(spec.instance_id).count("hostname=web-1 pid=1") >= 2
+
+    with pytest.raises(NotSupported):
+        driver.snapshot(spec.instance_id, "s1")
+    assert driver.list_snapshots(spec.instance_id) == []
+
+    driver.destroy(spec.instance_id)
+    assert leftovers(driver, spec) == []
+    driver.destroy(spec.instance_id)  # already gone: fine
+    with pytest.raises(InstanceNotFound):
+        driver.info(spec.instance_id)
+    assert driver.list() == []
+
+
+def test_exit_code_and_logs_survive_a_new_driver(
+    driver: ContainerDriver, sample_images: SampleImages
+) -> None:
+    spec = make_spec(
+        sample_images.base, command=("/bin/sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3")
+    )
+    driver.spawn(spec)
+    wait_for(lambda: driver.info(spec.instance_id).power_state == PowerState.SHUTDOWN, what="exit")
+    info = driver.info(spec.instance_id)
+    assert info.exit_code == 3 and not info.oom_killed
+
+    fresh = ContainerDriver(driver.config)
+    again = fresh.info(spec.instance_id)
+    assert again.power_state == PowerState.SHUTDOWN and again.exit_code == 3
+    log = fresh.console_log(spec.instance_id)
+    assert "to-stdout" in log and "to-stderr" in log
+    assert fresh.stats(spec.instance_id).pids == 0
+    fresh.destroy(spec.instance_id)
+    assert leftovers(driver, spec) == []
+
+
+def test_memory_limit_oom_kill_is_reported(driver: ContainerDriver, sample_images: SampleImages) -> None:
+    # dd's 64 MiB buffer does not fit into 32 MiB (swap limited to the same).
+    spec = make_spec(
+        sample_images.base, command=("/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1")
+    )
+    driver.spawn(spec)
+    wait_for(lambda: driver.info(spec.instance_id).power_state != PowerState.RUNNING, what="oom kill")
+    info = driver.info(spec.instance_id)
+    assert info.oom_killed, info
+    assert info.exit_code == 137
+    assert info.power_state == PowerState.CRASHED
+    assert "out of memory" in info.message
+    # Still reported after a restart of the worker (new driver object) and after stop.
+    assert ContainerDriver(driver.config).info(spec.instance_id).oom_killed
+    assert driver.stop(spec.instance_id).oom_killed
+
+
+def test_fork_bomb_stops_at_pids_limit(driver: ContainerDriver, sample_images: SampleImages) -> None:
+    bomb = "f() { f | f & }; f; sleep 30"
+    spec = make_spec(sample_images.base, command=("/bin/sh", "-c", bomb), pids_limit=16, cpu_quota_percent=50)
+    driver.spawn(spec)
+    path = cgroups_path(spec.instance_id)
+    fs = cgroups.SysCgroupFS()
+    assert (fs.read("pids", path, "pids.max") or "").strip() == "16"
+    highest = 0
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        current = int(fs.read("pids", path, "pids.current") or 0)
+        highest = max(highest, current)
+        assert current <= 16
+        time.sleep(0.01)
+    assert highest >= 12, highest  # the bomb did reach the limit
+    events = fs.read("pids", path, "pids.events") or "max 0"
+    assert int(events.split()[1]) > 0  # forks were refused
+    # The host stays fine: we can still fork and the node answers.
+    assert subprocess.run(["true"]).returncode == 0
+    driver.destroy(spec.instance_id)
+    assert leftovers(driver, spec) == []
+
+
+def test_failed_spawn_leaves_nothing(
+    driver: ContainerDriver, sample_images: SampleImages, testnet: BridgeNet
+) -> None:
+    spec = make_spec(sample_images.base, command=("/no/such/program",), networks=(testnet.attachment(11),))
+    with pytest.raises(DriverError):
+        driver.spawn(spec)
+    assert leftovers(driver, spec) == []
+    with pytest.raises(InstanceNotFound):
+        driver.info(spec.instance_id)
+
+
+def test_two_images_share_the_base_layer(
+    driver: ContainerDriver, sample_images: SampleImages, testnet: BridgeNet
+) -> None:
+    base = make_spec(sample_images.base, networks=(testnet.attachment(20),), hostname="plain")
+    web = make_spec(sample_images.web, networks=(testnet.attachment(21),), hostname="web")
+    driver.spawn(base)
+    driver.spawn(web)
+    layers = driver.layers.layers()
+    assert len(layers) == 2  # base once, plus the web layer
+    base_layer = driver.layers.unpack(Path(sample_images.base.location), sample_images.base.digest).layers
+    web_layers = driver.layers.unpack(Path(sample_images.web.location), sample_images.web.digest).layers
+    assert web_layers[0] == base_layer[0]
+
+    def page() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{testnet.address(21)}:8080/", timeout=2) as resp:
+                return b"Skyport busybox-web" in resp.read()
+        except OSError:
+            return False
+
+    wait_for(page, what="httpd answer")
+    driver.destroy(base.instance_id)
+    driver.destroy(web.instance_id)
+    assert leftovers(driver, base) == [] and leftovers(driver, web) == []
+
+
+def test_graceful_stop_with_a_sigterm_handler(driver: ContainerDriver, sample_images: SampleImages) -> None:
+    script = "trap 'echo got-term; exit 0' TERM; echo ready; while true; do sleep 0.1; done"
+    spec = make_spec(sample_images.base, command=("/bin/sh", "-c", script))
+    driver.spawn(spec)
+    wait_for(lambda: "ready" in driver.console_log(spec.instance_id), what="ready")
+    info = driver.stop(spec.instance_id, timeout=5)
+    assert info.exit_code == 0 and "got-term" in driver.console_log(spec.instance_id)
+    driver.destroy(spec.instance_id)
+    assert leftovers(driver, spec) == []

@@ -1,0 +1,226 @@
+"""Container driver pieces without crun: config.json, layer unpacking, cgroup counters."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import tarfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from compute import cgroups
+from compute.drivers.container import container_uid
+from compute.layers import ImageError, LayerStore
+from compute.oci import BundleSpec, runtime_config
+from tests.hostcaps import require_root
+
+
+def bundle(**kw: object) -> BundleSpec:
+    base: dict[str, object] = {
+        "hostname": "h",
+        "args": ("/bin/sh",),
+        "env": (("PATH", "/bin"),),
+        "uid": 1_000_123,
+        "gid": 1_000_123,
+        "cgroups_path": "/skyport/sky-x",
+        "memory_bytes": 32 << 20,
+        "cpu_quota_percent": 50,
+        "pids_limit": 64,
+    }
+    base.update(kw)
+    return BundleSpec(**base)  # type: ignore[arg-type]
+
+
+def test_runtime_config_security_defaults() -> None:
+    c = runtime_config(bundle(netns_path="/x/netns"))
+    p = c["process"]
+    assert p["user"]["uid"] == 1_000_123 and p["noNewPrivileges"] is True
+    assert set(p["capabilities"]) == {"bounding", "effective", "inheritable", "permitted", "ambient"}
+    assert all(v == [] for v in p["capabilities"].values())
+    lin = c["linux"]
+    assert lin["resources"]["memory"] == {"limit": 32 << 20, "swap": 32 << 20}
+    assert lin["resources"]["cpu"] == {"quota": 50_000, "period": 100_000}
+    assert lin["resources"]["pids"] == {"limit": 64}
+    assert lin["resources"]["devices"][0] == {"allow": False, "access": "rwm"}
+    assert {"type": "network", "path": "/x/netns"} in lin["namespaces"]
+    assert "/proc/kcore" in lin["maskedPaths"] and "/proc/sys" in lin["readonlyPaths"]
+    denied = lin["seccomp"]["syscalls"][0]["names"]
+    assert {"mount", "unshare", "setns", "bpf", "kexec_load", "ptrace"} <= set(denied)
+    json.dumps(c)  # serialisable as is
+
+
+def test_runtime_config_refuses_root_and_empty_command() -> None:
+    with pytest.raises(ValueError):
+        runtime_config(bundle(uid=0))
+    with pytest.raises(ValueError):
+        runtime_config(bundle(args=()))
+
+
+def test_container_uid_is_unprivileged_and_stable() -> None:
+    for _ in range(200):
+        iid = str(uuid.uuid4())
+        uid = container_uid(iid)
+        assert 1_000_000 <= uid < 2_000_000 and uid == container_uid(iid)
+
+
+class FakeFS:
+    def __init__(self, files: dict[tuple[str, str], str]) -> None:
+        self.files = files
+
+    def read(self, controller: str, path: str, name: str) -> str | None:
+        return self.files.get((controller, name))
+
+    def write(self, controller: str, path: str, name: str, value: str) -> None:
+        self.files[(controller, name)] = value
+
+
+def test_cgroup_stats_from_v1_files() -> None:
+    fs = FakeFS(
+        {
+            ("memory", "memory.usage_in_bytes"): "1000\n",
+            ("memory", "memory.max_usage_in_bytes"): "4000\n",
+            ("memory", "memory.limit_in_bytes"): "9223372036854771712\n",
+            ("memory", "memory.oom_control"): "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+            ("memory", "memory.failcnt"): "7\n",
+            ("cpuacct", "cpuacct.usage"): "123456\n",
+            ("pids", "pids.current"): "3\n",
+            ("pids", "pids.max"): "max\n",
+        }
+    )
+    s = cgroups.read_stats(fs, "/x")
+    assert s is not None
+    assert (s.memory_bytes, s.memory_peak_bytes, s.memory_limit_bytes) == (1000, 4000, None)
+    assert (s.cpu_time_ns, s.pids, s.pids_max, s.oom_kills, s.memory_failcnt) == (123456, 3, None, 2, 7)
+    assert cgroups.oom_killed(fs, "/x") is True
+    assert cgroups.read_stats(FakeFS({}), "/x") is None
+    assert cgroups.oom_killed(FakeFS({}), "/x") is None
+    cgroups.freeze(fs, "/x", True)
+    assert cgroups.frozen(fs, "/x")
+
+
+# ------------------------------------------------------------------ layers
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for ti, data in members:
+            if data is not None:
+                ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.mode = 0o644
+    return ti, data
+
+
+def _entry(name: str, kind: bytes, link: str = "") -> tuple[tarfile.TarInfo, None]:
+    ti = tarfile.TarInfo(name)
+    ti.type = kind
+    ti.linkname = link
+    ti.mode = 0o755
+    return ti, None
+
+
+def _archive(path: Path, layers: list[bytes]) -> str:
+    """Write an OCI layout archive with ``layers``; return its sha256 digest."""
+    import hashlib
+
+    blobs: dict[str, bytes] = {}
+
+    def add(data: bytes) -> str:
+        d = "sha256:" + hashlib.sha256(data).hexdigest()
+        blobs[d] = data
+        return d
+
+    cfg = add(json.dumps({"config": {"Cmd": ["/bin/sh"]}}).encode())
+    man = add(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "config": {"digest": cfg, "size": 1},
+                "layers": [{"digest": add(layer), "size": len(layer)} for layer in layers],
+            }
+        ).encode()
+    )
+    files = {"oci-layout": b"{}", "index.json": json.dumps({"manifests": [{"digest": man}]}).encode()}
+    files.update({f"blobs/sha256/{d[7:]}": v for d, v in blobs.items()})
+    path.write_bytes(_tar([_file(n, v) for n, v in files.items()]))
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        _file("/etc/passwd"),
+        _file("../escape"),
+        _file("a/../../escape"),
+        _entry("dev/sda", tarfile.BLKTYPE),
+        _entry("dev/null", tarfile.CHRTYPE),
+        _entry("fifo", tarfile.FIFOTYPE),
+        _entry("hard", tarfile.LNKTYPE, "../outside"),
+    ],
+    ids=["absolute", "dotdot", "nested-dotdot", "blockdev", "chardev", "fifo", "hardlink-out"],
+)
+def test_unsafe_layer_members_are_refused(
+    tmp_path: Path, member: tuple[tarfile.TarInfo, bytes | None]
+) -> None:
+    archive = tmp_path / "img.tar"
+    digest = _archive(archive, [_tar([member])])
+    store = LayerStore(tmp_path / "state")
+    with pytest.raises(ImageError):
+        store.unpack(archive, digest)
+    assert store.layers() == []
+    assert [
+        p.name for p in (tmp_path / "state" / "layers").iterdir() if not p.name.startswith(".images")
+    ] == []
+
+
+def test_no_write_through_a_symlink(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    layer = _tar([_entry("etc", tarfile.SYMTYPE, str(outside)), _file("etc/evil", b"pwned")])
+    archive = tmp_path / "img.tar"
+    digest = _archive(archive, [layer])
+    with pytest.raises(ImageError):
+        LayerStore(tmp_path / "state").unpack(archive, digest)
+    assert list(outside.iterdir()) == []
+
+
+def test_wrong_digest_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "img.tar"
+    _archive(archive, [_tar([_file("a")])])
+    with pytest.raises(ImageError):
+        LayerStore(tmp_path / "state").unpack(archive, "sha256:" + "0" * 64)
+
+
+def test_whiteouts_become_overlay_form_and_layers_are_shared(tmp_path: Path) -> None:
+    require_root()  # whiteouts are 0:0 device nodes and trusted.* xattrs
+    base = _tar(
+        [_entry("etc", tarfile.DIRTYPE), _file("etc/a"), _file("etc/b"), _entry("opt", tarfile.DIRTYPE)]
+    )
+    top = _tar([_file("etc/.wh.a", b""), _entry("opt", tarfile.DIRTYPE), _file("opt/.wh..wh..opq", b"")])
+    one, two = tmp_path / "one.tar", tmp_path / "two.tar"
+    d1 = _archive(one, [base])
+    d2 = _archive(two, [base, top])
+    store = LayerStore(tmp_path / "state")
+    img1 = store.unpack(one, d1)
+    img2 = store.unpack(two, d2)
+    assert img2.layers[0] == img1.layers[0] and len(store.layers()) == 2
+    wh = img2.layers[1] / "etc" / "a"
+    st = os.lstat(wh)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
+    assert os.getxattr(img2.layers[1] / "opt", "trusted.overlay.opaque") == b"y"
+    assert img2.lowerdir == f"{img2.layers[1]}:{img2.layers[0]}"
+    assert img2.config.cmd == ("/bin/sh",)
+    # Unpacked once: a second image with the same base does not touch it again.
+    inode = os.stat(img1.layers[0] / "etc" / "b").st_ino
+    store.unpack(two, d2)
+    assert os.stat(img1.layers[0] / "etc" / "b").st_ino == inode
