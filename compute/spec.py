@@ -75,6 +75,8 @@ class NetworkAttachment:
     ``bridge`` is the Linux bridge on the node for this network (at most 15
     characters), ``address`` an interface address with prefix length
     (``198.18.0.10/24``), ``gateway`` optional (no default route without it).
+    ``host_address`` (with prefix) is put on the node's bridge so the host
+    reaches its instances; the node does not forward for them.
     """
 
     network: str
@@ -83,6 +85,7 @@ class NetworkAttachment:
     mac: str
     gateway: str | None = None
     mtu: int = 1500
+    host_address: str | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.bridge):
