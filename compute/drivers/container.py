@@ -145,6 +145,7 @@ class ContainerDriver(Driver):
         self.layers = LayerStore(config.state_dir)
         self.runtime = config.container_runtime
         self.fs = cgroups.SysCgroupFS()
+        self.fast_start = True
 
     # ----------------------------------------------------------------- helpers
 
@@ -359,7 +360,7 @@ class ContainerDriver(Driver):
         cid = container_id(spec.instance_id)
         for stale in (paths.exit, paths.pidfile, paths.result):
             stale.unlink(missing_ok=True)
-        if self._crun_state(spec.instance_id) is not None:
+        if (self.crun_root / cid).exists():  # crun's own state dir: a stopped container
             self._runtime("delete", "--force", cid, check=False)
         self.fs.remove(cgroups_path(spec.instance_id))
         with contextlib.ExitStack() as transient, contextlib.ExitStack() as undo:
@@ -380,7 +381,7 @@ class ContainerDriver(Driver):
             undo.callback(self.fs.remove, cgroups_path(spec.instance_id))
             self._conmon_create(paths, cid)
             paths.started.touch()
-            self._runtime("start", cid)
+            self._start_created(cid)
             undo.pop_all()
         info = self._info(paths, spec.instance_id)
         if info.power_state not in (PowerState.RUNNING, PowerState.SHUTDOWN):
@@ -435,6 +436,31 @@ class ContainerDriver(Driver):
         if pid <= 0:
             raise DriverError(f"crun could not create {cid}: {_tail(paths.log, 400)}")
 
+    def _start_created(self, cid: str) -> None:
+        """``crun start``, without its exec when possible.
+
+        crun's created container blocks reading ``<root>/<id>/exec.fifo``;
+        ``crun start`` only writes one byte to it and unlinks it (we set no
+        poststart hooks).  Doing that here saves an exec (~9 ms of ~40).  Any
+        surprise falls back to the real command.
+        """
+        fifo = self.crun_root / cid / "exec.fifo"
+        if self.runtime == "crun" and self.fast_start:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                pass
+            else:
+                try:
+                    fifo.unlink()
+                    os.write(fd, b"0")
+                    return
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+        self._runtime("start", cid)
+
     def start(self, instance_id: str) -> InstanceInfo:
         with self._locked(instance_id) as paths:
             spec = self._load_spec(paths)
@@ -468,7 +494,7 @@ class ContainerDriver(Driver):
             deadline = time.monotonic() + 5.0
             while self._exit_code(paths) is None and time.monotonic() < deadline:
                 time.sleep(0.005)
-        if paths.started.exists() or self._crun_state(instance_id) is not None:
+        if paths.started.exists() or (self.crun_root / container_id(instance_id)).exists():
             self._record_result(paths, instance_id)
             self._runtime("delete", "--force", container_id(instance_id), check=False)
             self.fs.remove(cgroups_path(instance_id))

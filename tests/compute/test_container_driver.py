@@ -214,6 +214,7 @@ def test_two_images_share_the_base_layer(
 def test_graceful_stop_with_a_sigterm_handler(driver: ContainerDriver, sample_images: SampleImages) -> None:
     script = "trap 'echo got-term; exit 0' TERM; echo ready; while true; do sleep 0.1; done"
     spec = make_spec(sample_images.base, command=("/bin/sh", "-c", script))
+    driver.fast_start = False  # also cover the plain `crun start` path
     driver.spawn(spec)
     wait_for(lambda: "ready" in driver.console_log(spec.instance_id), what="ready")
     info = driver.stop(spec.instance_id, timeout=5)
