@@ -59,6 +59,7 @@ INSTALLED_APPS = [
     "portal.tenancy",
     "portal.cloud",
     "portal.audit",
+    "portal.images",
 ]
 
 MIDDLEWARE = [
@@ -202,6 +203,15 @@ SKYPORT_DEFAULT_QUOTA = {
     "vms": 10,
 }
 SKYPORT_TOKEN_MAX_DAYS = int(os.environ.get("SKYPORT_TOKEN_MAX_DAYS", "365"))
+SKYPORT_SCHEDULER_WEIGHER = os.environ.get("SKYPORT_SCHEDULER_WEIGHER", "spread")
+SKYPORT_NETWORK_POOL = os.environ.get("SKYPORT_NETWORK_POOL", "198.18.0.0/15")
+SKYPORT_NETWORK_PREFIX = int(os.environ.get("SKYPORT_NETWORK_PREFIX", "24"))
+#: nodes send a heartbeat this often; three missed beats mark a node down
+SKYPORT_HEARTBEAT_SECONDS = float(os.environ.get("SKYPORT_HEARTBEAT_SECONDS", "5"))
+CELERY_BEAT_SCHEDULE = {
+    "sweep": {"task": "portal.sweep", "schedule": float(os.environ.get("SKYPORT_SWEEP_SECONDS", "5"))},
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 LOGGING = {
     "version": 1,

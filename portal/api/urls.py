@@ -2,7 +2,13 @@ from django.urls import include, path
 from rest_framework.routers import DefaultRouter
 
 from portal.audit.api.views import EventViewSet
-from portal.cloud.api.views import ComputeNodeViewSet, FlavorViewSet, InstanceViewSet
+from portal.cloud.api.views import (
+    ComputeNodeViewSet,
+    FlavorViewSet,
+    ImageViewSet,
+    InstanceViewSet,
+    NetworkViewSet,
+)
 from portal.tenancy.api.views import (
     APITokenViewSet,
     MembershipViewSet,
@@ -21,5 +27,7 @@ router.register("flavors", FlavorViewSet)
 router.register("nodes", ComputeNodeViewSet)
 router.register("instances", InstanceViewSet)
 router.register("events", EventViewSet)
+router.register("networks", NetworkViewSet)
+router.register("images", ImageViewSet)
 
 urlpatterns = [path("", include(router.urls))]

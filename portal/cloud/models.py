@@ -80,6 +80,11 @@ class ComputeNode(models.Model):
     status_reason = models.CharField(max_length=255, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     drivers = models.JSONField(default=dict, blank=True)
+    orphans = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Workloads on the node that the database does not know (reconcile)",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -100,6 +105,47 @@ class ComputeNode(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class Network(models.Model):
+    """A tenant's L2 network: one Linux bridge per node, addresses from IPAM.
+
+    Networks never forward to each other.  ``host_address`` is the node's own
+    address on the bridge (no NAT, no forwarding).
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="networks")
+    name = models.CharField(max_length=63)
+    cidr = models.CharField(max_length=43, unique=True)
+    bridge = models.CharField(max_length=15, unique=True)
+    host_address = models.GenericIPAddressField(protocol="IPv4")
+    mtu = models.PositiveIntegerField(default=1500)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = TenantScopedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["tenant__slug", "name"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="network_unique_tenant_name")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant.slug}/{self.name} {self.cidr}"
+
+
+class Port(models.Model):
+    """An instance's address and MAC on a network (IPAM)."""
+
+    network = models.ForeignKey(Network, on_delete=models.CASCADE, related_name="ports")
+    instance = models.ForeignKey("Instance", on_delete=models.CASCADE, related_name="ports")
+    address = models.GenericIPAddressField(protocol="IPv4")
+    mac = models.CharField(max_length=17, unique=True)
+
+    class Meta:
+        ordering = ["network", "address"]
+        constraints = [models.UniqueConstraint(fields=["network", "address"], name="port_unique_address")]
+
+    def __str__(self) -> str:
+        return f"{self.address} ({self.mac})"
 
 
 class InstanceQuerySet(TenantScopedQuerySet["Instance"]):
@@ -124,7 +170,11 @@ class Instance(models.Model):
     )
     kind = models.CharField(max_length=16, choices=Kind.choices)
     isolation_reason = models.CharField(max_length=255)
-    image = models.CharField(max_length=200, help_text="Image reference, name:version")
+    image = models.ForeignKey("images.Image", on_delete=models.PROTECT, related_name="instances")
+    network = models.ForeignKey("Network", on_delete=models.PROTECT, related_name="instances")
+    anti_affinity_group = models.CharField(max_length=63, blank=True)
+    ssh_keys = models.JSONField(default=list, blank=True, help_text="Public keys injected at creation")
+    user_data = models.TextField(blank=True)
     flavor = models.ForeignKey(Flavor, on_delete=models.PROTECT, related_name="instances")
     vcpus = models.PositiveSmallIntegerField()
     ram_mb = models.PositiveIntegerField()
@@ -138,6 +188,8 @@ class Instance(models.Model):
     )
     power_state = models.CharField(max_length=16, choices=PowerState.choices, default="nostate")
     status_reason = models.CharField(max_length=255, blank=True)
+    action_id = models.CharField(max_length=64, blank=True, help_text="Id of the action in flight")
+    task_deadline = models.DateTimeField(null=True, blank=True)
     addresses = models.JSONField(default=list, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="instances"

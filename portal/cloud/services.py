@@ -1,18 +1,34 @@
-"""Instance bookkeeping: quota claims in one locked transaction."""
+"""Instance orchestration: claim quota and capacity, place, enqueue, act.
+
+Every state change happens in one transaction that locks what it counts
+(quota row and node rows: ``SELECT … FOR UPDATE`` on PostgreSQL; SQLite runs
+IMMEDIATE transactions, one writer at a time).  Messages to nodes leave only
+in ``transaction.on_commit``, so a node never hears of a row that was rolled
+back.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import ipaddress
+import secrets
+import uuid
+from collections import defaultdict
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
+from compute.spec import InstanceSpec, Kind, NetworkAttachment, to_json
 from portal.api.exceptions import Conflict
-from portal.cloud import isolation
-from portal.cloud.choices import Kind, NodeStatus, NodeTenancy, VmState
-from portal.cloud.models import ComputeNode, Flavor, Instance
+from portal.audit.models import Event, Outcome
+from portal.cloud import scheduler
+from portal.cloud.choices import NodeStatus, NodeTenancy, TaskState, VmState
+from portal.cloud.models import ComputeNode, Flavor, Instance, Network, Port
+from portal.images.models import Image
 from portal.tenancy.models import Quota, Tenant
 
 
@@ -20,15 +36,59 @@ class QuotaExceeded(Conflict):
     default_code = "quota_exceeded"
 
 
+class InvalidAction(Conflict):
+    default_code = "invalid_action"
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     tenant: Tenant
     name: str
-    image: str
+    image: Image
     flavor: Flavor
     requested_kind: str
+    anti_affinity_group: str = ""
+    ssh_keys: tuple[str, ...] = ()
+    user_data: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Preview:
+    """What a create would do: kind, node, reason and quota effect."""
+
+    kind: str
+    node: str
+    reason: str
+    quota: dict[str, dict[str, int]]
+    rejected: tuple[tuple[str, str], ...]
+
+
+#: how long each task may take before the sweeper declares it stuck
+TASK_DEADLINES: dict[str, int] = {
+    TaskState.SPAWNING: 300,
+    TaskState.STARTING: 180,
+    TaskState.STOPPING: 180,
+    TaskState.REBOOTING: 180,
+    TaskState.PAUSING: 60,
+    TaskState.RESUMING: 60,
+    TaskState.SNAPSHOTTING: 300,
+    TaskState.DELETING: 180,
+}
+
+#: action -> (task state while it runs, vm_states it may start from)
+ACTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "start": (TaskState.STARTING, (VmState.STOPPED,)),
+    "stop": (TaskState.STOPPING, (VmState.ACTIVE, VmState.PAUSED)),
+    "reboot": (TaskState.REBOOTING, (VmState.ACTIVE,)),
+    "pause": (TaskState.PAUSING, (VmState.ACTIVE,)),
+    "resume": (TaskState.RESUMING, (VmState.PAUSED,)),
+    "snapshot": (TaskState.SNAPSHOTTING, (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED)),
+    "revert": (TaskState.SNAPSHOTTING, (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED)),
+}
+CONTAINER_ACTIONS = {"start", "stop", "reboot", "pause", "resume"}
+
+
+# ---------------------------------------------------------------- accounting
 def usage(tenant_id: int) -> dict[str, int]:
     """What the tenant's live instances use, per quota limit."""
     agg = (
@@ -59,66 +119,305 @@ def quota_effect(quota: Quota, used: dict[str, int], kind: str, flavor: Flavor) 
     return {k: {"used": used[k], "requested": asked[k], "limit": getattr(quota, k)} for k in Quota.LIMITS}
 
 
-def dedicated_nodes(tenant: Tenant) -> list[str]:
-    return list(
-        ComputeNode.objects.filter(
-            tenancy=NodeTenancy.DEDICATED, owner=tenant, status=NodeStatus.UP
-        ).values_list("name", flat=True)
+def check_quota(tenant: Tenant, effect: dict[str, dict[str, int]]) -> None:
+    for limit, e in effect.items():
+        if e["used"] + e["requested"] > e["limit"]:
+            raise QuotaExceeded(
+                f"Quota exceeded for {limit}: tenant {tenant.slug} uses {e['used']} of {e['limit']} "
+                f"and this instance needs {e['requested']} more."
+            )
+
+
+def node_views(nodes: list[ComputeNode]) -> list[scheduler.NodeView]:
+    """The scheduler's view of nodes: capacity, load and residents from live instances."""
+    load: dict[int, dict[str, int]] = defaultdict(lambda: {"vcpus": 0, "ram_mb": 0, "disk_gb": 0})
+    residents: dict[int, set[tuple[str, str]]] = defaultdict(set)
+    groups: dict[int, set[str]] = defaultdict(set)
+    rows = (
+        Instance.objects.live()
+        .filter(node__in=nodes)
+        .values_list("node_id", "tenant__slug", "kind", "vcpus", "ram_mb", "disk_gb", "anti_affinity_group")
+    )
+    for node_id, slug, kind, vcpus, ram, disk, group in rows:
+        load[node_id]["vcpus"] += vcpus
+        load[node_id]["ram_mb"] += ram
+        load[node_id]["disk_gb"] += disk
+        residents[node_id].add((slug, kind))
+        if group:
+            groups[node_id].add(f"{slug}/{group}")
+    views = []
+    for n in nodes:
+        drivers = frozenset(k for k, v in (n.drivers or {}).items() if v.get("ok"))
+        views.append(
+            scheduler.NodeView(
+                name=n.name,
+                up=n.status == NodeStatus.UP,
+                dedicated_to=n.owner.slug if n.owner_id and n.owner else None,
+                vcpus=n.vcpus,
+                ram_mb=n.ram_mb,
+                disk_gb=n.disk_gb,
+                cpu_ratio=n.cpu_allocation_ratio,
+                ram_ratio=n.ram_allocation_ratio,
+                disk_ratio=n.disk_allocation_ratio,
+                used_vcpus=load[n.pk]["vcpus"],
+                used_ram_mb=load[n.pk]["ram_mb"],
+                used_disk_gb=load[n.pk]["disk_gb"],
+                drivers=drivers,
+                residents=frozenset(residents[n.pk]),
+                groups=frozenset(groups[n.pk]),
+            )
+        )
+    return views
+
+
+def _place(req: Request, lock: bool) -> tuple[scheduler.Placement, dict[str, dict[str, int]], Quota]:
+    quota_qs = Quota.objects.select_for_update() if lock else Quota.objects
+    quota = quota_qs.get(tenant=req.tenant)
+    node_qs = ComputeNode.objects.select_related("owner").order_by("pk")
+    nodes = list(node_qs.select_for_update(of=("self",)) if lock else node_qs)
+    sreq = scheduler.Request(
+        tenant=req.tenant.slug,
+        kind=req.requested_kind,
+        vcpus=req.flavor.vcpus,
+        ram_mb=req.flavor.ram_mb,
+        disk_gb=req.flavor.disk_gb,
+        image_formats=frozenset(req.image.formats()),
+        anti_affinity_group=f"{req.tenant.slug}/{req.anti_affinity_group}"
+        if req.anti_affinity_group
+        else None,
+        weigher=settings.SKYPORT_SCHEDULER_WEIGHER,
+    )
+    try:
+        placement = scheduler.schedule(sreq, node_views(nodes))
+    except scheduler.NoValidHost as exc:
+        raise Conflict(str(exc)) from exc
+    effect = quota_effect(quota, usage(req.tenant.pk), placement.kind, req.flavor)
+    return placement, effect, quota
+
+
+def preview(req: Request) -> Preview:
+    """Dry run: the decision, node and quota effect, without creating anything."""
+    placement, effect, _ = _place(req, lock=False)
+    check_quota(req.tenant, effect)
+    return Preview(placement.kind, placement.node, placement.reason, effect, placement.rejected)
+
+
+# ---------------------------------------------------------------- networks
+def default_network(tenant: Tenant) -> Network:
+    """The tenant's default network, allocated from the pool on first use."""
+    existing = Network.objects.filter(tenant=tenant, name="default").first()
+    if existing is not None:
+        return existing
+    pool = ipaddress.ip_network(settings.SKYPORT_NETWORK_POOL)
+    prefix = settings.SKYPORT_NETWORK_PREFIX
+    taken = set(Network.objects.values_list("cidr", flat=True))
+    for subnet in pool.subnets(new_prefix=prefix):
+        if str(subnet) not in taken:
+            net = Network.objects.create(
+                tenant=tenant,
+                name="default",
+                cidr=str(subnet),
+                bridge=f"skn-{secrets.token_hex(4)}",
+                host_address=str(subnet.network_address + 1),
+            )
+            return net
+    raise Conflict(f"The network pool {pool} is exhausted; an operator must widen SKYPORT_NETWORK_POOL.")
+
+
+def allocate_port(network: Network, instance: Instance) -> Port:
+    subnet = ipaddress.ip_network(network.cidr)
+    used = set(network.ports.values_list("address", flat=True)) | {network.host_address}
+    for host in list(subnet.hosts())[9:]:  # .1-.9 reserved for the node and services
+        if str(host) not in used:
+            mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+            return Port.objects.create(network=network, instance=instance, address=str(host), mac=mac)
+    raise Conflict(f"Network {network} has no free address left.")
+
+
+# ---------------------------------------------------------------- specs
+def build_spec(instance: Instance) -> InstanceSpec:
+    artifact = instance.image.artifact_for(instance.kind)
+    if artifact is None:
+        raise Conflict(f"Image {instance.image} has no artifact for a {instance.kind}.")
+    prefix = ipaddress.ip_network(instance.network.cidr).prefixlen
+    nics = tuple(
+        NetworkAttachment(
+            network=f"{instance.tenant.slug}/{p.network.name}",
+            bridge=p.network.bridge,
+            address=f"{p.address}/{prefix}",
+            mac=p.mac,
+            mtu=p.network.mtu,
+            host_address=f"{p.network.host_address}/{prefix}",
+        )
+        for p in instance.ports.select_related("network")
+    )
+    return InstanceSpec(
+        instance_id=str(instance.pk),
+        name=instance.name,
+        hostname=instance.name,
+        tenant=instance.tenant.slug,
+        kind=Kind(instance.kind),
+        vcpus=instance.vcpus,
+        ram_mb=instance.ram_mb,
+        disk_gb=instance.disk_gb,
+        image=artifact.ref(),
+        networks=nics,
+        ssh_keys=tuple(instance.ssh_keys),
+        user_data=instance.user_data or None,
+        cpu_quota_percent=100 * instance.vcpus,
     )
 
 
-def create_instance(req: Request, user: Any) -> Instance:
-    """Decide the kind, claim quota and write the record, atomically.
+def _send(queue: str, task: str, args: list[Any]) -> None:
+    from portal.celery import app
 
-    The quota row is locked (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite
-    runs IMMEDIATE transactions, one writer at a time), so concurrent
-    requests can never overshoot a limit.
-    """
+    app.send_task(task, args=args, queue=queue)
+
+
+def _event(instance: Instance, action: str, message: str, actor: Any = None, action_id: str = "") -> None:
+    Event.objects.create(
+        actor=actor if actor is not None and actor.is_authenticated else None,
+        actor_name=actor.get_username() if actor is not None and actor.is_authenticated else "portal",
+        tenant_id=instance.tenant_id,
+        action=action,
+        object_type="instance",
+        object_id=str(instance.pk),
+        object_repr=str(instance)[:200],
+        request_id=action_id,
+        outcome=Outcome.SUCCESS,
+        message=message,
+    )
+
+
+def _deadline(task: str) -> dt.datetime:
+    return timezone.now() + dt.timedelta(seconds=TASK_DEADLINES.get(task, 300))
+
+
+# ---------------------------------------------------------------- create / act / delete
+def create_instance(req: Request, user: Any) -> Instance:
+    """Place the instance, claim quota and capacity, and send it to its node."""
     with transaction.atomic():
-        quota = Quota.objects.select_for_update().get(tenant=req.tenant)
-        try:
-            decision = isolation.decide(
-                req.requested_kind, req.tenant.slug, dedicated_nodes(req.tenant), image_has_container=True
-            )
-        except isolation.IsolationRefused as exc:
-            raise Conflict(str(exc)) from exc
-        effect = quota_effect(quota, usage(req.tenant.pk), decision.kind, req.flavor)
-        for limit, e in effect.items():
-            if e["used"] + e["requested"] > e["limit"]:
-                raise QuotaExceeded(
-                    f"Quota exceeded for {limit}: tenant {req.tenant.slug} uses {e['used']} of {e['limit']} "
-                    f"and this instance needs {e['requested']} more."
-                )
+        placement, effect, _ = _place(req, lock=True)
+        check_quota(req.tenant, effect)
         if Instance.objects.filter(tenant=req.tenant, name=req.name).live().exists():
             raise Conflict(f"Tenant {req.tenant.slug} already has a live instance named '{req.name}'.")
-        return Instance.objects.create(
+        node = ComputeNode.objects.get(name=placement.node)
+        network = default_network(req.tenant)
+        action_id = uuid.uuid4().hex
+        instance = Instance.objects.create(
             tenant=req.tenant,
             name=req.name,
             requested_kind=req.requested_kind,
-            kind=decision.kind,
-            isolation_reason=decision.reason,
+            kind=placement.kind,
+            isolation_reason=placement.reason,
             image=req.image,
+            network=network,
             flavor=req.flavor,
             vcpus=req.flavor.vcpus,
             ram_mb=req.flavor.ram_mb,
             disk_gb=req.flavor.disk_gb,
+            node=node,
+            anti_affinity_group=req.anti_affinity_group,
+            ssh_keys=list(req.ssh_keys),
+            user_data=req.user_data,
+            vm_state=VmState.BUILDING,
+            task_state=TaskState.SPAWNING,
+            action_id=action_id,
+            task_deadline=_deadline(TaskState.SPAWNING),
             created_by=user,
         )
+        port = allocate_port(network, instance)
+        instance.addresses = [{"network": network.name, "address": port.address, "mac": port.mac}]
+        instance.save(update_fields=["addresses"])
+        spec = to_json(build_spec(instance))
+        _event(instance, "instance.schedule", placement.reason, user, action_id)
+        transaction.on_commit(lambda: _send(node.queue, "compute.instance.create", [spec, action_id]))
+    return instance
 
 
-def delete_instance(instance: Instance) -> Instance:
-    """Mark the record deleted (releasing its quota); refuse while an action runs."""
-    updated = (
-        Instance.objects.filter(pk=instance.pk, task_state__isnull=True)
-        .exclude(vm_state=VmState.DELETED)
-        .update(vm_state=VmState.DELETED, deleted_at=timezone.now(), power_state="nostate")
+def _claim(instance: Instance, task: str, allowed: tuple[str, ...], what: str) -> str:
+    """Set task_state if none is set (conditional UPDATE), else 409."""
+    action_id = uuid.uuid4().hex
+    claimed = Instance.objects.filter(pk=instance.pk, task_state__isnull=True, vm_state__in=allowed).update(
+        task_state=task, action_id=action_id, task_deadline=_deadline(task), updated_at=timezone.now()
     )
-    if not updated:
+    if not claimed:
         instance.refresh_from_db()
+        if instance.task_state:
+            raise Conflict(
+                f"Instance {instance.name} is busy ({instance.task_state}); try again when it finishes."
+            )
+        raise InvalidAction(f"Cannot {what} instance {instance.name} while it is {instance.vm_state}.")
+    instance.refresh_from_db()
+    return action_id
+
+
+def act(instance: Instance, action: str, params: dict[str, Any], user: Any) -> Instance:
+    """Claim the instance for ``action`` and send it to its node (202)."""
+    if action not in ACTIONS:
+        raise InvalidAction(f"Unknown action '{action}'; use one of {', '.join(sorted(ACTIONS))}.")
+    if instance.kind == Kind.CONTAINER and action not in CONTAINER_ACTIONS:
+        raise InvalidAction(f"Containers do not support '{action}'; snapshots are for VMs.")
+    if action in ("snapshot", "revert") and not str(params.get("name", "")).strip():
+        raise InvalidAction(f"'{action}' needs a snapshot name in params.name.")
+    task, allowed = ACTIONS[action]
+    with transaction.atomic():
+        action_id = _claim(instance, task, allowed, action)
+        node = instance.node
+        if node is None:
+            raise Conflict(f"Instance {instance.name} has no node.")
+        _event(instance, f"instance.{action}", f"sent to {node.name}", user, action_id)
+        args = [str(instance.pk), instance.kind, action, action_id, params]
+        transaction.on_commit(lambda: _send(node.queue, "compute.instance.action", args))
+    return instance
+
+
+def delete_instance(instance: Instance, user: Any) -> Instance:
+    """Ask the node to destroy the workload; the row is marked deleted when it reports.
+
+    An instance that never reached a node (or whose node is gone from the
+    database) is marked deleted at once.
+    """
+    with transaction.atomic():
         if instance.vm_state == VmState.DELETED:
             return instance
-        raise Conflict(
-            f"Instance {instance.name} is busy ({instance.task_state}); try again when it finishes."
-        )
-    instance.refresh_from_db()
+        allowed = tuple(s for s in VmState.values if s != VmState.DELETED)
+        action_id = _claim(instance, TaskState.DELETING, allowed, "delete")
+        node = instance.node
+        if node is None:
+            Instance.objects.filter(pk=instance.pk).update(
+                vm_state=VmState.DELETED, task_state=None, deleted_at=timezone.now(), power_state="nostate"
+            )
+            instance.refresh_from_db()
+            _event(instance, "instance.delete", "deleted (it had no node)", user, action_id)
+            return instance
+        _event(instance, "instance.delete", f"sent to {node.name}", user, action_id)
+        args = [str(instance.pk), instance.kind, action_id]
+        transaction.on_commit(lambda: _send(node.queue, "compute.instance.delete", args))
     return instance
+
+
+# ---------------------------------------------------------------- nodes
+def set_node_tenancy(node: ComputeNode, owner: Tenant | None) -> ComputeNode:
+    """Dedicate ``node`` to ``owner`` (or share it with None), keeping the invariant.
+
+    Dedicating is refused while the node hosts another tenant's instances;
+    sharing is refused while it hosts containers.
+    """
+    with transaction.atomic():
+        node = ComputeNode.objects.select_for_update().get(pk=node.pk)
+        live = Instance.objects.live().filter(node=node)
+        if owner is not None:
+            others = live.exclude(tenant=owner).values_list("tenant__slug", flat=True).distinct()
+            if others:
+                raise Conflict(
+                    f"Node {node.name} hosts instances of {', '.join(sorted(others))}; "
+                    "move or delete them before dedicating it."
+                )
+            node.tenancy, node.owner = NodeTenancy.DEDICATED, owner
+        else:
+            if live.filter(kind=Kind.CONTAINER).exists():
+                raise Conflict(f"Node {node.name} hosts containers; delete them before sharing the node.")
+            node.tenancy, node.owner = NodeTenancy.SHARED, None
+        node.save(update_fields=["tenancy", "owner"])
+    return node

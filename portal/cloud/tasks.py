@@ -1,8 +1,10 @@
-"""Control-queue tasks: apply what nodes observed and register their heartbeats.
+"""Control-queue tasks: observations, heartbeats with reconcile, and the sweeper.
 
-Both are idempotent: an observation whose action id was already applied is
-ignored (it is recorded once, as an Event keyed by the action id), and a
-heartbeat only moves a node's state forward in time.
+All are idempotent: an observation whose action id was already applied is
+ignored (it is recorded once, as an Event keyed by the action id); a
+heartbeat older than the last one changes nothing; the sweeper only moves
+rows that are past their deadline.  Reconcile records drift and orphans;
+it never deletes rows or workloads.
 """
 
 from __future__ import annotations
@@ -12,25 +14,26 @@ import logging
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from compute.spec import NodeReport, Observation, SpecError
 from portal.audit.models import Event, Outcome
-from portal.cloud.choices import NodeStatus, TaskState, VmState
+from portal.cloud.choices import NodeStatus, VmState
 from portal.cloud.models import ComputeNode, Instance
 
 log = logging.getLogger(__name__)
 
-#: vm_state an instance settles in after a successful action
+#: vm_state an instance settles in after a successful action (None: from power state)
 _SETTLED: dict[str, str | None] = {
     "create": VmState.ACTIVE,
     "start": VmState.ACTIVE,
     "reboot": VmState.ACTIVE,
     "resume": VmState.ACTIVE,
-    "revert": None,  # whatever power state the snapshot had
     "stop": VmState.STOPPED,
     "pause": VmState.PAUSED,
+    "revert": None,
     "snapshot": None,
     "delete_snapshot": None,
     "delete": VmState.DELETED,
@@ -39,7 +42,24 @@ _POWER_TO_VM: dict[str, str] = {
     "running": VmState.ACTIVE,
     "paused": VmState.PAUSED,
     "shutdown": VmState.STOPPED,
+    "crashed": VmState.STOPPED,
 }
+
+
+def _node_event(
+    tenant_id: int | None, node: str, action: str, obj: Any, outcome: str, message: str, request_id: str = ""
+) -> None:
+    Event.objects.create(
+        tenant_id=tenant_id,
+        actor_name=f"node:{node}",
+        action=action,
+        object_type=obj._meta.model_name,
+        object_id=str(obj.pk),
+        object_repr=str(obj)[:200],
+        request_id=request_id,
+        outcome=outcome,
+        message=message,
+    )
 
 
 def apply_observation(data: dict[str, Any]) -> str:
@@ -59,35 +79,94 @@ def apply_observation(data: dict[str, Any]) -> str:
         ).exists():
             return "duplicate"
         instance.power_state = obs.power_state.value
-        if obs.ok:
-            settled = _SETTLED.get(obs.action) or _POWER_TO_VM.get(obs.power_state.value, instance.vm_state)
-            instance.vm_state = settled
-            instance.status_reason = ""
-            if obs.action == "delete":
-                instance.deleted_at = instance.deleted_at or timezone.now()
-        else:
-            instance.status_reason = obs.message[:255]
-            if obs.action == "create":
-                instance.vm_state = VmState.ERROR
-        if instance.task_state in (TaskState.SPAWNING, TaskState.SCHEDULING) or obs.action != "create":
+        if obs.action_id == instance.action_id:
+            if obs.ok:
+                settled = _SETTLED.get(obs.action) or _POWER_TO_VM.get(
+                    obs.power_state.value, instance.vm_state
+                )
+                instance.vm_state = settled
+                instance.status_reason = ""
+                if obs.action == "delete":
+                    instance.deleted_at = timezone.now()
+                    instance.ports.all().delete()
+            else:
+                instance.status_reason = f"{obs.action} failed: {obs.message}"[:255]
+                if obs.action == "create":
+                    instance.vm_state = VmState.ERROR
             instance.task_state = None
+            instance.task_deadline = None
         instance.save()
-        Event.objects.create(
-            tenant_id=instance.tenant_id,
-            actor_name=f"node:{obs.node}",
-            action=f"node.{obs.action}",
-            object_type="instance",
-            object_id=str(instance.pk),
-            object_repr=str(instance)[:200],
-            request_id=obs.action_id,
-            outcome=Outcome.SUCCESS if obs.ok else Outcome.FAILURE,
-            message=obs.message or f"power state {obs.power_state.value}",
+        _node_event(
+            instance.tenant_id,
+            obs.node,
+            f"node.{obs.action}",
+            instance,
+            Outcome.SUCCESS if obs.ok else Outcome.FAILURE,
+            obs.message or f"power state {obs.power_state.value}",
+            obs.action_id,
         )
     return "applied"
 
 
+def _reconcile(node: ComputeNode, report: NodeReport) -> None:
+    """Compare the node's real inventory with the database; record, never delete."""
+    seen = {item.instance_id: item for item in report.inventory}
+    live = Instance.objects.live().filter(node=node).select_for_update()
+    known = set()
+    for inst in live:
+        known.add(str(inst.pk))
+        item = seen.get(str(inst.pk))
+        if inst.task_state is not None:
+            continue  # an action is in flight; its observation will settle the row
+        if item is None:
+            if (
+                inst.vm_state in (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED)
+                and inst.power_state != "nostate"
+            ):
+                inst.power_state = "nostate"
+                inst.status_reason = f"workload missing on node {node.name} (found by reconcile)"
+                inst.save(update_fields=["power_state", "status_reason", "updated_at"])
+                _node_event(
+                    inst.tenant_id, node.name, "reconcile.missing", inst, Outcome.FAILURE, inst.status_reason
+                )
+        elif item.power_state.value != inst.power_state:
+            old = inst.power_state
+            inst.power_state = item.power_state.value
+            inst.vm_state = _POWER_TO_VM.get(inst.power_state, inst.vm_state)
+            inst.status_reason = ""
+            inst.save(update_fields=["power_state", "vm_state", "status_reason", "updated_at"])
+            _node_event(
+                inst.tenant_id,
+                node.name,
+                "reconcile.power_state",
+                inst,
+                Outcome.SUCCESS,
+                f"power state {old} -> {inst.power_state} (seen on the node)",
+            )
+    orphans = sorted(
+        (
+            {"instance_id": iid, "kind": item.kind.value, "power_state": item.power_state.value}
+            for iid, item in seen.items()
+            if iid not in known
+        ),
+        key=lambda o: o["instance_id"],
+    )
+    if orphans != node.orphans:
+        node.orphans = orphans
+        if orphans:
+            _node_event(
+                None,
+                node.name,
+                "reconcile.orphans",
+                node,
+                Outcome.FAILURE,
+                f"{len(orphans)} workload(s) on the node unknown to the portal: "
+                + ", ".join(o["instance_id"] for o in orphans[:10]),
+            )
+
+
 def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
-    """Register or refresh a node from its heartbeat."""
+    """Register or refresh a node from its heartbeat, then reconcile its inventory."""
     try:
         report = NodeReport.from_json(data)
     except (SpecError, ValueError, TypeError) as exc:
@@ -104,21 +183,68 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
         node.vcpus, node.ram_mb, node.disk_gb = report.vcpus, report.ram_mb, report.disk_gb
         node.drivers = {kind: {"ok": ok, "detail": why} for kind, ok, why in report.drivers}
         node.last_heartbeat = sent
+        if node.status == NodeStatus.DOWN:
+            _node_event(None, node.name, "node.up", node, Outcome.SUCCESS, "heartbeat resumed")
         if node.status != NodeStatus.DISABLED:
             node.status = NodeStatus.UP
             node.status_reason = ""
+        _reconcile(node, report)
         node.save()
         if created:
-            Event.objects.create(
-                actor_name=f"node:{node.name}",
-                action="node.register",
-                object_type="computenode",
-                object_id=str(node.pk),
-                object_repr=node.name,
-                outcome=Outcome.SUCCESS,
-                message=f"registered with {node.vcpus} vCPUs and {node.ram_mb} MiB",
+            _node_event(
+                None,
+                node.name,
+                "node.register",
+                node,
+                Outcome.SUCCESS,
+                f"registered with {node.vcpus} vCPUs and {node.ram_mb} MiB",
             )
     return node
+
+
+def sweep(now: dt.datetime | None = None) -> dict[str, int]:
+    """Fail instances stuck past their task deadline; mark silent nodes down."""
+    now = now or timezone.now()
+    stuck = 0
+    with transaction.atomic():
+        for inst in (
+            Instance.objects.select_for_update()
+            .filter(task_state__isnull=False, task_deadline__lt=now)
+            .select_related("node")
+        ):
+            task = inst.task_state
+            inst.vm_state = VmState.ERROR
+            inst.status_reason = (
+                f"{task} timed out: node {inst.node.name if inst.node else '-'} did not report in time"
+            )[:255]
+            inst.task_state = None
+            inst.task_deadline = None
+            inst.save(
+                update_fields=["vm_state", "status_reason", "task_state", "task_deadline", "updated_at"]
+            )
+            Event.objects.create(
+                tenant_id=inst.tenant_id,
+                actor_name="portal",
+                action=f"instance.{task}.timeout",
+                object_type="instance",
+                object_id=str(inst.pk),
+                object_repr=str(inst)[:200],
+                request_id=inst.action_id,
+                outcome=Outcome.FAILURE,
+                message=inst.status_reason,
+            )
+            stuck += 1
+        silent_since = now - dt.timedelta(seconds=3 * settings.SKYPORT_HEARTBEAT_SECONDS)
+        down = 0
+        for node in ComputeNode.objects.select_for_update().filter(
+            status=NodeStatus.UP, last_heartbeat__lt=silent_since
+        ):
+            node.status = NodeStatus.DOWN
+            node.status_reason = f"no heartbeat since {node.last_heartbeat:%H:%M:%S} UTC (3 beats missed)"
+            node.save(update_fields=["status", "status_reason"])
+            _node_event(None, node.name, "node.down", node, Outcome.FAILURE, node.status_reason)
+            down += 1
+    return {"stuck": stuck, "down": down}
 
 
 @shared_task(name="portal.observe")
@@ -129,3 +255,8 @@ def observe(data: dict[str, Any]) -> str:
 @shared_task(name="portal.node_report")
 def node_report(data: dict[str, Any]) -> None:
     apply_node_report(data)
+
+
+@shared_task(name="portal.sweep")
+def sweep_task() -> dict[str, int]:
+    return sweep()

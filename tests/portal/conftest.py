@@ -10,7 +10,9 @@ from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
 from portal.audit.models import Event, Outcome
+from portal.cloud import services
 from portal.cloud.models import ComputeNode, Flavor, Instance
+from portal.images.models import Artifact, Image
 from portal.tenancy.choices import Role
 from portal.tenancy.models import APIToken, Membership, SSHKey, Tenant
 
@@ -21,6 +23,29 @@ def new_ed25519() -> str:
 
 
 ED25519 = new_ed25519()
+
+
+DIGEST = "sha256:" + "ab" * 32
+UP_BOTH = {"vm": {"ok": True, "detail": "test"}, "container": {"ok": True, "detail": "test"}}
+
+
+@pytest.fixture(autouse=True)
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, list[Any]]]:
+    """Messages the portal sends to nodes, captured instead of reaching a broker."""
+    messages: list[tuple[str, str, list[Any]]] = []
+    monkeypatch.setattr(services, "_send", lambda queue, task, args: messages.append((queue, task, args)))
+    # tests run inside a transaction that never commits: hand messages over at once
+    monkeypatch.setattr(services.transaction, "on_commit", lambda func, using=None, robust=False: func())
+    return messages
+
+
+def make_image(name: str, version: str, *formats: str, owner: Tenant | None = None) -> Image:
+    image = Image.objects.create(name=name, version=version, owner=owner, status="active")
+    for fmt in formats:
+        Artifact.objects.create(
+            image=image, format=fmt, digest=DIGEST, size=1, location=f"/images/{name}.{fmt}"
+        )
+    return image
 
 
 @dataclasses.dataclass
@@ -68,19 +93,36 @@ def world(db: Any) -> World:
     flavor_a = Flavor.objects.create(
         name="acme.big", vcpus=2, ram_mb=512, disk_gb=4, is_public=False, tenant=a
     )
+    make_image("busybox", "1", "oci")
+    tiny = make_image("tiny", "1", "qcow2")
+    make_image("sample", "1", "qcow2", "oci")
+    make_image("secret", "1", "qcow2", owner=a)
+    ComputeNode.objects.create(
+        name="shared-1",
+        queue="node.shared-1",
+        status="up",
+        vcpus=64,
+        ram_mb=262144,
+        disk_gb=10000,
+        drivers=UP_BOTH,
+    )
+    node_a = ComputeNode.objects.create(name="node-a", queue="node.node-a", tenancy="dedicated", owner=a)
     instance_a = Instance.objects.create(
         tenant=a,
         name="web-1",
         kind="vm",
         isolation_reason="vm: test",
-        image="busybox:1",
+        image=tiny,
         flavor=flavor_public,
+        network=services.default_network(a),
         vcpus=1,
         ram_mb=128,
         disk_gb=1,
         created_by=users["a_member"],
+        vm_state="active",
+        power_state="running",
+        node=ComputeNode.objects.get(name="shared-1"),
     )
-    node_a = ComputeNode.objects.create(name="node-a", queue="node.node-a", tenancy="dedicated", owner=a)
     key_a = SSHKey.objects.create(user=users["a_admin"], name="laptop", public_key=ED25519)
     token = APIToken(
         user=users["a_admin"],
@@ -96,3 +138,54 @@ def world(db: Any) -> World:
     return World(
         a, b, users, flavor_public, flavor_a, instance_a, node_a, key_a, token, event_a, membership_a
     )
+
+
+class FakeNodes:
+    """Plays the compute nodes for captured messages: NodeService over FakeDrivers.
+
+    Observations and heartbeats go straight to the control tasks, so a test
+    walks the whole flow of the product without a broker or hypervisor.
+    """
+
+    def __init__(self, sent: list[tuple[str, str, list[Any]]], tmp: Any) -> None:
+        self.sent = sent
+        self.tmp = tmp
+        self.nodes: dict[str, Any] = {}
+
+    def service(self, queue: str) -> Any:
+        from compute.config import NodeConfig
+        from compute.drivers.fake import FakeDriver
+        from compute.spec import Kind
+        from compute.tasks import NodeService
+        from portal.cloud.tasks import apply_node_report, apply_observation
+
+        if queue not in self.nodes:
+            name = queue.removeprefix("node.")
+            cfg = NodeConfig(name, self.tmp, "test:///default", "qemu", "crun", "memory://")
+
+            def deliver(task: str, payload: dict[str, Any]) -> None:
+                (apply_observation if task == "portal.observe" else apply_node_report)(payload)
+
+            drivers = {Kind.VM: FakeDriver(Kind.VM), Kind.CONTAINER: FakeDriver(Kind.CONTAINER)}
+            self.nodes[queue] = NodeService(cfg, deliver, drivers)
+        return self.nodes[queue]
+
+    def run(self, redeliver: bool = False) -> int:
+        """Deliver every pending message (twice each with ``redeliver``); returns how many."""
+        done = 0
+        while self.sent:
+            queue, task, args = self.sent.pop(0)
+            svc = self.service(queue)
+            for _ in range(2 if redeliver else 1):
+                {
+                    "compute.instance.create": svc.create,
+                    "compute.instance.action": svc.action,
+                    "compute.instance.delete": svc.delete,
+                }[task](*args)
+            done += 1
+        return done
+
+
+@pytest.fixture
+def nodes(sent: list[tuple[str, str, list[Any]]], tmp_path: Any) -> FakeNodes:
+    return FakeNodes(sent, tmp_path)

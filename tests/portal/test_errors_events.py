@@ -9,14 +9,14 @@ from tests.portal.conftest import World
 def test_bad_input_is_400_with_message(world: World) -> None:
     c = world.client("a_member")
     cases = [
-        {"tenant": "acme", "name": "Bad Name!", "image": "busybox:1", "flavor": world.flavor_public.pk},
-        {"tenant": "acme", "name": "ok", "image": "busybox:1", "flavor": 999999},
-        {"tenant": "acme", "name": "ok", "image": "busybox:1", "flavor": "x"},
+        {"tenant": "acme", "name": "Bad Name!", "image": "tiny:1", "flavor": world.flavor_public.pk},
+        {"tenant": "acme", "name": "ok", "image": "tiny:1", "flavor": 999999},
+        {"tenant": "acme", "name": "ok", "image": "tiny:1", "flavor": "x"},
         {"tenant": "acme", "name": "ok", "image": "../../etc/passwd", "flavor": world.flavor_public.pk},
         {
             "tenant": "acme",
             "name": "ok",
-            "image": "busybox:1",
+            "image": "tiny:1",
             "flavor": world.flavor_public.pk,
             "kind": "lxc",
         },
@@ -55,11 +55,11 @@ def test_events_record_writes_and_refusals(world: World) -> None:
     c = world.client("a_member")
     r = c.post(
         "/api/v1/instances/",
-        {"tenant": "acme", "name": "audited", "image": "busybox:1", "flavor": world.flavor_public.pk},
+        {"tenant": "acme", "name": "audited", "image": "tiny:1", "flavor": world.flavor_public.pk},
         format="json",
         HTTP_X_REQUEST_ID="req-12345678",
     )
-    assert r.status_code == 201 and r["X-Request-ID"] == "req-12345678"
+    assert r.status_code == 202 and r["X-Request-ID"] == "req-12345678"
     ev = Event.objects.get(request_id="req-12345678")
     assert (ev.action, ev.outcome, ev.tenant, ev.actor_name) == (
         "instance.create",
@@ -67,7 +67,7 @@ def test_events_record_writes_and_refusals(world: World) -> None:
         world.a,
         "a_member",
     )
-    assert ev.object_id == r.json()["id"] and ev.source_ip == "127.0.0.1" and ev.status_code == 201
+    assert ev.object_id == r.json()["id"] and ev.source_ip == "127.0.0.1" and ev.status_code == 202
     world.client("a_viewer").delete(f"/api/v1/instances/{world.instance_a.pk}/")
     denied = Event.objects.filter(outcome="denied", actor_name="a_viewer").get()
     assert denied.tenant == world.a and "member role" in denied.message

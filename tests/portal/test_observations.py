@@ -26,7 +26,15 @@ def _obs(world: World, **kw: Any) -> dict[str, Any]:
     return base | kw
 
 
+def _in_flight(world: World) -> None:
+    world.instance_a.action_id = "act-1"
+    world.instance_a.task_state = "spawning"
+    world.instance_a.vm_state = "building"
+    world.instance_a.save()
+
+
 def test_observation_applied_once(world: World) -> None:
+    _in_flight(world)
     assert apply_observation(_obs(world)) == "applied"
     world.instance_a.refresh_from_db()
     assert (world.instance_a.vm_state, world.instance_a.power_state) == ("active", "running")
@@ -39,9 +47,12 @@ def test_observation_applied_once(world: World) -> None:
 
 
 def test_failed_create_goes_to_error_with_reason(world: World) -> None:
+    _in_flight(world)
     apply_observation(_obs(world, ok=False, power_state="nostate", message="image digest mismatch"))
     world.instance_a.refresh_from_db()
-    assert world.instance_a.vm_state == "error" and world.instance_a.status_reason == "image digest mismatch"
+    assert world.instance_a.vm_state == "error"
+    assert world.instance_a.status_reason == "create failed: image digest mismatch"
+    assert world.instance_a.task_state is None
 
 
 def test_malformed_and_unknown_observations_are_dropped(world: World) -> None:

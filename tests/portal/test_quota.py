@@ -11,17 +11,17 @@ from rest_framework.test import APIClient
 
 from portal.cloud.models import Instance
 from portal.tenancy.models import Quota
-from tests.portal.conftest import World
+from tests.portal.conftest import FakeNodes, World
 
 
 def _body(w: World, name: str) -> dict[str, Any]:
-    return {"tenant": "acme", "name": name, "image": "busybox:1", "flavor": w.flavor_public.pk, "kind": "vm"}
+    return {"tenant": "acme", "name": name, "image": "tiny:1", "flavor": w.flavor_public.pk, "kind": "vm"}
 
 
-def test_quota_refusal_names_the_limit(world: World) -> None:
+def test_quota_refusal_names_the_limit(world: World, nodes: FakeNodes) -> None:
     Quota.objects.filter(tenant=world.a).update(instances=2)  # web-1 already counts as one
     c = world.client("a_member")
-    assert c.post("/api/v1/instances/", _body(world, "one"), format="json").status_code == 201
+    assert c.post("/api/v1/instances/", _body(world, "one"), format="json").status_code == 202
     r = c.post("/api/v1/instances/", _body(world, "two"), format="json")
     assert r.status_code == 409
     assert "Quota exceeded for instances" in r.json()["message"] and "2 of 2" in r.json()["message"]
@@ -29,8 +29,11 @@ def test_quota_refusal_names_the_limit(world: World) -> None:
     r = c.post("/api/v1/instances/", _body(world, "three"), format="json")
     assert r.status_code == 409 and "ram_mb" in r.json()["message"]
     # deleting frees the claim
-    assert c.delete(f"/api/v1/instances/{world.instance_a.pk}/").status_code == 204
-    assert c.post("/api/v1/instances/", _body(world, "three"), format="json").status_code == 201
+    assert c.delete(f"/api/v1/instances/{world.instance_a.pk}/").status_code == 202
+    r = c.post("/api/v1/instances/", _body(world, "three"), format="json")
+    assert r.status_code == 409, "the claim holds until the node confirms the delete"
+    nodes.run()
+    assert c.post("/api/v1/instances/", _body(world, "three"), format="json").status_code == 202
 
 
 def test_duplicate_name_is_409(world: World) -> None:
@@ -69,6 +72,6 @@ def test_50_concurrent_creates_never_overshoot(world: World) -> None:
     for t in threads:
         t.join(timeout=120)
     assert len(results) == 50
-    assert results.count(201) == limit - 1  # web-1 holds one
+    assert results.count(202) == limit - 1  # web-1 holds one
     assert results.count(409) == 50 - (limit - 1)
     assert Instance.objects.filter(tenant=world.a).live().count() == limit

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from tests.portal.conftest import World
+from tests.portal.conftest import FakeNodes, World
 
 
 def _instance_body(w: World, name: str = "app-1") -> dict[str, object]:
     return {
         "tenant": "acme",
         "name": name,
-        "image": "busybox:1.36",
+        "image": "tiny:1",
         "flavor": w.flavor_public.pk,
         "kind": "vm",
     }
@@ -32,10 +32,10 @@ def test_viewer_cannot_write(world: World) -> None:
     assert r.status_code == 403
 
 
-def test_member_uses_instances_but_not_memberships(world: World) -> None:
+def test_member_uses_instances_but_not_memberships(world: World, nodes: FakeNodes) -> None:
     c = world.client("a_member")
     r = c.post("/api/v1/instances/", _instance_body(world), format="json")
-    assert r.status_code == 201, r.json()
+    assert r.status_code == 202, r.json()
     body = r.json()
     assert body["decided_kind"] == "vm" and body["isolation_reason"]
     assert body["vm_state"] == "building" and body["created_by"] == "a_member"
@@ -43,7 +43,9 @@ def test_member_uses_instances_but_not_memberships(world: World) -> None:
         "/api/v1/memberships/", {"tenant": "acme", "user": "b_member", "role": "viewer"}, format="json"
     )
     assert r.status_code == 403
-    assert c.delete(f"/api/v1/instances/{body['id']}/").status_code == 204
+    nodes.run()
+    assert c.delete(f"/api/v1/instances/{body['id']}/").status_code == 202
+    nodes.run()
     assert c.get(f"/api/v1/instances/{body['id']}/").json()["vm_state"] == "deleted"
 
 

@@ -66,14 +66,14 @@ def test_create_in_other_tenant_is_refused_without_leaking(world: World) -> None
     client = world.client("b_admin")
     r = client.post(
         "/api/v1/instances/",
-        {"tenant": "acme", "name": "x", "image": "busybox:1", "flavor": world.flavor_public.pk},
+        {"tenant": "acme", "name": "x", "image": "tiny:1", "flavor": world.flavor_public.pk},
         format="json",
     )
     assert r.status_code == 400
     assert "No tenant 'acme' that you belong to" in r.json()["message"]
     r = client.post(
         "/api/v1/instances/",
-        {"tenant": "bobco", "name": "x", "image": "busybox:1", "flavor": world.flavor_a.pk},
+        {"tenant": "bobco", "name": "x", "image": "tiny:1", "flavor": world.flavor_a.pk},
         format="json",
     )
     assert r.status_code == 400, "tenant A's private flavor must be unusable by B"

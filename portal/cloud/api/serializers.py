@@ -5,11 +5,13 @@ from typing import Any
 
 from rest_framework import serializers
 
-from portal.api.authentication import actor_for
+from portal.api.authentication import actor_for, user_id_of
 from portal.api.fields import DefaultTenantMixin, TenantField
 from portal.cloud.choices import RequestedKind
-from portal.cloud.models import ComputeNode, Flavor, Instance
-from portal.tenancy.models import Tenant
+from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.images.choices import ImageStatus
+from portal.images.models import Image
+from portal.tenancy.models import SSHKey, Tenant
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,150}(:[A-Za-z0-9._-]{1,40})?$")
@@ -92,9 +94,35 @@ class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
         return attrs
 
 
+class ImageRefField(serializers.Field):  # type: ignore[type-arg]
+    """An image by id, ``name:version`` or ``name`` (newest active), among images visible to the requester."""
+
+    default_error_messages = {"unknown": "No active image '{value}' that you may use."}
+
+    def to_internal_value(self, data: Any) -> Image:
+        qs = Image.objects.restrict(actor_for(self.context["request"])).filter(status=ImageStatus.ACTIVE)
+        text = str(data).strip()
+        if isinstance(data, int) or text.isdigit():
+            image = qs.filter(pk=int(text)).first()
+        elif _IMAGE_RE.match(text):
+            name, _, version = text.partition(":")
+            qs = qs.filter(name=name)
+            image = (qs.filter(version=version) if version else qs.order_by("-created_at")).first()
+        else:
+            raise serializers.ValidationError("Expected an image id or a reference such as 'busybox:1.36'.")
+        if image is None:
+            self.fail("unknown", value=text)
+        assert image is not None
+        return image
+
+    def to_representation(self, value: Image) -> str:
+        return str(value)
+
+
 class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instance]):
     tenant = TenantField(required=False)
     flavor = serializers.PrimaryKeyRelatedField(queryset=Flavor.objects.all())
+    image = ImageRefField()
     kind = serializers.ChoiceField(
         choices=RequestedKind.choices,
         default=RequestedKind.AUTO,
@@ -105,6 +133,16 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
     node: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="name", read_only=True)
     created_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
         slug_field="username", read_only=True
+    )
+    ssh_key_ids = serializers.ListField(
+        child=serializers.IntegerField(),
+        write_only=True,
+        required=False,
+        max_length=20,
+        help_text="Ids of your SSH keys to inject",
+    )
+    user_data = serializers.CharField(
+        required=False, allow_blank=True, max_length=16384, write_only=True, trim_whitespace=False
     )
 
     class Meta:
@@ -127,6 +165,9 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
             "power_state",
             "status_reason",
             "addresses",
+            "anti_affinity_group",
+            "ssh_key_ids",
+            "user_data",
             "created_by",
             "created_at",
             "updated_at",
@@ -153,7 +194,7 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
         if request is not None and request.user.is_authenticated:
             fields["flavor"].queryset = Flavor.objects.restrict(actor_for(request))  # type: ignore[attr-defined]
         if self.instance is not None and not isinstance(self.instance, list | tuple):
-            for immutable in ("tenant", "flavor", "image", "kind"):
+            for immutable in ("tenant", "flavor", "image", "kind", "anti_affinity_group"):
                 fields[immutable].read_only = True
         return fields
 
@@ -165,10 +206,21 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
             )
         return value
 
-    def validate_image(self, value: str) -> str:
-        if not _IMAGE_RE.match(value):
-            raise serializers.ValidationError("Expected an image reference such as 'busybox:1.36'.")
+    def validate_anti_affinity_group(self, value: str) -> str:
+        if value and not _NAME_RE.match(value):
+            raise serializers.ValidationError("Use lower-case letters, digits and '-' (at most 63).")
         return value
+
+    def validate_ssh_key_ids(self, value: list[int]) -> list[str]:
+        keys = dict(
+            SSHKey.objects.filter(user_id=user_id_of(self.context["request"]), pk__in=value).values_list(
+                "pk", "public_key"
+            )
+        )
+        missing = sorted(set(value) - set(keys))
+        if missing:
+            raise serializers.ValidationError(f"No SSH key of yours with id {missing[0]}.")
+        return [keys[k] for k in value]
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         attrs = super().validate(attrs)
@@ -181,4 +233,82 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
             and flavor.tenant_id != tenant.pk
         ):
             raise serializers.ValidationError({"flavor": "This flavor is private to another tenant."})
+        image = attrs.get("image")
+        if (
+            image is not None
+            and flavor is not None
+            and (flavor.ram_mb < image.min_ram_mb or flavor.disk_gb < image.min_disk_gb)
+        ):
+            need = f"{image.min_ram_mb} MiB and {image.min_disk_gb} GiB"
+            raise serializers.ValidationError({"flavor": f"Image {image} needs at least {need}."})
         return attrs
+
+
+class InstanceActionSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    action = serializers.ChoiceField(
+        choices=["start", "stop", "reboot", "pause", "resume", "snapshot", "revert"]
+    )
+    params = serializers.DictField(
+        required=False, default=dict, help_text="stop: timeout, force; snapshot/revert: name"
+    )
+
+    def validate_params(self, value: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"timeout", "force", "name"}
+        if set(value) - allowed:
+            raise serializers.ValidationError(
+                f"Unknown params {sorted(set(value) - allowed)}; allowed: {sorted(allowed)}."
+            )
+        if "timeout" in value and not (
+            isinstance(value["timeout"], int | float) and 0 < value["timeout"] <= 600
+        ):
+            raise serializers.ValidationError("timeout must be a number of seconds in 1..600.")
+        if "name" in value and not (isinstance(value["name"], str) and _NAME_RE.match(value["name"])):
+            raise serializers.ValidationError("name must be lower-case letters, digits and '-'.")
+        if "force" in value and not isinstance(value["force"], bool):
+            raise serializers.ValidationError("force must be true or false.")
+        return value
+
+
+class PreviewSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    kind = serializers.CharField()
+    node = serializers.CharField()
+    reason = serializers.CharField()
+    quota = serializers.DictField()
+    rejected = serializers.ListField(child=serializers.ListField(child=serializers.CharField()))
+
+
+class NetworkSerializer(serializers.ModelSerializer[Network]):
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True
+    )
+
+    class Meta:
+        model = Network
+        fields = ["id", "tenant", "name", "cidr", "bridge", "host_address", "mtu", "created_at"]
+        read_only_fields = fields
+
+
+class ImageSerializer(serializers.ModelSerializer[Image]):
+    owner: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    formats = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Image
+        fields = [
+            "id",
+            "name",
+            "version",
+            "description",
+            "os",
+            "owner",
+            "min_ram_mb",
+            "min_disk_gb",
+            "status",
+            "status_reason",
+            "formats",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_formats(self, obj: Image) -> list[str]:
+        return sorted(obj.formats())

@@ -1,20 +1,24 @@
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from django.db import models
 from drf_spectacular.utils import extend_schema
-from rest_framework import permissions, status
+from rest_framework import permissions, status, viewsets
+from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from portal.api.authentication import actor_for
 from portal.api.exceptions import Conflict
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
 from portal.cloud import services
 from portal.cloud.api import serializers
-from portal.cloud.models import ComputeNode, Flavor, Instance
+from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.images.models import Image
 from portal.tenancy.choices import Role
 
 
@@ -64,6 +68,16 @@ class ComputeNodeViewSet(ScopedViewSet):
     def tenant_id_of(self, obj: models.Model) -> int | None:
         return None
 
+    def perform_update(self, serializer: Any) -> None:
+        data = serializer.validated_data
+        if "tenancy" in data or "owner" in data:
+            owner = data.pop("owner", serializer.instance.owner)
+            if data.pop("tenancy", None) == "shared":
+                owner = None
+            services.set_node_tenancy(serializer.instance, owner)
+            serializer.instance.refresh_from_db()
+        super().perform_update(serializer)
+
     def perform_destroy(self, instance: models.Model) -> None:
         assert isinstance(instance, ComputeNode)
         if instance.instances.live().exists():
@@ -72,9 +86,13 @@ class ComputeNodeViewSet(ScopedViewSet):
 
 
 class InstanceViewSet(ScopedViewSet):
-    """Instances of your tenants.  Members create and delete; viewers read."""
+    """Instances of your tenants.  Members create, act on and delete them; viewers read.
 
-    queryset = Instance.objects.select_related("tenant", "flavor", "node", "created_by")
+    Create, actions and delete return 202: the node does the work and the
+    instance's ``task_state`` shows it in flight.
+    """
+
+    queryset = Instance.objects.select_related("tenant", "flavor", "node", "created_by", "image")
     serializer_class = serializers.InstanceSerializer
     write_role = Role.MEMBER
     filterset_fields = {
@@ -86,7 +104,7 @@ class InstanceViewSet(ScopedViewSet):
         "node__name": ["exact"],
         "name": ["exact", "icontains"],
     }
-    search_fields = ["name", "image"]
+    search_fields = ["name", "image__name"]
     ordering_fields = ["name", "created_at", "vm_state", "kind"]
 
     def get_queryset(self) -> models.QuerySet[Any]:
@@ -95,38 +113,93 @@ class InstanceViewSet(ScopedViewSet):
             qs = qs.live()  # type: ignore[attr-defined]
         return qs
 
-    def perform_create(self, serializer: Any) -> None:
-        data = serializer.validated_data
+    def _request(self, data: dict[str, Any]) -> services.Request:
         self.check_role(data["tenant"].pk, self.write_role)
-        instance = services.create_instance(
-            services.Request(
-                tenant=data["tenant"],
-                name=data["name"],
-                image=data["image"],
-                flavor=data["flavor"],
-                requested_kind=data["requested_kind"],
-            ),
-            self.request.user,
+        return services.Request(
+            tenant=data["tenant"],
+            name=data["name"],
+            image=data["image"],
+            flavor=data["flavor"],
+            requested_kind=data["requested_kind"],
+            anti_affinity_group=data.get("anti_affinity_group", ""),
+            ssh_keys=tuple(data.get("ssh_key_ids", ())),
+            user_data=data.get("user_data", ""),
         )
-        serializer.instance = instance
-        describe(self.request, "instance.create", instance, message=instance.isolation_reason)
 
+    @extend_schema(responses={202: serializers.InstanceSerializer})
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        try:
-            return super().create(request, *args, **kwargs)
-        except Conflict:
-            if "tenant" in request.data:
-                describe(request, "instance.create", message="refused")
-            raise
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        describe(request, "instance.create", tenant_id=serializer.validated_data["tenant"].pk)
+        instance = services.create_instance(self._request(serializer.validated_data), request.user)
+        describe(request, "instance.create", instance, message=instance.isolation_reason)
+        return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(responses={204: None})
+    @extend_schema(request=serializers.InstanceSerializer, responses={200: serializers.PreviewSerializer})
+    @action(detail=False, methods=["post"], url_path="preview")
+    def preview(self, request: Request) -> Response:
+        """Dry run: which kind and node the portal would choose, why, and the quota effect."""
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        result = services.preview(self._request(serializer.validated_data))
+        return Response(dataclasses.asdict(result))
+
+    @extend_schema(
+        request=serializers.InstanceActionSerializer, responses={202: serializers.InstanceSerializer}
+    )
+    @action(detail=True, methods=["post"], url_path="actions")
+    def actions(self, request: Request, pk: str | None = None) -> Response:
+        """start | stop | reboot | pause | resume | snapshot | revert (202, task_state shows progress)."""
+        instance = self.get_object()
+        body = serializers.InstanceActionSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        describe(request, f"instance.{body.validated_data['action']}", instance)
+        services.act(instance, body.validated_data["action"], body.validated_data["params"], request.user)
+        instance.refresh_from_db()
+        return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(responses={202: serializers.InstanceSerializer})
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         instance = self.get_object()
         describe(request, "instance.delete", instance)
-        services.delete_instance(instance)
-        return Response(status=status.HTTP_204_NO_CONTENT)
+        instance = services.delete_instance(instance, request.user)
+        return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
     def perform_update(self, serializer: Any) -> None:
         if set(serializer.validated_data) - {"name"}:
             raise PermissionDenied("Only the name of an instance can be changed.")
         super().perform_update(serializer)
+
+
+class NetworkViewSet(viewsets.ReadOnlyModelViewSet):  # type: ignore[type-arg]
+    """Networks of your tenants (each tenant gets a default one on first launch)."""
+
+    serializer_class = serializers.NetworkSerializer
+    queryset = Network.objects.select_related("tenant")
+    filterset_fields = {"tenant__slug": ["exact"], "name": ["exact"]}
+    ordering_fields = ["name", "created_at"]
+
+    def get_queryset(self) -> models.QuerySet[Any]:
+        return Network.objects.select_related("tenant").restrict(actor_for(self.request))
+
+
+class ImageViewSet(viewsets.ReadOnlyModelViewSet):  # type: ignore[type-arg]
+    """Public images and your tenants' private ones."""
+
+    serializer_class = serializers.ImageSerializer
+    queryset = Image.objects.all()
+    filterset_fields = {
+        "name": ["exact"],
+        "version": ["exact"],
+        "status": ["exact"],
+        "owner__slug": ["exact"],
+    }
+    search_fields = ["name", "description"]
+    ordering_fields = ["name", "created_at"]
+
+    def get_queryset(self) -> models.QuerySet[Any]:
+        return (
+            Image.objects.select_related("owner")
+            .prefetch_related("artifacts")
+            .restrict(actor_for(self.request))
+        )

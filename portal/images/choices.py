@@ -1,0 +1,20 @@
+from django.db import models
+
+
+class ImageStatus(models.TextChoices):
+    QUEUED = "queued"
+    IMPORTING = "importing"
+    ACTIVE = "active"
+    FAILED = "failed"
+
+
+class ArtifactFormat(models.TextChoices):
+    """What an artifact is; ``qcow2``/``raw`` boot VMs, ``oci`` runs containers."""
+
+    QCOW2 = "qcow2", "qcow2 disk (VM)"
+    RAW = "raw", "raw disk (VM)"
+    OCI = "oci", "OCI image archive (container)"
+
+    @classmethod
+    def for_vm(cls) -> tuple[str, ...]:
+        return (cls.QCOW2, cls.RAW)

@@ -1,0 +1,83 @@
+"""Register the sample images built by ``make images`` (idempotent).
+
+- ``tiny``: the tiny VM disk (qcow2);
+- ``busybox`` and ``busybox-web``: OCI image archives sharing a base layer;
+- ``sample``: the tiny VM disk *and* the busybox archive, so ``kind=auto`` can choose.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+
+from portal.images.choices import ArtifactFormat, ImageStatus
+from portal.images.models import Artifact, Image
+
+
+def _newest(directory: Path, pattern: str) -> Path | None:
+    found = sorted(directory.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def _digest(path: Path) -> str:
+    line = Path(f"{path}.sha256").read_text().split()[0]
+    if not re.fullmatch(r"[0-9a-f]{64}", line):
+        raise CommandError(f"{path}.sha256 does not hold a sha256")
+    return f"sha256:{line}"
+
+
+class Command(BaseCommand):
+    help = "Register the locally built sample images (from SKYPORT_IMAGE_DIR, default var/images)."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--dir", default=os.environ.get("SKYPORT_IMAGE_DIR", "var/images"))
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        directory = Path(options["dir"]).resolve()
+        disk = _newest(directory, "skyport-tiny-*.qcow2")
+        busybox = _newest(directory, "busybox-[0-9]*.oci.tar")
+        web = _newest(directory, "busybox-web-*.oci.tar")
+        if not (disk and busybox and web):
+            raise CommandError(f"sample images missing in {directory}; run 'make images' first")
+        disk_version = disk.name.removeprefix("skyport-tiny-").removesuffix(".qcow2")
+        bb_version = busybox.name.removeprefix("busybox-").removesuffix(".oci.tar")
+        plan = [
+            (
+                "tiny",
+                disk_version,
+                "Tiny Linux guest (busybox initramfs, NoCloud seed)",
+                [(ArtifactFormat.QCOW2, disk)],
+            ),
+            ("busybox", bb_version, "BusyBox container", [(ArtifactFormat.OCI, busybox)]),
+            ("busybox-web", bb_version, "BusyBox httpd serving a page", [(ArtifactFormat.OCI, web)]),
+            (
+                "sample",
+                f"{bb_version}-{disk_version}",
+                "Runs as a tiny VM or a BusyBox container",
+                [(ArtifactFormat.QCOW2, disk), (ArtifactFormat.OCI, busybox)],
+            ),
+        ]
+        with transaction.atomic():
+            for name, version, description, artifacts in plan:
+                image, _ = Image.objects.get_or_create(
+                    name=name,
+                    version=version,
+                    owner=None,
+                    defaults={"description": description, "os": "linux", "status": ImageStatus.ACTIVE},
+                )
+                for fmt, path in artifacts:
+                    Artifact.objects.update_or_create(
+                        image=image,
+                        format=fmt,
+                        defaults={
+                            "digest": _digest(path),
+                            "size": path.stat().st_size,
+                            "location": str(path),
+                        },
+                    )
+                self.stdout.write(f"image {image} ({', '.join(sorted(image.formats()))})")
