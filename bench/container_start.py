@@ -72,6 +72,20 @@ def mem_available() -> int:
     raise RuntimeError("no MemAvailable")
 
 
+def conmon_rss_bytes() -> int:
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        if text.startswith("Name:\tconmon"):
+            for line in text.splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
 def bare_bundle(work: Path, rootfs: Path) -> Path:
     bundle = work / "bare"
     bundle.mkdir()
@@ -177,6 +191,8 @@ def density(drv: ContainerDriver, image: ImageRef, n: int) -> None:
         elapsed = time.perf_counter() - t0
         time.sleep(1.0)
         after = mem_available()
+        cgroup_sum = sum(drv.stats(spec.instance_id).memory_bytes for spec in specs)
+        conmon_rss = conmon_rss_bytes()
         states = [i.power_state for i in drv.list()]
         running = sum(1 for s in states if s == PowerState.RUNNING)
         ports = sum(len(bridges.bridge_ports(name)) for name in names)
@@ -185,6 +201,11 @@ def density(drv: ContainerDriver, image: ImageRef, n: int) -> None:
         print(f"{'started in':28} {elapsed:8.1f} s  ({elapsed / n * 1000:.1f} ms each)")
         print(f"{'running / requested':28} {running:8d} / {n}  (bridge ports {ports})")
         print(f"{'MemAvailable drop':28} {(before - after) / 2**20:8.0f} MiB  ({per:.2f} MiB per container)")
+        for label, total in (
+            ("  in container cgroups", cgroup_sum),
+            ("  conmon RSS (incl. shared)", conmon_rss),
+        ):
+            print(f"{label:28} {total / 2**20:8.0f} MiB  ({total / n / 2**20:.2f} MiB each)")
         if running != n:
             raise SystemExit(f"LOST CONTAINERS: only {running} of {n} running")
     finally:

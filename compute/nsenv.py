@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import shutil
 from pathlib import Path
 
 CLONE_NEWNS = 0x00020000
@@ -120,4 +121,18 @@ def enter_private_mount_ns() -> None:
     unshare(CLONE_NEWNS)
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     # Writable: crun mkdirs its cgroup there too (harmless, private tmpfs).
-    mount("skyport-nounified", UNIFIED, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=1m,mode=755")
+    mount("skyport-nounified", UNIFIED, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64m,mode=755")
+
+
+def forget_unified(cgroup_path: str) -> None:
+    """Remove what crun wrote for ``cgroup_path`` into the private tmpfs.
+
+    crun still creates its cgroup dir (with a ``cgroup.procs`` file) under
+    the covered ``unified`` mount; without this the tmpfs fills up after a
+    few hundred containers.
+    """
+    if not hybrid_hidden():
+        return
+    target = UNIFIED / cgroup_path.lstrip("/")
+    if UNIFIED in target.parents:
+        shutil.rmtree(target, ignore_errors=True)

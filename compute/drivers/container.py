@@ -498,6 +498,7 @@ class ContainerDriver(Driver):
             self._record_result(paths, instance_id)
             self._runtime("delete", "--force", container_id(instance_id), check=False)
             self.fs.remove(cgroups_path(instance_id))
+            nsenv.forget_unified(cgroups_path(instance_id))
 
     def reboot(self, instance_id: str) -> InstanceInfo:
         with self._locked(instance_id) as paths:
@@ -555,6 +556,7 @@ class ContainerDriver(Driver):
         except (InstanceNotFound, DriverError, ValueError):
             pass
         left = self.fs.remove(cgroups_path(instance_id))
+        nsenv.forget_unified(cgroups_path(instance_id))
         shutil.rmtree(paths.root, ignore_errors=True)
         if left or paths.root.exists():
             raise DriverError(f"could not remove all of {cid}: {', '.join(left) or paths.root}")
