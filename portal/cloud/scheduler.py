@@ -102,6 +102,18 @@ def reject_reason(n: NodeView, r: Request, kind: str) -> str | None:
     return _capacity_reason(n, r)
 
 
+def tenancy_change_refusal(residents: frozenset[tuple[str, str]], new_owner: str | None) -> str | None:
+    """Why a node with these residents cannot be dedicated to ``new_owner`` (None: shared)."""
+    if new_owner is not None:
+        others = sorted({t for t, _ in residents if t != new_owner})
+        if others:
+            return f"it hosts instances of {', '.join(others)}; move or delete them before dedicating it"
+        return None
+    if any(k == CONTAINER for _, k in residents):
+        return "it hosts containers; delete them before sharing the node"
+    return None
+
+
 def _weight(n: NodeView, r: Request) -> tuple[float, str]:
     """Lower sorts first.  Spread prefers free RAM; pack prefers full nodes."""
     free = n.ram_mb * n.ram_ratio - n.used_ram_mb

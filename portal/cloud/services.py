@@ -406,18 +406,13 @@ def set_node_tenancy(node: ComputeNode, owner: Tenant | None) -> ComputeNode:
     """
     with transaction.atomic():
         node = ComputeNode.objects.select_for_update().get(pk=node.pk)
-        live = Instance.objects.live().filter(node=node)
+        residents = frozenset(Instance.objects.live().filter(node=node).values_list("tenant__slug", "kind"))
+        refusal = scheduler.tenancy_change_refusal(residents, owner.slug if owner else None)
+        if refusal:
+            raise Conflict(f"Cannot change node {node.name}: {refusal}.")
         if owner is not None:
-            others = live.exclude(tenant=owner).values_list("tenant__slug", flat=True).distinct()
-            if others:
-                raise Conflict(
-                    f"Node {node.name} hosts instances of {', '.join(sorted(others))}; "
-                    "move or delete them before dedicating it."
-                )
             node.tenancy, node.owner = NodeTenancy.DEDICATED, owner
         else:
-            if live.filter(kind=Kind.CONTAINER).exists():
-                raise Conflict(f"Node {node.name} hosts containers; delete them before sharing the node.")
             node.tenancy, node.owner = NodeTenancy.SHARED, None
         node.save(update_fields=["tenancy", "owner"])
     return node

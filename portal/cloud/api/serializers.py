@@ -78,6 +78,8 @@ class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         tenancy = attrs.get("tenancy", getattr(self.instance, "tenancy", "shared"))
         owner = attrs.get("owner", getattr(self.instance, "owner", None))
+        if attrs.get("tenancy") == "shared" and "owner" not in attrs:
+            owner = attrs["owner"] = None
         if tenancy == "dedicated" and owner is None:
             raise serializers.ValidationError({"owner": "A dedicated node needs an owner tenant."})
         if tenancy == "shared" and owner is not None:
