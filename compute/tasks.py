@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from compute.config import NodeConfig
 from compute.drivers.base import Driver, DriverError, InstanceNotFound
+from compute.network import bridge
 from compute.spec import (
     InstanceSpec,
     InventoryItem,
@@ -109,9 +110,17 @@ class NodeService:
         except (SpecError, ValueError, TypeError) as exc:
             iid = str(spec_json.get("instance_id", "?")) if isinstance(spec_json, dict) else "?"
             return self._observe(iid, "create", action_id, False, PowerState.NOSTATE, f"invalid spec: {exc}")
-        return self._run(
-            spec.instance_id, spec.kind, "create", action_id, lambda d: d.spawn(spec).power_state
-        )
+
+        def body(d: Driver) -> PowerState:
+            for nic in spec.networks:
+                if nic.host_address:
+                    try:
+                        bridge.ensure_bridge(nic.bridge, nic.mtu, address=nic.host_address)
+                    except (bridge.NetworkError, OSError) as exc:
+                        raise DriverError(f"cannot prepare bridge {nic.bridge}: {exc}") from exc
+            return d.spawn(spec).power_state
+
+        return self._run(spec.instance_id, spec.kind, "create", action_id, body)
 
     def action(
         self, instance_id: str, kind: str, action: str, action_id: str, params: dict[str, Any] | None = None
