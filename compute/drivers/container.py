@@ -545,8 +545,10 @@ class ContainerDriver(Driver):
         self._runtime("delete", "--force", cid, check=False)
         conmon_pid = _read_int(paths.conmon / "conmon.pid")
         if conmon_pid is not None and _is_conmon(conmon_pid, cid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(conmon_pid, signal.SIGKILL)
+            with _pidfd(conmon_pid) as pidfd:
+                if pidfd is not None:
+                    _signal(pidfd, signal.SIGKILL)
+                    select.select([pidfd], [], [], 2.0)
         _umount_quiet(paths.rootfs)
         if paths.netns.exists():
             veth.release_netns(paths.netns)

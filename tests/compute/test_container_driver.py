@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -13,7 +16,7 @@ import pytest
 from compute import cgroups
 from compute.drivers.base import DriverError, InstanceNotFound, InvalidState, NotSupported
 from compute.drivers.container import ContainerDriver, cgroups_path
-from compute.spec import PowerState
+from compute.spec import PowerState, to_json
 from tests.compute.container_fixtures import (
     BridgeNet,
     SampleImages,
@@ -219,5 +222,41 @@ def test_graceful_stop_with_a_sigterm_handler(driver: ContainerDriver, sample_im
     wait_for(lambda: "ready" in driver.console_log(spec.instance_id), what="ready")
     info = driver.stop(spec.instance_id, timeout=5)
     assert info.exit_code == 0 and "got-term" in driver.console_log(spec.instance_id)
+    driver.destroy(spec.instance_id)
+    assert leftovers(driver, spec) == []
+
+
+def test_survives_a_worker_restart(
+    driver: ContainerDriver, sample_images: SampleImages, testnet: BridgeNet
+) -> None:
+    """Spawned by another process that has exited: still observable, stoppable, removable."""
+    spec = make_spec(sample_images.base, networks=(testnet.attachment(30),))
+    code = (
+        "import json, sys\n"
+        "from compute.drivers.container import ContainerDriver\n"
+        "from compute.config import NodeConfig\n"
+        "from compute.spec import InstanceSpec\n"
+        "from pathlib import Path\n"
+        "cfg = json.loads(sys.argv[1]); cfg['state_dir'] = Path(cfg['state_dir'])\n"
+        "d = ContainerDriver(NodeConfig(**cfg))\n"
+        "print(d.spawn(InstanceSpec.from_json(json.loads(sys.argv[2]))).power_state)\n"
+    )
+    cfg = {k: str(v) for k, v in dataclasses.asdict(driver.config).items()}
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(cfg), json.dumps(to_json(spec))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.stdout.strip() == "running", out.stderr
+    info = driver.info(spec.instance_id)
+    assert info.power_state == PowerState.RUNNING
+    assert ping(testnet.address(30))
+    wait_for(lambda: "pid=1" in driver.console_log(spec.instance_id), what="log line")
+    stopped = driver.stop(spec.instance_id, timeout=0.2)
+    assert stopped.exit_code == 137
+    assert driver.start(spec.instance_id).power_state == PowerState.RUNNING
+    assert ping(testnet.address(30))
     driver.destroy(spec.instance_id)
     assert leftovers(driver, spec) == []
