@@ -249,19 +249,27 @@ class ContainerDriver(Driver):
 
     def _record_result(self, paths: _Paths, instance_id: str) -> dict[str, Any]:
         """Persist exit code and OOM verdict while the cgroup still exists."""
-        result = self._read_result(paths)
+        previous = self._read_result(paths)
+        result = dict(previous)
         oom = cgroups.oom_killed(self.fs, cgroups_path(instance_id))
         if oom is not None:
             result["oom_killed"] = result.get("oom_killed", False) or oom
         code = self._exit_code(paths)
         if code is not None:
             result["exit_code"] = code
-        if not paths.root.is_dir():
+        if result == previous or not paths.root.is_dir():
             return result
-        tmp = paths.result.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, paths.result)
+        tmp = paths.result.with_name(f".result.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(result))
+            os.replace(tmp, paths.result)
+        except FileNotFoundError:  # destroyed meanwhile
+            pass
         return result
+
+    def _conmon_alive(self, paths: _Paths, instance_id: str) -> bool:
+        pid = _read_int(paths.conmon / "conmon.pid")
+        return pid is not None and _is_conmon(pid, container_id(instance_id))
 
     def _read_result(self, paths: _Paths) -> dict[str, Any]:
         try:
@@ -282,7 +290,7 @@ class ContainerDriver(Driver):
         result = self._record_result(paths, instance_id)
         code = result.get("exit_code")
         oom = bool(result.get("oom_killed", False))
-        if code is None and started_at is not None and paths.conmon.exists():
+        if code is None and started_at is not None and self._conmon_alive(paths, instance_id):
             # conmon writes the exit file a moment after PID 1 dies.
             deadline = time.monotonic() + 2.0
             while code is None and time.monotonic() < deadline:
@@ -291,6 +299,8 @@ class ContainerDriver(Driver):
             if code is not None:
                 result = self._record_result(paths, instance_id)
         message = ""
+        if code is None and started_at is not None:
+            message = "exit code unknown: its supervisor (conmon) is gone, e.g. after a host reboot"
         if oom:
             message = "killed by the kernel: out of memory (memory limit reached)"
         elif code is not None:

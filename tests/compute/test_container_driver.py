@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +48,14 @@ def proc_status(pid: int) -> dict[str, str]:
         key, _, value = line.partition(":")
         out[key] = value.strip()
     return out
+
+
+def gone(pid: int) -> bool:
+    """Dead or a zombie (an orphan waits for PID 1 to reap it)."""
+    try:
+        return not Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def ping(address: str, wait: int = 2) -> bool:
@@ -258,5 +268,25 @@ def test_survives_a_worker_restart(
     assert stopped.exit_code == 137
     assert driver.start(spec.instance_id).power_state == PowerState.RUNNING
     assert ping(testnet.address(30))
+    driver.destroy(spec.instance_id)
+    assert leftovers(driver, spec) == []
+
+
+def test_supervisor_gone_is_reported_not_waited_for(
+    driver: ContainerDriver, sample_images: SampleImages
+) -> None:
+    spec = make_spec(sample_images.base)
+    info = driver.spawn(spec)
+    assert info.pid
+    inst = driver.base / f"sky-{spec.instance_id}"
+    conmon = int((inst / "conmon" / "conmon.pid").read_text())
+    os.kill(conmon, signal.SIGKILL)
+    wait_for(lambda: gone(conmon), what="conmon gone")
+    os.kill(info.pid, signal.SIGKILL)
+    wait_for(lambda: driver.info(spec.instance_id).power_state == PowerState.SHUTDOWN, what="shutdown")
+    t0 = time.monotonic()
+    after = driver.info(spec.instance_id)
+    assert time.monotonic() - t0 < 0.5
+    assert after.exit_code is None and "unknown" in after.message
     driver.destroy(spec.instance_id)
     assert leftovers(driver, spec) == []
