@@ -21,7 +21,7 @@ DEBS := libvirt-daemon-system qemu-system-x86 qemu-utils libvirt-dev pkg-config 
 	python3-venv busybox-static genisoimage syslinux syslinux-common mtools dosfstools fdisk cpio tini \
 	iproute2 iputils-ping crun runc umoci skopeo conmon redis-server sqlite3 procps
 
-.PHONY: help run test setup debs venv host redis libvirtd images migrate bootstrap check pytest stop status
+.PHONY: help run test setup debs venv host redis libvirtd images migrate catalog bootstrap check pytest stop status
 
 help:
 	@echo "make run   - install what is missing, start everything on http://127.0.0.1:8000"
@@ -71,7 +71,10 @@ migrate: venv
 	$(PY) manage.py migrate --noinput -v0
 	$(PY) manage.py collectstatic --noinput -v0
 
-setup: venv host images migrate
+catalog: migrate images
+	$(PY) manage.py import_sample_images --dir $(IMAGES)
+
+setup: venv host images migrate catalog
 
 bootstrap: migrate
 	@$(PY) manage.py bootstrap
@@ -81,7 +84,7 @@ run: setup
 	@mkdir -p $(RUN) $(LOG)
 	@$(MAKE) --no-print-directory stop >/dev/null
 	@echo "starting control worker, compute worker ($(NODE_NAME)) and web server"
-	@setsid $(VENV)/bin/celery -A portal worker -Q control -n control@%h --concurrency 2 --loglevel INFO \
+	@setsid $(VENV)/bin/celery -A portal worker -B -Q control -n control@%h --concurrency 2 --loglevel INFO \
 		--pidfile $(RUN)/control.pid --logfile $(LOG)/control.log --detach
 	@SKYPORT_NODE_NAME=$(NODE_NAME) setsid $(VENV)/bin/celery -A compute.worker worker -Q node.$(NODE_NAME) \
 		-n node@$(NODE_NAME) --concurrency 2 --loglevel INFO \

@@ -23,6 +23,7 @@ from compute.spec import (
     InstanceSpec,
     InventoryItem,
     Kind,
+    NetworkAttachment,
     NodeReport,
     Observation,
     PowerState,
@@ -46,9 +47,16 @@ class NodeService:
     its pool after start-up; libvirt connections must not cross a fork).
     """
 
-    def __init__(self, config: NodeConfig, send: Sender, drivers: dict[Kind, Driver] | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        send: Sender,
+        drivers: dict[Kind, Driver] | None = None,
+        prepare_bridge: Callable[[NetworkAttachment], None] | None = None,
+    ) -> None:
         self.config = config
         self.send = send
+        self.prepare_bridge = prepare_bridge or _prepare_bridge
         self._drivers: dict[Kind, Driver] = dict(drivers or {})
         self._pid = os.getpid()
 
@@ -113,11 +121,7 @@ class NodeService:
 
         def body(d: Driver) -> PowerState:
             for nic in spec.networks:
-                if nic.host_address:
-                    try:
-                        bridge.ensure_bridge(nic.bridge, nic.mtu, address=nic.host_address)
-                    except (bridge.NetworkError, OSError) as exc:
-                        raise DriverError(f"cannot prepare bridge {nic.bridge}: {exc}") from exc
+                self.prepare_bridge(nic)
             return d.spawn(spec).power_state
 
         return self._run(spec.instance_id, spec.kind, "create", action_id, body)
@@ -180,6 +184,14 @@ class NodeService:
         )
         self.send("portal.node_report", to_json(report))
         return report
+
+
+def _prepare_bridge(nic: NetworkAttachment) -> None:
+    """Create the tenant bridge with the node's address on it (the host reaches instances)."""
+    try:
+        bridge.ensure_bridge(nic.bridge, nic.mtu, address=nic.host_address)
+    except (bridge.NetworkError, OSError) as exc:
+        raise DriverError(f"cannot prepare bridge {nic.bridge}: {exc}") from exc
 
 
 def _mem_total_mb() -> int:

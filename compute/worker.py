@@ -9,8 +9,9 @@ node with the portal the first time.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
-import threading
+import time
 from typing import Any
 
 from celery import Celery
@@ -63,24 +64,33 @@ def delete(instance_id: str, kind: str, action_id: str) -> None:
     service.delete(instance_id, kind, action_id)
 
 
-_stop = threading.Event()
-
-
-def _heartbeat_loop() -> None:
+def _heartbeat_loop(parent: int) -> None:
     interval = float(os.environ.get("SKYPORT_HEARTBEAT_SECONDS", "5"))
-    while not _stop.is_set():
+    while os.getppid() == parent:
         try:
             service.report()
         except Exception:  # keep beating; the portal marks the node down if beats stop
             log.exception("heartbeat failed")
-        _stop.wait(interval)
+        time.sleep(interval)
+
+
+_beater: list[multiprocessing.process.BaseProcess] = []
 
 
 @worker_ready.connect
 def _start_heartbeat(**kwargs: Any) -> None:
-    threading.Thread(target=_heartbeat_loop, name="heartbeat", daemon=True).start()
+    """Beat from a single-threaded child: the container driver needs its own
+    mount namespace (unshare), which a multi-threaded process cannot get."""
+    beater = multiprocessing.get_context("fork").Process(
+        target=_heartbeat_loop, args=(os.getpid(),), name="heartbeat", daemon=True
+    )
+    beater.start()
+    _beater.append(beater)
 
 
 @worker_shutdown.connect
 def _stop_heartbeat(**kwargs: Any) -> None:
-    _stop.set()
+    for beater in _beater:
+        if beater.is_alive():
+            beater.terminate()
+            beater.join(5)

@@ -366,7 +366,7 @@ def act(instance: Instance, action: str, params: dict[str, Any], user: Any) -> I
         node = instance.node
         if node is None:
             raise Conflict(f"Instance {instance.name} has no node.")
-        _event(instance, f"instance.{action}", f"sent to {node.name}", user, action_id)
+        _event(instance, f"dispatch.{action}", f"sent to {node.name}", user, action_id)
         args = [str(instance.pk), instance.kind, action, action_id, params]
         transaction.on_commit(lambda: _send(node.queue, "compute.instance.action", args))
     return instance
@@ -389,9 +389,9 @@ def delete_instance(instance: Instance, user: Any) -> Instance:
                 vm_state=VmState.DELETED, task_state=None, deleted_at=timezone.now(), power_state="nostate"
             )
             instance.refresh_from_db()
-            _event(instance, "instance.delete", "deleted (it had no node)", user, action_id)
+            _event(instance, "dispatch.delete", "deleted (it had no node)", user, action_id)
             return instance
-        _event(instance, "instance.delete", f"sent to {node.name}", user, action_id)
+        _event(instance, "dispatch.delete", f"sent to {node.name}", user, action_id)
         args = [str(instance.pk), instance.kind, action_id]
         transaction.on_commit(lambda: _send(node.queue, "compute.instance.delete", args))
     return instance

@@ -167,7 +167,7 @@ class FakeNodes:
                 (apply_observation if task == "portal.observe" else apply_node_report)(payload)
 
             drivers = {Kind.VM: FakeDriver(Kind.VM), Kind.CONTAINER: FakeDriver(Kind.CONTAINER)}
-            self.nodes[queue] = NodeService(cfg, deliver, drivers)
+            self.nodes[queue] = NodeService(cfg, deliver, drivers, prepare_bridge=lambda nic: None)
         return self.nodes[queue]
 
     def run(self, redeliver: bool = False) -> int:
