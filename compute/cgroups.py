@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -50,18 +51,26 @@ class SysCgroupFS:
     def exists(self, controller: str, path: str) -> bool:
         return (self.root / controller / path.lstrip("/")).is_dir()
 
-    def remove(self, path: str) -> list[str]:
-        """rmdir the cgroup (deepest first) in every hierarchy; return those left."""
-        left = []
-        for controller in CONTROLLERS:
-            d = self.root / controller / path.lstrip("/")
-            if not d.is_dir():
-                continue
-            for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                _rmdir(sub)
-            if not _rmdir(d):
-                left.append(str(d))
-        return left
+    def remove(self, path: str, wait: float = 2.0) -> list[str]:
+        """rmdir the cgroup (deepest first) in every hierarchy; return those left.
+
+        Tasks that were just killed leave their cgroup a moment later
+        (EBUSY meanwhile), so retry for up to ``wait`` seconds.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            left = []
+            for controller in CONTROLLERS:
+                d = self.root / controller / path.lstrip("/")
+                if not d.is_dir():
+                    continue
+                for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                    _rmdir(sub)
+                if not _rmdir(d):
+                    left.append(str(d))
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.01)
 
 
 def _rmdir(d: Path) -> bool:

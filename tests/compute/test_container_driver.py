@@ -171,16 +171,21 @@ def test_fork_bomb_stops_at_pids_limit(driver: ContainerDriver, sample_images: S
     path = cgroups_path(spec.instance_id)
     fs = cgroups.SysCgroupFS()
     assert (fs.read("pids", path, "pids.max") or "").strip() == "16"
-    highest = 0
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline:
+
+    def refused() -> int:
+        events = fs.read("pids", path, "pids.events") or "max 0"
+        return int(events.split()[1])
+
+    # Sample while the bomb runs: the count never passes the limit, and the
+    # kernel refuses forks (pids.events "max"), so the bomb hit the limit.
+    # (How long the bomb itself lives varies: busybox sh exits when a fork
+    # fails, so only the limit is asserted, not the shape of the bomb.)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline or not refused():
         current = int(fs.read("pids", path, "pids.current") or 0)
-        highest = max(highest, current)
         assert current <= 16
-        time.sleep(0.01)
-    assert highest >= 12, highest  # the bomb did reach the limit
-    events = fs.read("pids", path, "pids.events") or "max 0"
-    assert int(events.split()[1]) > 0  # forks were refused
+        assert time.monotonic() < deadline + 5, "the fork bomb never hit the pids limit"
+        time.sleep(0.005)
     # The host stays fine: we can still fork and the node answers.
     assert subprocess.run(["true"]).returncode == 0
     driver.destroy(spec.instance_id)
