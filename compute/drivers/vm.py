@@ -231,7 +231,7 @@ class LibvirtDriver(Driver):
                 except (ImageError, cloudinit.SeedError) as exc:
                     raise DriverError(str(exc)) from exc
                 for net in spec.networks:
-                    self._ensure_bridge(net.bridge, net.mtu, undo)
+                    self._ensure_bridge(net.bridge, net.mtu, net.host_address, undo)
                 xml = self.domain_config(spec).to_xml()
                 dom = self._call("defining the domain", lambda: self.conn.defineXML(xml))
                 undo.callback(self._undefine, dom)
@@ -240,10 +240,10 @@ class LibvirtDriver(Driver):
             return self._info(dom)
 
     @staticmethod
-    def _ensure_bridge(name: str, mtu: int, undo: contextlib.ExitStack) -> None:
+    def _ensure_bridge(name: str, mtu: int, host_address: str | None, undo: contextlib.ExitStack) -> None:
         existed = bridge.link_exists(name)
         try:
-            bridge.ensure_bridge(name, mtu=mtu)
+            bridge.ensure_bridge(name, mtu=mtu, address=host_address)
         except bridge.NetworkError as exc:
             raise DriverError(str(exc)) from exc
         if not existed:

@@ -78,7 +78,14 @@ def sample_image() -> ImageRef:
 def booted(driver: LibvirtDriver, sample_image: ImageRef, test_bridge: tuple[str, int]) -> Iterator[Booted]:
     name, n = test_bridge
     address = f"198.18.{n}.10"
-    net = NetworkAttachment("testnet", name, f"{address}/24", random_mac(), gateway=f"198.18.{n}.1")
+    net = NetworkAttachment(
+        "testnet",
+        name,
+        f"{address}/24",
+        random_mac(),
+        gateway=f"198.18.{n}.1",
+        host_address=f"198.18.{n}.1/24",
+    )
     spec = vm_spec(sample_image, (net,), hostname="tiny-vm", ssh_keys=("ssh-ed25519 AAAAC3Nza test@skyport",))
     try:
         driver.spawn(spec)
@@ -162,7 +169,7 @@ def test_stop_is_forced_after_timeout(booted: Booted) -> None:
     assert drv.start(iid).power_state is PowerState.RUNNING
     # Seconds before the guest's ACPI handler runs: the button is ignored, so stop forces.
     t0 = time.monotonic()
-    assert drv.stop(iid, timeout=0.5).power_state is PowerState.SHUTDOWN
+    assert drv.stop(iid, timeout=0.2).power_state is PowerState.SHUTDOWN
     assert time.monotonic() - t0 < 5
     assert booted.log().count("SKYPORT-POWEROFF") == poweroffs
     assert drv.start(iid).power_state is PowerState.RUNNING

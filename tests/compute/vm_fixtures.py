@@ -112,12 +112,15 @@ def vm_state_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def test_bridge() -> Iterator[tuple[str, int]]:
-    """A fresh bridge ``skt<hex>`` with host address 198.18.N.1/24; yields (name, N)."""
+    """A bridge name ``skt<hex>`` and a free-ish N for 198.18.N.0/24; yields (name, N).
+
+    The bridge is made by the first spawn (host address from the spec's
+    ``host_address``) and always deleted here.
+    """
     from compute.network import bridge
 
     name = f"skt{secrets.token_hex(4)}"
     n = secrets.randbelow(254) + 1
-    bridge.ensure_bridge(name, address=f"198.18.{n}.1/24")
     try:
         yield name, n
     finally:
