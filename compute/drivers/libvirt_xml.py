@@ -40,6 +40,7 @@ class DomainConfig:
     interfaces: tuple[InterfaceConfig, ...]
     console_log: str
     tenant: str = ""
+    node: str = ""  # owning compute node: several nodes may share one libvirtd (tests, e2e)
     tb_cache_mib: int = 32
     machine: str = "pc"
 
@@ -52,6 +53,7 @@ class DomainConfig:
         _text(dom, "uuid", self.uuid)
         meta = ET.SubElement(dom, "metadata")
         inst = ET.SubElement(meta, "skyport:instance", {"xmlns:skyport": METADATA_NS})
+        _text(inst, "skyport:node", self.node)
         _text(inst, "skyport:tenant", self.tenant)
         _text(dom, "memory", str(self.memory_mib), unit="MiB")
         _text(dom, "vcpu", str(self.vcpus), placement="static")
@@ -101,6 +103,12 @@ def _text(parent: ET.Element, tag: str, text: str, **attrib: str) -> ET.Element:
     el = ET.SubElement(parent, tag, attrib)
     el.text = text
     return el
+
+
+def metadata_node(metadata_xml: str) -> str | None:
+    """Owning node recorded in a domain's Skyport metadata element (from virDomainGetMetadata)."""
+    root = ET.fromstring(metadata_xml)  # noqa: S314 - XML from libvirtd
+    return root.findtext(f"{{{METADATA_NS}}}node", default=root.findtext("node"))
 
 
 def snapshot_xml(name: str, internal: tuple[str, ...], skip: tuple[str, ...] = ()) -> str:

@@ -39,7 +39,14 @@ from compute.drivers.base import (
     SnapshotInfo,
     Stats,
 )
-from compute.drivers.libvirt_xml import DiskConfig, DomainConfig, InterfaceConfig, snapshot_xml
+from compute.drivers.libvirt_xml import (
+    METADATA_NS,
+    DiskConfig,
+    DomainConfig,
+    InterfaceConfig,
+    metadata_node,
+    snapshot_xml,
+)
 from compute.imagecache import ImageCache, ImageError, create_overlay, remove_tree
 from compute.network import bridge
 from compute.spec import InstanceSpec, Kind, PowerState
@@ -209,6 +216,7 @@ class LibvirtDriver(Driver):
             ),
             console_log=str(self.console_log_path(spec.instance_id)),
             tenant=spec.tenant,
+            node=self.config.name,
         )
 
     def spawn(self, spec: InstanceSpec) -> InstanceInfo:
@@ -398,12 +406,16 @@ class LibvirtDriver(Driver):
         return self._info(self._lookup(instance_id))
 
     def list(self) -> list[InstanceInfo]:
+        """Domains ``sky-<uuid>`` that this node defined (several nodes may share a libvirtd)."""
         doms = self._call("list domains", lambda: self.conn.listAllDomains(0))
         out = []
         for dom in doms:
             name = dom.name()
-            if name.startswith(PREFIX) and _UUID_RE.fullmatch(name.removeprefix(PREFIX)):
-                with contextlib.suppress(DriverError):  # vanished meanwhile
+            if not (name.startswith(PREFIX) and _UUID_RE.fullmatch(name.removeprefix(PREFIX))):
+                continue
+            with contextlib.suppress(DriverError, libvirt.libvirtError):  # vanished meanwhile
+                meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+                if metadata_node(meta) == self.config.name:
                     out.append(self._info(dom))
         return sorted(out, key=lambda i: i.instance_id)
 

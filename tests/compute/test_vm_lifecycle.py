@@ -113,6 +113,12 @@ def test_redelivered_spawn_yields_one_domain(booted: Booted) -> None:
     assert [i.instance_id for i in booted.driver.list()].count(booted.iid) == 1
 
 
+def test_list_is_per_node_on_a_shared_libvirtd(booted: Booted) -> None:
+    other = LibvirtDriver(node_config(booted.driver.config.state_dir, node="other-node"))
+    assert booted.iid not in [i.instance_id for i in other.list()]
+    assert booted.iid in [i.instance_id for i in booted.driver.list()]
+
+
 def test_info_stats_and_console(booted: Booted) -> None:
     info = booted.driver.info(booted.iid)
     assert info.power_state is PowerState.RUNNING and info.pid

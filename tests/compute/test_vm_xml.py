@@ -28,6 +28,7 @@ GOLDEN = f"""
   <uuid>{IID}</uuid>
   <metadata>
     <skyport:instance xmlns:skyport="https://skyport.invalid/xmlns/libvirt/instance/1">
+      <skyport:node>test-node</skyport:node>
       <skyport:tenant>acme &lt;&amp;&gt; "co"</skyport:tenant>
     </skyport:instance>
   </metadata>
@@ -80,6 +81,7 @@ def golden_config() -> DomainConfig:
         interfaces=(InterfaceConfig("sktnet1", "52:54:00:aa:bb:cc", "skv0123abcd0", mtu=1400),),
         console_log=f"/s/logs/{IID}.console.log",
         tenant='acme <&> "co"',
+        node="test-node",
     )
 
 

@@ -64,9 +64,11 @@ def make_state_dir() -> Path:
     return path
 
 
-def node_config(state_dir: Path, uri: str = "qemu:///system", accel: str = "qemu") -> NodeConfig:
+def node_config(
+    state_dir: Path, uri: str = "qemu:///system", accel: str = "qemu", node: str = "test-node"
+) -> NodeConfig:
     return NodeConfig(
-        name="test-node",
+        name=node,
         state_dir=state_dir,
         libvirt_uri=uri,
         accelerator=accel,
