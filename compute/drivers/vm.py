@@ -133,9 +133,18 @@ class LibvirtDriver(Driver):
     def console_log_path(self, instance_id: str) -> Path:
         return self.config.state_dir / "logs" / f"{instance_id}.console.log"
 
-    def _mkdir(self, path: Path) -> Path:
-        path.mkdir(parents=True, exist_ok=True)
-        path.chmod(0o755)
+    @staticmethod
+    def _mkdir(path: Path) -> Path:
+        """Create ``path`` and missing parents as 0755 whatever the umask (QEMU must traverse)."""
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                d.mkdir()
+            d.chmod(0o755)
         return path
 
     @contextlib.contextmanager

@@ -3,6 +3,7 @@ once and taken through its whole life.  Tests run in file order and share it."""
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -221,3 +222,26 @@ def test_spawn_failure_leaves_nothing(driver: LibvirtDriver, sample_image: Image
     with pytest.raises(InstanceNotFound):
         driver.info(spec.instance_id)
     assert not (driver.config.state_dir / "instances" / spec.instance_id).exists()
+
+
+def test_spawn_failure_after_bridge_removes_the_bridge_it_made(
+    driver: LibvirtDriver, sample_image: ImageRef, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import libvirt
+
+    br = f"skt{secrets.token_hex(4)}"
+    net = NetworkAttachment("failnet", br, "198.18.0.10/24", random_mac())
+    spec = vm_spec(sample_image, (net,))
+
+    def refuse(xml: str) -> None:
+        raise libvirt.libvirtError("refused by the test")
+
+    monkeypatch.setattr(driver.conn, "defineXML", refuse)
+    try:
+        with pytest.raises(DriverError, match="defining the domain"):
+            driver.spawn(spec)
+        assert not bridge.link_exists(br)
+        assert not (driver.config.state_dir / "instances" / spec.instance_id).exists()
+    finally:
+        monkeypatch.undo()
+        bridge.delete_bridge(br)

@@ -347,3 +347,54 @@ def test_health(tmp_path: Path, test_driver: LibvirtDriver) -> None:
     broken = LibvirtDriver(node_config(tmp_path, uri="qemu+unix:///system?socket=/nonexistent"))
     ok, why = broken.health()
     assert not ok and "libvirt" in why
+
+
+def test_image_cache_fetches_over_http(tmp_path: Path) -> None:
+    import functools
+    import http.server
+    import threading
+
+    src = _qcow2(tmp_path / "src.qcow2")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/src.qcow2"
+        ref = ImageRef("t", "1", ImageFormat.QCOW2, "sha256:" + sha256_file(src), url)
+        got = ImageCache(tmp_path / "cache").fetch(ref)
+        assert sha256_file(got) == sha256_file(src)
+        with pytest.raises(ImageError, match="cannot read"):
+            ImageCache(tmp_path / "cache2").fetch(
+                ImageRef("t", "1", ImageFormat.QCOW2, "sha256:" + "3" * 64, url + ".missing")
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_connection_is_reopened_after_fork(
+    test_driver: LibvirtDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    first = test_driver.conn
+    assert test_driver.conn is first
+    pid = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: pid + 1)  # as seen in a forked Celery worker
+    assert test_driver.conn is not first
+
+
+def test_state_dirs_are_traversable_whatever_the_umask(tmp_path: Path, tiny_ref: ImageRef) -> None:
+    import os
+
+    drv = LibvirtDriver(node_config(tmp_path / "a" / "b", uri="test:///default"))
+    old = os.umask(0o077)
+    try:
+        spec = vm_spec(tiny_ref)
+        drv.spawn(spec)
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "a", tmp_path / "a" / "b", drv.config.state_dir / "instances" / spec.instance_id):
+        assert d.stat().st_mode & 0o777 == 0o755, d
+    drv.destroy(spec.instance_id)
