@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
+from pyroute2.netlink.exceptions import NetlinkError
 
 from compute.config import NodeConfig
 from compute.drivers import cloudinit
@@ -247,11 +248,13 @@ class LibvirtDriver(Driver):
                     cloudinit.build_seed(spec, idir / "seed.iso")
                 except (ImageError, cloudinit.SeedError) as exc:
                     raise DriverError(str(exc)) from exc
+                except OSError as exc:  # disk full, permissions: still the user's one sentence
+                    raise DriverError(f"cannot prepare the disks of {spec.instance_id}: {exc}") from exc
                 for net in spec.networks:
                     self._ensure_bridge(net.bridge, net.mtu, net.host_address, undo)
                 xml = self.domain_config(spec).to_xml()
                 dom = self._call("defining the domain", lambda: self.conn.defineXML(xml))
-                undo.callback(self._undefine, dom)
+                undo.callback(self._undo_define, dom)
                 self._call("starting the domain", dom.create)
                 undo.pop_all()
             return self._info(dom)
@@ -261,15 +264,21 @@ class LibvirtDriver(Driver):
         existed = bridge.link_exists(name)
         try:
             bridge.ensure_bridge(name, mtu=mtu, address=host_address)
-        except bridge.NetworkError as exc:
-            raise DriverError(str(exc)) from exc
+        except (bridge.NetworkError, NetlinkError, OSError) as exc:
+            raise DriverError(f"cannot prepare bridge {name}: {exc}") from exc
         if not existed:
             # Bridges belong to the network; drop one only if this spawn made it and it stayed empty.
             def drop() -> None:
-                if not bridge.bridge_ports(name):
-                    bridge.delete_bridge(name)
+                with contextlib.suppress(bridge.NetworkError, NetlinkError, OSError):
+                    if not bridge.bridge_ports(name):
+                        bridge.delete_bridge(name)
 
             undo.callback(drop)
+
+    def _undo_define(self, dom: Any) -> None:
+        # Undo must not hide the error that caused it; a leftover domain shows up in list().
+        with contextlib.suppress(libvirt.libvirtError):
+            self._undefine(dom)
 
     def _undefine(self, dom: Any) -> None:
         with contextlib.suppress(libvirt.libvirtError):
