@@ -170,6 +170,14 @@ def test_stop_by_acpi_power_button(booted: Booted) -> None:
     assert booted.driver.stop(booted.iid).power_state is PowerState.SHUTDOWN  # no-op
 
 
+def test_snapshot_of_a_stopped_vm(booted: Booted) -> None:
+    drv, iid = booted.driver, booted.iid
+    drv.snapshot(iid, "offline")
+    assert drv.revert(iid, "offline").power_state is PowerState.SHUTDOWN
+    drv.delete_snapshot(iid, "offline")
+    assert drv.list_snapshots(iid) == []
+
+
 def test_stop_is_forced_after_timeout(booted: Booted) -> None:
     drv, iid = booted.driver, booted.iid
     poweroffs = booted.log().count("SKYPORT-POWEROFF")
