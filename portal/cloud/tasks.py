@@ -173,6 +173,9 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
         log.error("dropping malformed node report: %s", exc)
         return None
     sent = dt.datetime.fromtimestamp(report.sent_at, tz=dt.UTC) if report.sent_at else timezone.now()
+    if timezone.now() - sent > dt.timedelta(seconds=3 * settings.SKYPORT_HEARTBEAT_SECONDS):
+        log.info("ignoring stale heartbeat of %s sent at %s", report.node, sent)
+        return None  # a beat queued while the control plane was away says nothing about now
     with transaction.atomic():
         node, created = ComputeNode.objects.select_for_update().get_or_create(
             name=report.node, defaults={"queue": report.queue}

@@ -54,14 +54,14 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0, every:
 class Stack:
     """Worker processes started by this test, ended by PID."""
 
-    def __init__(self, base: Path, db_path: str) -> None:
+    def __init__(self, base: Path, db_path: str, broker: str = BROKER) -> None:
         self.base = base
         self.procs: list[subprocess.Popen[bytes]] = []
         self.env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "portal.settings",
             "DATABASE_URL": f"sqlite:///{db_path}",
-            "CELERY_BROKER_URL": BROKER,
+            "CELERY_BROKER_URL": broker,
             "SKYPORT_VAR_DIR": str(base / "var"),
             "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
             "SKYPORT_HEARTBEAT_SECONDS": "1",

@@ -81,3 +81,18 @@ def test_heartbeat_registers_node_and_ignores_late_beats(world: World) -> None:
     apply_node_report(report | {"sent_at": now - 60, "vcpus": 64})
     assert ComputeNode.objects.get(name="n9").vcpus == 2
     assert Event.objects.filter(action="node.register", object_repr="n9").count() == 1
+
+
+def test_stale_heartbeat_does_not_revive_a_node(world: World) -> None:
+    report = {
+        "node": "ghost",
+        "queue": "node.ghost",
+        "vcpus": 2,
+        "ram_mb": 1024,
+        "disk_gb": 10,
+        "drivers": [["vm", True, "ok"]],
+        "inventory": [],
+        "sent_at": time.time() - 3600,
+    }
+    assert apply_node_report(report) is None
+    assert not ComputeNode.objects.filter(name="ghost").exists()

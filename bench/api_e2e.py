@@ -1,0 +1,343 @@
+"""API end to end vs the bare driver, and 100 concurrent creates.
+
+    .venv/bin/python bench/api_e2e.py [--runs 5] [--burst 100]
+
+container: POST /api/v1/instances (kind=container) -> the API shows power_state
+           running, against ContainerDriver.spawn -> running in this process;
+vm:        POST (kind=vm) -> the guest's ready marker on its serial console,
+           against LibvirtDriver.spawn -> ready marker;
+burst:     N concurrent POSTs from N threads against a quota of N/2 instances:
+           wall time, overshoot (must be 0), double placement (must be 0).
+
+Real Redis, a real control worker and two real compute workers (one node
+dedicated to the container tenant, one shared), a scratch SQLite database.
+Needs root, libvirtd, crun and redis-server (``make run`` or ``make test``
+set them up) and the sample images in var/images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BASE = Path("/var/lib/skyport") / f"bench-{secrets.token_hex(4)}"
+BROKER = "redis://127.0.0.1:6379/6"
+os.environ.update(
+    DJANGO_SETTINGS_MODULE="portal.settings",
+    SKYPORT_VAR_DIR=str(BASE / "var"),
+    CELERY_BROKER_URL=BROKER,
+    SKYPORT_SECRET_KEY=secrets.token_urlsafe(50),
+    SKYPORT_HEARTBEAT_SECONDS="1",
+    SKYPORT_ALLOWED_HOSTS="testserver,127.0.0.1",
+)
+os.environ.pop("DATABASE_URL", None)
+
+import django  # noqa: E402
+
+django.setup()
+
+from django.conf import settings  # noqa: E402
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.utils import timezone  # noqa: E402
+from rest_framework.test import APIClient  # noqa: E402
+
+from compute.config import NodeConfig  # noqa: E402
+from compute.drivers.container import ContainerDriver  # noqa: E402
+from compute.drivers.vm import LibvirtDriver  # noqa: E402
+from compute.network import bridge  # noqa: E402
+from compute.spec import ImageFormat, ImageRef, InstanceSpec, Kind, NetworkAttachment  # noqa: E402
+from portal.cloud import services  # noqa: E402
+from portal.cloud.models import ComputeNode, Instance, Network  # noqa: E402
+from portal.images.models import Image  # noqa: E402
+from portal.tenancy.models import Membership, Quota, Tenant  # noqa: E402
+from tests.e2e.test_end_to_end import Stack, wait_for  # noqa: E402
+
+READY = "SKYPORT-READY"
+
+
+def client(username: str, tenant: str) -> APIClient:
+    user = get_user_model().objects.create_user(username=username, password=secrets.token_urlsafe(12))
+    Membership.objects.create(user=user, tenant=Tenant.objects.get(slug=tenant), role="member")
+    c = APIClient()
+    c.force_login(user)
+    return c
+
+
+def poll(check: Any, every: float = 0.005, timeout: float = 180) -> float:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return time.monotonic()
+        time.sleep(every)
+    raise TimeoutError("no result")
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def api_runs(
+    c: APIClient, tenant: str, image: str, flavor: int, kind: str, runs: int, ready: Any
+) -> list[float]:
+    times = []
+    for i in range(-1, runs):  # run -1 warms caches (image, layers) and is not counted
+        t0 = time.monotonic()
+        r = c.post(
+            "/api/v1/instances/",
+            {"tenant": tenant, "name": f"{kind}-{i}", "image": image, "flavor": flavor, "kind": kind},
+            format="json",
+        )
+        assert r.status_code == 202, r.json()
+        iid = r.json()["id"]
+        try:
+            took = poll(lambda iid=iid: ready(c, iid), timeout=120) - t0
+        except TimeoutError:
+            raise TimeoutError(
+                f"{kind} {iid} not ready: {c.get(f'/api/v1/instances/{iid}/').json()}"
+            ) from None
+        if i >= 0:
+            times.append(took)
+        print(f"  api {kind} run {i + 1}: {took:.3f} s", file=sys.stderr)
+        c.delete(f"/api/v1/instances/{iid}/")
+        poll(lambda iid=iid: Instance.objects.get(pk=iid).vm_state == "deleted", every=0.05)
+    return times
+
+
+def bare_runs(
+    driver: Any, image: Image, kind: Kind, runs: int, net: NetworkAttachment, ready: Any
+) -> list[float]:
+    artifact = image.artifact_for(kind.value)
+    assert artifact is not None
+    times = []
+    for i in range(-1, runs):  # run -1 warms caches and is not counted
+        nic = NetworkAttachment(
+            net.network, net.bridge, f"198.18.254.{51 + i}/24", "52:54:00:fe:00:" + f"{i + 1:02x}"
+        )
+        spec = InstanceSpec(
+            instance_id=str(uuid.uuid4()),
+            name=f"bare-{i}",
+            hostname=f"bare-{i}",
+            tenant="bench",
+            kind=kind,
+            vcpus=1,
+            ram_mb=128,
+            disk_gb=1,
+            image=ImageRef(
+                image.name, image.version, ImageFormat(artifact.format), artifact.digest, artifact.location
+            ),
+            networks=(nic,),
+        )
+        t0 = time.monotonic()
+        driver.spawn(spec)
+        try:
+            took = poll(lambda s=spec: ready(driver, s.instance_id)) - t0
+        finally:
+            driver.destroy(spec.instance_id)
+        if i >= 0:
+            times.append(took)
+        print(f"  bare {kind.value} run {i + 1}: {took:.3f} s", file=sys.stderr)
+    return times
+
+
+def burst(n: int, flavor: int, image: str) -> tuple[float, int, int, int]:
+    """n concurrent creates against a quota of n // 2, placed on four synthetic shared nodes.
+
+    Messages to nodes are dropped (no VM boots): this measures the API, the
+    quota lock and the capacity claims.
+    """
+    both = {"vm": {"ok": True, "detail": "synthetic"}, "container": {"ok": True, "detail": "synthetic"}}
+    for k in range(4):
+        ComputeNode.objects.create(
+            name=f"burst-{k}",
+            queue=f"node.burst-{k}",
+            status="up",
+            vcpus=4,
+            ram_mb=4096,
+            disk_gb=100,
+            drivers=both,
+            last_heartbeat=timezone.now(),
+        )
+    tenant = Tenant.objects.create(slug="burst", name="Burst")
+    Quota.objects.filter(tenant=tenant).update(
+        instances=n // 2, vcpus=10_000, ram_mb=10**7, disk_gb=10**6, vms=n
+    )
+    user = get_user_model().objects.create_user(username="burst", password=secrets.token_urlsafe(12))
+    Membership.objects.create(user=user, tenant=tenant, role="member")
+    statuses: list[int] = []
+    lock = threading.Lock()
+    gate = threading.Barrier(n)
+    original, services._send = services._send, lambda queue, task, args: None  # type: ignore[assignment]
+
+    def one(i: int) -> None:
+        from django.db import connections
+
+        c = APIClient()
+        c.force_login(user)
+        gate.wait()
+        r = c.post(
+            "/api/v1/instances/",
+            {"tenant": "burst", "name": f"b{i}", "image": image, "flavor": flavor, "kind": "vm"},
+            format="json",
+        )
+        with lock:
+            statuses.append(r.status_code)
+        connections.close_all()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    services._send = original  # type: ignore[assignment]
+    live = Instance.objects.filter(tenant=tenant).live()
+    overshoot = max(0, live.count() - n // 2)
+    doubles = 0
+    all_live = Instance.objects.live()
+    for node in ComputeNode.objects.all():
+        here = list(all_live.filter(node=node))
+        doubles += int(sum(i.ram_mb for i in here) > node.ram_mb * node.ram_allocation_ratio)
+        doubles += int(sum(i.vcpus for i in here) > node.vcpus * node.cpu_allocation_ratio)
+    doubles += live.filter(node__isnull=True).count()
+    return wall, statuses.count(202), overshoot, doubles
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--burst", type=int, default=100)
+    args = ap.parse_args()
+    BASE.mkdir(parents=True, mode=0o755, exist_ok=True)
+    BASE.chmod(0o755)
+    call_command("migrate", verbosity=0)
+    with open(os.devnull, "w") as quiet:
+        call_command("bootstrap", stdout=quiet)
+        images = os.environ.get("SKYPORT_IMAGE_DIR", str(REPO / "var/images"))
+        call_command("import_sample_images", "--dir", images, stdout=quiet)
+    from portal.celery import app
+
+    app.conf.broker_url = BROKER
+    subprocess.run(["redis-cli", "-u", BROKER, "flushdb"], capture_output=True, timeout=10)
+    tag = secrets.token_hex(2)
+    ded, shared = f"bench{tag}c", f"bench{tag}v"
+    stack = Stack(BASE, str(settings.DATABASES["default"]["NAME"]), BROKER)
+    stack.env["SKYPORT_VAR_DIR"] = str(BASE / "var")
+    stack.start(
+        "control", "-A", "portal", "worker", "-Q", "control", "--pool", "threads", "--concurrency", "4"
+    )
+    for node in (ded, shared):
+        stack.start(
+            node,
+            "-A",
+            "compute.worker",
+            "worker",
+            "-Q",
+            f"node.{node}",
+            "--concurrency",
+            "2",
+            SKYPORT_NODE_NAME=node,
+            SKYPORT_NODE_DIR=str(BASE / node),
+        )
+    bare_bridge = f"skb{tag}"
+    try:
+        wait_for(
+            "nodes",
+            lambda: ComputeNode.objects.filter(status="up", name__in=[ded, shared]).count() == 2,
+            timeout=90,
+        )
+        print("nodes:", list(ComputeNode.objects.values_list("name", "status")), file=sys.stderr)
+        Tenant.objects.create(slug="ctr", name="Containers")
+        Tenant.objects.create(slug="vms", name="VMs")
+        services.set_node_tenancy(ComputeNode.objects.get(name=ded), Tenant.objects.get(slug="ctr"))
+        flavor = 1
+        busybox = Image.objects.get(name="busybox")
+        tiny = Image.objects.get(name="tiny")
+        cdrv = ContainerDriver(
+            NodeConfig("bench-bare", BASE / "bare", "qemu:///system", "auto", "crun", BROKER)
+        )
+        vdrv = LibvirtDriver(
+            NodeConfig(
+                "bench-bare",
+                BASE / "bare",
+                "qemu:///system",
+                os.environ.get("SKYPORT_ACCEL", "auto"),
+                "crun",
+                BROKER,
+            )
+        )
+        vnode = LibvirtDriver(
+            NodeConfig(
+                shared,
+                BASE / shared,
+                "qemu:///system",
+                os.environ.get("SKYPORT_ACCEL", "auto"),
+                "crun",
+                BROKER,
+            )
+        )
+        bridge.ensure_bridge(bare_bridge, address="198.18.254.1/24")
+        net = NetworkAttachment("bare", bare_bridge, "198.18.254.2/24", "52:54:00:fe:00:00")
+
+        def running(c: APIClient, iid: str) -> bool:
+            return bool(c.get(f"/api/v1/instances/{iid}/").json()["power_state"] == "running")
+
+        def vm_ready(c: APIClient, iid: str) -> bool:
+            try:
+                return READY in vnode.console_log(iid, 4096)
+            except Exception:  # not spawned yet
+                return False
+
+        def bare_running(d: ContainerDriver, iid: str) -> bool:
+            return d.info(iid).power_state.value == "running"
+
+        def bare_vm_ready(d: LibvirtDriver, iid: str) -> bool:
+            return READY in d.console_log(iid, 4096)
+
+        print("containers ...", file=sys.stderr)
+        cb = bare_runs(cdrv, busybox, Kind.CONTAINER, args.runs * 4, net, bare_running)
+        ca = api_runs(client("c", "ctr"), "ctr", "busybox", flavor, "container", args.runs * 4, running)
+        print("vms ...", file=sys.stderr)
+        vb = bare_runs(vdrv, tiny, Kind.VM, args.runs, net, bare_vm_ready)
+        va = api_runs(client("v", "vms"), "vms", "tiny", flavor, "vm", args.runs, vm_ready)
+        print("burst ...", file=sys.stderr)
+        wall, accepted, overshoot, doubles = burst(args.burst, flavor, "tiny")
+    except BaseException:
+        print(stack.logs(), file=sys.stderr)
+        raise
+    finally:
+        stack.stop()
+        for n in Network.objects.all():
+            bridge.delete_bridge(n.bridge)
+        bridge.delete_bridge(bare_bridge)
+        shutil.rmtree(BASE, ignore_errors=True)
+
+    print("\n| path | runs | median (s) | ratio to bare driver |")
+    print("|---|---:|---:|---:|")
+    print(f"| container: bare ContainerDriver.spawn -> running | {len(cb)} | {median(cb):.3f} | 1.00 |")
+    ratio_c = median(ca) / median(cb)
+    print(f"| container: API POST -> running | {len(ca)} | {median(ca):.3f} | {ratio_c:.2f} |")
+    print(f"| vm: bare LibvirtDriver.spawn -> guest ready | {len(vb)} | {median(vb):.2f} | 1.00 |")
+    print(f"| vm: API POST -> guest ready | {len(va)} | {median(va):.2f} | {median(va) / median(vb):.2f} |")
+    quota = args.burst // 2
+    print(f"\n| concurrent creates | wall (s) | accepted (quota {quota}) | overshoot | double placement |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {args.burst} | {wall:.2f} | {accepted} | {overshoot} | {doubles} |")
+    return 0 if overshoot == 0 and doubles == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
