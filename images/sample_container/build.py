@@ -206,7 +206,7 @@ def main() -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     ver = busybox_version()
     base = base_layer()
-    targets = [
+    targets: list[tuple[Path, str, list[tuple[bytes, str]], dict[str, object]]] = [
         (
             outdir / f"busybox-{ver}.oci.tar",
             f"busybox:{ver}",
