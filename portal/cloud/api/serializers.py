@@ -3,6 +3,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from portal.api.authentication import actor_for, user_id_of
@@ -96,6 +98,7 @@ class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
         return attrs
 
 
+@extend_schema_field(OpenApiTypes.STR)
 class ImageRefField(serializers.Field):  # type: ignore[type-arg]
     """An image by id, ``name:version`` or ``name`` (newest active), among images visible to the requester."""
 
