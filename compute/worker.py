@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 config = NodeConfig.from_env()
 
-app = Celery("skyport-node")
+app = Celery("skyport-node", fixups=[])  # never the Django fixup, whatever the environment says
 app.conf.update(
     broker_url=config.broker_url,
     broker_connection_retry_on_startup=True,

@@ -32,7 +32,7 @@ from portal.tenancy.models import Membership, Tenant
 from tests.hostcaps import require, require_binary, require_libvirtd, require_root
 
 ROOT = Path(__file__).resolve().parents[2]
-BROKER = "redis://127.0.0.1:6379/5"
+BROKER = settings.CELERY_BROKER_URL  # settings_test: a Redis database of the tests' own
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.host, pytest.mark.slow]
 
 
@@ -111,9 +111,6 @@ def stack() -> Iterator[tuple[Stack, list[str]]]:
     require_binary("crun")
     require_libvirtd()
     require(_redis_up(), f"redis-server answering at {BROKER} (`make test` starts one)")
-    from portal.celery import app
-
-    app.conf.broker_url = BROKER
     base = Path("/var/lib/skyport") / f"e2e-{secrets.token_hex(4)}"
     base.mkdir(parents=True, mode=0o755)
     base.chmod(0o755)
@@ -143,7 +140,6 @@ def stack() -> Iterator[tuple[Stack, list[str]]]:
         for net in Network.objects.all():
             subprocess.run(["ip", "link", "del", net.bridge], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
-        app.conf.broker_url = settings.CELERY_BROKER_URL
 
 
 def _destroy_leftovers(base: Path, nodes: list[str]) -> None:
