@@ -8,6 +8,8 @@ from portal.settings import DATABASES, VAR_DIR
 CELERY_TASK_ALWAYS_EAGER = True
 # Tests that need a real broker use their own Redis database, never the one `make run` uses.
 CELERY_BROKER_URL = os.environ.get("SKYPORT_TEST_BROKER_URL", "redis://127.0.0.1:6379/5")
+# Celery lets the CELERY_BROKER_URL environment variable win over settings (make exports one).
+os.environ["CELERY_BROKER_URL"] = CELERY_BROKER_URL
 CELERY_TASK_EAGER_PROPAGATES = True
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES = {
