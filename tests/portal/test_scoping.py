@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from portal.images.models import Image
 from tests.portal.conftest import World
 
 
@@ -20,6 +21,8 @@ def _objects(w: World) -> list[tuple[str, str, dict[str, Any]]]:
         ("events", str(w.event_a.pk), {}),
         ("ssh-keys", str(w.key_a.pk), {}),
         ("tokens", str(w.token_a.pk), {}),
+        ("networks", str(w.instance_a.network_id), {}),
+        ("images", str(Image.objects.get(name="secret").pk), {}),
     ]
 
 
@@ -60,6 +63,17 @@ def test_nodes_are_for_operators_only(world: World) -> None:
 def test_operator_sees_all_tenants(world: World) -> None:
     rows = world.client("operator").get("/api/v1/tenants/").json()["results"]
     assert {r["slug"] for r in rows} == {"acme", "bobco"}
+
+
+def test_private_image_is_unusable_by_other_tenants(world: World) -> None:
+    r = world.client("b_member").post(
+        "/api/v1/instances/",
+        {"tenant": "bobco", "name": "x", "image": "secret:1", "flavor": world.flavor_public.pk},
+        format="json",
+    )
+    assert r.status_code == 400 and "No active image 'secret:1'" in r.json()["message"]
+    public = {i["name"] for i in world.client("b_member").get("/api/v1/images/").json()["results"]}
+    assert public == {"busybox", "tiny", "sample"}
 
 
 def test_create_in_other_tenant_is_refused_without_leaking(world: World) -> None:

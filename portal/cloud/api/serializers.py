@@ -65,9 +65,11 @@ class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
             "status_reason",
             "last_heartbeat",
             "drivers",
+            "orphans",
             "created_at",
         ]
         read_only_fields = [
+            "orphans",
             "id",
             "queue",
             "status",
