@@ -91,7 +91,7 @@ run: setup
 		--pidfile $(RUN)/compute.pid --logfile $(LOG)/compute.log --detach
 	@setsid $(VENV)/bin/gunicorn portal.wsgi -b 127.0.0.1:8000 -w 3 --daemon --pid $(RUN)/web.pid \
 		--access-logfile $(LOG)/web-access.log --error-logfile $(LOG)/web.log
-	@for i in $$(seq 100); do curl -fsS -o /dev/null http://127.0.0.1:8000/healthz && break; sleep 0.1; done
+	@for i in $$(seq 100); do curl -fs -o /dev/null http://127.0.0.1:8000/healthz && break; sleep 0.1; done
 	@curl -fsS -o /dev/null http://127.0.0.1:8000/healthz || { echo "web server did not start; see $(LOG)/web.log"; exit 1; }
 	@$(PY) manage.py bootstrap
 	@echo "logs in $(LOG); stop with 'make stop'"

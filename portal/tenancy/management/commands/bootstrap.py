@@ -63,9 +63,9 @@ class Command(BaseCommand):
                     name=name, tenant=None, defaults={"vcpus": vcpus, "ram_mb": ram, "disk_gb": disk}
                 )
         self.stdout.write(
-            "Log in at http://127.0.0.1:8000/admin/ (operator console) and use the API at "
-            "http://127.0.0.1:8000/api/docs/\n"
-            f"  operator: operator / {_password('operator')}\n"
-            f"  tenant user: demo / {_password('demo')}  (admin of tenant 'demo')\n"
+            "Skyport is up on http://127.0.0.1:8000\n"
+            f"  operator:    operator / {_password('operator')}  -> http://127.0.0.1:8000/admin/\n"
+            f"  tenant user: demo / {_password('demo')}  (admin of tenant 'demo') -> "
+            "http://127.0.0.1:8000/api/auth/login/?next=/api/docs/\n"
             f"  passwords are stored in {settings.VAR_DIR}/*.password"
         )
