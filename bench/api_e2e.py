@@ -236,22 +236,7 @@ def main() -> int:
     ded, shared = f"bench{tag}c", f"bench{tag}v"
     stack = Stack(BASE, str(settings.DATABASES["default"]["NAME"]), BROKER)
     stack.env["SKYPORT_VAR_DIR"] = str(BASE / "var")
-    stack.start(
-        "control", "-A", "portal", "worker", "-Q", "control", "--pool", "threads", "--concurrency", "4"
-    )
-    for node in (ded, shared):
-        stack.start(
-            node,
-            "-A",
-            "compute.worker",
-            "worker",
-            "-Q",
-            f"node.{node}",
-            "--concurrency",
-            "2",
-            SKYPORT_NODE_NAME=node,
-            SKYPORT_NODE_DIR=str(BASE / node),
-        )
+    stack.start_cluster([ded, shared])
     bare_bridge = f"skb{tag}"
     try:
         wait_for(

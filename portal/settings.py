@@ -8,10 +8,11 @@ install served on 127.0.0.1 over plain HTTP, still with ``DEBUG`` off.
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import dj_database_url
+
+from portal.localfiles import read_or_create_secret
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("SKYPORT_VAR_DIR", BASE_DIR / "var"))
@@ -23,17 +24,7 @@ PRODUCTION = ENVIRONMENT == "production"
 
 def _secret_key() -> str:
     """The key from ``SKYPORT_SECRET_KEY``, else one generated once into var/secret_key."""
-    if value := os.environ.get("SKYPORT_SECRET_KEY"):
-        return value
-    path = VAR_DIR / "secret_key"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        key = secrets.token_urlsafe(64)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key)
-        return key
+    return os.environ.get("SKYPORT_SECRET_KEY") or read_or_create_secret(VAR_DIR / "secret_key", 64)
 
 
 def _bool(name: str, default: bool) -> bool:

@@ -90,6 +90,25 @@ class Stack:
             )
         )
 
+    def start_cluster(self, nodes: list[str]) -> None:
+        """A control worker and one compute worker per node name, state under ``base/<node>``."""
+        self.start(
+            "control", "-A", "portal", "worker", "-Q", "control", "--pool", "threads", "--concurrency", "4"
+        )
+        for node in nodes:
+            self.start(
+                node,
+                "-A",
+                "compute.worker",
+                "worker",
+                "-Q",
+                f"node.{node}",
+                "--concurrency",
+                "2",
+                SKYPORT_NODE_NAME=node,
+                SKYPORT_NODE_DIR=str(self.base / node),
+            )
+
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -118,20 +137,7 @@ def stack() -> Iterator[tuple[Stack, list[str]]]:
     nodes = [f"e2e{tag}a", f"e2e{tag}b"]
     subprocess.run(["redis-cli", "-u", BROKER, "flushdb"], capture_output=True, timeout=10)
     s = Stack(base, str(settings.DATABASES["default"]["NAME"]))
-    s.start("control", "-A", "portal", "worker", "-Q", "control", "--pool", "threads", "--concurrency", "4")
-    for node in nodes:
-        s.start(
-            node,
-            "-A",
-            "compute.worker",
-            "worker",
-            "-Q",
-            f"node.{node}",
-            "--concurrency",
-            "2",
-            SKYPORT_NODE_NAME=node,
-            SKYPORT_NODE_DIR=str(base / node),
-        )
+    s.start_cluster(nodes)
     try:
         yield s, nodes
     finally:

@@ -6,8 +6,6 @@ stored in var/ (mode 0600) so ``make run`` can print them every time.
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from portal.cloud.models import Flavor
+from portal.localfiles import read_or_create_secret
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Membership, Tenant
 
@@ -29,15 +28,7 @@ DEFAULT_FLAVORS = [
 
 
 def _password(name: str) -> str:
-    path = Path(settings.VAR_DIR) / f"{name}.password"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        value = secrets.token_urlsafe(12)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(value)
-        return value
+    return read_or_create_secret(Path(settings.VAR_DIR) / f"{name}.password", 12)
 
 
 class Command(BaseCommand):
