@@ -10,6 +10,9 @@ CELERY_TASK_ALWAYS_EAGER = True
 CELERY_BROKER_URL = os.environ.get("SKYPORT_TEST_BROKER_URL", "redis://127.0.0.1:6379/5")
 # Celery lets the CELERY_BROKER_URL environment variable win over settings (make exports one).
 os.environ["CELERY_BROKER_URL"] = CELERY_BROKER_URL
+# Tenant networks of tests never overlap those of `make run` on the same machine,
+# which allocates from the start of 198.18.0.0/15.
+SKYPORT_NETWORK_POOL = os.environ.get("SKYPORT_TEST_NETWORK_POOL", "198.19.224.0/19")
 CELERY_TASK_EAGER_PROPAGATES = True
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES = {
