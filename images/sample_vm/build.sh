@@ -20,6 +20,11 @@ log() { echo "build.sh: $*" >&2; }
 # Kernel ABI: the dependency of the linux-image-amd64 metapackage, or the
 # newest cached .deb when apt cannot tell (offline rebuilds).
 kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1 || true)
+if [ -z "$kpkg" ] && ! ls "$out"/linux-image-*-amd64_*.deb >/dev/null 2>&1; then
+    log "apt lists do not know linux-image-amd64; running apt-get update"
+    apt-get update -q >&2 || true
+    kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1 || true)
+fi
 if [ -z "$kpkg" ]; then
     deb=$(ls -1 "$out"/linux-image-*-amd64_*.deb 2>/dev/null | sort -V | tail -n1 || true)
     [ -n "$deb" ] || { log "cannot resolve linux-image-amd64 and no cached kernel .deb"; exit 1; }
