@@ -1,11 +1,13 @@
-"""API end to end vs the bare driver, and 100 concurrent creates.
+"""API end to end vs bare crun and the bare drivers, and 100 concurrent creates.
 
     .venv/bin/python bench/api_e2e.py [--runs 5] [--burst 100]
 
 container: POST /api/v1/instances (kind=container) -> the API shows power_state
-           running, against ContainerDriver.spawn -> running in this process;
+           running, against ContainerDriver.spawn -> running in this process
+           and plain `crun run -d` of a hand-made bundle on the same rootfs;
 vm:        POST (kind=vm) -> the guest's ready marker on its serial console,
-           against LibvirtDriver.spawn -> ready marker;
+           against LibvirtDriver.spawn -> ready marker (bench/vm_boot.py compares
+           the driver with plain libvirt defineXML+create);
 burst:     N concurrent POSTs from N threads against a quota of N/2 instances:
            wall time, overshoot (must be 0), double placement (must be 0).
 
@@ -64,6 +66,9 @@ from portal.cloud.models import ComputeNode, Instance, Network  # noqa: E402
 from portal.images.models import Image  # noqa: E402
 from portal.tenancy.models import Membership, Quota, Tenant  # noqa: E402
 from tests.e2e.test_end_to_end import Stack, wait_for  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+import container_start  # noqa: E402
 
 READY = "SKYPORT-READY"
 
@@ -294,6 +299,11 @@ def main() -> int:
 
         print("containers ...", file=sys.stderr)
         cb = bare_runs(cdrv, busybox, Kind.CONTAINER, args.runs * 4, net, bare_running)
+        oci = busybox.artifact_for("container")
+        assert oci is not None
+        rootfs = cdrv.layers.unpack(Path(oci.location), oci.digest).layers[0]
+        (BASE / "crun").mkdir()
+        crun = container_start.bench_bare(BASE / "crun", rootfs, args.runs * 4)
         ca = api_runs(client("c", "ctr"), "ctr", "busybox", flavor, "container", args.runs * 4, running)
         print("vms ...", file=sys.stderr)
         vb = bare_runs(vdrv, tiny, Kind.VM, args.runs, net, bare_vm_ready)
@@ -310,13 +320,17 @@ def main() -> int:
         bridge.delete_bridge(bare_bridge)
         shutil.rmtree(BASE, ignore_errors=True)
 
-    print("\n| path | runs | median (s) | ratio to bare driver |")
-    print("|---|---:|---:|---:|")
-    print(f"| container: bare ContainerDriver.spawn -> running | {len(cb)} | {median(cb):.3f} | 1.00 |")
-    ratio_c = median(ca) / median(cb)
-    print(f"| container: API POST -> running | {len(ca)} | {median(ca):.3f} | {ratio_c:.2f} |")
-    print(f"| vm: bare LibvirtDriver.spawn -> guest ready | {len(vb)} | {median(vb):.2f} | 1.00 |")
-    print(f"| vm: API POST -> guest ready | {len(va)} | {median(va):.2f} | {median(va) / median(vb):.2f} |")
+    print("\n| path | runs | median (s) | ratio to bare tool | ratio to bare driver |")
+    print("|---|---:|---:|---:|---:|")
+    c0, d0 = median(crun), median(cb)
+    print(f"| container: bare `crun run -d` (no network) | {len(crun)} | {c0:.3f} | 1.00 | |")
+    ca0, v0, va0 = median(ca), median(vb), median(va)
+    print(
+        f"| container: driver spawn -> running (veth, conmon) | {len(cb)} | {d0:.3f} | {d0 / c0:.2f} | 1.00 |"
+    )
+    print(f"| container: API POST -> running | {len(ca)} | {ca0:.3f} | {ca0 / c0:.2f} | {ca0 / d0:.2f} |")
+    print(f"| vm: LibvirtDriver.spawn -> guest ready | {len(vb)} | {v0:.2f} | see bench/vm_boot.py | 1.00 |")
+    print(f"| vm: API POST -> guest ready | {len(va)} | {va0:.2f} | | {va0 / v0:.2f} |")
     quota = args.burst // 2
     print(f"\n| concurrent creates | wall (s) | accepted (quota {quota}) | overshoot | double placement |")
     print("|---:|---:|---:|---:|---:|")
