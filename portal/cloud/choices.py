@@ -2,7 +2,7 @@
 
 from django.db import models
 
-from compute.spec import PowerState as _NodePowerState
+from compute.spec import PowerState as _NodePowerState  # the node is the authority
 
 
 class Kind(models.TextChoices):
@@ -41,20 +41,8 @@ class TaskState(models.TextChoices):
     DELETING = "deleting"
 
 
-class PowerState(models.TextChoices):
-    """Last power state seen on the node; mirrors :class:`compute.spec.PowerState`."""
-
-    NOSTATE = "nostate"
-    RUNNING = "running"
-    PAUSED = "paused"
-    SHUTDOWN = "shutdown"
-    CRASHED = "crashed"
-    SUSPENDED = "suspended"
-
-
-assert {c.value for c in PowerState} == {s.value for s in _NodePowerState}, (
-    "PowerState drifted from compute.spec"
-)
+#: choices for the power state last seen on the node: the node's own enum, one source of truth
+POWER_STATE_CHOICES = [(s.value, s.name.title()) for s in _NodePowerState]
 
 
 class NodeTenancy(models.TextChoices):

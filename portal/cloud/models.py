@@ -8,7 +8,15 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from portal.cloud.choices import Kind, NodeStatus, NodeTenancy, PowerState, RequestedKind, TaskState, VmState
+from portal.cloud.choices import (
+    POWER_STATE_CHOICES,
+    Kind,
+    NodeStatus,
+    NodeTenancy,
+    RequestedKind,
+    TaskState,
+    VmState,
+)
 from portal.tenancy.models import Tenant
 from portal.tenancy.querysets import TenantScopedQuerySet
 
@@ -186,7 +194,7 @@ class Instance(models.Model):
     task_state = models.CharField(  # noqa: DJ001 -- null means "no action in flight", as in Nova
         max_length=16, choices=TaskState.choices, null=True, blank=True
     )
-    power_state = models.CharField(max_length=16, choices=PowerState.choices, default="nostate")
+    power_state = models.CharField(max_length=16, choices=POWER_STATE_CHOICES, default="nostate")
     status_reason = models.CharField(max_length=255, blank=True)
     action_id = models.CharField(max_length=64, blank=True, help_text="Id of the action in flight")
     task_deadline = models.DateTimeField(null=True, blank=True)

@@ -170,7 +170,7 @@ def node_views(nodes: list[ComputeNode]) -> list[scheduler.NodeView]:
     return views
 
 
-def _place(req: Request, lock: bool) -> tuple[scheduler.Placement, dict[str, dict[str, int]], Quota]:
+def _place(req: Request, lock: bool) -> tuple[scheduler.Placement, dict[str, dict[str, int]]]:
     quota_qs = Quota.objects.select_for_update() if lock else Quota.objects
     quota = quota_qs.get(tenant=req.tenant)
     node_qs = ComputeNode.objects.select_related("owner").order_by("pk")
@@ -192,12 +192,12 @@ def _place(req: Request, lock: bool) -> tuple[scheduler.Placement, dict[str, dic
     except scheduler.NoValidHost as exc:
         raise Conflict(str(exc)) from exc
     effect = quota_effect(quota, usage(req.tenant.pk), placement.kind, req.flavor)
-    return placement, effect, quota
+    return placement, effect
 
 
 def preview(req: Request) -> Preview:
     """Dry run: the decision, node and quota effect, without creating anything."""
-    placement, effect, _ = _place(req, lock=False)
+    placement, effect = _place(req, lock=False)
     check_quota(req.tenant, effect)
     return Preview(placement.kind, placement.node, placement.reason, effect, placement.rejected)
 
@@ -297,7 +297,7 @@ def _deadline(task: str) -> dt.datetime:
 def create_instance(req: Request, user: Any) -> Instance:
     """Place the instance, claim quota and capacity, and send it to its node."""
     with transaction.atomic():
-        placement, effect, _ = _place(req, lock=True)
+        placement, effect = _place(req, lock=True)
         check_quota(req.tenant, effect)
         if Instance.objects.filter(tenant=req.tenant, name=req.name).live().exists():
             raise Conflict(f"Tenant {req.tenant.slug} already has a live instance named '{req.name}'.")
