@@ -14,10 +14,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
+from compute import fetch
 from compute.spec import ImageFormat, ImageRef
 
 CHUNK = 1 << 20
@@ -73,18 +73,27 @@ class ImageCache:
         loc = ref.location
         try:
             if loc.startswith(("http://", "https://")):
-                src: IO[bytes] = urllib.request.urlopen(loc, timeout=timeout)  # noqa: S310 - scheme checked
+                with fetch.open_url(loc, timeout) as src:
+                    _pump(src, out, h)
+                fetch.downloads.add(ref.digest)
             elif os.path.isabs(loc):
-                src = open(loc, "rb")  # noqa: SIM115 - closed below
+                with open(loc, "rb") as src:
+                    _pump(src, out, h)
             else:
                 raise ImageError(f"image {ref.name}: location must be an absolute path or http(s) URL")
-            with src:
-                while chunk := src.read(CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
+        except fetch.FetchError as exc:
+            raise ImageError(f"image {ref.name}: {exc}") from exc
         except OSError as exc:
             raise ImageError(f"image {ref.name}: cannot read {loc}: {exc}") from exc
         return h.hexdigest()
+
+    def digests(self) -> list[str]:
+        """Digests of the verified bases in the cache."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            f"sha256:{p.name.split('.', 1)[0]}" for p in self.root.iterdir() if not p.name.startswith(".")
+        )
 
     @staticmethod
     def _check_disk(ref: ImageRef, path: Path) -> None:
@@ -94,6 +103,12 @@ class ImageCache:
             raise ImageError(f"image {ref.name}: is {info.get('format')}, not {ref.format.value}")
         if "backing-filename" in info or "data-file" in info.get("format-specific", {}).get("data", {}):
             raise ImageError(f"image {ref.name}: has a backing or external data file")
+
+
+def _pump(src: IO[bytes], out: IO[bytes], h: Any) -> None:
+    while chunk := src.read(CHUNK):
+        h.update(chunk)
+        out.write(chunk)
 
 
 def create_overlay(base: Path, base_format: str, overlay: Path, size_bytes: int = 0) -> None:

@@ -7,9 +7,13 @@ dirs, so two images with the same base layer store it once.  Layer whiteouts
 (``.wh.name``, ``.wh..wh..opq``) become overlay whiteouts (0:0 character
 device, ``trusted.overlay.opaque`` xattr).
 
+Images come either from a local archive (:meth:`LayerStore.unpack`, the
+node's own tests) or from the portal's blob endpoint by manifest digest
+(:meth:`LayerStore.pull`), which downloads only the layers the store lacks.
+
 Archive and layer members are validated before anything is written: no
 absolute paths, no ``..``, no device nodes or FIFOs, no links leaving the
-layer, no writes through symlinks.
+layer, no writes through symlinks; set-uid and set-gid bits are dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import threading
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
+
+from compute import fetch
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -102,11 +108,10 @@ class LayerStore:
         so later spawns of the same artifact read neither the archive nor its
         layers again.
         """
-        memo = self.root / ".images" / f"{digest.split(':', 1)[1]}.json" if digest else None
-        if memo is not None and memo.exists():
-            known = _load_memo(memo)
-            if known is not None and all(p.is_dir() for p in known.layers):
-                return known
+        memo = self._memo_path(digest)
+        known = self._known(memo)
+        if known is not None:
+            return known
         if digest is not None:
             verify_digest(archive, digest)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -133,11 +138,10 @@ class LayerStore:
             manifests = index.get("manifests") or []
             if len(manifests) != 1:
                 raise ImageError("index.json must list exactly one manifest")
-            manifest = json.loads(blob(manifests[0]["digest"]))
-            config = json.loads(blob(manifest["config"]["digest"]))
+            manifest = _json_object(blob(manifests[0]["digest"]), "manifest")
+            config = _json_object(blob(_manifest_config(manifest)), "image config")
             dirs = []
-            for layer in manifest.get("layers", []):
-                d = layer["digest"]
+            for d in _manifest_layers(manifest):
                 dest = self.layer_dir(d)
                 if not dest.exists():
                     lm = members.get(f"blobs/sha256/{d.split(':', 1)[1]}")
@@ -146,12 +150,58 @@ class LayerStore:
                         raise ImageError(f"archive lacks layer {d}")
                     self._unpack_layer(fh, d, dest)
                 dirs.append(dest)
-        image = UnpackedImage(tuple(dirs), _image_config(config))
+        return self._remember(memo, UnpackedImage(tuple(dirs), _image_config(config)))
+
+    def pull(self, manifest_url: str, digest: str) -> UnpackedImage:
+        """Fetch an image from the portal's blob endpoint: manifest, config, then missing layers.
+
+        Each layer is downloaded only when its directory is not in the store,
+        and verified while it is unpacked; a second image sharing a base layer
+        downloads only its own layers.
+        """
+        memo = self._memo_path(digest)
+        known = self._known(memo)
+        if known is not None:
+            return known
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            manifest = _json_object(fetch.fetch_bytes(manifest_url, digest), "manifest")
+            config_digest = _manifest_config(manifest)
+            config_url = fetch.blob_url(manifest_url, config_digest)
+            config = _json_object(fetch.fetch_bytes(config_url, config_digest), "image config")
+            dirs = []
+            for d in _manifest_layers(manifest):
+                dest = self.layer_dir(d)
+                if not dest.exists():
+                    with fetch.open_url(fetch.blob_url(manifest_url, d)) as fh:
+                        self._unpack_layer(fh, d, dest)
+                    fetch.downloads.add(d)
+                dirs.append(dest)
+        except fetch.FetchError as exc:
+            raise ImageError(str(exc)) from exc
+        return self._remember(memo, UnpackedImage(tuple(dirs), _image_config(config)))
+
+    def _memo_path(self, digest: str | None) -> Path | None:
+        return self.root / ".images" / f"{digest.split(':', 1)[1]}.json" if digest else None
+
+    @staticmethod
+    def _known(memo: Path | None) -> UnpackedImage | None:
+        if memo is None or not memo.exists():
+            return None
+        known = _load_memo(memo)
+        if known is not None and all(p.is_dir() for p in known.layers):
+            return known
+        return None
+
+    @staticmethod
+    def _remember(memo: Path | None, image: UnpackedImage) -> UnpackedImage:
         if memo is not None:
             memo.parent.mkdir(exist_ok=True)
             tmp = memo.with_name(f".{memo.name}.{uuid.uuid4().hex[:8]}")
             tmp.write_text(
-                json.dumps({"layers": [str(p) for p in dirs], "config": dataclasses.asdict(image.config)})
+                json.dumps(
+                    {"layers": [str(p) for p in image.layers], "config": dataclasses.asdict(image.config)}
+                )
             )
             os.replace(tmp, memo)
         return image
@@ -197,6 +247,35 @@ class _HashingReader:
         data = self._fh.read(n)
         self._h.update(data)
         return data
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise ImageError(f"{what} is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ImageError(f"{what} is not a JSON object")
+    return value
+
+
+def _manifest_config(manifest: dict[str, Any]) -> str:
+    config = manifest.get("config")
+    digest = config.get("digest") if isinstance(config, dict) else None
+    if not isinstance(digest, str) or not digest.startswith("sha256:"):
+        raise ImageError("manifest has no sha256 config digest")
+    return digest
+
+
+def _manifest_layers(manifest: dict[str, Any]) -> list[str]:
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise ImageError("manifest has no layer list")
+    digests = [layer.get("digest") if isinstance(layer, dict) else None for layer in layers]
+    for d in digests:
+        if not (isinstance(d, str) and len(d) == 71 and d.startswith("sha256:")):
+            raise ImageError(f"manifest lists a layer without a sha256 digest: {d!r}")
+    return [str(d) for d in digests]
 
 
 def _read_json(outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name: str) -> dict[str, Any]:
@@ -269,7 +348,8 @@ def _extract_member(tf: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> None
         return
     if target.is_symlink() or (target.exists() and not (m.isdir() and target.is_dir())):
         _remove(target)
-    mode = m.mode & 0o7777
+    # Set-id bits are dropped (as tarfile's data filter does); the sticky bit stays.
+    mode = m.mode & 0o1777
     if m.isdir():
         target.mkdir(exist_ok=True)
         os.chmod(target, mode)
@@ -291,7 +371,7 @@ def _extract_member(tf: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> None
     if not m.islnk():
         os.lchown(target, m.uid, m.gid)
         if m.isfile():
-            os.chmod(target, mode)  # chown clears set-id bits; restore them
+            os.chmod(target, mode)  # chown may change the mode of some files; set it again
         if not m.issym():
             os.utime(target, (m.mtime, m.mtime))
 

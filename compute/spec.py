@@ -193,6 +193,8 @@ class NodeReport:
     drivers: tuple[tuple[str, bool, str], ...]
     inventory: tuple[InventoryItem, ...] = ()
     sent_at: float = 0.0
+    # Digests the node holds: VM base disks in its image cache and unpacked container layers.
+    cached: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> NodeReport:

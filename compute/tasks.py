@@ -158,6 +158,14 @@ class NodeService:
 
         return self._run(instance_id, Kind(kind), "delete", action_id, body)
 
+    def cached(self) -> list[str]:
+        """Digests in the node's caches (VM bases, container layers), read from disk."""
+        from compute.imagecache import ImageCache
+        from compute.layers import LayerStore
+
+        state = self.config.state_dir
+        return sorted(set(ImageCache(state / "images").digests()) | set(LayerStore(state).layers()))
+
     def report(self) -> NodeReport:
         """Capacity, driver health and inventory, sent as the node's heartbeat."""
         health: list[tuple[str, bool, str]] = []
@@ -181,6 +189,7 @@ class NodeService:
             drivers=tuple(health),
             inventory=tuple(inventory),
             sent_at=time.time(),
+            cached=tuple(self.cached()),
         )
         self.send("portal.node_report", to_json(report))
         return report

@@ -198,9 +198,16 @@ SKYPORT_SCHEDULER_WEIGHER = os.environ.get("SKYPORT_SCHEDULER_WEIGHER", "spread"
 SKYPORT_NETWORK_POOL = os.environ.get("SKYPORT_NETWORK_POOL", "198.18.0.0/15")
 SKYPORT_NETWORK_PREFIX = int(os.environ.get("SKYPORT_NETWORK_PREFIX", "24"))
 #: nodes send a heartbeat this often; three missed beats mark a node down
+# Images: the content-addressed store (blobs/sha256/<hex>) and upload limits.
+SKYPORT_IMAGE_STORE = Path(os.environ.get("SKYPORT_IMAGE_STORE", VAR_DIR / "store"))
+SKYPORT_UPLOAD_MAX_BYTES = int(os.environ.get("SKYPORT_UPLOAD_MAX_BYTES", str(20 * 2**30)))
+SKYPORT_IMAGE_MAX_VIRTUAL_BYTES = int(os.environ.get("SKYPORT_IMAGE_MAX_VIRTUAL_BYTES", str(512 * 2**30)))
+# How compute nodes reach this portal (blob downloads, snapshot uploads).
+SKYPORT_PORTAL_URL = os.environ.get("SKYPORT_PORTAL_URL", "http://127.0.0.1:8000").rstrip("/")
 SKYPORT_HEARTBEAT_SECONDS = float(os.environ.get("SKYPORT_HEARTBEAT_SECONDS", "5"))
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "portal.sweep", "schedule": float(os.environ.get("SKYPORT_SWEEP_SECONDS", "5"))},
+    "image-tmp": {"task": "portal.images.clean_tmp", "schedule": 3600.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 

@@ -193,10 +193,12 @@ class ContainerDriver(Driver):
     def _image(self, spec: InstanceSpec) -> UnpackedImage:
         if spec.image.format != ImageFormat.OCI:
             raise DriverError(f"containers need an OCI image, {spec.image.name} is {spec.image.format}")
-        location = Path(spec.image.location)
-        if not location.is_absolute() or not location.is_file():
-            raise DriverError(f"image {spec.image.name} is not on this node ({spec.image.location})")
         try:
+            if spec.image.location.startswith(("http://", "https://")):
+                return self.layers.pull(spec.image.location, spec.image.digest)
+            location = Path(spec.image.location)
+            if not location.is_absolute() or not location.is_file():
+                raise DriverError(f"image {spec.image.name} is not on this node ({spec.image.location})")
             return self.layers.unpack(location, spec.image.digest)
         except (ImageError, OSError, ValueError, KeyError) as exc:
             raise DriverError(f"cannot unpack image {spec.image.name}: {exc}") from exc

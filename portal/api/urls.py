@@ -5,10 +5,10 @@ from portal.audit.api.views import EventViewSet
 from portal.cloud.api.views import (
     ComputeNodeViewSet,
     FlavorViewSet,
-    ImageViewSet,
     InstanceViewSet,
     NetworkViewSet,
 )
+from portal.images.api.views import ImageViewSet, blob
 from portal.tenancy.api.views import (
     APITokenViewSet,
     MembershipViewSet,
@@ -30,4 +30,7 @@ router.register("events", EventViewSet)
 router.register("networks", NetworkViewSet)
 router.register("images", ImageViewSet)
 
-urlpatterns = [path("", include(router.urls))]
+urlpatterns = [
+    path("blobs/<str:digest>", blob, name="blob"),
+    path("", include(router.urls)),
+]

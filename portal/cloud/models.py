@@ -88,6 +88,11 @@ class ComputeNode(models.Model):
     status_reason = models.CharField(max_length=255, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     drivers = models.JSONField(default=dict, blank=True)
+    cached = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Digests the node holds (image cache, layers)",
+    )
     orphans = models.JSONField(
         default=list,
         blank=True,
@@ -178,7 +183,8 @@ class Instance(models.Model):
     )
     kind = models.CharField(max_length=16, choices=Kind.choices)
     isolation_reason = models.CharField(max_length=255)
-    image = models.ForeignKey("images.Image", on_delete=models.PROTECT, related_name="instances")
+    # Deleted instances are kept for the record; their image may be deleted after them.
+    image = models.ForeignKey("images.Image", null=True, on_delete=models.SET_NULL, related_name="instances")
     network = models.ForeignKey("Network", on_delete=models.PROTECT, related_name="instances")
     anti_affinity_group = models.CharField(max_length=63, blank=True)
     ssh_keys = models.JSONField(default=list, blank=True, help_text="Public keys injected at creation")

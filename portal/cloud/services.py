@@ -236,6 +236,8 @@ def allocate_port(network: Network, instance: Instance) -> Port:
 
 # ---------------------------------------------------------------- specs
 def build_spec(instance: Instance) -> InstanceSpec:
+    if instance.image is None:
+        raise Conflict(f"The image of instance {instance.name} has been deleted.")
     artifact = instance.image.artifact_for(instance.kind)
     if artifact is None:
         raise Conflict(f"Image {instance.image} has no artifact for a {instance.kind}.")

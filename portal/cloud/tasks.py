@@ -186,6 +186,7 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
         node.vcpus, node.ram_mb, node.disk_gb = report.vcpus, report.ram_mb, report.disk_gb
         node.drivers = {kind: {"ok": ok, "detail": why} for kind, ok, why in report.drivers}
         node.last_heartbeat = sent
+        node.cached = list(report.cached)
         if node.status == NodeStatus.DOWN:
             _node_event(None, node.name, "node.up", node, Outcome.SUCCESS, "heartbeat resumed")
         if node.status != NodeStatus.DISABLED:

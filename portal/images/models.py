@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
@@ -69,14 +70,40 @@ class Image(models.Model):
         return None
 
 
+class Blob(models.Model):
+    """One file in the content-addressed store, shared by every artifact that uses it."""
+
+    digest = models.CharField(max_length=71, primary_key=True, help_text="sha256:<hex>")
+    size = models.PositiveBigIntegerField()
+    media_type = models.CharField(max_length=100)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(digest__startswith="sha256:"), name="blob_digest_sha256")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.digest[:19]} {self.media_type}"
+
+
 class Artifact(models.Model):
-    """One file of an image, addressed by the sha256 of its content."""
+    """One runnable form of an image: a VM disk or an OCI image.
+
+    ``digest`` is the disk's sha256, or the OCI manifest's; ``blobs`` are the
+    stored files (the disk; the manifest, config and layers).  Nodes fetch
+    them from the portal by digest.  ``source_digest`` is the sha256 of the
+    file as it was uploaded (the archive, for container images).
+    """
 
     image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="artifacts")
     format = models.CharField(max_length=8, choices=ArtifactFormat.choices)
     digest = models.CharField(max_length=71, help_text="sha256:<hex>")
-    size = models.PositiveBigIntegerField()
-    location = models.CharField(max_length=500, help_text="Where nodes fetch it: absolute path or URL")
+    size = models.PositiveBigIntegerField(help_text="Bytes stored (all blobs)")
+    virtual_size = models.PositiveBigIntegerField(default=0, help_text="Disk size the guest sees (VM disks)")
+    source_digest = models.CharField(max_length=71, blank=True)
+    blobs = models.ManyToManyField(Blob, related_name="artifacts")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -89,11 +116,15 @@ class Artifact(models.Model):
     def __str__(self) -> str:
         return f"{self.image} {self.format} {self.digest[:19]}"
 
+    def location(self) -> str:
+        """Where nodes fetch it: the portal's blob endpoint (node-key authenticated)."""
+        return f"{settings.SKYPORT_PORTAL_URL}/api/v1/blobs/{self.digest}"
+
     def ref(self) -> ImageRef:
         return ImageRef(
             name=self.image.name,
             version=self.image.version,
             format=ImageFormat(self.format),
             digest=self.digest,
-            location=self.location,
+            location=self.location(),
         )

@@ -42,9 +42,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, list[Any]]]:
 def make_image(name: str, version: str, *formats: str, owner: Tenant | None = None) -> Image:
     image = Image.objects.create(name=name, version=version, owner=owner, status="active")
     for fmt in formats:
-        Artifact.objects.create(
-            image=image, format=fmt, digest=DIGEST, size=1, location=f"/images/{name}.{fmt}"
-        )
+        Artifact.objects.create(image=image, format=fmt, digest=DIGEST, size=1)
     return image
 
 

@@ -241,6 +241,9 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
         ):
             raise serializers.ValidationError({"flavor": "This flavor is private to another tenant."})
         image = attrs.get("image")
+        if image is not None and tenant is not None and image.owner_id not in (None, tenant.pk):
+            # The requester may see it through another membership; it still belongs to that tenant.
+            raise serializers.ValidationError({"image": f"Image {image} is private to another tenant."})
         if (
             image is not None
             and flavor is not None
@@ -293,29 +296,3 @@ class NetworkSerializer(serializers.ModelSerializer[Network]):
         model = Network
         fields = ["id", "tenant", "name", "cidr", "bridge", "host_address", "mtu", "created_at"]
         read_only_fields = fields
-
-
-class ImageSerializer(serializers.ModelSerializer[Image]):
-    owner: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="slug", read_only=True)
-    formats = serializers.SerializerMethodField()
-
-    class Meta:
-        model = Image
-        fields = [
-            "id",
-            "name",
-            "version",
-            "description",
-            "os",
-            "owner",
-            "min_ram_mb",
-            "min_disk_gb",
-            "status",
-            "status_reason",
-            "formats",
-            "created_at",
-        ]
-        read_only_fields = fields
-
-    def get_formats(self, obj: Image) -> list[str]:
-        return sorted(obj.formats())

@@ -18,7 +18,6 @@ from portal.audit.record import describe
 from portal.cloud import services
 from portal.cloud.api import serializers
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
-from portal.images.models import Image
 from portal.tenancy.choices import Role
 
 
@@ -181,25 +180,3 @@ class NetworkViewSet(viewsets.ReadOnlyModelViewSet):  # type: ignore[type-arg]
 
     def get_queryset(self) -> models.QuerySet[Any]:
         return Network.objects.select_related("tenant").restrict(actor_for(self.request))
-
-
-class ImageViewSet(viewsets.ReadOnlyModelViewSet):  # type: ignore[type-arg]
-    """Public images and your tenants' private ones."""
-
-    serializer_class = serializers.ImageSerializer
-    queryset = Image.objects.all()
-    filterset_fields = {
-        "name": ["exact"],
-        "version": ["exact"],
-        "status": ["exact"],
-        "owner__slug": ["exact"],
-    }
-    search_fields = ["name", "description"]
-    ordering_fields = ["name", "created_at"]
-
-    def get_queryset(self) -> models.QuerySet[Any]:
-        return (
-            Image.objects.select_related("owner")
-            .prefetch_related("artifacts")
-            .restrict(actor_for(self.request))
-        )

@@ -12,6 +12,7 @@ from portal.audit.models import Event, Outcome
 from portal.cloud import services
 from portal.cloud.choices import NodeStatus
 from portal.cloud.models import ComputeNode
+from portal.images.nodekeys import node_key
 from portal.tenancy.models import Tenant
 
 
@@ -34,6 +35,9 @@ class Command(BaseCommand):
         for verb in ("disable", "enable"):
             sub.add_parser(verb, help=f"{verb} scheduling onto a node").add_argument("name")
         sub.add_parser("list", help="list nodes")
+        sub.add_parser(
+            "key", help="print the key a node sends to fetch image blobs (its SKYPORT_NODE_KEY)"
+        ).add_argument("name")
 
     def _node(self, name: str) -> ComputeNode:
         node = ComputeNode.objects.select_related("owner").filter(name=name).first()
@@ -63,9 +67,12 @@ class Command(BaseCommand):
                 )
             return
         name = options["name"]
+        if action in ("key", "register") and not re.fullmatch(r"[A-Za-z0-9_-]{1,63}", name):
+            raise CommandError("node names use letters, digits, '-' and '_' (at most 63)")
+        if action == "key":
+            self.stdout.write(node_key(name))
+            return
         if action == "register":
-            if not re.fullmatch(r"[A-Za-z0-9_-]{1,63}", name):
-                raise CommandError("node names use letters, digits, '-' and '_' (at most 63)")
             node, created = ComputeNode.objects.get_or_create(name=name, defaults={"queue": f"node.{name}"})
             for field in ("vcpus", "ram_mb", "disk_gb"):
                 if options[field]:

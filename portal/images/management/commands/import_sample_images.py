@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db import transaction
 
+from portal.images import services
 from portal.images.choices import ArtifactFormat, ImageStatus
-from portal.images.models import Artifact, Image
+from portal.images.models import Image
 
 
 def _newest(directory: Path, pattern: str) -> Path | None:
@@ -62,22 +62,35 @@ class Command(BaseCommand):
                 [(ArtifactFormat.QCOW2, disk), (ArtifactFormat.OCI, busybox)],
             ),
         ]
-        with transaction.atomic():
-            for name, version, description, artifacts in plan:
-                image, _ = Image.objects.get_or_create(
-                    name=name,
-                    version=version,
-                    owner=None,
-                    defaults={"description": description, "os": "linux", "status": ImageStatus.ACTIVE},
-                )
-                for fmt, path in artifacts:
-                    Artifact.objects.update_or_create(
-                        image=image,
-                        format=fmt,
-                        defaults={
-                            "digest": _digest(path),
-                            "size": path.stat().st_size,
-                            "location": str(path),
-                        },
-                    )
-                self.stdout.write(f"image {image} ({', '.join(sorted(image.formats()))})")
+        for name, version, description, artifacts in plan:
+            image, _ = Image.objects.get_or_create(
+                name=name,
+                version=version,
+                owner=None,
+                defaults={"description": description, "os": "linux", "status": ImageStatus.QUEUED},
+            )
+            for fmt, path in artifacts:
+                self._ensure(image, fmt, path)
+            image.refresh_from_db()
+            if image.status != ImageStatus.ACTIVE:
+                raise CommandError(f"image {image}: {image.status_reason}")
+            self.stdout.write(f"image {image} ({', '.join(sorted(image.formats()))})")
+
+    def _ensure(self, image: Image, fmt: str, path: Path) -> None:
+        """Import ``path`` through the store unless the image already has it, complete."""
+        store = services.store()
+        artifact = image.artifacts.filter(format=fmt).first()
+        if artifact is not None:
+            if artifact.source_digest == _digest(path) and all(
+                store.has(b.digest) for b in artifact.blobs.all()
+            ):
+                return
+            artifact.delete()  # recorded before the store existed, or its files are gone: import again
+        temp, digest, _ = services.copy_in(path)
+        if digest != _digest(path):
+            temp.unlink(missing_ok=True)
+            raise CommandError(f"{path} does not match {path}.sha256")
+        before = services.claim(image)
+        services.import_artifact(
+            image.pk, "oci" if fmt == ArtifactFormat.OCI else fmt, str(temp), digest, before
+        )

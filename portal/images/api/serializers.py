@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from portal.api.authentication import actor_for
+from portal.api.fields import DefaultTenantMixin, TenantField
+from portal.images.models import Artifact, Image
+
+
+class ArtifactSerializer(serializers.ModelSerializer[Artifact]):
+    layers = serializers.SerializerMethodField(help_text="Layer digests of a container image, bottom first")
+
+    class Meta:
+        model = Artifact
+        fields = ["format", "digest", "size", "virtual_size", "source_digest", "layers", "created_at"]
+        read_only_fields = fields
+
+    def get_layers(self, obj: Artifact) -> list[str]:
+        return sorted(
+            b.digest for b in obj.blobs.all() if b.media_type.startswith(("application/vnd.oci.image.layer",))
+        )
+
+
+class ImageSerializer(DefaultTenantMixin, serializers.ModelSerializer[Image]):
+    tenant = TenantField(
+        required=False, write_only=True, help_text="Owner of a private image (default: your only tenant)"
+    )
+    public = serializers.BooleanField(
+        required=False, default=False, help_text="Visible to every tenant; operators only"
+    )
+    owner: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    formats = serializers.SerializerMethodField()
+    artifacts = ArtifactSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = Image
+        fields = [
+            "id",
+            "name",
+            "version",
+            "description",
+            "os",
+            "tenant",
+            "public",
+            "owner",
+            "min_ram_mb",
+            "min_disk_gb",
+            "status",
+            "status_reason",
+            "formats",
+            "artifacts",
+            "created_at",
+        ]
+        read_only_fields = ["id", "owner", "status", "status_reason", "formats", "artifacts", "created_at"]
+        # (name, version) uniqueness per owner is checked in validate(): the owner is derived
+        validators: list[Any] = []
+
+    def get_formats(self, obj: Image) -> list[str]:
+        return sorted(obj.formats())
+
+    def to_representation(self, instance: Image) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        data["public"] = instance.owner_id is None
+        return data
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        creating = self.instance is None
+        if not creating:
+            for field in ("name", "version", "tenant", "public"):
+                if field in self.initial_data:
+                    raise serializers.ValidationError({field: "Cannot be changed; upload a new version."})
+            return attrs
+        if attrs.get("public"):
+            if not actor_for(self.context["request"]).is_operator:
+                raise serializers.ValidationError({"public": "Only operators publish public images."})
+            if "tenant" in self.initial_data:
+                raise serializers.ValidationError({"tenant": "A public image has no owner tenant."})
+            attrs.pop("tenant", None)
+        else:
+            attrs = super().validate(attrs)
+        owner = attrs.get("tenant")
+        clash = Image.objects.filter(name=attrs["name"], version=attrs["version"], owner=owner)
+        if clash.exists():
+            where = f"tenant {owner.slug}" if owner else "the public catalogue"
+            raise serializers.ValidationError(
+                {"version": f"{attrs['name']}:{attrs['version']} already exists in {where}."}
+            )
+        return attrs
+
+    def create(self, validated_data: dict[str, Any]) -> Image:
+        validated_data.pop("public", None)
+        owner = validated_data.pop("tenant", None)
+        return Image.objects.create(owner=owner, **validated_data)
+
+
+class UploadQuerySerializer(serializers.Serializer[Any]):
+    type = serializers.ChoiceField(
+        choices=["qcow2", "raw", "oci", "docker"],
+        help_text="qcow2/raw: VM disk; oci: OCI image layout tar; docker: `docker save` archive (converted)",
+    )
+    sha256 = serializers.RegexField(
+        r"^(sha256:)?[0-9a-f]{64}$", required=False, help_text="Expected sha256; the upload fails on mismatch"
+    )

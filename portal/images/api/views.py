@@ -1,0 +1,158 @@
+"""Images: the catalogue, uploads, and the blob endpoint nodes fetch from."""
+
+from __future__ import annotations
+
+import hmac
+from typing import IO, Any, cast
+
+from django.db import models, transaction
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.http import require_safe
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
+from rest_framework import parsers, status
+from rest_framework.decorators import action
+from rest_framework.exceptions import APIException, MethodNotAllowed
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from portal.api.authentication import actor_for
+from portal.api.viewsets import ScopedViewSet
+from portal.audit.record import describe
+from portal.images import services
+from portal.images.api.serializers import ImageSerializer, UploadQuerySerializer
+from portal.images.choices import ImageStatus
+from portal.images.models import Blob, Image
+from portal.images.nodekeys import node_key
+from portal.images.store import is_digest
+
+
+class UploadFailed(APIException):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.status_code = code
+
+
+class OctetStreamParser(parsers.BaseParser):
+    """Declares the raw body; the view streams it itself and never parses it."""
+
+    media_type = "application/octet-stream"
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        return stream
+
+
+class ImageViewSet(ScopedViewSet):
+    """Public images and your tenants' private ones; upload files with PUT /images/{id}/file/."""
+
+    queryset = Image.objects.all()
+    serializer_class = ImageSerializer
+    http_method_names = ["get", "post", "put", "patch", "delete", "head", "options"]
+    filterset_fields = {
+        "name": ["exact"],
+        "version": ["exact"],
+        "status": ["exact"],
+        "owner__slug": ["exact"],
+        "os": ["exact"],
+    }
+    search_fields = ["name", "description"]
+    ordering_fields = ["name", "version", "created_at"]
+
+    def get_queryset(self) -> models.QuerySet[Any]:
+        return (
+            Image.objects.select_related("owner")
+            .prefetch_related("artifacts__blobs")
+            .restrict(actor_for(self.request))
+        )
+
+    def tenant_id_of(self, obj: models.Model) -> int | None:
+        return getattr(obj, "owner_id", None)
+
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        if not kwargs.get("partial"):
+            raise MethodNotAllowed("PUT", "Use PATCH to change an image, PUT /images/{id}/file/ to upload.")
+        return super().update(request, *args, **kwargs)
+
+    def perform_create(self, serializer: Any) -> None:
+        tenant = serializer.validated_data.get("tenant")
+        if tenant is not None:
+            self.check_role(tenant.pk, self.write_role)
+        image = serializer.save()
+        describe(self.request, "image.create", image, tenant_id=image.owner_id)
+
+    def perform_destroy(self, instance: models.Model) -> None:
+        assert isinstance(instance, Image)
+        describe(self.request, "image.delete", instance, tenant_id=instance.owner_id)
+        services.delete_image(instance)
+
+    @extend_schema(
+        request={"application/octet-stream": OpenApiTypes.BINARY},
+        parameters=[UploadQuerySerializer],
+        responses={202: ImageSerializer},
+        summary="Upload the image's disk or container archive (raw body, streamed to disk)",
+    )
+    @action(detail=True, methods=["put"], url_path="file", parser_classes=[OctetStreamParser])
+    def upload(self, request: Request, pk: str | None = None) -> Response:
+        image = self.get_object()  # scoping (404) and role checks (403)
+        describe(request, "image.upload", image, tenant_id=image.owner_id)
+        query = UploadQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        fmt = query.validated_data["type"]
+        try:
+            services.check_can_receive(image, fmt)
+        except services.UploadError as exc:
+            raise UploadFailed(str(exc), exc.status) from exc
+        length_header = request.META.get("CONTENT_LENGTH") or ""
+        length = int(length_header) if length_header.isdigit() else None
+        before = services.claim(image)
+        reason = image.status_reason
+        try:
+            path, digest, size = services.receive(
+                cast(IO[bytes], request._request), length, query.validated_data.get("sha256", "")
+            )
+        except services.UploadError as exc:
+            if "Checksum mismatch" in str(exc):
+                after = ImageStatus.ACTIVE if image.artifacts.exists() else ImageStatus.FAILED
+                services.release(image, after, str(exc))
+            else:
+                services.release(image, before, reason)  # nothing changed; the client may send it again
+            raise UploadFailed(str(exc), exc.status) from exc
+        services.release(image, ImageStatus.IMPORTING, f"received {size} bytes ({digest}), queued for import")
+        from portal.images.tasks import import_image
+
+        args = [image.pk, fmt, str(path), digest, before]
+        transaction.on_commit(lambda: import_image.delay(*args))
+        image.refresh_from_db()
+        return Response(self.get_serializer(image).data, status=status.HTTP_202_ACCEPTED)
+
+
+def _node_allowed(request: HttpRequest) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme == "Node":
+        name, _, key = credentials.strip().partition(":")
+        return bool(name and key) and hmac.compare_digest(key, node_key(name))
+    user = getattr(request, "user", None)
+    return bool(user is not None and user.is_authenticated and user.is_staff)
+
+
+@require_safe
+def blob(request: HttpRequest, digest: str) -> HttpResponse | FileResponse:
+    """A stored blob by digest, for compute nodes (node key) and operators (session)."""
+    if not _node_allowed(request):
+        return JsonResponse(
+            {"message": "Blobs are served to compute nodes: send 'Authorization: Node <name>:<key>'."},
+            status=401,
+        )
+    if not is_digest(digest) or not Blob.objects.filter(digest=digest).exists():
+        return JsonResponse({"message": f"No blob {digest}."}, status=404)
+    path = services.store().path(digest)
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        return JsonResponse({"message": f"Blob {digest} is recorded but missing from the store."}, status=410)
+    response = FileResponse(fh, content_type="application/octet-stream")
+    response["ETag"] = f'"{digest}"'
+    response["Cache-Control"] = "private, max-age=31536000, immutable"
+    response["Docker-Content-Digest"] = digest
+    return response

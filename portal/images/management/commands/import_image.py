@@ -1,0 +1,94 @@
+"""Import an image file that is already on the portal host (operators).
+
+    manage.py import_image --name debian --version 12 --format qcow2 /srv/debian-12.qcow2 --public
+    manage.py import_image --name app --version 3 --format docker app.tar --tenant acme --wait
+
+The file is copied into the store and checked by the ``portal.images.import``
+task on the control queue, exactly like an upload; the original is left alone.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import IntegrityError
+
+from portal.api.exceptions import Conflict
+from portal.images import services
+from portal.images.choices import ImageStatus
+from portal.images.models import Image
+from portal.images.tasks import import_image
+from portal.tenancy.models import Tenant
+
+
+class Command(BaseCommand):
+    help = "Import a VM disk (qcow2/raw) or container archive (oci/docker) from a path on this host."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("path")
+        parser.add_argument("--name", required=True)
+        parser.add_argument("--version", dest="image_version", required=True)
+        parser.add_argument("--format", required=True, choices=sorted(services.UPLOAD_FORMATS))
+        who = parser.add_mutually_exclusive_group(required=True)
+        who.add_argument("--public", action="store_true", help="visible to every tenant")
+        who.add_argument("--tenant", help="slug of the owning tenant (a private image)")
+        parser.add_argument("--description", default="")
+        parser.add_argument("--os", default="linux")
+        parser.add_argument("--sha256", default="", help="expected sha256 of the file")
+        parser.add_argument("--wait", action="store_true", help="wait until the import task has finished")
+        parser.add_argument("--timeout", type=float, default=3600.0)
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        path = Path(opts["path"]).resolve()
+        if not path.is_file():
+            raise CommandError(f"{path}: no such file")
+        owner = None
+        if opts["tenant"]:
+            owner = Tenant.objects.filter(slug=opts["tenant"]).first()
+            if owner is None:
+                raise CommandError(f"no tenant '{opts['tenant']}'")
+        try:
+            image, _ = Image.objects.get_or_create(
+                name=opts["name"],
+                version=opts["image_version"],
+                owner=owner,
+                defaults={"description": opts["description"], "os": opts["os"]},
+            )
+        except IntegrityError as exc:
+            raise CommandError(f"cannot create the image: {exc}") from exc
+        try:
+            services.check_can_receive(image, opts["format"])
+        except services.UploadError as exc:
+            raise CommandError(str(exc)) from exc
+        except Conflict as exc:
+            raise CommandError(str(exc.detail)) from exc
+        before = services.claim(image)
+        try:
+            temp, digest, size = services.copy_in(path)
+        except services.UploadError as exc:
+            services.release(image, before, "")
+            raise CommandError(str(exc)) from exc
+        expected = opts["sha256"].removeprefix("sha256:")
+        if expected and digest != f"sha256:{expected}":
+            temp.unlink(missing_ok=True)
+            services.release(
+                image, ImageStatus.FAILED, f"checksum mismatch: {digest}, expected sha256:{expected}"
+            )
+            raise CommandError(f"checksum mismatch: the file is {digest}, expected sha256:{expected}")
+        services.release(image, ImageStatus.IMPORTING, f"copied {size} bytes ({digest}), queued for import")
+        import_image.delay(image.pk, opts["format"], str(temp), digest, before)
+        self.stdout.write(f"image {image} (id {image.pk}): importing {digest}")
+        if not opts["wait"]:
+            return
+        deadline = time.monotonic() + opts["timeout"]
+        while time.monotonic() < deadline:
+            image.refresh_from_db()
+            if image.status != ImageStatus.IMPORTING:
+                break
+            time.sleep(0.5)
+        self.stdout.write(f"image {image}: {image.status} - {image.status_reason}")
+        if image.status != ImageStatus.ACTIVE:
+            raise CommandError(f"import failed: {image.status_reason}")

@@ -1,0 +1,86 @@
+"""The content-addressed blob store: ``<root>/blobs/sha256/<hex>``.
+
+Every stored file is named by the sha256 of its content, so a VM disk or a
+container layer uploaded twice, or shared by two images, is stored once.
+Files arrive in ``<root>/tmp`` (uploads, staged archive members) and are
+renamed into place; a rename is atomic, so a blob is either complete or
+absent.  Placing blobs and deleting unreferenced ones happen under one
+``flock`` on ``<root>/.lock`` together with the database change that
+references or forgets them, so a concurrent import and garbage collection
+cannot lose a file that a row points at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def is_digest(value: str) -> bool:
+    return bool(_DIGEST.match(value))
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs" / "sha256"
+        self.tmp = root / "tmp"
+
+    def ensure(self) -> None:
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        if not is_digest(digest):
+            raise ValueError(f"not a sha256 digest: {digest!r}")
+        return self.blobs / digest.removeprefix("sha256:")
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def temp_path(self, prefix: str) -> Path:
+        """A fresh name under ``tmp/`` (nothing is created)."""
+        self.ensure()
+        return self.tmp / f"{prefix}-{uuid.uuid4().hex}"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.ensure()
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def place(self, temp: Path, digest: str) -> Path:
+        """Move ``temp`` (whose content has ``digest``) into the store; call under :meth:`locked`."""
+        dest = self.path(digest)
+        if dest.is_file():
+            temp.unlink(missing_ok=True)
+        else:
+            temp.chmod(0o644)
+            os.replace(temp, dest)
+        return dest
+
+    def remove(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)
+
+    def remove_all(self, digests: list[str]) -> None:
+        for digest in digests:
+            self.remove(digest)
+
+    def digests(self) -> set[str]:
+        if not self.blobs.is_dir():
+            return set()
+        return {f"sha256:{p.name}" for p in self.blobs.iterdir() if is_digest(f"sha256:{p.name}")}
+
+    def temp_files(self) -> list[Path]:
+        return sorted(self.tmp.iterdir()) if self.tmp.is_dir() else []

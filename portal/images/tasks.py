@@ -1,0 +1,19 @@
+"""Control-queue tasks of the images app."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from portal.images import services
+
+
+@shared_task(name="portal.images.import")
+def import_image(image_id: int, fmt: str, upload: str, source_digest: str, before: str) -> str:
+    """Validate an uploaded file and make it an artifact of the image (or fail it with the reason)."""
+    return services.import_artifact(image_id, fmt, upload, source_digest, before)
+
+
+@shared_task(name="portal.images.clean_tmp")
+def clean_tmp() -> int:
+    """Remove upload leftovers older than a day (a web process killed mid-upload)."""
+    return services.clean_tmp()

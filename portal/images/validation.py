@@ -1,0 +1,481 @@
+"""Checks an uploaded file before it may become an image artifact.
+
+VM disks: ``qemu-img info`` must see qcow2 or raw (as declared), with no
+backing file and no external data file, a virtual size within the limit,
+and ``qemu-img check`` must find no corruption.
+
+Container archives: an OCI image layout tar, or a ``docker save`` archive
+that is converted to OCI.  Every member of the archive and of every layer
+passes the rules of tarfile's ``data_filter`` (no absolute paths, no ``..``,
+no links leaving the tree, no device nodes or FIFOs; the filter itself runs
+too where the interpreter has it, Debian 12's 3.11.2 does not); the one exception is that a
+symlink *inside a layer* may point at an absolute path, because the
+container resolves it inside its own root (Debian's /etc/alternatives links
+are absolute).  Set-id bits are allowed in the archive and dropped by nodes
+when they unpack.  Every blob is verified against its digest; blobs are
+staged in the store's ``tmp/`` and only renamed into place by the caller
+once the whole archive is accepted.
+
+Nothing here touches the database.  Every refusal is a :class:`Rejected`
+whose message says precisely what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from portal.images.store import BlobStore, is_digest
+
+CHUNK = 1 << 20
+MAX_JSON = 4 << 20
+_CHECK_DEST = "/nonexistent/skyport-check"
+
+MEDIA_DISK = {"qcow2": "application/vnd.skyport.disk.qcow2", "raw": "application/vnd.skyport.disk.raw"}
+MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
+_MANIFEST_TYPES = {MEDIA_MANIFEST, "application/vnd.docker.distribution.manifest.v2+json"}
+_INDEX_TYPES = {MEDIA_INDEX, "application/vnd.docker.distribution.manifest.list.v2+json"}
+_LAYER_TYPES = {
+    MEDIA_LAYER,
+    MEDIA_LAYER + "+gzip",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+}
+
+
+class Rejected(Exception):
+    """The file cannot become an artifact; the message is the reason shown to the user."""
+
+
+@dataclasses.dataclass
+class StagedBlob:
+    digest: str
+    size: int
+    media_type: str
+    path: Path | None  # a file under the store's tmp/, or None when the store already has it
+
+
+@dataclasses.dataclass
+class Checked:
+    """An accepted artifact: its format, its digest and the blobs that make it up."""
+
+    format: str  # qcow2 | raw | oci
+    digest: str  # the disk's sha256, or the OCI manifest's
+    blobs: list[StagedBlob]
+    virtual_size: int = 0
+    detail: str = ""
+
+    def discard(self) -> None:
+        for blob in self.blobs:
+            if blob.path is not None:
+                blob.path.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- VM disks
+
+
+def _qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(["qemu-img", *args], check=False, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError as exc:
+        raise Rejected("qemu-img is not installed on the portal host; disks cannot be checked") from exc
+
+
+def check_disk(path: Path, digest: str, declared: str, max_virtual: int) -> Checked:
+    """Accept ``path`` as a VM disk of format ``declared`` (qcow2 or raw)."""
+    proc = _qemu_img("info", "--output=json", "-U", str(path))
+    if proc.returncode != 0:
+        raise Rejected(f"qemu-img info cannot read the file: {proc.stderr.strip()[-200:]}")
+    info: dict[str, Any] = json.loads(proc.stdout)
+    seen = str(info.get("format", ""))
+    if seen not in MEDIA_DISK:
+        raise Rejected(f"qemu-img sees format '{seen}'; only qcow2 and raw disks are accepted")
+    if seen != declared:
+        raise Rejected(f"declared as {declared} but qemu-img sees {seen}")
+    if "backing-filename" in info:
+        raise Rejected(
+            f"the qcow2 has a backing file ({info['backing-filename']}); "
+            "upload a standalone image (qemu-img convert -O qcow2)"
+        )
+    data = info.get("format-specific", {}).get("data", {})
+    if "data-file" in data:
+        raise Rejected(f"the qcow2 uses an external data file ({data['data-file']})")
+    if data.get("corrupt"):
+        raise Rejected("the qcow2 is marked corrupt")
+    virtual = int(info.get("virtual-size", 0))
+    if virtual <= 0:
+        raise Rejected("the disk has no virtual size")
+    if virtual > max_virtual:
+        raise Rejected(
+            f"virtual size {virtual / 2**30:.1f} GiB exceeds the limit of {max_virtual / 2**30:.0f} GiB"
+        )
+    if seen == "qcow2":
+        check = _qemu_img("check", "--output=json", "-U", "-f", "qcow2", str(path))
+        if check.returncode not in (0, 3):  # 3: leaked clusters only, harmless
+            try:
+                result = json.loads(check.stdout)
+                why = (
+                    f"{result.get('corruptions', '?')} corruptions, "
+                    f"{result.get('check-errors', 0)} check errors"
+                )
+            except ValueError:
+                why = check.stderr.strip()[-200:] or f"exit code {check.returncode}"
+            raise Rejected(f"qemu-img check finds the qcow2 damaged or truncated: {why}")
+    size = path.stat().st_size
+    return Checked(
+        format=seen,
+        digest=digest,
+        blobs=[StagedBlob(digest, size, MEDIA_DISK[seen], path)],
+        virtual_size=virtual,
+        detail=f"{seen}, virtual size {virtual / 2**20:.0f} MiB, {size / 2**20:.1f} MiB stored",
+    )
+
+
+# -------------------------------------------------------------------------------- tar members
+
+
+def _outside(path: str) -> bool:
+    """Whether a relative path climbs above its root once normalised."""
+    depth = 0
+    for part in PurePosixPath(path).parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return True
+    return False
+
+
+def _data_filter_rules(member: tarfile.TarInfo) -> None:
+    """The rules of tarfile's ``data_filter`` (PEP 706), for Pythons that lack it.
+
+    Debian 12's Python 3.11.2 predates the filter; where the interpreter has
+    it, :func:`_filter` runs it as well.
+    """
+    name = member.name
+    if name.startswith("/"):
+        raise Rejected(f"{name!r} is an absolute path")
+    if _outside(name):
+        raise Rejected(f"{name!r} would be extracted outside the destination")
+    if member.issym() or member.islnk():
+        target = member.linkname
+        if target.startswith("/"):
+            raise Rejected(f"{name!r} links to the absolute path {target!r}")
+        base = str(PurePosixPath(name).parent) if member.issym() else "."
+        if _outside(f"{base}/{target}"):
+            raise Rejected(f"{name!r} links to {target!r}, outside the destination")
+    elif not (member.isfile() or member.isdir()):
+        raise Rejected(f"{name!r} is a special file")
+
+
+def _filter(member: tarfile.TarInfo, where: str) -> None:
+    if member.ischr() or member.isblk():
+        raise Rejected(f"{where}: {member.name!r} is a device node")
+    if member.isfifo():
+        raise Rejected(f"{where}: {member.name!r} is a FIFO")
+    try:
+        _data_filter_rules(member)
+    except Rejected as exc:
+        raise Rejected(f"{where}: {exc}") from exc
+    data_filter = getattr(tarfile, "data_filter", None)
+    if data_filter is not None:
+        try:
+            data_filter(member, _CHECK_DEST)
+        except tarfile.TarError as exc:  # FilterError and its subclasses
+            raise Rejected(f"{where}: {exc}") from exc
+
+
+def check_layer_member(member: tarfile.TarInfo, layer: str) -> None:
+    where = f"layer {layer[7:19]}"
+    if member.issym():
+        name = PurePosixPath(member.name)
+        if name.is_absolute() or ".." in name.parts:
+            raise Rejected(f"{where}: unsafe path {member.name!r}")
+        if not member.linkname.startswith("/") and _outside(f"{name.parent}/{member.linkname}"):
+            raise Rejected(f"{where}: symlink {member.name!r} -> {member.linkname!r} leaves the image")
+        return
+    _filter(member, where)
+
+
+class _TeeReader:
+    """Reads ``src``, writes what it read to ``out`` and hashes it."""
+
+    def __init__(self, src: IO[bytes], out: IO[bytes] | None) -> None:
+        self.src = src
+        self.out = out
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.src.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        if self.out is not None:
+            self.out.write(data)
+        return data
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hash.hexdigest()
+
+
+# ------------------------------------------------------------------------------ OCI archives
+
+
+class _Archive:
+    """The outer tar with every member checked once, read by name."""
+
+    def __init__(self, tf: tarfile.TarFile) -> None:
+        self.tf = tf
+        self.members: dict[str, tarfile.TarInfo] = {}
+        for m in tf.getmembers():
+            _filter(m, "archive")
+            self.members[str(PurePosixPath(m.name))] = m
+
+    def open(self, name: str) -> IO[bytes]:
+        m = self.members.get(str(PurePosixPath(name)))
+        fh = self.tf.extractfile(m) if m is not None else None
+        if fh is None:
+            raise Rejected(f"archive lacks {name}")
+        return fh
+
+    def read_json(self, name: str) -> tuple[bytes, Any]:
+        with self.open(name) as fh:
+            data = fh.read(MAX_JSON + 1)
+        if len(data) > MAX_JSON:
+            raise Rejected(f"{name} is larger than {MAX_JSON} bytes")
+        try:
+            return data, json.loads(data)
+        except ValueError as exc:
+            raise Rejected(f"{name} is not JSON: {exc}") from exc
+
+
+def check_archive(path: Path, store: BlobStore) -> Checked:
+    """Accept ``path`` as an OCI layout archive or a ``docker save`` archive; stage its blobs."""
+    try:
+        tf = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the with below
+    except (tarfile.TarError, OSError) as exc:
+        raise Rejected(f"not a tar archive: {exc}") from exc
+    staged: list[StagedBlob] = []
+    try:
+        with tf:
+            archive = _Archive(tf)
+            if "index.json" in archive.members:
+                result = _oci_layout(archive, store, staged)
+            elif "manifest.json" in archive.members:
+                result = _docker_save(archive, store, staged)
+            else:
+                raise Rejected(
+                    "neither an OCI image layout (index.json) nor a docker save archive (manifest.json)"
+                )
+    except Rejected:
+        Checked("oci", "", staged).discard()
+        raise
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        Checked("oci", "", staged).discard()
+        raise Rejected(f"the archive is damaged or truncated: {exc}") from exc
+    except BaseException:
+        Checked("oci", "", staged).discard()
+        raise
+    return result
+
+
+def _blob_name(digest: str) -> str:
+    return f"blobs/sha256/{digest.removeprefix('sha256:')}"
+
+
+def _stage_bytes(store: BlobStore, data: bytes, media_type: str, staged: list[StagedBlob]) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path: Path | None = None
+    if not store.has(digest):
+        path = store.temp_path("blob")
+        path.write_bytes(data)
+    staged.append(StagedBlob(digest, len(data), media_type, path))
+    return digest
+
+
+def _stage_layer(
+    store: BlobStore, src: IO[bytes] | None, expect: str | None, media_type: str, staged: list[StagedBlob]
+) -> StagedBlob:
+    """Copy one layer into tmp/ while hashing it and checking each of its members."""
+    if src is None or (expect is not None and store.has(expect)):
+        assert expect is not None
+        # Stored earlier, checked then; the archive's copy is not needed.
+        blob = StagedBlob(expect, store.path(expect).stat().st_size, media_type, None)
+        staged.append(blob)
+        return blob
+    path = store.temp_path("layer")
+    blob = StagedBlob(expect or "", 0, media_type, path)
+    staged.append(blob)
+    with path.open("wb") as out:
+        tee = _TeeReader(src, out)
+        try:
+            with tarfile.open(fileobj=tee, mode="r|*") as layer:  # type: ignore[call-overload]
+                for member in layer:
+                    check_layer_member(member, expect or "sha256:unknown-layer")
+        except tarfile.TarError as exc:
+            raise Rejected(f"layer {(expect or '')[7:19]} is not a valid tar: {exc}") from exc
+        while tee.read(CHUNK):  # padding after the end-of-archive blocks counts too
+            pass
+    blob.size = tee.size
+    if expect is not None and tee.digest != expect:
+        raise Rejected(f"layer {expect} does not match its digest (content is {tee.digest})")
+    blob.digest = tee.digest
+    return blob
+
+
+def _descriptor(value: Any, what: str) -> tuple[str, int, str]:
+    if not isinstance(value, dict):
+        raise Rejected(f"{what} is not a descriptor")
+    digest, size, media = value.get("digest"), value.get("size", -1), value.get("mediaType", "")
+    if not isinstance(digest, str) or not is_digest(digest):
+        raise Rejected(f"{what} has no sha256 digest")
+    if not isinstance(size, int) or size < 0:
+        raise Rejected(f"{what} has no size")
+    return digest, size, str(media)
+
+
+def _read_blob(archive: _Archive, digest: str, size: int, what: str) -> bytes:
+    if size > MAX_JSON:
+        raise Rejected(f"{what} is larger than {MAX_JSON} bytes")
+    with archive.open(_blob_name(digest)) as fh:
+        data = fh.read(MAX_JSON + 1)
+    got = "sha256:" + hashlib.sha256(data).hexdigest()
+    if got != digest:
+        raise Rejected(f"{what} {digest} does not match its digest (content is {got})")
+    return data
+
+
+def _pick_manifest(archive: _Archive, entries: Any) -> tuple[str, int]:
+    if not isinstance(entries, list) or not entries:
+        raise Rejected("index.json lists no manifest")
+    for _ in range(2):  # an index may point at one nested index
+        descs = [(*_descriptor(e, "index.json entry"), e.get("platform") or {}) for e in entries]
+        amd64 = [
+            d
+            for d in descs
+            if d[3].get("os", "linux") == "linux" and d[3].get("architecture", "amd64") == "amd64"
+        ]
+        if len(amd64) != 1:
+            raise Rejected(f"index lists {len(amd64)} linux/amd64 manifests; exactly one is needed")
+        digest, size, media, _ = amd64[0]
+        if media not in _INDEX_TYPES:
+            return digest, size
+        nested = json.loads(_read_blob(archive, digest, size, "nested index"))
+        entries = nested.get("manifests") if isinstance(nested, dict) else None
+        if not isinstance(entries, list) or not entries:
+            raise Rejected("nested index lists no manifest")
+    raise Rejected("indexes nested more than one level deep are not accepted")
+
+
+def _oci_layout(archive: _Archive, store: BlobStore, staged: list[StagedBlob]) -> Checked:
+    _, index = archive.read_json("index.json")
+    if not isinstance(index, dict):
+        raise Rejected("index.json is not an object")
+    digest, size = _pick_manifest(archive, index.get("manifests"))
+    raw_manifest = _read_blob(archive, digest, size, "manifest")
+    manifest = json.loads(raw_manifest)
+    if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
+        raise Rejected("the manifest is not an image manifest (schemaVersion 2)")
+    if manifest.get("mediaType", MEDIA_MANIFEST) not in _MANIFEST_TYPES:
+        raise Rejected(f"unsupported manifest media type {manifest.get('mediaType')!r}")
+    config_digest, config_size, _ = _descriptor(manifest.get("config"), "manifest config")
+    config = _read_blob(archive, config_digest, config_size, "image config")
+    diff_ids = _check_config(config)
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise Rejected("the manifest has no layer list")
+    if len(layers) != len(diff_ids):
+        raise Rejected(f"the manifest lists {len(layers)} layers but the config {len(diff_ids)} diff_ids")
+    _stage_bytes(store, raw_manifest, MEDIA_MANIFEST, staged)
+    _stage_bytes(store, config, MEDIA_CONFIG, staged)
+    total = 0
+    for i, layer in enumerate(layers):
+        d, s, media = _descriptor(layer, f"layer {i}")
+        if media not in _LAYER_TYPES:
+            raise Rejected(f"layer {d[7:19]} has media type {media!r}; only tar and tar+gzip layers run here")
+        if store.has(d):
+            blob = _stage_layer(store, None, d, media, staged)
+        else:
+            with archive.open(_blob_name(d)) as fh:
+                blob = _stage_layer(store, fh, d, media, staged)
+        if blob.size != s:
+            raise Rejected(f"layer {d[7:19]} is {blob.size} bytes, the manifest says {s}")
+        total += s
+    return Checked("oci", digest, staged, detail=f"OCI image, {len(layers)} layers, {total / 2**20:.1f} MiB")
+
+
+def _check_config(config: bytes) -> list[str]:
+    try:
+        data = json.loads(config)
+    except ValueError as exc:
+        raise Rejected(f"the image config is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise Rejected("the image config is not an object")
+    if data.get("os", "linux") != "linux":
+        raise Rejected(f"the image is for {data.get('os')!r}; nodes run linux containers")
+    if data.get("architecture", "amd64") not in ("amd64", "x86_64"):
+        raise Rejected(f"the image is for {data.get('architecture')!r}; nodes are amd64")
+    rootfs = data.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) and is_digest(d) for d in diff_ids):
+        raise Rejected("the image config has no rootfs.diff_ids")
+    return [str(d) for d in diff_ids]
+
+
+def _docker_save(archive: _Archive, store: BlobStore, staged: list[StagedBlob]) -> Checked:
+    """Convert a ``docker save`` archive (manifest.json, config, layer tars) to an OCI image."""
+    _, entries = archive.read_json("manifest.json")
+    if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
+        n = len(entries) if isinstance(entries, list) else 0
+        raise Rejected(f"the docker archive holds {n} images; save exactly one")
+    entry = entries[0]
+    config_name, layer_names = entry.get("Config"), entry.get("Layers")
+    if not isinstance(config_name, str) or not isinstance(layer_names, list):
+        raise Rejected("manifest.json has no Config or Layers")
+    config, _ = archive.read_json(config_name)
+    diff_ids = _check_config(config)
+    if len(diff_ids) != len(layer_names):
+        raise Rejected(
+            f"manifest.json lists {len(layer_names)} layers but the config {len(diff_ids)} diff_ids"
+        )
+    config_digest = _stage_bytes(store, config, MEDIA_CONFIG, staged)
+    descriptors = []
+    for name, diff_id in zip(layer_names, diff_ids, strict=True):
+        if not isinstance(name, str):
+            raise Rejected("manifest.json lists a layer that is not a path")
+        if store.has(diff_id):
+            blob = _stage_layer(store, None, diff_id, MEDIA_LAYER, staged)
+        else:
+            with archive.open(name) as fh:
+                blob = _stage_layer(store, fh, diff_id, MEDIA_LAYER, staged)
+        descriptors.append({"mediaType": MEDIA_LAYER, "digest": blob.digest, "size": blob.size})
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "config": {"mediaType": MEDIA_CONFIG, "digest": config_digest, "size": len(config)},
+        "layers": descriptors,
+    }
+    raw = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    digest = _stage_bytes(store, raw, MEDIA_MANIFEST, staged)
+    total = sum(d["size"] for d in descriptors)  # type: ignore[misc]
+    return Checked(
+        "oci",
+        digest,
+        staged,
+        detail=f"docker archive converted to OCI, {len(descriptors)} layers, {total / 2**20:.1f} MiB",
+    )

@@ -1,0 +1,441 @@
+"""Images: upload, validation, content-addressed storage, visibility and deletion.
+
+Every upload goes through the real API (streamed PUT), the real import task
+(eager here) and real ``qemu-img``; the store is a fresh directory per test,
+so "nothing left behind" is checked by listing it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rest_framework.test import APIClient
+
+from portal.images.models import Blob, Image
+from tests.hostcaps import require_binary
+from tests.portal import imagefiles as f
+from tests.portal.conftest import World
+
+
+@pytest.fixture
+def store(settings: Any, tmp_path: Path) -> Path:
+    require_binary("qemu-img")
+    root = tmp_path / "store"
+    settings.SKYPORT_IMAGE_STORE = root
+    return root
+
+
+def files_in(store: Path) -> dict[str, list[str]]:
+    out = {}
+    for sub in ("tmp", "blobs/sha256"):
+        d = store / sub
+        out[sub] = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    return out
+
+
+def new_image(client: APIClient, name: str = "app", version: str = "1", **extra: Any) -> dict[str, Any]:
+    r = client.post(
+        "/api/v1/images/", {"name": name, "version": version, "tenant": "acme", **extra}, format="json"
+    )
+    assert r.status_code == 201, r.content
+    return dict(r.json())
+
+
+def upload(client: APIClient, image_id: int, body: bytes, fmt: str, capture: Any, **query: str) -> Any:
+    qs = "&".join(f"{k}={v}" for k, v in {"type": fmt, **query}.items())
+    with capture(execute=True):
+        return client.put(
+            f"/api/v1/images/{image_id}/file/?{qs}", data=body, content_type="application/octet-stream"
+        )
+
+
+@pytest.fixture
+def capture(django_capture_on_commit_callbacks: Any) -> Any:
+    return django_capture_on_commit_callbacks
+
+
+# ------------------------------------------------------------------------------- VM disks
+
+
+def test_qcow2_upload_becomes_active_and_is_stored_by_digest(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    assert img["status"] == "queued" and img["owner"] == "acme" and img["public"] is False
+    body = f.qcow2(tmp_path / "d.qcow2", "64M").read_bytes()
+    r = upload(c, img["id"], body, "qcow2", capture, sha256=f.digest(body)[7:])
+    assert r.status_code == 202, r.content
+    assert r.json()["status"] in ("importing", "active")  # the import task runs eagerly in tests
+    image = c.get(f"/api/v1/images/{img['id']}/").json()
+    assert image["status"] == "active", image
+    assert image["formats"] == ["qcow2"]
+    art = image["artifacts"][0]
+    assert art["digest"] == art["source_digest"] == f.digest(body)
+    assert art["virtual_size"] == 64 * 2**20
+    assert image["min_disk_gb"] == 1
+    assert files_in(store) == {"tmp": [], "blobs/sha256": [f.digest(body)[7:]]}
+    # an image is immutable: a second disk is refused
+    r = upload(c, img["id"], body, "qcow2", capture)
+    assert r.status_code == 409 and "immutable" in r.json()["message"]
+
+
+def test_qcow2_with_backing_file_on_the_host_is_rejected(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    body = f.qcow2(tmp_path / "evil.qcow2", "16M", backing="/etc/shadow").read_bytes()
+    r = upload(c, img["id"], body, "qcow2", capture)
+    assert r.status_code == 202  # received; the import task rejects it
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed"
+    assert "backing file (/etc/shadow)" in image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+    assert not Blob.objects.exists()
+
+
+def test_declared_format_must_match_what_qemu_img_sees(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    body = f.qcow2(tmp_path / "d.qcow2").read_bytes()
+    upload(c, img["id"], body, "raw", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed" and "declared as raw but qemu-img sees qcow2" in image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+
+
+def test_truncated_qcow2_is_rejected(world: World, store: Path, tmp_path: Path, capture: Any) -> None:
+    c = world.client("a_member")
+    disk = f.qcow2(tmp_path / "d.qcow2", "64M")
+    import subprocess
+
+    # give the disk data clusters, then cut the file short
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 4M", str(disk)], check=True, capture_output=True
+    )
+    body = disk.read_bytes()[: 2 * 2**20]
+    img = new_image(c)
+    upload(c, img["id"], body, "qcow2", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed", image.status_reason
+    assert "qcow2 rejected" in image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+
+
+def test_checksum_mismatch_fails_the_image_and_keeps_nothing(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    body = f.qcow2(tmp_path / "d.qcow2").read_bytes()
+    r = upload(c, img["id"], body, "qcow2", capture, sha256="0" * 64)
+    assert r.status_code == 400
+    assert "Checksum mismatch" in r.json()["message"] and f.digest(body) in r.json()["message"]
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed" and "Checksum mismatch" in image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+
+
+class _ShortBody(io.RawIOBase):
+    """A client that sends fewer bytes than its Content-Length, then goes away."""
+
+    def __init__(self, data: bytes) -> None:
+        self.buf = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.buf.read(n)
+
+
+def test_upload_cut_short_keeps_nothing_and_can_be_retried(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    body = f.qcow2(tmp_path / "d.qcow2").read_bytes()
+    r = c.generic(
+        "PUT",
+        f"/api/v1/images/{img['id']}/file/?type=qcow2",
+        b"",
+        content_type="application/octet-stream",
+        CONTENT_LENGTH=str(len(body)),
+        **{"wsgi.input": _ShortBody(body[:1000])},
+    )
+    assert r.status_code == 400
+    assert f"ended after 1000 of {len(body)} bytes" in r.json()["message"]
+    assert Image.objects.get(pk=img["id"]).status == "queued"
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+    r = upload(c, img["id"], body, "qcow2", capture)
+    assert r.status_code == 202 and Image.objects.get(pk=img["id"]).status == "active"
+
+
+def test_oversized_upload_is_refused_before_reading(
+    world: World, store: Path, settings: Any, tmp_path: Path, capture: Any
+) -> None:
+    settings.SKYPORT_UPLOAD_MAX_BYTES = 1 << 20
+    c = world.client("a_member")
+    img = new_image(c)
+    r = upload(c, img["id"], b"x" * (2 << 20), "raw", capture)
+    assert r.status_code == 413
+    assert "upload limit is 1048576 bytes" in r.json()["message"]
+    assert Image.objects.get(pk=img["id"]).status == "queued"
+    assert files_in(store)["tmp"] == []
+
+
+def test_virtual_size_limit(world: World, store: Path, settings: Any, tmp_path: Path, capture: Any) -> None:
+    settings.SKYPORT_IMAGE_MAX_VIRTUAL_BYTES = 2**30
+    c = world.client("a_member")
+    img = new_image(c)
+    upload(c, img["id"], f.qcow2(tmp_path / "big.qcow2", "4G").read_bytes(), "qcow2", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed" and "exceeds the limit of 1 GiB" in image.status_reason
+
+
+def test_upload_needs_a_known_format_and_the_member_role(world: World, store: Path, capture: Any) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    r = upload(c, img["id"], b"abc", "vmdk", capture)
+    assert r.status_code == 400 and "type" in r.json()["errors"]
+    r = upload(world.client("a_viewer"), img["id"], b"abc", "raw", capture)
+    assert r.status_code == 403
+    r = upload(world.client("b_admin"), img["id"], b"abc", "raw", capture)
+    assert r.status_code == 404
+    assert Image.objects.get(pk=img["id"]).status == "queued"
+
+
+# --------------------------------------------------------------------------- OCI archives
+
+
+def oci_upload(
+    c: APIClient, tmp_path: Path, capture: Any, layers: list[bytes], *extra: f.Member, **kw: Any
+) -> Image:
+    img = new_image(c, **kw)
+    body = f.oci_archive(tmp_path / f"{img['name']}.tar", layers, *extra).read_bytes()
+    r = upload(c, img["id"], body, "oci", capture)
+    assert r.status_code == 202, r.content
+    return Image.objects.get(pk=img["id"])
+
+
+def test_two_images_sharing_a_base_layer_store_it_once(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    a = oci_upload(c, tmp_path, capture, [f.BASE, f.APP_A], name="app-a")
+    b = oci_upload(c, tmp_path, capture, [f.BASE, f.APP_B], name="app-b")
+    assert a.status == b.status == "active", (a.status_reason, b.status_reason)
+    base = f.digest(f.BASE)
+    assert Blob.objects.get(digest=base).artifacts.count() == 2
+    stored = files_in(store)["blobs/sha256"]
+    assert stored.count(base[7:]) == 1
+    # 2 manifests + 2 configs + 3 distinct layers
+    assert len(stored) == 7 and Blob.objects.count() == 7
+    layers = c.get(f"/api/v1/images/{a.pk}/").json()["artifacts"][0]["layers"]
+    assert sorted(layers) == sorted([base, f.digest(f.APP_A)])
+    # deleting one keeps the shared layer for the other
+    assert c.delete(f"/api/v1/images/{a.pk}/").status_code == 204
+    stored = files_in(store)["blobs/sha256"]
+    assert base[7:] in stored and f.digest(f.APP_A)[7:] not in stored and len(stored) == 4
+    assert c.delete(f"/api/v1/images/{b.pk}/").status_code == 204
+    assert files_in(store)["blobs/sha256"] == [] and not Blob.objects.exists()
+
+
+def test_docker_save_archive_is_converted_to_oci(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    body = f.docker_archive(tmp_path / "d.tar", [f.BASE, f.APP_A]).read_bytes()
+    upload(c, img["id"], body, "docker", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "active", image.status_reason
+    art = image.artifacts.get()
+    assert art.format == "oci" and art.source_digest == f.digest(body)
+    manifest = json.loads((store / "blobs/sha256" / art.digest[7:]).read_bytes())
+    assert [x["digest"] for x in manifest["layers"]] == [f.digest(f.BASE), f.digest(f.APP_A)]
+    assert f.digest((store / "blobs/sha256" / art.digest[7:]).read_bytes()) == art.digest
+
+
+@pytest.mark.parametrize(
+    ("member", "reason"),
+    [
+        (f.add_file("../../etc/cron.d/evil", b"* * * * * root sh\n"), "outside the destination"),
+        (f.add_file("/etc/passwd", b"root::0:0::/:/bin/sh\n"), "absolute"),
+        (f.add_special("dev/sda", tarfile.BLKTYPE), "'dev/sda' is a device node"),
+        (f.add_special("dev/mem", tarfile.CHRTYPE), "'dev/mem' is a device node"),
+        (f.add_special("run/fifo", tarfile.FIFOTYPE), "is a FIFO"),
+        (f.add_special("lib/escape", tarfile.LNKTYPE, "../../../etc/shadow"), "outside"),
+        (f.add_special("lib/up", tarfile.SYMTYPE, "../../../../etc"), "leaves the image"),
+    ],
+    ids=["dotdot", "absolute", "blockdev", "chardev", "fifo", "hardlink-out", "symlink-out"],
+)
+def test_unsafe_layer_members_are_rejected(
+    world: World, store: Path, tmp_path: Path, capture: Any, member: f.Member, reason: str
+) -> None:
+    c = world.client("a_member")
+    evil = f.tar_bytes(f.add_file("ok.txt", b"fine"), member)
+    image = oci_upload(c, tmp_path, capture, [f.BASE, evil])
+    assert image.status == "failed"
+    assert reason in image.status_reason, image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+    assert not Blob.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("member", "reason"),
+    [
+        (f.add_file("../outside", b"x"), "outside the destination"),
+        (f.add_file("/abs", b"x"), "absolute"),
+        (f.add_special("dev/null", tarfile.CHRTYPE), "is a device node"),
+    ],
+    ids=["dotdot", "absolute", "device"],
+)
+def test_unsafe_archive_members_are_rejected(
+    world: World, store: Path, tmp_path: Path, capture: Any, member: f.Member, reason: str
+) -> None:
+    image = oci_upload(world.client("a_member"), tmp_path, capture, [f.BASE], member)
+    assert image.status == "failed" and reason in image.status_reason, image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+
+
+def test_absolute_symlinks_inside_a_layer_are_allowed(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    """Debian images link /usr/bin/awk -> /etc/alternatives/awk; the container resolves it inside."""
+    layer = f.tar_bytes(f.add_special("usr/bin/awk", tarfile.SYMTYPE, "/etc/alternatives/awk"))
+    image = oci_upload(world.client("a_member"), tmp_path, capture, [f.BASE, layer])
+    assert image.status == "active", image.status_reason
+
+
+def test_layer_that_does_not_match_its_digest_is_rejected(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    path = f.oci_archive(tmp_path / "x.tar", [f.BASE, f.APP_A])
+    # swap APP_A's bytes for APP_B's under APP_A's name
+    data = path.read_bytes().replace(b"application A", b"application B")
+    upload(c, img["id"], data, "oci", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed" and "does not match its digest" in image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+
+
+def test_not_an_archive_is_rejected(world: World, store: Path, capture: Any) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    upload(c, img["id"], b"this is not a tar file" * 100, "oci", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed" and "not a tar archive" in image.status_reason
+
+
+# ------------------------------------------------------------------ visibility and deletion
+
+
+def test_private_images_are_invisible_and_unusable_to_other_tenants(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    a = oci_upload(world.client("a_member"), tmp_path, capture, [f.BASE], name="acme-only")
+    b = world.client("b_admin")
+    assert b.get(f"/api/v1/images/{a.pk}/").status_code == 404
+    assert "acme-only" not in [i["name"] for i in b.get("/api/v1/images/?page_size=100").json()["results"]]
+    assert (
+        b.put(
+            f"/api/v1/images/{a.pk}/file/?type=raw", b"x", content_type="application/octet-stream"
+        ).status_code
+        == 404
+    )
+    assert b.delete(f"/api/v1/images/{a.pk}/").status_code == 404
+    for ref in (a.pk, "acme-only:1", "acme-only"):
+        r = b.post(
+            "/api/v1/instances/",
+            {"name": "x", "image": ref, "flavor": world.flavor_public.pk, "kind": "container"},
+            format="json",
+        )
+        assert r.status_code == 400 and "image" in r.json()["errors"], r.content
+    # public images are visible to everybody
+    assert b.get("/api/v1/images/?name=busybox").json()["count"] == 1
+
+
+def test_a_user_of_two_tenants_cannot_launch_one_tenants_private_image_in_the_other(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    from portal.tenancy.models import Membership
+
+    user = world.users["b_member"]
+    Membership.objects.create(user=user, tenant=world.a, role="viewer")
+    c = world.client("b_member")
+    r = c.post(
+        "/api/v1/instances/",
+        {"name": "x", "tenant": "bobco", "image": "secret:1", "flavor": world.flavor_public.pk, "kind": "vm"},
+        format="json",
+    )
+    assert r.status_code == 400 and "private to another tenant" in r.json()["errors"]["image"][0]
+
+
+def test_only_operators_publish_public_images(world: World, store: Path) -> None:
+    r = world.client("a_admin").post(
+        "/api/v1/images/", {"name": "pub", "version": "1", "public": True}, format="json"
+    )
+    assert r.status_code == 400 and "Only operators" in r.json()["errors"]["public"][0]
+    r = world.client("operator").post(
+        "/api/v1/images/", {"name": "pub", "version": "1", "public": True}, format="json"
+    )
+    assert r.status_code == 201 and r.json()["public"] is True and r.json()["owner"] is None
+    # tenant members cannot upload into or delete a public image
+    pub = r.json()["id"]
+    assert world.client("a_admin").delete(f"/api/v1/images/{pub}/").status_code == 403
+
+
+def test_duplicate_version_is_a_clear_400(world: World, store: Path) -> None:
+    c = world.client("a_member")
+    new_image(c, "dup", "1")
+    r = c.post("/api/v1/images/", {"name": "dup", "version": "1", "tenant": "acme"}, format="json")
+    assert r.status_code == 400 and "already exists in tenant acme" in r.json()["errors"]["version"][0]
+
+
+def test_deleting_an_image_in_use_is_refused(world: World, store: Path) -> None:
+    image = world.instance_a.image
+    assert image is not None
+    Image.objects.filter(pk=image.pk).update(owner=world.a)
+    r = world.client("a_admin").delete(f"/api/v1/images/{image.pk}/")
+    assert r.status_code == 409 and "used by 1 instance" in r.json()["message"]
+    assert Image.objects.filter(pk=image.pk).exists()
+    # after the instance is deleted (kept as a record) the image can go
+    type(world.instance_a).objects.filter(pk=world.instance_a.pk).update(vm_state="deleted")
+    assert world.client("a_admin").delete(f"/api/v1/images/{image.pk}/").status_code == 204
+    world.instance_a.refresh_from_db()
+    assert world.instance_a.image is None
+    assert world.client("a_admin").get(f"/api/v1/instances/{world.instance_a.pk}/").status_code == 200
+
+
+# ------------------------------------------------------------------------- blob endpoint
+
+
+def test_blob_endpoint_serves_nodes_with_their_key_only(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    from portal.images.nodekeys import node_key
+
+    image = oci_upload(world.client("a_member"), tmp_path, capture, [f.BASE])
+    digest = image.artifacts.get().digest
+    url = f"/api/v1/blobs/{digest}"
+    anon = APIClient()
+    assert anon.get(url).status_code == 401
+    assert world.client("a_admin").get(url).status_code == 401  # tenants never read raw blobs
+    assert anon.get(url, HTTP_AUTHORIZATION="Node n1:" + "0" * 64).status_code == 401
+    r = anon.get(url, HTTP_AUTHORIZATION=f"Node n1:{node_key('n1')}")
+    assert r.status_code == 200
+    assert f.digest(b"".join(r.streaming_content)) == digest  # type: ignore[attr-defined]
+    assert r["Docker-Content-Digest"] == digest
+    missing = anon.get(f"/api/v1/blobs/sha256:{'1' * 64}", HTTP_AUTHORIZATION=f"Node n1:{node_key('n1')}")
+    assert missing.status_code == 404
+    assert (
+        anon.get("/api/v1/blobs/../../etc", HTTP_AUTHORIZATION=f"Node n1:{node_key('n1')}").status_code == 404
+    )
