@@ -86,10 +86,11 @@ run: setup
 	@echo "starting control worker, compute worker ($(NODE_NAME)) and web server"
 	@setsid $(VENV)/bin/celery -A portal worker -B -Q control -n control@%h --concurrency 2 --loglevel INFO \
 		--pidfile $(RUN)/control.pid --logfile $(LOG)/control.log --detach
-	@SKYPORT_NODE_NAME=$(NODE_NAME) setsid $(VENV)/bin/celery -A compute.worker worker -Q node.$(NODE_NAME) \
+	@SKYPORT_NODE_NAME=$(NODE_NAME) SKYPORT_NODE_KEY=$$($(PY) manage.py node key $(NODE_NAME)) \
+		setsid $(VENV)/bin/celery -A compute.worker worker -Q node.$(NODE_NAME) \
 		-n node@$(NODE_NAME) --concurrency 2 --loglevel INFO \
 		--pidfile $(RUN)/compute.pid --logfile $(LOG)/compute.log --detach
-	@setsid $(VENV)/bin/gunicorn portal.wsgi -b 127.0.0.1:8000 -w 3 --daemon --pid $(RUN)/web.pid \
+	@setsid $(VENV)/bin/gunicorn portal.wsgi -b 127.0.0.1:8000 -w 3 -k gthread --threads 4 --timeout 120 --daemon --pid $(RUN)/web.pid \
 		--access-logfile $(LOG)/web-access.log --error-logfile $(LOG)/web.log
 	@for i in $$(seq 100); do curl -fs -o /dev/null http://127.0.0.1:8000/healthz && break; sleep 0.1; done
 	@curl -fsS -o /dev/null http://127.0.0.1:8000/healthz || { echo "web server did not start; see $(LOG)/web.log"; exit 1; }

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO
 
 CHUNK = 1 << 20
@@ -98,6 +99,24 @@ class HashingReader:
     @property
     def digest(self) -> str:
         return "sha256:" + self.hash.hexdigest()
+
+
+def upload(url: str, token: str, path: Path, timeout: float = 3600.0) -> None:
+    """PUT ``path`` to the portal with a one-image upload token (a published VM disk)."""
+    size = path.stat().st_size
+    with path.open("rb") as body:
+        request = urllib.request.Request(url, data=body, method="PUT")  # noqa: S310 - portal URL
+        request.add_header("Authorization", f"Upload {token}")
+        request.add_header("Content-Type", "application/octet-stream")
+        request.add_header("Content-Length", str(size))
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                response.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read(300).decode("utf-8", "replace").strip()
+            raise FetchError(f"PUT {url}: HTTP {exc.code} {detail}") from exc
+        except OSError as exc:
+            raise FetchError(f"PUT {url}: {exc}") from exc
 
 
 def fetch_bytes(url: str, digest: str, limit: int = 16 << 20) -> bytes:

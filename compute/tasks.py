@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from compute import fetch
 from compute.config import NodeConfig
 from compute.drivers.base import Driver, DriverError, InstanceNotFound
 from compute.network import bridge
@@ -33,7 +34,7 @@ from compute.spec import (
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("start", "stop", "reboot", "pause", "resume", "snapshot", "revert", "delete_snapshot")
+ACTIONS = ("start", "stop", "reboot", "pause", "resume", "snapshot", "revert", "delete_snapshot", "publish")
 
 
 class Sender(Protocol):
@@ -145,9 +146,26 @@ class NodeService:
                 return d.info(instance_id).power_state
             if action == "revert":
                 return d.revert(instance_id, str(params["name"])).power_state
+            if action == "publish":
+                self.publish(d, instance_id, str(params["upload_url"]), str(params["upload_token"]))
+                return d.info(instance_id).power_state
             return getattr(d, action)(instance_id).power_state  # type: ignore[no-any-return]
 
         return self._run(instance_id, Kind(kind), action, action_id, body)
+
+    def publish(self, d: Driver, instance_id: str, url: str, token: str) -> None:
+        """Export the instance's disk and upload it to the portal as a new image's file."""
+        out = self.config.state_dir / "exports"
+        out.mkdir(parents=True, exist_ok=True)
+        dest = out / f"{instance_id}-{time.time_ns()}.qcow2"
+        try:
+            d.export_disk(instance_id, dest)
+            try:
+                fetch.upload(url, token, dest)
+            except fetch.FetchError as exc:
+                raise DriverError(str(exc)) from exc
+        finally:
+            dest.unlink(missing_ok=True)
 
     def delete(self, instance_id: str, kind: str, action_id: str) -> Observation:
         """Destroy the workload; deleting what is already gone succeeds."""

@@ -14,6 +14,8 @@ os.environ["CELERY_BROKER_URL"] = CELERY_BROKER_URL
 # which allocates from the start of 198.18.0.0/15.
 SKYPORT_NETWORK_POOL = os.environ.get("SKYPORT_TEST_NETWORK_POOL", "198.19.224.0/19")
 CELERY_TASK_EAGER_PROPAGATES = True
+# Each test run has its own image store (removed at the end by tests/conftest.py).
+SKYPORT_IMAGE_STORE = VAR_DIR / f"test-store-{os.getpid()}"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from pathlib import Path
 
 from compute.spec import InstanceSpec, Kind, PowerState
 
@@ -134,6 +135,14 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
         """Snapshots of the workload, oldest first."""
+
+    def export_disk(self, instance_id: str, dest: Path) -> None:
+        """Write the instance's root disk to ``dest`` as a standalone qcow2 (no backing file).
+
+        Only VMs have a disk to publish; a container image is published by
+        uploading its OCI archive.
+        """
+        raise NotSupported("only VM disks can be published as images")
 
     @abc.abstractmethod
     def info(self, instance_id: str) -> InstanceInfo:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 
 from compute.drivers.base import (
     Driver,
+    DriverError,
     InstanceInfo,
     InstanceNotFound,
     InvalidState,
+    NotSupported,
     SnapshotInfo,
     Stats,
 )
@@ -77,6 +81,20 @@ class FakeDriver(Driver):
 
     def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
         return sorted(self.snapshots.get(instance_id, {}).values(), key=lambda s: s.created_at)
+
+    def export_disk(self, instance_id: str, dest: Path) -> None:
+        """A real (empty) 8 MiB qcow2, so what the portal receives is checked for real."""
+        self._get(instance_id)
+        if self.kind != Kind.VM:
+            raise NotSupported("only VM disks can be published as images")
+        proc = subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(dest), "8M"],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise DriverError(f"qemu-img create failed: {proc.stderr.strip()}")
 
     def info(self, instance_id: str) -> InstanceInfo:
         return InstanceInfo(instance_id, self.kind, self._get(instance_id))

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import os
 import re
+import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -364,6 +365,35 @@ class LibvirtDriver(Driver):
         elif state != libvirt.VIR_DOMAIN_RUNNING:
             raise InvalidState(f"VM {instance_id} is not paused")
         return self._info(dom)
+
+    def export_disk(self, instance_id: str, dest: Path) -> None:
+        """Flatten the VM's overlay and its base into a standalone qcow2 at ``dest``.
+
+        A running VM is paused for the copy and resumed after, so the disk is
+        crash-consistent (as after a power cut); stop the VM first for a
+        clean file system.
+        """
+        dom = self._lookup(instance_id)
+        disk = self._instance_dir(instance_id) / "disk.qcow2"
+        if not disk.is_file():
+            raise DriverError(f"VM {instance_id} has no disk at {disk}")
+        paused_here = False
+        if self._state(dom) == libvirt.VIR_DOMAIN_RUNNING:
+            self._call("pause", dom.suspend)
+            paused_here = True
+        try:
+            proc = subprocess.run(
+                ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", str(disk), str(dest)],
+                check=False,
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:
+                dest.unlink(missing_ok=True)
+                raise DriverError(f"qemu-img convert failed: {proc.stderr.strip()[-300:]}")
+        finally:
+            if paused_here:
+                self._call("resume", dom.resume)
 
     # -- snapshots (internal, in the qcow2 overlay) --------------------------------------------
 

@@ -8,7 +8,7 @@ from portal.cloud.api.views import (
     InstanceViewSet,
     NetworkViewSet,
 )
-from portal.images.api.views import ImageViewSet, blob
+from portal.images.api.views import ImageViewSet, blob, node_upload
 from portal.tenancy.api.views import (
     APITokenViewSet,
     MembershipViewSet,
@@ -31,6 +31,7 @@ router.register("networks", NetworkViewSet)
 router.register("images", ImageViewSet)
 
 urlpatterns = [
+    path("blobs/uploads/<int:image_id>", node_upload, name="node-upload"),
     path("blobs/<str:digest>", blob, name="blob"),
     path("", include(router.urls)),
 ]

@@ -28,6 +28,8 @@ from portal.audit.models import Event, Outcome
 from portal.cloud import scheduler
 from portal.cloud.choices import NodeStatus, NodeTenancy, TaskState, VmState
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network, Port
+from portal.images import services as image_services
+from portal.images.choices import ImageStatus
 from portal.images.models import Image
 from portal.tenancy.models import Quota, Tenant
 
@@ -85,6 +87,8 @@ ACTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "snapshot": (TaskState.SNAPSHOTTING, (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED)),
     "revert": (TaskState.SNAPSHOTTING, (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED)),
 }
+#: states a VM's disk can be published from
+PUBLISHABLE = (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED)
 CONTAINER_ACTIONS = {"start", "stop", "reboot", "pause", "resume"}
 
 
@@ -372,6 +376,45 @@ def act(instance: Instance, action: str, params: dict[str, Any], user: Any) -> I
         args = [str(instance.pk), instance.kind, action, action_id, params]
         transaction.on_commit(lambda: _send(node.queue, "compute.instance.action", args))
     return instance
+
+
+def publish(instance: Instance, name: str, version: str, description: str, user: Any) -> Image:
+    """Publish a VM's disk as a new private image of its tenant.
+
+    The image is created ``queued``; the node exports the disk (pausing a
+    running VM for the copy), uploads it with a one-image token, and the
+    upload is validated and imported like any other.
+    """
+    if instance.kind != Kind.VM:
+        raise InvalidAction("Only VMs can be published; for a container, upload its OCI archive as an image.")
+    source = instance.image
+    with transaction.atomic():
+        image = Image.objects.create(
+            owner=instance.tenant,
+            name=name,
+            version=version,
+            description=description or f"Disk of instance {instance.name}",
+            os=source.os if source else "",
+            min_ram_mb=source.min_ram_mb if source else 0,
+            source_instance=instance,
+            status=ImageStatus.QUEUED,
+        )
+        action_id = _claim(instance, TaskState.SNAPSHOTTING, PUBLISHABLE, "publish")
+        node = instance.node
+        if node is None:
+            raise Conflict(f"Instance {instance.name} has no node.")
+        image.status_reason = f"waiting for node {node.name} to upload the disk of {instance.name}"
+        image.save(update_fields=["status_reason"])
+        params = {
+            "upload_url": f"{settings.SKYPORT_PORTAL_URL}/api/v1/blobs/uploads/{image.pk}",
+            "upload_token": image_services.upload_token(image),
+        }
+        _event(
+            instance, "dispatch.publish", f"image {image} (id {image.pk}) from {node.name}", user, action_id
+        )
+        args = [str(instance.pk), instance.kind, "publish", action_id, params]
+        transaction.on_commit(lambda: _send(node.queue, "compute.instance.action", args))
+    return image
 
 
 def delete_instance(instance: Instance, user: Any) -> Instance:

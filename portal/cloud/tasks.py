@@ -22,6 +22,7 @@ from compute.spec import NodeReport, Observation, SpecError
 from portal.audit.models import Event, Outcome
 from portal.cloud.choices import NodeStatus, VmState
 from portal.cloud.models import ComputeNode, Instance
+from portal.images.choices import ImageStatus
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ _SETTLED: dict[str, str | None] = {
     "revert": None,
     "snapshot": None,
     "delete_snapshot": None,
+    "publish": None,
     "delete": VmState.DELETED,
 }
 _POWER_TO_VM: dict[str, str] = {
@@ -93,6 +95,11 @@ def apply_observation(data: dict[str, Any]) -> str:
                 instance.status_reason = f"{obs.action} failed: {obs.message}"[:255]
                 if obs.action == "create":
                     instance.vm_state = VmState.ERROR
+                if obs.action == "publish":
+                    instance.published_images.filter(status=ImageStatus.QUEUED).update(
+                        status=ImageStatus.FAILED,
+                        status_reason=f"the node could not publish: {obs.message}"[:255],
+                    )
             instance.task_state = None
             instance.task_deadline = None
         instance.save()

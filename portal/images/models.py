@@ -36,6 +36,14 @@ class Image(models.Model):
     min_disk_gb = models.PositiveIntegerField(default=0)
     status = models.CharField(max_length=16, choices=ImageStatus.choices, default=ImageStatus.QUEUED)
     status_reason = models.CharField(max_length=255, blank=True)
+    source_instance = models.ForeignKey(
+        "cloud.Instance",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="published_images",
+        help_text="The VM whose disk this image was published from",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = ImageQuerySet.as_manager()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from django.conf import settings
+from django.core import signing
 from django.db import transaction
 from django.db.models import Count
 
@@ -122,6 +123,47 @@ def receive(stream: IO[bytes], length: int | None, expected_sha256: str = "") ->
         path.unlink(missing_ok=True)
         raise UploadError(f"Checksum mismatch: the file is {digest}, expected sha256:{expected_sha256}.")
     return path, digest, got
+
+
+def accept_upload(image: Image, fmt: str, stream: IO[bytes], length: int | None, expected: str = "") -> None:
+    """Receive a file for ``image`` and queue its import (on commit).
+
+    Raises :class:`UploadError` or :class:`Conflict`; a refused or broken
+    upload leaves the image as it was (a checksum mismatch fails it).
+    """
+    check_can_receive(image, fmt)
+    before = claim(image)
+    reason = image.status_reason
+    try:
+        path, digest, size = receive(stream, length, expected)
+    except UploadError as exc:
+        if "Checksum mismatch" in str(exc):
+            release(image, ImageStatus.ACTIVE if image.artifacts.exists() else ImageStatus.FAILED, str(exc))
+        else:
+            release(image, before, reason)  # nothing changed; the client may send it again
+        raise
+    release(image, ImageStatus.IMPORTING, f"received {size} bytes ({digest}), queued for import")
+    from portal.images.tasks import import_image
+
+    image_id, upload = image.pk, str(path)
+    transaction.on_commit(lambda: import_image.delay(image_id, fmt, upload, digest, before))
+
+
+UPLOAD_SALT = "skyport.images.node-upload"
+
+
+def upload_token(image: Image) -> str:
+    """A token that lets one node PUT the file of this one image (a published VM disk), for a day."""
+    return signing.dumps({"image": image.pk}, salt=UPLOAD_SALT)
+
+
+def image_for_upload_token(token: str, max_age: int = 86400) -> int | None:
+    try:
+        data = signing.loads(token, salt=UPLOAD_SALT, max_age=max_age)
+    except signing.BadSignature:
+        return None
+    image = data.get("image") if isinstance(data, dict) else None
+    return image if isinstance(image, int) else None
 
 
 def copy_in(source: Path) -> tuple[Path, str, int]:

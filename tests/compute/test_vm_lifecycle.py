@@ -137,6 +137,27 @@ def test_pause_and_resume(booted: Booted) -> None:
     ping(booted.address)
 
 
+def test_export_disk_of_a_running_vm_is_standalone_and_boots(booted: Booted, tmp_path: Path) -> None:
+    """What 'publish' sends to the portal: a flattened qcow2, taken while the guest is paused."""
+    from compute.imagecache import qemu_img_info
+
+    dest = tmp_path / "published.qcow2"
+    booted.driver.export_disk(booted.iid, dest)
+    assert booted.driver.info(booted.iid).power_state is PowerState.RUNNING  # resumed after the copy
+    info = qemu_img_info(dest)
+    assert info["format"] == "qcow2" and "backing-filename" not in info
+    ping(booted.address)
+    # a new VM boots from the exported disk (the driver copies it into its image cache)
+    spec = vm_spec(image_ref(dest), hostname="from-export")
+    clone = Booted(booted.driver, spec, "")
+    try:
+        booted.driver.spawn(spec)
+        clone.wait_ready(1)
+        assert f"{READY} hostname=from-export" in clone.log()
+    finally:
+        booted.driver.destroy(spec.instance_id)
+
+
 def test_snapshot_and_revert_restore_the_running_guest(booted: Booted) -> None:
     drv, iid = booted.driver, booted.iid
     snap = drv.snapshot(iid, "before-stop")

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from django.db import connection
 from rest_framework.test import APIClient
 
 from portal.cloud.models import ComputeNode, Network
+from portal.images.nodekeys import node_key
 from portal.tenancy.models import Membership, Tenant
 from tests.hostcaps import require, require_binary, require_libvirtd, require_root
 
@@ -49,6 +51,33 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0, every:
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class PortalServer:
+    """The portal's WSGI app on a free loopback port, in a thread: nodes fetch image blobs from it."""
+
+    def __init__(self) -> None:
+        from django.core.handlers.wsgi import WSGIHandler
+        from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadedWSGIServer(("127.0.0.1", 0), Quiet, allow_reuse_address=True)
+        self.httpd.set_app(WSGIHandler())
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="portal-server", daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
 
 
 class Stack:
@@ -107,6 +136,7 @@ class Stack:
                 "2",
                 SKYPORT_NODE_NAME=node,
                 SKYPORT_NODE_DIR=str(self.base / node),
+                SKYPORT_NODE_KEY=node_key(node),
             )
 
     def stop(self) -> None:
@@ -125,7 +155,7 @@ class Stack:
 
 
 @pytest.fixture
-def stack() -> Iterator[tuple[Stack, list[str]]]:
+def stack(settings: Any) -> Iterator[tuple[Stack, list[str]]]:
     require_root()
     require_binary("crun")
     require_libvirtd()
@@ -136,12 +166,15 @@ def stack() -> Iterator[tuple[Stack, list[str]]]:
     tag = secrets.token_hex(2)
     nodes = [f"e2e{tag}a", f"e2e{tag}b"]
     subprocess.run(["redis-cli", "-u", BROKER, "flushdb"], capture_output=True, timeout=10)
+    server = PortalServer()
+    settings.SKYPORT_PORTAL_URL = server.url
     s = Stack(base, str(settings.DATABASES["default"]["NAME"]))
     s.start_cluster(nodes)
     try:
         yield s, nodes
     finally:
         s.stop()
+        server.stop()
         _destroy_leftovers(base, nodes)
         for net in Network.objects.all():
             subprocess.run(["ip", "link", "del", net.bridge], capture_output=True)

@@ -254,6 +254,23 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
         return attrs
 
 
+class PublishSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    name = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", help_text="Name of the new image")
+    version = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,39}$")
+    description = serializers.CharField(required=False, default="", allow_blank=True, max_length=2000)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        instance = self.context["instance"]
+        if Image.objects.filter(owner=instance.tenant, name=attrs["name"], version=attrs["version"]).exists():
+            raise serializers.ValidationError(
+                {
+                    "version": f"{attrs['name']}:{attrs['version']} already exists "
+                    f"in tenant {instance.tenant.slug}."
+                }
+            )
+        return attrs
+
+
 class InstanceActionSerializer(serializers.Serializer):  # type: ignore[type-arg]
     action = serializers.ChoiceField(
         choices=["start", "stop", "reboot", "pause", "resume", "snapshot", "revert"]

@@ -18,6 +18,7 @@ from portal.audit.record import describe
 from portal.cloud import services
 from portal.cloud.api import serializers
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.images.api.serializers import ImageSerializer
 from portal.tenancy.choices import Role
 
 
@@ -156,6 +157,20 @@ class InstanceViewSet(ScopedViewSet):
         services.act(instance, body.validated_data["action"], body.validated_data["params"], request.user)
         instance.refresh_from_db()
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=serializers.PublishSerializer, responses={202: ImageSerializer})
+    @action(detail=True, methods=["post"], url_path="publish")
+    def publish(self, request: Request, pk: str | None = None) -> Response:
+        """Publish the VM's disk as a new private image of its tenant (202; the image imports)."""
+        instance = self.get_object()
+        body = serializers.PublishSerializer(data=request.data, context={"instance": instance})
+        body.is_valid(raise_exception=True)
+        describe(request, "instance.publish", instance)
+        image = services.publish(instance, user=request.user, **body.validated_data)
+        describe(request, "instance.publish", instance, message=f"publishing image {image} (id {image.pk})")
+        return Response(
+            ImageSerializer(image, context={"request": request}).data, status=status.HTTP_202_ACCEPTED
+        )
 
     @extend_schema(responses={202: serializers.InstanceSerializer})
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:

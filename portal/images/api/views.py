@@ -5,8 +5,9 @@ from __future__ import annotations
 import hmac
 from typing import IO, Any, cast
 
-from django.db import models, transaction
+from django.db import models
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_safe
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
@@ -17,11 +18,11 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from portal.api.authentication import actor_for
+from portal.api.exceptions import Conflict
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
 from portal.images import services
 from portal.images.api.serializers import ImageSerializer, UploadQuerySerializer
-from portal.images.choices import ImageStatus
 from portal.images.models import Blob, Image
 from portal.images.nodekeys import node_key
 from portal.images.store import is_digest
@@ -98,30 +99,13 @@ class ImageViewSet(ScopedViewSet):
         query = UploadQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         fmt = query.validated_data["type"]
-        try:
-            services.check_can_receive(image, fmt)
-        except services.UploadError as exc:
-            raise UploadFailed(str(exc), exc.status) from exc
         length_header = request.META.get("CONTENT_LENGTH") or ""
         length = int(length_header) if length_header.isdigit() else None
-        before = services.claim(image)
-        reason = image.status_reason
+        stream = cast(IO[bytes], request._request)
         try:
-            path, digest, size = services.receive(
-                cast(IO[bytes], request._request), length, query.validated_data.get("sha256", "")
-            )
+            services.accept_upload(image, fmt, stream, length, query.validated_data.get("sha256", ""))
         except services.UploadError as exc:
-            if "Checksum mismatch" in str(exc):
-                after = ImageStatus.ACTIVE if image.artifacts.exists() else ImageStatus.FAILED
-                services.release(image, after, str(exc))
-            else:
-                services.release(image, before, reason)  # nothing changed; the client may send it again
             raise UploadFailed(str(exc), exc.status) from exc
-        services.release(image, ImageStatus.IMPORTING, f"received {size} bytes ({digest}), queued for import")
-        from portal.images.tasks import import_image
-
-        args = [image.pk, fmt, str(path), digest, before]
-        transaction.on_commit(lambda: import_image.delay(*args))
         image.refresh_from_db()
         return Response(self.get_serializer(image).data, status=status.HTTP_202_ACCEPTED)
 
@@ -134,6 +118,37 @@ def _node_allowed(request: HttpRequest) -> bool:
         return bool(name and key) and hmac.compare_digest(key, node_key(name))
     user = getattr(request, "user", None)
     return bool(user is not None and user.is_authenticated and user.is_staff)
+
+
+@csrf_exempt
+def node_upload(request: HttpRequest, image_id: int) -> HttpResponse:
+    """PUT the disk of a published VM, by the node that exported it (one-image upload token)."""
+    if request.method != "PUT":
+        return JsonResponse({"message": "Use PUT."}, status=405)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    allowed = services.image_for_upload_token(token.strip()) if scheme == "Upload" else None
+    if allowed is None:
+        return JsonResponse(
+            {"message": "Send 'Authorization: Upload <token>' from the publish task."}, status=401
+        )
+    if allowed != image_id:
+        return JsonResponse({"message": "This upload token is for another image."}, status=403)
+    image = Image.objects.filter(pk=image_id).first()
+    if image is None:
+        return JsonResponse({"message": f"No image {image_id}."}, status=404)
+    describe(request, "image.upload", image, tenant_id=image.owner_id, message="disk published by its node")
+    length_header = request.META.get("CONTENT_LENGTH") or ""
+    length = int(length_header) if length_header.isdigit() else None
+    try:
+        services.accept_upload(image, "qcow2", cast(IO[bytes], request), length)
+    except services.UploadError as exc:
+        return JsonResponse({"message": str(exc)}, status=exc.status)
+    except Conflict as exc:
+        return JsonResponse({"message": str(exc.detail)}, status=409)
+    image.refresh_from_db()
+    return JsonResponse(
+        {"id": image.pk, "status": image.status, "status_reason": image.status_reason}, status=202
+    )
 
 
 @require_safe
