@@ -64,8 +64,9 @@ from compute.spec import ImageFormat, ImageRef, InstanceSpec, Kind, NetworkAttac
 from portal.cloud import services  # noqa: E402
 from portal.cloud.models import ComputeNode, Instance, Network  # noqa: E402
 from portal.images.models import Image  # noqa: E402
+from portal.images.nodekeys import node_key  # noqa: E402
 from portal.tenancy.models import Membership, Quota, Tenant  # noqa: E402
-from tests.e2e.test_end_to_end import Stack, wait_for  # noqa: E402
+from tests.e2e.test_end_to_end import PortalServer, Stack, wait_for  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 import container_start  # noqa: E402
@@ -239,6 +240,11 @@ def main() -> int:
     subprocess.run(["redis-cli", "-u", BROKER, "flushdb"], capture_output=True, timeout=10)
     tag = secrets.token_hex(2)
     ded, shared = f"bench{tag}c", f"bench{tag}v"
+    # Nodes (the workers and this process's bare drivers) fetch image blobs from the portal over HTTP.
+    server = PortalServer()
+    settings.SKYPORT_PORTAL_URL = server.url
+    os.environ["SKYPORT_NODE_NAME"] = "bench-bare"
+    os.environ["SKYPORT_NODE_KEY"] = node_key("bench-bare")
     stack = Stack(BASE, str(settings.DATABASES["default"]["NAME"]), BROKER)
     stack.env["SKYPORT_VAR_DIR"] = str(BASE / "var")
     stack.start_cluster([ded, shared])
@@ -315,6 +321,7 @@ def main() -> int:
         raise
     finally:
         stack.stop()
+        server.stop()
         for n in Network.objects.all():
             bridge.delete_bridge(n.bridge)
         bridge.delete_bridge(bare_bridge)
