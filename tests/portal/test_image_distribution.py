@@ -80,6 +80,15 @@ def test_a_node_fetches_a_disk_once_and_reports_its_cache(portal: str, tmp_path:
 
     cfg = NodeConfig("n1", tmp_path / "node", "test:///default", "qemu", "crun", "memory://")
     assert NodeService(cfg, lambda *a: None).cached() == [ref.digest]
+    # the heartbeat carries it to the portal, where operators see it
+    from compute.drivers.fake import FakeDriver
+    from compute.spec import Kind
+    from portal.cloud.models import ComputeNode
+    from portal.cloud.tasks import apply_node_report
+
+    drivers = {Kind.VM: FakeDriver(Kind.VM), Kind.CONTAINER: FakeDriver(Kind.CONTAINER)}
+    NodeService(cfg, lambda task, payload: apply_node_report(payload), drivers).report()
+    assert ComputeNode.objects.get(name="n1").cached == [ref.digest]
 
 
 def test_a_node_without_the_right_key_gets_nothing(

@@ -66,10 +66,12 @@ class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
             "last_heartbeat",
             "drivers",
             "orphans",
+            "cached",
             "created_at",
         ]
         read_only_fields = [
             "orphans",
+            "cached",
             "id",
             "queue",
             "status",
