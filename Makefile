@@ -51,7 +51,7 @@ venv: debs $(VENV)/.installed
 redis:
 	@mkdir -p $(RUN) $(LOG)
 	@if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then echo "redis: already answering on 127.0.0.1:6379"; else \
-		redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save '' --appendonly no \
+		redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save '' --appendonly yes \
 			--pidfile $(RUN)/redis.pid --logfile $(LOG)/redis.log --dir $(VAR); \
 		for i in $$(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done; \
 		redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null; echo "redis: started"; fi

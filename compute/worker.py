@@ -28,6 +28,16 @@ app = Celery("skyport-node", fixups=[])  # never the Django fixup, whatever the 
 app.conf.update(
     broker_url=config.broker_url,
     broker_connection_retry_on_startup=True,
+    # same redelivery and publish-retry rules as the portal (portal/settings.py)
+    broker_transport_options={
+        "visibility_timeout": float(os.environ.get("SKYPORT_BROKER_VISIBILITY_SECONDS", "300"))
+    },
+    task_publish_retry_policy={
+        "max_retries": 40,
+        "interval_start": 0,
+        "interval_step": 0.25,
+        "interval_max": 0.5,
+    },
     task_serializer="json",
     accept_content=["json"],
     result_serializer="json",

@@ -183,6 +183,18 @@ CELERY_TASK_DEFAULT_QUEUE = "control"
 CELERY_TASK_ROUTES = {"portal.*": {"queue": "control"}}
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A message a worker took but never acknowledged (the worker died) is delivered again after this
+# long; every node task is idempotent, so a slow task delivered twice is harmless.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": float(os.environ.get("SKYPORT_BROKER_VISIBILITY_SECONDS", "300"))
+}
+# Publishing to the broker survives a broker restart of up to ~20 s (the row is already committed).
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 40,
+    "interval_start": 0,
+    "interval_step": 0.25,
+    "interval_max": 0.5,
+}
 
 # Tenant defaults.
 SKYPORT_DEFAULT_QUOTA = {

@@ -118,7 +118,9 @@ def apply_observation(data: dict[str, Any]) -> str:
 def _reconcile(node: ComputeNode, report: NodeReport) -> None:
     """Compare the node's real inventory with the database; record, never delete."""
     seen = {item.instance_id: item for item in report.inventory}
-    live = Instance.objects.live().filter(node=node).select_for_update()
+    # A driver that is down lists nothing: its instances are unknown, not missing.
+    blind = {kind for kind, ok, _ in report.drivers if not ok}
+    live = Instance.objects.live().filter(node=node).exclude(kind__in=blind).select_for_update()
     known = set()
     for inst in live:
         known.add(str(inst.pk))

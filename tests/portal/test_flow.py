@@ -170,6 +170,26 @@ def test_reconcile_records_drift_and_orphans(world: World) -> None:
     assert Event.objects.filter(action="reconcile.missing").count() == 1
 
 
+def test_reconcile_does_not_call_instances_of_a_down_driver_missing(world: World) -> None:
+    """libvirtd down: the node lists no VMs, but they still run; nothing is marked missing."""
+    inst = world.instance_a
+    report = {
+        "node": "shared-1",
+        "queue": "node.shared-1",
+        "vcpus": 64,
+        "ram_mb": 262144,
+        "disk_gb": 10000,
+        "drivers": [["vm", False, "libvirtError: cannot connect"], ["container", True, ""]],
+        "inventory": [],
+        "sent_at": time.time(),
+    }
+    apply_node_report(report)
+    inst.refresh_from_db()
+    assert (inst.power_state, inst.status_reason) == ("running", "")
+    assert not Event.objects.filter(action="reconcile.missing").exists()
+    assert ComputeNode.objects.get(name="shared-1").drivers["vm"]["ok"] is False
+
+
 def test_sweeper_fails_stuck_work_and_marks_silent_nodes_down(world: World) -> None:
     inst = _launch(world, "a_member", "acme", "stuck", image="tiny:1")
     later = timezone.now() + dt.timedelta(hours=1)
