@@ -22,6 +22,14 @@ from portal.tenancy.querysets import Actor
 name_validator = RegexValidator(NAME_RE, NAME_RULE)
 
 
+class NoSuffix:
+    """Labels without Django's trailing colon (they sit above their fields)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("label_suffix", "")
+        super().__init__(*args, **kwargs)
+
+
 class ImageChoiceField(forms.ModelChoiceField):  # type: ignore[type-arg]
     def label_from_instance(self, obj: Any) -> str:
         kinds = sorted({"container" if f == "oci" else "vm" for f in obj.formats()})
@@ -29,7 +37,7 @@ class ImageChoiceField(forms.ModelChoiceField):  # type: ignore[type-arg]
         return f"{obj} ({', '.join(kinds) or 'no artifact'}; {owner})"
 
 
-class LaunchForm(forms.Form):
+class LaunchForm(NoSuffix, forms.Form):
     """What ``services.Request`` needs.  With ``preview=True`` the name may still be empty."""
 
     name = forms.CharField(max_length=63, validators=[name_validator], help_text=NAME_RULE)
@@ -49,7 +57,7 @@ class LaunchForm(forms.Form):
         required=False,
         widget=forms.CheckboxSelectMultiple,
         label="SSH keys",
-        help_text="Injected into VMs through cloud-init.",
+        help_text="Injected into VMs through cloud-init; add keys on the SSH keys page.",
     )
     user_data = forms.CharField(
         required=False,
@@ -109,11 +117,11 @@ class LaunchForm(forms.Form):
         )
 
 
-class SnapshotForm(forms.Form):
+class SnapshotForm(NoSuffix, forms.Form):
     name = forms.CharField(max_length=63, validators=[name_validator], label="Snapshot name")
 
 
-class InstanceFilterForm(forms.Form):
+class InstanceFilterForm(NoSuffix, forms.Form):
     """Filters of instance lists; invalid values are reported and ignored."""
 
     q = forms.CharField(required=False, max_length=63, label="Name contains")
@@ -134,7 +142,7 @@ class OpsInstanceFilterForm(InstanceFilterForm):
     )
 
 
-class EventFilterForm(forms.Form):
+class EventFilterForm(NoSuffix, forms.Form):
     action = forms.CharField(required=False, max_length=100, label="Action starts with")
     outcome = forms.ChoiceField(required=False, choices=[("", "Any outcome"), *Outcome.choices])
     q = forms.CharField(required=False, max_length=100, label="Text contains")
@@ -146,7 +154,7 @@ class OpsEventFilterForm(EventFilterForm):
     )
 
 
-class SSHKeyForm(forms.ModelForm):  # type: ignore[type-arg]
+class SSHKeyForm(NoSuffix, forms.ModelForm):  # type: ignore[type-arg]
     class Meta:
         model = SSHKey
         fields = ["name", "public_key"]
@@ -173,7 +181,7 @@ class SSHKeyForm(forms.ModelForm):  # type: ignore[type-arg]
         return key
 
 
-class TokenForm(forms.Form):
+class TokenForm(NoSuffix, forms.Form):
     name = forms.CharField(max_length=100)
     tenant = forms.ChoiceField(label="Acts in tenant")
     expires_in_days = forms.IntegerField(
@@ -195,14 +203,14 @@ class TokenForm(forms.Form):
         self.fields["expires_in_days"].widget.attrs["max"] = limit
 
 
-class QuotaForm(forms.ModelForm):  # type: ignore[type-arg]
+class QuotaForm(NoSuffix, forms.ModelForm):  # type: ignore[type-arg]
     class Meta:
         model = Quota
         fields = list(Quota.LIMITS)
         labels = {"ram_mb": "Memory (MiB)", "disk_gb": "Disk (GiB)", "vcpus": "vCPUs", "vms": "VMs"}
 
 
-class NodeTenancyForm(forms.Form):
+class NodeTenancyForm(NoSuffix, forms.Form):
     owner = forms.ModelChoiceField(
         queryset=Tenant.objects.filter(active=True),
         to_field_name="slug",
