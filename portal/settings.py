@@ -51,6 +51,7 @@ INSTALLED_APPS = [
     "portal.cloud",
     "portal.audit",
     "portal.images",
+    "portal.web",
 ]
 
 MIDDLEWARE = [
@@ -121,7 +122,8 @@ STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
 }
 
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "/login/"
+LOGIN_REDIRECT_URL = "/"
 
 # Security: the same in every environment where it costs nothing locally.
 SESSION_COOKIE_HTTPONLY = True

@@ -7,6 +7,7 @@ import hmac
 import re
 from typing import Any
 
+from django.http import HttpRequest
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
@@ -56,7 +57,7 @@ class BearerTokenAuthentication(BaseAuthentication):
         return 'Bearer realm="skyport"'
 
 
-def user_id_of(request: Request) -> int:
+def user_id_of(request: Request | HttpRequest) -> int:
     """The authenticated user's id (permission classes ran before this is used)."""
     pk = request.user.pk
     if pk is None:
@@ -64,14 +65,19 @@ def user_id_of(request: Request) -> int:
     return int(pk)
 
 
-def actor_for(request: Request) -> Actor:
-    """The Actor of an authenticated request (computed once per request)."""
+def actor_for(request: Request | HttpRequest) -> Actor:
+    """The Actor of an authenticated request (computed once per request).
+
+    Works for DRF requests (bearer token or session) and for plain Django
+    requests of the browser UI (session only).
+    """
     django_request: Any = getattr(request, "_request", request)
     cached: Actor | None = getattr(django_request, "actor", None)
     if cached is not None:
         return cached
     user = request.user
-    token = request.auth if isinstance(request.auth, APIToken) else None
+    auth = getattr(request, "auth", None)  # DRF only; browser pages use the session
+    token = auth if isinstance(auth, APIToken) else None
     if token is not None and token.membership is not None:
         membership: Membership = token.membership
         actor = Actor(user.pk, user.get_username(), False, {membership.tenant_id: membership.role})

@@ -461,3 +461,15 @@ def set_node_tenancy(node: ComputeNode, owner: Tenant | None) -> ComputeNode:
             node.tenancy, node.owner = NodeTenancy.SHARED, None
         node.save(update_fields=["tenancy", "owner"])
     return node
+
+
+def set_node_enabled(node: ComputeNode, enabled: bool) -> ComputeNode:
+    """Drain (disable) a node so the scheduler skips it, or enable it again.
+
+    An enabled node is ``down`` until its next heartbeat marks it up; its
+    instances keep running either way.
+    """
+    node.status = NodeStatus.DOWN if enabled else NodeStatus.DISABLED
+    node.status_reason = "waiting for heartbeat" if enabled else "disabled by an operator"
+    node.save(update_fields=["status", "status_reason"])
+    return node

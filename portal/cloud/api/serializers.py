@@ -11,11 +11,12 @@ from portal.api.authentication import actor_for, user_id_of
 from portal.api.fields import DefaultTenantMixin, TenantField
 from portal.cloud.choices import RequestedKind
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.cloud.naming import NAME_RE as _NAME_RE
+from portal.cloud.naming import NAME_RULE
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
 from portal.tenancy.models import SSHKey, Tenant
 
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,150}(:[A-Za-z0-9._-]{1,40})?$")
 
 
@@ -209,10 +210,7 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
 
     def validate_name(self, value: str) -> str:
         if not _NAME_RE.match(value):
-            raise serializers.ValidationError(
-                "Use lower-case letters, digits and '-', starting and ending with a letter or digit"
-                " (at most 63)."
-            )
+            raise serializers.ValidationError(NAME_RULE)
         return value
 
     def validate_anti_affinity_group(self, value: str) -> str:

@@ -10,7 +10,6 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from portal.api.exceptions import Conflict
 from portal.audit.models import Event, Outcome
 from portal.cloud import services
-from portal.cloud.choices import NodeStatus
 from portal.cloud.models import ComputeNode
 from portal.images.nodekeys import node_key
 from portal.tenancy.models import Tenant
@@ -98,11 +97,7 @@ class Command(BaseCommand):
                 self._audit(node, "share", "made shared")
                 self.stdout.write(f"node {name} is shared")
             else:
-                node.status = NodeStatus.DISABLED if action == "disable" else NodeStatus.DOWN
-                node.status_reason = (
-                    "disabled by an operator" if action == "disable" else "waiting for heartbeat"
-                )
-                node.save(update_fields=["status", "status_reason"])
+                services.set_node_enabled(node, enabled=action == "enable")
                 self._audit(node, action, node.status_reason)
                 self.stdout.write(f"node {name} is {node.status}")
         except Conflict as exc:

@@ -55,8 +55,9 @@ class Command(BaseCommand):
                 )
         self.stdout.write(
             "Skyport is up on http://127.0.0.1:8000\n"
-            f"  operator:    operator / {_password('operator')}  -> http://127.0.0.1:8000/admin/\n"
+            f"  operator:    operator / {_password('operator')}  -> http://127.0.0.1:8000/ops/ "
+            "(admin: /admin/)\n"
             f"  tenant user: demo / {_password('demo')}  (admin of tenant 'demo') -> "
-            "http://127.0.0.1:8000/api/auth/login/?next=/api/docs/\n"
+            "http://127.0.0.1:8000/login/ (API docs: /api/docs/)\n"
             f"  passwords are stored in {settings.VAR_DIR}/*.password"
         )

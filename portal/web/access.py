@@ -1,0 +1,129 @@
+"""Who is looking, in which tenant, and what they may do: shared by every page.
+
+The Actor is the API's (``portal.api.authentication.actor_for``), so pages
+and the API scope with the same ``Model.objects.restrict(actor)`` and judge
+roles with the same ``Actor.can``.  The current tenant is kept in the session
+and is always one of the user's memberships.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from django.contrib.auth.views import redirect_to_login
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+
+from portal.api.authentication import actor_for
+from portal.audit.record import note_error
+from portal.tenancy.choices import Role
+from portal.tenancy.models import Tenant
+from portal.tenancy.querysets import Actor
+
+SESSION_TENANT = "skyport_tenant_id"
+#: a view function; the decorators below add the checks every page needs
+View = Callable[..., HttpResponse]
+
+
+def actor(request: HttpRequest) -> Actor:
+    return actor_for(request)
+
+
+def my_tenants(request: HttpRequest) -> list[Tenant]:
+    """Active tenants the user is a member of (operators too: only their memberships)."""
+    return list(Tenant.objects.filter(pk__in=actor(request).tenant_ids, active=True).order_by("slug"))
+
+
+def current_tenant(request: HttpRequest) -> Tenant | None:
+    """The tenant chosen in the session, else the user's first; None without memberships."""
+    tenants = my_tenants(request)
+    chosen = request.session.get(SESSION_TENANT)
+    for tenant in tenants:
+        if tenant.pk == chosen:
+            return tenant
+    if not tenants:
+        return None
+    request.session[SESSION_TENANT] = tenants[0].pk
+    return tenants[0]
+
+
+def role_refusal(who: Actor, tenant_id: int | None, min_role: str) -> str | None:
+    """Why ``who`` may not act with ``min_role`` in the tenant, or None when allowed."""
+    if who.can(tenant_id, min_role):
+        return None
+    have = who.role_in(tenant_id)
+    return f"This needs the {Role(min_role).label.lower()} role in the tenant; " + (
+        f"you are {Role(have).label.lower()}." if have else "you are not a member."
+    )
+
+
+def nav(request: HttpRequest) -> dict[str, Any]:
+    """What the page header shows: the user's tenants, the current one and the role there."""
+    if not request.user.is_authenticated:
+        return {"tenants": [], "tenant": None, "role": None, "is_operator": False}
+    who = actor(request)
+    tenant = current_tenant(request)
+    role = who.role_in(tenant.pk) if tenant else None
+    return {
+        "tenants": my_tenants(request),
+        "tenant": tenant,
+        "role": Role(role).label if role else None,
+        "is_operator": who.is_operator,
+    }
+
+
+def page(request: HttpRequest, template: str, context: dict[str, Any], status: int = 200) -> HttpResponse:
+    """Render a full page with the header's context."""
+    return render(request, template, {"nav": nav(request), **context}, status=status)
+
+
+def refuse(request: HttpRequest, message: str, status: int = 403) -> HttpResponse:
+    """Answer a refused request with the reason (and keep it for the audit Event)."""
+    note_error(request, message)
+    template = "web/partials/refused.html" if request.headers.get("HX-Request") else "web/refused.html"
+    return page(request, template, {"message": message}, status=status)
+
+
+def login_page(view: View) -> View:
+    """Send anonymous users to the login page (htmx partials get a 401 instead of a redirect)."""
+
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not request.user.is_authenticated:
+            if request.headers.get("HX-Request"):
+                response = HttpResponse("Your session ended; log in again.", status=401)
+                response["HX-Redirect"] = "/login/"
+                return response
+            return redirect_to_login(request.get_full_path())
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def tenant_page(view: View) -> View:
+    """A page about the current tenant: login required; users without a tenant are told so."""
+
+    @login_page
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        tenant = current_tenant(request)
+        if tenant is None:
+            return page(request, "web/no_tenant.html", {}, status=200)
+        return view(request, tenant, *args, **kwargs)
+
+    return wrapper
+
+
+def operator_page(view: View) -> View:
+    """The operator console: staff only; others are refused with a reason."""
+
+    @login_page
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not actor(request).is_operator:
+            return refuse(request, "The operator console is for operators (staff users).")
+        return view(request, *args, **kwargs)
+
+    return wrapper

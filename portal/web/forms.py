@@ -1,0 +1,220 @@
+"""Forms of the browser UI.  They check input; the domain services decide."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.core.validators import MaxValueValidator, RegexValidator
+from django.db.models import Q
+
+from portal.audit.models import Outcome
+from portal.cloud import services
+from portal.cloud.choices import Kind, RequestedKind, VmState
+from portal.cloud.models import ComputeNode, Flavor, Network
+from portal.cloud.naming import NAME_RE, NAME_RULE
+from portal.images.choices import ImageStatus
+from portal.images.models import Image
+from portal.tenancy.models import Quota, SSHKey, Tenant, ssh_key_fingerprint, validate_ssh_public_key
+from portal.tenancy.querysets import Actor
+
+name_validator = RegexValidator(NAME_RE, NAME_RULE)
+
+
+class NoSuffix:
+    """Labels without Django's trailing colon (they sit above their fields)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("label_suffix", "")
+        super().__init__(*args, **kwargs)
+
+
+class ImageChoiceField(forms.ModelChoiceField):  # type: ignore[type-arg]
+    def label_from_instance(self, obj: Any) -> str:
+        kinds = sorted({"container" if f == "oci" else "vm" for f in obj.formats()})
+        owner = "public" if obj.is_public else f"private to {obj.owner.slug}"
+        return f"{obj} ({', '.join(kinds) or 'no artifact'}; {owner})"
+
+
+class LaunchForm(NoSuffix, forms.Form):
+    """What ``services.Request`` needs.  With ``preview=True`` the name may still be empty."""
+
+    name = forms.CharField(max_length=63, validators=[name_validator], help_text=NAME_RULE)
+    image = ImageChoiceField(queryset=Image.objects.none(), empty_label="Choose an image")
+    flavor = forms.ModelChoiceField(queryset=Flavor.objects.none(), empty_label="Choose a flavor")
+    kind = forms.ChoiceField(
+        choices=RequestedKind.choices,
+        initial=RequestedKind.AUTO,
+        widget=forms.RadioSelect,
+        help_text="Automatic: a container when your tenant has a dedicated node with room, else a VM.",
+    )
+    network = forms.ChoiceField(
+        help_text="Instances join the tenant's default network (other networks are not supported yet)."
+    )
+    ssh_keys = forms.ModelMultipleChoiceField(
+        queryset=SSHKey.objects.none(),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        label="SSH keys",
+        help_text="Injected into VMs through cloud-init; add keys on the SSH keys page.",
+    )
+    user_data = forms.CharField(
+        required=False,
+        max_length=16384,
+        strip=False,
+        widget=forms.Textarea(attrs={"rows": 5, "spellcheck": "false"}),
+        label="User data",
+        help_text="cloud-init user data (VMs), at most 16 KiB.",
+    )
+
+    def __init__(
+        self, *args: Any, actor: Actor, tenant: Tenant, user: Any, preview: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.tenant = tenant
+        images = Image.objects.restrict(actor).filter(status=ImageStatus.ACTIVE)
+        self.fields["image"].queryset = (  # type: ignore[attr-defined]
+            images.filter(Q(owner__isnull=True) | Q(owner=tenant))
+            .select_related("owner")
+            .prefetch_related("artifacts")
+        )
+        self.fields["flavor"].queryset = Flavor.objects.restrict(actor).filter(  # type: ignore[attr-defined]
+            Q(is_public=True) | Q(tenant=tenant)
+        )
+        self.fields["ssh_keys"].queryset = SSHKey.objects.filter(user=user)  # type: ignore[attr-defined]
+        net = Network.objects.filter(tenant=tenant, name="default").first()
+        label = f"default ({net.cidr})" if net else "default (allocated at the first launch)"
+        self.fields["network"].choices = [("default", label)]  # type: ignore[attr-defined]
+        self.fields["network"].initial = "default"
+        if preview:  # the preview only needs what placement depends on
+            self.fields["name"].required = False
+            self.fields["network"].required = False
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        image, flavor = data.get("image"), data.get("flavor")
+        if (
+            image is not None
+            and flavor is not None
+            and (flavor.ram_mb < image.min_ram_mb or flavor.disk_gb < image.min_disk_gb)
+        ):
+            self.add_error(
+                "flavor", f"Image {image} needs at least {image.min_ram_mb} MiB and {image.min_disk_gb} GiB."
+            )
+        return data
+
+    def to_request(self) -> services.Request:
+        data = self.cleaned_data
+        return services.Request(
+            tenant=self.tenant,
+            name=data.get("name") or "preview",
+            image=data["image"],
+            flavor=data["flavor"],
+            requested_kind=data["kind"],
+            ssh_keys=tuple(k.public_key for k in data.get("ssh_keys") or ()),
+            user_data=data.get("user_data") or "",
+        )
+
+
+class SnapshotForm(NoSuffix, forms.Form):
+    name = forms.CharField(max_length=63, validators=[name_validator], label="Snapshot name")
+
+
+class InstanceFilterForm(NoSuffix, forms.Form):
+    """Filters of instance lists; invalid values are reported and ignored."""
+
+    q = forms.CharField(required=False, max_length=63, label="Name contains")
+    state = forms.ChoiceField(
+        required=False,
+        choices=[("", "Any live state"), *((s, s) for s in VmState.values)],
+        label="State",
+    )
+    kind = forms.ChoiceField(required=False, choices=[("", "Any kind"), *Kind.choices], label="Kind")
+
+
+class OpsInstanceFilterForm(InstanceFilterForm):
+    tenant = forms.ModelChoiceField(
+        queryset=Tenant.objects.all(), required=False, to_field_name="slug", empty_label="Any tenant"
+    )
+    node = forms.ModelChoiceField(
+        queryset=ComputeNode.objects.all(), required=False, to_field_name="name", empty_label="Any node"
+    )
+
+
+class EventFilterForm(NoSuffix, forms.Form):
+    action = forms.CharField(required=False, max_length=100, label="Action starts with")
+    outcome = forms.ChoiceField(required=False, choices=[("", "Any outcome"), *Outcome.choices])
+    q = forms.CharField(required=False, max_length=100, label="Text contains")
+
+
+class OpsEventFilterForm(EventFilterForm):
+    tenant = forms.ModelChoiceField(
+        queryset=Tenant.objects.all(), required=False, to_field_name="slug", empty_label="Any tenant"
+    )
+
+
+class SSHKeyForm(NoSuffix, forms.ModelForm):  # type: ignore[type-arg]
+    class Meta:
+        model = SSHKey
+        fields = ["name", "public_key"]
+        widgets = {"public_key": forms.Textarea(attrs={"rows": 3, "spellcheck": "false"})}
+        help_texts = {"public_key": "One line from a .pub file, e.g. ~/.ssh/id_ed25519.pub."}
+
+    def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+
+    # the model's unique constraints name the user, who is not a form field: check them here
+    def clean_name(self) -> str:
+        name: str = self.cleaned_data["name"]
+        if SSHKey.objects.filter(user=self.user, name=name).exists():
+            raise forms.ValidationError("You already have a key with this name.")
+        return name
+
+    def clean_public_key(self) -> str:
+        key: str = self.cleaned_data["public_key"].strip()
+        validate_ssh_public_key(key)
+        fingerprint = ssh_key_fingerprint(key)
+        if SSHKey.objects.filter(user=self.user, fingerprint=fingerprint).exists():
+            raise forms.ValidationError(f"You already added this key ({fingerprint}).")
+        return key
+
+
+class TokenForm(NoSuffix, forms.Form):
+    name = forms.CharField(max_length=100)
+    tenant = forms.ChoiceField(label="Acts in tenant")
+    expires_in_days = forms.IntegerField(
+        min_value=1, initial=30, label="Expires in (days)", help_text="The key stops working after this."
+    )
+
+    OPERATOR = "__operator__"
+
+    def __init__(self, *args: Any, tenants: list[Tenant], is_operator: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        choices = [(t.slug, t.slug) for t in tenants]
+        if is_operator:
+            choices.append((self.OPERATOR, "none: operator token (all tenants)"))
+        self.fields["tenant"].choices = choices  # type: ignore[attr-defined]
+        limit = settings.SKYPORT_TOKEN_MAX_DAYS
+        self.fields["expires_in_days"].validators.append(
+            MaxValueValidator(limit, f"At most {limit} days (SKYPORT_TOKEN_MAX_DAYS).")
+        )
+        self.fields["expires_in_days"].widget.attrs["max"] = limit
+
+
+class QuotaForm(NoSuffix, forms.ModelForm):  # type: ignore[type-arg]
+    class Meta:
+        model = Quota
+        fields = list(Quota.LIMITS)
+        labels = {"ram_mb": "Memory (MiB)", "disk_gb": "Disk (GiB)", "vcpus": "vCPUs", "vms": "VMs"}
+
+
+class NodeTenancyForm(NoSuffix, forms.Form):
+    owner = forms.ModelChoiceField(
+        queryset=Tenant.objects.filter(active=True),
+        to_field_name="slug",
+        required=False,
+        empty_label="nobody: shared",
+        label="Dedicate to",
+    )

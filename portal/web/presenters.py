@@ -1,0 +1,117 @@
+"""What pages show, computed from the domain: allowed actions, usage bars, node load."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from compute.spec import Kind
+from portal.cloud import services
+from portal.cloud.choices import VmState
+from portal.cloud.models import ComputeNode, Instance
+from portal.tenancy.models import Quota
+
+#: buttons shown on an instance, in this order (snapshot/revert have their own form)
+BUTTON_ACTIONS = ("start", "stop", "reboot", "pause", "resume")
+LIMIT_LABELS = {
+    "instances": "Instances",
+    "vcpus": "vCPUs",
+    "ram_mb": "Memory (MiB)",
+    "disk_gb": "Disk (GiB)",
+    "containers": "Containers",
+    "vms": "VMs",
+}
+
+
+def action_allowed(instance: Instance, action: str) -> bool:
+    """Whether ``services.act`` would accept ``action`` now (same table: ``services.ACTIONS``)."""
+    if instance.task_state or action not in services.ACTIONS:
+        return False
+    if instance.kind == Kind.CONTAINER and action not in services.CONTAINER_ACTIONS:
+        return False
+    return instance.vm_state in services.ACTIONS[action][1]
+
+
+def delete_allowed(instance: Instance) -> bool:
+    return instance.vm_state != VmState.DELETED and not instance.task_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Bar:
+    """One usage bar: ``used`` of ``limit`` (percent is capped at 100 for drawing)."""
+
+    label: str
+    used: int
+    limit: int
+
+    @property
+    def percent(self) -> int:
+        if self.limit <= 0:
+            return 100 if self.used else 0
+        return min(100, round(100 * self.used / self.limit))
+
+    @property
+    def level(self) -> str:
+        return "high" if self.percent >= 90 else "mid" if self.percent >= 70 else "low"
+
+
+def quota_bars(quota: Quota, used: dict[str, int]) -> list[Bar]:
+    return [Bar(LIMIT_LABELS[k], used.get(k, 0), getattr(quota, k)) for k in Quota.LIMITS]
+
+
+@dataclasses.dataclass(frozen=True)
+class EffectRow:
+    label: str
+    used: int
+    requested: int
+    limit: int
+
+    @property
+    def after(self) -> int:
+        return self.used + self.requested
+
+    @property
+    def over(self) -> bool:
+        return self.after > self.limit
+
+
+def quota_effect_rows(effect: dict[str, dict[str, int]]) -> list[EffectRow]:
+    """The quota effect of ``services.preview`` as table rows."""
+    return [
+        EffectRow(LIMIT_LABELS.get(k, k), e["used"], e["requested"], e["limit"]) for k, e in effect.items()
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeLoad:
+    node: ComputeNode
+    bars: list[Bar]
+
+
+def node_loads(nodes: list[ComputeNode]) -> list[NodeLoad]:
+    """Capacity bars per node, from the scheduler's own view (allocation ratios applied)."""
+    views = {v.name: v for v in services.node_views(nodes)}
+    out = []
+    for node in nodes:
+        v = views[node.name]
+        out.append(
+            NodeLoad(
+                node,
+                [
+                    Bar("vCPUs", v.used_vcpus, int(v.vcpus * v.cpu_ratio)),
+                    Bar("Memory (MiB)", v.used_ram_mb, int(v.ram_mb * v.ram_ratio)),
+                    Bar("Disk (GiB)", v.used_disk_gb, int(v.disk_gb * v.disk_ratio)),
+                ],
+            )
+        )
+    return out
+
+
+def sparkline_points(values: Sequence[float], width: int = 120, height: int = 30) -> str:
+    """SVG polyline points scaling ``values`` into a box of width by height (empty for < 2 values)."""
+    if len(values) < 2:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    step = width / (len(values) - 1)
+    return " ".join(f"{i * step:.1f},{height - (v - low) / span * height:.1f}" for i, v in enumerate(values))

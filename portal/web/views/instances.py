@@ -1,0 +1,262 @@
+"""Instances: list, detail with live partials, launch with preview, actions, delete.
+
+Every write goes through ``portal.cloud.services`` (create_instance, act,
+delete_instance) exactly as the API does; pages only check input and roles
+and name the action for the audit Event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import messages
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from portal.api.exceptions import Conflict
+from portal.audit.models import Event
+from portal.audit.record import describe, note_error
+from portal.cloud import services
+from portal.cloud.choices import VmState
+from portal.cloud.models import Instance
+from portal.tenancy.choices import Role
+from portal.tenancy.models import Tenant
+from portal.web.access import actor, login_page, page, refuse, role_refusal, tenant_page
+from portal.web.forms import InstanceFilterForm, LaunchForm, SnapshotForm
+from portal.web.presenters import BUTTON_ACTIONS, action_allowed, delete_allowed, quota_effect_rows
+from portal.web.views.tenant import paginate, query_without_page
+
+#: htmx stops polling when a partial answers 286
+STOP_POLLING = 286
+POLL_SECONDS = 2
+
+
+def filter_instances(qs: QuerySet[Instance], form: InstanceFilterForm) -> QuerySet[Instance]:
+    """Apply the valid filters; without a state filter deleted instances are left out (as the API)."""
+    form.is_valid()
+    data: dict[str, Any] = getattr(form, "cleaned_data", {})
+    qs = qs.filter(vm_state=data["state"]) if data.get("state") else qs.live()  # type: ignore[attr-defined]
+    if data.get("kind"):
+        qs = qs.filter(kind=data["kind"])
+    if data.get("q"):
+        qs = qs.filter(name__icontains=data["q"])
+    if data.get("tenant"):
+        qs = qs.filter(tenant=data["tenant"])
+    if data.get("node"):
+        qs = qs.filter(node=data["node"])
+    return qs
+
+
+def _tenant_instances(request: HttpRequest, tenant: Tenant) -> tuple[InstanceFilterForm, Any]:
+    form = InstanceFilterForm(request.GET)
+    qs: QuerySet[Instance] = Instance.objects.restrict(actor(request)).filter(tenant=tenant)
+    qs = filter_instances(qs.select_related("node", "flavor", "image"), form)
+    return form, paginate(request, qs)
+
+
+@tenant_page
+def instance_list(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    form, page_obj = _tenant_instances(request, tenant)
+    return page(
+        request,
+        "web/instances.html",
+        {
+            "form": form,
+            "page_obj": page_obj,
+            "query": query_without_page(request),
+            "rows_query": request.GET.urlencode(),
+            "poll": POLL_SECONDS,
+            "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
+        },
+    )
+
+
+@tenant_page
+def instance_rows(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    """The polled table body of the instance list (same filters as the page)."""
+    _form, page_obj = _tenant_instances(request, tenant)
+    return render(
+        request,
+        "web/partials/instance_rows.html",
+        {"page_obj": page_obj, "rows_query": request.GET.urlencode(), "poll": POLL_SECONDS},
+    )
+
+
+def _instance(request: HttpRequest, pk: str) -> Instance:
+    """The instance if the actor may see it, else 404 (bad ids and other tenants alike)."""
+    qs = Instance.objects.restrict(actor(request)).select_related(
+        "tenant", "node", "flavor", "image", "network", "created_by"
+    )
+    return get_object_or_404(qs, pk=pk)
+
+
+def _status_context(request: HttpRequest, instance: Instance) -> dict[str, Any]:
+    refusal = role_refusal(actor(request), instance.tenant_id, Role.MEMBER)
+    return {
+        "instance": instance,
+        "buttons": [(a, action_allowed(instance, a)) for a in BUTTON_ACTIONS],
+        "can_delete": delete_allowed(instance),
+        "refusal": refusal,
+        "poll": POLL_SECONDS,
+    }
+
+
+@login_page
+def instance_detail(request: HttpRequest, pk: str) -> HttpResponse:
+    instance = _instance(request, pk)
+    return _detail_page(request, instance)
+
+
+def _detail_page(
+    request: HttpRequest, instance: Instance, error: str = "", status: int = 200, snapshot: Any = None
+) -> HttpResponse:
+    ctx = _status_context(request, instance)
+    ctx |= {
+        "error": error,
+        "snapshot_form": snapshot or SnapshotForm(),
+        "can_snapshot": action_allowed(instance, "snapshot"),
+    }
+    return page(request, "web/instance_detail.html", ctx, status=status)
+
+
+@login_page
+def instance_status(request: HttpRequest, pk: str) -> HttpResponse:
+    """Polled partial: states, reason and the action buttons the state allows."""
+    instance = _instance(request, pk)
+    response = render(request, "web/partials/instance_status.html", _status_context(request, instance))
+    if instance.vm_state == VmState.DELETED:
+        response.status_code = STOP_POLLING
+    return response
+
+
+@login_page
+def instance_console(request: HttpRequest, pk: str) -> HttpResponse:
+    """Polled partial for the console tail.
+
+    The portal has no console-log service yet (nodes keep the log; nothing
+    serves it), so this shows what exists: the instance's own events, newest first.
+    """
+    instance = _instance(request, pk)
+    events = Event.objects.restrict(actor(request)).filter(object_type="instance", object_id=str(instance.pk))
+    return render(
+        request, "web/partials/instance_console.html", {"instance": instance, "events": events[:20]}
+    )
+
+
+@login_page
+def instance_stats(request: HttpRequest, pk: str) -> HttpResponse:
+    """Partial for memory and CPU charts.
+
+    Nodes do not report instance stats to the portal yet and no history is
+    stored, so there is nothing to draw: the partial says so instead of
+    inventing numbers.  ``samples`` is where a stats history would go.
+    """
+    instance = _instance(request, pk)
+    return render(request, "web/partials/instance_stats.html", {"instance": instance, "samples": []})
+
+
+def _write_refusal(request: HttpRequest, tenant_id: int) -> HttpResponse | None:
+    refusal = role_refusal(actor(request), tenant_id, Role.MEMBER)
+    return refuse(request, refusal) if refusal else None
+
+
+@require_POST
+@login_page
+def instance_action(request: HttpRequest, pk: str) -> HttpResponse:
+    instance = _instance(request, pk)
+    action = request.POST.get("action", "")
+    describe(request, f"instance.{action}"[:100], instance)
+    refused = _write_refusal(request, instance.tenant_id)
+    if refused:
+        return refused
+    params: dict[str, Any] = {}
+    snapshot = None
+    if action in ("snapshot", "revert"):
+        snapshot = SnapshotForm(request.POST)
+        if not snapshot.is_valid():
+            note_error(request, "invalid snapshot name")
+            return _detail_page(request, instance, "Check the snapshot name.", 400, snapshot)
+        params["name"] = snapshot.cleaned_data["name"]
+    try:
+        services.act(instance, action, params, request.user)
+    except Conflict as exc:
+        note_error(request, str(exc.detail))
+        instance.refresh_from_db()
+        return _detail_page(request, instance, str(exc.detail), exc.status_code, snapshot)
+    messages.success(
+        request, f"{action.capitalize()} sent to {instance.node}; the state updates when it reports."
+    )
+    return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
+
+
+@login_page
+def instance_delete(request: HttpRequest, pk: str) -> HttpResponse:
+    """GET: a confirmation page; POST: ask the node to destroy the instance."""
+    instance = _instance(request, pk)
+    if request.method == "POST":
+        describe(request, "instance.delete", instance)
+    refused = _write_refusal(request, instance.tenant_id)
+    if refused:
+        return refused
+    if request.method != "POST":
+        return page(request, "web/confirm.html", {
+            "title": f"Delete instance {instance.name}?",
+            "body": "The node destroys the workload and its disk; this cannot be undone.",
+            "button": "Delete instance",
+            "cancel": reverse("web:instance", args=[instance.pk]),
+        })  # fmt: skip
+    try:
+        services.delete_instance(instance, request.user)
+    except Conflict as exc:
+        note_error(request, str(exc.detail))
+        instance.refresh_from_db()
+        return _detail_page(request, instance, str(exc.detail), exc.status_code)
+    messages.success(request, f"Delete of {instance.name} requested.")
+    return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
+
+
+def _launch_form(request: HttpRequest, tenant: Tenant, data: Any = None, preview: bool = False) -> LaunchForm:
+    return LaunchForm(data, actor=actor(request), tenant=tenant, user=request.user, preview=preview)
+
+
+@tenant_page
+def launch(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    refusal = role_refusal(actor(request), tenant.pk, Role.MEMBER)
+    if request.method != "POST":
+        ctx = {"form": _launch_form(request, tenant), "refusal": refusal}
+        return page(request, "web/launch.html", ctx)
+    describe(request, "instance.create", tenant_id=tenant.pk)
+    if refusal:
+        return refuse(request, refusal)
+    form = _launch_form(request, tenant, request.POST)
+    if not form.is_valid():
+        note_error(request, "the launch form has errors")
+        return page(request, "web/launch.html", {"form": form}, status=400)
+    try:
+        instance = services.create_instance(form.to_request(), request.user)
+    except Conflict as exc:
+        note_error(request, str(exc.detail))
+        return page(request, "web/launch.html", {"form": form, "error": str(exc.detail)}, status=409)
+    describe(request, "instance.create", instance, message=instance.isolation_reason)
+    messages.success(request, f"Launching {instance.name}: {instance.isolation_reason}.")
+    return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
+
+
+@tenant_page
+def launch_preview(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    """Partial: what ``services.preview`` says about the form as filled in so far (GET: a dry run)."""
+    refusal = role_refusal(actor(request), tenant.pk, Role.MEMBER)
+    ctx: dict[str, Any] = {"refusal": refusal}
+    form = _launch_form(request, tenant, request.GET, preview=True)
+    if refusal is None and form.is_valid():
+        try:
+            result = services.preview(form.to_request())
+            ctx["preview"] = result
+            ctx["quota_rows"] = quota_effect_rows(result.quota)
+        except Conflict as exc:
+            ctx["error"] = str(exc.detail)
+    ctx["form"] = form
+    return render(request, "web/partials/launch_preview.html", ctx)

@@ -1,0 +1,140 @@
+"""The operator console: nodes, tenants and quotas, all instances, drift, global events."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from portal.api.exceptions import Conflict
+from portal.audit.models import Event
+from portal.audit.record import describe, note_error
+from portal.cloud import services
+from portal.cloud.models import ComputeNode, Instance
+from portal.tenancy.models import Quota, Tenant
+from portal.web.access import operator_page, page
+from portal.web.forms import NodeTenancyForm, OpsEventFilterForm, OpsInstanceFilterForm, QuotaForm
+from portal.web.presenters import node_loads, quota_bars
+from portal.web.views.instances import filter_instances
+from portal.web.views.tenant import filter_events, paginate, query_without_page
+
+
+def _nodes_page(request: HttpRequest, error: str = "", status: int = 200) -> HttpResponse:
+    nodes = list(ComputeNode.objects.select_related("owner").order_by("name"))
+    return page(
+        request,
+        "web/ops/nodes.html",
+        {
+            "loads": node_loads(nodes),
+            "tenants": Tenant.objects.filter(active=True).order_by("slug"),
+            "now": timezone.now(),
+            "error": error,
+        },
+        status=status,
+    )
+
+
+@operator_page
+def nodes(request: HttpRequest) -> HttpResponse:
+    return _nodes_page(request)
+
+
+@require_POST
+@operator_page
+def node_tenancy(request: HttpRequest, name: str) -> HttpResponse:
+    """Dedicate the node to a tenant or share it, through ``services.set_node_tenancy``."""
+    node = get_object_or_404(ComputeNode, name=name)
+    form = NodeTenancyForm(request.POST)
+    if not form.is_valid():
+        describe(request, "computenode.dedicate", node, tenant_id=None)
+        note_error(request, "unknown tenant")
+        return _nodes_page(request, "Choose an active tenant, or nobody to share the node.", 400)
+    owner = form.cleaned_data["owner"]
+    verb = f"dedicate to {owner.slug}" if owner else "share"
+    describe(request, "computenode.dedicate" if owner else "computenode.share", node, message=verb)
+    try:
+        services.set_node_tenancy(node, owner)
+    except Conflict as exc:
+        note_error(request, str(exc.detail))
+        return _nodes_page(request, str(exc.detail), exc.status_code)
+    messages.success(
+        request, f"Node {node.name} is now " + (f"dedicated to {owner.slug}." if owner else "shared.")
+    )
+    return HttpResponseRedirect(reverse("web:ops-nodes"), status=303)
+
+
+@require_POST
+@operator_page
+def node_drain(request: HttpRequest, name: str) -> HttpResponse:
+    """Disable (drain) or enable scheduling onto the node, as ``manage.py node disable|enable``."""
+    node = get_object_or_404(ComputeNode, name=name)
+    enable = request.POST.get("enable") == "1"
+    describe(request, "computenode.enable" if enable else "computenode.disable", node)
+    services.set_node_enabled(node, enabled=enable)
+    messages.success(request, f"Node {node.name} is {node.status}: {node.status_reason}.")
+    return HttpResponseRedirect(reverse("web:ops-nodes"), status=303)
+
+
+@operator_page
+def tenants(request: HttpRequest) -> HttpResponse:
+    rows = [
+        (t, quota_bars(t.quota, services.usage(t.pk)))
+        for t in Tenant.objects.select_related("quota").order_by("slug")
+    ]
+    return page(request, "web/ops/tenants.html", {"rows": rows})
+
+
+@operator_page
+def tenant_quota(request: HttpRequest, slug: str) -> HttpResponse:
+    tenant = get_object_or_404(Tenant, slug=slug)
+    quota = get_object_or_404(Quota, tenant=tenant)
+    form = QuotaForm(request.POST or None, instance=quota)
+    status = 200
+    if request.method == "POST":
+        describe(request, "quota.update", quota, tenant_id=tenant.pk)
+        if form.is_valid():
+            form.save()
+            messages.success(request, f"Quota of {tenant.slug} saved.")
+            return HttpResponseRedirect(reverse("web:ops-tenants"), status=303)
+        note_error(request, "the quota form has errors")
+        status = 400
+    bars = quota_bars(quota, services.usage(tenant.pk))
+    return page(request, "web/ops/quota.html", {"tenant": tenant, "form": form, "bars": bars}, status=status)
+
+
+@operator_page
+def instances(request: HttpRequest) -> HttpResponse:
+    form = OpsInstanceFilterForm(request.GET)
+    qs = filter_instances(Instance.objects.select_related("tenant", "node", "flavor", "image"), form)
+    return page(
+        request,
+        "web/ops/instances.html",
+        {"form": form, "page_obj": paginate(request, qs), "query": query_without_page(request)},
+    )
+
+
+@operator_page
+def drift(request: HttpRequest) -> HttpResponse:
+    """What reconcile found: workloads unknown to the portal (orphans) and drift events."""
+    with_orphans = ComputeNode.objects.exclude(orphans=[]).order_by("name")
+    missing = (
+        Instance.objects.live()
+        .filter(power_state="nostate", status_reason__contains="found by reconcile")
+        .select_related("tenant", "node")
+    )
+    recent = Event.objects.filter(action__startswith="reconcile.").select_related("tenant")[:100]
+    return page(request, "web/ops/drift.html", {"nodes": with_orphans, "missing": missing, "events": recent})
+
+
+@operator_page
+def events(request: HttpRequest) -> HttpResponse:
+    form = OpsEventFilterForm(request.GET)
+    qs = filter_events(Event.objects.select_related("tenant"), form)
+    return page(
+        request,
+        "web/ops/events.html",
+        {"form": form, "page_obj": paginate(request, qs), "query": query_without_page(request)},
+    )

@@ -1,0 +1,116 @@
+"""Tenant pages that only read: dashboard, images, networks, the audit log."""
+
+from __future__ import annotations
+
+from django.core.paginator import Paginator
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect
+
+from portal.audit.models import Event
+from portal.cloud import services
+from portal.cloud.choices import VmState
+from portal.cloud.models import ComputeNode, Instance, Network
+from portal.images.models import Image
+from portal.tenancy.models import Quota, Tenant
+from portal.web.access import actor, current_tenant, login_page, page, tenant_page
+from portal.web.forms import EventFilterForm
+from portal.web.presenters import quota_bars
+
+PAGE_SIZE = 50
+
+
+@login_page
+def dashboard(request: HttpRequest) -> HttpResponse:
+    tenant = current_tenant(request)
+    if tenant is None:
+        if actor(request).is_operator:
+            return redirect("web:ops-nodes")
+        return page(request, "web/no_tenant.html", {})
+    quota = Quota.objects.get(tenant=tenant)
+    counts = dict(
+        Instance.objects.filter(tenant=tenant).values_list("vm_state").annotate(n=Count("id")).order_by()
+    )
+    return page(
+        request,
+        "web/dashboard.html",
+        {
+            "bars": quota_bars(quota, services.usage(tenant.pk)),
+            "counts": [(s, counts.get(s, 0)) for s in VmState.values if s != VmState.DELETED],
+            "busy": Instance.objects.filter(tenant=tenant, task_state__isnull=False).count(),
+            "dedicated": ComputeNode.objects.filter(owner=tenant).values_list("name", flat=True),
+            "events": Event.objects.restrict(actor(request)).filter(tenant=tenant)[:8],
+        },
+    )
+
+
+def _visible_images(request: HttpRequest, tenant: Tenant) -> QuerySet[Image]:
+    return (
+        Image.objects.restrict(actor(request))
+        .filter(Q(owner__isnull=True) | Q(owner=tenant))
+        .select_related("owner")
+        .prefetch_related("artifacts")
+    )
+
+
+@tenant_page
+def images(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    return page(request, "web/images.html", {"images": _visible_images(request, tenant)})
+
+
+@tenant_page
+def image_detail(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
+    image = get_object_or_404(Image.objects.restrict(actor(request)).prefetch_related("artifacts"), pk=pk)
+    return page(request, "web/image_detail.html", {"image": image})
+
+
+@tenant_page
+def networks(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    nets = (
+        Network.objects.restrict(actor(request))
+        .filter(tenant=tenant)
+        .annotate(n_ports=Count("ports"))
+        .order_by("name")
+    )
+    return page(request, "web/networks.html", {"networks": nets})
+
+
+def filter_events(qs: QuerySet[Event], form: EventFilterForm) -> QuerySet[Event]:
+    """Apply the valid filters of ``form`` (invalid ones are shown as errors and ignored)."""
+    form.is_valid()
+    data = getattr(form, "cleaned_data", {})
+    if data.get("action"):
+        qs = qs.filter(action__startswith=data["action"])
+    if data.get("outcome"):
+        qs = qs.filter(outcome=data["outcome"])
+    if data.get("q"):
+        qs = qs.filter(Q(object_repr__icontains=data["q"]) | Q(message__icontains=data["q"]))
+    if data.get("tenant"):
+        qs = qs.filter(tenant=data["tenant"])
+    return qs
+
+
+def paginate(request: HttpRequest, qs: QuerySet[Event] | QuerySet[Instance]) -> object:
+    """A page of ``qs``; a bad page number gives the nearest page, never an error."""
+    return Paginator(qs, PAGE_SIZE).get_page(request.GET.get("page"))
+
+
+def query_without_page(request: HttpRequest) -> str:
+    params = request.GET.copy()
+    params.pop("page", None)
+    return params.urlencode()
+
+
+@tenant_page
+def events(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    form = EventFilterForm(request.GET)
+    qs = Event.objects.restrict(actor(request)).filter(tenant=tenant).select_related("tenant")
+    return page(
+        request,
+        "web/events.html",
+        {
+            "form": form,
+            "page_obj": paginate(request, filter_events(qs, form)),
+            "query": query_without_page(request),
+        },
+    )

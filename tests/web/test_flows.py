@@ -1,0 +1,243 @@
+"""Writes through the browser UI: each goes through the domain services and is audited."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from compute.spec import Kind
+from portal.audit.models import Event
+from portal.cloud import services
+from portal.cloud.choices import VmState
+from portal.cloud.models import ComputeNode, Instance
+from portal.cloud.tasks import apply_node_report
+from portal.tenancy.models import APIToken, Quota, SSHKey
+from portal.web.presenters import action_allowed, sparkline_points
+from tests.portal.conftest import UP_BOTH, FakeNodes, World, new_ed25519
+from tests.web.helpers import client, text
+
+
+def _image(name: str) -> int:
+    from portal.images.models import Image
+
+    return Image.objects.get(name=name).pk
+
+
+def _ready_node_a() -> None:
+    ComputeNode.objects.filter(name="node-a").update(
+        status="up", vcpus=8, ram_mb=8192, disk_gb=100, drivers=UP_BOTH
+    )
+
+
+def test_launch_form_errors_keep_input(world: World, sent: list[Any]) -> None:
+    c = client(world, "a_member")
+    body = {"name": "Bad Name!", "image": _image("tiny"), "flavor": world.flavor_public.pk, "kind": "vm",
+            "network": "default", "user_data": "#!/bin/sh\necho kept\n"}  # fmt: skip
+    r = c.post("/instances/new/", body)
+    page = text(r)
+    assert r.status_code == 400
+    assert "Use lower-case letters" in page and 'value="Bad Name!"' in page
+    assert "echo kept" in page and 'aria-invalid="true"' in page
+    r = c.post("/instances/new/", {**body, "name": "ok", "image": "999999", "kind": "lxc"})
+    page = text(r)
+    assert r.status_code == 400 and "Select a valid choice" in page and 'value="ok"' in page
+    # a private flavor of another tenant is not offered, and refused if posted
+    r = c.post("/instances/new/", {**body, "name": "ok", "flavor": "999"})
+    assert r.status_code == 400
+    # the service's refusal (container without a dedicated node) is shown, input kept
+    ComputeNode.objects.filter(name="node-a").delete()
+    r = c.post("/instances/new/", {**body, "name": "ctr", "image": _image("busybox"), "kind": "container"})
+    assert r.status_code == 409 and "dedicate" in text(r) and 'value="ctr"' in text(r)
+    assert Instance.objects.filter(tenant=world.a).count() == 1 and sent == []
+
+
+def test_preview_then_launch_uses_the_services(world: World, sent: list[Any]) -> None:
+    _ready_node_a()
+    c = client(world, "a_member")
+    q = {"name": "", "image": _image("sample"), "flavor": world.flavor_public.pk, "kind": "auto"}
+    page = text(c.get("/instances/new/preview/", q))
+    assert "container on node-a: dedicated to acme" in page
+    assert re.search(r"Containers</th><td class=\"num\">0</td><td class=\"num\">\+1</td>", page)
+    assert Instance.objects.filter(tenant=world.a).count() == 1
+    page = text(c.get("/instances/new/preview/", {**q, "kind": "vm"}))
+    assert "Runs as" in page and ">vm<" in page
+    r = c.post("/instances/new/", {**q, "name": "app", "network": "default", "ssh_keys": []})
+    inst = Instance.objects.get(tenant=world.a, name="app")
+    assert (r.status_code, r["Location"]) == (303, f"/instances/{inst.pk}/")
+    assert (inst.kind, inst.node.name if inst.node else None) == ("container", "node-a")
+    assert sent[0][:2] == ("node.node-a", "compute.instance.create")
+    ev = Event.objects.get(action="instance.create", object_id=str(inst.pk), path="/instances/new/")
+    assert (ev.tenant, ev.actor_name, ev.status_code) == (world.a, "a_member", 303)
+    detail = text(c.get(r["Location"]))
+    assert "container on node-a: dedicated to acme" in detail and "spawning" in detail
+
+
+def test_ssh_key_is_injected_when_chosen(world: World, sent: list[Any]) -> None:
+    key = SSHKey.objects.create(user=world.users["a_member"], name="mine", public_key=new_ed25519())
+    c = client(world, "a_member")
+    r = c.post("/instances/new/", {"name": "k", "image": _image("tiny"), "flavor": world.flavor_public.pk,
+                                   "kind": "vm", "network": "default", "ssh_keys": [key.pk]})  # fmt: skip
+    assert r.status_code == 303
+    assert Instance.objects.get(name="k").ssh_keys == [key.public_key]
+    other = world.key_a.pk  # a_admin's key is not offered to a_member
+    r = c.post("/instances/new/", {"name": "k2", "image": _image("tiny"), "flavor": world.flavor_public.pk,
+                                   "kind": "vm", "network": "default", "ssh_keys": [other]})  # fmt: skip
+    assert r.status_code == 400 and not Instance.objects.filter(name="k2").exists()
+
+
+def test_actions_and_delete_follow_the_state(world: World, nodes: FakeNodes) -> None:
+    c = client(world, "a_member")
+    c.post("/instances/new/", {"name": "vm1", "image": _image("tiny"), "flavor": world.flavor_public.pk,
+                               "kind": "vm", "network": "default"})  # fmt: skip
+    inst = Instance.objects.get(name="vm1")
+    url = f"/instances/{inst.pk}/"
+    status = text(c.get(url + "status/"))
+    assert 'value="stop" disabled' in status and "spawning" in status
+    r = c.post(url + "action/", {"action": "stop"})
+    assert r.status_code == 409 and "busy (spawning)" in text(r)
+    nodes.run()
+    status = text(c.get(url + "status/"))
+    assert 'value="stop" disabled' not in status and 'value="start" disabled' in status
+    r = c.post(url + "action/", {"action": "stop"})
+    assert r.status_code == 303
+    nodes.run()
+    assert Instance.objects.get(pk=inst.pk).vm_state == "stopped"
+    r = c.post(url + "action/", {"action": "reboot"})
+    assert r.status_code == 409 and "while it is stopped" in text(r)
+    r = c.post(url + "action/", {"action": "explode"})
+    assert r.status_code == 409 and "Unknown action" in text(r)
+    r = c.post(url + "action/", {"action": "snapshot", "name": "../x"})
+    assert r.status_code == 400 and 'value="../x"' in text(r)
+    assert c.post(url + "action/", {"action": "snapshot", "name": "s1"}).status_code == 303
+    nodes.run()
+    assert "Delete instance vm1?" in text(c.get(url + "delete/"))
+    r = c.post(url + "delete/")
+    assert r.status_code == 303 and Instance.objects.get(pk=inst.pk).task_state == "deleting"
+    nodes.run()
+    assert Instance.objects.get(pk=inst.pk).vm_state == "deleted"
+    assert c.get(url + "status/").status_code == 286, "polling stops for a deleted instance"
+    actions = set(Event.objects.filter(object_id=str(inst.pk), path__startswith="/instances/")
+                  .values_list("action", "outcome"))  # fmt: skip
+    assert {("instance.stop", "success"), ("instance.stop", "failure"), ("instance.delete", "success"),
+            ("instance.snapshot", "success")} <= actions  # fmt: skip
+
+
+def test_list_filters_and_rows_partial(world: World, sent: list[Any]) -> None:
+    c = client(world, "a_member")
+    page = text(c.get("/instances/", {"q": "web", "state": "active", "kind": "vm"}))
+    assert 'data-instance="web-1"' in page and 'hx-trigger="every 2s"' in page
+    assert 'data-instance="web-1"' not in text(c.get("/instances/rows/", {"kind": "container"}))
+    assert 'data-instance="web-1"' not in text(c.get("/instances/", {"q": "zzz"}))
+    r = c.get("/instances/", {"state": "bogus", "page": "x"})
+    assert r.status_code == 200 and "(ignored)" in text(r) and 'data-instance="web-1"' in text(r)
+    Instance.objects.filter(pk=world.instance_a.pk).update(vm_state="deleted")
+    assert 'data-instance="web-1"' not in text(c.get("/instances/"))
+    assert 'data-instance="web-1"' in text(c.get("/instances/", {"state": "deleted"}))
+
+
+def test_dashboard_shows_usage_and_counts(world: World) -> None:
+    page = text(client(world, "a_viewer").get("/"))
+    assert 'aria-label="Instances" aria-valuemin="0" aria-valuemax="10" aria-valuenow="1"' in page
+    assert "Dedicated node: node-a" in page
+
+
+def test_tokens_key_shown_once_and_revoked(world: World) -> None:
+    c = client(world, "a_viewer")  # any member may hold tokens for its own membership (as the API)
+    r = c.post("/tokens/", {"name": "ci", "tenant": "acme", "expires_in_days": "400"})
+    assert r.status_code == 400 and "At most 365 days" in text(r) and 'value="ci"' in text(r)
+    r = c.post("/tokens/", {"name": "ci", "tenant": "bobco", "expires_in_days": "7"})
+    assert r.status_code == 400 and not APIToken.objects.filter(user=world.users["a_viewer"]).exists()
+    r = c.post("/tokens/", {"name": "ci", "tenant": "acme", "expires_in_days": "7"})
+    assert r.status_code == 201 and r["Cache-Control"] == "no-store"
+    key = re.search(r'value="(sky_[0-9a-f]{16}_[^"]+)"', text(r))
+    assert key is not None
+    token = APIToken.objects.get(user=world.users["a_viewer"])
+    assert token.membership is not None and token.membership.role == "viewer"
+    assert token.key_hash == APIToken.hash_secret(key[1].split("_", 2)[2])
+    assert key[1] not in text(c.get("/tokens/")), "the key is shown once"
+    api = client(world, None)
+    assert api.get("/api/v1/instances/", headers={"Authorization": f"Bearer {key[1]}"}).status_code == 200
+    assert "Revoke token ci?" in text(c.get(f"/tokens/{token.pk}/revoke/"))
+    assert c.post(f"/tokens/{token.pk}/revoke/").status_code == 303
+    assert api.get("/api/v1/instances/", headers={"Authorization": f"Bearer {key[1]}"}).status_code == 401
+    assert Event.objects.filter(action="apitoken.revoke", object_id=str(token.pk), outcome="success").exists()
+
+
+def test_ssh_keys_add_and_delete(world: World) -> None:
+    c = client(world, "a_admin")
+    r = c.post("/ssh-keys/", {"name": "laptop", "public_key": "ssh-rsa AAAA nope"})
+    page = text(r)
+    assert r.status_code == 400 and "already have a key with this name" in page and "Not a valid" in page
+    r = c.post("/ssh-keys/", {"name": "other", "public_key": world.key_a.public_key})
+    assert r.status_code == 400 and "already added this key" in text(r)
+    r = c.post("/ssh-keys/", {"name": "priv", "public_key": "-----BEGIN OPENSSH PRIVATE KEY----- x"})
+    assert r.status_code == 400 and "private key" in text(r)
+    r = c.post("/ssh-keys/", {"name": "desk", "public_key": new_ed25519()})
+    assert r.status_code == 303
+    key = SSHKey.objects.get(name="desk")
+    assert c.post(f"/ssh-keys/{key.pk}/delete/").status_code == 303
+    assert not SSHKey.objects.filter(pk=key.pk).exists()
+    assert Event.objects.filter(action="sshkey.delete", outcome="success").count() == 1
+
+
+def test_operator_dedicates_shares_drains_and_edits_quota(world: World) -> None:
+    op = client(world, "operator")
+    r = op.post("/ops/nodes/shared-1/tenancy/", {"owner": "bobco"})
+    assert r.status_code == 409 and "hosts instances of acme" in text(r)
+    r = op.post("/ops/nodes/shared-1/tenancy/", {"owner": "acme"})
+    assert r.status_code == 303
+    assert ComputeNode.objects.get(name="shared-1").owner == world.a
+    r = op.post("/ops/nodes/shared-1/tenancy/", {"owner": "nobody"})
+    assert r.status_code == 400
+    assert op.post("/ops/nodes/node-a/tenancy/", {"owner": ""}).status_code == 303
+    assert ComputeNode.objects.get(name="node-a").tenancy == "shared"
+    assert op.post("/ops/nodes/nope/tenancy/", {"owner": ""}).status_code == 404
+    assert op.post("/ops/nodes/shared-1/drain/", {"enable": "0"}).status_code == 303
+    assert ComputeNode.objects.get(name="shared-1").status == "disabled"
+    assert "Enable scheduling" in text(op.get("/ops/nodes/"))
+    op.post("/ops/nodes/shared-1/drain/", {"enable": "1"})
+    assert ComputeNode.objects.get(name="shared-1").status == "down"
+    ev = Event.objects.filter(path__startswith="/ops/nodes/").values_list("action", "status_code")
+    assert ("computenode.dedicate", 409) in ev and ("computenode.disable", 303) in ev
+    r = op.post("/ops/tenants/acme/quota/", {"instances": "-1", "vcpus": "4", "ram_mb": "x", "disk_gb": "1",
+                                             "containers": "1", "vms": "1"})  # fmt: skip
+    assert r.status_code == 400 and 'value="-1"' in text(r) and 'value="x"' in text(r)
+    r = op.post("/ops/tenants/acme/quota/", {"instances": "3", "vcpus": "4", "ram_mb": "1024",
+                                             "disk_gb": "1", "containers": "1", "vms": "1"})  # fmt: skip
+    assert r.status_code == 303 and Quota.objects.get(tenant=world.a).instances == 3
+    assert op.get("/ops/tenants/nope/quota/").status_code == 404
+
+
+def test_ops_lists_orphans_drift_and_filters(world: World) -> None:
+    report = {"node": "shared-1", "queue": "node.shared-1", "vcpus": 64, "ram_mb": 262144, "disk_gb": 10000,
+              "drivers": [["vm", True, ""]], "sent_at": time.time(),
+              "inventory": [{"instance_id": "11111111-2222-3333-4444-555555555555", "kind": "vm",
+                             "power_state": "running"}]}  # fmt: skip
+    apply_node_report(report)
+    op = client(world, "operator")
+    page = text(op.get("/ops/drift/"))
+    assert "11111111-2222-3333-4444-555555555555" in page and "reconcile.orphans" in page
+    assert "web-1" in page and "missing on node shared-1" in page
+    assert "web-1" in text(op.get("/ops/instances/", {"tenant": "acme", "node": "shared-1"}))
+    assert "web-1" not in text(op.get("/ops/instances/", {"tenant": "bobco"}))
+    assert "reconcile.missing" in text(op.get("/ops/events/", {"action": "reconcile."}))
+    assert op.get("/ops/events/", {"tenant": "nope", "page": "99"}).status_code == 200
+
+
+def test_action_buttons_match_the_services_table(world: World) -> None:
+    inst = world.instance_a
+    for state in VmState.values:
+        for kind in (Kind.VM, Kind.CONTAINER):
+            inst.vm_state, inst.kind, inst.task_state = state, kind, None
+            for action, (_task, allowed) in services.ACTIONS.items():
+                expect = state in allowed and (kind == Kind.VM or action in services.CONTAINER_ACTIONS)
+                assert action_allowed(inst, action) is expect, (state, kind, action)
+    inst.vm_state, inst.task_state = VmState.ACTIVE, "stopping"
+    assert not any(action_allowed(inst, a) for a in services.ACTIONS)
+
+
+def test_sparkline_points_scale_into_the_box() -> None:
+    assert sparkline_points([]) == "" and sparkline_points([5]) == ""
+    assert sparkline_points([0, 10], width=100, height=20) == "0.0,20.0 100.0,0.0"
+    assert sparkline_points([3, 3, 3], width=10, height=10) == "0.0,10.0 5.0,10.0 10.0,10.0"
