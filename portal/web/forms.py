@@ -121,6 +121,25 @@ class SnapshotForm(NoSuffix, forms.Form):
     name = forms.CharField(max_length=63, validators=[name_validator], label="Snapshot name")
 
 
+class PublishForm(NoSuffix, forms.Form):
+    """A VM's disk as a new private image of its tenant."""
+
+    name = forms.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", max_length=100, label="Image name")
+    version = forms.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,39}$", max_length=40, label="Version")
+    description = forms.CharField(required=False, max_length=2000, label="Description")
+
+    def __init__(self, *args: Any, tenant: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tenant = tenant
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        name, version = data.get("name"), data.get("version")
+        if name and version and Image.objects.filter(owner=self.tenant, name=name, version=version).exists():
+            self.add_error("version", f"{name}:{version} already exists in tenant {self.tenant.slug}.")
+        return data
+
+
 class InstanceFilterForm(NoSuffix, forms.Form):
     """Filters of instance lists; invalid values are reported and ignored."""
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from portal.web.views import auth, instances, keys, ops, tenant
+from portal.web.views import auth, images, instances, keys, ops, tenant
 
 app_name = "web"
 
@@ -19,8 +19,12 @@ urlpatterns = [
     path("instances/<uuid:pk>/stats/", instances.instance_stats, name="instance-stats"),
     path("instances/<uuid:pk>/action/", instances.instance_action, name="instance-action"),
     path("instances/<uuid:pk>/delete/", instances.instance_delete, name="instance-delete"),
+    path("instances/<uuid:pk>/publish/", images.instance_publish, name="instance-publish"),
     path("images/", tenant.images, name="images"),
+    path("images/upload/", images.image_upload, name="image-upload"),
     path("images/<int:pk>/", tenant.image_detail, name="image"),
+    path("images/<int:pk>/status/", images.image_status, name="image-status"),
+    path("images/<int:pk>/delete/", images.image_delete, name="image-delete"),
     path("networks/", tenant.networks, name="networks"),
     path("ssh-keys/", keys.ssh_keys, name="ssh-keys"),
     path("ssh-keys/<int:pk>/delete/", keys.ssh_key_delete, name="ssh-key-delete"),

@@ -195,3 +195,38 @@ def test_tenant_pages_and_narrow_screen(live_server: Any, page: Any, browser: An
             shot(phone, name)
     finally:
         narrow.close()
+
+
+def test_upload_an_image_with_progress_and_see_it_checked(
+    live_server: Any, page: Any, world: World, settings: Any, tmp_path: Any
+) -> None:
+    """Real upload from the browser: the file streams through the API; the detail page polls the import."""
+    from tests.hostcaps import require_binary
+    from tests.portal import imagefiles as f
+
+    require_binary("qemu-img")
+    settings.SKYPORT_IMAGE_STORE = tmp_path / "store"
+    disk = f.qcow2(tmp_path / "web.qcow2", "64M")
+    base = live_server.url
+    login(page, base, "a_member")
+    page.get_by_role("link", name="Images").first.click()
+    page.get_by_role("link", name="Upload an image").click()
+    assert _unlabelled_controls(page) == []
+    # a clash with an existing name:version keeps the form and says why
+    page.get_by_label("Name").fill("secret")
+    page.get_by_label("Version").fill("1")
+    page.get_by_label("File", exact=True).set_input_files(str(disk))
+    page.get_by_role("button", name="Upload").click()
+    expect(page.locator("[data-for=version]")).to_contain_text("already exists in tenant acme")
+    expect(page.get_by_label("Name")).to_have_value("secret")
+    page.get_by_label("Name").fill("web")
+    page.get_by_label("Expected sha256 (optional)").fill(f.digest(disk.read_bytes())[7:])
+    shot(page, "image-upload")
+    page.get_by_role("button", name="Upload").click()
+    page.wait_for_url(re.compile(r"/images/\d+/$"))
+    expect(page.locator("#image-status [data-status]")).to_have_text("active", timeout=POLL_TIMEOUT)
+    expect(page.locator("#image-status")).to_contain_text("VM (qcow2)")
+    shot(page, "image-detail")
+    image_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+    # another tenant cannot open it
+    assert world.client("b_admin").get(f"/api/v1/images/{image_id}/").status_code == 404

@@ -241,3 +241,51 @@ def test_sparkline_points_scale_into_the_box() -> None:
     assert sparkline_points([]) == "" and sparkline_points([5]) == ""
     assert sparkline_points([0, 10], width=100, height=20) == "0.0,20.0 100.0,0.0"
     assert sparkline_points([3, 3, 3], width=10, height=10) == "0.0,10.0 5.0,10.0 10.0,10.0"
+
+
+def test_publish_form_errors_keep_input_and_success_goes_to_the_image(world: World, sent: list[Any]) -> None:
+    c = client(world, "a_member")
+    inst = world.instance_a
+    r = c.post(f"/instances/{inst.pk}/publish/", {"name": "bad name", "version": "1", "description": "kept"})
+    assert r.status_code == 400 and 'value="bad name"' in text(r) and "kept" in text(r)
+    r = c.post(f"/instances/{inst.pk}/publish/", {"name": "secret", "version": "1"})
+    assert r.status_code == 400 and "already exists in tenant acme" in text(r)
+    r = c.post(f"/instances/{inst.pk}/publish/", {"name": "web-disk", "version": "1"})
+    assert r.status_code == 303
+    from portal.images.models import Image
+
+    image = Image.objects.get(name="web-disk")
+    assert r["Location"] == f"/images/{image.pk}/"
+    assert (image.owner_id, image.status, image.source_instance_id) == (world.a.pk, "queued", inst.pk)
+    assert sent[-1][1] == "compute.instance.action" and sent[-1][2][2] == "publish"
+    assert Event.objects.filter(action="instance.publish", status_code=303).exists()
+    page = text(c.get(f"/images/{image.pk}/"))
+    assert 'hx-trigger="every 2s"' in page and "waiting for node shared-1" in page
+    # viewers cannot publish
+    r = client(world, "a_viewer").post(f"/instances/{inst.pk}/publish/", {"name": "v", "version": "1"})
+    assert r.status_code == 403
+
+
+def test_image_delete_confirms_and_refuses_while_in_use(world: World) -> None:
+    from portal.images.models import Image
+
+    image = world.instance_a.image
+    assert image is not None
+    Image.objects.filter(pk=image.pk).update(owner=world.a)
+    c = client(world, "a_member")
+    assert "Delete image" in text(c.get(f"/images/{image.pk}/delete/"))
+    r = c.post(f"/images/{image.pk}/delete/")
+    assert r.status_code == 409 and "used by 1 instance" in text(r)
+    unused = Image.objects.create(name="old", version="1", owner=world.a, status="active")
+    r = c.post(f"/images/{unused.pk}/delete/")
+    assert r.status_code == 303 and not Image.objects.filter(pk=unused.pk).exists()
+    # public images: only operators; another tenant's: 404
+    public = Image.objects.get(name="busybox")
+    assert c.post(f"/images/{public.pk}/delete/").status_code == 403
+    assert client(world, "b_admin").get(f"/images/{image.pk}/delete/").status_code == 404
+
+
+def test_upload_page_needs_the_member_role(world: World) -> None:
+    assert client(world, "a_viewer").get("/images/upload/").status_code == 403
+    page = text(client(world, "a_member").get("/images/upload/"))
+    assert 'data-tenant="acme"' in page and 'data-api="/api/v1/images/"' in page

@@ -25,7 +25,7 @@ from portal.cloud.models import Instance
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Tenant
 from portal.web.access import actor, login_page, page, refuse, role_refusal, tenant_page
-from portal.web.forms import InstanceFilterForm, LaunchForm, SnapshotForm
+from portal.web.forms import InstanceFilterForm, LaunchForm, PublishForm, SnapshotForm
 from portal.web.presenters import BUTTON_ACTIONS, action_allowed, delete_allowed, quota_effect_rows
 from portal.web.views.tenant import paginate, query_without_page
 
@@ -111,13 +111,20 @@ def instance_detail(request: HttpRequest, pk: str) -> HttpResponse:
 
 
 def _detail_page(
-    request: HttpRequest, instance: Instance, error: str = "", status: int = 200, snapshot: Any = None
+    request: HttpRequest,
+    instance: Instance,
+    error: str = "",
+    status: int = 200,
+    snapshot: Any = None,
+    publish: Any = None,
 ) -> HttpResponse:
     ctx = _status_context(request, instance)
     ctx |= {
         "error": error,
         "snapshot_form": snapshot or SnapshotForm(),
         "can_snapshot": action_allowed(instance, "snapshot"),
+        "publish_form": publish or PublishForm(tenant=instance.tenant),
+        "can_publish": instance.kind == "vm" and action_allowed(instance, "snapshot"),
     }
     return page(request, "web/instance_detail.html", ctx, status=status)
 
