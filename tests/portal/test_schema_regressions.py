@@ -32,3 +32,43 @@ def test_every_operation_documents_its_json_errors(world: World) -> None:
     # and the body the API really sends has that shape
     r = world.client("a_member").get("/api/v1/events/?page=0")
     assert r.status_code == 404 and set(r.json()) == {"message", "code"}
+
+
+def test_image_reference_that_is_not_a_string_or_id_is_400(world: World) -> None:
+    """``"image": false`` was taken for an int and crashed int("False") with a 500."""
+    c = world.client("a_member")
+    for url in ("/api/v1/instances/", "/api/v1/instances/preview/"):
+        for bad in (False, True, 1.5, ["tiny:1"], {"name": "tiny"}):
+            r = c.post(url, {"name": "x", "image": bad, "flavor": world.flavor_public.pk}, format="json")
+            assert r.status_code == 400, (url, bad, r.content)
+            assert "image" in r.json()["errors"]
+
+
+def test_ssh_key_of_unknown_type_is_400(world: World) -> None:
+    """cryptography raises UnsupportedAlgorithm (not ValueError) for an unknown key type: it was a 500."""
+    c = world.client("a_member")
+    r = c.post("/api/v1/ssh-keys/", {"name": "k", "public_key": "Invalid AAAA"}, format="json")
+    assert r.status_code == 400
+    assert "Not a valid OpenSSH public key" in r.json()["message"]
+
+
+def test_preview_without_tenant_uses_the_only_tenant(world: World) -> None:
+    """The default tenant was filled in for create only: a preview without "tenant" was a KeyError (500)."""
+    body = {"name": "x", "image": "tiny:1", "flavor": world.flavor_public.pk}
+    r = world.client("a_member").post("/api/v1/instances/preview/", body, format="json")
+    assert r.status_code == 200, r.json()
+    assert r.json()["kind"] == "vm"
+    world.users["a_member"].memberships.create(tenant=world.b, role="member")
+    r = world.client("a_member").post("/api/v1/instances/preview/", body, format="json")
+    assert r.status_code == 400 and "Name the tenant" in r.json()["message"]
+
+
+def test_ssh_key_ids_out_of_range_are_400(world: World) -> None:
+    """An id beyond 64 bits overflowed the database driver in the key lookup (500)."""
+    c = world.client("a_member")
+    for bad in (2**63, -(2**70), 0):
+        body = {"name": "x", "image": "tiny:1", "flavor": world.flavor_public.pk, "ssh_key_ids": [bad]}
+        for url in ("/api/v1/instances/", "/api/v1/instances/preview/"):
+            r = c.post(url, body, format="json")
+            assert r.status_code == 400, (url, bad, r.content)
+            assert "ssh_key_ids" in r.json()["errors"]

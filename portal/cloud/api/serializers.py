@@ -15,6 +15,8 @@ from portal.images.choices import ImageStatus
 from portal.images.models import Image
 from portal.tenancy.models import SSHKey, Tenant
 
+#: the largest id a database can hold (BigAutoField); larger ones overflow the query, not just miss
+MAX_ID = 2**63 - 1
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,150}(:[A-Za-z0-9._-]{1,40})?$")
 
@@ -108,6 +110,8 @@ class ImageRefField(serializers.Field):  # type: ignore[type-arg]
 
     def to_internal_value(self, data: Any) -> Image:
         qs = Image.objects.restrict(actor_for(self.context["request"])).filter(status=ImageStatus.ACTIVE)
+        if not isinstance(data, str | int) or isinstance(data, bool):
+            raise serializers.ValidationError("Expected an image id or a reference such as 'busybox:1.36'.")
         text = str(data).strip()
         if isinstance(data, int) or text.isdigit():
             image = qs.filter(pk=int(text)).first()
@@ -142,7 +146,7 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
         slug_field="username", read_only=True
     )
     ssh_key_ids = serializers.ListField(
-        child=serializers.IntegerField(),
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
         write_only=True,
         required=False,
         max_length=20,
