@@ -7,6 +7,8 @@ from typing import Any
 import yaml
 from rest_framework.test import APIClient
 
+from portal.audit.models import Event, Outcome
+from portal.cloud.models import Instance
 from tests.portal.conftest import World
 
 
@@ -50,6 +52,27 @@ def test_ssh_key_of_unknown_type_is_400(world: World) -> None:
     r = c.post("/api/v1/ssh-keys/", {"name": "k", "public_key": "Invalid AAAA"}, format="json")
     assert r.status_code == 400
     assert "Not a valid OpenSSH public key" in r.json()["message"]
+
+
+def test_nullable_references_are_documented_as_nullable(world: World) -> None:
+    """A public image's owner, an unplaced instance's node, a deleted creator and a node event's
+    tenant are null; the schema said "string", so every such response violated it."""
+    doc = _schema(world.client("operator"))
+    props = {name: s.get("properties", {}) for name, s in doc["components"]["schemas"].items()}
+    assert props["Image"]["owner"]["nullable"] is True
+    assert props["Instance"]["node"]["nullable"] is True
+    assert props["Instance"]["created_by"]["nullable"] is True
+    assert props["Event"]["tenant"]["nullable"] is True
+
+    Instance.objects.filter(pk=world.instance_a.pk).update(node=None, created_by=None)
+    c = world.client("a_member")
+    body = c.get(f"/api/v1/instances/{world.instance_a.pk}/").json()
+    assert body["node"] is None and body["created_by"] is None
+    owners = {i["name"]: i["owner"] for i in c.get("/api/v1/images/").json()["results"]}
+    assert owners["tiny"] is None and owners["secret"] == "acme"
+    node_event = Event.objects.create(action="node.down", outcome=Outcome.SUCCESS, actor_name="sweeper")
+    seen = world.client("operator").get(f"/api/v1/events/{node_event.pk}/").json()
+    assert seen["tenant"] is None
 
 
 def test_preview_without_tenant_uses_the_only_tenant(world: World) -> None:

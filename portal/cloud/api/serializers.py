@@ -141,9 +141,11 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
         help_text="auto (portal chooses), vm or container",
     )
     decided_kind = serializers.CharField(source="kind", read_only=True)
-    node: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    node: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="name", read_only=True, allow_null=True
+    )
     created_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
-        slug_field="username", read_only=True
+        slug_field="username", read_only=True, allow_null=True
     )
     ssh_key_ids = serializers.ListField(
         child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
@@ -300,7 +302,9 @@ class NetworkSerializer(serializers.ModelSerializer[Network]):
 
 
 class ImageSerializer(serializers.ModelSerializer[Image]):
-    owner: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    owner: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True, allow_null=True
+    )
     formats = serializers.SerializerMethodField()
 
     class Meta:
