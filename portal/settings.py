@@ -123,6 +123,13 @@ STORAGES = {
 
 LOGIN_URL = "/admin/login/"
 
+# Logins: every form goes through this backend, which refuses further attempts after
+# SKYPORT_LOGIN_MAX_FAILURES failures (per username and per client address) within
+# SKYPORT_LOGIN_WINDOW_SECONDS.  The counts live in the cache below.
+AUTHENTICATION_BACKENDS = ["portal.tenancy.login.RateLimitedModelBackend"]
+SKYPORT_LOGIN_MAX_FAILURES = int(os.environ.get("SKYPORT_LOGIN_MAX_FAILURES", "5"))
+SKYPORT_LOGIN_WINDOW_SECONDS = int(os.environ.get("SKYPORT_LOGIN_WINDOW_SECONDS", "300"))
+
 # Security: the same in every environment where it costs nothing locally.
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
@@ -130,9 +137,14 @@ CSRF_COOKIE_SAMESITE = "Lax"
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
+# Behind a reverse proxy that terminates TLS: trust its X-Forwarded-Proto, and take the
+# client's address from the X-Forwarded-For entry it appends.  Only set this when every
+# request passes through such a proxy, or clients could claim HTTPS and any address.
+SKYPORT_BEHIND_PROXY = _bool("SKYPORT_BEHIND_PROXY", False)
+if SKYPORT_BEHIND_PROXY:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 if PRODUCTION:
     SECURE_SSL_REDIRECT = _bool("SKYPORT_SSL_REDIRECT", True)
-    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = int(os.environ.get("SKYPORT_HSTS_SECONDS", "31536000"))
@@ -187,6 +199,16 @@ CELERY_TASK_DEFAULT_QUEUE = "control"
 CELERY_TASK_ROUTES = {"portal.*": {"queue": "control"}}
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# The cache (login failure counts) must be shared by all web workers: Redis, by default
+# the broker's, with its own key prefix.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": os.environ.get("SKYPORT_CACHE_URL") or CELERY_BROKER_URL,
+        "KEY_PREFIX": "skyport-cache",
+    }
+}
 
 # Tenant defaults.
 SKYPORT_DEFAULT_QUOTA = {

@@ -14,6 +14,7 @@ os.environ["CELERY_BROKER_URL"] = CELERY_BROKER_URL
 # which allocates from the start of 198.18.0.0/15.
 SKYPORT_NETWORK_POOL = os.environ.get("SKYPORT_TEST_NETWORK_POOL", "198.19.224.0/19")
 CELERY_TASK_EAGER_PROPAGATES = True
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
