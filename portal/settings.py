@@ -133,6 +133,7 @@ SKYPORT_LOGIN_WINDOW_SECONDS = int(os.environ.get("SKYPORT_LOGIN_WINDOW_SECONDS"
 # Security: the same in every environment where it costs nothing locally.
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_AGE = int(os.environ.get("SKYPORT_SESSION_COOKIE_AGE", str(12 * 3600)))
 CSRF_COOKIE_SAMESITE = "Lax"
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
