@@ -1,6 +1,5 @@
 from django.contrib import admin
 from django.contrib.auth.views import LoginView
-from django.http import HttpRequest, JsonResponse
 from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
@@ -11,13 +10,8 @@ from portal.tenancy.login import AdminLoginForm, LoginForm
 admin.site.login_form = AdminLoginForm
 
 
-def healthz(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"status": "ok"})
-
-
 urlpatterns = [
     path("", RedirectView.as_view(url="/api/docs/", permanent=False)),
-    path("healthz", healthz),
     path("admin/", admin.site.urls),
     path("api/v1/", include("portal.api.urls")),
     # session login for tenant users (API docs); DRF's own login view, with our form

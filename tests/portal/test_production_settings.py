@@ -81,3 +81,15 @@ def test_login_counts_are_shared_through_redis(tmp_path: Path) -> None:
     )
     assert own["CACHES"]["default"]["LOCATION"] == "redis://cache:6379/3"
     assert s["AUTHENTICATION_BACKENDS"] == ["portal.tenancy.login.RateLimitedModelBackend"]
+
+
+def test_healthz_answers_plain_http_probes_under_production_settings(db: None) -> None:
+    """The container health check speaks HTTP to 127.0.0.1: no HTTPS redirect, no host check."""
+    from django.test import Client, override_settings
+
+    with override_settings(SECURE_SSL_REDIRECT=True, ALLOWED_HOSTS=["cloud.example.org"]):
+        r = Client().get("/healthz", HTTP_HOST="127.0.0.1:8000")
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+        # everything else still gets both
+        assert Client().get("/api/v1/", HTTP_HOST="127.0.0.1:8000").status_code == 400
+        assert Client().get("/api/v1/", HTTP_HOST="cloud.example.org").status_code == 301
