@@ -55,6 +55,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "portal.health.HealthCheckMiddleware",  # first: probes are plain HTTP to 127.0.0.1
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "portal.audit.middleware.AuditMiddleware",
@@ -125,16 +126,29 @@ STORAGES = {
 LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/"
 
+# Logins: every form goes through this backend, which refuses further attempts after
+# SKYPORT_LOGIN_MAX_FAILURES failures (per username and per client address) within
+# SKYPORT_LOGIN_WINDOW_SECONDS.  The counts live in the cache below.
+AUTHENTICATION_BACKENDS = ["portal.tenancy.login.RateLimitedModelBackend"]
+SKYPORT_LOGIN_MAX_FAILURES = int(os.environ.get("SKYPORT_LOGIN_MAX_FAILURES", "5"))
+SKYPORT_LOGIN_WINDOW_SECONDS = int(os.environ.get("SKYPORT_LOGIN_WINDOW_SECONDS", "300"))
+
 # Security: the same in every environment where it costs nothing locally.
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_AGE = int(os.environ.get("SKYPORT_SESSION_COOKIE_AGE", str(12 * 3600)))
 CSRF_COOKIE_SAMESITE = "Lax"
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
+# Behind a reverse proxy that terminates TLS: trust its X-Forwarded-Proto, and take the
+# client's address from the X-Forwarded-For entry it appends.  Only set this when every
+# request passes through such a proxy, or clients could claim HTTPS and any address.
+SKYPORT_BEHIND_PROXY = _bool("SKYPORT_BEHIND_PROXY", False)
+if SKYPORT_BEHIND_PROXY:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 if PRODUCTION:
     SECURE_SSL_REDIRECT = _bool("SKYPORT_SSL_REDIRECT", True)
-    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = int(os.environ.get("SKYPORT_HSTS_SECONDS", "31536000"))
@@ -170,6 +184,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "portal.api.schema.add_error_responses",
+    ],
 }
 
 # Celery: JSON only, at-least-once delivery, one message in flight per worker.
@@ -196,6 +214,16 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "interval_start": 0,
     "interval_step": 0.25,
     "interval_max": 0.5,
+}
+
+# The cache (login failure counts) must be shared by all web workers: Redis, by default
+# the broker's, with its own key prefix.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": os.environ.get("SKYPORT_CACHE_URL") or CELERY_BROKER_URL,
+        "KEY_PREFIX": "skyport-cache",
+    }
 }
 
 # Tenant defaults.

@@ -16,6 +16,7 @@ SKYPORT_NETWORK_POOL = os.environ.get("SKYPORT_TEST_NETWORK_POOL", "198.19.224.0
 CELERY_TASK_EAGER_PROPAGATES = True
 # Each test run has its own image store (removed at the end by tests/conftest.py).
 SKYPORT_IMAGE_STORE = VAR_DIR / f"test-store-{os.getpid()}"
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},

@@ -31,12 +31,15 @@ class TenantField(serializers.SlugRelatedField):  # type: ignore[type-arg]
 
 
 class DefaultTenantMixin:
-    """Fill ``tenant`` with the requester's only tenant when it is left out."""
+    """Fill ``tenant`` with the requester's only tenant when a new object leaves it out.
+
+    "New" is any validation without an instance: create, and dry runs such as
+    the instance preview, which need the tenant just the same.
+    """
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         attrs = super().validate(attrs)  # type: ignore[misc]
-        view = self.context.get("view")  # type: ignore[attr-defined]
-        if "tenant" not in attrs and getattr(view, "action", None) == "create":
+        if "tenant" not in attrs and self.instance is None:  # type: ignore[attr-defined]
             actor = actor_for(self.context["request"])  # type: ignore[attr-defined]
             if len(actor.roles) != 1:
                 raise serializers.ValidationError(

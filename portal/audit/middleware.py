@@ -16,6 +16,7 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse
 
 from portal.audit.models import Event, Outcome
+from portal.audit.record import client_ip
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class AuditMiddleware:
             object_id=str(info.get("object_id", ""))[:64],
             object_repr=str(info.get("object_repr", ""))[:200],
             request_id=request.request_id,  # type: ignore[attr-defined]
-            source_ip=request.META.get("REMOTE_ADDR") or None,
+            source_ip=client_ip(request),
             method=request.method or "",
             path=request.path[:255],
             status_code=response.status_code,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
+from django.conf import settings
 from django.db import models
 from django.http import HttpRequest
 
@@ -41,3 +43,17 @@ def note_error(request: Any, message: str) -> None:
     info: dict[str, Any] = getattr(_django_request(request), "audit", {})
     info.setdefault("message", message)
     _django_request(request).audit = info  # type: ignore[attr-defined]
+
+
+def client_ip(request: Any) -> str | None:
+    """The client's address: REMOTE_ADDR, or behind a reverse proxy (``SKYPORT_BEHIND_PROXY``)
+    the last X-Forwarded-For entry, the one that proxy appended (earlier ones are the client's word)."""
+    meta = _django_request(request).META
+    remote: str | None = meta.get("REMOTE_ADDR") or None
+    if settings.SKYPORT_BEHIND_PROXY:
+        forwarded = meta.get("HTTP_X_FORWARDED_FOR", "").split(",")[-1].strip()
+        try:
+            return str(ipaddress.ip_address(forwarded))
+        except ValueError:
+            return remote
+    return remote

@@ -7,6 +7,7 @@ import hashlib
 import secrets
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from django.conf import settings
@@ -103,7 +104,7 @@ def validate_ssh_public_key(value: str) -> None:
         raise ValidationError("This looks like a private key; paste the .pub file instead.")
     try:
         key = load_ssh_public_key(f"{parts[0]} {parts[1]}".encode())
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ValidationError(f"Not a valid OpenSSH public key: {exc}") from exc
     if isinstance(key, dsa.DSAPublicKey):
         raise ValidationError("DSA keys are obsolete; use ed25519 or RSA of 2048 bits or more.")

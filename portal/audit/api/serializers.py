@@ -5,7 +5,7 @@ from portal.audit.models import Event
 
 class EventSerializer(serializers.ModelSerializer[Event]):
     tenant: serializers.SlugRelatedField[Event] = serializers.SlugRelatedField(
-        slug_field="slug", read_only=True
+        slug_field="slug", read_only=True, allow_null=True
     )
 
     class Meta:

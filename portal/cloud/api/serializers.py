@@ -17,6 +17,8 @@ from portal.images.choices import ImageStatus
 from portal.images.models import Image
 from portal.tenancy.models import SSHKey, Tenant
 
+#: the largest id a database can hold (BigAutoField); larger ones overflow the query, not just miss
+MAX_ID = 2**63 - 1
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,150}(:[A-Za-z0-9._-]{1,40})?$")
 
 
@@ -111,6 +113,8 @@ class ImageRefField(serializers.Field):  # type: ignore[type-arg]
 
     def to_internal_value(self, data: Any) -> Image:
         qs = Image.objects.restrict(actor_for(self.context["request"])).filter(status=ImageStatus.ACTIVE)
+        if not isinstance(data, str | int) or isinstance(data, bool):
+            raise serializers.ValidationError("Expected an image id or a reference such as 'busybox:1.36'.")
         text = str(data).strip()
         if isinstance(data, int) or text.isdigit():
             image = qs.filter(pk=int(text)).first()
@@ -140,12 +144,14 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
         help_text="auto (portal chooses), vm or container",
     )
     decided_kind = serializers.CharField(source="kind", read_only=True)
-    node: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    node: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="name", read_only=True, allow_null=True
+    )
     created_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
-        slug_field="username", read_only=True
+        slug_field="username", read_only=True, allow_null=True
     )
     ssh_key_ids = serializers.ListField(
-        child=serializers.IntegerField(),
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
         write_only=True,
         required=False,
         max_length=20,

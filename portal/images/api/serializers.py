@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from portal.api.authentication import actor_for
@@ -23,14 +25,21 @@ class ArtifactSerializer(serializers.ModelSerializer[Artifact]):
         )
 
 
+@extend_schema_field(OpenApiTypes.STR)
+class OwnerTenantField(TenantField):
+    """The owner tenant of a new private image, by slug (images name it ``owner``, not ``tenant``)."""
+
+
 class ImageSerializer(DefaultTenantMixin, serializers.ModelSerializer[Image]):
-    tenant = TenantField(
+    tenant = OwnerTenantField(
         required=False, write_only=True, help_text="Owner of a private image (default: your only tenant)"
     )
     public = serializers.BooleanField(
         required=False, default=False, help_text="Visible to every tenant; operators only"
     )
-    owner: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    owner: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True, allow_null=True
+    )
     formats = serializers.SerializerMethodField()
     artifacts = ArtifactSerializer(many=True, read_only=True)
 

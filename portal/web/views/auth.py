@@ -11,12 +11,14 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from portal.audit.record import describe, note_error
+from portal.tenancy.login import LoginForm
 from portal.web.access import SESSION_TENANT, login_page, my_tenants, refuse
 
 
 class LoginView(auth_views.LoginView):
     template_name = "web/login.html"
     redirect_authenticated_user = True
+    authentication_form = LoginForm  # says why a rate-limited login is refused
 
     def form_valid(self, form: Any) -> HttpResponse:
         describe(self.request, "session.login", form.get_user())
@@ -24,7 +26,8 @@ class LoginView(auth_views.LoginView):
 
     def form_invalid(self, form: Any) -> HttpResponse:
         describe(self.request, "session.login")
-        note_error(self.request, "wrong user name or password")
+        errors = form.non_field_errors()
+        note_error(self.request, str(errors[0]) if errors else "wrong user name or password")
         response = super().form_invalid(form)
         response.status_code = 400
         return response

@@ -99,5 +99,3 @@ def instance_publish(request: HttpRequest, pk: str) -> HttpResponse:
         return _detail_page(request, instance, str(exc.detail), exc.status_code, publish=form)
     messages.success(request, f"Publishing the disk of {instance.name} as image {image}; it imports next.")
     return HttpResponseRedirect(reverse("web:image", args=[image.pk]), status=303)
-
-

@@ -1,0 +1,59 @@
+"""Error responses in the OpenAPI schema.
+
+Every failure is answered with the same JSON body (``portal.api.exceptions``);
+this post-processing hook documents it on every operation with the status
+codes that operation can answer, so clients (and schemathesis) know them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ERROR_COMPONENT = "Error"
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Every error: a one-sentence message, a machine code, and field errors when invalid.",
+    "properties": {
+        "message": {"type": "string"},
+        "code": {"type": "string"},
+        "errors": {"description": "Validation errors: field name to messages (invalid input only)."},
+    },
+    "required": ["message", "code"],
+}
+_WRITES = frozenset({"post", "put", "patch", "delete"})
+_DESCRIPTIONS = {
+    "400": "Invalid input (body, filter or query parameter).",
+    "401": "Not authenticated, or the API token is invalid, expired or revoked.",
+    "403": "Authenticated but not allowed (role, operator-only action, CSRF).",
+    "404": "No such object among those you may see (or no such page).",
+    "409": "Conflicts with the current state (a name in use, a task in flight, no room).",
+    "415": "The request body's media type is not supported.",
+}
+
+
+def error_codes(method: str, operation: dict[str, Any]) -> list[str]:
+    """The error status codes an operation can answer."""
+    codes = ["401", "403", "404"]
+    has_query = any(p.get("in") == "query" for p in operation.get("parameters", []))
+    if "requestBody" in operation or has_query:
+        codes.append("400")
+    if method in _WRITES:
+        codes.append("409")
+    if "requestBody" in operation:
+        codes.append("415")
+    return sorted(codes)
+
+
+def add_error_responses(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """drf-spectacular post-processing hook: document the JSON error body on every operation."""
+    result.setdefault("components", {}).setdefault("schemas", {})[ERROR_COMPONENT] = ERROR_SCHEMA
+    ref = {"$ref": f"#/components/schemas/{ERROR_COMPONENT}"}
+    for path_item in result.get("paths", {}).values():
+        for method, operation in path_item.items():
+            responses = operation.setdefault("responses", {})
+            for code in error_codes(method, operation):
+                responses.setdefault(
+                    code,
+                    {"description": _DESCRIPTIONS[code], "content": {"application/json": {"schema": ref}}},
+                )
+    return result

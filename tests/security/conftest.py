@@ -1,0 +1,5 @@
+"""Fixtures of the portal tests, reused here: node messages are captured, never sent to a broker."""
+
+from tests.portal.conftest import sent, world
+
+__all__ = ["sent", "world"]
