@@ -20,6 +20,7 @@ set them up) and the sample images in var/images.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -226,6 +227,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--burst", type=int, default=100)
+    ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
     BASE.mkdir(parents=True, mode=0o755, exist_ok=True)
     BASE.chmod(0o755)
@@ -342,6 +344,15 @@ def main() -> int:
     print(f"\n| concurrent creates | wall (s) | accepted (quota {quota}) | overshoot | double placement |")
     print("|---:|---:|---:|---:|---:|")
     print(f"| {args.burst} | {wall:.2f} | {accepted} | {overshoot} | {doubles} |")
+    if args.json:
+        args.json.write_text(
+            json.dumps({
+                "runs": args.runs, "crun_s": c0, "driver_s": d0, "api_container_s": ca0,
+                "vm_driver_s": v0, "vm_api_s": va0,
+                "burst": {"n": args.burst, "quota": quota, "wall_s": wall, "accepted": accepted,
+                          "overshoot": overshoot, "double_placement": doubles},
+            })
+        )  # fmt: skip
     return 0 if overshoot == 0 and doubles == 0 else 1
 
 

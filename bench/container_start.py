@@ -144,7 +144,9 @@ def table(rows: list[tuple[str, list[float]]], baseline: float) -> None:
         print(f"{name:44} {med * 1000:10.1f} {p90 * 1000:8.1f} {med / baseline:6.2f}")
 
 
-def start_latency(drv: ContainerDriver, image: ImageRef, work: Path, runs: int, net: tuple[str, str]) -> None:
+def start_latency(
+    drv: ContainerDriver, image: ImageRef, work: Path, runs: int, net: tuple[str, str]
+) -> dict[str, float]:
     unpacked = drv.layers.unpack(Path(image.location), image.digest)
     bare = bench_bare(work, unpacked.layers[0], runs)
     plain = bench_driver(drv, lambda: spec_for(image), runs)
@@ -167,9 +169,14 @@ def start_latency(drv: ContainerDriver, image: ImageRef, work: Path, runs: int, 
         ],
         base,
     )
+    return {
+        "bare_ms": base * 1000,
+        "driver_ms": statistics.median(plain) * 1000,
+        "driver_veth_ms": statistics.median(with_net) * 1000,
+    }
 
 
-def density(drv: ContainerDriver, image: ImageRef, n: int) -> None:
+def density(drv: ContainerDriver, image: ImageRef, n: int) -> dict[str, float]:
     nbridges = (n + PORTS_PER_BRIDGE - 1) // PORTS_PER_BRIDGE
     names = [f"skc{secrets.token_hex(4)}" for _ in range(nbridges)]
     nets = [ipaddress.IPv4Network(f"198.19.{128 + 4 * b}.0/22") for b in range(nbridges)]
@@ -208,6 +215,7 @@ def density(drv: ContainerDriver, image: ImageRef, n: int) -> None:
             print(f"{label:28} {total / 2**20:8.0f} MiB  ({total / n / 2**20:.2f} MiB each)")
         if running != n:
             raise SystemExit(f"LOST CONTAINERS: only {running} of {n} running")
+        result = {"n": n, "started_s": elapsed, "running": running, "mib_each": per}
     finally:
         t1 = time.perf_counter()
         for spec in specs:
@@ -215,12 +223,14 @@ def density(drv: ContainerDriver, image: ImageRef, n: int) -> None:
         for name in names:
             bridges.delete_bridge(name)
         print(f"{'cleanup':28} {time.perf_counter() - t1:8.1f} s")
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--density", type=int, nargs="?", const=1000, default=None, metavar="N")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
     nsenv.enter_private_mount_ns()
     work = Path(tempfile.mkdtemp(prefix="skc-bench-", dir="/var/tmp"))
@@ -239,14 +249,16 @@ def main() -> None:
     try:
         image = build_image(work / "images")
         if args.density:
-            density(drv, image, args.density)
+            result = density(drv, image, args.density)
         else:
             name = f"skc{secrets.token_hex(4)}"
             bridges.ensure_bridge(name, address="198.19.250.1/24")
             try:
-                start_latency(drv, image, work, args.runs, (name, "198.19.250"))
+                result = start_latency(drv, image, work, args.runs, (name, "198.19.250"))
             finally:
                 bridges.delete_bridge(name)
+        if args.json:
+            args.json.write_text(json.dumps({"runs": args.runs, **result}))
     finally:
         for info in drv.list():
             drv.destroy(info.instance_id)

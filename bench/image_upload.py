@@ -132,6 +132,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
     BASE.mkdir(parents=True, mode=0o755, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
@@ -205,7 +206,18 @@ def main() -> int:
             f"\nweb worker peak RSS (VmHWM): {peak_kib / 1024:.0f} MiB "
             f"(after a warm-up request: {idle_kib / 1024:.0f} MiB, file: {size / 2**20:.0f} MiB)"
         )
-        print(json.dumps({"bare_s": b, "upload_s": u, "import_s": i, "peak_rss_mib": peak_kib / 1024}))
+        summary = {
+            "size_mib": size / 2**20,
+            "bare_s": b,
+            "upload_s": u,
+            "import_s": i,
+            "upload_mb_s": mb / u,
+            "peak_rss_mib": peak_kib / 1024,
+            "idle_rss_mib": idle_kib / 1024,
+        }
+        print(json.dumps(summary))
+        if args.json:
+            args.json.write_text(json.dumps(summary))
     finally:
         for p in procs:
             if p.poll() is None:

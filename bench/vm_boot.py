@@ -13,6 +13,7 @@ root and libvirtd; builds the sample image if missing.
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import shutil
 import statistics
@@ -119,6 +120,7 @@ class Bench:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--json", type=Path, help="also write the medians as JSON here")
     args = ap.parse_args()
 
     ref = image_ref(build_sample_image())
@@ -147,6 +149,13 @@ def main() -> int:
         print(f"{what:24s} {statistics.median(xs):9.2f} {min(xs):7.2f} {max(xs):7.2f}")
     ratio = statistics.median(results["driver"]) / statistics.median(results["bare"])
     print(f"{'ratio driver/bare':24s} {ratio:9.2f}")
+    if args.json:
+        medians = {k: statistics.median(v) for k, v in results.items()}
+        args.json.write_text(
+            json.dumps(
+                {"runs": args.runs, "bare_s": medians["bare"], "driver_s": medians["driver"], "ratio": ratio}
+            )
+        )
     return 0
 
 

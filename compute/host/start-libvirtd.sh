@@ -12,7 +12,8 @@ if [ -e /dev/kvm ]; then
 fi
 rm -f /etc/libvirt/qemu/networks/autostart/default.xml   # no dnsmasq/NAT network
 mkdir -p "$(dirname "$log")"
-setsid tini -s -- sh -c 'virtlogd -d && exec libvirtd' </dev/null >>"$log" 2>&1 &
+# virtlogd may have outlived a libvirtd that died; start only what is missing
+setsid tini -s -- sh -c '{ pgrep -x virtlogd >/dev/null || virtlogd -d; } && exec libvirtd' </dev/null >>"$log" 2>&1 &
 i=0
 until virsh -c qemu:///system version >/dev/null 2>&1; do
     i=$((i + 1))

@@ -32,7 +32,7 @@ from portal.cloud import services
 from portal.cloud.models import ComputeNode, Instance, Network
 from portal.tenancy.models import Tenant
 from tests.e2e.test_end_to_end import ROOT, PortalServer, Stack, _client, _destroy_leftovers, wait_for
-from tests.hostcaps import require, require_binary, require_libvirtd, require_root
+from tests.hostcaps import require_binary, require_libvirtd, require_root
 
 VISIBILITY = "4"  # seconds before a message taken by a dead worker is delivered again
 
@@ -84,6 +84,8 @@ class Cluster:
         self.redis = Redis(base)
         self.server = PortalServer()
         settings.SKYPORT_PORTAL_URL = self.server.url
+        # Celery reads CELERY_BROKER_URL from the environment before its settings (settings_test sets it)
+        monkeypatch.setenv("CELERY_BROKER_URL", self.redis.url)
         self.app = Celery("faults", fixups=[])
         self.app.config_from_object("django.conf:settings", namespace="CELERY")
         self.app.conf.broker_url = self.redis.url
@@ -133,8 +135,20 @@ class Cluster:
         self.app.pool.force_close_all()
 
 
+ARTIFACTS = ROOT / "test-artifacts" / "faults"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def cluster(monkeypatch: pytest.MonkeyPatch, transactional_db: Any) -> Iterator[Cluster]:
+def cluster(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, transactional_db: Any
+) -> Iterator[Cluster]:
     require_root()
     require_binary("crun")
     require_binary("redis-server")
@@ -158,11 +172,17 @@ def cluster(monkeypatch: pytest.MonkeyPatch, transactional_db: Any) -> Iterator[
         ComputeNode.objects.filter(pk=node.pk).update(cpu_allocation_ratio=200.0)
         services.set_node_tenancy(c.node_row(), Tenant.objects.get(slug="acme"))
         yield c
-    except BaseException:
-        print(c.stack.logs())
-        raise
     finally:
         c.close()
+        # the workers' logs are kept with the test results (CI keeps test-artifacts/)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        logs = c.stack.logs()
+        (ARTIFACTS / f"{request.node.name}.log").write_text(logs)
+        failed = any(
+            getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call")
+        )
+        if failed:
+            print(logs)
         _destroy_leftovers(base, [c.node])
         for net in Network.objects.all():
             subprocess.run(["ip", "link", "del", net.bridge], capture_output=True)

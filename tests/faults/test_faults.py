@@ -1,0 +1,241 @@
+"""Faults: each ends with every instance in a true state, nothing lost, no orphans after a reconcile.
+
+Real workers, real Redis (the test's own), real libvirt and crun; see conftest.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from portal.audit.models import Event
+from portal.cloud.models import Instance
+from portal.tenancy.models import Quota, Tenant
+from tests.e2e.test_end_to_end import wait_for
+from tests.faults.conftest import Cluster, acme_client, assert_true_and_no_orphans, launch, settled
+from tests.hostcaps import require_binary, require_root
+
+pytestmark = [pytest.mark.host, pytest.mark.slow]
+
+
+def _node_drivers(cluster: Cluster) -> tuple[Any, Any]:
+    from compute.config import NodeConfig
+    from compute.drivers.container import ContainerDriver
+    from compute.drivers.vm import LibvirtDriver
+
+    cfg = NodeConfig(cluster.node, cluster.base / cluster.node, "qemu:///system", "auto", "crun", "")
+    return LibvirtDriver(cfg), ContainerDriver(cfg)
+
+
+def _delete_all(c: Any) -> None:
+    live = list(Instance.objects.live())
+    for inst in live:
+        assert c.delete(f"/api/v1/instances/{inst.pk}/").status_code == 202
+    for inst in live:
+        settled(c, str(inst.pk), "deleted")
+
+
+def test_compute_worker_killed_in_the_middle_of_a_create(cluster: Cluster) -> None:
+    c = acme_client()
+    log = cluster.base / f"{cluster.node}.log"
+    before = log.read_text().count("compute.instance.create")
+    vm = launch(c, "survivor", kind="vm")
+    wait_for("the node to take the create", lambda: log.read_text().count("compute.instance.create") > before,
+             timeout=30, every=0.01)  # fmt: skip
+    cluster.kill_compute()  # kill -9 of the worker, its pool and its heartbeat
+    got = c.get(f"/api/v1/instances/{vm['id']}/").json()
+    assert got["task_state"] == "spawning", got
+    cluster.start_compute()
+    # the unacknowledged message is delivered again; spawning is idempotent by instance id
+    got = settled(c, vm["id"], timeout=120)
+    assert got["power_state"] == "running"
+    vms, _ = _node_drivers(cluster)
+    assert [i.instance_id for i in vms.list()].count(vm["id"]) == 1
+    assert_true_and_no_orphans(cluster)
+    _delete_all(c)
+    assert_true_and_no_orphans(cluster)
+
+
+def test_redis_restarted_during_a_burst_of_100_creates(cluster: Cluster) -> None:
+    tenant = Tenant.objects.get(slug="acme")
+    Quota.objects.filter(tenant=tenant).update(
+        instances=100, containers=100, vcpus=200, ram_mb=200 * 1024, disk_gb=1000
+    )
+    clients = [acme_client() for _ in range(4)]
+    flavor = clients[0].get("/api/v1/flavors/", {"name": "m1.tiny"}).json()["results"][0]["id"]
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        r = clients[i % 4].post(
+            "/api/v1/instances/",
+            {"tenant": "acme", "name": f"b{i}", "image": "busybox", "flavor": flavor, "kind": "container"},
+            format="json",
+        )
+        with lock:
+            results.append(r.status_code)
+        connection.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(100)]
+    for t in threads[:50]:
+        t.start()
+    cluster.redis.stop()  # a clean restart in the middle of the burst
+    time.sleep(1.0)
+    for t in threads[50:]:
+        t.start()
+    cluster.redis.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(set(results)) == [202], results
+    assert Instance.objects.live().count() == 100
+    # nothing lost: every create reaches the node and runs
+    wait_for(
+        "100 containers running",
+        lambda: Instance.objects.live().filter(vm_state="active", task_state__isnull=True).count() == 100,
+        timeout=240,
+        every=1,
+    )
+    assert not Instance.objects.filter(vm_state="error").exists()
+    assert_true_and_no_orphans(cluster)
+    _delete_all(clients[0])
+    assert_true_and_no_orphans(cluster)
+
+
+def _libvirtd_pid() -> int:
+    return int(Path("/var/run/libvirtd.pid").read_text().strip())
+
+
+def test_libvirtd_killed_while_vms_run(cluster: Cluster) -> None:
+    c = acme_client()
+    vm = launch(c, "steady", kind="vm")
+    settled(c, vm["id"])
+    vms, _ = _node_drivers(cluster)
+    qemu_pid = vms.info(vm["id"]).pid
+    assert qemu_pid
+    os.kill(_libvirtd_pid(), signal.SIGKILL)
+    # the node reports its VM driver down; the VM is not declared missing
+    wait_for(
+        "the node to report libvirt down",
+        lambda: cluster.node_row().drivers.get("vm", {}).get("ok") is False,
+        timeout=30,
+    )
+    time.sleep(2.5)  # a few more heartbeats while libvirtd is away
+    got = c.get(f"/api/v1/instances/{vm['id']}/").json()
+    assert (got["vm_state"], got["power_state"]) == ("active", "running"), got
+    os.kill(qemu_pid, 0)  # the guest kept running without libvirtd
+    subprocess.run([str(Path(__file__).resolve().parents[2] / "compute/host/start-libvirtd.sh")], check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+    cluster.wait_node_up(vm=True)
+    assert vms.info(vm["id"]).pid == qemu_pid, "the same QEMU process, found again by the new libvirtd"
+    assert_true_and_no_orphans(cluster)
+    _delete_all(c)
+    assert_true_and_no_orphans(cluster)
+
+
+def test_workloads_destroyed_behind_the_portals_back(cluster: Cluster) -> None:
+    c = acme_client()
+    vm, ctr = launch(c, "vm-gone", kind="vm"), launch(c, "ctr-gone", kind="container", image="busybox")
+    settled(c, vm["id"])
+    settled(c, ctr["id"])
+    _, ctrs = _node_drivers(cluster)
+    subprocess.run(["virsh", "-c", "qemu:///system", "destroy", f"sky-{vm['id']}"], check=True,
+                   capture_output=True)  # fmt: skip
+    pid = ctrs.info(ctr["id"]).pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(
+        "reconcile to see both",
+        lambda: (
+            {i.power_state for i in Instance.objects.filter(pk__in=[vm["id"], ctr["id"]])}
+            <= {"shutdown", "crashed", "nostate"}
+        ),
+        timeout=30,
+    )
+    assert Event.objects.filter(action="reconcile.power_state", object_id=vm["id"]).exists()
+    assert Event.objects.filter(action="reconcile.power_state", object_id=ctr["id"]).exists()
+    assert Instance.objects.get(pk=vm["id"]).vm_state == "stopped"
+    assert_true_and_no_orphans(cluster)
+    # the portal can act on the true state: start both again
+    for inst in (vm, ctr):
+        assert (
+            c.post(f"/api/v1/instances/{inst['id']}/actions/", {"action": "start"}, format="json").status_code
+            == 202
+        )
+    for inst in (vm, ctr):
+        assert settled(c, inst["id"])["power_state"] == "running"
+    _delete_all(c)
+    assert_true_and_no_orphans(cluster)
+
+
+def test_the_same_node_message_delivered_twice(cluster: Cluster) -> None:
+    from portal.cloud import services
+
+    sent: list[tuple[str, str, list[Any]]] = []
+    real = services._send
+
+    def twice(queue: str, task: str, args: list[Any]) -> None:
+        sent.append((queue, task, args))
+        real(queue, task, args)
+        real(queue, task, args)
+
+    services._send = twice  # type: ignore[assignment]  # restored by the cluster's monkeypatch
+    c = acme_client()
+    ctr = launch(c, "dup", kind="container", image="busybox")
+    settled(c, ctr["id"])
+    _, ctrs = _node_drivers(cluster)
+    assert [i.instance_id for i in ctrs.list()].count(ctr["id"]) == 1
+    time.sleep(2)  # let the second delivery finish and report
+    applied = Event.objects.filter(action="node.create", object_id=ctr["id"]).count()
+    assert applied == 1, "the duplicate observation is recognised by its action id"
+    assert_true_and_no_orphans(cluster)
+    _delete_all(c)
+    assert Event.objects.filter(action="node.delete", object_id=ctr["id"]).count() == 1
+    assert_true_and_no_orphans(cluster)
+
+
+@pytest.mark.django_db
+def test_image_store_disk_fills_up_during_an_upload(settings: Any, tmp_path: Path) -> None:
+    """A 16 MiB tmpfs as the image store: a 24 MiB upload hits ENOSPC half way; nothing is kept."""
+    from rest_framework.test import APIClient
+
+    from portal.images.models import Image
+    from tests.portal.conftest import make_user
+    from tests.portal.imagefiles import qcow2
+
+    require_root()
+    require_binary("qemu-img")
+    mnt = tmp_path / "store"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mnt)], check=True)
+    try:
+        settings.SKYPORT_IMAGE_STORE = mnt
+        tenant = Tenant.objects.create(slug="full", name="Full")
+        user = make_user("filler")
+        from portal.tenancy.models import Membership
+
+        Membership.objects.create(user=user, tenant=tenant, role="member")
+        c = APIClient()
+        c.force_login(user)
+        image = Image.objects.create(name="big", version="1", owner=tenant)
+        body = os.urandom(24 << 20)
+        r = c.put(f"/api/v1/images/{image.pk}/file/?type=raw", body, content_type="application/octet-stream")
+        assert r.status_code == 507, r.content
+        assert "store is full" in r.json()["message"]
+        image.refresh_from_db()
+        assert image.status == "queued", "the image can take the upload again once there is room"
+        assert list((mnt / "tmp").iterdir()) == [] and list((mnt / "blobs/sha256").iterdir()) == []
+        # with room again, a smaller disk goes through
+        small = qcow2(tmp_path / "small.qcow2", "8M").read_bytes()
+        r = c.put(
+            f"/api/v1/images/{image.pk}/file/?type=qcow2", small, content_type="application/octet-stream"
+        )
+        assert r.status_code == 202, r.content
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
