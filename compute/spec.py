@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -68,6 +69,72 @@ class ImageRef:
             raise SpecError(f"image digest must be sha256:<64 hex>, got {self.digest!r}")
 
 
+#: VXLAN network identifiers are 24 bits; 0 is not used.
+VNI_MAX = 2**24 - 1
+
+
+def _check_ipv4(what: str, value: str) -> None:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        raise SpecError(f"{what} must be an IPv4 address, got {value!r}") from None
+
+
+def _check_bridge(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", name):
+        raise SpecError(f"bridge name must be 1-15 of [A-Za-z0-9_.-], got {name!r}")
+
+
+def _check_tunnel(vni: int | None, local: str | None, peers: tuple[str, ...]) -> None:
+    if vni is not None and (isinstance(vni, bool) or not isinstance(vni, int) or not 1 <= vni <= VNI_MAX):
+        raise SpecError(f"vni must be an integer within 1..{VNI_MAX}, got {vni!r}")
+    if local is not None:
+        _check_ipv4("tunnel_local", local)
+        if vni is None:
+            raise SpecError("tunnel_local needs a vni")
+    if peers and local is None:
+        raise SpecError("tunnel_peers need a tunnel_local address")
+    for peer in peers:
+        _check_ipv4("each tunnel peer", peer)
+        if peer == local:
+            raise SpecError(f"tunnel peer {peer} is this node's own tunnel address")
+    if len(set(peers)) != len(peers):
+        raise SpecError(f"tunnel peers must be distinct, got {list(peers)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSegment:
+    """A tenant network as one node carries it: bridge, host address, VXLAN tunnel.
+
+    ``vni`` identifies the network's VXLAN segment; ``tunnel_local`` is this
+    node's underlay address (``None``: the node does not tunnel, the network
+    stays on its bridge) and ``tunnel_peers`` the underlay addresses of the
+    other nodes that carry the network: broadcast, unknown-unicast and
+    multicast frames are copied to each of them (head-end replication).
+    The list is complete: a node drops peers that are not in it.
+    """
+
+    network: str
+    bridge: str
+    mtu: int = 1500
+    host_address: str | None = None
+    vni: int | None = None
+    tunnel_local: str | None = None
+    tunnel_peers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_bridge(self.bridge)
+        if not 576 <= self.mtu <= 9000:
+            raise SpecError(f"mtu must be within 576..9000, got {self.mtu!r}")
+        if self.host_address is not None and "/" not in self.host_address:
+            raise SpecError(f"host_address needs a prefix length, got {self.host_address!r}")
+        _check_tunnel(self.vni, self.tunnel_local, self.tunnel_peers)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> NetworkSegment:
+        return _from_json(cls, data)
+
+
 @dataclasses.dataclass(frozen=True)
 class NetworkAttachment:
     """One NIC of an instance on a tenant network.
@@ -75,8 +142,10 @@ class NetworkAttachment:
     ``bridge`` is the Linux bridge on the node for this network (at most 15
     characters), ``address`` an interface address with prefix length
     (``198.18.0.10/24``), ``gateway`` optional (no default route without it).
-    ``host_address`` (with prefix) is put on the node's bridge so the host
-    reaches its instances; the node does not forward for them.
+    ``host_address`` (with prefix) is this node's own address on the bridge,
+    so the host reaches its instances; the node does not forward for them.
+    ``vni``, ``tunnel_local`` and ``tunnel_peers`` describe the network's
+    VXLAN segment as in :class:`NetworkSegment`.
     """
 
     network: str
@@ -86,14 +155,30 @@ class NetworkAttachment:
     gateway: str | None = None
     mtu: int = 1500
     host_address: str | None = None
+    vni: int | None = None
+    tunnel_local: str | None = None
+    tunnel_peers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.bridge):
-            raise SpecError(f"bridge name must be 1-15 of [A-Za-z0-9_.-], got {self.bridge!r}")
+        _check_bridge(self.bridge)
         if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", self.mac):
             raise SpecError(f"mac must be lower-case aa:bb:cc:dd:ee:ff, got {self.mac!r}")
         if "/" not in self.address:
             raise SpecError(f"address needs a prefix length, got {self.address!r}")
+        _check_tunnel(self.vni, self.tunnel_local, self.tunnel_peers)
+
+    @property
+    def segment(self) -> NetworkSegment:
+        """The node-wide part of the attachment (the same for every NIC on the network)."""
+        return NetworkSegment(
+            network=self.network,
+            bridge=self.bridge,
+            mtu=self.mtu,
+            host_address=self.host_address,
+            vni=self.vni,
+            tunnel_local=self.tunnel_local,
+            tunnel_peers=self.tunnel_peers,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +280,12 @@ class NodeReport:
     sent_at: float = 0.0
     # Digests the node holds: VM base disks in its image cache and unpacked container layers.
     cached: tuple[str, ...] = ()
+    # The node's underlay IPv4 address for VXLAN tunnels; "" when it does not tunnel.
+    tunnel_address: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tunnel_address:
+            _check_ipv4("tunnel_address", self.tunnel_address)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> NodeReport:

@@ -16,15 +16,17 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from compute import fetch
 from compute.config import NodeConfig
 from compute.drivers.base import Driver, DriverError, InstanceNotFound
-from compute.network import bridge
+from compute.network import bridge, vxlan
 from compute.spec import (
     InstanceSpec,
     InventoryItem,
     Kind,
-    NetworkAttachment,
+    NetworkSegment,
     NodeReport,
     Observation,
     PowerState,
@@ -53,7 +55,7 @@ class NodeService:
         config: NodeConfig,
         send: Sender,
         drivers: dict[Kind, Driver] | None = None,
-        prepare_bridge: Callable[[NetworkAttachment], None] | None = None,
+        prepare_bridge: Callable[[NetworkSegment], None] | None = None,
     ) -> None:
         self.config = config
         self.send = send
@@ -122,10 +124,29 @@ class NodeService:
 
         def body(d: Driver) -> PowerState:
             for nic in spec.networks:
-                self.prepare_bridge(nic)
+                self.prepare_bridge(nic.segment)
             return d.spawn(spec).power_state
 
         return self._run(spec.instance_id, spec.kind, "create", action_id, body)
+
+    def ensure_network(self, segment_json: dict[str, Any]) -> bool:
+        """Bring this node's part of a network to the given state (bridge, address, VXLAN, peers).
+
+        Sent by the portal when the set of nodes carrying a network changes.
+        No instance is involved, so a failure is logged, not observed; the
+        next create or ensure on the network tries again.
+        """
+        try:
+            segment = NetworkSegment.from_json(segment_json)
+        except (SpecError, ValueError, TypeError) as exc:
+            log.error("dropping invalid network segment %r: %s", segment_json, exc)
+            return False
+        try:
+            self.prepare_bridge(segment)
+        except DriverError as exc:
+            log.warning("cannot ensure network %s: %s", segment.network, exc)
+            return False
+        return True
 
     def action(
         self, instance_id: str, kind: str, action: str, action_id: str, params: dict[str, Any] | None = None
@@ -208,17 +229,32 @@ class NodeService:
             inventory=tuple(inventory),
             sent_at=time.time(),
             cached=tuple(self.cached()),
+            tunnel_address=self.config.tunnel_address,
         )
         self.send("portal.node_report", to_json(report))
         return report
 
 
-def _prepare_bridge(nic: NetworkAttachment) -> None:
-    """Create the tenant bridge with the node's address on it (the host reaches instances)."""
+def _prepare_bridge(seg: NetworkSegment) -> None:
+    """Create the tenant bridge with this node's address on it, then its VXLAN device and peers.
+
+    A segment without a local tunnel address stays on this node's bridge.
+    Peers are only added here, never removed: creates and ensures for one
+    network may be handled out of order (two worker processes), and a stale
+    peer list must not cut off a node that joined since.  A peer that no
+    longer carries the network only receives copies of broadcast frames.
+    """
     try:
-        bridge.ensure_bridge(nic.bridge, nic.mtu, address=nic.host_address)
-    except (bridge.NetworkError, OSError) as exc:
-        raise DriverError(f"cannot prepare bridge {nic.bridge}: {exc}") from exc
+        bridge.ensure_bridge(seg.bridge, seg.mtu, address=seg.host_address, exclusive=True)
+    except (bridge.NetworkError, NetlinkError, OSError) as exc:
+        raise DriverError(f"cannot prepare bridge {seg.bridge}: {exc}") from exc
+    if seg.vni is None or seg.tunnel_local is None:
+        return
+    try:
+        vxlan.ensure_vxlan(seg.vni, seg.tunnel_local, seg.bridge, seg.mtu)
+        vxlan.set_peers(seg.vni, seg.tunnel_peers, prune=False)
+    except (bridge.NetworkError, NetlinkError, OSError) as exc:
+        raise DriverError(f"cannot prepare VXLAN {seg.vni} of {seg.network}: {exc}") from exc
 
 
 def _mem_total_mb() -> int:

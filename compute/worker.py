@@ -74,6 +74,11 @@ def delete(instance_id: str, kind: str, action_id: str) -> None:
     service.delete(instance_id, kind, action_id)
 
 
+@app.task(name="compute.network.ensure")
+def ensure_network(segment: dict[str, Any]) -> None:
+    service.ensure_network(segment)
+
+
 def _heartbeat_loop(parent: int) -> None:
     interval = float(os.environ.get("SKYPORT_HEARTBEAT_SECONDS", "5"))
     while os.getppid() == parent:

@@ -29,11 +29,13 @@ def _index(ipr: IPRoute, name: str) -> int | None:
     return int(found[0]) if found else None
 
 
-def ensure_bridge(name: str, mtu: int = 1500, address: str | None = None) -> int:
+def ensure_bridge(name: str, mtu: int = 1500, address: str | None = None, exclusive: bool = False) -> int:
     """Create bridge ``name`` if missing, bring it up, return its ifindex.
 
     Idempotent.  ``address`` (``198.18.0.1/24``) is added to the bridge if
-    given and not present yet.
+    given and not present yet; with ``exclusive`` every other IPv4 address
+    on the bridge is removed (the node's address on a network can change,
+    e.g. from the shared ``.1`` of single-node days to its own).
     """
     with _lock, IPRoute() as ipr:
         idx = _index(ipr, name)
@@ -50,7 +52,12 @@ def ensure_bridge(name: str, mtu: int = 1500, address: str | None = None) -> int
         if address:
             iface = ipaddress.ip_interface(address)
             have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
-            if (str(iface.ip), iface.network.prefixlen) not in have:
+            want = (str(iface.ip), iface.network.prefixlen)
+            if exclusive:
+                for ip, prefixlen in sorted(have - {want}):
+                    if ipaddress.ip_address(ip).version == 4:
+                        ipr.addr("del", index=idx, address=ip, prefixlen=prefixlen)
+            if want not in have:
                 ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         return idx
 

@@ -12,7 +12,17 @@ class FlavorAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 @admin.register(ComputeNode)
 class ComputeNodeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ["name", "tenancy", "owner", "status", "vcpus", "ram_mb", "disk_gb", "last_heartbeat"]
+    list_display = [
+        "name",
+        "tenancy",
+        "owner",
+        "status",
+        "tunnel_address",
+        "vcpus",
+        "ram_mb",
+        "disk_gb",
+        "last_heartbeat",
+    ]
     list_filter = ["tenancy", "status", "owner"]
     search_fields = ["name", "queue"]
 

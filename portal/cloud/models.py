@@ -98,6 +98,12 @@ class ComputeNode(models.Model):
         blank=True,
         help_text="Workloads on the node that the database does not know (reconcile)",
     )
+    tunnel_address = models.GenericIPAddressField(
+        protocol="IPv4",
+        null=True,
+        blank=True,
+        help_text="Underlay address for VXLAN tunnels, from the heartbeat; empty: the node does not tunnel",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -120,29 +126,66 @@ class ComputeNode(models.Model):
         return self.name
 
 
-class Network(models.Model):
-    """A tenant's L2 network: one Linux bridge per node, addresses from IPAM.
+#: VXLAN adds 50 bytes to every frame; tenant networks leave room for it in a 1500-byte underlay.
+TENANT_MTU = 1450
 
-    Networks never forward to each other.  ``host_address`` is the node's own
-    address on the bridge (no NAT, no forwarding).
+
+class Network(models.Model):
+    """A tenant's L2 network: one Linux bridge per node, joined across nodes by VXLAN.
+
+    ``vni`` is the network's VXLAN segment id.  Each node that carries the
+    network has its own address on it (:class:`HostPort`).  ``host_address``
+    (the subnet's first address) is reserved for a future router and is not
+    configured anywhere: instances get no gateway, networks never forward to
+    each other, there is no NAT and no uplink.
     """
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="networks")
     name = models.CharField(max_length=63)
     cidr = models.CharField(max_length=43, unique=True)
     bridge = models.CharField(max_length=15, unique=True)
-    host_address = models.GenericIPAddressField(protocol="IPv4")
-    mtu = models.PositiveIntegerField(default=1500)
+    vni = models.PositiveIntegerField(unique=True, help_text="VXLAN network identifier (1..16777215)")
+    host_address = models.GenericIPAddressField(
+        protocol="IPv4", help_text="Reserved for a router (the subnet's first address); not configured"
+    )
+    mtu = models.PositiveIntegerField(default=TENANT_MTU)
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = TenantScopedQuerySet.as_manager()
 
     class Meta:
         ordering = ["tenant__slug", "name"]
-        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="network_unique_tenant_name")]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="network_unique_tenant_name"),
+            models.CheckConstraint(condition=Q(vni__gte=1) & Q(vni__lte=2**24 - 1), name="network_vni_range"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.tenant.slug}/{self.name} {self.cidr}"
+
+
+class HostPort(models.Model):
+    """A node's own address on a network (IPAM: the same pool as :class:`Port`).
+
+    Put on the node's bridge of the network so the host reaches its
+    instances.  Kept while the network and the node exist, because the
+    node's bridge keeps the address after its last instance on the network
+    is gone.
+    """
+
+    network = models.ForeignKey(Network, on_delete=models.CASCADE, related_name="host_ports")
+    node = models.ForeignKey(ComputeNode, on_delete=models.CASCADE, related_name="host_ports")
+    address = models.GenericIPAddressField(protocol="IPv4")
+
+    class Meta:
+        ordering = ["network", "address"]
+        constraints = [
+            models.UniqueConstraint(fields=["network", "node"], name="hostport_unique_node"),
+            models.UniqueConstraint(fields=["network", "address"], name="hostport_unique_address"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.node.name} {self.address}"
 
 
 class Port(models.Model):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
+import itertools
 import secrets
 import uuid
 from collections import defaultdict
@@ -19,15 +20,15 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, Max, Q, Sum
 from django.utils import timezone
 
-from compute.spec import InstanceSpec, Kind, NetworkAttachment, to_json
+from compute.spec import VNI_MAX, InstanceSpec, Kind, NetworkAttachment, NetworkSegment, to_json
 from portal.api.exceptions import Conflict
 from portal.audit.models import Event, Outcome
 from portal.cloud import scheduler
 from portal.cloud.choices import NodeStatus, NodeTenancy, TaskState, VmState
-from portal.cloud.models import ComputeNode, Flavor, Instance, Network, Port
+from portal.cloud.models import ComputeNode, Flavor, HostPort, Instance, Network, Port
 from portal.images import services as image_services
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
@@ -207,6 +208,18 @@ def preview(req: Request) -> Preview:
 
 
 # ---------------------------------------------------------------- networks
+def allocate_vni() -> int:
+    """The next free VXLAN network identifier (one past the highest; gaps are reused at the end)."""
+    highest = Network.objects.aggregate(m=Max("vni"))["m"] or 0
+    if highest < VNI_MAX:
+        return int(highest) + 1
+    taken = set(Network.objects.values_list("vni", flat=True))
+    for vni in range(1, VNI_MAX + 1):
+        if vni not in taken:
+            return vni
+    raise Conflict("Every VXLAN network identifier is in use.")
+
+
 def default_network(tenant: Tenant) -> Network:
     """The tenant's default network, allocated from the pool on first use."""
     existing = Network.objects.filter(tenant=tenant, name="default").first()
@@ -222,20 +235,96 @@ def default_network(tenant: Tenant) -> Network:
                 name="default",
                 cidr=str(subnet),
                 bridge=f"skn-{secrets.token_hex(4)}",
+                vni=allocate_vni(),
                 host_address=str(subnet.network_address + 1),
             )
             return net
     raise Conflict(f"The network pool {pool} is exhausted; an operator must widen SKYPORT_NETWORK_POOL.")
 
 
-def allocate_port(network: Network, instance: Instance) -> Port:
+def _free_address(network: Network) -> str:
+    """The lowest free address of the network for a port or a node (.1-.9 are reserved)."""
     subnet = ipaddress.ip_network(network.cidr)
-    used = set(network.ports.values_list("address", flat=True)) | {network.host_address}
-    for host in list(subnet.hosts())[9:]:  # .1-.9 reserved for the node and services
+    used = (
+        set(network.ports.values_list("address", flat=True))
+        | set(network.host_ports.values_list("address", flat=True))
+        | {network.host_address}
+    )
+    for host in itertools.islice(subnet.hosts(), 9, None):
         if str(host) not in used:
-            mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
-            return Port.objects.create(network=network, instance=instance, address=str(host), mac=mac)
+            return str(host)
     raise Conflict(f"Network {network} has no free address left.")
+
+
+def allocate_port(network: Network, instance: Instance) -> Port:
+    address = _free_address(network)
+    mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+    return Port.objects.create(network=network, instance=instance, address=address, mac=mac)
+
+
+def host_port(network: Network, node: ComputeNode) -> HostPort:
+    """The node's own address on the network, allocated on first use and then kept."""
+    existing = HostPort.objects.filter(network=network, node=node).first()
+    if existing is not None:
+        return existing
+    return HostPort.objects.create(network=network, node=node, address=_free_address(network))
+
+
+def network_nodes(network: Network) -> list[ComputeNode]:
+    """Nodes that carry the network: those with an instance that has a port on it."""
+    return list(ComputeNode.objects.filter(instances__ports__network=network).distinct().order_by("pk"))
+
+
+def segment(network: Network, node: ComputeNode) -> NetworkSegment:
+    """The network as ``node`` carries it: bridge, the node's address, VNI and tunnel peers.
+
+    Peers are the other nodes that carry the network, are up and tunnel.  A
+    node without a tunnel address gets no tunnel (its bridge stays local).
+    """
+    prefix = ipaddress.ip_network(network.cidr).prefixlen
+    local = node.tunnel_address or None
+    peers: tuple[str, ...] = ()
+    if local:
+        peers = tuple(
+            sorted(
+                {
+                    str(n.tunnel_address)
+                    for n in network_nodes(network)
+                    if n.pk != node.pk
+                    and n.status == NodeStatus.UP
+                    and n.tunnel_address
+                    and n.tunnel_address != local
+                }
+            )
+        )
+    return NetworkSegment(
+        network=f"{network.tenant.slug}/{network.name}",
+        bridge=network.bridge,
+        mtu=network.mtu,
+        host_address=f"{host_port(network, node).address}/{prefix}",
+        vni=network.vni,
+        tunnel_local=local,
+        tunnel_peers=peers,
+    )
+
+
+def sync_network(network: Network, exclude: ComputeNode | None = None) -> list[str]:
+    """After commit, send ``compute.network.ensure`` to the tunnelling, up nodes that carry the network.
+
+    Each gets its full current peer list (nodes only add peers, see
+    ``compute.tasks._prepare_bridge``).  Returns the queues it will send to.
+    """
+    queues = []
+    for node in network_nodes(network):
+        if node.status != NodeStatus.UP or not node.tunnel_address or (exclude and node.pk == exclude.pk):
+            continue
+        payload = to_json(segment(network, node))
+        queue = node.queue
+        transaction.on_commit(
+            lambda queue=queue, payload=payload: _send(queue, "compute.network.ensure", [payload])  # type: ignore[misc]
+        )
+        queues.append(queue)
+    return queues
 
 
 # ---------------------------------------------------------------- specs
@@ -245,18 +334,26 @@ def build_spec(instance: Instance) -> InstanceSpec:
     artifact = instance.image.artifact_for(instance.kind)
     if artifact is None:
         raise Conflict(f"Image {instance.image} has no artifact for a {instance.kind}.")
-    prefix = ipaddress.ip_network(instance.network.cidr).prefixlen
-    nics = tuple(
-        NetworkAttachment(
-            network=f"{instance.tenant.slug}/{p.network.name}",
-            bridge=p.network.bridge,
-            address=f"{p.address}/{prefix}",
-            mac=p.mac,
-            mtu=p.network.mtu,
-            host_address=f"{p.network.host_address}/{prefix}",
+    node = instance.node
+    if node is None:
+        raise Conflict(f"Instance {instance.name} has no node.")
+    nics = []
+    for p in instance.ports.select_related("network__tenant"):
+        seg = segment(p.network, node)
+        prefix = ipaddress.ip_network(p.network.cidr).prefixlen
+        nics.append(
+            NetworkAttachment(
+                network=seg.network,
+                bridge=seg.bridge,
+                address=f"{p.address}/{prefix}",
+                mac=p.mac,
+                mtu=seg.mtu,
+                host_address=seg.host_address,
+                vni=seg.vni,
+                tunnel_local=seg.tunnel_local,
+                tunnel_peers=seg.tunnel_peers,
+            )
         )
-        for p in instance.ports.select_related("network")
-    )
     return InstanceSpec(
         instance_id=str(instance.pk),
         name=instance.name,
@@ -267,7 +364,7 @@ def build_spec(instance: Instance) -> InstanceSpec:
         ram_mb=instance.ram_mb,
         disk_gb=instance.disk_gb,
         image=artifact.ref(),
-        networks=nics,
+        networks=tuple(nics),
         ssh_keys=tuple(instance.ssh_keys),
         user_data=instance.user_data or None,
         cpu_quota_percent=100 * instance.vcpus,
@@ -332,12 +429,15 @@ def create_instance(req: Request, user: Any) -> Instance:
             task_deadline=_deadline(TaskState.SPAWNING),
             created_by=user,
         )
+        new_on_node = node not in network_nodes(network)
         port = allocate_port(network, instance)
         instance.addresses = [{"network": network.name, "address": port.address, "mac": port.mac}]
         instance.save(update_fields=["addresses"])
         spec = to_json(build_spec(instance))
         _event(instance, "instance.schedule", placement.reason, user, action_id)
         transaction.on_commit(lambda: _send(node.queue, "compute.instance.create", [spec, action_id]))
+        if new_on_node and node.tunnel_address:
+            sync_network(network, exclude=node)  # the others learn the new peer
     return instance
 
 

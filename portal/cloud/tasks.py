@@ -20,8 +20,9 @@ from django.utils import timezone
 
 from compute.spec import NodeReport, Observation, SpecError
 from portal.audit.models import Event, Outcome
+from portal.cloud import services
 from portal.cloud.choices import NodeStatus, VmState
-from portal.cloud.models import ComputeNode, Instance
+from portal.cloud.models import ComputeNode, Instance, Network
 from portal.images.choices import ImageStatus
 
 log = logging.getLogger(__name__)
@@ -196,13 +197,20 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
         node.drivers = {kind: {"ok": ok, "detail": why} for kind, ok, why in report.drivers}
         node.last_heartbeat = sent
         node.cached = list(report.cached)
-        if node.status == NodeStatus.DOWN:
+        came_up = node.status == NodeStatus.DOWN
+        readdressed = (node.tunnel_address or "") != report.tunnel_address
+        node.tunnel_address = report.tunnel_address or None
+        if came_up:
             _node_event(None, node.name, "node.up", node, Outcome.SUCCESS, "heartbeat resumed")
         if node.status != NodeStatus.DISABLED:
             node.status = NodeStatus.UP
             node.status_reason = ""
         _reconcile(node, report)
         node.save()
+        if (came_up or readdressed) and node.status == NodeStatus.UP:
+            # Peers skip nodes that are down or do not tunnel: tell every node of its networks again.
+            for network in Network.objects.filter(ports__instance__node=node).distinct():
+                services.sync_network(network)
         if created:
             _node_event(
                 None,

@@ -54,9 +54,9 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0, every:
 
 
 class PortalServer:
-    """The portal's WSGI app on a free loopback port, in a thread: nodes fetch image blobs from it."""
+    """The portal's WSGI app on a free port of ``host``, in a thread: nodes fetch image blobs from it."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         from django.core.handlers.wsgi import WSGIHandler
         from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
 
@@ -64,7 +64,7 @@ class PortalServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadedWSGIServer(("127.0.0.1", 0), Quiet, allow_reuse_address=True)
+        self.httpd = ThreadedWSGIServer((host, 0), Quiet, allow_reuse_address=True)
         self.httpd.set_app(WSGIHandler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="portal-server", daemon=True)
         self.thread.start()
@@ -97,9 +97,11 @@ class Stack:
             "SKYPORT_ACCEL": os.environ.get("SKYPORT_ACCEL", "auto"),
         }
 
-    def start(self, name: str, *args: str, **env: str) -> None:
+    def start(self, name: str, *args: str, wrap: tuple[str, ...] = (), **env: str) -> None:
+        """Start ``celery *args``; ``wrap`` prefixes the command (e.g. nsenter into a netns, which execs)."""
         log = open(self.base / f"{name}.log", "wb")  # noqa: SIM115 -- kept open for the child's lifetime
         cmd = [
+            *wrap,
             str(Path(sys.executable).with_name("celery")),
             *args,
             "--loglevel",

@@ -179,6 +179,7 @@ class FakeNodes:
                     "compute.instance.create": svc.create,
                     "compute.instance.action": svc.action,
                     "compute.instance.delete": svc.delete,
+                    "compute.network.ensure": svc.ensure_network,
                 }[task](*args)
             done += 1
         return done

@@ -70,6 +70,7 @@ class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
             "drivers",
             "orphans",
             "cached",
+            "tunnel_address",
             "created_at",
         ]
         read_only_fields = [
@@ -81,6 +82,7 @@ class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
             "status_reason",
             "last_heartbeat",
             "drivers",
+            "tunnel_address",
             "created_at",
         ]
 
@@ -317,5 +319,5 @@ class NetworkSerializer(serializers.ModelSerializer[Network]):
 
     class Meta:
         model = Network
-        fields = ["id", "tenant", "name", "cidr", "bridge", "host_address", "mtu", "created_at"]
+        fields = ["id", "tenant", "name", "cidr", "bridge", "vni", "host_address", "mtu", "created_at"]
         read_only_fields = fields

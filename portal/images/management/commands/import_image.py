@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import IntegrityError
 
 from portal.api.exceptions import Conflict
@@ -26,6 +26,10 @@ from portal.tenancy.models import Tenant
 
 class Command(BaseCommand):
     help = "Import a VM disk (qcow2/raw) or container archive (oci/docker) from a path on this host."
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        # --version is the image's version here: it replaces Django's "print the version" option.
+        return super().create_parser(prog_name, subcommand, conflict_handler="resolve", **kwargs)
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("path")

@@ -1,0 +1,203 @@
+"""Tenant networks across nodes: VNIs, per-node host addresses, tunnel peers and peer updates."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+
+from compute.spec import VNI_MAX, InstanceSpec, NetworkSegment
+from portal.cloud import services
+from portal.cloud.models import ComputeNode, HostPort, Network
+from portal.cloud.tasks import apply_node_report
+from portal.tenancy.models import Tenant
+from tests.portal.conftest import UP_BOTH, FakeNodes, World
+
+
+def _node(name: str, owner: Tenant | None, tunnel: str | None, status: str = "up") -> ComputeNode:
+    return ComputeNode.objects.create(
+        name=name,
+        queue=f"node.{name}",
+        tenancy="dedicated" if owner else "shared",
+        owner=owner,
+        status=status,
+        vcpus=8,
+        ram_mb=8192,
+        disk_gb=100,
+        drivers=UP_BOTH,
+        tunnel_address=tunnel,
+    )
+
+
+def _launch(world: World, who: str, tenant: str, name: str, group: str = "") -> dict[str, Any]:
+    r = world.client(who).post(
+        "/api/v1/instances/",
+        {
+            "tenant": tenant,
+            "name": name,
+            "image": "busybox:1",
+            "flavor": world.flavor_public.pk,
+            "anti_affinity_group": group,
+        },
+        format="json",
+    )
+    assert r.status_code == 202, r.json()
+    return r.json()  # type: ignore[no-any-return]
+
+
+def _creates(sent: list[tuple[str, str, list[Any]]]) -> dict[str, InstanceSpec]:
+    return {q: InstanceSpec.from_json(args[0]) for q, task, args in sent if task == "compute.instance.create"}
+
+
+def _ensures(sent: list[tuple[str, str, list[Any]]]) -> dict[str, NetworkSegment]:
+    return {
+        q: NetworkSegment.from_json(args[0]) for q, task, args in sent if task == "compute.network.ensure"
+    }
+
+
+def test_each_network_gets_its_own_vni_and_a_tunnel_sized_mtu(world: World) -> None:
+    a = services.default_network(world.a)
+    b = services.default_network(world.b)
+    assert a.vni >= 1 and b.vni >= 1 and a.vni != b.vni
+    assert a.mtu == b.mtu == 1450
+    assert services.default_network(world.a).vni == a.vni
+    r = world.client("a_member").get(f"/api/v1/networks/{a.pk}/").json()
+    assert r["vni"] == a.vni
+
+
+def test_vni_allocation_reuses_gaps_once_the_top_is_taken(world: World) -> None:
+    a = services.default_network(world.a)
+    Network.objects.filter(pk=a.pk).update(vni=VNI_MAX)
+    assert services.allocate_vni() == 1
+    assert services.default_network(world.b).vni == 1
+
+
+def test_instances_on_two_nodes_get_tunnel_peers_and_own_host_addresses(
+    world: World, sent: list[tuple[str, str, list[Any]]], nodes: FakeNodes
+) -> None:
+    n1 = _node("tn1", world.a, "198.51.100.1")
+    n2 = _node("tn2", world.a, "198.51.100.2")
+    _node("tn3", world.a, "198.51.100.3", status="down")  # down: never a peer, never told
+    first = _launch(world, "a_member", "acme", "a1", group="spread")
+    spec1 = _creates(sent)[f"node.{first['node']}"]
+    (nic1,) = spec1.networks
+    net = Network.objects.get(tenant=world.a, name="default")
+    assert (nic1.vni, nic1.mtu, nic1.tunnel_peers) == (net.vni, 1450, ())
+    assert nic1.tunnel_local == ComputeNode.objects.get(name=first["node"]).tunnel_address
+    assert nodes.run() == 1
+    sent.clear()
+
+    second = _launch(world, "a_member", "acme", "a2", group="spread")
+    assert {first["node"], second["node"]} == {"tn1", "tn2"}
+    (nic2,) = _creates(sent)[f"node.{second['node']}"].networks
+    assert nic2.tunnel_peers == (nic1.tunnel_local,)
+    # the node that already carried the network learns the new peer, with its own address
+    ensured = _ensures(sent)
+    assert list(ensured) == [f"node.{first['node']}"]
+    seg = ensured[f"node.{first['node']}"]
+    assert (seg.vni, seg.tunnel_local, seg.tunnel_peers) == (net.vni, nic1.tunnel_local, (nic2.tunnel_local,))
+    assert seg.host_address == nic1.host_address
+    assert nodes.run() == 2
+    sent.clear()
+
+    # each node has its own address on the network, from the same pool as the ports, never the .1
+    hosts = {hp.node.name: hp.address for hp in HostPort.objects.filter(network=net)}
+    assert set(hosts) == {"tn1", "tn2"}
+    ports = set(net.ports.values_list("address", flat=True))
+    subnet = ipaddress.ip_network(net.cidr)
+    assert len(set(hosts.values()) | ports) == 4
+    assert all(ipaddress.ip_address(a) in subnet for a in set(hosts.values()) | ports)
+    assert net.host_address not in set(hosts.values()) | ports
+    assert nic1.host_address == f"{hosts[first['node']]}/{subnet.prefixlen}"
+
+    # a third instance on a node that already carries the network tells nobody
+    _launch(world, "a_member", "acme", "a3")
+    assert _ensures(sent) == {}
+    assert {n1.pk, n2.pk} == {n.pk for n in services.network_nodes(net)}
+
+
+def test_nodes_without_a_tunnel_address_stay_local(
+    world: World, sent: list[tuple[str, str, list[Any]]]
+) -> None:
+    _node("ln1", world.a, None)
+    _node("ln2", world.a, None)
+    _launch(world, "a_member", "acme", "a1", group="g")
+    _launch(world, "a_member", "acme", "a2", group="g")
+    specs = _creates(sent)
+    assert set(specs) == {"node.ln1", "node.ln2"}
+    for spec in specs.values():
+        (nic,) = spec.networks
+        assert nic.vni is not None and nic.tunnel_local is None and nic.tunnel_peers == ()
+        assert nic.host_address is not None
+    assert _ensures(sent) == {}
+
+
+def _beat(name: str, tunnel: str = "", **extra: Any) -> dict[str, Any]:
+    return {
+        "node": name,
+        "queue": f"node.{name}",
+        "vcpus": 8,
+        "ram_mb": 8192,
+        "disk_gb": 100,
+        "drivers": [["vm", True, "ok"], ["container", True, "ok"]],
+        "inventory": [],
+        "sent_at": time.time(),
+        "tunnel_address": tunnel,
+        **extra,
+    }
+
+
+def test_heartbeat_records_the_tunnel_address_and_a_change_reaches_the_peers(
+    world: World, sent: list[tuple[str, str, list[Any]]], nodes: FakeNodes
+) -> None:
+    node = apply_node_report(_beat("hb1", "198.51.100.7"))
+    assert node is not None and node.tunnel_address == "198.51.100.7"
+    assert sent == []  # a new node carries no network yet
+    assert apply_node_report(_beat("hb1", "bogus")) is None  # malformed: dropped
+    _node("hb2", world.a, "198.51.100.8")
+    ComputeNode.objects.filter(name="hb1").update(tenancy="dedicated", owner=world.a)
+    _launch(world, "a_member", "acme", "a1", group="g")
+    _launch(world, "a_member", "acme", "a2", group="g")
+    nodes.run()
+    sent.clear()
+    # hb1 moves to another underlay address: every node of its networks is told
+    apply_node_report(_beat("hb1", "198.51.100.9"))
+    ensured = _ensures(sent)
+    assert set(ensured) == {"node.hb1", "node.hb2"}
+    assert ensured["node.hb1"].tunnel_local == "198.51.100.9"
+    assert ensured["node.hb2"].tunnel_peers == ("198.51.100.9",)
+    sent.clear()
+    apply_node_report(_beat("hb1", "198.51.100.9"))
+    assert sent == []  # nothing changed
+    # a node that stops tunnelling is no peer any more
+    apply_node_report(_beat("hb1", ""))
+    assert ComputeNode.objects.get(name="hb1").tunnel_address is None
+    assert _ensures(sent)["node.hb2"].tunnel_peers == ()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migration_gives_existing_networks_vnis_and_the_tunnel_mtu() -> None:
+    executor = MigrationExecutor(connection)
+    executor.migrate([("cloud", "0003_network_vni_computenode_tunnel_address_hostport")])
+    apps = executor.loader.project_state(
+        [("cloud", "0003_network_vni_computenode_tunnel_address_hostport")]
+    ).apps
+    tenant = apps.get_model("tenancy", "Tenant").objects.create(slug="old", name="Old")
+    Net = apps.get_model("cloud", "Network")
+    for i in range(3):
+        Net.objects.create(
+            tenant=tenant,
+            name=f"n{i}",
+            cidr=f"198.19.{200 + i}.0/24",
+            bridge=f"skn-old{i}",
+            host_address=f"198.19.{200 + i}.1",
+            mtu=1500,
+        )
+    executor = MigrationExecutor(connection)
+    executor.migrate(executor.loader.graph.leaf_nodes())
+    got = list(Network.objects.filter(tenant__slug="old").order_by("pk").values_list("vni", "mtu"))
+    assert got == [(1, 1450), (2, 1450), (3, 1450)]
