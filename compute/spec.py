@@ -260,6 +260,9 @@ class InventoryItem:
     instance_id: str
     kind: Kind
     power_state: PowerState
+    # counters at the time of the report (0 when the driver could not read them)
+    cpu_time_ns: int = 0
+    memory_bytes: int = 0
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> InventoryItem:

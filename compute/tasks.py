@@ -188,6 +188,15 @@ class NodeService:
         finally:
             dest.unlink(missing_ok=True)
 
+    def console(self, instance_id: str, kind: str, max_bytes: int = 16384) -> None:
+        """Send the tail of the instance's console log to the portal (``portal.console``)."""
+        try:
+            text = self.driver(Kind(kind)).console_log(instance_id, max_bytes)
+        except (DriverError, ValueError) as exc:
+            text = f"[console not readable: {exc}]"
+        payload = {"instance_id": instance_id, "node": self.config.name, "text": text, "at": time.time()}
+        self.send("portal.console", payload)
+
     def delete(self, instance_id: str, kind: str, action_id: str) -> Observation:
         """Destroy the workload; deleting what is already gone succeeds."""
 
@@ -214,7 +223,7 @@ class NodeService:
                 driver = self.driver(kind)
                 ok, why = driver.health()
                 if ok:
-                    inventory += [InventoryItem(i.instance_id, kind, i.power_state) for i in driver.list()]
+                    inventory += [_item(driver, kind, i.instance_id, i.power_state) for i in driver.list()]
             except Exception as exc:  # a broken driver is reported, never fatal to the heartbeat
                 ok, why = False, f"{type(exc).__name__}: {exc}"
             health.append((kind.value, ok, why))
@@ -255,6 +264,17 @@ def _prepare_bridge(seg: NetworkSegment) -> None:
         vxlan.set_peers(seg.vni, seg.tunnel_peers, prune=False)
     except (bridge.NetworkError, NetlinkError, OSError) as exc:
         raise DriverError(f"cannot prepare VXLAN {seg.vni} of {seg.network}: {exc}") from exc
+
+
+def _item(driver: Driver, kind: Kind, instance_id: str, state: PowerState) -> InventoryItem:
+    """An inventory entry with the workload's counters when they can be read."""
+    if state != PowerState.RUNNING:
+        return InventoryItem(instance_id, kind, state)
+    try:
+        stats = driver.stats(instance_id)
+    except DriverError:
+        return InventoryItem(instance_id, kind, state)
+    return InventoryItem(instance_id, kind, state, stats.cpu_time_ns, stats.memory_bytes)
 
 
 def _mem_total_mb() -> int:

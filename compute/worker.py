@@ -69,6 +69,11 @@ def action(
     service.action(instance_id, kind, action, action_id, params)
 
 
+@app.task(name="compute.instance.console", acks_late=False)
+def console(instance_id: str, kind: str, max_bytes: int = 16384) -> None:
+    service.console(instance_id, kind, max_bytes)
+
+
 @app.task(name="compute.instance.delete")
 def delete(instance_id: str, kind: str, action_id: str) -> None:
     service.delete(instance_id, kind, action_id)

@@ -27,6 +27,10 @@ class FakeDriver(Driver):
         self.workloads: dict[str, PowerState] = {}
         self.snapshots: dict[str, dict[str, SnapshotInfo]] = {}
         self.spawn_calls = 0
+        # what a test may read back: a console line per state change, and counters that
+        # grow like a workload busy at a quarter of one CPU with 48 MiB resident
+        self.console: dict[str, list[str]] = {}
+        self.started: dict[str, float] = {}
 
     def _get(self, instance_id: str) -> PowerState:
         if instance_id not in self.workloads:
@@ -36,6 +40,7 @@ class FakeDriver(Driver):
     def _set(self, instance_id: str, state: PowerState) -> InstanceInfo:
         self._get(instance_id)
         self.workloads[instance_id] = state
+        self.console.setdefault(instance_id, []).append(f"fake: {state.value}")
         return self.info(instance_id)
 
     def health(self) -> tuple[bool, str]:
@@ -43,12 +48,16 @@ class FakeDriver(Driver):
 
     def spawn(self, spec: InstanceSpec) -> InstanceInfo:
         self.spawn_calls += 1
-        self.workloads.setdefault(spec.instance_id, PowerState.RUNNING)
+        if spec.instance_id not in self.workloads:
+            self.workloads[spec.instance_id] = PowerState.RUNNING
+            self.started[spec.instance_id] = time.monotonic()
+            self.console[spec.instance_id] = [f"fake: {spec.hostname} booted"]
         return self.info(spec.instance_id)
 
     def destroy(self, instance_id: str) -> None:
         self.workloads.pop(instance_id, None)
         self.snapshots.pop(instance_id, None)
+        self.started.pop(instance_id, None)
 
     def start(self, instance_id: str) -> InstanceInfo:
         return self._set(instance_id, PowerState.RUNNING)
@@ -104,8 +113,9 @@ class FakeDriver(Driver):
 
     def stats(self, instance_id: str) -> Stats:
         self._get(instance_id)
-        return Stats(cpu_time_ns=0, memory_bytes=0)
+        busy = time.monotonic() - self.started.get(instance_id, time.monotonic())
+        return Stats(cpu_time_ns=1 + int(busy * 0.25e9), memory_bytes=48 << 20)
 
     def console_log(self, instance_id: str, max_bytes: int = 65536) -> str:
         self._get(instance_id)
-        return ""
+        return "\n".join(self.console.get(instance_id, []))[-max_bytes:]

@@ -26,7 +26,7 @@ from django.utils import timezone
 from compute.spec import VNI_MAX, InstanceSpec, Kind, NetworkAttachment, NetworkSegment, to_json
 from portal.api.exceptions import Conflict
 from portal.audit.models import Event, Outcome
-from portal.cloud import scheduler
+from portal.cloud import metrics, scheduler
 from portal.cloud.choices import NodeStatus, NodeTenancy, TaskState, VmState
 from portal.cloud.models import ComputeNode, Flavor, HostPort, Instance, Network, Port
 from portal.images import services as image_services
@@ -515,6 +515,38 @@ def publish(instance: Instance, name: str, version: str, description: str, user:
         args = [str(instance.pk), instance.kind, "publish", action_id, params]
         transaction.on_commit(lambda: _send(node.queue, "compute.instance.action", args))
     return image
+
+
+def console(instance: Instance) -> dict[str, Any]:
+    """The newest console tail the portal has, asking the node for a fresh one (rate-limited)."""
+    refreshing = False
+    node = instance.node
+    if (
+        node is not None
+        and instance.vm_state != VmState.DELETED
+        and metrics.should_refresh_console(str(instance.pk))
+    ):
+        _send(node.queue, "compute.instance.console", [str(instance.pk), instance.kind])
+        refreshing = True
+    tail = metrics.console(str(instance.pk))
+    return {
+        "text": tail["text"] if tail else "",
+        "at": dt.datetime.fromtimestamp(tail["at"], tz=dt.UTC) if tail else None,
+        "node": tail["node"] if tail else (node.name if node else None),
+        "refreshing": refreshing,
+    }
+
+
+def stats(instance: Instance) -> dict[str, Any]:
+    """Recent CPU and memory samples from the node's heartbeats, oldest first."""
+    return {
+        "vcpus": instance.vcpus,
+        "memory_limit_bytes": instance.ram_mb * 2**20,
+        "samples": [
+            {**s, "at": dt.datetime.fromtimestamp(s["at"], tz=dt.UTC)}
+            for s in metrics.samples(str(instance.pk))
+        ],
+    }
 
 
 def delete_instance(instance: Instance, user: Any) -> Instance:

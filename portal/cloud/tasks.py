@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
+import uuid
 from typing import Any
 
 from celery import shared_task
@@ -18,9 +20,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from compute.spec import NodeReport, Observation, SpecError
+from compute.spec import NodeReport, Observation, PowerState, SpecError
 from portal.audit.models import Event, Outcome
-from portal.cloud import services
+from portal.cloud import metrics, services
 from portal.cloud.choices import NodeStatus, VmState
 from portal.cloud.models import ComputeNode, Instance, Network
 from portal.images.choices import ImageStatus
@@ -126,6 +128,8 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
     for inst in live:
         known.add(str(inst.pk))
         item = seen.get(str(inst.pk))
+        if item is not None and item.power_state == PowerState.RUNNING and item.cpu_time_ns:
+            metrics.record(str(inst.pk), report.sent_at or time.time(), item.cpu_time_ns, item.memory_bytes)
         if inst.task_state is not None:
             continue  # an action is in flight; its observation will settle the row
         if item is None:
@@ -276,6 +280,28 @@ def observe(data: dict[str, Any]) -> str:
 @shared_task(name="portal.node_report")
 def node_report(data: dict[str, Any]) -> None:
     apply_node_report(data)
+
+
+def apply_console(data: dict[str, Any]) -> bool:
+    """Keep a console tail a node sent, if the instance lives on that node."""
+    iid, node = str(data.get("instance_id", "")), str(data.get("node", ""))
+    if not _is_uuid(iid) or not Instance.objects.live().filter(pk=iid, node__name=node).exists():
+        return False
+    metrics.store_console(iid, node, str(data.get("text", "")), float(data.get("at") or time.time()))
+    return True
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+@shared_task(name="portal.console")
+def console(data: dict[str, Any]) -> bool:
+    return apply_console(data)
 
 
 @shared_task(name="portal.sweep")

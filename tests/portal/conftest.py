@@ -155,14 +155,15 @@ class FakeNodes:
         from compute.drivers.fake import FakeDriver
         from compute.spec import Kind
         from compute.tasks import NodeService
-        from portal.cloud.tasks import apply_node_report, apply_observation
+        from portal.cloud.tasks import apply_console, apply_node_report, apply_observation
 
         if queue not in self.nodes:
             name = queue.removeprefix("node.")
             cfg = NodeConfig(name, self.tmp, "test:///default", "qemu", "crun", "memory://")
 
             def deliver(task: str, payload: dict[str, Any]) -> None:
-                (apply_observation if task == "portal.observe" else apply_node_report)(payload)
+                handlers = {"portal.observe": apply_observation, "portal.console": apply_console}
+                handlers.get(task, apply_node_report)(payload)
 
             drivers = {Kind.VM: FakeDriver(Kind.VM), Kind.CONTAINER: FakeDriver(Kind.CONTAINER)}
             self.nodes[queue] = NodeService(cfg, deliver, drivers, prepare_bridge=lambda nic: None)
@@ -179,6 +180,7 @@ class FakeNodes:
                     "compute.instance.create": svc.create,
                     "compute.instance.action": svc.action,
                     "compute.instance.delete": svc.delete,
+                    "compute.instance.console": svc.console,
                     "compute.network.ensure": svc.ensure_network,
                 }[task](*args)
             done += 1

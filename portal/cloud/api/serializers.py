@@ -262,6 +262,25 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
         return attrs
 
 
+class ConsoleSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    text = serializers.CharField(help_text="Tail of the serial console (VM) or stdout/stderr (container)")
+    at = serializers.DateTimeField(allow_null=True, help_text="When the node read it")
+    node = serializers.CharField(allow_null=True)
+    refreshing = serializers.BooleanField(help_text="A fresh tail was requested from the node; read again")
+
+
+class SampleSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    at = serializers.DateTimeField()
+    cpu_percent = serializers.FloatField(help_text="CPU use since the previous sample; 100 = one CPU busy")
+    memory_bytes = serializers.IntegerField()
+
+
+class StatsSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    vcpus = serializers.IntegerField()
+    memory_limit_bytes = serializers.IntegerField()
+    samples = SampleSerializer(many=True)
+
+
 class PublishSerializer(serializers.Serializer):  # type: ignore[type-arg]
     name = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", help_text="Name of the new image")
     version = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,39}$")

@@ -158,6 +158,20 @@ class InstanceViewSet(ScopedViewSet):
         instance.refresh_from_db()
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
+    @extend_schema(responses={200: serializers.ConsoleSerializer})
+    @action(detail=True, methods=["get"], url_path="console")
+    def console(self, request: Request, pk: str | None = None) -> Response:
+        """Tail of the console log; each read asks the node for a fresh one (at most every 2 s)."""
+        instance = self.get_object()
+        return Response(serializers.ConsoleSerializer(services.console(instance)).data)
+
+    @extend_schema(responses={200: serializers.StatsSerializer})
+    @action(detail=True, methods=["get"], url_path="stats")
+    def stats(self, request: Request, pk: str | None = None) -> Response:
+        """Recent CPU and memory use, one sample per node heartbeat."""
+        instance = self.get_object()
+        return Response(serializers.StatsSerializer(services.stats(instance)).data)
+
     @extend_schema(request=serializers.PublishSerializer, responses={202: ImageSerializer})
     @action(detail=True, methods=["post"], url_path="publish")
     def publish(self, request: Request, pk: str | None = None) -> Response:

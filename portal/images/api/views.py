@@ -69,6 +69,7 @@ class ImageViewSet(ScopedViewSet):
     def tenant_id_of(self, obj: models.Model) -> int | None:
         return getattr(obj, "owner_id", None)
 
+    @extend_schema(exclude=True)  # not an operation: PUT exists only for /file/ (405 here)
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         if not kwargs.get("partial"):
             raise MethodNotAllowed("PUT", "Use PATCH to change an image, PUT /images/{id}/file/ to upload.")

@@ -141,28 +141,35 @@ def instance_status(request: HttpRequest, pk: str) -> HttpResponse:
 
 @login_page
 def instance_console(request: HttpRequest, pk: str) -> HttpResponse:
-    """Polled partial for the console tail.
-
-    The portal has no console-log service yet (nodes keep the log; nothing
-    serves it), so this shows what exists: the instance's own events, newest first.
-    """
+    """Polled partial: the console tail the node last sent (each poll asks for a fresh one) and events."""
     instance = _instance(request, pk)
     events = Event.objects.restrict(actor(request)).filter(object_type="instance", object_id=str(instance.pk))
     return render(
-        request, "web/partials/instance_console.html", {"instance": instance, "events": events[:20]}
+        request,
+        "web/partials/instance_console.html",
+        {"instance": instance, "console": services.console(instance), "events": events[:10]},
     )
 
 
 @login_page
 def instance_stats(request: HttpRequest, pk: str) -> HttpResponse:
-    """Partial for memory and CPU charts.
-
-    Nodes do not report instance stats to the portal yet and no history is
-    stored, so there is nothing to draw: the partial says so instead of
-    inventing numbers.  ``samples`` is where a stats history would go.
-    """
+    """Polled partial: memory and CPU over the last heartbeats, as small inline charts."""
     instance = _instance(request, pk)
-    return render(request, "web/partials/instance_stats.html", {"instance": instance, "samples": []})
+    data = services.stats(instance)
+    points = data["samples"]
+    samples = (
+        {
+            "memory": [p["memory_bytes"] / 2**20 for p in points],
+            "cpu": [p["cpu_percent"] for p in points],
+            "last": points[-1],
+            "memory_mib": points[-1]["memory_bytes"] / 2**20,
+            "limit_mib": data["memory_limit_bytes"] / 2**20,
+            "count": len(points),
+        }
+        if len(points) >= 2
+        else None
+    )
+    return render(request, "web/partials/instance_stats.html", {"instance": instance, "samples": samples})
 
 
 def _write_refusal(request: HttpRequest, tenant_id: int) -> HttpResponse | None:

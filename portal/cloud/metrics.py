@@ -1,0 +1,70 @@
+"""Instance statistics and console tails, kept in the cache (Redis in deployments).
+
+Statistics arrive with every heartbeat: each running workload's CPU time and
+memory.  The last ``KEEP`` samples per instance are kept, so the UI and
+``GET /api/v1/instances/{id}/stats/`` can show recent use; CPU use is the
+CPU-time delta between samples (100 % = one CPU busy).  Nothing here is
+billing-grade: cgroup CPU time is what the kernel accounts to the container
+or QEMU process, and history older than the cache entry is gone.
+
+Console tails are fetched on demand: a read asks the node (at most once per
+``CONSOLE_REFRESH`` seconds per instance) and answers with the newest tail it
+has; the node's reply (``portal.console``) replaces it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+from django.core.cache import cache
+
+KEEP = 60
+TTL = 3600
+CONSOLE_REFRESH = 2.0
+
+
+def _samples_key(instance_id: str) -> str:
+    return f"samples:{instance_id}"
+
+
+def record(instance_id: str, at: float, cpu_time_ns: int, memory_bytes: int) -> None:
+    """Append one sample (from a heartbeat); older beats delivered late are ignored."""
+    key = _samples_key(instance_id)
+    points: list[list[float]] = cache.get(key) or []
+    if points and at <= points[-1][0]:
+        return
+    points.append([at, float(cpu_time_ns), float(memory_bytes)])
+    cache.set(key, points[-KEEP:], TTL)
+
+
+def forget(instance_id: str) -> None:
+    cache.delete_many([_samples_key(instance_id), f"console:{instance_id}"])
+
+
+def samples(instance_id: str) -> list[dict[str, Any]]:
+    """Samples oldest first: time, memory bytes and CPU use (percent of one CPU) since the previous one."""
+    points: list[list[float]] = cache.get(_samples_key(instance_id)) or []
+    out = []
+    for prev, cur in itertools.pairwise(points):
+        dt = cur[0] - prev[0]
+        used = cur[1] - prev[1]
+        cpu = max(0.0, used / (dt * 1e9) * 100) if dt > 0 and used >= 0 else 0.0
+        out.append({"at": cur[0], "cpu_percent": round(cpu, 2), "memory_bytes": int(cur[2])})
+    return out
+
+
+def console(instance_id: str) -> dict[str, Any] | None:
+    """The newest console tail the node sent: ``{"text", "at", "node"}``, or None."""
+    value = cache.get(f"console:{instance_id}")
+    return value if isinstance(value, dict) else None
+
+
+def store_console(instance_id: str, node: str, text: str, at: float) -> None:
+    cache.set(f"console:{instance_id}", {"text": text, "at": at, "node": node}, TTL)
+
+
+def should_refresh_console(instance_id: str) -> bool:
+    """True for at most one caller per CONSOLE_REFRESH seconds per instance."""
+    return bool(cache.add(f"console-req:{instance_id}", time.time(), CONSOLE_REFRESH))

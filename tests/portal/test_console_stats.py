@@ -1,0 +1,76 @@
+"""Console tails and CPU/memory statistics, through the node contract played by FakeNodes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from django.core.cache import cache
+
+from tests.portal.conftest import FakeNodes, World
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache() -> Any:
+    cache.clear()
+    yield
+    cache.clear()
+
+
+def _vm(world: World, nodes: FakeNodes) -> str:
+    c = world.client("a_member")
+    r = c.post(
+        "/api/v1/instances/",
+        {"name": "web-2", "image": "tiny:1", "flavor": world.flavor_public.pk, "kind": "vm"},
+        format="json",
+    )
+    assert r.status_code == 202, r.content
+    nodes.run()
+    return str(r.json()["id"])
+
+
+def test_console_asks_the_node_and_shows_its_tail(world: World, nodes: FakeNodes, sent: list[Any]) -> None:
+    iid = _vm(world, nodes)
+    c = world.client("a_member")
+    first = c.get(f"/api/v1/instances/{iid}/console/").json()
+    assert first == {"text": "", "at": None, "node": "shared-1", "refreshing": True}
+    assert sent[-1][1] == "compute.instance.console" and sent[-1][2] == [iid, "vm"]
+    # a second read within 2 s does not ask again
+    assert c.get(f"/api/v1/instances/{iid}/console/").json()["refreshing"] is False
+    assert len([m for m in sent if m[1] == "compute.instance.console"]) == 1
+    nodes.run()  # the node reads its log and sends it back (portal.console)
+    got = c.get(f"/api/v1/instances/{iid}/console/").json()
+    assert "fake: web-2 booted" in got["text"] and got["node"] == "shared-1" and got["at"]
+    # another tenant cannot read it; the UI panel shows the text
+    assert world.client("b_admin").get(f"/api/v1/instances/{iid}/console/").status_code == 404
+    page = world.client("a_member").get(f"/instances/{iid}/console/").content.decode()
+    assert "fake: web-2 booted" in page
+
+
+def test_console_of_another_node_is_ignored(world: World, nodes: FakeNodes) -> None:
+    from portal.cloud.tasks import apply_console
+
+    iid = _vm(world, nodes)
+    assert not apply_console({"instance_id": iid, "node": "node-a", "text": "forged", "at": time.time()})
+    assert not apply_console({"instance_id": "not-a-uuid", "node": "shared-1", "text": "x"})
+    assert world.client("a_member").get(f"/api/v1/instances/{iid}/console/").json()["text"] == ""
+
+
+def test_stats_come_with_heartbeats(world: World, nodes: FakeNodes) -> None:
+    iid = _vm(world, nodes)
+    c = world.client("a_member")
+    assert c.get(f"/api/v1/instances/{iid}/stats/").json()["samples"] == []
+    svc = nodes.service("node.shared-1")
+    for _ in range(3):
+        time.sleep(0.05)
+        svc.report()
+    got = c.get(f"/api/v1/instances/{iid}/stats/").json()
+    assert got["vcpus"] == 1 and got["memory_limit_bytes"] == 128 * 2**20
+    assert len(got["samples"]) == 2
+    for s in got["samples"]:
+        assert s["memory_bytes"] == 48 << 20
+        assert 10 < s["cpu_percent"] < 40, s  # the fake workload burns a quarter of one CPU
+    page = c.get(f"/instances/{iid}/stats/").content.decode()
+    assert "% of one CPU" in page and "sparkline" in page
+    assert world.client("b_admin").get(f"/api/v1/instances/{iid}/stats/").status_code == 404
