@@ -70,7 +70,7 @@ def open_url(url: str, timeout: float = 300.0) -> Iterator[IO[bytes]]:
     try:
         response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310
     except urllib.error.HTTPError as exc:
-        detail = exc.read(300).decode("utf-8", "replace").strip()
+        detail = " ".join(exc.read(300).decode("utf-8", "replace").split())[:200]
         raise FetchError(f"GET {url}: HTTP {exc.code} {detail}") from exc
     except OSError as exc:
         raise FetchError(f"GET {url}: {exc}") from exc

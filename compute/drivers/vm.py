@@ -162,12 +162,23 @@ class LibvirtDriver(Driver):
     def _lookup(self, instance_id: str) -> Any:
         if not _UUID_RE.fullmatch(instance_id):
             raise InstanceNotFound(f"no VM with id {instance_id!r}")
-        try:
-            return self.conn.lookupByName(domain_name(instance_id))
-        except libvirt.libvirtError as exc:
-            if _is_no_domain(exc):
-                raise InstanceNotFound(f"no VM {instance_id} on this node") from exc
-            raise DriverError(f"libvirt lookup of {instance_id} failed: {exc}") from exc
+        for attempt in (1, 2):
+            try:
+                return self.conn.lookupByName(domain_name(instance_id))
+            except libvirt.libvirtError as exc:
+                if _is_no_domain(exc):
+                    raise InstanceNotFound(f"no VM {instance_id} on this node") from exc
+                if attempt == 1:
+                    # libvirtd restarted: the old connection still says it is alive until a call
+                    # fails ("Broken pipe"); open a new one and try once more.
+                    self._reset_connection()
+                    continue
+                raise DriverError(f"libvirt lookup of {instance_id} failed: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def _reset_connection(self) -> None:
+        with self._conn_lock:
+            self._conn = None
 
     def _maybe(self, instance_id: str) -> Any | None:
         try:
@@ -455,7 +466,11 @@ class LibvirtDriver(Driver):
 
     def list(self) -> list[InstanceInfo]:
         """Domains ``sky-<uuid>`` that this node defined (several nodes may share a libvirtd)."""
-        doms = self._call("list domains", lambda: self.conn.listAllDomains(0))
+        try:
+            doms = self.conn.listAllDomains(0)
+        except libvirt.libvirtError:
+            self._reset_connection()  # a restarted libvirtd: one more try on a new connection
+            doms = self._call("list domains", lambda: self.conn.listAllDomains(0))
         out = []
         for dom in doms:
             name = dom.name()
