@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Any
 
 import pytest
@@ -86,7 +87,23 @@ def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world
     expect(status.locator("[data-field=power_state]")).to_have_text("running")
     expect(status.get_by_role("button", name="Stop")).to_be_enabled()
     expect(page.locator(".log")).to_contain_text("node.create success", timeout=POLL_TIMEOUT)
-    expect(page.locator("[data-field=stats]")).to_contain_text("No stats reported yet")
+    expect(page.locator("[data-field=stats]")).to_contain_text("No statistics yet")
+    # heartbeats bring CPU and memory samples, a console request brings the log tail:
+    # both panels show them by themselves
+    node = fake_nodes.service("node.node-a")
+    for _ in range(3):
+        time.sleep(0.05)
+        node.report()
+    stats = page.locator("[data-field=stats]")
+    expect(stats.get_by_role("img", name="memory use over the last heartbeats")).to_be_visible(timeout=12_000)
+    expect(stats).to_contain_text("48.0 MiB of 128 MiB")
+    expect(stats.get_by_role("img", name="CPU use over the last heartbeats")).to_be_visible()
+    console = page.locator("[data-field=console]")
+    deadline = time.monotonic() + POLL_TIMEOUT / 1000
+    while console.count() == 0 and time.monotonic() < deadline:
+        fake_nodes.run()  # answers the console requests the page's polling sends
+        page.wait_for_timeout(250)
+    expect(console).to_contain_text("fake: app booted")
     _not_reloaded(page)
     shot(page, "instance-detail")
 
