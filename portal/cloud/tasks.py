@@ -232,8 +232,9 @@ def sweep(now: dt.datetime | None = None) -> dict[str, int]:
     now = now or timezone.now()
     stuck = 0
     with transaction.atomic():
+        # of=self: PostgreSQL cannot lock the nullable side of the outer join to the node
         for inst in (
-            Instance.objects.select_for_update()
+            Instance.objects.select_for_update(of=("self",))
             .filter(task_state__isnull=False, task_deadline__lt=now)
             .select_related("node")
         ):
