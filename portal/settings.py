@@ -7,10 +7,12 @@ install served on 127.0.0.1 over plain HTTP, still with ``DEBUG`` off.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from portal.localfiles import read_or_create_secret
 
@@ -29,6 +31,18 @@ def _secret_key() -> str:
 
 def _bool(name: str, default: bool) -> bool:
     return os.environ.get(name, "1" if default else "0").lower() in ("1", "true", "yes", "on")
+
+
+def _seconds(name: str, default: float) -> float:
+    """A positive, finite number of seconds from the environment, else ImproperlyConfigured."""
+    raw = os.environ.get(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ImproperlyConfigured(f"{name}={raw!r}: expected a positive number of seconds.")
+    return value
 
 
 SECRET_KEY = _secret_key()
@@ -204,10 +218,11 @@ CELERY_TASK_ROUTES = {"portal.*": {"queue": "control"}}
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A message a worker took but never acknowledged (the worker died) is delivered again after this
-# long; every node task is idempotent, so a slow task delivered twice is harmless.
-CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": float(os.environ.get("SKYPORT_BROKER_VISIBILITY_SECONDS", "300"))
-}
+# long; every node task is idempotent, so a slow task delivered twice is harmless.  The sweeper's
+# task deadlines are derived from it (portal/cloud/deadlines.py, checked at startup).  Compute
+# nodes read the same variable: give every service the same value.
+SKYPORT_BROKER_VISIBILITY_SECONDS = _seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300)
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": SKYPORT_BROKER_VISIBILITY_SECONDS}
 # Publishing to the broker survives a broker restart of up to ~20 s (the row is already committed).
 CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "max_retries": 40,

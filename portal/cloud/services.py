@@ -26,7 +26,7 @@ from django.utils import timezone
 from compute.spec import VNI_MAX, InstanceSpec, Kind, NetworkAttachment, NetworkSegment, to_json
 from portal.api.exceptions import Conflict
 from portal.audit.models import Event, Outcome
-from portal.cloud import metrics, scheduler
+from portal.cloud import deadlines, metrics, scheduler
 from portal.cloud.choices import NodeStatus, NodeTenancy, TaskState, VmState
 from portal.cloud.models import ComputeNode, Flavor, HostPort, Instance, Network, Port
 from portal.images import services as image_services
@@ -65,18 +65,6 @@ class Preview:
     quota: dict[str, dict[str, int]]
     rejected: tuple[tuple[str, str], ...]
 
-
-#: how long each task may take before the sweeper declares it stuck
-TASK_DEADLINES: dict[str, int] = {
-    TaskState.SPAWNING: 300,
-    TaskState.STARTING: 180,
-    TaskState.STOPPING: 180,
-    TaskState.REBOOTING: 180,
-    TaskState.PAUSING: 60,
-    TaskState.RESUMING: 60,
-    TaskState.SNAPSHOTTING: 300,
-    TaskState.DELETING: 180,
-}
 
 #: action -> (task state while it runs, vm_states it may start from)
 ACTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -393,7 +381,8 @@ def _event(instance: Instance, action: str, message: str, actor: Any = None, act
 
 
 def _deadline(task: str) -> dt.datetime:
-    return timezone.now() + dt.timedelta(seconds=TASK_DEADLINES.get(task, 300))
+    """When the sweeper may declare ``task`` stuck: after broker redelivery plus the work (deadlines.py)."""
+    return timezone.now() + dt.timedelta(seconds=deadlines.deadline_seconds(task))
 
 
 # ---------------------------------------------------------------- create / act / delete
