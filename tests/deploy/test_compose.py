@@ -8,6 +8,11 @@ and fail when CI is set (tests/hostcaps.py).
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import glob
+import itertools
+import json
 import os
 import re
 import shlex
@@ -247,3 +252,204 @@ def test_portal_image_runs_as_a_user_and_bakes_no_secret() -> None:
     assert "libvirt-dev" in _apt_packages(ROOT / "deploy/Dockerfile.portal")  # build stage only
     assert 'rm -f "$SKYPORT_VAR_DIR/secret_key"' in text
     assert "SKYPORT_SECRET_KEY=" not in text.replace("SKYPORT_SECRET_KEY=collectstatic-only", "")
+
+
+# ---------------------------------------------------------------- Dockerfiles, parsed
+@dataclasses.dataclass
+class Stage:
+    """What the tests need of one Dockerfile stage: its user, the directories it makes and owns, COPYs."""
+
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    user: str = "root"
+    uids: dict[str, str] = dataclasses.field(default_factory=dict)  # useradd --uid N name
+    owners: dict[str, str] = dataclasses.field(default_factory=dict)  # directory made -> its owner
+    copies: list[list[str]] = dataclasses.field(default_factory=list)  # sources in the build context
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    # Docker drops comment lines, even inside a continued instruction, then joins continuations.
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            instruction, _, args = line.strip().partition(" ")
+            out.append((instruction.upper(), args.strip()))
+    return out
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    return re.sub(
+        r"\$(?:\{(\w+)\}|(\w+))", lambda m: env.get(m[1] or m[2], m[0]), text
+    )  # unknown variables stay as they are
+
+
+def _commands(script: str) -> list[list[str]]:
+    """The simple commands of a RUN line, without leading VAR=value assignments."""
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in ("&&", "||", ";", "|", "(", ")"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    out = []
+    for cmd in commands:
+        words = list(itertools.dropwhile(lambda w: re.fullmatch(r"\w+=.*", w) is not None, cmd))
+        if words:
+            out.append(words)
+    return out
+
+
+def _run(stage: Stage, script: str) -> None:
+    for cmd in _commands(_expand(script, stage.env)):
+        args = [a for a in cmd[1:] if not a.startswith("-")]
+        if cmd[0] == "mkdir":
+            if "-m" in cmd:  # the mode is an argument of its own
+                args.remove(cmd[cmd.index("-m") + 1])
+            for path in args:
+                stage.owners[os.path.normpath(path)] = stage.user
+        elif cmd[0] == "chown" and args:
+            owner = args[0].split(":")[0]
+            for path in map(os.path.normpath, args[1:]):
+                for made in stage.owners:
+                    if made == path or ("-R" in cmd and made.startswith(path + "/")):
+                        stage.owners[made] = owner
+        elif cmd[0] in ("useradd", "adduser") and "--uid" in cmd:
+            stage.uids[cmd[-1]] = cmd[cmd.index("--uid") + 1]
+
+
+def _final_stage(dockerfile: Path) -> Stage:
+    """The stage the image runs (the last FROM), with the COPY sources of every stage."""
+    stage, copies = Stage(), []
+    for instruction, args in _instructions(dockerfile.read_text()):
+        if instruction == "FROM":
+            stage = Stage()
+        elif instruction == "ENV":
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                stage.env[key] = _expand(value, stage.env)
+        elif instruction == "USER":
+            stage.user = args.split(":")[0]
+        elif instruction == "RUN":
+            _run(stage, args)
+        elif instruction in ("COPY", "ADD"):
+            words = json.loads(args) if args.startswith("[") else shlex.split(args)
+            if not any(w.startswith("--from=") for w in words):
+                copies.append([w for w in words if not w.startswith("--")][:-1])
+    stage.copies = copies
+    return stage
+
+
+def _runs_as(service: dict[str, Any], stage: Stage) -> str:
+    return str(service.get("user", stage.user)).split(":")[0]
+
+
+def _same_user(a: str, b: str, stage: Stage) -> bool:
+    return stage.uids.get(a, a) == stage.uids.get(b, b)
+
+
+def _writable_named_volumes(config: dict[str, Any], service: dict[str, Any]) -> list[str]:
+    """Targets of the service's named volumes that are not read-only (docker-compose 1.29 prints
+    "source:target:mode"; a named volume's source is a key of the top-level volumes)."""
+    targets = []
+    for v in service.get("volumes", []):
+        source, target, mode = (
+            (v["source"], v["target"], "ro" if v.get("read_only") else "rw")
+            if isinstance(v, dict)
+            else [*v.split(":"), "rw"][:3]
+        )
+        if source in config.get("volumes", {}) and mode != "ro":
+            targets.append(os.path.normpath(target))
+    return targets
+
+
+def _volume_ownership(config: dict[str, Any], dockerfiles: dict[str, Stage]) -> tuple[set[Any], list[str]]:
+    """(service, mount) pairs checked, and the problems: a writable named volume mounted into a
+    service that runs as a user other than root, where the image lacks the directory or the user
+    does not own it (Docker would then create it owned by root)."""
+    checked, problems = set(), []
+    for name, service in config["services"].items():
+        if "build" not in service:
+            continue  # images of others (postgres, redis) prepare their own directories
+        stage = dockerfiles[service["build"]["dockerfile"]]
+        user = _runs_as(service, stage)
+        if user in ("root", "0"):
+            continue
+        for target in _writable_named_volumes(config, service):
+            checked.add((name, target))
+            owner = stage.owners.get(target)
+            if owner is None:
+                problems.append(f"{name}: {target} is not created by {service['build']['dockerfile']}")
+            elif not _same_user(owner, user, stage):
+                problems.append(f"{name}: {target} is owned by {owner}, the service runs as {user}")
+    return checked, problems
+
+
+def _dockerfiles(config: dict[str, Any]) -> dict[str, Stage]:
+    return {
+        s["build"]["dockerfile"]: _final_stage(ROOT / s["build"]["dockerfile"])
+        for s in config["services"].values()
+        if "build" in s
+    }
+
+
+def test_writable_volumes_of_unprivileged_services_are_made_and_owned_by_the_image(
+    config: dict[str, Any],
+) -> None:
+    checked, problems = _volume_ownership(config, _dockerfiles(config))
+    assert problems == []
+    # the image store of web and control, at least, was checked
+    assert {("web", "/var/lib/skyport/store"), ("control", "/var/lib/skyport/store")} <= checked
+
+
+def test_the_volume_check_finds_a_directory_the_image_lacks(config: dict[str, Any], tmp_path: Path) -> None:
+    """The check above on the portal Dockerfile as it was: the store was never created."""
+    text = (ROOT / "deploy/Dockerfile.portal").read_text()
+    assert " /var/lib/skyport/store" in text
+    old = tmp_path / "Dockerfile.portal"
+    old.write_text(text.replace(" /var/lib/skyport/store", ""))
+    dockerfiles = {**_dockerfiles(config), "deploy/Dockerfile.portal": _final_stage(old)}
+    _, problems = _volume_ownership(config, dockerfiles)
+    assert "web: /var/lib/skyport/store is not created by deploy/Dockerfile.portal" in problems
+    # and one it makes but leaves to root
+    old.write_text(
+        text.replace(
+            'skyport:skyport "$SKYPORT_VAR_DIR" /var/lib/skyport/store', 'skyport:skyport "$SKYPORT_VAR_DIR"'
+        )
+    )
+    dockerfiles["deploy/Dockerfile.portal"] = _final_stage(old)
+    _, problems = _volume_ownership(config, dockerfiles)
+    assert "control: /var/lib/skyport/store is owned by root, the service runs as skyport" in problems
+
+
+def test_portal_image_user_and_directories() -> None:
+    stage = _final_stage(ROOT / "deploy/Dockerfile.portal")
+    assert stage.user == "skyport" and stage.uids == {"skyport": "10001"}
+    assert stage.owners["/var/lib/skyport-portal"] == "skyport"  # SKYPORT_VAR_DIR: beat's schedule
+    assert stage.env["SKYPORT_VAR_DIR"] == "/var/lib/skyport-portal"
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    parts = Path(path).parts
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatch(p, pat.strip("/")) for p in prefixes for pat in patterns)
+
+
+def test_every_copied_path_exists_and_is_in_the_build_context(config: dict[str, Any]) -> None:
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert not any(p.startswith("!") for p in ignored), "exceptions (!) are not handled here"
+    seen = []
+    for dockerfile, stage in _dockerfiles(config).items():
+        for sources in stage.copies:
+            for source in sources:
+                seen.append(source)
+                assert glob.glob(str(ROOT / source)), f"{dockerfile}: COPY {source}: no such path"
+                assert not _dockerignored(source, ignored), f"{dockerfile}: COPY {source}: in .dockerignore"
+    assert {"pyproject.toml", "portal", "compute", "manage.py", "frontend"} <= set(seen)
+    assert "deploy/compute-entrypoint.sh" in seen
