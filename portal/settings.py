@@ -267,6 +267,10 @@ CELERY_BEAT_SCHEDULE = {
     "image-tmp": {"task": "portal.images.clean_tmp", "schedule": 3600.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+# Beat writes its schedule file after every task it sends (default: every 3 minutes), so the
+# file's age says whether beat still sends the sweeper: the beat service's health check
+# (portal/beat_health.py).
+CELERY_BEAT_SYNC_EVERY = 1
 
 LOGGING = {
     "version": 1,

@@ -95,6 +95,25 @@ def test_healthchecks(config: dict[str, Any]) -> None:
     assert "http://127.0.0.1:8000/healthz" in " ".join(s["web"]["healthcheck"]["test"])
     assert "inspect ping" in " ".join(s["control"]["healthcheck"]["test"])
     assert "inspect ping" in " ".join(s["compute"]["healthcheck"]["test"])
+    # beat: the age of the schedule file its own command writes (tests/deploy/test_beat_health.py)
+    beat = _command(s["beat"])
+    assert s["beat"]["healthcheck"]["test"] == [
+        "CMD",
+        "python",
+        "-m",
+        "portal.beat_health",
+        beat[beat.index("--schedule") + 1],
+    ]
+
+
+def test_every_long_running_service_has_a_healthcheck(config: dict[str, Any]) -> None:
+    """Everything but one-shot services (restart "no", like migrate) is probed."""
+    long_running = {n for n, s in config["services"].items() if s.get("restart", "no") != "no"}
+    assert long_running == {"postgres", "redis", "web", "control", "beat", "compute"}
+    for name in long_running:
+        check = config["services"][name].get("healthcheck", {})
+        assert not check.get("disable") and check.get("test", ["NONE"])[0] in ("CMD", "CMD-SHELL"), name
+        assert len(check["test"]) > 1 and check.get("interval") and check.get("retries"), name
 
 
 def test_control_plane_waits_for_healthy_postgres_and_redis_and_for_migrations(
