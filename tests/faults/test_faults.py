@@ -6,10 +6,12 @@ Real workers, real Redis (the test's own), real libvirt and crun; see conftest.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -174,28 +176,67 @@ def test_workloads_destroyed_behind_the_portals_back(cluster: Cluster) -> None:
     assert_true_and_no_orphans(cluster)
 
 
-def test_the_same_node_message_delivered_twice(cluster: Cluster) -> None:
+def _task_runs(log: Path, task: str, task_id: str) -> list[str]:
+    """How the worker ended each run of ``task_id``, from its log (celery's INFO line per run)."""
+    ended = re.compile(rf"Task {re.escape(task)}\[{re.escape(task_id)}\] (succeeded|raised|failed)")
+    return ended.findall(log.read_text(errors="replace"))
+
+
+def _observations(log: Path) -> list[str]:
+    """What the control worker's ``portal.observe`` runs returned ("applied", "duplicate", ...),
+    or "raised" for a run that failed, in the order of the log."""
+    ended = re.compile(r"Task portal\.observe\[[0-9a-f-]+\] (?:succeeded in \S+s: '(\w+)'|(raised))")
+    return [m[0] or m[1] for m in ended.findall(log.read_text(errors="replace"))]
+
+
+def test_the_same_node_message_delivered_twice(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every node message goes out twice with one task id, as a broker redelivery sends it."""
     from portal.cloud import services
 
-    sent: list[tuple[str, str, list[Any]]] = []
-    real = services._send
+    sent: list[tuple[str, str]] = []
 
     def twice(queue: str, task: str, args: list[Any]) -> None:
-        sent.append((queue, task, args))
-        real(queue, task, args)
-        real(queue, task, args)
+        task_id = str(uuid.uuid4())
+        sent.append((task, task_id))
+        for _ in range(2):
+            cluster.app.send_task(task, args=args, queue=queue, task_id=task_id)
 
-    services._send = twice  # type: ignore[assignment]  # restored by the cluster's monkeypatch
+    monkeypatch.setattr(services, "_send", twice)
+    node_log, control_log = cluster.base / f"{cluster.node}.log", cluster.base / "control.log"
+
+    def both_copies_handled(task: str, observed_before: int) -> list[str]:
+        """Wait for the node to finish both runs of the message and for the control worker to
+        handle both of their observations; return what the two observations did."""
+        (task_id,) = [tid for name, tid in sent if name == task]
+        wait_for(
+            f"the node to run both copies of {task}[{task_id}]",
+            lambda: len(_task_runs(node_log, task, task_id)) >= 2,
+            timeout=60,
+            every=0.2,
+        )
+        assert _task_runs(node_log, task, task_id) == ["succeeded", "succeeded"]
+        wait_for(
+            "the control worker to handle both observations",
+            lambda: len(_observations(control_log)) >= observed_before + 2,
+            timeout=60,
+            every=0.2,
+        )
+        return sorted(_observations(control_log)[observed_before:])
+
     c = acme_client()
+    observed = len(_observations(control_log))
     ctr = launch(c, "dup", kind="container", image="busybox")
     settled(c, ctr["id"])
+    assert both_copies_handled("compute.instance.create", observed) == ["applied", "duplicate"]
     _, ctrs = _node_drivers(cluster)
     assert [i.instance_id for i in ctrs.list()].count(ctr["id"]) == 1
-    time.sleep(2)  # let the second delivery finish and report
     applied = Event.objects.filter(action="node.create", object_id=ctr["id"]).count()
     assert applied == 1, "the duplicate observation is recognised by its action id"
     assert_true_and_no_orphans(cluster)
+
+    observed = len(_observations(control_log))
     _delete_all(c)
+    assert both_copies_handled("compute.instance.delete", observed) == ["applied", "duplicate"]
     assert Event.objects.filter(action="node.delete", object_id=ctr["id"]).count() == 1
     assert_true_and_no_orphans(cluster)
 
