@@ -288,6 +288,42 @@ def test_unsafe_layer_members_are_rejected(
 
 
 @pytest.mark.parametrize(
+    ("members", "reason"),
+    [
+        ([f.add_file(".wh...", b"")], "whiteout '.wh...' would hide the directory above it"),
+        (
+            [f.add_special("etc", tarfile.DIRTYPE), f.add_file("etc/.wh...", b"")],
+            "whiteout 'etc/.wh...' would hide the directory above it",
+        ),
+        ([f.add_file(".wh..", b"")], "whiteout '.wh..' would hide the directory it is in"),
+        ([f.add_file(".wh.", b"")], "whiteout '.wh.' names no entry"),
+        (
+            [f.add_special(".wh...", tarfile.SYMTYPE, "x")],
+            "whiteout '.wh...' would hide the directory above it",
+        ),
+        ([f.add_file("var/.wh..wh.plnk", b"")], "whiteout 'var/.wh..wh.plnk' is AUFS metadata"),
+    ],
+    ids=["parent", "nested-parent", "self", "empty", "symlink", "aufs-meta"],
+)
+def test_whiteouts_that_leave_their_directory_are_rejected(
+    world: World, store: Path, tmp_path: Path, capture: Any, members: list[f.Member], reason: str
+) -> None:
+    """A whiteout of '..' would make a node delete its whole layer store; the portal refuses it first."""
+    evil = f.tar_bytes(f.add_file("ok.txt", b"fine"), *members)
+    image = oci_upload(world.client("a_member"), tmp_path, capture, [f.BASE, evil])
+    assert image.status == "failed"
+    assert f"oci rejected: layer {f.digest(evil)[7:19]}: {reason}" in image.status_reason, image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+    assert not Blob.objects.exists()
+
+
+def test_ordinary_whiteouts_are_accepted(world: World, store: Path, tmp_path: Path, capture: Any) -> None:
+    top = f.tar_bytes(f.add_file("etc/.wh.os-release", b""), f.add_file("bin/.wh..wh..opq", b""))
+    image = oci_upload(world.client("a_member"), tmp_path, capture, [f.BASE, top])
+    assert image.status == "active", image.status_reason
+
+
+@pytest.mark.parametrize(
     ("member", "reason"),
     [
         (f.add_file("../outside", b"x"), "outside the destination"),
