@@ -119,9 +119,10 @@ def receive(stream: IO[bytes], length: int | None, expected_sha256: str = "") ->
         path.unlink(missing_ok=True)
         raise UploadError(f"The upload ended after {got} of {length} bytes; nothing was kept, send it again.")
     digest = "sha256:" + h.hexdigest()
-    if expected_sha256 and digest != f"sha256:{expected_sha256.removeprefix('sha256:')}":
+    expected = expected_sha256.removeprefix("sha256:")
+    if expected and digest != f"sha256:{expected}":
         path.unlink(missing_ok=True)
-        raise UploadError(f"Checksum mismatch: the file is {digest}, expected sha256:{expected_sha256}.")
+        raise UploadError(f"Checksum mismatch: the file is {digest}, expected sha256:{expected}.")
     return path, digest, got
 
 

@@ -130,15 +130,18 @@ def test_truncated_qcow2_is_rejected(world: World, store: Path, tmp_path: Path, 
     assert files_in(store) == {"tmp": [], "blobs/sha256": []}
 
 
+@pytest.mark.parametrize("prefix", ["", "sha256:"], ids=["hex", "prefixed"])
 def test_checksum_mismatch_fails_the_image_and_keeps_nothing(
-    world: World, store: Path, tmp_path: Path, capture: Any
+    world: World, store: Path, tmp_path: Path, capture: Any, prefix: str
 ) -> None:
     c = world.client("a_member")
     img = new_image(c)
     body = f.qcow2(tmp_path / "d.qcow2").read_bytes()
-    r = upload(c, img["id"], body, "qcow2", capture, sha256="0" * 64)
+    r = upload(c, img["id"], body, "qcow2", capture, sha256=prefix + "0" * 64)
     assert r.status_code == 400
-    assert "Checksum mismatch" in r.json()["message"] and f.digest(body) in r.json()["message"]
+    assert r.json()["message"] == (
+        f"Checksum mismatch: the file is {f.digest(body)}, expected sha256:{'0' * 64}."
+    )
     image = Image.objects.get(pk=img["id"])
     assert image.status == "failed" and "Checksum mismatch" in image.status_reason
     assert files_in(store) == {"tmp": [], "blobs/sha256": []}
@@ -363,6 +366,111 @@ def test_layer_that_does_not_match_its_digest_is_rejected(
     assert files_in(store) == {"tmp": [], "blobs/sha256": []}
 
 
+def _manifest_bytes(config: bytes, layers: list[bytes]) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": f.descriptor(config, "application/vnd.oci.image.config.v1+json"),
+            "layers": [f.descriptor(x, "application/vnd.oci.image.layer.v1.tar") for x in layers],
+        }
+    ).encode()
+
+
+def _index(*entries: object) -> bytes:
+    return json.dumps({"schemaVersion": 2, "manifests": list(entries)}).encode()
+
+
+_CONFIG = f.config_for([f.BASE])
+_MANIFEST = _manifest_bytes(_CONFIG, [f.BASE])
+_BAD_JSON = b'{"schemaVersion": 2, "manifests": [}'
+_NOT_UTF8 = b"\xff\xfe not utf-8"
+
+
+@pytest.mark.parametrize(
+    ("index", "blobs", "reason"),
+    [
+        (_BAD_JSON, [], "index.json is not valid JSON: Expecting value: line 1 column 36"),
+        (
+            _index(f.descriptor(_BAD_JSON)),
+            [_BAD_JSON],
+            f"the manifest {f.digest(_BAD_JSON)} is not valid JSON: Expecting value",
+        ),
+        (
+            _index(f.descriptor(_NOT_UTF8)),
+            [_NOT_UTF8],
+            f"the manifest {f.digest(_NOT_UTF8)} is not valid JSON",
+        ),
+        (
+            _index(f.descriptor(_BAD_JSON, "application/vnd.oci.image.index.v1+json")),
+            [_BAD_JSON],
+            f"the nested index {f.digest(_BAD_JSON)} is not valid JSON: Expecting value",
+        ),
+        (
+            _index(f.descriptor(_MANIFEST, platform="linux/amd64")),
+            [_CONFIG, _MANIFEST, f.BASE],
+            f"index.json entry {f.digest(_MANIFEST)} has a platform that is not an object",
+        ),
+        (
+            _index(f.descriptor(_MANIFEST, platform=["linux"])),
+            [_CONFIG, _MANIFEST, f.BASE],
+            f"index.json entry {f.digest(_MANIFEST)} has a platform that is not an object",
+        ),
+    ],
+    ids=["index", "manifest", "manifest-not-utf8", "nested-index", "platform-string", "platform-list"],
+)
+def test_malformed_json_is_rejected_with_a_precise_reason(
+    world: World, store: Path, tmp_path: Path, capture: Any, index: bytes, blobs: list[bytes], reason: str
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    body = f.layout_archive(tmp_path / "x.tar", index, blobs).read_bytes()
+    assert upload(c, img["id"], body, "oci", capture).status_code == 202
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed"
+    assert image.status_reason.startswith(f"oci rejected: {reason}"), image.status_reason
+    assert "JSONDecodeError" not in image.status_reason and "import failed" not in image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+
+
+def test_oci_layers_must_match_the_config_diff_ids(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    lying = f.config_for([f.BASE, f.APP_B])  # claims APP_B where the archive has APP_A
+    body = f.oci_archive(tmp_path / "x.tar", [f.BASE, f.APP_A], config=lying).read_bytes()
+    upload(c, img["id"], body, "oci", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed"
+    assert (
+        f"layer {f.digest(f.APP_A)[7:19]} unpacks to {f.digest(f.APP_A)}, "
+        f"but the config's rootfs.diff_ids[1] is {f.digest(f.APP_B)}"
+    ) in image.status_reason, image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+
+
+def test_gzip_layers_are_checked_against_their_uncompressed_diff_ids(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    good = oci_upload(c, tmp_path, capture, [f.BASE, f.APP_A], name="gz")
+    assert good.status == "active", good.status_reason
+    img = new_image(c, name="gz-again")
+    body = f.oci_archive(tmp_path / "gz1.tar", [f.BASE, f.APP_A], gzipped=True).read_bytes()
+    upload(c, img["id"], body, "oci", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "active", image.status_reason
+    # The same gzip base, now in the store, is checked again for an image that lies about it.
+    img = new_image(c, name="gz-lie")
+    lying = f.config_for([f.APP_A, f.APP_A])
+    body = f.oci_archive(tmp_path / "gz2.tar", [f.BASE, f.APP_A], config=lying, gzipped=True).read_bytes()
+    upload(c, img["id"], body, "oci", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed"
+    assert f"unpacks to {f.digest(f.BASE)}, but the config's rootfs.diff_ids[0]" in image.status_reason
+
+
 def test_not_an_archive_is_rejected(world: World, store: Path, capture: Any) -> None:
     c = world.client("a_member")
     img = new_image(c)
@@ -434,6 +542,30 @@ def test_duplicate_version_is_a_clear_400(world: World, store: Path) -> None:
     new_image(c, "dup", "1")
     r = c.post("/api/v1/images/", {"name": "dup", "version": "1", "tenant": "acme"}, format="json")
     assert r.status_code == 400 and "already exists in tenant acme" in r.json()["errors"]["version"][0]
+
+
+@pytest.mark.parametrize("public", [False, True], ids=["private", "public"])
+def test_two_creates_of_one_version_at_once_give_409(
+    world: World, store: Path, monkeypatch: pytest.MonkeyPatch, public: bool
+) -> None:
+    """The second of two concurrent creates passes validation, then meets the unique constraint."""
+    from portal.images.api import serializers
+
+    validate = serializers.ImageSerializer.validate
+
+    def racing(self: Any, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = validate(self, attrs)
+        # the other request commits the same name and version now
+        Image.objects.create(name=attrs["name"], version=attrs["version"], owner=attrs.get("tenant"))
+        return attrs
+
+    monkeypatch.setattr(serializers.ImageSerializer, "validate", racing)
+    who, extra = ("operator", {"public": True}) if public else ("a_member", {"tenant": "acme"})
+    r = world.client(who).post("/api/v1/images/", {"name": "race", "version": "1", **extra}, format="json")
+    where = "the public catalogue" if public else "tenant acme"
+    assert r.status_code == 409, r.content
+    assert r.json()["message"] == f"race:1 already exists in {where}."
+    assert Image.objects.filter(name="race").count() == 1
 
 
 def test_deleting_an_image_in_use_is_refused(world: World, store: Path) -> None:
