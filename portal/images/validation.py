@@ -101,16 +101,24 @@ def sha256_file(path: Path) -> str:
 # --------------------------------------------------------------------------------------- VM disks
 
 
-def _qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
+def _qemu_img(timeout: float, *args: str) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(["qemu-img", *args], check=False, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            ["qemu-img", *args], check=False, capture_output=True, text=True, timeout=timeout
+        )
     except FileNotFoundError as exc:
         raise Rejected("qemu-img is not installed on the portal host; disks cannot be checked") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise Rejected(f"qemu-img {args[0]} did not finish within {timeout:g} s") from exc
 
 
-def check_disk(path: Path, digest: str, declared: str, max_virtual: int) -> Checked:
-    """Accept ``path`` as a VM disk of format ``declared`` (qcow2 or raw)."""
-    proc = _qemu_img("info", "--output=json", "-U", str(path))
+def check_disk(path: Path, digest: str, declared: str, max_virtual: int, timeout: float = 100.0) -> Checked:
+    """Accept ``path`` as a VM disk of format ``declared`` (qcow2 or raw).
+
+    Each qemu-img run is stopped after ``timeout`` seconds (the caller keeps
+    both runs below the broker's visibility timeout).
+    """
+    proc = _qemu_img(timeout, "info", "--output=json", "-U", str(path))
     if proc.returncode != 0:
         raise Rejected(f"qemu-img info cannot read the file: {proc.stderr.strip()[-200:]}")
     info = _json(proc.stdout, "the output of qemu-img info")
@@ -139,7 +147,7 @@ def check_disk(path: Path, digest: str, declared: str, max_virtual: int) -> Chec
             f"virtual size {virtual / 2**30:.1f} GiB exceeds the limit of {max_virtual / 2**30:.0f} GiB"
         )
     if seen == "qcow2":
-        check = _qemu_img("check", "--output=json", "-U", "-f", "qcow2", str(path))
+        check = _qemu_img(timeout, "check", "--output=json", "-U", "-f", "qcow2", str(path))
         if check.returncode not in (0, 3):  # 3: leaked clusters only, harmless
             try:
                 result = json.loads(check.stdout)

@@ -173,7 +173,9 @@ def test_upload_cut_short_keeps_nothing_and_can_be_retried(
     )
     assert r.status_code == 400
     assert f"ended after 1000 of {len(body)} bytes" in r.json()["message"]
-    assert Image.objects.get(pk=img["id"]).status == "queued"
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "queued"
+    assert image.status_reason == f"last upload refused: it ended after 1000 of {len(body)} bytes"
     assert files_in(store) == {"tmp": [], "blobs/sha256": []}
     r = upload(c, img["id"], body, "qcow2", capture)
     assert r.status_code == 202 and Image.objects.get(pk=img["id"]).status == "active"
@@ -187,9 +189,76 @@ def test_oversized_upload_is_refused_before_reading(
     img = new_image(c)
     r = upload(c, img["id"], b"x" * (2 << 20), "raw", capture)
     assert r.status_code == 413
-    assert "upload limit is 1048576 bytes" in r.json()["message"]
-    assert Image.objects.get(pk=img["id"]).status == "queued"
+    assert r.json()["message"] == (
+        "The file is 2.0 MiB (2097152 bytes), over the upload limit of 1.0 MiB (1048576 bytes)."
+    )
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "queued"  # retryable, and the tenant sees why the last try failed
+    assert image.status_reason == "last upload refused: 2.0 MiB is over the 1.0 MiB limit"
     assert files_in(store)["tmp"] == []
+
+
+def test_upload_without_content_length_is_refused_with_411(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    body = f.qcow2(tmp_path / "d.qcow2").read_bytes()
+    r = c.generic(
+        "PUT",
+        f"/api/v1/images/{img['id']}/file/?type=qcow2",
+        body,
+        content_type="application/octet-stream",
+        CONTENT_LENGTH="",  # what a chunked request looks like to the view
+    )
+    assert r.status_code == 411, r.content
+    assert (
+        r.json()["message"]
+        == "Send the file with a Content-Length header (chunked uploads are not accepted)."
+    )
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "queued"
+    assert image.status_reason == (
+        "last upload refused: it had no Content-Length header (chunked uploads are not accepted)"
+    )
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+    assert upload(c, img["id"], body, "qcow2", capture).status_code == 202
+    assert Image.objects.get(pk=img["id"]).status == "active"
+
+
+def test_a_refused_upload_leaves_an_active_image_active(
+    world: World, store: Path, settings: Any, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    upload(c, img["id"], f.qcow2(tmp_path / "d.qcow2").read_bytes(), "qcow2", capture)
+    settings.SKYPORT_UPLOAD_MAX_BYTES = 1024
+    archive = f.oci_archive(tmp_path / "a.tar", [f.BASE]).read_bytes()
+    assert upload(c, img["id"], archive, "oci", capture).status_code == 413
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "active" and image.formats() == {"qcow2"}
+    assert (
+        image.status_reason == f"last upload refused: {len(archive) / 1024:.1f} KiB is over the 1.0 KiB limit"
+    )
+
+
+def test_qcow2_with_an_external_data_file_is_rejected(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    import subprocess
+
+    c = world.client("a_member")
+    img = new_image(c)
+    disk = tmp_path / "d.qcow2"
+    data = tmp_path / "data.raw"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data}", str(disk), "16M"], check=True
+    )
+    upload(c, img["id"], disk.read_bytes(), "qcow2", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed"
+    assert image.status_reason == f"qcow2 rejected: the qcow2 uses an external data file ({data})"
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
 
 
 def test_virtual_size_limit(world: World, store: Path, settings: Any, tmp_path: Path, capture: Any) -> None:

@@ -86,11 +86,9 @@ class Command(BaseCommand):
             ):
                 return
             artifact.delete()  # recorded before the store existed, or its files are gone: import again
-        temp, digest, _ = services.copy_in(path)
-        if digest != _digest(path):
-            temp.unlink(missing_ok=True)
-            raise CommandError(f"{path} does not match {path}.sha256")
-        before = services.claim(image)
-        services.import_artifact(
-            image.pk, "oci" if fmt == ArtifactFormat.OCI else fmt, str(temp), digest, before
-        )
+        held = services.claim(image)
+        try:
+            temp, digest, _ = services.copy_in(path, held, _digest(path))
+        except services.UploadError as exc:
+            raise CommandError(f"{path}: {exc}") from exc
+        services.import_here(held, "oci" if fmt == ArtifactFormat.OCI else fmt, temp, digest)
