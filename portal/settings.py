@@ -265,12 +265,21 @@ SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS = float(
         str(max(3600.0, 2 * (SKYPORT_BROKER_VISIBILITY_SECONDS + 2 * SKYPORT_QEMU_IMG_TIMEOUT_SECONDS))),
     )
 )
+# Stored blobs that no database row references are removed once they are this old: longer than
+# any import may run, so a blob an import is about to reuse is never collected under it.
+SKYPORT_IMAGE_BLOB_GRACE_SECONDS = float(
+    os.environ.get("SKYPORT_IMAGE_BLOB_GRACE_SECONDS", str(2 * SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS))
+)
+if SKYPORT_IMAGE_BLOB_GRACE_SECONDS < SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS:
+    raise ImproperlyConfigured(
+        "SKYPORT_IMAGE_BLOB_GRACE_SECONDS must be at least SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS"
+    )
 # How compute nodes reach this portal (blob downloads, snapshot uploads).
 SKYPORT_PORTAL_URL = os.environ.get("SKYPORT_PORTAL_URL", "http://127.0.0.1:8000").rstrip("/")
 SKYPORT_HEARTBEAT_SECONDS = float(os.environ.get("SKYPORT_HEARTBEAT_SECONDS", "5"))
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "portal.sweep", "schedule": float(os.environ.get("SKYPORT_SWEEP_SECONDS", "5"))},
-    # stuck imports, upload leftovers
+    # stuck imports, upload leftovers, unreferenced blobs
     "images": {
         "task": "portal.images.sweep",
         "schedule": float(os.environ.get("SKYPORT_IMAGE_SWEEP_SECONDS", "300")),

@@ -436,45 +436,63 @@ def import_artifact(
 
 
 def _commit(held: Claim, image: Image, checked: validation.Checked, source_digest: str) -> None:
+    """Record the artifact and move its new blobs into the store, all or nothing.
+
+    Under the store lock, so no garbage collection runs in between: first
+    every blob the import reuses must still be in the store, then the new
+    ones are moved in.  If anything fails after that, the files this import
+    moved are removed again with the rolled-back rows, so no blob is left
+    that no row references.
+    """
     s = store()
-    with s.locked(), transaction.atomic():
-        if not held.held().select_for_update().exists():
-            raise Superseded
-        blobs = []
-        for staged in checked.blobs:
-            blob, _ = Blob.objects.get_or_create(
-                digest=staged.digest, defaults={"size": staged.size, "media_type": staged.media_type}
-            )
-            if staged.path is not None:
-                s.place(staged.path, staged.digest)
-                staged.path = None
-            elif not s.has(staged.digest):
-                raise validation.Rejected(f"blob {staged.digest} is recorded but missing from the store")
-            blobs.append(blob)
-        artifact = Artifact.objects.create(
-            image=image,
-            format=checked.format,
-            digest=checked.digest,
-            size=sum(b.size for b in {b.digest: b for b in blobs}.values()),
-            virtual_size=checked.virtual_size,
-            source_digest=source_digest,
-        )
-        artifact.blobs.set(blobs)
-        min_disk = -(-checked.virtual_size // 2**30)
-        extra: dict[str, Any] = {}
-        if min_disk > image.min_disk_gb:
-            extra["min_disk_gb"] = min_disk
-        if not held.finish(ImageStatus.ACTIVE, checked.detail, **extra):
-            raise Superseded
-        Event.objects.create(
-            tenant_id=image.owner_id,
-            action="image.import",
-            object_type="image",
-            object_id=str(image.pk),
-            object_repr=str(image),
-            outcome=Outcome.SUCCESS,
-            message=f"{checked.format} {checked.digest}: {checked.detail}",
-        )
+    moved: list[str] = []
+    with s.locked():
+        try:
+            with transaction.atomic():
+                if not held.held().select_for_update().exists():
+                    raise Superseded
+                missing = [b.digest for b in checked.blobs if b.path is None and not s.has(b.digest)]
+                if missing:
+                    raise validation.Rejected(
+                        f"blob {missing[0]} left the store while the upload was checked; send it again"
+                    )
+                blobs = []
+                for staged in checked.blobs:
+                    blob, _ = Blob.objects.get_or_create(
+                        digest=staged.digest, defaults={"size": staged.size, "media_type": staged.media_type}
+                    )
+                    if staged.path is not None:
+                        if s.place(staged.path, staged.digest):
+                            moved.append(staged.digest)
+                        staged.path = None
+                    blobs.append(blob)
+                artifact = Artifact.objects.create(
+                    image=image,
+                    format=checked.format,
+                    digest=checked.digest,
+                    size=sum(b.size for b in {b.digest: b for b in blobs}.values()),
+                    virtual_size=checked.virtual_size,
+                    source_digest=source_digest,
+                )
+                artifact.blobs.set(blobs)
+                min_disk = -(-checked.virtual_size // 2**30)
+                extra: dict[str, Any] = {}
+                if min_disk > image.min_disk_gb:
+                    extra["min_disk_gb"] = min_disk
+                if not held.finish(ImageStatus.ACTIVE, checked.detail, **extra):
+                    raise Superseded
+                Event.objects.create(
+                    tenant_id=image.owner_id,
+                    action="image.import",
+                    object_type="image",
+                    object_id=str(image.pk),
+                    object_repr=str(image),
+                    outcome=Outcome.SUCCESS,
+                    message=f"{checked.format} {checked.digest}: {checked.detail}",
+                )
+        except BaseException:
+            s.remove_all(moved)
+            raise
 
 
 def _fail(held: Claim, reason: str) -> str:
@@ -599,6 +617,43 @@ def sweep_imports(now: dt.datetime | None = None) -> int:
     return failed
 
 
+def collect_garbage(grace: float | None = None) -> int:
+    """Remove stored blobs that no artifact references and that are older than ``grace`` seconds.
+
+    Two kinds: files in ``blobs/`` without a ``Blob`` row (a crash between a
+    deletion's commit and its file removal), and ``Blob`` rows no artifact
+    uses (an image deleted in the Django admin), with their files.  Runs
+    under the store lock, like every import's commit, and skips anything
+    newer than the grace period: an import touches each blob it reuses, and
+    no import may run longer than its deadline, so a blob an import is about
+    to reference is never collected.  Returns how many blobs went.
+    """
+    grace = float(settings.SKYPORT_IMAGE_BLOB_GRACE_SECONDS if grace is None else grace)
+    s = store()
+    now = time.time()
+    cutoff = timezone.now() - dt.timedelta(seconds=grace)
+    with s.locked(), transaction.atomic():
+        unused_rows = list(
+            Blob.objects.annotate(n=Count("artifacts"))
+            .filter(n=0, created_at__lt=cutoff)
+            .values_list("digest", flat=True)
+        )
+        # a row whose file is missing goes too; one whose file an import just touched stays
+        unused_rows = [d for d in unused_rows if (s.age(d, now) or grace + 1) > grace]
+        recorded = set(Blob.objects.values_list("digest", flat=True))
+        stray = [d for d in s.digests() - recorded if (s.age(d, now) or 0) > grace]
+        Blob.objects.filter(digest__in=unused_rows).delete()
+        gone = [*unused_rows, *stray]
+        transaction.on_commit(lambda: s.remove_all(gone))
+    for digest in gone:
+        log.info("garbage-collected blob %s (no image references it)", digest)
+    return len(gone)
+
+
 def sweep() -> dict[str, int]:
-    """The images part of the periodic maintenance (beat): stuck imports and upload leftovers."""
-    return {"stuck_imports": sweep_imports(), "temp_files": clean_tmp()}
+    """The images part of the periodic maintenance (beat): stuck imports, leftovers, unreferenced blobs."""
+    return {
+        "stuck_imports": sweep_imports(),
+        "temp_files": clean_tmp(),
+        "blobs": collect_garbage(),
+    }

@@ -68,15 +68,30 @@ class BlobStore:
         finally:
             os.close(fd)
 
-    def place(self, temp: Path, digest: str) -> Path:
-        """Move ``temp`` (whose content has ``digest``) into the store; call under :meth:`locked`."""
+    def place(self, temp: Path, digest: str) -> bool:
+        """Move ``temp`` (whose content has ``digest``) into the store; call under :meth:`locked`.
+
+        Returns whether the file is new; when the store had it already, ``temp`` is dropped.
+        """
         dest = self.path(digest)
         if dest.is_file():
             temp.unlink(missing_ok=True)
-        else:
-            temp.chmod(0o644)
-            os.replace(temp, dest)
-        return dest
+            return False
+        temp.chmod(0o644)
+        os.replace(temp, dest)
+        return True
+
+    def touch(self, digest: str) -> None:
+        """Mark a stored blob as just used, so garbage collection leaves it alone for a grace period."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(digest))
+
+    def age(self, digest: str, now: float) -> float | None:
+        """Seconds since the blob was placed or last touched; None when it is not there."""
+        try:
+            return now - self.path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)

@@ -372,7 +372,9 @@ def _blob_name(digest: str) -> str:
 def _stage_bytes(store: BlobStore, data: bytes, media_type: str, staged: list[StagedBlob]) -> str:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     path: Path | None = None
-    if not store.has(digest):
+    if store.has(digest):
+        store.touch(digest)  # reused: keep it out of garbage collection until this import ends
+    else:
         path = store.temp_path("blob")
         path.write_bytes(data)
     staged.append(StagedBlob(digest, len(data), media_type, path))
@@ -390,6 +392,7 @@ def _stage_layer(
     it arrived) and is not read from the archive.
     """
     if src is None:
+        store.touch(digest)  # reused: keep it out of garbage collection until this import ends
         stored = store.path(digest)
         blob = StagedBlob(digest, stored.stat().st_size, media_type, None)
         staged.append(blob)

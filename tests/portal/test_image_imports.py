@@ -1,5 +1,5 @@
 """Image imports that go wrong on the way: a broker that is down, a task delivered twice,
-and an import nobody finishes.
+an import nobody finishes, a blob that vanishes before the commit, and garbage collection.
 
 The uploads go through the real API, the real import task (eager) and real
 ``qemu-img``; each test has its own store, listed to check what is left.
@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from kombu.exceptions import OperationalError
 from portal.audit.models import Event
 from portal.images import services, tasks, validation
 from portal.images.models import Artifact, Blob, Image
+from portal.images.store import BlobStore
 from tests.portal import imagefiles as f
 from tests.portal.conftest import World
 from tests.portal.test_images import files_in, new_image, upload
@@ -164,6 +166,7 @@ def _settings_with(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[st
         "SKYPORT_BROKER_VISIBILITY_SECONDS",
         "SKYPORT_QEMU_IMG_TIMEOUT_SECONDS",
         "SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS",
+        "SKYPORT_IMAGE_BLOB_GRACE_SECONDS",
     )
     code = (
         "import json, django; django.setup(); from django.conf import settings as s; "
@@ -183,12 +186,14 @@ def test_import_timeouts_follow_the_visibility_timeout(tmp_path: Path) -> None:
         "SKYPORT_BROKER_VISIBILITY_SECONDS": 300.0,
         "SKYPORT_QEMU_IMG_TIMEOUT_SECONDS": 100.0,
         "SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS": 3600.0,
+        "SKYPORT_IMAGE_BLOB_GRACE_SECONDS": 7200.0,
     }
     slow = _settings_with(tmp_path, SKYPORT_BROKER_VISIBILITY_SECONDS="1800")
     assert json.loads(slow.stdout) == {
         "SKYPORT_BROKER_VISIBILITY_SECONDS": 1800.0,
         "SKYPORT_QEMU_IMG_TIMEOUT_SECONDS": 600.0,
         "SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS": 6000.0,  # 2 x (1800 + 2 x 600)
+        "SKYPORT_IMAGE_BLOB_GRACE_SECONDS": 12000.0,
     }
     unsafe = _settings_with(tmp_path, SKYPORT_QEMU_IMG_TIMEOUT_SECONDS="600")
     assert unsafe.returncode != 0
@@ -322,7 +327,11 @@ def test_the_sweep_keeps_an_image_active_when_another_artifact_runs_it(world: Wo
 def test_the_beat_task_runs_the_whole_images_sweep(world: World, store: Path) -> None:
     image = Image.objects.create(name="beat", version="1", owner=world.a)
     _stuck(image, "queued", 24 * 60, store)
-    assert tasks.sweep.apply().get() == {"stuck_imports": 1, "temp_files": 0}
+    stray = services.store().blobs / ("ef" * 32)
+    stray.write_bytes(b"nobody's")
+    old = time.time() - 3 * 86400
+    os.utime(stray, (old, old))
+    assert tasks.sweep.apply().get() == {"stuck_imports": 1, "temp_files": 0, "blobs": 1}
     assert Image.objects.get(pk=image.pk).status == "failed"
     assert files_in(store) == {"tmp": [], "blobs/sha256": []}
 
@@ -371,3 +380,137 @@ def test_an_upload_whose_image_was_released_meanwhile_stops_and_keeps_nothing(
     image.refresh_from_db()
     assert (image.status, image.status_reason) == ("failed", reason)  # the sweep's word stands
     assert files_in(store)["tmp"] == []
+
+
+# ------------------------------------------------------------- the commit and the store
+
+
+def _checked_with_a_vanished_blob(store: BlobStore, tag: str) -> tuple[validation.Checked, str, str]:
+    fresh = b"a layer this import brings"
+    staged = store.tagged(tag).temp_path("layer")
+    staged.write_bytes(fresh)
+    gone = "sha256:" + "cd" * 32
+    Blob.objects.create(digest=gone, size=5, media_type=validation.MEDIA_LAYER)  # its file is not there
+    checked = validation.Checked(
+        "oci",
+        f.digest(b"manifest"),
+        [
+            validation.StagedBlob(f.digest(fresh), len(fresh), validation.MEDIA_LAYER, staged),
+            validation.StagedBlob(gone, 5, validation.MEDIA_LAYER, None),
+        ],
+        detail="OCI image",
+    )
+    return checked, f.digest(fresh), gone
+
+
+def test_a_reused_blob_missing_at_commit_moves_nothing_into_the_store(
+    world: World, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = Image.objects.create(name="orphan", version="1", owner=world.a)
+    held = services.claim(image)
+    temp, digest, _ = services.copy_in(f.oci_archive(tmp_path / "a.tar", [f.BASE]), held)
+    checked, fresh, gone = _checked_with_a_vanished_blob(services.store(), held.token)
+    monkeypatch.setattr(validation, "check_archive", lambda path, s: checked)
+    assert services.import_here(held, "oci", temp, digest) == "failed"
+    image.refresh_from_db()
+    assert image.status_reason == (
+        f"oci rejected: blob {gone} left the store while the upload was checked; send it again"
+    )
+    assert not Blob.objects.filter(digest=fresh).exists()
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+
+
+def test_a_commit_that_fails_after_moving_blobs_takes_them_back(
+    world: World, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = Image.objects.create(name="rollback", version="1", owner=world.a)
+    held = services.claim(image)
+    temp, digest, _ = services.copy_in(f.oci_archive(tmp_path / "a.tar", [f.BASE, f.APP_A]), held)
+    kept = f.digest(b"already stored by another image")
+    (services.store().blobs / kept[7:]).write_bytes(b"already stored by another image")
+    Blob.objects.create(digest=kept, size=1, media_type=validation.MEDIA_LAYER)
+    check_archive = validation.check_archive
+
+    def with_kept(path: Path, s: Any) -> validation.Checked:
+        checked = check_archive(path, s)
+        checked.blobs.append(validation.StagedBlob(kept, 1, validation.MEDIA_LAYER, None))
+        return checked
+
+    def broken_create(**kw: Any) -> Any:
+        # every new blob is in blobs/ by now
+        assert len(files_in(store)["blobs/sha256"]) == 5
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(validation, "check_archive", with_kept)
+    monkeypatch.setattr(Artifact.objects, "create", broken_create)
+    assert services.import_here(held, "oci", temp, digest) == "failed"
+    image.refresh_from_db()
+    assert image.status_reason == "oci import failed: RuntimeError: database went away"
+    # the four blobs this import moved are gone again; the one it reused stays
+    assert files_in(store) == {"tmp": [], "blobs/sha256": [kept[7:]]}
+    assert list(Blob.objects.values_list("digest", flat=True)) == [kept]
+
+
+def _age(path: Path, seconds: float) -> None:
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_garbage_collection_removes_only_old_unreferenced_blobs(
+    world: World, store: Path, tmp_path: Path, capture: Any, settings: Any
+) -> None:
+    settings.SKYPORT_IMAGE_BLOB_GRACE_SECONDS = 3600.0
+    c = world.client("a_member")
+    img = new_image(c)
+    upload(c, img["id"], f.oci_archive(tmp_path / "a.tar", [f.BASE]).read_bytes(), "oci", capture)
+    assert Image.objects.get(pk=img["id"]).status == "active"
+    blobs = services.store().blobs
+    referenced = sorted(p.name for p in blobs.iterdir())
+    for p in blobs.iterdir():
+        _age(p, 86400)  # old, but referenced
+    old_stray, new_stray = blobs / ("01" * 32), blobs / ("02" * 32)
+    old_stray.write_bytes(b"left by a crash")
+    new_stray.write_bytes(b"placed a moment ago")
+    _age(old_stray, 2 * 3600)
+    # a row no artifact uses (its image was deleted in the admin), with its file
+    unused = f.digest(b"unused layer")
+    (blobs / unused[7:]).write_bytes(b"unused layer")
+    _age(blobs / unused[7:], 2 * 3600)
+    Blob.objects.create(digest=unused, size=12, media_type=validation.MEDIA_LAYER)
+    Blob.objects.filter(digest=unused).update(created_at=timezone.now() - dt.timedelta(hours=2))
+
+    assert services.collect_garbage() == 2
+    assert sorted(p.name for p in blobs.iterdir()) == sorted([*referenced, new_stray.name])
+    assert not Blob.objects.filter(digest=unused).exists()
+    assert Blob.objects.count() == len(referenced)
+    # the young stray goes once it is past the grace period
+    _age(new_stray, 2 * 3600)
+    assert services.collect_garbage() == 1
+    assert sorted(p.name for p in blobs.iterdir()) == referenced
+
+
+def test_garbage_collection_spares_a_stored_blob_an_import_is_reusing(
+    world: World, store: Path, tmp_path: Path, capture: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A base layer left without a row is old; an import that reuses it touches it, so GC waits."""
+    settings.SKYPORT_IMAGE_BLOB_GRACE_SECONDS = 3600.0
+    blobs = services.store().blobs
+    base = blobs / f.digest(f.BASE)[7:]
+    base.write_bytes(f.BASE)
+    _age(base, 86400)
+    check_archive = validation.check_archive
+    collected: list[int] = []
+
+    def gc_during_validation(path: Path, s: Any) -> validation.Checked:
+        checked = check_archive(path, s)
+        collected.append(services.collect_garbage())
+        return checked
+
+    monkeypatch.setattr(validation, "check_archive", gc_during_validation)
+    c = world.client("a_member")
+    img = new_image(c)
+    upload(c, img["id"], f.oci_archive(tmp_path / "a.tar", [f.BASE, f.APP_A]).read_bytes(), "oci", capture)
+    assert collected == [0]
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "active", image.status_reason
+    assert Blob.objects.filter(digest=f.digest(f.BASE)).exists() and base.is_file()
