@@ -178,3 +178,37 @@ def test_a_broker_that_is_down_is_a_clean_error(
         )
     assert not Image.objects.filter(name="nobroker").exists()
     assert leftovers(store) == []
+
+
+def _sample_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "images"
+    d.mkdir()
+    files = [
+        f.qcow2(d / "skyport-tiny-7.qcow2"),
+        f.oci_archive(d / "busybox-1.oci.tar", [f.BASE]),
+        f.oci_archive(d / "busybox-web-1.oci.tar", [f.BASE, f.APP_A]),
+    ]
+    for p in files:
+        Path(f"{p}.sha256").write_text(f"{f.digest(p.read_bytes())[7:]}  {p.name}\n")
+    return d
+
+
+def test_sample_images_are_imported_once(db: Any, store: Path, tmp_path: Path) -> None:
+    d = _sample_dir(tmp_path)
+    out = io.StringIO()
+    call_command("import_sample_images", "--dir", str(d), stdout=out)
+    assert "image sample:1-7 (oci, qcow2)" in out.getvalue()
+    images = {str(i): i for i in Image.objects.all()}
+    assert sorted(images) == ["busybox-web:1", "busybox:1", "sample:1-7", "tiny:7"]
+    assert all(i.status == "active" for i in images.values()), [i.status_reason for i in images.values()]
+    call_command("import_sample_images", "--dir", str(d), stdout=io.StringIO())  # idempotent
+    assert Image.objects.count() == 4 and leftovers(store) == []
+
+
+def test_sample_images_with_a_stuck_image_are_a_clean_error(db: Any, store: Path, tmp_path: Path) -> None:
+    d = _sample_dir(tmp_path)
+    services.claim(Image.objects.create(name="tiny", version="7"))
+    with pytest.raises(
+        CommandError, match=r"^Image tiny:7 is importing; wait until its current import ends\.$"
+    ):
+        call_command("import_sample_images", "--dir", str(d), stdout=io.StringIO())
