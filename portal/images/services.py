@@ -587,12 +587,10 @@ def sweep_imports(now: dt.datetime | None = None) -> int:
     failed = 0
     for image in stuck:
         since = image.import_updated_at
-        where = _STUCK_WHILE.get(ImportPhase(image.import_phase), "")
+        where = _STUCK_WHILE.get(ImportPhase(image.import_phase))
         quiet = f"{(now - since).total_seconds() / 60:.0f} min" if since else "an unknown time"
-        reason = (
-            f"import abandoned: no progress for {quiet} (limit {deadline / 60:.0f} min) {where}; "
-            "send the file again"
-        ).replace("  ", " ")
+        stopped = f"no progress for {quiet} (limit {deadline / 60:.0f} min)" + (f" {where}" if where else "")
+        reason = f"import abandoned: {stopped}; send the file again"
         status = ImageStatus.ACTIVE if image.artifacts.exists() else ImageStatus.FAILED
         released = Image.objects.filter(
             pk=image.pk,

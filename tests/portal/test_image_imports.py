@@ -324,6 +324,18 @@ def test_the_sweep_keeps_an_image_active_when_another_artifact_runs_it(world: Wo
     )
 
 
+def test_the_sweep_fails_an_import_left_from_before_import_ids(world: World, store: Path) -> None:
+    """An image importing since before the migration has no import id and no progress time."""
+    image = Image.objects.create(name="legacy", version="1", owner=world.a, status="importing")
+    assert services.sweep_imports() == 1
+    image.refresh_from_db()
+    assert image.status == "failed"
+    assert (
+        image.status_reason
+        == "import abandoned: no progress for an unknown time (limit 60 min); send the file again"
+    )
+
+
 def test_the_beat_task_runs_the_whole_images_sweep(world: World, store: Path) -> None:
     image = Image.objects.create(name="beat", version="1", owner=world.a)
     _stuck(image, "queued", 24 * 60, store)
