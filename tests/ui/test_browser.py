@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from typing import Any
 
 import pytest
@@ -21,6 +20,7 @@ except ImportError:  # the dev extra installs it; CI must not pass by skipping
         raise
     pytest.skip("the playwright Python package is missing (pip install -e '.[dev]')", allow_module_level=True)
 
+from portal.cloud import services
 from portal.cloud.models import ComputeNode, Instance
 from tests.portal.conftest import UP_BOTH, FakeNodes, World
 from tests.ui.conftest import login, shot
@@ -44,6 +44,38 @@ def _unlabelled_controls(page: Any) -> list[str]:
              .filter(e => e.type !== 'hidden' && !e.labels?.length && !e.getAttribute('aria-label'))
              .map(e => e.name || e.id)"""
     )
+
+
+def _heartbeats_until_samples(fake_nodes: FakeNodes, instance: Instance, wanted: int) -> None:
+    """Send heartbeats of the instance's node until the portal holds ``wanted`` CPU/memory samples.
+
+    A sample is the difference of two beats, and a beat no newer than the last one is ignored,
+    so this counts what the portal kept instead of trusting a fixed number of beats.
+    """
+    assert instance.node is not None
+    node = fake_nodes.service(instance.node.queue)
+    for _ in range(100):
+        if len(services.stats(instance)["samples"]) >= wanted:
+            return
+        node.report()
+    raise AssertionError(f"the portal kept fewer than {wanted} samples of {instance.name}")
+
+
+def _answer_nodes_until(fake_nodes: FakeNodes, locator: Any, text: str, rounds: int = 8) -> None:
+    """Play the messages the page's polling sends to nodes until ``locator`` shows ``text``.
+
+    The console panel asks the node for a fresh tail as it polls; each round answers what is
+    queued, then waits (an explicit expect, one poll period) for the panel to show it.
+    """
+    for _ in range(rounds - 1):
+        fake_nodes.run()
+        try:
+            expect(locator).to_contain_text(text, timeout=2_500)
+            return
+        except AssertionError:
+            continue
+    fake_nodes.run()
+    expect(locator).to_contain_text(text, timeout=2_500)
 
 
 def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world: World,
@@ -90,20 +122,12 @@ def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world
     expect(page.locator("[data-field=stats]")).to_contain_text("No statistics yet")
     # heartbeats bring CPU and memory samples, a console request brings the log tail:
     # both panels show them by themselves
-    node = fake_nodes.service("node.node-a")
-    for _ in range(3):
-        time.sleep(0.05)
-        node.report()
+    _heartbeats_until_samples(fake_nodes, Instance.objects.get(name="app"), 2)
     stats = page.locator("[data-field=stats]")
     expect(stats.get_by_role("img", name="memory use over the last heartbeats")).to_be_visible(timeout=12_000)
     expect(stats).to_contain_text("48.0 MiB of 128 MiB")
     expect(stats.get_by_role("img", name="CPU use over the last heartbeats")).to_be_visible()
-    console = page.locator("[data-field=console]")
-    deadline = time.monotonic() + POLL_TIMEOUT / 1000
-    while console.count() == 0 and time.monotonic() < deadline:
-        fake_nodes.run()  # answers the console requests the page's polling sends
-        page.wait_for_timeout(250)
-    expect(console).to_contain_text("fake: app booted")
+    _answer_nodes_until(fake_nodes, page.locator("pre[data-field=console]"), "fake: app booted")
     _not_reloaded(page)
     shot(page, "instance-detail")
 
