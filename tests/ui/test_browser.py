@@ -275,3 +275,45 @@ def test_upload_an_image_with_progress_and_see_it_checked(
     image_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
     # another tenant cannot open it
     assert world.client("b_admin").get(f"/api/v1/images/{image_id}/").status_code == 404
+
+
+#: counts the page's XHRs (htmx polls with XHR) in ``window.__opened``; runs before the page's scripts
+RECORD_XHR = """
+window.__opened = [];
+const open = XMLHttpRequest.prototype.open;
+XMLHttpRequest.prototype.open = function (method, url) {
+  window.__opened.push(new URL(url, location.href).pathname);
+  return open.apply(this, arguments);
+};
+"""
+
+
+def test_detail_panels_stop_polling_once_deleted(live_server: Any, page: Any, world: World,
+                                                 fake_nodes: FakeNodes) -> None:  # fmt: skip
+    """State, console and stats poll while the instance exists and all stop once it is deleted.
+
+    Playwright's clock runs htmx's timers: after the stop, a minute of page time passes at
+    once and not one more request may leave the page.
+    """
+    base = live_server.url
+    url = f"/instances/{world.instance_a.pk}/"
+    page.add_init_script(RECORD_XHR)
+    page.clock.install()
+    login(page, base, "a_member")
+    page.goto(base + url)
+    expect(page.locator("[data-field=stats]")).to_contain_text("No statistics yet")
+    page.clock.run_for(6_000)
+    for panel, times in (("status/", 1), ("console/", 2), ("stats/", 2)):
+        page.wait_for_function(f"window.__opened.filter(p => p === '{url}{panel}').length >= {times}")
+
+    page.get_by_role("link", name="Delete…").click()
+    page.get_by_role("button", name="Delete instance").click()
+    expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("deleting")
+    fake_nodes.run()
+    expect(page.locator("#instance-status [data-field=vm_state]")).to_have_text("deleted", timeout=POLL_TIMEOUT)
+    expect(page.locator("#instance-stats")).to_contain_text("the instance is deleted", timeout=POLL_TIMEOUT)
+    expect(page.locator("#instance-console")).not_to_have_attribute("hx-trigger", re.compile("every"))
+    expect(page.locator("[hx-trigger*=every]")).to_have_count(0)
+    before = page.evaluate("window.__opened.length")
+    page.clock.run_for(60_000)
+    assert page.evaluate(f"window.__opened.slice({before})") == [], "a deleted instance's panels still poll"

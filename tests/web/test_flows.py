@@ -289,3 +289,18 @@ def test_upload_page_needs_the_member_role(world: World) -> None:
     assert client(world, "a_viewer").get("/images/upload/").status_code == 403
     page = text(client(world, "a_member").get("/images/upload/"))
     assert 'data-tenant="acme"' in page and 'data-api="/api/v1/images/"' in page
+
+
+def test_panels_stop_polling_once_the_instance_is_deleted(world: World, sent: list[Any]) -> None:
+    c = client(world, "a_member")
+    url = f"/instances/{world.instance_a.pk}/"
+    for part, every in (("status/", "every 2s"), ("console/", "every 2s"), ("stats/", "every 5s")):
+        r = c.get(url + part)
+        assert r.status_code == 200 and f'hx-trigger="{every}"' in text(r), part
+    Instance.objects.filter(pk=world.instance_a.pk).update(vm_state=VmState.DELETED, power_state="nostate")
+    for part in ("status/", "console/", "stats/"):
+        r = c.get(url + part)
+        # 286 stops the element that asked; the panel it is replaced with has no trigger left
+        assert r.status_code == 286, part
+        assert "hx-trigger" not in text(r) and "hx-get" not in text(r), part
+    assert "the instance is deleted" in text(c.get(url + "stats/"))

@@ -32,6 +32,7 @@ from portal.web.views.tenant import paginate, query_without_page
 #: htmx stops polling when a partial answers 286
 STOP_POLLING = 286
 POLL_SECONDS = 2
+STATS_POLL_SECONDS = 5
 
 
 def filter_instances(qs: QuerySet[Instance], form: InstanceFilterForm) -> QuerySet[Instance]:
@@ -139,15 +140,25 @@ def instance_status(request: HttpRequest, pk: str) -> HttpResponse:
     return response
 
 
+def _polled(request: HttpRequest, template: str, instance: Instance, context: dict[str, Any]) -> HttpResponse:
+    """A panel that polls itself while the instance exists; a deleted one answers 286 (htmx stops)."""
+    live = instance.vm_state != VmState.DELETED
+    response = render(request, template, {"instance": instance, "polling": live, **context})
+    if not live:
+        response.status_code = STOP_POLLING
+    return response
+
+
 @login_page
 def instance_console(request: HttpRequest, pk: str) -> HttpResponse:
     """Polled partial: the console tail the node last sent (each poll asks for a fresh one) and events."""
     instance = _instance(request, pk)
     events = Event.objects.restrict(actor(request)).filter(object_type="instance", object_id=str(instance.pk))
-    return render(
+    return _polled(
         request,
         "web/partials/instance_console.html",
-        {"instance": instance, "console": services.console(instance), "events": events[:10]},
+        instance,
+        {"console": services.console(instance), "events": events[:10], "poll": POLL_SECONDS},
     )
 
 
@@ -169,7 +180,12 @@ def instance_stats(request: HttpRequest, pk: str) -> HttpResponse:
         if len(points) >= 2
         else None
     )
-    return render(request, "web/partials/instance_stats.html", {"instance": instance, "samples": samples})
+    return _polled(
+        request,
+        "web/partials/instance_stats.html",
+        instance,
+        {"samples": samples, "poll": STATS_POLL_SECONDS},
+    )
 
 
 def _write_refusal(request: HttpRequest, tenant_id: int) -> HttpResponse | None:
