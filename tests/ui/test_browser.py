@@ -196,12 +196,46 @@ def test_operator_dedicates_a_node(live_server: Any, page: Any, world: World) ->
     expect(page.locator("[data-node=shared-1] [data-field=tenancy]")).to_have_text("dedicated to acme")
     assert ComputeNode.objects.get(name="shared-1").owner == world.a
     shot(page, "ops-nodes")
+    # draining disrupts scheduling: a confirmation page first, then the POST
+    page.locator("[data-node=shared-1]").get_by_role("link", name="Drain (disable scheduling)…").click()
+    expect(page.get_by_role("heading", name="Drain node shared-1?")).to_be_visible()
+    assert ComputeNode.objects.get(name="shared-1").status == "up", "the confirmation page changes nothing"
+    shot(page, "ops-drain-confirm")
+    page.get_by_role("button", name="Drain node").click()
+    expect(page.get_by_role("status")).to_contain_text("Node shared-1 is disabled")
+    assert ComputeNode.objects.get(name="shared-1").status == "disabled"
+    page.locator("[data-node=shared-1]").get_by_role("button", name="Enable scheduling").click()
+    expect(page.get_by_role("status")).to_contain_text("Node shared-1 is down: waiting for heartbeat")
     for name, url in (("ops-tenants", "/ops/tenants/"), ("ops-instances", "/ops/instances/"),
                       ("ops-events", "/ops/events/")):  # fmt: skip
         page.goto(base + url)
         expect(page.get_by_role("heading", level=1)).to_be_visible()
         shot(page, name)
     expect(page.get_by_role("cell", name="computenode.dedicate").first).to_be_visible()
+
+
+def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, world: World,
+                                        queued: list[Any]) -> None:  # fmt: skip
+    base = live_server.url
+    login(page, base, "a_member")
+    page.goto(f"{base}/instances/{world.instance_a.pk}/")
+    page.get_by_label("Snapshot to revert to").fill("before-upgrade")
+    page.get_by_role("button", name="Revert to snapshot…").click()
+    expect(page.get_by_role("heading", name="Revert web-1 to snapshot before-upgrade?")).to_be_visible()
+    expect(page.get_by_text("What changed in web-1 since snapshot before-upgrade")).to_be_visible()
+    shot(page, "revert-confirm")
+    page.get_by_role("link", name="Cancel").click()
+    expect(page.get_by_role("heading", name=re.compile("^web-1"))).to_be_visible()
+    expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("none")
+    assert [m for m in queued if m[1] == "compute.instance.action"] == [], "nothing is sent before confirming"
+
+    page.get_by_label("Snapshot to revert to").fill("before-upgrade")
+    page.get_by_role("button", name="Revert to snapshot…").click()
+    page.get_by_role("button", name="Revert to snapshot", exact=True).click()
+    expect(page.get_by_role("status")).to_contain_text("Revert to before-upgrade sent to shared-1")
+    expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("snapshotting")
+    actions = [args for _, task, args in queued if task == "compute.instance.action"]
+    assert [(a[2], a[4]) for a in actions] == [("revert", {"name": "before-upgrade"})]
 
 
 def test_member_of_another_tenant_gets_404(live_server: Any, page: Any, world: World) -> None:
@@ -310,7 +344,8 @@ def test_detail_panels_stop_polling_once_deleted(live_server: Any, page: Any, wo
     page.get_by_role("button", name="Delete instance").click()
     expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("deleting")
     fake_nodes.run()
-    expect(page.locator("#instance-status [data-field=vm_state]")).to_have_text("deleted", timeout=POLL_TIMEOUT)
+    status = page.locator("#instance-status")
+    expect(status.locator("[data-field=vm_state]")).to_have_text("deleted", timeout=POLL_TIMEOUT)
     expect(page.locator("#instance-stats")).to_contain_text("the instance is deleted", timeout=POLL_TIMEOUT)
     expect(page.locator("#instance-console")).not_to_have_attribute("hx-trigger", re.compile("every"))
     expect(page.locator("[hx-trigger*=every]")).to_have_count(0)

@@ -6,7 +6,7 @@ import pytest
 from django.test import Client, RequestFactory
 
 from portal.audit.models import Event
-from portal.cloud.models import Instance
+from portal.cloud.models import ComputeNode, Instance
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Membership
 from portal.web.errors import not_found, server_error
@@ -126,8 +126,11 @@ def test_operator_console_is_for_staff(world: World) -> None:
     for url in OPS_PAGES:
         r = client(world, "a_admin").get(url)
         assert r.status_code == 403 and "for operators" in text(r), url
-    r = client(world, "a_admin").post("/ops/nodes/shared-1/drain/", {"enable": "0"})
-    assert r.status_code == 403
+    admin = client(world, "a_admin")
+    for url in ("/ops/nodes/shared-1/drain/", "/ops/nodes/shared-1/enable/"):
+        assert admin.post(url).status_code == 403, url
+    assert admin.get("/ops/nodes/shared-1/drain/").status_code == 403
+    assert ComputeNode.objects.get(name="shared-1").status == "up"
 
 
 @pytest.mark.parametrize("who", ["a_member", "a_viewer", "a_admin"])

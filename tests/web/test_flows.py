@@ -193,13 +193,24 @@ def test_operator_dedicates_shares_drains_and_edits_quota(world: World) -> None:
     assert op.post("/ops/nodes/node-a/tenancy/", {"owner": ""}).status_code == 303
     assert ComputeNode.objects.get(name="node-a").tenancy == "shared"
     assert op.post("/ops/nodes/nope/tenancy/", {"owner": ""}).status_code == 404
-    assert op.post("/ops/nodes/shared-1/drain/", {"enable": "0"}).status_code == 303
+    nodes_page = text(op.get("/ops/nodes/"))
+    assert 'href="/ops/nodes/shared-1/drain/"' in nodes_page, "drain is a link to its confirmation page"
+    # GET only asks: the node stays up, however often the page is opened
+    for _ in range(2):
+        r = op.get("/ops/nodes/shared-1/drain/")
+        assert r.status_code == 200 and "Drain node shared-1?" in text(r)
+        assert "Instances already there keep running (1 now)" in text(r)
+        assert ComputeNode.objects.get(name="shared-1").status == "up"
+    assert op.post("/ops/nodes/shared-1/drain/").status_code == 303
     assert ComputeNode.objects.get(name="shared-1").status == "disabled"
     assert "Enable scheduling" in text(op.get("/ops/nodes/"))
-    op.post("/ops/nodes/shared-1/drain/", {"enable": "1"})
+    assert op.get("/ops/nodes/shared-1/enable/").status_code == 405, "enable is a POST"
+    assert op.post("/ops/nodes/shared-1/enable/").status_code == 303
     assert ComputeNode.objects.get(name="shared-1").status == "down"
+    assert op.get("/ops/nodes/nope/drain/").status_code == 404
     ev = Event.objects.filter(path__startswith="/ops/nodes/").values_list("action", "status_code")
     assert ("computenode.dedicate", 409) in ev and ("computenode.disable", 303) in ev
+    assert ("computenode.enable", 303) in ev
     r = op.post("/ops/tenants/acme/quota/", {"instances": "-1", "vcpus": "4", "ram_mb": "x", "disk_gb": "1",
                                              "containers": "1", "vms": "1"})  # fmt: skip
     assert r.status_code == 400 and 'value="-1"' in text(r) and 'value="x"' in text(r)
@@ -304,3 +315,42 @@ def test_panels_stop_polling_once_the_instance_is_deleted(world: World, sent: li
         assert r.status_code == 286, part
         assert "hx-trigger" not in text(r) and "hx-get" not in text(r), part
     assert "the instance is deleted" in text(c.get(url + "stats/"))
+
+
+def test_revert_asks_for_confirmation_first(world: World, sent: list[Any]) -> None:
+    c = client(world, "a_member")
+    inst = world.instance_a
+    url = f"/instances/{inst.pk}/"
+    detail = text(c.get(url))
+    assert f'<form method="get" action="{url}revert/"' in detail, "revert is a GET form to its confirmation"
+    assert 'value="revert"' not in detail, "no button posts a revert at once"
+    # GET only asks, however often: nothing is sent and the instance is not claimed
+    for _ in range(2):
+        r = c.get(url + "revert/", {"name": "before-upgrade"})
+        page = text(r)
+        assert r.status_code == 200 and "Revert web-1 to snapshot before-upgrade?" in page
+        assert "What changed in web-1 since snapshot before-upgrade was taken is lost" in page
+        assert '<input type="hidden" name="name" value="before-upgrade">' in page
+        assert f'href="{url}"' in page, "Cancel goes back to the instance"
+    assert sent == [] and Instance.objects.get(pk=inst.pk).task_state is None
+    r = c.get(url + "revert/", {"name": "../etc"})
+    assert r.status_code == 400 and 'value="../etc"' in text(r) and "Check the name" in text(r)
+    # posting a revert action directly is refused: it must go through the confirmation
+    r = c.post(url + "action/", {"action": "revert", "name": "before-upgrade"})
+    assert r.status_code == 400 and "asks for confirmation" in text(r)
+    assert sent == [] and Instance.objects.get(pk=inst.pk).task_state is None
+    # POST (the confirmation page's button) sends it
+    r = c.post(url + "revert/", {"name": "before-upgrade"})
+    assert (r.status_code, r["Location"]) == (303, url)
+    assert [m[1:] for m in sent] == [
+        ("compute.instance.action", [str(inst.pk), "vm", "revert", sent[0][2][3], {"name": "before-upgrade"}])
+    ]
+    assert Instance.objects.get(pk=inst.pk).task_state == "snapshotting"
+    assert Event.objects.filter(action="instance.revert", object_id=str(inst.pk), status_code=303).exists()
+    # a busy instance is not offered the confirmation; a viewer is refused both ways
+    r = c.get(url + "revert/", {"name": "before-upgrade"})
+    assert r.status_code == 409 and "cannot be reverted: it is snapshotting" in text(r)
+    viewer = client(world, "a_viewer")
+    assert viewer.get(url + "revert/", {"name": "x"}).status_code == 403
+    assert viewer.post(url + "revert/", {"name": "x"}).status_code == 403
+    assert len(sent) == 1

@@ -25,7 +25,7 @@ from portal.cloud.models import Instance
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Tenant
 from portal.web.access import actor, login_page, page, refuse, role_refusal, tenant_page
-from portal.web.forms import InstanceFilterForm, LaunchForm, PublishForm, SnapshotForm
+from portal.web.forms import InstanceFilterForm, LaunchForm, PublishForm, RevertForm, SnapshotForm
 from portal.web.presenters import BUTTON_ACTIONS, action_allowed, delete_allowed, quota_effect_rows
 from portal.web.views.tenant import paginate, query_without_page
 
@@ -118,11 +118,13 @@ def _detail_page(
     status: int = 200,
     snapshot: Any = None,
     publish: Any = None,
+    revert: Any = None,
 ) -> HttpResponse:
     ctx = _status_context(request, instance)
     ctx |= {
         "error": error,
         "snapshot_form": snapshot or SnapshotForm(),
+        "revert_form": revert or RevertForm(),
         "can_snapshot": action_allowed(instance, "snapshot"),
         "publish_form": publish or PublishForm(tenant=instance.tenant),
         "can_publish": instance.kind == "vm" and action_allowed(instance, "snapshot"),
@@ -202,9 +204,12 @@ def instance_action(request: HttpRequest, pk: str) -> HttpResponse:
     refused = _write_refusal(request, instance.tenant_id)
     if refused:
         return refused
+    if action == "revert":
+        note_error(request, "revert goes through its confirmation page")
+        return _detail_page(request, instance, REVERT_CONFIRMS, 400)
     params: dict[str, Any] = {}
     snapshot = None
-    if action in ("snapshot", "revert"):
+    if action == "snapshot":
         snapshot = SnapshotForm(request.POST)
         if not snapshot.is_valid():
             note_error(request, "invalid snapshot name")
@@ -219,6 +224,52 @@ def instance_action(request: HttpRequest, pk: str) -> HttpResponse:
     messages.success(
         request, f"{action.capitalize()} sent to {instance.node}; the state updates when it reports."
     )
+    return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
+
+
+REVERT_CONFIRMS = 'Reverting asks for confirmation first: use the "Revert to snapshot" button.'
+
+
+@login_page
+def instance_revert(request: HttpRequest, pk: str) -> HttpResponse:
+    """GET ?name=: a confirmation page naming the snapshot; POST: ask the node to revert the VM to it."""
+    instance = _instance(request, pk)
+    posted = request.method == "POST"
+    if posted:
+        describe(request, "instance.revert", instance)
+    refused = _write_refusal(request, instance.tenant_id)
+    if refused:
+        return refused
+    form = RevertForm(request.POST if posted else request.GET)
+    if not form.is_valid():
+        note_error(request, "invalid snapshot name")
+        error = "Check the name of the snapshot to revert to."
+        return _detail_page(request, instance, error, 400, revert=form)
+    name = form.cleaned_data["name"]
+    if not posted:
+        if not action_allowed(instance, "revert"):
+            why = (
+                "only VMs have snapshots"
+                if instance.kind != "vm"
+                else f"it is {instance.task_state or instance.vm_state}"
+            )
+            error = f"{instance.name} cannot be reverted: {why}."
+            return _detail_page(request, instance, error, 409, revert=form)
+        return page(request, "web/confirm.html", {
+            "title": f"Revert {instance.name} to snapshot {name}?",
+            "body": f"What changed in {instance.name} since snapshot {name} was taken is lost. "
+                    "This cannot be undone.",
+            "button": "Revert to snapshot",
+            "fields": {"name": name},
+            "cancel": reverse("web:instance", args=[instance.pk]),
+        })  # fmt: skip
+    try:
+        services.act(instance, "revert", {"name": name}, request.user)
+    except Conflict as exc:
+        note_error(request, str(exc.detail))
+        instance.refresh_from_db()
+        return _detail_page(request, instance, str(exc.detail), exc.status_code, revert=form)
+    messages.success(request, f"Revert to {name} sent to {instance.node}; the state updates when it reports.")
     return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
 
 
