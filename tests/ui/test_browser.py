@@ -172,8 +172,11 @@ def test_token_created_shown_once_and_revoked(live_server: Any, page: Any, world
     auth = {"Authorization": f"Bearer {key}"}
     assert page.request.get(f"{base}/api/v1/instances/", headers=auth).status == 200
     shot(page, "tokens")
-    page.goto(f"{base}/tokens/")
+    expect(page).to_have_url(f"{base}/tokens/")  # POST/redirect/GET: a reload re-posts nothing
+    page.reload()
+    expect(page.locator("#new-key")).to_have_count(0)
     assert key not in page.content(), "the key is shown once"
+    expect(page.locator("tr[data-token=ci]")).to_have_count(1)
     row = page.locator("tr[data-token=ci]")
     row.get_by_role("link", name="Revoke token ci").click()
     page.get_by_role("button", name="Revoke token").click()

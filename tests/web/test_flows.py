@@ -149,13 +149,20 @@ def test_tokens_key_shown_once_and_revoked(world: World) -> None:
     r = c.post("/tokens/", {"name": "ci", "tenant": "bobco", "expires_in_days": "7"})
     assert r.status_code == 400 and not APIToken.objects.filter(user=world.users["a_viewer"]).exists()
     r = c.post("/tokens/", {"name": "ci", "tenant": "acme", "expires_in_days": "7"})
-    assert r.status_code == 201 and r["Cache-Control"] == "no-store"
-    key = re.search(r'value="(sky_[0-9a-f]{16}_[^"]+)"', text(r))
-    assert key is not None
+    # POST/redirect/GET: the POST answers no key, only where to read it (once)
+    assert (r.status_code, r["Location"]) == (303, "/tokens/") and "sky_" not in text(r)
+    shown = c.get("/tokens/")
+    assert shown.status_code == 200 and shown["Cache-Control"] == "no-store"
+    key = re.search(r'value="(sky_[0-9a-f]{16}_[^"]+)"', text(shown))
+    assert key is not None and "Token ci is created" in text(shown)
     token = APIToken.objects.get(user=world.users["a_viewer"])
     assert token.membership is not None and token.membership.role == "viewer"
     assert token.key_hash == APIToken.hash_secret(key[1].split("_", 2)[2])
-    assert key[1] not in text(c.get("/tokens/")), "the key is shown once"
+    # a reload is a GET of the page: the key is gone and no second token is created
+    again = text(c.get("/tokens/"))
+    assert key[1] not in again and 'id="new-key"' not in again, "the key is shown once"
+    assert APIToken.objects.filter(user=world.users["a_viewer"]).count() == 1
+    assert "skyport_new_token" not in c.session, "the key does not stay in the session"
     api = client(world, None)
     assert api.get("/api/v1/instances/", headers={"Authorization": f"Bearer {key[1]}"}).status_code == 200
     assert "Revoke token ci?" in text(c.get(f"/tokens/{token.pk}/revoke/"))
