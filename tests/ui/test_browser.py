@@ -241,6 +241,33 @@ def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, world: Wor
     assert [(a[2], a[4]) for a in actions] == [("revert", {"name": "before-upgrade"})]
 
 
+def test_instance_filters_go_to_the_url_and_survive_paging(live_server: Any, page: Any, world: World,
+                                                           queued: list[Any]) -> None:  # fmt: skip
+    web = world.instance_a
+    Instance.objects.bulk_create(
+        Instance(tenant=world.a, name=f"bulk-{n:02}", kind="vm", isolation_reason="test", image=web.image,
+                 flavor=web.flavor, network=web.network, vcpus=1, ram_mb=128, disk_gb=1, vm_state="active")
+        for n in range(60)
+    )  # fmt: skip
+    base = live_server.url
+    login(page, base, "a_member")
+    page.goto(base + "/instances/")
+    _mark(page)
+    page.get_by_label("Kind").select_option("vm")
+    expect(page).to_have_url(re.compile(r"[?&]kind=vm(&|$)"))
+    expect(page.locator(".pagination")).to_contain_text("Page 1 of 2 (61)")
+    page.get_by_label("Name contains").fill("bulk")
+    expect(page).to_have_url(re.compile(r"[?&]q=bulk(&|$)"))
+    expect(page.locator(".pagination")).to_contain_text("Page 1 of 2 (60)")
+    expect(page.locator("tr[data-instance=web-1]")).to_have_count(0)
+    _not_reloaded(page)  # filtering swapped the results in place
+    page.get_by_role("link", name="Next").click()
+    expect(page.locator(".pagination")).to_contain_text("Page 2 of 2 (60)")
+    expect(page).to_have_url(re.compile(r"q=bulk.*kind=vm.*page=2"))
+    expect(page.get_by_label("Name contains")).to_have_value("bulk")
+    expect(page.locator("tr[data-instance]")).to_have_count(10)
+
+
 def test_member_of_another_tenant_gets_404(live_server: Any, page: Any, world: World) -> None:
     base = live_server.url
     login(page, base, "b_member")

@@ -361,3 +361,36 @@ def test_revert_asks_for_confirmation_first(world: World, sent: list[Any]) -> No
     assert viewer.get(url + "revert/", {"name": "x"}).status_code == 403
     assert viewer.post(url + "revert/", {"name": "x"}).status_code == 403
     assert len(sent) == 1
+
+
+def test_paging_keeps_the_filters_and_htmx_filters_push_their_query(world: World) -> None:
+    base = world.instance_a
+    Instance.objects.bulk_create(
+        Instance(tenant=world.a, name=f"bulk-{kind[0]}{n:02}", kind=kind, isolation_reason="test",
+                 image=base.image, flavor=base.flavor, network=base.network, vcpus=1, ram_mb=128, disk_gb=1,
+                 vm_state="active")
+        for n in range(60) for kind in ("vm", "container")
+    )  # fmt: skip
+    c = client(world, "a_member")
+    page = text(c.get("/instances/"))
+    assert 'hx-get="/instances/" hx-target="#instance-results" hx-swap="outerHTML" hx-push-url="true"' in page
+    # what the filter form's htmx request gets: the rows and the pagination, both with the filters
+    hx = {"HX-Request": "true", "HX-Target": "instance-results"}
+    r = c.get("/instances/", {"q": "bulk", "state": "", "kind": "vm"}, headers=hx)
+    part = text(r)
+    assert r.status_code == 200 and "<html" not in part
+    assert part.lstrip().startswith('<div id="instance-results">')
+    assert {"HX-Request", "HX-Target"} <= {v.strip() for v in r["Vary"].split(",")}
+    assert "Page 1 of 2 (60)" in part
+    assert 'href="?q=bulk&amp;state=&amp;kind=vm&amp;page=2"' in part, "the next page keeps the filters"
+    assert 'hx-get="/instances/rows/?q=bulk&amp;state=&amp;kind=vm"' in part, "the rows poll with the filters"
+    assert 'data-instance="web-1"' not in part
+    # following that link (a plain GET of the whole page) stays filtered
+    page2 = text(c.get("/instances/", {"q": "bulk", "state": "", "kind": "vm", "page": "2"}))
+    assert "Page 2 of 2 (60)" in page2 and 'rel="prev"' in page2
+    assert 'href="?q=bulk&amp;state=&amp;kind=vm&amp;page=1"' in page2
+    assert 'hx-get="/instances/rows/?q=bulk&amp;state=&amp;kind=vm&amp;page=2"' in page2
+    assert page2.count("<tr data-instance=") == 10
+    assert 'value="bulk"' in page2, "the form shows the filters of the URL"
+    # without the target header (a reload, or htmx restoring history) the whole page comes back
+    assert "<html" in text(c.get("/instances/", {"kind": "vm"}, headers={"HX-Request": "true"}))

@@ -14,6 +14,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
+from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
 from portal.api.exceptions import Conflict
@@ -58,21 +59,32 @@ def _tenant_instances(request: HttpRequest, tenant: Tenant) -> tuple[InstanceFil
     return form, paginate(request, qs)
 
 
+#: the part of the instance list that a filter change replaces (rows and pagination)
+RESULTS_TARGET = "instance-results"
+
+
 @tenant_page
 def instance_list(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    """The list page; the filter form's htmx request gets only the results, for the same URL.
+
+    The filter form pushes its query to the address bar (``hx-push-url``), so the page's URL,
+    the pagination links and the rows' polling all carry the filters.
+    """
     form, page_obj = _tenant_instances(request, tenant)
-    return page(
-        request,
-        "web/instances.html",
-        {
-            "form": form,
-            "page_obj": page_obj,
-            "query": query_without_page(request),
-            "rows_query": request.GET.urlencode(),
-            "poll": POLL_SECONDS,
-            "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
-        },
-    )
+    ctx = {
+        "form": form,
+        "page_obj": page_obj,
+        "query": query_without_page(request),
+        "rows_query": request.GET.urlencode(),
+        "poll": POLL_SECONDS,
+        "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
+    }
+    if request.headers.get("HX-Request") and request.headers.get("HX-Target") == RESULTS_TARGET:
+        response = render(request, "web/partials/instance_results.html", ctx)
+    else:
+        response = page(request, "web/instances.html", ctx)
+    patch_vary_headers(response, ["HX-Request", "HX-Target"])
+    return response
 
 
 @tenant_page
