@@ -7,8 +7,10 @@ then show the new state by itself (htmx polling), without a reload.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
 from typing import Any
 
 import pytest
@@ -22,11 +24,13 @@ except ImportError:  # the dev extra installs it; CI must not pass by skipping
 
 from portal.cloud import services
 from portal.cloud.models import ComputeNode, Instance
+from portal.cloud.tasks import apply_node_report
 from tests.portal.conftest import UP_BOTH, FakeNodes, World
 from tests.ui.conftest import login, shot
 
 POLL_TIMEOUT = 8_000  # ms: the pages poll every 2 s
 REASON = "container on node-a: dedicated to acme"
+ORPHAN = "11111111-2222-3333-4444-555555555555"
 
 
 def _mark(page: Any) -> None:
@@ -215,6 +219,17 @@ def test_operator_dedicates_a_node(live_server: Any, page: Any, world: World) ->
         expect(page.get_by_role("heading", level=1)).to_be_visible()
         shot(page, name)
     expect(page.get_by_role("cell", name="computenode.dedicate").first).to_be_visible()
+    # a heartbeat of shared-1 lists a workload the portal does not know and misses web-1
+    orphan = {"instance_id": ORPHAN, "kind": "vm", "power_state": "running"}
+    apply_node_report({"node": "shared-1", "queue": "node.shared-1", "vcpus": 64, "ram_mb": 262144,
+                       "disk_gb": 10000, "drivers": [["vm", True, ""]], "sent_at": time.time(),
+                       "inventory": [orphan]})  # fmt: skip
+    page.get_by_role("link", name="Orphans and drift").click()
+    expect(page.get_by_role("heading", name="Orphans and drift")).to_be_visible()
+    expect(page.get_by_role("cell", name=ORPHAN, exact=True)).to_be_visible()
+    expect(page.get_by_role("link", name="web-1", exact=True)).to_be_visible()
+    expect(page.get_by_role("cell", name="reconcile.orphans").first).to_be_visible()
+    shot(page, "ops-drift")
 
 
 def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, world: World,
@@ -277,8 +292,29 @@ def test_member_of_another_tenant_gets_404(live_server: Any, page: Any, world: W
     expect(page.get_by_text("web-1")).to_have_count(0)
 
 
-def test_tenant_pages_and_narrow_screen(live_server: Any, page: Any, browser: Any, world: World) -> None:
+NARROW = {"width": 390, "height": 844}
+
+
+def _fits(page: Any, url: str, controls: list[Any]) -> None:
+    """No sideways scrolling of the page, and each key control visible within the window's width."""
+    page.goto(url)
+    expect(page.get_by_role("heading", level=1)).to_be_visible()
+    inner = page.evaluate("window.innerWidth")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= inner, f"{url} is {width}px wide in a {inner}px window"
+    for control in controls:
+        expect(control).to_be_visible()
+        box = control.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= inner, (url, control, box)
+
+
+def test_tenant_pages_and_narrow_screen(live_server: Any, page: Any, browser: Any, world: World,
+                                       queued: list[Any]) -> None:  # fmt: skip
     base = live_server.url
+    page.goto(base + "/login/")
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+    assert _unlabelled_controls(page) == []
+    shot(page, "login")
     login(page, base, "a_member")
     for name, url in (("images", "/images/"), ("networks", "/networks/"), ("ssh-keys", "/ssh-keys/"),
                       ("events", "/events/")):  # fmt: skip
@@ -291,19 +327,62 @@ def test_tenant_pages_and_narrow_screen(live_server: Any, page: Any, browser: An
     page.keyboard.press("Tab")
     expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
 
-    narrow = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    narrow = browser.new_context(viewport=NARROW, is_mobile=True)
     try:
         phone = narrow.new_page()
         login(phone, base, "a_member")
-        detail = f"/instances/{world.instance_a.pk}/"
-        for name, url in (("dashboard-390", "/"), ("instance-detail-390", detail)):
-            phone.goto(base + url)
-            expect(phone.get_by_role("heading", level=1)).to_be_visible()
-            width = phone.evaluate("document.documentElement.scrollWidth")
-            assert width <= 390, f"{url} is {width}px wide at 390px"
+
+        def link(name: str) -> Any:
+            return phone.get_by_role("link", name=name, exact=True)
+
+        def button(name: str) -> Any:
+            return phone.get_by_role("button", name=name, exact=True)
+
+        def field(name: str) -> Any:
+            return phone.get_by_label(name, exact=True)
+
+        pages: list[tuple[str, str, list[Any]]] = [
+            ("dashboard-390", "/", [link("Launch instance")]),
+            ("instance-detail-390", f"/instances/{world.instance_a.pk}/", [button("Stop"), link("Delete…")]),
+            (
+                "launch-390",
+                "/instances/new/",
+                [field("Name"), field("Image"), field("Flavor"), button("Launch")],
+            ),
+            (
+                "instances-390",
+                "/instances/",
+                [field("Name contains"), field("Kind"), button("Filter"), link("web-1")],
+            ),
+            ("images-390", "/images/", [link("Upload an image"), link("busybox:1")]),
+        ]
+        for name, url, controls in pages:
+            _fits(phone, base + url, controls)
             shot(phone, name)
+        phone.context.clear_cookies()
+        login(phone, base, "operator")
+        card = phone.locator("[data-node=shared-1]")
+        apply = card.get_by_role("button", name="Apply")
+        drain = card.get_by_role("link", name="Drain (disable scheduling)…")
+        _fits(phone, base + "/ops/nodes/", [card.get_by_label("Dedicate to"), apply, drain])
+        shot(phone, "ops-nodes-390")
     finally:
         narrow.close()
+
+
+#: keeps every value the upload page's <progress> takes, as [value, max], in sessionStorage, which
+#: outlives the page: the upload page leaves for the image's page as soon as the file is sent
+RECORD_PROGRESS = """
+document.addEventListener("DOMContentLoaded", () => {
+  const bar = document.getElementById("upload-progress");
+  if (!bar) return;
+  new MutationObserver(() => {
+    const seen = JSON.parse(sessionStorage.getItem("progress") || "[]");
+    seen.push([bar.value, bar.max]);
+    sessionStorage.setItem("progress", JSON.stringify(seen));
+  }).observe(bar, {attributes: true, attributeFilter: ["value"]});
+});
+"""
 
 
 def test_upload_an_image_with_progress_and_see_it_checked(
@@ -317,6 +396,7 @@ def test_upload_an_image_with_progress_and_see_it_checked(
     settings.SKYPORT_IMAGE_STORE = tmp_path / "store"
     disk = f.qcow2(tmp_path / "web.qcow2", "64M")
     base = live_server.url
+    page.add_init_script(RECORD_PROGRESS)
     login(page, base, "a_member")
     page.get_by_role("link", name="Images").first.click()
     page.get_by_role("link", name="Upload an image").click()
@@ -331,8 +411,20 @@ def test_upload_an_image_with_progress_and_see_it_checked(
     page.get_by_label("Name").fill("web")
     page.get_by_label("Expected sha256 (optional)").fill(f.digest(disk.read_bytes())[7:])
     shot(page, "image-upload")
+    # a local upload of this ~200 KB file is over in one step; at 128 KiB/s it takes over a second,
+    # so the bar has the time to show its way up (Chromium's network emulation, through CDP)
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    slow = {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 128 * 1024}
+    cdp.send("Network.emulateNetworkConditions", slow)
     page.get_by_role("button", name="Upload").click()
     page.wait_for_url(re.compile(r"/images/\d+/$"))
+    progress = json.loads(page.evaluate("sessionStorage.getItem('progress')") or "[]")
+    values = [value for value, _max in progress]
+    assert {m for _v, m in progress} == {100}, progress
+    assert values[0] == 0 and values[-1] == 100, f"the bar starts empty and ends full: {values}"
+    assert values == sorted(values), f"the bar never goes back: {values}"
+    assert any(0 < v < 100 for v in values), f"the bar shows the upload on its way: {values}"
     expect(page.locator("#image-status [data-status]")).to_have_text("active", timeout=POLL_TIMEOUT)
     expect(page.locator("#image-status")).to_contain_text("VM (qcow2)")
     shot(page, "image-detail")
