@@ -232,9 +232,23 @@ def test_operator_dedicates_a_node(live_server: Any, page: Any, world: World) ->
     shot(page, "ops-drift")
 
 
-def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, world: World,
+def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, browser: Any, world: World,
                                         queued: list[Any]) -> None:  # fmt: skip
     base = live_server.url
+    # the confirmation is plain forms: it works the same with JavaScript off
+    no_js = browser.new_context(java_script_enabled=False)
+    try:
+        plain = no_js.new_page()
+        login(plain, base, "a_member")
+        plain.goto(f"{base}/instances/{world.instance_a.pk}/")
+        plain.get_by_label("Snapshot to revert to").fill("before-upgrade")
+        plain.get_by_role("button", name="Revert to snapshot…").click()
+        expect(plain.get_by_role("heading", name="Revert web-1 to snapshot before-upgrade?")).to_be_visible()
+        expect(plain).to_have_url(re.compile(r"/revert/\?name=before-upgrade$"))
+    finally:
+        no_js.close()
+    assert [m for m in queued if m[1] == "compute.instance.action"] == []
+
     login(page, base, "a_member")
     page.goto(f"{base}/instances/{world.instance_a.pk}/")
     page.get_by_label("Snapshot to revert to").fill("before-upgrade")
