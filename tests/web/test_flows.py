@@ -208,6 +208,10 @@ def test_operator_dedicates_shares_drains_and_edits_quota(world: World) -> None:
         assert r.status_code == 200 and "Drain node shared-1?" in text(r)
         assert "Instances already there keep running (1 now)" in text(r)
         assert ComputeNode.objects.get(name="shared-1").status == "up"
+    # an "enable" from a page rendered before enable had its own URL does not drain
+    r = op.post("/ops/nodes/shared-1/drain/", {"enable": "1"})
+    assert r.status_code == 400 and "Nothing changed" in text(r)
+    assert ComputeNode.objects.get(name="shared-1").status == "up"
     assert op.post("/ops/nodes/shared-1/drain/").status_code == 303
     assert ComputeNode.objects.get(name="shared-1").status == "disabled"
     assert "Enable scheduling" in text(op.get("/ops/nodes/"))

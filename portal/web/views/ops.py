@@ -79,6 +79,12 @@ def node_drain(request: HttpRequest, name: str) -> HttpResponse:
             "button": "Drain node",
             "cancel": reverse("web:ops-nodes"),
         })  # fmt: skip
+    if request.POST.get("enable") == "1":  # a nodes page from before enable had its own URL
+        describe(request, "computenode.disable", node)
+        note_error(request, "enable posted to drain")
+        return _nodes_page(
+            request, f"Nothing changed: reload the page and use Enable scheduling on {node.name}.", 400
+        )
     return _set_enabled(request, node, enabled=False)
 
 
