@@ -61,7 +61,7 @@ from compute.config import NodeConfig  # noqa: E402
 from compute.drivers.container import ContainerDriver  # noqa: E402
 from compute.drivers.vm import LibvirtDriver  # noqa: E402
 from compute.network import bridge  # noqa: E402
-from compute.spec import ImageFormat, ImageRef, InstanceSpec, Kind, NetworkAttachment  # noqa: E402
+from compute.spec import InstanceSpec, Kind, NetworkAttachment  # noqa: E402
 from portal.cloud import services  # noqa: E402
 from portal.cloud.models import ComputeNode, Instance, Network  # noqa: E402
 from portal.images.models import Image  # noqa: E402
@@ -142,9 +142,7 @@ def bare_runs(
             vcpus=1,
             ram_mb=128,
             disk_gb=1,
-            image=ImageRef(
-                image.name, image.version, ImageFormat(artifact.format), artifact.digest, artifact.location
-            ),
+            image=artifact.ref(),  # fetched from the portal's blob endpoint, as a node does
             networks=(nic,),
         )
         t0 = time.monotonic()
@@ -309,7 +307,7 @@ def main() -> int:
         cb = bare_runs(cdrv, busybox, Kind.CONTAINER, args.runs * 4, net, bare_running)
         oci = busybox.artifact_for("container")
         assert oci is not None
-        rootfs = cdrv.layers.unpack(Path(oci.location), oci.digest).layers[0]
+        rootfs = cdrv.layers.pull(oci.location(), oci.digest).layers[0]  # cached by the bare runs
         (BASE / "crun").mkdir()
         crun = container_start.bench_bare(BASE / "crun", rootfs, args.runs * 4)
         ca = api_runs(client("c", "ctr"), "ctr", "busybox", flavor, "container", args.runs * 4, running)

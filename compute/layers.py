@@ -5,7 +5,9 @@ layer is unpacked once per digest into ``<state_dir>/layers/<hex>`` and made
 read-only by convention: containers stack these directories as overlay lower
 dirs, so two images with the same base layer store it once.  Layer whiteouts
 (``.wh.name``, ``.wh..wh..opq``) become overlay whiteouts (0:0 character
-device, ``trusted.overlay.opaque`` xattr).
+device, ``trusted.overlay.opaque`` xattr); a whiteout only ever hides one
+entry strictly inside the layer being unpacked (``.wh.``, ``.wh..`` and
+``.wh...`` refuse the layer).
 
 Images come either from a local archive (:meth:`LayerStore.unpack`, the
 node's own tests) or from the portal's blob endpoint by manifest digest
@@ -342,7 +344,7 @@ def _extract_member(tf: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> None
         os.setxattr(parent, "trusted.overlay.opaque", b"y")
         return
     if base.startswith(WHITEOUT):
-        victim = parent / base[len(WHITEOUT) :]
+        victim = _whiteout_victim(root, parent, m.name, base)
         _remove(victim)
         os.mknod(victim, stat.S_IFCHR | 0o000, os.makedev(0, 0))
         return
@@ -374,6 +376,44 @@ def _extract_member(tf: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> None
             os.chmod(target, mode)  # chown may change the mode of some files; set it again
         if not m.issym():
             os.utime(target, (m.mtime, m.mtime))
+
+
+def whiteout_problem(base: str) -> str | None:
+    """Why the whiteout file name ``base`` (``.wh.<name>``) is unsafe, or None.
+
+    A whiteout hides exactly one entry of the directory it sits in: ``<name>``
+    must be a plain file name.  ``.wh.`` (nothing), ``.wh..`` (the directory
+    itself) and ``.wh...`` (its parent) would remove the directory that holds
+    the whiteout or the one above it, which at the top of a layer is the
+    layer itself or the whole layer store.  ``.wh..wh.*`` names other than
+    the opaque marker are AUFS metadata, which no OCI image needs.
+    """
+    if not base.startswith(WHITEOUT) or base == OPAQUE:
+        return None
+    name = base[len(WHITEOUT) :]
+    if name == "":
+        return f"whiteout {base!r} names no entry"
+    if name == ".":
+        return f"whiteout {base!r} would hide the directory it is in"
+    if name == "..":
+        return f"whiteout {base!r} would hide the directory above it"
+    if "/" in name or "\x00" in name:
+        return f"whiteout {base!r} names a path, not a file"
+    if name.startswith(WHITEOUT):
+        return f"whiteout {base!r} is AUFS metadata, which is not supported"
+    return None
+
+
+def _whiteout_victim(root: Path, parent: Path, member: str, base: str) -> Path:
+    """The entry a whiteout member hides; always strictly inside the layer ``root``."""
+    problem = whiteout_problem(base)
+    if problem is not None:
+        raise ImageError(f"layer member {member!r}: {problem}")
+    real_root = os.path.realpath(root)
+    victim = os.path.join(os.path.realpath(parent), base[len(WHITEOUT) :])
+    if not victim.startswith(real_root + os.sep):
+        raise ImageError(f"layer member {member!r} would remove something outside the layer")
+    return Path(victim)
 
 
 def _remove(path: Path) -> None:

@@ -217,10 +217,11 @@ CELERY_TASK_DEFAULT_QUEUE = "control"
 CELERY_TASK_ROUTES = {"portal.*": {"queue": "control"}}
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-# A message a worker took but never acknowledged (the worker died) is delivered again after this
-# long; every node task is idempotent, so a slow task delivered twice is harmless.  The sweeper's
-# task deadlines are derived from it (portal/cloud/deadlines.py, checked at startup).  Compute
-# nodes read the same variable: give every service the same value.
+# A message a worker took but never acknowledged (the worker died, or the task is still running)
+# is delivered again after this long; every task is idempotent, so a task delivered twice is
+# harmless (an image import claims its image first: a second delivery does nothing).  The
+# sweeper's task deadlines are derived from it (portal/cloud/deadlines.py, checked at startup).
+# Compute nodes read the same variable: give every service the same value.
 SKYPORT_BROKER_VISIBILITY_SECONDS = _seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300)
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": SKYPORT_BROKER_VISIBILITY_SECONDS}
 # Publishing to the broker survives a broker restart of up to ~20 s (the row is already committed).
@@ -259,12 +260,45 @@ SKYPORT_NETWORK_PREFIX = int(os.environ.get("SKYPORT_NETWORK_PREFIX", "24"))
 SKYPORT_IMAGE_STORE = Path(os.environ.get("SKYPORT_IMAGE_STORE", VAR_DIR / "store"))
 SKYPORT_UPLOAD_MAX_BYTES = int(os.environ.get("SKYPORT_UPLOAD_MAX_BYTES", str(20 * 2**30)))
 SKYPORT_IMAGE_MAX_VIRTUAL_BYTES = int(os.environ.get("SKYPORT_IMAGE_MAX_VIRTUAL_BYTES", str(512 * 2**30)))
+# Each qemu-img run that checks a disk (info, then check) is stopped after this long; both runs
+# together stay below the broker's visibility timeout.
+SKYPORT_QEMU_IMG_TIMEOUT_SECONDS = float(
+    os.environ.get("SKYPORT_QEMU_IMG_TIMEOUT_SECONDS", str(SKYPORT_BROKER_VISIBILITY_SECONDS / 3))
+)
+if not 0 < 2 * SKYPORT_QEMU_IMG_TIMEOUT_SECONDS < SKYPORT_BROKER_VISIBILITY_SECONDS:
+    raise ImproperlyConfigured(
+        f"SKYPORT_QEMU_IMG_TIMEOUT_SECONDS ({SKYPORT_QEMU_IMG_TIMEOUT_SECONDS:g}) must be above 0 and less "
+        f"than half of SKYPORT_BROKER_VISIBILITY_SECONDS ({SKYPORT_BROKER_VISIBILITY_SECONDS:g})"
+    )
+# An import that shows no progress for this long is failed by the images sweep, and its files
+# removed.  Progress is marked at least every minute while a file arrives, when it is queued and
+# when a worker starts on it; the longest quiet stretches are the wait in the queue (a message whose
+# worker died comes back after the visibility timeout) and the validation (two qemu-img runs).
+SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS = float(
+    os.environ.get(
+        "SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS",
+        str(max(3600.0, 2 * (SKYPORT_BROKER_VISIBILITY_SECONDS + 2 * SKYPORT_QEMU_IMG_TIMEOUT_SECONDS))),
+    )
+)
+# Stored blobs that no database row references are removed once they are this old: longer than
+# any import may run, so a blob an import is about to reuse is never collected under it.
+SKYPORT_IMAGE_BLOB_GRACE_SECONDS = float(
+    os.environ.get("SKYPORT_IMAGE_BLOB_GRACE_SECONDS", str(2 * SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS))
+)
+if SKYPORT_IMAGE_BLOB_GRACE_SECONDS < SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS:
+    raise ImproperlyConfigured(
+        "SKYPORT_IMAGE_BLOB_GRACE_SECONDS must be at least SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS"
+    )
 # How compute nodes reach this portal (blob downloads, snapshot uploads).
 SKYPORT_PORTAL_URL = os.environ.get("SKYPORT_PORTAL_URL", "http://127.0.0.1:8000").rstrip("/")
 SKYPORT_HEARTBEAT_SECONDS = float(os.environ.get("SKYPORT_HEARTBEAT_SECONDS", "5"))
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "portal.sweep", "schedule": float(os.environ.get("SKYPORT_SWEEP_SECONDS", "5"))},
-    "image-tmp": {"task": "portal.images.clean_tmp", "schedule": 3600.0},
+    # stuck imports, upload leftovers, unreferenced blobs
+    "images": {
+        "task": "portal.images.sweep",
+        "schedule": float(os.environ.get("SKYPORT_IMAGE_SWEEP_SECONDS", "300")),
+    },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Beat writes its schedule file after every task it sends (default: every 3 minutes), so the

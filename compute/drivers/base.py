@@ -154,7 +154,11 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def stats(self, instance_id: str) -> Stats:
-        """Resource counters of a workload."""
+        """Resource counters of a workload.
+
+        Raises ``InstanceNotFound`` or ``DriverError`` (never a library's own error) when the
+        workload is gone or unreadable, even if it vanishes halfway through the reading.
+        """
 
     @abc.abstractmethod
     def console_log(self, instance_id: str, max_bytes: int = 65536) -> str:

@@ -484,8 +484,10 @@ class LibvirtDriver(Driver):
 
     def stats(self, instance_id: str) -> Stats:
         dom = self._lookup(instance_id)
+        # The domain may vanish at any call (a delete on another worker process): every libvirt
+        # call below must fail as a DriverError, which heartbeats treat as "no counters this time".
         _state, max_kib, mem_kib, _vcpus, cpu_ns = self._call("stats", dom.info)
-        if not dom.isActive():
+        if not self._call("stats", dom.isActive):
             return Stats(cpu_time_ns=0, memory_bytes=0, memory_limit_bytes=int(max_kib) * 1024)
         memory = int(mem_kib) * 1024
         with contextlib.suppress(libvirt.libvirtError):
@@ -496,7 +498,7 @@ class LibvirtDriver(Driver):
         with contextlib.suppress(libvirt.libvirtError):
             blk = dom.blockStats("vda")
             rd, wr = int(blk[1]), int(blk[3])
-        root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - XML from libvirtd
+        root = ET.fromstring(self._call("stats", lambda: dom.XMLDesc(0)))  # noqa: S314 - XML from libvirtd
         for target in root.iterfind("./devices/interface/target"):
             with contextlib.suppress(libvirt.libvirtError):
                 nic = dom.interfaceStats(target.get("dev"))

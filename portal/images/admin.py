@@ -14,6 +14,7 @@ class ImageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ["name", "version", "owner", "status", "os", "created_at"]
     list_filter = ["status", "owner"]
     search_fields = ["name", "version", "description"]
+    readonly_fields = ["import_id", "import_phase", "import_updated_at"]
     inlines = [ArtifactInline]
 
 

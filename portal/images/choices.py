@@ -8,6 +8,15 @@ class ImageStatus(models.TextChoices):
     FAILED = "failed"
 
 
+class ImportPhase(models.TextChoices):
+    """Where the current import of an image is (blank when none runs)."""
+
+    NONE = "", "none"
+    RECEIVING = "receiving", "receiving the file"
+    QUEUED = "queued", "queued for import"
+    VALIDATING = "validating", "validating"
+
+
 class ArtifactFormat(models.TextChoices):
     """What an artifact is; ``qcow2``/``raw`` boot VMs, ``oci`` runs containers."""
 

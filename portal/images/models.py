@@ -7,7 +7,7 @@ from django.db import models
 from django.db.models import Q
 
 from compute.spec import ImageFormat, ImageRef
-from portal.images.choices import ArtifactFormat, ImageStatus
+from portal.images.choices import ArtifactFormat, ImageStatus, ImportPhase
 from portal.tenancy.models import Tenant
 from portal.tenancy.querysets import Actor, TenantScopedQuerySet
 
@@ -36,6 +36,11 @@ class Image(models.Model):
     min_disk_gb = models.PositiveIntegerField(default=0)
     status = models.CharField(max_length=16, choices=ImageStatus.choices, default=ImageStatus.QUEUED)
     status_reason = models.CharField(max_length=255, blank=True)
+    # The import that holds the image while it is ``importing`` (see portal.images.services):
+    # a token only that upload and its import task know, where it is, and when it last moved.
+    import_id = models.CharField(max_length=32, blank=True, default="")
+    import_phase = models.CharField(max_length=12, choices=ImportPhase.choices, blank=True, default="")
+    import_updated_at = models.DateTimeField(null=True, blank=True)
     source_instance = models.ForeignKey(
         "cloud.Instance",
         null=True,

@@ -28,10 +28,17 @@ def is_digest(value: str) -> bool:
 
 
 class BlobStore:
-    def __init__(self, root: Path) -> None:
+    """The store under ``root``; ``tag`` (an import's id) goes into the name of its temporary files."""
+
+    def __init__(self, root: Path, tag: str = "") -> None:
         self.root = root
         self.blobs = root / "blobs" / "sha256"
         self.tmp = root / "tmp"
+        self.tag = tag
+
+    def tagged(self, tag: str) -> BlobStore:
+        """The same store, naming its temporary files after ``tag`` so they can be found again."""
+        return BlobStore(self.root, tag)
 
     def ensure(self) -> None:
         self.blobs.mkdir(parents=True, exist_ok=True)
@@ -46,9 +53,10 @@ class BlobStore:
         return self.path(digest).is_file()
 
     def temp_path(self, prefix: str) -> Path:
-        """A fresh name under ``tmp/`` (nothing is created)."""
+        """A fresh name under ``tmp/`` (nothing is created): ``<prefix>-[<tag>-]<random>``."""
         self.ensure()
-        return self.tmp / f"{prefix}-{uuid.uuid4().hex}"
+        tag = f"{self.tag}-" if self.tag else ""
+        return self.tmp / f"{prefix}-{tag}{uuid.uuid4().hex}"
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -60,15 +68,30 @@ class BlobStore:
         finally:
             os.close(fd)
 
-    def place(self, temp: Path, digest: str) -> Path:
-        """Move ``temp`` (whose content has ``digest``) into the store; call under :meth:`locked`."""
+    def place(self, temp: Path, digest: str) -> bool:
+        """Move ``temp`` (whose content has ``digest``) into the store; call under :meth:`locked`.
+
+        Returns whether the file is new; when the store had it already, ``temp`` is dropped.
+        """
         dest = self.path(digest)
         if dest.is_file():
             temp.unlink(missing_ok=True)
-        else:
-            temp.chmod(0o644)
-            os.replace(temp, dest)
-        return dest
+            return False
+        temp.chmod(0o644)
+        os.replace(temp, dest)
+        return True
+
+    def touch(self, digest: str) -> None:
+        """Mark a stored blob as just used, so garbage collection leaves it alone for a grace period."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(digest))
+
+    def age(self, digest: str, now: float) -> float | None:
+        """Seconds since the blob was placed or last touched; None when it is not there."""
+        try:
+            return now - self.path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
@@ -82,5 +105,8 @@ class BlobStore:
             return set()
         return {f"sha256:{p.name}" for p in self.blobs.iterdir() if is_digest(f"sha256:{p.name}")}
 
-    def temp_files(self) -> list[Path]:
-        return sorted(self.tmp.iterdir()) if self.tmp.is_dir() else []
+    def temp_files(self, tag: str = "") -> list[Path]:
+        """Files under ``tmp/``; with ``tag``, only those of that import."""
+        if not self.tmp.is_dir():
+            return []
+        return sorted(p for p in self.tmp.iterdir() if not tag or f"-{tag}-" in p.name)

@@ -23,16 +23,19 @@ whose message says precisely what is wrong.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import json
 import subprocess
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from portal.images.store import BlobStore, is_digest
 
 CHUNK = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
 MAX_JSON = 4 << 20
 _CHECK_DEST = "/nonexistent/skyport-check"
 
@@ -79,6 +82,14 @@ class Checked:
                 blob.path.unlink(missing_ok=True)
 
 
+def _json(data: bytes | str, what: str) -> Any:
+    """``data`` parsed as JSON, or a :class:`Rejected` that names ``what`` and where it breaks."""
+    try:
+        return json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+        raise Rejected(f"{what} is not valid JSON: {exc}") from exc
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -90,19 +101,29 @@ def sha256_file(path: Path) -> str:
 # --------------------------------------------------------------------------------------- VM disks
 
 
-def _qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
+def _qemu_img(timeout: float, *args: str) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(["qemu-img", *args], check=False, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            ["qemu-img", *args], check=False, capture_output=True, text=True, timeout=timeout
+        )
     except FileNotFoundError as exc:
         raise Rejected("qemu-img is not installed on the portal host; disks cannot be checked") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise Rejected(f"qemu-img {args[0]} did not finish within {timeout:g} s") from exc
 
 
-def check_disk(path: Path, digest: str, declared: str, max_virtual: int) -> Checked:
-    """Accept ``path`` as a VM disk of format ``declared`` (qcow2 or raw)."""
-    proc = _qemu_img("info", "--output=json", "-U", str(path))
+def check_disk(path: Path, digest: str, declared: str, max_virtual: int, timeout: float = 100.0) -> Checked:
+    """Accept ``path`` as a VM disk of format ``declared`` (qcow2 or raw).
+
+    Each qemu-img run is stopped after ``timeout`` seconds (the caller keeps
+    both runs below the broker's visibility timeout).
+    """
+    proc = _qemu_img(timeout, "info", "--output=json", "-U", str(path))
     if proc.returncode != 0:
         raise Rejected(f"qemu-img info cannot read the file: {proc.stderr.strip()[-200:]}")
-    info: dict[str, Any] = json.loads(proc.stdout)
+    info = _json(proc.stdout, "the output of qemu-img info")
+    if not isinstance(info, dict):
+        raise Rejected("qemu-img info printed no description of the file")
     seen = str(info.get("format", ""))
     if seen not in MEDIA_DISK:
         raise Rejected(f"qemu-img sees format '{seen}'; only qcow2 and raw disks are accepted")
@@ -126,7 +147,7 @@ def check_disk(path: Path, digest: str, declared: str, max_virtual: int) -> Chec
             f"virtual size {virtual / 2**30:.1f} GiB exceeds the limit of {max_virtual / 2**30:.0f} GiB"
         )
     if seen == "qcow2":
-        check = _qemu_img("check", "--output=json", "-U", "-f", "qcow2", str(path))
+        check = _qemu_img(timeout, "check", "--output=json", "-U", "-f", "qcow2", str(path))
         if check.returncode not in (0, 3):  # 3: leaked clusters only, harmless
             try:
                 result = json.loads(check.stdout)
@@ -199,8 +220,40 @@ def _filter(member: tarfile.TarInfo, where: str) -> None:
             raise Rejected(f"{where}: {exc}") from exc
 
 
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+
+
+def _whiteout_problem(name: str) -> str | None:
+    """Why a layer member named ``name`` is an unsafe whiteout, or None.
+
+    ``.wh.<x>`` hides the entry ``<x>`` of its directory, so ``<x>`` must be a
+    plain file name: ``.wh.`` hides nothing, ``.wh..`` would hide the
+    directory itself and ``.wh...`` the one above it (at the top of a layer,
+    the layer or the node's whole layer store).  ``.wh..wh.*`` names other
+    than the opaque marker are AUFS metadata.  Nodes refuse the same names
+    (``compute/layers.py``); the portal refuses them first.
+    """
+    base = PurePosixPath(name).name
+    if not base.startswith(WHITEOUT) or base == OPAQUE:
+        return None
+    hidden = base[len(WHITEOUT) :]
+    if hidden == "":
+        return f"whiteout {name!r} names no entry"
+    if hidden == ".":
+        return f"whiteout {name!r} would hide the directory it is in"
+    if hidden == "..":
+        return f"whiteout {name!r} would hide the directory above it"
+    if hidden.startswith(WHITEOUT):
+        return f"whiteout {name!r} is AUFS metadata, which is not supported"
+    return None
+
+
 def check_layer_member(member: tarfile.TarInfo, layer: str) -> None:
     where = f"layer {layer[7:19]}"
+    problem = _whiteout_problem(member.name)
+    if problem is not None:
+        raise Rejected(f"{where}: {problem}")
     if member.issym():
         name = PurePosixPath(member.name)
         if name.is_absolute() or ".." in name.parts:
@@ -211,16 +264,37 @@ def check_layer_member(member: tarfile.TarInfo, layer: str) -> None:
     _filter(member, where)
 
 
-class _TeeReader:
-    """Reads ``src``, writes what it read to ``out`` and hashes it."""
+class _Reader(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
 
-    def __init__(self, src: IO[bytes], out: IO[bytes] | None) -> None:
+
+class _Peeked:
+    """``src`` with ``head``, bytes already read from it to sniff the compression, put back in front."""
+
+    def __init__(self, head: bytes, src: _Reader) -> None:
+        self.head = head
+        self.src = src
+
+    def read(self, n: int = -1, /) -> bytes:
+        if not self.head:
+            return self.src.read(n)
+        if n < 0:
+            data, self.head = self.head + self.src.read(n), b""
+        else:
+            data, self.head = self.head[:n], self.head[n:]
+        return data
+
+
+class _TeeReader:
+    """Reads ``src``, writes what it read to ``out`` (if any) and hashes it."""
+
+    def __init__(self, src: _Reader, out: IO[bytes] | None) -> None:
         self.src = src
         self.out = out
         self.hash = hashlib.sha256()
         self.size = 0
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1, /) -> bytes:
         data = self.src.read(n)
         self.hash.update(data)
         self.size += len(data)
@@ -258,10 +332,7 @@ class _Archive:
             data = fh.read(MAX_JSON + 1)
         if len(data) > MAX_JSON:
             raise Rejected(f"{name} is larger than {MAX_JSON} bytes")
-        try:
-            return data, json.loads(data)
-        except ValueError as exc:
-            raise Rejected(f"{name} is not JSON: {exc}") from exc
+        return data, _json(data, name)
 
 
 def check_archive(path: Path, store: BlobStore) -> Checked:
@@ -301,7 +372,9 @@ def _blob_name(digest: str) -> str:
 def _stage_bytes(store: BlobStore, data: bytes, media_type: str, staged: list[StagedBlob]) -> str:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     path: Path | None = None
-    if not store.has(digest):
+    if store.has(digest):
+        store.touch(digest)  # reused: keep it out of garbage collection until this import ends
+    else:
         path = store.temp_path("blob")
         path.write_bytes(data)
     staged.append(StagedBlob(digest, len(data), media_type, path))
@@ -309,33 +382,63 @@ def _stage_bytes(store: BlobStore, data: bytes, media_type: str, staged: list[St
 
 
 def _stage_layer(
-    store: BlobStore, src: IO[bytes] | None, expect: str | None, media_type: str, staged: list[StagedBlob]
-) -> StagedBlob:
-    """Copy one layer into tmp/ while hashing it and checking each of its members."""
-    if src is None or (expect is not None and store.has(expect)):
-        assert expect is not None
-        # Stored earlier, checked then; the archive's copy is not needed.
-        blob = StagedBlob(expect, store.path(expect).stat().st_size, media_type, None)
+    store: BlobStore, src: IO[bytes] | None, digest: str, media_type: str, staged: list[StagedBlob]
+) -> tuple[StagedBlob, str]:
+    """Copy one layer into tmp/ while hashing it and checking each of its members.
+
+    Returns the staged blob and the layer's diff_id: the sha256 of the
+    uncompressed tar, which the image config lists in ``rootfs.diff_ids``.
+    With ``src`` None the layer is in the store already (it was checked when
+    it arrived) and is not read from the archive.
+    """
+    if src is None:
+        store.touch(digest)  # reused: keep it out of garbage collection until this import ends
+        stored = store.path(digest)
+        blob = StagedBlob(digest, stored.stat().st_size, media_type, None)
         staged.append(blob)
-        return blob
+        return blob, _stored_diff_id(stored, digest)
+    where = f"layer {digest[7:19]}"
     path = store.temp_path("layer")
-    blob = StagedBlob(expect or "", 0, media_type, path)
+    blob = StagedBlob(digest, 0, media_type, path)
     staged.append(blob)
     with path.open("wb") as out:
         tee = _TeeReader(src, out)
+        head = tee.read(len(GZIP_MAGIC))
+        body = _Peeked(head, tee)
+        # GzipFile reads its file forward only (it seeks only when it is itself rewound).
+        gunzip = gzip.GzipFile(fileobj=body, mode="rb") if head == GZIP_MAGIC else None  # type: ignore[call-overload]
+        plain = _TeeReader(gunzip, None) if gunzip is not None else None
         try:
-            with tarfile.open(fileobj=tee, mode="r|*") as layer:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=plain or body, mode="r|") as layer:  # type: ignore[call-overload]
                 for member in layer:
-                    check_layer_member(member, expect or "sha256:unknown-layer")
+                    check_layer_member(member, digest)
+            while plain is not None and plain.read(CHUNK):  # the end of the compressed stream
+                pass
         except tarfile.TarError as exc:
-            raise Rejected(f"layer {(expect or '')[7:19]} is not a valid tar: {exc}") from exc
+            raise Rejected(f"{where} is not a valid tar: {exc}") from exc
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise Rejected(f"{where} is not a valid gzip stream: {exc}") from exc
         while tee.read(CHUNK):  # padding after the end-of-archive blocks counts too
             pass
     blob.size = tee.size
-    if expect is not None and tee.digest != expect:
-        raise Rejected(f"layer {expect} does not match its digest (content is {tee.digest})")
-    blob.digest = tee.digest
-    return blob
+    if tee.digest != digest:
+        raise Rejected(f"layer {digest} does not match its digest (content is {tee.digest})")
+    return blob, (plain or tee).digest
+
+
+def _stored_diff_id(path: Path, digest: str) -> str:
+    """The diff_id of a stored layer: its own digest, or the sha256 of its content once gunzipped."""
+    with path.open("rb") as fh:
+        if fh.read(len(GZIP_MAGIC)) != GZIP_MAGIC:
+            return digest
+        fh.seek(0)
+        plain = _TeeReader(gzip.GzipFile(fileobj=fh, mode="rb"), None)
+        try:
+            while plain.read(CHUNK):
+                pass
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise Rejected(f"the stored layer {digest} is not a valid gzip stream: {exc}") from exc
+    return plain.digest
 
 
 def _descriptor(value: Any, what: str) -> tuple[str, int, str]:
@@ -363,8 +466,9 @@ def _read_blob(archive: _Archive, digest: str, size: int, what: str) -> bytes:
 def _pick_manifest(archive: _Archive, entries: Any) -> tuple[str, int]:
     if not isinstance(entries, list) or not entries:
         raise Rejected("index.json lists no manifest")
+    where = "index.json"
     for _ in range(2):  # an index may point at one nested index
-        descs = [(*_descriptor(e, "index.json entry"), e.get("platform") or {}) for e in entries]
+        descs = [(*_descriptor(e, f"{where} entry"), _platform(e, where)) for e in entries]
         amd64 = [
             d
             for d in descs
@@ -375,11 +479,21 @@ def _pick_manifest(archive: _Archive, entries: Any) -> tuple[str, int]:
         digest, size, media, _ = amd64[0]
         if media not in _INDEX_TYPES:
             return digest, size
-        nested = json.loads(_read_blob(archive, digest, size, "nested index"))
+        nested = _json(_read_blob(archive, digest, size, "nested index"), f"the nested index {digest}")
         entries = nested.get("manifests") if isinstance(nested, dict) else None
+        where = f"the nested index {digest[7:19]}"
         if not isinstance(entries, list) or not entries:
             raise Rejected("nested index lists no manifest")
     raise Rejected("indexes nested more than one level deep are not accepted")
+
+
+def _platform(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    platform = entry.get("platform")
+    if platform is None:
+        return {}
+    if not isinstance(platform, dict):
+        raise Rejected(f"{where} entry {entry.get('digest')} has a platform that is not an object")
+    return platform
 
 
 def _oci_layout(archive: _Archive, store: BlobStore, staged: list[StagedBlob]) -> Checked:
@@ -388,7 +502,7 @@ def _oci_layout(archive: _Archive, store: BlobStore, staged: list[StagedBlob]) -
         raise Rejected("index.json is not an object")
     digest, size = _pick_manifest(archive, index.get("manifests"))
     raw_manifest = _read_blob(archive, digest, size, "manifest")
-    manifest = json.loads(raw_manifest)
+    manifest = _json(raw_manifest, f"the manifest {digest}")
     if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
         raise Rejected("the manifest is not an image manifest (schemaVersion 2)")
     if manifest.get("mediaType", MEDIA_MANIFEST) not in _MANIFEST_TYPES:
@@ -409,21 +523,23 @@ def _oci_layout(archive: _Archive, store: BlobStore, staged: list[StagedBlob]) -
         if media not in _LAYER_TYPES:
             raise Rejected(f"layer {d[7:19]} has media type {media!r}; only tar and tar+gzip layers run here")
         if store.has(d):
-            blob = _stage_layer(store, None, d, media, staged)
+            blob, diff_id = _stage_layer(store, None, d, media, staged)
         else:
             with archive.open(_blob_name(d)) as fh:
-                blob = _stage_layer(store, fh, d, media, staged)
+                blob, diff_id = _stage_layer(store, fh, d, media, staged)
         if blob.size != s:
             raise Rejected(f"layer {d[7:19]} is {blob.size} bytes, the manifest says {s}")
+        if diff_id != diff_ids[i]:
+            raise Rejected(
+                f"layer {d[7:19]} unpacks to {diff_id}, "
+                f"but the config's rootfs.diff_ids[{i}] is {diff_ids[i]}"
+            )
         total += s
     return Checked("oci", digest, staged, detail=f"OCI image, {len(layers)} layers, {total / 2**20:.1f} MiB")
 
 
 def _check_config(config: bytes) -> list[str]:
-    try:
-        data = json.loads(config)
-    except ValueError as exc:
-        raise Rejected(f"the image config is not JSON: {exc}") from exc
+    data = _json(config, "the image config")
     if not isinstance(data, dict):
         raise Rejected("the image config is not an object")
     if data.get("os", "linux") != "linux":
@@ -458,11 +574,12 @@ def _docker_save(archive: _Archive, store: BlobStore, staged: list[StagedBlob]) 
     for name, diff_id in zip(layer_names, diff_ids, strict=True):
         if not isinstance(name, str):
             raise Rejected("manifest.json lists a layer that is not a path")
+        # A docker layer is an uncompressed tar, stored under its diff_id.
         if store.has(diff_id):
-            blob = _stage_layer(store, None, diff_id, MEDIA_LAYER, staged)
+            blob, _ = _stage_layer(store, None, diff_id, MEDIA_LAYER, staged)
         else:
             with archive.open(name) as fh:
-                blob = _stage_layer(store, fh, diff_id, MEDIA_LAYER, staged)
+                blob, _ = _stage_layer(store, fh, diff_id, MEDIA_LAYER, staged)
         descriptors.append({"mediaType": MEDIA_LAYER, "digest": blob.digest, "size": blob.size})
     manifest = {
         "schemaVersion": 2,

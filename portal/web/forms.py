@@ -120,6 +120,20 @@ class LaunchForm(NoSuffix, forms.Form):
 class SnapshotForm(NoSuffix, forms.Form):
     name = forms.CharField(max_length=63, validators=[name_validator], label="Snapshot name")
 
+    #: ids of the fields; the detail page holds several forms with a "name" field
+    id_prefix = "snapshot"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", f"{self.id_prefix}-%s")
+        super().__init__(*args, **kwargs)
+
+
+class RevertForm(SnapshotForm):
+    """The snapshot to go back to: a GET form whose answer is a confirmation page."""
+
+    name = forms.CharField(max_length=63, validators=[name_validator], label="Snapshot to revert to")
+    id_prefix = "revert"
+
 
 class PublishForm(NoSuffix, forms.Form):
     """A VM's disk as a new private image of its tenant."""
@@ -129,6 +143,7 @@ class PublishForm(NoSuffix, forms.Form):
     description = forms.CharField(required=False, max_length=2000, label="Description")
 
     def __init__(self, *args: Any, tenant: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", "publish-%s")
         super().__init__(*args, **kwargs)
         self.tenant = tenant
 

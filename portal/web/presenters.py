@@ -9,7 +9,11 @@ from compute.spec import Kind
 from portal.cloud import services
 from portal.cloud.choices import VmState
 from portal.cloud.models import ComputeNode, Instance
+from portal.images.models import Image
+from portal.tenancy.choices import Role
 from portal.tenancy.models import Quota
+from portal.tenancy.querysets import Actor
+from portal.web.access import role_refusal
 
 #: buttons shown on an instance, in this order (snapshot/revert have their own form)
 BUTTON_ACTIONS = ("start", "stop", "reboot", "pause", "resume")
@@ -34,6 +38,13 @@ def action_allowed(instance: Instance, action: str) -> bool:
 
 def delete_allowed(instance: Instance) -> bool:
     return instance.vm_state != VmState.DELETED and not instance.task_state
+
+
+def image_delete_refusal(who: Actor, image: Image) -> str | None:
+    """Why ``who`` may not delete ``image`` (public images: operators only), or None."""
+    if image.owner_id is None and not who.is_operator:
+        return "Only operators delete public images."
+    return role_refusal(who, image.owner_id, Role.MEMBER)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -224,3 +224,44 @@ def test_whiteouts_become_overlay_form_and_layers_are_shared(tmp_path: Path) -> 
     inode = os.stat(img1.layers[0] / "etc" / "b").st_ino
     store.unpack(two, d2)
     assert os.stat(img1.layers[0] / "etc" / "b").st_ino == inode
+
+
+@pytest.mark.parametrize(
+    ("members", "reason"),
+    [
+        ([_file(".wh...", b"")], "would hide the directory above it"),
+        ([_entry("sub", tarfile.DIRTYPE), _file("sub/.wh...", b"")], "would hide the directory above it"),
+        ([_file(".wh..", b"")], "would hide the directory it is in"),
+        ([_file("./.wh..", b"")], "would hide the directory it is in"),
+        ([_file(".wh.", b"")], "names no entry"),
+        ([_file(".wh..wh.plnk", b"")], "AUFS metadata"),
+    ],
+    ids=["parent", "nested-parent", "self", "dot-self", "empty", "aufs-meta"],
+)
+def test_whiteouts_never_reach_outside_the_layer(
+    tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], reason: str
+) -> None:
+    """A whiteout of '..' once made the unpacker rmtree <state>/layers, every other image's layers."""
+    store = LayerStore(tmp_path / "state")
+    keep = _archive(tmp_path / "keep.tar", [_tar([_file("etc/keep", b"other image")])])
+    kept = store.unpack(tmp_path / "keep.tar", keep)
+    sibling = kept.layers[0]
+    evil = tmp_path / "evil.tar"
+    digest = _archive(evil, [_tar([_file("ok", b"fine"), *members])])
+    with pytest.raises(ImageError, match=reason):
+        store.unpack(evil, digest)
+    assert (sibling / "etc" / "keep").read_bytes() == b"other image"
+    assert store.layers() == [f"sha256:{sibling.name}"]
+    assert sorted(p.name for p in store.root.iterdir()) == sorted([".images", sibling.name])
+
+
+def test_a_whiteout_hides_a_symlink_not_its_target(tmp_path: Path) -> None:
+    require_root()  # the whiteout is a 0:0 device node
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    layer = _tar([_entry("link", tarfile.SYMTYPE, str(outside)), _file(".wh.link", b"")])
+    archive = tmp_path / "img.tar"
+    image = LayerStore(tmp_path / "state").unpack(archive, _archive(archive, [layer]))
+    assert stat.S_ISCHR(os.lstat(image.layers[0] / "link").st_mode)
+    assert (outside / "precious").read_text() == "keep"

@@ -8,6 +8,7 @@ import subprocess
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -294,6 +295,33 @@ def test_fake_lifecycle(test_driver: LibvirtDriver, tiny_ref: ImageRef) -> None:
         drv.info(iid)
     with pytest.raises(InstanceNotFound):
         drv.console_log(iid)
+
+
+def test_stats_of_a_domain_vanishing_midway_is_a_driver_error(
+    test_driver: LibvirtDriver, tiny_ref: ImageRef, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heartbeat reads counters while another process deletes the VM: the error must be one
+    the heartbeat expects (DriverError), or the whole VM driver is reported down for that beat."""
+    drv = test_driver
+    spec = vm_spec(tiny_ref)
+    drv.spawn(spec)
+    dom = drv.conn.lookupByName(domain_name(spec.instance_id))
+
+    class VanishesAfterInfo:
+        """The domain, deleted by "another process" right after its first reading."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(dom, name)
+
+        def info(self) -> Any:
+            got = dom.info()
+            dom.destroy()
+            dom.undefine()
+            return got
+
+    monkeypatch.setattr(drv, "_lookup", lambda iid: VanishesAfterInfo())
+    with pytest.raises(DriverError):
+        drv.stats(spec.instance_id)
 
 
 def test_fake_spawn_failure_cleans_up(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -65,9 +66,17 @@ def config_for(layers: list[bytes], cmd: tuple[str, ...] = ("/bin/sh",)) -> byte
     ).encode()
 
 
-def oci_archive(path: Path, layers: list[bytes], *outer_extra: Member, config: bytes | None = None) -> Path:
-    """An OCI image layout tar with uncompressed layers."""
+def oci_archive(
+    path: Path, layers: list[bytes], *outer_extra: Member, config: bytes | None = None, gzipped: bool = False
+) -> Path:
+    """An OCI image layout tar, its layers uncompressed or (``gzipped``) tar+gzip.
+
+    The config's ``rootfs.diff_ids`` are the digests of the uncompressed layers.
+    """
     config = config if config is not None else config_for(layers)
+    media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzipped else "")
+    if gzipped:
+        layers = [gzip.compress(x, mtime=0) for x in layers]
     manifest = json.dumps(
         {
             "schemaVersion": 2,
@@ -77,30 +86,26 @@ def oci_archive(path: Path, layers: list[bytes], *outer_extra: Member, config: b
                 "digest": digest(config),
                 "size": len(config),
             },
-            "layers": [
-                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest(x), "size": len(x)}
-                for x in layers
-            ],
+            "layers": [{"mediaType": media, "digest": digest(x), "size": len(x)} for x in layers],
         }
     ).encode()
-    index = json.dumps(
-        {
-            "schemaVersion": 2,
-            "manifests": [
-                {
-                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "digest": digest(manifest),
-                    "size": len(manifest),
-                }
-            ],
-        }
-    ).encode()
-    blobs = {digest(b): b for b in [config, manifest, *layers]}
+    index = json.dumps({"schemaVersion": 2, "manifests": [descriptor(manifest)]}).encode()
+    return layout_archive(path, index, [config, manifest, *layers], *outer_extra)
+
+
+def descriptor(
+    blob: bytes, media: str = "application/vnd.oci.image.manifest.v1+json", **extra: object
+) -> dict[str, object]:
+    return {"mediaType": media, "digest": digest(blob), "size": len(blob), **extra}
+
+
+def layout_archive(path: Path, index: bytes, blobs: list[bytes], *outer_extra: Member) -> Path:
+    """An OCI image layout tar with this ``index.json`` (raw bytes, valid or not) and these blobs."""
     members: list[Member] = [
         add_file("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
         add_file("index.json", index),
     ]
-    members += [add_file(f"blobs/sha256/{d[7:]}", b) for d, b in blobs.items()]
+    members += [add_file(f"blobs/sha256/{d[7:]}", b) for d, b in {digest(b): b for b in blobs}.items()]
     path.write_bytes(tar_bytes(*members, *outer_extra))
     return path
 

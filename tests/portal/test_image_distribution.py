@@ -29,9 +29,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def imported(name: str, fmt: str, path: Path) -> Image:
     image = Image.objects.create(name=name, version="1", os="linux")
-    temp, digest, _ = services.copy_in(path)
-    before = services.claim(image)
-    assert services.import_artifact(image.pk, fmt, str(temp), digest, before) == "active"
+    held = services.claim(image)
+    temp, digest, _ = services.copy_in(path, held)
+    assert services.import_here(held, fmt, temp, digest) == "active"
     return Image.objects.get(pk=image.pk)
 
 

@@ -130,15 +130,18 @@ def test_truncated_qcow2_is_rejected(world: World, store: Path, tmp_path: Path, 
     assert files_in(store) == {"tmp": [], "blobs/sha256": []}
 
 
+@pytest.mark.parametrize("prefix", ["", "sha256:"], ids=["hex", "prefixed"])
 def test_checksum_mismatch_fails_the_image_and_keeps_nothing(
-    world: World, store: Path, tmp_path: Path, capture: Any
+    world: World, store: Path, tmp_path: Path, capture: Any, prefix: str
 ) -> None:
     c = world.client("a_member")
     img = new_image(c)
     body = f.qcow2(tmp_path / "d.qcow2").read_bytes()
-    r = upload(c, img["id"], body, "qcow2", capture, sha256="0" * 64)
+    r = upload(c, img["id"], body, "qcow2", capture, sha256=prefix + "0" * 64)
     assert r.status_code == 400
-    assert "Checksum mismatch" in r.json()["message"] and f.digest(body) in r.json()["message"]
+    assert r.json()["message"] == (
+        f"Checksum mismatch: the file is {f.digest(body)}, expected sha256:{'0' * 64}."
+    )
     image = Image.objects.get(pk=img["id"])
     assert image.status == "failed" and "Checksum mismatch" in image.status_reason
     assert files_in(store) == {"tmp": [], "blobs/sha256": []}
@@ -170,7 +173,9 @@ def test_upload_cut_short_keeps_nothing_and_can_be_retried(
     )
     assert r.status_code == 400
     assert f"ended after 1000 of {len(body)} bytes" in r.json()["message"]
-    assert Image.objects.get(pk=img["id"]).status == "queued"
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "queued"
+    assert image.status_reason == f"last upload refused: it ended after 1000 of {len(body)} bytes"
     assert files_in(store) == {"tmp": [], "blobs/sha256": []}
     r = upload(c, img["id"], body, "qcow2", capture)
     assert r.status_code == 202 and Image.objects.get(pk=img["id"]).status == "active"
@@ -184,9 +189,76 @@ def test_oversized_upload_is_refused_before_reading(
     img = new_image(c)
     r = upload(c, img["id"], b"x" * (2 << 20), "raw", capture)
     assert r.status_code == 413
-    assert "upload limit is 1048576 bytes" in r.json()["message"]
-    assert Image.objects.get(pk=img["id"]).status == "queued"
+    assert r.json()["message"] == (
+        "The file is 2.0 MiB (2097152 bytes), over the upload limit of 1.0 MiB (1048576 bytes)."
+    )
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "queued"  # retryable, and the tenant sees why the last try failed
+    assert image.status_reason == "last upload refused: 2.0 MiB is over the 1.0 MiB limit"
     assert files_in(store)["tmp"] == []
+
+
+def test_upload_without_content_length_is_refused_with_411(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    body = f.qcow2(tmp_path / "d.qcow2").read_bytes()
+    r = c.generic(
+        "PUT",
+        f"/api/v1/images/{img['id']}/file/?type=qcow2",
+        body,
+        content_type="application/octet-stream",
+        CONTENT_LENGTH="",  # what a chunked request looks like to the view
+    )
+    assert r.status_code == 411, r.content
+    assert (
+        r.json()["message"]
+        == "Send the file with a Content-Length header (chunked uploads are not accepted)."
+    )
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "queued"
+    assert image.status_reason == (
+        "last upload refused: it had no Content-Length header (chunked uploads are not accepted)"
+    )
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+    assert upload(c, img["id"], body, "qcow2", capture).status_code == 202
+    assert Image.objects.get(pk=img["id"]).status == "active"
+
+
+def test_a_refused_upload_leaves_an_active_image_active(
+    world: World, store: Path, settings: Any, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    upload(c, img["id"], f.qcow2(tmp_path / "d.qcow2").read_bytes(), "qcow2", capture)
+    settings.SKYPORT_UPLOAD_MAX_BYTES = 1024
+    archive = f.oci_archive(tmp_path / "a.tar", [f.BASE]).read_bytes()
+    assert upload(c, img["id"], archive, "oci", capture).status_code == 413
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "active" and image.formats() == {"qcow2"}
+    assert (
+        image.status_reason == f"last upload refused: {len(archive) / 1024:.1f} KiB is over the 1.0 KiB limit"
+    )
+
+
+def test_qcow2_with_an_external_data_file_is_rejected(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    import subprocess
+
+    c = world.client("a_member")
+    img = new_image(c)
+    disk = tmp_path / "d.qcow2"
+    data = tmp_path / "data.raw"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data}", str(disk), "16M"], check=True
+    )
+    upload(c, img["id"], disk.read_bytes(), "qcow2", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed"
+    assert image.status_reason == f"qcow2 rejected: the qcow2 uses an external data file ({data})"
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
 
 
 def test_virtual_size_limit(world: World, store: Path, settings: Any, tmp_path: Path, capture: Any) -> None:
@@ -288,6 +360,42 @@ def test_unsafe_layer_members_are_rejected(
 
 
 @pytest.mark.parametrize(
+    ("members", "reason"),
+    [
+        ([f.add_file(".wh...", b"")], "whiteout '.wh...' would hide the directory above it"),
+        (
+            [f.add_special("etc", tarfile.DIRTYPE), f.add_file("etc/.wh...", b"")],
+            "whiteout 'etc/.wh...' would hide the directory above it",
+        ),
+        ([f.add_file(".wh..", b"")], "whiteout '.wh..' would hide the directory it is in"),
+        ([f.add_file(".wh.", b"")], "whiteout '.wh.' names no entry"),
+        (
+            [f.add_special(".wh...", tarfile.SYMTYPE, "x")],
+            "whiteout '.wh...' would hide the directory above it",
+        ),
+        ([f.add_file("var/.wh..wh.plnk", b"")], "whiteout 'var/.wh..wh.plnk' is AUFS metadata"),
+    ],
+    ids=["parent", "nested-parent", "self", "empty", "symlink", "aufs-meta"],
+)
+def test_whiteouts_that_leave_their_directory_are_rejected(
+    world: World, store: Path, tmp_path: Path, capture: Any, members: list[f.Member], reason: str
+) -> None:
+    """A whiteout of '..' would make a node delete its whole layer store; the portal refuses it first."""
+    evil = f.tar_bytes(f.add_file("ok.txt", b"fine"), *members)
+    image = oci_upload(world.client("a_member"), tmp_path, capture, [f.BASE, evil])
+    assert image.status == "failed"
+    assert f"oci rejected: layer {f.digest(evil)[7:19]}: {reason}" in image.status_reason, image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+    assert not Blob.objects.exists()
+
+
+def test_ordinary_whiteouts_are_accepted(world: World, store: Path, tmp_path: Path, capture: Any) -> None:
+    top = f.tar_bytes(f.add_file("etc/.wh.os-release", b""), f.add_file("bin/.wh..wh..opq", b""))
+    image = oci_upload(world.client("a_member"), tmp_path, capture, [f.BASE, top])
+    assert image.status == "active", image.status_reason
+
+
+@pytest.mark.parametrize(
     ("member", "reason"),
     [
         (f.add_file("../outside", b"x"), "outside the destination"),
@@ -325,6 +433,111 @@ def test_layer_that_does_not_match_its_digest_is_rejected(
     image = Image.objects.get(pk=img["id"])
     assert image.status == "failed" and "does not match its digest" in image.status_reason
     assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+
+
+def _manifest_bytes(config: bytes, layers: list[bytes]) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": f.descriptor(config, "application/vnd.oci.image.config.v1+json"),
+            "layers": [f.descriptor(x, "application/vnd.oci.image.layer.v1.tar") for x in layers],
+        }
+    ).encode()
+
+
+def _index(*entries: object) -> bytes:
+    return json.dumps({"schemaVersion": 2, "manifests": list(entries)}).encode()
+
+
+_CONFIG = f.config_for([f.BASE])
+_MANIFEST = _manifest_bytes(_CONFIG, [f.BASE])
+_BAD_JSON = b'{"schemaVersion": 2, "manifests": [}'
+_NOT_UTF8 = b"\xff\xfe not utf-8"
+
+
+@pytest.mark.parametrize(
+    ("index", "blobs", "reason"),
+    [
+        (_BAD_JSON, [], "index.json is not valid JSON: Expecting value: line 1 column 36"),
+        (
+            _index(f.descriptor(_BAD_JSON)),
+            [_BAD_JSON],
+            f"the manifest {f.digest(_BAD_JSON)} is not valid JSON: Expecting value",
+        ),
+        (
+            _index(f.descriptor(_NOT_UTF8)),
+            [_NOT_UTF8],
+            f"the manifest {f.digest(_NOT_UTF8)} is not valid JSON",
+        ),
+        (
+            _index(f.descriptor(_BAD_JSON, "application/vnd.oci.image.index.v1+json")),
+            [_BAD_JSON],
+            f"the nested index {f.digest(_BAD_JSON)} is not valid JSON: Expecting value",
+        ),
+        (
+            _index(f.descriptor(_MANIFEST, platform="linux/amd64")),
+            [_CONFIG, _MANIFEST, f.BASE],
+            f"index.json entry {f.digest(_MANIFEST)} has a platform that is not an object",
+        ),
+        (
+            _index(f.descriptor(_MANIFEST, platform=["linux"])),
+            [_CONFIG, _MANIFEST, f.BASE],
+            f"index.json entry {f.digest(_MANIFEST)} has a platform that is not an object",
+        ),
+    ],
+    ids=["index", "manifest", "manifest-not-utf8", "nested-index", "platform-string", "platform-list"],
+)
+def test_malformed_json_is_rejected_with_a_precise_reason(
+    world: World, store: Path, tmp_path: Path, capture: Any, index: bytes, blobs: list[bytes], reason: str
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    body = f.layout_archive(tmp_path / "x.tar", index, blobs).read_bytes()
+    assert upload(c, img["id"], body, "oci", capture).status_code == 202
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed"
+    assert image.status_reason.startswith(f"oci rejected: {reason}"), image.status_reason
+    assert "JSONDecodeError" not in image.status_reason and "import failed" not in image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+
+
+def test_oci_layers_must_match_the_config_diff_ids(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    img = new_image(c)
+    lying = f.config_for([f.BASE, f.APP_B])  # claims APP_B where the archive has APP_A
+    body = f.oci_archive(tmp_path / "x.tar", [f.BASE, f.APP_A], config=lying).read_bytes()
+    upload(c, img["id"], body, "oci", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed"
+    assert (
+        f"layer {f.digest(f.APP_A)[7:19]} unpacks to {f.digest(f.APP_A)}, "
+        f"but the config's rootfs.diff_ids[1] is {f.digest(f.APP_B)}"
+    ) in image.status_reason, image.status_reason
+    assert files_in(store) == {"tmp": [], "blobs/sha256": []}
+
+
+def test_gzip_layers_are_checked_against_their_uncompressed_diff_ids(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    c = world.client("a_member")
+    good = oci_upload(c, tmp_path, capture, [f.BASE, f.APP_A], name="gz")
+    assert good.status == "active", good.status_reason
+    img = new_image(c, name="gz-again")
+    body = f.oci_archive(tmp_path / "gz1.tar", [f.BASE, f.APP_A], gzipped=True).read_bytes()
+    upload(c, img["id"], body, "oci", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "active", image.status_reason
+    # The same gzip base, now in the store, is checked again for an image that lies about it.
+    img = new_image(c, name="gz-lie")
+    lying = f.config_for([f.APP_A, f.APP_A])
+    body = f.oci_archive(tmp_path / "gz2.tar", [f.BASE, f.APP_A], config=lying, gzipped=True).read_bytes()
+    upload(c, img["id"], body, "oci", capture)
+    image = Image.objects.get(pk=img["id"])
+    assert image.status == "failed"
+    assert f"unpacks to {f.digest(f.BASE)}, but the config's rootfs.diff_ids[0]" in image.status_reason
 
 
 def test_not_an_archive_is_rejected(world: World, store: Path, capture: Any) -> None:
@@ -398,6 +611,30 @@ def test_duplicate_version_is_a_clear_400(world: World, store: Path) -> None:
     new_image(c, "dup", "1")
     r = c.post("/api/v1/images/", {"name": "dup", "version": "1", "tenant": "acme"}, format="json")
     assert r.status_code == 400 and "already exists in tenant acme" in r.json()["errors"]["version"][0]
+
+
+@pytest.mark.parametrize("public", [False, True], ids=["private", "public"])
+def test_two_creates_of_one_version_at_once_give_409(
+    world: World, store: Path, monkeypatch: pytest.MonkeyPatch, public: bool
+) -> None:
+    """The second of two concurrent creates passes validation, then meets the unique constraint."""
+    from portal.images.api import serializers
+
+    validate = serializers.ImageSerializer.validate
+
+    def racing(self: Any, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = validate(self, attrs)
+        # the other request commits the same name and version now
+        Image.objects.create(name=attrs["name"], version=attrs["version"], owner=attrs.get("tenant"))
+        return attrs
+
+    monkeypatch.setattr(serializers.ImageSerializer, "validate", racing)
+    who, extra = ("operator", {"public": True}) if public else ("a_member", {"tenant": "acme"})
+    r = world.client(who).post("/api/v1/images/", {"name": "race", "version": "1", **extra}, format="json")
+    where = "the public catalogue" if public else "tenant acme"
+    assert r.status_code == 409, r.content
+    assert r.json()["message"] == f"race:1 already exists in {where}."
+    assert Image.objects.filter(name="race").count() == 1
 
 
 def test_deleting_an_image_in_use_is_refused(world: World, store: Path) -> None:

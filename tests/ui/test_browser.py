@@ -7,6 +7,7 @@ then show the new state by itself (htmx polling), without a reload.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -21,12 +22,15 @@ except ImportError:  # the dev extra installs it; CI must not pass by skipping
         raise
     pytest.skip("the playwright Python package is missing (pip install -e '.[dev]')", allow_module_level=True)
 
+from portal.cloud import services
 from portal.cloud.models import ComputeNode, Instance
+from portal.cloud.tasks import apply_node_report
 from tests.portal.conftest import UP_BOTH, FakeNodes, World
 from tests.ui.conftest import login, shot
 
 POLL_TIMEOUT = 8_000  # ms: the pages poll every 2 s
 REASON = "container on node-a: dedicated to acme"
+ORPHAN = "11111111-2222-3333-4444-555555555555"
 
 
 def _mark(page: Any) -> None:
@@ -44,6 +48,38 @@ def _unlabelled_controls(page: Any) -> list[str]:
              .filter(e => e.type !== 'hidden' && !e.labels?.length && !e.getAttribute('aria-label'))
              .map(e => e.name || e.id)"""
     )
+
+
+def _heartbeats_until_samples(fake_nodes: FakeNodes, instance: Instance, wanted: int) -> None:
+    """Send heartbeats of the instance's node until the portal holds ``wanted`` CPU/memory samples.
+
+    A sample is the difference of two beats, and a beat no newer than the last one is ignored,
+    so this counts what the portal kept instead of trusting a fixed number of beats.
+    """
+    assert instance.node is not None
+    node = fake_nodes.service(instance.node.queue)
+    for _ in range(100):
+        if len(services.stats(instance)["samples"]) >= wanted:
+            return
+        node.report()
+    raise AssertionError(f"the portal kept fewer than {wanted} samples of {instance.name}")
+
+
+def _answer_nodes_until(fake_nodes: FakeNodes, locator: Any, text: str, rounds: int = 8) -> None:
+    """Play the messages the page's polling sends to nodes until ``locator`` shows ``text``.
+
+    The console panel asks the node for a fresh tail as it polls; each round answers what is
+    queued, then waits (an explicit expect, one poll period) for the panel to show it.
+    """
+    for _ in range(rounds - 1):
+        fake_nodes.run()
+        try:
+            expect(locator).to_contain_text(text, timeout=2_500)
+            return
+        except AssertionError:
+            continue
+    fake_nodes.run()
+    expect(locator).to_contain_text(text, timeout=2_500)
 
 
 def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world: World,
@@ -90,20 +126,12 @@ def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world
     expect(page.locator("[data-field=stats]")).to_contain_text("No statistics yet")
     # heartbeats bring CPU and memory samples, a console request brings the log tail:
     # both panels show them by themselves
-    node = fake_nodes.service("node.node-a")
-    for _ in range(3):
-        time.sleep(0.05)
-        node.report()
+    _heartbeats_until_samples(fake_nodes, Instance.objects.get(name="app"), 2)
     stats = page.locator("[data-field=stats]")
     expect(stats.get_by_role("img", name="memory use over the last heartbeats")).to_be_visible(timeout=12_000)
     expect(stats).to_contain_text("48.0 MiB of 128 MiB")
     expect(stats.get_by_role("img", name="CPU use over the last heartbeats")).to_be_visible()
-    console = page.locator("[data-field=console]")
-    deadline = time.monotonic() + POLL_TIMEOUT / 1000
-    while console.count() == 0 and time.monotonic() < deadline:
-        fake_nodes.run()  # answers the console requests the page's polling sends
-        page.wait_for_timeout(250)
-    expect(console).to_contain_text("fake: app booted")
+    _answer_nodes_until(fake_nodes, page.locator("pre[data-field=console]"), "fake: app booted")
     _not_reloaded(page)
     shot(page, "instance-detail")
 
@@ -148,8 +176,11 @@ def test_token_created_shown_once_and_revoked(live_server: Any, page: Any, world
     auth = {"Authorization": f"Bearer {key}"}
     assert page.request.get(f"{base}/api/v1/instances/", headers=auth).status == 200
     shot(page, "tokens")
-    page.goto(f"{base}/tokens/")
+    expect(page).to_have_url(f"{base}/tokens/")  # POST/redirect/GET: a reload re-posts nothing
+    page.reload()
+    expect(page.locator("#new-key")).to_have_count(0)
     assert key not in page.content(), "the key is shown once"
+    expect(page.locator("tr[data-token=ci]")).to_have_count(1)
     row = page.locator("tr[data-token=ci]")
     row.get_by_role("link", name="Revoke token ci").click()
     page.get_by_role("button", name="Revoke token").click()
@@ -172,12 +203,98 @@ def test_operator_dedicates_a_node(live_server: Any, page: Any, world: World) ->
     expect(page.locator("[data-node=shared-1] [data-field=tenancy]")).to_have_text("dedicated to acme")
     assert ComputeNode.objects.get(name="shared-1").owner == world.a
     shot(page, "ops-nodes")
+    # draining disrupts scheduling: a confirmation page first, then the POST
+    page.locator("[data-node=shared-1]").get_by_role("link", name="Drain (disable scheduling)…").click()
+    expect(page.get_by_role("heading", name="Drain node shared-1?")).to_be_visible()
+    assert ComputeNode.objects.get(name="shared-1").status == "up", "the confirmation page changes nothing"
+    shot(page, "ops-drain-confirm")
+    page.get_by_role("button", name="Drain node").click()
+    expect(page.get_by_role("status")).to_contain_text("Node shared-1 is disabled")
+    assert ComputeNode.objects.get(name="shared-1").status == "disabled"
+    page.locator("[data-node=shared-1]").get_by_role("button", name="Enable scheduling").click()
+    expect(page.get_by_role("status")).to_contain_text("Node shared-1 is down: waiting for heartbeat")
     for name, url in (("ops-tenants", "/ops/tenants/"), ("ops-instances", "/ops/instances/"),
                       ("ops-events", "/ops/events/")):  # fmt: skip
         page.goto(base + url)
         expect(page.get_by_role("heading", level=1)).to_be_visible()
         shot(page, name)
     expect(page.get_by_role("cell", name="computenode.dedicate").first).to_be_visible()
+    # a heartbeat of shared-1 lists a workload the portal does not know and misses web-1
+    orphan = {"instance_id": ORPHAN, "kind": "vm", "power_state": "running"}
+    apply_node_report({"node": "shared-1", "queue": "node.shared-1", "vcpus": 64, "ram_mb": 262144,
+                       "disk_gb": 10000, "drivers": [["vm", True, ""]], "sent_at": time.time(),
+                       "inventory": [orphan]})  # fmt: skip
+    page.get_by_role("link", name="Orphans and drift").click()
+    expect(page.get_by_role("heading", name="Orphans and drift")).to_be_visible()
+    expect(page.get_by_role("cell", name=ORPHAN, exact=True)).to_be_visible()
+    expect(page.get_by_role("link", name="web-1", exact=True)).to_be_visible()
+    expect(page.get_by_role("cell", name="reconcile.orphans").first).to_be_visible()
+    shot(page, "ops-drift")
+
+
+def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, browser: Any, world: World,
+                                        queued: list[Any]) -> None:  # fmt: skip
+    base = live_server.url
+    # the confirmation is plain forms: it works the same with JavaScript off
+    no_js = browser.new_context(java_script_enabled=False)
+    try:
+        plain = no_js.new_page()
+        login(plain, base, "a_member")
+        plain.goto(f"{base}/instances/{world.instance_a.pk}/")
+        plain.get_by_label("Snapshot to revert to").fill("before-upgrade")
+        plain.get_by_role("button", name="Revert to snapshot…").click()
+        expect(plain.get_by_role("heading", name="Revert web-1 to snapshot before-upgrade?")).to_be_visible()
+        expect(plain).to_have_url(re.compile(r"/revert/\?name=before-upgrade$"))
+    finally:
+        no_js.close()
+    assert [m for m in queued if m[1] == "compute.instance.action"] == []
+
+    login(page, base, "a_member")
+    page.goto(f"{base}/instances/{world.instance_a.pk}/")
+    page.get_by_label("Snapshot to revert to").fill("before-upgrade")
+    page.get_by_role("button", name="Revert to snapshot…").click()
+    expect(page.get_by_role("heading", name="Revert web-1 to snapshot before-upgrade?")).to_be_visible()
+    expect(page.get_by_text("What changed in web-1 since snapshot before-upgrade")).to_be_visible()
+    shot(page, "revert-confirm")
+    page.get_by_role("link", name="Cancel").click()
+    expect(page.get_by_role("heading", name=re.compile("^web-1"))).to_be_visible()
+    expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("none")
+    assert [m for m in queued if m[1] == "compute.instance.action"] == [], "nothing is sent before confirming"
+
+    page.get_by_label("Snapshot to revert to").fill("before-upgrade")
+    page.get_by_role("button", name="Revert to snapshot…").click()
+    page.get_by_role("button", name="Revert to snapshot", exact=True).click()
+    expect(page.get_by_role("status")).to_contain_text("Revert to before-upgrade sent to shared-1")
+    expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("snapshotting")
+    actions = [args for _, task, args in queued if task == "compute.instance.action"]
+    assert [(a[2], a[4]) for a in actions] == [("revert", {"name": "before-upgrade"})]
+
+
+def test_instance_filters_go_to_the_url_and_survive_paging(live_server: Any, page: Any, world: World,
+                                                           queued: list[Any]) -> None:  # fmt: skip
+    web = world.instance_a
+    Instance.objects.bulk_create(
+        Instance(tenant=world.a, name=f"bulk-{n:02}", kind="vm", isolation_reason="test", image=web.image,
+                 flavor=web.flavor, network=web.network, vcpus=1, ram_mb=128, disk_gb=1, vm_state="active")
+        for n in range(60)
+    )  # fmt: skip
+    base = live_server.url
+    login(page, base, "a_member")
+    page.goto(base + "/instances/")
+    _mark(page)
+    page.get_by_label("Kind").select_option("vm")
+    expect(page).to_have_url(re.compile(r"[?&]kind=vm(&|$)"))
+    expect(page.locator(".pagination")).to_contain_text("Page 1 of 2 (61)")
+    page.get_by_label("Name contains").fill("bulk")
+    expect(page).to_have_url(re.compile(r"[?&]q=bulk(&|$)"))
+    expect(page.locator(".pagination")).to_contain_text("Page 1 of 2 (60)")
+    expect(page.locator("tr[data-instance=web-1]")).to_have_count(0)
+    _not_reloaded(page)  # filtering swapped the results in place
+    page.get_by_role("link", name="Next").click()
+    expect(page.locator(".pagination")).to_contain_text("Page 2 of 2 (60)")
+    expect(page).to_have_url(re.compile(r"q=bulk.*kind=vm.*page=2"))
+    expect(page.get_by_label("Name contains")).to_have_value("bulk")
+    expect(page.locator("tr[data-instance]")).to_have_count(10)
 
 
 def test_member_of_another_tenant_gets_404(live_server: Any, page: Any, world: World) -> None:
@@ -189,8 +306,29 @@ def test_member_of_another_tenant_gets_404(live_server: Any, page: Any, world: W
     expect(page.get_by_text("web-1")).to_have_count(0)
 
 
-def test_tenant_pages_and_narrow_screen(live_server: Any, page: Any, browser: Any, world: World) -> None:
+NARROW = {"width": 390, "height": 844}
+
+
+def _fits(page: Any, url: str, controls: list[Any]) -> None:
+    """No sideways scrolling of the page, and each key control visible within the window's width."""
+    page.goto(url)
+    expect(page.get_by_role("heading", level=1)).to_be_visible()
+    inner = page.evaluate("window.innerWidth")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= inner, f"{url} is {width}px wide in a {inner}px window"
+    for control in controls:
+        expect(control).to_be_visible()
+        box = control.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= inner, (url, control, box)
+
+
+def test_tenant_pages_and_narrow_screen(live_server: Any, page: Any, browser: Any, world: World,
+                                       queued: list[Any]) -> None:  # fmt: skip
     base = live_server.url
+    page.goto(base + "/login/")
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+    assert _unlabelled_controls(page) == []
+    shot(page, "login")
     login(page, base, "a_member")
     for name, url in (("images", "/images/"), ("networks", "/networks/"), ("ssh-keys", "/ssh-keys/"),
                       ("events", "/events/")):  # fmt: skip
@@ -203,19 +341,62 @@ def test_tenant_pages_and_narrow_screen(live_server: Any, page: Any, browser: An
     page.keyboard.press("Tab")
     expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
 
-    narrow = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    narrow = browser.new_context(viewport=NARROW, is_mobile=True)
     try:
         phone = narrow.new_page()
         login(phone, base, "a_member")
-        detail = f"/instances/{world.instance_a.pk}/"
-        for name, url in (("dashboard-390", "/"), ("instance-detail-390", detail)):
-            phone.goto(base + url)
-            expect(phone.get_by_role("heading", level=1)).to_be_visible()
-            width = phone.evaluate("document.documentElement.scrollWidth")
-            assert width <= 390, f"{url} is {width}px wide at 390px"
+
+        def link(name: str) -> Any:
+            return phone.get_by_role("link", name=name, exact=True)
+
+        def button(name: str) -> Any:
+            return phone.get_by_role("button", name=name, exact=True)
+
+        def field(name: str) -> Any:
+            return phone.get_by_label(name, exact=True)
+
+        pages: list[tuple[str, str, list[Any]]] = [
+            ("dashboard-390", "/", [link("Launch instance")]),
+            ("instance-detail-390", f"/instances/{world.instance_a.pk}/", [button("Stop"), link("Delete…")]),
+            (
+                "launch-390",
+                "/instances/new/",
+                [field("Name"), field("Image"), field("Flavor"), button("Launch")],
+            ),
+            (
+                "instances-390",
+                "/instances/",
+                [field("Name contains"), field("Kind"), button("Filter"), link("web-1")],
+            ),
+            ("images-390", "/images/", [link("Upload an image"), link("busybox:1")]),
+        ]
+        for name, url, controls in pages:
+            _fits(phone, base + url, controls)
             shot(phone, name)
+        phone.context.clear_cookies()
+        login(phone, base, "operator")
+        card = phone.locator("[data-node=shared-1]")
+        apply = card.get_by_role("button", name="Apply")
+        drain = card.get_by_role("link", name="Drain (disable scheduling)…")
+        _fits(phone, base + "/ops/nodes/", [card.get_by_label("Dedicate to"), apply, drain])
+        shot(phone, "ops-nodes-390")
     finally:
         narrow.close()
+
+
+#: keeps every value the upload page's <progress> takes, as [value, max], in sessionStorage, which
+#: outlives the page: the upload page leaves for the image's page as soon as the file is sent
+RECORD_PROGRESS = """
+document.addEventListener("DOMContentLoaded", () => {
+  const bar = document.getElementById("upload-progress");
+  if (!bar) return;
+  new MutationObserver(() => {
+    const seen = JSON.parse(sessionStorage.getItem("progress") || "[]");
+    seen.push([bar.value, bar.max]);
+    sessionStorage.setItem("progress", JSON.stringify(seen));
+  }).observe(bar, {attributes: true, attributeFilter: ["value"]});
+});
+"""
 
 
 def test_upload_an_image_with_progress_and_see_it_checked(
@@ -229,6 +410,7 @@ def test_upload_an_image_with_progress_and_see_it_checked(
     settings.SKYPORT_IMAGE_STORE = tmp_path / "store"
     disk = f.qcow2(tmp_path / "web.qcow2", "64M")
     base = live_server.url
+    page.add_init_script(RECORD_PROGRESS)
     login(page, base, "a_member")
     page.get_by_role("link", name="Images").first.click()
     page.get_by_role("link", name="Upload an image").click()
@@ -243,11 +425,66 @@ def test_upload_an_image_with_progress_and_see_it_checked(
     page.get_by_label("Name").fill("web")
     page.get_by_label("Expected sha256 (optional)").fill(f.digest(disk.read_bytes())[7:])
     shot(page, "image-upload")
+    # a local upload of this ~200 KB file is over in one step; at 128 KiB/s it takes over a second,
+    # so the bar has the time to show its way up (Chromium's network emulation, through CDP)
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    slow = {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 128 * 1024}
+    cdp.send("Network.emulateNetworkConditions", slow)
     page.get_by_role("button", name="Upload").click()
     page.wait_for_url(re.compile(r"/images/\d+/$"))
+    progress = json.loads(page.evaluate("sessionStorage.getItem('progress')") or "[]")
+    values = [value for value, _max in progress]
+    assert {m for _v, m in progress} == {100}, progress
+    assert values[0] == 0 and values[-1] == 100, f"the bar starts empty and ends full: {values}"
+    assert values == sorted(values), f"the bar never goes back: {values}"
+    assert any(0 < v < 100 for v in values), f"the bar shows the upload on its way: {values}"
     expect(page.locator("#image-status [data-status]")).to_have_text("active", timeout=POLL_TIMEOUT)
     expect(page.locator("#image-status")).to_contain_text("VM (qcow2)")
     shot(page, "image-detail")
     image_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
     # another tenant cannot open it
     assert world.client("b_admin").get(f"/api/v1/images/{image_id}/").status_code == 404
+
+
+#: counts the page's XHRs (htmx polls with XHR) in ``window.__opened``; runs before the page's scripts
+RECORD_XHR = """
+window.__opened = [];
+const open = XMLHttpRequest.prototype.open;
+XMLHttpRequest.prototype.open = function (method, url) {
+  window.__opened.push(new URL(url, location.href).pathname);
+  return open.apply(this, arguments);
+};
+"""
+
+
+def test_detail_panels_stop_polling_once_deleted(live_server: Any, page: Any, world: World,
+                                                 fake_nodes: FakeNodes) -> None:  # fmt: skip
+    """State, console and stats poll while the instance exists and all stop once it is deleted.
+
+    Playwright's clock runs htmx's timers: after the stop, a minute of page time passes at
+    once and not one more request may leave the page.
+    """
+    base = live_server.url
+    url = f"/instances/{world.instance_a.pk}/"
+    page.add_init_script(RECORD_XHR)
+    page.clock.install()
+    login(page, base, "a_member")
+    page.goto(base + url)
+    expect(page.locator("[data-field=stats]")).to_contain_text("No statistics yet")
+    page.clock.run_for(6_000)
+    for panel, times in (("status/", 1), ("console/", 2), ("stats/", 2)):
+        page.wait_for_function(f"window.__opened.filter(p => p === '{url}{panel}').length >= {times}")
+
+    page.get_by_role("link", name="Delete…").click()
+    page.get_by_role("button", name="Delete instance").click()
+    expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("deleting")
+    fake_nodes.run()
+    status = page.locator("#instance-status")
+    expect(status.locator("[data-field=vm_state]")).to_have_text("deleted", timeout=POLL_TIMEOUT)
+    expect(page.locator("#instance-stats")).to_contain_text("the instance is deleted", timeout=POLL_TIMEOUT)
+    expect(page.locator("#instance-console")).not_to_have_attribute("hx-trigger", re.compile("every"))
+    expect(page.locator("[hx-trigger*=every]")).to_have_count(0)
+    before = page.evaluate("window.__opened.length")
+    page.clock.run_for(60_000)
+    assert page.evaluate(f"window.__opened.slice({before})") == [], "a deleted instance's panels still poll"

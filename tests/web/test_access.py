@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.test import Client, RequestFactory
 
 from portal.audit.models import Event
-from portal.cloud.models import Instance
+from portal.cloud.models import ComputeNode, Instance
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Membership
 from portal.web.errors import not_found, server_error
@@ -126,8 +128,11 @@ def test_operator_console_is_for_staff(world: World) -> None:
     for url in OPS_PAGES:
         r = client(world, "a_admin").get(url)
         assert r.status_code == 403 and "for operators" in text(r), url
-    r = client(world, "a_admin").post("/ops/nodes/shared-1/drain/", {"enable": "0"})
-    assert r.status_code == 403
+    admin = client(world, "a_admin")
+    for url in ("/ops/nodes/shared-1/drain/", "/ops/nodes/shared-1/enable/"):
+        assert admin.post(url).status_code == 403, url
+    assert admin.get("/ops/nodes/shared-1/drain/").status_code == 403
+    assert ComputeNode.objects.get(name="shared-1").status == "up"
 
 
 @pytest.mark.parametrize("who", ["a_member", "a_viewer", "a_admin"])
@@ -166,3 +171,41 @@ def test_tenant_switcher_only_offers_memberships(world: World) -> None:
     assert r["Location"] == "/"
     client_b = client(world, "b_member")
     assert client_b.post("/tenant/", {"tenant": "acme"}).status_code == 404
+
+
+def test_viewers_are_not_offered_what_their_role_cannot_do(world: World) -> None:
+    """Upload, launch, delete and instance actions: hidden or disabled, with the reason, for viewers."""
+    secret = world.a.images.get().pk  # private image of acme
+    pk = world.instance_a.pk
+    member, viewer = client(world, "a_member"), client(world, "a_viewer")
+    offered = {
+        "/images/": 'href="/images/upload/"',
+        "/": 'href="/instances/new/"',
+        "/instances/": 'href="/instances/new/"',
+        f"/images/{secret}/": f'href="/images/{secret}/delete/"',
+        f"/instances/{pk}/": f'href="/instances/{pk}/delete/"',
+    }
+    for url, link in offered.items():
+        assert link in text(member.get(url)), url
+        assert link not in text(viewer.get(url)), url
+    assert "Viewers cannot upload images." in text(viewer.get("/images/"))
+    assert "Viewers cannot launch instances." in text(viewer.get("/"))
+    assert "No delete: This needs the member role in the tenant; you are viewer." in text(
+        viewer.get(f"/images/{secret}/")
+    )
+    # instance actions: every button disabled and the reason shown; snapshot, revert, publish absent
+    detail = text(viewer.get(f"/instances/{pk}/"))
+    buttons = re.findall(r'<button type="submit" name="action" value="(\w+)"( disabled)?>', detail)
+    assert buttons and all(disabled for _, disabled in buttons), buttons
+    assert "This needs the member role in the tenant; you are viewer." in detail
+    assert '<button type="button" class="danger" disabled>Delete…</button>' in detail
+    for form in (f"/instances/{pk}/revert/", f"/instances/{pk}/publish/", 'value="snapshot"'):
+        assert form not in detail, form
+        assert form in text(member.get(f"/instances/{pk}/")), form
+    # a public image is deleted by operators only: not offered to tenant members either
+    public = world.instance_a.image
+    assert public is not None and public.owner_id is None
+    link, url = f'href="/images/{public.pk}/delete/"', f"/images/{public.pk}/"
+    assert link not in text(member.get(url))
+    Membership.objects.create(user=world.users["operator"], tenant=world.a, role=Role.VIEWER)
+    assert link in text(client(world, "operator").get(url))

@@ -149,13 +149,20 @@ def test_tokens_key_shown_once_and_revoked(world: World) -> None:
     r = c.post("/tokens/", {"name": "ci", "tenant": "bobco", "expires_in_days": "7"})
     assert r.status_code == 400 and not APIToken.objects.filter(user=world.users["a_viewer"]).exists()
     r = c.post("/tokens/", {"name": "ci", "tenant": "acme", "expires_in_days": "7"})
-    assert r.status_code == 201 and r["Cache-Control"] == "no-store"
-    key = re.search(r'value="(sky_[0-9a-f]{16}_[^"]+)"', text(r))
-    assert key is not None
+    # POST/redirect/GET: the POST answers no key, only where to read it (once)
+    assert (r.status_code, r["Location"]) == (303, "/tokens/") and "sky_" not in text(r)
+    shown = c.get("/tokens/")
+    assert shown.status_code == 200 and shown["Cache-Control"] == "no-store"
+    key = re.search(r'value="(sky_[0-9a-f]{16}_[^"]+)"', text(shown))
+    assert key is not None and "Token ci is created" in text(shown)
     token = APIToken.objects.get(user=world.users["a_viewer"])
     assert token.membership is not None and token.membership.role == "viewer"
     assert token.key_hash == APIToken.hash_secret(key[1].split("_", 2)[2])
-    assert key[1] not in text(c.get("/tokens/")), "the key is shown once"
+    # a reload is a GET of the page: the key is gone and no second token is created
+    again = text(c.get("/tokens/"))
+    assert key[1] not in again and 'id="new-key"' not in again, "the key is shown once"
+    assert APIToken.objects.filter(user=world.users["a_viewer"]).count() == 1
+    assert "skyport_new_token" not in c.session, "the key does not stay in the session"
     api = client(world, None)
     assert api.get("/api/v1/instances/", headers={"Authorization": f"Bearer {key[1]}"}).status_code == 200
     assert "Revoke token ci?" in text(c.get(f"/tokens/{token.pk}/revoke/"))
@@ -193,13 +200,28 @@ def test_operator_dedicates_shares_drains_and_edits_quota(world: World) -> None:
     assert op.post("/ops/nodes/node-a/tenancy/", {"owner": ""}).status_code == 303
     assert ComputeNode.objects.get(name="node-a").tenancy == "shared"
     assert op.post("/ops/nodes/nope/tenancy/", {"owner": ""}).status_code == 404
-    assert op.post("/ops/nodes/shared-1/drain/", {"enable": "0"}).status_code == 303
+    nodes_page = text(op.get("/ops/nodes/"))
+    assert 'href="/ops/nodes/shared-1/drain/"' in nodes_page, "drain is a link to its confirmation page"
+    # GET only asks: the node stays up, however often the page is opened
+    for _ in range(2):
+        r = op.get("/ops/nodes/shared-1/drain/")
+        assert r.status_code == 200 and "Drain node shared-1?" in text(r)
+        assert "Instances already there keep running (1 now)" in text(r)
+        assert ComputeNode.objects.get(name="shared-1").status == "up"
+    # an "enable" from a page rendered before enable had its own URL does not drain
+    r = op.post("/ops/nodes/shared-1/drain/", {"enable": "1"})
+    assert r.status_code == 400 and "Nothing changed" in text(r)
+    assert ComputeNode.objects.get(name="shared-1").status == "up"
+    assert op.post("/ops/nodes/shared-1/drain/").status_code == 303
     assert ComputeNode.objects.get(name="shared-1").status == "disabled"
     assert "Enable scheduling" in text(op.get("/ops/nodes/"))
-    op.post("/ops/nodes/shared-1/drain/", {"enable": "1"})
+    assert op.get("/ops/nodes/shared-1/enable/").status_code == 405, "enable is a POST"
+    assert op.post("/ops/nodes/shared-1/enable/").status_code == 303
     assert ComputeNode.objects.get(name="shared-1").status == "down"
+    assert op.get("/ops/nodes/nope/drain/").status_code == 404
     ev = Event.objects.filter(path__startswith="/ops/nodes/").values_list("action", "status_code")
     assert ("computenode.dedicate", 409) in ev and ("computenode.disable", 303) in ev
+    assert ("computenode.enable", 303) in ev
     r = op.post("/ops/tenants/acme/quota/", {"instances": "-1", "vcpus": "4", "ram_mb": "x", "disk_gb": "1",
                                              "containers": "1", "vms": "1"})  # fmt: skip
     assert r.status_code == 400 and 'value="-1"' in text(r) and 'value="x"' in text(r)
@@ -289,3 +311,90 @@ def test_upload_page_needs_the_member_role(world: World) -> None:
     assert client(world, "a_viewer").get("/images/upload/").status_code == 403
     page = text(client(world, "a_member").get("/images/upload/"))
     assert 'data-tenant="acme"' in page and 'data-api="/api/v1/images/"' in page
+
+
+def test_panels_stop_polling_once_the_instance_is_deleted(world: World, sent: list[Any]) -> None:
+    c = client(world, "a_member")
+    url = f"/instances/{world.instance_a.pk}/"
+    for part, every in (("status/", "every 2s"), ("console/", "every 2s"), ("stats/", "every 5s")):
+        r = c.get(url + part)
+        assert r.status_code == 200 and f'hx-trigger="{every}"' in text(r), part
+    Instance.objects.filter(pk=world.instance_a.pk).update(vm_state=VmState.DELETED, power_state="nostate")
+    for part in ("status/", "console/", "stats/"):
+        r = c.get(url + part)
+        # 286 stops the element that asked; the panel it is replaced with has no trigger left
+        assert r.status_code == 286, part
+        assert "hx-trigger" not in text(r) and "hx-get" not in text(r), part
+    assert "the instance is deleted" in text(c.get(url + "stats/"))
+
+
+def test_revert_asks_for_confirmation_first(world: World, sent: list[Any]) -> None:
+    c = client(world, "a_member")
+    inst = world.instance_a
+    url = f"/instances/{inst.pk}/"
+    detail = text(c.get(url))
+    assert f'<form method="get" action="{url}revert/"' in detail, "revert is a GET form to its confirmation"
+    assert 'value="revert"' not in detail, "no button posts a revert at once"
+    # GET only asks, however often: nothing is sent and the instance is not claimed
+    for _ in range(2):
+        r = c.get(url + "revert/", {"name": "before-upgrade"})
+        page = text(r)
+        assert r.status_code == 200 and "Revert web-1 to snapshot before-upgrade?" in page
+        assert "What changed in web-1 since snapshot before-upgrade was taken is lost" in page
+        assert '<input type="hidden" name="name" value="before-upgrade">' in page
+        assert f'href="{url}"' in page, "Cancel goes back to the instance"
+    assert sent == [] and Instance.objects.get(pk=inst.pk).task_state is None
+    r = c.get(url + "revert/", {"name": "../etc"})
+    assert r.status_code == 400 and 'value="../etc"' in text(r) and "Check the name" in text(r)
+    # posting a revert action directly is refused: it must go through the confirmation
+    r = c.post(url + "action/", {"action": "revert", "name": "before-upgrade"})
+    assert r.status_code == 400 and "asks for confirmation" in text(r)
+    assert sent == [] and Instance.objects.get(pk=inst.pk).task_state is None
+    # POST (the confirmation page's button) sends it
+    r = c.post(url + "revert/", {"name": "before-upgrade"})
+    assert (r.status_code, r["Location"]) == (303, url)
+    assert [m[1:] for m in sent] == [
+        ("compute.instance.action", [str(inst.pk), "vm", "revert", sent[0][2][3], {"name": "before-upgrade"}])
+    ]
+    assert Instance.objects.get(pk=inst.pk).task_state == "snapshotting"
+    assert Event.objects.filter(action="instance.revert", object_id=str(inst.pk), status_code=303).exists()
+    # a busy instance is not offered the confirmation; a viewer is refused both ways
+    r = c.get(url + "revert/", {"name": "before-upgrade"})
+    assert r.status_code == 409 and "cannot be reverted: it is snapshotting" in text(r)
+    viewer = client(world, "a_viewer")
+    assert viewer.get(url + "revert/", {"name": "x"}).status_code == 403
+    assert viewer.post(url + "revert/", {"name": "x"}).status_code == 403
+    assert len(sent) == 1
+
+
+def test_paging_keeps_the_filters_and_htmx_filters_push_their_query(world: World) -> None:
+    base = world.instance_a
+    Instance.objects.bulk_create(
+        Instance(tenant=world.a, name=f"bulk-{kind[0]}{n:02}", kind=kind, isolation_reason="test",
+                 image=base.image, flavor=base.flavor, network=base.network, vcpus=1, ram_mb=128, disk_gb=1,
+                 vm_state="active")
+        for n in range(60) for kind in ("vm", "container")
+    )  # fmt: skip
+    c = client(world, "a_member")
+    page = text(c.get("/instances/"))
+    assert 'hx-get="/instances/" hx-target="#instance-results" hx-swap="outerHTML" hx-push-url="true"' in page
+    # what the filter form's htmx request gets: the rows and the pagination, both with the filters
+    hx = {"HX-Request": "true", "HX-Target": "instance-results"}
+    r = c.get("/instances/", {"q": "bulk", "state": "", "kind": "vm"}, headers=hx)
+    part = text(r)
+    assert r.status_code == 200 and "<html" not in part
+    assert part.lstrip().startswith('<div id="instance-results">')
+    assert {"HX-Request", "HX-Target"} <= {v.strip() for v in r["Vary"].split(",")}
+    assert "Page 1 of 2 (60)" in part
+    assert 'href="?q=bulk&amp;state=&amp;kind=vm&amp;page=2"' in part, "the next page keeps the filters"
+    assert 'hx-get="/instances/rows/?q=bulk&amp;state=&amp;kind=vm"' in part, "the rows poll with the filters"
+    assert 'data-instance="web-1"' not in part
+    # following that link (a plain GET of the whole page) stays filtered
+    page2 = text(c.get("/instances/", {"q": "bulk", "state": "", "kind": "vm", "page": "2"}))
+    assert "Page 2 of 2 (60)" in page2 and 'rel="prev"' in page2
+    assert 'href="?q=bulk&amp;state=&amp;kind=vm&amp;page=1"' in page2
+    assert 'hx-get="/instances/rows/?q=bulk&amp;state=&amp;kind=vm&amp;page=2"' in page2
+    assert page2.count("<tr data-instance=") == 10
+    assert 'value="bulk"' in page2, "the form shows the filters of the URL"
+    # without the target header (a reload, or htmx restoring history) the whole page comes back
+    assert "<html" in text(c.get("/instances/", {"kind": "vm"}, headers={"HX-Request": "true"}))

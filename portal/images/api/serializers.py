@@ -2,13 +2,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db import IntegrityError, transaction
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from portal.api.authentication import actor_for
+from portal.api.exceptions import Conflict
 from portal.api.fields import DefaultTenantMixin, TenantField
 from portal.images.models import Artifact, Image
+from portal.tenancy.models import Tenant
 
 
 class ArtifactSerializer(serializers.ModelSerializer[Artifact]):
@@ -92,16 +95,24 @@ class ImageSerializer(DefaultTenantMixin, serializers.ModelSerializer[Image]):
         owner = attrs.get("tenant")
         clash = Image.objects.filter(name=attrs["name"], version=attrs["version"], owner=owner)
         if clash.exists():
-            where = f"tenant {owner.slug}" if owner else "the public catalogue"
-            raise serializers.ValidationError(
-                {"version": f"{attrs['name']}:{attrs['version']} already exists in {where}."}
-            )
+            raise serializers.ValidationError({"version": _taken(attrs["name"], attrs["version"], owner)})
         return attrs
 
     def create(self, validated_data: dict[str, Any]) -> Image:
         validated_data.pop("public", None)
         owner = validated_data.pop("tenant", None)
-        return Image.objects.create(owner=owner, **validated_data)
+        try:
+            with transaction.atomic():  # a savepoint: the request's transaction stays usable
+                return Image.objects.create(owner=owner, **validated_data)
+        except IntegrityError as exc:
+            # Another request created the same name and version after validate() looked.
+            name, version = validated_data["name"], validated_data["version"]
+            raise Conflict(_taken(name, version, owner)) from exc
+
+
+def _taken(name: str, version: str, owner: Tenant | None) -> str:
+    where = f"tenant {owner.slug}" if owner else "the public catalogue"
+    return f"{name}:{version} already exists in {where}."
 
 
 class UploadQuerySerializer(serializers.Serializer[Any]):

@@ -24,6 +24,7 @@ from portal.tenancy.choices import Role
 from portal.tenancy.models import Tenant
 from portal.web.access import actor, login_page, page, refuse, role_refusal, tenant_page
 from portal.web.forms import PublishForm
+from portal.web.presenters import image_delete_refusal
 from portal.web.views.instances import _detail_page, _instance, _write_refusal
 
 
@@ -57,11 +58,7 @@ def image_delete(request: HttpRequest, pk: int) -> HttpResponse:
     image = _image(request, pk)
     if request.method == "POST":
         describe(request, "image.delete", image, tenant_id=image.owner_id)
-    refused = (
-        "Only operators delete public images."
-        if image.owner_id is None and not actor(request).is_operator
-        else role_refusal(actor(request), image.owner_id, Role.MEMBER)
-    )
+    refused = image_delete_refusal(actor(request), image)
     if refused:
         return refuse(request, refused)
     if request.method != "POST":

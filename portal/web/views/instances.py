@@ -14,6 +14,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
+from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
 from portal.api.exceptions import Conflict
@@ -25,13 +26,14 @@ from portal.cloud.models import Instance
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Tenant
 from portal.web.access import actor, login_page, page, refuse, role_refusal, tenant_page
-from portal.web.forms import InstanceFilterForm, LaunchForm, PublishForm, SnapshotForm
+from portal.web.forms import InstanceFilterForm, LaunchForm, PublishForm, RevertForm, SnapshotForm
 from portal.web.presenters import BUTTON_ACTIONS, action_allowed, delete_allowed, quota_effect_rows
 from portal.web.views.tenant import paginate, query_without_page
 
 #: htmx stops polling when a partial answers 286
 STOP_POLLING = 286
 POLL_SECONDS = 2
+STATS_POLL_SECONDS = 5
 
 
 def filter_instances(qs: QuerySet[Instance], form: InstanceFilterForm) -> QuerySet[Instance]:
@@ -57,21 +59,32 @@ def _tenant_instances(request: HttpRequest, tenant: Tenant) -> tuple[InstanceFil
     return form, paginate(request, qs)
 
 
+#: the part of the instance list that a filter change replaces (rows and pagination)
+RESULTS_TARGET = "instance-results"
+
+
 @tenant_page
 def instance_list(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    """The list page; the filter form's htmx request gets only the results, for the same URL.
+
+    The filter form pushes its query to the address bar (``hx-push-url``), so the page's URL,
+    the pagination links and the rows' polling all carry the filters.
+    """
     form, page_obj = _tenant_instances(request, tenant)
-    return page(
-        request,
-        "web/instances.html",
-        {
-            "form": form,
-            "page_obj": page_obj,
-            "query": query_without_page(request),
-            "rows_query": request.GET.urlencode(),
-            "poll": POLL_SECONDS,
-            "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
-        },
-    )
+    ctx = {
+        "form": form,
+        "page_obj": page_obj,
+        "query": query_without_page(request),
+        "rows_query": request.GET.urlencode(),
+        "poll": POLL_SECONDS,
+        "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
+    }
+    if request.headers.get("HX-Request") and request.headers.get("HX-Target") == RESULTS_TARGET:
+        response = render(request, "web/partials/instance_results.html", ctx)
+    else:
+        response = page(request, "web/instances.html", ctx)
+    patch_vary_headers(response, ["HX-Request", "HX-Target"])
+    return response
 
 
 @tenant_page
@@ -117,11 +130,13 @@ def _detail_page(
     status: int = 200,
     snapshot: Any = None,
     publish: Any = None,
+    revert: Any = None,
 ) -> HttpResponse:
     ctx = _status_context(request, instance)
     ctx |= {
         "error": error,
         "snapshot_form": snapshot or SnapshotForm(),
+        "revert_form": revert or RevertForm(),
         "can_snapshot": action_allowed(instance, "snapshot"),
         "publish_form": publish or PublishForm(tenant=instance.tenant),
         "can_publish": instance.kind == "vm" and action_allowed(instance, "snapshot"),
@@ -139,15 +154,25 @@ def instance_status(request: HttpRequest, pk: str) -> HttpResponse:
     return response
 
 
+def _polled(request: HttpRequest, template: str, instance: Instance, context: dict[str, Any]) -> HttpResponse:
+    """A panel that polls itself while the instance exists; a deleted one answers 286 (htmx stops)."""
+    live = instance.vm_state != VmState.DELETED
+    response = render(request, template, {"instance": instance, "polling": live, **context})
+    if not live:
+        response.status_code = STOP_POLLING
+    return response
+
+
 @login_page
 def instance_console(request: HttpRequest, pk: str) -> HttpResponse:
     """Polled partial: the console tail the node last sent (each poll asks for a fresh one) and events."""
     instance = _instance(request, pk)
     events = Event.objects.restrict(actor(request)).filter(object_type="instance", object_id=str(instance.pk))
-    return render(
+    return _polled(
         request,
         "web/partials/instance_console.html",
-        {"instance": instance, "console": services.console(instance), "events": events[:10]},
+        instance,
+        {"console": services.console(instance), "events": events[:10], "poll": POLL_SECONDS},
     )
 
 
@@ -169,7 +194,12 @@ def instance_stats(request: HttpRequest, pk: str) -> HttpResponse:
         if len(points) >= 2
         else None
     )
-    return render(request, "web/partials/instance_stats.html", {"instance": instance, "samples": samples})
+    return _polled(
+        request,
+        "web/partials/instance_stats.html",
+        instance,
+        {"samples": samples, "poll": STATS_POLL_SECONDS},
+    )
 
 
 def _write_refusal(request: HttpRequest, tenant_id: int) -> HttpResponse | None:
@@ -186,9 +216,12 @@ def instance_action(request: HttpRequest, pk: str) -> HttpResponse:
     refused = _write_refusal(request, instance.tenant_id)
     if refused:
         return refused
+    if action == "revert":
+        note_error(request, "revert goes through its confirmation page")
+        return _detail_page(request, instance, REVERT_CONFIRMS, 400)
     params: dict[str, Any] = {}
     snapshot = None
-    if action in ("snapshot", "revert"):
+    if action == "snapshot":
         snapshot = SnapshotForm(request.POST)
         if not snapshot.is_valid():
             note_error(request, "invalid snapshot name")
@@ -203,6 +236,52 @@ def instance_action(request: HttpRequest, pk: str) -> HttpResponse:
     messages.success(
         request, f"{action.capitalize()} sent to {instance.node}; the state updates when it reports."
     )
+    return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
+
+
+REVERT_CONFIRMS = 'Reverting asks for confirmation first: use the "Revert to snapshot" button.'
+
+
+@login_page
+def instance_revert(request: HttpRequest, pk: str) -> HttpResponse:
+    """GET ?name=: a confirmation page naming the snapshot; POST: ask the node to revert the VM to it."""
+    instance = _instance(request, pk)
+    posted = request.method == "POST"
+    if posted:
+        describe(request, "instance.revert", instance)
+    refused = _write_refusal(request, instance.tenant_id)
+    if refused:
+        return refused
+    form = RevertForm(request.POST if posted else request.GET)
+    if not form.is_valid():
+        note_error(request, "invalid snapshot name")
+        error = "Check the name of the snapshot to revert to."
+        return _detail_page(request, instance, error, 400, revert=form)
+    name = form.cleaned_data["name"]
+    if not posted:
+        if not action_allowed(instance, "revert"):
+            why = (
+                "only VMs have snapshots"
+                if instance.kind != "vm"
+                else f"it is {instance.task_state or instance.vm_state}"
+            )
+            error = f"{instance.name} cannot be reverted: {why}."
+            return _detail_page(request, instance, error, 409, revert=form)
+        return page(request, "web/confirm.html", {
+            "title": f"Revert {instance.name} to snapshot {name}?",
+            "body": f"What changed in {instance.name} since snapshot {name} was taken is lost. "
+                    "This cannot be undone.",
+            "button": "Revert to snapshot",
+            "fields": {"name": name},
+            "cancel": reverse("web:instance", args=[instance.pk]),
+        })  # fmt: skip
+    try:
+        services.act(instance, "revert", {"name": name}, request.user)
+    except Conflict as exc:
+        note_error(request, str(exc.detail))
+        instance.refresh_from_db()
+        return _detail_page(request, instance, str(exc.detail), exc.status_code, revert=form)
+    messages.success(request, f"Revert to {name} sent to {instance.node}; the state updates when it reports.")
     return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
 
 

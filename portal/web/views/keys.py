@@ -56,11 +56,19 @@ def _token_form(request: HttpRequest, data: object = None) -> TokenForm:
     return TokenForm(data, tenants=my_tenants(request), is_operator=actor(request).is_operator)
 
 
+#: session key holding a new token's key between the POST and the one page that shows it
+SESSION_NEW_KEY = "skyport_new_token"
+
+
 @login_page
 def tokens(request: HttpRequest) -> HttpResponse:
-    """List and create tokens; a new key is shown in this one response and never again."""
+    """List and create tokens (POST/redirect/GET).
+
+    A created token's key goes into the session and the POST redirects; the next GET takes it
+    out and shows it, so it is shown once: a reload shows it no more and posts nothing again.
+    """
     form = _token_form(request, request.POST or None)
-    status, key = 200, None
+    status = 200
     if request.method == "POST":
         describe(request, "apitoken.create")
         if form.is_valid():
@@ -82,16 +90,22 @@ def tokens(request: HttpRequest) -> HttpResponse:
                 key = token.issue()
                 token.save()
                 describe(request, "apitoken.create", token)
-                form = _token_form(request)
-                status = 201
-        if key is None:
-            note_error(request, "the token form has errors")
-            status = 400
+                request.session[SESSION_NEW_KEY] = {"name": token.name, "key": key}
+                return HttpResponseRedirect(reverse("web:tokens"), status=303)
+        note_error(request, "the token form has errors")
+        status = 400
+    new = request.session.pop(SESSION_NEW_KEY, None) if request.method == "GET" else None
     mine = APIToken.objects.filter(user_id=user_id_of(request)).select_related("membership__tenant")
     response = page(
         request,
         "web/tokens.html",
-        {"form": form, "tokens": mine, "new_key": key, "now": timezone.now()},
+        {
+            "form": form,
+            "tokens": mine,
+            "new_key": new["key"] if new else None,
+            "new_name": new["name"] if new else None,
+            "now": timezone.now(),
+        },
         status=status,
     )
     response["Cache-Control"] = "no-store"

@@ -66,14 +66,38 @@ def node_tenancy(request: HttpRequest, name: str) -> HttpResponse:
     return HttpResponseRedirect(reverse("web:ops-nodes"), status=303)
 
 
-@require_POST
 @operator_page
 def node_drain(request: HttpRequest, name: str) -> HttpResponse:
-    """Disable (drain) or enable scheduling onto the node, as ``manage.py node disable|enable``."""
+    """GET: a confirmation page; POST: drain the node (no new instances), as ``manage.py node disable``."""
     node = get_object_or_404(ComputeNode, name=name)
-    enable = request.POST.get("enable") == "1"
-    describe(request, "computenode.enable" if enable else "computenode.disable", node)
-    services.set_node_enabled(node, enabled=enable)
+    if request.method != "POST":
+        hosted = Instance.objects.live().filter(node=node).count()
+        return page(request, "web/confirm.html", {
+            "title": f"Drain node {node.name}?",
+            "body": f"The scheduler stops placing new instances on {node.name} until an operator enables it "
+                    f"again. Instances already there keep running ({hosted} now).",
+            "button": "Drain node",
+            "cancel": reverse("web:ops-nodes"),
+        })  # fmt: skip
+    if request.POST.get("enable") == "1":  # a nodes page from before enable had its own URL
+        describe(request, "computenode.disable", node)
+        note_error(request, "enable posted to drain")
+        return _nodes_page(
+            request, f"Nothing changed: reload the page and use Enable scheduling on {node.name}.", 400
+        )
+    return _set_enabled(request, node, enabled=False)
+
+
+@require_POST
+@operator_page
+def node_enable(request: HttpRequest, name: str) -> HttpResponse:
+    """Schedule onto a drained node again, as ``manage.py node enable`` (undoing a drain: no confirmation)."""
+    return _set_enabled(request, get_object_or_404(ComputeNode, name=name), enabled=True)
+
+
+def _set_enabled(request: HttpRequest, node: ComputeNode, enabled: bool) -> HttpResponse:
+    describe(request, "computenode.enable" if enabled else "computenode.disable", node)
+    services.set_node_enabled(node, enabled=enabled)
     messages.success(request, f"Node {node.name} is {node.status}: {node.status_reason}.")
     return HttpResponseRedirect(reverse("web:ops-nodes"), status=303)
 

@@ -12,10 +12,11 @@ from portal.cloud import services
 from portal.cloud.choices import VmState
 from portal.cloud.models import ComputeNode, Instance, Network
 from portal.images.models import Image
+from portal.tenancy.choices import Role
 from portal.tenancy.models import Quota, Tenant
-from portal.web.access import actor, current_tenant, login_page, page, tenant_page
+from portal.web.access import actor, current_tenant, login_page, page, role_refusal, tenant_page
 from portal.web.forms import EventFilterForm
-from portal.web.presenters import quota_bars
+from portal.web.presenters import image_delete_refusal, quota_bars
 
 PAGE_SIZE = 50
 
@@ -40,6 +41,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             "busy": Instance.objects.filter(tenant=tenant, task_state__isnull=False).count(),
             "dedicated": ComputeNode.objects.filter(owner=tenant).values_list("name", flat=True),
             "events": Event.objects.restrict(actor(request)).filter(tenant=tenant)[:8],
+            "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
         },
     )
 
@@ -55,13 +57,17 @@ def _visible_images(request: HttpRequest, tenant: Tenant) -> QuerySet[Image]:
 
 @tenant_page
 def images(request: HttpRequest, tenant: Tenant) -> HttpResponse:
-    return page(request, "web/images.html", {"images": _visible_images(request, tenant)})
+    refusal = role_refusal(actor(request), tenant.pk, Role.MEMBER)
+    return page(
+        request, "web/images.html", {"images": _visible_images(request, tenant), "upload_refusal": refusal}
+    )
 
 
 @tenant_page
 def image_detail(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
     image = get_object_or_404(Image.objects.restrict(actor(request)).prefetch_related("artifacts"), pk=pk)
-    return page(request, "web/image_detail.html", {"image": image})
+    refusal = image_delete_refusal(actor(request), image)
+    return page(request, "web/image_detail.html", {"image": image, "delete_refusal": refusal})
 
 
 @tenant_page

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import IntegrityError
+from django.db import IntegrityError, transaction
 
 from portal.api.exceptions import Conflict
 from portal.images import services
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
-from portal.images.tasks import import_image
 from portal.tenancy.models import Tenant
 
 
@@ -55,35 +54,26 @@ class Command(BaseCommand):
             if owner is None:
                 raise CommandError(f"no tenant '{opts['tenant']}'")
         try:
-            image, _ = Image.objects.get_or_create(
-                name=opts["name"],
-                version=opts["image_version"],
-                owner=owner,
-                defaults={"description": opts["description"], "os": opts["os"]},
-            )
+            with transaction.atomic():
+                image, created = Image.objects.get_or_create(
+                    name=opts["name"],
+                    version=opts["image_version"],
+                    owner=owner,
+                    defaults={"description": opts["description"], "os": opts["os"]},
+                )
         except IntegrityError as exc:
             raise CommandError(f"cannot create the image: {exc}") from exc
         try:
             services.check_can_receive(image, opts["format"])
-        except services.UploadError as exc:
-            raise CommandError(str(exc)) from exc
-        except Conflict as exc:
-            raise CommandError(str(exc.detail)) from exc
-        before = services.claim(image)
-        try:
-            temp, digest, size = services.copy_in(path)
-        except services.UploadError as exc:
-            services.release(image, before, "")
-            raise CommandError(str(exc)) from exc
-        expected = opts["sha256"].removeprefix("sha256:")
-        if expected and digest != f"sha256:{expected}":
-            temp.unlink(missing_ok=True)
-            services.release(
-                image, ImageStatus.FAILED, f"checksum mismatch: {digest}, expected sha256:{expected}"
-            )
-            raise CommandError(f"checksum mismatch: the file is {digest}, expected sha256:{expected}")
-        services.release(image, ImageStatus.IMPORTING, f"copied {size} bytes ({digest}), queued for import")
-        import_image.delay(image.pk, opts["format"], str(temp), digest, before)
+            held = services.claim(image)
+            temp, digest, size = services.copy_in(path, held, opts["sha256"])
+            services.queue_import(held, opts["format"], temp, digest, f"copied {size} bytes ({digest})")
+        except (services.UploadError, Conflict) as exc:
+            message = str(exc.detail) if isinstance(exc, Conflict) else str(exc)
+            if created:
+                # A run that was refused leaves nothing behind, not even the image it created.
+                Image.objects.filter(pk=image.pk, artifacts__isnull=True).delete()
+            raise CommandError(message) from exc
         self.stdout.write(f"image {image} (id {image.pk}): importing {digest}")
         if not opts["wait"]:
             return

@@ -14,6 +14,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from portal.api.exceptions import Conflict
 from portal.images import services
 from portal.images.choices import ArtifactFormat, ImageStatus
 from portal.images.models import Image
@@ -86,11 +87,11 @@ class Command(BaseCommand):
             ):
                 return
             artifact.delete()  # recorded before the store existed, or its files are gone: import again
-        temp, digest, _ = services.copy_in(path)
-        if digest != _digest(path):
-            temp.unlink(missing_ok=True)
-            raise CommandError(f"{path} does not match {path}.sha256")
-        before = services.claim(image)
-        services.import_artifact(
-            image.pk, "oci" if fmt == ArtifactFormat.OCI else fmt, str(temp), digest, before
-        )
+        try:
+            held = services.claim(image)
+            temp, digest, _ = services.copy_in(path, held, _digest(path))
+        except Conflict as exc:
+            raise CommandError(str(exc.detail)) from exc
+        except services.UploadError as exc:
+            raise CommandError(f"{path}: {exc}") from exc
+        services.import_here(held, "oci" if fmt == ArtifactFormat.OCI else fmt, temp, digest)
