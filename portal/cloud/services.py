@@ -16,10 +16,11 @@ import itertools
 import secrets
 import uuid
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Count, Max, Q, Sum
 from django.utils import timezone
 
@@ -196,6 +197,28 @@ def preview(req: Request) -> Preview:
 
 
 # ---------------------------------------------------------------- networks
+_T = TypeVar("_T")
+ALLOCATION_ATTEMPTS = 8
+
+
+def _allocate(create: Callable[[], _T]) -> _T:
+    """Run an allocation that picks a free value and inserts it, retrying a lost race.
+
+    The choice is read, then inserted: two transactions can pick the same
+    subnet, VNI or address (PostgreSQL runs them side by side).  The unique
+    constraints refuse the second insert; only its savepoint rolls back, and
+    the next attempt reads again and sees the winner's row.
+    """
+    for attempt in range(ALLOCATION_ATTEMPTS):
+        try:
+            with transaction.atomic():
+                return create()
+        except IntegrityError:
+            if attempt == ALLOCATION_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def allocate_vni() -> int:
     """The next free VXLAN network identifier (one past the highest; gaps are reused at the end)."""
     highest = Network.objects.aggregate(m=Max("vni"))["m"] or 0
@@ -210,6 +233,10 @@ def allocate_vni() -> int:
 
 def default_network(tenant: Tenant) -> Network:
     """The tenant's default network, allocated from the pool on first use."""
+    return _allocate(lambda: _default_network(tenant))
+
+
+def _default_network(tenant: Tenant) -> Network:
     existing = Network.objects.filter(tenant=tenant, name="default").first()
     if existing is not None:
         return existing
@@ -245,17 +272,24 @@ def _free_address(network: Network) -> str:
 
 
 def allocate_port(network: Network, instance: Instance) -> Port:
-    address = _free_address(network)
-    mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
-    return Port.objects.create(network=network, instance=instance, address=address, mac=mac)
+    def create() -> Port:
+        mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+        address = _free_address(network)
+        return Port.objects.create(network=network, instance=instance, address=address, mac=mac)
+
+    return _allocate(create)
 
 
 def host_port(network: Network, node: ComputeNode) -> HostPort:
     """The node's own address on the network, allocated on first use and then kept."""
-    existing = HostPort.objects.filter(network=network, node=node).first()
-    if existing is not None:
-        return existing
-    return HostPort.objects.create(network=network, node=node, address=_free_address(network))
+
+    def create() -> HostPort:
+        existing = HostPort.objects.filter(network=network, node=node).first()
+        if existing is not None:
+            return existing
+        return HostPort.objects.create(network=network, node=node, address=_free_address(network))
+
+    return _allocate(create)
 
 
 def network_nodes(network: Network) -> list[ComputeNode]:
