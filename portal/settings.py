@@ -301,10 +301,9 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
-# Beat writes its schedule file after every task it sends (default: every 3 minutes), so the
-# file's age says whether beat still sends the sweeper: the beat service's health check
-# (portal/beat_health.py).
-CELERY_BEAT_SYNC_EVERY = 1
+# Beat marks every task it sends in <schedule>.sent; the file's age says whether it still sends
+# the sweeper: the beat service's health check (portal/beat_health.py).
+CELERY_BEAT_SCHEDULER = "portal.beat:Scheduler"
 
 LOGGING = {
     "version": 1,

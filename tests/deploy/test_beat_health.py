@@ -76,46 +76,48 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
 
 
 @pytest.mark.slow
-def test_a_running_beat_keeps_its_schedule_fresh(beat: tuple[subprocess.Popen[bytes], Path]) -> None:
+def test_a_running_beat_keeps_its_mark_fresh(beat: tuple[subprocess.Popen[bytes], Path]) -> None:
     proc, schedule = beat
-    _wait("beat to write its schedule", lambda: beat_health.last_written(schedule) is not None)
+    _wait("beat to send its first task", lambda: beat_health.last_written(schedule) is not None)
     first = beat_health.last_written(schedule)
     assert first is not None
-    # not only written at start: rewritten after the sweeps it sends (CELERY_BEAT_SYNC_EVERY = 1)
-    _wait("beat to write its schedule again", lambda: (beat_health.last_written(schedule) or 0) > first + 1.5)
+    # not only at start: marked again after the sweeps it keeps sending (every second here)
+    _wait("beat to send again", lambda: (beat_health.last_written(schedule) or 0) > first + 1.5)
     assert proc.poll() is None
     ok = _probe(schedule)
     assert ok.returncode == 0, ok.stderr
 
 
-def test_no_schedule_file_is_unhealthy(tmp_path: Path) -> None:
+def test_no_mark_is_unhealthy(tmp_path: Path) -> None:
     out = _probe(tmp_path / "celerybeat-schedule")
     assert out.returncode == 1
-    assert "beat has not written its schedule" in out.stderr
+    assert "beat has sent no task yet" in out.stderr
 
 
-def test_a_stale_schedule_is_unhealthy(tmp_path: Path) -> None:
+def test_a_stale_mark_is_unhealthy(tmp_path: Path) -> None:
     schedule = tmp_path / "celerybeat-schedule"
-    for suffix in (".dat", ".dir", ".bak"):  # what dbm.dumb makes; dbm.gnu makes the bare name
-        Path(f"{schedule}{suffix}").write_bytes(b"x")
+    beat_health.mark_sent(schedule)
+    mark = tmp_path / "celerybeat-schedule.sent"
+    assert mark.exists()
     assert _probe(schedule, sweep="5").returncode == 0
     limit = beat_health.max_age(5)
     assert limit == 45
     old = time.time() - limit - 5
-    for suffix in (".dat", ".dir", ".bak"):
-        os.utime(f"{schedule}{suffix}", (old, old))
+    os.utime(mark, (old, old))
     out = _probe(schedule, sweep="5")
     assert out.returncode == 1
     assert "ago (limit 45 s, SKYPORT_SWEEP_SECONDS=5): it is not sending the sweeper" in out.stderr
-    # the newest of the files counts
-    os.utime(f"{schedule}.dir", None)
+    # the schedule file itself does not count: beat may write it only when it exits
+    schedule.write_bytes(b"x")
+    assert _probe(schedule, sweep="5").returncode == 1
+    beat_health.mark_sent(schedule)
     assert _probe(schedule, sweep="5").returncode == 0
 
 
 def test_problem_is_relative_to_the_sweep_interval(tmp_path: Path) -> None:
     schedule = tmp_path / "s"
-    schedule.write_bytes(b"")
-    written = schedule.stat().st_mtime
+    beat_health.mark_sent(schedule)
+    written = (tmp_path / "s.sent").stat().st_mtime
     assert beat_health.problem(schedule, 60, now=written + 200) is None  # 3 x 60 + 30 = 210
     assert beat_health.problem(schedule, 60, now=written + 211) is not None
     assert beat_health.main([]) == 2

@@ -95,7 +95,7 @@ def test_healthchecks(config: dict[str, Any]) -> None:
     assert "http://127.0.0.1:8000/healthz" in " ".join(s["web"]["healthcheck"]["test"])
     assert "inspect ping" in " ".join(s["control"]["healthcheck"]["test"])
     assert "inspect ping" in " ".join(s["compute"]["healthcheck"]["test"])
-    # beat: the age of the schedule file its own command writes (tests/deploy/test_beat_health.py)
+    # beat: the age of the mark its scheduler touches after every send (tests/deploy/test_beat_health.py)
     beat = _command(s["beat"])
     assert s["beat"]["healthcheck"]["test"] == [
         "CMD",
