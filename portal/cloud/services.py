@@ -258,7 +258,13 @@ def _default_network(tenant: Tenant) -> Network:
 
 
 def _free_address(network: Network) -> str:
-    """The lowest free address of the network for a port or a node (.1-.9 are reserved)."""
+    """The lowest free address of the network for a port or a node (.1-.9 are reserved).
+
+    Locks the network row first, so allocations on one network queue up (on
+    PostgreSQL; SQLite has one writer anyway) instead of racing on the
+    unique address and retrying.
+    """
+    list(Network.objects.select_for_update().filter(pk=network.pk).values_list("pk", flat=True))
     subnet = ipaddress.ip_network(network.cidr)
     used = (
         set(network.ports.values_list("address", flat=True))
