@@ -21,6 +21,7 @@ layer, no writes through symlinks; set-uid and set-gid bits are dropped.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -228,7 +229,14 @@ class LayerStore:
                 if dest.exists():
                     shutil.rmtree(tmp)
                     return
-                os.rename(tmp, dest)
+                try:
+                    os.rename(tmp, dest)
+                except OSError as exc:
+                    # Another pool process published the same layer since the check above
+                    # (the lock orders only this process's threads): keep theirs.
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not dest.is_dir():
+                        raise
+                    shutil.rmtree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -8,12 +8,11 @@ asks for one (tests and the gateway of a network).
 from __future__ import annotations
 
 import ipaddress
-import threading
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-_lock = threading.Lock()
+from compute.network.hostlock import host_lock
 
 ENOENT = 2
 ENODEV = 19
@@ -37,7 +36,7 @@ def ensure_bridge(name: str, mtu: int = 1500, address: str | None = None, exclus
     on the bridge is removed (the node's address on a network can change,
     e.g. from the shared ``.1`` of single-node days to its own).
     """
-    with _lock, IPRoute() as ipr:
+    with host_lock(), IPRoute() as ipr:
         idx = _index(ipr, name)
         if idx is None:
             try:
@@ -58,13 +57,17 @@ def ensure_bridge(name: str, mtu: int = 1500, address: str | None = None, exclus
                     if ipaddress.ip_address(ip).version == 4:
                         ipr.addr("del", index=idx, address=ip, prefixlen=prefixlen)
             if want not in have:
-                ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+                try:
+                    ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+                except NetlinkError as exc:
+                    if exc.code != EEXIST:  # added meanwhile by someone outside our lock: as wanted
+                        raise NetworkError(f"cannot add {address} to bridge {name}: {exc}") from exc
         return idx
 
 
 def delete_bridge(name: str) -> None:
     """Delete bridge ``name``; succeeds if it does not exist."""
-    with _lock, IPRoute() as ipr:
+    with host_lock(), IPRoute() as ipr:
         idx = _index(ipr, name)
         if idx is None:
             return

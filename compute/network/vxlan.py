@@ -21,13 +21,13 @@ calling thread.
 from __future__ import annotations
 
 import ipaddress
-import threading
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from compute.network.bridge import EEXIST, ENODEV, ENOENT, NetworkError
+from compute.network.hostlock import host_lock
 from compute.spec import VNI_MAX
 
 VXLAN_PORT = 4789
@@ -35,8 +35,6 @@ VXLAN_PORT = 4789
 VXLAN_OVERHEAD = 50
 PREFIX = "skx-"
 ALL_ZEROS = "00:00:00:00:00:00"
-
-_lock = threading.Lock()
 
 
 def device_name(vni: int) -> str:
@@ -100,7 +98,7 @@ def ensure_vxlan(vni: int, local: str, bridge: str, mtu: int) -> int:
     """
     name = device_name(vni)
     local = _ipv4("tunnel address", local)
-    with _lock, IPRoute() as ipr:
+    with host_lock(), IPRoute() as ipr:
         under_idx, under_mtu = _underlay(ipr, local)
         if mtu + VXLAN_OVERHEAD > under_mtu:
             raise NetworkError(
@@ -171,7 +169,7 @@ def set_peers(vni: int, addresses: list[str] | tuple[str, ...], *, prune: bool) 
     """
     want = {_ipv4("peer address", a) for a in addresses}
     name = device_name(vni)
-    with _lock, IPRoute() as ipr:
+    with host_lock(), IPRoute() as ipr:
         idx = _index(ipr, name)
         if idx is None:
             raise NetworkError(f"VXLAN device {name} does not exist; ensure it before setting peers")
@@ -193,7 +191,7 @@ def set_peers(vni: int, addresses: list[str] | tuple[str, ...], *, prune: bool) 
 def delete_vxlan(vni: int) -> None:
     """Delete ``skx-<vni>`` (its FDB goes with it); succeeds if it does not exist."""
     name = device_name(vni)
-    with _lock, IPRoute() as ipr:
+    with host_lock(), IPRoute() as ipr:
         idx = _index(ipr, name)
         if idx is None:
             return

@@ -265,3 +265,30 @@ def test_a_whiteout_hides_a_symlink_not_its_target(tmp_path: Path) -> None:
     image = LayerStore(tmp_path / "state").unpack(archive, _archive(archive, [layer]))
     assert stat.S_ISCHR(os.lstat(image.layers[0] / "link").st_mode)
     assert (outside / "precious").read_text() == "keep"
+
+
+def test_a_layer_published_meanwhile_by_another_process_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two pool processes unpack the same layer: the second rename finds the first one's directory."""
+    from compute import layers
+
+    archive = tmp_path / "img.tar"
+    digest = _archive(archive, [_tar([_file("etc/hostname", b"mine")])])
+    store = LayerStore(tmp_path / "state")
+    real_rename = os.rename
+    theirs: list[Path] = []
+
+    def rename_after_the_other(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(src).name.startswith(".tmp-") and not theirs:  # the other process wins the race
+            Path(dst).mkdir(parents=True)
+            (Path(dst) / "etc").mkdir()
+            (Path(dst) / "etc" / "hostname").write_bytes(b"mine")
+            theirs.append(Path(dst))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(layers.os, "rename", rename_after_the_other)
+    image = store.unpack(archive, digest)
+    assert theirs and image.layers[0] == theirs[0]
+    assert (image.layers[0] / "etc" / "hostname").read_bytes() == b"mine"
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp-")], "the loser's copy is gone"

@@ -178,6 +178,11 @@ def cluster(
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         logs = c.stack.logs()
         (ARTIFACTS / f"{request.node.name}.log").write_text(logs)
+        full = ARTIFACTS / request.node.name  # whole logs; the tails above are for the console
+        shutil.rmtree(full, ignore_errors=True)
+        full.mkdir()
+        for f in base.glob("*.log"):
+            shutil.copy(f, full / f.name)
         failed = any(
             getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call")
         )

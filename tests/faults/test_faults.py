@@ -99,12 +99,17 @@ def test_redis_restarted_during_a_burst_of_100_creates(cluster: Cluster) -> None
     assert sorted(set(results)) == [202], results
     assert Instance.objects.live().count() == 100
     # nothing lost: every create reaches the node and runs
-    wait_for(
-        "100 containers running",
-        lambda: Instance.objects.live().filter(vm_state="active", task_state__isnull=True).count() == 100,
-        timeout=240,
-        every=1,
-    )
+    try:
+        wait_for(
+            "100 containers running",
+            lambda: Instance.objects.live().filter(vm_state="active", task_state__isnull=True).count() == 100,
+            timeout=240,
+            every=1,
+        )
+    except AssertionError as exc:
+        behind = Instance.objects.live().exclude(vm_state="active", task_state__isnull=True)
+        states = [(str(i.pk), i.vm_state, i.task_state, i.power_state, i.status_reason) for i in behind]
+        raise AssertionError(f"{exc}; {len(states)} behind: {states}") from None
     assert not Instance.objects.filter(vm_state="error").exists()
     assert_true_and_no_orphans(cluster)
     _delete_all(clients[0])
