@@ -1,6 +1,6 @@
 """Run every benchmark of the project and write docs/benchmarks.md and docs/benchmarks.png.
 
-    .venv/bin/python bench/report.py            # the full set (about 15-20 minutes here)
+    .venv/bin/python bench/report.py            # the full set (about 7 minutes here)
     .venv/bin/python bench/report.py --quick    # fewer runs, 200 containers, a 256 MiB upload
 
 Each benchmark runs as its own process (as a user would run it) with
