@@ -481,15 +481,7 @@ def _commit(held: Claim, image: Image, checked: validation.Checked, source_diges
                     extra["min_disk_gb"] = min_disk
                 if not held.finish(ImageStatus.ACTIVE, checked.detail, **extra):
                     raise Superseded
-                Event.objects.create(
-                    tenant_id=image.owner_id,
-                    action="image.import",
-                    object_type="image",
-                    object_id=str(image.pk),
-                    object_repr=str(image),
-                    outcome=Outcome.SUCCESS,
-                    message=f"{checked.format} {checked.digest}: {checked.detail}",
-                )
+                _event(image, f"{checked.format} {checked.digest}: {checked.detail}", Outcome.SUCCESS)
         except BaseException:
             s.remove_all(moved)
             raise
@@ -509,14 +501,14 @@ def _fail(held: Claim, reason: str) -> str:
     return status
 
 
-def _event(image: Image, message: str) -> None:
+def _event(image: Image, message: str, outcome: str = Outcome.FAILURE) -> None:
     Event.objects.create(
         tenant_id=image.owner_id,
         action="image.import",
         object_type="image",
         object_id=str(image.pk),
         object_repr=str(image),
-        outcome=Outcome.FAILURE,
+        outcome=outcome,
         message=message,
     )
 

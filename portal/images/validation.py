@@ -32,6 +32,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 
+from compute.layers import whiteout_problem
 from portal.images.store import BlobStore, is_digest
 
 CHUNK = 1 << 20
@@ -220,40 +221,12 @@ def _filter(member: tarfile.TarInfo, where: str) -> None:
             raise Rejected(f"{where}: {exc}") from exc
 
 
-WHITEOUT = ".wh."
-OPAQUE = ".wh..wh..opq"
-
-
-def _whiteout_problem(name: str) -> str | None:
-    """Why a layer member named ``name`` is an unsafe whiteout, or None.
-
-    ``.wh.<x>`` hides the entry ``<x>`` of its directory, so ``<x>`` must be a
-    plain file name: ``.wh.`` hides nothing, ``.wh..`` would hide the
-    directory itself and ``.wh...`` the one above it (at the top of a layer,
-    the layer or the node's whole layer store).  ``.wh..wh.*`` names other
-    than the opaque marker are AUFS metadata.  Nodes refuse the same names
-    (``compute/layers.py``); the portal refuses them first.
-    """
-    base = PurePosixPath(name).name
-    if not base.startswith(WHITEOUT) or base == OPAQUE:
-        return None
-    hidden = base[len(WHITEOUT) :]
-    if hidden == "":
-        return f"whiteout {name!r} names no entry"
-    if hidden == ".":
-        return f"whiteout {name!r} would hide the directory it is in"
-    if hidden == "..":
-        return f"whiteout {name!r} would hide the directory above it"
-    if hidden.startswith(WHITEOUT):
-        return f"whiteout {name!r} is AUFS metadata, which is not supported"
-    return None
-
-
 def check_layer_member(member: tarfile.TarInfo, layer: str) -> None:
     where = f"layer {layer[7:19]}"
-    problem = _whiteout_problem(member.name)
+    # the nodes' own rule (compute/layers.py), applied here first so the image fails with a reason
+    problem = whiteout_problem(PurePosixPath(member.name).name)
     if problem is not None:
-        raise Rejected(f"{where}: {problem}")
+        raise Rejected(f"{where}: member {member.name!r}: {problem}")
     if member.issym():
         name = PurePosixPath(member.name)
         if name.is_absolute() or ".." in name.parts:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -190,3 +191,14 @@ class FakeNodes:
 @pytest.fixture
 def nodes(sent: list[tuple[str, str, list[Any]]], tmp_path: Any) -> FakeNodes:
     return FakeNodes(sent, tmp_path)
+
+
+@pytest.fixture
+def store(settings: Any, tmp_path: Path) -> Path:
+    """An empty image store of the test's own (uploads need qemu-img to be checked)."""
+    from tests.hostcaps import require_binary
+
+    require_binary("qemu-img")
+    root = tmp_path / "store"
+    settings.SKYPORT_IMAGE_STORE = root
+    return root

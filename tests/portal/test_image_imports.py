@@ -33,16 +33,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def store(settings: Any, tmp_path: Path) -> Path:
-    from tests.hostcaps import require_binary
-
-    require_binary("qemu-img")
-    root = tmp_path / "store"
-    settings.SKYPORT_IMAGE_STORE = root
-    return root
-
-
-@pytest.fixture
 def capture(django_capture_on_commit_callbacks: Any) -> Any:
     return django_capture_on_commit_callbacks
 

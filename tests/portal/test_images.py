@@ -17,17 +17,8 @@ import pytest
 from rest_framework.test import APIClient
 
 from portal.images.models import Blob, Image
-from tests.hostcaps import require_binary
 from tests.portal import imagefiles as f
 from tests.portal.conftest import World
-
-
-@pytest.fixture
-def store(settings: Any, tmp_path: Path) -> Path:
-    require_binary("qemu-img")
-    root = tmp_path / "store"
-    settings.SKYPORT_IMAGE_STORE = root
-    return root
 
 
 def files_in(store: Path) -> dict[str, list[str]]:
@@ -362,18 +353,21 @@ def test_unsafe_layer_members_are_rejected(
 @pytest.mark.parametrize(
     ("members", "reason"),
     [
-        ([f.add_file(".wh...", b"")], "whiteout '.wh...' would hide the directory above it"),
+        ([f.add_file(".wh...", b"")], "member '.wh...': whiteout '.wh...' would hide the directory above it"),
         (
             [f.add_special("etc", tarfile.DIRTYPE), f.add_file("etc/.wh...", b"")],
-            "whiteout 'etc/.wh...' would hide the directory above it",
+            "member 'etc/.wh...': whiteout '.wh...' would hide the directory above it",
         ),
-        ([f.add_file(".wh..", b"")], "whiteout '.wh..' would hide the directory it is in"),
-        ([f.add_file(".wh.", b"")], "whiteout '.wh.' names no entry"),
+        ([f.add_file(".wh..", b"")], "member '.wh..': whiteout '.wh..' would hide the directory it is in"),
+        ([f.add_file(".wh.", b"")], "member '.wh.': whiteout '.wh.' names no entry"),
         (
             [f.add_special(".wh...", tarfile.SYMTYPE, "x")],
-            "whiteout '.wh...' would hide the directory above it",
+            "member '.wh...': whiteout '.wh...' would hide the directory above it",
         ),
-        ([f.add_file("var/.wh..wh.plnk", b"")], "whiteout 'var/.wh..wh.plnk' is AUFS metadata"),
+        (
+            [f.add_file("var/.wh..wh.plnk", b"")],
+            "member 'var/.wh..wh.plnk': whiteout '.wh..wh.plnk' is AUFS metadata",
+        ),
     ],
     ids=["parent", "nested-parent", "self", "empty", "symlink", "aufs-meta"],
 )

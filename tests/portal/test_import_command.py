@@ -14,16 +14,7 @@ from kombu.exceptions import OperationalError
 from portal.images import services, tasks
 from portal.images.models import Image
 from portal.tenancy.models import Tenant
-from tests.hostcaps import require_binary
 from tests.portal import imagefiles as f
-
-
-@pytest.fixture
-def store(settings: Any, tmp_path: Path) -> Path:
-    require_binary("qemu-img")
-    root = tmp_path / "store"
-    settings.SKYPORT_IMAGE_STORE = root
-    return root
 
 
 def run(*args: str) -> str:
