@@ -129,20 +129,30 @@ class Claim:
 
     def finish(self, status: str, reason: str, **extra: Any) -> bool:
         """End the import with ``status`` and ``reason``; False when it no longer held the image."""
-        return bool(
-            self.held().update(
-                status=status,
-                status_reason=reason[:255],
-                import_id="",
-                import_phase=ImportPhase.NONE,
-                import_updated_at=None,
-                **extra,
-            )
-        )
+        return _end(self.held(), status, reason, **extra)
 
     def store(self) -> BlobStore:
         """The store, naming temporary files after this import (the sweep finds them by it)."""
         return store().tagged(self.token)
+
+
+def _end(images: QuerySet[Image], status: str, reason: str, **extra: Any) -> bool:
+    """Release the image(s) still matched by ``images`` from their import; False when none was."""
+    return bool(
+        images.update(
+            status=status,
+            status_reason=reason[:255],
+            import_id="",
+            import_phase=ImportPhase.NONE,
+            import_updated_at=None,
+            **extra,
+        )
+    )
+
+
+def _status_after_failure(image: Image) -> str:
+    """A failed import fails the image, unless it already runs from another artifact."""
+    return ImageStatus.ACTIVE if image.artifacts.exists() else ImageStatus.FAILED
 
 
 def claim(image: Image) -> Claim:
@@ -492,7 +502,7 @@ def _fail(held: Claim, reason: str) -> str:
     image = Image.objects.filter(pk=held.image_id).first()
     if image is None:
         return "gone"
-    status = ImageStatus.ACTIVE if image.artifacts.exists() else ImageStatus.FAILED
+    status = _status_after_failure(image)
     if not held.finish(status, reason):
         log.warning("image %s: import %s no longer holds it; not recording: %s", image, held.token, reason)
         return "superseded"
@@ -583,20 +593,8 @@ def sweep_imports(now: dt.datetime | None = None) -> int:
         quiet = f"{(now - since).total_seconds() / 60:.0f} min" if since else "an unknown time"
         stopped = f"no progress for {quiet} (limit {deadline / 60:.0f} min)" + (f" {where}" if where else "")
         reason = f"import abandoned: {stopped}; send the file again"
-        status = ImageStatus.ACTIVE if image.artifacts.exists() else ImageStatus.FAILED
-        released = Image.objects.filter(
-            pk=image.pk,
-            status=ImageStatus.IMPORTING,
-            import_id=image.import_id,
-            import_updated_at=since,
-        ).update(
-            status=status,
-            status_reason=reason[:255],
-            import_id="",
-            import_phase=ImportPhase.NONE,
-            import_updated_at=None,
-        )
-        if not released:
+        same_import = Claim(image.pk, image.import_id, ImageStatus.IMPORTING).held()
+        if not _end(same_import.filter(import_updated_at=since), _status_after_failure(image), reason):
             continue  # it moved meanwhile
         failed += 1
         if image.import_id:
