@@ -262,8 +262,8 @@ SKYPORT_UPLOAD_MAX_BYTES = int(os.environ.get("SKYPORT_UPLOAD_MAX_BYTES", str(20
 SKYPORT_IMAGE_MAX_VIRTUAL_BYTES = int(os.environ.get("SKYPORT_IMAGE_MAX_VIRTUAL_BYTES", str(512 * 2**30)))
 # Each qemu-img run that checks a disk (info, then check) is stopped after this long; both runs
 # together stay below the broker's visibility timeout.
-SKYPORT_QEMU_IMG_TIMEOUT_SECONDS = float(
-    os.environ.get("SKYPORT_QEMU_IMG_TIMEOUT_SECONDS", str(SKYPORT_BROKER_VISIBILITY_SECONDS / 3))
+SKYPORT_QEMU_IMG_TIMEOUT_SECONDS = _seconds(
+    "SKYPORT_QEMU_IMG_TIMEOUT_SECONDS", SKYPORT_BROKER_VISIBILITY_SECONDS / 3
 )
 if not 0 < 2 * SKYPORT_QEMU_IMG_TIMEOUT_SECONDS < SKYPORT_BROKER_VISIBILITY_SECONDS:
     raise ImproperlyConfigured(
@@ -274,16 +274,14 @@ if not 0 < 2 * SKYPORT_QEMU_IMG_TIMEOUT_SECONDS < SKYPORT_BROKER_VISIBILITY_SECO
 # removed.  Progress is marked at least every minute while a file arrives, when it is queued and
 # when a worker starts on it; the longest quiet stretches are the wait in the queue (a message whose
 # worker died comes back after the visibility timeout) and the validation (two qemu-img runs).
-SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS = float(
-    os.environ.get(
-        "SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS",
-        str(max(3600.0, 2 * (SKYPORT_BROKER_VISIBILITY_SECONDS + 2 * SKYPORT_QEMU_IMG_TIMEOUT_SECONDS))),
-    )
+SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS = _seconds(
+    "SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS",
+    max(3600.0, 2 * (SKYPORT_BROKER_VISIBILITY_SECONDS + 2 * SKYPORT_QEMU_IMG_TIMEOUT_SECONDS)),
 )
 # Stored blobs that no database row references are removed once they are this old: longer than
 # any import may run, so a blob an import is about to reuse is never collected under it.
-SKYPORT_IMAGE_BLOB_GRACE_SECONDS = float(
-    os.environ.get("SKYPORT_IMAGE_BLOB_GRACE_SECONDS", str(2 * SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS))
+SKYPORT_IMAGE_BLOB_GRACE_SECONDS = _seconds(
+    "SKYPORT_IMAGE_BLOB_GRACE_SECONDS", 2 * SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS
 )
 if SKYPORT_IMAGE_BLOB_GRACE_SECONDS < SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS:
     raise ImproperlyConfigured(
@@ -297,7 +295,7 @@ CELERY_BEAT_SCHEDULE = {
     # stuck imports, upload leftovers, unreferenced blobs
     "images": {
         "task": "portal.images.sweep",
-        "schedule": float(os.environ.get("SKYPORT_IMAGE_SWEEP_SECONDS", "300")),
+        "schedule": _seconds("SKYPORT_IMAGE_SWEEP_SECONDS", 300),
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
