@@ -148,10 +148,7 @@ def _detail_page(
 def instance_status(request: HttpRequest, pk: str) -> HttpResponse:
     """Polled partial: states, reason and the action buttons the state allows."""
     instance = _instance(request, pk)
-    response = render(request, "web/partials/instance_status.html", _status_context(request, instance))
-    if instance.vm_state == VmState.DELETED:
-        response.status_code = STOP_POLLING
-    return response
+    return _polled(request, "web/partials/instance_status.html", instance, _status_context(request, instance))
 
 
 def _polled(request: HttpRequest, template: str, instance: Instance, context: dict[str, Any]) -> HttpResponse:
