@@ -81,3 +81,32 @@ def test_pool_processes_preparing_one_network_at_once_all_succeed(netns: str) ->
             ["ip", "-n", netns, "-o", "-4", "addr", "show", "dev", name], capture_output=True, text=True
         ).stdout
         assert out.count("198.18.200.2/24") == 1, out
+
+
+def test_threads_of_one_process_exclude_each_other(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """host_lock needs no thread lock of its own: each holder opens the file anew, and a flock
+    belongs to the open file, so a second thread waits like a second process would."""
+    import threading
+    import time
+
+    from compute.network import hostlock
+
+    monkeypatch.setattr(hostlock, "LOCK_FILE", tmp_path / "net.lock")
+    inside: list[int] = []
+    overlaps: list[int] = []
+
+    def hold() -> None:
+        for _ in range(20):
+            with hostlock.host_lock():
+                inside.append(1)
+                if len(inside) > 1:
+                    overlaps.append(len(inside))
+                time.sleep(0.001)
+                inside.pop()
+
+    threads = [threading.Thread(target=hold) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert overlaps == []
