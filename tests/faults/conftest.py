@@ -174,20 +174,17 @@ def cluster(
         yield c
     finally:
         c.close()
-        # the workers' logs are kept with the test results (CI keeps test-artifacts/)
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        logs = c.stack.logs()
-        (ARTIFACTS / f"{request.node.name}.log").write_text(logs)
-        full = ARTIFACTS / request.node.name  # whole logs; the tails above are for the console
-        shutil.rmtree(full, ignore_errors=True)
-        full.mkdir()
+        # the workers' whole logs are kept with the test results (CI keeps test-artifacts/)
+        kept = ARTIFACTS / request.node.name
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.mkdir(parents=True)
         for f in base.glob("*.log"):
-            shutil.copy(f, full / f.name)
+            shutil.copy(f, kept / f.name)
         failed = any(
             getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call")
         )
         if failed:
-            print(logs)
+            print(c.stack.logs())  # their tails, in the test's output
         _destroy_leftovers(base, [c.node])
         for net in Network.objects.all():
             subprocess.run(["ip", "link", "del", net.bridge], capture_output=True)
