@@ -51,6 +51,7 @@ CLOUD_PACKAGES = (
     "linux-image-cloud-amd64",
     "systemd-sysv",
     "udev",
+    "dbus",  # systemctl, hostnamectl and logind for non-root users, as on any Debian cloud image
     "cloud-init",
     "cloud-guest-utils",
     "openssh-server",

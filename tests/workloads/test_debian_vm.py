@@ -9,11 +9,8 @@ and the serial console shows a login prompt (issue 14's console works on it).
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -23,10 +20,10 @@ import pytest
 
 from compute.drivers.vm import LibvirtDriver
 from compute.network import bridge
-from compute.spec import ImageFormat, ImageRef, NetworkAttachment
+from compute.spec import NetworkAttachment
 from tests.compute.vm_fixtures import make_state_dir, node_config, random_mac, vm_spec
 from tests.hostcaps import require_binary, require_libvirtd
-from tests.workloads import WorkloadImages
+from tests.workloads import WorkloadImages, cloud_ref, pick_subnet, ssh, wait_ssh_login
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -39,31 +36,6 @@ def wait_for(what: str, check: Callable[[], bool], deadline: float, interval: fl
         if time.monotonic() > end:
             pytest.fail(f"timed out after {deadline:.0f} s waiting for {what}")
         time.sleep(interval)
-
-
-def pick_subnet() -> ipaddress.IPv4Network:
-    """A random /24 of this run's test pool (SKYPORT_TEST_NETWORK_POOL), apart from other runs'."""
-    pool = ipaddress.IPv4Network(os.environ.get("SKYPORT_TEST_NETWORK_POOL", "198.19.224.0/19"))
-    subnets = list(pool.subnets(new_prefix=24)) if pool.prefixlen <= 24 else [pool]
-    return subnets[secrets.randbelow(len(subnets))]
-
-
-def sshd_answers(address: str) -> bool:
-    try:
-        with socket.create_connection((address, 22), timeout=1) as s:
-            s.settimeout(2)
-            return s.recv(64).startswith(b"SSH-2.0-")
-    except OSError:
-        return False
-
-
-def ssh(key: Path, address: str, command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-         "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR",
-         f"debian@{address}", command],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -88,10 +60,6 @@ def driver() -> Iterator[LibvirtDriver]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def cloud_ref(path: Path, sha256: str) -> ImageRef:
-    return ImageRef("debian-cloud", "12", ImageFormat.QCOW2, f"sha256:{sha256}", str(path))
-
-
 def test_debian_cloud_guest_takes_ssh_with_the_injected_key(
     workload_images: WorkloadImages, driver: LibvirtDriver, ssh_key: Path
 ) -> None:
@@ -112,15 +80,11 @@ def test_debian_cloud_guest_takes_ssh_with_the_injected_key(
     try:
         t0 = time.monotonic()
         driver.spawn(spec)
-        wait_for(f"sshd on {address}", lambda: sshd_answers(address), BOOT_DEADLINE)
-        # sshd can answer a moment before cloud-init has written the key
-        result = ssh(ssh_key, address, "true")
-        end = time.monotonic() + 60
-        while result.returncode != 0 and time.monotonic() < end:
-            time.sleep(1)
-            result = ssh(ssh_key, address, "true")
-        assert result.returncode == 0, result.stderr
-        boot_to_ssh = time.monotonic() - t0
+        try:
+            _, logged_in = wait_ssh_login(ssh_key, address, BOOT_DEADLINE)
+        except TimeoutError as exc:
+            pytest.fail(f"{exc}; console tail:\n{driver.console_log(spec.instance_id, max_bytes=3000)}")
+        boot_to_ssh = logged_in - t0
         out = ssh(
             ssh_key,
             address,
