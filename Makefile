@@ -110,7 +110,7 @@ status:
 
 # ---------------------------------------------------------------- make test
 # The Debian cloud guest and OCI app images the real-workload tests use (tests/workloads): built
-# once per machine into /var/cache/skyport/test-images/<hash of images/debian>/ (about two
+# once per machine into /var/cache/skyport/test-images/<hash of images/debian>/ (two to four
 # minutes cold), found in well under a second afterwards; not part of `make run`.
 test-images: debs
 	@PYTHON=$(PYTHON) images/debian/build.sh --cache

@@ -196,33 +196,28 @@ def _symlink(path: Path, target: str) -> None:
     path.symlink_to(target)
 
 
+def dpkg_status(root: Path) -> list[dict[str, str]]:
+    """The stanzas of the tree's dpkg status (Package, Version, Architecture, …)."""
+    stanzas: list[dict[str, str]] = []
+    for block in (root / "var/lib/dpkg/status").read_text().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and line[0] != " ")
+        if "Package" in fields:
+            stanzas.append(fields)
+    return stanzas
+
+
 def dpkg_versions(root: Path) -> dict[str, str]:
-    """Installed package → version, read from the tree's dpkg status."""
-    versions: dict[str, str] = {}
-    pkg = ""
-    for line in (root / "var/lib/dpkg/status").read_text().splitlines():
-        if line.startswith("Package: "):
-            pkg = line.split(": ", 1)[1]
-        elif line.startswith("Version: ") and pkg:
-            versions[pkg] = line.split(": ", 1)[1]
-    return versions
+    """Installed package → version."""
+    return {p["Package"]: p.get("Version", "") for p in dpkg_status(root)}
 
 
 def _prune_debs(debs: Path, roots: list[Path]) -> None:
     """Keep only the .debs of packages installed in ``roots`` (the cache stays bounded)."""
-    wanted: set[str] = set()
-    for root in roots:
-        pkg = ver = arch = ""
-        for line in [*(root / "var/lib/dpkg/status").read_text().splitlines(), ""]:
-            if line.startswith("Package: "):
-                pkg = line[9:]
-            elif line.startswith("Version: "):
-                ver = line[9:].replace(":", "%3a")
-            elif line.startswith("Architecture: "):
-                arch = line[14:]
-            elif not line and pkg:
-                wanted.add(f"{pkg}_{ver}_{arch}.deb")
-                pkg = ver = arch = ""
+    wanted = {
+        f"{p['Package']}_{p.get('Version', '').replace(':', '%3a')}_{p.get('Architecture', '')}.deb"
+        for root in roots
+        for p in dpkg_status(root)
+    }
     for deb in debs.glob("*.deb"):
         if deb.name not in wanted:
             deb.unlink()
@@ -416,7 +411,7 @@ def main(argv: list[str], stdout: IO[str] = sys.stdout) -> int:
         t0 = time.monotonic()
         try:
             entry = ensure(cache_root(), key(), build)
-        except RuntimeError as exc:
+        except (RuntimeError, OSError, ValueError) as exc:  # a step failed: one line and the log
             print(
                 f"build.sh: {exc}\nbuild.sh: full log in {cache_root()}/failed-{key()}.log", file=sys.stderr
             )

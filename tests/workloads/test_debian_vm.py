@@ -13,7 +13,7 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,21 +21,13 @@ import pytest
 from compute.drivers.vm import LibvirtDriver
 from compute.network import bridge
 from compute.spec import NetworkAttachment
-from tests.compute.vm_fixtures import make_state_dir, node_config, random_mac, vm_spec
+from tests.compute.vm_fixtures import make_state_dir, node_config, random_mac, vm_spec, wait_for
 from tests.hostcaps import require_binary, require_libvirtd
 from tests.workloads import WorkloadImages, cloud_ref, pick_subnet, ssh, wait_ssh_login
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 BOOT_DEADLINE = 300.0  # TCG on a shared 2-core machine: ~45-75 s measured, with room for load
-
-
-def wait_for(what: str, check: Callable[[], bool], deadline: float, interval: float = 0.5) -> None:
-    end = time.monotonic() + deadline
-    while not check():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {deadline:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture
