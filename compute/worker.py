@@ -29,9 +29,7 @@ app.conf.update(
     broker_url=config.broker_url,
     broker_connection_retry_on_startup=True,
     # same redelivery and publish-retry rules as the portal (portal/settings.py)
-    broker_transport_options={
-        "visibility_timeout": float(os.environ.get("SKYPORT_BROKER_VISIBILITY_SECONDS", "300"))
-    },
+    broker_transport_options={"visibility_timeout": config.visibility_timeout_seconds},
     task_publish_retry_policy={
         "max_retries": 40,
         "interval_start": 0,
@@ -85,13 +83,12 @@ def ensure_network(segment: dict[str, Any]) -> None:
 
 
 def _heartbeat_loop(parent: int) -> None:
-    interval = float(os.environ.get("SKYPORT_HEARTBEAT_SECONDS", "5"))
     while os.getppid() == parent:
         try:
             service.report()
         except Exception:  # keep beating; the portal marks the node down if beats stop
             log.exception("heartbeat failed")
-        time.sleep(interval)
+        time.sleep(config.heartbeat_seconds)
 
 
 _beater: list[multiprocessing.process.BaseProcess] = []

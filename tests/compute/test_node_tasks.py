@@ -168,3 +168,17 @@ def test_tunnel_address_from_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("SKYPORT_TUNNEL_ADDRESS", "eth0")
     with pytest.raises(ConfigError, match="SKYPORT_TUNNEL_ADDRESS='eth0'"):
         NodeConfig.from_env()
+
+
+def test_every_node_setting_is_read_by_node_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SKYPORT_NODE_NAME", "n1")
+    monkeypatch.setenv("SKYPORT_HEARTBEAT_SECONDS", "2.5")
+    monkeypatch.setenv("SKYPORT_BROKER_VISIBILITY_SECONDS", "40")
+    monkeypatch.setenv("SKYPORT_NODE_KEY", " k3y ")
+    monkeypatch.setenv("SKYPORT_NETWORK_LOCK", "/tmp/x.lock")
+    cfg = NodeConfig.from_env()
+    assert (cfg.heartbeat_seconds, cfg.visibility_timeout_seconds, cfg.node_key) == (2.5, 40.0, "k3y")
+    assert str(cfg.network_lock) == "/tmp/x.lock"
+    monkeypatch.setenv("SKYPORT_HEARTBEAT_SECONDS", "soon")
+    with pytest.raises(ConfigError, match="SKYPORT_HEARTBEAT_SECONDS='soon'"):
+        NodeConfig.from_env()
