@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from compute.spec import VNI_MAX, InstanceSpec, Kind, NetworkAttachment, NetworkSegment, to_json
 from portal.api.exceptions import Conflict
-from portal.audit.models import Event, Outcome
+from portal.audit.log import record
 from portal.cloud import deadlines, metrics, scheduler
 from portal.cloud.choices import NodeStatus, NodeTenancy, TaskState, VmState
 from portal.cloud.models import ComputeNode, Flavor, HostPort, Instance, Network, Port
@@ -406,18 +406,7 @@ def _send(queue: str, task: str, args: list[Any]) -> None:
 
 
 def _event(instance: Instance, action: str, message: str, actor: Any = None, action_id: str = "") -> None:
-    Event.objects.create(
-        actor=actor if actor is not None and actor.is_authenticated else None,
-        actor_name=actor.get_username() if actor is not None and actor.is_authenticated else "portal",
-        tenant_id=instance.tenant_id,
-        action=action,
-        object_type="instance",
-        object_id=str(instance.pk),
-        object_repr=str(instance)[:200],
-        request_id=action_id,
-        outcome=Outcome.SUCCESS,
-        message=message,
-    )
+    record(action, instance, actor=actor, actor_name="portal", message=message, request_id=action_id)
 
 
 def _deadline(task: str) -> dt.datetime:

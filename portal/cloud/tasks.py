@@ -21,6 +21,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from compute.spec import NodeReport, Observation, PowerState, SpecError
+from portal.audit.log import record
 from portal.audit.models import Event, Outcome
 from portal.cloud import metrics, services
 from portal.cloud.choices import NodeStatus, VmState
@@ -54,16 +55,14 @@ _POWER_TO_VM: dict[str, str] = {
 def _node_event(
     tenant_id: int | None, node: str, action: str, obj: Any, outcome: str, message: str, request_id: str = ""
 ) -> None:
-    Event.objects.create(
+    record(
+        action,
+        obj,
         tenant_id=tenant_id,
         actor_name=f"node:{node}",
-        action=action,
-        object_type=obj._meta.model_name,
-        object_id=str(obj.pk),
-        object_repr=str(obj)[:200],
-        request_id=request_id,
         outcome=outcome,
         message=message,
+        request_id=request_id,
     )
 
 
@@ -248,16 +247,13 @@ def sweep(now: dt.datetime | None = None) -> dict[str, int]:
             inst.save(
                 update_fields=["vm_state", "status_reason", "task_state", "task_deadline", "updated_at"]
             )
-            Event.objects.create(
-                tenant_id=inst.tenant_id,
+            record(
+                f"instance.{task}.timeout",
+                inst,
                 actor_name="portal",
-                action=f"instance.{task}.timeout",
-                object_type="instance",
-                object_id=str(inst.pk),
-                object_repr=str(inst)[:200],
-                request_id=inst.action_id,
                 outcome=Outcome.FAILURE,
                 message=inst.status_reason,
+                request_id=inst.action_id,
             )
             stuck += 1
         silent_since = now - dt.timedelta(seconds=3 * settings.SKYPORT_HEARTBEAT_SECONDS)

@@ -38,7 +38,8 @@ from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from portal.api.exceptions import Conflict
-from portal.audit.models import Event, Outcome
+from portal.audit.log import record
+from portal.audit.models import Outcome
 from portal.images import validation
 from portal.images.choices import ArtifactFormat, ImageStatus, ImportPhase
 from portal.images.models import Artifact, Blob, Image
@@ -512,15 +513,7 @@ def _fail(held: Claim, reason: str) -> str:
 
 
 def _event(image: Image, message: str, outcome: str = Outcome.FAILURE) -> None:
-    Event.objects.create(
-        tenant_id=image.owner_id,
-        action="image.import",
-        object_type="image",
-        object_id=str(image.pk),
-        object_repr=str(image),
-        outcome=outcome,
-        message=message,
-    )
+    record("image.import", image, tenant_id=image.owner_id, outcome=outcome, message=message)
 
 
 def delete_image(image: Image) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from portal.api.exceptions import Conflict
-from portal.audit.models import Event, Outcome
+from portal.audit.log import record
 from portal.cloud import services
 from portal.cloud.models import ComputeNode
 from portal.images.nodekeys import node_key
@@ -45,15 +45,7 @@ class Command(BaseCommand):
         return node
 
     def _audit(self, node: ComputeNode, action: str, message: str) -> None:
-        Event.objects.create(
-            actor_name="manage.py",
-            action=f"node.{action}",
-            object_type="computenode",
-            object_id=str(node.pk),
-            object_repr=node.name,
-            outcome=Outcome.SUCCESS,
-            message=message,
-        )
+        record(f"node.{action}", node, actor_name="manage.py", message=message)
 
     def handle(self, *args: Any, **options: Any) -> None:
         action = options["action"]
