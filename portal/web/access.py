@@ -32,8 +32,15 @@ def actor(request: HttpRequest) -> Actor:
 
 
 def my_tenants(request: HttpRequest) -> list[Tenant]:
-    """Active tenants the user is a member of (operators too: only their memberships)."""
-    return list(Tenant.objects.filter(pk__in=actor(request).tenant_ids, active=True).order_by("slug"))
+    """Active tenants the user is a member of (operators too: only their memberships).
+
+    Read once per request: the header, the current tenant and the page all ask.
+    """
+    cached: list[Tenant] | None = getattr(request, "_skyport_tenants", None)
+    if cached is None:
+        cached = list(Tenant.objects.filter(pk__in=actor(request).tenant_ids, active=True).order_by("slug"))
+        request._skyport_tenants = cached  # type: ignore[attr-defined]
+    return cached
 
 
 def current_tenant(request: HttpRequest) -> Tenant | None:
