@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 SPEC_VERSION = 1
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+#: how instance ids look on the wire and in node-side names (a lower-case UUID)
+UUID_RE = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 
 
 class SpecError(ValueError):
@@ -208,7 +210,7 @@ class InstanceSpec:
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", self.instance_id):
+        if not UUID_RE.fullmatch(self.instance_id):
             raise SpecError(f"instance_id must be a lower-case UUID, got {self.instance_id!r}")
         if not _NAME_RE.match(self.hostname):
             raise SpecError(f"hostname must be an RFC 1123 label, got {self.hostname!r}")

@@ -41,6 +41,7 @@ from compute.drivers.base import (
     SnapshotInfo,
     Stats,
 )
+from compute.drivers.common import is_instance_id, tail
 from compute.drivers.libvirt_xml import (
     METADATA_NS,
     DiskConfig,
@@ -55,7 +56,6 @@ from compute.spec import InstanceSpec, Kind, PowerState
 
 PREFIX = "sky-"
 MAX_NICS = 10
-_UUID_RE = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 _SNAP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 GIB = 1 << 30
 
@@ -160,7 +160,7 @@ class LibvirtDriver(Driver):
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _lookup(self, instance_id: str) -> Any:
-        if not _UUID_RE.fullmatch(instance_id):
+        if not is_instance_id(instance_id):
             raise InstanceNotFound(f"no VM with id {instance_id!r}")
         for attempt in (1, 2):
             try:
@@ -311,7 +311,7 @@ class LibvirtDriver(Driver):
                 raise
 
     def destroy(self, instance_id: str) -> None:
-        if not _UUID_RE.fullmatch(instance_id):
+        if not is_instance_id(instance_id):
             raise InstanceNotFound(f"no VM with id {instance_id!r}")
         with self._locked(instance_id):
             dom = self._maybe(instance_id)
@@ -474,7 +474,7 @@ class LibvirtDriver(Driver):
         out = []
         for dom in doms:
             name = dom.name()
-            if not (name.startswith(PREFIX) and _UUID_RE.fullmatch(name.removeprefix(PREFIX))):
+            if not (name.startswith(PREFIX) and is_instance_id(name.removeprefix(PREFIX))):
                 continue
             with contextlib.suppress(DriverError, libvirt.libvirtError):  # vanished meanwhile
                 meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
@@ -515,13 +515,8 @@ class LibvirtDriver(Driver):
         )
 
     def console_log(self, instance_id: str, max_bytes: int = 65536) -> str:
-        path = self.console_log_path(instance_id)
-        try:
-            with open(path, "rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(0, size - max_bytes))
-                data = f.read(max_bytes)
-        except FileNotFoundError:
+        text = tail(self.console_log_path(instance_id), max_bytes)
+        if text is None:
             self._lookup(instance_id)  # InstanceNotFound if there is no such VM either
             return ""
-        return data.decode("utf-8", errors="replace")
+        return text
