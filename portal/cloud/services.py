@@ -25,23 +25,15 @@ from django.db.models import Count, Max, Q, Sum
 from django.utils import timezone
 
 from compute.spec import VNI_MAX, InstanceSpec, Kind, NetworkAttachment, NetworkSegment, to_json
-from portal.api.exceptions import Conflict
 from portal.audit.log import record
 from portal.cloud import deadlines, metrics, scheduler
 from portal.cloud.choices import NodeStatus, NodeTenancy, TaskState, VmState
 from portal.cloud.models import ComputeNode, Flavor, HostPort, Instance, Network, Port
+from portal.errors import Conflict, InvalidAction, QuotaExceeded
 from portal.images import services as image_services
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
 from portal.tenancy.models import Quota, Tenant
-
-
-class QuotaExceeded(Conflict):
-    default_code = "quota_exceeded"
-
-
-class InvalidAction(Conflict):
-    default_code = "invalid_action"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,9 +37,9 @@ from django.db import transaction
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
-from portal.api.exceptions import Conflict
 from portal.audit.log import record
 from portal.audit.models import Outcome
+from portal.errors import Conflict
 from portal.images import validation
 from portal.images.choices import ArtifactFormat, ImageStatus, ImportPhase
 from portal.images.models import Artifact, Blob, Image

@@ -12,12 +12,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from portal.api.authentication import actor_for
-from portal.api.exceptions import Conflict
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
 from portal.cloud import services
 from portal.cloud.api import serializers
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.errors import Conflict
 from portal.images.api.serializers import ImageSerializer
 from portal.tenancy.choices import Role
 

@@ -18,9 +18,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from portal.api.authentication import actor_for
-from portal.api.exceptions import Conflict
+from portal.api.exceptions import http_status
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
+from portal.errors import Conflict
 from portal.images import services
 from portal.images.api.serializers import ImageSerializer, UploadQuerySerializer
 from portal.images.models import Blob, Image
@@ -145,7 +146,7 @@ def node_upload(request: HttpRequest, image_id: int) -> HttpResponse:
     except services.UploadError as exc:
         return JsonResponse({"message": str(exc)}, status=exc.status)
     except Conflict as exc:
-        return JsonResponse({"message": str(exc.detail)}, status=409)
+        return JsonResponse({"message": str(exc), "code": exc.code}, status=http_status(exc))
     image.refresh_from_db()
     return JsonResponse(
         {"id": image.pk, "status": image.status, "status_reason": image.status_reason}, status=202

@@ -7,10 +7,10 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from portal.api.exceptions import Conflict
 from portal.audit.log import record
 from portal.cloud import services
 from portal.cloud.models import ComputeNode
+from portal.errors import Conflict
 from portal.images.nodekeys import node_key
 from portal.tenancy.models import Tenant
 
@@ -93,4 +93,4 @@ class Command(BaseCommand):
                 self._audit(node, action, node.status_reason)
                 self.stdout.write(f"node {name} is {node.status}")
         except Conflict as exc:
-            raise CommandError(str(exc.detail)) from exc
+            raise CommandError(str(exc)) from exc

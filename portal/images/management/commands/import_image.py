@@ -16,7 +16,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import IntegrityError, transaction
 
-from portal.api.exceptions import Conflict
+from portal.errors import Conflict
 from portal.images import services
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
@@ -69,7 +69,7 @@ class Command(BaseCommand):
             temp, digest, size = services.copy_in(path, held, opts["sha256"])
             services.queue_import(held, opts["format"], temp, digest, f"copied {size} bytes ({digest})")
         except (services.UploadError, Conflict) as exc:
-            message = str(exc.detail) if isinstance(exc, Conflict) else str(exc)
+            message = str(exc)
             if created:
                 # A run that was refused leaves nothing behind, not even the image it created.
                 Image.objects.filter(pk=image.pk, artifacts__isnull=True).delete()

@@ -14,7 +14,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from portal.api.exceptions import Conflict
+from portal.errors import Conflict
 from portal.images import services
 from portal.images.choices import ArtifactFormat, ImageStatus
 from portal.images.models import Image
@@ -91,7 +91,7 @@ class Command(BaseCommand):
             held = services.claim(image)
             temp, digest, _ = services.copy_in(path, held, _digest(path))
         except Conflict as exc:
-            raise CommandError(str(exc.detail)) from exc
+            raise CommandError(str(exc)) from exc
         except services.UploadError as exc:
             raise CommandError(f"{path}: {exc}") from exc
         services.import_here(held, "oci" if fmt == ArtifactFormat.OCI else fmt, temp, digest)
