@@ -18,7 +18,7 @@ from compute.imagecache import ImageCache
 from compute.imagecache import ImageError as DiskError
 from compute.layers import ImageError, LayerStore
 from compute.tasks import NodeService
-from portal.images import services
+from portal.images import imports
 from portal.images.models import Image
 from portal.images.nodekeys import node_key
 from tests.hostcaps import require_binary, require_root
@@ -29,9 +29,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def imported(name: str, fmt: str, path: Path) -> Image:
     image = Image.objects.create(name=name, version="1", os="linux")
-    held = services.claim(image)
-    temp, digest, _ = services.copy_in(path, held)
-    assert services.import_here(held, fmt, temp, digest) == "active"
+    held = imports.claim(image)
+    temp, digest, _ = imports.copy_in(path, held)
+    assert imports.import_here(held, fmt, temp, digest) == "active"
     return Image.objects.get(pk=image.pk)
 
 

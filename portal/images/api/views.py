@@ -22,7 +22,7 @@ from portal.api.exceptions import http_status
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
 from portal.errors import Conflict
-from portal.images import services
+from portal.images import imports, services
 from portal.images.api.serializers import ImageSerializer, UploadQuerySerializer
 from portal.images.models import Blob, Image
 from portal.images.nodekeys import node_key
@@ -105,7 +105,7 @@ class ImageViewSet(ScopedViewSet):
         length = int(length_header) if length_header.isdigit() else None
         stream = cast(IO[bytes], request._request)
         try:
-            services.accept_upload(image, fmt, stream, length, query.validated_data.get("sha256", ""))
+            imports.accept_upload(image, fmt, stream, length, query.validated_data.get("sha256", ""))
         except services.UploadError as exc:
             raise UploadFailed(str(exc), exc.status) from exc
         image.refresh_from_db()
@@ -142,7 +142,7 @@ def node_upload(request: HttpRequest, image_id: int) -> HttpResponse:
     length_header = request.META.get("CONTENT_LENGTH") or ""
     length = int(length_header) if length_header.isdigit() else None
     try:
-        services.accept_upload(image, "qcow2", cast(IO[bytes], request), length)
+        imports.accept_upload(image, "qcow2", cast(IO[bytes], request), length)
     except services.UploadError as exc:
         return JsonResponse({"message": str(exc)}, status=exc.status)
     except Conflict as exc:
