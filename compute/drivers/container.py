@@ -57,7 +57,7 @@ from compute.layers import ImageError, LayerStore, UnpackedImage
 from compute.network import veth
 from compute.network.bridge import NetworkError
 from compute.oci import BundleSpec, runtime_config
-from compute.spec import ImageFormat, InstanceSpec, Kind, PowerState, to_json
+from compute.spec import Capability, ImageFormat, InstanceSpec, Kind, PowerState, stored_spec, to_json
 
 UID_BASE = 1_000_000
 UID_SPAN = 1_000_000
@@ -134,6 +134,7 @@ class ContainerDriver(Driver):
     """Containers on one node, each an OCI bundle run by crun (or runc)."""
 
     kind = Kind.CONTAINER
+    capabilities = frozenset({Capability.PAUSE, Capability.CONSOLE})
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -184,7 +185,7 @@ class ContainerDriver(Driver):
 
     def _load_spec(self, paths: _Paths) -> InstanceSpec:
         try:
-            return InstanceSpec.from_json(json.loads(paths.spec.read_text()))
+            return stored_spec(json.loads(paths.spec.read_text()))
         except FileNotFoundError:
             raise InstanceNotFound(f"no container {paths.root.name} on this node") from None
 

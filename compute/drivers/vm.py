@@ -52,7 +52,7 @@ from compute.drivers.libvirt_xml import (
 )
 from compute.imagecache import ImageCache, ImageError, create_overlay, remove_tree
 from compute.network import bridge
-from compute.spec import InstanceSpec, Kind, PowerState
+from compute.spec import Capability, InstanceSpec, Kind, PowerState
 
 PREFIX = "sky-"
 MAX_NICS = 10
@@ -98,6 +98,7 @@ class LibvirtDriver(Driver):
     """Nova-style libvirt driver; see :class:`compute.drivers.base.Driver` for contracts."""
 
     kind = Kind.VM
+    capabilities = frozenset({Capability.PAUSE, Capability.SNAPSHOTS, Capability.PUBLISH, Capability.CONSOLE})
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -263,7 +264,7 @@ class LibvirtDriver(Driver):
                 except OSError as exc:  # disk full, permissions: still the user's one sentence
                     raise DriverError(f"cannot prepare the disks of {spec.instance_id}: {exc}") from exc
                 for net in spec.networks:
-                    self._ensure_bridge(net.bridge, net.mtu, net.host_address, undo)
+                    self._ensure_bridge(net.bridge, net.mtu, net.segment.host_address, undo)
                 xml = self.domain_config(spec).to_xml()
                 dom = self._call("defining the domain", lambda: self.conn.defineXML(xml))
                 undo.callback(self._undo_define, dom)

@@ -10,8 +10,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from compute.drivers.fake import REAL_CAPABILITIES
+from compute.spec import Kind, Task
 from portal.audit.models import Event, Outcome
-from portal.cloud import services
+from portal.cloud import dispatch, networks
 from portal.cloud.models import ComputeNode, Flavor, Instance
 from portal.images.models import Artifact, Image
 from portal.tenancy.choices import Role
@@ -27,16 +29,20 @@ ED25519 = new_ed25519()
 
 
 DIGEST = "sha256:" + "ab" * 32
-UP_BOTH = {"vm": {"ok": True, "detail": "test"}, "container": {"ok": True, "detail": "test"}}
+#: a node's ``drivers`` as its heartbeat records them: both drivers up, with the real drivers' capabilities
+UP_BOTH = {
+    kind.value: {"ok": True, "detail": "test", "capabilities": sorted(REAL_CAPABILITIES[kind])}
+    for kind in Kind
+}
 
 
 @pytest.fixture(autouse=True)
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, list[Any]]]:
     """Messages the portal sends to nodes, captured instead of reaching a broker."""
     messages: list[tuple[str, str, list[Any]]] = []
-    monkeypatch.setattr(services, "_send", lambda queue, task, args: messages.append((queue, task, args)))
+    monkeypatch.setattr(dispatch, "_send", lambda queue, task, args: messages.append((queue, task, args)))
     # tests run inside a transaction that never commits: hand messages over at once
-    monkeypatch.setattr(services.transaction, "on_commit", lambda func, using=None, robust=False: func())
+    monkeypatch.setattr(dispatch.transaction, "on_commit", lambda func, using=None, robust=False: func())
     return messages
 
 
@@ -113,7 +119,7 @@ def world(db: Any) -> World:
         isolation_reason="vm: test",
         image=tiny,
         flavor=flavor_public,
-        network=services.default_network(a),
+        network=networks.default_network(a),
         vcpus=1,
         ram_mb=128,
         disk_gb=1,
@@ -154,7 +160,6 @@ class FakeNodes:
     def service(self, queue: str) -> Any:
         from compute.config import NodeConfig
         from compute.drivers.fake import FakeDriver
-        from compute.spec import Kind
         from compute.tasks import NodeService
         from portal.cloud.tasks import apply_console, apply_node_report, apply_observation
 
@@ -163,8 +168,12 @@ class FakeNodes:
             cfg = NodeConfig(name, self.tmp, "test:///default", "qemu", "crun", "memory://")
 
             def deliver(task: str, payload: dict[str, Any]) -> None:
-                handlers = {"portal.observe": apply_observation, "portal.console": apply_console}
-                handlers.get(task, apply_node_report)(payload)
+                handlers = {
+                    Task.OBSERVE: apply_observation,
+                    Task.CONSOLE_TAIL: apply_console,
+                    Task.NODE_REPORT: apply_node_report,
+                }
+                handlers[Task(task)](payload)
 
             drivers = {Kind.VM: FakeDriver(Kind.VM), Kind.CONTAINER: FakeDriver(Kind.CONTAINER)}
             self.nodes[queue] = NodeService(cfg, deliver, drivers, prepare_bridge=lambda nic: None)
@@ -177,13 +186,7 @@ class FakeNodes:
             queue, task, args = self.sent.pop(0)
             svc = self.service(queue)
             for _ in range(2 if redeliver else 1):
-                {
-                    "compute.instance.create": svc.create,
-                    "compute.instance.action": svc.action,
-                    "compute.instance.delete": svc.delete,
-                    "compute.instance.console": svc.console,
-                    "compute.network.ensure": svc.ensure_network,
-                }[task](*args)
+                svc.handle(task, *args)
             done += 1
         return done
 

@@ -144,7 +144,10 @@ def test_reconcile_records_drift_and_orphans(world: World) -> None:
         "vcpus": 64,
         "ram_mb": 262144,
         "disk_gb": 10000,
-        "drivers": [["vm", True, ""], ["container", True, ""]],
+        "drivers": [
+            {"kind": "vm", "ok": True, "detail": ""},
+            {"kind": "container", "ok": True, "detail": ""},
+        ],
         "inventory": [
             {"instance_id": "11111111-2222-3333-4444-555555555555", "kind": "vm", "power_state": "running"}
         ],
@@ -153,6 +156,7 @@ def test_reconcile_records_drift_and_orphans(world: World) -> None:
     apply_node_report(report)
     inst.refresh_from_db()
     assert inst.power_state == "nostate" and "missing on node" in inst.status_reason
+    assert inst.missing_since is not None, "drift is a field, not a phrase in the reason"
     assert inst.vm_state == "active", "reconcile records drift; it never deletes"
     node = ComputeNode.objects.get(name="shared-1")
     assert node.orphans == [
@@ -165,7 +169,7 @@ def test_reconcile_records_drift_and_orphans(world: World) -> None:
     }
     apply_node_report(report)
     inst.refresh_from_db()
-    assert (inst.power_state, inst.vm_state) == ("shutdown", "stopped")
+    assert (inst.power_state, inst.vm_state, inst.missing_since) == ("shutdown", "stopped", None)
     assert ComputeNode.objects.get(name="shared-1").orphans == []
     assert Event.objects.filter(action="reconcile.missing").count() == 1
 
@@ -179,7 +183,10 @@ def test_reconcile_does_not_call_instances_of_a_down_driver_missing(world: World
         "vcpus": 64,
         "ram_mb": 262144,
         "disk_gb": 10000,
-        "drivers": [["vm", False, "libvirtError: cannot connect"], ["container", True, ""]],
+        "drivers": [
+            {"kind": "vm", "ok": False, "detail": "libvirtError: cannot connect"},
+            {"kind": "container", "ok": True, "detail": ""},
+        ],
         "inventory": [],
         "sent_at": time.time(),
     }

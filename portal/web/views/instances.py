@@ -17,9 +17,10 @@ from django.urls import reverse
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
+from compute.spec import Action
 from portal.audit.models import Event
 from portal.audit.record import describe, note_error
-from portal.cloud import services
+from portal.cloud import placement, services
 from portal.cloud.choices import VmState
 from portal.cloud.models import Instance
 from portal.tenancy.choices import Role
@@ -36,7 +37,13 @@ from portal.web.access import (
     tenant_page,
 )
 from portal.web.forms import InstanceFilterForm, LaunchForm, PublishForm, RevertForm, SnapshotForm
-from portal.web.presenters import BUTTON_ACTIONS, action_allowed, delete_allowed, quota_effect_rows
+from portal.web.presenters import (
+    BUTTON_ACTIONS,
+    action_allowed,
+    action_refusal,
+    delete_allowed,
+    quota_effect_rows,
+)
 from portal.web.views.tenant import paginate, query_without_page
 
 #: htmx stops polling when a partial answers 286
@@ -121,6 +128,7 @@ def _status_context(request: HttpRequest, instance: Instance) -> dict[str, Any]:
         "instance": instance,
         "buttons": [(a, action_allowed(instance, a)) for a in BUTTON_ACTIONS],
         "can_delete": delete_allowed(instance),
+        "live": instance.vm_state != VmState.DELETED,
         "refusal": refusal,
         "poll": POLL_SECONDS,
     }
@@ -146,9 +154,9 @@ def _detail_page(
         "error": error,
         "snapshot_form": snapshot or SnapshotForm(),
         "revert_form": revert or RevertForm(),
-        "can_snapshot": action_allowed(instance, "snapshot"),
+        "can_snapshot": action_allowed(instance, Action.SNAPSHOT),
         "publish_form": publish or PublishForm(tenant=instance.tenant),
-        "can_publish": instance.kind == "vm" and action_allowed(instance, "snapshot"),
+        "can_publish": action_allowed(instance, Action.PUBLISH),
     }
     return page(request, "web/instance_detail.html", ctx, status=status)
 
@@ -263,14 +271,11 @@ def instance_revert(request: HttpRequest, pk: str) -> HttpResponse:
         return _detail_page(request, instance, error, 400, revert=form)
     name = form.cleaned_data["name"]
     if not posted:
-        if not action_allowed(instance, "revert"):
-            why = (
-                "only VMs have snapshots"
-                if instance.kind != "vm"
-                else f"it is {instance.task_state or instance.vm_state}"
+        if not action_allowed(instance, Action.REVERT):
+            why = action_refusal(instance, Action.REVERT) or (
+                f"{instance.name} cannot be reverted: it is {instance.task_state or instance.vm_state}."
             )
-            error = f"{instance.name} cannot be reverted: {why}."
-            return _detail_page(request, instance, error, 409, revert=form)
+            return _detail_page(request, instance, why, 409, revert=form)
         return confirm(
             request,
             f"Revert {instance.name} to snapshot {name}?",
@@ -280,7 +285,7 @@ def instance_revert(request: HttpRequest, pk: str) -> HttpResponse:
             reverse("web:instance", args=[instance.pk]),
             fields={"name": name},
         )
-    outcome = attempt(request, lambda: services.act(instance, "revert", {"name": name}, request.user))
+    outcome = attempt(request, lambda: services.act(instance, Action.REVERT, {"name": name}, request.user))
     if isinstance(outcome, Refusal):
         instance.refresh_from_db()
         return _detail_page(request, instance, outcome.message, outcome.status, revert=form)
@@ -332,8 +337,9 @@ def launch(request: HttpRequest, tenant: Tenant) -> HttpResponse:
         return page(request, "web/launch.html", {"form": form}, status=400)
     outcome = attempt(request, lambda: services.create_instance(form.to_request(), request.user))
     if isinstance(outcome, Refusal):
-        ctx = {"form": form, "error": outcome.message}
-        return page(request, "web/launch.html", ctx, status=outcome.status)
+        return page(
+            request, "web/launch.html", {"form": form, "error": outcome.message}, status=outcome.status
+        )
     instance = outcome
     describe(request, "instance.create", instance, message=instance.isolation_reason)
     messages.success(request, f"Launching {instance.name}: {instance.isolation_reason}.")
@@ -342,12 +348,12 @@ def launch(request: HttpRequest, tenant: Tenant) -> HttpResponse:
 
 @tenant_page
 def launch_preview(request: HttpRequest, tenant: Tenant) -> HttpResponse:
-    """Partial: what ``services.preview`` says about the form as filled in so far (GET: a dry run)."""
+    """Partial: what ``placement.preview`` says about the form as filled in so far (GET: a dry run)."""
     refusal = role_refusal(actor(request), tenant.pk, Role.MEMBER)
     ctx: dict[str, Any] = {"refusal": refusal}
     form = _launch_form(request, tenant, request.GET, preview=True)
     if refusal is None and form.is_valid():
-        result = attempt(request, lambda: services.preview(form.to_request()))
+        result = attempt(request, lambda: placement.preview(form.to_request()))
         if isinstance(result, Refusal):
             ctx["error"] = result.message
         else:

@@ -11,7 +11,7 @@ from django.views.decorators.http import require_POST
 
 from portal.audit.models import Event
 from portal.audit.record import describe, note_error
-from portal.cloud import services
+from portal.cloud import placement, services
 from portal.cloud.models import ComputeNode, Instance
 from portal.tenancy.models import Quota, Tenant
 from portal.web.access import Refusal, attempt, confirm, operator_page, page
@@ -103,7 +103,7 @@ def _set_enabled(request: HttpRequest, node: ComputeNode, enabled: bool) -> Http
 @operator_page
 def tenants(request: HttpRequest) -> HttpResponse:
     rows = [
-        (t, quota_bars(t.quota, services.usage(t.pk)))
+        (t, quota_bars(t.quota, placement.usage(t.pk)))
         for t in Tenant.objects.select_related("quota").order_by("slug")
     ]
     return page(request, "web/ops/tenants.html", {"rows": rows})
@@ -123,7 +123,7 @@ def tenant_quota(request: HttpRequest, slug: str) -> HttpResponse:
             return HttpResponseRedirect(reverse("web:ops-tenants"), status=303)
         note_error(request, "the quota form has errors")
         status = 400
-    bars = quota_bars(quota, services.usage(tenant.pk))
+    bars = quota_bars(quota, placement.usage(tenant.pk))
     return page(request, "web/ops/quota.html", {"tenant": tenant, "form": form, "bars": bars}, status=status)
 
 
@@ -142,11 +142,7 @@ def instances(request: HttpRequest) -> HttpResponse:
 def drift(request: HttpRequest) -> HttpResponse:
     """What reconcile found: workloads unknown to the portal (orphans) and drift events."""
     with_orphans = ComputeNode.objects.exclude(orphans=[]).order_by("name")
-    missing = (
-        Instance.objects.live()
-        .filter(power_state="nostate", status_reason__contains="found by reconcile")
-        .select_related("tenant", "node")
-    )
+    missing = Instance.objects.live().filter(missing_since__isnull=False).select_related("tenant", "node")
     recent = Event.objects.filter(action__startswith="reconcile.").select_related("tenant")[:100]
     return page(request, "web/ops/drift.html", {"nodes": with_orphans, "missing": missing, "events": recent})
 
