@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,46 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, list[Any]]]:
     # tests run inside a transaction that never commits: hand messages over at once
     monkeypatch.setattr(dispatch.transaction, "on_commit", lambda func, using=None, robust=False: func())
     return messages
+
+
+def heartbeat(
+    node: str,
+    *,
+    kinds: tuple[str, ...] = ("vm", "container"),
+    down: Mapping[str, str] | None = None,
+    capabilities: Mapping[str, Iterable[str]] | None = None,
+    inventory: Iterable[dict[str, Any]] = (),
+    sent_at: float | None = None,
+    vcpus: int = 64,
+    ram_mb: int = 262144,
+    disk_gb: int = 10000,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A node's heartbeat as the control worker receives it (a NodeReport's JSON, not validated here).
+
+    ``down`` names the drivers that are not operational, with the reason.
+    """
+    down, capabilities = down or {}, capabilities or {}
+    drivers = [
+        {
+            "kind": k,
+            "ok": k not in down,
+            "detail": down.get(k, ""),
+            "capabilities": sorted(capabilities.get(k, ())),
+        }
+        for k in kinds
+    ]
+    return {
+        "node": node,
+        "queue": f"node.{node}",
+        "vcpus": vcpus,
+        "ram_mb": ram_mb,
+        "disk_gb": disk_gb,
+        "drivers": drivers,
+        "inventory": list(inventory),
+        "sent_at": time.time() if sent_at is None else sent_at,
+        **extra,
+    }
 
 
 def make_image(name: str, version: str, *formats: str, owner: Tenant | None = None) -> Image:

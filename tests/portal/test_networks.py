@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import time
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ from portal.cloud import networks
 from portal.cloud.models import ComputeNode, HostPort, Network
 from portal.cloud.tasks import apply_node_report
 from portal.tenancy.models import Tenant
-from tests.portal.conftest import UP_BOTH, FakeNodes, World
+from tests.portal.conftest import UP_BOTH, FakeNodes, World, heartbeat
 
 
 def _node(name: str, owner: Tenant | None, tunnel: str | None, status: str = "up") -> ComputeNode:
@@ -142,22 +141,8 @@ def test_nodes_without_a_tunnel_address_stay_local(
     assert _ensures(sent) == {}
 
 
-def _beat(name: str, tunnel: str = "", **extra: Any) -> dict[str, Any]:
-    return {
-        "node": name,
-        "queue": f"node.{name}",
-        "vcpus": 8,
-        "ram_mb": 8192,
-        "disk_gb": 100,
-        "drivers": [
-            {"kind": "vm", "ok": True, "detail": "ok"},
-            {"kind": "container", "ok": True, "detail": "ok"},
-        ],
-        "inventory": [],
-        "sent_at": time.time(),
-        "tunnel_address": tunnel,
-        **extra,
-    }
+def _beat(name: str, tunnel: str = "") -> dict[str, Any]:
+    return heartbeat(name, vcpus=8, ram_mb=8192, disk_gb=100, tunnel_address=tunnel)
 
 
 def test_heartbeat_records_the_tunnel_address_and_a_change_reaches_the_peers(

@@ -8,7 +8,7 @@ from typing import Any
 from portal.audit.models import Event
 from portal.cloud.models import AppliedAction, ComputeNode
 from portal.cloud.tasks import apply_node_report, apply_observation
-from tests.portal.conftest import World
+from tests.portal.conftest import World, heartbeat
 
 
 def _obs(world: World, **kw: Any) -> dict[str, Any]:
@@ -66,19 +66,9 @@ def test_malformed_and_unknown_observations_are_dropped(world: World) -> None:
 
 def test_heartbeat_registers_node_and_ignores_late_beats(world: World) -> None:
     now = time.time()
-    report = {
-        "node": "n9",
-        "queue": "node.n9",
-        "vcpus": 2,
-        "ram_mb": 1024,
-        "disk_gb": 10,
-        "drivers": [
-            {"kind": "vm", "ok": True, "detail": "ok"},
-            {"kind": "container", "ok": False, "detail": "crun missing"},
-        ],
-        "inventory": [],
-        "sent_at": now,
-    }
+    report = heartbeat(
+        "n9", vcpus=2, ram_mb=1024, disk_gb=10, down={"container": "crun missing"}, sent_at=now
+    )
     node = apply_node_report(report)
     assert node is not None and node.status == "up" and node.drivers["container"]["ok"] is False
     apply_node_report(report | {"sent_at": now - 60, "vcpus": 64})
@@ -87,18 +77,7 @@ def test_heartbeat_registers_node_and_ignores_late_beats(world: World) -> None:
 
 
 def test_stale_heartbeat_does_not_revive_a_node(world: World) -> None:
-    report = {
-        "node": "ghost",
-        "queue": "node.ghost",
-        "vcpus": 2,
-        "ram_mb": 1024,
-        "disk_gb": 10,
-        "drivers": [
-            {"kind": "vm", "ok": True, "detail": "ok"},
-        ],
-        "inventory": [],
-        "sent_at": time.time() - 3600,
-    }
+    report = heartbeat("ghost", kinds=("vm",), vcpus=2, ram_mb=1024, disk_gb=10, sent_at=time.time() - 3600)
     assert apply_node_report(report) is None
     assert not ComputeNode.objects.filter(name="ghost").exists()
 

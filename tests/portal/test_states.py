@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import pathlib
-import time
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from portal.cloud.choices import TaskState, VmState
 from portal.cloud.models import ComputeNode, Instance
 from portal.cloud.tasks import apply_node_report
 from portal.web.presenters import action_allowed
-from tests.portal.conftest import FakeNodes, World
+from tests.portal.conftest import FakeNodes, World, heartbeat
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -51,21 +50,7 @@ def test_settling_follows_the_table() -> None:
 
 
 def _beat(node: str, capabilities: dict[str, list[str]]) -> None:
-    apply_node_report(
-        {
-            "node": node,
-            "queue": f"node.{node}",
-            "vcpus": 64,
-            "ram_mb": 262144,
-            "disk_gb": 10000,
-            "drivers": [
-                {"kind": kind, "ok": True, "detail": "", "capabilities": caps}
-                for kind, caps in capabilities.items()
-            ],
-            "inventory": [],
-            "sent_at": time.time(),
-        }
-    )
+    apply_node_report(heartbeat(node, capabilities=capabilities))
 
 
 def test_what_a_node_reports_decides_what_is_offered(world: World, nodes: FakeNodes) -> None:

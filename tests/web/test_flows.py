@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 from django.db import transaction
@@ -17,7 +16,7 @@ from portal.cloud.tasks import apply_node_report
 from portal.errors import InvalidAction
 from portal.tenancy.models import APIToken, Quota, SSHKey
 from portal.web.presenters import action_allowed, sparkline_points
-from tests.portal.conftest import UP_BOTH, FakeNodes, World, new_ed25519
+from tests.portal.conftest import UP_BOTH, FakeNodes, World, heartbeat, new_ed25519
 from tests.web.helpers import client, text
 
 
@@ -235,11 +234,8 @@ def test_operator_dedicates_shares_drains_and_edits_quota(world: World) -> None:
 
 
 def test_ops_lists_orphans_drift_and_filters(world: World) -> None:
-    report = {"node": "shared-1", "queue": "node.shared-1", "vcpus": 64, "ram_mb": 262144, "disk_gb": 10000,
-              "drivers": [{"kind": "vm", "ok": True, "detail": ""},], "sent_at": time.time(),
-              "inventory": [{"instance_id": "11111111-2222-3333-4444-555555555555", "kind": "vm",
-                             "power_state": "running"}]}  # fmt: skip
-    apply_node_report(report)
+    orphan = {"instance_id": "11111111-2222-3333-4444-555555555555", "kind": "vm", "power_state": "running"}
+    apply_node_report(heartbeat("shared-1", kinds=("vm",), inventory=[orphan]))
     op = client(world, "operator")
     page = text(op.get("/ops/drift/"))
     assert "11111111-2222-3333-4444-555555555555" in page and "reconcile.orphans" in page
