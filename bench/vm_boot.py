@@ -32,7 +32,7 @@ import libvirt  # noqa: E402
 from compute.drivers import cloudinit  # noqa: E402
 from compute.drivers.vm import LibvirtDriver  # noqa: E402
 from compute.network import bridge  # noqa: E402
-from compute.spec import ImageRef, NetworkAttachment  # noqa: E402
+from compute.spec import ImageRef, NetworkAttachment, NetworkSegment  # noqa: E402
 from tests.compute.vm_fixtures import (  # noqa: E402
     build_sample_image,
     image_ref,
@@ -90,7 +90,10 @@ class Bench:
             check=True,
         )
         disk.chmod(0o644)
-        spec = vm_spec(self.ref, (NetworkAttachment("b", self.br, f"198.18.250.{10 + i}/24", random_mac()),))
+        spec = vm_spec(
+            self.ref,
+            (NetworkAttachment(NetworkSegment("b", self.br), f"198.18.250.{10 + i}/24", random_mac()),),
+        )
         cloudinit.build_seed(spec, seed)
         name = f"sky-bench-{uuid.uuid4().hex[:8]}"
         xml = BARE_XML.format(

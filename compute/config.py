@@ -1,9 +1,14 @@
-"""Node settings, read from the environment only."""
+"""Node settings, read from the environment only, and only here.
+
+Every variable a compute node reads is a field of :class:`NodeConfig`;
+``from_env`` checks each and names the variable when a value is unusable.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import socket
 from pathlib import Path
@@ -20,6 +25,18 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def seconds(name: str, default: float) -> float:
+    """A positive, finite number of seconds from the environment, else ConfigError naming the variable."""
+    raw = os.environ.get(name, "").strip() or str(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={raw!r}: expected a positive number of seconds")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeConfig:
     """Settings of one compute node.
@@ -28,6 +45,11 @@ class NodeConfig:
     disks, bundles, logs); it must be traversable by the QEMU user.
     ``tunnel_address`` is the node's underlay IPv4 address for VXLAN
     (``SKYPORT_TUNNEL_ADDRESS``); empty when the node does not tunnel.
+    ``node_key`` authenticates the node to the portal's blob endpoint
+    (``SKYPORT_NODE_KEY``, printed by ``manage.py node key``).  The heartbeat
+    period and the broker's visibility timeout must match the portal's
+    (``SKYPORT_HEARTBEAT_SECONDS``, ``SKYPORT_BROKER_VISIBILITY_SECONDS``).
+    ``network_lock`` is the host-wide lock file of network changes.
     """
 
     name: str
@@ -37,6 +59,10 @@ class NodeConfig:
     container_runtime: str  # crun | runc
     broker_url: str
     tunnel_address: str = ""
+    node_key: str = ""
+    heartbeat_seconds: float = 5.0
+    visibility_timeout_seconds: float = 300.0
+    network_lock: Path = Path("/run/lock/skyport-network.lock")
 
     @property
     def queue(self) -> str:
@@ -64,4 +90,8 @@ class NodeConfig:
             container_runtime=_choice("SKYPORT_CONTAINER_RUNTIME", "crun", ("crun", "runc")),
             broker_url=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
             tunnel_address=tunnel,
+            node_key=os.environ.get("SKYPORT_NODE_KEY", "").strip(),
+            heartbeat_seconds=seconds("SKYPORT_HEARTBEAT_SECONDS", 5.0),
+            visibility_timeout_seconds=seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300.0),
+            network_lock=Path(os.environ.get("SKYPORT_NETWORK_LOCK", "/run/lock/skyport-network.lock")),
         )

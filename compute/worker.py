@@ -1,8 +1,9 @@
 """The compute node's Celery app: ``celery -A compute.worker worker -Q node.<name>``.
 
 No Django here.  Settings come from the environment (:class:`NodeConfig`).
-The worker's main process sends a heartbeat (:class:`NodeReport`) every
-``SKYPORT_HEARTBEAT_SECONDS`` to the control queue, which also registers the
+Each task takes one message of :mod:`compute.spec` as JSON, named by
+:class:`compute.spec.Task`.  The worker's main process sends a heartbeat
+(:class:`NodeReport`) every ``SKYPORT_HEARTBEAT_SECONDS`` to the control queue, which also registers the
 node with the portal the first time.
 """
 
@@ -18,6 +19,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
 from compute.config import NodeConfig
+from compute.spec import NODE_TASKS, Task
 from compute.tasks import NodeService
 
 log = logging.getLogger(__name__)
@@ -29,9 +31,7 @@ app.conf.update(
     broker_url=config.broker_url,
     broker_connection_retry_on_startup=True,
     # same redelivery and publish-retry rules as the portal (portal/settings.py)
-    broker_transport_options={
-        "visibility_timeout": float(os.environ.get("SKYPORT_BROKER_VISIBILITY_SECONDS", "300"))
-    },
+    broker_transport_options={"visibility_timeout": config.visibility_timeout_seconds},
     task_publish_retry_policy={
         "max_retries": 40,
         "interval_start": 0,
@@ -50,48 +50,35 @@ app.conf.update(
 )
 
 
-def _send(name: str, payload: dict[str, Any]) -> None:
-    app.send_task(name, args=[payload], queue="control")
+def _send(task: Task, payload: dict[str, Any]) -> None:
+    app.send_task(task, args=[payload], queue="control")
 
 
 service = NodeService(config, _send)
 
 
-@app.task(name="compute.instance.create")
-def create(spec: dict[str, Any], action_id: str) -> None:
-    service.create(spec, action_id)
+def _node_task(task: Task, **options: Any) -> None:
+    """Register ``task``: it hands its one argument, the message's JSON, to :meth:`NodeService.handle`."""
+
+    def run(payload: dict[str, Any]) -> None:
+        service.handle(task, payload)
+
+    run.__name__ = run.__qualname__ = task.replace(".", "_")
+    app.task(name=task, **options)(run)  # type: ignore[no-untyped-call]
 
 
-@app.task(name="compute.instance.action")
-def action(
-    instance_id: str, kind: str, action: str, action_id: str, params: dict[str, Any] | None = None
-) -> None:
-    service.action(instance_id, kind, action, action_id, params)
-
-
-@app.task(name="compute.instance.console", acks_late=False)
-def console(instance_id: str, kind: str, max_bytes: int = 16384) -> None:
-    service.console(instance_id, kind, max_bytes)
-
-
-@app.task(name="compute.instance.delete")
-def delete(instance_id: str, kind: str, action_id: str) -> None:
-    service.delete(instance_id, kind, action_id)
-
-
-@app.task(name="compute.network.ensure")
-def ensure_network(segment: dict[str, Any]) -> None:
-    service.ensure_network(segment)
+for _task in NODE_TASKS:
+    # a lost console read is simply asked for again; everything else is redelivered (acks_late)
+    _node_task(_task, **({"acks_late": False} if _task is Task.CONSOLE else {}))
 
 
 def _heartbeat_loop(parent: int) -> None:
-    interval = float(os.environ.get("SKYPORT_HEARTBEAT_SECONDS", "5"))
     while os.getppid() == parent:
         try:
             service.report()
         except Exception:  # keep beating; the portal marks the node down if beats stop
             log.exception("heartbeat failed")
-        time.sleep(interval)
+        time.sleep(config.heartbeat_seconds)
 
 
 _beater: list[multiprocessing.process.BaseProcess] = []

@@ -1,4 +1,8 @@
-"""JSON errors with a message for every failure: never an HTML page, never a 500 for bad input."""
+"""JSON errors with a message for every failure: never an HTML page, never a 500 for bad input.
+
+Domain errors (:mod:`portal.errors`) get their HTTP status here and nowhere
+else (:func:`http_status`); the pages use the same mapping.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +17,25 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from portal.audit.record import note_error
+from portal.errors import Conflict, DomainError
+
+#: the HTTP status of each domain error (the first class in the error's MRO that is listed wins)
+HTTP_STATUS: dict[type[DomainError], int] = {Conflict: status.HTTP_409_CONFLICT}
 
 
-class Conflict(exceptions.APIException):
-    """The request is valid but conflicts with the current state (409)."""
+def http_status(exc: DomainError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return status.HTTP_400_BAD_REQUEST
 
-    status_code = status.HTTP_409_CONFLICT
-    default_detail = "The request conflicts with the current state."
-    default_code = "conflict"
+
+class _DomainAPIError(exceptions.APIException):
+    """A domain error on its way through DRF's handler."""
+
+    def __init__(self, exc: DomainError) -> None:
+        super().__init__(str(exc), exc.code)
+        self.status_code = http_status(exc)
 
 
 def _first_message(data: Any) -> str:
@@ -38,6 +53,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         exc = Conflict("This object is still in use by other objects and cannot be deleted.")
     elif isinstance(exc, IntegrityError):
         exc = Conflict("This conflicts with an existing object (a name or key is already taken).")
+    if isinstance(exc, DomainError):
+        exc = _DomainAPIError(exc)
     elif isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
     elif isinstance(exc, Http404):

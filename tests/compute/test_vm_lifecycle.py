@@ -14,7 +14,7 @@ import pytest
 from compute.drivers.base import DriverError, InstanceNotFound
 from compute.drivers.vm import LibvirtDriver, domain_name, tap_name
 from compute.network import bridge
-from compute.spec import ImageFormat, ImageRef, InstanceSpec, NetworkAttachment, PowerState
+from compute.spec import ImageFormat, ImageRef, InstanceSpec, NetworkAttachment, NetworkSegment, PowerState
 from tests.compute.vm_fixtures import (
     build_sample_image,
     image_ref,
@@ -73,12 +73,10 @@ def booted(driver: LibvirtDriver, sample_image: ImageRef, test_bridge: tuple[str
     name, n = test_bridge
     address = f"198.18.{n}.10"
     net = NetworkAttachment(
-        "testnet",
-        name,
+        NetworkSegment("testnet", name, host_address=f"198.18.{n}.1/24"),
         f"{address}/24",
         random_mac(),
         gateway=f"198.18.{n}.1",
-        host_address=f"198.18.{n}.1/24",
     )
     spec = vm_spec(sample_image, (net,), hostname="tiny-vm", ssh_keys=("ssh-ed25519 AAAAC3Nza test@skyport",))
     try:
@@ -252,7 +250,7 @@ def test_spawn_failure_after_bridge_removes_the_bridge_it_made(
     import libvirt
 
     br = f"skt{secrets.token_hex(4)}"
-    net = NetworkAttachment("failnet", br, "198.18.0.10/24", random_mac())
+    net = NetworkAttachment(NetworkSegment("failnet", br), "198.18.0.10/24", random_mac())
     spec = vm_spec(sample_image, (net,))
 
     def refuse(xml: str) -> None:

@@ -9,6 +9,7 @@ from rest_framework import serializers
 
 from portal.api.authentication import actor_for, user_id_of
 from portal.api.fields import DefaultTenantMixin, TenantField
+from portal.cloud import states
 from portal.cloud.choices import RequestedKind
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
 from portal.cloud.naming import NAME_RE as _NAME_RE
@@ -299,15 +300,13 @@ class PublishSerializer(serializers.Serializer):  # type: ignore[type-arg]
 
 
 class InstanceActionSerializer(serializers.Serializer):  # type: ignore[type-arg]
-    action = serializers.ChoiceField(
-        choices=["start", "stop", "reboot", "pause", "resume", "snapshot", "revert"]
-    )
+    action = serializers.ChoiceField(choices=[str(a) for a in states.PUBLIC_ACTIONS])
     params = serializers.DictField(
         required=False, default=dict, help_text="stop: timeout, force; snapshot/revert: name"
     )
 
     def validate_params(self, value: dict[str, Any]) -> dict[str, Any]:
-        allowed = {"timeout", "force", "name"}
+        allowed = states.PUBLIC_PARAMS
         if set(value) - allowed:
             raise serializers.ValidationError(
                 f"Unknown params {sorted(set(value) - allowed)}; allowed: {sorted(allowed)}."

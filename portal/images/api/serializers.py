@@ -8,8 +8,8 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from portal.api.authentication import actor_for
-from portal.api.exceptions import Conflict
 from portal.api.fields import DefaultTenantMixin, TenantField
+from portal.errors import Conflict
 from portal.images.models import Artifact, Image
 from portal.tenancy.models import Tenant
 

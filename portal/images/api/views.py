@@ -18,10 +18,11 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from portal.api.authentication import actor_for
-from portal.api.exceptions import Conflict
+from portal.api.exceptions import http_status
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
-from portal.images import services
+from portal.errors import Conflict
+from portal.images import imports, services
 from portal.images.api.serializers import ImageSerializer, UploadQuerySerializer
 from portal.images.models import Blob, Image
 from portal.images.nodekeys import node_key
@@ -104,7 +105,7 @@ class ImageViewSet(ScopedViewSet):
         length = int(length_header) if length_header.isdigit() else None
         stream = cast(IO[bytes], request._request)
         try:
-            services.accept_upload(image, fmt, stream, length, query.validated_data.get("sha256", ""))
+            imports.accept_upload(image, fmt, stream, length, query.validated_data.get("sha256", ""))
         except services.UploadError as exc:
             raise UploadFailed(str(exc), exc.status) from exc
         image.refresh_from_db()
@@ -141,11 +142,11 @@ def node_upload(request: HttpRequest, image_id: int) -> HttpResponse:
     length_header = request.META.get("CONTENT_LENGTH") or ""
     length = int(length_header) if length_header.isdigit() else None
     try:
-        services.accept_upload(image, "qcow2", cast(IO[bytes], request), length)
+        imports.accept_upload(image, "qcow2", cast(IO[bytes], request), length)
     except services.UploadError as exc:
         return JsonResponse({"message": str(exc)}, status=exc.status)
     except Conflict as exc:
-        return JsonResponse({"message": str(exc.detail)}, status=409)
+        return JsonResponse({"message": str(exc), "code": exc.code}, status=http_status(exc))
     image.refresh_from_db()
     return JsonResponse(
         {"id": image.pk, "status": image.status, "status_reason": image.status_reason}, status=202

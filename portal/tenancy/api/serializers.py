@@ -10,7 +10,7 @@ from rest_framework import serializers
 
 from portal.api.authentication import actor_for
 from portal.api.fields import DefaultTenantMixin, TenantField
-from portal.cloud import services
+from portal.cloud import placement
 from portal.tenancy.models import APIToken, Membership, Quota, SSHKey, Tenant
 
 
@@ -58,7 +58,7 @@ class QuotaSerializer(serializers.ModelSerializer[Quota]):
         read_only_fields = ["id", "tenant"]
 
     def get_usage(self, obj: Quota) -> dict[str, int]:
-        return services.usage(obj.tenant_id)
+        return placement.usage(obj.tenant_id)
 
 
 class SSHKeySerializer(serializers.ModelSerializer[SSHKey]):
