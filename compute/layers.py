@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from compute import fetch
+from compute import fetch, safejson
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -261,8 +261,8 @@ class _HashingReader:
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(data)
-    except ValueError as exc:
+        value = safejson.loads(data)
+    except ValueError as exc:  # not JSON, or nested too deep (TooDeep)
         raise ImageError(f"{what} is not JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise ImageError(f"{what} is not a JSON object")
@@ -293,10 +293,7 @@ def _read_json(outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name
     fh = outer.extractfile(m) if m else None
     if fh is None:
         raise ImageError(f"archive lacks {name}")
-    data = json.loads(fh.read())
-    if not isinstance(data, dict):
-        raise ImageError(f"{name} is not an object")
-    return data
+    return _json_object(fh.read(), name)
 
 
 def _load_memo(path: Path) -> UnpackedImage | None:

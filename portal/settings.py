@@ -169,7 +169,16 @@ if PRODUCTION:
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
 
+# Hostile input (README "Security notes"): JSON bodies are read up to DATA_UPLOAD_MAX_MEMORY_SIZE
+# bytes (Django's setting, 2.5 MiB by default; 413 beyond) and nest at most this deep (400 beyond).
+SKYPORT_JSON_MAX_DEPTH = int(os.environ.get("SKYPORT_JSON_MAX_DEPTH", "32"))
+
 REST_FRAMEWORK = {
+    "DEFAULT_PARSER_CLASSES": [
+        "portal.api.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "portal.api.authentication.BearerTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",

@@ -1,6 +1,7 @@
 from django.contrib import admin
 
 from portal.cloud.models import ComputeNode, Flavor, Instance
+from portal.jsonforms import JSON_FIELD_OVERRIDES
 
 
 @admin.register(Flavor)
@@ -25,6 +26,7 @@ class ComputeNodeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     ]
     list_filter = ["tenancy", "status", "owner"]
     search_fields = ["name", "queue"]
+    formfield_overrides = JSON_FIELD_OVERRIDES
 
 
 @admin.register(Instance)
@@ -33,3 +35,4 @@ class InstanceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_filter = ["kind", "vm_state", "task_state", "power_state", "tenant", "node"]
     search_fields = ["name", "id", "image", "tenant__slug"]
     readonly_fields = ["id", "created_at", "updated_at", "deleted_at"]
+    formfield_overrides = JSON_FIELD_OVERRIDES

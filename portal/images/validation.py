@@ -32,6 +32,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 
+from compute import safejson
 from compute.layers import whiteout_problem
 from portal.images.store import BlobStore, is_digest
 
@@ -86,8 +87,8 @@ class Checked:
 def _json(data: bytes | str, what: str) -> Any:
     """``data`` parsed as JSON, or a :class:`Rejected` that names ``what`` and where it breaks."""
     try:
-        return json.loads(data)
-    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+        return safejson.loads(data)
+    except ValueError as exc:  # JSONDecodeError, TooDeep, and UnicodeDecodeError for bytes that are not UTF-8
         raise Rejected(f"{what} is not valid JSON: {exc}") from exc
 
 
