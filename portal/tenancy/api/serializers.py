@@ -21,19 +21,57 @@ class TenantSerializer(serializers.ModelSerializer[Tenant]):
         read_only_fields = ["id", "created_at"]
 
 
+class AddableUserField(serializers.SlugRelatedField):  # type: ignore[type-arg]
+    """A user by name, among those the requester may add to a tenant.
+
+    Operators add anyone.  Everyone else sees only the users who already
+    share one of their tenants (a token: its tenant): any other name reads
+    as unknown, with the very same answer as a name nobody has, so the
+    endpoint cannot be used to find out which user names exist.
+    """
+
+    default_error_messages = {
+        "does_not_exist": "No user '{value}' that you can add. Tenant admins add users who already "
+        "belong to one of their tenants; an operator adds anyone else.",
+        "invalid": "Invalid user name.",
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("slug_field", "username")
+        super().__init__(**kwargs)
+
+    def get_queryset(self) -> Any:
+        actor = actor_for(self.context["request"])
+        users = get_user_model().objects.filter(is_active=True)
+        if actor.is_operator:
+            return users
+        return users.filter(memberships__tenant_id__in=actor.tenant_ids).distinct()
+
+
 class MembershipSerializer(DefaultTenantMixin, serializers.ModelSerializer[Membership]):
-    tenant = TenantField(required=False)
-    user = serializers.SlugRelatedField(
-        slug_field="username", queryset=get_user_model().objects.filter(is_active=True)
+    tenant = TenantField(required=False, help_text="Default: your only tenant (a token's tenant)")
+    user = AddableUserField(
+        help_text="User name. Tenant admins add users who already belong to one of their tenants "
+        "(any other name reads as unknown); operators add anyone."
     )
 
     class Meta:
         model = Membership
         fields = ["id", "tenant", "user", "role", "created_at"]
         read_only_fields = ["id", "created_at"]
+        # DRF derives a unique-together validator from the (user, tenant) constraint, which makes
+        # ``tenant`` required before DefaultTenantMixin can fill it in: checked in validate().
+        validators: list[Any] = []
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         attrs = super().validate(attrs)
+        if (
+            self.instance is None
+            and Membership.objects.filter(user=attrs["user"], tenant=attrs["tenant"]).exists()
+        ):
+            raise serializers.ValidationError(
+                {"user": f"{attrs['user'].get_username()} is already a member of {attrs['tenant'].slug}."}
+            )
         if (
             self.instance is not None
             and ("tenant" in attrs or "user" in attrs)

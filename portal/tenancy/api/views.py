@@ -5,6 +5,8 @@ from typing import Any
 from django.db import models
 from django.utils import timezone
 from rest_framework.exceptions import PermissionDenied
+from rest_framework.request import Request
+from rest_framework.response import Response
 
 from portal.api.authentication import user_id_of
 from portal.api.viewsets import ScopedViewSet
@@ -44,6 +46,14 @@ class MembershipViewSet(ScopedViewSet):
     filterset_fields = {"tenant__slug": ["exact"], "role": ["exact"], "user__username": ["exact"]}
     search_fields = ["user__username", "tenant__slug"]
     ordering_fields = ["created_at", "role"]
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Refuse those who may add members nowhere before the body is looked at (403, not a 400
+        that says which names they could add)."""
+        actor = self.actor
+        if not actor.is_operator and not any(actor.can(t, self.write_role) for t in actor.tenant_ids):
+            self.check_role(actor.tenant_ids[0] if actor.tenant_ids else None, self.write_role)
+        return super().create(request, *args, **kwargs)
 
 
 class QuotaViewSet(ScopedViewSet):
