@@ -15,7 +15,7 @@ from portal.api.authentication import actor_for
 from portal.api.exceptions import Conflict
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
-from portal.cloud import services
+from portal.cloud import disclosure, services
 from portal.cloud.api import serializers
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
 from portal.images.api.serializers import ImageSerializer
@@ -142,7 +142,9 @@ class InstanceViewSet(ScopedViewSet):
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         result = services.preview(self._request(serializer.validated_data))
-        return Response(dataclasses.asdict(result))
+        body = dataclasses.asdict(result)
+        body["rejected"] = disclosure.rejected_for(self.actor, result.rejected)
+        return Response(body)
 
     @extend_schema(
         request=serializers.InstanceActionSerializer, responses={202: serializers.InstanceSerializer}

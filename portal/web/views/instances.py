@@ -20,7 +20,7 @@ from django.views.decorators.http import require_POST
 from portal.api.exceptions import Conflict
 from portal.audit.models import Event
 from portal.audit.record import describe, note_error
-from portal.cloud import services
+from portal.cloud import disclosure, services
 from portal.cloud.choices import VmState
 from portal.cloud.models import Instance
 from portal.tenancy.choices import Role
@@ -345,6 +345,7 @@ def launch_preview(request: HttpRequest, tenant: Tenant) -> HttpResponse:
         try:
             result = services.preview(form.to_request())
             ctx["preview"] = result
+            ctx["rejected"] = disclosure.rejected_for(actor(request), result.rejected)
             ctx["quota_rows"] = quota_effect_rows(result.quota)
         except Conflict as exc:
             ctx["error"] = str(exc.detail)
