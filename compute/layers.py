@@ -34,9 +34,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from compute import fetch, safejson
+from compute.archive_safety import OPAQUE, WHITEOUT, LayerPaths, member_path
 
-WHITEOUT = ".wh."
-OPAQUE = ".wh..wh..opq"
 _lock = threading.Lock()
 
 
@@ -68,11 +67,10 @@ class UnpackedImage:
 
 
 def _safe_name(name: str) -> PurePosixPath:
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts:
+    p = member_path(name)
+    if p is None:
         raise ImageError(f"unsafe path in archive: {name!r}")
-    parts = [x for x in p.parts if x not in (".", "")]
-    return PurePosixPath(*parts) if parts else PurePosixPath(".")
+    return p
 
 
 def _sha256_file(fh: IO[bytes]) -> str:
@@ -215,8 +213,12 @@ class LayerStore:
         try:
             h = hashlib.sha256()
             reader = _HashingReader(fh, h)
+            paths = LayerPaths()  # the rule the portal applied at import (compute/archive_safety.py)
             with tarfile.open(fileobj=reader, mode="r|*") as tf:  # type: ignore[call-overload]
                 for m in tf:
+                    problem = paths.check(m)
+                    if problem is not None:
+                        raise ImageError(f"layer {digest}: {problem}")
                     _extract_member(tf, m, tmp)
             # Read the rest (tar padding) so the digest covers the whole blob.
             while reader.read(1 << 20):

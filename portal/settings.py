@@ -269,6 +269,12 @@ SKYPORT_NETWORK_PREFIX = int(os.environ.get("SKYPORT_NETWORK_PREFIX", "24"))
 SKYPORT_IMAGE_STORE = Path(os.environ.get("SKYPORT_IMAGE_STORE", VAR_DIR / "store"))
 SKYPORT_UPLOAD_MAX_BYTES = int(os.environ.get("SKYPORT_UPLOAD_MAX_BYTES", str(20 * 2**30)))
 SKYPORT_IMAGE_MAX_VIRTUAL_BYTES = int(os.environ.get("SKYPORT_IMAGE_MAX_VIRTUAL_BYTES", str(512 * 2**30)))
+# What an image may unpack to (portal/images/limits.py): all layers of a container image together
+# (unset: the largest flavor or node disk, whichever is smaller), each file (unset: the same), and
+# how many entries; a VM disk's virtual size is also bounded by the largest flavor disk.
+SKYPORT_IMAGE_MAX_UNPACKED_BYTES = int(os.environ.get("SKYPORT_IMAGE_MAX_UNPACKED_BYTES", "0")) or None
+SKYPORT_IMAGE_MAX_FILE_BYTES = int(os.environ.get("SKYPORT_IMAGE_MAX_FILE_BYTES", "0")) or None
+SKYPORT_IMAGE_MAX_FILES = int(os.environ.get("SKYPORT_IMAGE_MAX_FILES", "1000000"))
 # Each qemu-img run that checks a disk (info, then check) is stopped after this long; both runs
 # together stay below the broker's visibility timeout.
 SKYPORT_QEMU_IMG_TIMEOUT_SECONDS = _seconds(
