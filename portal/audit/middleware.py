@@ -21,6 +21,7 @@ from portal.audit.record import client_ip
 log = logging.getLogger(__name__)
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+MESSAGE_MAX = 2000
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 
 
@@ -66,5 +67,6 @@ class AuditMiddleware:
             path=request.path[:255],
             status_code=response.status_code,
             outcome=outcome_for(response.status_code),
-            message=str(info.get("message", "")),
+            # error messages may quote what the client sent: keep the log's rows small
+            message=str(info.get("message", ""))[:MESSAGE_MAX],
         )

@@ -24,13 +24,13 @@ DEEP_OBJECTS = '{"a":' * 50_000 + "1" + "}" * 50_000
 DEEP_PARAMS = '{"action":"pause","params":' + '{"a":' * 2000 + "1" + "}" * 2000 + "}"
 
 
-def _token_client(world: World) -> APIClient:
+def _token_client(world: World, who: str = "a_member") -> APIClient:
     """Any valid token could trigger it: a tenant member's bearer token."""
     from portal.tenancy.models import APIToken, Membership
 
     token = APIToken(
-        user=world.users["a_member"],
-        membership=Membership.objects.get(user=world.users["a_member"], tenant=world.a),
+        user=world.users[who],
+        membership=Membership.objects.get(user=world.users[who], tenant=world.a),
         name="probe",
         expires_at="2999-01-01T00:00:00Z",
     )
@@ -68,7 +68,7 @@ def test_deep_action_params_are_400(world: World) -> None:
     ],
 )
 def test_every_json_write_endpoint_has_the_limit(world: World, url: str) -> None:
-    r = _token_client(world).post(url, DEEP_LIST, content_type="application/json")
+    r = _token_client(world, "a_admin").post(url, DEEP_LIST, content_type="application/json")
     assert r.status_code == 400, (url, r.content)
 
 

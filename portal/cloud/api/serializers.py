@@ -3,19 +3,18 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from portal.api.authentication import actor_for, user_id_of
-from portal.api.fields import DefaultTenantMixin, TenantField
+from portal.api.fields import DefaultTenantMixin, TenantField, TenantSlugField
 from portal.cloud.choices import RequestedKind
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
 from portal.cloud.naming import NAME_RE as _NAME_RE
 from portal.cloud.naming import NAME_RULE
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
-from portal.tenancy.models import SSHKey, Tenant
+from portal.tenancy.models import SSHKey
 
 #: the largest id a database can hold (BigAutoField); larger ones overflow the query, not just miss
 MAX_ID = 2**63 - 1
@@ -23,9 +22,7 @@ _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,150}(:[A-Za-z0-9._-]{1,40
 
 
 class FlavorSerializer(serializers.ModelSerializer[Flavor]):
-    tenant = serializers.SlugRelatedField(
-        slug_field="slug",
-        queryset=Tenant.objects.all(),
+    tenant = TenantSlugField(
         required=False,
         allow_null=True,
         help_text="Owner tenant of a private flavor; empty for a public flavor.",
@@ -46,9 +43,7 @@ class FlavorSerializer(serializers.ModelSerializer[Flavor]):
 
 
 class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
-    owner = serializers.SlugRelatedField(
-        slug_field="slug", queryset=Tenant.objects.all(), required=False, allow_null=True
-    )
+    owner = TenantSlugField(required=False, allow_null=True)
 
     class Meta:
         model = ComputeNode
@@ -107,7 +102,15 @@ class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
         return attrs
 
 
-@extend_schema_field(OpenApiTypes.STR)
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+            {"type": "string", "minLength": 1, "maxLength": 192},
+        ],
+        "description": "An image id, or 'name:version', or 'name' (the newest active version)",
+    }
+)
 class ImageRefField(serializers.Field):  # type: ignore[type-arg]
     """An image by id, ``name:version`` or ``name`` (newest active), among images visible to the requester."""
 
@@ -118,7 +121,9 @@ class ImageRefField(serializers.Field):  # type: ignore[type-arg]
         if not isinstance(data, str | int) or isinstance(data, bool):
             raise serializers.ValidationError("Expected an image id or a reference such as 'busybox:1.36'.")
         text = str(data).strip()
-        if isinstance(data, int) or text.isdigit():
+        if isinstance(data, int) or (text.isascii() and text.isdigit()):
+            if not 1 <= int(text) <= MAX_ID:
+                raise serializers.ValidationError(f"An image id is between 1 and {MAX_ID}.")
             image = qs.filter(pk=int(text)).first()
         elif _IMAGE_RE.match(text):
             name, _, version = text.partition(":")
@@ -282,8 +287,10 @@ class StatsSerializer(serializers.Serializer):  # type: ignore[type-arg]
 
 
 class PublishSerializer(serializers.Serializer):  # type: ignore[type-arg]
-    name = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", help_text="Name of the new image")
-    version = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,39}$")
+    name = serializers.RegexField(
+        r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", max_length=100, help_text="Name of the new image"
+    )
+    version = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,39}$", max_length=40)
     description = serializers.CharField(required=False, default="", allow_blank=True, max_length=2000)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -298,13 +305,27 @@ class PublishSerializer(serializers.Serializer):  # type: ignore[type-arg]
         return attrs
 
 
+@extend_schema_field(
+    {
+        "type": "object",
+        "description": "stop: timeout, force; snapshot/revert: name",
+        "properties": {
+            "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 600},
+            "force": {"type": "boolean"},
+            "name": {"type": "string", "pattern": _NAME_RE.pattern, "maxLength": 63},
+        },
+        "additionalProperties": False,
+    }
+)
+class ActionParamsField(serializers.DictField):
+    """An action's parameters; which ones an action takes is checked by the serializer."""
+
+
 class InstanceActionSerializer(serializers.Serializer):  # type: ignore[type-arg]
     action = serializers.ChoiceField(
         choices=["start", "stop", "reboot", "pause", "resume", "snapshot", "revert"]
     )
-    params = serializers.DictField(
-        required=False, default=dict, help_text="stop: timeout, force; snapshot/revert: name"
-    )
+    params = ActionParamsField(required=False, default=dict)
 
     def validate_params(self, value: dict[str, Any]) -> dict[str, Any]:
         allowed = {"timeout", "force", "name"}
@@ -312,8 +333,9 @@ class InstanceActionSerializer(serializers.Serializer):  # type: ignore[type-arg
             raise serializers.ValidationError(
                 f"Unknown params {sorted(set(value) - allowed)}; allowed: {sorted(allowed)}."
             )
-        if "timeout" in value and not (
-            isinstance(value["timeout"], int | float) and 0 < value["timeout"] <= 600
+        timeout = value.get("timeout")
+        if "timeout" in value and (
+            isinstance(timeout, bool) or not (isinstance(timeout, int | float) and 0 < timeout <= 600)
         ):
             raise serializers.ValidationError("timeout must be a number of seconds in 1..600.")
         if "name" in value and not (isinstance(value["name"], str) and _NAME_RE.match(value["name"])):

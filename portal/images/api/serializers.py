@@ -3,13 +3,12 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from portal.api.authentication import actor_for
 from portal.api.exceptions import Conflict
-from portal.api.fields import DefaultTenantMixin, TenantField
+from portal.api.fields import TENANT_SLUG_SCHEMA, DefaultTenantMixin, TenantField
 from portal.images.models import Artifact, Image
 from portal.tenancy.models import Tenant
 
@@ -28,7 +27,7 @@ class ArtifactSerializer(serializers.ModelSerializer[Artifact]):
         )
 
 
-@extend_schema_field(OpenApiTypes.STR)
+@extend_schema_field(TENANT_SLUG_SCHEMA)
 class OwnerTenantField(TenantField):
     """The owner tenant of a new private image, by slug (images name it ``owner``, not ``tenant``)."""
 

@@ -6,10 +6,11 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from portal.api.authentication import actor_for
-from portal.api.fields import DefaultTenantMixin, TenantField
+from portal.api.fields import BoundedSlugMixin, DefaultTenantMixin, TenantField
 from portal.cloud import services
 from portal.tenancy.models import APIToken, Membership, Quota, SSHKey, Tenant
 
@@ -21,7 +22,8 @@ class TenantSerializer(serializers.ModelSerializer[Tenant]):
         read_only_fields = ["id", "created_at"]
 
 
-class AddableUserField(serializers.SlugRelatedField):  # type: ignore[type-arg]
+@extend_schema_field({"type": "string", "minLength": 1, "maxLength": 150})  # Django's username
+class AddableUserField(BoundedSlugMixin, serializers.SlugRelatedField):  # type: ignore[type-arg]
     """A user by name, among those the requester may add to a tenant.
 
     Operators add anyone.  Everyone else sees only the users who already
@@ -35,6 +37,8 @@ class AddableUserField(serializers.SlugRelatedField):  # type: ignore[type-arg]
         "belong to one of their tenants; an operator adds anyone else.",
         "invalid": "Invalid user name.",
     }
+
+    max_length = 150
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("slug_field", "username")
