@@ -14,6 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from portal import requestlog
 from portal.localfiles import read_or_create_secret
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -318,9 +319,15 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # the sweeper: the beat service's health check (portal/beat_health.py).
 CELERY_BEAT_SCHEDULER = "portal.beat:Scheduler"
 
+# Every record names its request (portal/requestlog.py): the traceback of a 500 is found in the
+# server's log by the X-Request-ID the client was given.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {"request_id": {"()": "portal.requestlog.RequestIdFilter"}},
+    "formatters": {"request": {"format": requestlog.FORMAT}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "filters": ["request_id"], "formatter": "request"}
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("SKYPORT_LOG_LEVEL", "INFO")},
 }

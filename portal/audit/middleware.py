@@ -15,6 +15,7 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 
+from portal import requestlog
 from portal.audit.models import Event, Outcome
 from portal.audit.record import client_ip
 
@@ -40,7 +41,8 @@ class AuditMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         given = request.headers.get("X-Request-ID", "")
         request.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex  # type: ignore[attr-defined]
-        response = self.get_response(request)
+        with requestlog.bound(request.request_id):  # type: ignore[attr-defined]
+            response = self.get_response(request)
         response["X-Request-ID"] = request.request_id  # type: ignore[attr-defined]
         if request.method not in SAFE_METHODS:
             try:
