@@ -173,6 +173,11 @@ if PRODUCTION:
 # Hostile input (README "Security notes"): JSON bodies are read up to DATA_UPLOAD_MAX_MEMORY_SIZE
 # bytes (Django's setting, 2.5 MiB by default; 413 beyond) and nest at most this deep (400 beyond).
 SKYPORT_JSON_MAX_DEPTH = int(os.environ.get("SKYPORT_JSON_MAX_DEPTH", "32"))
+# A request refused before its body was read (401, 413, ...): up to this much of the body is read
+# and dropped after the answer, so the connection stays usable; a larger rest closes it (the answer
+# says Connection: close).  The dropping stops after SKYPORT_DRAIN_SECONDS (portal/unreadbody.py).
+SKYPORT_DRAIN_MAX_BYTES = int(os.environ.get("SKYPORT_DRAIN_MAX_BYTES", str(2**20)))
+SKYPORT_DRAIN_SECONDS = _seconds("SKYPORT_DRAIN_SECONDS", 5)
 
 REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": [
