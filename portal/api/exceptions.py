@@ -61,6 +61,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             "message": message,
             "code": getattr(detail, "code", None) or getattr(exc, "default_code", "error"),
         }
+        if getattr(exc, "errors", None):  # a conflict that names its field (portal.api.conflicts)
+            body["errors"] = exc.errors  # type: ignore[attr-defined]
     request = context.get("request")
     if request is not None:
         note_error(request, message)

@@ -15,13 +15,19 @@ TENANT_SLUG_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 50}
 
 
 class BoundedSlugMixin:
-    """A slug longer than its model field can hold is invalid at once: it is neither looked up
-    nor quoted back in the error (nor in the audit log)."""
+    """A reference by slug is a non-empty string no longer than its model field: anything else
+    is invalid at once, neither looked up nor quoted back in the error (nor in the audit log).
+    (DRF took ``0`` for ``"0"`` and ``""`` for null.)"""
 
     max_length = 50
 
+    def run_validation(self, data: Any = serializers.empty) -> Any:
+        if data == "":
+            self.fail("invalid")  # type: ignore[attr-defined]
+        return super().run_validation(data)  # type: ignore[misc]
+
     def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, str) and len(data) > self.max_length:
+        if not isinstance(data, str) or len(data) > self.max_length:
             self.fail("invalid")  # type: ignore[attr-defined]
         return super().to_internal_value(data)  # type: ignore[misc]
 

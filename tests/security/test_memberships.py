@@ -63,7 +63,7 @@ def test_users_sharing_a_tenant_can_be_added(world: World) -> None:
     r = c.post("/api/v1/memberships/", ADD_B_MEMBER, format="json")
     assert r.status_code == 201, r.json()
     r = c.post("/api/v1/memberships/", ADD_B_MEMBER, format="json")
-    assert r.status_code == 400 and "already a member of acme" in r.json()["message"]
+    assert r.status_code == 409 and "already a member of acme" in r.json()["message"]
     make_user("newcomer")
     r = world.client("operator").post(
         "/api/v1/memberships/", {"tenant": "acme", "user": "newcomer", "role": "member"}, format="json"
@@ -79,7 +79,7 @@ def test_single_tenant_token_defaults_the_tenant(world: World) -> None:
     # a_member is now only in bobco; a_admin's acme token sees acme's members only
     c = _token(world, "a_admin", world.a)
     r = c.post("/api/v1/memberships/", {"user": "a_viewer", "role": "admin"}, format="json")
-    assert r.status_code == 400 and "already a member of acme" in r.json()["message"], r.json()
+    assert r.status_code == 409 and "already a member of acme" in r.json()["message"], r.json()
     Membership.objects.filter(user=world.users["a_viewer"], tenant=world.a).delete()
     Membership.objects.create(user=world.users["a_viewer"], tenant=world.b, role=Role.VIEWER)
     # session of a_admin (acme and bobco): must name the tenant; with it, adds a bobco user to acme
@@ -91,13 +91,13 @@ def test_single_tenant_token_defaults_the_tenant(world: World) -> None:
     # a single-tenant session (b_admin: bobco only) defaults to it
     r = world.client("b_admin").post("/api/v1/memberships/", {"user": "a_member", "role": "admin"},
                                      format="json")  # fmt: skip
-    assert r.status_code == 400 and "already a member of bobco" in r.json()["message"]
+    assert r.status_code == 409 and "already a member of bobco" in r.json()["message"]
     Membership.objects.filter(user=world.users["a_member"], tenant=world.b).delete()
     Membership.objects.create(user=world.users["a_member"], tenant=world.a, role=Role.MEMBER)
     Membership.objects.filter(user=world.users["a_viewer"], tenant=world.b).delete()
     bc = _token(world, "b_admin", world.b)
     r = bc.post("/api/v1/memberships/", {"user": "b_member", "role": "admin"}, format="json")
-    assert r.status_code == 400 and "already a member of bobco" in r.json()["message"]
+    assert r.status_code == 409 and "already a member of bobco" in r.json()["message"]
     Membership.objects.filter(user=world.users["b_member"], tenant=world.b).delete()
     # b_member now shares no tenant with b_admin: unknown, like any other outsider
     r = bc.post("/api/v1/memberships/", {"user": "b_member", "role": "admin"}, format="json")

@@ -7,7 +7,15 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from portal.api.authentication import actor_for, user_id_of
+from portal.api.conflicts import FieldConflict
 from portal.api.fields import DefaultTenantMixin, TenantField, TenantSlugField
+from portal.api.strict import (
+    StrictCharField,
+    StrictIntegerField,
+    StrictModelSerializer,
+    StrictPrimaryKeyRelatedField,
+    StrictRegexField,
+)
 from portal.cloud.choices import RequestedKind
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
 from portal.cloud.naming import NAME_RE as _NAME_RE
@@ -21,7 +29,7 @@ MAX_ID = 2**63 - 1
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,150}(:[A-Za-z0-9._-]{1,40})?$")
 
 
-class FlavorSerializer(serializers.ModelSerializer[Flavor]):
+class FlavorSerializer(StrictModelSerializer[Flavor]):
     tenant = TenantSlugField(
         required=False,
         allow_null=True,
@@ -32,6 +40,7 @@ class FlavorSerializer(serializers.ModelSerializer[Flavor]):
         model = Flavor
         fields = ["id", "name", "vcpus", "ram_mb", "disk_gb", "is_public", "tenant"]
         read_only_fields = ["id", "is_public"]
+        extra_kwargs = {"vcpus": {"min_value": 1}, "ram_mb": {"min_value": 16}}  # flavor_min_size
         validators: list[Any] = []  # uniqueness is enforced by the database and answered with 409
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -42,7 +51,7 @@ class FlavorSerializer(serializers.ModelSerializer[Flavor]):
         return attrs
 
 
-class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
+class ComputeNodeSerializer(StrictModelSerializer[ComputeNode]):
     owner = TenantSlugField(required=False, allow_null=True)
 
     class Meta:
@@ -80,6 +89,8 @@ class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
             "tunnel_address",
             "created_at",
         ]
+        # a name in use is a conflict (409), in validate()
+        extra_kwargs: dict[str, Any] = {"name": {"validators": []}}
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         tenancy = attrs.get("tenancy", getattr(self.instance, "tenancy", "shared"))
@@ -98,6 +109,11 @@ class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
         if "name" in attrs:
             if not re.fullmatch(r"[A-Za-z0-9_-]{1,63}", attrs["name"]):
                 raise serializers.ValidationError({"name": "Use letters, digits, '-' and '_' (at most 63)."})
+            taken = ComputeNode.objects.filter(name=attrs["name"])
+            if self.instance is not None:
+                taken = taken.exclude(pk=self.instance.pk)
+            if taken.exists():
+                raise FieldConflict("name", f"A node named {attrs['name']!r} exists already.")
             attrs["queue"] = f"node.{attrs['name']}"
         return attrs
 
@@ -140,9 +156,9 @@ class ImageRefField(serializers.Field):  # type: ignore[type-arg]
         return str(value)
 
 
-class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instance]):
+class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     tenant = TenantField(required=False)
-    flavor = serializers.PrimaryKeyRelatedField(queryset=Flavor.objects.all())
+    flavor = StrictPrimaryKeyRelatedField(queryset=Flavor.objects.all())
     image = ImageRefField()
     kind = serializers.ChoiceField(
         choices=RequestedKind.choices,
@@ -158,13 +174,13 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
         slug_field="username", read_only=True, allow_null=True
     )
     ssh_key_ids = serializers.ListField(
-        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
+        child=StrictIntegerField(min_value=1, max_value=MAX_ID),
         write_only=True,
         required=False,
         max_length=20,
         help_text="Ids of your SSH keys to inject",
     )
-    user_data = serializers.CharField(
+    user_data = StrictCharField(
         required=False, allow_blank=True, max_length=16384, write_only=True, trim_whitespace=False
     )
 
@@ -267,6 +283,14 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
         return attrs
 
 
+class InstanceRenameSerializer(StrictModelSerializer[Instance]):
+    """What PATCH on an instance takes (the schema's request body): only its name changes."""
+
+    class Meta:
+        model = Instance
+        fields = ["name"]
+
+
 class ConsoleSerializer(serializers.Serializer):  # type: ignore[type-arg]
     text = serializers.CharField(help_text="Tail of the serial console (VM) or stdout/stderr (container)")
     at = serializers.DateTimeField(allow_null=True, help_text="When the node read it")
@@ -287,20 +311,18 @@ class StatsSerializer(serializers.Serializer):  # type: ignore[type-arg]
 
 
 class PublishSerializer(serializers.Serializer):  # type: ignore[type-arg]
-    name = serializers.RegexField(
+    name = StrictRegexField(
         r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", max_length=100, help_text="Name of the new image"
     )
-    version = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,39}$", max_length=40)
-    description = serializers.CharField(required=False, default="", allow_blank=True, max_length=2000)
+    version = StrictRegexField(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,39}$", max_length=40)
+    description = StrictCharField(required=False, default="", allow_blank=True, max_length=2000)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         instance = self.context["instance"]
         if Image.objects.filter(owner=instance.tenant, name=attrs["name"], version=attrs["version"]).exists():
-            raise serializers.ValidationError(
-                {
-                    "version": f"{attrs['name']}:{attrs['version']} already exists "
-                    f"in tenant {instance.tenant.slug}."
-                }
+            raise FieldConflict(
+                "version",
+                f"{attrs['name']}:{attrs['version']} already exists in tenant {instance.tenant.slug}.",
             )
         return attrs
 
@@ -353,7 +375,7 @@ class PreviewSerializer(serializers.Serializer):  # type: ignore[type-arg]
     rejected = serializers.ListField(child=serializers.ListField(child=serializers.CharField()))
 
 
-class NetworkSerializer(serializers.ModelSerializer[Network]):
+class NetworkSerializer(StrictModelSerializer[Network]):
     tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
         slug_field="slug", read_only=True
     )

@@ -195,6 +195,10 @@ class InstanceViewSet(ScopedViewSet):
         instance = services.delete_instance(instance, request.user)
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
+    @extend_schema(request=serializers.InstanceRenameSerializer)
+    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().partial_update(request, *args, **kwargs)
+
     def perform_update(self, serializer: Any) -> None:
         if set(serializer.validated_data) - {"name"}:
             raise PermissionDenied("Only the name of an instance can be changed.")

@@ -22,7 +22,7 @@ from portal.api.exceptions import Conflict
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
 from portal.images import services
-from portal.images.api.serializers import ImageSerializer, UploadQuerySerializer
+from portal.images.api.serializers import ImageSerializer, ImageUpdateSerializer, UploadQuerySerializer
 from portal.images.models import Blob, Image
 from portal.images.nodekeys import node_key
 from portal.images.store import is_digest
@@ -75,6 +75,10 @@ class ImageViewSet(ScopedViewSet):
         if request.method == "PUT":
             raise MethodNotAllowed("PUT", "Use PATCH to change an image, PUT /images/{id}/file/ to upload.")
         return super().http_method_not_allowed(request, *args, **kwargs)
+
+    @extend_schema(request=ImageUpdateSerializer)
+    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().partial_update(request, *args, **kwargs)
 
     def perform_create(self, serializer: Any) -> None:
         tenant = serializer.validated_data.get("tenant")
