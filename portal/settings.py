@@ -170,8 +170,9 @@ if PRODUCTION:
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
 
-# Hostile input (README "Security notes"): JSON bodies are read up to DATA_UPLOAD_MAX_MEMORY_SIZE
-# bytes (Django's setting, 2.5 MiB by default; 413 beyond) and nest at most this deep (400 beyond).
+# Hostile input (README "Security notes"): a request body (JSON, forms) is read up to this many
+# bytes (413 beyond; uploads have their own limit) and JSON nests at most this deep (400 beyond).
+DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("SKYPORT_BODY_MAX_BYTES", str(2621440)))
 SKYPORT_JSON_MAX_DEPTH = int(os.environ.get("SKYPORT_JSON_MAX_DEPTH", "32"))
 # A request refused before its body was read (401, 413, ...): up to this much of the body is read
 # and dropped after the answer, so the connection stays usable; a larger rest closes it (the answer

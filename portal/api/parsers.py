@@ -3,7 +3,7 @@
 DRF's own parser hands the body to ``json.load`` whole: a 100 KB body of
 nested ``[`` raised ``RecursionError`` (a 500 on every JSON write endpoint),
 and a body of any size was read into memory.  This one reads at most
-``DATA_UPLOAD_MAX_MEMORY_SIZE`` bytes (413 beyond) and refuses documents
+``DATA_UPLOAD_MAX_MEMORY_SIZE`` bytes (``SKYPORT_BODY_MAX_BYTES``; 413 beyond) and refuses documents
 nested deeper than ``SKYPORT_JSON_MAX_DEPTH`` levels (400), through
 :mod:`compute.safejson`.  (DRF 3.18 reads ``request.body`` before calling
 the parser; Django's ``RequestDataTooBig`` from there becomes the same 413
@@ -30,7 +30,7 @@ class BodyTooLarge(exceptions.APIException):
 
 def too_large_message() -> str:
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    return f"A body may be at most {limit} bytes (DATA_UPLOAD_MAX_MEMORY_SIZE)."
+    return f"A body may be at most {limit} bytes (SKYPORT_BODY_MAX_BYTES)."
 
 
 class JSONParser(parsers.JSONParser):

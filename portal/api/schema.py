@@ -36,7 +36,7 @@ _DESCRIPTIONS = {
         "Conflicts with the current state: a name or version in use, already a member, a task in flight, "
         "an action the instance's state does not allow, no node with room, the quota."
     ),
-    "413": "The body is over its limit (DATA_UPLOAD_MAX_MEMORY_SIZE; uploads: SKYPORT_UPLOAD_MAX_BYTES).",
+    "413": "The body is over its limit (SKYPORT_BODY_MAX_BYTES; uploads: SKYPORT_UPLOAD_MAX_BYTES).",
     "415": "The request body's media type is not supported (JSON; uploads: application/octet-stream).",
 }
 

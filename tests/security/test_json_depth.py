@@ -97,7 +97,7 @@ def test_body_larger_than_the_limit_is_413(world: World, settings: Any) -> None:
     body = '{"name": "' + "x" * 2000 + '"}'
     r = _token_client(world).post("/api/v1/ssh-keys/", body, content_type="application/json")
     assert r.status_code == 413, r.content
-    assert "DATA_UPLOAD_MAX_MEMORY_SIZE" in r.json()["message"]
+    assert "SKYPORT_BODY_MAX_BYTES" in r.json()["message"]
 
 
 def _admin_post(world: World, obj: Any, model_admin: Any, field: str, value: str) -> Any:
