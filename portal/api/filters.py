@@ -20,6 +20,8 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django_filters import rest_framework as filters
 
+from portal.api.strict import INTEGER_FIELDS
+
 
 class StrictBooleanField(forms.NullBooleanField):
     def to_python(self, value: Any) -> bool | None:  # type: ignore[override]
@@ -48,23 +50,10 @@ class StrictBooleanFilter(filters.BooleanFilter):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
 
 
-_INTEGERS = (
-    models.AutoField,
-    models.BigAutoField,
-    models.SmallAutoField,
-    models.IntegerField,
-    models.BigIntegerField,
-    models.SmallIntegerField,
-    models.PositiveIntegerField,
-    models.PositiveBigIntegerField,
-    models.PositiveSmallIntegerField,
-)
-
-
 class StrictFilterSet(filters.FilterSet):  # type: ignore[misc]
     FILTER_DEFAULTS = {
         **filters.FilterSet.FILTER_DEFAULTS,
-        **{field: {"filter_class": IntegerFilter} for field in _INTEGERS},
+        **{field: {"filter_class": IntegerFilter} for field in INTEGER_FIELDS},
         models.BooleanField: {"filter_class": StrictBooleanFilter},
     }
 

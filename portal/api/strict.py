@@ -19,25 +19,23 @@ from rest_framework import serializers
 _M = TypeVar("_M", bound=models.Model)
 
 
-class StrictCharField(serializers.CharField):
+class _StringOnly:
     def to_internal_value(self, data: Any) -> str:
         if not isinstance(data, str):
-            self.fail("invalid")
-        return super().to_internal_value(data)
+            self.fail("invalid")  # type: ignore[attr-defined]
+        return super().to_internal_value(data)  # type: ignore[misc,no-any-return]
 
 
-class StrictRegexField(serializers.RegexField):
-    def to_internal_value(self, data: Any) -> str:
-        if not isinstance(data, str):
-            self.fail("invalid")
-        return super().to_internal_value(data)
+class StrictCharField(_StringOnly, serializers.CharField):
+    pass
 
 
-class StrictSlugField(serializers.SlugField):
-    def to_internal_value(self, data: Any) -> str:
-        if not isinstance(data, str):
-            self.fail("invalid")
-        return super().to_internal_value(data)
+class StrictRegexField(_StringOnly, serializers.RegexField):
+    pass
+
+
+class StrictSlugField(_StringOnly, serializers.SlugField):
+    pass
 
 
 class StrictIntegerField(serializers.IntegerField):
@@ -68,7 +66,8 @@ class StrictPrimaryKeyRelatedField(serializers.PrimaryKeyRelatedField):  # type:
         return super().to_internal_value(data)
 
 
-_INTEGERS = (
+#: model fields that hold integers (the filters map them too, portal/api/filters.py)
+INTEGER_FIELDS = (
     models.IntegerField,
     models.BigIntegerField,
     models.SmallIntegerField,
@@ -86,6 +85,6 @@ class StrictModelSerializer(serializers.ModelSerializer[_M]):
         models.SlugField: StrictSlugField,
         models.FloatField: StrictFloatField,
         models.BooleanField: StrictBooleanField,
-        **{field: StrictIntegerField for field in _INTEGERS},
+        **{field: StrictIntegerField for field in INTEGER_FIELDS},
     }
     serializer_related_field = StrictPrimaryKeyRelatedField
