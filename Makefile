@@ -23,9 +23,9 @@ GUNICORN_FLAGS := -w 3 -k gthread --threads 4 --timeout 120 --capture-output
 DEBS := libvirt-daemon-system qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc python3-dev \
 	python3-venv busybox-static genisoimage syslinux syslinux-common mtools dosfstools fdisk cpio tini \
 	iproute2 iputils-ping crun runc umoci skopeo conmon redis-server sqlite3 procps chromium docker-compose \
-	postgresql
+	postgresql debootstrap openssh-client curl
 
-.PHONY: help run test setup debs venv host redis libvirtd images migrate catalog bootstrap check pytest pytest-pg stop status
+.PHONY: help run test setup debs venv host redis libvirtd images test-images migrate catalog bootstrap check pytest pytest-pg stop status
 
 help:
 	@echo "make run   - install what is missing, start everything on http://127.0.0.1:8000"
@@ -112,6 +112,12 @@ status:
 		if [ -f $$f ] && kill -0 $$(cat $$f) 2>/dev/null; then echo "$$p: running (pid $$(cat $$f))"; else echo "$$p: not running"; fi; done
 
 # ---------------------------------------------------------------- make test
+# The Debian cloud guest and OCI app images the real-workload tests use (tests/workloads): built
+# once per machine into /var/cache/skyport/test-images/<hash of images/debian>/ (two to four
+# minutes cold), found in well under a second afterwards; not part of `make run`.
+test-images: debs
+	@PYTHON=$(PYTHON) images/debian/build.sh --cache
+
 check: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -129,4 +135,4 @@ pytest: setup
 pytest-pg: setup
 	VENV=$(VENV) tests/pg/run
 
-test: setup check pytest pytest-pg
+test: setup check test-images pytest pytest-pg

@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from tests.compute.vm_fixtures import (
     test_bridge,
     vm_spec,
     vm_state_dir,
+    wait_for,
 )
 from tests.hostcaps import require_binary, require_libvirtd
 
@@ -31,14 +32,6 @@ __all__ = ["test_bridge", "vm_state_dir"]  # fixtures used by name
 
 BOOT_DEADLINE = 90.0
 READY = "SKYPORT-READY"
-
-
-def wait_for(what: str, check: Callable[[], bool], deadline: float, interval: float = 0.1) -> None:
-    end = time.monotonic() + deadline
-    while not check():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {deadline:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def ping(address: str, deadline: float = 20.0) -> None:
