@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from django.conf import settings
@@ -34,6 +35,17 @@ def make_run_flags() -> list[str]:
     found = re.search(r"^GUNICORN_FLAGS := (.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
     assert found, "Makefile has no GUNICORN_FLAGS"
     return shlex.split(found[1])
+
+
+def database_url() -> str:
+    """The test database (SQLite file, or the PostgreSQL pass's), for servers and workers in other
+    processes."""
+    db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    password = f":{quote(db['PASSWORD'], safe='')}" if db.get("PASSWORD") else ""
+    host = quote(db.get("HOST") or "", safe="")  # a socket directory is a path
+    return f"postgres://{db.get('USER') or ''}{password}@{host}:{db.get('PORT') or 5432}/{db['NAME']}"
 
 
 def _free_port() -> int:
@@ -51,7 +63,7 @@ class Gunicorn:
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": settings_module,
-            "DATABASE_URL": f"sqlite:///{settings.DATABASES['default']['NAME']}",
+            "DATABASE_URL": database_url(),
             "SKYPORT_VAR_DIR": str(base / "var"),
             "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
             "SKYPORT_IMAGE_STORE": str(settings.SKYPORT_IMAGE_STORE),

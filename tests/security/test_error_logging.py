@@ -29,7 +29,7 @@ import pytest
 from celery import Celery
 from django.conf import settings
 
-from tests.security.gunicorn import ROOT, serve
+from tests.security.gunicorn import ROOT, database_url, serve
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ def _running(tmp_path: Path, worker: str) -> Iterator[str]:
     tag = secrets.token_hex(3)
     env = {
         "DJANGO_SETTINGS_MODULE": "portal.settings",
-        "DATABASE_URL": f"sqlite:///{settings.DATABASES['default']['NAME']}",
+        "DATABASE_URL": database_url(),
         "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
         "SKYPORT_VAR_DIR": str(tmp_path / "var"),
         "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
