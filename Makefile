@@ -16,6 +16,9 @@ NODE_NAME ?= $(shell hostname -s)
 export SKYPORT_VAR_DIR := $(VAR)
 export SKYPORT_IMAGE_DIR := $(IMAGES)
 export CELERY_BROKER_URL ?= redis://127.0.0.1:6379/0
+# The web server's flags (tests/security/gunicorn.py runs the same): --capture-output puts what Django
+# logs to stderr (every 500 with its request id and traceback) into the error log, web.log.
+GUNICORN_FLAGS := -w 3 -k gthread --threads 4 --timeout 120 --capture-output
 
 DEBS := libvirt-daemon-system qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc python3-dev \
 	python3-venv busybox-static genisoimage syslinux syslinux-common mtools dosfstools fdisk cpio tini \
@@ -91,7 +94,7 @@ run: setup
 		setsid $(VENV)/bin/celery -A compute.worker worker -Q node.$(NODE_NAME) \
 		-n node@$(NODE_NAME) --concurrency 2 --loglevel INFO \
 		--pidfile $(RUN)/compute.pid --logfile $(LOG)/compute.log --detach
-	@setsid $(VENV)/bin/gunicorn portal.wsgi -b 127.0.0.1:8000 -w 3 -k gthread --threads 4 --timeout 120 --daemon --pid $(RUN)/web.pid \
+	@setsid $(VENV)/bin/gunicorn portal.wsgi -b 127.0.0.1:8000 $(GUNICORN_FLAGS) --daemon --pid $(RUN)/web.pid \
 		--access-logfile $(LOG)/web-access.log --error-logfile $(LOG)/web.log
 	@for i in $$(seq 100); do curl -fs -o /dev/null http://127.0.0.1:8000/healthz && break; sleep 0.1; done
 	@curl -fsS -o /dev/null http://127.0.0.1:8000/healthz || { echo "web server did not start; see $(LOG)/web.log"; exit 1; }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from typing import Any
 
@@ -73,6 +74,10 @@ for _task in NODE_TASKS:
 
 
 def _heartbeat_loop(parent: int) -> None:
+    # The fork inherited the worker's signal handlers, which turn SIGTERM into a warm shutdown of a
+    # worker this child is not: terminate() did nothing, and every stop waited for join() in vain.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     while os.getppid() == parent:
         try:
             service.report()

@@ -3,7 +3,7 @@
 Services (``portal/*/services.py`` and friends) raise these; the REST API's
 exception handler turns them into JSON with an HTTP status
 (``portal.api.exceptions.http_status``), the pages into a form error or a
-refusal page (``portal.web.outcome.attempt``), management commands into a
+refusal page (``portal.web.access.attempt``), management commands into a
 one-line ``CommandError``.  No Django or DRF import here, so any layer (and
 any test) can raise and catch them.
 """

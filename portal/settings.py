@@ -13,7 +13,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from portal import env
+from portal import env, requestlog
 from portal.localfiles import read_or_create_secret
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -153,7 +153,21 @@ if PRODUCTION:
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
 
+# Hostile input (README "Security notes"): a request body (JSON, forms) is read up to this many
+# bytes (413 beyond; uploads have their own limit) and JSON nests at most this deep (400 beyond).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.integer("SKYPORT_BODY_MAX_BYTES", 2621440, minimum=1)
+SKYPORT_JSON_MAX_DEPTH = env.integer("SKYPORT_JSON_MAX_DEPTH", 32, minimum=1)
+# A request refused before its body was read (401, 413, ...): up to this much of the body is read
+# and dropped after the answer, so the connection stays usable; a larger rest closes it (the answer
+# says Connection: close).  The dropping stops after SKYPORT_DRAIN_SECONDS (portal/unreadbody.py).
+SKYPORT_DRAIN_MAX_BYTES = env.integer("SKYPORT_DRAIN_MAX_BYTES", 2**20, minimum=0)
+SKYPORT_DRAIN_SECONDS = env.seconds("SKYPORT_DRAIN_SECONDS", 5)
+
 REST_FRAMEWORK = {
+    # JSON only (uploads stream their raw body through their own parser): one body format to check,
+    # and the one the schema documents.
+    "DEFAULT_PARSER_CLASSES": ["portal.api.parsers.JSONParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "portal.api.authentication.BearerTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
@@ -161,7 +175,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "portal.api.pagination.Pagination",
     "DEFAULT_FILTER_BACKENDS": [
-        "django_filters.rest_framework.DjangoFilterBackend",
+        "portal.api.filters.FilterBackend",
         "rest_framework.filters.SearchFilter",
         "rest_framework.filters.OrderingFilter",
     ],
@@ -244,6 +258,12 @@ SKYPORT_NETWORK_PREFIX = env.integer("SKYPORT_NETWORK_PREFIX", 24, minimum=8, ma
 SKYPORT_IMAGE_STORE = Path(os.environ.get("SKYPORT_IMAGE_STORE", VAR_DIR / "store"))
 SKYPORT_UPLOAD_MAX_BYTES = env.integer("SKYPORT_UPLOAD_MAX_BYTES", 20 * 2**30, minimum=1)
 SKYPORT_IMAGE_MAX_VIRTUAL_BYTES = env.integer("SKYPORT_IMAGE_MAX_VIRTUAL_BYTES", 512 * 2**30, minimum=1)
+# What an image may unpack to (portal/images/limits.py): all layers of a container image together
+# (unset or 0: the largest flavor or node disk, whichever is smaller), each file (unset or 0: the
+# same), and how many entries; a VM disk's virtual size is also bounded by the largest flavor disk.
+SKYPORT_IMAGE_MAX_UNPACKED_BYTES = env.integer("SKYPORT_IMAGE_MAX_UNPACKED_BYTES", 0, minimum=0) or None
+SKYPORT_IMAGE_MAX_FILE_BYTES = env.integer("SKYPORT_IMAGE_MAX_FILE_BYTES", 0, minimum=0) or None
+SKYPORT_IMAGE_MAX_FILES = env.integer("SKYPORT_IMAGE_MAX_FILES", 1000000, minimum=1)
 # Each qemu-img run that checks a disk (info, then check) is stopped after this long; both runs
 # together stay below the broker's visibility timeout.
 SKYPORT_QEMU_IMG_TIMEOUT_SECONDS = env.seconds(
@@ -287,9 +307,15 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # the sweeper: the beat service's health check (portal/beat_health.py).
 CELERY_BEAT_SCHEDULER = "portal.beat:Scheduler"
 
+# Every record names its request (portal/requestlog.py): the traceback of a 500 is found in the
+# server's log by the X-Request-ID the client was given.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {"request_id": {"()": "portal.requestlog.RequestIdFilter"}},
+    "formatters": {"request": {"format": requestlog.FORMAT}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "filters": ["request_id"], "formatter": "request"}
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("SKYPORT_LOG_LEVEL", "INFO")},
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError
 from django.db.models import ProtectedError, RestrictedError
@@ -16,6 +17,7 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from portal.api.parsers import BodyTooLarge, too_large_message
 from portal.audit.record import note_error
 from portal.errors import Conflict, DomainError
 
@@ -36,6 +38,7 @@ class _DomainAPIError(exceptions.APIException):
     def __init__(self, exc: DomainError) -> None:
         super().__init__(str(exc), exc.code)
         self.status_code = http_status(exc)
+        self.errors = getattr(exc, "errors", None)  # a conflict that names its field
 
 
 def _first_message(data: Any) -> str:
@@ -59,6 +62,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
     elif isinstance(exc, Http404):
         exc = exceptions.NotFound("Not found.")
+    elif isinstance(exc, RequestDataTooBig):  # request.body beyond DATA_UPLOAD_MAX_MEMORY_SIZE
+        exc = BodyTooLarge(too_large_message())
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
@@ -74,6 +79,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             "message": message,
             "code": getattr(detail, "code", None) or getattr(exc, "default_code", "error"),
         }
+        if getattr(exc, "errors", None):  # a conflict that names its field (portal.api.conflicts)
+            body["errors"] = exc.errors  # type: ignore[attr-defined]
     request = context.get("request")
     if request is not None:
         note_error(request, message)

@@ -15,6 +15,7 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 
+from portal import requestlog
 from portal.audit.log import record
 from portal.audit.models import Outcome
 from portal.audit.record import client_ip
@@ -22,6 +23,7 @@ from portal.audit.record import client_ip
 log = logging.getLogger(__name__)
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+MESSAGE_MAX = 2000
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 
 
@@ -40,7 +42,8 @@ class AuditMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         given = request.headers.get("X-Request-ID", "")
         request.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex  # type: ignore[attr-defined]
-        response = self.get_response(request)
+        with requestlog.bound(request.request_id):  # type: ignore[attr-defined]
+            response = self.get_response(request)
         response["X-Request-ID"] = request.request_id  # type: ignore[attr-defined]
         if request.method not in SAFE_METHODS:
             try:
@@ -57,7 +60,8 @@ class AuditMiddleware:
             tenant_id=info.get("tenant_id"),
             actor=user,
             outcome=outcome_for(response.status_code),
-            message=str(info.get("message", "")),
+            # error messages may quote what the client sent: keep the log's rows small
+            message=str(info.get("message", ""))[:MESSAGE_MAX],
             request_id=request.request_id,  # type: ignore[attr-defined]
             object_type=str(info.get("object_type", ""))[:50],
             object_id=str(info.get("object_id", ""))[:64],

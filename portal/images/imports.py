@@ -41,7 +41,7 @@ from django.utils import timezone
 
 from portal.audit.models import Outcome
 from portal.errors import Conflict
-from portal.images import validation
+from portal.images import limits, validation
 from portal.images.choices import ArtifactFormat, ImageStatus, ImportPhase
 from portal.images.models import Artifact, Blob, Image
 from portal.images.services import (
@@ -365,14 +365,11 @@ def import_artifact(
     try:
         s = held.store()
         if UPLOAD_FORMATS[fmt] == ArtifactFormat.OCI:
-            checked = validation.check_archive(path, s)
+            checked = validation.check_archive(path, s, limits.unpack_limits(image))
         else:
+            max_virtual, why = limits.virtual_limit(image)
             checked = validation.check_disk(
-                path,
-                source_digest,
-                fmt,
-                settings.SKYPORT_IMAGE_MAX_VIRTUAL_BYTES,
-                settings.SKYPORT_QEMU_IMG_TIMEOUT_SECONDS,
+                path, source_digest, fmt, max_virtual, settings.SKYPORT_QEMU_IMG_TIMEOUT_SECONDS, why
             )
         _commit(held, image, checked, source_digest)
     except validation.Rejected as exc:

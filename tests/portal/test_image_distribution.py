@@ -134,9 +134,9 @@ def test_a_vm_published_as_a_private_image(
     assert Image.objects.get(pk=image_id).source_instance_id is not None
     assert c.get(f"/api/v1/instances/{vm}/").json()["task_state"] is None
     assert world.client("b_admin").get(f"/api/v1/images/{image_id}/").status_code == 404
-    # the same name and version again is a clear 400; a container cannot be published
+    # the same name and version again is a clear 409; a container cannot be published
     again = c.post(f"/api/v1/instances/{vm}/publish/", {"name": "web-snap", "version": "1"}, format="json")
-    assert again.status_code == 400 and "already exists" in again.json()["errors"]["version"][0]
+    assert again.status_code == 409 and "already exists" in again.json()["errors"]["version"][0]
     from portal.cloud.models import Instance
 
     Instance.objects.filter(pk=vm).update(kind="container")

@@ -412,7 +412,7 @@ def test_a_reused_blob_missing_at_commit_moves_nothing_into_the_store(
     held = imports.claim(image)
     temp, digest, _ = imports.copy_in(f.oci_archive(tmp_path / "a.tar", [f.BASE]), held)
     checked, fresh, gone = _checked_with_a_vanished_blob(services.store(), held.token)
-    monkeypatch.setattr(validation, "check_archive", lambda path, s: checked)
+    monkeypatch.setattr(validation, "check_archive", lambda path, s, limits: checked)
     assert imports.import_here(held, "oci", temp, digest) == "failed"
     image.refresh_from_db()
     assert image.status_reason == (
@@ -433,8 +433,8 @@ def test_a_commit_that_fails_after_moving_blobs_takes_them_back(
     Blob.objects.create(digest=kept, size=1, media_type=validation.MEDIA_LAYER)
     check_archive = validation.check_archive
 
-    def with_kept(path: Path, s: Any) -> validation.Checked:
-        checked = check_archive(path, s)
+    def with_kept(path: Path, s: Any, limits: Any) -> validation.Checked:
+        checked = check_archive(path, s, limits)
         checked.blobs.append(validation.StagedBlob(kept, 1, validation.MEDIA_LAYER, None))
         return checked
 
@@ -503,8 +503,8 @@ def test_garbage_collection_spares_a_stored_blob_an_import_is_reusing(
     check_archive = validation.check_archive
     collected: list[int] = []
 
-    def gc_during_validation(path: Path, s: Any) -> validation.Checked:
-        checked = check_archive(path, s)
+    def gc_during_validation(path: Path, s: Any, limits: Any) -> validation.Checked:
+        checked = check_archive(path, s, limits)
         collected.append(maintenance.collect_garbage())
         return checked
 

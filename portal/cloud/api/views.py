@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from portal.api.authentication import actor_for
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
-from portal.cloud import placement, services
+from portal.cloud import disclosure, placement, services
 from portal.cloud.api import serializers
 from portal.cloud.choices import VmState
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
@@ -143,7 +143,9 @@ class InstanceViewSet(ScopedViewSet):
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         result = placement.preview(self._request(serializer.validated_data))
-        return Response(dataclasses.asdict(result))
+        body = dataclasses.asdict(result)
+        body["rejected"] = disclosure.rejected_for(self.actor, result.rejected)
+        return Response(body)
 
     @extend_schema(
         request=serializers.InstanceActionSerializer, responses={202: serializers.InstanceSerializer}
@@ -193,6 +195,10 @@ class InstanceViewSet(ScopedViewSet):
         describe(request, "instance.delete", instance)
         instance = services.delete_instance(instance, request.user)
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=serializers.InstanceRenameSerializer)
+    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().partial_update(request, *args, **kwargs)
 
     def perform_update(self, serializer: Any) -> None:
         if set(serializer.validated_data) - {"name"}:

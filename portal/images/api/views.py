@@ -23,7 +23,7 @@ from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
 from portal.errors import Conflict
 from portal.images import imports, services
-from portal.images.api.serializers import ImageSerializer, UploadQuerySerializer
+from portal.images.api.serializers import ImageSerializer, ImageUpdateSerializer, UploadQuerySerializer
 from portal.images.models import Blob, Image
 from portal.images.nodekeys import node_key
 from portal.images.store import is_digest
@@ -49,7 +49,9 @@ class ImageViewSet(ScopedViewSet):
 
     queryset = Image.objects.all()
     serializer_class = ImageSerializer
-    http_method_names = ["get", "post", "put", "patch", "delete", "head", "options"]
+    # PUT only on /images/{id}/file/ (the upload action names it), so that OPTIONS on the image and
+    # its Allow header agree with the schema: GET, PATCH, DELETE.
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     filterset_fields = {
         "name": ["exact"],
         "version": ["exact"],
@@ -70,11 +72,14 @@ class ImageViewSet(ScopedViewSet):
     def tenant_id_of(self, obj: models.Model) -> int | None:
         return getattr(obj, "owner_id", None)
 
-    @extend_schema(exclude=True)  # not an operation: PUT exists only for /file/ (405 here)
-    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        if not kwargs.get("partial"):
+    def http_method_not_allowed(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        if request.method == "PUT":
             raise MethodNotAllowed("PUT", "Use PATCH to change an image, PUT /images/{id}/file/ to upload.")
-        return super().update(request, *args, **kwargs)
+        return super().http_method_not_allowed(request, *args, **kwargs)
+
+    @extend_schema(request=ImageUpdateSerializer)
+    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().partial_update(request, *args, **kwargs)
 
     def perform_create(self, serializer: Any) -> None:
         tenant = serializer.validated_data.get("tenant")
@@ -94,7 +99,13 @@ class ImageViewSet(ScopedViewSet):
         responses={202: ImageSerializer},
         summary="Upload the image's disk or container archive (raw body, streamed to disk)",
     )
-    @action(detail=True, methods=["put"], url_path="file", parser_classes=[OctetStreamParser])
+    @action(
+        detail=True,
+        methods=["put"],
+        url_path="file",
+        parser_classes=[OctetStreamParser],
+        http_method_names=["put", "options"],
+    )
     def upload(self, request: Request, pk: str | None = None) -> Response:
         image = self.get_object()  # scoping (404) and role checks (403)
         describe(request, "image.upload", image, tenant_id=image.owner_id)

@@ -20,7 +20,7 @@ from django.views.decorators.http import require_POST
 from compute.spec import Action
 from portal.audit.models import Event
 from portal.audit.record import describe, note_error
-from portal.cloud import placement, services
+from portal.cloud import disclosure, placement, services
 from portal.cloud.choices import VmState
 from portal.cloud.models import Instance
 from portal.tenancy.choices import Role
@@ -358,6 +358,7 @@ def launch_preview(request: HttpRequest, tenant: Tenant) -> HttpResponse:
             ctx["error"] = result.message
         else:
             ctx["preview"] = result
+            ctx["rejected"] = disclosure.rejected_for(actor(request), result.rejected)
             ctx["quota_rows"] = quota_effect_rows(result.quota)
     ctx["form"] = form
     return render(request, "web/partials/launch_preview.html", ctx)
