@@ -76,6 +76,8 @@ class Action(enum.StrEnum):
 
 #: the actions an :class:`InstanceAction` may carry (create and delete have their own messages)
 INSTANCE_ACTIONS = frozenset(Action) - {Action.CREATE, Action.DELETE}
+#: the actions after which the node reports the instance's snapshots (:attr:`Observation.snapshots`)
+SNAPSHOT_ACTIONS = frozenset({Action.SNAPSHOT, Action.REVERT, Action.DELETE_SNAPSHOT})
 
 
 class Capability(enum.StrEnum):
@@ -249,6 +251,7 @@ class InstanceSpec:
     networks: tuple[NetworkAttachment, ...] = ()
     ssh_keys: tuple[str, ...] = ()
     user_data: str | None = None
+    vendor_data: str | None = None  # the operator's cloud-init defaults (SKYPORT_VENDOR_DATA), VMs only
     command: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     cpu_quota_percent: int = 100
@@ -369,6 +372,21 @@ class ConsoleRequest(_AboutInstance):
 
 
 @dataclasses.dataclass(frozen=True)
+class SnapshotInfo:
+    """One snapshot of an instance's disk as its node has it.
+
+    ``created_at`` is the node's clock (seconds since the epoch).
+    ``size_bytes`` is what the snapshot holds beyond the disk's shared
+    blocks: the saved memory state of a VM snapshotted while running
+    (``qemu-img`` reports it as ``vm-state-size``); 0 when unknown.
+    """
+
+    name: str
+    created_at: float
+    size_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Observation:
     """What a node saw after acting on an instance, sent to the control queue.
 
@@ -388,6 +406,8 @@ class Observation:
     message: str = ""
     observed_at: float = 0.0
     details: tuple[tuple[str, str], ...] = ()
+    # after snapshot, revert and delete_snapshot: every snapshot the instance now has; else None
+    snapshots: tuple[SnapshotInfo, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,6 +432,8 @@ class InventoryItem:
     # counters at the time of the report (0 when the driver could not read them)
     cpu_time_ns: int = 0
     memory_bytes: int = 0
+    # the workload's snapshots (names and times; sizes are 0 here); None: the driver keeps none
+    snapshots: tuple[SnapshotInfo, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ success, and the portal ignores an observation whose action id it has seen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from compute.drivers.base import Driver, DriverError, InstanceNotFound
 from compute.network import bridge, vxlan
 from compute.spec import (
     MESSAGES,
+    SNAPSHOT_ACTIONS,
     Action,
     Capability,
     ConsoleRequest,
@@ -38,6 +40,7 @@ from compute.spec import (
     NodeReport,
     Observation,
     PowerState,
+    SnapshotInfo,
     SpecError,
     Task,
     from_json,
@@ -128,6 +131,7 @@ class NodeService:
         state: PowerState,
         message: str = "",
         details: dict[str, str] | None = None,
+        snapshots: tuple[SnapshotInfo, ...] | None = None,
     ) -> Observation:
         obs = Observation(
             instance_id=instance_id,
@@ -139,6 +143,7 @@ class NodeService:
             message=message,
             observed_at=time.time(),
             details=tuple(sorted((details or {}).items())),
+            snapshots=snapshots,
         )
         self.send(obs.TASK, to_json(obs))
         return obs
@@ -151,16 +156,27 @@ class NodeService:
         action_id: str,
         body: Callable[[Driver], PowerState],
     ) -> Observation:
+        # after a snapshot action, success or not, the portal gets the instance's whole list
+        listed = action in SNAPSHOT_ACTIONS
         try:
             state = body(self.driver(kind))
         except InstanceNotFound as exc:
             return self._observe(instance_id, action, action_id, False, PowerState.NOSTATE, str(exc))
         except (DriverError, SpecError) as exc:
             log.warning("%s of %s failed: %s", action, instance_id, exc)
-            return self._observe(
-                instance_id, action, action_id, False, self._current(kind, instance_id), str(exc)
-            )
-        return self._observe(instance_id, action, action_id, True, state)
+            snaps = self._snapshots(kind, instance_id) if listed else None
+            current = self._current(kind, instance_id)
+            return self._observe(instance_id, action, action_id, False, current, str(exc), snapshots=snaps)
+        snaps = self._snapshots(kind, instance_id) if listed else None
+        return self._observe(instance_id, action, action_id, True, state, snapshots=snaps)
+
+    def _snapshots(self, kind: Kind, instance_id: str) -> tuple[SnapshotInfo, ...] | None:
+        """The instance's snapshots with their sizes, or None when they cannot be read."""
+        try:
+            return tuple(self.driver(kind).list_snapshots(instance_id, sizes=True))
+        except DriverError as exc:
+            log.warning("cannot list the snapshots of %s: %s", instance_id, exc)
+            return None
 
     def _current(self, kind: Kind, instance_id: str) -> PowerState:
         try:
@@ -335,14 +351,18 @@ def _prepare_bridge(seg: NetworkSegment) -> None:
 
 
 def _item(driver: Driver, kind: Kind, instance_id: str, state: PowerState) -> InventoryItem:
-    """An inventory entry with the workload's counters when they can be read."""
+    """An inventory entry with the workload's counters and snapshots when they can be read."""
+    snaps: tuple[SnapshotInfo, ...] | None = None
+    if Capability.SNAPSHOTS in driver.capabilities:
+        with contextlib.suppress(DriverError):
+            snaps = tuple(driver.list_snapshots(instance_id))
     if state != PowerState.RUNNING:
-        return InventoryItem(instance_id, kind, state)
+        return InventoryItem(instance_id, kind, state, snapshots=snaps)
     try:
         stats = driver.stats(instance_id)
     except DriverError:
-        return InventoryItem(instance_id, kind, state)
-    return InventoryItem(instance_id, kind, state, stats.cpu_time_ns, stats.memory_bytes)
+        return InventoryItem(instance_id, kind, state, snapshots=snaps)
+    return InventoryItem(instance_id, kind, state, stats.cpu_time_ns, stats.memory_bytes, snaps)
 
 
 def _mem_total_mb() -> int:

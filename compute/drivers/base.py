@@ -13,7 +13,7 @@ import abc
 import dataclasses
 from pathlib import Path
 
-from compute.spec import Capability, InstanceSpec, Kind, PowerState
+from compute.spec import Capability, InstanceSpec, Kind, PowerState, SnapshotInfo
 
 
 class DriverError(Exception):
@@ -59,12 +59,6 @@ class Stats:
     disk_write_bytes: int | None = None
     net_rx_bytes: int | None = None
     net_tx_bytes: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class SnapshotInfo:
-    name: str
-    created_at: float
 
 
 class Driver(abc.ABC):
@@ -139,8 +133,8 @@ class Driver(abc.ABC):
         """Delete a snapshot; succeeds if it does not exist."""
 
     @abc.abstractmethod
-    def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
-        """Snapshots of the workload, oldest first."""
+    def list_snapshots(self, instance_id: str, sizes: bool = False) -> list[SnapshotInfo]:
+        """Snapshots of the workload, oldest first (``sizes``: also measure each, which costs more)."""
 
     def export_disk(self, instance_id: str, dest: Path) -> None:
         """Write the instance's root disk to ``dest`` as a standalone qcow2 (no backing file).

@@ -49,7 +49,6 @@ from compute.drivers.base import (
     InstanceNotFound,
     InvalidState,
     NotSupported,
-    SnapshotInfo,
     Stats,
 )
 from compute.drivers.common import is_instance_id, mtime, read_int, tail
@@ -57,7 +56,16 @@ from compute.layers import ImageError, LayerStore, UnpackedImage
 from compute.network import veth
 from compute.network.bridge import NetworkError
 from compute.oci import BundleSpec, runtime_config
-from compute.spec import Capability, ImageFormat, InstanceSpec, Kind, PowerState, stored_spec, to_json
+from compute.spec import (
+    Capability,
+    ImageFormat,
+    InstanceSpec,
+    Kind,
+    PowerState,
+    SnapshotInfo,
+    stored_spec,
+    to_json,
+)
 
 UID_BASE = 1_000_000
 UID_SPAN = 1_000_000
@@ -527,7 +535,7 @@ class ContainerDriver(Driver):
     def delete_snapshot(self, instance_id: str, name: str) -> None:
         raise NotSupported("container snapshots are not supported")
 
-    def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
+    def list_snapshots(self, instance_id: str, sizes: bool = False) -> list[SnapshotInfo]:
         self.info(instance_id)
         return []
 

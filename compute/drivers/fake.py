@@ -13,10 +13,9 @@ from compute.drivers.base import (
     InstanceNotFound,
     InvalidState,
     NotSupported,
-    SnapshotInfo,
     Stats,
 )
-from compute.spec import Capability, InstanceSpec, Kind, PowerState
+from compute.spec import Capability, InstanceSpec, Kind, PowerState, SnapshotInfo
 
 #: what the real driver of each kind reports (tests/compute/test_node_tasks.py checks they agree)
 REAL_CAPABILITIES = {
@@ -102,7 +101,7 @@ class FakeDriver(Driver):
     def delete_snapshot(self, instance_id: str, name: str) -> None:
         self.snapshots.get(instance_id, {}).pop(name, None)
 
-    def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
+    def list_snapshots(self, instance_id: str, sizes: bool = False) -> list[SnapshotInfo]:
         return sorted(self.snapshots.get(instance_id, {}).values(), key=lambda s: s.created_at)
 
     def export_disk(self, instance_id: str, dest: Path) -> None:

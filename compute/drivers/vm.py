@@ -15,7 +15,9 @@ The libvirt connection is opened lazily and per process (Celery forks).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import json
 import os
 import re
 import subprocess
@@ -38,7 +40,6 @@ from compute.drivers.base import (
     InstanceInfo,
     InstanceNotFound,
     InvalidState,
-    SnapshotInfo,
     Stats,
 )
 from compute.drivers.common import is_instance_id, tail
@@ -52,7 +53,7 @@ from compute.drivers.libvirt_xml import (
 )
 from compute.imagecache import ImageCache, ImageError, create_overlay, remove_tree
 from compute.network import bridge
-from compute.spec import Capability, InstanceSpec, Kind, PowerState
+from compute.spec import Capability, InstanceSpec, Kind, PowerState, SnapshotInfo
 
 PREFIX = "sky-"
 MAX_NICS = 10
@@ -455,10 +456,24 @@ class LibvirtDriver(Driver):
             raise DriverError(f"snapshot lookup failed: {exc.get_error_message()}") from exc
         self._call("delete snapshot", lambda: snap.delete(0))
 
-    def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
+    def list_snapshots(self, instance_id: str, sizes: bool = False) -> list[SnapshotInfo]:
         dom = self._lookup(instance_id)
         snaps = self._call("list snapshots", lambda: dom.listAllSnapshots(0))
-        return sorted((self._snapshot_info(s) for s in snaps), key=lambda s: (s.created_at, s.name))
+        found = sorted((self._snapshot_info(s) for s in snaps), key=lambda s: (s.created_at, s.name))
+        if not sizes or not found:
+            return found
+        measured = self._snapshot_sizes(instance_id)
+        return [dataclasses.replace(s, size_bytes=measured.get(s.name, 0)) for s in found]
+
+    def _snapshot_sizes(self, instance_id: str) -> dict[str, int]:
+        """``vm-state-size`` of each internal snapshot, read with ``qemu-img info -U`` (shared lock)."""
+        disk = self._instance_dir(instance_id) / "disk.qcow2"
+        cmd = ["qemu-img", "info", "-U", "--output=json", str(disk)]
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise DriverError(f"qemu-img info failed: {proc.stderr.strip()[-300:]}")
+        snaps = json.loads(proc.stdout).get("snapshots") or []
+        return {str(s.get("name")): int(s.get("vm-state-size") or 0) for s in snaps}
 
     # -- observation ------------------------------------------------------------------------------
 

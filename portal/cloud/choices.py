@@ -47,6 +47,7 @@ class TaskState(models.TextChoices):
     RESUMING = "resuming"
     SNAPSHOTTING = "snapshotting"
     REVERTING = "reverting"
+    DELETING_SNAPSHOT = "deleting_snap", "Deleting snapshot"
     PUBLISHING = "publishing"
     DELETING = "deleting"
 

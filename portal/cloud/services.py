@@ -39,7 +39,7 @@ from portal.images.choices import ImageStatus
 from portal.images.models import Image
 from portal.tenancy.models import Tenant
 
-__all__ = ["Request", "act", "create_instance", "delete_instance", "publish"]
+__all__ = ["Request", "act", "create_instance", "delete_instance", "dispatch_action", "publish"]
 
 
 def build_spec(instance: Instance) -> InstanceSpec:
@@ -62,6 +62,7 @@ def build_spec(instance: Instance) -> InstanceSpec:
         networks=networks.attachments(instance, node),
         ssh_keys=tuple(instance.ssh_keys),
         user_data=instance.user_data or None,
+        vendor_data=settings.SKYPORT_VENDOR_DATA if instance.kind == Kind.VM else None,
         cpu_quota_percent=100 * instance.vcpus,
     )
 
@@ -159,8 +160,13 @@ def check(instance: Instance, action: Action, params: dict[str, Any] | None = No
         raise InvalidAction(why)
 
 
-def _dispatch(instance: Instance, action: Action, params: dict[str, Any], user: Any, message: str) -> None:
-    """Claim the instance for ``action`` and send it to its node after commit (inside a transaction)."""
+def dispatch_action(
+    instance: Instance, action: Action, params: dict[str, Any], user: Any, message: str = ""
+) -> None:
+    """Claim the instance for ``action`` and send it to its node after commit (inside a transaction).
+
+    Conflict (409) when the instance is busy or in a state the action cannot start from.
+    """
     action_id = _claim(instance, action)
     node = _node(instance)
     _event(instance, f"dispatch.{action}", message or f"sent to {node.name}", user, action_id)
@@ -176,7 +182,7 @@ def act(instance: Instance, action: str, params: dict[str, Any], user: Any) -> I
         raise InvalidAction(unknown)
     check(instance, Action(action), params)
     with transaction.atomic():
-        _dispatch(instance, Action(action), params, user, "")
+        dispatch_action(instance, Action(action), params, user, "")
     return instance
 
 
@@ -207,7 +213,8 @@ def publish(instance: Instance, name: str, version: str, description: str, user:
             "upload_url": f"{settings.SKYPORT_PORTAL_URL}/api/v1/blobs/uploads/{image.pk}",
             "upload_token": image_services.upload_token(image),
         }
-        _dispatch(instance, Action.PUBLISH, params, user, f"image {image} (id {image.pk}) from {node.name}")
+        message = f"image {image} (id {image.pk}) from {node.name}"
+        dispatch_action(instance, Action.PUBLISH, params, user, message)
     return image
 
 

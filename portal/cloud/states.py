@@ -13,8 +13,10 @@ action is a member of ``Action``, a rule here, a task state in
 An action that needs a driver capability is offered only where the node of
 the instance reports that capability for the instance's kind (the heartbeat
 says so: ``ComputeNode.drivers``), never by hard-coding what a kind can do.
-``delete_snapshot`` has no rule yet: nodes run it, the portal has no list of
-snapshots to offer it from.
+Snapshots are resources of their own (``portal/storage``, the
+``instances/{id}/snapshots/`` endpoints): ``delete_snapshot`` is not public
+here, and snapshot and revert keep the snapshot rows in step whichever way
+they are asked for.
 """
 
 from __future__ import annotations
@@ -87,6 +89,15 @@ RULES: dict[Action, Rule] = {
     ),
     Action.REVERT: Rule(
         TaskState.REVERTING, _ON_NODE, None, needs=Capability.SNAPSHOTS, params=("name",), work_seconds=300
+    ),
+    Action.DELETE_SNAPSHOT: Rule(
+        TaskState.DELETING_SNAPSHOT,
+        _ON_NODE,
+        None,
+        needs=Capability.SNAPSHOTS,
+        params=("name",),
+        public=False,
+        work_seconds=300,
     ),
     Action.PUBLISH: Rule(
         TaskState.PUBLISHING,

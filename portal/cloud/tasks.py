@@ -21,6 +21,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from compute.spec import (
+    SNAPSHOT_ACTIONS,
     Action,
     ConsoleTail,
     NodeReport,
@@ -36,6 +37,7 @@ from portal.cloud import metrics, networks, states
 from portal.cloud.choices import NodeStatus, VmState
 from portal.cloud.models import AppliedAction, ComputeNode, Instance, Network
 from portal.images.choices import ImageStatus
+from portal.storage import snapshots
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,8 @@ def apply_observation(data: dict[str, Any]) -> str:
             instance.task_state = None
             instance.task_deadline = None
         instance.save()
+        if obs.action in SNAPSHOT_ACTIONS:
+            snapshots.sync(instance, obs.snapshots, obs.ok)
         _node_event(
             instance.tenant_id,
             obs.node,
@@ -123,6 +127,8 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
             metrics.record(str(inst.pk), report.sent_at or time.time(), item.cpu_time_ns, item.memory_bytes)
         if inst.task_state is not None:
             continue  # an action is in flight; its observation will settle the row
+        if item is not None and item.snapshots is not None:
+            snapshots.sync(inst, item.snapshots)
         if item is None:
             if (
                 inst.vm_state in (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED)

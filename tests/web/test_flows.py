@@ -14,6 +14,7 @@ from portal.cloud.choices import VmState
 from portal.cloud.models import ComputeNode, Instance
 from portal.cloud.tasks import apply_node_report
 from portal.errors import InvalidAction
+from portal.storage.models import Snapshot
 from portal.tenancy.models import APIToken, Quota, SSHKey
 from portal.web.presenters import action_allowed, sparkline_points
 from tests.portal.conftest import UP_BOTH, FakeNodes, World, heartbeat, new_ed25519
@@ -349,6 +350,11 @@ def test_revert_asks_for_confirmation_first(world: World, sent: list[Any]) -> No
     detail = text(c.get(url))
     assert f'<form method="get" action="{url}revert/"' in detail, "revert is a GET form to its confirmation"
     assert 'value="revert"' not in detail, "no button posts a revert at once"
+    # a snapshot the portal does not list is refused before any confirmation
+    r = c.get(url + "revert/", {"name": "before-upgrade"})
+    assert r.status_code == 404
+    assert "has no snapshot &#x27;before-upgrade&#x27;; its snapshots: none" in text(r)
+    Snapshot.objects.create(tenant=inst.tenant, instance=inst, name="before-upgrade", status="available")
     # GET only asks, however often: nothing is sent and the instance is not claimed
     for _ in range(2):
         r = c.get(url + "revert/", {"name": "before-upgrade"})

@@ -1,0 +1,17 @@
+"""Choices of the storage app: the states of snapshots and volumes."""
+
+from django.db import models
+
+
+class SnapshotStatus(models.TextChoices):
+    """Where a snapshot of an instance's disk stands, as the portal last knew it."""
+
+    CREATING = "creating"
+    AVAILABLE = "available"
+    REVERTING = "reverting"
+    DELETING = "deleting"
+    MISSING = "missing"  # the node no longer lists it (found by reconcile)
+
+
+#: statuses of a snapshot an action is working on (the instance is claimed meanwhile)
+SNAPSHOT_IN_FLIGHT = (SnapshotStatus.CREATING, SnapshotStatus.REVERTING, SnapshotStatus.DELETING)
