@@ -92,7 +92,7 @@ class Capability(enum.StrEnum):
     PUBLISH = "publish"  # export the root disk as an image
     CONSOLE = "console"  # a readable console log
     EXEC = "exec"  # reserved: no driver reports it yet
-    VOLUMES = "volumes"  # reserved: no driver reports it yet
+    VOLUMES = "volumes"  # attach and detach volumes (the VM driver: virtio disks, hot on a running VM)
 
 
 class Task(enum.StrEnum):
@@ -103,7 +103,9 @@ class Task(enum.StrEnum):
     DELETE = "compute.instance.delete"
     CONSOLE = "compute.instance.console"
     ENSURE_NETWORK = "compute.network.ensure"
+    VOLUME = "compute.volume"
     OBSERVE = "portal.observe"
+    OBSERVE_VOLUME = "portal.observe_volume"
     NODE_REPORT = "portal.node_report"
     CONSOLE_TAIL = "portal.console"
 
@@ -368,7 +370,68 @@ class ConsoleRequest(_AboutInstance):
     max_bytes: int = 16384
 
 
+class VolumeOp(enum.StrEnum):
+    """What a :class:`VolumeRequest` asks the node to do with one volume."""
+
+    CREATE = "create"
+    DELETE = "delete"
+    ATTACH = "attach"
+    DETACH = "detach"
+    GROW = "grow"
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeRequest:
+    """Create, delete, attach, detach or grow one volume (a qcow2 file in the node's volume dir).
+
+    ``volume_id`` is the portal's UUID and the idempotency key: a volume
+    created twice is one file, attached twice one disk, detached or deleted
+    when already gone a success.  ``size_gb`` for create and grow;
+    ``instance_id`` and ``kind`` for attach and detach.  The node answers
+    with a :class:`VolumeObservation` carrying ``action_id``.
+    """
+
+    TASK: ClassVar[Task] = Task.VOLUME
+
+    volume_id: str
+    op: VolumeOp
+    action_id: str
+    size_gb: int = 0
+    instance_id: str | None = None
+    kind: Kind | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.volume_id, str) or not UUID_RE.fullmatch(self.volume_id):
+            raise SpecError(f"volume_id must be a lower-case UUID, got {self.volume_id!r}")
+        if self.op in (VolumeOp.CREATE, VolumeOp.GROW) and not 1 <= self.size_gb <= 16384:
+            raise SpecError(f"{self.op} needs size_gb within 1..16384, got {self.size_gb!r}")
+        if self.op in (VolumeOp.ATTACH, VolumeOp.DETACH):
+            if self.instance_id is None or self.kind is None:
+                raise SpecError(f"{self.op} needs instance_id and kind")
+            _check_instance_id(self.instance_id)
+
+
 # ---------------------------------------------------------------- node -> portal
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeObservation:
+    """What a node did with a volume: ``ok``, or ``message`` says why not in one sentence.
+
+    ``target`` is the guest disk an attach gave it (``vdc``…); ``size_bytes``
+    the file's virtual size after create or grow.
+    """
+
+    TASK: ClassVar[Task] = Task.OBSERVE_VOLUME
+
+    volume_id: str
+    node: str
+    op: VolumeOp
+    action_id: str
+    ok: bool
+    message: str = ""
+    target: str = ""
+    size_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,6 +527,10 @@ class NodeReport:
     cached: tuple[str, ...] = ()
     # The node's underlay IPv4 address for VXLAN tunnels; "" when it does not tunnel.
     tunnel_address: str = ""
+    # Ids of the volume files the node has (reconcile reports the ones it lacks).
+    volumes: tuple[str, ...] = ()
+    # Which instance each attached volume is a disk of, as (volume id, instance id).
+    attachments: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.tunnel_address:
@@ -471,7 +538,9 @@ class NodeReport:
 
 
 #: every message the portal sends to a node
-NodeRequest = CreateInstance | InstanceAction | DeleteInstance | ConsoleRequest | NetworkSegment
+NodeRequest = (
+    CreateInstance | InstanceAction | DeleteInstance | ConsoleRequest | NetworkSegment | VolumeRequest
+)
 #: the tasks a compute node's worker runs (the others run on the portal's control queue)
 NODE_TASKS: tuple[Task, ...] = tuple(cls.TASK for cls in typing.get_args(NodeRequest))
 #: each task's message class, for the receiving end
@@ -483,7 +552,9 @@ MESSAGES: dict[Task, type[Any]] = {
         DeleteInstance,
         ConsoleRequest,
         NetworkSegment,
+        VolumeRequest,
         Observation,
+        VolumeObservation,
         NodeReport,
         ConsoleTail,
     )

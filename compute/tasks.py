@@ -43,9 +43,13 @@ from compute.spec import (
     SnapshotInfo,
     SpecError,
     Task,
+    VolumeObservation,
+    VolumeOp,
+    VolumeRequest,
     from_json,
     to_json,
 )
+from compute.volumes import VolumeError, VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ class NodeService:
         self.prepare_bridge = prepare_bridge or _prepare_bridge
         self._drivers: dict[Kind, Driver] = dict(drivers or {})
         self._pid = os.getpid()
+        self.volumes = VolumeStore(config.state_dir / "volumes")
 
     def driver(self, kind: Kind) -> Driver:
         if os.getpid() != self._pid:
@@ -95,6 +100,7 @@ class NodeService:
             Task.DELETE: self.delete,
             Task.CONSOLE: self.console,
             Task.ENSURE_NETWORK: self.ensure_network,
+            Task.VOLUME: self.volume,
         }
         known = next((t for t in handlers if t == task), None)
         if known is None:
@@ -222,6 +228,36 @@ class NodeService:
             lambda d: step(self, d, message),
         )
 
+    def volume(self, message: VolumeRequest) -> VolumeObservation:
+        """Create, delete, attach, detach or grow a volume; the outcome goes back as a VolumeObservation."""
+        target, size = "", 0
+        try:
+            store, vid = self.volumes, message.volume_id
+            if message.op is VolumeOp.CREATE:
+                size = store.create(vid, message.size_gb)
+            elif message.op is VolumeOp.DELETE:
+                store.delete(vid)
+            elif message.op is VolumeOp.GROW:
+                size = store.grow(vid, message.size_gb)
+            else:
+                assert message.instance_id is not None and message.kind is not None  # checked by the spec
+                driver = self.driver(message.kind)
+                if message.op is VolumeOp.ATTACH:
+                    if not store.exists(vid):
+                        raise VolumeError(f"volume {vid} has no file on node {self.config.name}")
+                    target = driver.attach_volume(message.instance_id, vid, store.path(vid))
+                else:
+                    driver.detach_volume(message.instance_id, vid, store.path(vid))
+            ok, why = True, ""
+        except (VolumeError, DriverError) as exc:
+            log.warning("volume %s of %s failed: %s", message.op, message.volume_id, exc)
+            ok, why = False, str(exc)
+        obs = VolumeObservation(
+            message.volume_id, self.config.name, message.op, message.action_id, ok, why, target, size
+        )
+        self.send(obs.TASK, to_json(obs))
+        return obs
+
     def publish(self, d: Driver, instance_id: str, url: str, token: str) -> None:
         """Export the instance's disk and upload it to the portal as a new image's file."""
         out = self.config.state_dir / "exports"
@@ -254,6 +290,15 @@ class NodeService:
             return PowerState.NOSTATE
 
         return self._run(message.instance_id, message.kind, Action.DELETE, message.action_id, body)
+
+    def _attachments(self) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        for kind in Kind:
+            with contextlib.suppress(DriverError):
+                driver = self.driver(kind)
+                if Capability.VOLUMES in driver.capabilities:
+                    found += driver.volume_attachments(self.volumes.root)
+        return found
 
     def cached(self) -> list[str]:
         """Digests in the node's caches (VM bases, container layers), read from disk."""
@@ -290,6 +335,8 @@ class NodeService:
             sent_at=time.time(),
             cached=tuple(self.cached()),
             tunnel_address=self.config.tunnel_address,
+            volumes=tuple(self.volumes.ids()),
+            attachments=tuple(self._attachments()),
         )
         self.send(report.TASK, to_json(report))
         return report

@@ -249,6 +249,8 @@ SKYPORT_DEFAULT_QUOTA = {
     "disk_gb": 200,
     "containers": 10,
     "vms": 10,
+    "volumes": 10,
+    "volume_gb": 100,
 }
 SKYPORT_TOKEN_MAX_DAYS = env.integer("SKYPORT_TOKEN_MAX_DAYS", 365, minimum=1)
 SKYPORT_SCHEDULER_WEIGHER = env.choice("SKYPORT_SCHEDULER_WEIGHER", "spread", ("spread", "pack"))

@@ -136,6 +136,23 @@ class Driver(abc.ABC):
     def list_snapshots(self, instance_id: str, sizes: bool = False) -> list[SnapshotInfo]:
         """Snapshots of the workload, oldest first (``sizes``: also measure each, which costs more)."""
 
+    def attach_volume(self, instance_id: str, volume_id: str, path: Path) -> str:
+        """Attach the volume file ``path`` to the instance; returns where it appears (``vdc``…).
+
+        Persistent (survives stop, start and node restarts) and, on a running
+        workload, live.  Attaching an attached volume returns its place.  On
+        failure the instance is left as it was.
+        """
+        raise NotSupported(f"the {self.kind} driver cannot attach volumes")
+
+    def detach_volume(self, instance_id: str, volume_id: str, path: Path) -> None:
+        """Detach the volume file ``path``; succeeds if it is not attached.  Never the root disk."""
+        raise NotSupported(f"the {self.kind} driver cannot detach volumes")
+
+    def volume_attachments(self, volumes: Path) -> list[tuple[str, str]]:
+        """(volume id, instance id) of every volume file under ``volumes`` attached to a workload here."""
+        return []
+
     def export_disk(self, instance_id: str, dest: Path) -> None:
         """Write the instance's root disk to ``dest`` as a standalone qcow2 (no backing file).
 

@@ -19,7 +19,9 @@ from compute.spec import Capability, InstanceSpec, Kind, PowerState, SnapshotInf
 
 #: what the real driver of each kind reports (tests/compute/test_node_tasks.py checks they agree)
 REAL_CAPABILITIES = {
-    Kind.VM: frozenset({Capability.PAUSE, Capability.SNAPSHOTS, Capability.PUBLISH, Capability.CONSOLE}),
+    Kind.VM: frozenset(
+        {Capability.PAUSE, Capability.SNAPSHOTS, Capability.PUBLISH, Capability.CONSOLE, Capability.VOLUMES}
+    ),
     Kind.CONTAINER: frozenset({Capability.PAUSE, Capability.CONSOLE}),
 }
 
@@ -33,6 +35,8 @@ class FakeDriver(Driver):
         self.workloads: dict[str, PowerState] = {}
         self.snapshots: dict[str, dict[str, SnapshotInfo]] = {}
         self.spawn_calls = 0
+        # attached volume files per instance: path -> target, as the VM driver keeps them in the definition
+        self.disks: dict[str, dict[str, str]] = {}
         # what a test may read back: a console line per state change, and counters that
         # grow like a workload busy at a quarter of one CPU with 48 MiB resident
         self.console: dict[str, list[str]] = {}
@@ -60,8 +64,28 @@ class FakeDriver(Driver):
             self.console[spec.instance_id] = [f"fake: {spec.hostname} booted"]
         return self.info(spec.instance_id)
 
+    def attach_volume(self, instance_id: str, volume_id: str, path: Path) -> str:
+        self._need(Capability.VOLUMES)
+        self._get(instance_id)
+        disks = self.disks.setdefault(instance_id, {})
+        return disks.setdefault(str(path), f"vd{'cdefghijklmnopqrstuvwxyz'[len(disks)]}")
+
+    def detach_volume(self, instance_id: str, volume_id: str, path: Path) -> None:
+        self._need(Capability.VOLUMES)
+        self._get(instance_id)
+        self.disks.get(instance_id, {}).pop(str(path), None)
+
+    def volume_attachments(self, volumes: Path) -> list[tuple[str, str]]:
+        return sorted(
+            (Path(p).stem, iid)
+            for iid, disks in self.disks.items()
+            for p in disks
+            if Path(p).parent == volumes
+        )
+
     def destroy(self, instance_id: str) -> None:
         self.workloads.pop(instance_id, None)
+        self.disks.pop(instance_id, None)
         self.snapshots.pop(instance_id, None)
         self.started.pop(instance_id, None)
 

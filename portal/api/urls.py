@@ -9,6 +9,7 @@ from portal.cloud.api.views import (
     NetworkViewSet,
 )
 from portal.images.api.views import ImageViewSet, blob, node_upload
+from portal.storage.api.views import VolumeViewSet
 from portal.tenancy.api.views import (
     APITokenViewSet,
     MembershipViewSet,
@@ -29,6 +30,7 @@ router.register("instances", InstanceViewSet)
 router.register("events", EventViewSet)
 router.register("networks", NetworkViewSet)
 router.register("images", ImageViewSet)
+router.register("volumes", VolumeViewSet)
 
 urlpatterns = [
     path("blobs/uploads/<int:image_id>", node_upload, name="node-upload"),

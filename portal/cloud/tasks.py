@@ -37,7 +37,7 @@ from portal.cloud import metrics, networks, states
 from portal.cloud.choices import NodeStatus, VmState
 from portal.cloud.models import AppliedAction, ComputeNode, Instance, Network
 from portal.images.choices import ImageStatus
-from portal.storage import snapshots
+from portal.storage import snapshots, volumes
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def apply_observation(data: dict[str, Any]) -> str:
                 if obs.action == Action.DELETE:
                     instance.deleted_at = timezone.now()
                     instance.ports.all().delete()
+                    volumes.release(instance)  # the volumes outlive it, detached
             else:
                 instance.status_reason = f"{obs.action} failed: {obs.message}"[:255]
                 if obs.action == Action.PUBLISH:
@@ -214,6 +215,7 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
             node.status = NodeStatus.UP
             node.status_reason = ""
         _reconcile(node, report)
+        volumes.reconcile(node, report.volumes)
         node.save()
         if (came_up or readdressed) and node.status == NodeStatus.UP:
             # Peers skip nodes that are down or do not tunnel: tell every node of its networks again.

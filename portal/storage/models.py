@@ -1,4 +1,4 @@
-"""Snapshots of instance disks (and, next, volumes) as tenant resources the portal lists.
+"""Snapshots of instance disks and volumes: tenant resources the portal lists.
 
 The node is the authority on what exists: a row is written when a tenant asks
 for a snapshot and settled by the node's observation (which carries the
@@ -8,10 +8,14 @@ the rows with the node's list (``services.sync_snapshots``).
 
 from __future__ import annotations
 
-from django.db import models
+import uuid
 
-from portal.cloud.models import Instance
-from portal.storage.choices import SnapshotStatus
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from portal.cloud.models import ComputeNode, Instance
+from portal.storage.choices import SnapshotStatus, VolumeStatus
 from portal.tenancy.models import Tenant
 from portal.tenancy.querysets import TenantScopedQuerySet
 
@@ -39,3 +43,55 @@ class Snapshot(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} of {self.instance_id} ({self.status})"
+
+
+class VolumeQuerySet(TenantScopedQuerySet["Volume"]):
+    def live(self) -> VolumeQuerySet:
+        """Volumes that exist (and count against quota)."""
+        return self.exclude(status=VolumeStatus.DELETED)
+
+
+class Volume(models.Model):
+    """A persistent disk of a tenant: a qcow2 file on one node, attached to at most one VM at a time.
+
+    It outlives the instances it is attached to.  ``instance`` and
+    ``target`` (the guest disk, ``vdc``…) describe the attachment; the
+    transitional statuses wait for the node's observation of ``action_id``.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="volumes")
+    name = models.CharField(max_length=63)
+    size_gb = models.PositiveIntegerField()
+    node = models.ForeignKey(ComputeNode, on_delete=models.PROTECT, related_name="volumes")
+    status = models.CharField(max_length=16, choices=VolumeStatus.choices, default=VolumeStatus.CREATING)
+    status_reason = models.CharField(max_length=255, blank=True)
+    instance = models.ForeignKey(
+        Instance, null=True, blank=True, on_delete=models.SET_NULL, related_name="volumes"
+    )
+    target = models.CharField(max_length=8, blank=True, help_text="Guest disk of the attachment (vdc…)")
+    action_id = models.CharField(max_length=64, blank=True, help_text="Id of the node request in flight")
+    missing_since = models.DateTimeField(
+        null=True, blank=True, help_text="When reconcile found the file missing on its node"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="volumes"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    objects = VolumeQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "name"],
+                condition=~Q(status=VolumeStatus.DELETED),
+                name="volume_unique_live_name",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.size_gb} GB, {self.status})"

@@ -35,8 +35,12 @@ from compute.spec import (
     NodeReport,
     Observation,
     PowerState,
+    SnapshotInfo,
     SpecError,
     Task,
+    VolumeObservation,
+    VolumeOp,
+    VolumeRequest,
     from_json,
     stored_spec,
     to_json,
@@ -214,8 +218,14 @@ def test_every_message_round_trips_through_json() -> None:
         ConsoleTail(iid, "n1", "boot\n", 2.0),
         NodeReport(
             "n1", "node.n1", 2, 64, 1, (DriverStatus(Kind.VM, True, "ok", frozenset(Capability)),),
-            (InventoryItem(iid, Kind.VM, PowerState.RUNNING, 5, 6),),
+            (InventoryItem(iid, Kind.VM, PowerState.RUNNING, 5, 6, (SnapshotInfo("s1", 1.5),)),),
+            volumes=(iid,), attachments=((iid, iid),),
         ),
+        Observation(
+            iid, "n1", Action.SNAPSHOT, "a5", True, PowerState.RUNNING, snapshots=(SnapshotInfo("s", 2.0, 9),)
+        ),
+        VolumeRequest(iid, VolumeOp.ATTACH, "a6", instance_id=iid, kind=Kind.VM),
+        VolumeObservation(iid, "n1", VolumeOp.ATTACH, "a6", True, target="vdc"),
     ]  # fmt: skip
     assert {type(m) for m in messages} == set(MESSAGES.values())
     for message in messages:
@@ -304,4 +314,11 @@ def test_the_worker_registers_every_node_task() -> None:
     assert set(NODE_TASKS) <= set(worker.app.tasks)
     assert worker.app.tasks[Task.CONSOLE].acks_late is False
     assert worker.app.tasks[Task.CREATE].acks_late is True
-    assert set(NODE_TASKS) == {Task.CREATE, Task.ACTION, Task.DELETE, Task.CONSOLE, Task.ENSURE_NETWORK}
+    assert set(NODE_TASKS) == {
+        Task.CREATE,
+        Task.ACTION,
+        Task.DELETE,
+        Task.CONSOLE,
+        Task.ENSURE_NETWORK,
+        Task.VOLUME,
+    }
