@@ -72,6 +72,7 @@ class Action(enum.StrEnum):
     REVERT = "revert"
     DELETE_SNAPSHOT = "delete_snapshot"
     PUBLISH = "publish"
+    RESIZE = "resize"
 
 
 #: the actions an :class:`InstanceAction` may carry (create and delete have their own messages)
@@ -324,7 +325,8 @@ class InstanceAction(_AboutInstance):
     """Run one of :data:`INSTANCE_ACTIONS` on an existing instance.
 
     ``params`` by action: stop ``timeout`` (seconds), ``force``; snapshot,
-    revert, delete_snapshot ``name``; publish ``upload_url``, ``upload_token``.
+    revert, delete_snapshot ``name``; publish ``upload_url``, ``upload_token``;
+    resize ``vcpus``, ``ram_mb``, ``disk_gb`` (the new flavor's sizes).
     """
 
     TASK: ClassVar[Task] = Task.ACTION

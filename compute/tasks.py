@@ -356,6 +356,15 @@ def _delete_snapshot(svc: NodeService, d: Driver, m: InstanceAction) -> PowerSta
     return d.info(m.instance_id).power_state
 
 
+def _resize(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:
+    sizes = [m.params.get(k) for k in ("vcpus", "ram_mb", "disk_gb")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes[:2]) or not (
+        isinstance(sizes[2], int) and not isinstance(sizes[2], bool) and sizes[2] >= 0
+    ):
+        raise SpecError(f"resize needs whole-number vcpus, ram_mb and disk_gb, got {sizes}")
+    return d.resize(m.instance_id, *sizes).power_state  # type: ignore[arg-type]
+
+
 def _publish(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:
     svc.publish(d, m.instance_id, m.param("upload_url"), m.param("upload_token"))
     return d.info(m.instance_id).power_state
@@ -372,6 +381,7 @@ _ACTIONS: dict[Action, Callable[[NodeService, Driver, InstanceAction], PowerStat
     Action.REVERT: lambda svc, d, m: d.revert(m.instance_id, m.param("name")).power_state,
     Action.DELETE_SNAPSHOT: _delete_snapshot,
     Action.PUBLISH: _publish,
+    Action.RESIZE: _resize,
 }
 
 

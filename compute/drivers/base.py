@@ -136,6 +136,10 @@ class Driver(abc.ABC):
     def list_snapshots(self, instance_id: str, sizes: bool = False) -> list[SnapshotInfo]:
         """Snapshots of the workload, oldest first (``sizes``: also measure each, which costs more)."""
 
+    def resize(self, instance_id: str, vcpus: int, ram_mb: int, disk_gb: int) -> InstanceInfo:
+        """Give a stopped workload new vCPUs, memory and a root disk grown to ``disk_gb`` (never shrunk)."""
+        raise NotSupported(f"the {self.kind} driver cannot resize")
+
     def attach_volume(self, instance_id: str, volume_id: str, path: Path) -> str:
         """Attach the volume file ``path`` to the instance; returns where it appears (``vdc``…).
 

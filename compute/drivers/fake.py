@@ -37,6 +37,7 @@ class FakeDriver(Driver):
         self.spawn_calls = 0
         # attached volume files per instance: path -> target, as the VM driver keeps them in the definition
         self.disks: dict[str, dict[str, str]] = {}
+        self.sizes: dict[str, tuple[int, int, int]] = {}  # what resize set: vcpus, ram_mb, disk_gb
         # what a test may read back: a console line per state change, and counters that
         # grow like a workload busy at a quarter of one CPU with 48 MiB resident
         self.console: dict[str, list[str]] = {}
@@ -63,6 +64,14 @@ class FakeDriver(Driver):
             self.started[spec.instance_id] = time.monotonic()
             self.console[spec.instance_id] = [f"fake: {spec.hostname} booted"]
         return self.info(spec.instance_id)
+
+    def resize(self, instance_id: str, vcpus: int, ram_mb: int, disk_gb: int) -> InstanceInfo:
+        if self.kind is not Kind.VM:
+            raise NotSupported("the container driver cannot resize")
+        if self._get(instance_id) is not PowerState.SHUTDOWN:
+            raise InvalidState("only a stopped VM can be resized")
+        self.sizes[instance_id] = (vcpus, ram_mb, disk_gb)
+        return self.info(instance_id)
 
     def attach_volume(self, instance_id: str, volume_id: str, path: Path) -> str:
         self._need(Capability.VOLUMES)

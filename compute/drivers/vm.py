@@ -485,6 +485,38 @@ class LibvirtDriver(Driver):
         snaps = json.loads(proc.stdout).get("snapshots") or []
         return {str(s.get("name")): int(s.get("vm-state-size") or 0) for s in snaps}
 
+    # -- resize (stopped VMs) ---------------------------------------------------------------------
+
+    def resize(self, instance_id: str, vcpus: int, ram_mb: int, disk_gb: int) -> InstanceInfo:
+        with self._locked(instance_id):
+            dom = self._lookup(instance_id)
+            if self._state(dom) not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+                raise InvalidState(f"VM {instance_id} must be stopped to be resized")
+            disk = self._instance_dir(instance_id) / "disk.qcow2"
+            if disk_gb:
+                info = json.loads(self._qemu_img_out("info", "-U", "--output=json", str(disk)))
+                if disk_gb * GIB > int(info["virtual-size"]):
+                    if info.get("snapshots"):
+                        raise DriverError(
+                            f"VM {instance_id} has snapshots; delete them before growing its disk (qcow2 "
+                            "cannot resize an image with internal snapshots)"
+                        )
+                    self._qemu_img_out("resize", "-q", "-f", "qcow2", str(disk), str(disk_gb * GIB))
+            config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            self._call("setting the memory", lambda: dom.setMaxMemory(ram_mb * 1024))
+            self._call("setting the memory", lambda: dom.setMemoryFlags(ram_mb * 1024, config))
+            maximum = config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM
+            self._call("setting the vCPUs", lambda: dom.setVcpusFlags(vcpus, maximum))
+            self._call("setting the vCPUs", lambda: dom.setVcpusFlags(vcpus, config))
+            return self._info(dom)
+
+    @staticmethod
+    def _qemu_img_out(*args: str) -> str:
+        proc = subprocess.run(["qemu-img", *args], check=False, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise DriverError(f"qemu-img {args[0]} failed: {proc.stderr.strip()[-300:]}")
+        return proc.stdout
+
     # -- volumes (virtio disks vdc…; hot on a running VM, persistent in the definition) ------------
 
     def _disks(self, dom: Any) -> tuple[dict[str, str], dict[str, str]]:

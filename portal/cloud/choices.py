@@ -48,6 +48,7 @@ class TaskState(models.TextChoices):
     SNAPSHOTTING = "snapshotting"
     REVERTING = "reverting"
     DELETING_SNAPSHOT = "deleting_snap", "Deleting snapshot"
+    RESIZING = "resizing"
     PUBLISHING = "publishing"
     DELETING = "deleting"
 

@@ -31,15 +31,15 @@ from compute.spec import (
 from portal.audit.log import record
 from portal.cloud import deadlines, dispatch, metrics, networks, placement, scheduler, states
 from portal.cloud.choices import NodeStatus, NodeTenancy, VmState
-from portal.cloud.models import ComputeNode, Instance
+from portal.cloud.models import ComputeNode, Flavor, Instance
 from portal.cloud.placement import Request
-from portal.errors import Conflict, InvalidAction
+from portal.errors import Conflict, InvalidAction, QuotaExceeded
 from portal.images import services as image_services
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
-from portal.tenancy.models import Tenant
+from portal.tenancy.models import Quota, Tenant
 
-__all__ = ["Request", "act", "create_instance", "delete_instance", "dispatch_action", "publish"]
+__all__ = ["Request", "act", "create_instance", "delete_instance", "dispatch_action", "publish", "resize"]
 
 
 def build_spec(instance: Instance) -> InstanceSpec:
@@ -248,6 +248,58 @@ def stats(instance: Instance) -> dict[str, Any]:
             for s in metrics.samples(str(instance.pk))
         ],
     }
+
+
+def resize(instance: Instance, flavor: Flavor, user: Any) -> Instance:
+    """Give a stopped VM another flavor, with quota and its node's capacity checked as a create.
+
+    The new sizes count at once (under the quota and node locks, as a
+    create); ``resize_from`` keeps the old ones until the node reports, and
+    a failed resize puts them back.  The disk only grows.
+    """
+    if instance.kind != Kind.VM:
+        raise InvalidAction(f"Only VMs can be resized; {instance.name} is a {instance.kind}.")
+    if flavor.disk_gb < instance.disk_gb:
+        raise Conflict(
+            f"Flavor {flavor.name} has a {flavor.disk_gb} GB disk and {instance.name} has "
+            f"{instance.disk_gb} GB; disks only grow."
+        )
+    if (flavor.vcpus, flavor.ram_mb, flavor.disk_gb) == (instance.vcpus, instance.ram_mb, instance.disk_gb):
+        raise Conflict(f"Instance {instance.name} already has the sizes of flavor {flavor.name}.")
+    with transaction.atomic():
+        quota = Quota.objects.select_for_update().get(tenant=instance.tenant)
+        node = ComputeNode.objects.select_for_update().get(pk=_node(instance).pk)
+        delta = {
+            "vcpus": flavor.vcpus - instance.vcpus,
+            "ram_mb": flavor.ram_mb - instance.ram_mb,
+            "disk_gb": flavor.disk_gb - instance.disk_gb,
+        }
+        used = placement.usage(instance.tenant_id)
+        for limit, more in delta.items():
+            if more > 0 and used[limit] + more > getattr(quota, limit):
+                raise QuotaExceeded(
+                    f"Quota exceeded for {limit}: tenant {instance.tenant.slug} uses {used[limit]} of "
+                    f"{getattr(quota, limit)} and this resize needs {more} more."
+                )
+        (view,) = placement.node_views([node])
+        for what, now, more, cap in (
+            ("vCPUs", view.used_vcpus, delta["vcpus"], view.vcpus * view.cpu_ratio),
+            ("RAM", view.used_ram_mb, delta["ram_mb"], view.ram_mb * view.ram_ratio),
+            ("disk", view.used_disk_gb, delta["disk_gb"], view.disk_gb * view.disk_ratio),
+        ):
+            if more > 0 and now + more > cap:
+                raise Conflict(f"Node {node.name} has no room for this resize: not enough {what}.")
+        previous = {
+            "flavor": instance.flavor_id,
+            "vcpus": instance.vcpus,
+            "ram_mb": instance.ram_mb,
+            "disk_gb": instance.disk_gb,
+        }
+        params = {"vcpus": flavor.vcpus, "ram_mb": flavor.ram_mb, "disk_gb": flavor.disk_gb}
+        dispatch_action(instance, Action.RESIZE, params, user, f"to {flavor.name} on {node.name}")
+        Instance.objects.filter(pk=instance.pk).update(flavor=flavor, resize_from=previous, **params)
+        instance.refresh_from_db()
+    return instance
 
 
 def delete_instance(instance: Instance, user: Any) -> Instance:

@@ -108,6 +108,14 @@ RULES: dict[Action, Rule] = {
         public=False,
         work_seconds=300,
     ),
+    # a stopped VM gets the new flavor's vCPUs, memory and (grown) disk; its own endpoint
+    Action.RESIZE: Rule(
+        TaskState.RESIZING,
+        (VmState.STOPPED,),
+        VmState.STOPPED,
+        params=("vcpus", "ram_mb", "disk_gb"),
+        public=False,
+    ),
     Action.DELETE: Rule(TaskState.DELETING, LIVE_STATES, VmState.DELETED, public=False),
 }
 

@@ -97,6 +97,16 @@ def apply_observation(data: dict[str, Any]) -> str:
                         status=ImageStatus.FAILED,
                         status_reason=f"the node could not publish: {obs.message}"[:255],
                     )
+            if obs.action == Action.RESIZE and instance.resize_from:
+                if not obs.ok:  # the node kept the old sizes: count those again
+                    old = instance.resize_from
+                    instance.flavor_id = old["flavor"]
+                    instance.vcpus, instance.ram_mb, instance.disk_gb = (
+                        old["vcpus"],
+                        old["ram_mb"],
+                        old["disk_gb"],
+                    )
+                instance.resize_from = None
             instance.task_state = None
             instance.task_deadline = None
         instance.save()

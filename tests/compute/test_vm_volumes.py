@@ -11,7 +11,9 @@ handler of ``compute.volume`` messages.
 
 from __future__ import annotations
 
+import json
 import secrets
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from compute.drivers.base import InvalidState
 from compute.drivers.libvirt_xml import disk_sources
 from compute.drivers.vm import LibvirtDriver
 from compute.spec import Kind, PowerState, Task, VolumeOp, VolumeRequest, to_json
@@ -154,6 +157,20 @@ def test_a_failed_attach_leaves_the_vm_as_it_was(node: tuple[NodeService, list[A
         assert "vdc" not in disk_sources(dom.XMLDesc(0))
         assert drv.info(spec.instance_id).power_state is PowerState.RUNNING
         assert [m["ok"] for m in sent] == [False, False]
+        # resize (issue 13): only stopped; vCPUs, memory and the grown root disk, persistent
+        with pytest.raises(InvalidState):
+            drv.resize(spec.instance_id, 2, 192, 1)
+        drv.stop(spec.instance_id, force=True)
+        assert drv.resize(spec.instance_id, 2, 192, 1).power_state is PowerState.SHUTDOWN
+        dom = drv._lookup(spec.instance_id)
+        assert dom.info()[1] == 192 * 1024 and dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_CONFIG) == 2
+        disk = drv._instance_dir(spec.instance_id) / "disk.qcow2"
+        info = subprocess.run(
+            ["qemu-img", "info", "--output=json", str(disk)], capture_output=True, text=True
+        )
+        assert json.loads(info.stdout)["virtual-size"] == 1 << 30
+        assert drv.start(spec.instance_id).power_state is PowerState.RUNNING
+        assert dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) == 2
     finally:
         drv.destroy(spec.instance_id)
         svc.volumes.delete(vid)

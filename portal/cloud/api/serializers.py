@@ -383,3 +383,7 @@ class NetworkSerializer(StrictModelSerializer[Network]):
         model = Network
         fields = ["id", "tenant", "name", "cidr", "bridge", "vni", "host_address", "mtu", "created_at"]
         read_only_fields = fields
+
+
+class ResizeSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    flavor = StrictIntegerField(min_value=1, max_value=MAX_ID, help_text="Id of a flavor you may use")

@@ -7,7 +7,7 @@ from django.db import models
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied
+from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -161,6 +161,20 @@ class InstanceViewSet(ScopedViewSet):
         describe(request, f"instance.{body.validated_data['action']}", instance)
         snapshots.act(instance, body.validated_data["action"], body.validated_data["params"], request.user)
         instance.refresh_from_db()
+        return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=serializers.ResizeSerializer, responses={202: serializers.InstanceSerializer})
+    @action(detail=True, methods=["post"], url_path="resize")
+    def resize(self, request: Request, pk: str | None = None) -> Response:
+        """Give a stopped VM another flavor (quota and its node's capacity checked; the disk only grows)."""
+        instance = self.get_object()
+        body = serializers.ResizeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        describe(request, "instance.resize", instance)
+        flavor = Flavor.objects.restrict(self.actor).filter(pk=body.validated_data["flavor"]).first()
+        if flavor is None:
+            raise ValidationError({"flavor": f"No flavor {body.validated_data['flavor']} that you may use."})
+        instance = services.resize(instance, flavor, request.user)
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(methods=["get"], responses={200: SnapshotSerializer(many=True)})
