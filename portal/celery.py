@@ -14,4 +14,4 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
 app = Celery("skyport")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks(["portal.cloud", "portal.images"])
+app.autodiscover_tasks(["portal.cloud", "portal.images", "portal.metering"])
