@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Model
+from django.db.models import QuerySet
 
 from portal.cloud.models import Instance
 from portal.metering import rating
@@ -89,12 +89,12 @@ def _segments(start: dt.datetime, end: dt.datetime) -> Iterator[tuple[str, dt.da
 
 
 def _rows(level: str, tenant_id: int, lo: dt.datetime, hi: dt.datetime, by: list[str]) -> Any:
-    model: type[Model] = UsageHour if level == "hour" else UsageDay
+    rows: QuerySet[Any]
     if level == "hour":
-        span = {"hour__gte": lo, "hour__lt": hi}
+        rows = UsageHour.objects.filter(tenant_id=tenant_id, hour__gte=lo, hour__lt=hi)
     else:
-        span = {"day__gte": lo.date(), "day__lt": hi.date()}
-    return model.objects.filter(tenant_id=tenant_id, **span).values(*by).annotate(**sum_fields()).order_by()  # type: ignore[attr-defined]
+        rows = UsageDay.objects.filter(tenant_id=tenant_id, day__gte=lo.date(), day__lt=hi.date())
+    return rows.values(*by).annotate(**sum_fields()).order_by()
 
 
 def build(tenant_id: int, start: dt.datetime, end: dt.datetime, group_by: str) -> Report:
@@ -109,7 +109,13 @@ def build(tenant_id: int, start: dt.datetime, end: dt.datetime, group_by: str) -
         for p_first, p_last, sheet in sheets.periods(lo.date(), (hi - HOUR).date()):
             p_lo = max(lo, dt.datetime.combine(p_first, dt.time(), tzinfo=dt.UTC))
             p_hi = min(hi, dt.datetime.combine(p_last, dt.time(), tzinfo=dt.UTC) + DAY)
-            by = ["instance_id"] if group_by == "instance" else ["kind"] if group_by == "kind" else [date_field]
+            by = (
+                ["instance_id"]
+                if group_by == "instance"
+                else ["kind"]
+                if group_by == "kind"
+                else [date_field]
+            )
             for row in _rows(level, tenant_id, p_lo, p_hi, by):
                 q = Quantities(**{k: row[k] or 0 for k in QUANTITIES})
                 key = _key(group_by, row[by[0]])
@@ -117,7 +123,10 @@ def build(tenant_id: int, start: dt.datetime, end: dt.datetime, group_by: str) -
                 line.quantities.add(q)
                 line.cost.add(rating.price(q, sheet))
     if group_by == "instance":
-        names = {str(pk): name for pk, name in Instance.objects.filter(pk__in=list(lines)).values_list("pk", "name")}
+        names = {
+            str(pk): name
+            for pk, name in Instance.objects.filter(pk__in=list(lines)).values_list("pk", "name")
+        }
         for line in lines.values():
             line.label = names.get(line.key, line.key)
     total = Line("total", "Total")

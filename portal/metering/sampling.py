@@ -112,7 +112,9 @@ def rebuild(instance: Instance, lo: dt.datetime, hi: dt.datetime) -> None:
     with transaction.atomic():
         UsageHour.objects.filter(instance=instance, hour__gte=lo, hour__lt=hi).delete()
         UsageHour.objects.bulk_create(
-            UsageHour(instance=instance, tenant_id=instance.tenant_id, kind=instance.kind, hour=h, **q.as_dict())
+            UsageHour(
+                instance=instance, tenant_id=instance.tenant_id, kind=instance.kind, hour=h, **q.as_dict()
+            )
             for h, q in sorted(hours.items())
         )
         _roll_days(instance, lo.date(), (hi - dt.timedelta(microseconds=1)).date())

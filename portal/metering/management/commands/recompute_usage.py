@@ -1,4 +1,4 @@
-"""``manage.py recompute_usage [--tenant SLUG] [--instance UUID]``: rebuild hour and day rows from raw samples."""
+"""``manage.py recompute_usage [--tenant SLUG] [--instance UUID]``: rebuild usage rows from raw samples."""
 
 from __future__ import annotations
 
