@@ -39,7 +39,7 @@ def check(now: dt.datetime | None = None) -> list[tuple[str, int]]:
             if reached > budget.warned_percent:
                 budget.warned_percent = reached
                 record(
-                    f"budget.{reached}",
+                    f"budget.reached_{reached}",
                     budget.tenant,
                     tenant_id=budget.tenant_id,
                     actor_name="portal",

@@ -41,7 +41,7 @@ class Line:
         q = self.quantities
         return {
             "key": self.key,
-            "label": self.label,
+            "name": self.label,
             "running_hours": _hours(q.running_ms),
             "covered_hours": _hours(q.covered_ms),
             "gap_hours": _hours(q.gap_ms),
