@@ -25,6 +25,8 @@ from portal.metering.models import QUANTITIES, UsageDay, UsageHour
 from portal.metering.sampling import sum_fields
 
 GROUPS = ("instance", "kind", "day", "month")
+#: the row field a group is keyed by (day and month: the row's date)
+_GROUP_FIELDS = {"instance": "instance_id", "kind": "kind", "tenant": "tenant_id"}
 DAY = dt.timedelta(days=1)
 
 
@@ -65,7 +67,7 @@ def _hours(value_ms: int | Decimal) -> str:
 
 @dataclasses.dataclass
 class Report:
-    tenant_id: int
+    tenant_id: int | None
     start: dt.datetime
     end: dt.datetime
     group_by: str
@@ -88,17 +90,22 @@ def _segments(start: dt.datetime, end: dt.datetime) -> Iterator[tuple[str, dt.da
         yield "hour", last_midnight, end
 
 
-def _rows(level: str, tenant_id: int, lo: dt.datetime, hi: dt.datetime, by: list[str]) -> Any:
+def _rows(level: str, tenant_id: int | None, lo: dt.datetime, hi: dt.datetime, by: list[str]) -> Any:
     rows: QuerySet[Any]
     if level == "hour":
-        rows = UsageHour.objects.filter(tenant_id=tenant_id, hour__gte=lo, hour__lt=hi)
+        rows = UsageHour.objects.filter(hour__gte=lo, hour__lt=hi)
     else:
-        rows = UsageDay.objects.filter(tenant_id=tenant_id, day__gte=lo.date(), day__lt=hi.date())
+        rows = UsageDay.objects.filter(day__gte=lo.date(), day__lt=hi.date())
+    if tenant_id is not None:
+        rows = rows.filter(tenant_id=tenant_id)
     return rows.values(*by).annotate(**sum_fields()).order_by()
 
 
-def build(tenant_id: int, start: dt.datetime, end: dt.datetime, group_by: str) -> Report:
-    """The tenant's usage in ``[start, end)`` (widened to whole hours), grouped by ``group_by``."""
+def build(tenant_id: int | None, start: dt.datetime, end: dt.datetime, group_by: str) -> Report:
+    """The tenant's usage in ``[start, end)`` (widened to whole hours), grouped by ``group_by``.
+
+    ``tenant_id=None`` with ``group_by="tenant"`` reports every tenant (the operators' page).
+    """
     start = floor_hour(start.astimezone(dt.UTC))
     end = end.astimezone(dt.UTC)
     end = floor_hour(end) + (HOUR if end != floor_hour(end) else dt.timedelta())
@@ -109,13 +116,7 @@ def build(tenant_id: int, start: dt.datetime, end: dt.datetime, group_by: str) -
         for p_first, p_last, sheet in sheets.periods(lo.date(), (hi - HOUR).date()):
             p_lo = max(lo, dt.datetime.combine(p_first, dt.time(), tzinfo=dt.UTC))
             p_hi = min(hi, dt.datetime.combine(p_last, dt.time(), tzinfo=dt.UTC) + DAY)
-            by = (
-                ["instance_id"]
-                if group_by == "instance"
-                else ["kind"]
-                if group_by == "kind"
-                else [date_field]
-            )
+            by = [_GROUP_FIELDS.get(group_by, date_field)]
             for row in _rows(level, tenant_id, p_lo, p_hi, by):
                 q = Quantities(**{k: row[k] or 0 for k in QUANTITIES})
                 key = _key(group_by, row[by[0]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from portal.api.fields import DefaultTenantMixin, TenantField
@@ -22,6 +23,31 @@ class UTCDateTimeSerializerField(serializers.DateTimeField):
             self.fail("invalid", format="ISO 8601")
         parsed = super().to_internal_value(value)
         return UTCDateTimeField().to_python(parsed)
+
+
+@extend_schema_field(
+    {"type": "string", "format": "decimal", "pattern": r"^\d{1,8}(\.\d{1,6})?$", "maxLength": 15}
+)
+class PriceField(serializers.DecimalField):
+    """A price: at most 6 digits before the point and 6 after, never negative."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(max_digits=12, decimal_places=6, min_value=Decimal(0), **kwargs)
+
+
+@extend_schema_field(
+    {"type": "string", "format": "decimal", "pattern": r"^\d{1,12}(\.\d{1,2})?$", "maxLength": 15}
+)
+class AmountField(serializers.DecimalField):
+    """An amount of money with cents, above zero."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(max_digits=14, decimal_places=2, min_value=Decimal("0.01"), **kwargs)
+
+
+@extend_schema_field({"type": "string", "format": "date", "maxLength": 10})
+class BoundedDateField(serializers.DateField):
+    """A date (YYYY-MM-DD)."""
 
 
 class UsageQuerySerializer(serializers.Serializer):  # type: ignore[type-arg]
@@ -80,6 +106,11 @@ class UsageReportSerializer(serializers.Serializer):  # type: ignore[type-arg]
 
 class PriceSheetSerializer(StrictModelSerializer[PriceSheet]):
     currency = StrictCharField(max_length=3, min_length=3, required=False)
+    effective_from = BoundedDateField()
+    memory_gib_hour = PriceField(required=False)
+    vcpu_hour = PriceField(required=False)
+    disk_gb_month = PriceField(required=False)
+    address_month = PriceField(required=False)
 
     class Meta:
         model = PriceSheet
@@ -96,17 +127,13 @@ class PriceSheetSerializer(StrictModelSerializer[PriceSheet]):
             "created_at",
         ]
         read_only_fields = ["id", "created_at"]
-        extra_kwargs: dict[str, Any] = {
-            name: {"min_value": 0}
-            for name in ("memory_gib_hour", "vcpu_hour", "disk_gb_month", "address_month")
-        }
 
 
 class BudgetSerializer(DefaultTenantMixin, StrictModelSerializer[Budget]):
     tenant = TenantField()
+    monthly_amount = AmountField()
 
     class Meta:
         model = Budget
         fields = ["id", "tenant", "monthly_amount", "warned_month", "warned_percent"]
         read_only_fields = ["id", "warned_month", "warned_percent"]
-        extra_kwargs: dict[str, Any] = {"monthly_amount": {"min_value": Decimal("0.01")}}

@@ -6,12 +6,14 @@ from django.core.paginator import Paginator
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect
+from django.utils import timezone
 
 from portal.audit.models import Event
 from portal.cloud import placement
 from portal.cloud.choices import VmState
 from portal.cloud.models import ComputeNode, Instance, Network
 from portal.images.models import Image
+from portal.metering import chart
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Quota, Tenant
 from portal.web.access import actor, current_tenant, login_page, page, role_refusal, tenant_page
@@ -42,6 +44,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             "dedicated": ComputeNode.objects.filter(owner=tenant).values_list("name", flat=True),
             "events": Event.objects.restrict(actor(request)).filter(tenant=tenant)[:8],
             "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
+            "chart": chart.month(tenant.pk, timezone.now()),
         },
     )
 
