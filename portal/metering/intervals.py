@@ -102,7 +102,7 @@ def hourly(
             break
         length = ms(q.at - p.at)
         gap = length > gap_ms
-        memory_mib = (p.memory_bytes or q.memory_bytes) // MIB
+        memory_bytes = p.memory_bytes or q.memory_bytes
         cpu = 0 if gap else _cpu_ms(p, q)
         start = max(p.at, lo) if lo else p.at
         end = min(q.at, hi) if hi else q.at
@@ -122,7 +122,8 @@ def hourly(
                     bucket.running_ms += part
                     bucket.vcpu_ms += p.vcpus * part
                     bucket.ram_mib_ms += p.ram_mb * part
-                    bucket.memory_mib_ms += memory_mib * part
+                    # bytes x ms, then MiB: a 200 KiB container still counts
+                    bucket.memory_mib_ms += memory_bytes * part // MIB
             cursor = stop
         # CPU time belongs to the hour the interval ends in (where the counter was read)
         if cpu and (hi is None or q.at < hi) and (lo is None or q.at >= lo):
