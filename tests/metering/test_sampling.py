@@ -136,3 +136,23 @@ def test_incremental_rows_equal_recomputation_for_any_arrival_order(
     day = UsageDay.objects.get(instance=inst) if expected else None
     if day is not None:
         assert Quantities(**{k: getattr(day, k) for k in QUANTITIES}) == total(expected)
+
+
+def test_a_node_clock_ahead_is_bounded_by_the_portal_receive_time(world: World) -> None:
+    """Clock skew: a beat stamped an hour in the future is a sample at the time the portal got it."""
+    import time
+
+    from django.utils import timezone
+
+    from portal.cloud.tasks import apply_node_report
+    from tests.portal.conftest import heartbeat
+
+    inst = world.instance_a
+    item = {"instance_id": str(inst.pk), "kind": "vm", "power_state": "running", "memory_bytes": 1 << 20}
+    before = timezone.now()
+    apply_node_report(heartbeat("shared-1", inventory=[item], sent_at=time.time() + 3600))
+    apply_node_report(heartbeat("shared-1", inventory=[item], sent_at=time.time() + 3600.5))
+    samples = list(UsageSample.objects.filter(instance=inst).order_by("at"))
+    assert len(samples) == 2
+    assert all(before - dt.timedelta(seconds=1) <= s.at <= s.received_at <= timezone.now() for s in samples)
+    assert all(s.at.microsecond % 1000 == 0 for s in samples)  # whole milliseconds
