@@ -16,7 +16,14 @@ from portal.cloud.models import ComputeNode, Flavor, Network
 from portal.cloud.naming import NAME_RE, NAME_RULE
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
-from portal.tenancy.models import Quota, SSHKey, Tenant, ssh_key_fingerprint, validate_ssh_public_key
+from portal.tenancy.models import (
+    APIToken,
+    Quota,
+    SSHKey,
+    Tenant,
+    ssh_key_fingerprint,
+    validate_ssh_public_key,
+)
 from portal.tenancy.querysets import Actor
 
 name_validator = RegexValidator(NAME_RE, NAME_RULE)
@@ -224,8 +231,11 @@ class TokenForm(NoSuffix, forms.Form):
 
     OPERATOR = "__operator__"
 
-    def __init__(self, *args: Any, tenants: list[Tenant], is_operator: bool, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, tenants: list[Tenant], is_operator: bool, user_id: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.user_id = user_id
         choices = [(t.slug, t.slug) for t in tenants]
         if is_operator:
             choices.append((self.OPERATOR, "none: operator token (all tenants)"))
@@ -235,6 +245,14 @@ class TokenForm(NoSuffix, forms.Form):
             MaxValueValidator(limit, f"At most {limit} days (SKYPORT_TOKEN_MAX_DAYS).")
         )
         self.fields["expires_in_days"].widget.attrs["max"] = limit
+
+    def clean_name(self) -> str:
+        """Names tell tokens apart on the list and in "Revoke token X?": one live token per name."""
+        name: str = self.cleaned_data["name"].strip()
+        live = APIToken.objects.filter(user_id=self.user_id, name=name, revoked_at__isnull=True)
+        if self.user_id is not None and live.exists():
+            raise forms.ValidationError(f"You already have a token named {name}; choose another name.")
+        return name
 
 
 class QuotaForm(NoSuffix, forms.ModelForm):  # type: ignore[type-arg]

@@ -112,7 +112,7 @@ def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world
     expect(page.locator("[data-field=isolation_reason]")).to_have_text(REASON)
     status = page.locator("#instance-status")
     expect(status.locator("[data-field=vm_state]")).to_have_text("building")
-    expect(status.get_by_role("button", name="Stop")).to_be_disabled()
+    expect(status.get_by_role("button", name="Shut down")).to_be_disabled()
     _mark(page)
     # The detail page also polls the console, which may queue console requests
     # to the node at any moment; what matters is that the launch sent one create.
@@ -121,7 +121,7 @@ def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world
     fake_nodes.run()
     expect(status.locator("[data-field=vm_state]")).to_have_text("active", timeout=POLL_TIMEOUT)
     expect(status.locator("[data-field=power_state]")).to_have_text("running")
-    expect(status.get_by_role("button", name="Stop")).to_be_enabled()
+    expect(status.get_by_role("button", name="Shut down")).to_be_enabled()
     expect(page.locator(".log")).to_contain_text("node.create success", timeout=POLL_TIMEOUT)
     expect(page.locator("[data-field=stats]")).to_contain_text("No statistics yet")
     # heartbeats bring CPU and memory samples, a console request brings the log tail:
@@ -135,7 +135,7 @@ def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world
     _not_reloaded(page)
     shot(page, "instance-detail")
 
-    status.get_by_role("button", name="Stop").click()
+    status.get_by_role("button", name="Shut down").click()
     expect(page.get_by_role("status")).to_contain_text("Stop sent to node-a")
     expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("stopping")
     page.get_by_role("link", name="Instances", exact=True).click()
@@ -357,7 +357,11 @@ def test_tenant_pages_and_narrow_screen(live_server: Any, page: Any, browser: An
 
         pages: list[tuple[str, str, list[Any]]] = [
             ("dashboard-390", "/", [link("Launch instance")]),
-            ("instance-detail-390", f"/instances/{world.instance_a.pk}/", [button("Stop"), link("Delete…")]),
+            (
+                "instance-detail-390",
+                f"/instances/{world.instance_a.pk}/",
+                [button("Shut down"), link("Delete…")],
+            ),
             (
                 "launch-390",
                 "/instances/new/",

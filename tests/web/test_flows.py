@@ -167,7 +167,7 @@ def test_tokens_key_shown_once_and_revoked(world: World) -> None:
     assert "skyport_new_token" not in c.session, "the key does not stay in the session"
     api = client(world, None)
     assert api.get("/api/v1/instances/", headers={"Authorization": f"Bearer {key[1]}"}).status_code == 200
-    assert "Revoke token ci?" in text(c.get(f"/tokens/{token.pk}/revoke/"))
+    assert "Revoke token ci (sky_" in text(c.get(f"/tokens/{token.pk}/revoke/"))
     assert c.post(f"/tokens/{token.pk}/revoke/").status_code == 303
     assert api.get("/api/v1/instances/", headers={"Authorization": f"Bearer {key[1]}"}).status_code == 401
     assert Event.objects.filter(action="apitoken.revoke", object_id=str(token.pk), outcome="success").exists()

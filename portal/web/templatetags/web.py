@@ -63,4 +63,7 @@ def navlink(context: dict[str, object], url_name: str, label: str) -> str:
     request = context["request"]
     path: str = getattr(request, "path", "")
     current = path == url if url == "/" else path.startswith(url) or (url, path) == ("/ops/nodes/", "/ops/")
-    return format_html('<a href="{}"{}>{}</a>', url, ' aria-current="page"' if current else "", label)
+    # the attribute is part of the template string: passed as an argument it would be escaped
+    if current:
+        return format_html('<a href="{}" aria-current="page">{}</a>', url, label)
+    return format_html('<a href="{}">{}</a>', url, label)

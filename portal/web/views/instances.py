@@ -50,6 +50,8 @@ from portal.web.views.tenant import paginate, query_without_page
 STOP_POLLING = 286
 POLL_SECONDS = 2
 STATS_POLL_SECONDS = 5
+#: without JavaScript, pages with live states reload themselves this often (a meta refresh)
+NOSCRIPT_REFRESH_SECONDS = 10
 
 
 def filter_instances(qs: QuerySet[Instance], form: InstanceFilterForm) -> QuerySet[Instance]:
@@ -131,6 +133,7 @@ def _status_context(request: HttpRequest, instance: Instance) -> dict[str, Any]:
         "live": instance.vm_state != VmState.DELETED,
         "refusal": refusal,
         "poll": POLL_SECONDS,
+        "noscript_refresh": NOSCRIPT_REFRESH_SECONDS,
     }
 
 
@@ -241,13 +244,14 @@ def instance_action(request: HttpRequest, pk: str) -> HttpResponse:
             note_error(request, "invalid snapshot name")
             return _detail_page(request, instance, "Check the snapshot name.", 400, snapshot)
         params["name"] = snapshot.cleaned_data["name"]
+    if action == Action.STOP and request.POST.get("force") == "1":
+        params["force"] = True
     outcome = attempt(request, lambda: services.act(instance, action, params, request.user))
     if isinstance(outcome, Refusal):
         instance.refresh_from_db()
         return _detail_page(request, instance, outcome.message, outcome.status, snapshot)
-    messages.success(
-        request, f"{action.capitalize()} sent to {instance.node}; the state updates when it reports."
-    )
+    what = "Power off" if params.get("force") else action.capitalize()
+    messages.success(request, f"{what} sent to {instance.node}; the state updates when it reports.")
     return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
 
 
@@ -314,8 +318,11 @@ def instance_delete(request: HttpRequest, pk: str) -> HttpResponse:
     if isinstance(outcome, Refusal):
         instance.refresh_from_db()
         return _detail_page(request, instance, outcome.message, outcome.status)
-    messages.success(request, f"Delete of {instance.name} requested.")
-    return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
+    messages.success(
+        request, f"Delete of {instance.name} requested; it leaves the list once its node reports."
+    )
+    # the instance's page would only offer forms for an instance on its way out: go to the list
+    return HttpResponseRedirect(reverse("web:instances"), status=303)
 
 
 def _launch_form(request: HttpRequest, tenant: Tenant, data: Any = None, preview: bool = False) -> LaunchForm:
