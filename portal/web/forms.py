@@ -12,7 +12,7 @@ from django.db.models import Q
 from portal.audit.models import Outcome
 from portal.cloud import placement
 from portal.cloud.choices import Kind, RequestedKind, VmState
-from portal.cloud.models import ComputeNode, Flavor, Network
+from portal.cloud.models import ComputeNode, Flavor, Instance, Network
 from portal.cloud.naming import NAME_RE, NAME_RULE
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
@@ -98,18 +98,39 @@ class LaunchForm(NoSuffix, forms.Form):
             self.fields["name"].required = False
             self.fields["network"].required = False
 
+    def clean_name(self) -> str:
+        """A live instance of the tenant with the same name is refused here, next to the field
+        (the preview asks as the user types), not only by the database on submit."""
+        name: str = self.cleaned_data["name"]
+        if name and Instance.objects.live().filter(tenant=self.tenant, name=name).exists():  # type: ignore[attr-defined]
+            raise forms.ValidationError(
+                f"Tenant {self.tenant.slug} already has an instance named {name}; choose another name."
+            )
+        return name
+
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
         image, flavor = data.get("image"), data.get("flavor")
-        if (
-            image is not None
-            and flavor is not None
-            and (flavor.ram_mb < image.min_ram_mb or flavor.disk_gb < image.min_disk_gb)
-        ):
-            self.add_error(
-                "flavor", f"Image {image} needs at least {image.min_ram_mb} MiB and {image.min_disk_gb} GiB."
-            )
+        if image is not None and flavor is not None:
+            short = [
+                f"{need} {unit} of {what} (this flavor has {has} {unit})"
+                for what, need, has, unit in (
+                    ("memory", image.min_ram_mb, flavor.ram_mb, "MiB"),
+                    ("disk", image.min_disk_gb, flavor.disk_gb, "GiB"),
+                )
+                if has < need
+            ]
+            if short:
+                self.add_error("flavor", f"Image {image} needs at least {' and '.join(short)}.")
         return data
+
+    #: fields the preview does not depend on: their errors do not stop it
+    PREVIEW_ONLY_NEEDS = ("image", "flavor", "kind")
+
+    def previewable(self) -> bool:
+        """Whether placement can be previewed: the fields it depends on are valid."""
+        self.is_valid()
+        return not any(f in self.errors for f in self.PREVIEW_ONLY_NEEDS) and not self.non_field_errors()
 
     def to_request(self) -> placement.Request:
         data = self.cleaned_data
@@ -135,11 +156,21 @@ class SnapshotForm(NoSuffix, forms.Form):
         super().__init__(*args, **kwargs)
 
 
-class RevertForm(SnapshotForm):
-    """The snapshot to go back to: a GET form whose answer is a confirmation page."""
+class RevertForm(NoSuffix, forms.Form):
+    """The snapshot to go back to, picked from those the node reported taken (a GET form whose
+    answer is a confirmation page); an unknown name is refused here, before anything is sent."""
 
-    name = forms.CharField(max_length=63, validators=[name_validator], label="Snapshot to revert to")
-    id_prefix = "revert"
+    name = forms.ChoiceField(label="Snapshot to revert to")
+
+    def __init__(self, *args: Any, names: list[str], **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", "revert-%s")
+        super().__init__(*args, **kwargs)
+        field = self.fields["name"]
+        field.choices = [(n, n) for n in names]  # type: ignore[attr-defined]
+        field.error_messages["invalid_choice"] = "No snapshot named %(value)s has been taken of this VM."
+        if not names:
+            field.widget.attrs["disabled"] = True
+            field.help_text = "No snapshots yet: take one first."
 
 
 class PublishForm(NoSuffix, forms.Form):

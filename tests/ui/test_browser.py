@@ -27,6 +27,7 @@ from portal.cloud.models import ComputeNode, Instance
 from portal.cloud.tasks import apply_node_report
 from tests.portal.conftest import UP_BOTH, FakeNodes, World
 from tests.ui.conftest import login, shot
+from tests.web.helpers import taken_snapshot
 
 POLL_TIMEOUT = 8_000  # ms: the pages poll every 2 s
 REASON = "container on node-a: dedicated to acme"
@@ -128,9 +129,11 @@ def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world
     # both panels show them by themselves
     _heartbeats_until_samples(fake_nodes, Instance.objects.get(name="app"), 2)
     stats = page.locator("[data-field=stats]")
-    expect(stats.get_by_role("img", name="memory use over the last heartbeats")).to_be_visible(timeout=12_000)
-    expect(stats).to_contain_text("48.0 MiB of 128 MiB")
-    expect(stats.get_by_role("img", name="CPU use over the last heartbeats")).to_be_visible()
+    expect(stats.get_by_role("img", name=re.compile("^memory use over the last heartbeats"))).to_be_visible(
+        timeout=12_000
+    )
+    expect(stats).to_contain_text("48.0 MiB used; the flavor gives 128 MiB")
+    expect(stats.get_by_role("img", name=re.compile("^CPU use over the last heartbeats"))).to_be_visible()
     _answer_nodes_until(fake_nodes, page.locator("pre[data-field=console]"), "fake: app booted")
     _not_reloaded(page)
     shot(page, "instance-detail")
@@ -235,13 +238,15 @@ def test_operator_dedicates_a_node(live_server: Any, page: Any, world: World) ->
 def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, browser: Any, world: World,
                                         queued: list[Any]) -> None:  # fmt: skip
     base = live_server.url
+    taken_snapshot(world.instance_a, "before-upgrade")
+    queued.clear()
     # the confirmation is plain forms: it works the same with JavaScript off
     no_js = browser.new_context(java_script_enabled=False)
     try:
         plain = no_js.new_page()
         login(plain, base, "a_member")
         plain.goto(f"{base}/instances/{world.instance_a.pk}/")
-        plain.get_by_label("Snapshot to revert to").fill("before-upgrade")
+        plain.get_by_label("Snapshot to revert to").select_option("before-upgrade")
         plain.get_by_role("button", name="Revert to snapshot…").click()
         expect(plain.get_by_role("heading", name="Revert web-1 to snapshot before-upgrade?")).to_be_visible()
         expect(plain).to_have_url(re.compile(r"/revert/\?name=before-upgrade$"))
@@ -251,7 +256,7 @@ def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, browser: A
 
     login(page, base, "a_member")
     page.goto(f"{base}/instances/{world.instance_a.pk}/")
-    page.get_by_label("Snapshot to revert to").fill("before-upgrade")
+    page.get_by_label("Snapshot to revert to").select_option("before-upgrade")
     page.get_by_role("button", name="Revert to snapshot…").click()
     expect(page.get_by_role("heading", name="Revert web-1 to snapshot before-upgrade?")).to_be_visible()
     expect(page.get_by_text("What changed in web-1 since snapshot before-upgrade")).to_be_visible()
@@ -261,7 +266,7 @@ def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, browser: A
     expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("none")
     assert [m for m in queued if m[1] == "compute.instance.action"] == [], "nothing is sent before confirming"
 
-    page.get_by_label("Snapshot to revert to").fill("before-upgrade")
+    page.get_by_label("Snapshot to revert to").select_option("before-upgrade")
     page.get_by_role("button", name="Revert to snapshot…").click()
     page.get_by_role("button", name="Revert to snapshot", exact=True).click()
     expect(page.get_by_role("status")).to_contain_text("Revert to before-upgrade sent to shared-1")

@@ -5,14 +5,18 @@ Each test names its defect ("D4" is defect 4 of the issue) and failed before its
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.core.cache import cache
 
-from portal.cloud.models import Instance
-from portal.tenancy.models import APIToken, Membership
-from tests.portal.conftest import World
-from tests.web.helpers import client, text
+from portal.audit.models import Event
+from portal.cloud import metrics
+from portal.cloud.models import ComputeNode, Flavor, Instance
+from portal.tenancy.models import APIToken, Membership, Quota
+from tests.portal.conftest import UP_BOTH, World
+from tests.web.helpers import client, taken_snapshot, text
 
 
 def test_d4_current_section_is_marked_with_real_aria_current(world: World) -> None:
@@ -77,3 +81,132 @@ def test_d19_admin_instances_are_read_only(world: World) -> None:
     r = c.get(f"/admin/cloud/instance/{world.instance_a.pk}/change/")
     assert r.status_code == 200 and 'name="_save"' not in text(r)
     assert c.get(f"/admin/cloud/instance/{world.instance_a.pk}/delete/").status_code == 403
+
+
+def _image(name: str) -> int:
+    from portal.images.models import Image
+
+    return int(Image.objects.get(name=name).pk)
+
+
+def _ready_node_a() -> None:
+    ComputeNode.objects.filter(name="node-a").update(
+        status="up", vcpus=8, ram_mb=8192, disk_gb=100, drivers=UP_BOTH
+    )
+
+
+def test_d2_revert_offers_taken_snapshots_and_refuses_others(world: World, sent: list[Any]) -> None:
+    c = client(world, "a_member")
+    url = f"/instances/{world.instance_a.pk}/"
+    page = text(c.get(url))
+    assert '<select name="name" disabled' in page and "No snapshots yet" in page
+    taken_snapshot(world.instance_a, "before-upgrade")
+    page = text(c.get(url))
+    assert '<option value="before-upgrade">before-upgrade</option>' in page
+    sent.clear()
+    r = c.post(url + "revert/", {"name": "never-taken"})
+    assert r.status_code == 400 and "No snapshot named never-taken has been taken of this VM." in text(r)
+    assert sent == [], "an unknown snapshot is refused before anything is sent"
+
+
+def test_d3_preview_is_a_post_and_takes_16k_of_user_data(world: World) -> None:
+    _ready_node_a()
+    c = client(world, "a_member")
+    page = text(c.get("/instances/new/"))
+    assert 'hx-post="/instances/new/preview/"' in page and "hx-get=" not in page
+    events = Event.objects.count()
+    body = {"image": _image("sample"), "flavor": world.flavor_public.pk, "kind": "vm",
+            "user_data": "#cloud-config\n" + "x" * 12_000}  # fmt: skip
+    r = c.post("/instances/new/preview/", body)
+    assert r.status_code == 200 and 'data-field="preview-kind">vm<' in text(r)
+    assert Event.objects.count() == events, "a preview is a dry run: no audit event"
+
+
+def test_d9_duplicate_name_is_a_field_error_while_typing(world: World) -> None:
+    c = client(world, "a_member")
+    body = {"name": "web-1", "image": _image("tiny"), "flavor": world.flavor_public.pk, "kind": "vm"}
+    page = text(c.post("/instances/new/preview/", body))
+    assert '<p id="name-check" class="error" aria-live="polite" hx-swap-oob="true">' in page
+    assert "Tenant acme already has an instance named web-1; choose another name." in page
+    assert 'data-field="preview-kind">vm<' in page, "the rest of the preview still shows"
+    r = c.post("/instances/new/", {**body, "network": "default"})
+    assert r.status_code == 400 and 'id="id_name_error"' in text(r)
+
+
+def test_d9_a_refusal_shows_once(world: World, sent: list[Any]) -> None:
+    ComputeNode.objects.update(status="down")
+    c = client(world, "a_member")
+    body = {"name": "x1", "image": _image("tiny"), "flavor": world.flavor_public.pk, "kind": "vm",
+            "network": "default"}  # fmt: skip
+    r = c.post("/instances/new/", body)
+    page = text(r)
+    assert r.status_code == 409 and page.count("No node can take this VM now") == 1, page
+    assert ', load"' not in page, "the preview does not repeat the refusal on load"
+
+
+def test_d14_capacity_refusal_says_it_is_not_the_quota(world: World) -> None:
+    big = Flavor.objects.create(name="huge", vcpus=5000, ram_mb=1024, disk_gb=1)
+    Quota.objects.filter(tenant=world.a).update(vcpus=10000)
+    c = client(world, "a_member")
+    body = {"image": _image("tiny"), "flavor": big.pk, "kind": "vm"}
+    page = text(c.post("/instances/new/preview/", body))
+    assert "not enough vCPUs" in page
+    assert "This is the cloud&#x27;s capacity, not your quota" in page and "smaller flavor" in page
+
+
+def test_d15_auto_becomes_a_vm_when_the_container_quota_is_full(world: World, sent: list[Any]) -> None:
+    _ready_node_a()
+    c = client(world, "a_member")
+    body = {"image": _image("sample"), "flavor": world.flavor_public.pk, "kind": "auto"}
+    assert 'data-field="preview-kind">container<' in text(c.post("/instances/new/preview/", body))
+    Quota.objects.filter(tenant=world.a).update(containers=0)
+    page = text(c.post("/instances/new/preview/", body))
+    assert 'data-field="preview-kind">vm<' in page
+    assert "the container quota of acme is full (0 of 0)" in page
+    r = c.post("/instances/new/", {**body, "name": "fallback", "network": "default"})
+    assert r.status_code == 303 and Instance.objects.get(name="fallback").kind == "vm"
+    # kind=container is still refused by the quota: only auto falls back
+    r = c.post("/instances/new/", {**body, "name": "ctr", "network": "default", "kind": "container"})
+    assert r.status_code == 409 and "Quota exceeded for containers" in text(r)
+
+
+def test_d16_sizes_in_binary_units_and_events_in_words(world: World, sent: list[Any]) -> None:
+    from portal.web.templatetags.web import binary_size
+
+    assert [binary_size(v) for v in (512, 1536, 20 * 2**30, 188_640_000)] == [
+        "512 bytes", "1.5 KiB", "20 GiB", "179.9 MiB"
+    ]  # fmt: skip
+    c = client(world, "a_member")
+    assert "up to 20 GiB" in text(c.get("/images/upload/"))
+    page = text(c.get(f"/images/{_image('tiny')}/"))
+    assert "needs at least 0" not in page and "0 MiB memory" not in page
+    c.post(f"/instances/{world.instance_a.pk}/action/", {"action": "reboot"})
+    events = text(c.get("/events/"))
+    assert (
+        '<span class="badge" title="HTTP 303">sent</span>' in events and "success</span> <span" not in events
+    )
+
+
+def test_d11_stats_explain_memory_and_have_a_scale(world: World) -> None:
+    inst = world.instance_a
+    now = time.time()
+    metrics.record(str(inst.pk), now - 60, 1_000_000_000, 180 * 2**20)
+    metrics.record(str(inst.pk), now, 2_000_000_000, 190 * 2**20)
+    metrics.record(str(inst.pk), now + 60, 3_000_000_000, 189 * 2**20)
+    metrics.record(str(inst.pk), now + 120, 4_000_000_000, 185 * 2**20)
+    page = text(client(world, "a_member").get(f"/instances/{inst.pk}/stats/"))
+    assert "MiB used; the flavor gives 128 MiB" in page
+    assert "QEMU process" in page and "can exceed the flavor" in page
+    assert ">now</text>" in page and "2 min ago" in page and "190.0 MiB" in page
+
+
+def test_d12_console_says_the_container_printed_nothing(world: World, sent: list[Any]) -> None:
+    inst = world.instance_a
+    Instance.objects.filter(pk=inst.pk).update(kind="container")
+    c = client(world, "a_member")
+    assert "Asking shared-1 for the console" in text(c.get(f"/instances/{inst.pk}/console/"))
+    cache.set(f"console-first-req:{inst.pk}", time.time() - 30, 3600)
+    assert "No answer from shared-1 for 30 s" in text(c.get(f"/instances/{inst.pk}/console/"))
+    metrics.store_console(str(inst.pk), "shared-1", "", time.time())
+    page = text(c.get(f"/instances/{inst.pk}/console/"))
+    assert "web-1 has printed nothing yet (the container's stdout and stderr are empty)" in page

@@ -22,7 +22,7 @@ PAGES = {
     "/": 10,
     "/instances/": 6,
     "/instances/rows/": 6,
-    "/instances/{id}/": 5,
+    "/instances/{id}/": 6,  # + the snapshots the revert form offers
     "/instances/{id}/status/": 4,
     "/ops/instances/": 8,
     "/ops/nodes/": 7,

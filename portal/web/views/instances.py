@@ -19,7 +19,7 @@ from django.views.decorators.http import require_POST
 
 from compute.spec import Action
 from portal.audit.models import Event
-from portal.audit.record import describe, note_error
+from portal.audit.record import describe, not_a_change, note_error
 from portal.cloud import disclosure, placement, services
 from portal.cloud.choices import VmState
 from portal.cloud.models import Instance
@@ -50,6 +50,8 @@ from portal.web.views.tenant import paginate, query_without_page
 STOP_POLLING = 286
 POLL_SECONDS = 2
 STATS_POLL_SECONDS = 5
+#: after this long without a console answer the panel says so instead of "asking…"
+CONSOLE_PATIENCE_SECONDS = 10
 #: without JavaScript, pages with live states reload themselves this often (a meta refresh)
 NOSCRIPT_REFRESH_SECONDS = 10
 
@@ -156,7 +158,7 @@ def _detail_page(
     ctx |= {
         "error": error,
         "snapshot_form": snapshot or SnapshotForm(),
-        "revert_form": revert or RevertForm(),
+        "revert_form": revert or RevertForm(names=services.snapshot_names(instance)),
         "can_snapshot": action_allowed(instance, Action.SNAPSHOT),
         "publish_form": publish or PublishForm(tenant=instance.tenant),
         "can_publish": action_allowed(instance, Action.PUBLISH),
@@ -189,7 +191,12 @@ def instance_console(request: HttpRequest, pk: str) -> HttpResponse:
         request,
         "web/partials/instance_console.html",
         instance,
-        {"console": services.console(instance), "events": events[:10], "poll": POLL_SECONDS},
+        {
+            "console": services.console(instance),
+            "events": events[:10],
+            "poll": POLL_SECONDS,
+            "console_patience": CONSOLE_PATIENCE_SECONDS,
+        },
     )
 
 
@@ -207,6 +214,8 @@ def instance_stats(request: HttpRequest, pk: str) -> HttpResponse:
             "memory_mib": points[-1]["memory_bytes"] / 2**20,
             "limit_mib": data["memory_limit_bytes"] / 2**20,
             "count": len(points),
+            "span": (points[-1]["at"] - points[0]["at"]).total_seconds(),
+            "cpu_max": 100 * instance.vcpus,
         }
         if len(points) >= 2
         else None
@@ -268,10 +277,10 @@ def instance_revert(request: HttpRequest, pk: str) -> HttpResponse:
     refused = _write_refusal(request, instance.tenant_id)
     if refused:
         return refused
-    form = RevertForm(request.POST if posted else request.GET)
+    form = RevertForm(request.POST if posted else request.GET, names=services.snapshot_names(instance))
     if not form.is_valid():
-        note_error(request, "invalid snapshot name")
-        error = "Check the name of the snapshot to revert to."
+        note_error(request, "unknown snapshot name")
+        error = " ".join(form.errors.get("name", [])) or "Check the name of the snapshot to revert to."
         return _detail_page(request, instance, error, 400, revert=form)
     name = form.cleaned_data["name"]
     if not posted:
@@ -355,11 +364,17 @@ def launch(request: HttpRequest, tenant: Tenant) -> HttpResponse:
 
 @tenant_page
 def launch_preview(request: HttpRequest, tenant: Tenant) -> HttpResponse:
-    """Partial: what ``placement.preview`` says about the form as filled in so far (GET: a dry run)."""
+    """Partial: what ``placement.preview`` says about the form as filled in so far (a dry run).
+
+    The form POSTs it (user data may be 16 KiB: too long for a query string, and the CSRF
+    token does not belong in one); GET is still answered for links and old pages.
+    """
+    not_a_change(request)
     refusal = role_refusal(actor(request), tenant.pk, Role.MEMBER)
     ctx: dict[str, Any] = {"refusal": refusal}
-    form = _launch_form(request, tenant, request.GET, preview=True)
-    if refusal is None and form.is_valid():
+    data = request.POST if request.method == "POST" else request.GET
+    form = _launch_form(request, tenant, data, preview=True)
+    if refusal is None and form.previewable():
         result = attempt(request, lambda: placement.preview(form.to_request()))
         if isinstance(result, Refusal):
             ctx["error"] = result.message
