@@ -40,7 +40,8 @@ def sparkline(
         '<text x="{}" y="{}" text-anchor="end">{}</text>'
         '<text x="{}" y="{}">{}</text><text x="{}" y="{}" text-anchor="end">now</text></g>'
         '<path class="frame" d="M{} 0 V{} H{}" fill="none" stroke="currentColor" stroke-opacity=".35"/>'
-        '<polyline transform="translate({} 0)" fill="none" stroke="currentColor" stroke-width="1.5" points="{}"/>'
+        '<polyline transform="translate({} 0)" fill="none" stroke="currentColor" stroke-width="1.5" '
+        'points="{}"/>'
         "</svg>",
         f"{label}, from {low:.1f} to {high:.1f} {unit} over the last {ago.removesuffix(' ago')}",
         width,
