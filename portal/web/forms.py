@@ -14,6 +14,7 @@ from portal.cloud import placement
 from portal.cloud.choices import Kind, RequestedKind, VmState
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
 from portal.cloud.naming import NAME_RE, NAME_RULE
+from portal.images import naming as image_naming
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
 from portal.tenancy.models import (
@@ -102,7 +103,7 @@ class LaunchForm(NoSuffix, forms.Form):
         """A live instance of the tenant with the same name is refused here, next to the field
         (the preview asks as the user types), not only by the database on submit."""
         name: str = self.cleaned_data["name"]
-        if name and Instance.objects.live().filter(tenant=self.tenant, name=name).exists():  # type: ignore[attr-defined]
+        if name and Instance.objects.live().filter(tenant=self.tenant, name=name).exists():
             raise forms.ValidationError(
                 f"Tenant {self.tenant.slug} already has an instance named {name}; choose another name."
             )
@@ -176,8 +177,8 @@ class RevertForm(NoSuffix, forms.Form):
 class PublishForm(NoSuffix, forms.Form):
     """A VM's disk as a new private image of its tenant."""
 
-    name = forms.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", max_length=100, label="Image name")
-    version = forms.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,39}$", max_length=40, label="Version")
+    name = forms.CharField(max_length=100, validators=[image_naming.name_validator], label="Image name")
+    version = forms.CharField(max_length=40, validators=[image_naming.version_validator], label="Version")
     description = forms.CharField(required=False, max_length=2000, label="Description")
 
     def __init__(self, *args: Any, tenant: Any, **kwargs: Any) -> None:
@@ -280,8 +281,10 @@ class TokenForm(NoSuffix, forms.Form):
     def clean_name(self) -> str:
         """Names tell tokens apart on the list and in "Revoke token X?": one live token per name."""
         name: str = self.cleaned_data["name"].strip()
+        if self.user_id is None:
+            return name
         live = APIToken.objects.filter(user_id=self.user_id, name=name, revoked_at__isnull=True)
-        if self.user_id is not None and live.exists():
+        if live.exists():
             raise forms.ValidationError(f"You already have a token named {name}; choose another name.")
         return name
 

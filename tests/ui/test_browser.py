@@ -154,11 +154,14 @@ def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world
     page.get_by_role("link", name="Delete…").click()
     expect(page.get_by_role("heading", name="Delete instance app?")).to_be_visible()
     page.get_by_role("button", name="Delete instance").click()
-    status = page.locator("#instance-status")
-    expect(status.locator("[data-field=task_state]")).to_have_text("deleting")
+    # back on the list (not on the dead instance's page): the row shows the delete, then leaves
+    expect(page).to_have_url(re.compile(r"/instances/$"))
+    expect(page.get_by_role("status")).to_contain_text("Delete of app requested")
+    row = page.locator("tr[data-instance=app]")
+    expect(row).to_contain_text("deleting")
     _mark(page)
     fake_nodes.run()
-    expect(status.locator("[data-field=vm_state]")).to_have_text("deleted", timeout=POLL_TIMEOUT)
+    expect(row).to_have_count(0, timeout=POLL_TIMEOUT)
     _not_reloaded(page)
     assert Instance.objects.get(name="app").vm_state == "deleted"
 
@@ -487,6 +490,8 @@ def test_detail_panels_stop_polling_once_deleted(live_server: Any, page: Any, wo
 
     page.get_by_role("link", name="Delete…").click()
     page.get_by_role("button", name="Delete instance").click()
+    expect(page).to_have_url(re.compile(r"/instances/$"))
+    page.goto(base + url)
     expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("deleting")
     fake_nodes.run()
     status = page.locator("#instance-status")

@@ -210,3 +210,14 @@ def test_d12_console_says_the_container_printed_nothing(world: World, sent: list
     metrics.store_console(str(inst.pk), "shared-1", "", time.time())
     page = text(c.get(f"/instances/{inst.pk}/console/"))
     assert "web-1 has printed nothing yet (the container's stdout and stderr are empty)" in page
+
+
+def test_d8_image_names_are_strict_in_the_api(world: World) -> None:
+    c = world.client("a_member")
+    r = c.post("/api/v1/images/", {"name": "Bad Name!", "version": "1 0", "tenant": "acme"}, format="json")
+    assert r.status_code == 400, r.content
+    body = r.json()
+    assert "Use letters, digits, dots, dashes and underscores" in str(body["errors"]["name"])
+    assert "version" in body["errors"], "every field's error at once"
+    assert c.post("/api/v1/images/", {"name": "good_name-1.0", "version": "1.0+b2", "tenant": "acme"},
+                  format="json").status_code == 201  # fmt: skip

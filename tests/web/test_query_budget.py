@@ -23,7 +23,7 @@ PAGES = {
     "/instances/": 6,
     "/instances/rows/": 6,
     "/instances/{id}/": 6,  # + the snapshots the revert form offers
-    "/instances/{id}/status/": 4,
+    "/instances/{id}/status/": 5,  # + the snapshots behind the out-of-band revert button
     "/ops/instances/": 8,
     "/ops/nodes/": 7,
     "/ops/drift/": 7,

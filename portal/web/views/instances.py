@@ -17,7 +17,7 @@ from django.urls import reverse
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
-from compute.spec import Action
+from compute.spec import Action, Kind
 from portal.audit.models import Event
 from portal.audit.record import describe, not_a_change, note_error
 from portal.cloud import disclosure, placement, services
@@ -136,6 +136,8 @@ def _status_context(request: HttpRequest, instance: Instance) -> dict[str, Any]:
         "refusal": refusal,
         "poll": POLL_SECONDS,
         "noscript_refresh": NOSCRIPT_REFRESH_SECONDS,
+        "can_snapshot": action_allowed(instance, Action.SNAPSHOT),
+        "can_publish": action_allowed(instance, Action.PUBLISH),
     }
 
 
@@ -155,13 +157,13 @@ def _detail_page(
     revert: Any = None,
 ) -> HttpResponse:
     ctx = _status_context(request, instance)
+    names = services.snapshot_names(instance) if instance.kind == Kind.VM else []
     ctx |= {
         "error": error,
         "snapshot_form": snapshot or SnapshotForm(),
-        "revert_form": revert or RevertForm(names=services.snapshot_names(instance)),
-        "can_snapshot": action_allowed(instance, Action.SNAPSHOT),
+        "revert_form": revert or RevertForm(names=names),
+        "snapshot_names": names,
         "publish_form": publish or PublishForm(tenant=instance.tenant),
-        "can_publish": action_allowed(instance, Action.PUBLISH),
     }
     return page(request, "web/instance_detail.html", ctx, status=status)
 
@@ -170,7 +172,10 @@ def _detail_page(
 def instance_status(request: HttpRequest, pk: str) -> HttpResponse:
     """Polled partial: states, reason and the action buttons the state allows."""
     instance = _instance(request, pk)
-    return _polled(request, "web/partials/instance_status.html", instance, _status_context(request, instance))
+    ctx = _status_context(request, instance)
+    if instance.kind == Kind.VM:  # the buttons outside the panel come along (out of band)
+        ctx |= {"oob": True, "snapshot_names": services.snapshot_names(instance)}
+    return _polled(request, "web/partials/instance_status.html", instance, ctx)
 
 
 def _polled(request: HttpRequest, template: str, instance: Instance, context: dict[str, Any]) -> HttpResponse:
@@ -280,7 +285,7 @@ def instance_revert(request: HttpRequest, pk: str) -> HttpResponse:
     form = RevertForm(request.POST if posted else request.GET, names=services.snapshot_names(instance))
     if not form.is_valid():
         note_error(request, "unknown snapshot name")
-        error = " ".join(form.errors.get("name", [])) or "Check the name of the snapshot to revert to."
+        error = " ".join(str(e) for e in form.errors.get("name", ())) or "Check the snapshot to revert to."
         return _detail_page(request, instance, error, 400, revert=form)
     name = form.cleaned_data["name"]
     if not posted:
