@@ -95,7 +95,8 @@ def test_d3_d9_d13_d18_launch_form(live_server: Any, page: Any, browser: Any, wo
         phone.get_by_role("link", name="API tokens").click()
         expect(phone.get_by_role("heading", name="Your API tokens")).to_be_visible()
         wide = phone.evaluate(
-            "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > innerWidth && !e.closest('.scroll'))"
+            "[...document.querySelectorAll('body *')]"
+            ".filter(e => e.getBoundingClientRect().right > innerWidth && !e.closest('.scroll'))"
             ".map(e => e.tagName + '.' + e.className + '#' + e.id).slice(0, 8)"
         )
         assert phone.evaluate("document.documentElement.scrollWidth") <= inner, wide
