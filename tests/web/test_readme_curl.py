@@ -67,8 +67,8 @@ def test_every_readme_curl_example_works(
 
     env = {"PATH": "/usr/bin:/bin", "TOKEN": key, "ID": ""}
     ran = []
-    for command in curl_examples(README.read_text()):
-        command = command.replace(README_BASE, live_server.url).replace(
+    for example in curl_examples(README.read_text()):
+        command = example.replace(README_BASE, live_server.url).replace(
             '"flavor": 1', f'"flavor": {flavor.pk}'
         )
         done = subprocess.run(
