@@ -34,6 +34,7 @@ urlpatterns = [
     path("events/", tenant.events, name="events"),
     path("ops/", ops.nodes, name="ops"),
     path("ops/nodes/", ops.nodes, name="ops-nodes"),
+    path("ops/nodes/<str:name>/", ops.node_detail, name="ops-node"),
     path("ops/nodes/<str:name>/tenancy/", ops.node_tenancy, name="ops-node-tenancy"),
     path("ops/nodes/<str:name>/drain/", ops.node_drain, name="ops-node-drain"),
     path("ops/nodes/<str:name>/enable/", ops.node_enable, name="ops-node-enable"),

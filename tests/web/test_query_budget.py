@@ -27,6 +27,7 @@ PAGES = {
     "/ops/instances/": 8,
     "/ops/nodes/": 7,
     "/ops/drift/": 7,
+    "/ops/nodes/shared-1/": 8,
     "/events/": 6,
 }
 API = {
