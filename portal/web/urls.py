@@ -10,6 +10,7 @@ urlpatterns = [
     path("logout/", auth.LogoutView.as_view(), name="logout"),
     path("tenant/", auth.switch_tenant, name="switch-tenant"),
     path("instances/", instances.instance_list, name="instances"),
+    path("instances/bulk/", instances.instances_bulk, name="instances-bulk"),
     path("instances/rows/", instances.instance_rows, name="instance-rows"),
     path("instances/new/", instances.launch, name="launch"),
     path("instances/new/preview/", instances.launch_preview, name="launch-preview"),

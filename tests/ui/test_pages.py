@@ -39,6 +39,7 @@ def tenant_pages(world: World) -> dict[str, str]:
         "launch": "/instances/new/",
         "instance": f"/instances/{inst}/",
         "instance-delete": f"/instances/{inst}/delete/",
+        "instances-bulk": f"/instances/bulk/?action=reboot&id={inst}",
         "instance-revert": f"/instances/{inst}/revert/?name=before-upgrade",
         "images": "/images/",
         "image": f"/images/{secret}/",

@@ -221,3 +221,34 @@ def test_d8_image_names_are_strict_in_the_api(world: World) -> None:
     assert "version" in body["errors"], "every field's error at once"
     assert c.post("/api/v1/images/", {"name": "good_name-1.0", "version": "1.0+b2", "tenant": "acme"},
                   format="json").status_code == 201  # fmt: skip
+
+
+def test_bulk_actions_with_one_confirmation(world: World, sent: list[Any]) -> None:
+    base = world.instance_a
+    second = Instance.objects.create(
+        tenant=base.tenant, name="web-2", kind="vm", isolation_reason="vm: test", image=base.image,
+        flavor=base.flavor, network=base.network, vcpus=1, ram_mb=128, disk_gb=1, created_by=base.created_by,
+        vm_state="stopped", power_state="shutdown", node=base.node,
+    )  # fmt: skip
+    c = client(world, "a_member")
+    page = text(c.get("/instances/"))
+    assert 'form="bulk" name="id"' in page and 'hx-preserve="true"' in page
+    ids = [str(base.pk), str(second.pk)]
+    r = c.get("/instances/bulk/", {"action": "stop", "id": ids})
+    page = text(r)
+    assert r.status_code == 200 and "Shut down 1 instance?" in page
+    assert "Skipped, their state does not allow it: web-2 (stopped)." in page
+    assert sent == [], "the confirmation page changes nothing"
+    r = c.post("/instances/bulk/", {"action": "stop", "id": [str(base.pk)]})
+    assert r.status_code == 303 and r["Location"] == "/instances/"
+    assert [t for _q, t, _a in sent] == ["compute.instance.action"]
+    r = c.post("/instances/bulk/", {"action": "delete", "id": ids})
+    assert r.status_code == 303
+    assert Instance.objects.get(pk=second.pk).task_state == "deleting"
+    assert Event.objects.filter(action="instance.bulk_delete").exists()
+    # viewers are refused; another tenant's ids are ignored
+    assert (
+        client(world, "a_viewer").post("/instances/bulk/", {"action": "stop", "id": ids}).status_code == 403
+    )
+    r = client(world, "b_admin").get("/instances/bulk/", {"action": "stop", "id": ids})
+    assert r.status_code == 303 and r["Location"] == "/instances/"

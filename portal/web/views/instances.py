@@ -7,6 +7,7 @@ and name the action for the audit Event.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from django.contrib import messages
@@ -98,6 +99,7 @@ def instance_list(request: HttpRequest, tenant: Tenant) -> HttpResponse:
         "rows_query": request.GET.urlencode(),
         "poll": POLL_SECONDS,
         "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
+        "bulk_actions": BULK_ACTIONS.items(),
     }
     if request.headers.get("HX-Request") and request.headers.get("HX-Target") == RESULTS_TARGET:
         response = render(request, "web/partials/instance_results.html", ctx)
@@ -111,11 +113,95 @@ def instance_list(request: HttpRequest, tenant: Tenant) -> HttpResponse:
 def instance_rows(request: HttpRequest, tenant: Tenant) -> HttpResponse:
     """The polled table body of the instance list (same filters as the page)."""
     _form, page_obj = _tenant_instances(request, tenant)
-    return render(
-        request,
-        "web/partials/instance_rows.html",
-        {"page_obj": page_obj, "rows_query": request.GET.urlencode(), "poll": POLL_SECONDS},
-    )
+    ctx = {
+        "page_obj": page_obj,
+        "rows_query": request.GET.urlencode(),
+        "poll": POLL_SECONDS,
+        "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
+    }
+    return render(request, "web/partials/instance_rows.html", ctx)
+
+
+#: what the instance list does to several instances at once (value -> label)
+BULK_ACTIONS = {"start": "Start", "stop": "Shut down", "reboot": "Reboot", "delete": "Delete"}
+#: at most this many instances per bulk request (one page of the list holds fewer)
+BULK_MAX = 100
+
+
+@tenant_page
+def instances_bulk(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    """GET: one confirmation page for the chosen instances (saying which the action skips and why);
+    POST: the action on each, through the same services as one at a time, then back to the list."""
+    data = request.POST if request.method == "POST" else request.GET
+    action = data.get("action", "")
+    if request.method == "POST":
+        describe(request, f"instance.bulk_{action}"[:100], tenant_id=tenant.pk)
+    refused = _write_refusal(request, tenant.pk)
+    if refused:
+        return refused
+    ids = data.getlist("id")[:BULK_MAX]
+    chosen: list[Instance] = []
+    if action in BULK_ACTIONS and ids:
+        qs = Instance.objects.restrict(actor(request)).filter(tenant=tenant).live()  # type: ignore[attr-defined]
+        valid = [i for i in ids if _is_uuid(i)]
+        chosen = list(qs.filter(pk__in=valid).select_related("node", "tenant").order_by("name"))
+    if not chosen:
+        note_error(request, "no instances or no action chosen")
+        messages.error(request, "Choose one or more instances and an action.")
+        return HttpResponseRedirect(reverse("web:instances"), status=303)
+    label = BULK_ACTIONS[action]
+    ready = [i for i in chosen if _bulk_allowed(i, action)]
+    skipped = [i for i in chosen if i not in ready]
+    if request.method != "POST":
+        names = ", ".join(i.name for i in ready) or "none"
+        body = f"{label}: {names}."
+        if skipped:
+            body += (
+                " Skipped, their state does not allow it: "
+                + ", ".join(f"{i.name} ({i.task_state or i.vm_state})" for i in skipped)
+                + "."
+            )
+        if action == "delete":
+            body += " The nodes destroy the workloads and their disks; this cannot be undone."
+        fields = [("action", action)] + [("id", str(i.pk)) for i in ready]
+        return confirm(
+            request,
+            f"{label} {len(ready)} instance{'s' if len(ready) != 1 else ''}?",
+            body,
+            f"{label} {len(ready)}",
+            reverse("web:instances"),
+            pairs=fields,
+        )
+    done: list[str] = []
+    failed: list[str] = []
+    for inst in ready:
+        call = (
+            (lambda i=inst: services.delete_instance(i, request.user))
+            if action == "delete"
+            else (lambda i=inst: services.act(i, action, {}, request.user))
+        )
+        outcome = attempt(request, call)
+        (failed if isinstance(outcome, Refusal) else done).append(inst.name)
+    describe(request, f"instance.bulk_{action}", tenant_id=tenant.pk, message=f"{label}: {', '.join(done)}")
+    if done:
+        messages.success(
+            request, f"{label} sent for {', '.join(done)}; the list updates as the nodes report."
+        )
+    if failed or skipped:
+        messages.error(request, f"Not done: {', '.join(failed + [i.name for i in skipped])}.")
+    return HttpResponseRedirect(reverse("web:instances"), status=303)
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _bulk_allowed(instance: Instance, action: str) -> bool:
+    return delete_allowed(instance) if action == "delete" else action_allowed(instance, Action(action))
 
 
 def _instance(request: HttpRequest, pk: str) -> Instance:
