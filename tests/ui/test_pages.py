@@ -51,6 +51,7 @@ def tenant_pages(world: World) -> dict[str, str]:
         "tokens": "/tokens/",
         "token-revoke": f"/tokens/{world.token_a.pk}/revoke/",
         "events": "/events/",
+        "tasks": "/tasks/",
     }
 
 

@@ -113,7 +113,7 @@ def test_d3_preview_is_a_post_and_takes_16k_of_user_data(world: World) -> None:
     _ready_node_a()
     c = client(world, "a_member")
     page = text(c.get("/instances/new/"))
-    assert 'hx-post="/instances/new/preview/"' in page and "hx-get=" not in page
+    assert 'hx-post="/instances/new/preview/"' in page and 'hx-get="/instances/new/preview/' not in page
     events = Event.objects.count()
     body = {"image": _image("sample"), "flavor": world.flavor_public.pk, "kind": "vm",
             "user_data": "#cloud-config\n" + "x" * 12_000}  # fmt: skip
@@ -252,3 +252,25 @@ def test_bulk_actions_with_one_confirmation(world: World, sent: list[Any]) -> No
     )
     r = client(world, "b_admin").get("/instances/bulk/", {"action": "stop", "id": ids})
     assert r.status_code == 303 and r["Location"] == "/instances/"
+
+
+def test_task_area_shows_running_work_and_node_failures(world: World, sent: list[Any]) -> None:
+    c = client(world, "a_member")
+    assert 'hx-get="/tasks/panel/"' in text(c.get("/networks/")), "every tenant page has the task area"
+    assert "Tasks: 0 running" in text(c.get("/tasks/panel/"))
+    c.post(f"/instances/{world.instance_a.pk}/action/", {"action": "reboot"})
+    panel = text(c.get("/tasks/panel/"))
+    assert "Tasks: 1 running" in panel and '<span class="badge busy">rebooting</span>' in panel
+    inst = Instance.objects.get(pk=world.instance_a.pk)
+    from portal.cloud.tasks import apply_observation
+
+    apply_observation({"instance_id": str(inst.pk), "node": "shared-1", "action": "reboot",
+                       "action_id": inst.action_id, "ok": False, "power_state": "running",
+                       "message": "the guest did not answer"})  # fmt: skip
+    panel = text(c.get("/tasks/panel/"))
+    assert "Tasks: 0 running" in panel and '<strong class="failed">1 failed</strong>' in panel
+    assert "reboot" in panel and "the guest did not answer" in panel
+    log = text(c.get("/tasks/"))
+    assert "Reported by nodes" in log and "the guest did not answer" in log
+    # another tenant's work is not shown
+    assert "failed" not in text(client(world, "b_admin").get("/tasks/panel/"))

@@ -29,6 +29,8 @@ PAGES = {
     "/ops/drift/": 7,
     "/ops/nodes/shared-1/": 8,
     "/events/": 6,
+    "/tasks/": 8,
+    "/tasks/panel/": 7,
 }
 API = {
     "/api/v1/instances/": 5,
