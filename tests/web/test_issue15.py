@@ -274,3 +274,13 @@ def test_task_area_shows_running_work_and_node_failures(world: World, sent: list
     assert "Reported by nodes" in log and "the guest did not answer" in log
     # another tenant's work is not shown
     assert "failed" not in text(client(world, "b_admin").get("/tasks/panel/"))
+
+
+def test_i18n_the_browser_language_picks_the_catalogue(world: World) -> None:
+    c = client(world, "a_member")
+    page = text(c.get("/", headers={"Accept-Language": "de"}))
+    assert '<html lang="de">' in page
+    assert ">Abmelden</button>" in page and '<a href="/instances/">Instanzen</a>' in page
+    assert "Kontingentnutzung" in page and "Instanz starten" in page
+    page = text(c.get("/", headers={"Accept-Language": "en"}))
+    assert '<html lang="en">' in page and ">Log out</button>" in page

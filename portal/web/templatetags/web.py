@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from django import template
 from django.urls import reverse
 from django.utils.html import format_html
+from django.utils.translation import gettext, gettext_noop
 
 from compute.spec import PowerState
 from portal.audit.models import Outcome
@@ -15,6 +16,21 @@ from portal.images.choices import ImageStatus
 from portal.web.presenters import sparkline_points
 
 register = template.Library()
+
+#: the header's link labels, marked for translation (navlink translates them)
+NAV_LABELS = [
+    gettext_noop(label)
+    for label in (
+        "Dashboard",
+        "Instances",
+        "Images",
+        "Networks",
+        "Events",
+        "SSH keys",
+        "API tokens",
+        "Operator console",
+    )
+]
 
 
 @register.simple_tag
@@ -145,6 +161,7 @@ def state_class(state: str | None) -> str:
 def navlink(context: dict[str, object], url_name: str, label: str) -> str:
     """A header link marked ``aria-current="page"`` on its own section."""
     url = reverse(f"web:{url_name}")
+    label = gettext(label)  # the labels are literals of base.html, listed for makemessages in NAV_LABELS
     request = context["request"]
     path: str = getattr(request, "path", "")
     current = path == url if url == "/" else path.startswith(url) or (url, path) == ("/ops/nodes/", "/ops/")
