@@ -27,6 +27,8 @@ from tests.web.helpers import taken_snapshot
 AXE = Path(__file__).resolve().parent / "vendor" / "axe-core-4.10.2" / "axe.min.js"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
 WIDTHS = {"1280": {"width": 1280, "height": 900}, "390": {"width": 390, "height": 844}}
+#: dark mode (prefers-color-scheme) is scanned too, at the wide size
+DARK = {"1280-dark": {"width": 1280, "height": 900}}
 SERIOUS = ("serious", "critical")
 
 
@@ -78,10 +80,14 @@ def _scan(page: Any, name: str, width: str) -> list[str]:
     ]
 
 
-def _visit(browser: Any, base: str, who: str | None, pages: dict[str, str]) -> list[str]:
+def _visit(
+    browser: Any, base: str, who: str | None, pages: dict[str, str], sizes: dict[str, Any] = WIDTHS
+) -> list[str]:
     problems: list[str] = []
-    for width, viewport in WIDTHS.items():
-        context = browser.new_context(viewport=viewport, is_mobile=width == "390")
+    for width, viewport in sizes.items():
+        context = browser.new_context(
+            viewport=viewport, is_mobile=width == "390", color_scheme="dark" if "dark" in width else "light"
+        )
         context.set_default_timeout(10_000)
         try:
             page = context.new_page()
@@ -114,6 +120,7 @@ def test_every_page_is_accessible_fits_and_is_photographed(
     problems = _visit(browser, base, None, {"login": "/login/"})
     problems += _visit(browser, base, "a_admin", tenant_pages(world))
     problems += _visit(browser, base, "operator", OPERATOR_PAGES)
+    problems += _visit(browser, base, "a_admin", tenant_pages(world), DARK)
     assert problems == [], "\n".join(problems)
     shots = sorted(p.name for p in ARTIFACTS.glob("*.png"))
     pages = 1 + len(tenant_pages(world)) + len(OPERATOR_PAGES)
