@@ -20,7 +20,7 @@ export CELERY_BROKER_URL ?= redis://127.0.0.1:6379/0
 DEBS := libvirt-daemon-system qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc python3-dev \
 	python3-venv busybox-static genisoimage syslinux syslinux-common mtools dosfstools fdisk cpio tini \
 	iproute2 iputils-ping crun runc umoci skopeo conmon redis-server sqlite3 procps chromium docker-compose \
-	postgresql
+	postgresql podman netavark aardvark-dns debootstrap rabbitmq-server
 
 .PHONY: help run test setup debs venv host redis libvirtd images migrate catalog bootstrap check pytest pytest-pg stop status
 
