@@ -16,13 +16,16 @@ NODE_NAME ?= $(shell hostname -s)
 export SKYPORT_VAR_DIR := $(VAR)
 export SKYPORT_IMAGE_DIR := $(IMAGES)
 export CELERY_BROKER_URL ?= redis://127.0.0.1:6379/0
+# The web server's flags (tests/security/gunicorn.py runs the same): --capture-output puts what Django
+# logs to stderr (every 500 with its request id and traceback) into the error log, web.log.
+GUNICORN_FLAGS := -w 3 -k gthread --threads 4 --timeout 120 --capture-output
 
 DEBS := libvirt-daemon-system qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc python3-dev \
 	python3-venv busybox-static genisoimage syslinux syslinux-common mtools dosfstools fdisk cpio tini \
 	iproute2 iputils-ping crun runc umoci skopeo conmon redis-server sqlite3 procps chromium docker-compose \
-	postgresql podman netavark aardvark-dns debootstrap rabbitmq-server
+	postgresql debootstrap openssh-client curl podman netavark aardvark-dns rabbitmq-server
 
-.PHONY: help run test setup debs venv host redis libvirtd images migrate catalog bootstrap check pytest pytest-pg stop status
+.PHONY: help run test setup debs venv host redis libvirtd images test-images migrate catalog bootstrap check pytest pytest-pg stop status
 
 help:
 	@echo "make run   - install what is missing, start everything on http://127.0.0.1:8000"
@@ -91,7 +94,7 @@ run: setup
 		setsid $(VENV)/bin/celery -A compute.worker worker -Q node.$(NODE_NAME) \
 		-n node@$(NODE_NAME) --concurrency 2 --loglevel INFO \
 		--pidfile $(RUN)/compute.pid --logfile $(LOG)/compute.log --detach
-	@setsid $(VENV)/bin/gunicorn portal.wsgi -b 127.0.0.1:8000 -w 3 -k gthread --threads 4 --timeout 120 --daemon --pid $(RUN)/web.pid \
+	@setsid $(VENV)/bin/gunicorn portal.wsgi -b 127.0.0.1:8000 $(GUNICORN_FLAGS) --daemon --pid $(RUN)/web.pid \
 		--access-logfile $(LOG)/web-access.log --error-logfile $(LOG)/web.log
 	@for i in $$(seq 100); do curl -fs -o /dev/null http://127.0.0.1:8000/healthz && break; sleep 0.1; done
 	@curl -fsS -o /dev/null http://127.0.0.1:8000/healthz || { echo "web server did not start; see $(LOG)/web.log"; exit 1; }
@@ -109,6 +112,12 @@ status:
 		if [ -f $$f ] && kill -0 $$(cat $$f) 2>/dev/null; then echo "$$p: running (pid $$(cat $$f))"; else echo "$$p: not running"; fi; done
 
 # ---------------------------------------------------------------- make test
+# The Debian cloud guest and OCI app images the real-workload tests use (tests/workloads): built
+# once per machine into /var/cache/skyport/test-images/<hash of images/debian>/ (two to four
+# minutes cold), found in well under a second afterwards; not part of `make run`.
+test-images: debs
+	@PYTHON=$(PYTHON) images/debian/build.sh --cache
+
 check: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -126,4 +135,4 @@ pytest: setup
 pytest-pg: setup
 	VENV=$(VENV) tests/pg/run
 
-test: setup check pytest pytest-pg
+test: setup check test-images pytest pytest-pg

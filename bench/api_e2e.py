@@ -61,8 +61,8 @@ from compute.config import NodeConfig  # noqa: E402
 from compute.drivers.container import ContainerDriver  # noqa: E402
 from compute.drivers.vm import LibvirtDriver  # noqa: E402
 from compute.network import bridge  # noqa: E402
-from compute.spec import InstanceSpec, Kind, NetworkAttachment  # noqa: E402
-from portal.cloud import services  # noqa: E402
+from compute.spec import InstanceSpec, Kind, NetworkAttachment, NetworkSegment  # noqa: E402
+from portal.cloud import dispatch, services  # noqa: E402
 from portal.cloud.models import ComputeNode, Instance, Network  # noqa: E402
 from portal.images.models import Image  # noqa: E402
 from portal.images.nodekeys import node_key  # noqa: E402
@@ -130,9 +130,7 @@ def bare_runs(
     assert artifact is not None
     times = []
     for i in range(-1, runs):  # run -1 warms caches and is not counted
-        nic = NetworkAttachment(
-            net.network, net.bridge, f"198.18.254.{51 + i}/24", "52:54:00:fe:00:" + f"{i + 1:02x}"
-        )
+        nic = NetworkAttachment(net.segment, f"198.18.254.{51 + i}/24", "52:54:00:fe:00:" + f"{i + 1:02x}")
         spec = InstanceSpec(
             instance_id=str(uuid.uuid4()),
             name=f"bare-{i}",
@@ -184,7 +182,7 @@ def burst(n: int, flavor: int, image: str) -> tuple[float, int, int, int]:
     statuses: list[int] = []
     lock = threading.Lock()
     gate = threading.Barrier(n)
-    original, services._send = services._send, lambda queue, task, args: None  # type: ignore[assignment]
+    original, dispatch._send = dispatch._send, lambda queue, task, args: None  # type: ignore[assignment]
 
     def one(i: int) -> None:
         from django.db import connections
@@ -208,7 +206,7 @@ def burst(n: int, flavor: int, image: str) -> tuple[float, int, int, int]:
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
-    services._send = original  # type: ignore[assignment]
+    dispatch._send = original  # type: ignore[assignment]
     live = Instance.objects.filter(tenant=tenant).live()
     overshoot = max(0, live.count() - n // 2)
     doubles = 0
@@ -286,7 +284,7 @@ def main() -> int:
             )
         )
         bridge.ensure_bridge(bare_bridge, address="198.18.254.1/24")
-        net = NetworkAttachment("bare", bare_bridge, "198.18.254.2/24", "52:54:00:fe:00:00")
+        net = NetworkAttachment(NetworkSegment("bare", bare_bridge), "198.18.254.2/24", "52:54:00:fe:00:00")
 
         def running(c: APIClient, iid: str) -> bool:
             return bool(c.get(f"/api/v1/instances/{iid}/").json()["power_state"] == "running")

@@ -46,7 +46,7 @@ from django.db import connection  # noqa: E402
 from django.test.utils import CaptureQueriesContext  # noqa: E402
 from rest_framework.test import APIClient  # noqa: E402
 
-from portal.cloud import services  # noqa: E402
+from portal.cloud import networks  # noqa: E402
 from portal.cloud.models import ComputeNode, Flavor, Instance, Port  # noqa: E402
 from portal.images.models import Artifact, Image  # noqa: E402
 from portal.tenancy.models import APIToken, Membership, Tenant  # noqa: E402
@@ -73,7 +73,7 @@ def populate(n: int) -> tuple[str, str]:
         )
         for i in range(4)
     ]  # fmt: skip
-    network = services.default_network(tenant)
+    network = networks.default_network(tenant)
     rows = [
         Instance(
             id=uuid.uuid4(), tenant=tenant, name=f"i{i}", kind="vm", isolation_reason="vm: bench",

@@ -34,7 +34,15 @@ from compute import nsenv  # noqa: E402
 from compute.config import NodeConfig  # noqa: E402
 from compute.drivers.container import ContainerDriver  # noqa: E402
 from compute.network import bridge as bridges  # noqa: E402
-from compute.spec import ImageFormat, ImageRef, InstanceSpec, Kind, NetworkAttachment, PowerState  # noqa: E402
+from compute.spec import (  # noqa: E402
+    ImageFormat,
+    ImageRef,
+    InstanceSpec,
+    Kind,
+    NetworkAttachment,
+    NetworkSegment,
+    PowerState,
+)
 
 PORTS_PER_BRIDGE = 1000
 
@@ -155,7 +163,9 @@ def start_latency(
 
     def networked() -> InstanceSpec:
         n = next(counter)
-        nic = NetworkAttachment("bench", bridge, f"{prefix}.{n}/24", f"02:5c:00:00:00:{n:02x}")
+        nic = NetworkAttachment(
+            NetworkSegment("bench", bridge), f"{prefix}.{n}/24", f"02:5c:00:00:00:{n:02x}"
+        )
         return spec_for(image, (nic,))
 
     with_net = bench_driver(drv, networked, runs)
@@ -190,7 +200,7 @@ def density(drv: ContainerDriver, image: ImageRef, n: int) -> dict[str, float]:
             b = i // PORTS_PER_BRIDGE
             addr = nets[b].network_address + 2 + i % PORTS_PER_BRIDGE
             mac = "02:5c:" + ":".join(f"{x:02x}" for x in addr.packed)
-            spec = spec_for(image, (NetworkAttachment("bench", names[b], f"{addr}/22", mac),))
+            spec = spec_for(image, (NetworkAttachment(NetworkSegment("bench", names[b]), f"{addr}/22", mac),))
             specs.append(spec)
             drv.spawn(spec)
             if (i + 1) % 100 == 0:

@@ -32,7 +32,7 @@ import libvirt  # noqa: E402
 from compute.drivers import cloudinit  # noqa: E402
 from compute.drivers.vm import LibvirtDriver  # noqa: E402
 from compute.network import bridge  # noqa: E402
-from compute.spec import ImageRef, NetworkAttachment  # noqa: E402
+from compute.spec import ImageRef, NetworkAttachment, NetworkSegment  # noqa: E402
 from tests.compute.vm_fixtures import (  # noqa: E402
     build_sample_image,
     image_ref,
@@ -46,7 +46,7 @@ READY = b"SKYPORT-READY"
 
 BARE_XML = """<domain type='qemu'>
   <name>{name}</name>
-  <memory unit='MiB'>128</memory>
+  <memory unit='MiB'>{ram}</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
   <features><acpi/><tcg><tb-cache unit='MiB'>32</tb-cache></tcg></features>
@@ -90,10 +90,15 @@ class Bench:
             check=True,
         )
         disk.chmod(0o644)
-        spec = vm_spec(self.ref, (NetworkAttachment("b", self.br, f"198.18.250.{10 + i}/24", random_mac()),))
+        spec = vm_spec(
+            self.ref,
+            (NetworkAttachment(NetworkSegment("b", self.br), f"198.18.250.{10 + i}/24", random_mac()),),
+        )
         cloudinit.build_seed(spec, seed)
         name = f"sky-bench-{uuid.uuid4().hex[:8]}"
-        xml = BARE_XML.format(name=name, disk=disk, seed=seed, log=log, mac=random_mac(), bridge=self.br)
+        xml = BARE_XML.format(
+            name=name, ram=128, disk=disk, seed=seed, log=log, mac=random_mac(), bridge=self.br
+        )
         t0 = time.monotonic()
         dom = self.conn.defineXML(xml)  # type: ignore[attr-defined]
         try:

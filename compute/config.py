@@ -1,12 +1,19 @@
-"""Node settings, read from the environment only."""
+"""Node settings, read from the environment only, and only here.
+
+Every variable a compute node reads is a field of :class:`NodeConfig`;
+``from_env`` checks each and names the variable when a value is unusable.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import socket
 from pathlib import Path
+
+from compute import celeryconf
 
 
 class ConfigError(ValueError):
@@ -20,6 +27,18 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def seconds(name: str, default: float) -> float:
+    """A positive, finite number of seconds from the environment, else ConfigError naming the variable."""
+    raw = os.environ.get(name, "").strip() or str(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={raw!r}: expected a positive number of seconds")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeConfig:
     """Settings of one compute node.
@@ -28,6 +47,13 @@ class NodeConfig:
     disks, bundles, logs); it must be traversable by the QEMU user.
     ``tunnel_address`` is the node's underlay IPv4 address for VXLAN
     (``SKYPORT_TUNNEL_ADDRESS``); empty when the node does not tunnel.
+    ``node_key`` authenticates the node to the portal's blob endpoint
+    (``SKYPORT_NODE_KEY``, printed by ``manage.py node key``).  The heartbeat
+    period and the broker's visibility timeout must match the portal's
+    (``SKYPORT_HEARTBEAT_SECONDS``, ``SKYPORT_BROKER_VISIBILITY_SECONDS``).
+    ``network_lock`` is the host-wide lock file of network changes.
+    ``broker_master`` names the primary the sentinels watch when ``broker_url``
+    lists ``sentinel://`` URLs (``SKYPORT_BROKER_MASTER``; compute/celeryconf.py).
     """
 
     name: str
@@ -37,6 +63,11 @@ class NodeConfig:
     container_runtime: str  # crun | runc
     broker_url: str
     tunnel_address: str = ""
+    node_key: str = ""
+    heartbeat_seconds: float = 5.0
+    visibility_timeout_seconds: float = 300.0
+    network_lock: Path = Path("/run/lock/skyport-network.lock")
+    broker_master: str = ""
 
     @property
     def queue(self) -> str:
@@ -56,12 +87,24 @@ class NodeConfig:
                 raise ConfigError(
                     f"SKYPORT_TUNNEL_ADDRESS={tunnel!r}: expected this node's underlay IPv4 address"
                 ) from None
+        broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+        broker_master = os.environ.get("SKYPORT_BROKER_MASTER", "").strip()
+        visibility = seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300.0)
+        try:  # the same check the portal makes at start-up, naming the variable to fix
+            celeryconf.broker_settings(broker_url, visibility, broker_master or None)
+        except celeryconf.BrokerConfigError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
             name=name,
             state_dir=state,
             libvirt_uri=os.environ.get("SKYPORT_LIBVIRT_URI", "qemu:///system"),
             accelerator=_choice("SKYPORT_ACCEL", "auto", ("auto", "kvm", "qemu")),
             container_runtime=_choice("SKYPORT_CONTAINER_RUNTIME", "crun", ("crun", "runc")),
-            broker_url=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
+            broker_url=broker_url,
             tunnel_address=tunnel,
+            node_key=os.environ.get("SKYPORT_NODE_KEY", "").strip(),
+            heartbeat_seconds=seconds("SKYPORT_HEARTBEAT_SECONDS", 5.0),
+            visibility_timeout_seconds=visibility,
+            network_lock=Path(os.environ.get("SKYPORT_NETWORK_LOCK", "/run/lock/skyport-network.lock")),
+            broker_master=broker_master,
         )

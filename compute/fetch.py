@@ -11,7 +11,6 @@ hand it something else.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import urllib.error
 import urllib.request
@@ -19,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from compute.config import NodeConfig
 
 CHUNK = 1 << 20
 
@@ -28,12 +29,9 @@ class FetchError(Exception):
 
 
 def node_credentials() -> tuple[str, str] | None:
-    """(node name, node key) from the environment, or None when no key is set."""
-    key = os.environ.get("SKYPORT_NODE_KEY", "").strip()
-    if not key:
-        return None
-    name = os.environ.get("SKYPORT_NODE_NAME", "").strip() or os.uname().nodename.split(".")[0]
-    return name, key
+    """(node name, node key) from the node's settings, or None when no key is set."""
+    config = NodeConfig.from_env()
+    return (config.name, config.node_key) if config.node_key else None
 
 
 class _Counter:

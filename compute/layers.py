@@ -33,10 +33,9 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from compute import fetch
+from compute import fetch, safejson
+from compute.archive_safety import OPAQUE, WHITEOUT, LayerPaths, member_path
 
-WHITEOUT = ".wh."
-OPAQUE = ".wh..wh..opq"
 _lock = threading.Lock()
 
 
@@ -68,11 +67,10 @@ class UnpackedImage:
 
 
 def _safe_name(name: str) -> PurePosixPath:
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts:
+    p = member_path(name)
+    if p is None:
         raise ImageError(f"unsafe path in archive: {name!r}")
-    parts = [x for x in p.parts if x not in (".", "")]
-    return PurePosixPath(*parts) if parts else PurePosixPath(".")
+    return p
 
 
 def _sha256_file(fh: IO[bytes]) -> str:
@@ -215,8 +213,12 @@ class LayerStore:
         try:
             h = hashlib.sha256()
             reader = _HashingReader(fh, h)
+            paths = LayerPaths()  # the rule the portal applied at import (compute/archive_safety.py)
             with tarfile.open(fileobj=reader, mode="r|*") as tf:  # type: ignore[call-overload]
                 for m in tf:
+                    problem = paths.check(m)
+                    if problem is not None:
+                        raise ImageError(f"layer {digest}: {problem}")
                     _extract_member(tf, m, tmp)
             # Read the rest (tar padding) so the digest covers the whole blob.
             while reader.read(1 << 20):
@@ -261,8 +263,8 @@ class _HashingReader:
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(data)
-    except ValueError as exc:
+        value = safejson.loads(data)
+    except ValueError as exc:  # not JSON, or nested too deep (TooDeep)
         raise ImageError(f"{what} is not JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise ImageError(f"{what} is not a JSON object")
@@ -293,10 +295,7 @@ def _read_json(outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name
     fh = outer.extractfile(m) if m else None
     if fh is None:
         raise ImageError(f"archive lacks {name}")
-    data = json.loads(fh.read())
-    if not isinstance(data, dict):
-        raise ImageError(f"{name} is not an object")
-    return data
+    return _json_object(fh.read(), name)
 
 
 def _load_memo(path: Path) -> UnpackedImage | None:

@@ -2,8 +2,15 @@
 
 Everything that crosses the Celery broker between ``portal/`` and ``compute/``
 is one of these dataclasses turned into plain JSON with :func:`to_json` and
-back with the class's ``from_json``.  A node sees only the specs of its own
-instances; it never touches the portal's database.
+back with :func:`from_json` (one function for every class: nested types come
+from the annotations).  Each message names its Celery task (:class:`Task`),
+so the sender and the worker cannot disagree on a string; every task takes
+exactly one argument, the message's JSON.  A node sees only the specs of its
+own instances; it never touches the portal's database.
+
+Portal -> node: :class:`CreateInstance`, :class:`InstanceAction`,
+:class:`DeleteInstance`, :class:`ConsoleRequest`, :class:`NetworkSegment`.
+Node -> portal: :class:`Observation`, :class:`NodeReport`, :class:`ConsoleTail`.
 """
 
 from __future__ import annotations
@@ -12,12 +19,16 @@ import dataclasses
 import enum
 import ipaddress
 import re
+import types
+import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar, Union
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: a NetworkAttachment carries its NetworkSegment
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+#: how instance ids look on the wire and in node-side names (a lower-case UUID)
+UUID_RE = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 
 
 class SpecError(ValueError):
@@ -40,6 +51,59 @@ class PowerState(enum.StrEnum):
     SHUTDOWN = "shutdown"
     CRASHED = "crashed"
     SUSPENDED = "suspended"
+
+
+class Action(enum.StrEnum):
+    """What the portal asks a node to do to one instance, and what an :class:`Observation` reports.
+
+    ``create`` and ``delete`` have messages of their own; the others travel
+    in :class:`InstanceAction`.  The portal's state table
+    (``portal/cloud/states.py``) has one rule per member.
+    """
+
+    CREATE = "create"
+    DELETE = "delete"
+    START = "start"
+    STOP = "stop"
+    REBOOT = "reboot"
+    PAUSE = "pause"
+    RESUME = "resume"
+    SNAPSHOT = "snapshot"
+    REVERT = "revert"
+    DELETE_SNAPSHOT = "delete_snapshot"
+    PUBLISH = "publish"
+
+
+#: the actions an :class:`InstanceAction` may carry (create and delete have their own messages)
+INSTANCE_ACTIONS = frozenset(Action) - {Action.CREATE, Action.DELETE}
+
+
+class Capability(enum.StrEnum):
+    """What a driver can do beyond spawn, start, stop, reboot and destroy; reported in the heartbeat.
+
+    The portal offers an action that needs a capability only on instances
+    whose node reports it for the instance's kind.
+    """
+
+    PAUSE = "pause"
+    SNAPSHOTS = "snapshots"
+    PUBLISH = "publish"  # export the root disk as an image
+    CONSOLE = "console"  # a readable console log
+    EXEC = "exec"  # reserved: no driver reports it yet
+    VOLUMES = "volumes"  # reserved: no driver reports it yet
+
+
+class Task(enum.StrEnum):
+    """Celery task names, used by both ends: the portal's sender and the node's worker, and back."""
+
+    CREATE = "compute.instance.create"
+    ACTION = "compute.instance.action"
+    DELETE = "compute.instance.delete"
+    CONSOLE = "compute.instance.console"
+    ENSURE_NETWORK = "compute.network.ensure"
+    OBSERVE = "portal.observe"
+    NODE_REPORT = "portal.node_report"
+    CONSOLE_TAIL = "portal.console"
 
 
 class ImageFormat(enum.StrEnum):
@@ -106,6 +170,8 @@ def _check_tunnel(vni: int | None, local: str | None, peers: tuple[str, ...]) ->
 class NetworkSegment:
     """A tenant network as one node carries it: bridge, host address, VXLAN tunnel.
 
+    Sent alone (:attr:`Task.ENSURE_NETWORK`) when the set of nodes carrying
+    the network changes, and inside every :class:`NetworkAttachment`.
     ``vni`` identifies the network's VXLAN segment; ``tunnel_local`` is this
     node's underlay address (``None``: the node does not tunnel, the network
     stays on its bridge) and ``tunnel_peers`` the underlay addresses of the
@@ -113,6 +179,8 @@ class NetworkSegment:
     multicast frames are copied to each of them (head-end replication).
     The list is complete: a node drops peers that are not in it.
     """
+
+    TASK: ClassVar[Task] = Task.ENSURE_NETWORK
 
     network: str
     bridge: str
@@ -130,55 +198,35 @@ class NetworkSegment:
             raise SpecError(f"host_address needs a prefix length, got {self.host_address!r}")
         _check_tunnel(self.vni, self.tunnel_local, self.tunnel_peers)
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> NetworkSegment:
-        return _from_json(cls, data)
-
 
 @dataclasses.dataclass(frozen=True)
 class NetworkAttachment:
-    """One NIC of an instance on a tenant network.
+    """One NIC of an instance: its network's :class:`NetworkSegment` plus the NIC's own address.
 
-    ``bridge`` is the Linux bridge on the node for this network (at most 15
-    characters), ``address`` an interface address with prefix length
+    ``address`` is an interface address with prefix length
     (``198.18.0.10/24``), ``gateway`` optional (no default route without it).
-    ``host_address`` (with prefix) is this node's own address on the bridge,
+    The segment's ``host_address`` is this node's own address on the bridge,
     so the host reaches its instances; the node does not forward for them.
-    ``vni``, ``tunnel_local`` and ``tunnel_peers`` describe the network's
-    VXLAN segment as in :class:`NetworkSegment`.
     """
 
-    network: str
-    bridge: str
+    segment: NetworkSegment
     address: str
     mac: str
     gateway: str | None = None
-    mtu: int = 1500
-    host_address: str | None = None
-    vni: int | None = None
-    tunnel_local: str | None = None
-    tunnel_peers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_bridge(self.bridge)
         if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", self.mac):
             raise SpecError(f"mac must be lower-case aa:bb:cc:dd:ee:ff, got {self.mac!r}")
         if "/" not in self.address:
             raise SpecError(f"address needs a prefix length, got {self.address!r}")
-        _check_tunnel(self.vni, self.tunnel_local, self.tunnel_peers)
 
     @property
-    def segment(self) -> NetworkSegment:
-        """The node-wide part of the attachment (the same for every NIC on the network)."""
-        return NetworkSegment(
-            network=self.network,
-            bridge=self.bridge,
-            mtu=self.mtu,
-            host_address=self.host_address,
-            vni=self.vni,
-            tunnel_local=self.tunnel_local,
-            tunnel_peers=self.tunnel_peers,
-        )
+    def bridge(self) -> str:
+        return self.segment.bridge
+
+    @property
+    def mtu(self) -> int:
+        return self.segment.mtu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +256,7 @@ class InstanceSpec:
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", self.instance_id):
-            raise SpecError(f"instance_id must be a lower-case UUID, got {self.instance_id!r}")
+        _check_instance_id(self.instance_id)
         if not _NAME_RE.match(self.hostname):
             raise SpecError(f"hostname must be an RFC 1123 label, got {self.hostname!r}")
         if self.vcpus < 1 or self.ram_mb < 16 or self.disk_gb < 0:
@@ -224,9 +271,101 @@ class InstanceSpec:
         """First 8 hex digits of the id: used in host-side names (taps, veths)."""
         return self.instance_id[:8]
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> InstanceSpec:
-        return _from_json(cls, data)
+
+def stored_spec(data: Mapping[str, Any]) -> InstanceSpec:
+    """An InstanceSpec a node wrote to disk, from any earlier version of this contract.
+
+    Version 1 kept each NIC's segment fields flat beside its address.
+    """
+    if isinstance(data, Mapping) and data.get("version", 1) == 1:
+        data = dict(data, version=SPEC_VERSION, networks=[_nic_v1(n) for n in data.get("networks", ())])
+    return from_json(InstanceSpec, data)
+
+
+def _nic_v1(nic: Mapping[str, Any]) -> dict[str, Any]:
+    own = {k: nic[k] for k in ("address", "mac", "gateway") if k in nic}
+    return own | {"segment": {k: v for k, v in nic.items() if k not in own}}
+
+
+def _check_instance_id(value: str) -> None:
+    if not isinstance(value, str) or not UUID_RE.fullmatch(value):
+        raise SpecError(f"instance_id must be a lower-case UUID, got {value!r}")
+
+
+class _AboutInstance:
+    """A message about one instance: its ``instance_id`` must be an instance id."""
+
+    instance_id: str
+
+    def __post_init__(self) -> None:
+        _check_instance_id(self.instance_id)
+
+
+# ---------------------------------------------------------------- portal -> node
+
+
+@dataclasses.dataclass(frozen=True)
+class CreateInstance:
+    """Spawn ``spec``; ``action_id`` comes back in the :class:`Observation`."""
+
+    TASK: ClassVar[Task] = Task.CREATE
+
+    spec: InstanceSpec
+    action_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceAction(_AboutInstance):
+    """Run one of :data:`INSTANCE_ACTIONS` on an existing instance.
+
+    ``params`` by action: stop ``timeout`` (seconds), ``force``; snapshot,
+    revert, delete_snapshot ``name``; publish ``upload_url``, ``upload_token``.
+    """
+
+    TASK: ClassVar[Task] = Task.ACTION
+
+    instance_id: str
+    kind: Kind
+    action: Action
+    action_id: str
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.action not in INSTANCE_ACTIONS:
+            raise SpecError(f"{self.action} is not an instance action; it has a message of its own")
+
+    def param(self, name: str) -> str:
+        """A parameter the action needs, as text (SpecError when it is missing)."""
+        value = self.params.get(name)
+        if value is None or str(value) == "":
+            raise SpecError(f"{self.action} needs params.{name}")
+        return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteInstance(_AboutInstance):
+    """Destroy the workload and all it owns on the node."""
+
+    TASK: ClassVar[Task] = Task.DELETE
+
+    instance_id: str
+    kind: Kind
+    action_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleRequest(_AboutInstance):
+    """Send back the tail of the instance's console log (:class:`ConsoleTail`)."""
+
+    TASK: ClassVar[Task] = Task.CONSOLE
+
+    instance_id: str
+    kind: Kind
+    max_bytes: int = 16384
+
+
+# ---------------------------------------------------------------- node -> portal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,9 +377,11 @@ class Observation:
     the action failed; ``message`` then says why in one sentence.
     """
 
+    TASK: ClassVar[Task] = Task.OBSERVE
+
     instance_id: str
     node: str
-    action: str
+    action: Action
     action_id: str
     ok: bool
     power_state: PowerState
@@ -248,9 +389,17 @@ class Observation:
     observed_at: float = 0.0
     details: tuple[tuple[str, str], ...] = ()
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Observation:
-        return _from_json(cls, data)
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleTail(_AboutInstance):
+    """The end of an instance's console log, as the node read it at ``at``."""
+
+    TASK: ClassVar[Task] = Task.CONSOLE_TAIL
+
+    instance_id: str
+    node: str
+    text: str
+    at: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,21 +413,29 @@ class InventoryItem:
     cpu_time_ns: int = 0
     memory_bytes: int = 0
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> InventoryItem:
-        return _from_json(cls, data)
+
+@dataclasses.dataclass(frozen=True)
+class DriverStatus:
+    """One driver of a node: whether it works here (``detail`` says why not) and what it can do."""
+
+    kind: Kind
+    ok: bool
+    detail: str = ""
+    capabilities: frozenset[Capability] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
 class NodeReport:
-    """Heartbeat of a compute node: capacity, driver health and inventory."""
+    """Heartbeat of a compute node: capacity, driver health and capabilities, inventory."""
+
+    TASK: ClassVar[Task] = Task.NODE_REPORT
 
     node: str
     queue: str
     vcpus: int
     ram_mb: int
     disk_gb: int
-    drivers: tuple[tuple[str, bool, str], ...]
+    drivers: tuple[DriverStatus, ...]
     inventory: tuple[InventoryItem, ...] = ()
     sent_at: float = 0.0
     # Digests the node holds: VM base disks in its image cache and unpacked container layers.
@@ -290,9 +447,25 @@ class NodeReport:
         if self.tunnel_address:
             _check_ipv4("tunnel_address", self.tunnel_address)
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> NodeReport:
-        return _from_json(cls, data)
+
+#: every message the portal sends to a node
+NodeRequest = CreateInstance | InstanceAction | DeleteInstance | ConsoleRequest | NetworkSegment
+#: the tasks a compute node's worker runs (the others run on the portal's control queue)
+NODE_TASKS: tuple[Task, ...] = tuple(cls.TASK for cls in typing.get_args(NodeRequest))
+#: each task's message class, for the receiving end
+MESSAGES: dict[Task, type[Any]] = {
+    cls.TASK: cls
+    for cls in (
+        CreateInstance,
+        InstanceAction,
+        DeleteInstance,
+        ConsoleRequest,
+        NetworkSegment,
+        Observation,
+        NodeReport,
+        ConsoleTail,
+    )
+}
 
 
 def to_json(obj: Any) -> Any:
@@ -301,55 +474,94 @@ def to_json(obj: Any) -> Any:
         return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, enum.Enum):
         return obj.value
+    if isinstance(obj, frozenset):
+        return sorted(to_json(v) for v in obj)
     if isinstance(obj, tuple | list):
         return [to_json(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
     return obj
 
 
 _T = TypeVar("_T")
 
-_NESTED: dict[tuple[str, str], type] = {}
+
+def from_json(cls: type[_T], data: Any) -> _T:
+    """Build ``cls`` (a dataclass of this module) from JSON, converting nested values by annotation.
+
+    Unknown fields, wrong types and values the class refuses raise :class:`SpecError`.
+    """
+    return _build(cls, data, cls.__name__)  # type: ignore[no-any-return]
 
 
-def _from_json(cls: type[_T], data: Mapping[str, Any]) -> _T:
-    if not isinstance(data, Mapping):
-        raise SpecError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(data) - names
+def _fields(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = {
+            f.name: typing.get_type_hints(cls)[f.name]
+            for f in dataclasses.fields(cls)  # ClassVars are not fields
+        }
+    return hints
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _build(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _build(inner, value, where)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _dataclass(hint, value, where)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError as exc:
+            raise SpecError(f"{where}: {exc}") from exc
+    if origin in (tuple, frozenset):
+        return _sequence(origin, args, value, where)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise SpecError(f"{where}: expected an object, got {type(value).__name__}")
+        return dict(value)
+    return _scalar(hint, value, where)
+
+
+def _dataclass(cls: type, value: Any, where: str) -> Any:
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{where}: expected an object, got {type(value).__name__}")
+    hints = _fields(cls)
+    unknown = set(value) - set(hints)
     if unknown:
         raise SpecError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        kwargs[name] = _convert(cls.__name__, name, value)
+    kwargs = {k: _build(hints[k], v, f"{cls.__name__}.{k}") for k, v in value.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise SpecError(f"{cls.__name__}: {exc}") from exc
 
 
-_ENUMS: dict[str, type[enum.Enum]] = {"kind": Kind, "format": ImageFormat, "power_state": PowerState}
+def _sequence(origin: Any, args: tuple[Any, ...], value: Any, where: str) -> Any:
+    if not isinstance(value, list | tuple):
+        raise SpecError(f"{where}: expected a list, got {type(value).__name__}")
+    if origin is frozenset:
+        return frozenset(_build(args[0], v, where) for v in value)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_build(args[0], v, where) for v in value)
+    if len(value) != len(args):
+        raise SpecError(f"{where}: expected {len(args)} items, got {len(value)}")
+    return tuple(_build(a, v, where) for a, v in zip(args, value, strict=True))
 
 
-def _convert(owner: str, name: str, value: Any) -> Any:
-    nested = _NESTED.get((owner, name))
-    if nested is not None and isinstance(value, list):
-        return tuple(_from_json(nested, v) for v in value)
-    if nested is not None:
-        return _from_json(nested, value)
-    if name in _ENUMS:
-        try:
-            return _ENUMS[name](value)
-        except ValueError as exc:
-            raise SpecError(f"{owner}.{name}: {exc}") from exc
-    if isinstance(value, list):
-        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+def _scalar(hint: Any, value: Any, where: str) -> Any:
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (str, int, float, bool) and (
+        not isinstance(value, hint) or (hint is int and isinstance(value, bool))
+    ):
+        raise SpecError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
     return value
-
-
-_NESTED.update(
-    {
-        ("InstanceSpec", "image"): ImageRef,
-        ("InstanceSpec", "networks"): NetworkAttachment,
-        ("NodeReport", "inventory"): InventoryItem,
-    }
-)

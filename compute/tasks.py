@@ -1,6 +1,6 @@
 """Node tasks: what a compute worker does for the portal, without Django.
 
-Each task takes JSON (built from :mod:`compute.spec`), acts through the
+Each task takes one message of :mod:`compute.spec` as JSON, acts through the
 driver of the instance's kind and reports an :class:`Observation` on the
 ``control`` queue.  Tasks are redelivered after a worker crash
 (``acks_late``), so each is idempotent: drivers treat "already done" as
@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -23,7 +23,15 @@ from compute.config import NodeConfig
 from compute.drivers.base import Driver, DriverError, InstanceNotFound
 from compute.network import bridge, vxlan
 from compute.spec import (
-    InstanceSpec,
+    MESSAGES,
+    Action,
+    Capability,
+    ConsoleRequest,
+    ConsoleTail,
+    CreateInstance,
+    DeleteInstance,
+    DriverStatus,
+    InstanceAction,
     InventoryItem,
     Kind,
     NetworkSegment,
@@ -31,16 +39,16 @@ from compute.spec import (
     Observation,
     PowerState,
     SpecError,
+    Task,
+    from_json,
     to_json,
 )
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("start", "stop", "reboot", "pause", "resume", "snapshot", "revert", "delete_snapshot", "publish")
-
 
 class Sender(Protocol):
-    def __call__(self, name: str, payload: dict[str, Any]) -> None: ...
+    def __call__(self, task: Task, payload: dict[str, Any]) -> None: ...
 
 
 class NodeService:
@@ -70,10 +78,51 @@ class NodeService:
             self._drivers[kind] = _make_driver(kind, self.config)
         return self._drivers[kind]
 
+    # ------------------------------------------------------------ receiving
+
+    def handle(self, task: str, payload: Mapping[str, Any]) -> Any:
+        """Run the message of ``task`` (its JSON ``payload``): the one entry point of the worker's tasks.
+
+        A message that does not satisfy the contract is answered with a failed
+        observation when it names an instance and action id, else logged and dropped.
+        """
+        handlers: dict[Task, Callable[[Any], Any]] = {
+            Task.CREATE: self.create,
+            Task.ACTION: self.action,
+            Task.DELETE: self.delete,
+            Task.CONSOLE: self.console,
+            Task.ENSURE_NETWORK: self.ensure_network,
+        }
+        known = next((t for t in handlers if t == task), None)
+        if known is None:
+            log.error("dropping message of unknown task %r", task)
+            return None
+        try:
+            message = from_json(MESSAGES[known], payload)
+        except SpecError as exc:
+            return self._refuse(known, payload, exc)
+        return handlers[known](message)
+
+    def _refuse(self, task: Task, payload: Mapping[str, Any], exc: SpecError) -> Observation | None:
+        """Report a malformed instance message as a failed action, if it says which one."""
+        fields = dict(payload) if isinstance(payload, Mapping) else {}
+        spec = fields.get("spec")
+        iid = fields.get("instance_id") or (spec.get("instance_id") if isinstance(spec, Mapping) else None)
+        named = {Task.CREATE: Action.CREATE, Task.DELETE: Action.DELETE}.get(task, fields.get("action"))
+        action = Action(named) if named in set(Action) else None
+        if not isinstance(iid, str) or action is None or not isinstance(fields.get("action_id"), str):
+            log.error("dropping invalid %s message %r: %s", task, payload, exc)
+            return None
+        return self._observe(
+            iid, action, fields["action_id"], False, PowerState.NOSTATE, f"invalid {task}: {exc}"
+        )
+
+    # ------------------------------------------------------------ reporting
+
     def _observe(
         self,
         instance_id: str,
-        action: str,
+        action: Action,
         action_id: str,
         ok: bool,
         state: PowerState,
@@ -91,17 +140,22 @@ class NodeService:
             observed_at=time.time(),
             details=tuple(sorted((details or {}).items())),
         )
-        self.send("portal.observe", to_json(obs))
+        self.send(obs.TASK, to_json(obs))
         return obs
 
     def _run(
-        self, instance_id: str, kind: Kind, action: str, action_id: str, body: Callable[[Driver], PowerState]
+        self,
+        instance_id: str,
+        kind: Kind,
+        action: Action,
+        action_id: str,
+        body: Callable[[Driver], PowerState],
     ) -> Observation:
         try:
             state = body(self.driver(kind))
         except InstanceNotFound as exc:
             return self._observe(instance_id, action, action_id, False, PowerState.NOSTATE, str(exc))
-        except DriverError as exc:
+        except (DriverError, SpecError) as exc:
             log.warning("%s of %s failed: %s", action, instance_id, exc)
             return self._observe(
                 instance_id, action, action_id, False, self._current(kind, instance_id), str(exc)
@@ -114,22 +168,20 @@ class NodeService:
         except DriverError:
             return PowerState.NOSTATE
 
-    def create(self, spec_json: dict[str, Any], action_id: str) -> Observation:
+    # ------------------------------------------------------------ the messages
+
+    def create(self, message: CreateInstance) -> Observation:
         """Spawn the instance (a redelivered create finds it and reports it again)."""
-        try:
-            spec = InstanceSpec.from_json(spec_json)
-        except (SpecError, ValueError, TypeError) as exc:
-            iid = str(spec_json.get("instance_id", "?")) if isinstance(spec_json, dict) else "?"
-            return self._observe(iid, "create", action_id, False, PowerState.NOSTATE, f"invalid spec: {exc}")
+        spec = message.spec
 
         def body(d: Driver) -> PowerState:
             for nic in spec.networks:
                 self.prepare_bridge(nic.segment)
             return d.spawn(spec).power_state
 
-        return self._run(spec.instance_id, spec.kind, "create", action_id, body)
+        return self._run(spec.instance_id, spec.kind, Action.CREATE, message.action_id, body)
 
-    def ensure_network(self, segment_json: dict[str, Any]) -> bool:
+    def ensure_network(self, segment: NetworkSegment) -> bool:
         """Bring this node's part of a network to the given state (bridge, address, VXLAN, peers).
 
         Sent by the portal when the set of nodes carrying a network changes.
@@ -137,42 +189,22 @@ class NodeService:
         next create or ensure on the network tries again.
         """
         try:
-            segment = NetworkSegment.from_json(segment_json)
-        except (SpecError, ValueError, TypeError) as exc:
-            log.error("dropping invalid network segment %r: %s", segment_json, exc)
-            return False
-        try:
             self.prepare_bridge(segment)
         except DriverError as exc:
             log.warning("cannot ensure network %s: %s", segment.network, exc)
             return False
         return True
 
-    def action(
-        self, instance_id: str, kind: str, action: str, action_id: str, params: dict[str, Any] | None = None
-    ) -> Observation:
-        params = params or {}
-        if action not in ACTIONS:
-            return self._observe(
-                instance_id, action, action_id, False, PowerState.NOSTATE, f"unknown action {action!r}"
-            )
-
-        def body(d: Driver) -> PowerState:
-            if action == "stop":
-                return d.stop(
-                    instance_id, float(params.get("timeout", 30)), bool(params.get("force"))
-                ).power_state
-            if action in ("snapshot", "delete_snapshot"):
-                getattr(d, action)(instance_id, str(params["name"]))
-                return d.info(instance_id).power_state
-            if action == "revert":
-                return d.revert(instance_id, str(params["name"])).power_state
-            if action == "publish":
-                self.publish(d, instance_id, str(params["upload_url"]), str(params["upload_token"]))
-                return d.info(instance_id).power_state
-            return getattr(d, action)(instance_id).power_state  # type: ignore[no-any-return]
-
-        return self._run(instance_id, Kind(kind), action, action_id, body)
+    def action(self, message: InstanceAction) -> Observation:
+        """Run one instance action through the driver (each action's driver call is in ``_ACTIONS``)."""
+        step = _ACTIONS[message.action]
+        return self._run(
+            message.instance_id,
+            message.kind,
+            message.action,
+            message.action_id,
+            lambda d: step(self, d, message),
+        )
 
     def publish(self, d: Driver, instance_id: str, url: str, token: str) -> None:
         """Export the instance's disk and upload it to the portal as a new image's file."""
@@ -188,23 +220,24 @@ class NodeService:
         finally:
             dest.unlink(missing_ok=True)
 
-    def console(self, instance_id: str, kind: str, max_bytes: int = 16384) -> None:
-        """Send the tail of the instance's console log to the portal (``portal.console``)."""
+    def console(self, message: ConsoleRequest) -> ConsoleTail:
+        """Send the tail of the instance's console log to the portal (:class:`ConsoleTail`)."""
         try:
-            text = self.driver(Kind(kind)).console_log(instance_id, max_bytes)
+            text = self.driver(message.kind).console_log(message.instance_id, message.max_bytes)
         except (DriverError, ValueError) as exc:
             text = f"[console not readable: {exc}]"
-        payload = {"instance_id": instance_id, "node": self.config.name, "text": text, "at": time.time()}
-        self.send("portal.console", payload)
+        tail = ConsoleTail(message.instance_id, self.config.name, text, time.time())
+        self.send(tail.TASK, to_json(tail))
+        return tail
 
-    def delete(self, instance_id: str, kind: str, action_id: str) -> Observation:
+    def delete(self, message: DeleteInstance) -> Observation:
         """Destroy the workload; deleting what is already gone succeeds."""
 
         def body(d: Driver) -> PowerState:
-            d.destroy(instance_id)
+            d.destroy(message.instance_id)
             return PowerState.NOSTATE
 
-        return self._run(instance_id, Kind(kind), "delete", action_id, body)
+        return self._run(message.instance_id, message.kind, Action.DELETE, message.action_id, body)
 
     def cached(self) -> list[str]:
         """Digests in the node's caches (VM bases, container layers), read from disk."""
@@ -215,18 +248,20 @@ class NodeService:
         return sorted(set(ImageCache(state / "images").digests()) | set(LayerStore(state).layers()))
 
     def report(self) -> NodeReport:
-        """Capacity, driver health and inventory, sent as the node's heartbeat."""
-        health: list[tuple[str, bool, str]] = []
+        """Capacity, driver health and capabilities, and inventory, sent as the node's heartbeat."""
+        drivers: list[DriverStatus] = []
         inventory: list[InventoryItem] = []
         for kind in Kind:
+            capabilities: frozenset[Capability] = frozenset()
             try:
                 driver = self.driver(kind)
+                capabilities = driver.capabilities
                 ok, why = driver.health()
                 if ok:
                     inventory += [_item(driver, kind, i.instance_id, i.power_state) for i in driver.list()]
             except Exception as exc:  # a broken driver is reported, never fatal to the heartbeat
                 ok, why = False, f"{type(exc).__name__}: {exc}"
-            health.append((kind.value, ok, why))
+            drivers.append(DriverStatus(kind, ok, why, capabilities))
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         report = NodeReport(
             node=self.config.name,
@@ -234,14 +269,47 @@ class NodeService:
             vcpus=os.cpu_count() or 1,
             ram_mb=_mem_total_mb(),
             disk_gb=shutil.disk_usage(self.config.state_dir).total // 2**30,
-            drivers=tuple(health),
+            drivers=tuple(drivers),
             inventory=tuple(inventory),
             sent_at=time.time(),
             cached=tuple(self.cached()),
             tunnel_address=self.config.tunnel_address,
         )
-        self.send("portal.node_report", to_json(report))
+        self.send(report.TASK, to_json(report))
         return report
+
+
+def _stop(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:
+    return d.stop(m.instance_id, float(m.params.get("timeout", 30)), bool(m.params.get("force"))).power_state
+
+
+def _snapshot(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:
+    d.snapshot(m.instance_id, m.param("name"))
+    return d.info(m.instance_id).power_state
+
+
+def _delete_snapshot(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:
+    d.delete_snapshot(m.instance_id, m.param("name"))
+    return d.info(m.instance_id).power_state
+
+
+def _publish(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:
+    svc.publish(d, m.instance_id, m.param("upload_url"), m.param("upload_token"))
+    return d.info(m.instance_id).power_state
+
+
+#: how the node runs each instance action (create and delete have messages of their own)
+_ACTIONS: dict[Action, Callable[[NodeService, Driver, InstanceAction], PowerState]] = {
+    Action.START: lambda svc, d, m: d.start(m.instance_id).power_state,
+    Action.STOP: _stop,
+    Action.REBOOT: lambda svc, d, m: d.reboot(m.instance_id).power_state,
+    Action.PAUSE: lambda svc, d, m: d.pause(m.instance_id).power_state,
+    Action.RESUME: lambda svc, d, m: d.resume(m.instance_id).power_state,
+    Action.SNAPSHOT: _snapshot,
+    Action.REVERT: lambda svc, d, m: d.revert(m.instance_id, m.param("name")).power_state,
+    Action.DELETE_SNAPSHOT: _delete_snapshot,
+    Action.PUBLISH: _publish,
+}
 
 
 def _prepare_bridge(seg: NetworkSegment) -> None:

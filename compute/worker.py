@@ -1,8 +1,9 @@
 """The compute node's Celery app: ``celery -A compute.worker worker -Q node.<name>``.
 
 No Django here.  Settings come from the environment (:class:`NodeConfig`).
-The worker's main process sends a heartbeat (:class:`NodeReport`) every
-``SKYPORT_HEARTBEAT_SECONDS`` to the control queue, which also registers the
+Each task takes one message of :mod:`compute.spec` as JSON, named by
+:class:`compute.spec.Task`.  The worker's main process sends a heartbeat
+(:class:`NodeReport`) every ``SKYPORT_HEARTBEAT_SECONDS`` to the control queue, which also registers the
 node with the portal the first time.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from typing import Any
 
@@ -19,6 +21,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from compute import celeryconf
 from compute.config import NodeConfig
+from compute.spec import NODE_TASKS, Task
 from compute.tasks import NodeService
 
 log = logging.getLogger(__name__)
@@ -31,9 +34,7 @@ app.conf.update(
     # the portal's delivery rules and broker options (compute/celeryconf.py)
     **celeryconf.reliability_settings(),
     **celeryconf.broker_settings(
-        config.broker_url,
-        float(os.environ.get("SKYPORT_BROKER_VISIBILITY_SECONDS", "300")),
-        os.environ.get("SKYPORT_BROKER_MASTER"),
+        config.broker_url, config.visibility_timeout_seconds, config.broker_master or None
     ),
     task_ignore_result=True,
     task_default_queue=config.queue,
@@ -41,48 +42,39 @@ app.conf.update(
 )
 
 
-def _send(name: str, payload: dict[str, Any]) -> None:
-    app.send_task(name, args=[payload], queue="control")
+def _send(task: Task, payload: dict[str, Any]) -> None:
+    app.send_task(task, args=[payload], queue="control")
 
 
 service = NodeService(config, _send)
 
 
-@app.task(name="compute.instance.create")
-def create(spec: dict[str, Any], action_id: str) -> None:
-    service.create(spec, action_id)
+def _node_task(task: Task, **options: Any) -> None:
+    """Register ``task``: it hands its one argument, the message's JSON, to :meth:`NodeService.handle`."""
+
+    def run(payload: dict[str, Any]) -> None:
+        service.handle(task, payload)
+
+    run.__name__ = run.__qualname__ = task.replace(".", "_")
+    app.task(name=task, **options)(run)  # type: ignore[no-untyped-call]
 
 
-@app.task(name="compute.instance.action")
-def action(
-    instance_id: str, kind: str, action: str, action_id: str, params: dict[str, Any] | None = None
-) -> None:
-    service.action(instance_id, kind, action, action_id, params)
-
-
-@app.task(name="compute.instance.console", acks_late=False)
-def console(instance_id: str, kind: str, max_bytes: int = 16384) -> None:
-    service.console(instance_id, kind, max_bytes)
-
-
-@app.task(name="compute.instance.delete")
-def delete(instance_id: str, kind: str, action_id: str) -> None:
-    service.delete(instance_id, kind, action_id)
-
-
-@app.task(name="compute.network.ensure")
-def ensure_network(segment: dict[str, Any]) -> None:
-    service.ensure_network(segment)
+for _task in NODE_TASKS:
+    # a lost console read is simply asked for again; everything else is redelivered (acks_late)
+    _node_task(_task, **({"acks_late": False} if _task is Task.CONSOLE else {}))
 
 
 def _heartbeat_loop(parent: int) -> None:
-    interval = float(os.environ.get("SKYPORT_HEARTBEAT_SECONDS", "5"))
+    # The fork inherited the worker's signal handlers, which turn SIGTERM into a warm shutdown of a
+    # worker this child is not: terminate() did nothing, and every stop waited for join() in vain.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     while os.getppid() == parent:
         try:
             service.report()
         except Exception:  # keep beating; the portal marks the node down if beats stop
             log.exception("heartbeat failed")
-        time.sleep(interval)
+        time.sleep(config.heartbeat_seconds)
 
 
 _beater: list[multiprocessing.process.BaseProcess] = []

@@ -14,10 +14,11 @@ set-up: a probe every 30 s should cost little.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
+
+from portal import env
 
 
 def max_age(sweep_seconds: float) -> float:
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m portal.beat_health SCHEDULE_FILE", file=sys.stderr)
         return 2
-    why = problem(Path(args[0]), float(os.environ.get("SKYPORT_SWEEP_SECONDS", "5")))
+    why = problem(Path(args[0]), env.seconds("SKYPORT_SWEEP_SECONDS", 5))
     if why:
         print(why, file=sys.stderr)
         return 1

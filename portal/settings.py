@@ -1,4 +1,4 @@
-"""Skyport portal settings, read from the environment only.
+"""Skyport portal settings, read from the environment only (parsed by :mod:`portal.env`).
 
 ``SKYPORT_ENV=production`` turns on the settings ``manage.py check --deploy``
 asks for (HTTPS-only cookies, HSTS, SSL redirect).  The default is a local
@@ -7,7 +7,6 @@ install served on 127.0.0.1 over plain HTTP, still with ``DEBUG`` off.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from compute import celeryconf
+from portal import env, requestlog
 from portal.localfiles import read_or_create_secret
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -30,24 +30,8 @@ def _secret_key() -> str:
     return os.environ.get("SKYPORT_SECRET_KEY") or read_or_create_secret(VAR_DIR / "secret_key", 64)
 
 
-def _bool(name: str, default: bool) -> bool:
-    return os.environ.get(name, "1" if default else "0").lower() in ("1", "true", "yes", "on")
-
-
-def _seconds(name: str, default: float) -> float:
-    """A positive, finite number of seconds from the environment, else ImproperlyConfigured."""
-    raw = os.environ.get(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ImproperlyConfigured(f"{name}={raw!r}: expected a positive number of seconds.")
-    return value
-
-
 SECRET_KEY = _secret_key()
-DEBUG = _bool("SKYPORT_DEBUG", False)
+DEBUG = env.boolean("SKYPORT_DEBUG", False)
 ALLOWED_HOSTS = os.environ.get("SKYPORT_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",")
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("SKYPORT_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
@@ -105,7 +89,7 @@ TEMPLATES = [
 _sqlite_path = VAR_DIR / "db.sqlite3"
 DATABASES = {
     "default": dj_database_url.config(
-        default=f"sqlite:///{_sqlite_path}", conn_max_age=int(os.environ.get("DB_CONN_MAX_AGE", "0"))
+        default=f"sqlite:///{_sqlite_path}", conn_max_age=env.integer("DB_CONN_MAX_AGE", 0, minimum=0)
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -145,13 +129,13 @@ LOGIN_REDIRECT_URL = "/"
 # SKYPORT_LOGIN_MAX_FAILURES failures (per username and per client address) within
 # SKYPORT_LOGIN_WINDOW_SECONDS.  The counts live in the cache below.
 AUTHENTICATION_BACKENDS = ["portal.tenancy.login.RateLimitedModelBackend"]
-SKYPORT_LOGIN_MAX_FAILURES = int(os.environ.get("SKYPORT_LOGIN_MAX_FAILURES", "5"))
-SKYPORT_LOGIN_WINDOW_SECONDS = int(os.environ.get("SKYPORT_LOGIN_WINDOW_SECONDS", "300"))
+SKYPORT_LOGIN_MAX_FAILURES = env.integer("SKYPORT_LOGIN_MAX_FAILURES", 5, minimum=1)
+SKYPORT_LOGIN_WINDOW_SECONDS = env.integer("SKYPORT_LOGIN_WINDOW_SECONDS", 300, minimum=1)
 
 # Security: the same in every environment where it costs nothing locally.
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
-SESSION_COOKIE_AGE = int(os.environ.get("SKYPORT_SESSION_COOKIE_AGE", str(12 * 3600)))
+SESSION_COOKIE_AGE = env.integer("SKYPORT_SESSION_COOKIE_AGE", 12 * 3600, minimum=60)
 CSRF_COOKIE_SAMESITE = "Lax"
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -159,18 +143,32 @@ SECURE_REFERRER_POLICY = "same-origin"
 # Behind a reverse proxy that terminates TLS: trust its X-Forwarded-Proto, and take the
 # client's address from the X-Forwarded-For entry it appends.  Only set this when every
 # request passes through such a proxy, or clients could claim HTTPS and any address.
-SKYPORT_BEHIND_PROXY = _bool("SKYPORT_BEHIND_PROXY", False)
+SKYPORT_BEHIND_PROXY = env.boolean("SKYPORT_BEHIND_PROXY", False)
 if SKYPORT_BEHIND_PROXY:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 if PRODUCTION:
-    SECURE_SSL_REDIRECT = _bool("SKYPORT_SSL_REDIRECT", True)
+    SECURE_SSL_REDIRECT = env.boolean("SKYPORT_SSL_REDIRECT", True)
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
-    SECURE_HSTS_SECONDS = int(os.environ.get("SKYPORT_HSTS_SECONDS", "31536000"))
+    SECURE_HSTS_SECONDS = env.integer("SKYPORT_HSTS_SECONDS", 31536000, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
 
+# Hostile input (README "Security notes"): a request body (JSON, forms) is read up to this many
+# bytes (413 beyond; uploads have their own limit) and JSON nests at most this deep (400 beyond).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.integer("SKYPORT_BODY_MAX_BYTES", 2621440, minimum=1)
+SKYPORT_JSON_MAX_DEPTH = env.integer("SKYPORT_JSON_MAX_DEPTH", 32, minimum=1)
+# A request refused before its body was read (401, 413, ...): up to this much of the body is read
+# and dropped after the answer, so the connection stays usable; a larger rest closes it (the answer
+# says Connection: close).  The dropping stops after SKYPORT_DRAIN_SECONDS (portal/unreadbody.py).
+SKYPORT_DRAIN_MAX_BYTES = env.integer("SKYPORT_DRAIN_MAX_BYTES", 2**20, minimum=0)
+SKYPORT_DRAIN_SECONDS = env.seconds("SKYPORT_DRAIN_SECONDS", 5)
+
 REST_FRAMEWORK = {
+    # JSON only (uploads stream their raw body through their own parser): one body format to check,
+    # and the one the schema documents.
+    "DEFAULT_PARSER_CLASSES": ["portal.api.parsers.JSONParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "portal.api.authentication.BearerTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
@@ -178,7 +176,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "portal.api.pagination.Pagination",
     "DEFAULT_FILTER_BACKENDS": [
-        "django_filters.rest_framework.DjangoFilterBackend",
+        "portal.api.filters.FilterBackend",
         "rest_framework.filters.SearchFilter",
         "rest_framework.filters.OrderingFilter",
     ],
@@ -218,15 +216,17 @@ CELERY_TASK_ALWAYS_EAGER = False
 # sweeper's task deadlines are derived from it (portal/cloud/deadlines.py, checked at startup).
 # Compute nodes read the same variable: give every service the same value.  (RabbitMQ delivers
 # such a message again as soon as the dead worker's connection closes, sooner than this.)
-SKYPORT_BROKER_VISIBILITY_SECONDS = _seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300)
+SKYPORT_BROKER_VISIBILITY_SECONDS = env.seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300)
 try:
     _celery = {
         **celeryconf.reliability_settings(),
         **celeryconf.broker_settings(
-            CELERY_BROKER_URL, SKYPORT_BROKER_VISIBILITY_SECONDS, os.environ.get("SKYPORT_BROKER_MASTER")
+            CELERY_BROKER_URL,
+            SKYPORT_BROKER_VISIBILITY_SECONDS,
+            env.text("SKYPORT_BROKER_MASTER", "") or None,
         ),
     }
-    _cache_location = celeryconf.cache_url(CELERY_BROKER_URL, os.environ.get("SKYPORT_CACHE_URL"))
+    _cache_location = celeryconf.cache_url(CELERY_BROKER_URL, env.text("SKYPORT_CACHE_URL", "") or None)
 except celeryconf.BrokerConfigError as exc:
     raise ImproperlyConfigured(str(exc)) from None
 # CELERY_TASK_ACKS_LATE, CELERY_BROKER_TRANSPORT_OPTIONS, CELERY_TASK_PUBLISH_RETRY_POLICY, …
@@ -252,18 +252,24 @@ SKYPORT_DEFAULT_QUOTA = {
     "containers": 10,
     "vms": 10,
 }
-SKYPORT_TOKEN_MAX_DAYS = int(os.environ.get("SKYPORT_TOKEN_MAX_DAYS", "365"))
-SKYPORT_SCHEDULER_WEIGHER = os.environ.get("SKYPORT_SCHEDULER_WEIGHER", "spread")
+SKYPORT_TOKEN_MAX_DAYS = env.integer("SKYPORT_TOKEN_MAX_DAYS", 365, minimum=1)
+SKYPORT_SCHEDULER_WEIGHER = env.choice("SKYPORT_SCHEDULER_WEIGHER", "spread", ("spread", "pack"))
 SKYPORT_NETWORK_POOL = os.environ.get("SKYPORT_NETWORK_POOL", "198.18.0.0/15")
-SKYPORT_NETWORK_PREFIX = int(os.environ.get("SKYPORT_NETWORK_PREFIX", "24"))
+SKYPORT_NETWORK_PREFIX = env.integer("SKYPORT_NETWORK_PREFIX", 24, minimum=8, maximum=29)
 #: nodes send a heartbeat this often; three missed beats mark a node down
 # Images: the content-addressed store (blobs/sha256/<hex>) and upload limits.
 SKYPORT_IMAGE_STORE = Path(os.environ.get("SKYPORT_IMAGE_STORE", VAR_DIR / "store"))
-SKYPORT_UPLOAD_MAX_BYTES = int(os.environ.get("SKYPORT_UPLOAD_MAX_BYTES", str(20 * 2**30)))
-SKYPORT_IMAGE_MAX_VIRTUAL_BYTES = int(os.environ.get("SKYPORT_IMAGE_MAX_VIRTUAL_BYTES", str(512 * 2**30)))
+SKYPORT_UPLOAD_MAX_BYTES = env.integer("SKYPORT_UPLOAD_MAX_BYTES", 20 * 2**30, minimum=1)
+SKYPORT_IMAGE_MAX_VIRTUAL_BYTES = env.integer("SKYPORT_IMAGE_MAX_VIRTUAL_BYTES", 512 * 2**30, minimum=1)
+# What an image may unpack to (portal/images/limits.py): all layers of a container image together
+# (unset or 0: the largest flavor or node disk, whichever is smaller), each file (unset or 0: the
+# same), and how many entries; a VM disk's virtual size is also bounded by the largest flavor disk.
+SKYPORT_IMAGE_MAX_UNPACKED_BYTES = env.integer("SKYPORT_IMAGE_MAX_UNPACKED_BYTES", 0, minimum=0) or None
+SKYPORT_IMAGE_MAX_FILE_BYTES = env.integer("SKYPORT_IMAGE_MAX_FILE_BYTES", 0, minimum=0) or None
+SKYPORT_IMAGE_MAX_FILES = env.integer("SKYPORT_IMAGE_MAX_FILES", 1000000, minimum=1)
 # Each qemu-img run that checks a disk (info, then check) is stopped after this long; both runs
 # together stay below the broker's visibility timeout.
-SKYPORT_QEMU_IMG_TIMEOUT_SECONDS = _seconds(
+SKYPORT_QEMU_IMG_TIMEOUT_SECONDS = env.seconds(
     "SKYPORT_QEMU_IMG_TIMEOUT_SECONDS", SKYPORT_BROKER_VISIBILITY_SECONDS / 3
 )
 if not 0 < 2 * SKYPORT_QEMU_IMG_TIMEOUT_SECONDS < SKYPORT_BROKER_VISIBILITY_SECONDS:
@@ -275,13 +281,13 @@ if not 0 < 2 * SKYPORT_QEMU_IMG_TIMEOUT_SECONDS < SKYPORT_BROKER_VISIBILITY_SECO
 # removed.  Progress is marked at least every minute while a file arrives, when it is queued and
 # when a worker starts on it; the longest quiet stretches are the wait in the queue (a message whose
 # worker died comes back after the visibility timeout) and the validation (two qemu-img runs).
-SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS = _seconds(
+SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS = env.seconds(
     "SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS",
     max(3600.0, 2 * (SKYPORT_BROKER_VISIBILITY_SECONDS + 2 * SKYPORT_QEMU_IMG_TIMEOUT_SECONDS)),
 )
 # Stored blobs that no database row references are removed once they are this old: longer than
 # any import may run, so a blob an import is about to reuse is never collected under it.
-SKYPORT_IMAGE_BLOB_GRACE_SECONDS = _seconds(
+SKYPORT_IMAGE_BLOB_GRACE_SECONDS = env.seconds(
     "SKYPORT_IMAGE_BLOB_GRACE_SECONDS", 2 * SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS
 )
 if SKYPORT_IMAGE_BLOB_GRACE_SECONDS < SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS:
@@ -290,13 +296,13 @@ if SKYPORT_IMAGE_BLOB_GRACE_SECONDS < SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS:
     )
 # How compute nodes reach this portal (blob downloads, snapshot uploads).
 SKYPORT_PORTAL_URL = os.environ.get("SKYPORT_PORTAL_URL", "http://127.0.0.1:8000").rstrip("/")
-SKYPORT_HEARTBEAT_SECONDS = float(os.environ.get("SKYPORT_HEARTBEAT_SECONDS", "5"))
+SKYPORT_HEARTBEAT_SECONDS = env.seconds("SKYPORT_HEARTBEAT_SECONDS", 5)
 CELERY_BEAT_SCHEDULE = {
-    "sweep": {"task": "portal.sweep", "schedule": float(os.environ.get("SKYPORT_SWEEP_SECONDS", "5"))},
+    "sweep": {"task": "portal.sweep", "schedule": env.seconds("SKYPORT_SWEEP_SECONDS", 5)},
     # stuck imports, upload leftovers, unreferenced blobs
     "images": {
         "task": "portal.images.sweep",
-        "schedule": _seconds("SKYPORT_IMAGE_SWEEP_SECONDS", 300),
+        "schedule": env.seconds("SKYPORT_IMAGE_SWEEP_SECONDS", 300),
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
@@ -304,9 +310,15 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # the sweeper: the beat service's health check (portal/beat_health.py).
 CELERY_BEAT_SCHEDULER = "portal.beat:Scheduler"
 
+# Every record names its request (portal/requestlog.py): the traceback of a 500 is found in the
+# server's log by the X-Request-ID the client was given.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {"request_id": {"()": "portal.requestlog.RequestIdFilter"}},
+    "formatters": {"request": {"format": requestlog.FORMAT}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "filters": ["request_id"], "formatter": "request"}
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("SKYPORT_LOG_LEVEL", "INFO")},
 }

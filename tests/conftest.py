@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
+# The Debian cloud guest and OCI app images (tests/workloads), for any test that names the fixture.
+from tests.workloads import workload_images  # noqa: F401
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_image_store() -> Iterator[None]:

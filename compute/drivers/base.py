@@ -13,7 +13,7 @@ import abc
 import dataclasses
 from pathlib import Path
 
-from compute.spec import InstanceSpec, Kind, PowerState
+from compute.spec import Capability, InstanceSpec, Kind, PowerState
 
 
 class DriverError(Exception):
@@ -68,9 +68,15 @@ class SnapshotInfo:
 
 
 class Driver(abc.ABC):
-    """One isolation technology on one compute node."""
+    """One isolation technology on one compute node.
+
+    ``capabilities`` says which optional operations work (reported in every
+    heartbeat; the portal offers only those).  A method whose capability is
+    missing raises :class:`NotSupported`.
+    """
 
     kind: Kind
+    capabilities: frozenset[Capability] = frozenset()
 
     @abc.abstractmethod
     def health(self) -> tuple[bool, str]:

@@ -34,7 +34,10 @@ def network_config(spec: InstanceSpec) -> str:
             "mtu": net.mtu,
         }
         if net.gateway:
-            eth["routes"] = [{"to": "default", "via": net.gateway}]
+            # "0.0.0.0/0", not "default": cloud-init before 23.1 (Debian 12 ships 22.4) rejects the
+            # keyword ("Address default is not a valid ip network"), fails its init-local stage
+            # and leaves the NIC down.
+            eth["routes"] = [{"to": "0.0.0.0/0", "via": net.gateway}]
         ethernets[f"eth{i}"] = eth
     return json.dumps({"version": 2, "ethernets": ethernets}, indent=2) + "\n"
 

@@ -18,9 +18,7 @@ mount table stays small whatever the density.  The network namespace then
 lives exactly as long as the container and takes the veth with it.
 
 conmon is each container's parent: it reaps PID 1 and writes the exit code,
-so results survive worker restarts.  The worker spawns with plain
-``subprocess.Popen`` (vfork) and never captures pipes of a detached
-container.
+so results survive worker restarts (:mod:`compute.drivers.conmon`).
 """
 
 from __future__ import annotations
@@ -43,6 +41,7 @@ from typing import Any
 
 from compute import cgroups, nsenv
 from compute.config import NodeConfig
+from compute.drivers import conmon
 from compute.drivers.base import (
     Driver,
     DriverError,
@@ -53,17 +52,16 @@ from compute.drivers.base import (
     SnapshotInfo,
     Stats,
 )
+from compute.drivers.common import is_instance_id, mtime, read_int, tail
 from compute.layers import ImageError, LayerStore, UnpackedImage
 from compute.network import veth
 from compute.network.bridge import NetworkError
 from compute.oci import BundleSpec, runtime_config
-from compute.spec import ImageFormat, InstanceSpec, Kind, PowerState
+from compute.spec import Capability, ImageFormat, InstanceSpec, Kind, PowerState, stored_spec, to_json
 
 UID_BASE = 1_000_000
 UID_SPAN = 1_000_000
 CGROUP_PARENT = "skyport"
-CREATE_TIMEOUT = 15.0
-_ID_RE = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 
 
 def container_id(instance_id: str) -> str:
@@ -136,6 +134,7 @@ class ContainerDriver(Driver):
     """Containers on one node, each an OCI bundle run by crun (or runc)."""
 
     kind = Kind.CONTAINER
+    capabilities = frozenset({Capability.PAUSE, Capability.CONSOLE})
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -150,7 +149,7 @@ class ContainerDriver(Driver):
     # ----------------------------------------------------------------- helpers
 
     def _paths(self, instance_id: str) -> _Paths:
-        if not _ID_RE.fullmatch(instance_id):
+        if not is_instance_id(instance_id):
             raise InstanceNotFound(f"no container {instance_id!r}: not an instance id")
         return _Paths(self.base / container_id(instance_id))
 
@@ -186,7 +185,7 @@ class ContainerDriver(Driver):
 
     def _load_spec(self, paths: _Paths) -> InstanceSpec:
         try:
-            return InstanceSpec.from_json(json.loads(paths.spec.read_text()))
+            return stored_spec(json.loads(paths.spec.read_text()))
         except FileNotFoundError:
             raise InstanceNotFound(f"no container {paths.root.name} on this node") from None
 
@@ -244,10 +243,7 @@ class ContainerDriver(Driver):
         return pid
 
     def _exit_code(self, paths: _Paths) -> int | None:
-        try:
-            return int(paths.exit.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
+        return read_int(paths.exit)
 
     def _record_result(self, paths: _Paths, instance_id: str) -> dict[str, Any]:
         """Persist exit code and OOM verdict while the cgroup still exists."""
@@ -269,10 +265,6 @@ class ContainerDriver(Driver):
             pass
         return result
 
-    def _conmon_alive(self, paths: _Paths, instance_id: str) -> bool:
-        pid = _read_int(paths.conmon / "conmon.pid")
-        return pid is not None and _is_conmon(pid, container_id(instance_id))
-
     def _read_result(self, paths: _Paths) -> dict[str, Any]:
         try:
             data = json.loads(paths.result.read_text())
@@ -283,7 +275,7 @@ class ContainerDriver(Driver):
     def _info(self, paths: _Paths, instance_id: str) -> InstanceInfo:
         if not paths.spec.exists():
             raise InstanceNotFound(f"no container {paths.root.name} on this node")
-        started_at = _mtime(paths.started)
+        started_at = mtime(paths.started)
         pid = self._pid(paths, instance_id)
         if pid is not None:
             frozen = cgroups.frozen(self.fs, cgroups_path(instance_id))
@@ -292,7 +284,7 @@ class ContainerDriver(Driver):
         result = self._record_result(paths, instance_id)
         code = result.get("exit_code")
         oom = bool(result.get("oom_killed", False))
-        if code is None and started_at is not None and self._conmon_alive(paths, instance_id):
+        if code is None and started_at is not None and conmon.alive(paths.conmon, container_id(instance_id)):
             # conmon writes the exit file a moment after PID 1 dies.
             deadline = time.monotonic() + 2.0
             while code is None and time.monotonic() < deadline:
@@ -360,7 +352,7 @@ class ContainerDriver(Driver):
                 (paths.bundle / "config.json").write_text(json.dumps(runtime_config(bundle), indent=1))
                 (paths.root / "lowerdir").write_text(image.lowerdir)
                 tmp = paths.spec.with_suffix(".tmp")
-                tmp.write_text(json.dumps(_spec_json(spec)))
+                tmp.write_text(json.dumps(to_json(spec)))
                 os.replace(tmp, paths.spec)  # from here on the instance exists
                 info = self._launch(paths, spec)
                 undo.pop_all()
@@ -391,7 +383,9 @@ class ContainerDriver(Driver):
                 undo.callback(veth.delete_links, hosts)
             undo.callback(self._runtime, "delete", "--force", cid, check=False)
             undo.callback(self.fs.remove, cgroups_path(spec.instance_id))
-            self._conmon_create(paths, cid)
+            conmon.create(
+                self.runtime, self.crun_root, cid, paths.bundle, paths.conmon, paths.pidfile, paths.log
+            )
             paths.started.touch()
             self._start_created(cid)
             undo.pop_all()
@@ -399,54 +393,6 @@ class ContainerDriver(Driver):
         if info.power_state not in (PowerState.RUNNING, PowerState.SHUTDOWN):
             raise DriverError(f"container {spec.name} did not start: {info.message}")
         return info
-
-    def _conmon_create(self, paths: _Paths, cid: str) -> None:
-        r, w = os.pipe()
-        try:
-            env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "_OCI_SYNCPIPE": str(w)}
-            cmd = [
-                "conmon", "--api-version", "1", "-c", cid, "-u", cid, "-n", cid,
-                "-r", shutil.which(self.runtime) or self.runtime,
-                "-b", str(paths.bundle), "-p", str(paths.pidfile),
-                "--persist-dir", str(paths.conmon), "--exit-dir", str(paths.conmon),
-                "--conmon-pidfile", str(paths.conmon / "conmon.pid"),
-                "--socket-dir-path", str(paths.conmon),
-                "-l", "passthrough", "--log-level", "error",
-                "--runtime-arg", f"--root={self.crun_root}",
-            ]  # fmt: skip
-            with paths.log.open("ab") as log:
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    env=env,
-                    pass_fds=(w,),
-                    cwd=paths.root,
-                )
-            os.close(w)
-            w = -1
-            data = b""
-            deadline = time.monotonic() + CREATE_TIMEOUT
-            while not data.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([r], [], [], left)[0]:
-                    raise DriverError(f"conmon did not create {cid} within {CREATE_TIMEOUT:.0f} s")
-                chunk = os.read(r, 4096)
-                if not chunk:
-                    break
-                data += chunk
-            proc.wait(timeout=CREATE_TIMEOUT)
-        finally:
-            os.close(r)
-            if w >= 0:
-                os.close(w)
-        try:
-            pid = int(json.loads(data.decode().splitlines()[0])["data"])
-        except (ValueError, KeyError, IndexError, TypeError):
-            pid = -1
-        if pid <= 0:
-            raise DriverError(f"crun could not create {cid}: {_tail(paths.log, 400)}")
 
     def _start_created(self, cid: str) -> None:
         """``crun start``, without its exec when possible.
@@ -491,15 +437,15 @@ class ContainerDriver(Driver):
         pid = self._pid(paths, instance_id)
         if pid is not None:
             cg = cgroups_path(instance_id)
-            with _pidfd(pid) as pidfd:
+            with conmon.pidfd(pid) as pidfd:
                 if pidfd is not None:
                     # A namespace's PID 1 never gets signals it has no handler
                     # for: without a SIGTERM handler waiting would be pointless.
-                    if not force and _handles(pid, signal.SIGTERM):
-                        _signal(pidfd, signal.SIGTERM)
+                    if not force and conmon.handles(pid, signal.SIGTERM):
+                        conmon.send(pidfd, signal.SIGTERM)
                         _thaw_quiet(self.fs, cg)
                         select.select([pidfd], [], [], max(timeout, 0.0))
-                    _signal(pidfd, signal.SIGKILL)
+                    conmon.send(pidfd, signal.SIGKILL)
                     _thaw_quiet(self.fs, cg)
                     select.select([pidfd], [], [], 10.0)
             # conmon reaps PID 1 and then writes the exit code.
@@ -555,12 +501,7 @@ class ContainerDriver(Driver):
             self._stop(paths, instance_id, timeout=0.0, force=True)
         cid = container_id(instance_id)
         self._runtime("delete", "--force", cid, check=False)
-        conmon_pid = _read_int(paths.conmon / "conmon.pid")
-        if conmon_pid is not None and _is_conmon(conmon_pid, cid):
-            with _pidfd(conmon_pid) as pidfd:
-                if pidfd is not None:
-                    _signal(pidfd, signal.SIGKILL)
-                    select.select([pidfd], [], [], 2.0)
+        conmon.kill(paths.conmon, cid)
         _umount_quiet(paths.rootfs)
         if paths.netns.exists():
             veth.release_netns(paths.netns)
@@ -602,7 +543,7 @@ class ContainerDriver(Driver):
             return out
         for d in sorted(self.base.iterdir()):
             iid = d.name.removeprefix("sky-")
-            if d.name.startswith("sky-") and _ID_RE.fullmatch(iid):
+            if d.name.startswith("sky-") and is_instance_id(iid):
                 with contextlib.suppress(InstanceNotFound):
                     out.append(self._info(_Paths(d), iid))
         return out
@@ -625,48 +566,10 @@ class ContainerDriver(Driver):
         paths = self._paths(instance_id)
         if not paths.spec.exists():
             raise InstanceNotFound(f"no container {paths.root.name} on this node")
-        return _tail(paths.log, max_bytes)
+        return tail(paths.log, max_bytes) or ""
 
 
 # ---------------------------------------------------------------- utilities
-
-
-def _spec_json(spec: InstanceSpec) -> Any:
-    from compute.spec import to_json
-
-    return to_json(spec)
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return None
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _is_conmon(pid: int, cid: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return bool(cmdline) and cmdline[0].endswith(b"conmon") and cid.encode() in cmdline
-
-
-def _tail(path: Path, max_bytes: int) -> str:
-    try:
-        with path.open("rb") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, size - max_bytes))
-            return fh.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 def _umount_quiet(path: Path) -> None:
@@ -683,32 +586,3 @@ def _thaw_quiet(fs: cgroups.SysCgroupFS, path: str) -> None:
     with contextlib.suppress(OSError):
         if cgroups.frozen(fs, path):
             cgroups.freeze(fs, path, False)
-
-
-@contextlib.contextmanager
-def _pidfd(pid: int) -> Iterator[int | None]:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        yield None
-        return
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _handles(pid: int, sig: int) -> bool:
-    """Whether ``pid`` has installed a handler for ``sig`` (SigCgt in its status)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
-    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
-        pass
-    return False
-
-
-def _signal(pidfd: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        signal.pidfd_send_signal(pidfd, sig)

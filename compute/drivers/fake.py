@@ -16,14 +16,21 @@ from compute.drivers.base import (
     SnapshotInfo,
     Stats,
 )
-from compute.spec import InstanceSpec, Kind, PowerState
+from compute.spec import Capability, InstanceSpec, Kind, PowerState
+
+#: what the real driver of each kind reports (tests/compute/test_node_tasks.py checks they agree)
+REAL_CAPABILITIES = {
+    Kind.VM: frozenset({Capability.PAUSE, Capability.SNAPSHOTS, Capability.PUBLISH, Capability.CONSOLE}),
+    Kind.CONTAINER: frozenset({Capability.PAUSE, Capability.CONSOLE}),
+}
 
 
 class FakeDriver(Driver):
     """Keeps workloads in a dict; state changes follow the real drivers' rules."""
 
-    def __init__(self, kind: Kind = Kind.VM) -> None:
+    def __init__(self, kind: Kind = Kind.VM, capabilities: frozenset[Capability] | None = None) -> None:
         self.kind = kind
+        self.capabilities = REAL_CAPABILITIES[kind] if capabilities is None else capabilities
         self.workloads: dict[str, PowerState] = {}
         self.snapshots: dict[str, dict[str, SnapshotInfo]] = {}
         self.spawn_calls = 0
@@ -71,16 +78,23 @@ class FakeDriver(Driver):
         return self.info(instance_id)
 
     def pause(self, instance_id: str) -> InstanceInfo:
+        self._need(Capability.PAUSE)
         return self._set(instance_id, PowerState.PAUSED)
 
     def resume(self, instance_id: str) -> InstanceInfo:
         return self._set(instance_id, PowerState.RUNNING)
 
+    def _need(self, capability: Capability) -> None:
+        if capability not in self.capabilities:
+            raise NotSupported(f"this {self.kind} driver does not support {capability}")
+
     def snapshot(self, instance_id: str, name: str) -> SnapshotInfo:
+        self._need(Capability.SNAPSHOTS)
         self._get(instance_id)
         return self.snapshots.setdefault(instance_id, {}).setdefault(name, SnapshotInfo(name, time.time()))
 
     def revert(self, instance_id: str, name: str) -> InstanceInfo:
+        self._need(Capability.SNAPSHOTS)
         if name not in self.snapshots.get(instance_id, {}):
             raise InstanceNotFound(f"no snapshot {name} of {instance_id}")
         return self.info(instance_id)
@@ -94,8 +108,7 @@ class FakeDriver(Driver):
     def export_disk(self, instance_id: str, dest: Path) -> None:
         """A real (empty) 8 MiB qcow2, so what the portal receives is checked for real."""
         self._get(instance_id)
-        if self.kind != Kind.VM:
-            raise NotSupported("only VM disks can be published as images")
+        self._need(Capability.PUBLISH)
         proc = subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", str(dest), "8M"],
             check=False,

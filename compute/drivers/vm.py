@@ -41,6 +41,7 @@ from compute.drivers.base import (
     SnapshotInfo,
     Stats,
 )
+from compute.drivers.common import is_instance_id, tail
 from compute.drivers.libvirt_xml import (
     METADATA_NS,
     DiskConfig,
@@ -51,11 +52,10 @@ from compute.drivers.libvirt_xml import (
 )
 from compute.imagecache import ImageCache, ImageError, create_overlay, remove_tree
 from compute.network import bridge
-from compute.spec import InstanceSpec, Kind, PowerState
+from compute.spec import Capability, InstanceSpec, Kind, PowerState
 
 PREFIX = "sky-"
 MAX_NICS = 10
-_UUID_RE = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 _SNAP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 GIB = 1 << 30
 
@@ -98,6 +98,7 @@ class LibvirtDriver(Driver):
     """Nova-style libvirt driver; see :class:`compute.drivers.base.Driver` for contracts."""
 
     kind = Kind.VM
+    capabilities = frozenset({Capability.PAUSE, Capability.SNAPSHOTS, Capability.PUBLISH, Capability.CONSOLE})
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -160,7 +161,7 @@ class LibvirtDriver(Driver):
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _lookup(self, instance_id: str) -> Any:
-        if not _UUID_RE.fullmatch(instance_id):
+        if not is_instance_id(instance_id):
             raise InstanceNotFound(f"no VM with id {instance_id!r}")
         for attempt in (1, 2):
             try:
@@ -263,7 +264,7 @@ class LibvirtDriver(Driver):
                 except OSError as exc:  # disk full, permissions: still the user's one sentence
                     raise DriverError(f"cannot prepare the disks of {spec.instance_id}: {exc}") from exc
                 for net in spec.networks:
-                    self._ensure_bridge(net.bridge, net.mtu, net.host_address, undo)
+                    self._ensure_bridge(net.bridge, net.mtu, net.segment.host_address, undo)
                 xml = self.domain_config(spec).to_xml()
                 dom = self._call("defining the domain", lambda: self.conn.defineXML(xml))
                 undo.callback(self._undo_define, dom)
@@ -311,7 +312,7 @@ class LibvirtDriver(Driver):
                 raise
 
     def destroy(self, instance_id: str) -> None:
-        if not _UUID_RE.fullmatch(instance_id):
+        if not is_instance_id(instance_id):
             raise InstanceNotFound(f"no VM with id {instance_id!r}")
         with self._locked(instance_id):
             dom = self._maybe(instance_id)
@@ -474,7 +475,7 @@ class LibvirtDriver(Driver):
         out = []
         for dom in doms:
             name = dom.name()
-            if not (name.startswith(PREFIX) and _UUID_RE.fullmatch(name.removeprefix(PREFIX))):
+            if not (name.startswith(PREFIX) and is_instance_id(name.removeprefix(PREFIX))):
                 continue
             with contextlib.suppress(DriverError, libvirt.libvirtError):  # vanished meanwhile
                 meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
@@ -515,13 +516,8 @@ class LibvirtDriver(Driver):
         )
 
     def console_log(self, instance_id: str, max_bytes: int = 65536) -> str:
-        path = self.console_log_path(instance_id)
-        try:
-            with open(path, "rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(0, size - max_bytes))
-                data = f.read(max_bytes)
-        except FileNotFoundError:
+        text = tail(self.console_log_path(instance_id), max_bytes)
+        if text is None:
             self._lookup(instance_id)  # InstanceNotFound if there is no such VM either
             return ""
-        return data.decode("utf-8", errors="replace")
+        return text

@@ -17,13 +17,17 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-LOCK_FILE = Path(os.environ.get("SKYPORT_NETWORK_LOCK", "/run/lock/skyport-network.lock"))
+from compute.config import NodeConfig
+
+#: the lock file; None: ``SKYPORT_NETWORK_LOCK`` through the node's settings (tests set a path)
+LOCK_FILE: Path | None = None
 
 
 @contextlib.contextmanager
 def host_lock() -> Iterator[None]:
-    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = LOCK_FILE or NodeConfig.from_env().network_lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -1,9 +1,14 @@
-"""JSON errors with a message for every failure: never an HTML page, never a 500 for bad input."""
+"""JSON errors with a message for every failure: never an HTML page, never a 500 for bad input.
+
+Domain errors (:mod:`portal.errors`) get their HTTP status here and nowhere
+else (:func:`http_status`); the pages use the same mapping.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError
 from django.db.models import ProtectedError, RestrictedError
@@ -12,15 +17,28 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from portal.api.parsers import BodyTooLarge, too_large_message
 from portal.audit.record import note_error
+from portal.errors import Conflict, DomainError
+
+#: the HTTP status of each domain error (the first class in the error's MRO that is listed wins)
+HTTP_STATUS: dict[type[DomainError], int] = {Conflict: status.HTTP_409_CONFLICT}
 
 
-class Conflict(exceptions.APIException):
-    """The request is valid but conflicts with the current state (409)."""
+def http_status(exc: DomainError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return status.HTTP_400_BAD_REQUEST
 
-    status_code = status.HTTP_409_CONFLICT
-    default_detail = "The request conflicts with the current state."
-    default_code = "conflict"
+
+class _DomainAPIError(exceptions.APIException):
+    """A domain error on its way through DRF's handler."""
+
+    def __init__(self, exc: DomainError) -> None:
+        super().__init__(str(exc), exc.code)
+        self.status_code = http_status(exc)
+        self.errors = getattr(exc, "errors", None)  # a conflict that names its field
 
 
 def _first_message(data: Any) -> str:
@@ -38,10 +56,14 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         exc = Conflict("This object is still in use by other objects and cannot be deleted.")
     elif isinstance(exc, IntegrityError):
         exc = Conflict("This conflicts with an existing object (a name or key is already taken).")
+    if isinstance(exc, DomainError):
+        exc = _DomainAPIError(exc)
     elif isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
     elif isinstance(exc, Http404):
         exc = exceptions.NotFound("Not found.")
+    elif isinstance(exc, RequestDataTooBig):  # request.body beyond DATA_UPLOAD_MAX_MEMORY_SIZE
+        exc = BodyTooLarge(too_large_message())
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
@@ -57,6 +79,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             "message": message,
             "code": getattr(detail, "code", None) or getattr(exc, "default_code", "error"),
         }
+        if getattr(exc, "errors", None):  # a conflict that names its field (portal.api.conflicts)
+            body["errors"] = exc.errors  # type: ignore[attr-defined]
     request = context.get("request")
     if request is not None:
         note_error(request, message)

@@ -22,12 +22,22 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 _WRITES = frozenset({"post", "put", "patch", "delete"})
 _DESCRIPTIONS = {
-    "400": "Invalid input (body, filter or query parameter).",
+    "400": (
+        "Invalid input: a body, filter or query parameter the schema refuses, a string with a NUL "
+        "character, JSON nested deeper than SKYPORT_JSON_MAX_DEPTH, or a rule the schema cannot "
+        "express: a reference to an object that does "
+        "not exist or is not yours (tenant, flavor, image, user, SSH key), an SSH key that does not parse, "
+        "an upload whose checksum differs."
+    ),
     "401": "Not authenticated, or the API token is invalid, expired or revoked.",
     "403": "Authenticated but not allowed (role, operator-only action, CSRF).",
     "404": "No such object among those you may see (or no such page).",
-    "409": "Conflicts with the current state (a name in use, a task in flight, no room).",
-    "415": "The request body's media type is not supported.",
+    "409": (
+        "Conflicts with the current state: a name or version in use, already a member, a task in flight, "
+        "an action the instance's state does not allow, no node with room, the quota."
+    ),
+    "413": "The body is over its limit (SKYPORT_BODY_MAX_BYTES; uploads: SKYPORT_UPLOAD_MAX_BYTES).",
+    "415": "The request body's media type is not supported (JSON; uploads: application/octet-stream).",
 }
 
 
@@ -40,7 +50,7 @@ def error_codes(method: str, operation: dict[str, Any]) -> list[str]:
     if method in _WRITES:
         codes.append("409")
     if "requestBody" in operation:
-        codes.append("415")
+        codes += ["413", "415"]
     return sorted(codes)
 
 

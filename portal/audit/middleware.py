@@ -15,12 +15,15 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 
-from portal.audit.models import Event, Outcome
+from portal import requestlog
+from portal.audit.log import record
+from portal.audit.models import Outcome
 from portal.audit.record import client_ip
 
 log = logging.getLogger(__name__)
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+MESSAGE_MAX = 2000
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 
 
@@ -39,7 +42,8 @@ class AuditMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         given = request.headers.get("X-Request-ID", "")
         request.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex  # type: ignore[attr-defined]
-        response = self.get_response(request)
+        with requestlog.bound(request.request_id):  # type: ignore[attr-defined]
+            response = self.get_response(request)
         response["X-Request-ID"] = request.request_id  # type: ignore[attr-defined]
         if request.method not in SAFE_METHODS:
             try:
@@ -51,20 +55,19 @@ class AuditMiddleware:
     def _record(self, request: HttpRequest, response: HttpResponse) -> None:
         info: dict[str, Any] = getattr(request, "audit", {})
         user = getattr(request, "user", None)
-        authenticated = bool(user is not None and user.is_authenticated)
-        Event.objects.create(
-            actor=user if authenticated else None,
-            actor_name=user.get_username() if authenticated and user is not None else "",
+        record(
+            str(info.get("action") or f"{request.method} {request.path}"),
             tenant_id=info.get("tenant_id"),
-            action=str(info.get("action") or f"{request.method} {request.path}")[:100],
+            actor=user,
+            outcome=outcome_for(response.status_code),
+            # error messages may quote what the client sent: keep the log's rows small
+            message=str(info.get("message", ""))[:MESSAGE_MAX],
+            request_id=request.request_id,  # type: ignore[attr-defined]
             object_type=str(info.get("object_type", ""))[:50],
             object_id=str(info.get("object_id", ""))[:64],
             object_repr=str(info.get("object_repr", ""))[:200],
-            request_id=request.request_id,  # type: ignore[attr-defined]
             source_ip=client_ip(request),
             method=request.method or "",
             path=request.path[:255],
             status_code=response.status_code,
-            outcome=outcome_for(response.status_code),
-            message=str(info.get("message", "")),
         )

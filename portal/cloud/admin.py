@@ -1,6 +1,8 @@
 from django.contrib import admin
+from django.db import models
 
 from portal.cloud.models import ComputeNode, Flavor, Instance
+from portal.jsonforms import JSON_FIELD_OVERRIDES
 
 
 @admin.register(Flavor)
@@ -25,6 +27,7 @@ class ComputeNodeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     ]
     list_filter = ["tenancy", "status", "owner"]
     search_fields = ["name", "queue"]
+    formfield_overrides = JSON_FIELD_OVERRIDES
 
 
 @admin.register(Instance)
@@ -33,3 +36,5 @@ class InstanceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_filter = ["kind", "vm_state", "task_state", "power_state", "tenant", "node"]
     search_fields = ["name", "id", "image", "tenant__slug"]
     readonly_fields = ["id", "created_at", "updated_at", "deleted_at"]
+    # user data: the API's and the launch form's bound (16 KiB)
+    formfield_overrides = {**JSON_FIELD_OVERRIDES, models.TextField: {"max_length": 16384}}

@@ -1,4 +1,8 @@
-"""Choices of the cloud app: instance kinds and the three state axes (as in Nova)."""
+"""Choices of the cloud app: instance kinds and the three state axes (as in Nova).
+
+Which action may start from which state, and where it ends, is in
+:mod:`portal.cloud.states`, beside these.
+"""
 
 from django.db import models
 
@@ -27,6 +31,10 @@ class VmState(models.TextChoices):
     DELETED = "deleted"
 
 
+#: every state but deleted: the instance still counts against quota and exists on its node
+LIVE_STATES = tuple(s for s in VmState if s != VmState.DELETED)
+
+
 class TaskState(models.TextChoices):
     """The action in flight, or null; actions claim an instance by setting it."""
 
@@ -38,6 +46,8 @@ class TaskState(models.TextChoices):
     PAUSING = "pausing"
     RESUMING = "resuming"
     SNAPSHOTTING = "snapshotting"
+    REVERTING = "reverting"
+    PUBLISHING = "publishing"
     DELETING = "deleting"
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
-from portal.cloud.choices import TaskState
+from portal.cloud.states import RULES
 
 #: kombu's Redis transport (5.x) looks for unacknowledged messages older than the visibility
 #: timeout from a 10 s timer, and acts on every 10th tick only (``restore_visible(interval=10)``),
@@ -31,16 +31,7 @@ from portal.cloud.choices import TaskState
 RESTORE_CHECK_SECONDS = 100.0
 
 #: how long a node may take for the work itself once it has the message, per task state
-WORK_SECONDS: dict[str, float] = {
-    TaskState.SPAWNING: 300,
-    TaskState.STARTING: 180,
-    TaskState.STOPPING: 180,
-    TaskState.REBOOTING: 180,
-    TaskState.PAUSING: 60,
-    TaskState.RESUMING: 60,
-    TaskState.SNAPSHOTTING: 300,
-    TaskState.DELETING: 180,
-}
+WORK_SECONDS: dict[str, float] = {rule.task: rule.work_seconds for rule in RULES.values()}
 
 #: a deadline must exceed the redelivery delay by at least this much
 MIN_MARGIN_SECONDS = 30.0

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from compute.spec import Capability, PowerState
 from portal.cloud.choices import (
     POWER_STATE_CHOICES,
     Kind,
@@ -19,6 +20,8 @@ from portal.cloud.choices import (
 )
 from portal.tenancy.models import Tenant
 from portal.tenancy.querysets import TenantScopedQuerySet
+
+_CAPABILITIES = frozenset(Capability)
 
 
 class FlavorQuerySet(TenantScopedQuerySet["Flavor"]):
@@ -124,6 +127,11 @@ class ComputeNode(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def capabilities(self, kind: str) -> frozenset[Capability]:
+        """What the node's driver of ``kind`` reported it can do in its last heartbeat."""
+        reported = (self.drivers or {}).get(kind, {}).get("capabilities", ())
+        return frozenset(Capability(c) for c in reported if c in _CAPABILITIES)
 
 
 #: VXLAN adds 50 bytes to every frame; tenant networks leave room for it in a 1500-byte underlay.
@@ -243,10 +251,13 @@ class Instance(models.Model):
     task_state = models.CharField(  # noqa: DJ001 -- null means "no action in flight", as in Nova
         max_length=16, choices=TaskState.choices, null=True, blank=True
     )
-    power_state = models.CharField(max_length=16, choices=POWER_STATE_CHOICES, default="nostate")
+    power_state = models.CharField(max_length=16, choices=POWER_STATE_CHOICES, default=PowerState.NOSTATE)
     status_reason = models.CharField(max_length=255, blank=True)
     action_id = models.CharField(max_length=64, blank=True, help_text="Id of the action in flight")
     task_deadline = models.DateTimeField(null=True, blank=True)
+    missing_since = models.DateTimeField(
+        null=True, blank=True, help_text="When reconcile found the workload missing on its node (drift)"
+    )
     addresses = models.JSONField(default=list, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="instances"
@@ -261,10 +272,38 @@ class Instance(models.Model):
         ordering = ["-created_at"]
         constraints = [
             models.UniqueConstraint(
-                fields=["tenant", "name"], condition=~Q(vm_state="deleted"), name="instance_unique_live_name"
+                fields=["tenant", "name"],
+                condition=~Q(vm_state=VmState.DELETED),
+                name="instance_unique_live_name",
             ),
         ]
         indexes = [models.Index(fields=["tenant", "vm_state"], name="instance_tenant_state")]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.kind}, {self.vm_state})"
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """What the driver of this instance's kind on its node can do (nothing without a node)."""
+        return self.node.capabilities(self.kind) if self.node is not None else frozenset()
+
+
+class AppliedAction(models.Model):
+    """An action id whose observation was applied to an instance: a redelivery is then ignored.
+
+    Kept apart from the audit log, so pruning events can never make a node's
+    late or repeated observation apply a second time.
+    """
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="applied_actions")
+    action_id = models.CharField(max_length=64)
+    action = models.CharField(max_length=32)
+    applied_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["instance", "action_id", "action"], name="applied_action_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.action_id} of {self.instance_id}"

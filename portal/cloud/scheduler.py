@@ -102,6 +102,25 @@ def reject_reason(n: NodeView, r: Request, kind: str) -> str | None:
     return _capacity_reason(n, r)
 
 
+def public_reason(reason: str) -> str:
+    """A rejection reason without what only operators may know: which tenant a node is dedicated
+    to, and the node's capacity and load (the numbers in the capacity reasons)."""
+    if reason.startswith("dedicated to "):
+        return "dedicated to another tenant"  # reject_reason names a tenant only when it is another
+    if reason.startswith("not enough "):
+        return reason.split(" (", 1)[0]
+    return reason
+
+
+def summarize(rejected: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Rejected nodes as tenants see them: how many nodes per public reason, no node names."""
+    counts: dict[str, int] = {}
+    for _, why in rejected:
+        public = public_reason(why)
+        counts[public] = counts.get(public, 0) + 1
+    return tuple((f"{n} node{'s' if n != 1 else ''}", why) for why, n in counts.items())
+
+
 def tenancy_change_refusal(residents: frozenset[tuple[str, str]], new_owner: str | None) -> str | None:
     """Why a node with these residents cannot be dedicated to ``new_owner`` (None: shared)."""
     if new_owner is not None:
@@ -161,8 +180,9 @@ def schedule(r: Request, nodes: Sequence[NodeView]) -> Placement:
 
     node, rejected = _best(nodes, r, VM)
     if node is None:
-        detail = "; ".join(f"{name}: {why}" for name, why in rejected) or "no compute nodes are registered"
-        raise NoValidHost(f"No node can take this VM now ({detail}).")
+        # counted, not named: the tenant learns why, not other tenants' node names and load
+        detail = "; ".join(f"{label}: {why}" for label, why in summarize(rejected))
+        raise NoValidHost(f"No node can take this VM now ({detail or 'no compute nodes are registered'}).")
     if r.kind == VM:
         why = f"vm on {node.name}: requested"
     elif not has_container:

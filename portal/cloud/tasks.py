@@ -1,7 +1,8 @@
 """Control-queue tasks: observations, heartbeats with reconcile, and the sweeper.
 
 All are idempotent: an observation whose action id was already applied is
-ignored (it is recorded once, as an Event keyed by the action id); a
+ignored (each applied id is kept in :class:`AppliedAction`, apart from the
+audit log, so pruning events never replays one); a
 heartbeat older than the last one changes nothing; the sweeper only moves
 rows that are past their deadline.  Reconcile records drift and orphans;
 it never deletes rows or workloads.
@@ -12,66 +13,62 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-import uuid
 from typing import Any
 
 from celery import shared_task
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from compute.spec import NodeReport, Observation, PowerState, SpecError
-from portal.audit.models import Event, Outcome
-from portal.cloud import metrics, services
+from compute.spec import (
+    Action,
+    ConsoleTail,
+    NodeReport,
+    Observation,
+    PowerState,
+    SpecError,
+    Task,
+    from_json,
+)
+from portal.audit.log import record
+from portal.audit.models import Outcome
+from portal.cloud import metrics, networks, states
 from portal.cloud.choices import NodeStatus, VmState
-from portal.cloud.models import ComputeNode, Instance, Network
+from portal.cloud.models import AppliedAction, ComputeNode, Instance, Network
 from portal.images.choices import ImageStatus
 
 log = logging.getLogger(__name__)
-
-#: vm_state an instance settles in after a successful action (None: from power state)
-_SETTLED: dict[str, str | None] = {
-    "create": VmState.ACTIVE,
-    "start": VmState.ACTIVE,
-    "reboot": VmState.ACTIVE,
-    "resume": VmState.ACTIVE,
-    "stop": VmState.STOPPED,
-    "pause": VmState.PAUSED,
-    "revert": None,
-    "snapshot": None,
-    "delete_snapshot": None,
-    "publish": None,
-    "delete": VmState.DELETED,
-}
-_POWER_TO_VM: dict[str, str] = {
-    "running": VmState.ACTIVE,
-    "paused": VmState.PAUSED,
-    "shutdown": VmState.STOPPED,
-    "crashed": VmState.STOPPED,
-}
 
 
 def _node_event(
     tenant_id: int | None, node: str, action: str, obj: Any, outcome: str, message: str, request_id: str = ""
 ) -> None:
-    Event.objects.create(
+    record(
+        action,
+        obj,
         tenant_id=tenant_id,
         actor_name=f"node:{node}",
-        action=action,
-        object_type=obj._meta.model_name,
-        object_id=str(obj.pk),
-        object_repr=str(obj)[:200],
-        request_id=request_id,
         outcome=outcome,
         message=message,
+        request_id=request_id,
     )
+
+
+def _first_application(instance: Instance, obs: Observation) -> bool:
+    """Mark the observation's action id applied; False if it already was (a redelivery)."""
+    try:
+        with transaction.atomic():
+            AppliedAction.objects.create(instance=instance, action_id=obs.action_id, action=obs.action)
+    except IntegrityError:
+        return False
+    return True
 
 
 def apply_observation(data: dict[str, Any]) -> str:
     """Apply one node observation; returns what happened (for logs and tests)."""
     try:
-        obs = Observation.from_json(data)
-    except (SpecError, ValueError, TypeError) as exc:
+        obs = from_json(Observation, data)
+    except SpecError as exc:
         log.error("dropping malformed observation %r: %s", data, exc)
         return "malformed"
     with transaction.atomic():
@@ -79,26 +76,20 @@ def apply_observation(data: dict[str, Any]) -> str:
         if instance is None:
             log.warning("observation for unknown instance %s from %s", obs.instance_id, obs.node)
             return "unknown-instance"
-        if Event.objects.filter(
-            request_id=obs.action_id, action=f"node.{obs.action}", object_id=str(instance.pk)
-        ).exists():
+        if not _first_application(instance, obs):
             return "duplicate"
-        instance.power_state = obs.power_state.value
+        instance.power_state = obs.power_state
         if obs.action_id == instance.action_id:
+            instance.vm_state = states.settled(obs.action, obs.ok, obs.power_state, instance.vm_state)
             if obs.ok:
-                settled = _SETTLED.get(obs.action) or _POWER_TO_VM.get(
-                    obs.power_state.value, instance.vm_state
-                )
-                instance.vm_state = settled
                 instance.status_reason = ""
-                if obs.action == "delete":
+                instance.missing_since = None
+                if obs.action == Action.DELETE:
                     instance.deleted_at = timezone.now()
                     instance.ports.all().delete()
             else:
                 instance.status_reason = f"{obs.action} failed: {obs.message}"[:255]
-                if obs.action == "create":
-                    instance.vm_state = VmState.ERROR
-                if obs.action == "publish":
+                if obs.action == Action.PUBLISH:
                     instance.published_images.filter(status=ImageStatus.QUEUED).update(
                         status=ImageStatus.FAILED,
                         status_reason=f"the node could not publish: {obs.message}"[:255],
@@ -122,7 +113,7 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
     """Compare the node's real inventory with the database; record, never delete."""
     seen = {item.instance_id: item for item in report.inventory}
     # A driver that is down lists nothing: its instances are unknown, not missing.
-    blind = {kind for kind, ok, _ in report.drivers if not ok}
+    blind = {d.kind for d in report.drivers if not d.ok}
     live = Instance.objects.live().filter(node=node).exclude(kind__in=blind).select_for_update()
     known = set()
     for inst in live:
@@ -135,20 +126,24 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
         if item is None:
             if (
                 inst.vm_state in (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED)
-                and inst.power_state != "nostate"
+                and inst.power_state != PowerState.NOSTATE
             ):
-                inst.power_state = "nostate"
+                inst.power_state = PowerState.NOSTATE
                 inst.status_reason = f"workload missing on node {node.name} (found by reconcile)"
-                inst.save(update_fields=["power_state", "status_reason", "updated_at"])
+                inst.missing_since = timezone.now()
+                inst.save(update_fields=["power_state", "status_reason", "missing_since", "updated_at"])
                 _node_event(
                     inst.tenant_id, node.name, "reconcile.missing", inst, Outcome.FAILURE, inst.status_reason
                 )
         elif item.power_state.value != inst.power_state:
             old = inst.power_state
             inst.power_state = item.power_state.value
-            inst.vm_state = _POWER_TO_VM.get(inst.power_state, inst.vm_state)
+            inst.vm_state = states.POWER_TO_VM.get(item.power_state, inst.vm_state)
             inst.status_reason = ""
-            inst.save(update_fields=["power_state", "vm_state", "status_reason", "updated_at"])
+            inst.missing_since = None
+            inst.save(
+                update_fields=["power_state", "vm_state", "status_reason", "missing_since", "updated_at"]
+            )
             _node_event(
                 inst.tenant_id,
                 node.name,
@@ -182,8 +177,8 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
 def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
     """Register or refresh a node from its heartbeat, then reconcile its inventory."""
     try:
-        report = NodeReport.from_json(data)
-    except (SpecError, ValueError, TypeError) as exc:
+        report = from_json(NodeReport, data)
+    except SpecError as exc:
         log.error("dropping malformed node report: %s", exc)
         return None
     sent = dt.datetime.fromtimestamp(report.sent_at, tz=dt.UTC) if report.sent_at else timezone.now()
@@ -198,7 +193,10 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
             return node  # an older beat delivered late
         node.queue = report.queue
         node.vcpus, node.ram_mb, node.disk_gb = report.vcpus, report.ram_mb, report.disk_gb
-        node.drivers = {kind: {"ok": ok, "detail": why} for kind, ok, why in report.drivers}
+        node.drivers = {
+            d.kind.value: {"ok": d.ok, "detail": d.detail, "capabilities": sorted(d.capabilities)}
+            for d in report.drivers
+        }
         node.last_heartbeat = sent
         node.cached = list(report.cached)
         came_up = node.status == NodeStatus.DOWN
@@ -214,7 +212,7 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
         if (came_up or readdressed) and node.status == NodeStatus.UP:
             # Peers skip nodes that are down or do not tunnel: tell every node of its networks again.
             for network in Network.objects.filter(ports__instance__node=node).distinct():
-                services.sync_network(network)
+                networks.sync_network(network)
         if created:
             _node_event(
                 None,
@@ -248,16 +246,13 @@ def sweep(now: dt.datetime | None = None) -> dict[str, int]:
             inst.save(
                 update_fields=["vm_state", "status_reason", "task_state", "task_deadline", "updated_at"]
             )
-            Event.objects.create(
-                tenant_id=inst.tenant_id,
+            record(
+                f"instance.{task}.timeout",
+                inst,
                 actor_name="portal",
-                action=f"instance.{task}.timeout",
-                object_type="instance",
-                object_id=str(inst.pk),
-                object_repr=str(inst)[:200],
-                request_id=inst.action_id,
                 outcome=Outcome.FAILURE,
                 message=inst.status_reason,
+                request_id=inst.action_id,
             )
             stuck += 1
         silent_since = now - dt.timedelta(seconds=3 * settings.SKYPORT_HEARTBEAT_SECONDS)
@@ -273,34 +268,30 @@ def sweep(now: dt.datetime | None = None) -> dict[str, int]:
     return {"stuck": stuck, "down": down}
 
 
-@shared_task(name="portal.observe")
+@shared_task(name=Task.OBSERVE)
 def observe(data: dict[str, Any]) -> str:
     return apply_observation(data)
 
 
-@shared_task(name="portal.node_report")
+@shared_task(name=Task.NODE_REPORT)
 def node_report(data: dict[str, Any]) -> None:
     apply_node_report(data)
 
 
 def apply_console(data: dict[str, Any]) -> bool:
     """Keep a console tail a node sent, if the instance lives on that node."""
-    iid, node = str(data.get("instance_id", "")), str(data.get("node", ""))
-    if not _is_uuid(iid) or not Instance.objects.live().filter(pk=iid, node__name=node).exists():
-        return False
-    metrics.store_console(iid, node, str(data.get("text", "")), float(data.get("at") or time.time()))
-    return True
-
-
-def _is_uuid(value: str) -> bool:
     try:
-        uuid.UUID(value)
-    except ValueError:
+        tail = from_json(ConsoleTail, data)
+    except SpecError as exc:
+        log.error("dropping malformed console tail: %s", exc)
         return False
+    if not Instance.objects.live().filter(pk=tail.instance_id, node__name=tail.node).exists():
+        return False
+    metrics.store_console(tail.instance_id, tail.node, tail.text, tail.at)
     return True
 
 
-@shared_task(name="portal.console")
+@shared_task(name=Task.CONSOLE_TAIL)
 def console(data: dict[str, Any]) -> bool:
     return apply_console(data)
 

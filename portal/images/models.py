@@ -29,7 +29,7 @@ class Image(models.Model):
 
     name = models.CharField(max_length=100)
     version = models.CharField(max_length=40)
-    description = models.TextField(blank=True)
+    description = models.TextField(blank=True, max_length=2000)
     os = models.CharField(max_length=60, blank=True)
     owner = models.ForeignKey(Tenant, null=True, blank=True, on_delete=models.CASCADE, related_name="images")
     min_ram_mb = models.PositiveIntegerField(default=0)

@@ -32,6 +32,8 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 
+from compute import safejson
+from compute.archive_safety import LayerPaths, TooLarge, UnpackBudget, UnpackLimits
 from compute.layers import whiteout_problem
 from portal.images.store import BlobStore, is_digest
 
@@ -86,8 +88,8 @@ class Checked:
 def _json(data: bytes | str, what: str) -> Any:
     """``data`` parsed as JSON, or a :class:`Rejected` that names ``what`` and where it breaks."""
     try:
-        return json.loads(data)
-    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+        return safejson.loads(data)
+    except ValueError as exc:  # JSONDecodeError, TooDeep, and UnicodeDecodeError for bytes that are not UTF-8
         raise Rejected(f"{what} is not valid JSON: {exc}") from exc
 
 
@@ -113,11 +115,19 @@ def _qemu_img(timeout: float, *args: str) -> subprocess.CompletedProcess[str]:
         raise Rejected(f"qemu-img {args[0]} did not finish within {timeout:g} s") from exc
 
 
-def check_disk(path: Path, digest: str, declared: str, max_virtual: int, timeout: float = 100.0) -> Checked:
+def check_disk(
+    path: Path,
+    digest: str,
+    declared: str,
+    max_virtual: int,
+    timeout: float = 100.0,
+    limit_source: str = "SKYPORT_IMAGE_MAX_VIRTUAL_BYTES",
+) -> Checked:
     """Accept ``path`` as a VM disk of format ``declared`` (qcow2 or raw).
 
     Each qemu-img run is stopped after ``timeout`` seconds (the caller keeps
-    both runs below the broker's visibility timeout).
+    both runs below the broker's visibility timeout).  ``limit_source`` says
+    where ``max_virtual`` comes from, for the refusal.
     """
     proc = _qemu_img(timeout, "info", "--output=json", "-U", str(path))
     if proc.returncode != 0:
@@ -145,7 +155,8 @@ def check_disk(path: Path, digest: str, declared: str, max_virtual: int, timeout
         raise Rejected("the disk has no virtual size")
     if virtual > max_virtual:
         raise Rejected(
-            f"virtual size {virtual / 2**30:.1f} GiB exceeds the limit of {max_virtual / 2**30:.0f} GiB"
+            f"virtual size {virtual / 2**30:.1f} GiB exceeds the limit of {max_virtual / 2**30:g} GiB "
+            f"({limit_source})"
         )
     if seen == "qcow2":
         check = _qemu_img(timeout, "check", "--output=json", "-U", "-f", "qcow2", str(path))
@@ -308,8 +319,17 @@ class _Archive:
         return data, _json(data, name)
 
 
-def check_archive(path: Path, store: BlobStore) -> Checked:
-    """Accept ``path`` as an OCI layout archive or a ``docker save`` archive; stage its blobs."""
+#: Without the portal's limits (portal/images/limits.py): bounds that only keep a checker's memory
+#: and time finite.
+UNLIMITED = UnpackLimits(total_bytes=2**50, file_bytes=2**50, files=10_000_000)
+
+
+def check_archive(path: Path, store: BlobStore, limits: UnpackLimits = UNLIMITED) -> Checked:
+    """Accept ``path`` as an OCI layout archive or a ``docker save`` archive; stage its blobs.
+
+    What its layers unpack to is counted while they are read, against ``limits``.
+    """
+    budget = UnpackBudget(limits)
     try:
         tf = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the with below
     except (tarfile.TarError, OSError) as exc:
@@ -319,9 +339,9 @@ def check_archive(path: Path, store: BlobStore) -> Checked:
         with tf:
             archive = _Archive(tf)
             if "index.json" in archive.members:
-                result = _oci_layout(archive, store, staged)
+                result = _oci_layout(archive, store, staged, budget)
             elif "manifest.json" in archive.members:
-                result = _docker_save(archive, store, staged)
+                result = _docker_save(archive, store, staged, budget)
             else:
                 raise Rejected(
                     "neither an OCI image layout (index.json) nor a docker save archive (manifest.json)"
@@ -355,63 +375,92 @@ def _stage_bytes(store: BlobStore, data: bytes, media_type: str, staged: list[St
 
 
 def _stage_layer(
-    store: BlobStore, src: IO[bytes] | None, digest: str, media_type: str, staged: list[StagedBlob]
+    store: BlobStore,
+    src: IO[bytes] | None,
+    digest: str,
+    media_type: str,
+    staged: list[StagedBlob],
+    budget: UnpackBudget,
 ) -> tuple[StagedBlob, str]:
     """Copy one layer into tmp/ while hashing it and checking each of its members.
 
     Returns the staged blob and the layer's diff_id: the sha256 of the
     uncompressed tar, which the image config lists in ``rootfs.diff_ids``.
-    With ``src`` None the layer is in the store already (it was checked when
-    it arrived) and is not read from the archive.
+    With ``src`` None the layer is in the store already and is not read from
+    the archive; it is read from the store instead, so this image's limits
+    and the path rules apply to it as well.
     """
     if src is None:
         store.touch(digest)  # reused: keep it out of garbage collection until this import ends
         stored = store.path(digest)
         blob = StagedBlob(digest, stored.stat().st_size, media_type, None)
         staged.append(blob)
-        return blob, _stored_diff_id(stored, digest)
-    where = f"layer {digest[7:19]}"
+        return blob, _stored_diff_id(stored, digest, budget)
     path = store.temp_path("layer")
     blob = StagedBlob(digest, 0, media_type, path)
     staged.append(blob)
     with path.open("wb") as out:
-        tee = _TeeReader(src, out)
-        head = tee.read(len(GZIP_MAGIC))
-        body = _Peeked(head, tee)
-        # GzipFile reads its file forward only (it seeks only when it is itself rewound).
-        gunzip = gzip.GzipFile(fileobj=body, mode="rb") if head == GZIP_MAGIC else None  # type: ignore[call-overload]
-        plain = _TeeReader(gunzip, None) if gunzip is not None else None
-        try:
-            with tarfile.open(fileobj=plain or body, mode="r|") as layer:  # type: ignore[call-overload]
-                for member in layer:
-                    check_layer_member(member, digest)
-            while plain is not None and plain.read(CHUNK):  # the end of the compressed stream
-                pass
-        except tarfile.TarError as exc:
-            raise Rejected(f"{where} is not a valid tar: {exc}") from exc
-        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-            raise Rejected(f"{where} is not a valid gzip stream: {exc}") from exc
-        while tee.read(CHUNK):  # padding after the end-of-archive blocks counts too
-            pass
+        tee, diff_id = _scan_layer(src, out, digest, budget, f"layer {digest[7:19]}")
     blob.size = tee.size
     if tee.digest != digest:
         raise Rejected(f"layer {digest} does not match its digest (content is {tee.digest})")
-    return blob, (plain or tee).digest
+    return blob, diff_id
 
 
-def _stored_diff_id(path: Path, digest: str) -> str:
-    """The diff_id of a stored layer: its own digest, or the sha256 of its content once gunzipped."""
+class _Counted:
+    """A layer's uncompressed tar stream, every byte read counted against the image's budget."""
+
+    def __init__(self, src: _Reader, budget: UnpackBudget) -> None:
+        self.src = src
+        self.budget = budget
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self.src.read(n)
+        self.budget.count_stream(len(data))
+        return data
+
+
+def _scan_layer(
+    src: _Reader, out: IO[bytes] | None, digest: str, budget: UnpackBudget, where: str
+) -> tuple[_TeeReader, str]:
+    """Read one layer to its end: hash it (and copy it to ``out``), check every member with the
+    nodes' rules, count what it unpacks to.  Returns the reader of the layer as stored (its
+    digest and size) and the diff_id.  Nothing is unpacked or written but the copy."""
+    tee = _TeeReader(src, out)
+    head = tee.read(len(GZIP_MAGIC))
+    body = _Peeked(head, tee)
+    # GzipFile reads its file forward only (it seeks only when it is itself rewound).
+    gunzip = gzip.GzipFile(fileobj=body, mode="rb") if head == GZIP_MAGIC else None  # type: ignore[call-overload]
+    plain = _TeeReader(gunzip, None) if gunzip is not None else None
+    stream = _Counted(plain or body, budget)
+    paths = LayerPaths()  # the nodes' rule for symlinks and hard links (compute/archive_safety.py)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as layer:  # type: ignore[call-overload]
+            for member in layer:
+                check_layer_member(member, digest)
+                problem = paths.check(member)
+                if problem is not None:
+                    raise Rejected(f"{where}: {problem}")
+                budget.count_member(member)
+        while stream.read(CHUNK):  # the end of the stream: padding, the rest of the gzip stream
+            pass
+    except TooLarge as exc:
+        raise Rejected(f"{where}: {exc}") from exc
+    except tarfile.TarError as exc:
+        raise Rejected(f"{where} is not a valid tar: {exc}") from exc
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise Rejected(f"{where} is not a valid gzip stream: {exc}") from exc
+    while tee.read(CHUNK):  # anything after the end of the gzip stream counts for the digest too
+        pass
+    return tee, (plain or tee).digest
+
+
+def _stored_diff_id(path: Path, digest: str, budget: UnpackBudget) -> str:
+    """The diff_id of a stored layer, read again with this image's checks: its own digest, or the
+    sha256 of its content once gunzipped."""
     with path.open("rb") as fh:
-        if fh.read(len(GZIP_MAGIC)) != GZIP_MAGIC:
-            return digest
-        fh.seek(0)
-        plain = _TeeReader(gzip.GzipFile(fileobj=fh, mode="rb"), None)
-        try:
-            while plain.read(CHUNK):
-                pass
-        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-            raise Rejected(f"the stored layer {digest} is not a valid gzip stream: {exc}") from exc
-    return plain.digest
+        _, diff_id = _scan_layer(fh, None, digest, budget, f"the stored layer {digest}")
+    return diff_id
 
 
 def _descriptor(value: Any, what: str) -> tuple[str, int, str]:
@@ -469,7 +518,9 @@ def _platform(entry: dict[str, Any], where: str) -> dict[str, Any]:
     return platform
 
 
-def _oci_layout(archive: _Archive, store: BlobStore, staged: list[StagedBlob]) -> Checked:
+def _oci_layout(
+    archive: _Archive, store: BlobStore, staged: list[StagedBlob], budget: UnpackBudget
+) -> Checked:
     _, index = archive.read_json("index.json")
     if not isinstance(index, dict):
         raise Rejected("index.json is not an object")
@@ -496,10 +547,10 @@ def _oci_layout(archive: _Archive, store: BlobStore, staged: list[StagedBlob]) -
         if media not in _LAYER_TYPES:
             raise Rejected(f"layer {d[7:19]} has media type {media!r}; only tar and tar+gzip layers run here")
         if store.has(d):
-            blob, diff_id = _stage_layer(store, None, d, media, staged)
+            blob, diff_id = _stage_layer(store, None, d, media, staged, budget)
         else:
             with archive.open(_blob_name(d)) as fh:
-                blob, diff_id = _stage_layer(store, fh, d, media, staged)
+                blob, diff_id = _stage_layer(store, fh, d, media, staged, budget)
         if blob.size != s:
             raise Rejected(f"layer {d[7:19]} is {blob.size} bytes, the manifest says {s}")
         if diff_id != diff_ids[i]:
@@ -526,7 +577,9 @@ def _check_config(config: bytes) -> list[str]:
     return [str(d) for d in diff_ids]
 
 
-def _docker_save(archive: _Archive, store: BlobStore, staged: list[StagedBlob]) -> Checked:
+def _docker_save(
+    archive: _Archive, store: BlobStore, staged: list[StagedBlob], budget: UnpackBudget
+) -> Checked:
     """Convert a ``docker save`` archive (manifest.json, config, layer tars) to an OCI image."""
     _, entries = archive.read_json("manifest.json")
     if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
@@ -549,10 +602,10 @@ def _docker_save(archive: _Archive, store: BlobStore, staged: list[StagedBlob]) 
             raise Rejected("manifest.json lists a layer that is not a path")
         # A docker layer is an uncompressed tar, stored under its diff_id.
         if store.has(diff_id):
-            blob, _ = _stage_layer(store, None, diff_id, MEDIA_LAYER, staged)
+            blob, _ = _stage_layer(store, None, diff_id, MEDIA_LAYER, staged, budget)
         else:
             with archive.open(name) as fh:
-                blob, _ = _stage_layer(store, fh, diff_id, MEDIA_LAYER, staged)
+                blob, _ = _stage_layer(store, fh, diff_id, MEDIA_LAYER, staged, budget)
         descriptors.append({"mediaType": MEDIA_LAYER, "digest": blob.digest, "size": blob.size})
     manifest = {
         "schemaVersion": 2,

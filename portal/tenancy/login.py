@@ -26,7 +26,8 @@ from django.core.cache import cache
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpRequest
 
-from portal.audit.models import Event, Outcome
+from portal.audit.log import record
+from portal.audit.models import Outcome
 from portal.audit.record import client_ip
 
 log = logging.getLogger(__name__)
@@ -108,15 +109,15 @@ class RateLimitedModelBackend(ModelBackend):
         message = _refusal_message()
         if request is not None:
             setattr(request, REFUSAL_ATTR, message)
-        Event.objects.create(
-            actor_name=username[:150],
-            action="auth.login_refused",
+        record(
+            "auth.login_refused",
+            actor_name=username,
+            outcome=Outcome.DENIED,
+            message=f"too many failed logins; {message}",
+            request_id=str(getattr(request, "request_id", "")),
             source_ip=client_ip(request) if request is not None else None,
             method=(request.method or "") if request is not None else "",
             path=request.path[:255] if request is not None else "",
-            request_id=str(getattr(request, "request_id", ""))[:64],
-            outcome=Outcome.DENIED,
-            message=f"too many failed logins; {message}",
         )
         raise PermissionDenied(message)
 

@@ -117,7 +117,8 @@ class SSHKey(models.Model):
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="ssh_keys")
     name = models.CharField(max_length=100)
-    public_key = models.TextField(validators=[validate_ssh_public_key])
+    # an OpenSSH line: 16384-bit RSA is ~2.8 KB of base64, the rest is the comment
+    public_key = models.TextField(max_length=8192, validators=[validate_ssh_public_key])
     fingerprint = models.CharField(max_length=80, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 

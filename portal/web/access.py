@@ -8,16 +8,19 @@ and is always one of the user's memberships.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from django.contrib.auth.views import redirect_to_login
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from portal.api.authentication import actor_for
+from portal.api.exceptions import http_status
 from portal.audit.record import note_error
+from portal.errors import DomainError
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Tenant
 from portal.tenancy.querysets import Actor
@@ -25,6 +28,7 @@ from portal.tenancy.querysets import Actor
 SESSION_TENANT = "skyport_tenant_id"
 #: a view function; the decorators below add the checks every page needs
 View = Callable[..., HttpResponse]
+_T = TypeVar("_T")
 
 
 def actor(request: HttpRequest) -> Actor:
@@ -32,8 +36,15 @@ def actor(request: HttpRequest) -> Actor:
 
 
 def my_tenants(request: HttpRequest) -> list[Tenant]:
-    """Active tenants the user is a member of (operators too: only their memberships)."""
-    return list(Tenant.objects.filter(pk__in=actor(request).tenant_ids, active=True).order_by("slug"))
+    """Active tenants the user is a member of (operators too: only their memberships).
+
+    Read once per request: the header, the current tenant and the page all ask.
+    """
+    cached: list[Tenant] | None = getattr(request, "_skyport_tenants", None)
+    if cached is None:
+        cached = list(Tenant.objects.filter(pk__in=actor(request).tenant_ids, active=True).order_by("slug"))
+        request._skyport_tenants = cached  # type: ignore[attr-defined]
+    return cached
 
 
 def current_tenant(request: HttpRequest) -> Tenant | None:
@@ -84,6 +95,40 @@ def refuse(request: HttpRequest, message: str, status: int = 403) -> HttpRespons
     note_error(request, message)
     template = "web/partials/refused.html" if request.headers.get("HX-Request") else "web/refused.html"
     return page(request, template, {"message": message}, status=status)
+
+
+def confirm(
+    request: HttpRequest,
+    title: str,
+    body: str,
+    button: str,
+    cancel: str,
+    fields: dict[str, str] | None = None,
+) -> HttpResponse:
+    """The confirmation page of a destructive action: GET shows it, its form POSTs to the same URL."""
+    context = {"title": title, "body": body, "button": button, "cancel": cancel, "fields": fields or {}}
+    return page(request, "web/confirm.html", context)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A service's refusal as a page shows it: the sentence and the HTTP status."""
+
+    message: str
+    status: int
+
+
+def attempt(request: HttpRequest, call: Callable[[], _T]) -> _T | Refusal:
+    """Run a domain service call; a refusal (:class:`portal.errors.DomainError`) becomes a :class:`Refusal`.
+
+    The refusal's sentence is kept for the audit Event, and its status is the
+    API's for the same error, so a page answers as the API would.
+    """
+    try:
+        return call()
+    except DomainError as exc:
+        note_error(request, str(exc))
+        return Refusal(str(exc), http_status(exc))
 
 
 def login_page(view: View) -> View:

@@ -10,7 +10,7 @@ from django.core.validators import MaxValueValidator, RegexValidator
 from django.db.models import Q
 
 from portal.audit.models import Outcome
-from portal.cloud import services
+from portal.cloud import placement
 from portal.cloud.choices import Kind, RequestedKind, VmState
 from portal.cloud.models import ComputeNode, Flavor, Network
 from portal.cloud.naming import NAME_RE, NAME_RULE
@@ -38,7 +38,7 @@ class ImageChoiceField(forms.ModelChoiceField):  # type: ignore[type-arg]
 
 
 class LaunchForm(NoSuffix, forms.Form):
-    """What ``services.Request`` needs.  With ``preview=True`` the name may still be empty."""
+    """What ``placement.Request`` needs.  With ``preview=True`` the name may still be empty."""
 
     name = forms.CharField(max_length=63, validators=[name_validator], help_text=NAME_RULE)
     image = ImageChoiceField(queryset=Image.objects.none(), empty_label="Choose an image")
@@ -104,9 +104,9 @@ class LaunchForm(NoSuffix, forms.Form):
             )
         return data
 
-    def to_request(self) -> services.Request:
+    def to_request(self) -> placement.Request:
         data = self.cleaned_data
-        return services.Request(
+        return placement.Request(
             tenant=self.tenant,
             name=data.get("name") or "preview",
             image=data["image"],

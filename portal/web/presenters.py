@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from compute.spec import Kind
-from portal.cloud import services
-from portal.cloud.choices import VmState
+from compute.spec import Action
+from portal.cloud import placement, states
 from portal.cloud.models import ComputeNode, Instance
 from portal.images.models import Image
 from portal.tenancy.choices import Role
@@ -16,7 +15,7 @@ from portal.tenancy.querysets import Actor
 from portal.web.access import role_refusal
 
 #: buttons shown on an instance, in this order (snapshot/revert have their own form)
-BUTTON_ACTIONS = ("start", "stop", "reboot", "pause", "resume")
+BUTTON_ACTIONS = states.BUTTON_ACTIONS
 LIMIT_LABELS = {
     "instances": "Instances",
     "vcpus": "vCPUs",
@@ -27,17 +26,21 @@ LIMIT_LABELS = {
 }
 
 
-def action_allowed(instance: Instance, action: str) -> bool:
-    """Whether ``services.act`` would accept ``action`` now (same table: ``services.ACTIONS``)."""
-    if instance.task_state or action not in services.ACTIONS:
-        return False
-    if instance.kind == Kind.CONTAINER and action not in services.CONTAINER_ACTIONS:
-        return False
-    return instance.vm_state in services.ACTIONS[action][1]
+def action_refusal(instance: Instance, action: Action) -> str | None:
+    """Why the instance's node cannot run ``action`` for its kind at all, or None (``states``)."""
+    node = instance.node.name if instance.node else ""
+    return states.unsupported(action, instance.kind, node, instance.capabilities)
+
+
+def action_allowed(instance: Instance, action: Action) -> bool:
+    """Whether ``services.act`` (or ``publish``) would accept ``action`` now: the same rules."""
+    return action_refusal(instance, action) is None and states.may_start(
+        action, instance.vm_state, instance.task_state
+    )
 
 
 def delete_allowed(instance: Instance) -> bool:
-    return instance.vm_state != VmState.DELETED and not instance.task_state
+    return states.may_start(Action.DELETE, instance.vm_state, instance.task_state)
 
 
 def image_delete_refusal(who: Actor, image: Image) -> str | None:
@@ -87,7 +90,7 @@ class EffectRow:
 
 
 def quota_effect_rows(effect: dict[str, dict[str, int]]) -> list[EffectRow]:
-    """The quota effect of ``services.preview`` as table rows."""
+    """The quota effect of ``placement.preview`` as table rows."""
     return [
         EffectRow(LIMIT_LABELS.get(k, k), e["used"], e["requested"], e["limit"]) for k, e in effect.items()
     ]
@@ -101,7 +104,7 @@ class NodeLoad:
 
 def node_loads(nodes: list[ComputeNode]) -> list[NodeLoad]:
     """Capacity bars per node, from the scheduler's own view (allocation ratios applied)."""
-    views = {v.name: v for v in services.node_views(nodes)}
+    views = {v.name: v for v in placement.node_views(nodes)}
     out = []
     for node in nodes:
         v = views[node.name]

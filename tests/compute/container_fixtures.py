@@ -23,7 +23,7 @@ from compute.config import NodeConfig
 from compute.drivers.container import ContainerDriver, cgroups_path, container_id
 from compute.network import bridge as bridges
 from compute.network import veth
-from compute.spec import ImageFormat, ImageRef, InstanceSpec, Kind, NetworkAttachment
+from compute.spec import ImageFormat, ImageRef, InstanceSpec, Kind, NetworkAttachment, NetworkSegment
 from tests.hostcaps import require_binary, require_root
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +89,7 @@ class BridgeNet:
     def attachment(self, host: int) -> NetworkAttachment:
         addr = self.network.network_address + host
         mac = "02:5c:" + ":".join(f"{b:02x}" for b in addr.packed)
-        return NetworkAttachment("test", self.bridge, f"{addr}/{self.network.prefixlen}", mac)
+        return NetworkAttachment(NetworkSegment("test", self.bridge), f"{addr}/{self.network.prefixlen}", mac)
 
     def address(self, host: int) -> str:
         return str(self.network.network_address + host)

@@ -156,3 +156,18 @@ def test_portal_and_node_share_quorum_queues_on_a_real_rabbitmq(rabbitmq: tuple[
         pytest.raises(Exception, match="inequivalent arg 'x-queue-type'"),
     ):
         plain.amqp.queues["node.t1"](conn.default_channel).declare()
+
+
+def test_node_config_checks_the_broker_as_the_portal_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    from compute.config import ConfigError, NodeConfig
+
+    monkeypatch.setenv("SKYPORT_NODE_NAME", "n1")
+    monkeypatch.setenv("CELERY_BROKER_URL", SENTINELS)
+    monkeypatch.delenv("SKYPORT_BROKER_MASTER", raising=False)
+    with pytest.raises(ConfigError, match="needs SKYPORT_BROKER_MASTER"):
+        NodeConfig.from_env()
+    monkeypatch.setenv("SKYPORT_BROKER_MASTER", "skyport")
+    assert NodeConfig.from_env().broker_master == "skyport"
+    monkeypatch.setenv("CELERY_BROKER_URL", "kafka://h:9092")
+    with pytest.raises(ConfigError, match="unsupported scheme kafka://"):
+        NodeConfig.from_env()

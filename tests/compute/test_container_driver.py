@@ -250,11 +250,11 @@ def test_survives_a_worker_restart(
         "import json, sys\n"
         "from compute.drivers.container import ContainerDriver\n"
         "from compute.config import NodeConfig\n"
-        "from compute.spec import InstanceSpec\n"
+        "from compute.spec import InstanceSpec, from_json\n"
         "from pathlib import Path\n"
         "cfg = json.loads(sys.argv[1]); cfg['state_dir'] = Path(cfg['state_dir'])\n"
         "d = ContainerDriver(NodeConfig(**cfg))\n"
-        "print(d.spawn(InstanceSpec.from_json(json.loads(sys.argv[2]))).power_state)\n"
+        "print(d.spawn(from_json(InstanceSpec, json.loads(sys.argv[2]))).power_state)\n"
     )
     cfg = {k: str(v) for k, v in dataclasses.asdict(driver.config).items()}
     out = subprocess.run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import uuid
 from typing import Any
@@ -10,20 +11,37 @@ import pytest
 
 from compute.config import ConfigError, NodeConfig
 from compute.drivers.base import DriverError
-from compute.drivers.fake import FakeDriver
+from compute.drivers.fake import REAL_CAPABILITIES, FakeDriver
 from compute.spec import (
+    INSTANCE_ACTIONS,
+    MESSAGES,
+    NODE_TASKS,
+    SPEC_VERSION,
+    Action,
+    Capability,
+    ConsoleRequest,
+    ConsoleTail,
+    CreateInstance,
+    DeleteInstance,
+    DriverStatus,
     ImageFormat,
     ImageRef,
+    InstanceAction,
     InstanceSpec,
+    InventoryItem,
     Kind,
     NetworkAttachment,
     NetworkSegment,
     NodeReport,
     Observation,
+    PowerState,
     SpecError,
+    Task,
+    from_json,
+    stored_spec,
     to_json,
 )
-from compute.tasks import NodeService
+from compute.tasks import _ACTIONS, NodeService
 
 
 def _service(tmp_path: pathlib.Path) -> tuple[NodeService, list[tuple[str, dict[str, Any]]], FakeDriver]:
@@ -54,55 +72,98 @@ def _spec() -> dict[str, Any]:
     return to_json(spec)  # type: ignore[no-any-return]
 
 
+def _create(spec: dict[str, Any], action_id: str) -> dict[str, Any]:
+    return {"spec": spec, "action_id": action_id}
+
+
+def _act(iid: str, action: str, action_id: str, **params: Any) -> dict[str, Any]:
+    return {"instance_id": iid, "kind": "vm", "action": action, "action_id": action_id, "params": params}
+
+
 def test_create_redelivered_spawns_once_and_reports_twice(tmp_path: pathlib.Path) -> None:
     svc, sent, vm = _service(tmp_path)
     spec = _spec()
-    svc.create(spec, "act-1")
-    svc.create(spec, "act-1")
+    svc.handle(Task.CREATE, _create(spec, "act-1"))
+    svc.handle(Task.CREATE, _create(spec, "act-1"))
     assert len(vm.workloads) == 1
-    assert [n for n, _ in sent] == ["portal.observe", "portal.observe"]
-    obs = Observation.from_json(sent[0][1])
+    assert [n for n, _ in sent] == [Task.OBSERVE, Task.OBSERVE]
+    obs = from_json(Observation, sent[0][1])
     assert obs.ok and obs.power_state.value == "running" and obs.node == "n1" and obs.action_id == "act-1"
+    assert obs.action is Action.CREATE
 
 
 def test_invalid_spec_is_reported_not_raised(tmp_path: pathlib.Path) -> None:
     svc, _sent, _ = _service(tmp_path)
     bad = _spec() | {"vcpus": 0}
-    obs = svc.create(bad, "act-2")
-    assert not obs.ok and "invalid spec" in obs.message
+    obs = svc.handle(Task.CREATE, _create(bad, "act-2"))
+    assert not obs.ok and "invalid compute.instance.create" in obs.message and obs.action_id == "act-2"
+    assert obs.instance_id == bad["instance_id"]
 
 
 def test_actions_and_delete_are_idempotent(tmp_path: pathlib.Path) -> None:
-    svc, _sent, vm = _service(tmp_path)
+    svc, sent, vm = _service(tmp_path)
     spec = _spec()
     iid = spec["instance_id"]
-    svc.create(spec, "a")
-    assert svc.action(iid, "vm", "stop", "b", {"timeout": 1}).power_state.value == "shutdown"
-    assert svc.action(iid, "vm", "stop", "b", {"timeout": 1}).ok
-    assert svc.action(iid, "vm", "reboot", "c").ok is False  # stopped: refused with a reason
-    assert svc.action(iid, "vm", "start", "d").power_state.value == "running"
-    assert svc.action(iid, "vm", "snapshot", "e", {"name": "s1"}).ok
-    assert svc.action(iid, "vm", "format-disk", "f").message.startswith("unknown action")
-    assert svc.delete(iid, "vm", "g").ok
-    assert svc.delete(iid, "vm", "g").ok
+    svc.handle(Task.CREATE, _create(spec, "a"))
+    assert svc.handle(Task.ACTION, _act(iid, "stop", "b", timeout=1)).power_state.value == "shutdown"
+    assert svc.handle(Task.ACTION, _act(iid, "stop", "b", timeout=1)).ok
+    assert svc.handle(Task.ACTION, _act(iid, "reboot", "c")).ok is False  # stopped: refused with a reason
+    assert svc.handle(Task.ACTION, _act(iid, "start", "d")).power_state.value == "running"
+    assert svc.handle(Task.ACTION, _act(iid, "snapshot", "e", name="s1")).ok
+    missing = svc.handle(Task.ACTION, _act(iid, "snapshot", "e2"))
+    assert not missing.ok and "snapshot needs params.name" in missing.message
+    assert svc.handle(Task.ACTION, _act(iid, "delete_snapshot", "e3", name="s1")).ok
+    before = len(sent)
+    assert svc.handle(Task.ACTION, _act(iid, "format-disk", "f")) is None  # no such action: dropped, logged
+    assert svc.handle(Task.ACTION, _act(iid, "delete", "f")).message.startswith("invalid")
+    assert len(sent) == before + 1
+    delete = {"instance_id": iid, "kind": "vm", "action_id": "g"}
+    assert svc.handle(Task.DELETE, delete).ok
+    assert svc.handle(Task.DELETE, delete).ok
     assert vm.workloads == {}
-    assert not svc.action(iid, "vm", "start", "h").ok
+    assert not svc.handle(Task.ACTION, _act(iid, "start", "h")).ok
 
 
-def test_report_has_capacity_health_and_inventory(tmp_path: pathlib.Path) -> None:
+def test_the_node_runs_every_instance_action_of_the_contract() -> None:
+    """Adding an Action without teaching the node how to run it fails here."""
+    assert set(_ACTIONS) == INSTANCE_ACTIONS
+    assert Action.CREATE not in INSTANCE_ACTIONS and Action.DELETE not in INSTANCE_ACTIONS
+
+
+def test_an_unknown_task_is_dropped(tmp_path: pathlib.Path) -> None:
     svc, sent, _ = _service(tmp_path)
-    svc.create(_spec(), "a")
+    assert svc.handle("compute.instance.format", {"instance_id": "x"}) is None
+    assert sent == []
+
+
+def test_report_has_capacity_health_capabilities_and_inventory(tmp_path: pathlib.Path) -> None:
+    svc, sent, _ = _service(tmp_path)
+    svc.handle(Task.CREATE, _create(_spec(), "a"))
     report = svc.report()
     assert report.vcpus >= 1 and report.ram_mb > 0
-    assert {k for k, ok, _ in report.drivers if ok} == {"vm", "container"}
+    assert {d.kind for d in report.drivers if d.ok} == {Kind.VM, Kind.CONTAINER}
+    caps = {d.kind: d.capabilities for d in report.drivers}
+    assert caps[Kind.VM] >= {Capability.SNAPSHOTS, Capability.PUBLISH}
+    assert Capability.SNAPSHOTS not in caps[Kind.CONTAINER]
     assert len(report.inventory) == 1
-    assert sent[-1][0] == "portal.node_report"
+    assert sent[-1][0] == Task.NODE_REPORT
+    assert from_json(NodeReport, sent[-1][1]) == report
     assert report.tunnel_address == ""
+
+
+def test_fake_drivers_report_what_the_real_drivers_do() -> None:
+    from compute.drivers.container import ContainerDriver
+    from compute.drivers.vm import LibvirtDriver
+
+    assert {
+        Kind.VM: LibvirtDriver.capabilities,
+        Kind.CONTAINER: ContainerDriver.capabilities,
+    } == REAL_CAPABILITIES
 
 
 def _nic(**kw: Any) -> NetworkAttachment:
     return NetworkAttachment(
-        "acme/default", "skn-0123abcd", "198.19.224.10/24", "52:54:00:aa:bb:cc", mtu=1450, **kw
+        NetworkSegment("acme/default", "skn-0123abcd", 1450, **kw), "198.19.224.10/24", "52:54:00:aa:bb:cc"
     )
 
 
@@ -112,7 +173,7 @@ def test_create_prepares_each_network_segment_with_its_tunnel(tmp_path: pathlib.
     svc = NodeService(cfg, lambda n, p: None, {Kind.VM: FakeDriver(Kind.VM)}, prepare_bridge=seen.append)
     nic = _nic(host_address="198.19.224.11/24", vni=7, tunnel_local="192.0.2.1", tunnel_peers=("192.0.2.2",))
     spec = _spec() | {"networks": [to_json(nic)]}
-    assert svc.create(spec, "a").ok
+    assert svc.handle(Task.CREATE, _create(spec, "a")).ok
     assert seen == [
         NetworkSegment(
             "acme/default", "skn-0123abcd", 1450, "198.19.224.11/24", 7, "192.0.2.1", ("192.0.2.2",)
@@ -126,17 +187,70 @@ def test_ensure_network_validates_and_reports_failure_without_raising(tmp_path: 
     cfg = NodeConfig("n1", tmp_path, "test:///default", "qemu", "crun", "memory://")
     svc = NodeService(cfg, lambda n, p: None, {}, prepare_bridge=seen.append)
     seg = _nic(vni=7, tunnel_local="192.0.2.1", tunnel_peers=("192.0.2.2", "192.0.2.3")).segment
-    assert svc.ensure_network(to_json(seg))
+    assert svc.handle(Task.ENSURE_NETWORK, to_json(seg))
     assert seen == [seg]
-    assert not svc.ensure_network(to_json(seg) | {"vni": 0})
-    assert not svc.ensure_network(to_json(seg) | {"tunnel_peers": ["192.0.2.1"]})
-    assert not svc.ensure_network(to_json(seg) | {"colour": "red"})
+    assert not svc.handle(Task.ENSURE_NETWORK, to_json(seg) | {"vni": 0})
+    assert not svc.handle(Task.ENSURE_NETWORK, to_json(seg) | {"tunnel_peers": ["192.0.2.1"]})
+    assert not svc.handle(Task.ENSURE_NETWORK, to_json(seg) | {"colour": "red"})
     assert len(seen) == 1
 
     def broken(seg: NetworkSegment) -> None:
         raise DriverError("no such bridge")
 
-    assert not NodeService(cfg, lambda n, p: None, {}, prepare_bridge=broken).ensure_network(to_json(seg))
+    assert not NodeService(cfg, lambda n, p: None, {}, prepare_bridge=broken).ensure_network(seg)
+
+
+def test_every_message_round_trips_through_json() -> None:
+    """One from_json for all: nested dataclasses, enums, tuples and frozensets come back equal."""
+    spec = from_json(InstanceSpec, _spec() | {"networks": [to_json(_nic(vni=3))], "env": [["A", "b"]]})
+    iid = spec.instance_id
+    messages: list[Any] = [
+        CreateInstance(spec, "a1"),
+        InstanceAction(iid, Kind.VM, Action.STOP, "a2", {"timeout": 5, "force": True}),
+        DeleteInstance(iid, Kind.CONTAINER, "a3"),
+        ConsoleRequest(iid, Kind.VM, 100),
+        _nic(vni=3, tunnel_local="192.0.2.1", tunnel_peers=("192.0.2.2",)).segment,
+        Observation(iid, "n1", Action.REVERT, "a4", False, PowerState.PAUSED, "no", 1.5, (("k", "v"),)),
+        ConsoleTail(iid, "n1", "boot\n", 2.0),
+        NodeReport(
+            "n1", "node.n1", 2, 64, 1, (DriverStatus(Kind.VM, True, "ok", frozenset(Capability)),),
+            (InventoryItem(iid, Kind.VM, PowerState.RUNNING, 5, 6),),
+        ),
+    ]  # fmt: skip
+    assert {type(m) for m in messages} == set(MESSAGES.values())
+    for message in messages:
+        wire = json.loads(json.dumps(to_json(message)))
+        assert from_json(type(message), wire) == message
+        assert MESSAGES[message.TASK] is type(message)
+
+
+def test_from_json_refuses_what_the_contract_does_not_say() -> None:
+    iid = _spec()["instance_id"]
+    good = {"instance_id": iid, "kind": "vm", "action_id": "a"}
+    for bad, match in (
+        (good | {"colour": "red"}, "unknown fields"),
+        (good | {"kind": "lxc"}, "not a valid Kind"),
+        (good | {"action_id": 7}, "expected str"),
+        (good | {"instance_id": "../etc"}, "lower-case UUID"),
+        ([1, 2], "expected an object"),
+    ):
+        with pytest.raises(SpecError, match=match):
+            from_json(DeleteInstance, bad)
+
+
+def test_a_spec_stored_by_an_older_node_still_loads() -> None:
+    """Version 1 specs (flat NIC fields) that containers kept on disk load as version 2."""
+    nic = {
+        "network": "acme/default",
+        "bridge": "skn-1",
+        "address": "198.19.0.10/24",
+        "mac": "52:54:00:00:00:01",
+    }
+    old = _spec() | {"version": 1, "networks": [nic | {"mtu": 1450, "vni": 9}]}
+    spec = stored_spec(old)
+    assert spec.version == SPEC_VERSION and spec.networks[0].segment.vni == 9
+    assert spec.networks[0].bridge == "skn-1" and spec.networks[0].address == "198.19.0.10/24"
+    assert stored_spec(to_json(spec)) == spec
 
 
 def test_tunnel_fields_are_validated_and_optional() -> None:
@@ -154,9 +268,9 @@ def test_tunnel_fields_are_validated_and_optional() -> None:
             _nic(**bad)
     # an old heartbeat without the field still parses; a bad address does not
     old = {"node": "n1", "queue": "node.n1", "vcpus": 1, "ram_mb": 64, "disk_gb": 1, "drivers": []}
-    assert NodeReport.from_json(old).tunnel_address == ""
+    assert from_json(NodeReport, old).tunnel_address == ""
     with pytest.raises(SpecError, match="tunnel_address must be an IPv4"):
-        NodeReport.from_json(old | {"tunnel_address": "node-1"})
+        from_json(NodeReport, old | {"tunnel_address": "node-1"})
 
 
 def test_tunnel_address_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,3 +282,26 @@ def test_tunnel_address_from_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("SKYPORT_TUNNEL_ADDRESS", "eth0")
     with pytest.raises(ConfigError, match="SKYPORT_TUNNEL_ADDRESS='eth0'"):
         NodeConfig.from_env()
+
+
+def test_every_node_setting_is_read_by_node_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SKYPORT_NODE_NAME", "n1")
+    monkeypatch.setenv("SKYPORT_HEARTBEAT_SECONDS", "2.5")
+    monkeypatch.setenv("SKYPORT_BROKER_VISIBILITY_SECONDS", "40")
+    monkeypatch.setenv("SKYPORT_NODE_KEY", " k3y ")
+    monkeypatch.setenv("SKYPORT_NETWORK_LOCK", "/tmp/x.lock")
+    cfg = NodeConfig.from_env()
+    assert (cfg.heartbeat_seconds, cfg.visibility_timeout_seconds, cfg.node_key) == (2.5, 40.0, "k3y")
+    assert str(cfg.network_lock) == "/tmp/x.lock"
+    monkeypatch.setenv("SKYPORT_HEARTBEAT_SECONDS", "soon")
+    with pytest.raises(ConfigError, match="SKYPORT_HEARTBEAT_SECONDS='soon'"):
+        NodeConfig.from_env()
+
+
+def test_the_worker_registers_every_node_task() -> None:
+    from compute import worker
+
+    assert set(NODE_TASKS) <= set(worker.app.tasks)
+    assert worker.app.tasks[Task.CONSOLE].acks_late is False
+    assert worker.app.tasks[Task.CREATE].acks_late is True
+    assert set(NODE_TASKS) == {Task.CREATE, Task.ACTION, Task.DELETE, Task.CONSOLE, Task.ENSURE_NETWORK}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ import pytest
 from compute.drivers.base import DriverError, InstanceNotFound
 from compute.drivers.vm import LibvirtDriver, domain_name, tap_name
 from compute.network import bridge
-from compute.spec import ImageFormat, ImageRef, InstanceSpec, NetworkAttachment, PowerState
+from compute.spec import ImageFormat, ImageRef, InstanceSpec, NetworkAttachment, NetworkSegment, PowerState
 from tests.compute.vm_fixtures import (
     build_sample_image,
     image_ref,
@@ -23,6 +23,7 @@ from tests.compute.vm_fixtures import (
     test_bridge,
     vm_spec,
     vm_state_dir,
+    wait_for,
 )
 from tests.hostcaps import require_binary, require_libvirtd
 
@@ -31,14 +32,6 @@ __all__ = ["test_bridge", "vm_state_dir"]  # fixtures used by name
 
 BOOT_DEADLINE = 90.0
 READY = "SKYPORT-READY"
-
-
-def wait_for(what: str, check: Callable[[], bool], deadline: float, interval: float = 0.1) -> None:
-    end = time.monotonic() + deadline
-    while not check():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {deadline:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def ping(address: str, deadline: float = 20.0) -> None:
@@ -80,12 +73,10 @@ def booted(driver: LibvirtDriver, sample_image: ImageRef, test_bridge: tuple[str
     name, n = test_bridge
     address = f"198.18.{n}.10"
     net = NetworkAttachment(
-        "testnet",
-        name,
+        NetworkSegment("testnet", name, host_address=f"198.18.{n}.1/24"),
         f"{address}/24",
         random_mac(),
         gateway=f"198.18.{n}.1",
-        host_address=f"198.18.{n}.1/24",
     )
     spec = vm_spec(sample_image, (net,), hostname="tiny-vm", ssh_keys=("ssh-ed25519 AAAAC3Nza test@skyport",))
     try:
@@ -259,7 +250,7 @@ def test_spawn_failure_after_bridge_removes_the_bridge_it_made(
     import libvirt
 
     br = f"skt{secrets.token_hex(4)}"
-    net = NetworkAttachment("failnet", br, "198.18.0.10/24", random_mac())
+    net = NetworkAttachment(NetworkSegment("failnet", br), "198.18.0.10/24", random_mac())
     spec = vm_spec(sample_image, (net,))
 
     def refuse(xml: str) -> None:

@@ -18,7 +18,7 @@ from compute.drivers.base import DriverError, InstanceNotFound, InvalidState
 from compute.drivers.libvirt_xml import DiskConfig, DomainConfig, InterfaceConfig, snapshot_xml
 from compute.drivers.vm import LibvirtDriver, domain_name, tap_name
 from compute.imagecache import ImageCache, ImageError, create_overlay, qemu_img_info
-from compute.spec import ImageFormat, ImageRef, NetworkAttachment, PowerState
+from compute.spec import ImageFormat, ImageRef, NetworkAttachment, NetworkSegment, PowerState
 from tests.compute.vm_fixtures import node_config, sha256_file, vm_spec
 
 IID = "0123abcd-0000-4000-8000-000000000001"
@@ -102,7 +102,7 @@ def test_domain_xml_kvm_has_no_tcg_knobs() -> None:
 def test_driver_builds_golden_xml_from_spec(tmp_path: Path) -> None:
     drv = LibvirtDriver(node_config(Path("/s"), uri="test:///default", accel="qemu"))
     image = ImageRef("tiny", "1", ImageFormat.QCOW2, "sha256:" + "0" * 64, "/x.qcow2")
-    net = NetworkAttachment("n1", "sktnet1", "198.18.3.10/24", "52:54:00:aa:bb:cc", mtu=1400)
+    net = NetworkAttachment(NetworkSegment("n1", "sktnet1", mtu=1400), "198.18.3.10/24", "52:54:00:aa:bb:cc")
     spec = vm_spec(image, (net,), ram_mb=256)
     spec = type(spec)(**{**spec.__dict__, "instance_id": IID, "vcpus": 2, "tenant": 'acme <&> "co"'})
     assert canon(drv.domain_config(spec).to_xml()) == canon(GOLDEN)
@@ -155,7 +155,9 @@ def test_accelerator_missing_cpuinfo_is_tcg(tmp_path: Path) -> None:
 
 def _spec_with_net(**kw: object) -> object:
     image = ImageRef("tiny", "1", ImageFormat.QCOW2, "sha256:" + "0" * 64, "/x.qcow2")
-    net = NetworkAttachment("n1", "sktnet1", "198.18.3.10/24", "52:54:00:aa:bb:cc", gateway="198.18.3.1")
+    net = NetworkAttachment(
+        NetworkSegment("n1", "sktnet1"), "198.18.3.10/24", "52:54:00:aa:bb:cc", gateway="198.18.3.1"
+    )
     return vm_spec(image, (net,), hostname="web-1", ssh_keys=("ssh-ed25519 AAAAkey user@h",), **kw)
 
 
@@ -168,7 +170,8 @@ def test_seed_contents() -> None:
     assert nc["version"] == 2
     assert eth0["match"] == {"macaddress": "52:54:00:aa:bb:cc"}
     assert eth0["addresses"] == ["198.18.3.10/24"]
-    assert eth0["routes"] == [{"to": "default", "via": "198.18.3.1"}]
+    # cloud-init 22.4 (Debian 12) refuses "to": "default" and brings no NIC up
+    assert eth0["routes"] == [{"to": "0.0.0.0/0", "via": "198.18.3.1"}]
     ud = cloudinit.user_data(spec)  # type: ignore[arg-type]
     assert ud.startswith("#cloud-config\n")
     assert json.loads(ud.split("\n", 1)[1])["ssh_authorized_keys"] == ["ssh-ed25519 AAAAkey user@h"]

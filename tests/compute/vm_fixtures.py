@@ -11,8 +11,9 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,15 @@ def vm_spec(
         networks=networks,
         **kw,  # type: ignore[arg-type]
     )
+
+
+def wait_for(what: str, check: Callable[[], bool], deadline: float, interval: float = 0.1) -> None:
+    """Poll ``check`` until true; fail the test naming ``what`` after ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while not check():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {deadline:.0f} s waiting for {what}")
+        time.sleep(interval)
 
 
 def random_mac() -> str:

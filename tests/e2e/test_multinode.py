@@ -38,7 +38,7 @@ from celery.exceptions import AlwaysEagerIgnored
 from django.core.management import call_command
 from django.db import connection
 
-from portal.cloud import services
+from portal.cloud import dispatch
 from portal.cloud.models import ComputeNode, HostPort, Instance, Network
 from portal.images.nodekeys import node_key
 from portal.tenancy.models import Tenant
@@ -159,7 +159,7 @@ class Redis:
 
 
 def _send_via(broker: str) -> Any:
-    """services._send, but through the test's broker (the portal app's pool is bound to another)."""
+    """dispatch._send, but through the test's broker (the portal app's pool is bound to another)."""
     from portal.celery import app
 
     def send(queue: str, task: str, args: list[Any]) -> None:
@@ -193,7 +193,7 @@ def cluster(
         server = PortalServer(UNDERLAY_HOST)
         settings.SKYPORT_PORTAL_URL = server.url
         settings.ALLOWED_HOSTS = [*settings.ALLOWED_HOSTS, UNDERLAY_HOST]
-        monkeypatch.setattr(services, "_send", _send_via(redis.url))
+        monkeypatch.setattr(dispatch, "_send", _send_via(redis.url))
         stack = Stack(base, str(settings.DATABASES["default"]["NAME"]), broker=redis.url)
         stack.start(
             "control", "-A", "portal", "worker", "-Q", "control", "--pool", "threads", "--concurrency", "4"

@@ -28,7 +28,7 @@ from django.conf import settings
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
-from portal.cloud import services
+from portal.cloud import dispatch, services
 from portal.cloud.models import ComputeNode, Instance, Network
 from portal.tenancy.models import Tenant
 from tests.e2e.test_end_to_end import ROOT, PortalServer, Stack, _client, _destroy_leftovers, wait_for
@@ -91,7 +91,7 @@ class Cluster:
         self.app.conf.broker_url = self.redis.url
         self.app.conf.broker_transport_options = {"visibility_timeout": float(VISIBILITY)}
         monkeypatch.setattr(
-            services, "_send", lambda queue, task, args: self.app.send_task(task, args=args, queue=queue)
+            dispatch, "_send", lambda queue, task, args: self.app.send_task(task, args=args, queue=queue)
         )
         self.node = f"flt{secrets.token_hex(3)}"
         self.stack = Stack(base, str(settings.DATABASES["default"]["NAME"]), self.redis.url)

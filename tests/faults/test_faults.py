@@ -196,7 +196,7 @@ def _observations(log: Path) -> list[str]:
 
 def test_the_same_node_message_delivered_twice(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every node message goes out twice with one task id, as a broker redelivery sends it."""
-    from portal.cloud import services
+    from portal.cloud import dispatch
 
     sent: list[tuple[str, str]] = []
 
@@ -206,7 +206,7 @@ def test_the_same_node_message_delivered_twice(cluster: Cluster, monkeypatch: py
         for _ in range(2):
             cluster.app.send_task(task, args=args, queue=queue, task_id=task_id)
 
-    monkeypatch.setattr(services, "_send", twice)
+    monkeypatch.setattr(dispatch, "_send", twice)
     node_log, control_log = cluster.base / f"{cluster.node}.log", cluster.base / "control.log"
 
     def both_copies_handled(task: str, observed_before: int) -> list[str]:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +12,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from compute.drivers.fake import REAL_CAPABILITIES
+from compute.spec import Kind, Task
 from portal.audit.models import Event, Outcome
-from portal.cloud import services
+from portal.cloud import dispatch, networks
 from portal.cloud.models import ComputeNode, Flavor, Instance
 from portal.images.models import Artifact, Image
 from portal.tenancy.choices import Role
@@ -27,17 +31,61 @@ ED25519 = new_ed25519()
 
 
 DIGEST = "sha256:" + "ab" * 32
-UP_BOTH = {"vm": {"ok": True, "detail": "test"}, "container": {"ok": True, "detail": "test"}}
+#: a node's ``drivers`` as its heartbeat records them: both drivers up, with the real drivers' capabilities
+UP_BOTH = {
+    kind.value: {"ok": True, "detail": "test", "capabilities": sorted(REAL_CAPABILITIES[kind])}
+    for kind in Kind
+}
 
 
 @pytest.fixture(autouse=True)
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, list[Any]]]:
     """Messages the portal sends to nodes, captured instead of reaching a broker."""
     messages: list[tuple[str, str, list[Any]]] = []
-    monkeypatch.setattr(services, "_send", lambda queue, task, args: messages.append((queue, task, args)))
+    monkeypatch.setattr(dispatch, "_send", lambda queue, task, args: messages.append((queue, task, args)))
     # tests run inside a transaction that never commits: hand messages over at once
-    monkeypatch.setattr(services.transaction, "on_commit", lambda func, using=None, robust=False: func())
+    monkeypatch.setattr(dispatch.transaction, "on_commit", lambda func, using=None, robust=False: func())
     return messages
+
+
+def heartbeat(
+    node: str,
+    *,
+    kinds: tuple[str, ...] = ("vm", "container"),
+    down: Mapping[str, str] | None = None,
+    capabilities: Mapping[str, Iterable[str]] | None = None,
+    inventory: Iterable[dict[str, Any]] = (),
+    sent_at: float | None = None,
+    vcpus: int = 64,
+    ram_mb: int = 262144,
+    disk_gb: int = 10000,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A node's heartbeat as the control worker receives it (a NodeReport's JSON, not validated here).
+
+    ``down`` names the drivers that are not operational, with the reason.
+    """
+    down, capabilities = down or {}, capabilities or {}
+    drivers = [
+        {
+            "kind": k,
+            "ok": k not in down,
+            "detail": down.get(k, ""),
+            "capabilities": sorted(capabilities.get(k, ())),
+        }
+        for k in kinds
+    ]
+    return {
+        "node": node,
+        "queue": f"node.{node}",
+        "vcpus": vcpus,
+        "ram_mb": ram_mb,
+        "disk_gb": disk_gb,
+        "drivers": drivers,
+        "inventory": list(inventory),
+        "sent_at": time.time() if sent_at is None else sent_at,
+        **extra,
+    }
 
 
 def make_image(name: str, version: str, *formats: str, owner: Tenant | None = None) -> Image:
@@ -113,7 +161,7 @@ def world(db: Any) -> World:
         isolation_reason="vm: test",
         image=tiny,
         flavor=flavor_public,
-        network=services.default_network(a),
+        network=networks.default_network(a),
         vcpus=1,
         ram_mb=128,
         disk_gb=1,
@@ -154,7 +202,6 @@ class FakeNodes:
     def service(self, queue: str) -> Any:
         from compute.config import NodeConfig
         from compute.drivers.fake import FakeDriver
-        from compute.spec import Kind
         from compute.tasks import NodeService
         from portal.cloud.tasks import apply_console, apply_node_report, apply_observation
 
@@ -163,8 +210,12 @@ class FakeNodes:
             cfg = NodeConfig(name, self.tmp, "test:///default", "qemu", "crun", "memory://")
 
             def deliver(task: str, payload: dict[str, Any]) -> None:
-                handlers = {"portal.observe": apply_observation, "portal.console": apply_console}
-                handlers.get(task, apply_node_report)(payload)
+                handlers = {
+                    Task.OBSERVE: apply_observation,
+                    Task.CONSOLE_TAIL: apply_console,
+                    Task.NODE_REPORT: apply_node_report,
+                }
+                handlers[Task(task)](payload)
 
             drivers = {Kind.VM: FakeDriver(Kind.VM), Kind.CONTAINER: FakeDriver(Kind.CONTAINER)}
             self.nodes[queue] = NodeService(cfg, deliver, drivers, prepare_bridge=lambda nic: None)
@@ -177,13 +228,7 @@ class FakeNodes:
             queue, task, args = self.sent.pop(0)
             svc = self.service(queue)
             for _ in range(2 if redeliver else 1):
-                {
-                    "compute.instance.create": svc.create,
-                    "compute.instance.action": svc.action,
-                    "compute.instance.delete": svc.delete,
-                    "compute.instance.console": svc.console,
-                    "compute.network.ensure": svc.ensure_network,
-                }[task](*args)
+                svc.handle(task, *args)
             done += 1
         return done
 

@@ -35,7 +35,9 @@ def test_console_asks_the_node_and_shows_its_tail(world: World, nodes: FakeNodes
     c = world.client("a_member")
     first = c.get(f"/api/v1/instances/{iid}/console/").json()
     assert first == {"text": "", "at": None, "node": "shared-1", "refreshing": True}
-    assert sent[-1][1] == "compute.instance.console" and sent[-1][2] == [iid, "vm"]
+    assert sent[-1][1] == "compute.instance.console" and sent[-1][2] == [
+        {"instance_id": iid, "kind": "vm", "max_bytes": 16384}
+    ]
     # a second read within 2 s does not ask again
     assert c.get(f"/api/v1/instances/{iid}/console/").json()["refreshing"] is False
     assert len([m for m in sent if m[1] == "compute.instance.console"]) == 1

@@ -11,7 +11,7 @@ from django.utils import timezone
 from portal.audit.models import Event
 from portal.cloud.models import ComputeNode, Instance
 from portal.cloud.tasks import apply_node_report, sweep
-from tests.portal.conftest import UP_BOTH, FakeNodes, World
+from tests.portal.conftest import UP_BOTH, FakeNodes, World, heartbeat
 
 
 def _launch(
@@ -138,21 +138,12 @@ def test_node_dedication_keeps_the_invariant(world: World, nodes: FakeNodes) -> 
 
 def test_reconcile_records_drift_and_orphans(world: World) -> None:
     inst = world.instance_a  # active/running on shared-1 in the fixture
-    report = {
-        "node": "shared-1",
-        "queue": "node.shared-1",
-        "vcpus": 64,
-        "ram_mb": 262144,
-        "disk_gb": 10000,
-        "drivers": [["vm", True, ""], ["container", True, ""]],
-        "inventory": [
-            {"instance_id": "11111111-2222-3333-4444-555555555555", "kind": "vm", "power_state": "running"}
-        ],
-        "sent_at": time.time(),
-    }
+    orphan = {"instance_id": "11111111-2222-3333-4444-555555555555", "kind": "vm", "power_state": "running"}
+    report = heartbeat("shared-1", inventory=[orphan])
     apply_node_report(report)
     inst.refresh_from_db()
     assert inst.power_state == "nostate" and "missing on node" in inst.status_reason
+    assert inst.missing_since is not None, "drift is a field, not a phrase in the reason"
     assert inst.vm_state == "active", "reconcile records drift; it never deletes"
     node = ComputeNode.objects.get(name="shared-1")
     assert node.orphans == [
@@ -165,7 +156,7 @@ def test_reconcile_records_drift_and_orphans(world: World) -> None:
     }
     apply_node_report(report)
     inst.refresh_from_db()
-    assert (inst.power_state, inst.vm_state) == ("shutdown", "stopped")
+    assert (inst.power_state, inst.vm_state, inst.missing_since) == ("shutdown", "stopped", None)
     assert ComputeNode.objects.get(name="shared-1").orphans == []
     assert Event.objects.filter(action="reconcile.missing").count() == 1
 
@@ -173,16 +164,7 @@ def test_reconcile_records_drift_and_orphans(world: World) -> None:
 def test_reconcile_does_not_call_instances_of_a_down_driver_missing(world: World) -> None:
     """libvirtd down: the node lists no VMs, but they still run; nothing is marked missing."""
     inst = world.instance_a
-    report = {
-        "node": "shared-1",
-        "queue": "node.shared-1",
-        "vcpus": 64,
-        "ram_mb": 262144,
-        "disk_gb": 10000,
-        "drivers": [["vm", False, "libvirtError: cannot connect"], ["container", True, ""]],
-        "inventory": [],
-        "sent_at": time.time(),
-    }
+    report = heartbeat("shared-1", down={"vm": "libvirtError: cannot connect"})
     apply_node_report(report)
     inst.refresh_from_db()
     assert (inst.power_state, inst.status_reason) == ("running", "")

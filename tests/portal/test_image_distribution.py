@@ -18,7 +18,7 @@ from compute.imagecache import ImageCache
 from compute.imagecache import ImageError as DiskError
 from compute.layers import ImageError, LayerStore
 from compute.tasks import NodeService
-from portal.images import services
+from portal.images import imports
 from portal.images.models import Image
 from portal.images.nodekeys import node_key
 from tests.hostcaps import require_binary, require_root
@@ -29,9 +29,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def imported(name: str, fmt: str, path: Path) -> Image:
     image = Image.objects.create(name=name, version="1", os="linux")
-    held = services.claim(image)
-    temp, digest, _ = services.copy_in(path, held)
-    assert services.import_here(held, fmt, temp, digest) == "active"
+    held = imports.claim(image)
+    temp, digest, _ = imports.copy_in(path, held)
+    assert imports.import_here(held, fmt, temp, digest) == "active"
     return Image.objects.get(pk=image.pk)
 
 
@@ -125,7 +125,7 @@ def test_a_vm_published_as_a_private_image(
     assert r.status_code == 202, r.content
     image_id = r.json()["id"]
     assert r.json()["status"] == "queued" and r.json()["owner"] == "acme"
-    assert sent[-1][2][2] == "publish" and sent[-1][2][4]["upload_url"].startswith(portal)
+    assert sent[-1][2][0]["action"] == "publish" and sent[-1][2][0]["params"]["upload_url"].startswith(portal)
     nodes.run()
 
     image = c.get(f"/api/v1/images/{image_id}/").json()
@@ -134,14 +134,14 @@ def test_a_vm_published_as_a_private_image(
     assert Image.objects.get(pk=image_id).source_instance_id is not None
     assert c.get(f"/api/v1/instances/{vm}/").json()["task_state"] is None
     assert world.client("b_admin").get(f"/api/v1/images/{image_id}/").status_code == 404
-    # the same name and version again is a clear 400; a container cannot be published
+    # the same name and version again is a clear 409; a container cannot be published
     again = c.post(f"/api/v1/instances/{vm}/publish/", {"name": "web-snap", "version": "1"}, format="json")
-    assert again.status_code == 400 and "already exists" in again.json()["errors"]["version"][0]
+    assert again.status_code == 409 and "already exists" in again.json()["errors"]["version"][0]
     from portal.cloud.models import Instance
 
     Instance.objects.filter(pk=vm).update(kind="container")
     ctr = c.post(f"/api/v1/instances/{vm}/publish/", {"name": "ctr", "version": "1"}, format="json")
-    assert ctr.status_code == 409 and "Only VMs can be published" in ctr.json()["message"]
+    assert ctr.status_code == 409 and "Containers do not support 'publish'" in ctr.json()["message"]
     assert not Image.objects.filter(name="ctr").exists()
 
 

@@ -22,7 +22,7 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError
 
 from portal.audit.models import Event
-from portal.images import services, tasks, validation
+from portal.images import imports, maintenance, services, tasks, validation
 from portal.images.models import Artifact, Blob, Image
 from portal.images.store import BlobStore
 from tests.portal import imagefiles as f
@@ -219,9 +219,9 @@ def test_an_import_that_cannot_be_queued_releases_the_image(
 # -------------------------------------------------------------------- imports that got stuck
 
 
-def _stuck(image: Image, phase: str, minutes: float, store: Path) -> services.Claim:
+def _stuck(image: Image, phase: str, minutes: float, store: Path) -> imports.Claim:
     """An import that stopped ``minutes`` ago in ``phase``, with a temporary file of its own."""
-    held = services.claim(image)
+    held = imports.claim(image)
     Image.objects.filter(pk=image.pk).update(
         import_phase=phase, import_updated_at=timezone.now() - dt.timedelta(minutes=minutes)
     )
@@ -248,7 +248,7 @@ def test_the_sweep_fails_imports_stuck_past_the_deadline(
     other = store / "tmp" / "upload-of-someone-else"
     other.write_bytes(b"x")
 
-    assert services.sweep_imports() == 1
+    assert maintenance.sweep_imports() == 1
     stuck.refresh_from_db()
     assert stuck.status == "failed"
     assert stuck.status_reason == (
@@ -265,11 +265,11 @@ def test_the_sweep_fails_imports_stuck_past_the_deadline(
 
 def test_a_swept_import_that_finishes_late_changes_nothing(world: World, store: Path, tmp_path: Path) -> None:
     image = Image.objects.create(name="late", version="1", owner=world.a)
-    held = services.claim(image)
-    temp, digest, _ = services.copy_in(f.qcow2(tmp_path / "d.qcow2"), held)
+    held = imports.claim(image)
+    temp, digest, _ = imports.copy_in(f.qcow2(tmp_path / "d.qcow2"), held)
     held.note("queued for import", "queued")
     Image.objects.filter(pk=image.pk).update(import_updated_at=timezone.now() - dt.timedelta(hours=2))
-    assert services.sweep_imports() == 1
+    assert maintenance.sweep_imports() == 1
     reason = Image.objects.get(pk=image.pk).status_reason
     assert not temp.exists()
     # The task finally arrives: the import is no longer waiting, so it does nothing.
@@ -285,18 +285,18 @@ def test_an_import_given_up_while_it_validates_drops_its_result(
     world: World, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image = Image.objects.create(name="slow", version="1", owner=world.a)
-    held = services.claim(image)
-    temp, digest, _ = services.copy_in(f.qcow2(tmp_path / "d.qcow2"), held)
+    held = imports.claim(image)
+    temp, digest, _ = imports.copy_in(f.qcow2(tmp_path / "d.qcow2"), held)
     check_disk = validation.check_disk
 
     def meanwhile_swept(*args: Any) -> validation.Checked:
         checked = check_disk(*args)
         Image.objects.filter(pk=image.pk).update(import_updated_at=timezone.now() - dt.timedelta(hours=2))
-        assert services.sweep_imports() == 1
+        assert maintenance.sweep_imports() == 1
         return checked
 
     monkeypatch.setattr(validation, "check_disk", meanwhile_swept)
-    assert services.import_here(held, "qcow2", temp, digest) == "superseded"
+    assert imports.import_here(held, "qcow2", temp, digest) == "superseded"
     image.refresh_from_db()
     assert image.status == "failed" and image.status_reason.startswith("import abandoned")
     assert not image.artifacts.exists() and not Blob.objects.exists()
@@ -307,7 +307,7 @@ def test_the_sweep_keeps_an_image_active_when_another_artifact_runs_it(world: Wo
     image = Image.objects.create(name="both", version="1", owner=world.a, status="active")
     Artifact.objects.create(image=image, format="qcow2", digest="sha256:" + "ab" * 32, size=1)
     _stuck(image, "receiving", 120, store)
-    assert services.sweep_imports() == 1
+    assert maintenance.sweep_imports() == 1
     image.refresh_from_db()
     assert image.status == "active" and image.status_reason.startswith(
         "import abandoned: no progress for 120"
@@ -317,7 +317,7 @@ def test_the_sweep_keeps_an_image_active_when_another_artifact_runs_it(world: Wo
 def test_the_sweep_fails_an_import_left_from_before_import_ids(world: World, store: Path) -> None:
     """An image importing since before the migration has no import id and no progress time."""
     image = Image.objects.create(name="legacy", version="1", owner=world.a, status="importing")
-    assert services.sweep_imports() == 1
+    assert maintenance.sweep_imports() == 1
     image.refresh_from_db()
     assert image.status == "failed"
     assert (
@@ -350,17 +350,17 @@ def test_a_slow_upload_marks_progress_so_the_sweep_leaves_it(
     import io
 
     image = Image.objects.create(name="slow-up", version="1", owner=world.a)
-    held = services.claim(image)
+    held = imports.claim(image)
     Image.objects.filter(pk=image.pk).update(import_updated_at=timezone.now() - dt.timedelta(hours=3))
     clock = itertools.chain([0.0, 61.0, 62.0, 200.0], itertools.repeat(300.0))
-    monkeypatch.setattr(services, "_monotonic", lambda: next(clock))
-    monkeypatch.setattr(services, "CHUNK", 4)
-    services.receive_for(held, io.BytesIO(b"0123456789ab"), 12)
+    monkeypatch.setattr(imports, "_monotonic", lambda: next(clock))
+    monkeypatch.setattr(imports, "CHUNK", 4)
+    imports.receive_for(held, io.BytesIO(b"0123456789ab"), 12)
     image.refresh_from_db()
     assert image.status_reason == "receiving upload: 12 bytes of 12 bytes"
     assert image.import_updated_at is not None
     assert timezone.now() - image.import_updated_at < dt.timedelta(minutes=1)
-    assert services.sweep_imports() == 0
+    assert maintenance.sweep_imports() == 0
 
 
 def test_an_upload_whose_image_was_released_meanwhile_stops_and_keeps_nothing(
@@ -369,15 +369,15 @@ def test_an_upload_whose_image_was_released_meanwhile_stops_and_keeps_nothing(
     import io
 
     image = Image.objects.create(name="too-slow", version="1", owner=world.a)
-    held = services.claim(image)
+    held = imports.claim(image)
     Image.objects.filter(pk=image.pk).update(import_updated_at=timezone.now() - dt.timedelta(hours=3))
-    assert services.sweep_imports() == 1
+    assert maintenance.sweep_imports() == 1
     reason = Image.objects.get(pk=image.pk).status_reason
     clock = itertools.chain([0.0], itertools.repeat(61.0))
-    monkeypatch.setattr(services, "_monotonic", lambda: next(clock))
-    monkeypatch.setattr(services, "CHUNK", 4)
-    with pytest.raises(services.ClaimLost, match="released while this upload was arriving") as lost:
-        services.receive_for(held, io.BytesIO(b"0123456789ab"), 12)
+    monkeypatch.setattr(imports, "_monotonic", lambda: next(clock))
+    monkeypatch.setattr(imports, "CHUNK", 4)
+    with pytest.raises(imports.ClaimLost, match="released while this upload was arriving") as lost:
+        imports.receive_for(held, io.BytesIO(b"0123456789ab"), 12)
     assert lost.value.status == 409
     image.refresh_from_db()
     assert (image.status, image.status_reason) == ("failed", reason)  # the sweep's word stands
@@ -409,11 +409,11 @@ def test_a_reused_blob_missing_at_commit_moves_nothing_into_the_store(
     world: World, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image = Image.objects.create(name="orphan", version="1", owner=world.a)
-    held = services.claim(image)
-    temp, digest, _ = services.copy_in(f.oci_archive(tmp_path / "a.tar", [f.BASE]), held)
+    held = imports.claim(image)
+    temp, digest, _ = imports.copy_in(f.oci_archive(tmp_path / "a.tar", [f.BASE]), held)
     checked, fresh, gone = _checked_with_a_vanished_blob(services.store(), held.token)
-    monkeypatch.setattr(validation, "check_archive", lambda path, s: checked)
-    assert services.import_here(held, "oci", temp, digest) == "failed"
+    monkeypatch.setattr(validation, "check_archive", lambda path, s, limits: checked)
+    assert imports.import_here(held, "oci", temp, digest) == "failed"
     image.refresh_from_db()
     assert image.status_reason == (
         f"oci rejected: blob {gone} left the store while the upload was checked; send it again"
@@ -426,15 +426,15 @@ def test_a_commit_that_fails_after_moving_blobs_takes_them_back(
     world: World, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image = Image.objects.create(name="rollback", version="1", owner=world.a)
-    held = services.claim(image)
-    temp, digest, _ = services.copy_in(f.oci_archive(tmp_path / "a.tar", [f.BASE, f.APP_A]), held)
+    held = imports.claim(image)
+    temp, digest, _ = imports.copy_in(f.oci_archive(tmp_path / "a.tar", [f.BASE, f.APP_A]), held)
     kept = f.digest(b"already stored by another image")
     (services.store().blobs / kept[7:]).write_bytes(b"already stored by another image")
     Blob.objects.create(digest=kept, size=1, media_type=validation.MEDIA_LAYER)
     check_archive = validation.check_archive
 
-    def with_kept(path: Path, s: Any) -> validation.Checked:
-        checked = check_archive(path, s)
+    def with_kept(path: Path, s: Any, limits: Any) -> validation.Checked:
+        checked = check_archive(path, s, limits)
         checked.blobs.append(validation.StagedBlob(kept, 1, validation.MEDIA_LAYER, None))
         return checked
 
@@ -445,7 +445,7 @@ def test_a_commit_that_fails_after_moving_blobs_takes_them_back(
 
     monkeypatch.setattr(validation, "check_archive", with_kept)
     monkeypatch.setattr(Artifact.objects, "create", broken_create)
-    assert services.import_here(held, "oci", temp, digest) == "failed"
+    assert imports.import_here(held, "oci", temp, digest) == "failed"
     image.refresh_from_db()
     assert image.status_reason == "oci import failed: RuntimeError: database went away"
     # the four blobs this import moved are gone again; the one it reused stays
@@ -481,13 +481,13 @@ def test_garbage_collection_removes_only_old_unreferenced_blobs(
     Blob.objects.create(digest=unused, size=12, media_type=validation.MEDIA_LAYER)
     Blob.objects.filter(digest=unused).update(created_at=timezone.now() - dt.timedelta(hours=2))
 
-    assert services.collect_garbage() == 2
+    assert maintenance.collect_garbage() == 2
     assert sorted(p.name for p in blobs.iterdir()) == sorted([*referenced, new_stray.name])
     assert not Blob.objects.filter(digest=unused).exists()
     assert Blob.objects.count() == len(referenced)
     # the young stray goes once it is past the grace period
     _age(new_stray, 2 * 3600)
-    assert services.collect_garbage() == 1
+    assert maintenance.collect_garbage() == 1
     assert sorted(p.name for p in blobs.iterdir()) == referenced
 
 
@@ -503,9 +503,9 @@ def test_garbage_collection_spares_a_stored_blob_an_import_is_reusing(
     check_archive = validation.check_archive
     collected: list[int] = []
 
-    def gc_during_validation(path: Path, s: Any) -> validation.Checked:
-        checked = check_archive(path, s)
-        collected.append(services.collect_garbage())
+    def gc_during_validation(path: Path, s: Any, limits: Any) -> validation.Checked:
+        checked = check_archive(path, s, limits)
+        collected.append(maintenance.collect_garbage())
         return checked
 
     monkeypatch.setattr(validation, "check_archive", gc_during_validation)

@@ -600,11 +600,12 @@ def test_only_operators_publish_public_images(world: World, store: Path) -> None
     assert world.client("a_admin").delete(f"/api/v1/images/{pub}/").status_code == 403
 
 
-def test_duplicate_version_is_a_clear_400(world: World, store: Path) -> None:
+def test_duplicate_version_is_a_clear_409(world: World, store: Path) -> None:
+    """A clash with an existing image is a conflict (409), naming the field (issue 12, item 10)."""
     c = world.client("a_member")
     new_image(c, "dup", "1")
     r = c.post("/api/v1/images/", {"name": "dup", "version": "1", "tenant": "acme"}, format="json")
-    assert r.status_code == 400 and "already exists in tenant acme" in r.json()["errors"]["version"][0]
+    assert r.status_code == 409 and "already exists in tenant acme" in r.json()["errors"]["version"][0]
 
 
 @pytest.mark.parametrize("public", [False, True], ids=["private", "public"])

@@ -11,7 +11,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from kombu.exceptions import OperationalError
 
-from portal.images import services, tasks
+from portal.images import imports, tasks
 from portal.images.models import Image
 from portal.tenancy.models import Tenant
 from tests.portal import imagefiles as f
@@ -76,7 +76,7 @@ def test_an_image_being_imported_is_a_clean_error_not_a_traceback(
     db: Any, store: Path, tmp_path: Path
 ) -> None:
     image = Image.objects.create(name="busy", version="1")
-    held = services.claim(image)
+    held = imports.claim(image)
     disk = f.qcow2(tmp_path / "d.qcow2")
     with pytest.raises(
         CommandError, match=r"^Image busy:1 is importing; wait until its current import ends\.$"
@@ -198,7 +198,7 @@ def test_sample_images_are_imported_once(db: Any, store: Path, tmp_path: Path) -
 
 def test_sample_images_with_a_stuck_image_are_a_clean_error(db: Any, store: Path, tmp_path: Path) -> None:
     d = _sample_dir(tmp_path)
-    services.claim(Image.objects.create(name="tiny", version="7"))
+    imports.claim(Image.objects.create(name="tiny", version="7"))
     with pytest.raises(
         CommandError, match=r"^Image tiny:7 is importing; wait until its current import ends\.$"
     ):

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
-import time
 from typing import Any
 
 import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
-from compute.spec import VNI_MAX, InstanceSpec, NetworkSegment
-from portal.cloud import services
+from compute.spec import VNI_MAX, CreateInstance, InstanceSpec, NetworkSegment, Task, from_json
+from portal.cloud import networks
 from portal.cloud.models import ComputeNode, HostPort, Network
 from portal.cloud.tasks import apply_node_report
 from portal.tenancy.models import Tenant
-from tests.portal.conftest import UP_BOTH, FakeNodes, World
+from tests.portal.conftest import UP_BOTH, FakeNodes, World, heartbeat
 
 
 def _node(name: str, owner: Tenant | None, tunnel: str | None, status: str = "up") -> ComputeNode:
@@ -50,30 +49,28 @@ def _launch(world: World, who: str, tenant: str, name: str, group: str = "") -> 
 
 
 def _creates(sent: list[tuple[str, str, list[Any]]]) -> dict[str, InstanceSpec]:
-    return {q: InstanceSpec.from_json(args[0]) for q, task, args in sent if task == "compute.instance.create"}
+    return {q: from_json(CreateInstance, args[0]).spec for q, task, args in sent if task == Task.CREATE}
 
 
 def _ensures(sent: list[tuple[str, str, list[Any]]]) -> dict[str, NetworkSegment]:
-    return {
-        q: NetworkSegment.from_json(args[0]) for q, task, args in sent if task == "compute.network.ensure"
-    }
+    return {q: from_json(NetworkSegment, args[0]) for q, task, args in sent if task == Task.ENSURE_NETWORK}
 
 
 def test_each_network_gets_its_own_vni_and_a_tunnel_sized_mtu(world: World) -> None:
-    a = services.default_network(world.a)
-    b = services.default_network(world.b)
+    a = networks.default_network(world.a)
+    b = networks.default_network(world.b)
     assert a.vni >= 1 and b.vni >= 1 and a.vni != b.vni
     assert a.mtu == b.mtu == 1450
-    assert services.default_network(world.a).vni == a.vni
+    assert networks.default_network(world.a).vni == a.vni
     r = world.client("a_member").get(f"/api/v1/networks/{a.pk}/").json()
     assert r["vni"] == a.vni
 
 
 def test_vni_allocation_reuses_gaps_once_the_top_is_taken(world: World) -> None:
-    a = services.default_network(world.a)
+    a = networks.default_network(world.a)
     Network.objects.filter(pk=a.pk).update(vni=VNI_MAX)
-    assert services.allocate_vni() == 1
-    assert services.default_network(world.b).vni == 1
+    assert networks.allocate_vni() == 1
+    assert networks.default_network(world.b).vni == 1
 
 
 def test_instances_on_two_nodes_get_tunnel_peers_and_own_host_addresses(
@@ -86,21 +83,25 @@ def test_instances_on_two_nodes_get_tunnel_peers_and_own_host_addresses(
     spec1 = _creates(sent)[f"node.{first['node']}"]
     (nic1,) = spec1.networks
     net = Network.objects.get(tenant=world.a, name="default")
-    assert (nic1.vni, nic1.mtu, nic1.tunnel_peers) == (net.vni, 1450, ())
-    assert nic1.tunnel_local == ComputeNode.objects.get(name=first["node"]).tunnel_address
+    assert (nic1.segment.vni, nic1.mtu, nic1.segment.tunnel_peers) == (net.vni, 1450, ())
+    assert nic1.segment.tunnel_local == ComputeNode.objects.get(name=first["node"]).tunnel_address
     assert nodes.run() == 1
     sent.clear()
 
     second = _launch(world, "a_member", "acme", "a2", group="spread")
     assert {first["node"], second["node"]} == {"tn1", "tn2"}
     (nic2,) = _creates(sent)[f"node.{second['node']}"].networks
-    assert nic2.tunnel_peers == (nic1.tunnel_local,)
+    assert nic2.segment.tunnel_peers == (nic1.segment.tunnel_local,)
     # the node that already carried the network learns the new peer, with its own address
     ensured = _ensures(sent)
     assert list(ensured) == [f"node.{first['node']}"]
     seg = ensured[f"node.{first['node']}"]
-    assert (seg.vni, seg.tunnel_local, seg.tunnel_peers) == (net.vni, nic1.tunnel_local, (nic2.tunnel_local,))
-    assert seg.host_address == nic1.host_address
+    assert (seg.vni, seg.tunnel_local, seg.tunnel_peers) == (
+        net.vni,
+        nic1.segment.tunnel_local,
+        (nic2.segment.tunnel_local,),
+    )
+    assert seg.host_address == nic1.segment.host_address
     assert nodes.run() == 2
     sent.clear()
 
@@ -112,12 +113,12 @@ def test_instances_on_two_nodes_get_tunnel_peers_and_own_host_addresses(
     assert len(set(hosts.values()) | ports) == 4
     assert all(ipaddress.ip_address(a) in subnet for a in set(hosts.values()) | ports)
     assert net.host_address not in set(hosts.values()) | ports
-    assert nic1.host_address == f"{hosts[first['node']]}/{subnet.prefixlen}"
+    assert nic1.segment.host_address == f"{hosts[first['node']]}/{subnet.prefixlen}"
 
     # a third instance on a node that already carries the network tells nobody
     _launch(world, "a_member", "acme", "a3")
     assert _ensures(sent) == {}
-    assert {n1.pk, n2.pk} == {n.pk for n in services.network_nodes(net)}
+    assert {n1.pk, n2.pk} == {n.pk for n in networks.network_nodes(net)}
 
 
 def test_nodes_without_a_tunnel_address_stay_local(
@@ -131,24 +132,17 @@ def test_nodes_without_a_tunnel_address_stay_local(
     assert set(specs) == {"node.ln1", "node.ln2"}
     for spec in specs.values():
         (nic,) = spec.networks
-        assert nic.vni is not None and nic.tunnel_local is None and nic.tunnel_peers == ()
-        assert nic.host_address is not None
+        assert (
+            nic.segment.vni is not None
+            and nic.segment.tunnel_local is None
+            and nic.segment.tunnel_peers == ()
+        )
+        assert nic.segment.host_address is not None
     assert _ensures(sent) == {}
 
 
-def _beat(name: str, tunnel: str = "", **extra: Any) -> dict[str, Any]:
-    return {
-        "node": name,
-        "queue": f"node.{name}",
-        "vcpus": 8,
-        "ram_mb": 8192,
-        "disk_gb": 100,
-        "drivers": [["vm", True, "ok"], ["container", True, "ok"]],
-        "inventory": [],
-        "sent_at": time.time(),
-        "tunnel_address": tunnel,
-        **extra,
-    }
+def _beat(name: str, tunnel: str = "") -> dict[str, Any]:
+    return heartbeat(name, vcpus=8, ram_mb=8192, disk_gb=100, tunnel_address=tunnel)
 
 
 def test_heartbeat_records_the_tunnel_address_and_a_change_reaches_the_peers(

@@ -6,9 +6,9 @@ import time
 from typing import Any
 
 from portal.audit.models import Event
-from portal.cloud.models import ComputeNode
+from portal.cloud.models import AppliedAction, ComputeNode
 from portal.cloud.tasks import apply_node_report, apply_observation
-from tests.portal.conftest import World
+from tests.portal.conftest import World, heartbeat
 
 
 def _obs(world: World, **kw: Any) -> dict[str, Any]:
@@ -66,16 +66,9 @@ def test_malformed_and_unknown_observations_are_dropped(world: World) -> None:
 
 def test_heartbeat_registers_node_and_ignores_late_beats(world: World) -> None:
     now = time.time()
-    report = {
-        "node": "n9",
-        "queue": "node.n9",
-        "vcpus": 2,
-        "ram_mb": 1024,
-        "disk_gb": 10,
-        "drivers": [["vm", True, "ok"], ["container", False, "crun missing"]],
-        "inventory": [],
-        "sent_at": now,
-    }
+    report = heartbeat(
+        "n9", vcpus=2, ram_mb=1024, disk_gb=10, down={"container": "crun missing"}, sent_at=now
+    )
     node = apply_node_report(report)
     assert node is not None and node.status == "up" and node.drivers["container"]["ok"] is False
     apply_node_report(report | {"sent_at": now - 60, "vcpus": 64})
@@ -84,15 +77,23 @@ def test_heartbeat_registers_node_and_ignores_late_beats(world: World) -> None:
 
 
 def test_stale_heartbeat_does_not_revive_a_node(world: World) -> None:
-    report = {
-        "node": "ghost",
-        "queue": "node.ghost",
-        "vcpus": 2,
-        "ram_mb": 1024,
-        "disk_gb": 10,
-        "drivers": [["vm", True, "ok"]],
-        "inventory": [],
-        "sent_at": time.time() - 3600,
-    }
+    report = heartbeat("ghost", kinds=("vm",), vcpus=2, ram_mb=1024, disk_gb=10, sent_at=time.time() - 3600)
     assert apply_node_report(report) is None
     assert not ComputeNode.objects.filter(name="ghost").exists()
+
+
+def test_a_duplicate_is_ignored_after_the_audit_log_was_pruned(world: World) -> None:
+    """Applied action ids live apart from the Events: pruning the log never replays an observation.
+
+    Before AppliedAction, duplicates were found by looking up Event rows, so this applied twice.
+    """
+    _in_flight(world)
+    assert apply_observation(_obs(world)) == "applied"
+    Event.objects.all().delete()  # an operator prunes the audit log
+    world.instance_a.vm_state = "stopped"
+    world.instance_a.save()
+    assert apply_observation(_obs(world)) == "duplicate"
+    world.instance_a.refresh_from_db()
+    assert world.instance_a.vm_state == "stopped"
+    assert not Event.objects.exists()
+    assert AppliedAction.objects.filter(instance=world.instance_a, action_id="act-1").count() == 1

@@ -9,7 +9,7 @@ import pytest
 from django.db import connections, transaction
 from rest_framework.test import APIClient
 
-from portal.cloud import services
+from portal.cloud import networks
 from portal.cloud.models import ComputeNode, HostPort, Instance, Network, Port
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Membership, Quota, Tenant
@@ -153,13 +153,13 @@ def test_concurrent_creates_in_one_network_get_distinct_addresses(world: World) 
 def test_nodes_joining_a_network_at_once_get_distinct_addresses(world: World) -> None:
     """Heartbeats of different nodes lock only their own node row, so on PostgreSQL their
     host addresses on one network are picked side by side: a lost race must pick again."""
-    network = services.default_network(world.a)
+    network = networks.default_network(world.a)
     nodes = [ComputeNode.objects.create(name=f"join-{i}", queue=f"node.join-{i}") for i in range(12)]
 
     def join(i: int) -> int:
         with transaction.atomic():
             ComputeNode.objects.select_for_update().get(pk=nodes[i].pk)  # as a heartbeat does
-            services.host_port(network, nodes[i])
+            networks.host_port(network, nodes[i])
         return 0
 
     assert _race(len(nodes), join) == [0] * len(nodes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from portal.tenancy.choices import Role
+from portal.tenancy.models import Membership
 from tests.portal.conftest import FakeNodes, World
 
 
@@ -50,6 +52,8 @@ def test_member_uses_instances_but_not_memberships(world: World, nodes: FakeNode
 
 
 def test_tenant_admin_manages_memberships(world: World) -> None:
+    # tenant admins add users they already share a tenant with (tests/security/test_memberships.py)
+    Membership.objects.create(user=world.users["a_admin"], tenant=world.b, role=Role.VIEWER)
     c = world.client("a_admin")
     r = c.post(
         "/api/v1/memberships/", {"tenant": "acme", "user": "b_member", "role": "viewer"}, format="json"

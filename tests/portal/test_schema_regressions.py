@@ -1,4 +1,4 @@
-"""Regressions found by schemathesis (tests/security/test_api_schema.py), one focused test each."""
+"""Regressions found by schemathesis (tests/security/test_schemathesis_live.py), one focused test each."""
 
 from __future__ import annotations
 

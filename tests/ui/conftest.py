@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from portal.cloud import services
+from portal.cloud import dispatch
 from tests.hostcaps import require
 from tests.portal.conftest import FakeNodes, world  # noqa: F401 -- pytest finds fixtures by name
 
@@ -70,7 +70,7 @@ def page(browser: Any) -> Iterator[Any]:
 def queued(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, list[Any]]]:
     """Messages to nodes, sent after commit by the live server's thread, kept for FakeNodes."""
     messages: list[tuple[str, str, list[Any]]] = []
-    monkeypatch.setattr(services, "_send", lambda queue, task, args: messages.append((queue, task, args)))
+    monkeypatch.setattr(dispatch, "_send", lambda queue, task, args: messages.append((queue, task, args)))
     return messages
 
 

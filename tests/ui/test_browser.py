@@ -222,7 +222,7 @@ def test_operator_dedicates_a_node(live_server: Any, page: Any, world: World) ->
     # a heartbeat of shared-1 lists a workload the portal does not know and misses web-1
     orphan = {"instance_id": ORPHAN, "kind": "vm", "power_state": "running"}
     apply_node_report({"node": "shared-1", "queue": "node.shared-1", "vcpus": 64, "ram_mb": 262144,
-                       "disk_gb": 10000, "drivers": [["vm", True, ""]], "sent_at": time.time(),
+                       "disk_gb": 10000, "drivers": [{"kind": "vm", "ok": True}], "sent_at": time.time(),
                        "inventory": [orphan]})  # fmt: skip
     page.get_by_role("link", name="Orphans and drift").click()
     expect(page.get_by_role("heading", name="Orphans and drift")).to_be_visible()
@@ -265,9 +265,9 @@ def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, browser: A
     page.get_by_role("button", name="Revert to snapshot…").click()
     page.get_by_role("button", name="Revert to snapshot", exact=True).click()
     expect(page.get_by_role("status")).to_contain_text("Revert to before-upgrade sent to shared-1")
-    expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("snapshotting")
-    actions = [args for _, task, args in queued if task == "compute.instance.action"]
-    assert [(a[2], a[4]) for a in actions] == [("revert", {"name": "before-upgrade"})]
+    expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("reverting")
+    actions = [args[0] for _, task, args in queued if task == "compute.instance.action"]
+    assert [(a["action"], a["params"]) for a in actions] == [("revert", {"name": "before-upgrade"})]
 
 
 def test_instance_filters_go_to_the_url_and_survive_paging(live_server: Any, page: Any, world: World,

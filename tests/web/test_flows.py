@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
+
+from django.db import transaction
 
 from compute.spec import Kind
 from portal.audit.models import Event
-from portal.cloud import services
+from portal.cloud import services, states
 from portal.cloud.choices import VmState
 from portal.cloud.models import ComputeNode, Instance
 from portal.cloud.tasks import apply_node_report
+from portal.errors import InvalidAction
 from portal.tenancy.models import APIToken, Quota, SSHKey
 from portal.web.presenters import action_allowed, sparkline_points
-from tests.portal.conftest import UP_BOTH, FakeNodes, World, new_ed25519
+from tests.portal.conftest import UP_BOTH, FakeNodes, World, heartbeat, new_ed25519
 from tests.web.helpers import client, text
 
 
@@ -232,11 +234,8 @@ def test_operator_dedicates_shares_drains_and_edits_quota(world: World) -> None:
 
 
 def test_ops_lists_orphans_drift_and_filters(world: World) -> None:
-    report = {"node": "shared-1", "queue": "node.shared-1", "vcpus": 64, "ram_mb": 262144, "disk_gb": 10000,
-              "drivers": [["vm", True, ""]], "sent_at": time.time(),
-              "inventory": [{"instance_id": "11111111-2222-3333-4444-555555555555", "kind": "vm",
-                             "power_state": "running"}]}  # fmt: skip
-    apply_node_report(report)
+    orphan = {"instance_id": "11111111-2222-3333-4444-555555555555", "kind": "vm", "power_state": "running"}
+    apply_node_report(heartbeat("shared-1", kinds=("vm",), inventory=[orphan]))
     op = client(world, "operator")
     page = text(op.get("/ops/drift/"))
     assert "11111111-2222-3333-4444-555555555555" in page and "reconcile.orphans" in page
@@ -247,16 +246,31 @@ def test_ops_lists_orphans_drift_and_filters(world: World) -> None:
     assert op.get("/ops/events/", {"tenant": "nope", "page": "99"}).status_code == 200
 
 
-def test_action_buttons_match_the_services_table(world: World) -> None:
+def test_action_buttons_match_what_the_service_accepts(world: World) -> None:
+    """For every state, kind and action, a page offers exactly what ``services.act`` accepts."""
     inst = world.instance_a
+    user = world.users["a_member"]
     for state in VmState.values:
         for kind in (Kind.VM, Kind.CONTAINER):
-            inst.vm_state, inst.kind, inst.task_state = state, kind, None
-            for action, (_task, allowed) in services.ACTIONS.items():
-                expect = state in allowed and (kind == Kind.VM or action in services.CONTAINER_ACTIONS)
-                assert action_allowed(inst, action) is expect, (state, kind, action)
+            for action in states.PUBLIC_ACTIONS:
+                Instance.objects.filter(pk=inst.pk).update(vm_state=state, kind=kind, task_state=None)
+                inst.refresh_from_db()
+                offered = action_allowed(inst, action)
+                try:
+                    with transaction.atomic():
+                        services.act(inst, action, {"name": "s1"}, user)
+                        raise _Accepted
+                except _Accepted:
+                    accepted = True
+                except InvalidAction:
+                    accepted = False
+                assert offered is accepted, (state, kind, action)
     inst.vm_state, inst.task_state = VmState.ACTIVE, "stopping"
-    assert not any(action_allowed(inst, a) for a in services.ACTIONS)
+    assert not any(action_allowed(inst, a) for a in states.PUBLIC_ACTIONS)
+
+
+class _Accepted(Exception):
+    """Rolls back an accepted action inside the test."""
 
 
 def test_sparkline_points_scale_into_the_box() -> None:
@@ -279,7 +293,7 @@ def test_publish_form_errors_keep_input_and_success_goes_to_the_image(world: Wor
     image = Image.objects.get(name="web-disk")
     assert r["Location"] == f"/images/{image.pk}/"
     assert (image.owner_id, image.status, image.source_instance_id) == (world.a.pk, "queued", inst.pk)
-    assert sent[-1][1] == "compute.instance.action" and sent[-1][2][2] == "publish"
+    assert sent[-1][1] == "compute.instance.action" and sent[-1][2][0]["action"] == "publish"
     assert Event.objects.filter(action="instance.publish", status_code=303).exists()
     page = text(c.get(f"/images/{image.pk}/"))
     assert 'hx-trigger="every 2s"' in page and "waiting for node shared-1" in page
@@ -353,14 +367,16 @@ def test_revert_asks_for_confirmation_first(world: World, sent: list[Any]) -> No
     # POST (the confirmation page's button) sends it
     r = c.post(url + "revert/", {"name": "before-upgrade"})
     assert (r.status_code, r["Location"]) == (303, url)
+    action_id = Instance.objects.get(pk=inst.pk).action_id
+    message = {"instance_id": str(inst.pk), "kind": "vm", "action": "revert", "action_id": action_id}
     assert [m[1:] for m in sent] == [
-        ("compute.instance.action", [str(inst.pk), "vm", "revert", sent[0][2][3], {"name": "before-upgrade"}])
+        ("compute.instance.action", [message | {"params": {"name": "before-upgrade"}}])
     ]
-    assert Instance.objects.get(pk=inst.pk).task_state == "snapshotting"
+    assert Instance.objects.get(pk=inst.pk).task_state == "reverting"
     assert Event.objects.filter(action="instance.revert", object_id=str(inst.pk), status_code=303).exists()
     # a busy instance is not offered the confirmation; a viewer is refused both ways
     r = c.get(url + "revert/", {"name": "before-upgrade"})
-    assert r.status_code == 409 and "cannot be reverted: it is snapshotting" in text(r)
+    assert r.status_code == 409 and "cannot be reverted: it is reverting" in text(r)
     viewer = client(world, "a_viewer")
     assert viewer.get(url + "revert/", {"name": "x"}).status_code == 403
     assert viewer.post(url + "revert/", {"name": "x"}).status_code == 403

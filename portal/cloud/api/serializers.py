@@ -3,29 +3,35 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from portal.api.authentication import actor_for, user_id_of
-from portal.api.fields import DefaultTenantMixin, TenantField
+from portal.api.conflicts import FieldConflict
+from portal.api.fields import DefaultTenantMixin, TenantField, TenantSlugField
+from portal.api.strict import (
+    StrictCharField,
+    StrictIntegerField,
+    StrictModelSerializer,
+    StrictPrimaryKeyRelatedField,
+    StrictRegexField,
+)
+from portal.cloud import states
 from portal.cloud.choices import RequestedKind
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
 from portal.cloud.naming import NAME_RE as _NAME_RE
 from portal.cloud.naming import NAME_RULE
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
-from portal.tenancy.models import SSHKey, Tenant
+from portal.tenancy.models import SSHKey
 
 #: the largest id a database can hold (BigAutoField); larger ones overflow the query, not just miss
 MAX_ID = 2**63 - 1
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,150}(:[A-Za-z0-9._-]{1,40})?$")
 
 
-class FlavorSerializer(serializers.ModelSerializer[Flavor]):
-    tenant = serializers.SlugRelatedField(
-        slug_field="slug",
-        queryset=Tenant.objects.all(),
+class FlavorSerializer(StrictModelSerializer[Flavor]):
+    tenant = TenantSlugField(
         required=False,
         allow_null=True,
         help_text="Owner tenant of a private flavor; empty for a public flavor.",
@@ -35,6 +41,7 @@ class FlavorSerializer(serializers.ModelSerializer[Flavor]):
         model = Flavor
         fields = ["id", "name", "vcpus", "ram_mb", "disk_gb", "is_public", "tenant"]
         read_only_fields = ["id", "is_public"]
+        extra_kwargs = {"vcpus": {"min_value": 1}, "ram_mb": {"min_value": 16}}  # flavor_min_size
         validators: list[Any] = []  # uniqueness is enforced by the database and answered with 409
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -45,10 +52,8 @@ class FlavorSerializer(serializers.ModelSerializer[Flavor]):
         return attrs
 
 
-class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
-    owner = serializers.SlugRelatedField(
-        slug_field="slug", queryset=Tenant.objects.all(), required=False, allow_null=True
-    )
+class ComputeNodeSerializer(StrictModelSerializer[ComputeNode]):
+    owner = TenantSlugField(required=False, allow_null=True)
 
     class Meta:
         model = ComputeNode
@@ -85,6 +90,8 @@ class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
             "tunnel_address",
             "created_at",
         ]
+        # a name in use is a conflict (409), in validate()
+        extra_kwargs: dict[str, Any] = {"name": {"validators": []}}
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         tenancy = attrs.get("tenancy", getattr(self.instance, "tenancy", "shared"))
@@ -103,11 +110,24 @@ class ComputeNodeSerializer(serializers.ModelSerializer[ComputeNode]):
         if "name" in attrs:
             if not re.fullmatch(r"[A-Za-z0-9_-]{1,63}", attrs["name"]):
                 raise serializers.ValidationError({"name": "Use letters, digits, '-' and '_' (at most 63)."})
+            taken = ComputeNode.objects.filter(name=attrs["name"])
+            if self.instance is not None:
+                taken = taken.exclude(pk=self.instance.pk)
+            if taken.exists():
+                raise FieldConflict("name", f"A node named {attrs['name']!r} exists already.")
             attrs["queue"] = f"node.{attrs['name']}"
         return attrs
 
 
-@extend_schema_field(OpenApiTypes.STR)
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+            {"type": "string", "minLength": 1, "maxLength": 192},
+        ],
+        "description": "An image id, or 'name:version', or 'name' (the newest active version)",
+    }
+)
 class ImageRefField(serializers.Field):  # type: ignore[type-arg]
     """An image by id, ``name:version`` or ``name`` (newest active), among images visible to the requester."""
 
@@ -118,7 +138,9 @@ class ImageRefField(serializers.Field):  # type: ignore[type-arg]
         if not isinstance(data, str | int) or isinstance(data, bool):
             raise serializers.ValidationError("Expected an image id or a reference such as 'busybox:1.36'.")
         text = str(data).strip()
-        if isinstance(data, int) or text.isdigit():
+        if isinstance(data, int) or (text.isascii() and text.isdigit()):
+            if not 1 <= int(text) <= MAX_ID:
+                raise serializers.ValidationError(f"An image id is between 1 and {MAX_ID}.")
             image = qs.filter(pk=int(text)).first()
         elif _IMAGE_RE.match(text):
             name, _, version = text.partition(":")
@@ -135,9 +157,9 @@ class ImageRefField(serializers.Field):  # type: ignore[type-arg]
         return str(value)
 
 
-class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instance]):
+class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     tenant = TenantField(required=False)
-    flavor = serializers.PrimaryKeyRelatedField(queryset=Flavor.objects.all())
+    flavor = StrictPrimaryKeyRelatedField(queryset=Flavor.objects.all())
     image = ImageRefField()
     kind = serializers.ChoiceField(
         choices=RequestedKind.choices,
@@ -153,13 +175,13 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
         slug_field="username", read_only=True, allow_null=True
     )
     ssh_key_ids = serializers.ListField(
-        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
+        child=StrictIntegerField(min_value=1, max_value=MAX_ID),
         write_only=True,
         required=False,
         max_length=20,
         help_text="Ids of your SSH keys to inject",
     )
-    user_data = serializers.CharField(
+    user_data = StrictCharField(
         required=False, allow_blank=True, max_length=16384, write_only=True, trim_whitespace=False
     )
 
@@ -262,6 +284,14 @@ class InstanceSerializer(DefaultTenantMixin, serializers.ModelSerializer[Instanc
         return attrs
 
 
+class InstanceRenameSerializer(StrictModelSerializer[Instance]):
+    """What PATCH on an instance takes (the schema's request body): only its name changes."""
+
+    class Meta:
+        model = Instance
+        fields = ["name"]
+
+
 class ConsoleSerializer(serializers.Serializer):  # type: ignore[type-arg]
     text = serializers.CharField(help_text="Tail of the serial console (VM) or stdout/stderr (container)")
     at = serializers.DateTimeField(allow_null=True, help_text="When the node read it")
@@ -282,38 +312,51 @@ class StatsSerializer(serializers.Serializer):  # type: ignore[type-arg]
 
 
 class PublishSerializer(serializers.Serializer):  # type: ignore[type-arg]
-    name = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", help_text="Name of the new image")
-    version = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,39}$")
-    description = serializers.CharField(required=False, default="", allow_blank=True, max_length=2000)
+    name = StrictRegexField(
+        r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", max_length=100, help_text="Name of the new image"
+    )
+    version = StrictRegexField(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,39}$", max_length=40)
+    description = StrictCharField(required=False, default="", allow_blank=True, max_length=2000)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         instance = self.context["instance"]
         if Image.objects.filter(owner=instance.tenant, name=attrs["name"], version=attrs["version"]).exists():
-            raise serializers.ValidationError(
-                {
-                    "version": f"{attrs['name']}:{attrs['version']} already exists "
-                    f"in tenant {instance.tenant.slug}."
-                }
+            raise FieldConflict(
+                "version",
+                f"{attrs['name']}:{attrs['version']} already exists in tenant {instance.tenant.slug}.",
             )
         return attrs
 
 
+@extend_schema_field(
+    {
+        "type": "object",
+        "description": "stop: timeout, force; snapshot/revert: name",
+        "properties": {
+            "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 600},
+            "force": {"type": "boolean"},
+            "name": {"type": "string", "pattern": _NAME_RE.pattern, "maxLength": 63},
+        },
+        "additionalProperties": False,
+    }
+)
+class ActionParamsField(serializers.DictField):
+    """An action's parameters; which ones an action takes is checked by the serializer."""
+
+
 class InstanceActionSerializer(serializers.Serializer):  # type: ignore[type-arg]
-    action = serializers.ChoiceField(
-        choices=["start", "stop", "reboot", "pause", "resume", "snapshot", "revert"]
-    )
-    params = serializers.DictField(
-        required=False, default=dict, help_text="stop: timeout, force; snapshot/revert: name"
-    )
+    action = serializers.ChoiceField(choices=[str(a) for a in states.PUBLIC_ACTIONS])
+    params = ActionParamsField(required=False, default=dict)
 
     def validate_params(self, value: dict[str, Any]) -> dict[str, Any]:
-        allowed = {"timeout", "force", "name"}
+        allowed = states.PUBLIC_PARAMS
         if set(value) - allowed:
             raise serializers.ValidationError(
                 f"Unknown params {sorted(set(value) - allowed)}; allowed: {sorted(allowed)}."
             )
-        if "timeout" in value and not (
-            isinstance(value["timeout"], int | float) and 0 < value["timeout"] <= 600
+        timeout = value.get("timeout")
+        if "timeout" in value and (
+            isinstance(timeout, bool) or not (isinstance(timeout, int | float) and 0 < timeout <= 600)
         ):
             raise serializers.ValidationError("timeout must be a number of seconds in 1..600.")
         if "name" in value and not (isinstance(value["name"], str) and _NAME_RE.match(value["name"])):
@@ -331,7 +374,7 @@ class PreviewSerializer(serializers.Serializer):  # type: ignore[type-arg]
     rejected = serializers.ListField(child=serializers.ListField(child=serializers.CharField()))
 
 
-class NetworkSerializer(serializers.ModelSerializer[Network]):
+class NetworkSerializer(StrictModelSerializer[Network]):
     tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
         slug_field="slug", read_only=True
     )

@@ -12,12 +12,13 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from portal.api.authentication import actor_for
-from portal.api.exceptions import Conflict
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
-from portal.cloud import services
+from portal.cloud import disclosure, placement, services
 from portal.cloud.api import serializers
+from portal.cloud.choices import VmState
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.errors import Conflict
 from portal.images.api.serializers import ImageSerializer
 from portal.tenancy.choices import Role
 
@@ -109,13 +110,13 @@ class InstanceViewSet(ScopedViewSet):
 
     def get_queryset(self) -> models.QuerySet[Any]:
         qs = super().get_queryset()
-        if self.request.query_params.get("vm_state") != "deleted" and self.action == "list":
+        if self.request.query_params.get("vm_state") != VmState.DELETED and self.action == "list":
             qs = qs.live()  # type: ignore[attr-defined]
         return qs
 
-    def _request(self, data: dict[str, Any]) -> services.Request:
+    def _request(self, data: dict[str, Any]) -> placement.Request:
         self.check_role(data["tenant"].pk, self.write_role)
-        return services.Request(
+        return placement.Request(
             tenant=data["tenant"],
             name=data["name"],
             image=data["image"],
@@ -141,8 +142,10 @@ class InstanceViewSet(ScopedViewSet):
         """Dry run: which kind and node the portal would choose, why, and the quota effect."""
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        result = services.preview(self._request(serializer.validated_data))
-        return Response(dataclasses.asdict(result))
+        result = placement.preview(self._request(serializer.validated_data))
+        body = dataclasses.asdict(result)
+        body["rejected"] = disclosure.rejected_for(self.actor, result.rejected)
+        return Response(body)
 
     @extend_schema(
         request=serializers.InstanceActionSerializer, responses={202: serializers.InstanceSerializer}
@@ -192,6 +195,10 @@ class InstanceViewSet(ScopedViewSet):
         describe(request, "instance.delete", instance)
         instance = services.delete_instance(instance, request.user)
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=serializers.InstanceRenameSerializer)
+    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().partial_update(request, *args, **kwargs)
 
     def perform_update(self, serializer: Any) -> None:
         if set(serializer.validated_data) - {"name"}:

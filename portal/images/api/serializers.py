@@ -3,18 +3,18 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from portal.api.authentication import actor_for
-from portal.api.exceptions import Conflict
-from portal.api.fields import DefaultTenantMixin, TenantField
+from portal.api.conflicts import FieldConflict
+from portal.api.fields import TENANT_SLUG_SCHEMA, DefaultTenantMixin, TenantField
+from portal.api.strict import StrictBooleanField, StrictModelSerializer
 from portal.images.models import Artifact, Image
 from portal.tenancy.models import Tenant
 
 
-class ArtifactSerializer(serializers.ModelSerializer[Artifact]):
+class ArtifactSerializer(StrictModelSerializer[Artifact]):
     layers = serializers.SerializerMethodField(help_text="Layer digests of a container image, bottom first")
 
     class Meta:
@@ -28,16 +28,16 @@ class ArtifactSerializer(serializers.ModelSerializer[Artifact]):
         )
 
 
-@extend_schema_field(OpenApiTypes.STR)
+@extend_schema_field(TENANT_SLUG_SCHEMA)
 class OwnerTenantField(TenantField):
     """The owner tenant of a new private image, by slug (images name it ``owner``, not ``tenant``)."""
 
 
-class ImageSerializer(DefaultTenantMixin, serializers.ModelSerializer[Image]):
+class ImageSerializer(DefaultTenantMixin, StrictModelSerializer[Image]):
     tenant = OwnerTenantField(
         required=False, write_only=True, help_text="Owner of a private image (default: your only tenant)"
     )
-    public = serializers.BooleanField(
+    public = StrictBooleanField(
         required=False, default=False, help_text="Visible to every tenant; operators only"
     )
     owner: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
@@ -95,7 +95,7 @@ class ImageSerializer(DefaultTenantMixin, serializers.ModelSerializer[Image]):
         owner = attrs.get("tenant")
         clash = Image.objects.filter(name=attrs["name"], version=attrs["version"], owner=owner)
         if clash.exists():
-            raise serializers.ValidationError({"version": _taken(attrs["name"], attrs["version"], owner)})
+            raise FieldConflict("version", _taken(attrs["name"], attrs["version"], owner))
         return attrs
 
     def create(self, validated_data: dict[str, Any]) -> Image:
@@ -107,7 +107,15 @@ class ImageSerializer(DefaultTenantMixin, serializers.ModelSerializer[Image]):
         except IntegrityError as exc:
             # Another request created the same name and version after validate() looked.
             name, version = validated_data["name"], validated_data["version"]
-            raise Conflict(_taken(name, version, owner)) from exc
+            raise FieldConflict("version", _taken(name, version, owner)) from exc
+
+
+class ImageUpdateSerializer(StrictModelSerializer[Image]):
+    """What PATCH on an image takes (the schema's request body): name, version and owner stay."""
+
+    class Meta:
+        model = Image
+        fields = ["description", "os", "min_ram_mb", "min_disk_gb"]
 
 
 def _taken(name: str, version: str, owner: Tenant | None) -> str:

@@ -18,11 +18,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from portal.api.authentication import actor_for
-from portal.api.exceptions import Conflict
+from portal.api.exceptions import http_status
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
-from portal.images import services
-from portal.images.api.serializers import ImageSerializer, UploadQuerySerializer
+from portal.errors import Conflict
+from portal.images import imports, services
+from portal.images.api.serializers import ImageSerializer, ImageUpdateSerializer, UploadQuerySerializer
 from portal.images.models import Blob, Image
 from portal.images.nodekeys import node_key
 from portal.images.store import is_digest
@@ -48,7 +49,9 @@ class ImageViewSet(ScopedViewSet):
 
     queryset = Image.objects.all()
     serializer_class = ImageSerializer
-    http_method_names = ["get", "post", "put", "patch", "delete", "head", "options"]
+    # PUT only on /images/{id}/file/ (the upload action names it), so that OPTIONS on the image and
+    # its Allow header agree with the schema: GET, PATCH, DELETE.
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     filterset_fields = {
         "name": ["exact"],
         "version": ["exact"],
@@ -69,11 +72,14 @@ class ImageViewSet(ScopedViewSet):
     def tenant_id_of(self, obj: models.Model) -> int | None:
         return getattr(obj, "owner_id", None)
 
-    @extend_schema(exclude=True)  # not an operation: PUT exists only for /file/ (405 here)
-    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        if not kwargs.get("partial"):
+    def http_method_not_allowed(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        if request.method == "PUT":
             raise MethodNotAllowed("PUT", "Use PATCH to change an image, PUT /images/{id}/file/ to upload.")
-        return super().update(request, *args, **kwargs)
+        return super().http_method_not_allowed(request, *args, **kwargs)
+
+    @extend_schema(request=ImageUpdateSerializer)
+    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().partial_update(request, *args, **kwargs)
 
     def perform_create(self, serializer: Any) -> None:
         tenant = serializer.validated_data.get("tenant")
@@ -93,7 +99,13 @@ class ImageViewSet(ScopedViewSet):
         responses={202: ImageSerializer},
         summary="Upload the image's disk or container archive (raw body, streamed to disk)",
     )
-    @action(detail=True, methods=["put"], url_path="file", parser_classes=[OctetStreamParser])
+    @action(
+        detail=True,
+        methods=["put"],
+        url_path="file",
+        parser_classes=[OctetStreamParser],
+        http_method_names=["put", "options"],
+    )
     def upload(self, request: Request, pk: str | None = None) -> Response:
         image = self.get_object()  # scoping (404) and role checks (403)
         describe(request, "image.upload", image, tenant_id=image.owner_id)
@@ -104,7 +116,7 @@ class ImageViewSet(ScopedViewSet):
         length = int(length_header) if length_header.isdigit() else None
         stream = cast(IO[bytes], request._request)
         try:
-            services.accept_upload(image, fmt, stream, length, query.validated_data.get("sha256", ""))
+            imports.accept_upload(image, fmt, stream, length, query.validated_data.get("sha256", ""))
         except services.UploadError as exc:
             raise UploadFailed(str(exc), exc.status) from exc
         image.refresh_from_db()
@@ -141,11 +153,11 @@ def node_upload(request: HttpRequest, image_id: int) -> HttpResponse:
     length_header = request.META.get("CONTENT_LENGTH") or ""
     length = int(length_header) if length_header.isdigit() else None
     try:
-        services.accept_upload(image, "qcow2", cast(IO[bytes], request), length)
+        imports.accept_upload(image, "qcow2", cast(IO[bytes], request), length)
     except services.UploadError as exc:
         return JsonResponse({"message": str(exc)}, status=exc.status)
     except Conflict as exc:
-        return JsonResponse({"message": str(exc.detail)}, status=409)
+        return JsonResponse({"message": str(exc), "code": exc.code}, status=http_status(exc))
     image.refresh_from_db()
     return JsonResponse(
         {"id": image.pk, "status": image.status, "status_reason": image.status_reason}, status=202

@@ -4,11 +4,15 @@ from typing import Any
 
 from django.db import models
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema
 from rest_framework.exceptions import PermissionDenied
+from rest_framework.request import Request
+from rest_framework.response import Response
 
 from portal.api.authentication import user_id_of
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
+from portal.errors import Conflict
 from portal.tenancy.api import serializers
 from portal.tenancy.choices import Role
 from portal.tenancy.models import APIToken, Membership, Quota, SSHKey, Tenant
@@ -44,6 +48,43 @@ class MembershipViewSet(ScopedViewSet):
     filterset_fields = {"tenant__slug": ["exact"], "role": ["exact"], "user__username": ["exact"]}
     search_fields = ["user__username", "tenant__slug"]
     ordering_fields = ["created_at", "role"]
+
+    @extend_schema(request=serializers.MembershipRoleSerializer)
+    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().partial_update(request, *args, **kwargs)
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Refuse those who may add members nowhere before the body is looked at (403, not a 400
+        that says which names they could add)."""
+        actor = self.actor
+        if not actor.is_operator and not any(actor.can(t, self.write_role) for t in actor.tenant_ids):
+            self.check_role(actor.tenant_ids[0] if actor.tenant_ids else None, self.write_role)
+        return super().create(request, *args, **kwargs)
+
+    def perform_update(self, serializer: Any) -> None:
+        if serializer.validated_data.get("role", Role.ADMIN) != Role.ADMIN:
+            self._keep_an_admin(serializer.instance, "can no longer be demoted")
+        super().perform_update(serializer)
+
+    def perform_destroy(self, instance: models.Model) -> None:
+        assert isinstance(instance, Membership)
+        self._keep_an_admin(instance, "cannot be removed")
+        super().perform_destroy(instance)
+
+    @staticmethod
+    def _keep_an_admin(membership: Membership, what: str) -> None:
+        """A tenant keeps at least one admin: nobody could manage its members otherwise, and an
+        admin removing their own last membership locks themselves out (409)."""
+        if membership.role != Role.ADMIN:
+            return
+        others = Membership.objects.filter(tenant_id=membership.tenant_id, role=Role.ADMIN).exclude(
+            pk=membership.pk
+        )
+        if not others.exists():
+            raise Conflict(
+                f"{membership.user} is the only admin of {membership.tenant} and {what}: "
+                "make another member admin first."
+            )
 
 
 class QuotaViewSet(ScopedViewSet):

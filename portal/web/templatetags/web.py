@@ -8,6 +8,10 @@ from django import template
 from django.urls import reverse
 from django.utils.html import format_html
 
+from compute.spec import PowerState
+from portal.audit.models import Outcome
+from portal.cloud.choices import NodeStatus, VmState
+from portal.images.choices import ImageStatus
 from portal.web.presenters import sparkline_points
 
 register = template.Library()
@@ -36,8 +40,15 @@ def usage_bar(bar: object) -> dict[str, object]:
 @register.filter
 def state_class(state: str | None) -> str:
     """A CSS class for a state badge."""
-    good = {"active", "running", "up", "success"}
-    bad = {"error", "crashed", "down", "failure", "denied", "nostate"}
+    good = {VmState.ACTIVE, ImageStatus.ACTIVE, PowerState.RUNNING, NodeStatus.UP, Outcome.SUCCESS}
+    bad = {
+        VmState.ERROR,
+        PowerState.CRASHED,
+        PowerState.NOSTATE,
+        NodeStatus.DOWN,
+        Outcome.FAILURE,
+        Outcome.DENIED,
+    }
     if state in good:
         return "badge good"
     if state in bad:

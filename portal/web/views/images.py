@@ -15,14 +15,23 @@ from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from portal.api.exceptions import Conflict
 from portal.audit.record import describe
 from portal.cloud import services as cloud_services
 from portal.images import services
 from portal.images.models import Image
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Tenant
-from portal.web.access import actor, login_page, page, refuse, role_refusal, tenant_page
+from portal.web.access import (
+    Refusal,
+    actor,
+    attempt,
+    confirm,
+    login_page,
+    page,
+    refuse,
+    role_refusal,
+    tenant_page,
+)
 from portal.web.forms import PublishForm
 from portal.web.presenters import image_delete_refusal
 from portal.web.views.instances import _detail_page, _instance, _write_refusal
@@ -62,17 +71,16 @@ def image_delete(request: HttpRequest, pk: int) -> HttpResponse:
     if refused:
         return refuse(request, refused)
     if request.method != "POST":
-        return page(request, "web/confirm.html", {
-            "title": f"Delete image {image}?",
-            "body": "Its files leave the store unless another image shares them. "
-                    "Refused while any instance uses it.",
-            "button": "Delete image",
-            "cancel": reverse("web:image", args=[image.pk]),
-        })  # fmt: skip
-    try:
-        services.delete_image(image)
-    except Conflict as exc:
-        return refuse(request, str(exc.detail), exc.status_code)
+        return confirm(
+            request,
+            f"Delete image {image}?",
+            "Its files leave the store unless another image shares them. Refused while any instance uses it.",
+            "Delete image",
+            reverse("web:image", args=[image.pk]),
+        )
+    outcome = attempt(request, lambda: services.delete_image(image))
+    if isinstance(outcome, Refusal):
+        return refuse(request, outcome.message, outcome.status)
     messages.success(request, f"Deleted image {image}.")
     return HttpResponseRedirect(reverse("web:images"), status=303)
 
@@ -89,10 +97,9 @@ def instance_publish(request: HttpRequest, pk: str) -> HttpResponse:
     form = PublishForm(request.POST, tenant=instance.tenant)
     if not form.is_valid():
         return _detail_page(request, instance, "Check the image name and version.", 400, publish=form)
-    try:
-        image = cloud_services.publish(instance, user=request.user, **form.cleaned_data)
-    except Conflict as exc:
+    image = attempt(request, lambda: cloud_services.publish(instance, user=request.user, **form.cleaned_data))
+    if isinstance(image, Refusal):
         instance.refresh_from_db()
-        return _detail_page(request, instance, str(exc.detail), exc.status_code, publish=form)
+        return _detail_page(request, instance, image.message, image.status, publish=form)
     messages.success(request, f"Publishing the disk of {instance.name} as image {image}; it imports next.")
     return HttpResponseRedirect(reverse("web:image", args=[image.pk]), status=303)

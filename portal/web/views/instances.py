@@ -17,17 +17,33 @@ from django.urls import reverse
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
-from portal.api.exceptions import Conflict
+from compute.spec import Action
 from portal.audit.models import Event
 from portal.audit.record import describe, note_error
-from portal.cloud import services
+from portal.cloud import disclosure, placement, services
 from portal.cloud.choices import VmState
 from portal.cloud.models import Instance
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Tenant
-from portal.web.access import actor, login_page, page, refuse, role_refusal, tenant_page
+from portal.web.access import (
+    Refusal,
+    actor,
+    attempt,
+    confirm,
+    login_page,
+    page,
+    refuse,
+    role_refusal,
+    tenant_page,
+)
 from portal.web.forms import InstanceFilterForm, LaunchForm, PublishForm, RevertForm, SnapshotForm
-from portal.web.presenters import BUTTON_ACTIONS, action_allowed, delete_allowed, quota_effect_rows
+from portal.web.presenters import (
+    BUTTON_ACTIONS,
+    action_allowed,
+    action_refusal,
+    delete_allowed,
+    quota_effect_rows,
+)
 from portal.web.views.tenant import paginate, query_without_page
 
 #: htmx stops polling when a partial answers 286
@@ -112,6 +128,7 @@ def _status_context(request: HttpRequest, instance: Instance) -> dict[str, Any]:
         "instance": instance,
         "buttons": [(a, action_allowed(instance, a)) for a in BUTTON_ACTIONS],
         "can_delete": delete_allowed(instance),
+        "live": instance.vm_state != VmState.DELETED,
         "refusal": refusal,
         "poll": POLL_SECONDS,
     }
@@ -137,9 +154,9 @@ def _detail_page(
         "error": error,
         "snapshot_form": snapshot or SnapshotForm(),
         "revert_form": revert or RevertForm(),
-        "can_snapshot": action_allowed(instance, "snapshot"),
+        "can_snapshot": action_allowed(instance, Action.SNAPSHOT),
         "publish_form": publish or PublishForm(tenant=instance.tenant),
-        "can_publish": instance.kind == "vm" and action_allowed(instance, "snapshot"),
+        "can_publish": action_allowed(instance, Action.PUBLISH),
     }
     return page(request, "web/instance_detail.html", ctx, status=status)
 
@@ -224,12 +241,10 @@ def instance_action(request: HttpRequest, pk: str) -> HttpResponse:
             note_error(request, "invalid snapshot name")
             return _detail_page(request, instance, "Check the snapshot name.", 400, snapshot)
         params["name"] = snapshot.cleaned_data["name"]
-    try:
-        services.act(instance, action, params, request.user)
-    except Conflict as exc:
-        note_error(request, str(exc.detail))
+    outcome = attempt(request, lambda: services.act(instance, action, params, request.user))
+    if isinstance(outcome, Refusal):
         instance.refresh_from_db()
-        return _detail_page(request, instance, str(exc.detail), exc.status_code, snapshot)
+        return _detail_page(request, instance, outcome.message, outcome.status, snapshot)
     messages.success(
         request, f"{action.capitalize()} sent to {instance.node}; the state updates when it reports."
     )
@@ -256,28 +271,24 @@ def instance_revert(request: HttpRequest, pk: str) -> HttpResponse:
         return _detail_page(request, instance, error, 400, revert=form)
     name = form.cleaned_data["name"]
     if not posted:
-        if not action_allowed(instance, "revert"):
-            why = (
-                "only VMs have snapshots"
-                if instance.kind != "vm"
-                else f"it is {instance.task_state or instance.vm_state}"
+        if not action_allowed(instance, Action.REVERT):
+            why = action_refusal(instance, Action.REVERT) or (
+                f"{instance.name} cannot be reverted: it is {instance.task_state or instance.vm_state}."
             )
-            error = f"{instance.name} cannot be reverted: {why}."
-            return _detail_page(request, instance, error, 409, revert=form)
-        return page(request, "web/confirm.html", {
-            "title": f"Revert {instance.name} to snapshot {name}?",
-            "body": f"What changed in {instance.name} since snapshot {name} was taken is lost. "
-                    "This cannot be undone.",
-            "button": "Revert to snapshot",
-            "fields": {"name": name},
-            "cancel": reverse("web:instance", args=[instance.pk]),
-        })  # fmt: skip
-    try:
-        services.act(instance, "revert", {"name": name}, request.user)
-    except Conflict as exc:
-        note_error(request, str(exc.detail))
+            return _detail_page(request, instance, why, 409, revert=form)
+        return confirm(
+            request,
+            f"Revert {instance.name} to snapshot {name}?",
+            f"What changed in {instance.name} since snapshot {name} was taken is lost. "
+            "This cannot be undone.",
+            "Revert to snapshot",
+            reverse("web:instance", args=[instance.pk]),
+            fields={"name": name},
+        )
+    outcome = attempt(request, lambda: services.act(instance, Action.REVERT, {"name": name}, request.user))
+    if isinstance(outcome, Refusal):
         instance.refresh_from_db()
-        return _detail_page(request, instance, str(exc.detail), exc.status_code, revert=form)
+        return _detail_page(request, instance, outcome.message, outcome.status, revert=form)
     messages.success(request, f"Revert to {name} sent to {instance.node}; the state updates when it reports.")
     return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
 
@@ -292,18 +303,17 @@ def instance_delete(request: HttpRequest, pk: str) -> HttpResponse:
     if refused:
         return refused
     if request.method != "POST":
-        return page(request, "web/confirm.html", {
-            "title": f"Delete instance {instance.name}?",
-            "body": "The node destroys the workload and its disk; this cannot be undone.",
-            "button": "Delete instance",
-            "cancel": reverse("web:instance", args=[instance.pk]),
-        })  # fmt: skip
-    try:
-        services.delete_instance(instance, request.user)
-    except Conflict as exc:
-        note_error(request, str(exc.detail))
+        return confirm(
+            request,
+            f"Delete instance {instance.name}?",
+            "The node destroys the workload and its disk; this cannot be undone.",
+            "Delete instance",
+            reverse("web:instance", args=[instance.pk]),
+        )
+    outcome = attempt(request, lambda: services.delete_instance(instance, request.user))
+    if isinstance(outcome, Refusal):
         instance.refresh_from_db()
-        return _detail_page(request, instance, str(exc.detail), exc.status_code)
+        return _detail_page(request, instance, outcome.message, outcome.status)
     messages.success(request, f"Delete of {instance.name} requested.")
     return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
 
@@ -325,11 +335,12 @@ def launch(request: HttpRequest, tenant: Tenant) -> HttpResponse:
     if not form.is_valid():
         note_error(request, "the launch form has errors")
         return page(request, "web/launch.html", {"form": form}, status=400)
-    try:
-        instance = services.create_instance(form.to_request(), request.user)
-    except Conflict as exc:
-        note_error(request, str(exc.detail))
-        return page(request, "web/launch.html", {"form": form, "error": str(exc.detail)}, status=409)
+    outcome = attempt(request, lambda: services.create_instance(form.to_request(), request.user))
+    if isinstance(outcome, Refusal):
+        return page(
+            request, "web/launch.html", {"form": form, "error": outcome.message}, status=outcome.status
+        )
+    instance = outcome
     describe(request, "instance.create", instance, message=instance.isolation_reason)
     messages.success(request, f"Launching {instance.name}: {instance.isolation_reason}.")
     return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
@@ -337,16 +348,17 @@ def launch(request: HttpRequest, tenant: Tenant) -> HttpResponse:
 
 @tenant_page
 def launch_preview(request: HttpRequest, tenant: Tenant) -> HttpResponse:
-    """Partial: what ``services.preview`` says about the form as filled in so far (GET: a dry run)."""
+    """Partial: what ``placement.preview`` says about the form as filled in so far (GET: a dry run)."""
     refusal = role_refusal(actor(request), tenant.pk, Role.MEMBER)
     ctx: dict[str, Any] = {"refusal": refusal}
     form = _launch_form(request, tenant, request.GET, preview=True)
     if refusal is None and form.is_valid():
-        try:
-            result = services.preview(form.to_request())
+        result = attempt(request, lambda: placement.preview(form.to_request()))
+        if isinstance(result, Refusal):
+            ctx["error"] = result.message
+        else:
             ctx["preview"] = result
+            ctx["rejected"] = disclosure.rejected_for(actor(request), result.rejected)
             ctx["quota_rows"] = quota_effect_rows(result.quota)
-        except Conflict as exc:
-            ctx["error"] = str(exc.detail)
     ctx["form"] = form
     return render(request, "web/partials/launch_preview.html", ctx)

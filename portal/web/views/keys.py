@@ -13,7 +13,7 @@ from django.utils import timezone
 from portal.api.authentication import user_id_of
 from portal.audit.record import describe, note_error
 from portal.tenancy.models import APIToken, Membership, SSHKey
-from portal.web.access import actor, login_page, my_tenants, page
+from portal.web.access import actor, confirm, login_page, my_tenants, page
 from portal.web.forms import SSHKeyForm, TokenForm
 
 
@@ -40,12 +40,13 @@ def ssh_keys(request: HttpRequest) -> HttpResponse:
 def ssh_key_delete(request: HttpRequest, pk: int) -> HttpResponse:
     key = get_object_or_404(SSHKey, pk=pk, user_id=user_id_of(request))
     if request.method != "POST":
-        return page(request, "web/confirm.html", {
-            "title": f"Delete SSH key {key.name}?",
-            "body": f"{key.fingerprint}. Instances launched with it keep it; new launches cannot use it.",
-            "button": "Delete key",
-            "cancel": reverse("web:ssh-keys"),
-        })  # fmt: skip
+        return confirm(
+            request,
+            f"Delete SSH key {key.name}?",
+            f"{key.fingerprint}. Instances launched with it keep it; new launches cannot use it.",
+            "Delete key",
+            reverse("web:ssh-keys"),
+        )
     describe(request, "sshkey.delete", key)
     key.delete()
     messages.success(request, f"Deleted key {key.name}.")
@@ -116,12 +117,13 @@ def tokens(request: HttpRequest) -> HttpResponse:
 def token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
     token = get_object_or_404(APIToken, pk=pk, user_id=user_id_of(request))
     if request.method != "POST":
-        return page(request, "web/confirm.html", {
-            "title": f"Revoke token {token.name}?",
-            "body": "Programs using it are refused from now on. A revoked token cannot be restored.",
-            "button": "Revoke token",
-            "cancel": reverse("web:tokens"),
-        })  # fmt: skip
+        return confirm(
+            request,
+            f"Revoke token {token.name}?",
+            "Programs using it are refused from now on. A revoked token cannot be restored.",
+            "Revoke token",
+            reverse("web:tokens"),
+        )
     describe(request, "apitoken.revoke", token)
     if token.revoked_at is None:
         token.revoked_at = timezone.now()

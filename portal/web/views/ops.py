@@ -9,13 +9,12 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from portal.api.exceptions import Conflict
 from portal.audit.models import Event
 from portal.audit.record import describe, note_error
-from portal.cloud import services
+from portal.cloud import placement, services
 from portal.cloud.models import ComputeNode, Instance
 from portal.tenancy.models import Quota, Tenant
-from portal.web.access import operator_page, page
+from portal.web.access import Refusal, attempt, confirm, operator_page, page
 from portal.web.forms import NodeTenancyForm, OpsEventFilterForm, OpsInstanceFilterForm, QuotaForm
 from portal.web.presenters import node_loads, quota_bars
 from portal.web.views.instances import filter_instances
@@ -55,11 +54,9 @@ def node_tenancy(request: HttpRequest, name: str) -> HttpResponse:
     owner = form.cleaned_data["owner"]
     verb = f"dedicate to {owner.slug}" if owner else "share"
     describe(request, "computenode.dedicate" if owner else "computenode.share", node, message=verb)
-    try:
-        services.set_node_tenancy(node, owner)
-    except Conflict as exc:
-        note_error(request, str(exc.detail))
-        return _nodes_page(request, str(exc.detail), exc.status_code)
+    outcome = attempt(request, lambda: services.set_node_tenancy(node, owner))
+    if isinstance(outcome, Refusal):
+        return _nodes_page(request, outcome.message, outcome.status)
     messages.success(
         request, f"Node {node.name} is now " + (f"dedicated to {owner.slug}." if owner else "shared.")
     )
@@ -72,13 +69,14 @@ def node_drain(request: HttpRequest, name: str) -> HttpResponse:
     node = get_object_or_404(ComputeNode, name=name)
     if request.method != "POST":
         hosted = Instance.objects.live().filter(node=node).count()
-        return page(request, "web/confirm.html", {
-            "title": f"Drain node {node.name}?",
-            "body": f"The scheduler stops placing new instances on {node.name} until an operator enables it "
-                    f"again. Instances already there keep running ({hosted} now).",
-            "button": "Drain node",
-            "cancel": reverse("web:ops-nodes"),
-        })  # fmt: skip
+        return confirm(
+            request,
+            f"Drain node {node.name}?",
+            f"The scheduler stops placing new instances on {node.name} until an operator enables it "
+            f"again. Instances already there keep running ({hosted} now).",
+            "Drain node",
+            reverse("web:ops-nodes"),
+        )
     if request.POST.get("enable") == "1":  # a nodes page from before enable had its own URL
         describe(request, "computenode.disable", node)
         note_error(request, "enable posted to drain")
@@ -105,7 +103,7 @@ def _set_enabled(request: HttpRequest, node: ComputeNode, enabled: bool) -> Http
 @operator_page
 def tenants(request: HttpRequest) -> HttpResponse:
     rows = [
-        (t, quota_bars(t.quota, services.usage(t.pk)))
+        (t, quota_bars(t.quota, placement.usage(t.pk)))
         for t in Tenant.objects.select_related("quota").order_by("slug")
     ]
     return page(request, "web/ops/tenants.html", {"rows": rows})
@@ -125,7 +123,7 @@ def tenant_quota(request: HttpRequest, slug: str) -> HttpResponse:
             return HttpResponseRedirect(reverse("web:ops-tenants"), status=303)
         note_error(request, "the quota form has errors")
         status = 400
-    bars = quota_bars(quota, services.usage(tenant.pk))
+    bars = quota_bars(quota, placement.usage(tenant.pk))
     return page(request, "web/ops/quota.html", {"tenant": tenant, "form": form, "bars": bars}, status=status)
 
 
@@ -144,11 +142,7 @@ def instances(request: HttpRequest) -> HttpResponse:
 def drift(request: HttpRequest) -> HttpResponse:
     """What reconcile found: workloads unknown to the portal (orphans) and drift events."""
     with_orphans = ComputeNode.objects.exclude(orphans=[]).order_by("name")
-    missing = (
-        Instance.objects.live()
-        .filter(power_state="nostate", status_reason__contains="found by reconcile")
-        .select_related("tenant", "node")
-    )
+    missing = Instance.objects.live().filter(missing_since__isnull=False).select_related("tenant", "node")
     recent = Event.objects.filter(action__startswith="reconcile.").select_related("tenant")[:100]
     return page(request, "web/ops/drift.html", {"nodes": with_orphans, "missing": missing, "events": recent})
 

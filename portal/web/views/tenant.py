@@ -8,7 +8,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect
 
 from portal.audit.models import Event
-from portal.cloud import services
+from portal.cloud import placement
 from portal.cloud.choices import VmState
 from portal.cloud.models import ComputeNode, Instance, Network
 from portal.images.models import Image
@@ -36,7 +36,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         request,
         "web/dashboard.html",
         {
-            "bars": quota_bars(quota, services.usage(tenant.pk)),
+            "bars": quota_bars(quota, placement.usage(tenant.pk)),
             "counts": [(s, counts.get(s, 0)) for s in VmState.values if s != VmState.DELETED],
             "busy": Instance.objects.filter(tenant=tenant, task_state__isnull=False).count(),
             "dedicated": ComputeNode.objects.filter(owner=tenant).values_list("name", flat=True),

@@ -7,10 +7,10 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from portal.api.exceptions import Conflict
-from portal.audit.models import Event, Outcome
+from portal.audit.log import record
 from portal.cloud import services
 from portal.cloud.models import ComputeNode
+from portal.errors import Conflict
 from portal.images.nodekeys import node_key
 from portal.tenancy.models import Tenant
 
@@ -45,15 +45,7 @@ class Command(BaseCommand):
         return node
 
     def _audit(self, node: ComputeNode, action: str, message: str) -> None:
-        Event.objects.create(
-            actor_name="manage.py",
-            action=f"node.{action}",
-            object_type="computenode",
-            object_id=str(node.pk),
-            object_repr=node.name,
-            outcome=Outcome.SUCCESS,
-            message=message,
-        )
+        record(f"node.{action}", node, actor_name="manage.py", message=message)
 
     def handle(self, *args: Any, **options: Any) -> None:
         action = options["action"]
@@ -101,4 +93,4 @@ class Command(BaseCommand):
                 self._audit(node, action, node.status_reason)
                 self.stdout.write(f"node {name} is {node.status}")
         except Conflict as exc:
-            raise CommandError(str(exc.detail)) from exc
+            raise CommandError(str(exc)) from exc

@@ -16,8 +16,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import IntegrityError, transaction
 
-from portal.api.exceptions import Conflict
-from portal.images import services
+from portal.errors import Conflict
+from portal.images import imports, services
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
 from portal.tenancy.models import Tenant
@@ -65,11 +65,11 @@ class Command(BaseCommand):
             raise CommandError(f"cannot create the image: {exc}") from exc
         try:
             services.check_can_receive(image, opts["format"])
-            held = services.claim(image)
-            temp, digest, size = services.copy_in(path, held, opts["sha256"])
-            services.queue_import(held, opts["format"], temp, digest, f"copied {size} bytes ({digest})")
+            held = imports.claim(image)
+            temp, digest, size = imports.copy_in(path, held, opts["sha256"])
+            imports.queue_import(held, opts["format"], temp, digest, f"copied {size} bytes ({digest})")
         except (services.UploadError, Conflict) as exc:
-            message = str(exc.detail) if isinstance(exc, Conflict) else str(exc)
+            message = str(exc)
             if created:
                 # A run that was refused leaves nothing behind, not even the image it created.
                 Image.objects.filter(pk=image.pk, artifacts__isnull=True).delete()

@@ -14,8 +14,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from portal.api.exceptions import Conflict
-from portal.images import services
+from portal.errors import Conflict
+from portal.images import imports, services
 from portal.images.choices import ArtifactFormat, ImageStatus
 from portal.images.models import Image
 
@@ -88,10 +88,10 @@ class Command(BaseCommand):
                 return
             artifact.delete()  # recorded before the store existed, or its files are gone: import again
         try:
-            held = services.claim(image)
-            temp, digest, _ = services.copy_in(path, held, _digest(path))
+            held = imports.claim(image)
+            temp, digest, _ = imports.copy_in(path, held, _digest(path))
         except Conflict as exc:
-            raise CommandError(str(exc.detail)) from exc
+            raise CommandError(str(exc)) from exc
         except services.UploadError as exc:
             raise CommandError(f"{path}: {exc}") from exc
-        services.import_here(held, "oci" if fmt == ArtifactFormat.OCI else fmt, temp, digest)
+        imports.import_here(held, "oci" if fmt == ArtifactFormat.OCI else fmt, temp, digest)

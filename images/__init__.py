@@ -1,0 +1,1 @@
+"""Offline builders of Skyport's sample and test images (Debian packages, no registry)."""

@@ -1,0 +1,1 @@
+"""The Debian test workloads: see testimages.py."""

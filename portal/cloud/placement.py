@@ -1,0 +1,160 @@
+"""Placement: the quota a create would use and the node the scheduler picks for it.
+
+``usage`` and ``quota_effect`` count what a tenant's live instances use;
+``node_views`` turns node rows and their live instances into the scheduler's
+pure input (:mod:`portal.cloud.scheduler`).  ``place`` runs both, with the
+quota and node rows locked when the caller is about to create.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+from django.conf import settings
+from django.db.models import Count, Q, Sum
+
+from compute.spec import Kind
+from portal.cloud import scheduler
+from portal.cloud.choices import NodeStatus
+from portal.cloud.models import ComputeNode, Flavor, Instance
+from portal.errors import Conflict, QuotaExceeded
+from portal.images.models import Image
+from portal.tenancy.models import Quota, Tenant
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    tenant: Tenant
+    name: str
+    image: Image
+    flavor: Flavor
+    requested_kind: str
+    anti_affinity_group: str = ""
+    ssh_keys: tuple[str, ...] = ()
+    user_data: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preview:
+    """What a create would do: kind, node, reason and quota effect."""
+
+    kind: str
+    node: str
+    reason: str
+    quota: dict[str, dict[str, int]]
+    rejected: tuple[tuple[str, str], ...]
+
+
+def usage(tenant_id: int) -> dict[str, int]:
+    """What the tenant's live instances use, per quota limit."""
+    agg = (
+        Instance.objects.filter(tenant_id=tenant_id)
+        .live()
+        .aggregate(
+            instances=Count("id"),
+            vcpus=Sum("vcpus"),
+            ram_mb=Sum("ram_mb"),
+            disk_gb=Sum("disk_gb"),
+            containers=Count("id", filter=Q(kind=Kind.CONTAINER)),
+            vms=Count("id", filter=Q(kind=Kind.VM)),
+        )
+    )
+    return {k: int(v or 0) for k, v in agg.items()}
+
+
+def quota_effect(quota: Quota, used: dict[str, int], kind: str, flavor: Flavor) -> dict[str, dict[str, int]]:
+    """Per limit: used now, requested, and the limit."""
+    asked = {
+        "instances": 1,
+        "vcpus": flavor.vcpus,
+        "ram_mb": flavor.ram_mb,
+        "disk_gb": flavor.disk_gb,
+        "containers": 1 if kind == Kind.CONTAINER else 0,
+        "vms": 1 if kind == Kind.VM else 0,
+    }
+    return {k: {"used": used[k], "requested": asked[k], "limit": getattr(quota, k)} for k in Quota.LIMITS}
+
+
+def check_quota(tenant: Tenant, effect: dict[str, dict[str, int]]) -> None:
+    for limit, e in effect.items():
+        if e["used"] + e["requested"] > e["limit"]:
+            raise QuotaExceeded(
+                f"Quota exceeded for {limit}: tenant {tenant.slug} uses {e['used']} of {e['limit']} "
+                f"and this instance needs {e['requested']} more."
+            )
+
+
+def node_views(nodes: list[ComputeNode]) -> list[scheduler.NodeView]:
+    """The scheduler's view of nodes: capacity, load and residents from live instances."""
+    load: dict[int, dict[str, int]] = defaultdict(lambda: {"vcpus": 0, "ram_mb": 0, "disk_gb": 0})
+    residents: dict[int, set[tuple[str, str]]] = defaultdict(set)
+    groups: dict[int, set[str]] = defaultdict(set)
+    rows = (
+        Instance.objects.live()
+        .filter(node__in=nodes)
+        .values_list("node_id", "tenant__slug", "kind", "vcpus", "ram_mb", "disk_gb", "anti_affinity_group")
+    )
+    for node_id, slug, kind, vcpus, ram, disk, group in rows:
+        load[node_id]["vcpus"] += vcpus
+        load[node_id]["ram_mb"] += ram
+        load[node_id]["disk_gb"] += disk
+        residents[node_id].add((slug, kind))
+        if group:
+            groups[node_id].add(f"{slug}/{group}")
+    views = []
+    for n in nodes:
+        drivers = frozenset(k for k, v in (n.drivers or {}).items() if v.get("ok"))
+        views.append(
+            scheduler.NodeView(
+                name=n.name,
+                up=n.status == NodeStatus.UP,
+                dedicated_to=n.owner.slug if n.owner_id and n.owner else None,
+                vcpus=n.vcpus,
+                ram_mb=n.ram_mb,
+                disk_gb=n.disk_gb,
+                cpu_ratio=n.cpu_allocation_ratio,
+                ram_ratio=n.ram_allocation_ratio,
+                disk_ratio=n.disk_allocation_ratio,
+                used_vcpus=load[n.pk]["vcpus"],
+                used_ram_mb=load[n.pk]["ram_mb"],
+                used_disk_gb=load[n.pk]["disk_gb"],
+                drivers=drivers,
+                residents=frozenset(residents[n.pk]),
+                groups=frozenset(groups[n.pk]),
+            )
+        )
+    return views
+
+
+def place(req: Request, lock: bool) -> tuple[scheduler.Placement, dict[str, dict[str, int]]]:
+    """The scheduler's choice for ``req`` and its quota effect (rows locked with ``lock``)."""
+    quota_qs = Quota.objects.select_for_update() if lock else Quota.objects
+    quota = quota_qs.get(tenant=req.tenant)
+    node_qs = ComputeNode.objects.select_related("owner").order_by("pk")
+    nodes = list(node_qs.select_for_update(of=("self",)) if lock else node_qs)
+    sreq = scheduler.Request(
+        tenant=req.tenant.slug,
+        kind=req.requested_kind,
+        vcpus=req.flavor.vcpus,
+        ram_mb=req.flavor.ram_mb,
+        disk_gb=req.flavor.disk_gb,
+        image_formats=frozenset(req.image.formats()),
+        anti_affinity_group=f"{req.tenant.slug}/{req.anti_affinity_group}"
+        if req.anti_affinity_group
+        else None,
+        weigher=settings.SKYPORT_SCHEDULER_WEIGHER,
+    )
+    try:
+        placement = scheduler.schedule(sreq, node_views(nodes))
+    except scheduler.NoValidHost as exc:
+        raise Conflict(str(exc)) from exc
+    effect = quota_effect(quota, usage(req.tenant.pk), placement.kind, req.flavor)
+    return placement, effect
+
+
+def preview(req: Request) -> Preview:
+    """Dry run: the decision, node and quota effect, without creating anything."""
+    placement, effect = place(req, lock=False)
+    check_quota(req.tenant, effect)
+    return Preview(placement.kind, placement.node, placement.reason, effect, placement.rejected)

@@ -1,0 +1,58 @@
+"""OPTIONS (its Allow header) and the OpenAPI schema list the same methods on every path (issue 12, item 9).
+
+Before: OPTIONS on /images/{id}/ advertised PUT, which the schema does not
+list (PUT is only for /images/{id}/file/) and which answered 405.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from portal.tenancy.models import APIToken, SSHKey
+from tests.portal.conftest import ED25519, World
+
+
+def test_allow_header_matches_the_schema_everywhere(world: World) -> None:
+    c = world.client("operator")
+    op = world.users["operator"]
+    key = SSHKey.objects.create(user=op, name="op", public_key=ED25519)
+    token = APIToken(user=op, name="op", expires_at="2999-01-01T00:00:00Z")
+    token.issue()
+    token.save()
+    image = world.instance_a.image
+    assert image is not None
+    ids = {
+        "events": world.event_a.pk,
+        "flavors": world.flavor_public.pk,
+        "images": image.pk,
+        "instances": world.instance_a.pk,
+        "memberships": world.membership_a.pk,
+        "networks": world.instance_a.network_id,
+        "nodes": "shared-1",
+        "quotas": world.a.quota.pk,
+        "ssh-keys": key.pk,
+        "tenants": "acme",
+        "tokens": token.pk,
+    }
+    doc = yaml.safe_load(c.get("/api/schema/").content)
+    checked = 0
+    for path, item in doc["paths"].items():
+        resource = path.split("/")[3]
+        url = path
+        for param in ("{id}", "{name}", "{slug}"):
+            url = url.replace(param, str(ids[resource]))
+        r = c.options(url)
+        assert r.status_code == 200, (url, r.status_code)
+        allowed = {m.strip().lower() for m in r["Allow"].split(",")} - {"head", "options"}
+        assert allowed == set(item), (path, sorted(allowed), sorted(item))
+        checked += 1
+    assert checked >= 28
+
+
+def test_put_on_an_image_is_405_with_a_hint(world: World) -> None:
+    image = world.instance_a.image
+    assert image is not None
+    r = world.client("operator").put(f"/api/v1/images/{image.pk}/", {"name": "x"}, format="json")
+    assert r.status_code == 405
+    assert "PUT /images/{id}/file/" in r.json()["message"]
+    assert "PUT" not in r["Allow"]

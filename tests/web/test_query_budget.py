@@ -1,0 +1,90 @@
+"""Query budgets: the main pages and the API's instance list/detail run a fixed number of SQL queries.
+
+The count must not grow with the number of instances (an N+1 shows up here
+first), and stays within a budget that a change has to raise on purpose.
+The header's tenant list is read once per request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from portal.cloud.models import Instance
+from tests.portal.conftest import World
+from tests.web.helpers import client
+
+#: path (with {id} for an instance) -> the most queries it may run
+PAGES = {
+    "/": 10,
+    "/instances/": 6,
+    "/instances/rows/": 6,
+    "/instances/{id}/": 5,
+    "/instances/{id}/status/": 4,
+    "/ops/instances/": 8,
+    "/ops/nodes/": 7,
+    "/ops/drift/": 7,
+    "/events/": 6,
+}
+API = {
+    "/api/v1/instances/": 5,
+    "/api/v1/instances/{id}/": 4,
+}
+
+
+def _more_instances(world: World, n: int) -> None:
+    base = world.instance_a
+    for i in range(n):
+        Instance.objects.create(
+            tenant=base.tenant,
+            name=f"extra-{i}",
+            kind=base.kind,
+            isolation_reason="vm: test",
+            image=base.image,
+            flavor=base.flavor,
+            network=base.network,
+            vcpus=1,
+            ram_mb=128,
+            disk_gb=1,
+            created_by=base.created_by,
+            vm_state="active",
+            power_state="running",
+            node=base.node,
+        )
+
+
+def _count(c: Any, path: str) -> tuple[int, list[str]]:
+    with CaptureQueriesContext(connection) as ctx:
+        r = c.get(path)
+    assert r.status_code == 200, (path, r.status_code)
+    return len(ctx.captured_queries), [q["sql"] for q in ctx.captured_queries]
+
+
+@pytest.mark.parametrize(("path", "budget"), [*PAGES.items(), *API.items()])
+def test_query_count_is_bounded_and_independent_of_the_instances(
+    world: World, path: str, budget: int
+) -> None:
+    who = "operator" if path.startswith("/ops/") else "a_admin"
+    if who == "operator":
+        from portal.tenancy.models import Membership
+
+        Membership.objects.create(user=world.users["operator"], tenant=world.a, role="admin")
+    c = client(world, who)
+    url = path.format(id=world.instance_a.pk)
+    c.get(url)  # warm the session and caches
+    few, _ = _count(c, url)
+    _more_instances(world, 6)
+    many, sql = _count(c, url)
+    assert many == few, f"{url}: {few} queries with 1 instance, {many} with 7"
+    assert many <= budget, f"{url}: {many} queries, budget {budget}:\n" + "\n".join(sql)
+
+
+def test_the_header_reads_the_tenant_list_once(world: World) -> None:
+    c = client(world, "a_admin")
+    c.get("/instances/")
+    _, sql = _count(c, "/instances/")
+    tenant_lists = [q for q in sql if 'FROM "tenancy_tenant"' in q and "ORDER BY" in q and '"slug" ASC' in q]
+    assert len(tenant_lists) == 1, tenant_lists
