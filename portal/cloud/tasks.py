@@ -116,11 +116,12 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
     blind = {d.kind for d in report.drivers if not d.ok}
     live = Instance.objects.live().filter(node=node).exclude(kind__in=blind).select_for_update()
     known = set()
+    samples: list[tuple[str, int, int]] = []
     for inst in live:
         known.add(str(inst.pk))
         item = seen.get(str(inst.pk))
         if item is not None and item.power_state == PowerState.RUNNING and item.cpu_time_ns:
-            metrics.record(str(inst.pk), report.sent_at or time.time(), item.cpu_time_ns, item.memory_bytes)
+            samples.append((str(inst.pk), item.cpu_time_ns, item.memory_bytes))
         if inst.task_state is not None:
             continue  # an action is in flight; its observation will settle the row
         if item is None:
@@ -152,6 +153,7 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
                 Outcome.SUCCESS,
                 f"power state {old} -> {inst.power_state} (seen on the node)",
             )
+    metrics.record_many(report.sent_at or time.time(), samples)
     orphans = sorted(
         (
             {"instance_id": iid, "kind": item.kind.value, "power_state": item.power_state.value}
