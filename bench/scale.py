@@ -366,10 +366,10 @@ def one_run(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def warm_up(nodes: int, args: argparse.Namespace, port: int) -> None:
-    """Until every node is up and the queue holds under a second of beats (the workers started)."""
+    """Until every node is up and the queue holds under a second of beats (at most 90 s)."""
     from portal.cloud.models import ComputeNode
 
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         up = ComputeNode.objects.filter(status="up").count()
         if up == nodes and int(_redis(port, "llen", "control") or 0) <= max(1, nodes / args.period):
