@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "portal.cloud",
     "portal.audit",
     "portal.images",
+    "portal.metering",
     "portal.web",
 ]
 
@@ -301,6 +302,8 @@ if SKYPORT_IMAGE_BLOB_GRACE_SECONDS < SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS:
 # How compute nodes reach this portal (blob downloads, snapshot uploads).
 SKYPORT_PORTAL_URL = os.environ.get("SKYPORT_PORTAL_URL", "http://127.0.0.1:8000").rstrip("/")
 SKYPORT_HEARTBEAT_SECONDS = env.seconds("SKYPORT_HEARTBEAT_SECONDS", 5)
+# Metering (docs/metering.md): samples farther apart than this many heartbeats leave a gap.
+SKYPORT_METERING_GAP_BEATS = env.integer("SKYPORT_METERING_GAP_BEATS", 3, minimum=1)
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "portal.sweep", "schedule": env.seconds("SKYPORT_SWEEP_SECONDS", 5)},
     # stuck imports, upload leftovers, unreferenced blobs
@@ -308,6 +311,8 @@ CELERY_BEAT_SCHEDULE = {
         "task": "portal.images.sweep",
         "schedule": env.seconds("SKYPORT_IMAGE_SWEEP_SECONDS", 300),
     },
+    # budget warnings at 80 % and 100 % of each tenant's monthly budget
+    "budgets": {"task": "portal.metering.budgets", "schedule": env.seconds("SKYPORT_BUDGET_SECONDS", 600)},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Beat marks every task it sends in <schedule>.sent; the file's age says whether it still sends

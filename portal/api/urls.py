@@ -9,6 +9,7 @@ from portal.cloud.api.views import (
     NetworkViewSet,
 )
 from portal.images.api.views import ImageViewSet, blob, node_upload
+from portal.metering.api.views import BudgetViewSet, PriceSheetViewSet, UsageViewSet
 from portal.tenancy.api.views import (
     APITokenViewSet,
     MembershipViewSet,
@@ -29,6 +30,9 @@ router.register("instances", InstanceViewSet)
 router.register("events", EventViewSet)
 router.register("networks", NetworkViewSet)
 router.register("images", ImageViewSet)
+router.register("usage", UsageViewSet, basename="usage")
+router.register("prices", PriceSheetViewSet)
+router.register("budgets", BudgetViewSet)
 
 urlpatterns = [
     path("blobs/uploads/<int:image_id>", node_upload, name="node-upload"),

@@ -37,6 +37,7 @@ from portal.cloud import metrics, networks, states
 from portal.cloud.choices import NodeStatus, VmState
 from portal.cloud.models import AppliedAction, ComputeNode, Instance, Network
 from portal.images.choices import ImageStatus
+from portal.metering import sampling
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def apply_observation(data: dict[str, Any]) -> str:
             instance.task_state = None
             instance.task_deadline = None
         instance.save()
+        sampling.record_observation(instance, obs, timezone.now())
         _node_event(
             instance.tenant_id,
             obs.node,
@@ -203,6 +205,8 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
     except SpecError as exc:
         log.error("dropping malformed node report: %s", exc)
         return None
+    # Usage samples first: a beat too old for reconcile still says what ran at its time.
+    sampling.record_report(report, timezone.now())
     sent = dt.datetime.fromtimestamp(report.sent_at, tz=dt.UTC) if report.sent_at else timezone.now()
     if timezone.now() - sent > dt.timedelta(seconds=3 * settings.SKYPORT_HEARTBEAT_SECONDS):
         log.info("ignoring stale heartbeat of %s sent at %s", report.node, sent)

@@ -1,5 +1,6 @@
 from django.urls import path
 
+from portal.metering import views as usage
 from portal.web.views import auth, images, instances, keys, ops, tenant
 
 app_name = "web"
@@ -33,6 +34,8 @@ urlpatterns = [
     path("tokens/", keys.tokens, name="tokens"),
     path("tokens/<int:pk>/revoke/", keys.token_revoke, name="token-revoke"),
     path("events/", tenant.events, name="events"),
+    path("usage/", usage.usage, name="usage"),
+    path("usage/<slug:slug>/<int:year>-<int:month>/", usage.statement, name="statement"),
     path("tasks/", tenant.tasks, name="tasks"),
     path("tasks/panel/", tenant.tasks_panel, name="tasks-panel"),
     path("ops/", ops.nodes, name="ops"),
@@ -46,4 +49,5 @@ urlpatterns = [
     path("ops/instances/", ops.instances, name="ops-instances"),
     path("ops/drift/", ops.drift, name="ops-drift"),
     path("ops/events/", ops.events, name="ops-events"),
+    path("ops/usage/", usage.ops_usage, name="ops-usage"),
 ]

@@ -16,6 +16,7 @@ from portal.cloud import placement
 from portal.cloud.choices import VmState
 from portal.cloud.models import ComputeNode, Instance, Network
 from portal.images.models import Image
+from portal.metering import chart
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Quota, Tenant
 from portal.web.access import actor, current_tenant, login_page, page, role_refusal, tenant_page
@@ -46,6 +47,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             "dedicated": ComputeNode.objects.filter(owner=tenant).values_list("name", flat=True),
             "events": Event.objects.restrict(actor(request)).filter(tenant=tenant)[:8],
             "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
+            "chart": chart.month(tenant.pk, timezone.now()),
         },
     )
 
