@@ -51,6 +51,9 @@ class ImageConfig:
     cmd: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     working_dir: str = "/"
+    user: str = ""  # name or uid[:gid], resolved inside the image (compute/passwd.py)
+    exposed_ports: tuple[str, ...] = ()  # "80/tcp"
+    stop_signal: str = ""  # "SIGQUIT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +310,9 @@ def _load_memo(path: Path) -> UnpackedImage | None:
             cmd=tuple(c["cmd"]),
             env=tuple((str(k), str(v)) for k, v in c["env"]),
             working_dir=str(c["working_dir"]),
+            user=str(c.get("user", "")),
+            exposed_ports=tuple(str(p) for p in c.get("exposed_ports", ())),
+            stop_signal=str(c.get("stop_signal", "")),
         )
         return UnpackedImage(tuple(Path(p) for p in data["layers"]), config)
     except (OSError, ValueError, KeyError, TypeError):
@@ -314,16 +320,23 @@ def _load_memo(path: Path) -> UnpackedImage | None:
 
 
 def _image_config(config: dict[str, Any]) -> ImageConfig:
+    """The runtime part of an OCI (or docker-save: same keys) image config."""
     c = config.get("config") or {}
+    if not isinstance(c, dict):
+        raise ImageError("image config: 'config' is not an object")
     env = []
     for item in c.get("Env") or []:
         k, _, v = str(item).partition("=")
         env.append((k, v))
+    ports = c.get("ExposedPorts") or {}
     return ImageConfig(
         entrypoint=tuple(str(x) for x in c.get("Entrypoint") or ()),
         cmd=tuple(str(x) for x in c.get("Cmd") or ()),
         env=tuple(env),
         working_dir=str(c.get("WorkingDir") or "/"),
+        user=str(c.get("User") or ""),
+        exposed_ports=tuple(sorted(str(p) for p in ports)) if isinstance(ports, dict) else (),
+        stop_signal=str(c.get("StopSignal") or ""),
     )
 
 

@@ -253,6 +253,13 @@ class InstanceSpec:
     env: tuple[tuple[str, str], ...] = ()
     cpu_quota_percent: int = 100
     pids_limit: int = 1024
+    # Containers: host uid/gid of root inside the container's user namespace
+    # (one 65536-id range per tenant, docs/container-driver.md); 0 = derive on
+    # the node (specs stored before the field existed).
+    id_base: int = 0
+    # Containers: overrides of the image config's User and WorkingDir.
+    user: str = ""
+    workdir: str = ""
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -265,11 +272,37 @@ class InstanceSpec:
             raise SpecError("cpu_quota_percent must be within 1..100*vcpus")
         if self.pids_limit < 8:
             raise SpecError("pids_limit must be at least 8")
+        base = self.id_base
+        if base and (base < ID_RANGE_MIN or base % ID_RANGE_SIZE or base + ID_RANGE_SIZE > 2**32):
+            raise SpecError(f"id_base must be 0 or a multiple of {ID_RANGE_SIZE} in {ID_RANGE_MIN}..2^32")
+        for name, value in self.env:
+            problem = env_problem(name, value)
+            if problem:
+                raise SpecError(problem)
+        if "\x00" in self.user or "\x00" in self.workdir or "\x00" in "".join(self.command):
+            raise SpecError("user, workdir and command must not contain NUL")
+        if self.workdir and not self.workdir.startswith("/"):
+            raise SpecError(f"workdir must be an absolute path, got {self.workdir!r}")
 
     @property
     def short_id(self) -> str:
         """First 8 hex digits of the id: used in host-side names (taps, veths)."""
         return self.instance_id[:8]
+
+
+ID_RANGE_SIZE = 65536  # ids per user-namespace range (uid 0..65535 inside)
+ID_RANGE_MIN = 1 << 24  # no range starts below host uid 16777216
+
+
+def env_problem(name: str, value: str) -> str | None:
+    """Why ``name=value`` cannot be a process environment entry, or None."""
+    if not name:
+        return "an environment variable needs a name"
+    if "=" in name or "\x00" in name:
+        return f"environment variable name {name!r} must not contain '=' or NUL"
+    if "\x00" in value:
+        return f"environment variable {name} has a NUL in its value"
+    return None
 
 
 def stored_spec(data: Mapping[str, Any]) -> InstanceSpec:

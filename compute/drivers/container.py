@@ -5,13 +5,17 @@ Layout under ``<state_dir>/containers``::
     crun/                 crun --root (this driver's containers only)
     locks/<cid>           per-instance flock
     <cid>/spec.json       the InstanceSpec; written last by spawn (marks "exists")
-    <cid>/bundle/         config.json + rootfs/ (overlay mount point)
-    <cid>/upper, work/    the container's private overlay layers
+    <cid>/bundle/         config.json (written at each launch) + rootfs/ (overlay mount point)
+    <cid>/upper, work/    the container's private overlay layers, owned by its id range
+    <cid>/lowerdir        the image's layer directories, top first, one a line
     <cid>/console.log     stdout+stderr (conmon passthrough), kept after exit
     <cid>/conmon/exit     exit code written by conmon (survives worker restarts)
     <cid>/result.json     exit code + OOM verdict, saved before the cgroup goes
 
-``cid`` is ``sky-<instance_id>``.  The overlay rootfs and the netns bind
+``cid`` is ``sky-<instance_id>``.  Each container runs in a user namespace
+whose root is host uid ``id_base`` (one range per tenant); the image layers
+are overlay lowers through idmapped mounts (:mod:`compute.idmap`), so they
+are shared and never copied or chowned.  The overlay rootfs and the netns bind
 mount exist in the worker's private mount namespace only while crun creates
 the container; crun's mount namespace keeps its own copy, so the worker's
 mount table stays small whatever the density.  The network namespace then
@@ -27,6 +31,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -39,7 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from compute import cgroups, nsenv
+from compute import cgroups, idmap, nsenv, passwd
 from compute.config import NodeConfig
 from compute.drivers import conmon
 from compute.drivers.base import (
@@ -57,20 +62,37 @@ from compute.layers import ImageError, LayerStore, UnpackedImage
 from compute.network import veth
 from compute.network.bridge import NetworkError
 from compute.oci import BundleSpec, runtime_config
-from compute.spec import Capability, ImageFormat, InstanceSpec, Kind, PowerState, stored_spec, to_json
+from compute.spec import (
+    ID_RANGE_SIZE,
+    Capability,
+    ImageFormat,
+    InstanceSpec,
+    Kind,
+    PowerState,
+    stored_spec,
+    to_json,
+)
 
-UID_BASE = 1_000_000
-UID_SPAN = 1_000_000
 CGROUP_PARENT = "skyport"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LEGACY_ID_BASE = 1 << 31  # ranges for specs stored before InstanceSpec.id_base
+LEGACY_RANGES = (2**32 - LEGACY_ID_BASE) // ID_RANGE_SIZE - 1
 
 
 def container_id(instance_id: str) -> str:
     return f"sky-{instance_id}"
 
 
-def container_uid(instance_id: str) -> int:
-    """Unprivileged uid/gid of a container, fixed by its id (1000000-1999999)."""
-    return UID_BASE + int(instance_id.replace("-", "")[:12], 16) % UID_SPAN
+def id_base(spec: InstanceSpec) -> int:
+    """Host uid/gid of the container's root: the tenant's range (docs/container-driver.md).
+
+    The portal sends it; a spec stored before it did gets a range derived
+    from the tenant's slug, in the upper half of the id space.
+    """
+    if spec.id_base:
+        return spec.id_base
+    digest = hashlib.sha256(spec.tenant.encode()).digest()
+    return LEGACY_ID_BASE + int.from_bytes(digest[:4], "big") % LEGACY_RANGES * ID_RANGE_SIZE
 
 
 def cgroups_path(instance_id: str) -> str:
@@ -203,25 +225,36 @@ class ContainerDriver(Driver):
             raise DriverError(f"cannot unpack image {spec.image.name}: {exc}") from exc
 
     def _bundle_spec(self, spec: InstanceSpec, image: UnpackedImage, paths: _Paths) -> BundleSpec:
-        args = spec.command or (image.config.entrypoint + image.config.cmd)
+        """config.json's inputs: image config, then the spec's overrides; user resolved in the rootfs."""
+        cfg = image.config
+        args = spec.command or (cfg.entrypoint + cfg.cmd)
         if not args:
             raise DriverError(f"image {spec.image.name} has no command and the spec gives none")
-        env = dict(image.config.env)
-        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        try:
+            user = passwd.resolve(paths.rootfs, spec.user or cfg.user)
+        except passwd.UnknownUser as exc:
+            raise DriverError(f"cannot run {spec.name}: {exc}") from exc
+        if not (user.uid < ID_RANGE_SIZE and user.gid < ID_RANGE_SIZE):
+            raise DriverError(
+                f"cannot run {spec.name}: user {user.uid}:{user.gid} is above {ID_RANGE_SIZE - 1}"
+            )
+        env = {"PATH": DEFAULT_PATH, "HOME": user.home}
+        env.update(dict(cfg.env))
         env.update(dict(spec.env))
         env["HOSTNAME"] = spec.hostname
-        uid = container_uid(spec.instance_id)
         return BundleSpec(
             hostname=spec.hostname,
             args=tuple(args),
             env=tuple(env.items()),
-            uid=uid,
-            gid=uid,
+            uid=user.uid,
+            gid=user.gid,
+            additional_gids=user.additional_gids,
+            id_base=id_base(spec),
             cgroups_path=cgroups_path(spec.instance_id),
             memory_bytes=spec.ram_mb * 1024 * 1024,
             cpu_quota_percent=spec.cpu_quota_percent,
             pids_limit=spec.pids_limit,
-            cwd=image.config.working_dir,
+            cwd=spec.workdir or cfg.working_dir,
             netns_path=str(paths.netns) if spec.networks else None,
         )
 
@@ -348,9 +381,10 @@ class ContainerDriver(Driver):
                 undo.callback(self._teardown, paths, spec.instance_id)
                 for d in (paths.rootfs, paths.upper, paths.work, paths.conmon):
                     d.mkdir(parents=True, mode=0o755)
-                bundle = self._bundle_spec(spec, image, paths)
-                (paths.bundle / "config.json").write_text(json.dumps(runtime_config(bundle), indent=1))
-                (paths.root / "lowerdir").write_text(image.lowerdir)
+                # The container's root owns its private layer (the rootfs' "/").
+                base = id_base(spec)
+                os.chown(paths.upper, base, base)
+                (paths.root / "lowerdir").write_text("\n".join(str(p) for p in reversed(image.layers)))
                 tmp = paths.spec.with_suffix(".tmp")
                 tmp.write_text(json.dumps(to_json(spec)))
                 os.replace(tmp, paths.spec)  # from here on the instance exists
@@ -369,10 +403,14 @@ class ContainerDriver(Driver):
         self.fs.remove(cgroups_path(spec.instance_id))
         with contextlib.ExitStack() as transient, contextlib.ExitStack() as undo:
             if not nsenv.is_mountpoint(paths.rootfs):
-                lower = (paths.root / "lowerdir").read_text()
-                opts = f"lowerdir={lower},upperdir={paths.upper},workdir={paths.work}"
-                nsenv.mount("overlay", paths.rootfs, "overlay", nsenv.MS_NODEV, opts)
+                self._mount_rootfs(paths, id_base(spec))
             transient.callback(_umount_quiet, paths.rootfs)
+            bundle = self._bundle_spec(spec, self._image(spec), paths)
+            try:
+                config = runtime_config(bundle)
+            except ValueError as exc:
+                raise DriverError(f"cannot run {spec.name}: {exc}") from exc
+            (paths.bundle / "config.json").write_text(json.dumps(config, indent=1))
             if spec.networks:
                 try:
                     veth.create_netns(paths.netns, spec.short_id, spec.networks)
@@ -393,6 +431,32 @@ class ContainerDriver(Driver):
         if info.power_state not in (PowerState.RUNNING, PowerState.SHUTDOWN):
             raise DriverError(f"container {spec.name} did not start: {info.message}")
         return info
+
+    def _mount_rootfs(self, paths: _Paths, base: int) -> None:
+        """overlay(idmapped image layers, private upper) on ``bundle/rootfs``.
+
+        Every path is given as ``/proc/self/fd/<n>`` (idmapped layer clones,
+        upper and work dirs opened ``O_PATH``): overlay shows the strings it
+        was given in mountinfo, so the container never sees a node path.
+        """
+        text = (paths.root / "lowerdir").read_text()
+        layers = text.split("\n") if "\n" in text or not text.count(":") else text.split(":")
+        fds: list[int] = []
+        try:
+            for layer in layers:
+                fds.append(idmap.open_idmapped(Path(layer), base))
+            upper = os.open(paths.upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds.append(upper)
+            work = os.open(paths.work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds.append(work)
+            lower = ":".join(f"/proc/self/fd/{fd}" for fd in fds[:-2])
+            opts = f"lowerdir={lower},upperdir=/proc/self/fd/{upper},workdir=/proc/self/fd/{work}"
+            nsenv.mount("overlay", paths.rootfs, "overlay", nsenv.MS_NODEV, opts)
+        except OSError as exc:
+            raise DriverError(f"cannot mount the root file system of {paths.root.name}: {exc}") from exc
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _start_created(self, cid: str) -> None:
         """``crun start``, without its exec when possible.

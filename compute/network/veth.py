@@ -63,6 +63,7 @@ def create_netns(netns_path: Path, short_id: str, nics: Sequence[NetworkAttachme
         host_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
         try:
             nsenv.unshare(nsenv.CLONE_NEWNET)
+            _container_sysctls()
             nsenv.mount(
                 f"/proc/{os.getpid()}/task/{threading.get_native_id()}/ns/net",
                 netns_path,
@@ -94,6 +95,22 @@ def create_netns(netns_path: Path, short_id: str, nics: Sequence[NetworkAttachme
         delete_links(hosts)
         raise
     return hosts
+
+
+# Per-netns sysctls of a container's namespace (this thread is inside it;
+# /proc/sys/net is the calling thread's netns).  The netns is owned by the
+# host's user namespace, so root inside a container's user namespace would lack
+# CAP_NET_BIND_SERVICE there: as Docker does, every port is unprivileged in it.
+_NETNS_SYSCTLS = (
+    ("net/ipv4/ip_unprivileged_port_start", "0"),
+    ("net/ipv4/ping_group_range", "0 2147483647"),
+)
+
+
+def _container_sysctls() -> None:
+    for key, value in _NETNS_SYSCTLS:
+        with open(f"/proc/sys/{key}", "w") as fh:
+            fh.write(value)
 
 
 def ensure_bridge_fast(name: str, mtu: int) -> None:

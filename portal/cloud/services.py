@@ -49,6 +49,10 @@ def build_spec(instance: Instance) -> InstanceSpec:
     if artifact is None:
         raise Conflict(f"Image {instance.image} has no artifact for a {instance.kind}.")
     node = _node(instance)
+    try:
+        id_base = instance.tenant.id_base if instance.kind == Kind.CONTAINER else 0
+    except ValueError as exc:
+        raise Conflict(str(exc)) from exc
     return InstanceSpec(
         instance_id=str(instance.pk),
         name=instance.name,
@@ -63,6 +67,7 @@ def build_spec(instance: Instance) -> InstanceSpec:
         ssh_keys=tuple(instance.ssh_keys),
         user_data=instance.user_data or None,
         cpu_quota_percent=100 * instance.vcpus,
+        id_base=id_base,
     )
 
 
