@@ -255,7 +255,7 @@ class ContainerDriver(Driver):
             cpu_quota_percent=spec.cpu_quota_percent,
             pids_limit=spec.pids_limit,
             cwd=spec.workdir or cfg.working_dir,
-            netns_path=str(paths.netns) if spec.networks else None,
+            netns_path=None,  # a new one, wired after create (see _launch)
         )
 
     def _pid(self, paths: _Paths, instance_id: str) -> int | None:
@@ -411,19 +411,21 @@ class ContainerDriver(Driver):
             except ValueError as exc:
                 raise DriverError(f"cannot run {spec.name}: {exc}") from exc
             (paths.bundle / "config.json").write_text(json.dumps(config, indent=1))
-            if spec.networks:
-                try:
-                    veth.create_netns(paths.netns, spec.short_id, spec.networks)
-                except (NetworkError, OSError) as exc:
-                    raise DriverError(f"cannot set up the network of {spec.name}: {exc}") from exc
-                transient.callback(veth.release_netns, paths.netns)
-                hosts = [veth.host_ifname(spec.short_id, i) for i in range(len(spec.networks))]
-                undo.callback(veth.delete_links, hosts)
             undo.callback(self._runtime, "delete", "--force", cid, check=False)
             undo.callback(self.fs.remove, cgroups_path(spec.instance_id))
             conmon.create(
                 self.runtime, self.crun_root, cid, paths.bundle, paths.conmon, paths.pidfile, paths.log
             )
+            if spec.networks:
+                # crun made the netns inside the container's user namespace (its
+                # root mounts its own sysfs there); wire it before PID 1 starts.
+                hosts = [veth.host_ifname(spec.short_id, i) for i in range(len(spec.networks))]
+                undo.callback(veth.delete_links, hosts)
+                try:
+                    pid = int(paths.pidfile.read_text().strip())
+                    veth.wire_netns(f"/proc/{pid}/ns/net", spec.short_id, spec.networks)
+                except (NetworkError, OSError, ValueError) as exc:
+                    raise DriverError(f"cannot set up the network of {spec.name}: {exc}") from exc
             paths.started.touch()
             self._start_created(cid)
             undo.pop_all()
