@@ -506,9 +506,10 @@ class ContainerDriver(Driver):
             with conmon.pidfd(pid) as pidfd:
                 if pidfd is not None:
                     # A namespace's PID 1 never gets signals it has no handler
-                    # for: without a SIGTERM handler waiting would be pointless.
-                    if not force and conmon.handles(pid, signal.SIGTERM):
-                        conmon.send(pidfd, signal.SIGTERM)
+                    # for: without a handler for the stop signal waiting would be pointless.
+                    sig = self._stop_signal(paths)
+                    if not force and conmon.handles(pid, sig):
+                        conmon.send(pidfd, sig)
                         _thaw_quiet(self.fs, cg)
                         select.select([pidfd], [], [], max(timeout, 0.0))
                     conmon.send(pidfd, signal.SIGKILL)
@@ -523,6 +524,14 @@ class ContainerDriver(Driver):
             self._runtime("delete", "--force", container_id(instance_id), check=False)
             self.fs.remove(cgroups_path(instance_id))
             nsenv.forget_unified(cgroups_path(instance_id))
+
+    def _stop_signal(self, paths: _Paths) -> signal.Signals:
+        """The image's StopSignal (``SIGQUIT``, ``QUIT`` or ``3``), else SIGTERM."""
+        try:
+            name = self._image(self._load_spec(paths)).config.stop_signal.upper()
+        except (DriverError, InstanceNotFound):
+            return signal.SIGTERM
+        return stop_signal(name)
 
     def reboot(self, instance_id: str) -> InstanceInfo:
         with self._locked(instance_id) as paths:
@@ -636,6 +645,17 @@ class ContainerDriver(Driver):
 
 
 # ---------------------------------------------------------------- utilities
+
+
+def stop_signal(name: str) -> signal.Signals:
+    """A StopSignal value as a signal; SIGTERM when empty or unknown."""
+    name = name.strip().upper()
+    try:
+        if name.isdigit():
+            return signal.Signals(int(name))
+        return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+    except (KeyError, ValueError):
+        return signal.SIGTERM
 
 
 def _umount_quiet(path: Path) -> None:

@@ -106,6 +106,9 @@ def test_nginx_root_inside_serves_port_80_as_an_unprivileged_range(
     assert owners, "nginx wrote nothing (pid file, /var/lib/nginx)"
     assert all(base <= u < base + 65536 and base <= g < base + 65536 for u, g in owners), owners
 
+    # StopSignal SIGQUIT: nginx's graceful shutdown, exit 0 well before the timeout.
+    stopped = driver.stop(spec.instance_id, timeout=20)
+    assert stopped.exit_code == 0, stopped
     driver.destroy(spec.instance_id)
     assert leftovers(driver, spec) == []
 

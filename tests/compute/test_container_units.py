@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import stat
 import tarfile
 import uuid
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from compute import cgroups
-from compute.drivers.container import LEGACY_ID_BASE, id_base
+from compute.drivers.container import LEGACY_ID_BASE, id_base, stop_signal
 from compute.layers import ImageError, LayerStore
 from compute.oci import BundleSpec, runtime_config
 from compute.spec import ImageFormat, ImageRef, InstanceSpec, Kind, SpecError
@@ -342,3 +343,8 @@ def test_a_layer_published_meanwhile_by_another_process_is_kept(
     assert theirs and image.layers[0] == theirs[0]
     assert (image.layers[0] / "etc" / "hostname").read_bytes() == b"mine"
     assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp-")], "the loser's copy is gone"
+
+
+def test_stop_signal_names() -> None:
+    assert stop_signal("SIGQUIT") == signal.SIGQUIT == stop_signal("quit") == stop_signal("3")
+    assert stop_signal("") == signal.SIGTERM == stop_signal("SIGNOPE") == stop_signal("999")
