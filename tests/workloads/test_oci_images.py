@@ -356,3 +356,29 @@ def test_nginx_serves_http_under_crun_in_a_user_namespace(
         log.close()
     for controller in ("memory", "pids", "cpu"):
         assert not (Path("/sys/fs/cgroup") / controller / name).exists()
+
+
+def test_debootstrap_dev_nodes_are_skipped_and_noted_not_refused(
+    member: APIClient,
+    workload_images: WorkloadImages,
+    django_capture_on_commit_callbacks: Any,
+    tmp_path: Path,
+) -> None:
+    wi = workload_images
+    image = upload(
+        member,
+        "devnodes",
+        wi.devnodes,
+        "oci",
+        wi.sha256("debian-devnodes"),
+        django_capture_on_commit_callbacks,
+    )
+    assert image.status == "active", image.status_reason
+    assert "8 device nodes skipped" in image.status_reason and "dev/null" in image.status_reason
+    # A node unpacks the same layer without them.
+    from compute.layers import LayerStore
+
+    unpacked = LayerStore(tmp_path / "node").unpack(wi.devnodes, f"sha256:{wi.sha256('debian-devnodes')}")
+    (layer,) = unpacked.layers
+    assert (layer / "dev").is_dir() and not (layer / "dev" / "null").exists()
+    assert (layer / "bin" / "sh").exists() or (layer / "usr" / "bin" / "sh").exists()
