@@ -154,7 +154,7 @@ class LayerStore:
                         raise ImageError(f"archive lacks layer {d}")
                     self._unpack_layer(fh, d, dest)
                 dirs.append(dest)
-        return self._remember(memo, UnpackedImage(tuple(dirs), _image_config(config)))
+        return self._remember(memo, UnpackedImage(tuple(dirs), image_config(config)))
 
     def pull(self, manifest_url: str, digest: str) -> UnpackedImage:
         """Fetch an image from the portal's blob endpoint: manifest, config, then missing layers.
@@ -183,7 +183,7 @@ class LayerStore:
                 dirs.append(dest)
         except fetch.FetchError as exc:
             raise ImageError(str(exc)) from exc
-        return self._remember(memo, UnpackedImage(tuple(dirs), _image_config(config)))
+        return self._remember(memo, UnpackedImage(tuple(dirs), image_config(config)))
 
     def _memo_path(self, digest: str | None) -> Path | None:
         return self.root / ".images" / f"{digest.split(':', 1)[1]}.json" if digest else None
@@ -321,7 +321,7 @@ def _load_memo(path: Path) -> UnpackedImage | None:
         return None
 
 
-def _image_config(config: dict[str, Any]) -> ImageConfig:
+def image_config(config: dict[str, Any]) -> ImageConfig:
     """The runtime part of an OCI (or docker-save: same keys) image config."""
     c = config.get("config") or {}
     if not isinstance(c, dict):

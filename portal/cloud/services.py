@@ -68,6 +68,10 @@ def build_spec(instance: Instance) -> InstanceSpec:
         user_data=instance.user_data or None,
         cpu_quota_percent=100 * instance.vcpus,
         id_base=id_base,
+        command=tuple(instance.command),
+        env=tuple((str(k), str(v)) for k, v in instance.env.items()),
+        workdir=instance.workdir,
+        user=instance.run_as,
     )
 
 
@@ -92,6 +96,11 @@ def create_instance(req: Request, user: Any) -> Instance:
     rule = states.RULES[Action.CREATE]
     with transaction.atomic():
         chosen, effect = placement.place(req, lock=True)
+        if req.overrides and chosen.kind != Kind.CONTAINER:
+            raise Conflict(
+                f"{', '.join(req.overrides)} apply to containers only, and this instance would be a VM "
+                f"({chosen.reason}). Leave them out or launch with kind=container."
+            )
         placement.check_quota(req.tenant, effect)
         if Instance.objects.filter(tenant=req.tenant, name=req.name).live().exists():
             raise Conflict(f"Tenant {req.tenant.slug} already has a live instance named '{req.name}'.")
@@ -114,6 +123,10 @@ def create_instance(req: Request, user: Any) -> Instance:
             anti_affinity_group=req.anti_affinity_group,
             ssh_keys=list(req.ssh_keys),
             user_data=req.user_data,
+            command=list(req.command),
+            env=dict(req.env),
+            workdir=req.workdir,
+            run_as=req.run_as,
             vm_state=VmState.BUILDING,
             task_state=rule.task,
             action_id=action_id,

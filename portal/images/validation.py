@@ -41,7 +41,7 @@ from compute.archive_safety import (
     member_path,
     skipped_device,
 )
-from compute.layers import whiteout_problem
+from compute.layers import ImageError, image_config, whiteout_problem
 from portal.images.store import BlobStore, is_digest
 
 CHUNK = 1 << 20
@@ -85,6 +85,7 @@ class Checked:
     blobs: list[StagedBlob]
     virtual_size: int = 0
     detail: str = ""
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # the image's ImageConfig
 
     def discard(self) -> None:
         for blob in self.blobs:
@@ -570,7 +571,16 @@ def _oci_layout(
             )
         total += s
     detail = f"OCI image, {len(layers)} layers, {total / 2**20:.1f} MiB{_skipped_note(budget)}"
-    return Checked("oci", digest, staged, detail=detail)
+    return Checked("oci", digest, staged, detail=detail, config=runtime_config(config))
+
+
+def runtime_config(config: bytes) -> dict[str, Any]:
+    """The runtime part of an image config (what a node honours), as recorded on the artifact."""
+    data = _json(config, "the image config")
+    try:
+        return dataclasses.asdict(image_config(data if isinstance(data, dict) else {}))
+    except ImageError as exc:
+        raise Rejected(str(exc)) from exc
 
 
 def _check_config(config: bytes) -> list[str]:
@@ -640,4 +650,5 @@ def _docker_save(
         staged,
         detail=f"docker archive converted to OCI, {len(descriptors)} layers, {total / 2**20:.1f} MiB"
         f"{_skipped_note(budget)}",
+        config=runtime_config(config),
     )

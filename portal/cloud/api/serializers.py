@@ -6,6 +6,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from compute.spec import ID_RANGE_SIZE, env_problem
 from portal.api.authentication import actor_for, user_id_of
 from portal.api.conflicts import FieldConflict
 from portal.api.fields import DefaultTenantMixin, TenantField, TenantSlugField
@@ -157,6 +158,38 @@ class ImageRefField(serializers.Field):  # type: ignore[type-arg]
         return str(value)
 
 
+MASK = "********"
+MAX_ENV = 256
+MAX_ENV_NAME = 255
+MAX_ENV_BYTES = 64 * 1024
+_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?")
+
+
+class EnvVarSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """One environment variable of a container; the value is write-only (answers show a mask)."""
+
+    name = StrictCharField(max_length=MAX_ENV_NAME, trim_whitespace=False)
+    value = StrictCharField(max_length=32768, allow_blank=True, trim_whitespace=False)
+
+
+class EnvField(serializers.ListField):
+    """``[{"name", "value"}]`` in, a dict on the model, names with masked values out."""
+
+    child = EnvVarSerializer()
+
+    def to_internal_value(self, data: Any) -> dict[str, str]:  # type: ignore[override]
+        items = super().to_internal_value(data)
+        env: dict[str, str] = {}
+        for item in items:
+            if item["name"] in env:
+                raise serializers.ValidationError(f"Variable {item['name'][:64]!r} is given twice.")
+            env[item["name"]] = item["value"]
+        return env
+
+    def to_representation(self, data: Any) -> list[dict[str, str]]:
+        return [{"name": str(name), "value": MASK} for name in (data or {})]
+
+
 class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     tenant = TenantField(required=False)
     flavor = StrictPrimaryKeyRelatedField(queryset=Flavor.objects.all())
@@ -184,6 +217,27 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     user_data = StrictCharField(
         required=False, allow_blank=True, max_length=16384, write_only=True, trim_whitespace=False
     )
+    command = serializers.ListField(
+        child=StrictCharField(max_length=4096, allow_blank=True, trim_whitespace=False),
+        required=False,
+        max_length=256,
+        help_text="Container: replaces the image's Entrypoint + Cmd",
+    )
+    env = EnvField(
+        required=False,
+        max_length=MAX_ENV,
+        help_text="Container: environment added to the image's; values are never shown again (masked)",
+    )
+    workdir = StrictCharField(
+        required=False, allow_blank=True, max_length=255, help_text="Container: working directory"
+    )
+    user = StrictCharField(
+        source="run_as",
+        required=False,
+        allow_blank=True,
+        max_length=65,
+        help_text="Container: user[:group] to run as (name or id, resolved in the image)",
+    )
 
     class Meta:
         model = Instance
@@ -208,6 +262,10 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             "anti_affinity_group",
             "ssh_key_ids",
             "user_data",
+            "command",
+            "env",
+            "workdir",
+            "user",
             "created_by",
             "created_at",
             "updated_at",
@@ -248,6 +306,36 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             raise serializers.ValidationError("Use lower-case letters, digits and '-' (at most 63).")
         return value
 
+    def validate_command(self, value: list[str]) -> list[str]:
+        if any("\x00" in arg for arg in value):
+            raise serializers.ValidationError("An argument contains a NUL character.")
+        return value
+
+    def validate_env(self, value: dict[str, str]) -> dict[str, str]:
+        if sum(len(k) + len(v) for k, v in value.items()) > MAX_ENV_BYTES:
+            raise serializers.ValidationError(f"At most {MAX_ENV_BYTES // 1024} KiB of names and values.")
+        for name, val in value.items():
+            problem = env_problem(name, val)
+            if problem:
+                # The value is a possible secret: name only the variable.
+                raise serializers.ValidationError(problem.replace(repr(name), repr(name[:64]))[:300])
+        return value
+
+    def validate_workdir(self, value: str) -> str:
+        if value and (not value.startswith("/") or "\x00" in value):
+            raise serializers.ValidationError("Give an absolute path, such as /srv/app.")
+        return value
+
+    def validate_user(self, value: str) -> str:
+        if value and not _USER_RE.fullmatch(value):
+            raise serializers.ValidationError(
+                "Give user[:group]: names or ids, such as 1000:1000 or www-data."
+            )
+        for part in value.split(":"):
+            if part.isdigit() and int(part) >= ID_RANGE_SIZE:
+                raise serializers.ValidationError(f"Ids inside a container go up to {ID_RANGE_SIZE - 1}.")
+        return value
+
     def validate_ssh_key_ids(self, value: list[int]) -> list[str]:
         keys = dict(
             SSHKey.objects.filter(user_id=user_id_of(self.context["request"]), pk__in=value).values_list(
@@ -281,7 +369,23 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
         ):
             need = f"{image.min_ram_mb} MiB and {image.min_disk_gb} GiB"
             raise serializers.ValidationError({"flavor": f"Image {image} needs at least {need}."})
+        self._check_overrides(attrs, image)
         return attrs
+
+    @staticmethod
+    def _check_overrides(attrs: dict[str, Any], image: Any) -> None:
+        """What the portal can know from the image config recorded at import."""
+        given = [k for k in ("command", "env", "workdir", "run_as") if attrs.get(k)]
+        if given and attrs.get("requested_kind") == RequestedKind.VM:
+            field = given[0] if given[0] != "run_as" else "user"
+            raise serializers.ValidationError({field: "Applies to containers only, not to kind=vm."})
+        artifact = image.artifact_for("container") if image is not None else None
+        config = artifact.config if artifact is not None else {}
+        no_command = not (config.get("entrypoint") or config.get("cmd"))
+        if artifact is not None and config and no_command and not attrs.get("command"):
+            raise serializers.ValidationError(
+                {"command": f"Image {image} has no Entrypoint or Cmd: give a command."}
+            )
 
 
 class InstanceRenameSerializer(StrictModelSerializer[Instance]):
