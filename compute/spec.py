@@ -445,6 +445,9 @@ class InventoryItem:
     # counters at the time of the report (0 when the driver could not read them)
     cpu_time_ns: int = 0
     memory_bytes: int = 0
+    # a workload that ended: how (exit code or signal, OOM) and its last output lines
+    exit_code: int | None = None
+    message: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

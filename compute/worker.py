@@ -78,13 +78,20 @@ def _heartbeat_loop(parent: int) -> None:
     # worker this child is not: terminate() did nothing, and every stop waited for join() in vain.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    next_beat = 0.0
     while os.getppid() == parent:
-        try:
-            service.report()
-        except Exception:  # keep beating; the portal marks the node down if beats stop
-            log.exception("heartbeat failed")
-        time.sleep(config.heartbeat_seconds)
+        # A container that ended (conmon wrote its exit file) is reported at once, with its exit
+        # code or signal and last output, instead of at the next regular beat.
+        if time.monotonic() >= next_beat or service.exits_changed():
+            try:
+                service.report()
+            except Exception:  # keep beating; the portal marks the node down if beats stop
+                log.exception("heartbeat failed")
+            next_beat = time.monotonic() + config.heartbeat_seconds
+        time.sleep(EXIT_POLL_SECONDS)
 
+
+EXIT_POLL_SECONDS = 0.2  # how soon a container's exit reaches the portal
 
 _beater: list[multiprocessing.process.BaseProcess] = []
 

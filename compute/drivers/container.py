@@ -331,7 +331,11 @@ class ContainerDriver(Driver):
         if oom:
             message = "killed by the kernel: out of memory (memory limit reached)"
         elif code is not None:
-            message = f"exited with code {code}"
+            message = exit_reason(code)
+        if message:
+            last = last_lines(paths.log)
+            if last:
+                message = f"{message}; last output: {last}"
         state = PowerState.CRASHED if oom else PowerState.SHUTDOWN
         return InstanceInfo(
             instance_id,
@@ -623,6 +627,20 @@ class ContainerDriver(Driver):
                     out.append(self._info(_Paths(d), iid))
         return out
 
+    def exit_marks(self) -> frozenset[tuple[str, float]]:
+        """(container, time) of every exit file conmon has written: a change means a container ended.
+
+        Cheap enough to poll several times a second (one ``stat`` per container),
+        so the node reports an exit at once, not at the next heartbeat.
+        """
+        marks = set()
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.base):
+                if entry.name.startswith("sky-"):
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                        marks.add((entry.name, os.stat(os.path.join(entry.path, "conmon", "exit")).st_mtime))
+        return frozenset(marks)
+
     def stats(self, instance_id: str) -> Stats:
         paths = self._paths(instance_id)
         spec = self._load_spec(paths)
@@ -645,6 +663,22 @@ class ContainerDriver(Driver):
 
 
 # ---------------------------------------------------------------- utilities
+
+
+def exit_reason(code: int) -> str:
+    """``exited with code 3`` or ``killed by SIGKILL (exit code 137)``."""
+    if code > 128:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(code - 128).name} (exit code {code})"
+    return f"exited with code {code}"
+
+
+def last_lines(log: Path, lines: int = 5, max_chars: int = 600) -> str:
+    """The last few lines of a container's output, joined by `` | `` (for reasons and events)."""
+    text = tail(log, 8192) or ""
+    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    out = " | ".join(kept)
+    return out[-max_chars:]
 
 
 def stop_signal(name: str) -> signal.Signals:

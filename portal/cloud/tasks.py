@@ -139,7 +139,8 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
             old = inst.power_state
             inst.power_state = item.power_state.value
             inst.vm_state = states.POWER_TO_VM.get(item.power_state, inst.vm_state)
-            inst.status_reason = ""
+            # how it ended (exit code or signal, last output), or nothing when it runs again
+            inst.status_reason = item.message[:255]
             inst.missing_since = None
             inst.save(
                 update_fields=["power_state", "vm_state", "status_reason", "missing_since", "updated_at"]
@@ -150,7 +151,8 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
                 "reconcile.power_state",
                 inst,
                 Outcome.SUCCESS,
-                f"power state {old} -> {inst.power_state} (seen on the node)",
+                f"power state {old} -> {inst.power_state} (seen on the node)"
+                + (f": {item.message}" if item.message else ""),
             )
     orphans = sorted(
         (

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from compute.drivers.base import DriverError
-from compute.drivers.container import ContainerDriver, cgroups_path, id_base
+from compute.drivers.container import ContainerDriver, cgroups_path, exit_reason, id_base
 from compute.layers import LayerStore
-from compute.spec import ImageFormat, ImageRef, InstanceSpec, PowerState
+from compute.spec import ImageFormat, ImageRef, InstanceSpec, Kind, PowerState
+from compute.tasks import NodeService
 from tests.compute.container_fixtures import BridgeNet, driver, leftovers, make_spec, testnet
 from tests.compute.test_container_driver import proc_status, wait_for
 from tests.workloads import WorkloadImages
@@ -209,3 +212,34 @@ def test_command_not_found_is_an_error_with_the_reason_and_leaves_nothing(
     with pytest.raises(DriverError, match="no-such-program"):
         driver.spawn(spec)
     assert leftovers(driver, spec) == []
+
+
+def test_a_killed_app_is_reported_at_once_with_its_signal_and_last_output(
+    app_driver: ContainerDriver, workload_images: WorkloadImages
+) -> None:
+    """``kill -9`` of the app: the node sees conmon's exit file and reports without waiting for a beat."""
+    driver = app_driver
+    sent: list[dict[str, Any]] = []
+    service = NodeService(driver.config, lambda task, payload: sent.append(payload), {Kind.CONTAINER: driver})
+    assert service.exits_changed() is False
+    spec = make_spec(ref(workload_images, "crashloop"), command=("sh", "-c", "echo serving; exec sleep 600"))
+    info = driver.spawn(spec)
+    wait_for(lambda: "serving" in driver.console_log(spec.instance_id), what="output")
+    assert service.exits_changed() is False  # a start is no exit
+    assert info.pid is not None
+    os.kill(info.pid, signal.SIGKILL)
+    wait_for(service.exits_changed, timeout=5, what="the exit to be noticed")
+    report = service.report()
+    (item,) = [i for i in report.inventory if i.instance_id == spec.instance_id]
+    assert item.power_state == PowerState.SHUTDOWN and item.exit_code == 137
+    assert item.message.startswith("killed by SIGKILL (exit code 137)")
+    assert "last output: serving" in item.message
+    assert sent and sent[-1]["inventory"][0]["message"] == item.message
+    assert service.exits_changed() is False  # reported once
+    driver.destroy(spec.instance_id)
+
+
+def test_a_crashing_app_reports_its_exit_code() -> None:
+    assert exit_reason(3) == "exited with code 3"
+    assert exit_reason(143) == "killed by SIGTERM (exit code 143)"
+    assert exit_reason(255) == "exited with code 255"

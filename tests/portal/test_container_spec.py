@@ -1,12 +1,16 @@
-"""What the portal tells a node about a container beyond placement: its tenant's id range."""
+"""What the portal tells a node about a container (its tenant's id range) and learns back (how it ended)."""
 
 from __future__ import annotations
 
+import time
+
 from compute.spec import ID_RANGE_MIN, ID_RANGE_SIZE
+from portal.audit.models import Event
 from portal.cloud.models import Instance
 from portal.cloud.services import build_spec
+from portal.cloud.tasks import apply_node_report
 from portal.tenancy.models import Tenant
-from tests.portal.conftest import FakeNodes, World
+from tests.portal.conftest import FakeNodes, World, heartbeat
 from tests.portal.test_flow import _dedicate_node_a, _launch
 
 
@@ -23,3 +27,26 @@ def test_a_container_spec_carries_its_tenants_id_range(world: World, nodes: Fake
     assert build_spec(Instance.objects.get(pk=c2["id"])).id_base == spec.id_base
     assert build_spec(Instance.objects.get(pk=v["id"])).id_base == 0  # a VM has no user namespace
     assert Tenant.objects.get(slug="bobco").id_base != acme.id_base
+
+
+def test_an_exit_seen_on_the_node_keeps_its_reason(world: World) -> None:
+    """The node reports how a workload ended (code or signal, last output): the instance shows it."""
+    inst = world.instance_a  # active/running on shared-1 in the fixture
+    reason = "killed by SIGKILL (exit code 137); last output: serving"
+    item = {
+        "instance_id": str(inst.pk),
+        "kind": "vm",
+        "power_state": "shutdown",
+        "exit_code": 137,
+        "message": reason,
+    }
+    apply_node_report(heartbeat("shared-1", inventory=[item]))
+    inst.refresh_from_db()
+    assert (inst.power_state, inst.vm_state, inst.status_reason) == ("shutdown", "stopped", reason)
+    event = Event.objects.get(action="reconcile.power_state", object_id=str(inst.pk))
+    assert event.message.endswith(reason)
+    # running again: the old reason goes
+    item |= {"power_state": "running", "exit_code": None, "message": ""}
+    apply_node_report(heartbeat("shared-1", inventory=[item], sent_at=time.time() + 1))
+    inst.refresh_from_db()
+    assert (inst.power_state, inst.status_reason) == ("running", "")
