@@ -260,6 +260,8 @@ class InstanceSpec:
     # Containers: overrides of the image config's User and WorkingDir.
     user: str = ""
     workdir: str = ""
+    # Containers: ``no | on-failure[:N] | always``; the node restarts with backoff (restart_rule).
+    restart_policy: str = "no"
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -281,6 +283,7 @@ class InstanceSpec:
                 raise SpecError(problem)
         if "\x00" in self.user or "\x00" in self.workdir or "\x00" in "".join(self.command):
             raise SpecError("user, workdir and command must not contain NUL")
+        restart_rule(self.restart_policy)  # raises SpecError when malformed
         if self.workdir and not self.workdir.startswith("/"):
             raise SpecError(f"workdir must be an absolute path, got {self.workdir!r}")
 
@@ -292,6 +295,24 @@ class InstanceSpec:
 
 ID_RANGE_SIZE = 65536  # ids per user-namespace range (uid 0..65535 inside)
 ID_RANGE_MIN = 1 << 24  # no range starts below host uid 16777216
+
+
+CRASH_LOOP_LIMIT = 10  # restarts of a container that keeps failing before the node gives up
+_RESTART_RE = re.compile(r"(no|always|on-failure)(?::([1-9][0-9]{0,2}))?")
+
+
+def restart_rule(policy: str) -> tuple[str, int]:
+    """``no | on-failure[:N] | always`` → (mode, most restarts in a row); SpecError when malformed.
+
+    ``always`` and a bare ``on-failure`` still stop after :data:`CRASH_LOOP_LIMIT`
+    quick failures in a row (a crash loop), as the instance then needs a human.
+    """
+    m = _RESTART_RE.fullmatch(policy) if isinstance(policy, str) else None
+    if m is None or (m.group(2) and m.group(1) != "on-failure"):
+        raise SpecError(f"restart_policy must be no, on-failure[:N] (N 1..999) or always, got {policy!r}")
+    if m.group(1) == "no":
+        return "no", 0
+    return m.group(1), int(m.group(2)) if m.group(2) else CRASH_LOOP_LIMIT
 
 
 def env_problem(name: str, value: str) -> str | None:
@@ -448,6 +469,8 @@ class InventoryItem:
     # a workload that ended: how (exit code or signal, OOM) and its last output lines
     exit_code: int | None = None
     message: str = ""
+    restarts: int = 0  # by the node's restart policy, in a row
+    gave_up: bool = False  # a crash loop: the policy's restarts are used up
 
 
 @dataclasses.dataclass(frozen=True)

@@ -248,6 +248,16 @@ class NodeService:
         state = self.config.state_dir
         return sorted(set(ImageCache(state / "images").digests()) | set(LayerStore(state).layers()))
 
+    def supervise(self) -> bool:
+        """Apply restart policies of ended containers; True when one was restarted or given up."""
+        try:
+            driver = self.driver(Kind.CONTAINER)
+            supervise = getattr(driver, "supervise", None)  # only the container driver has one
+            return bool(supervise()) if callable(supervise) else False
+        except Exception:
+            log.exception("container supervision failed")
+            return False
+
     def exits_changed(self) -> bool:
         """Whether a container ended since the last call (the heartbeat then reports at once)."""
         try:
@@ -351,12 +361,22 @@ def _item(driver: Driver, kind: Kind, info: InstanceInfo) -> InventoryItem:
     """An inventory entry with the workload's counters when they can be read, or how it ended."""
     instance_id, state = info.instance_id, info.power_state
     if state != PowerState.RUNNING:
-        return InventoryItem(instance_id, kind, state, exit_code=info.exit_code, message=info.message[:1000])
+        return InventoryItem(
+            instance_id,
+            kind,
+            state,
+            exit_code=info.exit_code,
+            message=info.message[:1000],
+            restarts=info.restarts,
+            gave_up=info.gave_up,
+        )
     try:
         stats = driver.stats(instance_id)
     except DriverError:
-        return InventoryItem(instance_id, kind, state)
-    return InventoryItem(instance_id, kind, state, stats.cpu_time_ns, stats.memory_bytes)
+        return InventoryItem(instance_id, kind, state, restarts=info.restarts)
+    return InventoryItem(
+        instance_id, kind, state, stats.cpu_time_ns, stats.memory_bytes, restarts=info.restarts
+    )
 
 
 def _mem_total_mb() -> int:

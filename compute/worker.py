@@ -82,7 +82,10 @@ def _heartbeat_loop(parent: int) -> None:
     while os.getppid() == parent:
         # A container that ended (conmon wrote its exit file) is reported at once, with its exit
         # code or signal and last output, instead of at the next regular beat.
-        if time.monotonic() >= next_beat or service.exits_changed():
+        # exits first, then the restart policies (which may have restarted or given up on some)
+        ended = service.exits_changed()
+        acted = service.supervise()
+        if time.monotonic() >= next_beat or ended or acted:
             try:
                 service.report()
             except Exception:  # keep beating; the portal marks the node down if beats stop

@@ -69,11 +69,13 @@ from compute.spec import (
     InstanceSpec,
     Kind,
     PowerState,
+    restart_rule,
     stored_spec,
     to_json,
 )
 
 CGROUP_PARENT = "skyport"
+CRASH_WINDOW = 10.0  # seconds: a container that ends sooner after its start counts as crashing
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LEGACY_ID_BASE = 1 << 31  # ranges for specs stored before InstanceSpec.id_base
 LEGACY_RANGES = (2**32 - LEGACY_ID_BASE) // ID_RANGE_SIZE - 1
@@ -150,6 +152,19 @@ class _Paths:
     @property
     def started(self) -> Path:
         return self.root / "started"
+
+    @property
+    def stopped(self) -> Path:
+        """Marker: stopped on purpose (or its policy is done with it): the supervisor leaves it alone."""
+        return self.root / "stopped"
+
+    @property
+    def restarts(self) -> Path:
+        return self.root / "restarts"
+
+    @property
+    def gave_up(self) -> Path:
+        return self.root / "gave_up"
 
 
 class ContainerDriver(Driver):
@@ -313,7 +328,10 @@ class ContainerDriver(Driver):
         if pid is not None:
             frozen = cgroups.frozen(self.fs, cgroups_path(instance_id))
             state = PowerState.PAUSED if frozen else PowerState.RUNNING
-            return InstanceInfo(instance_id, self.kind, state, pid=pid, started_at=started_at)
+            restarts = read_int(paths.restarts) or 0
+            return InstanceInfo(
+                instance_id, self.kind, state, pid=pid, started_at=started_at, restarts=restarts
+            )
         result = self._record_result(paths, instance_id)
         code = result.get("exit_code")
         oom = bool(result.get("oom_killed", False))
@@ -332,11 +350,15 @@ class ContainerDriver(Driver):
             message = "killed by the kernel: out of memory (memory limit reached)"
         elif code is not None:
             message = exit_reason(code)
+        restarts = read_int(paths.restarts) or 0
+        gave_up = paths.gave_up.exists()
+        if gave_up:
+            message = f"crash loop: gave up after {restarts} restarts; {message}"
         if message:
             last = last_lines(paths.log)
             if last:
                 message = f"{message}; last output: {last}"
-        state = PowerState.CRASHED if oom else PowerState.SHUTDOWN
+        state = PowerState.CRASHED if oom or gave_up else PowerState.SHUTDOWN
         return InstanceInfo(
             instance_id,
             self.kind,
@@ -345,6 +367,8 @@ class ContainerDriver(Driver):
             oom_killed=oom,
             started_at=started_at,
             message=message,
+            restarts=restarts,
+            gave_up=gave_up,
         )
 
     # ------------------------------------------------------------- lifecycle
@@ -400,7 +424,7 @@ class ContainerDriver(Driver):
     def _launch(self, paths: _Paths, spec: InstanceSpec) -> InstanceInfo:
         """Mount, wire, create under conmon, start; undo all of it on failure."""
         cid = container_id(spec.instance_id)
-        for stale in (paths.exit, paths.pidfile, paths.result):
+        for stale in (paths.exit, paths.pidfile, paths.result, paths.stopped):
             stale.unlink(missing_ok=True)
         if (self.crun_root / cid).exists():  # crun's own state dir: a stopped container
             self._runtime("delete", "--force", cid, check=False)
@@ -495,11 +519,14 @@ class ContainerDriver(Driver):
             info = self._info(paths, instance_id)
             if info.power_state in (PowerState.RUNNING, PowerState.PAUSED):
                 return info
+            for marker in (paths.stopped, paths.gave_up, paths.restarts):  # a new run, a new count
+                marker.unlink(missing_ok=True)
             return self._launch(paths, spec)
 
     def stop(self, instance_id: str, timeout: float = 30.0, force: bool = False) -> InstanceInfo:
         with self._locked(instance_id) as paths:
             self._load_spec(paths)
+            paths.stopped.touch()  # before the signal: the supervisor must not restart it
             self._stop(paths, instance_id, timeout, force)
             return self._info(paths, instance_id)
 
@@ -626,6 +653,54 @@ class ContainerDriver(Driver):
                 with contextlib.suppress(InstanceNotFound):
                     out.append(self._info(_Paths(d), iid))
         return out
+
+    def supervise(self, now: float | None = None) -> tuple[str, ...]:
+        """Apply each ended container's restart policy; return the ids restarted or given up.
+
+        Restarts back off (0.25 s doubling, at most 8 s after the exit); a
+        container that ran 10 s or more before it ended starts a new count.
+        When the policy's restarts are used up the container stays down,
+        ``crashed``, with the last exit code and output in its message.
+        """
+        now = time.time() if now is None else now
+        acted = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.base):
+                iid = entry.name.removeprefix("sky-")
+                if not (entry.name.startswith("sky-") and is_instance_id(iid)):
+                    continue
+                paths = _Paths(Path(entry.path))
+                if not paths.exit.exists() or paths.stopped.exists() or paths.gave_up.exists():
+                    continue
+                with contextlib.suppress(InstanceNotFound, DriverError, OSError):
+                    if self._supervise_one(paths, iid, now):
+                        acted.append(iid)
+        return tuple(acted)
+
+    def _supervise_one(self, paths: _Paths, instance_id: str, now: float) -> bool:
+        spec = self._load_spec(paths)
+        mode, limit = restart_rule(spec.restart_policy)
+        code = self._exit_code(paths)
+        if mode == "no" or code is None or (mode == "on-failure" and code == 0):
+            paths.stopped.touch()  # the policy is done with it: skip it from now on
+            return False
+        exited = paths.exit.stat().st_mtime
+        started = mtime(paths.started) or exited
+        restarts = read_int(paths.restarts) or 0
+        if exited - started >= CRASH_WINDOW:
+            restarts = 0  # it ran a good while: not a crash loop
+        if restarts >= limit:
+            paths.gave_up.touch()
+            return True
+        if now < exited + min(0.25 * 2**restarts, 8.0):
+            return False  # backing off
+        with self._locked(instance_id) as locked:
+            if self._pid(locked, instance_id) is not None or locked.stopped.exists():
+                return False  # started or stopped meanwhile by an action
+            self._stop(locked, instance_id, timeout=0.0, force=True)  # crun delete, cgroup gone
+            locked.restarts.write_text(str(restarts + 1))
+            self._launch(locked, spec)
+        return True
 
     def exit_marks(self) -> frozenset[tuple[str, float]]:
         """(container, time) of every exit file conmon has written: a change means a container ended.

@@ -246,6 +246,8 @@ class Instance(models.Model):
     env = models.JSONField(default=dict, blank=True, help_text="Added to (and overriding) the image's Env")
     workdir = models.CharField(max_length=255, blank=True)
     run_as = models.CharField(max_length=65, blank=True, help_text="user[:group], name or id")
+    restart_policy = models.CharField(max_length=16, default="no", help_text="no | on-failure[:N] | always")
+    restarts = models.PositiveIntegerField(default=0, help_text="Restarts in a row by the node's policy")
     flavor = models.ForeignKey(Flavor, on_delete=models.PROTECT, related_name="instances")
     vcpus = models.PositiveSmallIntegerField()
     ram_mb = models.PositiveIntegerField()

@@ -72,6 +72,7 @@ def build_spec(instance: Instance) -> InstanceSpec:
         env=tuple((str(k), str(v)) for k, v in instance.env.items()),
         workdir=instance.workdir,
         user=instance.run_as,
+        restart_policy=instance.restart_policy,
     )
 
 
@@ -127,6 +128,7 @@ def create_instance(req: Request, user: Any) -> Instance:
             env=dict(req.env),
             workdir=req.workdir,
             run_as=req.run_as,
+            restart_policy=req.restart_policy,
             vm_state=VmState.BUILDING,
             task_state=rule.task,
             action_id=action_id,

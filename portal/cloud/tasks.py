@@ -121,6 +121,18 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
         item = seen.get(str(inst.pk))
         if item is not None and item.power_state == PowerState.RUNNING and item.cpu_time_ns:
             metrics.record(str(inst.pk), report.sent_at or time.time(), item.cpu_time_ns, item.memory_bytes)
+        if item is not None and item.restarts != inst.restarts:
+            inst.restarts = item.restarts
+            inst.save(update_fields=["restarts", "updated_at"])
+            if item.restarts:
+                _node_event(
+                    inst.tenant_id,
+                    node.name,
+                    "instance.restarted",
+                    inst,
+                    Outcome.SUCCESS,
+                    f"restarted by its policy {inst.restart_policy} ({item.restarts} in a row)",
+                )
         if inst.task_state is not None:
             continue  # an action is in flight; its observation will settle the row
         if item is None:
@@ -139,6 +151,8 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
             old = inst.power_state
             inst.power_state = item.power_state.value
             inst.vm_state = states.POWER_TO_VM.get(item.power_state, inst.vm_state)
+            if item.gave_up:  # a crash loop: the restart policy is used up, a human must look
+                inst.vm_state = VmState.ERROR
             # how it ended (exit code or signal, last output), or nothing when it runs again
             inst.status_reason = item.message[:255]
             inst.missing_since = None

@@ -9,9 +9,11 @@ container's own view (its mountinfo) shows no node path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -243,3 +245,53 @@ def test_a_crashing_app_reports_its_exit_code() -> None:
     assert exit_reason(3) == "exited with code 3"
     assert exit_reason(143) == "killed by SIGTERM (exit code 143)"
     assert exit_reason(255) == "exited with code 255"
+
+
+def test_a_crash_loop_is_restarted_with_backoff_then_given_up(
+    app_driver: ContainerDriver, workload_images: WorkloadImages
+) -> None:
+    driver = app_driver
+    spec = dataclasses.replace(make_spec(ref(workload_images, "crashloop")), restart_policy="on-failure:3")
+    driver.spawn(spec)
+    deadline = time.monotonic() + 30
+    while not driver.info(spec.instance_id).gave_up:
+        assert time.monotonic() < deadline, driver.info(spec.instance_id)
+        driver.supervise()
+        time.sleep(0.05)
+    info = driver.info(spec.instance_id)
+    assert (info.power_state, info.restarts, info.exit_code) == (PowerState.CRASHED, 3, 3)
+    assert info.message.startswith("crash loop: gave up after 3 restarts; exited with code 3; last output:")
+    assert "exiting with 3" in info.message
+    assert driver.console_log(spec.instance_id).count("exiting with 3") == 4  # the first run + 3 restarts
+    assert driver.supervise() == ()  # given up: left alone
+    # A start by the user is a new run with a new count.
+    assert driver.start(spec.instance_id).restarts == 0
+    driver.destroy(spec.instance_id)
+    assert leftovers(driver, spec) == []
+
+
+def test_always_restarts_a_clean_exit_but_never_a_stopped_container(
+    app_driver: ContainerDriver, workload_images: WorkloadImages
+) -> None:
+    driver = app_driver
+    base = make_spec(ref(workload_images, "crashloop"), command=("sh", "-c", "echo ran; exec sleep 600"))
+    spec = dataclasses.replace(base, restart_policy="always")
+    info = driver.spawn(spec)
+    assert info.pid is not None
+    os.kill(info.pid, signal.SIGKILL)
+    wait_for(lambda: driver.info(spec.instance_id).power_state == PowerState.SHUTDOWN, what="exit")
+    wait_for(lambda: spec.instance_id in driver.supervise(), timeout=5, what="a restart")
+    again = driver.info(spec.instance_id)
+    assert again.power_state == PowerState.RUNNING and again.restarts == 1 and again.pid != info.pid
+    stopped = driver.stop(spec.instance_id, timeout=0)
+    assert stopped.power_state == PowerState.SHUTDOWN
+    time.sleep(0.5)
+    assert driver.supervise() == () and driver.info(spec.instance_id).power_state == PowerState.SHUTDOWN
+    # policy "no": an exit stays an exit
+    plain = make_spec(ref(workload_images, "crashloop"))
+    driver.spawn(plain)
+    wait_for(lambda: driver.info(plain.instance_id).power_state == PowerState.SHUTDOWN, what="exit")
+    time.sleep(0.3)
+    assert driver.supervise() == () and driver.info(plain.instance_id).restarts == 0
+    driver.destroy(spec.instance_id)
+    driver.destroy(plain.instance_id)

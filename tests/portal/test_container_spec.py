@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from compute.spec import ID_RANGE_MIN, ID_RANGE_SIZE
 from portal.audit.models import Event
@@ -50,3 +51,46 @@ def test_an_exit_seen_on_the_node_keeps_its_reason(world: World) -> None:
     apply_node_report(heartbeat("shared-1", inventory=[item], sent_at=time.time() + 1))
     inst.refresh_from_db()
     assert (inst.power_state, inst.status_reason) == ("running", "")
+
+
+def test_restart_policy_reaches_the_node_and_restarts_and_crash_loops_come_back(
+    world: World, nodes: FakeNodes
+) -> None:
+    _dedicate_node_a(world)
+    bad = world.client("a_member").post(
+        "/api/v1/instances/",
+        {"tenant": "acme", "name": "x", "image": "sample:1", "flavor": world.flavor_public.pk,
+         "restart_policy": "sometimes"},
+        format="json",
+    )  # fmt: skip
+    assert bad.status_code == 400 and "on-failure[:N]" in bad.json()["errors"]["restart_policy"][0]
+    c = _launch_with(world, restart_policy="on-failure:3")
+    assert c["restart_policy"] == "on-failure:3" and c["restarts"] == 0
+    inst = Instance.objects.get(pk=c["id"])
+    assert build_spec(inst).restart_policy == "on-failure:3"
+    assert nodes.run() == 1
+    item = {"instance_id": c["id"], "kind": "container", "power_state": "running", "restarts": 2}
+    apply_node_report(heartbeat("node-a", inventory=[item]))
+    inst.refresh_from_db()
+    assert inst.restarts == 2 and inst.vm_state == "active"
+    assert Event.objects.filter(action="instance.restarted", object_id=c["id"]).exists()
+    reason = (
+        "crash loop: gave up after 3 restarts; exited with code 3; last output: crashloop: exiting with 3"
+    )
+    item |= {"power_state": "crashed", "restarts": 3, "gave_up": True, "exit_code": 3, "message": reason}
+    apply_node_report(heartbeat("node-a", inventory=[item], sent_at=time.time() + 1))
+    inst.refresh_from_db()
+    assert (inst.vm_state, inst.power_state, inst.restarts) == ("error", "crashed", 3)
+    assert inst.status_reason == reason
+    shown = world.client("a_member").get(f"/api/v1/instances/{c['id']}/").json()
+    assert (shown["vm_state"], shown["restarts"], shown["status_reason"]) == ("error", 3, reason)
+
+
+def _launch_with(world: World, **extra: Any) -> Any:
+    r = world.client("a_member").post(
+        "/api/v1/instances/",
+        {"tenant": "acme", "name": "app", "image": "sample:1", "flavor": world.flavor_public.pk, **extra},
+        format="json",
+    )
+    assert r.status_code == 202, r.json()
+    return r.json()

@@ -6,7 +6,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from compute.spec import ID_RANGE_SIZE, env_problem
+from compute.spec import ID_RANGE_SIZE, SpecError, env_problem, restart_rule
 from portal.api.authentication import actor_for, user_id_of
 from portal.api.conflicts import FieldConflict
 from portal.api.fields import DefaultTenantMixin, TenantField, TenantSlugField
@@ -231,6 +231,12 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     workdir = StrictCharField(
         required=False, allow_blank=True, max_length=255, help_text="Container: working directory"
     )
+    restart_policy = StrictCharField(
+        required=False,
+        default="no",
+        max_length=16,
+        help_text="Container: no | on-failure[:N] | always (with backoff; a crash loop ends in error)",
+    )
     user = StrictCharField(
         source="run_as",
         required=False,
@@ -266,6 +272,8 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             "env",
             "workdir",
             "user",
+            "restart_policy",
+            "restarts",
             "created_by",
             "created_at",
             "updated_at",
@@ -281,6 +289,7 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             "power_state",
             "status_reason",
             "addresses",
+            "restarts",
             "created_at",
             "updated_at",
         ]
@@ -319,6 +328,13 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             if problem:
                 # The value is a possible secret: name only the variable.
                 raise serializers.ValidationError(problem.replace(repr(name), repr(name[:64]))[:300])
+        return value
+
+    def validate_restart_policy(self, value: str) -> str:
+        try:
+            restart_rule(value)
+        except SpecError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
         return value
 
     def validate_workdir(self, value: str) -> str:
@@ -376,6 +392,8 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     def _check_overrides(attrs: dict[str, Any], image: Any) -> None:
         """What the portal can know from the image config recorded at import."""
         given = [k for k in ("command", "env", "workdir", "run_as") if attrs.get(k)]
+        if attrs.get("restart_policy", "no") != "no":
+            given.append("restart_policy")
         if given and attrs.get("requested_kind") == RequestedKind.VM:
             field = given[0] if given[0] != "run_as" else "user"
             raise serializers.ValidationError({field: "Applies to containers only, not to kind=vm."})

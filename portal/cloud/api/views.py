@@ -129,6 +129,7 @@ class InstanceViewSet(ScopedViewSet):
             env=tuple(data.get("env", {}).items()),
             workdir=data.get("workdir", ""),
             run_as=data.get("run_as", ""),
+            restart_policy=data.get("restart_policy", "no"),
         )
 
     @extend_schema(responses={202: serializers.InstanceSerializer})
