@@ -1,12 +1,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from compute.spec import ID_RANGE_SIZE, SpecError, env_problem, restart_rule
 from portal.api.authentication import actor_for, user_id_of
 from portal.api.conflicts import FieldConflict
 from portal.api.fields import DefaultTenantMixin, TenantField, TenantSlugField
@@ -17,7 +16,7 @@ from portal.api.strict import (
     StrictPrimaryKeyRelatedField,
     StrictRegexField,
 )
-from portal.cloud import states
+from portal.cloud import launch, states
 from portal.cloud.choices import RequestedKind
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
 from portal.cloud.naming import NAME_RE as _NAME_RE
@@ -158,17 +157,19 @@ class ImageRefField(serializers.Field):  # type: ignore[type-arg]
         return str(value)
 
 
-MASK = "********"
-MAX_ENV = 256
-MAX_ENV_NAME = 255
-MAX_ENV_BYTES = 64 * 1024
-_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?")
+_T = TypeVar("_T")
+
+
+def _checked(value: _T, problem: str | None) -> _T:
+    if problem:
+        raise serializers.ValidationError(problem)
+    return value
 
 
 class EnvVarSerializer(serializers.Serializer):  # type: ignore[type-arg]
     """One environment variable of a container; the value is write-only (answers show a mask)."""
 
-    name = StrictCharField(max_length=MAX_ENV_NAME, trim_whitespace=False)
+    name = StrictCharField(max_length=launch.MAX_ENV_NAME, trim_whitespace=False)
     value = StrictCharField(max_length=32768, allow_blank=True, trim_whitespace=False)
 
 
@@ -187,7 +188,7 @@ class EnvField(serializers.ListField):
         return env
 
     def to_representation(self, data: Any) -> list[dict[str, str]]:
-        return [{"name": str(name), "value": MASK} for name in (data or {})]
+        return [{"name": str(name), "value": launch.MASK} for name in (data or {})]
 
 
 class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
@@ -220,12 +221,12 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     command = serializers.ListField(
         child=StrictCharField(max_length=4096, allow_blank=True, trim_whitespace=False),
         required=False,
-        max_length=256,
+        max_length=launch.MAX_ARGS,
         help_text="Container: replaces the image's Entrypoint + Cmd",
     )
     env = EnvField(
         required=False,
-        max_length=MAX_ENV,
+        max_length=launch.MAX_ENV,
         help_text="Container: environment added to the image's; values are never shown again (masked)",
     )
     workdir = StrictCharField(
@@ -235,7 +236,7 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
         required=False,
         default="no",
         max_length=16,
-        help_text="Container: no | on-failure[:N] | always (with backoff; a crash loop ends in error)",
+        help_text=f"Container: {launch.RESTART_HELP}",
     )
     user = StrictCharField(
         source="run_as",
@@ -316,41 +317,19 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
         return value
 
     def validate_command(self, value: list[str]) -> list[str]:
-        if any("\x00" in arg for arg in value):
-            raise serializers.ValidationError("An argument contains a NUL character.")
-        return value
+        return _checked(value, launch.command_error(value))
 
     def validate_env(self, value: dict[str, str]) -> dict[str, str]:
-        if sum(len(k) + len(v) for k, v in value.items()) > MAX_ENV_BYTES:
-            raise serializers.ValidationError(f"At most {MAX_ENV_BYTES // 1024} KiB of names and values.")
-        for name, val in value.items():
-            problem = env_problem(name, val)
-            if problem:
-                # The value is a possible secret: name only the variable.
-                raise serializers.ValidationError(problem.replace(repr(name), repr(name[:64]))[:300])
-        return value
-
-    def validate_restart_policy(self, value: str) -> str:
-        try:
-            restart_rule(value)
-        except SpecError as exc:
-            raise serializers.ValidationError(str(exc)) from exc
-        return value
+        return _checked(value, launch.env_error(value))
 
     def validate_workdir(self, value: str) -> str:
-        if value and (not value.startswith("/") or "\x00" in value):
-            raise serializers.ValidationError("Give an absolute path, such as /srv/app.")
-        return value
+        return _checked(value, launch.workdir_error(value))
 
     def validate_user(self, value: str) -> str:
-        if value and not _USER_RE.fullmatch(value):
-            raise serializers.ValidationError(
-                "Give user[:group]: names or ids, such as 1000:1000 or www-data."
-            )
-        for part in value.split(":"):
-            if part.isdigit() and int(part) >= ID_RANGE_SIZE:
-                raise serializers.ValidationError(f"Ids inside a container go up to {ID_RANGE_SIZE - 1}.")
-        return value
+        return _checked(value, launch.user_error(value))
+
+    def validate_restart_policy(self, value: str) -> str:
+        return _checked(value, launch.restart_policy_error(value))
 
     def validate_ssh_key_ids(self, value: list[int]) -> list[str]:
         keys = dict(
