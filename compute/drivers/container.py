@@ -678,25 +678,29 @@ class ContainerDriver(Driver):
         return tuple(acted)
 
     def _supervise_one(self, paths: _Paths, instance_id: str, now: float) -> bool:
-        spec = self._load_spec(paths)
-        mode, limit = restart_rule(spec.restart_policy)
-        code = self._exit_code(paths)
-        if mode == "no" or code is None or (mode == "on-failure" and code == 0):
-            paths.stopped.touch()  # the policy is done with it: skip it from now on
-            return False
-        exited = paths.exit.stat().st_mtime
-        started = mtime(paths.started) or exited
-        restarts = read_int(paths.restarts) or 0
-        if exited - started >= CRASH_WINDOW:
-            restarts = 0  # it ran a good while: not a crash loop
-        if restarts >= limit:
-            paths.gave_up.touch()
-            return True
-        if now < exited + min(0.25 * 2**restarts, 8.0):
-            return False  # backing off
+        # Under the instance lock: an action (stop, destroy) may be on this container right now,
+        # and nothing may be written into a directory that a destroy is removing.
         with self._locked(instance_id) as locked:
-            if self._pid(locked, instance_id) is not None or locked.stopped.exists():
-                return False  # started or stopped meanwhile by an action
+            if not locked.spec.exists() or not locked.exit.exists() or locked.stopped.exists():
+                return False
+            if self._pid(locked, instance_id) is not None:
+                return False  # started again meanwhile
+            spec = self._load_spec(locked)
+            mode, limit = restart_rule(spec.restart_policy)
+            code = self._exit_code(locked)
+            if mode == "no" or code is None or (mode == "on-failure" and code == 0):
+                locked.stopped.touch()  # the policy is done with it: skip it from now on
+                return False
+            exited = locked.exit.stat().st_mtime
+            started = mtime(locked.started) or exited
+            restarts = read_int(locked.restarts) or 0
+            if exited - started >= CRASH_WINDOW:
+                restarts = 0  # it ran a good while: not a crash loop
+            if restarts >= limit:
+                locked.gave_up.touch()
+                return True
+            if now < exited + min(0.25 * 2**restarts, 8.0):
+                return False  # backing off
             self._stop(locked, instance_id, timeout=0.0, force=True)  # crun delete, cgroup gone
             locked.restarts.write_text(str(restarts + 1))
             self._launch(locked, spec)
