@@ -1,5 +1,6 @@
+from typing import Any
+
 from django.contrib import admin
-from django.db import models
 
 from portal.cloud.models import ComputeNode, Flavor, Instance
 from portal.jsonforms import JSON_FIELD_OVERRIDES
@@ -42,5 +43,13 @@ class InstanceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def env_names(self, obj: Instance) -> str:
         return ", ".join(sorted(obj.env)) or "-"
 
-    # user data: the API's and the launch form's bound (16 KiB)
-    formfield_overrides = {**JSON_FIELD_OVERRIDES, models.TextField: {"max_length": 16384}}
+    # Instances live on nodes: a row added, changed or deleted here would not reach them.
+    # Launch, act and delete through the API or the web UI (they go through the services).
+    def has_add_permission(self, request: Any) -> bool:
+        return False
+
+    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
