@@ -253,6 +253,15 @@ class InstanceSpec:
     env: tuple[tuple[str, str], ...] = ()
     cpu_quota_percent: int = 100
     pids_limit: int = 1024
+    # Containers: host uid/gid of root inside the container's user namespace
+    # (one 65536-id range per tenant, docs/container-driver.md); 0 = derive on
+    # the node (specs stored before the field existed).
+    id_base: int = 0
+    # Containers: overrides of the image config's User and WorkingDir.
+    user: str = ""
+    workdir: str = ""
+    # Containers: ``no | on-failure[:N] | always``; the node restarts with backoff (restart_rule).
+    restart_policy: str = "no"
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -265,11 +274,56 @@ class InstanceSpec:
             raise SpecError("cpu_quota_percent must be within 1..100*vcpus")
         if self.pids_limit < 8:
             raise SpecError("pids_limit must be at least 8")
+        base = self.id_base
+        if base and (base < ID_RANGE_MIN or base % ID_RANGE_SIZE or base + ID_RANGE_SIZE > 2**32):
+            raise SpecError(f"id_base must be 0 or a multiple of {ID_RANGE_SIZE} in {ID_RANGE_MIN}..2^32")
+        for name, value in self.env:
+            problem = env_problem(name, value)
+            if problem:
+                raise SpecError(problem)
+        if "\x00" in self.user or "\x00" in self.workdir or "\x00" in "".join(self.command):
+            raise SpecError("user, workdir and command must not contain NUL")
+        restart_rule(self.restart_policy)  # raises SpecError when malformed
+        if self.workdir and not self.workdir.startswith("/"):
+            raise SpecError(f"workdir must be an absolute path, got {self.workdir!r}")
 
     @property
     def short_id(self) -> str:
         """First 8 hex digits of the id: used in host-side names (taps, veths)."""
         return self.instance_id[:8]
+
+
+ID_RANGE_SIZE = 65536  # ids per user-namespace range (uid 0..65535 inside)
+ID_RANGE_MIN = 1 << 24  # no range starts below host uid 16777216
+
+
+CRASH_LOOP_LIMIT = 10  # restarts of a container that keeps failing before the node gives up
+_RESTART_RE = re.compile(r"(no|always|on-failure)(?::([1-9][0-9]{0,2}))?")
+
+
+def restart_rule(policy: str) -> tuple[str, int]:
+    """``no | on-failure[:N] | always`` → (mode, most restarts in a row); SpecError when malformed.
+
+    ``always`` and a bare ``on-failure`` still stop after :data:`CRASH_LOOP_LIMIT`
+    quick failures in a row (a crash loop), as the instance then needs a human.
+    """
+    m = _RESTART_RE.fullmatch(policy) if isinstance(policy, str) else None
+    if m is None or (m.group(2) and m.group(1) != "on-failure"):
+        raise SpecError(f"restart_policy must be no, on-failure[:N] (N 1..999) or always, got {policy!r}")
+    if m.group(1) == "no":
+        return "no", 0
+    return m.group(1), int(m.group(2)) if m.group(2) else CRASH_LOOP_LIMIT
+
+
+def env_problem(name: str, value: str) -> str | None:
+    """Why ``name=value`` cannot be a process environment entry, or None."""
+    if not name:
+        return "an environment variable needs a name"
+    if "=" in name or "\x00" in name:
+        return f"environment variable name {name!r} must not contain '=' or NUL"
+    if "\x00" in value:
+        return f"environment variable {name} has a NUL in its value"
+    return None
 
 
 def stored_spec(data: Mapping[str, Any]) -> InstanceSpec:
@@ -412,6 +466,11 @@ class InventoryItem:
     # counters at the time of the report (0 when the driver could not read them)
     cpu_time_ns: int = 0
     memory_bytes: int = 0
+    # a workload that ended: how (exit code or signal, OOM) and its last output lines
+    exit_code: int | None = None
+    message: str = ""
+    restarts: int = 0  # by the node's restart policy, in a row
+    gave_up: bool = False  # a crash loop: the policy's restarts are used up
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from compute import fetch
 from compute.config import NodeConfig
-from compute.drivers.base import Driver, DriverError, InstanceNotFound
+from compute.drivers.base import Driver, DriverError, InstanceInfo, InstanceNotFound
 from compute.network import bridge, vxlan
 from compute.spec import (
     MESSAGES,
@@ -69,6 +69,7 @@ class NodeService:
         self.send = send
         self.prepare_bridge = prepare_bridge or _prepare_bridge
         self._drivers: dict[Kind, Driver] = dict(drivers or {})
+        self._exit_marks: frozenset[tuple[str, float]] = frozenset()
         self._pid = os.getpid()
 
     def driver(self, kind: Kind) -> Driver:
@@ -247,6 +248,28 @@ class NodeService:
         state = self.config.state_dir
         return sorted(set(ImageCache(state / "images").digests()) | set(LayerStore(state).layers()))
 
+    def supervise(self) -> bool:
+        """Apply restart policies of ended containers; True when one was restarted or given up."""
+        try:
+            driver = self.driver(Kind.CONTAINER)
+            supervise = getattr(driver, "supervise", None)  # only the container driver has one
+            return bool(supervise()) if callable(supervise) else False
+        except Exception:
+            log.exception("container supervision failed")
+            return False
+
+    def exits_changed(self) -> bool:
+        """Whether a container ended since the last call (the heartbeat then reports at once)."""
+        try:
+            driver = self.driver(Kind.CONTAINER)
+            marks_of = getattr(driver, "exit_marks", None)  # only the container driver has them
+            marks: frozenset[tuple[str, float]] = marks_of() if callable(marks_of) else frozenset()
+        except Exception:  # a broken driver shows in the next heartbeat's health instead
+            return False
+        changed = marks != self._exit_marks and bool(marks - self._exit_marks)
+        self._exit_marks = marks
+        return changed
+
     def report(self) -> NodeReport:
         """Capacity, driver health and capabilities, and inventory, sent as the node's heartbeat."""
         drivers: list[DriverStatus] = []
@@ -258,7 +281,7 @@ class NodeService:
                 capabilities = driver.capabilities
                 ok, why = driver.health()
                 if ok:
-                    inventory += [_item(driver, kind, i.instance_id, i.power_state) for i in driver.list()]
+                    inventory += [_item(driver, kind, i) for i in driver.list()]
             except Exception as exc:  # a broken driver is reported, never fatal to the heartbeat
                 ok, why = False, f"{type(exc).__name__}: {exc}"
             drivers.append(DriverStatus(kind, ok, why, capabilities))
@@ -334,15 +357,26 @@ def _prepare_bridge(seg: NetworkSegment) -> None:
         raise DriverError(f"cannot prepare VXLAN {seg.vni} of {seg.network}: {exc}") from exc
 
 
-def _item(driver: Driver, kind: Kind, instance_id: str, state: PowerState) -> InventoryItem:
-    """An inventory entry with the workload's counters when they can be read."""
+def _item(driver: Driver, kind: Kind, info: InstanceInfo) -> InventoryItem:
+    """An inventory entry with the workload's counters when they can be read, or how it ended."""
+    instance_id, state = info.instance_id, info.power_state
     if state != PowerState.RUNNING:
-        return InventoryItem(instance_id, kind, state)
+        return InventoryItem(
+            instance_id,
+            kind,
+            state,
+            exit_code=info.exit_code,
+            message=info.message[:1000],
+            restarts=info.restarts,
+            gave_up=info.gave_up,
+        )
     try:
         stats = driver.stats(instance_id)
     except DriverError:
-        return InventoryItem(instance_id, kind, state)
-    return InventoryItem(instance_id, kind, state, stats.cpu_time_ns, stats.memory_bytes)
+        return InventoryItem(instance_id, kind, state, restarts=info.restarts)
+    return InventoryItem(
+        instance_id, kind, state, stats.cpu_time_ns, stats.memory_bytes, restarts=info.restarts
+    )
 
 
 def _mem_total_mb() -> int:

@@ -36,7 +36,12 @@ class InstanceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ["name", "tenant", "kind", "vm_state", "task_state", "power_state", "node", "created_at"]
     list_filter = ["kind", "vm_state", "task_state", "power_state", "tenant", "node"]
     search_fields = ["name", "id", "image", "tenant__slug"]
-    readonly_fields = ["id", "created_at", "updated_at", "deleted_at"]
+    readonly_fields = ["id", "created_at", "updated_at", "deleted_at", "env_names"]
+    exclude = ["env"]  # launch environment values may be secrets: names only
+
+    @admin.display(description="Environment (names; values hidden)")
+    def env_names(self, obj: Instance) -> str:
+        return ", ".join(sorted(obj.env)) or "-"
 
     # Instances live on nodes: a row added, changed or deleted here would not reach them.
     # Launch, act and delete through the API or the web UI (they go through the services).

@@ -240,6 +240,14 @@ class Instance(models.Model):
     anti_affinity_group = models.CharField(max_length=63, blank=True)
     ssh_keys = models.JSONField(default=list, blank=True, help_text="Public keys injected at creation")
     user_data = models.TextField(blank=True)
+    # Containers: launch overrides of the image config (docs/container-driver.md).  ``env``
+    # values may be secrets: the API, events and the audit log show only the names.
+    command = models.JSONField(default=list, blank=True, help_text="Replaces Entrypoint + Cmd")
+    env = models.JSONField(default=dict, blank=True, help_text="Added to (and overriding) the image's Env")
+    workdir = models.CharField(max_length=255, blank=True)
+    run_as = models.CharField(max_length=65, blank=True, help_text="user[:group], name or id")
+    restart_policy = models.CharField(max_length=16, default="no", help_text="no | on-failure[:N] | always")
+    restarts = models.PositiveIntegerField(default=0, help_text="Restarts in a row by the node's policy")
     flavor = models.ForeignKey(Flavor, on_delete=models.PROTECT, related_name="instances")
     vcpus = models.PositiveSmallIntegerField()
     ram_mb = models.PositiveIntegerField()

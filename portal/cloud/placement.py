@@ -33,6 +33,23 @@ class Request:
     anti_affinity_group: str = ""
     ssh_keys: tuple[str, ...] = ()
     user_data: str = ""
+    command: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str = ""
+    run_as: str = ""
+    restart_policy: str = "no"
+
+    @property
+    def overrides(self) -> list[str]:
+        """Names of the container-only launch overrides this request sets."""
+        given = {
+            "command": self.command,
+            "env": self.env,
+            "workdir": self.workdir,
+            "user": self.run_as,
+            "restart_policy": self.restart_policy != "no",
+        }
+        return [k for k, v in given.items() if v]
 
 
 @dataclasses.dataclass(frozen=True)

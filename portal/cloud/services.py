@@ -51,6 +51,10 @@ def build_spec(instance: Instance) -> InstanceSpec:
     if artifact is None:
         raise Conflict(f"Image {instance.image} has no artifact for a {instance.kind}.")
     node = _node(instance)
+    try:
+        id_base = instance.tenant.id_base if instance.kind == Kind.CONTAINER else 0
+    except ValueError as exc:
+        raise Conflict(str(exc)) from exc
     return InstanceSpec(
         instance_id=str(instance.pk),
         name=instance.name,
@@ -65,6 +69,12 @@ def build_spec(instance: Instance) -> InstanceSpec:
         ssh_keys=tuple(instance.ssh_keys),
         user_data=instance.user_data or None,
         cpu_quota_percent=100 * instance.vcpus,
+        id_base=id_base,
+        command=tuple(instance.command),
+        env=tuple((str(k), str(v)) for k, v in instance.env.items()),
+        workdir=instance.workdir,
+        user=instance.run_as,
+        restart_policy=instance.restart_policy,
     )
 
 
@@ -89,6 +99,11 @@ def create_instance(req: Request, user: Any) -> Instance:
     rule = states.RULES[Action.CREATE]
     with transaction.atomic():
         chosen, effect = placement.place(req, lock=True)
+        if req.overrides and chosen.kind != Kind.CONTAINER:
+            raise Conflict(
+                f"{', '.join(req.overrides)} apply to containers only, and this instance would be a VM "
+                f"({chosen.reason}). Leave them out or launch with kind=container."
+            )
         placement.check_quota(req.tenant, effect)
         if Instance.objects.filter(tenant=req.tenant, name=req.name).live().exists():
             raise Conflict(f"Tenant {req.tenant.slug} already has a live instance named '{req.name}'.")
@@ -111,6 +126,11 @@ def create_instance(req: Request, user: Any) -> Instance:
             anti_affinity_group=req.anti_affinity_group,
             ssh_keys=list(req.ssh_keys),
             user_data=req.user_data,
+            command=list(req.command),
+            env=dict(req.env),
+            workdir=req.workdir,
+            run_as=req.run_as,
+            restart_policy=req.restart_policy,
             vm_state=VmState.BUILDING,
             task_state=rule.task,
             action_id=action_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from django import forms
@@ -10,7 +11,7 @@ from django.core.validators import MaxValueValidator, RegexValidator
 from django.db.models import Q
 
 from portal.audit.models import Outcome
-from portal.cloud import placement
+from portal.cloud import launch, placement
 from portal.cloud.choices import Kind, RequestedKind, VmState
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
 from portal.cloud.naming import NAME_RE, NAME_RULE
@@ -45,6 +46,13 @@ class ImageChoiceField(forms.ModelChoiceField):  # type: ignore[type-arg]
         return f"{obj} ({', '.join(kinds) or 'no artifact'}; {owner})"
 
 
+class SecretTextarea(forms.Textarea):
+    """A textarea that never renders what was typed (env values may be secrets), even on an error."""
+
+    def format_value(self, value: Any) -> str | None:
+        return None
+
+
 class LaunchForm(NoSuffix, forms.Form):
     """What ``placement.Request`` needs.  With ``preview=True`` the name may still be empty."""
 
@@ -75,6 +83,28 @@ class LaunchForm(NoSuffix, forms.Form):
         label="User data",
         help_text="cloud-init user data (VMs), at most 16 KiB.",
     )
+    command = forms.CharField(
+        required=False,
+        max_length=16384,
+        label="Command (containers)",
+        help_text="Replaces the image's Entrypoint and Cmd; split like a shell line: sh -c 'echo hi'.",
+    )
+    env = forms.CharField(
+        required=False,
+        max_length=launch.MAX_ENV_BYTES + 2 * launch.MAX_ENV,
+        strip=False,
+        widget=SecretTextarea(attrs={"rows": 3, "spellcheck": "false", "autocomplete": "off"}),
+        label="Environment (containers)",
+        help_text="NAME=value per line, added to the image's; values are never shown again.",
+    )
+    workdir = forms.CharField(required=False, max_length=255, label="Working directory (containers)")
+    user = forms.CharField(
+        required=False, max_length=65, label="User (containers)", help_text="user[:group], names or ids."
+    )
+    restart_policy = forms.CharField(
+        required=False, max_length=16, initial="no", label="Restart policy (containers)",
+        help_text=launch.RESTART_HELP,
+    )  # fmt: skip
 
     def __init__(
         self, *args: Any, actor: Actor, tenant: Tenant, user: Any, preview: bool = False, **kwargs: Any
@@ -123,7 +153,29 @@ class LaunchForm(NoSuffix, forms.Form):
             ]
             if short:
                 self.add_error("flavor", f"Image {image} needs at least {' and '.join(short)}.")
+        self._clean_overrides(data)
         return data
+
+    def _clean_overrides(self, data: dict[str, Any]) -> None:
+        """The API's rules (portal/cloud/launch.py); env values never appear in an error."""
+        try:
+            data["command"] = shlex.split(data.get("command") or "")
+        except ValueError as exc:
+            self.add_error("command", f"Cannot split the command: {exc}.")
+            data["command"] = []
+        env, problem = launch.parse_env_lines(data.get("env") or "")
+        data["env"] = env
+        data["restart_policy"] = data.get("restart_policy") or "no"
+        checks = {
+            "command": launch.command_error(data["command"]),
+            "env": problem or launch.env_error(env),
+            "workdir": launch.workdir_error(data.get("workdir") or ""),
+            "user": launch.user_error(data.get("user") or ""),
+            "restart_policy": launch.restart_policy_error(data["restart_policy"]),
+        }
+        for field, error in checks.items():
+            if error:
+                self.add_error(field, error)
 
     #: fields the preview does not depend on: their errors do not stop it
     PREVIEW_ONLY_NEEDS = ("image", "flavor", "kind")
@@ -143,6 +195,11 @@ class LaunchForm(NoSuffix, forms.Form):
             requested_kind=data["kind"],
             ssh_keys=tuple(k.public_key for k in data.get("ssh_keys") or ()),
             user_data=data.get("user_data") or "",
+            command=tuple(data.get("command") or ()),
+            env=tuple((data.get("env") or {}).items()),
+            workdir=data.get("workdir") or "",
+            run_as=data.get("user") or "",
+            restart_policy=data.get("restart_policy") or "no",
         )
 
 

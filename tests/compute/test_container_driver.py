@@ -17,7 +17,7 @@ import pytest
 
 from compute import cgroups
 from compute.drivers.base import DriverError, InstanceNotFound, InvalidState, NotSupported
-from compute.drivers.container import ContainerDriver, cgroups_path
+from compute.drivers.container import ContainerDriver, cgroups_path, id_base
 from compute.spec import PowerState, to_json
 from tests.compute.container_fixtures import (
     BridgeNet,
@@ -32,6 +32,9 @@ from tests.compute.container_fixtures import (
 __all__ = ["driver", "sample_images", "testnet"]
 
 pytestmark = pytest.mark.host
+
+# CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE SYS_CHROOT AUDIT_WRITE SETFCAP
+DOCKER_CAPS_MASK = sum(1 << n for n in (0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 29, 31))
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
@@ -78,11 +81,18 @@ def test_lifecycle_network_stats_and_cleanup(
     wait_for(lambda: "pid=" in driver.console_log(spec.instance_id), what="log line")
     assert "hostname=web-1 pid=1" in driver.console_log(spec.instance_id)
 
-    # Not host root, no capabilities, no new privileges.
+    # Root inside its own user namespace, an unprivileged range outside; Docker's
+    # default capabilities (no NET_RAW, no MKNOD) inside that namespace only.
     status = proc_status(info.pid)
-    assert all(int(u) >= 1_000_000 for u in status["Uid"].split())
-    assert all(int(g) >= 1_000_000 for g in status["Gid"].split())
-    assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+    base = id_base(spec)
+    assert base >= 1 << 24
+    assert [int(u) for u in status["Uid"].split()] == [base] * 4
+    assert [int(g) for g in status["Gid"].split()] == [base] * 4
+    assert Path(f"/proc/{info.pid}/uid_map").read_text().split() == ["0", str(base), "65536"]
+    assert Path(f"/proc/{info.pid}/gid_map").read_text().split() == ["0", str(base), "65536"]
+    assert os.readlink(f"/proc/{info.pid}/ns/user") != os.readlink("/proc/self/ns/user")
+    assert int(status["CapEff"], 16) == DOCKER_CAPS_MASK == int(status["CapBnd"], 16)
+    assert int(status["CapInh"], 16) == 0 and int(status["CapAmb"], 16) == 0
     assert status["NoNewPrivs"] == "1"
     assert status["Seccomp"] == "2"
 

@@ -416,3 +416,30 @@ def test_paging_keeps_the_filters_and_htmx_filters_push_their_query(world: World
     assert 'value="bulk"' in page2, "the form shows the filters of the URL"
     # without the target header (a reload, or htmx restoring history) the whole page comes back
     assert "<html" in text(c.get("/instances/", {"kind": "vm"}, headers={"HX-Request": "true"}))
+
+
+def test_launch_form_takes_container_overrides_and_never_shows_env_values(
+    world: World, sent: list[Any]
+) -> None:
+    _ready_node_a()
+    c = client(world, "a_member")
+    secret = "hunter2-very-secret"
+    body = {"name": "ctr", "image": _image("sample"), "flavor": world.flavor_public.pk, "kind": "container",
+            "network": "default", "command": "sh -c 'echo hi; sleep 9'",
+            "env": f"TOKEN={secret}\nMODE=prod\n", "workdir": "/srv", "user": "1000:1000",
+            "restart_policy": "on-failure:3"}  # fmt: skip
+    # an error elsewhere: the page comes back without the env values
+    r = c.post("/instances/new/", {**body, "user": "root; reboot"})
+    assert r.status_code == 400 and "user[:group]" in text(r) and secret not in text(r)
+    r = c.post("/instances/new/", {**body, "env": f"NOEQUALS\nTOKEN={secret}"})
+    assert r.status_code == 400 and "Line 1: write NAME=value." in text(r) and secret not in text(r)
+    r = c.post("/instances/new/", body)
+    assert r.status_code == 303, text(r)
+    inst = Instance.objects.get(tenant=world.a, name="ctr")
+    assert inst.command == ["sh", "-c", "echo hi; sleep 9"]
+    assert inst.env == {"TOKEN": secret, "MODE": "prod"}
+    assert (inst.workdir, inst.run_as, inst.restart_policy) == ("/srv", "1000:1000", "on-failure:3")
+    detail = text(c.get(r["Location"]))
+    assert secret not in detail
+    assert "TOKEN=********" in detail and "sh -c echo hi; sleep 9" in detail and "on-failure:3" in detail
+    assert not [e for e in Event.objects.all() if secret in e.message or secret in e.path]

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -16,7 +16,7 @@ from portal.api.strict import (
     StrictPrimaryKeyRelatedField,
     StrictRegexField,
 )
-from portal.cloud import states
+from portal.cloud import launch, states
 from portal.cloud.choices import RequestedKind
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network
 from portal.cloud.naming import NAME_RE as _NAME_RE
@@ -157,6 +157,40 @@ class ImageRefField(serializers.Field):  # type: ignore[type-arg]
         return str(value)
 
 
+_T = TypeVar("_T")
+
+
+def _checked(value: _T, problem: str | None) -> _T:
+    if problem:
+        raise serializers.ValidationError(problem)
+    return value
+
+
+class EnvVarSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """One environment variable of a container; the value is write-only (answers show a mask)."""
+
+    name = StrictCharField(max_length=launch.MAX_ENV_NAME, trim_whitespace=False)
+    value = StrictCharField(max_length=32768, allow_blank=True, trim_whitespace=False)
+
+
+class EnvField(serializers.ListField):
+    """``[{"name", "value"}]`` in, a dict on the model, names with masked values out."""
+
+    child = EnvVarSerializer()
+
+    def to_internal_value(self, data: Any) -> dict[str, str]:  # type: ignore[override]
+        items = super().to_internal_value(data)
+        env: dict[str, str] = {}
+        for item in items:
+            if item["name"] in env:
+                raise serializers.ValidationError(f"Variable {item['name'][:64]!r} is given twice.")
+            env[item["name"]] = item["value"]
+        return env
+
+    def to_representation(self, data: Any) -> list[dict[str, str]]:
+        return [{"name": str(name), "value": launch.MASK} for name in (data or {})]
+
+
 class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     tenant = TenantField(required=False)
     flavor = StrictPrimaryKeyRelatedField(queryset=Flavor.objects.all())
@@ -184,6 +218,33 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     user_data = StrictCharField(
         required=False, allow_blank=True, max_length=16384, write_only=True, trim_whitespace=False
     )
+    command = serializers.ListField(
+        child=StrictCharField(max_length=4096, allow_blank=True, trim_whitespace=False),
+        required=False,
+        max_length=launch.MAX_ARGS,
+        help_text="Container: replaces the image's Entrypoint + Cmd",
+    )
+    env = EnvField(
+        required=False,
+        max_length=launch.MAX_ENV,
+        help_text="Container: environment added to the image's; values are never shown again (masked)",
+    )
+    workdir = StrictCharField(
+        required=False, allow_blank=True, max_length=255, help_text="Container: working directory"
+    )
+    restart_policy = StrictCharField(
+        required=False,
+        default="no",
+        max_length=16,
+        help_text=f"Container: {launch.RESTART_HELP}",
+    )
+    user = StrictCharField(
+        source="run_as",
+        required=False,
+        allow_blank=True,
+        max_length=65,
+        help_text="Container: user[:group] to run as (name or id, resolved in the image)",
+    )
 
     class Meta:
         model = Instance
@@ -208,6 +269,12 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             "anti_affinity_group",
             "ssh_key_ids",
             "user_data",
+            "command",
+            "env",
+            "workdir",
+            "user",
+            "restart_policy",
+            "restarts",
             "created_by",
             "created_at",
             "updated_at",
@@ -223,6 +290,7 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             "power_state",
             "status_reason",
             "addresses",
+            "restarts",
             "created_at",
             "updated_at",
         ]
@@ -247,6 +315,21 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
         if value and not _NAME_RE.match(value):
             raise serializers.ValidationError("Use lower-case letters, digits and '-' (at most 63).")
         return value
+
+    def validate_command(self, value: list[str]) -> list[str]:
+        return _checked(value, launch.command_error(value))
+
+    def validate_env(self, value: dict[str, str]) -> dict[str, str]:
+        return _checked(value, launch.env_error(value))
+
+    def validate_workdir(self, value: str) -> str:
+        return _checked(value, launch.workdir_error(value))
+
+    def validate_user(self, value: str) -> str:
+        return _checked(value, launch.user_error(value))
+
+    def validate_restart_policy(self, value: str) -> str:
+        return _checked(value, launch.restart_policy_error(value))
 
     def validate_ssh_key_ids(self, value: list[int]) -> list[str]:
         keys = dict(
@@ -281,7 +364,25 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
         ):
             need = f"{image.min_ram_mb} MiB and {image.min_disk_gb} GiB"
             raise serializers.ValidationError({"flavor": f"Image {image} needs at least {need}."})
+        self._check_overrides(attrs, image)
         return attrs
+
+    @staticmethod
+    def _check_overrides(attrs: dict[str, Any], image: Any) -> None:
+        """What the portal can know from the image config recorded at import."""
+        given = [k for k in ("command", "env", "workdir", "run_as") if attrs.get(k)]
+        if attrs.get("restart_policy", "no") != "no":
+            given.append("restart_policy")
+        if given and attrs.get("requested_kind") == RequestedKind.VM:
+            field = given[0] if given[0] != "run_as" else "user"
+            raise serializers.ValidationError({field: "Applies to containers only, not to kind=vm."})
+        artifact = image.artifact_for("container") if image is not None else None
+        config = artifact.config if artifact is not None else {}
+        no_command = not (config.get("entrypoint") or config.get("cmd"))
+        if artifact is not None and config and no_command and not attrs.get("command"):
+            raise serializers.ValidationError(
+                {"command": f"Image {image} has no Entrypoint or Cmd: give a command."}
+            )
 
 
 class InstanceRenameSerializer(StrictModelSerializer[Instance]):

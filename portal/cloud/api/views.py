@@ -125,6 +125,11 @@ class InstanceViewSet(ScopedViewSet):
             anti_affinity_group=data.get("anti_affinity_group", ""),
             ssh_keys=tuple(data.get("ssh_key_ids", ())),
             user_data=data.get("user_data", ""),
+            command=tuple(data.get("command", ())),
+            env=tuple(data.get("env", {}).items()),
+            workdir=data.get("workdir", ""),
+            run_as=data.get("run_as", ""),
+            restart_policy=data.get("restart_policy", "no"),
         )
 
     @extend_schema(responses={202: serializers.InstanceSerializer})

@@ -20,7 +20,16 @@ class ArtifactSerializer(StrictModelSerializer[Artifact]):
 
     class Meta:
         model = Artifact
-        fields = ["format", "digest", "size", "virtual_size", "source_digest", "layers", "created_at"]
+        fields = [
+            "format",
+            "digest",
+            "size",
+            "virtual_size",
+            "source_digest",
+            "layers",
+            "config",
+            "created_at",
+        ]
         read_only_fields = fields
 
     def get_layers(self, obj: Artifact) -> list[str]:
