@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -50,6 +51,13 @@ class NodeConfig:
     period and the broker's visibility timeout must match the portal's
     (``SKYPORT_HEARTBEAT_SECONDS``, ``SKYPORT_BROKER_VISIBILITY_SECONDS``).
     ``network_lock`` is the host-wide lock file of network changes.
+    ``uplink`` is the interface egress traffic is source-NATed onto
+    (``SKYPORT_UPLINK``; empty, the default, means no egress at all);
+    ``nft_table`` names Skyport's own nftables tables (``inet`` and
+    ``bridge`` families, ``SKYPORT_NFT_TABLE``, default ``skyport``);
+    ``dns_servers`` are the upstream resolvers the networks' resolvers
+    forward to (``SKYPORT_DNS_SERVERS``, comma-separated; none: they answer
+    only the networks' instance names).
     """
 
     name: str
@@ -63,6 +71,9 @@ class NodeConfig:
     heartbeat_seconds: float = 5.0
     visibility_timeout_seconds: float = 300.0
     network_lock: Path = Path("/run/lock/skyport-network.lock")
+    uplink: str = ""
+    nft_table: str = "skyport"
+    dns_servers: tuple[str, ...] = ()
 
     @property
     def queue(self) -> str:
@@ -82,6 +93,18 @@ class NodeConfig:
                 raise ConfigError(
                     f"SKYPORT_TUNNEL_ADDRESS={tunnel!r}: expected this node's underlay IPv4 address"
                 ) from None
+        uplink = os.environ.get("SKYPORT_UPLINK", "").strip()
+        if uplink and not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", uplink):
+            raise ConfigError(f"SKYPORT_UPLINK={uplink!r}: expected an interface name")
+        table = os.environ.get("SKYPORT_NFT_TABLE", "skyport").strip()
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", table):
+            raise ConfigError(f"SKYPORT_NFT_TABLE={table!r}: expected letters, digits and '_'")
+        servers = tuple(s.strip() for s in os.environ.get("SKYPORT_DNS_SERVERS", "").split(",") if s.strip())
+        for server in servers:
+            try:
+                ipaddress.IPv4Address(server)
+            except ValueError:
+                raise ConfigError(f"SKYPORT_DNS_SERVERS: {server!r} is not an IPv4 address") from None
         return cls(
             name=name,
             state_dir=state,
@@ -94,4 +117,7 @@ class NodeConfig:
             heartbeat_seconds=seconds("SKYPORT_HEARTBEAT_SECONDS", 5.0),
             visibility_timeout_seconds=seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300.0),
             network_lock=Path(os.environ.get("SKYPORT_NETWORK_LOCK", "/run/lock/skyport-network.lock")),
+            uplink=uplink,
+            nft_table=table,
+            dns_servers=servers,
         )

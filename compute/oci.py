@@ -72,6 +72,7 @@ class BundleSpec:
     tmp_size_mb: int = 16
     readonly_rootfs: bool = False
     capabilities: tuple[str, ...] = DEFAULT_CAPS
+    resolv_conf: str | None = None  # host file bind-mounted read-only on /etc/resolv.conf
 
 
 def _mount(dest: str, fstype: str, source: str, options: tuple[str, ...]) -> dict[str, Any]:
@@ -123,6 +124,18 @@ def runtime_config(b: BundleSpec) -> dict[str, Any]:
             _mount("/dev/mqueue", "mqueue", "mqueue", ("nosuid", "noexec", "nodev")),
             _mount("/sys", "sysfs", "sysfs", ("nosuid", "noexec", "nodev", "ro")),
             _mount(TMP, "tmpfs", "tmpfs", ("nosuid", "nodev", "mode=1777", f"size={b.tmp_size_mb}m")),
+            *(
+                [
+                    _mount(
+                        "/etc/resolv.conf",
+                        "bind",
+                        b.resolv_conf,
+                        ("rbind", "ro", "nosuid", "nodev", "noexec"),
+                    )
+                ]
+                if b.resolv_conf
+                else []
+            ),
         ],
         "linux": {
             "namespaces": namespaces,

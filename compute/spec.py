@@ -144,6 +144,15 @@ def _check_ipv4(what: str, value: str) -> None:
         raise SpecError(f"{what} must be an IPv4 address, got {value!r}") from None
 
 
+def _check_interface(what: str, value: str) -> None:
+    if "/" not in value:
+        raise SpecError(f"{what} needs a prefix length, got {value!r}")
+    try:
+        ipaddress.IPv4Interface(value)
+    except ValueError:
+        raise SpecError(f"{what} must be an IPv4 address with prefix length, got {value!r}") from None
+
+
 def _check_bridge(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", name):
         raise SpecError(f"bridge name must be 1-15 of [A-Za-z0-9_.-], got {name!r}")
@@ -168,7 +177,7 @@ def _check_tunnel(vni: int | None, local: str | None, peers: tuple[str, ...]) ->
 
 @dataclasses.dataclass(frozen=True)
 class NetworkSegment:
-    """A tenant network as one node carries it: bridge, host address, VXLAN tunnel.
+    """A tenant network as one node carries it: bridge, host address, VXLAN tunnel, router.
 
     Sent alone (:attr:`Task.ENSURE_NETWORK`) when the set of nodes carrying
     the network changes, and inside every :class:`NetworkAttachment`.
@@ -178,6 +187,12 @@ class NetworkSegment:
     other nodes that carry the network: broadcast, unknown-unicast and
     multicast frames are copied to each of them (head-end replication).
     The list is complete: a node drops peers that are not in it.
+
+    ``gateway`` (``198.18.0.1/24``, the same on every node: an anycast
+    gateway) makes the node route for the network and answer DNS there;
+    ``egress`` lets the network's traffic out through the node's uplink with
+    source NAT.  ``hosts`` are the (hostname, address) pairs of the network's
+    instances, which the node's resolver answers.
     """
 
     TASK: ClassVar[Task] = Task.ENSURE_NETWORK
@@ -189,14 +204,30 @@ class NetworkSegment:
     vni: int | None = None
     tunnel_local: str | None = None
     tunnel_peers: tuple[str, ...] = ()
+    gateway: str | None = None
+    egress: bool = False
+    hosts: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         _check_bridge(self.bridge)
         if not 576 <= self.mtu <= 9000:
             raise SpecError(f"mtu must be within 576..9000, got {self.mtu!r}")
-        if self.host_address is not None and "/" not in self.host_address:
-            raise SpecError(f"host_address needs a prefix length, got {self.host_address!r}")
+        for what, value in (("host_address", self.host_address), ("gateway", self.gateway)):
+            if value is not None:
+                _check_interface(what, value)
+        if self.egress and self.gateway is None:
+            raise SpecError("egress needs a gateway")
+        for name, address in self.hosts:
+            if not _NAME_RE.match(name):
+                raise SpecError(f"host name must be an RFC 1123 label, got {name!r}")
+            _check_ipv4("each host address", address)
         _check_tunnel(self.vni, self.tunnel_local, self.tunnel_peers)
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network | None:
+        """The network's subnet, from the gateway or the host address (None without either)."""
+        iface = self.gateway or self.host_address
+        return ipaddress.IPv4Interface(iface).network if iface else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,21 +235,31 @@ class NetworkAttachment:
     """One NIC of an instance: its network's :class:`NetworkSegment` plus the NIC's own address.
 
     ``address`` is an interface address with prefix length
-    (``198.18.0.10/24``), ``gateway`` optional (no default route without it).
+    (``198.18.0.10/24``), ``gateway`` optional (no default route without it),
+    ``dns`` the resolver addresses the instance is given (the gateway's).
     The segment's ``host_address`` is this node's own address on the bridge,
-    so the host reaches its instances; the node does not forward for them.
+    so the host reaches its instances.
     """
 
     segment: NetworkSegment
     address: str
     mac: str
     gateway: str | None = None
+    dns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", self.mac):
             raise SpecError(f"mac must be lower-case aa:bb:cc:dd:ee:ff, got {self.mac!r}")
-        if "/" not in self.address:
-            raise SpecError(f"address needs a prefix length, got {self.address!r}")
+        _check_interface("address", self.address)
+        if self.gateway is not None:
+            _check_ipv4("gateway", self.gateway)
+        for server in self.dns:
+            _check_ipv4("each dns server", server)
+
+    @property
+    def ip(self) -> str:
+        """The NIC's address without prefix length."""
+        return str(ipaddress.IPv4Interface(self.address).ip)
 
     @property
     def bridge(self) -> str:

@@ -16,12 +16,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from compute import fetch
 from compute.config import NodeConfig
 from compute.drivers.base import Driver, DriverError, InstanceNotFound
-from compute.network import bridge, vxlan
+from compute.network import router
 from compute.spec import (
     MESSAGES,
     Action,
@@ -32,6 +30,7 @@ from compute.spec import (
     DeleteInstance,
     DriverStatus,
     InstanceAction,
+    InstanceSpec,
     InventoryItem,
     Kind,
     NetworkSegment,
@@ -67,7 +66,9 @@ class NodeService:
     ) -> None:
         self.config = config
         self.send = send
-        self.prepare_bridge = prepare_bridge or _prepare_bridge
+        # the real node routes, filters and answers DNS for its networks; fakes only record segments
+        self.router = router.Router(config) if prepare_bridge is None else None
+        self.prepare_bridge = prepare_bridge or self._ensure
         self._drivers: dict[Kind, Driver] = dict(drivers or {})
         self._pid = os.getpid()
 
@@ -77,6 +78,27 @@ class NodeService:
         if kind not in self._drivers:
             self._drivers[kind] = _make_driver(kind, self.config)
         return self._drivers[kind]
+
+    def _ensure(self, seg: NetworkSegment) -> None:
+        assert self.router is not None
+        try:
+            self.router.ensure(seg)
+        except router.RouterError as exc:
+            raise DriverError(str(exc)) from exc
+
+    def _attach(self, spec: InstanceSpec) -> None:
+        if self.router is not None:
+            try:
+                self.router.attach(spec)
+            except router.RouterError as exc:
+                raise DriverError(str(exc)) from exc
+
+    def _detach(self, instance_id: str) -> None:
+        if self.router is not None:
+            try:
+                self.router.detach(instance_id)
+            except router.RouterError as exc:
+                raise DriverError(str(exc)) from exc
 
     # ------------------------------------------------------------ receiving
 
@@ -177,6 +199,7 @@ class NodeService:
         def body(d: Driver) -> PowerState:
             for nic in spec.networks:
                 self.prepare_bridge(nic.segment)
+            self._attach(spec)  # port security is in force before the workload sends a frame
             return d.spawn(spec).power_state
 
         return self._run(spec.instance_id, spec.kind, Action.CREATE, message.action_id, body)
@@ -235,6 +258,7 @@ class NodeService:
 
         def body(d: Driver) -> PowerState:
             d.destroy(message.instance_id)
+            self._detach(message.instance_id)
             return PowerState.NOSTATE
 
         return self._run(message.instance_id, message.kind, Action.DELETE, message.action_id, body)
@@ -313,25 +337,11 @@ _ACTIONS: dict[Action, Callable[[NodeService, Driver, InstanceAction], PowerStat
 
 
 def _prepare_bridge(seg: NetworkSegment) -> None:
-    """Create the tenant bridge with this node's address on it, then its VXLAN device and peers.
-
-    A segment without a local tunnel address stays on this node's bridge.
-    Peers are only added here, never removed: creates and ensures for one
-    network may be handled out of order (two worker processes), and a stale
-    peer list must not cut off a node that joined since.  A peer that no
-    longer carries the network only receives copies of broadcast frames.
-    """
+    """The network's devices only (bridge, addresses, VXLAN), as a driver error on failure."""
     try:
-        bridge.ensure_bridge(seg.bridge, seg.mtu, address=seg.host_address, exclusive=True)
-    except (bridge.NetworkError, NetlinkError, OSError) as exc:
-        raise DriverError(f"cannot prepare bridge {seg.bridge}: {exc}") from exc
-    if seg.vni is None or seg.tunnel_local is None:
-        return
-    try:
-        vxlan.ensure_vxlan(seg.vni, seg.tunnel_local, seg.bridge, seg.mtu)
-        vxlan.set_peers(seg.vni, seg.tunnel_peers, prune=False)
-    except (bridge.NetworkError, NetlinkError, OSError) as exc:
-        raise DriverError(f"cannot prepare VXLAN {seg.vni} of {seg.network}: {exc}") from exc
+        router.prepare_devices(seg)
+    except router.RouterError as exc:
+        raise DriverError(str(exc)) from exc
 
 
 def _item(driver: Driver, kind: Kind, instance_id: str, state: PowerState) -> InventoryItem:

@@ -1,0 +1,458 @@
+"""The node's router for tenant networks: anycast gateway, DNS, egress NAT, port security.
+
+Why here and not in the drivers: VMs (taps) and containers (veths) sit on
+the same bridges and get the same policy, so the node keeps one desired
+network state and converges the kernel to it:
+
+- **State on disk** (``<state_dir>/net/``): the :class:`NetworkSegment` of
+  each network the node carries and, per instance, its NICs (host interface,
+  MAC, address).  Every change rewrites one file, then :meth:`Router.converge`
+  rebuilds Skyport's two nftables tables from *all* files in one transaction
+  (``compute.network.nft``), under the host-wide network lock.  Idempotent:
+  the same state gives the same tables.
+- **Gateway**: the network's ``.1`` on the bridge of every node that carries
+  it (anycast; the node's own host address stays the bridge's primary
+  address).  ARP for the gateway never crosses the VXLAN tunnel (bridge
+  table), so each instance resolves its own node's gateway and its traffic
+  leaves by the node it runs on.  Routing is switched on per bridge
+  (``net.ipv4.conf.<bridge>.forwarding``) and on the uplink, never globally.
+- **Policy** (``inet`` table): from a tenant bridge the node accepts only
+  its own addresses *on that bridge* (closing the cross-network gap) and
+  broadcast; it forwards a tenant's packets only out of the uplink, with
+  masquerade, for networks whose ``egress`` is on; into a tenant bridge only
+  replies.  Networks never route to each other.
+- **Port security** (``bridge`` table): a NIC's frames must carry its MAC,
+  and its ARP and IPv4 packets its address; other ethertypes are dropped.
+- **DNS**: a ``dnsmasq`` per network, bound to the gateway address only,
+  answering the network's instance names and forwarding the rest to the
+  node's ``SKYPORT_DNS_SERVERS`` (none: names only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from compute.config import NodeConfig
+from compute.network import bridge, nft, vxlan
+from compute.network.nft import (
+    ACCEPT,
+    DROP,
+    MASQUERADE,
+    Chain,
+    Rule,
+    Set,
+    Table,
+    concat,
+    ct_state,
+    fib_daddr_type,
+    jump,
+    match,
+    meta,
+    payload,
+    prefix,
+    ref,
+)
+from compute.spec import InstanceSpec, Kind, NetworkSegment, SpecError, from_json, to_json
+
+log = logging.getLogger(__name__)
+
+DNSMASQ = "dnsmasq"
+UNSPECIFIED = str(ipaddress.IPv4Address(0))  # the sender address of ARP probes
+
+
+class RouterError(Exception):
+    """The node could not bring its networks to the desired state; the message says why."""
+
+
+def nic_ifname(kind: Kind, instance_id: str, index: int) -> str:
+    """Host-side interface of NIC ``index``: ``skv``/``skc`` + 8 hex of the id + index."""
+    return f"{'skv' if kind is Kind.VM else 'skc'}{instance_id[:8]}{index}"[:15]
+
+
+@dataclasses.dataclass(frozen=True)
+class Nic:
+    """One NIC as port security sees it."""
+
+    ifname: str
+    bridge: str
+    mac: str
+    address: str
+
+
+def nics_of(spec: InstanceSpec) -> tuple[Nic, ...]:
+    return tuple(
+        Nic(nic_ifname(spec.kind, spec.instance_id, i), n.bridge, n.mac, n.ip)
+        for i, n in enumerate(spec.networks)
+    )
+
+
+# ---------------------------------------------------------------- the tables
+
+
+def _ip(iface: str) -> str:
+    return str(ipaddress.IPv4Interface(iface).ip)
+
+
+def tables(
+    name: str, uplink: str, segments: Sequence[NetworkSegment], nics: Sequence[Nic]
+) -> tuple[Table, Table]:
+    """Skyport's ``inet`` and ``bridge`` tables for the given desired state."""
+    return inet_table(name, uplink, segments), bridge_table(name, segments, nics)
+
+
+def inet_table(name: str, uplink: str, segments: Sequence[NetworkSegment]) -> Table:
+    bridges = sorted({s.bridge for s in segments})
+    own = sorted({(s.bridge, _ip(a)) for s in segments for a in (s.host_address, s.gateway) if a is not None})
+    egress = sorted({str(s.subnet) for s in segments if s.egress and s.subnet is not None}) if uplink else []
+    iif, oif = meta("iifname"), meta("oifname")
+    saddr = payload("ip", "saddr")
+    sets = (
+        Set("bridges", "ifname", tuple(bridges)),
+        Set("own", ("ifname", "ipv4_addr"), tuple({"concat": list(p)} for p in own)),
+        Set("egress_nets", "ipv4_addr", tuple(prefix(c) for c in egress), interval=True),
+    )
+    chains = (
+        Chain("input", hook="input"),
+        Chain("forward", hook="forward"),
+        Chain("postrouting", hook="postrouting", type="nat", priority=100),
+        Chain("from_tenant"),
+        Chain("route_from_tenant"),
+        Chain("route_to_tenant"),
+    )
+    rules = [
+        Rule("input", (match(iif, ref("bridges")), jump("from_tenant"))),
+        Rule("from_tenant", (match(concat(iif, payload("ip", "daddr")), ref("own")), ACCEPT)),
+        Rule("from_tenant", (fib_daddr_type("broadcast", "multicast"), ACCEPT)),
+        Rule("from_tenant", (DROP,), "the node's addresses on other networks"),
+        Rule("forward", (match(iif, ref("bridges")), jump("route_from_tenant"))),
+        Rule("forward", (match(oif, ref("bridges")), jump("route_to_tenant"))),
+    ]
+    if uplink:
+        rules.append(
+            Rule("route_from_tenant", (match(oif, uplink), match(saddr, ref("egress_nets")), ACCEPT))
+        )
+        rules.append(
+            Rule("postrouting", (match(oif, uplink), match(saddr, ref("egress_nets")), MASQUERADE), "egress")
+        )
+    rules += [
+        Rule("route_from_tenant", (DROP,), "networks never route to each other"),
+        Rule("route_to_tenant", (ct_state("established", "related"), ACCEPT)),
+        Rule("route_to_tenant", (DROP,)),
+    ]
+    return Table("inet", name, sets, chains, tuple(rules))
+
+
+def bridge_table(name: str, segments: Sequence[NetworkSegment], nics: Sequence[Nic]) -> Table:
+    tunnels = sorted({vxlan.device_name(s.vni) for s in segments if s.vni is not None and s.tunnel_local})
+    gateways = sorted({_ip(s.gateway) for s in segments if s.gateway})
+    iif, oif = meta("iifname"), meta("oifname")
+    arp_s, arp_d = payload("arp", "saddr ip"), payload("arp", "daddr ip")
+    is_arp = match(payload("ether", "type"), "arp")
+    sets = (
+        Set("tunnels", "ifname", tuple(tunnels)),
+        Set("gateways", "ipv4_addr", tuple(gateways)),
+        Set("nics", "ifname", tuple(sorted({n.ifname for n in nics}))),
+        Set("nic_mac", ("ifname", "ether_addr"), tuple({"concat": [n.ifname, n.mac]} for n in nics)),
+        Set("nic_ip", ("ifname", "ipv4_addr"), tuple({"concat": [n.ifname, n.address]} for n in nics)),
+    )
+    chains = (
+        Chain("prerouting", hook="prerouting", priority=-200),
+        Chain("forward", hook="forward"),
+        Chain("output", hook="output"),
+        Chain("port_security"),
+        Chain("from_tunnel"),
+        Chain("to_tunnel"),
+    )
+    rules = (
+        Rule("prerouting", (match(iif, ref("nics")), jump("port_security"))),
+        Rule("prerouting", (match(iif, ref("tunnels")), jump("from_tunnel"))),
+        Rule("port_security", (match(concat(iif, payload("ether", "saddr")), ref("nic_mac"), "!="), DROP)),
+        Rule("port_security", (is_arp, match(arp_s, UNSPECIFIED), ACCEPT), "ARP probes"),
+        Rule("port_security", (is_arp, match(concat(iif, arp_s), ref("nic_ip"), "!="), DROP)),
+        Rule(
+            "port_security",
+            (
+                match(payload("ether", "type"), "ip"),
+                match(concat(iif, payload("ip", "saddr")), ref("nic_ip"), "!="),
+                DROP,
+            ),
+        ),
+        Rule("port_security", (match(payload("ether", "type"), {"set": ["ip", "arp"]}, "!="), DROP)),
+        Rule("from_tunnel", (is_arp, match(arp_s, ref("gateways")), DROP), "anycast gateway stays local"),
+        Rule("from_tunnel", (is_arp, match(arp_d, ref("gateways")), DROP)),
+        Rule("to_tunnel", (is_arp, match(arp_s, ref("gateways")), DROP)),
+        Rule("to_tunnel", (is_arp, match(arp_d, ref("gateways")), DROP)),
+        Rule("forward", (match(oif, ref("tunnels")), jump("to_tunnel"))),
+        Rule("output", (match(oif, ref("tunnels")), jump("to_tunnel"))),
+    )
+    return Table("bridge", name, sets, chains, rules)
+
+
+# ---------------------------------------------------------------- the node's state
+
+
+def prepare_devices(seg: NetworkSegment) -> None:
+    """Create the tenant bridge with this node's addresses on it, then its VXLAN device and peers.
+
+    A segment without a local tunnel address stays on this node's bridge.
+    Peers are only added here, never removed: creates and ensures for one
+    network may be handled out of order (two worker processes), and a stale
+    peer list must not cut off a node that joined since.  A peer that no
+    longer carries the network only receives copies of broadcast frames.
+    The device functions take the host-wide network lock themselves.
+    """
+    try:
+        bridge.ensure_bridge(
+            seg.bridge, seg.mtu, address=seg.host_address, exclusive=True, gateway=seg.gateway
+        )
+    except (bridge.NetworkError, NetlinkError, OSError) as exc:
+        raise RouterError(f"cannot prepare bridge {seg.bridge}: {exc}") from exc
+    if seg.vni is None or seg.tunnel_local is None:
+        return
+    try:
+        vxlan.ensure_vxlan(seg.vni, seg.tunnel_local, seg.bridge, seg.mtu)
+        vxlan.set_peers(seg.vni, seg.tunnel_peers, prune=False)
+    except (bridge.NetworkError, NetlinkError, OSError) as exc:
+        raise RouterError(f"cannot prepare VXLAN {seg.vni} of {seg.network}: {exc}") from exc
+
+
+class Router:
+    """A node's desired network state on disk, and the convergence of the kernel to it."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.root = config.state_dir / "net"
+
+    @property
+    def _segments(self) -> Path:
+        return self.root / "segments"
+
+    @property
+    def _nics(self) -> Path:
+        return self.root / "nics"
+
+    @property
+    def _dns(self) -> Path:
+        return self.root / "dns"
+
+    def segments(self) -> list[NetworkSegment]:
+        found = []
+        for path in sorted(self._segments.glob("*.json")) if self._segments.is_dir() else []:
+            try:
+                found.append(from_json(NetworkSegment, json.loads(path.read_text())))
+            except (SpecError, ValueError) as exc:
+                log.warning("ignoring unreadable network state %s: %s", path, exc)
+        return found
+
+    def nics(self) -> list[Nic]:
+        found = []
+        for path in sorted(self._nics.glob("*.json")) if self._nics.is_dir() else []:
+            try:
+                found += [Nic(**n) for n in json.loads(path.read_text())]
+            except (TypeError, ValueError) as exc:
+                log.warning("ignoring unreadable NIC state %s: %s", path, exc)
+        return found
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """The node's rule state lock (beside the host-wide device lock, which is not re-entrant)."""
+        path = self.config.network_lock.with_suffix(".rules")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def desired(self) -> tuple[Table, Table]:
+        return tables(self.config.nft_table, self.config.uplink, self.segments(), self.nics())
+
+    # ------------------------------------------------------------ changes
+
+    def ensure(self, seg: NetworkSegment) -> None:
+        """Carry ``seg``: bridge with host address and gateway, VXLAN and peers, routing, DNS, rules."""
+        prepare_devices(seg)
+        with self._lock():
+            _write(self._segments / f"{seg.bridge}.json", to_json(seg))
+            self._routing(seg)
+            self._converge_locked()
+            self._resolver(seg)
+
+    def attach(self, spec: InstanceSpec) -> None:
+        """Record the instance's NICs for port security and enforce it (before the workload starts)."""
+        if not spec.networks:
+            return
+        with self._lock():
+            _write(self._nics / f"{spec.instance_id}.json", [dataclasses.asdict(n) for n in nics_of(spec)])
+            self._converge_locked()
+
+    def detach(self, instance_id: str) -> None:
+        path = self._nics / f"{instance_id}.json"
+        if not path.exists():
+            return
+        with self._lock():
+            path.unlink(missing_ok=True)
+            self._converge_locked()
+
+    def release(self, bridge_name: str) -> None:
+        """Stop carrying a network: resolver, rules, VXLAN device, bridge (each: done if already gone)."""
+        with self._lock():
+            path = self._segments / f"{bridge_name}.json"
+            seg = from_json(NetworkSegment, json.loads(path.read_text())) if path.exists() else None
+            self._stop_resolver(bridge_name)
+            path.unlink(missing_ok=True)
+            self._converge_locked()
+        if seg is not None and seg.vni is not None:
+            vxlan.delete_vxlan(seg.vni)
+        bridge.delete_bridge(bridge_name)
+
+    def converge(self) -> None:
+        with self._lock():
+            self._converge_locked()
+
+    def _converge_locked(self) -> None:
+        try:
+            nft.apply(self.desired())
+        except nft.NftError as exc:
+            raise RouterError(f"cannot load the nftables rules: {exc}") from exc
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "fingerprint").write_text(self._fingerprint())
+
+    def _fingerprint(self) -> str:
+        name = self.config.nft_table
+        return nft.fingerprint("inet", name) + nft.fingerprint("bridge", name)
+
+    def drift(self) -> str:
+        """Why the kernel's rules differ from what this node last loaded ("" when they do not)."""
+        try:
+            stored = (self.root / "fingerprint").read_text()
+        except FileNotFoundError:
+            return ""
+        try:
+            now = self._fingerprint()
+        except nft.NftError as exc:
+            return f"cannot read the rules: {exc}"
+        if now == stored:
+            return ""
+        return f"nftables tables {self.config.nft_table} were changed outside Skyport"
+
+    def teardown(self) -> None:
+        """Remove everything this router made: resolvers, rules, devices (tests and node decommission)."""
+        for seg in self.segments():
+            self.release(seg.bridge)
+        nft.delete(self.desired())
+
+    # ------------------------------------------------------------ routing and DNS
+
+    def _routing(self, seg: NetworkSegment) -> None:
+        on = seg.gateway is not None
+        _sysctl(f"net/ipv4/conf/{seg.bridge}/forwarding", "1" if on else "0")
+        if on and seg.egress and self.config.uplink:
+            try:
+                _sysctl(f"net/ipv4/conf/{self.config.uplink}/forwarding", "1")
+            except OSError as exc:
+                raise RouterError(f"uplink {self.config.uplink} is not usable: {exc}") from exc
+
+    def _resolver(self, seg: NetworkSegment) -> None:
+        """Run the network's dnsmasq on the gateway address (restarted when its names change).
+
+        The names travel as ``--host-record`` arguments, not a hosts file:
+        dnsmasq reads files after dropping to ``nobody``, and the node's
+        state directory need not be readable by it.  A restart takes a few
+        milliseconds; clients retry.  Without a gateway there is no resolver.
+        """
+        if seg.gateway is None:
+            self._stop_resolver(seg.bridge)
+            return
+        self._dns.mkdir(parents=True, exist_ok=True)
+        pidfile = self._dns / f"{seg.bridge}.pid"
+        args = [
+            DNSMASQ,
+            "--conf-file=/dev/null",
+            f"--pid-file={pidfile}",
+            f"--listen-address={_ip(seg.gateway)}",
+            "--bind-dynamic",
+            "--except-interface=lo",
+            "--no-resolv",
+            "--no-hosts",
+            "--domain-needed",
+            "--user=nobody",
+            "--group=nogroup",
+            f"--log-facility={self._dns / (seg.bridge + '.log')}",
+            *(f"--host-record={name},{address}" for name, address in seg.hosts),
+            *(f"--server={s}" for s in self.config.dns_servers),
+        ]
+        pid = self._resolver_pid(seg.bridge)
+        if pid is not None:
+            if _cmdline(pid) == args:
+                return
+            self._stop_resolver(seg.bridge)
+        r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RouterError(f"cannot start the resolver of {seg.network}: {r.stderr.strip()}")
+
+    def _resolver_pid(self, bridge_name: str) -> int | None:
+        pidfile = self._dns / f"{bridge_name}.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if f"--pid-file={pidfile}" in _cmdline(pid) else None
+
+    def _stop_resolver(self, bridge_name: str) -> None:
+        pid = self._resolver_pid(bridge_name)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            for _ in range(100):  # it must free the address before a successor binds it
+                if not _cmdline(pid):
+                    break
+                time.sleep(0.01)
+        (self._dns / f"{bridge_name}.pid").unlink(missing_ok=True)
+
+    def resolver_pids(self) -> Iterator[int]:
+        for seg in self.segments():
+            pid = self._resolver_pid(seg.bridge)
+            if pid is not None:
+                yield pid
+
+
+def _cmdline(pid: int) -> list[str]:
+    """A process's arguments ([] when it is gone or a zombie)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return raw.decode(errors="replace").split("\0")[:-1] if raw else []
+
+
+def _sysctl(name: str, value: str) -> None:
+    """Write a per-interface sysctl of this network namespace, only when it differs."""
+    path = Path("/proc/sys") / name
+    if path.read_text().strip() != value:
+        path.write_text(value)
+
+
+def _write(path: Path, data: object) -> None:
+    _write_text(path, json.dumps(data, indent=1))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
