@@ -483,6 +483,8 @@ class NodeReport:
     cached: tuple[str, ...] = ()
     # The node's underlay IPv4 address for VXLAN tunnels; "" when it does not tunnel.
     tunnel_address: str = ""
+    # Why the node's nftables rules differ from what it last loaded ("" when they do not); it reloads them.
+    network_drift: str = ""
 
     def __post_init__(self) -> None:
         if self.tunnel_address:

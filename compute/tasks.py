@@ -298,9 +298,24 @@ class NodeService:
             sent_at=time.time(),
             cached=tuple(self.cached()),
             tunnel_address=self.config.tunnel_address,
+            network_drift=self._network_drift(),
         )
         self.send(report.TASK, to_json(report))
         return report
+
+
+    def _network_drift(self) -> str:
+        """Rule drift since the last load, repaired by loading the desired rules again."""
+        if self.router is None:
+            return ""
+        try:
+            drift = self.router.drift()
+            if drift:
+                log.warning("%s; loading them again", drift)
+                self.router.converge()
+        except router.RouterError as exc:
+            return f"{drift or 'rules'}; reloading failed: {exc}"[:255]
+        return drift[:255]
 
 
 def _stop(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:

@@ -101,6 +101,11 @@ class ComputeNode(models.Model):
         blank=True,
         help_text="Workloads on the node that the database does not know (reconcile)",
     )
+    network_drift = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="Why the node's network rules differ from what it loaded (last heartbeat)",
+    )
     tunnel_address = models.GenericIPAddressField(
         protocol="IPv4",
         null=True,
@@ -143,9 +148,10 @@ class Network(models.Model):
 
     ``vni`` is the network's VXLAN segment id.  Each node that carries the
     network has its own address on it (:class:`HostPort`).  ``host_address``
-    (the subnet's first address) is reserved for a future router and is not
-    configured anywhere: instances get no gateway, networks never forward to
-    each other, there is no NAT and no uplink.
+    (the subnet's first address) is the network's gateway and resolver, the
+    same on every node that carries it (an anycast gateway).  ``egress``
+    (operators) lets its traffic out through the nodes' uplinks with source
+    NAT, when the tenant's ``network_egress`` allows it too.
     """
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="networks")
@@ -154,9 +160,14 @@ class Network(models.Model):
     bridge = models.CharField(max_length=15, unique=True)
     vni = models.PositiveIntegerField(unique=True, help_text="VXLAN network identifier (1..16777215)")
     host_address = models.GenericIPAddressField(
-        protocol="IPv4", help_text="Reserved for a router (the subnet's first address); not configured"
+        protocol="IPv4", help_text="The gateway and DNS resolver (the subnet's first address) on every node"
     )
     mtu = models.PositiveIntegerField(default=TENANT_MTU)
+    egress = models.BooleanField(
+        default=True,
+        db_default=True,
+        help_text="Operators: traffic may leave through the nodes' uplinks (source NAT)",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = TenantScopedQuerySet.as_manager()

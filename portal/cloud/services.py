@@ -115,15 +115,14 @@ def create_instance(req: Request, user: Any) -> Instance:
             task_deadline=_deadline(rule.task),
             created_by=user,
         )
-        new_on_node = node not in networks.network_nodes(network)
         port = networks.allocate_port(network, instance)
         instance.addresses = [{"network": network.name, "address": port.address, "mac": port.mac}]
         instance.save(update_fields=["addresses"])
         spec = build_spec(instance)
         _event(instance, "instance.schedule", chosen.reason, user, action_id)
         dispatch.send(node.queue, CreateInstance(spec, action_id))
-        if new_on_node and node.tunnel_address:
-            networks.sync_network(network, exclude=node)  # the others learn the new peer
+        if node.tunnel_address:  # the segment's other nodes learn the new name and, if new, the peer
+            networks.sync_network(network, exclude=node)
     return instance
 
 

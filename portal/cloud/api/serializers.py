@@ -76,9 +76,11 @@ class ComputeNodeSerializer(StrictModelSerializer[ComputeNode]):
             "orphans",
             "cached",
             "tunnel_address",
+            "network_drift",
             "created_at",
         ]
         read_only_fields = [
+            "network_drift",
             "orphans",
             "cached",
             "id",
@@ -381,5 +383,16 @@ class NetworkSerializer(StrictModelSerializer[Network]):
 
     class Meta:
         model = Network
-        fields = ["id", "tenant", "name", "cidr", "bridge", "vni", "host_address", "mtu", "created_at"]
+        fields = [
+            "id",
+            "tenant",
+            "name",
+            "cidr",
+            "bridge",
+            "vni",
+            "host_address",
+            "mtu",
+            "egress",
+            "created_at",
+        ]
         read_only_fields = fields
