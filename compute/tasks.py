@@ -303,7 +303,6 @@ class NodeService:
         self.send(report.TASK, to_json(report))
         return report
 
-
     def _network_drift(self) -> str:
         """Rule drift since the last load, repaired by loading the desired rules again."""
         if self.router is None:
