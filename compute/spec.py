@@ -9,7 +9,8 @@ exactly one argument, the message's JSON.  A node sees only the specs of its
 own instances; it never touches the portal's database.
 
 Portal -> node: :class:`CreateInstance`, :class:`InstanceAction`,
-:class:`DeleteInstance`, :class:`ConsoleRequest`, :class:`NetworkSegment`.
+:class:`DeleteInstance`, :class:`ConsoleRequest`, :class:`NetworkSegment`,
+:class:`InstanceForwards`.
 Node -> portal: :class:`Observation`, :class:`NodeReport`, :class:`ConsoleTail`.
 """
 
@@ -101,6 +102,7 @@ class Task(enum.StrEnum):
     DELETE = "compute.instance.delete"
     CONSOLE = "compute.instance.console"
     ENSURE_NETWORK = "compute.network.ensure"
+    FORWARDS = "compute.network.forwards"
     OBSERVE = "portal.observe"
     NODE_REPORT = "portal.node_report"
     CONSOLE_TAIL = "portal.console"
@@ -342,6 +344,31 @@ class _AboutInstance:
         _check_instance_id(self.instance_id)
 
 
+class Protocol(enum.StrEnum):
+    """Transport protocol of a published port."""
+
+    TCP = "tcp"
+    UDP = "udp"
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """A published port: ``external_address:external_port`` of the node → ``address:port`` of an instance."""
+
+    protocol: Protocol
+    external_address: str
+    external_port: int
+    address: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check_ipv4("external_address", self.external_address)
+        _check_ipv4("address", self.address)
+        for what, port in (("external_port", self.external_port), ("port", self.port)):
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise SpecError(f"{what} must be within 1..65535, got {port!r}")
+
+
 # ---------------------------------------------------------------- portal -> node
 
 
@@ -393,6 +420,22 @@ class DeleteInstance(_AboutInstance):
     instance_id: str
     kind: Kind
     action_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceForwards(_AboutInstance):
+    """The complete list of an instance's published ports; the node converges to it (empty: none)."""
+
+    TASK: ClassVar[Task] = Task.FORWARDS
+
+    instance_id: str
+    forwards: tuple[Forward, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        keys = [(f.protocol, f.external_address, f.external_port) for f in self.forwards]
+        if len(set(keys)) != len(keys):
+            raise SpecError("an external address and port is published twice")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,7 +535,9 @@ class NodeReport:
 
 
 #: every message the portal sends to a node
-NodeRequest = CreateInstance | InstanceAction | DeleteInstance | ConsoleRequest | NetworkSegment
+NodeRequest = (
+    CreateInstance | InstanceAction | DeleteInstance | ConsoleRequest | NetworkSegment | InstanceForwards
+)
 #: the tasks a compute node's worker runs (the others run on the portal's control queue)
 NODE_TASKS: tuple[Task, ...] = tuple(cls.TASK for cls in typing.get_args(NodeRequest))
 #: each task's message class, for the receiving end
@@ -504,6 +549,7 @@ MESSAGES: dict[Task, type[Any]] = {
         DeleteInstance,
         ConsoleRequest,
         NetworkSegment,
+        InstanceForwards,
         Observation,
         NodeReport,
         ConsoleTail,

@@ -30,6 +30,7 @@ from compute.spec import (
     DeleteInstance,
     DriverStatus,
     InstanceAction,
+    InstanceForwards,
     InstanceSpec,
     InventoryItem,
     Kind,
@@ -114,6 +115,7 @@ class NodeService:
             Task.DELETE: self.delete,
             Task.CONSOLE: self.console,
             Task.ENSURE_NETWORK: self.ensure_network,
+            Task.FORWARDS: self.forwards,
         }
         known = next((t for t in handlers if t == task), None)
         if known is None:
@@ -215,6 +217,21 @@ class NodeService:
             self.prepare_bridge(segment)
         except DriverError as exc:
             log.warning("cannot ensure network %s: %s", segment.network, exc)
+            return False
+        return True
+
+    def forwards(self, message: InstanceForwards) -> bool:
+        """Converge the instance's published ports to the message's complete list.
+
+        No action is in flight (the portal has recorded the ports already), so a
+        failure is logged; the portal's reconcile sees it as rule drift.
+        """
+        if self.router is None:
+            return True
+        try:
+            self.router.set_forwards(message.instance_id, message.forwards)
+        except router.RouterError as exc:
+            log.warning("cannot publish the ports of %s: %s", message.instance_id, exc)
             return False
         return True
 

@@ -43,6 +43,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from compute.config import NodeConfig
@@ -57,6 +58,7 @@ from compute.network.nft import (
     Table,
     concat,
     ct_state,
+    dnat,
     fib_daddr_type,
     jump,
     match,
@@ -65,7 +67,7 @@ from compute.network.nft import (
     prefix,
     ref,
 )
-from compute.spec import InstanceSpec, Kind, NetworkSegment, SpecError, from_json, to_json
+from compute.spec import Forward, InstanceSpec, Kind, NetworkSegment, SpecError, from_json, to_json
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +109,19 @@ def _ip(iface: str) -> str:
 
 
 def tables(
-    name: str, uplink: str, segments: Sequence[NetworkSegment], nics: Sequence[Nic]
+    name: str,
+    uplink: str,
+    segments: Sequence[NetworkSegment],
+    nics: Sequence[Nic],
+    forwards: Sequence[Forward] = (),
 ) -> tuple[Table, Table]:
     """Skyport's ``inet`` and ``bridge`` tables for the given desired state."""
-    return inet_table(name, uplink, segments), bridge_table(name, segments, nics)
+    return inet_table(name, uplink, segments, forwards), bridge_table(name, segments, nics)
 
 
-def inet_table(name: str, uplink: str, segments: Sequence[NetworkSegment]) -> Table:
+def inet_table(
+    name: str, uplink: str, segments: Sequence[NetworkSegment], forwards: Sequence[Forward] = ()
+) -> Table:
     bridges = sorted({s.bridge for s in segments})
     own = sorted({(s.bridge, _ip(a)) for s in segments for a in (s.host_address, s.gateway) if a is not None})
     egress = sorted({str(s.subnet) for s in segments if s.egress and s.subnet is not None}) if uplink else []
@@ -128,6 +136,7 @@ def inet_table(name: str, uplink: str, segments: Sequence[NetworkSegment]) -> Ta
         Chain("input", hook="input"),
         Chain("forward", hook="forward"),
         Chain("postrouting", hook="postrouting", type="nat", priority=100),
+        Chain("prerouting", hook="prerouting", type="nat", priority=-100),
         Chain("from_tenant"),
         Chain("route_from_tenant"),
         Chain("route_to_tenant"),
@@ -147,9 +156,25 @@ def inet_table(name: str, uplink: str, segments: Sequence[NetworkSegment]) -> Ta
         rules.append(
             Rule("postrouting", (match(oif, uplink), match(saddr, ref("egress_nets")), MASQUERADE), "egress")
         )
+    for f in sorted(forwards, key=lambda f: (f.external_address, f.protocol, f.external_port)):
+        rules.append(
+            Rule(
+                "prerouting",
+                (
+                    match(payload("ip", "daddr"), f.external_address),
+                    match(meta("l4proto"), f.protocol.value),
+                    match(payload("th", "dport"), f.external_port),
+                    dnat(f.address, f.port),
+                ),
+                "published port",
+            )
+        )
+    dnatted = match({"ct": {"key": "status"}}, "dnat", "in")
     rules += [
+        Rule("route_from_tenant", (dnatted, ct_state("established", "related"), ACCEPT), "published replies"),
         Rule("route_from_tenant", (DROP,), "networks never route to each other"),
         Rule("route_to_tenant", (ct_state("established", "related"), ACCEPT)),
+        Rule("route_to_tenant", (dnatted, ACCEPT), "published ports"),
         Rule("route_to_tenant", (DROP,)),
     ]
     return Table("inet", name, sets, chains, tuple(rules))
@@ -245,6 +270,10 @@ class Router:
         return self.root / "nics"
 
     @property
+    def _forwards(self) -> Path:
+        return self.root / "forwards"
+
+    @property
     def _dns(self) -> Path:
         return self.root / "dns"
 
@@ -278,8 +307,19 @@ class Router:
         finally:
             os.close(fd)
 
+    def forwards(self) -> list[Forward]:
+        found: list[Forward] = []
+        for path in sorted(self._forwards.glob("*.json")) if self._forwards.is_dir() else []:
+            try:
+                found += [from_json(Forward, f) for f in json.loads(path.read_text())]
+            except (SpecError, ValueError) as exc:
+                log.warning("ignoring unreadable forwards %s: %s", path, exc)
+        return found
+
     def desired(self) -> tuple[Table, Table]:
-        return tables(self.config.nft_table, self.config.uplink, self.segments(), self.nics())
+        return tables(
+            self.config.nft_table, self.config.uplink, self.segments(), self.nics(), self.forwards()
+        )
 
     # ------------------------------------------------------------ changes
 
@@ -300,12 +340,29 @@ class Router:
             _write(self._nics / f"{spec.instance_id}.json", [dataclasses.asdict(n) for n in nics_of(spec)])
             self._converge_locked()
 
+    def set_forwards(self, instance_id: str, forwards: Sequence[Forward]) -> None:
+        """Make ``forwards`` the instance's complete list of published ports (empty: none)."""
+        with self._lock():
+            path = self._forwards / f"{instance_id}.json"
+            if forwards:
+                _write(path, [to_json(f) for f in forwards])
+            else:
+                path.unlink(missing_ok=True)
+            for address in sorted({f.external_address for f in forwards}):
+                ifname = _interface_of(address)
+                if ifname is None:
+                    raise RouterError(f"external address {address} is not configured on this node")
+                _sysctl(f"net/ipv4/conf/{ifname}/forwarding", "1")  # packets to publish arrive there
+            self._converge_locked()
+
     def detach(self, instance_id: str) -> None:
-        path = self._nics / f"{instance_id}.json"
-        if not path.exists():
+        """Forget the instance's NICs and published ports, and remove their rules."""
+        paths = [self._nics / f"{instance_id}.json", self._forwards / f"{instance_id}.json"]
+        if not any(p.exists() for p in paths):
             return
         with self._lock():
-            path.unlink(missing_ok=True)
+            for path in paths:
+                path.unlink(missing_ok=True)
             self._converge_locked()
 
     def release(self, bridge_name: str) -> None:
@@ -429,6 +486,16 @@ class Router:
             pid = self._resolver_pid(seg.bridge)
             if pid is not None:
                 yield pid
+
+
+def _interface_of(address: str) -> str | None:
+    """The interface of this namespace that has ``address``, if any."""
+    with IPRoute() as ipr:
+        for a in ipr.get_addr(family=2):
+            if a.get_attr("IFA_ADDRESS") == address or a.get_attr("IFA_LOCAL") == address:
+                links = ipr.get_links(a["index"])
+                return str(links[0].get_attr("IFLA_IFNAME")) if links else None
+    return None
 
 
 def _cmdline(pid: int) -> list[str]:

@@ -310,7 +310,10 @@ def test_gateway_and_resolver_reach_the_container(
     resolv = Path(f"/proc/{info.pid}/root/etc/resolv.conf").read_text()
     assert resolv == f"nameserver {testnet.address(1)}\nnameserver 198.18.128.53\n"
     routes = subprocess.run(
-        ["nsenter", "-t", str(info.pid), "-n", "ip", "-4", "route"], capture_output=True, text=True, check=True
+        ["nsenter", "-t", str(info.pid), "-n", "ip", "-4", "route"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert f"default via {testnet.address(1)} dev eth0" in routes
     mounts = Path(f"/proc/{info.pid}/mountinfo").read_text()

@@ -28,13 +28,23 @@ import pytest
 
 from compute.config import NodeConfig
 from compute.network import hostlock, nft, router
-from compute.spec import ImageFormat, ImageRef, InstanceSpec, Kind, NetworkAttachment, NetworkSegment
+from compute.spec import (
+    Forward,
+    ImageFormat,
+    ImageRef,
+    InstanceSpec,
+    Kind,
+    NetworkAttachment,
+    NetworkSegment,
+    Protocol,
+)
 from tests.compute.test_vxlan import in_netns, ip
 from tests.hostcaps import require_binary, require_root
 
 pytestmark = [pytest.mark.host]
 
 UP, NODE_UP = "198.18.128.1", "198.18.128.2"
+EXTERNAL, CLIENT = "198.18.129.1", "198.18.129.2"
 IID = "5c0ffee0-0000-4000-8000-000000000001"
 MAC = "52:54:00:16:00:0a"
 
@@ -46,6 +56,7 @@ def sh(ns: str, *cmd: str, timeout: float = 20) -> subprocess.CompletedProcess[s
 class Lab:
     def __init__(self, tag: str, tmp: Path) -> None:
         self.up, self.node, self.inst = f"skrt-{tag}-u", f"skrt-{tag}-n", f"skrt-{tag}-i"
+        self.outside = f"skrt-{tag}-o"
         self.table = f"skrt{tag}"
         self.config = NodeConfig(
             name="rt",
@@ -95,7 +106,7 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     lab = Lab(secrets.token_hex(3), tmp_path)
     made: list[str] = []
     try:
-        for ns in (lab.up, lab.node, lab.inst):
+        for ns in (lab.up, lab.node, lab.inst, lab.outside):
             ip("netns", "add", ns)
             made.append(ns)
             ip("-n", ns, "link", "set", "lo", "up")
@@ -104,6 +115,25 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
         ip("-n", lab.node, "addr", "add", f"{NODE_UP}/30", "dev", "upl0")
         for ns in (lab.up, lab.node):
             ip("-n", ns, "link", "set", "upl0", "up")
+        # the LAN in front of the node: the node's external address 198.18.129.1, a client at .2
+        ip(
+            "-n",
+            lab.node,
+            "link",
+            "add",
+            "ext0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lan0",
+            "netns",
+            lab.outside,
+        )
+        ip("-n", lab.node, "addr", "add", f"{EXTERNAL}/24", "dev", "ext0")
+        ip("-n", lab.outside, "addr", "add", f"{CLIENT}/24", "dev", "lan0")
+        ip("-n", lab.node, "link", "set", "ext0", "up")
+        ip("-n", lab.outside, "link", "set", "lan0", "up")
         lab.server = subprocess.Popen(
             ["ip", "netns", "exec", lab.up, "python3", "-m", "http.server", "-b", UP, "8080"],
             stdout=subprocess.DEVNULL,
@@ -249,4 +279,60 @@ def test_a_refused_transaction_changes_nothing(lab: Lab) -> None:
     with pytest.raises(nft.NftError):
         lab.run(nft.apply, [broken])
     assert lab.run(nft.fingerprint, "inet", lab.table) == before
+    lab.run(lab.router.teardown)
+
+
+def test_published_ports_reach_the_instance_from_outside_and_go_away(lab: Lab) -> None:
+    lab.run(lab.router.ensure, lab.segment(0))
+    lab.run(lab.router.attach, lab.spec())
+    wire_instance(lab)
+    web = subprocess.Popen(
+        ["ip", "netns", "exec", lab.inst, "python3", "-m", "http.server", "-b", "198.19.160.20", "8000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def get() -> bool:
+            url = f"http://{EXTERNAL}:20080/"
+            return sh(lab.outside, "curl", "-sf", "-m", "2", "-o", "/dev/null", url).returncode == 0
+
+        for _ in range(50):
+            if (
+                sh(
+                    lab.inst, "curl", "-sf", "-m", "1", "-o", "/dev/null", "http://198.19.160.20:8000/"
+                ).returncode
+                == 0
+            ):
+                break
+            time.sleep(0.1)
+        assert not get(), "nothing is published yet"
+        forward = Forward(Protocol.TCP, EXTERNAL, 20080, "198.19.160.20", 8000)
+        lab.run(lab.router.set_forwards, IID, [forward])
+        assert get()
+        assert sh(lab.node, "cat", "/proc/sys/net/ipv4/conf/ext0/forwarding").stdout.strip() == "1"
+        # the outside is never routed into the tenant network directly, only through the published port
+        ip("-n", lab.outside, "route", "add", "198.19.160.0/24", "via", EXTERNAL)
+        assert (
+            sh(
+                lab.outside, "curl", "-sf", "-m", "2", "-o", "/dev/null", "http://198.19.160.20:8000/"
+            ).returncode
+            != 0
+        )
+        assert '"dnat": {' in json.dumps(lab.run(nft.listing, "inet", lab.table))
+        lab.run(lab.router.set_forwards, IID, [])
+        assert not get()
+        assert '"dnat": {' not in json.dumps(lab.run(nft.listing, "inet", lab.table))
+        lab.run(lab.router.set_forwards, IID, [forward])
+        assert get()
+        lab.run(lab.router.detach, IID)  # the instance is deleted
+        assert not get()
+        assert "198.19.160.20" not in json.dumps(lab.run(nft.listing, "inet", lab.table))
+        with pytest.raises(router.RouterError, match=r"198\.18\.129\.99 is not configured on this node"):
+            lab.run(
+                lab.router.set_forwards, IID, [Forward(Protocol.TCP, "198.18.129.99", 1, "198.19.160.20", 1)]
+            )
+    finally:
+        web.terminate()
+        web.wait(10)
     lab.run(lab.router.teardown)
