@@ -7,6 +7,7 @@ from portal.cloud.api.views import (
     FlavorViewSet,
     InstanceViewSet,
     NetworkViewSet,
+    PublishedPortViewSet,
 )
 from portal.images.api.views import ImageViewSet, blob, node_upload
 from portal.tenancy.api.views import (
@@ -28,6 +29,7 @@ router.register("nodes", ComputeNodeViewSet)
 router.register("instances", InstanceViewSet)
 router.register("events", EventViewSet)
 router.register("networks", NetworkViewSet)
+router.register("published-ports", PublishedPortViewSet)
 router.register("images", ImageViewSet)
 
 urlpatterns = [

@@ -318,3 +318,60 @@ class AppliedAction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.action_id} of {self.instance_id}"
+
+
+class ExternalAddress(models.Model):
+    """An address on a node's outside (the LAN in front of it), with the port range it publishes from.
+
+    Operators define them per node (``manage.py node external-address``);
+    the node must have the address on one of its interfaces.
+    """
+
+    node = models.ForeignKey(ComputeNode, on_delete=models.CASCADE, related_name="external_addresses")
+    address = models.GenericIPAddressField(protocol="IPv4")
+    first_port = models.PositiveIntegerField(default=20000)
+    last_port = models.PositiveIntegerField(default=29999)
+
+    class Meta:
+        ordering = ["node__name", "address"]
+        constraints = [
+            models.UniqueConstraint(fields=["node", "address"], name="externaladdress_unique_node_address"),
+            models.CheckConstraint(
+                condition=Q(first_port__gte=1)
+                & Q(last_port__lte=65535)
+                & Q(first_port__lte=models.F("last_port")),
+                name="externaladdress_port_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.node.name} {self.address} {self.first_port}-{self.last_port}"
+
+
+class PublishedPort(models.Model):
+    """An instance's port reachable at an external address and port of its node (DNAT on the node)."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="published_ports")
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="published_ports")
+    protocol = models.CharField(max_length=3, choices=[("tcp", "TCP"), ("udp", "UDP")])
+    port = models.PositiveIntegerField(help_text="The instance's port (1..65535)")
+    external = models.ForeignKey(ExternalAddress, on_delete=models.PROTECT, related_name="published_ports")
+    external_port = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = TenantScopedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["instance__name", "protocol", "port"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["external", "protocol", "external_port"], name="publishedport_unique_external"
+            ),
+            models.UniqueConstraint(
+                fields=["instance", "protocol", "port"], name="publishedport_unique_port"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        target = f"{self.instance.name}:{self.port}"
+        return f"{self.external.address}:{self.external_port}/{self.protocol} -> {target}"

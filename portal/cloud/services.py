@@ -29,7 +29,7 @@ from compute.spec import (
     PowerState,
 )
 from portal.audit.log import record
-from portal.cloud import deadlines, dispatch, metrics, networks, placement, scheduler, states
+from portal.cloud import deadlines, dispatch, forwards, metrics, networks, placement, scheduler, states
 from portal.cloud.choices import NodeStatus, NodeTenancy, VmState
 from portal.cloud.models import ComputeNode, Instance
 from portal.cloud.placement import Request
@@ -252,6 +252,7 @@ def delete_instance(instance: Instance, user: Any) -> Instance:
         if instance.vm_state == VmState.DELETED:
             return instance
         action_id = _claim(instance, Action.DELETE)
+        forwards.forget(instance)  # the node removes the rules with the workload
         node = instance.node
         if node is None:
             Instance.objects.filter(pk=instance.pk).update(

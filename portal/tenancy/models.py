@@ -75,6 +75,7 @@ class Quota(models.Model):
     disk_gb = models.PositiveIntegerField()
     containers = models.PositiveIntegerField()
     vms = models.PositiveIntegerField()
+    published_ports = models.PositiveIntegerField(default=10, db_default=10)
 
     objects = TenantScopedQuerySet.as_manager()
 

@@ -18,7 +18,7 @@ from portal.api.strict import (
 )
 from portal.cloud import states
 from portal.cloud.choices import RequestedKind
-from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.cloud.models import ComputeNode, Flavor, Instance, Network, PublishedPort
 from portal.cloud.naming import NAME_RE as _NAME_RE
 from portal.cloud.naming import NAME_RULE
 from portal.images.choices import ImageStatus
@@ -396,3 +396,62 @@ class NetworkSerializer(StrictModelSerializer[Network]):
             "created_at",
         ]
         read_only_fields = fields
+
+
+class InstanceRefField(serializers.PrimaryKeyRelatedField):  # type: ignore[type-arg]
+    """An instance of your tenants by id (a UUID string); others do not exist for you."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, str):
+            self.fail("incorrect_type", data_type=type(data).__name__)
+        return super().to_internal_value(data)
+
+    def to_representation(self, value: Any) -> str:
+        return str(value.pk)
+
+
+class PublishedPortSerializer(StrictModelSerializer[PublishedPort]):
+    """A published port: ``protocol``/``port`` of ``instance`` at ``external_address:external_port``."""
+
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True
+    )
+    instance = InstanceRefField(queryset=Instance.objects.none())  # type: ignore[assignment]  # popped by DRF
+    protocol = serializers.ChoiceField(choices=["tcp", "udp"])
+    port = StrictIntegerField(min_value=1, max_value=65535, help_text="The instance's port")
+    external_port = StrictIntegerField(
+        min_value=1,
+        max_value=65535,
+        required=False,
+        help_text="Optional: a port of the node's published range (default: the first free one)",
+    )
+    external_address = serializers.CharField(source="external.address", read_only=True)
+    node = serializers.CharField(source="external.node.name", read_only=True)
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = PublishedPort
+        fields = [
+            "id",
+            "tenant",
+            "instance",
+            "protocol",
+            "port",
+            "external_address",
+            "external_port",
+            "node",
+            "url",
+            "created_at",
+        ]
+        read_only_fields = ["id", "created_at"]
+        validators: list[Any] = []  # "already published" is a 409 from the service, with a sentence
+
+    def get_url(self, obj: PublishedPort) -> str:
+        return f"{obj.protocol}://{obj.external.address}:{obj.external_port}"
+
+    def get_fields(self) -> dict[str, Any]:
+        fields = super().get_fields()
+        request = self.context.get("request")
+        if request is not None and request.user.is_authenticated:
+            fields["instance"].queryset = Instance.objects.restrict(actor_for(request)).live()  # type: ignore[attr-defined]
+        return fields

@@ -14,10 +14,10 @@ from rest_framework.response import Response
 from portal.api.authentication import actor_for
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
-from portal.cloud import disclosure, placement, services
+from portal.cloud import disclosure, forwards, placement, services
 from portal.cloud.api import serializers
 from portal.cloud.choices import VmState
-from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.cloud.models import ComputeNode, Flavor, Instance, Network, PublishedPort
 from portal.errors import Conflict
 from portal.images.api.serializers import ImageSerializer
 from portal.tenancy.choices import Role
@@ -216,3 +216,39 @@ class NetworkViewSet(viewsets.ReadOnlyModelViewSet):  # type: ignore[type-arg]
 
     def get_queryset(self) -> models.QuerySet[Any]:
         return Network.objects.select_related("tenant").restrict(actor_for(self.request))
+
+
+class PublishedPortViewSet(ScopedViewSet):
+    """Published ports of your tenants' instances: a tcp/udp port reachable at an address:port of its node.
+
+    Members publish and unpublish; the node applies it at once.  Ports count
+    against the tenant's ``published_ports`` quota and go with the instance.
+    """
+
+    queryset = PublishedPort.objects.select_related("tenant", "instance", "external__node")
+    serializer_class = serializers.PublishedPortSerializer
+    http_method_names = ["get", "post", "delete", "head", "options"]
+    filterset_fields = {"instance": ["exact"], "protocol": ["exact"], "tenant__slug": ["exact"]}
+    ordering_fields = ["created_at", "external_port"]
+
+    @extend_schema(responses={201: serializers.PublishedPortSerializer})
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        instance = data["instance"]
+        self.check_role(instance.tenant_id, self.write_role)
+        row = forwards.publish(instance, data["protocol"], data["port"], data.get("external_port"))
+        describe(request, "publishedport.create", row, tenant_id=row.tenant_id, message=str(row))
+        return Response(self.get_serializer(row).data, status=status.HTTP_201_CREATED)
+
+    def perform_destroy(self, instance: models.Model) -> None:
+        assert isinstance(instance, PublishedPort)
+        describe(
+            self.request,
+            "publishedport.delete",
+            instance,
+            tenant_id=instance.tenant_id,
+            message=str(instance),
+        )
+        forwards.unpublish(instance)
