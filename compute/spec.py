@@ -10,7 +10,7 @@ own instances; it never touches the portal's database.
 
 Portal -> node: :class:`CreateInstance`, :class:`InstanceAction`,
 :class:`DeleteInstance`, :class:`ConsoleRequest`, :class:`NetworkSegment`,
-:class:`InstanceForwards`.
+:class:`InstanceForwards`, :class:`InstanceSecurity`.
 Node -> portal: :class:`Observation`, :class:`NodeReport`, :class:`ConsoleTail`.
 """
 
@@ -103,6 +103,7 @@ class Task(enum.StrEnum):
     CONSOLE = "compute.instance.console"
     ENSURE_NETWORK = "compute.network.ensure"
     FORWARDS = "compute.network.forwards"
+    SECURITY = "compute.network.security"
     OBSERVE = "portal.observe"
     NODE_REPORT = "portal.node_report"
     CONSOLE_TAIL = "portal.console"
@@ -296,6 +297,8 @@ class InstanceSpec:
     env: tuple[tuple[str, str], ...] = ()
     cpu_quota_percent: int = 100
     pids_limit: int = 1024
+    # the resolved rules of its security groups (None: no filtering, as before security groups)
+    security: tuple[SecurityRule, ...] | None = None
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -369,6 +372,49 @@ class Forward:
                 raise SpecError(f"{what} must be within 1..65535, got {port!r}")
 
 
+class Direction(enum.StrEnum):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+#: protocols a security group rule can name ("any": every IPv4 packet)
+RULE_PROTOCOLS = ("any", "tcp", "udp", "icmp")
+
+
+@dataclasses.dataclass(frozen=True)
+class SecurityRule:
+    """One allow rule of an instance's security groups, resolved by the portal.
+
+    ``remote`` lists the CIDRs the rule admits (a remote group becomes its
+    members' addresses; ``0.0.0.0/0`` is anyone; empty admits nobody).
+    Ports only with tcp/udp; ``None`` means every port.
+    """
+
+    direction: Direction
+    protocol: str = "any"
+    port_min: int | None = None
+    port_max: int | None = None
+    remote: tuple[str, ...] = ("0.0.0.0/0",)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in RULE_PROTOCOLS:
+            raise SpecError(f"protocol must be one of {', '.join(RULE_PROTOCOLS)}, got {self.protocol!r}")
+        if (self.port_min is None) != (self.port_max is None):
+            raise SpecError("port_min and port_max go together")
+        if self.port_min is not None and self.port_max is not None:
+            if self.protocol not in ("tcp", "udp"):
+                raise SpecError(f"ports need tcp or udp, not {self.protocol}")
+            if not 1 <= self.port_min <= self.port_max <= 65535:
+                raise SpecError(
+                    f"ports must satisfy 1 <= min <= max <= 65535, got {self.port_min}-{self.port_max}"
+                )
+        for cidr in self.remote:
+            try:
+                ipaddress.IPv4Network(cidr)
+            except ValueError:
+                raise SpecError(f"remote must be IPv4 CIDRs, got {cidr!r}") from None
+
+
 # ---------------------------------------------------------------- portal -> node
 
 
@@ -436,6 +482,16 @@ class InstanceForwards(_AboutInstance):
         keys = [(f.protocol, f.external_address, f.external_port) for f in self.forwards]
         if len(set(keys)) != len(keys):
             raise SpecError("an external address and port is published twice")
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceSecurity(_AboutInstance):
+    """The complete, resolved rule list of an instance's security groups; the node converges to it."""
+
+    TASK: ClassVar[Task] = Task.SECURITY
+
+    instance_id: str
+    rules: tuple[SecurityRule, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -550,6 +606,7 @@ MESSAGES: dict[Task, type[Any]] = {
         ConsoleRequest,
         NetworkSegment,
         InstanceForwards,
+        InstanceSecurity,
         Observation,
         NodeReport,
         ConsoleTail,

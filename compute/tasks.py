@@ -31,6 +31,7 @@ from compute.spec import (
     DriverStatus,
     InstanceAction,
     InstanceForwards,
+    InstanceSecurity,
     InstanceSpec,
     InventoryItem,
     Kind,
@@ -116,6 +117,7 @@ class NodeService:
             Task.CONSOLE: self.console,
             Task.ENSURE_NETWORK: self.ensure_network,
             Task.FORWARDS: self.forwards,
+            Task.SECURITY: self.security,
         }
         known = next((t for t in handlers if t == task), None)
         if known is None:
@@ -232,6 +234,17 @@ class NodeService:
             self.router.set_forwards(message.instance_id, message.forwards)
         except router.RouterError as exc:
             log.warning("cannot publish the ports of %s: %s", message.instance_id, exc)
+            return False
+        return True
+
+    def security(self, message: InstanceSecurity) -> bool:
+        """Converge the instance's security group rules (a live change: nothing restarts)."""
+        if self.router is None:
+            return True
+        try:
+            self.router.set_security(message.instance_id, message.rules)
+        except router.RouterError as exc:
+            log.warning("cannot apply the security groups of %s: %s", message.instance_id, exc)
             return False
         return True
 

@@ -40,7 +40,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -53,9 +53,11 @@ from compute.network.nft import (
     DROP,
     MASQUERADE,
     Chain,
+    Expr,
     Rule,
     Set,
     Table,
+    anon,
     concat,
     ct_state,
     dnat,
@@ -67,7 +69,17 @@ from compute.network.nft import (
     prefix,
     ref,
 )
-from compute.spec import Forward, InstanceSpec, Kind, NetworkSegment, SpecError, from_json, to_json
+from compute.spec import (
+    Direction,
+    Forward,
+    InstanceSpec,
+    Kind,
+    NetworkSegment,
+    SecurityRule,
+    SpecError,
+    from_json,
+    to_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +126,14 @@ def tables(
     segments: Sequence[NetworkSegment],
     nics: Sequence[Nic],
     forwards: Sequence[Forward] = (),
+    security: Mapping[str, tuple[SecurityRule, ...]] | None = None,
 ) -> tuple[Table, Table]:
-    """Skyport's ``inet`` and ``bridge`` tables for the given desired state."""
-    return inet_table(name, uplink, segments, forwards), bridge_table(name, segments, nics)
+    """Skyport's ``inet`` and ``bridge`` tables for the given desired state.
+
+    ``security`` maps an ifname to the resolved rules of its instance's
+    security groups; NICs not in it are not filtered.
+    """
+    return inet_table(name, uplink, segments, forwards), bridge_table(name, segments, nics, security or {})
 
 
 def inet_table(
@@ -131,6 +148,7 @@ def inet_table(
         Set("bridges", "ifname", tuple(bridges)),
         Set("own", ("ifname", "ipv4_addr"), tuple({"concat": list(p)} for p in own)),
         Set("egress_nets", "ipv4_addr", tuple(prefix(c) for c in egress), interval=True),
+        Set("bridged", ("ifname", "ifname"), tuple({"concat": [b, b]} for b in bridges)),
     )
     chains = (
         Chain("input", hook="input"),
@@ -146,6 +164,9 @@ def inet_table(
         Rule("from_tenant", (match(concat(iif, payload("ip", "daddr")), ref("own")), ACCEPT)),
         Rule("from_tenant", (fib_daddr_type("broadcast", "multicast"), ACCEPT)),
         Rule("from_tenant", (DROP,), "the node's addresses on other networks"),
+        # With br_netfilter (bridge-nf-call-iptables=1) frames bridged between two ports of one
+        # network pass here too, with the bridge as both interfaces: that is switching, not routing.
+        Rule("forward", (match(concat(iif, oif), ref("bridged")), ACCEPT), "bridged within a network"),
         Rule("forward", (match(iif, ref("bridges")), jump("route_from_tenant"))),
         Rule("forward", (match(oif, ref("bridges")), jump("route_to_tenant"))),
     ]
@@ -180,7 +201,12 @@ def inet_table(
     return Table("inet", name, sets, chains, tuple(rules))
 
 
-def bridge_table(name: str, segments: Sequence[NetworkSegment], nics: Sequence[Nic]) -> Table:
+def bridge_table(
+    name: str,
+    segments: Sequence[NetworkSegment],
+    nics: Sequence[Nic],
+    security: Mapping[str, tuple[SecurityRule, ...]] | None = None,
+) -> Table:
     tunnels = sorted({vxlan.device_name(s.vni) for s in segments if s.vni is not None and s.tunnel_local})
     gateways = sorted({_ip(s.gateway) for s in segments if s.gateway})
     iif, oif = meta("iifname"), meta("oifname")
@@ -223,7 +249,86 @@ def bridge_table(name: str, segments: Sequence[NetworkSegment], nics: Sequence[N
         Rule("forward", (match(oif, ref("tunnels")), jump("to_tunnel"))),
         Rule("output", (match(oif, ref("tunnels")), jump("to_tunnel"))),
     )
-    return Table("bridge", name, sets, chains, rules)
+    sg_chains, sg_rules = security_groups(security or {})
+    return Table("bridge", name, sets, chains + sg_chains, rules + sg_rules)
+
+
+# Security groups, stateless: this kernel has no bridge conntrack (nf_conntrack_bridge), so replies
+# are admitted the way stateless ACLs do it: TCP segments that do not open a connection (not SYN
+# without ACK), ICMP replies and errors, and UDP from the port ranges the other direction allows.
+_ICMP_REPLIES = anon(("echo-reply", "destination-unreachable", "time-exceeded"))
+
+
+def _sg_match(rule: SecurityRule, peer: str, ports: str) -> list[Expr] | None:
+    """The match of one rule (``peer`` saddr/daddr, ``ports`` dport/sport); None when it admits nobody."""
+    if not rule.remote:
+        return None
+    exprs: list[Expr] = [match(payload("ether", "type"), "ip")]
+    if "0.0.0.0/0" not in rule.remote:
+        exprs.append(match(payload("ip", peer), anon(prefix(c) for c in sorted(rule.remote))))
+    if rule.protocol != "any":
+        exprs.append(match(meta("l4proto"), rule.protocol))
+    if rule.port_min is not None and rule.port_max is not None:
+        exprs.append(match(payload(rule.protocol, ports), {"range": [rule.port_min, rule.port_max]}))
+    return exprs
+
+
+def _sg_chain(chain: str, rules: Sequence[SecurityRule], direction: Direction) -> list[Rule]:
+    """``to_<if>`` (frames to the NIC: ingress) or ``from_<if>`` (frames from it: egress)."""
+    peer = "saddr" if direction is Direction.INGRESS else "daddr"
+    reverse_peer = "daddr" if peer == "saddr" else "saddr"
+    out = [
+        Rule(chain, (match(payload("ether", "type"), "arp"), ACCEPT)),
+        Rule(
+            chain,
+            (
+                match(meta("l4proto"), "tcp"),
+                match({"&": [payload("tcp", "flags"), ["syn", "ack"]]}, "syn", "!="),
+                ACCEPT,
+            ),
+            "replies",
+        ),
+        Rule(chain, (match(meta("l4proto"), "icmp"), match(payload("icmp", "type"), _ICMP_REPLIES), ACCEPT)),
+    ]
+    for r in rules:
+        if r.direction is direction:
+            m = _sg_match(r, peer, "dport")
+            if m is not None:
+                out.append(Rule(chain, (*m, ACCEPT)))
+        elif r.protocol == "udp" and r.port_min is not None:
+            m = _sg_match(r, reverse_peer, "sport")  # reflexive: replies to UDP the other direction allows
+            if m is not None:
+                out.append(Rule(chain, (*m, ACCEPT), "udp replies"))
+    out.append(Rule(chain, (DROP,)))
+    return out
+
+
+def security_groups(
+    security: Mapping[str, tuple[SecurityRule, ...]],
+) -> tuple[tuple[Chain, ...], tuple[Rule, ...]]:
+    """Per filtered NIC a ``to_`` and a ``from_`` chain, reached through verdict maps keyed by interface."""
+    chains: list[Chain] = [
+        Chain("sg_ingress_fwd", hook="forward", priority=10),
+        Chain("sg_ingress_out", hook="output", priority=10),
+        Chain("sg_egress", hook="prerouting", priority=-150),
+    ]
+    rules: list[Rule] = []
+    to_map, from_map = [], []
+    for ifname in sorted(security):
+        chains += [Chain(f"to_{ifname}"), Chain(f"from_{ifname}")]
+        rules += _sg_chain(f"to_{ifname}", security[ifname], Direction.INGRESS)
+        rules += _sg_chain(f"from_{ifname}", security[ifname], Direction.EGRESS)
+        to_map.append([ifname, jump(f"to_{ifname}")])
+        from_map.append([ifname, jump(f"from_{ifname}")])
+    if security:
+        to_vmap: Expr = {"vmap": {"key": meta("oifname"), "data": {"set": to_map}}}
+        from_vmap: Expr = {"vmap": {"key": meta("iifname"), "data": {"set": from_map}}}
+        rules += [
+            Rule("sg_ingress_fwd", (to_vmap,)),
+            Rule("sg_ingress_out", (to_vmap,)),
+            Rule("sg_egress", (from_vmap,)),
+        ]
+    return tuple(chains), tuple(rules)
 
 
 # ---------------------------------------------------------------- the node's state
@@ -270,6 +375,10 @@ class Router:
         return self.root / "nics"
 
     @property
+    def _security(self) -> Path:
+        return self.root / "security"
+
+    @property
     def _forwards(self) -> Path:
         return self.root / "forwards"
 
@@ -287,13 +396,30 @@ class Router:
         return found
 
     def nics(self) -> list[Nic]:
-        found = []
+        return [n for nics in self.instance_nics().values() for n in nics]
+
+    def instance_nics(self) -> dict[str, list[Nic]]:
+        found: dict[str, list[Nic]] = {}
         for path in sorted(self._nics.glob("*.json")) if self._nics.is_dir() else []:
             try:
-                found += [Nic(**n) for n in json.loads(path.read_text())]
+                found[path.stem] = [Nic(**n) for n in json.loads(path.read_text())]
             except (TypeError, ValueError) as exc:
                 log.warning("ignoring unreadable NIC state %s: %s", path, exc)
         return found
+
+    def security(self) -> dict[str, tuple[SecurityRule, ...]]:
+        """Resolved rules by host interface, for the instances whose security groups are known."""
+        by_if: dict[str, tuple[SecurityRule, ...]] = {}
+        nics = self.instance_nics()
+        for path in sorted(self._security.glob("*.json")) if self._security.is_dir() else []:
+            try:
+                rules = tuple(from_json(SecurityRule, r) for r in json.loads(path.read_text()))
+            except (SpecError, ValueError) as exc:
+                log.warning("ignoring unreadable security state %s: %s", path, exc)
+                continue
+            for nic in nics.get(path.stem, ()):
+                by_if[nic.ifname] = rules
+        return by_if
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -318,7 +444,12 @@ class Router:
 
     def desired(self) -> tuple[Table, Table]:
         return tables(
-            self.config.nft_table, self.config.uplink, self.segments(), self.nics(), self.forwards()
+            self.config.nft_table,
+            self.config.uplink,
+            self.segments(),
+            self.nics(),
+            self.forwards(),
+            self.security(),
         )
 
     # ------------------------------------------------------------ changes
@@ -338,6 +469,14 @@ class Router:
             return
         with self._lock():
             _write(self._nics / f"{spec.instance_id}.json", [dataclasses.asdict(n) for n in nics_of(spec)])
+            if spec.security is not None:
+                _write(self._security / f"{spec.instance_id}.json", [to_json(r) for r in spec.security])
+            self._converge_locked()
+
+    def set_security(self, instance_id: str, rules: Sequence[SecurityRule]) -> None:
+        """Make ``rules`` the instance's security group rules (enforced on its NICs at once)."""
+        with self._lock():
+            _write(self._security / f"{instance_id}.json", [to_json(r) for r in rules])
             self._converge_locked()
 
     def set_forwards(self, instance_id: str, forwards: Sequence[Forward]) -> None:
@@ -358,6 +497,7 @@ class Router:
     def detach(self, instance_id: str) -> None:
         """Forget the instance's NICs and published ports, and remove their rules."""
         paths = [self._nics / f"{instance_id}.json", self._forwards / f"{instance_id}.json"]
+        paths.append(self._security / f"{instance_id}.json")
         if not any(p.exists() for p in paths):
             return
         with self._lock():

@@ -17,6 +17,7 @@ The Router runs in a thread that joined the node namespace, so its ``nft``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import subprocess
@@ -29,6 +30,7 @@ import pytest
 from compute.config import NodeConfig
 from compute.network import hostlock, nft, router
 from compute.spec import (
+    Direction,
     Forward,
     ImageFormat,
     ImageRef,
@@ -37,6 +39,7 @@ from compute.spec import (
     NetworkAttachment,
     NetworkSegment,
     Protocol,
+    SecurityRule,
 )
 from tests.compute.test_vxlan import in_netns, ip
 from tests.hostcaps import require_binary, require_root
@@ -335,4 +338,81 @@ def test_published_ports_reach_the_instance_from_outside_and_go_away(lab: Lab) -
     finally:
         web.terminate()
         web.wait(10)
+    lab.run(lab.router.teardown)
+
+
+def test_security_groups_change_live_on_the_running_instance(lab: Lab) -> None:
+    """Ingress: only listed ports and remotes; a rule added opens at once, removed closes at once."""
+    lab.run(lab.router.ensure, lab.segment(0))
+    egress_all = SecurityRule(Direction.EGRESS)
+    only_ssh = (egress_all, SecurityRule(Direction.INGRESS, "tcp", 22, 22))
+    spec = dataclasses.replace(lab.spec(), security=only_ssh)
+    lab.run(lab.router.attach, spec)
+    wire_instance(lab)
+    # a second "instance" on the same bridge, not a member of the first one's group
+    other = f"{lab.inst}2"
+    ip("netns", "add", other)
+    try:
+        ip("-n", lab.node, "link", "add", "skcpeer0", "type", "veth", "peer", "name", "eth0", "netns", other)
+        ip("-n", lab.node, "link", "set", "skcpeer0", "master", "skrtb0", "mtu", "1450", "up")
+        ip("-n", other, "addr", "add", "198.19.160.21/24", "dev", "eth0")
+        ip("-n", other, "link", "set", "eth0", "mtu", "1450", "up")
+        ip("-n", other, "link", "set", "lo", "up")
+        web = subprocess.Popen(
+            ["ip", "netns", "exec", lab.inst, "python3", "-m", "http.server", "-b", "198.19.160.20", "8000"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            lab.run(
+                lab.router.set_forwards, IID, [Forward(Protocol.TCP, EXTERNAL, 20080, "198.19.160.20", 8000)]
+            )
+
+            def outside() -> bool:
+                url = f"http://{EXTERNAL}:20080/"
+                return sh(lab.outside, "curl", "-sf", "-m", "2", "-o", "/dev/null", url).returncode == 0
+
+            def neighbour() -> bool:
+                url = "http://198.19.160.20:8000/"
+                return sh(other, "curl", "-sf", "-m", "2", "-o", "/dev/null", url).returncode == 0
+
+            for _ in range(50):
+                if (
+                    sh(
+                        lab.inst, "curl", "-sf", "-m", "1", "-o", "/dev/null", "http://198.19.160.20:8000/"
+                    ).returncode
+                    == 0
+                ):
+                    break
+                time.sleep(0.1)
+            assert not outside() and not neighbour(), "8000 is not listed"
+            assert fetch(lab), "egress and its replies pass"
+
+            open_8000 = SecurityRule(Direction.INGRESS, "tcp", 8000, 8000)
+            started = time.monotonic()
+            lab.run(lab.router.set_security, IID, (*only_ssh, open_8000))
+            assert outside() and neighbour()
+            assert time.monotonic() - started < 5
+
+            # only from the group's members (a remote group resolves to their addresses)
+            group_only = SecurityRule(Direction.INGRESS, "tcp", 8000, 8000, ("198.19.160.22/32",))
+            lab.run(lab.router.set_security, IID, (egress_all, group_only))
+            assert not neighbour() and not outside()
+            lab.run(
+                lab.router.set_security,
+                IID,
+                (egress_all, dataclasses.replace(group_only, remote=("198.19.160.21/32",))),
+            )
+            assert neighbour() and not outside()
+
+            lab.run(lab.router.set_security, IID, only_ssh)
+            assert not outside() and not neighbour()
+            # no egress rule: the instance cannot even reach upstream
+            lab.run(lab.router.set_security, IID, ())
+            assert not fetch(lab)
+        finally:
+            web.terminate()
+            web.wait(10)
+    finally:
+        subprocess.run(["ip", "netns", "del", other], capture_output=True, timeout=10)
     lab.run(lab.router.teardown)
