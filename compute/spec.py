@@ -592,7 +592,13 @@ class NodeReport:
 
 #: every message the portal sends to a node
 NodeRequest = (
-    CreateInstance | InstanceAction | DeleteInstance | ConsoleRequest | NetworkSegment | InstanceForwards
+    CreateInstance
+    | InstanceAction
+    | DeleteInstance
+    | ConsoleRequest
+    | NetworkSegment
+    | InstanceForwards
+    | InstanceSecurity
 )
 #: the tasks a compute node's worker runs (the others run on the portal's control queue)
 NODE_TASKS: tuple[Task, ...] = tuple(cls.TASK for cls in typing.get_args(NodeRequest))

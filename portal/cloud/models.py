@@ -375,3 +375,61 @@ class PublishedPort(models.Model):
     def __str__(self) -> str:
         target = f"{self.instance.name}:{self.port}"
         return f"{self.external.address}:{self.external_port}/{self.protocol} -> {target}"
+
+
+class SecurityGroup(models.Model):
+    """A tenant's named set of allow rules, attached to instances (enforced per tap/veth on the node).
+
+    Every tenant has a ``default`` group: all egress, ingress only from the
+    group's own members.  Traffic no rule of an instance's groups allows is dropped.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="security_groups")
+    name = models.CharField(max_length=63)
+    description = models.CharField(max_length=255, blank=True)
+    instances = models.ManyToManyField(Instance, related_name="security_groups", blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = TenantScopedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["tenant__slug", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="securitygroup_unique_tenant_name")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant.slug}/{self.name}"
+
+
+class SecurityGroupRule(models.Model):
+    """One allow rule: direction, protocol, port range, and a remote CIDR or group (neither: anyone)."""
+
+    group = models.ForeignKey(SecurityGroup, on_delete=models.CASCADE, related_name="rules")
+    direction = models.CharField(max_length=7, choices=[("ingress", "Ingress"), ("egress", "Egress")])
+    protocol = models.CharField(
+        max_length=4,
+        choices=[("any", "Any"), ("tcp", "TCP"), ("udp", "UDP"), ("icmp", "ICMP")],
+        default="any",
+    )
+    port_min = models.PositiveIntegerField(null=True, blank=True)
+    port_max = models.PositiveIntegerField(null=True, blank=True)
+    remote_cidr = models.CharField(max_length=18, blank=True)
+    remote_group = models.ForeignKey(
+        SecurityGroup, null=True, blank=True, on_delete=models.CASCADE, related_name="referenced_by"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["group", "direction", "protocol", "port_min"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(remote_group__isnull=True) | Q(remote_cidr=""),
+                name="securitygrouprule_one_remote",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        ports = f" {self.port_min}-{self.port_max}" if self.port_min else ""
+        remote = self.remote_cidr or (f"group {self.remote_group.name}" if self.remote_group else "anyone")
+        return f"{self.direction} {self.protocol}{ports} {remote}"

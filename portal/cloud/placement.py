@@ -17,7 +17,7 @@ from django.db.models import Count, Q, Sum
 from compute.spec import Kind
 from portal.cloud import scheduler
 from portal.cloud.choices import NodeStatus
-from portal.cloud.models import ComputeNode, Flavor, Instance
+from portal.cloud.models import ComputeNode, Flavor, Instance, SecurityGroup
 from portal.errors import Conflict, QuotaExceeded
 from portal.images.models import Image
 from portal.tenancy.models import Quota, Tenant
@@ -33,6 +33,7 @@ class Request:
     anti_affinity_group: str = ""
     ssh_keys: tuple[str, ...] = ()
     user_data: str = ""
+    security_groups: tuple[SecurityGroup, ...] = ()  # none: the tenant's default group
 
 
 @dataclasses.dataclass(frozen=True)

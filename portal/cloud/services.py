@@ -29,7 +29,17 @@ from compute.spec import (
     PowerState,
 )
 from portal.audit.log import record
-from portal.cloud import deadlines, dispatch, forwards, metrics, networks, placement, scheduler, states
+from portal.cloud import (
+    deadlines,
+    dispatch,
+    forwards,
+    metrics,
+    networks,
+    placement,
+    scheduler,
+    secgroups,
+    states,
+)
 from portal.cloud.choices import NodeStatus, NodeTenancy, VmState
 from portal.cloud.models import ComputeNode, Instance
 from portal.cloud.placement import Request
@@ -63,6 +73,7 @@ def build_spec(instance: Instance) -> InstanceSpec:
         ssh_keys=tuple(instance.ssh_keys),
         user_data=instance.user_data or None,
         cpu_quota_percent=100 * instance.vcpus,
+        security=secgroups.rules_for(instance),
     )
 
 
@@ -115,6 +126,7 @@ def create_instance(req: Request, user: Any) -> Instance:
             task_deadline=_deadline(rule.task),
             created_by=user,
         )
+        instance.security_groups.set(req.security_groups or [secgroups.default_group(req.tenant)])
         port = networks.allocate_port(network, instance)
         instance.addresses = [{"network": network.name, "address": port.address, "mac": port.mac}]
         instance.save(update_fields=["addresses"])
@@ -123,6 +135,10 @@ def create_instance(req: Request, user: Any) -> Instance:
         dispatch.send(node.queue, CreateInstance(spec, action_id))
         if node.tunnel_address:  # the segment's other nodes learn the new name and, if new, the peer
             networks.sync_network(network, exclude=node)
+        # instances whose rules name the new member's groups admit its address
+        secgroups.sync(
+            secgroups.affected_by_members_of(instance.security_groups.all(), exclude=[str(instance.pk)])
+        )
     return instance
 
 
@@ -253,6 +269,9 @@ def delete_instance(instance: Instance, user: Any) -> Instance:
             return instance
         action_id = _claim(instance, Action.DELETE)
         forwards.forget(instance)  # the node removes the rules with the workload
+        groups = list(instance.security_groups.all())
+        instance.security_groups.clear()  # no longer admitted as a member
+        secgroups.sync(secgroups.affected_by_members_of(groups, exclude=[str(instance.pk)]))
         node = instance.node
         if node is None:
             Instance.objects.filter(pk=instance.pk).update(

@@ -319,6 +319,7 @@ def test_the_worker_registers_every_node_task() -> None:
         Task.CONSOLE,
         Task.ENSURE_NETWORK,
         Task.FORWARDS,
+        Task.SECURITY,
     }
 
 

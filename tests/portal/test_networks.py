@@ -102,7 +102,7 @@ def test_instances_on_two_nodes_get_tunnel_peers_and_own_host_addresses(
         (nic2.segment.tunnel_local,),
     )
     assert seg.host_address == nic1.segment.host_address
-    assert nodes.run() == 2
+    assert nodes.run() == 3  # the create, the ensure, and a1's default group now admitting a2
     sent.clear()
 
     # each node has its own address on the network, from the same pool as the ports, never the .1
