@@ -8,6 +8,8 @@ from portal.cloud.api.views import (
     InstanceViewSet,
     NetworkViewSet,
     PublishedPortViewSet,
+    SecurityGroupRuleViewSet,
+    SecurityGroupViewSet,
 )
 from portal.images.api.views import ImageViewSet, blob, node_upload
 from portal.tenancy.api.views import (
@@ -30,6 +32,8 @@ router.register("instances", InstanceViewSet)
 router.register("events", EventViewSet)
 router.register("networks", NetworkViewSet)
 router.register("published-ports", PublishedPortViewSet)
+router.register("security-groups", SecurityGroupViewSet)
+router.register("security-group-rules", SecurityGroupRuleViewSet)
 router.register("images", ImageViewSet)
 
 urlpatterns = [

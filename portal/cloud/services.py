@@ -101,6 +101,8 @@ def create_instance(req: Request, user: Any) -> Instance:
         placement.check_quota(req.tenant, effect)
         if Instance.objects.filter(tenant=req.tenant, name=req.name).live().exists():
             raise Conflict(f"Tenant {req.tenant.slug} already has a live instance named '{req.name}'.")
+        if any(g.tenant_id != req.tenant.pk for g in req.security_groups):
+            raise Conflict("A security group of another tenant cannot be attached.")
         node = ComputeNode.objects.get(name=chosen.node)
         network = networks.default_network(req.tenant)
         action_id = uuid.uuid4().hex

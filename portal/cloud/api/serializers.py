@@ -18,7 +18,15 @@ from portal.api.strict import (
 )
 from portal.cloud import states
 from portal.cloud.choices import RequestedKind
-from portal.cloud.models import ComputeNode, Flavor, Instance, Network, PublishedPort
+from portal.cloud.models import (
+    ComputeNode,
+    Flavor,
+    Instance,
+    Network,
+    PublishedPort,
+    SecurityGroup,
+    SecurityGroupRule,
+)
 from portal.cloud.naming import NAME_RE as _NAME_RE
 from portal.cloud.naming import NAME_RULE
 from portal.images.choices import ImageStatus
@@ -186,6 +194,13 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     user_data = StrictCharField(
         required=False, allow_blank=True, max_length=16384, write_only=True, trim_whitespace=False
     )
+    security_group_ids = serializers.ListField(
+        child=StrictIntegerField(min_value=1, max_value=MAX_ID),
+        write_only=True,
+        required=False,
+        max_length=20,
+        help_text="Ids of the tenant's security groups to attach (default: its 'default' group)",
+    )
 
     class Meta:
         model = Instance
@@ -209,6 +224,7 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             "addresses",
             "anti_affinity_group",
             "ssh_key_ids",
+            "security_group_ids",
             "user_data",
             "created_by",
             "created_at",
@@ -249,6 +265,16 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
         if value and not _NAME_RE.match(value):
             raise serializers.ValidationError("Use lower-case letters, digits and '-' (at most 63).")
         return value
+
+    def validate_security_group_ids(self, value: list[int]) -> list[SecurityGroup]:
+        groups = {
+            g.pk: g
+            for g in SecurityGroup.objects.restrict(actor_for(self.context["request"])).filter(pk__in=value)
+        }
+        missing = sorted(set(value) - set(groups))
+        if missing:
+            raise serializers.ValidationError(f"No security group with id {missing[0]}.")
+        return [groups[k] for k in value]
 
     def validate_ssh_key_ids(self, value: list[int]) -> list[str]:
         keys = dict(
@@ -455,3 +481,89 @@ class PublishedPortSerializer(StrictModelSerializer[PublishedPort]):
         if request is not None and request.user.is_authenticated:
             fields["instance"].queryset = Instance.objects.restrict(actor_for(request)).live()  # type: ignore[attr-defined]
         return fields
+
+
+class SecurityGroupRuleSerializer(StrictModelSerializer[SecurityGroupRule]):
+    """One allow rule; ``remote_cidr`` or ``remote_group`` (a group of the same tenant), neither: anyone."""
+
+    group = StrictPrimaryKeyRelatedField(queryset=SecurityGroup.objects.none())
+    remote_group = StrictPrimaryKeyRelatedField(
+        queryset=SecurityGroup.objects.none(), required=False, allow_null=True
+    )
+    port_min = StrictIntegerField(min_value=1, max_value=65535, required=False, allow_null=True)
+    port_max = StrictIntegerField(min_value=1, max_value=65535, required=False, allow_null=True)
+
+    class Meta:
+        model = SecurityGroupRule
+        fields = [
+            "id",
+            "group",
+            "direction",
+            "protocol",
+            "port_min",
+            "port_max",
+            "remote_cidr",
+            "remote_group",
+        ]
+        read_only_fields = ["id"]
+
+    def get_fields(self) -> dict[str, Any]:
+        fields = super().get_fields()
+        request = self.context.get("request")
+        if request is not None and request.user.is_authenticated:
+            visible = SecurityGroup.objects.restrict(actor_for(request))
+            fields["group"].queryset = visible  # type: ignore[attr-defined]
+            # any group: a foreign one is refused with a sentence in validate(), not "does not exist"
+            fields["remote_group"].queryset = SecurityGroup.objects.all()  # type: ignore[attr-defined]
+        return fields
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        from portal.cloud import secgroups
+
+        try:
+            attrs["remote_cidr"] = secgroups.validate_rule(
+                attrs["group"],
+                attrs.get("protocol", "any"),
+                attrs.get("port_min"),
+                attrs.get("port_max"),
+                attrs.get("remote_cidr", ""),
+                attrs.get("remote_group"),
+            )
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+        return attrs
+
+
+class SecurityGroupSerializer(DefaultTenantMixin, StrictModelSerializer[SecurityGroup]):
+    tenant = TenantField(required=False)
+    rules = SecurityGroupRuleSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = SecurityGroup
+        fields = ["id", "tenant", "name", "description", "rules", "created_at"]
+        read_only_fields = ["id", "created_at"]
+        validators: list[Any] = []
+
+    def validate_name(self, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise serializers.ValidationError(NAME_RULE)
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().validate(attrs)
+        tenant = attrs.get("tenant") or getattr(self.instance, "tenant", None)
+        name = attrs.get("name")
+        clash = SecurityGroup.objects.filter(tenant=tenant, name=name)
+        if self.instance is not None:
+            clash = clash.exclude(pk=self.instance.pk)
+        if name and clash.exists():
+            raise FieldConflict("name", f"Tenant {tenant} already has a security group named '{name}'.")
+        return attrs
+
+
+class InstanceSecurityGroupsSerializer(serializers.Serializer[Any]):
+    security_groups = serializers.ListField(
+        child=StrictIntegerField(min_value=1, max_value=MAX_ID),
+        max_length=20,
+        help_text="Ids of security groups",
+    )
