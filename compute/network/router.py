@@ -344,6 +344,9 @@ def prepare_devices(seg: NetworkSegment) -> None:
     longer carries the network only receives copies of broadcast frames.
     The device functions take the host-wide network lock themselves.
     """
+    collision = route_collision(seg)
+    if collision:
+        raise RouterError(collision)
     try:
         bridge.ensure_bridge(
             seg.bridge, seg.mtu, address=seg.host_address, exclusive=True, gateway=seg.gateway
@@ -626,6 +629,33 @@ class Router:
             pid = self._resolver_pid(seg.bridge)
             if pid is not None:
                 yield pid
+
+
+def route_collision(seg: NetworkSegment) -> str:
+    """Why the segment's subnet cannot go on this host ("" when it can).
+
+    A route to an overlapping subnet through another interface (a stale
+    bridge of another portal, a LAN, a VPN) would shadow or be shadowed by
+    the network's own route, and its instances would be unreachable.
+    The default route overlaps everything and is not a collision.
+    """
+    subnet = seg.subnet
+    if subnet is None:
+        return ""
+    with IPRoute() as ipr:
+        names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+        for route in ipr.get_routes(family=2, table=254):
+            length = int(route["dst_len"])
+            if length == 0:
+                continue
+            dst = ipaddress.IPv4Network(f"{route.get_attr('RTA_DST')}/{length}")
+            dev = names.get(int(route.get_attr("RTA_OIF") or 0), "?")
+            if dev != seg.bridge and dst.overlaps(subnet):
+                return (
+                    f"network {seg.network} ({subnet}) collides with the route to {dst} via {dev} "
+                    "on this host; remove that route or give the network another subnet"
+                )
+    return ""
 
 
 def _interface_of(address: str) -> str | None:

@@ -416,3 +416,19 @@ def test_security_groups_change_live_on_the_running_instance(lab: Lab) -> None:
     finally:
         subprocess.run(["ip", "netns", "del", other], capture_output=True, timeout=10)
     lab.run(lab.router.teardown)
+
+
+def test_a_subnet_that_collides_with_a_host_route_is_refused_with_the_reason(lab: Lab) -> None:
+    """A stale bridge of another portal with the same subnet shadowed the new one's route once."""
+    ip("-n", lab.node, "link", "add", "skn-stale", "type", "bridge")
+    ip("-n", lab.node, "addr", "add", "198.19.160.99/25", "dev", "skn-stale")
+    ip("-n", lab.node, "link", "set", "skn-stale", "up")
+    with pytest.raises(
+        router.RouterError, match=r"collides with the route to 198\.19\.160\.0/25 via skn-stale"
+    ):
+        lab.run(lab.router.ensure, lab.segment(0))
+    assert "skrtb0" not in ip("-n", lab.node, "link", "show"), "nothing half-made"
+    ip("-n", lab.node, "link", "del", "skn-stale")
+    lab.run(lab.router.ensure, lab.segment(0))
+    lab.run(lab.router.ensure, lab.segment(0))  # its own route is no collision
+    lab.run(lab.router.teardown)
