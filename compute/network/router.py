@@ -84,6 +84,7 @@ from compute.spec import (
 log = logging.getLogger(__name__)
 
 DNSMASQ = "dnsmasq"
+PENDING = "pending"  # rules loaded, fingerprint not taken yet
 UNSPECIFIED = str(ipaddress.IPv4Address(0))  # the sender address of ARP probes
 
 
@@ -529,8 +530,10 @@ class Router:
             nft.apply(self.desired())
         except nft.NftError as exc:
             raise RouterError(f"cannot load the nftables rules: {exc}") from exc
+        # Listing the tables back costs as much as loading them: the next heartbeat takes the
+        # fingerprint (drift between this load and that heartbeat goes unnoticed once).
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "fingerprint").write_text(self._fingerprint())
+        (self.root / "fingerprint").write_text(PENDING)
 
     def _fingerprint(self) -> str:
         name = self.config.nft_table
@@ -546,6 +549,11 @@ class Router:
             now = self._fingerprint()
         except nft.NftError as exc:
             return f"cannot read the rules: {exc}"
+        if stored == PENDING:
+            with self._lock():
+                if (self.root / "fingerprint").read_text() == PENDING:
+                    (self.root / "fingerprint").write_text(now)
+            return ""
         if now == stored:
             return ""
         return f"nftables tables {self.config.nft_table} were changed outside Skyport"
