@@ -162,6 +162,7 @@ def inet_table(
     )
     rules = [
         Rule("input", (match(iif, ref("bridges")), jump("from_tenant"))),
+        Rule("from_tenant", (ct_state("established", "related"), ACCEPT), "replies to the node's own"),
         Rule("from_tenant", (match(concat(iif, payload("ip", "daddr")), ref("own")), ACCEPT)),
         Rule("from_tenant", (fib_daddr_type("broadcast", "multicast"), ACCEPT)),
         Rule("from_tenant", (DROP,), "the node's addresses on other networks"),
@@ -465,7 +466,11 @@ class Router:
             _write(self._segments / f"{seg.bridge}.json", to_json(seg))
             self._routing(seg)
             self._converge_locked()
-            self._resolver(seg)
+            try:
+                self._resolver(seg)
+            except (RouterError, OSError, subprocess.SubprocessError) as exc:
+                # DNS is a service on the network, not a condition of it: instances still start
+                log.warning("the resolver of %s is not running: %s", seg.network, exc)
 
     def attach(self, spec: InstanceSpec) -> None:
         """Record the instance's NICs for port security and enforce it (before the workload starts)."""
@@ -631,6 +636,11 @@ class Router:
                     break
                 time.sleep(0.01)
         (self._dns / f"{bridge_name}.pid").unlink(missing_ok=True)
+
+    def stop_resolvers(self) -> None:
+        """Stop every resolver this node started (its state says which)."""
+        for seg in self.segments():
+            self._stop_resolver(seg.bridge)
 
     def resolver_pids(self) -> Iterator[int]:
         for seg in self.segments():

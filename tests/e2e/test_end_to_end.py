@@ -32,6 +32,7 @@ from portal.cloud.models import ComputeNode, Network
 from portal.images.nodekeys import node_key
 from portal.tenancy.models import Membership, Tenant
 from tests.hostcaps import require, require_binary, require_libvirtd, require_root
+from tests.netcleanup import table_for, teardown_node
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER = settings.CELERY_BROKER_URL  # settings_test: a Redis database of the tests' own
@@ -139,6 +140,7 @@ class Stack:
                 SKYPORT_NODE_NAME=node,
                 SKYPORT_NODE_DIR=str(self.base / node),
                 SKYPORT_NODE_KEY=node_key(node),
+                SKYPORT_NFT_TABLE=table_for(node),
             )
 
     def stop(self) -> None:
@@ -178,6 +180,8 @@ def stack(settings: Any) -> Iterator[tuple[Stack, list[str]]]:
         s.stop()
         server.stop()
         _destroy_leftovers(base, nodes)
+        for node in nodes:
+            teardown_node(node, base / node, in_this_namespace=True)
         for net in Network.objects.all():
             subprocess.run(["ip", "link", "del", net.bridge], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
