@@ -64,6 +64,8 @@ def ensure_bridge(
                 for ip, prefixlen in sorted(have - set(wanted)):
                     if ipaddress.ip_address(ip).version == 4:
                         ipr.addr("del", index=idx, address=ip, prefixlen=prefixlen)
+                # deleting a primary address deletes its secondaries too (promote_secondaries=0)
+                have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
             for ip, prefixlen in wanted:
                 if (ip, prefixlen) in have:
                     continue

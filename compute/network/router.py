@@ -251,8 +251,10 @@ def bridge_table(
         Rule("forward", (match(oif, ref("tunnels")), jump("to_tunnel"))),
         Rule("output", (match(oif, ref("tunnels")), jump("to_tunnel"))),
     )
+    node_addresses = sorted({_ip(a) for s in segments for a in (s.host_address, s.gateway) if a is not None})
+    more = (Set("node_addresses", "ipv4_addr", tuple(node_addresses)),)
     sg_chains, sg_rules = security_groups(security or {})
-    return Table("bridge", name, sets, chains + sg_chains, rules + sg_rules)
+    return Table("bridge", name, sets + more, chains + sg_chains, rules + sg_rules)
 
 
 # Security groups, stateless: this kernel has no bridge conntrack (nf_conntrack_bridge), so replies
@@ -281,6 +283,15 @@ def _sg_chain(chain: str, rules: Sequence[SecurityRule], direction: Direction) -
     reverse_peer = "daddr" if peer == "saddr" else "saddr"
     out = [
         Rule(chain, (match(payload("ether", "type"), "arp"), ACCEPT)),
+        # the node itself (its host address, the gateway: health checks, DNS answers) is always admitted
+        Rule(
+            chain,
+            (
+                match(payload("ether", "type"), "ip"),
+                match(payload("ip", peer), ref("node_addresses")),
+                ACCEPT,
+            ),
+        ),
         Rule(
             chain,
             (
@@ -661,13 +672,15 @@ def route_collision(seg: NetworkSegment) -> str:
     if subnet is None:
         return ""
     with IPRoute() as ipr:
+        routes = list(ipr.get_routes(family=2, table=254))
+        # links after routes: a bridge another process creates meanwhile is named, not "unknown"
         names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
-        for route in ipr.get_routes(family=2, table=254):
+        for route in routes:
             length = int(route["dst_len"])
-            if length == 0:
+            dev = names.get(int(route.get_attr("RTA_OIF") or 0))
+            if length == 0 or dev is None:  # the default route; a route whose device is gone already
                 continue
             dst = ipaddress.IPv4Network(f"{route.get_attr('RTA_DST')}/{length}")
-            dev = names.get(int(route.get_attr("RTA_OIF") or 0), "?")
             if dev != seg.bridge and dst.overlaps(subnet):
                 return (
                     f"network {seg.network} ({subnet}) collides with the route to {dst} via {dev} "

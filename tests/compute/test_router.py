@@ -434,3 +434,13 @@ def test_a_subnet_that_collides_with_a_host_route_is_refused_with_the_reason(lab
     lab.run(lab.router.ensure, lab.segment(0))
     lab.run(lab.router.ensure, lab.segment(0))  # its own route is no collision
     lab.run(lab.router.teardown)
+
+
+def test_a_new_host_address_keeps_the_gateway(lab: Lab) -> None:
+    """Deleting the old primary address takes its secondaries (the gateway) with it: it is added back."""
+    lab.run(lab.router.ensure, lab.segment(0))
+    moved = dataclasses.replace(lab.segment(0), host_address="198.19.160.30/24")
+    lab.run(lab.router.ensure, moved)
+    addrs = ip("-n", lab.node, "-4", "-o", "addr", "show", "dev", "skrtb0")
+    assert "198.19.160.30/24" in addrs and "198.19.160.1/24" in addrs and "198.19.160.10/" not in addrs
+    lab.run(lab.router.teardown)
