@@ -9,6 +9,7 @@ delete cleans both up; the events list shows each step.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import shutil
@@ -216,8 +217,13 @@ def _client(username: str, tenant: str | None, staff: bool = False) -> APIClient
 
 
 def _ping(address: str, timeout: float = 60) -> bool:
+    # From the network's gateway (.1), an address of every node that carries it: both nodes of
+    # this test share one kernel and one bridge, and each node's rules know its own host address.
+    gateway = str(ipaddress.ip_network(f"{address}/24", strict=False).network_address + 1)
+
     def once() -> bool:
-        return subprocess.run(["ping", "-c1", "-W1", address], capture_output=True, timeout=5).returncode == 0
+        cmd = ["ping", "-c1", "-W1", "-I", gateway, address]
+        return subprocess.run(cmd, capture_output=True, timeout=5).returncode == 0
 
     return bool(wait_for(f"ping {address}", once, timeout=timeout, every=0.5))
 
