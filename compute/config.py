@@ -14,6 +14,8 @@ import re
 import socket
 from pathlib import Path
 
+from compute import celeryconf
+
 
 class ConfigError(ValueError):
     """A node setting has a value the node cannot use."""
@@ -58,6 +60,8 @@ class NodeConfig:
     ``dns_servers`` are the upstream resolvers the networks' resolvers
     forward to (``SKYPORT_DNS_SERVERS``, comma-separated; none: they answer
     only the networks' instance names).
+    ``broker_master`` names the primary the sentinels watch when ``broker_url``
+    lists ``sentinel://`` URLs (``SKYPORT_BROKER_MASTER``; compute/celeryconf.py).
     """
 
     name: str
@@ -74,6 +78,7 @@ class NodeConfig:
     uplink: str = ""
     nft_table: str = "skyport"
     dns_servers: tuple[str, ...] = ()
+    broker_master: str = ""
 
     @property
     def queue(self) -> str:
@@ -105,19 +110,27 @@ class NodeConfig:
                 ipaddress.IPv4Address(server)
             except ValueError:
                 raise ConfigError(f"SKYPORT_DNS_SERVERS: {server!r} is not an IPv4 address") from None
+        broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+        broker_master = os.environ.get("SKYPORT_BROKER_MASTER", "").strip()
+        visibility = seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300.0)
+        try:  # the same check the portal makes at start-up, naming the variable to fix
+            celeryconf.broker_settings(broker_url, visibility, broker_master or None)
+        except celeryconf.BrokerConfigError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
             name=name,
             state_dir=state,
             libvirt_uri=os.environ.get("SKYPORT_LIBVIRT_URI", "qemu:///system"),
             accelerator=_choice("SKYPORT_ACCEL", "auto", ("auto", "kvm", "qemu")),
             container_runtime=_choice("SKYPORT_CONTAINER_RUNTIME", "crun", ("crun", "runc")),
-            broker_url=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
+            broker_url=broker_url,
             tunnel_address=tunnel,
             node_key=os.environ.get("SKYPORT_NODE_KEY", "").strip(),
             heartbeat_seconds=seconds("SKYPORT_HEARTBEAT_SECONDS", 5.0),
-            visibility_timeout_seconds=seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300.0),
+            visibility_timeout_seconds=visibility,
             network_lock=Path(os.environ.get("SKYPORT_NETWORK_LOCK", "/run/lock/skyport-network.lock")),
             uplink=uplink,
             nft_table=table,
             dns_servers=servers,
+            broker_master=broker_master,
         )

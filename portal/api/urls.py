@@ -1,4 +1,4 @@
-from django.urls import include, path
+from django.urls import include, path, re_path
 from rest_framework.routers import DefaultRouter
 
 from portal.audit.api.views import EventViewSet
@@ -38,6 +38,18 @@ router.register("images", ImageViewSet)
 
 urlpatterns = [
     path("blobs/uploads/<int:image_id>", node_upload, name="node-upload"),
+    # `curl -T FILE ".../images/ID/file/?type=..."` appends FILE's name to a path ending in "/":
+    # accept that form too (the name is ignored), so the README's one-liner works as written
+    re_path(
+        r"^images/(?P<pk>[^/.]+)/file/(?:[^/]+)$",
+        ImageViewSet.as_view(
+            {"put": "upload"},
+            parser_classes=ImageViewSet.upload.kwargs["parser_classes"],
+            http_method_names=ImageViewSet.upload.kwargs["http_method_names"],
+            schema=None,
+        ),
+        name="image-upload-named",
+    ),
     path("blobs/<str:digest>", blob, name="blob"),
     path("", include(router.urls)),
 ]

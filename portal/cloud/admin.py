@@ -43,6 +43,17 @@ class InstanceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     # user data: the API's and the launch form's bound (16 KiB)
     formfield_overrides = {**JSON_FIELD_OVERRIDES, models.TextField: {"max_length": 16384}}
 
+    # Instances live on nodes: a row added, changed or deleted here would not reach them.
+    # Launch, act and delete through the API or the web UI (they go through the services).
+    def has_add_permission(self, request: Any) -> bool:
+        return False
+
+    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
 
 @admin.register(Network)
 class NetworkAdmin(admin.ModelAdmin):  # type: ignore[type-arg]

@@ -11,6 +11,7 @@ Messages to nodes leave after commit (:mod:`portal.cloud.dispatch`).
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from typing import Any
 
@@ -29,6 +30,7 @@ from compute.spec import (
     PowerState,
 )
 from portal.audit.log import record
+from portal.audit.models import Event, Outcome
 from portal.cloud import (
     deadlines,
     dispatch,
@@ -186,14 +188,42 @@ def _dispatch(instance: Instance, action: Action, params: dict[str, Any], user: 
     )
 
 
+#: how the dispatch event of a snapshot starts, followed by its name (read by ``snapshot_names``)
+SNAPSHOT_SENT = "snapshot "
+
+
+def snapshot_names(instance: Instance) -> list[str]:
+    """Snapshots of ``instance`` that its node reported taken, newest first.
+
+    Until the portal has a snapshots resource (issue 13), the audit log is where they are:
+    a ``dispatch.snapshot`` event names the snapshot and carries the action id, and the
+    node's ``node.snapshot`` success event for the same action id says it exists.
+    """
+    done = Event.objects.filter(
+        object_type="instance", object_id=str(instance.pk), action="node.snapshot", outcome=Outcome.SUCCESS
+    ).values_list("request_id", flat=True)
+    sent = Event.objects.filter(
+        object_type="instance", object_id=str(instance.pk), action="dispatch.snapshot", request_id__in=done
+    ).order_by("-created_at")
+    names: list[str] = []
+    for message in sent.values_list("message", flat=True):
+        name = message.removeprefix(SNAPSHOT_SENT).split(" ", 1)[0]
+        if message.startswith(SNAPSHOT_SENT) and name not in names:
+            names.append(name)
+    return names
+
+
 def act(instance: Instance, action: str, params: dict[str, Any], user: Any) -> Instance:
     """Claim the instance for one of the public actions and send it to its node (202)."""
     unknown = states.unknown(action)
     if unknown:
         raise InvalidAction(unknown)
     check(instance, Action(action), params)
+    node = instance.node.name if instance.node else "its node"
+    # the snapshot's name is kept in the event: the pages offer reverts to the ones that succeeded
+    message = f"{SNAPSHOT_SENT}{params['name']} sent to {node}" if action == Action.SNAPSHOT else ""
     with transaction.atomic():
-        _dispatch(instance, Action(action), params, user, "")
+        _dispatch(instance, Action(action), params, user, message)
     return instance
 
 
@@ -240,7 +270,12 @@ def console(instance: Instance) -> dict[str, Any]:
         dispatch.send(node.queue, ConsoleRequest(str(instance.pk), Kind(instance.kind)))
         refreshing = True
     tail = metrics.console(str(instance.pk))
+    asked = time.time() - metrics.first_console_request(str(instance.pk)) if tail is None else 0.0
     return {
+        # the node answered (an empty text: the workload has printed nothing yet)
+        "answered": tail is not None,
+        # how long the portal has been asking without an answer (seconds)
+        "waiting": asked,
         "text": tail["text"] if tail else "",
         "at": dt.datetime.fromtimestamp(tail["at"], tz=dt.UTC) if tail else None,
         "node": tail["node"] if tail else (node.name if node else None),

@@ -333,7 +333,12 @@ def check_archive(path: Path, store: BlobStore, limits: UnpackLimits = UNLIMITED
     try:
         tf = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the with below
     except (tarfile.TarError, OSError) as exc:
-        raise Rejected(f"not a tar archive: {exc}") from exc
+        # tarfile's own message lists every decompressor it tried ("ReadError('not a gzip
+        # file') - method bz2 ..."): say what is wrong in words instead
+        raise Rejected(
+            "not a tar archive (plain, gzip, bzip2 or xz): an OCI image archive is a tar file, "
+            "as written by `skopeo copy ... oci-archive:FILE` or `docker save`"
+        ) from exc
     staged: list[StagedBlob] = []
     try:
         with tf:

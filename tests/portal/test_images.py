@@ -540,6 +540,9 @@ def test_not_an_archive_is_rejected(world: World, store: Path, capture: Any) -> 
     upload(c, img["id"], b"this is not a tar file" * 100, "oci", capture)
     image = Image.objects.get(pk=img["id"])
     assert image.status == "failed" and "not a tar archive" in image.status_reason
+    # in words, not tarfile's list of decompressors and exception reprs (issue 15, defect 7)
+    assert "ReadError" not in image.status_reason and "method" not in image.status_reason
+    assert "docker save" in image.status_reason
 
 
 # ------------------------------------------------------------------ visibility and deletion

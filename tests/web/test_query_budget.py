@@ -22,12 +22,15 @@ PAGES = {
     "/": 10,
     "/instances/": 6,
     "/instances/rows/": 6,
-    "/instances/{id}/": 5,
-    "/instances/{id}/status/": 4,
+    "/instances/{id}/": 6,  # + the snapshots the revert form offers
+    "/instances/{id}/status/": 5,  # + the snapshots behind the out-of-band revert button
     "/ops/instances/": 8,
     "/ops/nodes/": 7,
     "/ops/drift/": 7,
+    "/ops/nodes/shared-1/": 8,
     "/events/": 6,
+    "/tasks/": 8,
+    "/tasks/panel/": 7,
 }
 API = {
     "/api/v1/instances/": 5,
