@@ -23,7 +23,8 @@ GUNICORN_FLAGS := -w 3 -k gthread --threads 4 --timeout 120 --capture-output
 DEBS := libvirt-daemon-system qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc python3-dev \
 	python3-venv busybox-static genisoimage syslinux syslinux-common mtools dosfstools fdisk cpio tini \
 	iproute2 iputils-ping crun runc umoci skopeo conmon redis-server sqlite3 procps chromium docker-compose \
-	postgresql debootstrap openssh-client curl podman netavark aardvark-dns rabbitmq-server gettext
+	postgresql debootstrap openssh-client curl podman netavark aardvark-dns rabbitmq-server gettext \
+	nftables dnsmasq-base
 
 .PHONY: help run test setup debs venv host redis libvirtd images test-images migrate catalog messages bootstrap check pytest pytest-pg stop status
 

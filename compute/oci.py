@@ -84,6 +84,7 @@ class BundleSpec:
     id_base: int = 0  # host uid/gid of root inside
     id_size: int = ID_RANGE_SIZE
     additional_gids: tuple[int, ...] = ()
+    resolv_conf: str | None = None  # host file bind-mounted read-only on /etc/resolv.conf
 
 
 def _mount(dest: str, fstype: str, source: str, options: tuple[str, ...]) -> dict[str, Any]:
@@ -143,6 +144,18 @@ def runtime_config(b: BundleSpec) -> dict[str, Any]:
             _mount("/dev/mqueue", "mqueue", "mqueue", ("nosuid", "noexec", "nodev")),
             _mount("/sys", "sysfs", "sysfs", ("nosuid", "noexec", "nodev", "ro")),
             _mount(TMP, "tmpfs", "tmpfs", ("nosuid", "nodev", "mode=1777", f"size={b.tmp_size_mb}m")),
+            *(
+                [
+                    _mount(
+                        "/etc/resolv.conf",
+                        "bind",
+                        b.resolv_conf,
+                        ("rbind", "ro", "nosuid", "nodev", "noexec"),
+                    )
+                ]
+                if b.resolv_conf
+                else []
+            ),
         ],
         "linux": {
             "namespaces": namespaces,

@@ -16,12 +16,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from compute import fetch
 from compute.config import NodeConfig
 from compute.drivers.base import Driver, DriverError, InstanceInfo, InstanceNotFound
-from compute.network import bridge, vxlan
+from compute.network import router
 from compute.spec import (
     MESSAGES,
     Action,
@@ -32,6 +30,9 @@ from compute.spec import (
     DeleteInstance,
     DriverStatus,
     InstanceAction,
+    InstanceForwards,
+    InstanceSecurity,
+    InstanceSpec,
     InventoryItem,
     Kind,
     NetworkSegment,
@@ -67,7 +68,9 @@ class NodeService:
     ) -> None:
         self.config = config
         self.send = send
-        self.prepare_bridge = prepare_bridge or _prepare_bridge
+        # the real node routes, filters and answers DNS for its networks; fakes only record segments
+        self.router = router.Router(config) if prepare_bridge is None else None
+        self.prepare_bridge = prepare_bridge or self._ensure
         self._drivers: dict[Kind, Driver] = dict(drivers or {})
         self._exit_marks: frozenset[tuple[str, float]] = frozenset()
         self._pid = os.getpid()
@@ -78,6 +81,27 @@ class NodeService:
         if kind not in self._drivers:
             self._drivers[kind] = _make_driver(kind, self.config)
         return self._drivers[kind]
+
+    def _ensure(self, seg: NetworkSegment) -> None:
+        assert self.router is not None
+        try:
+            self.router.ensure(seg)
+        except router.RouterError as exc:
+            raise DriverError(str(exc)) from exc
+
+    def _attach(self, spec: InstanceSpec) -> None:
+        if self.router is not None:
+            try:
+                self.router.attach(spec)
+            except router.RouterError as exc:
+                raise DriverError(str(exc)) from exc
+
+    def _detach(self, instance_id: str) -> None:
+        if self.router is not None:
+            try:
+                self.router.detach(instance_id)
+            except router.RouterError as exc:
+                raise DriverError(str(exc)) from exc
 
     # ------------------------------------------------------------ receiving
 
@@ -93,6 +117,8 @@ class NodeService:
             Task.DELETE: self.delete,
             Task.CONSOLE: self.console,
             Task.ENSURE_NETWORK: self.ensure_network,
+            Task.FORWARDS: self.forwards,
+            Task.SECURITY: self.security,
         }
         known = next((t for t in handlers if t == task), None)
         if known is None:
@@ -178,6 +204,7 @@ class NodeService:
         def body(d: Driver) -> PowerState:
             for nic in spec.networks:
                 self.prepare_bridge(nic.segment)
+            self._attach(spec)  # port security is in force before the workload sends a frame
             return d.spawn(spec).power_state
 
         return self._run(spec.instance_id, spec.kind, Action.CREATE, message.action_id, body)
@@ -193,6 +220,32 @@ class NodeService:
             self.prepare_bridge(segment)
         except DriverError as exc:
             log.warning("cannot ensure network %s: %s", segment.network, exc)
+            return False
+        return True
+
+    def forwards(self, message: InstanceForwards) -> bool:
+        """Converge the instance's published ports to the message's complete list.
+
+        No action is in flight (the portal has recorded the ports already), so a
+        failure is logged; the portal's reconcile sees it as rule drift.
+        """
+        if self.router is None:
+            return True
+        try:
+            self.router.set_forwards(message.instance_id, message.forwards)
+        except router.RouterError as exc:
+            log.warning("cannot publish the ports of %s: %s", message.instance_id, exc)
+            return False
+        return True
+
+    def security(self, message: InstanceSecurity) -> bool:
+        """Converge the instance's security group rules (a live change: nothing restarts)."""
+        if self.router is None:
+            return True
+        try:
+            self.router.set_security(message.instance_id, message.rules)
+        except router.RouterError as exc:
+            log.warning("cannot apply the security groups of %s: %s", message.instance_id, exc)
             return False
         return True
 
@@ -236,6 +289,7 @@ class NodeService:
 
         def body(d: Driver) -> PowerState:
             d.destroy(message.instance_id)
+            self._detach(message.instance_id)
             return PowerState.NOSTATE
 
         return self._run(message.instance_id, message.kind, Action.DELETE, message.action_id, body)
@@ -297,9 +351,23 @@ class NodeService:
             sent_at=time.time(),
             cached=tuple(self.cached()),
             tunnel_address=self.config.tunnel_address,
+            network_drift=self._network_drift(),
         )
         self.send(report.TASK, to_json(report))
         return report
+
+    def _network_drift(self) -> str:
+        """Rule drift since the last load, repaired by loading the desired rules again."""
+        if self.router is None:
+            return ""
+        try:
+            drift = self.router.drift()
+            if drift:
+                log.warning("%s; loading them again", drift)
+                self.router.converge()
+        except router.RouterError as exc:
+            return f"{drift or 'rules'}; reloading failed: {exc}"[:255]
+        return drift[:255]
 
 
 def _stop(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:
@@ -336,25 +404,11 @@ _ACTIONS: dict[Action, Callable[[NodeService, Driver, InstanceAction], PowerStat
 
 
 def _prepare_bridge(seg: NetworkSegment) -> None:
-    """Create the tenant bridge with this node's address on it, then its VXLAN device and peers.
-
-    A segment without a local tunnel address stays on this node's bridge.
-    Peers are only added here, never removed: creates and ensures for one
-    network may be handled out of order (two worker processes), and a stale
-    peer list must not cut off a node that joined since.  A peer that no
-    longer carries the network only receives copies of broadcast frames.
-    """
+    """The network's devices only (bridge, addresses, VXLAN), as a driver error on failure."""
     try:
-        bridge.ensure_bridge(seg.bridge, seg.mtu, address=seg.host_address, exclusive=True)
-    except (bridge.NetworkError, NetlinkError, OSError) as exc:
-        raise DriverError(f"cannot prepare bridge {seg.bridge}: {exc}") from exc
-    if seg.vni is None or seg.tunnel_local is None:
-        return
-    try:
-        vxlan.ensure_vxlan(seg.vni, seg.tunnel_local, seg.bridge, seg.mtu)
-        vxlan.set_peers(seg.vni, seg.tunnel_peers, prune=False)
-    except (bridge.NetworkError, NetlinkError, OSError) as exc:
-        raise DriverError(f"cannot prepare VXLAN {seg.vni} of {seg.network}: {exc}") from exc
+        router.prepare_devices(seg)
+    except router.RouterError as exc:
+        raise DriverError(str(exc)) from exc
 
 
 def _item(driver: Driver, kind: Kind, info: InstanceInfo) -> InventoryItem:

@@ -271,7 +271,19 @@ class ContainerDriver(Driver):
             pids_limit=spec.pids_limit,
             cwd=spec.workdir or cfg.working_dir,
             netns_path=None,  # a new one, wired after create (see _launch)
+            resolv_conf=self._resolv_conf(spec, paths),
         )
+
+    @staticmethod
+    def _resolv_conf(spec: InstanceSpec, paths: _Paths) -> str | None:
+        """The container's resolv.conf (its networks' resolvers), written beside the bundle."""
+        servers = list(dict.fromkeys(s for nic in spec.networks for s in nic.dns))
+        if not servers:
+            return None
+        path = paths.root / "resolv.conf"
+        path.write_text("".join(f"nameserver {s}\n" for s in servers))
+        path.chmod(0o644)
+        return str(path)
 
     def _pid(self, paths: _Paths, instance_id: str) -> int | None:
         """PID 1 of the container if it is alive and in our cgroup."""

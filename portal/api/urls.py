@@ -7,6 +7,9 @@ from portal.cloud.api.views import (
     FlavorViewSet,
     InstanceViewSet,
     NetworkViewSet,
+    PublishedPortViewSet,
+    SecurityGroupRuleViewSet,
+    SecurityGroupViewSet,
 )
 from portal.images.api.views import ImageViewSet, blob, node_upload
 from portal.metering.api.views import BudgetViewSet, PriceSheetViewSet, UsageViewSet
@@ -29,6 +32,9 @@ router.register("nodes", ComputeNodeViewSet)
 router.register("instances", InstanceViewSet)
 router.register("events", EventViewSet)
 router.register("networks", NetworkViewSet)
+router.register("published-ports", PublishedPortViewSet)
+router.register("security-groups", SecurityGroupViewSet)
+router.register("security-group-rules", SecurityGroupRuleViewSet)
 router.register("images", ImageViewSet)
 router.register("usage", UsageViewSet, basename="usage")
 router.register("prices", PriceSheetViewSet)

@@ -17,7 +17,7 @@ from django.db.models import Count, Q, Sum
 from compute.spec import Kind
 from portal.cloud import scheduler
 from portal.cloud.choices import NodeStatus, RequestedKind
-from portal.cloud.models import ComputeNode, Flavor, Instance
+from portal.cloud.models import ComputeNode, Flavor, Instance, SecurityGroup
 from portal.errors import Conflict, QuotaExceeded
 from portal.images.models import Image
 from portal.tenancy.models import Quota, Tenant
@@ -50,6 +50,8 @@ class Request:
             "restart_policy": self.restart_policy != "no",
         }
         return [k for k, v in given.items() if v]
+
+    security_groups: tuple[SecurityGroup, ...] = ()  # none: the tenant's default group
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,17 @@ from compute.spec import (
 )
 from portal.audit.log import record
 from portal.audit.models import Event, Outcome
-from portal.cloud import deadlines, dispatch, metrics, networks, placement, scheduler, states
+from portal.cloud import (
+    deadlines,
+    dispatch,
+    forwards,
+    metrics,
+    networks,
+    placement,
+    scheduler,
+    secgroups,
+    states,
+)
 from portal.cloud.choices import NodeStatus, NodeTenancy, VmState
 from portal.cloud.models import ComputeNode, Instance
 from portal.cloud.placement import Request
@@ -75,6 +85,7 @@ def build_spec(instance: Instance) -> InstanceSpec:
         workdir=instance.workdir,
         user=instance.run_as,
         restart_policy=instance.restart_policy,
+        security=secgroups.rules_for(instance),
     )
 
 
@@ -107,6 +118,8 @@ def create_instance(req: Request, user: Any) -> Instance:
         placement.check_quota(req.tenant, effect)
         if Instance.objects.filter(tenant=req.tenant, name=req.name).live().exists():
             raise Conflict(f"Tenant {req.tenant.slug} already has a live instance named '{req.name}'.")
+        if any(g.tenant_id != req.tenant.pk for g in req.security_groups):
+            raise Conflict("A security group of another tenant cannot be attached.")
         node = ComputeNode.objects.get(name=chosen.node)
         network = networks.default_network(req.tenant)
         action_id = uuid.uuid4().hex
@@ -137,15 +150,19 @@ def create_instance(req: Request, user: Any) -> Instance:
             task_deadline=_deadline(rule.task),
             created_by=user,
         )
-        new_on_node = node not in networks.network_nodes(network)
+        instance.security_groups.set(req.security_groups or [secgroups.default_group(req.tenant)])
         port = networks.allocate_port(network, instance)
         instance.addresses = [{"network": network.name, "address": port.address, "mac": port.mac}]
         instance.save(update_fields=["addresses"])
         spec = build_spec(instance)
         _event(instance, "instance.schedule", chosen.reason, user, action_id)
         dispatch.send(node.queue, CreateInstance(spec, action_id))
-        if new_on_node and node.tunnel_address:
-            networks.sync_network(network, exclude=node)  # the others learn the new peer
+        if node.tunnel_address:  # the segment's other nodes learn the new name and, if new, the peer
+            networks.sync_network(network, exclude=node)
+        # instances whose rules name the new member's groups admit its address
+        secgroups.sync(
+            secgroups.affected_by_members_of(instance.security_groups.all(), exclude=[str(instance.pk)])
+        )
     return instance
 
 
@@ -308,6 +325,10 @@ def delete_instance(instance: Instance, user: Any) -> Instance:
         if instance.vm_state == VmState.DELETED:
             return instance
         action_id = _claim(instance, Action.DELETE)
+        forwards.forget(instance)  # the node removes the rules with the workload
+        groups = list(instance.security_groups.all())
+        instance.security_groups.clear()  # no longer admitted as a member
+        secgroups.sync(secgroups.affected_by_members_of(groups, exclude=[str(instance.pk)]))
         node = instance.node
         if node is None:
             Instance.objects.filter(pk=instance.pk).update(

@@ -250,6 +250,9 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
         came_up = node.status == NodeStatus.DOWN
         readdressed = (node.tunnel_address or "") != report.tunnel_address
         node.tunnel_address = report.tunnel_address or None
+        if report.network_drift and report.network_drift != node.network_drift:
+            _node_event(None, node.name, "node.network_drift", node, Outcome.FAILURE, report.network_drift)
+        node.network_drift = report.network_drift
         if came_up:
             _node_event(None, node.name, "node.up", node, Outcome.SUCCESS, "heartbeat resumed")
         if node.status != NodeStatus.DISABLED:

@@ -30,6 +30,11 @@ class Tenant(models.Model):
     slug = models.SlugField(max_length=50, unique=True)
     name = models.CharField(max_length=200)
     active = models.BooleanField(default=True)
+    network_egress = models.BooleanField(
+        default=True,
+        db_default=True,
+        help_text="Operators: the tenant's networks may reach the outside through the nodes' uplinks",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = TenantQuerySet.as_manager()
@@ -84,6 +89,7 @@ class Quota(models.Model):
     disk_gb = models.PositiveIntegerField()
     containers = models.PositiveIntegerField()
     vms = models.PositiveIntegerField()
+    published_ports = models.PositiveIntegerField(default=10, db_default=10)
 
     objects = TenantScopedQuerySet.as_manager()
 

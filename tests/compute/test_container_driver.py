@@ -305,3 +305,29 @@ def test_supervisor_gone_is_reported_not_waited_for(
     assert after.exit_code is None and "unknown" in after.message
     driver.destroy(spec.instance_id)
     assert leftovers(driver, spec) == []
+
+
+def test_gateway_and_resolver_reach_the_container(
+    driver: ContainerDriver, sample_images: SampleImages, testnet: BridgeNet
+) -> None:
+    """The NIC's gateway becomes the default route, its resolvers /etc/resolv.conf (read-only)."""
+    nic = dataclasses.replace(
+        testnet.attachment(10), gateway=testnet.address(1), dns=(testnet.address(1), "198.18.128.53")
+    )
+    spec = make_spec(sample_images.base, networks=(nic,), hostname="dns-1")
+    info = driver.spawn(spec)
+    assert info.pid
+    resolv = Path(f"/proc/{info.pid}/root/etc/resolv.conf").read_text()
+    assert resolv == f"nameserver {testnet.address(1)}\nnameserver 198.18.128.53\n"
+    routes = subprocess.run(
+        ["nsenter", "-t", str(info.pid), "-n", "ip", "-4", "route"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"default via {testnet.address(1)} dev eth0" in routes
+    mounts = Path(f"/proc/{info.pid}/mountinfo").read_text()
+    (line,) = [m for m in mounts.splitlines() if " /etc/resolv.conf " in m]
+    assert " ro," in line or " ro " in line
+    driver.destroy(spec.instance_id)
+    assert leftovers(driver, spec) == []

@@ -81,7 +81,8 @@ def test_a_simulated_month_bills_exactly(world: World, nodes: FakeNodes, clock: 
     clock.set(at(1, 0, 30))
     vm = _launch(world, "vm", "tiny:1")
     ct = _launch(world, "ct", "sample:1")
-    assert nodes.run() == 2
+    # two creates, and the default security group's rules sent again to the VM (a new member)
+    assert nodes.run() == 3
     assert Instance.objects.get(pk=ct).kind == "container"
     shared, dedicated = nodes.service("node.shared-1"), nodes.service("node.node-a")
 

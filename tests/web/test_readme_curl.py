@@ -2,7 +2,8 @@
 
 The README's code blocks are parsed; each ``curl`` command (with its continuation lines) runs in
 bash with real curl, with only the address changed to the live server's and ``$TOKEN``/``$ID``
-set as a reader would set them (``$ID`` from the previous answer's ``id``). ``--fail-with-body``
+set as a reader would set them (``$ID`` from the previous answer's ``id``, ``$IID`` from the
+launch's, ``$GID`` from the security group's). ``--fail-with-body``
 turns any 4xx/5xx into a failure, so the docs cannot drift from the API again.
 """
 
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 
 from portal.cloud import dispatch
-from portal.cloud.models import Flavor
+from portal.cloud.models import ComputeNode, Flavor
 from portal.images.models import Image
 from portal.tenancy.models import APIToken, Membership, Tenant
 from tests.hostcaps import require, require_binary
@@ -65,7 +67,10 @@ def test_every_readme_curl_example_works(
     flavor = Flavor.objects.get(name="m1.tiny")
     f.qcow2(tmp_path / "debian-12.qcow2", "16M")
 
-    env = {"PATH": "/usr/bin:/bin", "TOKEN": key, "ID": ""}
+    # the README's operator step before publishing: an external address on the nodes
+    for node in ComputeNode.objects.all():
+        call_command("node", "external-address", node.name, "198.18.129.1", "--ports", "20000-29999")
+    env = {"PATH": "/usr/bin:/bin", "TOKEN": key, "ID": "", "IID": "", "GID": ""}
     ran = []
     for example in curl_examples(README.read_text()):
         command = example.replace(README_BASE, live_server.url).replace(
@@ -77,7 +82,15 @@ def test_every_readme_curl_example_works(
         )  # fmt: skip
         assert done.returncode == 0, f"{command}\n-> exit {done.returncode}: {done.stdout} {done.stderr}"
         answer = json.loads(done.stdout)
+        if not isinstance(answer, dict):  # e.g. the groups an instance has now
+            ran.append(command)
+            continue
         env["ID"] = str(answer.get("id", env["ID"]))
+        # as the README says: $IID is the launched instance's id, $GID the security group's
+        if command.endswith("/api/v1/instances/"):
+            env["IID"] = str(answer["id"])
+        elif command.endswith("/api/v1/security-groups/"):
+            env["GID"] = str(answer["id"])
         ran.append(command)
     assert len(ran) == len(curl_examples(README.read_text()))
     debian = Image.objects.get(owner=demo, name="debian", version="12")

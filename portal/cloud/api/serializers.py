@@ -18,7 +18,15 @@ from portal.api.strict import (
 )
 from portal.cloud import launch, states
 from portal.cloud.choices import RequestedKind
-from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.cloud.models import (
+    ComputeNode,
+    Flavor,
+    Instance,
+    Network,
+    PublishedPort,
+    SecurityGroup,
+    SecurityGroupRule,
+)
 from portal.cloud.naming import NAME_RE as _NAME_RE
 from portal.cloud.naming import NAME_RULE
 from portal.images.choices import ImageStatus
@@ -76,9 +84,11 @@ class ComputeNodeSerializer(StrictModelSerializer[ComputeNode]):
             "orphans",
             "cached",
             "tunnel_address",
+            "network_drift",
             "created_at",
         ]
         read_only_fields = [
+            "network_drift",
             "orphans",
             "cached",
             "id",
@@ -245,6 +255,13 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
         max_length=65,
         help_text="Container: user[:group] to run as (name or id, resolved in the image)",
     )
+    security_group_ids = serializers.ListField(
+        child=StrictIntegerField(min_value=1, max_value=MAX_ID),
+        write_only=True,
+        required=False,
+        max_length=20,
+        help_text="Ids of the tenant's security groups to attach (default: its 'default' group)",
+    )
 
     class Meta:
         model = Instance
@@ -268,6 +285,7 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             "addresses",
             "anti_affinity_group",
             "ssh_key_ids",
+            "security_group_ids",
             "user_data",
             "command",
             "env",
@@ -330,6 +348,16 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
 
     def validate_restart_policy(self, value: str) -> str:
         return _checked(value, launch.restart_policy_error(value))
+
+    def validate_security_group_ids(self, value: list[int]) -> list[SecurityGroup]:
+        groups = {
+            g.pk: g
+            for g in SecurityGroup.objects.restrict(actor_for(self.context["request"])).filter(pk__in=value)
+        }
+        missing = sorted(set(value) - set(groups))
+        if missing:
+            raise serializers.ValidationError(f"No security group with id {missing[0]}.")
+        return [groups[k] for k in value]
 
     def validate_ssh_key_ids(self, value: list[int]) -> list[str]:
         keys = dict(
@@ -482,5 +510,161 @@ class NetworkSerializer(StrictModelSerializer[Network]):
 
     class Meta:
         model = Network
-        fields = ["id", "tenant", "name", "cidr", "bridge", "vni", "host_address", "mtu", "created_at"]
+        fields = [
+            "id",
+            "tenant",
+            "name",
+            "cidr",
+            "bridge",
+            "vni",
+            "host_address",
+            "mtu",
+            "egress",
+            "created_at",
+        ]
         read_only_fields = fields
+
+
+class InstanceRefField(serializers.PrimaryKeyRelatedField):  # type: ignore[type-arg]
+    """An instance of your tenants by id (a UUID string); others do not exist for you."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, str):
+            self.fail("incorrect_type", data_type=type(data).__name__)
+        return super().to_internal_value(data)
+
+    def to_representation(self, value: Any) -> str:
+        return str(value.pk)
+
+
+class PublishedPortSerializer(StrictModelSerializer[PublishedPort]):
+    """A published port: ``protocol``/``port`` of ``instance`` at ``external_address:external_port``."""
+
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True
+    )
+    instance = InstanceRefField(queryset=Instance.objects.none())  # type: ignore[assignment]  # popped by DRF
+    protocol = serializers.ChoiceField(choices=["tcp", "udp"])
+    port = StrictIntegerField(min_value=1, max_value=65535, help_text="The instance's port")
+    external_port = StrictIntegerField(
+        min_value=1,
+        max_value=65535,
+        required=False,
+        help_text="Optional: a port of the node's published range (default: the first free one)",
+    )
+    external_address = serializers.CharField(source="external.address", read_only=True)
+    node = serializers.CharField(source="external.node.name", read_only=True)
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = PublishedPort
+        fields = [
+            "id",
+            "tenant",
+            "instance",
+            "protocol",
+            "port",
+            "external_address",
+            "external_port",
+            "node",
+            "url",
+            "created_at",
+        ]
+        read_only_fields = ["id", "created_at"]
+        validators: list[Any] = []  # "already published" is a 409 from the service, with a sentence
+
+    def get_url(self, obj: PublishedPort) -> str:
+        return f"{obj.protocol}://{obj.external.address}:{obj.external_port}"
+
+    def get_fields(self) -> dict[str, Any]:
+        fields = super().get_fields()
+        request = self.context.get("request")
+        if request is not None and request.user.is_authenticated:
+            fields["instance"].queryset = Instance.objects.restrict(actor_for(request)).live()  # type: ignore[attr-defined]
+        return fields
+
+
+class SecurityGroupRuleSerializer(StrictModelSerializer[SecurityGroupRule]):
+    """One allow rule; ``remote_cidr`` or ``remote_group`` (a group of the same tenant), neither: anyone."""
+
+    group = StrictPrimaryKeyRelatedField(queryset=SecurityGroup.objects.none())
+    remote_group = StrictPrimaryKeyRelatedField(
+        queryset=SecurityGroup.objects.none(), required=False, allow_null=True
+    )
+    port_min = StrictIntegerField(min_value=1, max_value=65535, required=False, allow_null=True)
+    port_max = StrictIntegerField(min_value=1, max_value=65535, required=False, allow_null=True)
+
+    class Meta:
+        model = SecurityGroupRule
+        fields = [
+            "id",
+            "group",
+            "direction",
+            "protocol",
+            "port_min",
+            "port_max",
+            "remote_cidr",
+            "remote_group",
+        ]
+        read_only_fields = ["id"]
+
+    def get_fields(self) -> dict[str, Any]:
+        fields = super().get_fields()
+        request = self.context.get("request")
+        if request is not None and request.user.is_authenticated:
+            visible = SecurityGroup.objects.restrict(actor_for(request))
+            fields["group"].queryset = visible  # type: ignore[attr-defined]
+            # any group: a foreign one is refused with a sentence in validate(), not "does not exist"
+            fields["remote_group"].queryset = SecurityGroup.objects.all()  # type: ignore[attr-defined]
+        return fields
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        from portal.cloud import secgroups
+
+        try:
+            attrs["remote_cidr"] = secgroups.validate_rule(
+                attrs["group"],
+                attrs.get("protocol", "any"),
+                attrs.get("port_min"),
+                attrs.get("port_max"),
+                attrs.get("remote_cidr", ""),
+                attrs.get("remote_group"),
+            )
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+        return attrs
+
+
+class SecurityGroupSerializer(DefaultTenantMixin, StrictModelSerializer[SecurityGroup]):
+    tenant = TenantField(required=False)
+    rules = SecurityGroupRuleSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = SecurityGroup
+        fields = ["id", "tenant", "name", "description", "rules", "created_at"]
+        read_only_fields = ["id", "created_at"]
+        validators: list[Any] = []
+
+    def validate_name(self, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise serializers.ValidationError(NAME_RULE)
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().validate(attrs)
+        tenant = attrs.get("tenant") or getattr(self.instance, "tenant", None)
+        name = attrs.get("name")
+        clash = SecurityGroup.objects.filter(tenant=tenant, name=name)
+        if self.instance is not None:
+            clash = clash.exclude(pk=self.instance.pk)
+        if name and clash.exists():
+            raise FieldConflict("name", f"Tenant {tenant} already has a security group named '{name}'.")
+        return attrs
+
+
+class InstanceSecurityGroupsSerializer(serializers.Serializer[Any]):
+    security_groups = serializers.ListField(
+        child=StrictIntegerField(min_value=1, max_value=MAX_ID),
+        max_length=20,
+        help_text="Ids of security groups",
+    )
