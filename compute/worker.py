@@ -19,6 +19,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
+from compute import celeryconf
 from compute.config import NodeConfig
 from compute.spec import NODE_TASKS, Task
 from compute.tasks import NodeService
@@ -27,25 +28,15 @@ log = logging.getLogger(__name__)
 
 config = NodeConfig.from_env()
 
-app = Celery("skyport-node", fixups=[])  # never the Django fixup, whatever the environment says
+# never the Django fixup, whatever the environment says; queues declared as celeryconf says
+app = Celery("skyport-node", fixups=[], amqp=celeryconf.AMQP_CLASS)
 app.conf.update(
-    broker_url=config.broker_url,
-    broker_connection_retry_on_startup=True,
-    # same redelivery and publish-retry rules as the portal (portal/settings.py)
-    broker_transport_options={"visibility_timeout": config.visibility_timeout_seconds},
-    task_publish_retry_policy={
-        "max_retries": 40,
-        "interval_start": 0,
-        "interval_step": 0.25,
-        "interval_max": 0.5,
-    },
-    task_serializer="json",
-    accept_content=["json"],
-    result_serializer="json",
+    # the portal's delivery rules and broker options (compute/celeryconf.py)
+    **celeryconf.reliability_settings(),
+    **celeryconf.broker_settings(
+        config.broker_url, config.visibility_timeout_seconds, config.broker_master or None
+    ),
     task_ignore_result=True,
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
     task_default_queue=config.queue,
     worker_hijack_root_logger=False,
 )
@@ -78,13 +69,28 @@ def _heartbeat_loop(parent: int) -> None:
     # worker this child is not: terminate() did nothing, and every stop waited for join() in vain.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    next_beat = 0.0
+    last = 0.0
+    pending = False
     while os.getppid() == parent:
-        try:
-            service.report()
-        except Exception:  # keep beating; the portal marks the node down if beats stop
-            log.exception("heartbeat failed")
-        time.sleep(config.heartbeat_seconds)
+        # A container that ended (conmon wrote its exit file) is reported at once, with its exit
+        # code or signal and last output, instead of at the next regular beat; exits first, then
+        # the restart policies (which may have restarted or given up on some).  A burst of exits
+        # (a mass delete) is folded into one report per EXIT_REPORT_GAP.
+        pending = service.exits_changed() | service.supervise() | pending
+        now = time.monotonic()
+        if now >= next_beat or (pending and now - last >= EXIT_REPORT_GAP):
+            try:
+                service.report()
+            except Exception:  # keep beating; the portal marks the node down if beats stop
+                log.exception("heartbeat failed")
+            last, pending = time.monotonic(), False
+            next_beat = last + config.heartbeat_seconds
+        time.sleep(EXIT_POLL_SECONDS)
 
+
+EXIT_POLL_SECONDS = 0.2  # how soon a container's exit reaches the portal
+EXIT_REPORT_GAP = 0.5  # at most two early reports a second
 
 _beater: list[multiprocessing.process.BaseProcess] = []
 

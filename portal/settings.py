@@ -13,6 +13,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from compute import celeryconf
 from portal import env, requestlog
 from portal.localfiles import read_or_create_secret
 
@@ -50,6 +51,7 @@ INSTALLED_APPS = [
     "portal.audit",
     "portal.images",
     "portal.storage",
+    "portal.metering",
     "portal.web",
 ]
 
@@ -59,6 +61,7 @@ MIDDLEWARE = [
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "portal.audit.middleware.AuditMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",  # the browser's language (Accept-Language)
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -108,7 +111,10 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
-LANGUAGE_CODE = "en-us"
+LANGUAGE_CODE = "en"
+#: the UI's languages; the catalogues are in locale/ and compiled by the Makefile (msgfmt)
+LANGUAGES = [("en", "English"), ("de", "Deutsch")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
@@ -203,40 +209,42 @@ SPECTACULAR_SETTINGS = {
     ],
 }
 
-# Celery: JSON only, at-least-once delivery, one message in flight per worker.
+# Celery: JSON only, at-least-once delivery, one message in flight per worker; the same rules and
+# broker options as the compute nodes (compute/celeryconf.py).
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
 CELERY_RESULT_BACKEND = None
-CELERY_TASK_SERIALIZER = "json"
-CELERY_RESULT_SERIALIZER = "json"
-CELERY_ACCEPT_CONTENT = ["json"]
-CELERY_TASK_ACKS_LATE = True
-CELERY_TASK_REJECT_ON_WORKER_LOST = True
-CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "control"
 CELERY_TASK_ROUTES = {"portal.*": {"queue": "control"}}
 CELERY_TASK_ALWAYS_EAGER = False
-CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A message a worker took but never acknowledged (the worker died, or the task is still running)
 # is delivered again after this long; every task is idempotent, so a task delivered twice is
 # harmless (an image import claims its image first: a second delivery does nothing).  The
 # sweeper's task deadlines are derived from it (portal/cloud/deadlines.py, checked at startup).
-# Compute nodes read the same variable: give every service the same value.
+# Compute nodes read the same variable: give every service the same value.  (RabbitMQ delivers
+# such a message again as soon as the dead worker's connection closes, sooner than this.)
 SKYPORT_BROKER_VISIBILITY_SECONDS = env.seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300)
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": SKYPORT_BROKER_VISIBILITY_SECONDS}
-# Publishing to the broker survives a broker restart of up to ~20 s (the row is already committed).
-CELERY_TASK_PUBLISH_RETRY_POLICY = {
-    "max_retries": 40,
-    "interval_start": 0,
-    "interval_step": 0.25,
-    "interval_max": 0.5,
-}
+try:
+    _celery = {
+        **celeryconf.reliability_settings(),
+        **celeryconf.broker_settings(
+            CELERY_BROKER_URL,
+            SKYPORT_BROKER_VISIBILITY_SECONDS,
+            env.text("SKYPORT_BROKER_MASTER", "") or None,
+        ),
+    }
+    _cache_location = celeryconf.cache_url(CELERY_BROKER_URL, env.text("SKYPORT_CACHE_URL", "") or None)
+except celeryconf.BrokerConfigError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
+# CELERY_TASK_ACKS_LATE, CELERY_BROKER_TRANSPORT_OPTIONS, CELERY_TASK_PUBLISH_RETRY_POLICY, …
+globals().update({f"CELERY_{key.upper()}": value for key, value in _celery.items()})
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = _celery["broker_transport_options"]
 
-# The cache (login failure counts) must be shared by all web workers: Redis, by default
-# the broker's, with its own key prefix.
+# The cache (login failure counts, instance stats, console tails) must be shared by all web
+# workers: Redis, by default the broker's when that is one Redis, with its own key prefix.
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": os.environ.get("SKYPORT_CACHE_URL") or CELERY_BROKER_URL,
+        "LOCATION": _cache_location,
         "KEY_PREFIX": "skyport-cache",
     }
 }
@@ -299,6 +307,8 @@ if SKYPORT_IMAGE_BLOB_GRACE_SECONDS < SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS:
 # How compute nodes reach this portal (blob downloads, snapshot uploads).
 SKYPORT_PORTAL_URL = os.environ.get("SKYPORT_PORTAL_URL", "http://127.0.0.1:8000").rstrip("/")
 SKYPORT_HEARTBEAT_SECONDS = env.seconds("SKYPORT_HEARTBEAT_SECONDS", 5)
+# Metering (docs/metering.md): samples farther apart than this many heartbeats leave a gap.
+SKYPORT_METERING_GAP_BEATS = env.integer("SKYPORT_METERING_GAP_BEATS", 3, minimum=1)
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "portal.sweep", "schedule": env.seconds("SKYPORT_SWEEP_SECONDS", 5)},
     # stuck imports, upload leftovers, unreferenced blobs
@@ -306,6 +316,8 @@ CELERY_BEAT_SCHEDULE = {
         "task": "portal.images.sweep",
         "schedule": env.seconds("SKYPORT_IMAGE_SWEEP_SECONDS", 300),
     },
+    # budget warnings at 80 % and 100 % of each tenant's monthly budget
+    "budgets": {"task": "portal.metering.budgets", "schedule": env.seconds("SKYPORT_BUDGET_SECONDS", 600)},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Beat marks every task it sends in <schedule>.sent; the file's age says whether it still sends

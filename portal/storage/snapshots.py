@@ -14,7 +14,7 @@ snapshot the node no longer has is marked ``missing``, never silently dropped.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from django.db import transaction
@@ -30,6 +30,17 @@ from portal.storage.models import Snapshot
 def _names(instance: Instance) -> str:
     names = list(instance.snapshots.exclude(status=SnapshotStatus.MISSING).values_list("name", flat=True))
     return ", ".join(names) if names else "none"
+
+
+def revertible_names(instance: Instance) -> list[str]:
+    """Names of the snapshots the instance's node has, newest first: the ones a revert may name.
+
+    Not one still being taken, nor one the node lost.  One that is busy (being
+    reverted to or deleted) is listed: the instance is busy too, and the refusal
+    says so rather than calling the snapshot unknown.
+    """
+    rows = instance.snapshots.exclude(status__in=(SnapshotStatus.CREATING, SnapshotStatus.MISSING))
+    return list(rows.order_by("-taken_at", "-created_at").values_list("name", flat=True))
 
 
 def get(instance: Instance, name: str) -> Snapshot:
@@ -130,6 +141,33 @@ def sync(instance: Instance, listed: Iterable[SnapshotInfo] | None, ok: bool = T
         elif snap.status != SnapshotStatus.MISSING:
             snap.status, snap.status_reason = SnapshotStatus.MISSING, "the node no longer has it"
             snap.save(update_fields=["status", "status_reason", "updated_at"])
+
+
+def out_of_step(listed: Mapping[str, Iterable[SnapshotInfo]]) -> list[str]:
+    """Ids of the instances whose snapshot rows :func:`sync` would change, read in one query.
+
+    ``listed`` maps instance ids to their node's whole list.  Reconcile locks
+    and syncs only these, so a heartbeat where nothing changed writes nothing.
+    """
+    if not listed:
+        return []
+    rows: dict[str, dict[str, Snapshot]] = {iid: {} for iid in listed}
+    for snap in Snapshot.objects.filter(instance_id__in=list(listed)):
+        rows[str(snap.instance_id)][snap.name] = snap
+    return [iid for iid, infos in listed.items() if _differs(rows[iid], {i.name: i for i in infos})]
+
+
+def _differs(rows: Mapping[str, Snapshot], seen: Mapping[str, SnapshotInfo]) -> bool:
+    for name, info in seen.items():
+        snap = rows.get(name)
+        if snap is None or snap.status != SnapshotStatus.AVAILABLE or snap.status_reason:
+            return True
+        taken = _when(info.created_at)
+        if (taken is not None and snap.taken_at != taken) or (
+            info.size_bytes and snap.size_bytes != info.size_bytes
+        ):
+            return True
+    return any(snap.status != SnapshotStatus.MISSING for name, snap in rows.items() if name not in seen)
 
 
 def _settle_blind(rows: Iterable[Snapshot], ok: bool) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from compute.spec import Kind
+from compute.spec import Kind, SnapshotInfo
 from portal.cloud.models import Instance
 from portal.cloud.tasks import apply_node_report
+from portal.storage import snapshots
 from portal.storage.models import Snapshot
 from tests.portal.conftest import FakeNodes, World, heartbeat
 from tests.portal.test_flow import _launch
@@ -117,6 +118,33 @@ def test_reconcile_adopts_what_the_node_has_and_marks_what_it_lost(world: World,
     assert (rows["lost"]["status"], rows["lost"]["status_reason"]) == ("missing", "the node no longer has it")
     # a missing snapshot cannot be reverted to
     assert c.post(url + "lost/revert/").status_code == 409
+
+
+def test_a_steady_heartbeat_leaves_snapshot_rows_alone(world: World, nodes: FakeNodes) -> None:
+    """Reconcile reads the rows in one query and locks and writes only instances out of step."""
+    inst, url = _vm(world, nodes)
+    c = world.client("a_member")
+    assert c.post(url, {"name": "kept"}, format="json").status_code == 202
+    nodes.run()
+    taken = time.time() - 60
+    item = {
+        "instance_id": inst["id"],
+        "kind": "vm",
+        "power_state": "running",
+        "snapshots": [{"name": "kept", "created_at": taken, "size_bytes": 7}],
+    }
+    listed = {inst["id"]: (SnapshotInfo("kept", taken, 7),)}
+    assert snapshots.out_of_step(listed) == [inst["id"]], "the node's time and size are not in the row yet"
+    now, caps = time.time(), {"vm": ["snapshots"]}
+    apply_node_report(heartbeat("shared-1", capabilities=caps, inventory=[item], sent_at=now))
+    row = Snapshot.objects.get(name="kept")
+    assert row.taken_at is not None
+    assert row.size_bytes == 7 and abs(row.taken_at.timestamp() - taken) < 1e-3
+    assert snapshots.out_of_step(listed) == []
+    apply_node_report(heartbeat("shared-1", capabilities=caps, inventory=[item], sent_at=now + 1))
+    assert Snapshot.objects.get(name="kept").updated_at == row.updated_at, "nothing changed, nothing written"
+    # a snapshot the node lost is out of step again
+    assert snapshots.out_of_step({inst["id"]: ()}) == [inst["id"]]
 
 
 def test_the_snapshot_endpoints_are_in_the_schema(world: World) -> None:

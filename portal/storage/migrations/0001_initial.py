@@ -9,8 +9,8 @@ class Migration(migrations.Migration):
     initial = True
 
     dependencies = [
-        ('cloud', '0007_task_state_deleting_snapshot'),
-        ('tenancy', '0002_bounded_text'),
+        ('cloud', '0011_task_state_deleting_snapshot'),
+        ('tenancy', '0004_published_ports'),
     ]
 
     operations = [

@@ -9,9 +9,9 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('cloud', '0007_task_state_deleting_snapshot'),
+        ('cloud', '0011_task_state_deleting_snapshot'),
         ('storage', '0001_initial'),
-        ('tenancy', '0003_volumes'),
+        ('tenancy', '0005_volumes'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('tenancy', '0002_bounded_text'),
+        ('tenancy', '0004_published_ports'),
     ]
 
     operations = [

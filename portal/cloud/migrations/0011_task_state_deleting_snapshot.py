@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('cloud', '0006_structure_states_applied_actions'),
+        ('cloud', '0010_merge_containers_networking'),
     ]
 
     operations = [

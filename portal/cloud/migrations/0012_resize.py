@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('cloud', '0007_task_state_deleting_snapshot'),
+        ('cloud', '0011_task_state_deleting_snapshot'),
     ]
 
     operations = [
