@@ -38,7 +38,6 @@ from tests.compute.vm_fixtures import (
     image_ref,
     node_config,
     random_mac,
-    test_bridge,
     vm_spec,
     vm_state_dir,
     wait_for,
@@ -46,7 +45,7 @@ from tests.compute.vm_fixtures import (
 from tests.hostcaps import require_libvirtd
 from tests.portal.conftest import World, world
 
-__all__ = ["sample_images", "test_bridge", "vm_state_dir", "world"]
+__all__ = ["sample_images", "vm_state_dir", "world"]
 BROKER = settings.CELERY_BROKER_URL
 
 
@@ -129,21 +128,42 @@ def vm_node(vm_state_dir: Path) -> LibvirtDriver:
     return LibvirtDriver(dataclasses.replace(node_config(vm_state_dir), broker_url=BROKER))
 
 
+def off_loop(fn: Any) -> Any:
+    """Run ``fn`` in a fresh thread: pyroute2 runs its own asyncio loop, which it cannot do in a
+    thread where Playwright's loop is already running."""
+    out: list[Any] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            err.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+    return out[0] if out else None
+
+
 @pytest.fixture(scope="module")
-def vm(vm_node: LibvirtDriver, test_bridge: tuple[str, int]) -> Iterator[InstanceSpec]:
-    name, n = test_bridge
+def vm(vm_node: LibvirtDriver) -> Iterator[InstanceSpec]:
+    from compute.network import bridge
+
+    name, n = f"skt{secrets.token_hex(4)}", secrets.randbelow(254) + 1
     net = NetworkAttachment(
         NetworkSegment("testnet", name, host_address=f"198.18.{n}.1/24"), f"198.18.{n}.10/24", random_mac()
     )
     spec = vm_spec(image_ref(build_sample_image()), (net,), hostname="console-guest")
     try:
-        vm_node.spawn(spec)
-        wait_for(
-            "guest ready", lambda: "SKYPORT-READY" in vm_node.console_log(spec.instance_id, 1 << 20), 90, 0.2
-        )
+        off_loop(lambda: vm_node.spawn(spec))
+        wait_for("ready", lambda: "SKYPORT-READY" in vm_node.console_log(spec.instance_id, 1 << 20), 90, 0.2)
         yield spec
     finally:
-        vm_node.destroy(spec.instance_id)
+        off_loop(lambda: vm_node.destroy(spec.instance_id))
+        off_loop(lambda: bridge.delete_bridge(name))
 
 
 @pytest.fixture
