@@ -200,10 +200,9 @@ def instance_terminal(request: HttpRequest, pk: str) -> HttpResponse:
     instance = _instance(request, pk)
     role = actor(request).role_in(instance.tenant_id)
     may_write = actor(request).can(instance.tenant_id, Role.MEMBER)
-    if instance.kind == "vm":
-        mode = "write" if may_write else "view"
-    else:
-        mode = "exec" if may_write else ""
+    # a VM's serial console: write or view; a container: a shell, for members only
+    modes = {"vm": ("write", "view"), "container": ("exec", "")}[instance.kind]
+    mode = modes[0] if may_write else modes[1]
     return render(
         request,
         "web/instance_terminal.html",
