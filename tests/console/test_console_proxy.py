@@ -72,11 +72,13 @@ class Nginx:
     def __init__(self, tmp: Path, relay_port: int, web_port: int) -> None:
         self.tmp = tmp
         self.port = free_port()
+        cert = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+        files = ["-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")]
         subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-             "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")],
-            check=True, capture_output=True,
-        )  # fmt: skip
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *cert, *files],
+            check=True,
+            capture_output=True,
+        )
         conf = tmp / "nginx.conf"
         conf.write_text(NGINX_CONF.format(tmp=tmp, port=self.port, relay=relay_port, web=web_port))
         self.proc = subprocess.Popen(
