@@ -66,6 +66,7 @@ class Hub:
         self.token = f"{os.uname().nodename}:{os.getpid()}"
         self.stop = threading.Event()
         self.reason = ""
+        self.why = "ended"  # for the relay's close code: ended | idle | node_gone | error
 
     def claim(self) -> bool:
         """Claim the hub's name; readers wait until the claim no longer says ``starting``."""
@@ -76,9 +77,9 @@ class Hub:
         self.r.set(self.keys.alive, self.token, xx=True, ex=ALIVE_TTL)
         return True
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, why: str = "ended") -> None:
         if not self.reason:
-            self.reason = reason
+            self.reason, self.why = reason, why
         self.stop.set()
 
     def run(self, opener: Any) -> str:
@@ -89,6 +90,7 @@ class Hub:
         try:
             term: Terminal = opener()
         except DriverError as exc:
+            self.why = "error"
             self._finish(f"cannot open the console: {exc}")
             return self.reason
         feeder = threading.Thread(target=self._feed, args=(term,), daemon=True, name="console-input")
@@ -108,7 +110,8 @@ class Hub:
     def _finish(self, reason: str) -> None:
         self.reason = self.reason or reason
         with contextlib.suppress(redis.RedisError):
-            self.r.xadd(self.keys.out, {"end": self.reason}, maxlen=OUT_MAXLEN, approximate=True)
+            end = {"end": self.reason, "why": self.why}
+            self.r.xadd(self.keys.out, end, maxlen=OUT_MAXLEN, approximate=True)
             for key in (self.keys.out, self.keys.inp):
                 self.r.expire(key, END_KEEP)
             if self.r.get(self.keys.alive) == self.token.encode():
@@ -149,11 +152,11 @@ class Hub:
 
     def _tick(self, term: Terminal) -> None:
         if not self.r.set(self.keys.alive, self.token, xx=True, ex=ALIVE_TTL):
-            self.end("the hub lost its claim")
+            self.end("the hub lost its claim", "error")
         elif not self.r.exists(self.keys.lease):
-            self.end("idle: no client attached")
+            self.end("idle: no client attached", "idle")
         elif self.parent is not None and os.getppid() != self.parent:
-            self.end("the node's worker restarted; open a new session")
+            self.end("the node's worker restarted: open a new session", "node_gone")
         elif term.exit_status() is not None:
             self.end("the command exited")
 
@@ -165,7 +168,7 @@ class Hub:
             try:
                 got: list[Any] = conn.xread({self.keys.inp: last}, count=64, block=500)  # type: ignore[assignment]
             except redis.RedisError as exc:
-                self.end(f"lost the connection to Redis: {exc}")
+                self.end(f"lost the connection to Redis: {exc}", "error")
                 return
             for _key, entries in got or []:
                 for entry_id, fields in entries:

@@ -4,7 +4,8 @@ The node already dials the broker's Redis for its Celery queue, so the console
 rides on the same connection direction: nothing on a node listens, and the
 relay may run as several processes.  Per hub ``<prefix>`` = ``skyport:console:<hub>``:
 
-    <prefix>:out    stream of terminal output: {"d": bytes} or, last, {"end": reason}
+    <prefix>:out    stream of terminal output: {"d": bytes} or, last, {"end": reason, "why": kind}
+                    (kind: ended | idle | node_gone | error)
     <prefix>:in     stream of input from writers: {"d": bytes} or {"size": "cols rows"}
     <prefix>:alive  the hub's claim, refreshed every second (gone: the hub died); send input only
                     once it no longer starts with ``STARTING``

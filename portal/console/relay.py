@@ -144,7 +144,7 @@ class Session:
         while not is_ready(await r.get(keys.alive)):
             ended = await _end_entry(r, keys)
             if ended is not None:
-                return "ended", ended
+                return ended
             if time.monotonic() > deadline:
                 return "node_timeout", "the node did not open the console in time; try again"
             await asyncio.sleep(0.05)
@@ -174,7 +174,7 @@ class Session:
                 for entry_id, fields in entries:
                     last = entry_id.decode()
                     if b"end" in fields:
-                        return "ended", fields[b"end"].decode()
+                        return _ended(fields)
                     # awaiting the send is the backpressure: a slow client slows this reader, and
                     # the capped stream drops what it cannot keep instead of this process buffering
                     await self._send({"type": "websocket.send", "bytes": fields[b"d"]})
@@ -229,14 +229,19 @@ class Session:
             if not await r.exists(keys.alive):
                 ended = await _end_entry(r, keys)
                 if ended is not None:
-                    return "ended", ended
+                    return ended
                 return "node_gone", "the node's console went away (its worker restarted?): open a new session"
 
 
-async def _end_entry(r: aioredis.Redis, keys: HubKeys) -> str | None:
-    """The reason a hub wrote when it ended, if its last entry is one."""
+def _ended(fields: dict[bytes, bytes]) -> tuple[str, str]:
+    """The close kind and reason of a hub's last entry."""
+    why = fields.get(b"why", b"ended").decode()
+    return (why if why in CLOSE else "ended"), fields[b"end"].decode()
+
+
+async def _end_entry(r: aioredis.Redis, keys: HubKeys) -> tuple[str, str] | None:
+    """How a hub ended, if its last entry says so."""
     last = await r.xrevrange(keys.out, count=1)
     if last and b"end" in last[0][1]:
-        reason: bytes = last[0][1][b"end"]
-        return reason.decode()
+        return _ended(last[0][1])
     return None

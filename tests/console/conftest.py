@@ -214,7 +214,7 @@ class Term:
 
     def __init__(self, url: str, origin: str | None = "http://127.0.0.1") -> None:
         self.ws: ClientConnection = connect(url, origin=origin, open_timeout=10)  # type: ignore[arg-type]
-        self.output = b""
+        self.output = bytearray()
         self.texts: list[dict[str, Any]] = []
         self.close_code: int | None = None
         self.close_reason = ""
@@ -235,12 +235,15 @@ class Term:
         return True
 
     def until(self, needle: bytes, timeout: float = 20.0) -> bytes:
+        """Read until ``needle`` shows up (searching only what arrived since the last look)."""
         deadline = time.monotonic() + timeout
-        while needle not in self.output:
+        seen = 0
+        while needle not in self.output[max(0, seen - len(needle)) :]:
+            seen = len(self.output)
             left = deadline - time.monotonic()
             if left <= 0 or not self._recv(min(left, 0.5)):
-                raise AssertionError(f"{needle!r} not seen; got {self.output[-400:]!r}, {self.texts}")
-        return self.output
+                raise AssertionError(f"{needle!r} not seen; got {bytes(self.output[-400:])!r}, {self.texts}")
+        return bytes(self.output)
 
     def wait_text(self, kind: str, timeout: float = 20.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
