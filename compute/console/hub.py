@@ -110,7 +110,7 @@ class Hub:
     def _finish(self, reason: str) -> None:
         self.reason = self.reason or reason
         with contextlib.suppress(redis.RedisError):
-            end = {"end": self.reason, "why": self.why}
+            end: dict[Any, Any] = {"end": self.reason, "why": self.why}
             self.r.xadd(self.keys.out, end, maxlen=OUT_MAXLEN, approximate=True)
             for key in (self.keys.out, self.keys.inp):
                 self.r.expire(key, END_KEEP)
