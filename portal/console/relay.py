@@ -177,7 +177,11 @@ class Session:
                         return _ended(fields)
                     # awaiting the send is the backpressure: a slow client slows this reader, and
                     # the capped stream drops what it cannot keep instead of this process buffering
-                    await self._send({"type": "websocket.send", "bytes": fields[b"d"]})
+                    try:
+                        await self._send({"type": "websocket.send", "bytes": fields[b"d"]})
+                    except OSError:  # uvicorn's ClientDisconnected: the client went away mid-send
+                        self.closed = True
+                        return "ended", "the client closed the console"
                     if mode is ConsoleMode.VIEW:
                         self.last_activity = time.monotonic()
 
