@@ -46,7 +46,7 @@ def note(what: str) -> None:
 
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def measure(keys: int, send: Callable[[bytes], None], wait_echo: Callable[[bytes], None]) -> list[float]:
@@ -276,7 +276,7 @@ def main() -> None:
         shutil.rmtree(vm_root, ignore_errors=True)
 
     print(f"\nKeystroke round trip (send one character, wait for its echo), {args.keys} keys each\n")
-    print(f"| path | p50 ms | p95 ms | max ms |\n|---|---:|---:|---:|")
+    print("| path | p50 ms | p95 ms | max ms |\n|---|---:|---:|---:|")
     for name, values in rows:
         print(f"| {name} | {statistics.median(values):.2f} | {pct(values, 95):.2f} | {max(values):.2f} |")
     print("\nFlood: `yes` in the container shell for 5 s, the client reading nothing\n")
