@@ -32,7 +32,7 @@ from bench.vm_boot import BARE_XML  # noqa: E402  (the same hand-written domain,
 from compute.drivers import cloudinit  # noqa: E402
 from compute.drivers.vm import LibvirtDriver  # noqa: E402
 from compute.network import bridge  # noqa: E402
-from compute.spec import ImageRef, InstanceSpec, NetworkAttachment  # noqa: E402
+from compute.spec import ImageRef, InstanceSpec, NetworkAttachment, NetworkSegment  # noqa: E402
 from tests.compute.vm_fixtures import make_state_dir, node_config, random_mac, vm_spec  # noqa: E402
 from tests.workloads import cloud_ref, find, pick_subnet, wait_ssh_login  # noqa: E402
 
@@ -51,10 +51,8 @@ class Bench:
         self.prefix = gateway.rsplit(".", 1)[0]
 
     def spec(self, host: int) -> InstanceSpec:
-        nic = NetworkAttachment(
-            "bench", self.br, f"{self.prefix}.{host}/24", random_mac(), gateway=self.gateway,
-            host_address=f"{self.gateway}/24",
-        )  # fmt: skip
+        segment = NetworkSegment("bench", self.br, host_address=f"{self.gateway}/24")
+        nic = NetworkAttachment(segment, f"{self.prefix}.{host}/24", random_mac(), gateway=self.gateway)
         pub = self.key.with_suffix(".pub").read_text().strip()
         return vm_spec(self.ref, (nic,), hostname=f"bench-{host}", ram_mb=RAM_MB, ssh_keys=(pub,))
 

@@ -26,6 +26,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+KEPT = "<!-- sections below are kept by bench/report.py: long benchmarks run by hand -->"
 
 
 def machine() -> dict[str, str]:
@@ -178,7 +179,13 @@ def main() -> int:
     ]
     for name, _, text, took in results:
         lines += [f"### `bench/{name}` ({took:.0f} s)", "", "```", text, "```", ""]
-    (args.out / "benchmarks.md").write_text("\n".join(lines))
+    # the long-running benchmarks (bench/scale.py, bench/broker_failover.py) are run by hand and
+    # their sections kept below this line, written with the commands that produced them
+    old = args.out / "benchmarks.md"
+    kept = old.read_text().partition(KEPT)[2] if old.exists() and KEPT in old.read_text() else ""
+    if kept:
+        lines += [KEPT + kept.rstrip("\n"), ""]
+    old.write_text("\n".join(lines))
     print(f"wrote {args.out / 'benchmarks.md'} and {args.out / 'benchmarks.png'}")
     return 0
 

@@ -13,6 +13,8 @@ import os
 import socket
 from pathlib import Path
 
+from compute import celeryconf
+
 
 class ConfigError(ValueError):
     """A node setting has a value the node cannot use."""
@@ -50,6 +52,8 @@ class NodeConfig:
     period and the broker's visibility timeout must match the portal's
     (``SKYPORT_HEARTBEAT_SECONDS``, ``SKYPORT_BROKER_VISIBILITY_SECONDS``).
     ``network_lock`` is the host-wide lock file of network changes.
+    ``broker_master`` names the primary the sentinels watch when ``broker_url``
+    lists ``sentinel://`` URLs (``SKYPORT_BROKER_MASTER``; compute/celeryconf.py).
     """
 
     name: str
@@ -63,6 +67,7 @@ class NodeConfig:
     heartbeat_seconds: float = 5.0
     visibility_timeout_seconds: float = 300.0
     network_lock: Path = Path("/run/lock/skyport-network.lock")
+    broker_master: str = ""
 
     @property
     def queue(self) -> str:
@@ -82,6 +87,7 @@ class NodeConfig:
             "SKYPORT_HEARTBEAT_SECONDS": str(self.heartbeat_seconds),
             "SKYPORT_BROKER_VISIBILITY_SECONDS": str(self.visibility_timeout_seconds),
             "SKYPORT_NETWORK_LOCK": str(self.network_lock),
+            "SKYPORT_BROKER_MASTER": self.broker_master,
         }
 
     @classmethod
@@ -98,16 +104,24 @@ class NodeConfig:
                 raise ConfigError(
                     f"SKYPORT_TUNNEL_ADDRESS={tunnel!r}: expected this node's underlay IPv4 address"
                 ) from None
+        broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+        broker_master = os.environ.get("SKYPORT_BROKER_MASTER", "").strip()
+        visibility = seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300.0)
+        try:  # the same check the portal makes at start-up, naming the variable to fix
+            celeryconf.broker_settings(broker_url, visibility, broker_master or None)
+        except celeryconf.BrokerConfigError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
             name=name,
             state_dir=state,
             libvirt_uri=os.environ.get("SKYPORT_LIBVIRT_URI", "qemu:///system"),
             accelerator=_choice("SKYPORT_ACCEL", "auto", ("auto", "kvm", "qemu")),
             container_runtime=_choice("SKYPORT_CONTAINER_RUNTIME", "crun", ("crun", "runc")),
-            broker_url=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
+            broker_url=broker_url,
             tunnel_address=tunnel,
             node_key=os.environ.get("SKYPORT_NODE_KEY", "").strip(),
             heartbeat_seconds=seconds("SKYPORT_HEARTBEAT_SECONDS", 5.0),
-            visibility_timeout_seconds=seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300.0),
+            visibility_timeout_seconds=visibility,
             network_lock=Path(os.environ.get("SKYPORT_NETWORK_LOCK", "/run/lock/skyport-network.lock")),
+            broker_master=broker_master,
         )

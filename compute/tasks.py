@@ -260,9 +260,14 @@ class NodeService:
         import redis
 
         from compute.console import runexec
+        from compute.console.streams import NO_REDIS, redis_url
 
+        url = redis_url(self.config.broker_url)
+        if url is None:
+            log.error("exec %s: %s", message.instance_id, NO_REDIS)
+            return ExecResult(None, "", error=NO_REDIS)
         result = runexec.run(self.driver(message.kind), message)
-        client = redis.Redis.from_url(self.config.broker_url)
+        client = redis.Redis.from_url(url)
         client.rpush(message.reply, json.dumps(to_json(result)))
         client.expire(message.reply, runexec.REPLY_TTL)
         return result

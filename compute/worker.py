@@ -19,6 +19,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
+from compute import celeryconf
 from compute.config import NodeConfig
 from compute.spec import NODE_TASKS, Task
 from compute.tasks import NodeService
@@ -27,25 +28,15 @@ log = logging.getLogger(__name__)
 
 config = NodeConfig.from_env()
 
-app = Celery("skyport-node", fixups=[])  # never the Django fixup, whatever the environment says
+# never the Django fixup, whatever the environment says; queues declared as celeryconf says
+app = Celery("skyport-node", fixups=[], amqp=celeryconf.AMQP_CLASS)
 app.conf.update(
-    broker_url=config.broker_url,
-    broker_connection_retry_on_startup=True,
-    # same redelivery and publish-retry rules as the portal (portal/settings.py)
-    broker_transport_options={"visibility_timeout": config.visibility_timeout_seconds},
-    task_publish_retry_policy={
-        "max_retries": 40,
-        "interval_start": 0,
-        "interval_step": 0.25,
-        "interval_max": 0.5,
-    },
-    task_serializer="json",
-    accept_content=["json"],
-    result_serializer="json",
+    # the portal's delivery rules and broker options (compute/celeryconf.py)
+    **celeryconf.reliability_settings(),
+    **celeryconf.broker_settings(
+        config.broker_url, config.visibility_timeout_seconds, config.broker_master or None
+    ),
     task_ignore_result=True,
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
     task_default_queue=config.queue,
     worker_hijack_root_logger=False,
 )

@@ -10,8 +10,10 @@ import os
 
 from celery import Celery
 
+from compute import celeryconf
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
-app = Celery("skyport")
+app = Celery("skyport", amqp=celeryconf.AMQP_CLASS)  # every queue quorum on RabbitMQ (celeryconf)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["portal.cloud", "portal.images"])

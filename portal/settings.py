@@ -13,6 +13,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from compute import celeryconf
 from portal import env, requestlog
 from portal.localfiles import read_or_create_secret
 
@@ -203,40 +204,42 @@ SPECTACULAR_SETTINGS = {
     ],
 }
 
-# Celery: JSON only, at-least-once delivery, one message in flight per worker.
+# Celery: JSON only, at-least-once delivery, one message in flight per worker; the same rules and
+# broker options as the compute nodes (compute/celeryconf.py).
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
 CELERY_RESULT_BACKEND = None
-CELERY_TASK_SERIALIZER = "json"
-CELERY_RESULT_SERIALIZER = "json"
-CELERY_ACCEPT_CONTENT = ["json"]
-CELERY_TASK_ACKS_LATE = True
-CELERY_TASK_REJECT_ON_WORKER_LOST = True
-CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "control"
 CELERY_TASK_ROUTES = {"portal.*": {"queue": "control"}}
 CELERY_TASK_ALWAYS_EAGER = False
-CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A message a worker took but never acknowledged (the worker died, or the task is still running)
 # is delivered again after this long; every task is idempotent, so a task delivered twice is
 # harmless (an image import claims its image first: a second delivery does nothing).  The
 # sweeper's task deadlines are derived from it (portal/cloud/deadlines.py, checked at startup).
-# Compute nodes read the same variable: give every service the same value.
+# Compute nodes read the same variable: give every service the same value.  (RabbitMQ delivers
+# such a message again as soon as the dead worker's connection closes, sooner than this.)
 SKYPORT_BROKER_VISIBILITY_SECONDS = env.seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300)
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": SKYPORT_BROKER_VISIBILITY_SECONDS}
-# Publishing to the broker survives a broker restart of up to ~20 s (the row is already committed).
-CELERY_TASK_PUBLISH_RETRY_POLICY = {
-    "max_retries": 40,
-    "interval_start": 0,
-    "interval_step": 0.25,
-    "interval_max": 0.5,
-}
+try:
+    _celery = {
+        **celeryconf.reliability_settings(),
+        **celeryconf.broker_settings(
+            CELERY_BROKER_URL,
+            SKYPORT_BROKER_VISIBILITY_SECONDS,
+            env.text("SKYPORT_BROKER_MASTER", "") or None,
+        ),
+    }
+    _cache_location = celeryconf.cache_url(CELERY_BROKER_URL, env.text("SKYPORT_CACHE_URL", "") or None)
+except celeryconf.BrokerConfigError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
+# CELERY_TASK_ACKS_LATE, CELERY_BROKER_TRANSPORT_OPTIONS, CELERY_TASK_PUBLISH_RETRY_POLICY, …
+globals().update({f"CELERY_{key.upper()}": value for key, value in _celery.items()})
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = _celery["broker_transport_options"]
 
-# The cache (login failure counts) must be shared by all web workers: Redis, by default
-# the broker's, with its own key prefix.
+# The cache (login failure counts, instance stats, console tails) must be shared by all web
+# workers: Redis, by default the broker's when that is one Redis, with its own key prefix.
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": os.environ.get("SKYPORT_CACHE_URL") or CELERY_BROKER_URL,
+        "LOCATION": _cache_location,
         "KEY_PREFIX": "skyport-cache",
     }
 }

@@ -37,9 +37,11 @@ from compute.console.streams import (
     CHUNK,
     END_KEEP,
     LEASE_TTL,
+    NO_REDIS,
     OUT_MAXLEN,
     STARTING,
     HubKeys,
+    redis_url,
 )
 from compute.console.terminal import Terminal, open_exec, open_serial
 from compute.drivers.base import Driver, DriverError
@@ -201,7 +203,11 @@ def main(argv: list[str]) -> int:
     message = from_json(ConsoleOpen, json.loads(argv[1]))
     parent = int(argv[2]) if len(argv) > 2 else None
     config = NodeConfig.from_env()
-    client = redis.Redis.from_url(config.broker_url)
+    url = redis_url(config.broker_url)
+    if url is None:
+        log.error("%s", NO_REDIS)
+        return 1
+    client = redis.Redis.from_url(url)
     hub = Hub(client, message, parent)
     driver = make_driver(message.kind, config)
     reason = hub.run(lambda: open_terminal(driver, message))

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from compute import celeryconf
+
 CHUNK = 16384  # one read of the terminal, one stream entry
 OUT_MAXLEN = 256  # entries kept: at most 4 MiB of output per hub in Redis
 IN_MAXLEN = 256
@@ -63,3 +65,22 @@ def is_ready(alive: bytes | str | None) -> bool:
         return False
     text = alive.decode() if isinstance(alive, bytes) else alive
     return not text.startswith(STARTING)
+
+
+def redis_url(broker_url: str) -> str | None:
+    """The Redis the console streams live in: the broker when it is one Redis, else None.
+
+    Sentinel and RabbitMQ brokers are not supported for consoles yet (docs/console.md).
+    """
+    try:
+        scheme = celeryconf.broker_scheme(broker_url)
+    except celeryconf.BrokerConfigError:
+        return None
+    if scheme not in celeryconf.REDIS_SCHEMES or ";" in broker_url.strip(";"):
+        return None
+    return broker_url
+
+
+NO_REDIS = (
+    "consoles need CELERY_BROKER_URL to be one Redis (redis://); Sentinel and RabbitMQ are not supported yet"
+)

@@ -76,10 +76,16 @@ def check(visibility: Any, deadlines: Mapping[str, float]) -> None:
 
 
 def configured_visibility() -> Any:
-    """The visibility timeout the portal's broker connection uses (Celery's transport options)."""
+    """The visibility timeout the portal's broker connection uses (Celery's transport options).
+
+    RabbitMQ has none (it delivers a dead worker's message again when its connection closes);
+    SKYPORT_BROKER_VISIBILITY_SECONDS then bounds the redelivery delay the deadlines allow for.
+    """
     from django.conf import settings
 
-    return settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("visibility_timeout")
+    return settings.CELERY_BROKER_TRANSPORT_OPTIONS.get(
+        "visibility_timeout", settings.SKYPORT_BROKER_VISIBILITY_SECONDS
+    )
 
 
 def deadline_seconds(task: str) -> float:

@@ -31,12 +31,29 @@ def _samples_key(instance_id: str) -> str:
 
 def record(instance_id: str, at: float, cpu_time_ns: int, memory_bytes: int) -> None:
     """Append one sample (from a heartbeat); older beats delivered late are ignored."""
-    key = _samples_key(instance_id)
-    points: list[list[float]] = cache.get(key) or []
-    if points and at <= points[-1][0]:
+    record_many(at, [(instance_id, cpu_time_ns, memory_bytes)])
+
+
+def record_many(at: float, samples: list[tuple[str, int, int]]) -> None:
+    """Append one heartbeat's samples, ``(instance_id, cpu_time_ns, memory_bytes)`` each.
+
+    Two cache round trips per heartbeat (``get_many``, ``set_many``), not two per instance:
+    at 40 instances a node, one round trip each was most of a heartbeat's cost and capped the
+    control worker well below 100 beats a second (docs/benchmarks.md, "Control plane at scale").
+    """
+    if not samples:
         return
-    points.append([at, float(cpu_time_ns), float(memory_bytes)])
-    cache.set(key, points[-KEEP:], TTL)
+    keys = {iid: _samples_key(iid) for iid, _, _ in samples}
+    stored: dict[str, list[list[float]]] = cache.get_many(list(keys.values()))
+    changed = {}
+    for iid, cpu_time_ns, memory_bytes in samples:
+        points = stored.get(keys[iid]) or []
+        if points and at <= points[-1][0]:
+            continue
+        points.append([at, float(cpu_time_ns), float(memory_bytes)])
+        changed[keys[iid]] = points[-KEEP:]
+    if changed:
+        cache.set_many(changed, TTL)
 
 
 def forget(instance_id: str) -> None:

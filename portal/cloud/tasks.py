@@ -23,6 +23,7 @@ from django.utils import timezone
 from compute.spec import (
     Action,
     ConsoleTail,
+    InventoryItem,
     NodeReport,
     Observation,
     PowerState,
@@ -109,33 +110,53 @@ def apply_observation(data: dict[str, Any]) -> str:
     return "applied"
 
 
+def _drifted(power_state: str, vm_state: str, task_state: str | None, item: InventoryItem | None) -> bool:
+    """Whether reconcile has something to record for an instance row and what the node listed."""
+    if task_state is not None:
+        return False  # an action is in flight; its observation will settle the row
+    if item is None:
+        settled = (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED)
+        return vm_state in settled and power_state != PowerState.NOSTATE
+    return item.power_state.value != power_state
+
+
 def _reconcile(node: ComputeNode, report: NodeReport) -> None:
-    """Compare the node's real inventory with the database; record, never delete."""
+    """Compare the node's real inventory with the database; record, never delete.
+
+    The steady state (nothing drifted) reads the node's instances as plain values, without row
+    locks: locking all of a node's rows on every heartbeat dirtied every instance row each beat
+    and was the control worker's next limit as nodes grew (bench/scale.py).  Only rows that look
+    drifted are locked, read again and judged again, so a concurrent observation still wins.
+    """
     seen = {item.instance_id: item for item in report.inventory}
     # A driver that is down lists nothing: its instances are unknown, not missing.
     blind = {d.kind for d in report.drivers if not d.ok}
-    live = Instance.objects.live().filter(node=node).exclude(kind__in=blind).select_for_update()
+    live = Instance.objects.live().filter(node=node).exclude(kind__in=blind)
     known = set()
-    for inst in live:
-        known.add(str(inst.pk))
-        item = seen.get(str(inst.pk))
+    samples: list[tuple[str, int, int]] = []
+    suspects = []
+    for pk, power_state, vm_state, task_state in live.order_by().values_list(
+        "pk", "power_state", "vm_state", "task_state"
+    ):
+        known.add(str(pk))
+        item = seen.get(str(pk))
         if item is not None and item.power_state == PowerState.RUNNING and item.cpu_time_ns:
-            metrics.record(str(inst.pk), report.sent_at or time.time(), item.cpu_time_ns, item.memory_bytes)
-        if inst.task_state is not None:
-            continue  # an action is in flight; its observation will settle the row
+            samples.append((str(pk), item.cpu_time_ns, item.memory_bytes))
+        if _drifted(power_state, vm_state, task_state, item):
+            suspects.append(pk)
+    for inst in live.filter(pk__in=suspects).select_for_update() if suspects else ():
+        item = seen.get(str(inst.pk))
+        if not _drifted(inst.power_state, inst.vm_state, inst.task_state, item):
+            continue  # settled meanwhile
         if item is None:
-            if (
-                inst.vm_state in (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED)
-                and inst.power_state != PowerState.NOSTATE
-            ):
-                inst.power_state = PowerState.NOSTATE
-                inst.status_reason = f"workload missing on node {node.name} (found by reconcile)"
-                inst.missing_since = timezone.now()
-                inst.save(update_fields=["power_state", "status_reason", "missing_since", "updated_at"])
-                _node_event(
-                    inst.tenant_id, node.name, "reconcile.missing", inst, Outcome.FAILURE, inst.status_reason
-                )
-        elif item.power_state.value != inst.power_state:
+            inst.power_state = PowerState.NOSTATE
+            inst.status_reason = f"workload missing on node {node.name} (found by reconcile)"
+            inst.missing_since = timezone.now()
+            inst.save(update_fields=["power_state", "status_reason", "missing_since", "updated_at"])
+            _node_event(
+                inst.tenant_id, node.name, "reconcile.missing", inst, Outcome.FAILURE, inst.status_reason
+            )
+        else:
             old = inst.power_state
             inst.power_state = item.power_state.value
             inst.vm_state = states.POWER_TO_VM.get(item.power_state, inst.vm_state)
@@ -152,6 +173,7 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
                 Outcome.SUCCESS,
                 f"power state {old} -> {inst.power_state} (seen on the node)",
             )
+    metrics.record_many(report.sent_at or time.time(), samples)
     orphans = sorted(
         (
             {"instance_id": iid, "kind": item.kind.value, "power_state": item.power_state.value}

@@ -35,7 +35,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http.request import validate_host
 
-from compute.console.streams import IN_MAXLEN, LEASE_EVERY, LEASE_TTL, HubKeys, is_ready
+from compute.console.streams import IN_MAXLEN, LEASE_EVERY, LEASE_TTL, HubKeys, is_ready, redis_url
 from compute.spec import ConsoleMode
 from portal.console import services
 from portal.console.models import ConsoleSession
@@ -122,7 +122,8 @@ class Session:
         except services.TicketRefused as exc:
             await self.close("ticket", str(exc))
             return
-        r: aioredis.Redis = aioredis.from_url(settings.CELERY_BROKER_URL)  # type: ignore[no-untyped-call]
+        url = redis_url(settings.CELERY_BROKER_URL) or "redis://"  # redeem() refused any other broker
+        r: aioredis.Redis = aioredis.from_url(url)  # type: ignore[no-untyped-call]
         kind, reason = "error", "the relay failed"
         try:
             kind, reason = await self.bridge(r, session)

@@ -24,6 +24,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from compute.console.streams import NO_REDIS, redis_url
 from compute.spec import Capability, ConsoleMode, ConsoleOpen, ExecRequest, ExecResult, Kind, from_json
 from portal.audit import log
 from portal.cloud import dispatch
@@ -59,10 +60,15 @@ def _hash(ticket: str) -> str:
 
 def redis_client() -> redis.Redis:
     """The Redis both the relay and the nodes reach (the broker's)."""
-    return redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    url = redis_url(settings.CELERY_BROKER_URL)
+    if url is None:
+        raise ConsoleRefused(NO_REDIS[0].upper() + NO_REDIS[1:] + ".")
+    return redis.Redis.from_url(url)
 
 
 def _check_usable(instance: Instance, capability: Capability, what: str) -> None:
+    if redis_url(settings.CELERY_BROKER_URL) is None:
+        raise ConsoleRefused(NO_REDIS[0].upper() + NO_REDIS[1:] + ".")
     if instance.vm_state != VmState.ACTIVE or instance.node is None:
         raise ConsoleRefused(
             f"Instance {instance.name} is {instance.vm_state}: {what} needs an active, running instance."

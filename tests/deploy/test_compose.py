@@ -250,7 +250,9 @@ def _apt_packages(dockerfile: Path) -> set[str]:
 
 def test_compute_image_has_what_the_node_runs() -> None:
     dockerfile = ROOT / "deploy/Dockerfile.compute"
-    assert dockerfile.read_text().startswith("# ") and "FROM debian:bookworm" in dockerfile.read_text()
+    text = dockerfile.read_text()
+    assert text.startswith("# ") and re.search(r"^ARG SKYPORT_DEBIAN_BASE=debian:bookworm$", text, re.M)
+    assert re.search(r"^FROM \$\{SKYPORT_DEBIAN_BASE\}$", text, re.M)
     packages = _apt_packages(dockerfile)
     needed = {
         "libvirt-daemon-system",  # libvirtd, virtlogd, virsh
@@ -274,12 +276,37 @@ def test_compute_image_has_what_the_node_runs() -> None:
 
 def test_portal_image_runs_as_a_user_and_bakes_no_secret() -> None:
     text = (ROOT / "deploy/Dockerfile.portal").read_text()
-    assert re.search(r"^FROM python:3\.11-slim-bookworm$", text, re.M)
+    assert re.search(r"^ARG SKYPORT_PYTHON_BASE=python:3\.11-slim-bookworm$", text, re.M)
+    assert len(re.findall(r"^FROM \$\{SKYPORT_PYTHON_BASE\}", text, re.M)) == 2  # both stages
     users = re.findall(r"^USER (\S+)$", text, re.M)
     assert users and users[-1] not in ("root", "0")
     assert "libvirt-dev" in _apt_packages(ROOT / "deploy/Dockerfile.portal")  # build stage only
     assert 'rm -f "$SKYPORT_VAR_DIR/secret_key"' in text
     assert "SKYPORT_SECRET_KEY=" not in text.replace("SKYPORT_SECRET_KEY=collectstatic-only", "")
+
+
+def test_portal_image_has_what_the_portal_runs() -> None:
+    """The control worker checks disks with qemu-img: the image lacked it until the stack first ran
+    under podman (import_sample_images: "qemu-img is not installed on the portal host")."""
+    text = (ROOT / "deploy/Dockerfile.portal").read_text()
+    runtime = text[text.rindex("\nFROM ") :].replace("\\\n", " ")  # the stage the containers run
+    packages = {w for m in re.finditer(r"apt-get install ([^&;]*)", runtime) for w in m[1].split()}
+    source = "".join(p.read_text() for p in (ROOT / "portal").rglob("*.py"))
+    assert '["qemu-img"' in source
+    assert {"qemu-utils", "libvirt0"} <= packages
+
+
+def test_images_are_built_from_local_bases_when_asked(config: dict[str, Any]) -> None:
+    """Every base image is a variable whose default is the public image (docs/deploy.md)."""
+    assert config["services"]["migrate"]["build"]["args"] == {
+        "SKYPORT_PYTHON_BASE": "python:3.11-slim-bookworm"
+    }
+    assert config["services"]["compute"]["build"]["args"] == {"SKYPORT_DEBIAN_BASE": "debian:bookworm"}
+    assert config["services"]["postgres"]["image"] == "postgres:16-bookworm"
+    assert config["services"]["redis"]["image"] == "redis:7-bookworm"
+    script = (ROOT / "deploy/build-local-bases.sh").read_text()
+    for name in ("SKYPORT_DEBIAN_BASE", "SKYPORT_PYTHON_BASE", "POSTGRES_IMAGE", "REDIS_IMAGE"):
+        assert f'echo "{name}=' in script, name
 
 
 # ---------------------------------------------------------------- Dockerfiles, parsed

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from django.core.cache import cache
 
+from portal.cloud import metrics
 from tests.portal.conftest import FakeNodes, World
 
 
@@ -76,3 +77,36 @@ def test_stats_come_with_heartbeats(world: World, nodes: FakeNodes) -> None:
     page = c.get(f"/instances/{iid}/stats/").content.decode()
     assert "% of one CPU" in page and "sparkline" in page
     assert world.client("b_admin").get(f"/api/v1/instances/{iid}/stats/").status_code == 404
+
+
+def test_a_heartbeat_stores_its_samples_in_two_cache_round_trips(
+    world: World, nodes: FakeNodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17: one get and one set per instance made a 40-instance heartbeat 80 Redis round
+    trips, the control worker's first limit as nodes grew (bench/scale.py).  Now one of each."""
+    for i in range(8):
+        r = world.client("a_member").post(
+            "/api/v1/instances/",
+            {"name": f"v-{i}", "image": "tiny:1", "flavor": world.flavor_public.pk, "kind": "vm"},
+            format="json",
+        )
+        assert r.status_code == 202, r.content
+    nodes.run()
+    svc = nodes.service("node.shared-1")
+    svc.report()
+    calls: list[str] = []
+    real = metrics.cache
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(metrics, "cache", Counting())
+    time.sleep(0.01)
+    svc.report()
+    assert sorted(calls) == ["get_many", "set_many"], calls
+    monkeypatch.undo()
+    running = list(world.a.instances.filter(node__name="shared-1", power_state="running"))
+    assert len(running) >= 8
+    assert all(len(metrics.samples(str(i.pk))) == 1 for i in running)  # two samples: one CPU delta each

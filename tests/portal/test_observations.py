@@ -97,3 +97,26 @@ def test_a_duplicate_is_ignored_after_the_audit_log_was_pruned(world: World) -> 
     assert world.instance_a.vm_state == "stopped"
     assert not Event.objects.exists()
     assert AppliedAction.objects.filter(instance=world.instance_a, action_id="act-1").count() == 1
+
+
+def test_a_steady_heartbeat_locks_only_its_node_row(world: World) -> None:
+    """Issue 17: reconcile locked every instance row of the node on every beat (bench/scale.py);
+    now it reads them as values and locks only rows that look drifted."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    inst = world.instance_a  # active, running on shared-1
+    item = {"instance_id": str(inst.pk), "kind": "vm", "power_state": "running"}
+    apply_node_report(heartbeat("shared-1", inventory=[item]))
+    with CaptureQueriesContext(connection) as steady:
+        apply_node_report(heartbeat("shared-1", inventory=[item]))
+    locks = [q["sql"] for q in steady.captured_queries if "FOR UPDATE" in q["sql"]]
+    assert len(locks) == (1 if connection.features.has_select_for_update else 0), locks
+    # a drifted row is still locked, judged again and reconciled
+    with CaptureQueriesContext(connection) as drift:
+        apply_node_report(heartbeat("shared-1", inventory=[item | {"power_state": "paused"}]))
+    inst.refresh_from_db()
+    assert (inst.power_state, inst.vm_state) == ("paused", "paused")
+    assert Event.objects.filter(action="reconcile.power_state", object_id=str(inst.pk)).count() == 1
+    if connection.features.has_select_for_update:
+        assert sum("FOR UPDATE" in q["sql"] for q in drift.captured_queries) == 2

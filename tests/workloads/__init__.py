@@ -106,12 +106,14 @@ def sshd_answers(address: str) -> bool:
         return False
 
 
-def ssh(key: Path, address: str, command: str) -> subprocess.CompletedProcess[str]:
+def ssh(key: Path, address: str, command: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` as the guest's default user; ``timeout`` leaves room for a TCG guest on a
+    loaded 2-core host (python3 and curl starting took over 60 s at load 8)."""
     return subprocess.run(
         ["ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
          "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR",
          f"debian@{address}", command],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
 

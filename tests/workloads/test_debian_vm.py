@@ -20,7 +20,7 @@ import pytest
 
 from compute.drivers.vm import LibvirtDriver
 from compute.network import bridge
-from compute.spec import NetworkAttachment
+from compute.spec import NetworkAttachment, NetworkSegment
 from tests.compute.vm_fixtures import make_state_dir, node_config, random_mac, vm_spec, wait_for
 from tests.hostcaps import require_binary, require_libvirtd
 from tests.workloads import WorkloadImages, cloud_ref, pick_subnet, ssh, wait_ssh_login
@@ -58,9 +58,8 @@ def test_debian_cloud_guest_takes_ssh_with_the_injected_key(
     net = pick_subnet()
     gateway, address = str(net.network_address + 1), str(net.network_address + 10)
     br = f"skw{secrets.token_hex(4)}"
-    nic = NetworkAttachment(
-        "testnet", br, f"{address}/24", random_mac(), gateway=gateway, host_address=f"{gateway}/24"
-    )
+    segment = NetworkSegment("testnet", br, host_address=f"{gateway}/24")
+    nic = NetworkAttachment(segment, f"{address}/24", random_mac(), gateway=gateway)
     hostname = f"deb-{secrets.token_hex(3)}"
     spec = vm_spec(
         cloud_ref(workload_images.cloud, workload_images.sha256("debian-cloud")),

@@ -1,0 +1,498 @@
+"""The control plane under many nodes: heartbeat lag, false node-down marks, DB writes, Redis, CPU.
+
+    .venv/bin/python bench/scale.py [--nodes 100,250,500] [--instances 40] [--period 5]
+        [--seconds 60] [--control-workers 1] [--concurrency 4] [--json out.json]
+
+What runs, all started by this script and stopped by PID:
+
+- PostgreSQL: a throwaway cluster (initdb as ``postgres``, unix socket in a private directory,
+  ``fsync=off`` as tests/pg/run; ``track_commit_timestamp=on`` so the bench reads when each
+  heartbeat's update committed), migrated with ``manage.py migrate``;
+- a redis-server of its own (broker db 0, the portal's cache db 1);
+- ``--control-workers`` real ``celery -A portal worker -Q control`` processes (prefork pool of
+  ``--concurrency`` 2, as compose runs them) and one ``celery -A portal beat`` (the sweeper
+  that marks silent nodes down);
+- the **simulator**: this process multiplexes N node identities, each a real
+  :class:`compute.tasks.NodeService` over two :class:`compute.drivers.fake.FakeDriver` s (VM and
+  container) holding ``--instances`` running workloads whose rows the bench created in the
+  database.  Every ``--period`` seconds each node calls ``NodeService.report()``, the very code
+  the node's heartbeat process runs (drivers' health, inventory with per-instance CPU and memory
+  counters, capacity, cache listing), which publishes a ``portal.node_report`` to ``control``
+  through Celery with Skyport's settings.  Why one process, not N ``compute.worker`` processes:
+  500 Celery workers (each a main process, a pool and a heartbeat child, ~60 MB) do not fit in
+  this 2-core, few-GB machine; the control plane receives the same messages either way.  The
+  beats of the nodes are spread evenly over the period.
+
+Measured over ``--seconds`` after one warm-up period:
+
+- heartbeat lag: commit time of the node row's update (``pg_xact_commit_timestamp(xmin)``)
+  minus the beat's ``sent_at``, for every beat the bench sees (it polls the node table every
+  0.5 s; a beat overwritten within 0.5 s by the node's next one is not seen: with 5 s beats,
+  none);
+- beats sent late by the simulator itself (its own lag, so that a slow simulator is not
+  blamed on the control plane) and the ``control`` queue's length at the end (backlog);
+- false node-down marks: ``node.down`` events (every node beats throughout);
+- DB rows written per hour: inserted + updated + deleted tuples (pg_stat_user_tables) scaled
+  to an hour, and the tables that take most;
+- Redis memory (``used_memory``) at the end, and the control workers' CPU (utime + stime of
+  their process groups from ``/proc``, as a share of one core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(what: str, ok: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+class Procs:
+    """Children of this run, each in its own process group, stopped by PID."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, user: str = "") -> None:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 -- the child's for its lifetime
+        self.procs[name] = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+            user=user or None,
+        )
+
+    def stop(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.stop(name)
+
+
+def _pg_bindir() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if not found:
+        raise SystemExit("PostgreSQL is not installed (Debian package postgresql)")
+    return found[-1].parent
+
+
+def start_postgres(procs: Procs) -> str:
+    """A throwaway cluster on a unix socket in ``procs.tmp``; returns its DATABASE_URL."""
+    bindir, base = _pg_bindir(), procs.tmp / "pg"
+    data, sock = base / "data", base / "run"
+    sock.mkdir(parents=True, mode=0o700)
+    owner = "postgres" if os.getuid() == 0 else ""
+    if owner:
+        pw = pwd.getpwnam(owner)
+        for path in (procs.tmp, base, sock):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+    subprocess.run(
+        [str(bindir / "initdb"), "-D", str(data), "-U", "skyport", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+        user=owner or None,
+    )
+    procs.start(
+        "postgres",
+        [str(bindir / "postgres"), "-D", str(data), "-c", "listen_addresses=", "-c",
+         f"unix_socket_directories={sock}", "-c", "fsync=off", "-c", "synchronous_commit=off",
+         "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "track_commit_timestamp=on"],
+        user=owner,
+    )  # fmt: skip
+    _wait("postgres", (sock / ".s.PGSQL.5432").exists, 60)
+    _wait(
+        "postgres to accept connections",
+        lambda: subprocess.run(
+            [str(bindir / "pg_isready"), "-h", str(sock)], capture_output=True
+        ).returncode == 0,
+    )  # fmt: skip
+    subprocess.run([str(bindir / "createdb"), "-h", str(sock), "-U", "skyport", "skyport"], check=True)
+    return f"postgres://skyport@{quote(str(sock), safe='')}:5432/skyport"
+
+
+def start_redis(procs: Procs) -> int:
+    port = _free_port()
+    procs.start(
+        "redis",
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(procs.tmp)],
+    )
+    _wait("redis", lambda: _redis(port, "ping") == "PONG")
+    return port
+
+
+def _redis(port: int, *args: str) -> str:
+    return subprocess.run(
+        ["redis-cli", "-p", str(port), *args], capture_output=True, text=True
+    ).stdout.strip()
+
+
+def _cpu_seconds(pgid: int) -> float:
+    """utime + stime of every live process in a process group (a worker and its pool)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def seed(nodes: int, per_node: int) -> dict[str, list[str]]:
+    """Nodes (shared, up) and their running instances, in bulk; returns instance ids by node name."""
+    from django.contrib.auth import get_user_model
+
+    from portal.cloud import networks
+    from portal.cloud.models import ComputeNode, Flavor, Instance
+    from portal.images.models import Image
+    from portal.tenancy.models import Tenant
+
+    tenant = Tenant.objects.create(slug="scale", name="Scale")
+    user = get_user_model().objects.create_user(username="scale", password=secrets.token_hex(16))
+    flavor = Flavor.objects.create(name="s1.tiny", vcpus=1, ram_mb=128, disk_gb=1)
+    image = Image.objects.create(name="tiny", version="1", status="active")
+    network = networks.default_network(tenant)
+    names = [f"sim{n:04d}" for n in range(nodes)]
+    ComputeNode.objects.bulk_create(
+        ComputeNode(name=name, queue=f"node.{name}", status="down", vcpus=64, ram_mb=262144, disk_gb=10000)
+        for name in names
+    )
+    by_name = {n.name: n for n in ComputeNode.objects.filter(name__in=names)}
+    placed: dict[str, list[str]] = {}
+    rows = []
+    for name in names:
+        ids = [uuid.uuid4() for _ in range(per_node)]
+        placed[name] = [str(i) for i in ids]
+        rows += [
+            Instance(
+                id=i, tenant=tenant, name=f"{name}-{k}", kind="container", isolation_reason="scale bench",
+                image=image, network=network, flavor=flavor, vcpus=1, ram_mb=128, disk_gb=1,
+                node=by_name[name], vm_state="active", power_state="running", created_by=user,
+            )
+            for k, i in enumerate(ids)
+        ]  # fmt: skip
+    Instance.objects.bulk_create(rows, batch_size=2000)
+    return placed
+
+
+class Simulator:
+    """N node identities in one process: a NodeService each over FakeDrivers, beating on schedule."""
+
+    def __init__(self, placed: dict[str, list[str]], period: float, state: Path, broker: str) -> None:
+        from celery import Celery
+
+        from compute import celeryconf
+        from compute.config import NodeConfig
+        from compute.drivers.fake import FakeDriver
+        from compute.spec import Kind, PowerState
+        from compute.tasks import NodeService
+
+        self.period = period
+        self.app = Celery("scale-sim", fixups=[], amqp=celeryconf.AMQP_CLASS)
+        self.app.conf.update(**celeryconf.reliability_settings(), **celeryconf.broker_settings(broker, 300.0))
+        self.services = []
+        for name, ids in placed.items():
+            vm, ct = FakeDriver(Kind.VM), FakeDriver(Kind.CONTAINER)
+            now = time.monotonic()
+            for iid in ids:
+                ct.workloads[iid] = PowerState.RUNNING
+                ct.started[iid] = now
+            cfg = NodeConfig(
+                name, state / name, "test:///default", "qemu", "crun", broker, heartbeat_seconds=period
+            )
+            self.services.append(
+                NodeService(
+                    cfg, self._send, {Kind.VM: vm, Kind.CONTAINER: ct}, prepare_bridge=lambda seg: None
+                )
+            )
+        self.late: list[float] = []  # how late the simulator sent each beat (its own limit)
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="simulator", daemon=True)
+
+    def _send(self, task: Any, payload: dict[str, Any]) -> None:
+        self.app.send_task(task, args=[payload], queue="control")
+
+    def _run(self) -> None:
+        n = len(self.services)
+        t0 = time.monotonic()
+        k = 0
+        while not self._stop.is_set():
+            due = t0 + k * self.period / n
+            delay = due - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            self.late.append(max(0.0, -delay))
+            self.services[k % n].report()
+            self.sent += 1
+            k += 1
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self.app.close()
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _tuples(cursor: Any) -> dict[str, int]:
+    cursor.execute("SELECT relname, n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables")
+    return {name: int(n) for name, n in cursor.fetchall()}
+
+
+def one_run(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="skyport-bench-scale-"))
+    procs = Procs(tmp)
+    row: dict[str, Any] = {
+        "nodes": nodes,
+        "instances": nodes * args.instances,
+        "workers": args.control_workers,
+    }
+    try:
+        db_url = start_postgres(procs)
+        port = start_redis(procs)
+        broker = f"redis://127.0.0.1:{port}/0"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("SKYPORT_", "CELERY_", "DJANGO_"))},
+            "DJANGO_SETTINGS_MODULE": "portal.settings",
+            "DATABASE_URL": db_url,
+            "DB_CONN_MAX_AGE": "60",
+            "CELERY_BROKER_URL": broker,
+            "SKYPORT_CACHE_URL": f"redis://127.0.0.1:{port}/1",
+            "SKYPORT_VAR_DIR": str(tmp / "var"),
+            "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
+            "SKYPORT_HEARTBEAT_SECONDS": str(args.period),
+            "SKYPORT_LOG_LEVEL": "WARNING",
+        }
+        os.environ.update(env)
+        for key in [k for k in os.environ if k not in env and k.startswith(("SKYPORT_", "CELERY_"))]:
+            del os.environ[key]
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+        from django.db import connection
+
+        call_command("migrate", verbosity=0)
+        placed = seed(nodes, args.instances)
+        connection.close()
+        for w in range(1, args.control_workers + 1):
+            procs.start(
+                f"control{w}",
+                [str(VENV_BIN / "celery"), "-A", "portal", "worker", "-Q", "control", "--pool", args.pool,
+                 "-c", str(args.concurrency), "-n", f"control{w}@scale", "--loglevel", args.loglevel],
+                env=env,
+            )  # fmt: skip
+        procs.start(
+            "beat", [str(VENV_BIN / "celery"), "-A", "portal", "beat", "--loglevel", "WARNING"], env=env
+        )
+        sim = Simulator(placed, args.period, tmp / "nodes", broker)
+        sim.start()
+        warm_up(nodes, args, port)
+        lags, seen = measure(args, procs, port, row)
+        sim.stop()
+        row["beats_sent"] = sim.sent
+        row["sim_late_p99"] = round(_pct(sim.late[-seen:] if seen else sim.late, 0.99), 2)
+        row["lag_p50"], row["lag_p99"] = round(_pct(lags, 0.5), 3), round(_pct(lags, 0.99), 3)
+        row["lag_max"] = round(max(lags, default=float("nan")), 3)
+        row["beats_seen"] = len(lags)
+    finally:
+        with contextlib.suppress(Exception):
+            from django.db import connection
+
+            connection.close()
+        procs.stop_all()
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return row
+
+
+def warm_up(nodes: int, args: argparse.Namespace, port: int) -> None:
+    """Until every node is up and the queue holds under a second of beats (at most 90 s)."""
+    from portal.cloud.models import ComputeNode
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        up = ComputeNode.objects.filter(status="up").count()
+        if up == nodes and int(_redis(port, "llen", "control") or 0) <= max(1, nodes / args.period):
+            break
+        time.sleep(1)
+    time.sleep(args.period)
+
+
+def measure(
+    args: argparse.Namespace, procs: Procs, port: int, row: dict[str, Any]
+) -> tuple[list[float], int]:
+    from django.db import connection
+
+    from portal.audit.models import Event
+
+    workers = [procs.procs[f"control{w}"].pid for w in range(1, args.control_workers + 1)]
+    with connection.cursor() as cur:
+        before, cpu0, t0 = _tuples(cur), sum(_cpu_seconds(p) for p in workers), time.monotonic()
+        last: dict[str, float] = {}
+        lags: list[float] = []
+        while time.monotonic() - t0 < args.seconds:
+            cur.execute(
+                "SELECT name, extract(epoch from last_heartbeat), "
+                "extract(epoch from pg_xact_commit_timestamp(xmin)) FROM cloud_computenode"
+            )
+            for name, sent, committed in cur.fetchall():
+                if sent is None or committed is None or last.get(name) == float(sent):
+                    continue
+                if name in last:  # the first one seen may predate the window
+                    lags.append(float(committed) - float(sent))
+                last[name] = float(sent)
+            time.sleep(0.5)
+        elapsed = time.monotonic() - t0
+        cpu = sum(_cpu_seconds(p) for p in workers) - cpu0
+        after = _tuples(cur)
+    delta = {t: after.get(t, 0) - before.get(t, 0) for t in after}
+    row["rows_per_hour"] = int(sum(delta.values()) * 3600 / elapsed)
+    row["top_tables"] = {
+        t: int(n * 3600 / elapsed) for t, n in sorted(delta.items(), key=lambda kv: -kv[1])[:3] if n
+    }
+    row["control_cpu"] = round(cpu / elapsed, 2)
+    row["backlog"] = int(_redis(port, "llen", "control") or 0)
+    row["redis_mb"] = round(
+        int(_redis(port, "info", "memory").split("used_memory:")[1].split()[0]) / 2**20, 1
+    )
+    row["false_down"] = Event.objects.filter(action="node.down").count()
+    row["beats_per_s"] = round(len(lags) / elapsed, 1)
+    return lags, len(lags)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", default="100,250,500", help="comma-separated N for successive runs")
+    parser.add_argument("--instances", type=int, default=40, help="instances per node")
+    parser.add_argument("--period", type=float, default=5.0, help="heartbeat period (s)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured window per run")
+    parser.add_argument("--control-workers", type=int, default=1)
+    parser.add_argument(
+        "--concurrency", type=int, default=2, help="pool size per control worker (compose: 2)"
+    )
+    parser.add_argument("--pool", default="prefork", help="the control workers' pool (compose: prefork)")
+    parser.add_argument("--json", help="append the rows here (JSON lines)")
+    parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs)")
+    parser.add_argument("--loglevel", default="WARNING", help="the control workers' log level")
+    args = parser.parse_args()
+    rows = []
+    for n in (int(x) for x in args.nodes.split(",")):
+        # one process per run: Django is set up once per process, each run has its own database
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", str(n), *sys.argv[1:]], capture_output=True, text=True
+        ) if "--one" not in sys.argv else None  # fmt: skip
+        if out is not None:
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    _table(rows, args)
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
+def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(
+        f"\nheartbeat every {args.period:g} s, {args.instances} instances per node, "
+        f"{args.seconds:g} s measured; {args.control_workers} control worker(s), "
+        f"{args.pool} pool of {args.concurrency}\n"
+    )
+    head = (
+        f"{'nodes':>6}{'insts':>7}{'beats/s':>8}{'lag p50':>8}{'lag p99':>8}{'max':>7}{'sim late':>9}"
+        f"{'backlog':>8}{'down':>5}{'rows/h':>10}{'redis MB':>9}{'ctl CPU':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(
+            f"{r['nodes']:>6}{r['instances']:>7}{r['beats_per_s']:>8}{r['lag_p50']:>8}{r['lag_p99']:>8}"
+            f"{r['lag_max']:>7}{r['sim_late_p99']:>9}{r['backlog']:>8}{r['false_down']:>5}"
+            f"{r['rows_per_hour']:>10}{r['redis_mb']:>9}{r['control_cpu']:>8}"
+        )
+    for r in rows:
+        print(f"  N={r['nodes']}: most written tables per hour {r['top_tables']}")
+
+
+def _one() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--one", type=int)
+    parser.add_argument("--nodes")
+    parser.add_argument("--instances", type=int, default=40)
+    parser.add_argument("--period", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--control-workers", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--pool", default="prefork")
+    parser.add_argument("--json")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--loglevel", default="WARNING")
+    args = parser.parse_args()
+    print(json.dumps(one_run(args.one, args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_one() if "--one" in sys.argv else main())
