@@ -7,6 +7,7 @@ on uvicorn (another port: ``SKYPORT_CONSOLE_WS_URL``, as under ``make run``).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,10 +22,18 @@ except ImportError:  # the dev extra installs it; CI must not pass by skipping
 from compute.spec import InstanceSpec
 from tests.console.conftest import Nodes, Relay, instance_row
 from tests.portal.conftest import World
-from tests.ui.conftest import browser, login, page, shot
+from tests.ui.conftest import chromium, login, page, shot
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.host, pytest.mark.slow]
-__all__ = ["browser", "page"]
+__all__ = ["page"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Only while this module runs: Playwright's running loop would upset the other console
+    tests that share the session's workloads (pyroute2 and Django refuse a running loop)."""
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture(autouse=True)
