@@ -23,9 +23,10 @@ GUNICORN_FLAGS := -w 3 -k gthread --threads 4 --timeout 120 --capture-output
 DEBS := libvirt-daemon-system qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc python3-dev \
 	python3-venv busybox-static genisoimage syslinux syslinux-common mtools dosfstools fdisk cpio tini \
 	iproute2 iputils-ping crun runc umoci skopeo conmon redis-server sqlite3 procps chromium docker-compose \
-	postgresql debootstrap openssh-client curl podman netavark aardvark-dns rabbitmq-server nginx-light
+	postgresql debootstrap openssh-client curl podman netavark aardvark-dns rabbitmq-server gettext \
+	nftables dnsmasq-base nginx-light
 
-.PHONY: help run test setup debs venv host redis libvirtd images test-images migrate catalog bootstrap check pytest pytest-pg stop status
+.PHONY: help run test setup debs venv host redis libvirtd images test-images migrate catalog messages bootstrap check pytest pytest-pg stop status
 
 help:
 	@echo "make run   - install what is missing, start everything on http://127.0.0.1:8000"
@@ -71,9 +72,13 @@ images: debs
 	images/sample_vm/build.sh $(IMAGES) >/dev/null
 	images/sample_container/build.sh $(IMAGES) >/dev/null
 
-migrate: venv
+migrate: venv messages
 	$(PY) manage.py migrate --noinput -v0
 	$(PY) manage.py collectstatic --noinput -v0
+
+# the UI's translations: locale/*/LC_MESSAGES/django.po -> .mo (msgfmt, Debian's gettext)
+messages: venv
+	$(PY) manage.py compilemessages -v0 --ignore .venv
 
 catalog: migrate images
 	$(PY) manage.py import_sample_images --dir $(IMAGES)

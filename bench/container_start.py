@@ -94,8 +94,8 @@ def conmon_rss_bytes() -> int:
     return total
 
 
-def bare_bundle(work: Path, rootfs: Path) -> Path:
-    bundle = work / "bare"
+def bare_bundle(work: Path, rootfs: Path, userns: bool = False) -> Path:
+    bundle = work / ("bare-userns" if userns else "bare")
     bundle.mkdir()
     subprocess.run(["crun", "spec"], cwd=bundle, check=True)
     cfg = json.loads((bundle / "config.json").read_text())
@@ -104,13 +104,18 @@ def bare_bundle(work: Path, rootfs: Path) -> Path:
     cfg["process"]["args"] = ["/bin/sleep", "3600"]
     cfg["linux"]["cgroupsPath"] = "/skyport-bench/bare"
     cfg["linux"]["resources"] = {"memory": {"limit": 32 << 20}, "pids": {"limit": 64}}
+    if userns:  # what the driver does: root inside = an unprivileged range
+        work.chmod(0o755)  # crun in the user namespace must reach the rootfs (mkdtemp: 0700)
+        cfg["linux"]["namespaces"].append({"type": "user"})
+        mapping = [{"containerID": 0, "hostID": 1 << 24, "size": 65536}]
+        cfg["linux"]["uidMappings"] = cfg["linux"]["gidMappings"] = mapping
     (bundle / "config.json").write_text(json.dumps(cfg))
     return bundle
 
 
-def bench_bare(work: Path, rootfs: Path, runs: int) -> list[float]:
-    bundle = bare_bundle(work, rootfs)
-    root = work / "bare-root"
+def bench_bare(work: Path, rootfs: Path, runs: int, userns: bool = False) -> list[float]:
+    bundle = bare_bundle(work, rootfs, userns)
+    root = work / ("bare-userns-root" if userns else "bare-root")
     times = []
     with (work / "bare.log").open("ab") as log:
         for i in range(runs):
@@ -123,7 +128,7 @@ def bench_bare(work: Path, rootfs: Path, runs: int) -> list[float]:
                 stderr=log,
             )
             if proc.wait() != 0:
-                raise RuntimeError("bare crun run failed; see bare.log")
+                raise RuntimeError(f"bare crun run failed: {(work / 'bare.log').read_text()[-500:]}")
             times.append(time.perf_counter() - t0)
             subprocess.run(
                 ["crun", f"--root={root}", "delete", "--force", cid], check=False, capture_output=True
@@ -157,6 +162,7 @@ def start_latency(
 ) -> dict[str, float]:
     unpacked = drv.layers.unpack(Path(image.location), image.digest)
     bare = bench_bare(work, unpacked.layers[0], runs)
+    bare_userns = bench_bare(work, unpacked.layers[0], runs, userns=True)
     plain = bench_driver(drv, lambda: spec_for(image), runs)
     bridge, prefix = net
     counter = iter(range(2, 250))
@@ -174,6 +180,7 @@ def start_latency(
     table(
         [
             ("bare crun run -d (hand-made bundle)", bare),
+            ("bare crun run -d + user namespace", bare_userns),
             ("driver spawn, no network", plain),
             ("driver spawn, veth on bridge", with_net),
         ],
@@ -181,6 +188,7 @@ def start_latency(
     )
     return {
         "bare_ms": base * 1000,
+        "bare_userns_ms": statistics.median(bare_userns) * 1000,
         "driver_ms": statistics.median(plain) * 1000,
         "driver_veth_ms": statistics.median(with_net) * 1000,
     }

@@ -20,6 +20,13 @@ members replacing earlier ones).  It refuses a member
   link a host file into the image);
 * that is a device node, a FIFO or has an unsafe name (absolute, ``..``).
 
+One exception: the standard character devices debootstrap leaves in ``/dev``
+(null, zero, full, random, urandom, tty, console, ptmx with their usual
+numbers) are *skipped* by both sides, not refused (:func:`skipped_device`):
+the runtime gives every container its own ``/dev``, so those entries are never
+needed, and images made with debootstrap carry them.  Any other device node
+(``dev/sda``, ``dev/mem``, a node outside ``/dev``) still refuses the layer.
+
 Whiteout names are judged by ``compute.layers.whiteout_problem``, which both
 sides apply as well; a whiteout here only records that the entry it hides is gone.
 
@@ -60,6 +67,29 @@ def member_path(name: str) -> PurePosixPath | None:
         return None
     parts = [x for x in p.parts if x not in (".", "")]
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
+
+
+# path → (major, minor) of the character devices a layer may carry and nodes skip.
+STANDARD_DEV_NODES = {
+    "dev/null": (1, 3),
+    "dev/zero": (1, 5),
+    "dev/full": (1, 7),
+    "dev/random": (1, 8),
+    "dev/urandom": (1, 9),
+    "dev/tty": (5, 0),
+    "dev/console": (5, 1),
+    "dev/ptmx": (5, 2),
+}
+
+
+def skipped_device(member: tarfile.TarInfo) -> bool:
+    """Whether ``member`` is one of the standard ``/dev`` nodes that are skipped, not refused."""
+    rel = member_path(member.name)
+    return (
+        member.ischr()
+        and rel is not None
+        and STANDARD_DEV_NODES.get(str(rel)) == (member.devmajor, member.devminor)
+    )
 
 
 class LayerPaths:
@@ -174,6 +204,7 @@ class UnpackBudget:
         self.limits = limits
         self.total = 0
         self.files = 0
+        self.skipped: list[str] = []  # standard /dev nodes left out (skipped_device)
 
     def count_stream(self, n: int) -> None:
         self.total += n

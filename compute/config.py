@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -52,6 +53,13 @@ class NodeConfig:
     period and the broker's visibility timeout must match the portal's
     (``SKYPORT_HEARTBEAT_SECONDS``, ``SKYPORT_BROKER_VISIBILITY_SECONDS``).
     ``network_lock`` is the host-wide lock file of network changes.
+    ``uplink`` is the interface egress traffic is source-NATed onto
+    (``SKYPORT_UPLINK``; empty, the default, means no egress at all);
+    ``nft_table`` names Skyport's own nftables tables (``inet`` and
+    ``bridge`` families, ``SKYPORT_NFT_TABLE``, default ``skyport``);
+    ``dns_servers`` are the upstream resolvers the networks' resolvers
+    forward to (``SKYPORT_DNS_SERVERS``, comma-separated; none: they answer
+    only the networks' instance names).
     ``broker_master`` names the primary the sentinels watch when ``broker_url``
     lists ``sentinel://`` URLs (``SKYPORT_BROKER_MASTER``; compute/celeryconf.py).
     """
@@ -67,6 +75,9 @@ class NodeConfig:
     heartbeat_seconds: float = 5.0
     visibility_timeout_seconds: float = 300.0
     network_lock: Path = Path("/run/lock/skyport-network.lock")
+    uplink: str = ""
+    nft_table: str = "skyport"
+    dns_servers: tuple[str, ...] = ()
     broker_master: str = ""
 
     @property
@@ -104,6 +115,18 @@ class NodeConfig:
                 raise ConfigError(
                     f"SKYPORT_TUNNEL_ADDRESS={tunnel!r}: expected this node's underlay IPv4 address"
                 ) from None
+        uplink = os.environ.get("SKYPORT_UPLINK", "").strip()
+        if uplink and not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", uplink):
+            raise ConfigError(f"SKYPORT_UPLINK={uplink!r}: expected an interface name")
+        table = os.environ.get("SKYPORT_NFT_TABLE", "skyport").strip()
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", table):
+            raise ConfigError(f"SKYPORT_NFT_TABLE={table!r}: expected letters, digits and '_'")
+        servers = tuple(s.strip() for s in os.environ.get("SKYPORT_DNS_SERVERS", "").split(",") if s.strip())
+        for server in servers:
+            try:
+                ipaddress.IPv4Address(server)
+            except ValueError:
+                raise ConfigError(f"SKYPORT_DNS_SERVERS: {server!r} is not an IPv4 address") from None
         broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
         broker_master = os.environ.get("SKYPORT_BROKER_MASTER", "").strip()
         visibility = seconds("SKYPORT_BROKER_VISIBILITY_SECONDS", 300.0)
@@ -123,5 +146,8 @@ class NodeConfig:
             heartbeat_seconds=seconds("SKYPORT_HEARTBEAT_SECONDS", 5.0),
             visibility_timeout_seconds=visibility,
             network_lock=Path(os.environ.get("SKYPORT_NETWORK_LOCK", "/run/lock/skyport-network.lock")),
+            uplink=uplink,
+            nft_table=table,
+            dns_servers=servers,
             broker_master=broker_master,
         )

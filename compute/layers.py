@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from compute import fetch, safejson
-from compute.archive_safety import OPAQUE, WHITEOUT, LayerPaths, member_path
+from compute.archive_safety import OPAQUE, WHITEOUT, LayerPaths, member_path, skipped_device
 
 _lock = threading.Lock()
 
@@ -51,6 +51,9 @@ class ImageConfig:
     cmd: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     working_dir: str = "/"
+    user: str = ""  # name or uid[:gid], resolved inside the image (compute/passwd.py)
+    exposed_ports: tuple[str, ...] = ()  # "80/tcp"
+    stop_signal: str = ""  # "SIGQUIT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +154,7 @@ class LayerStore:
                         raise ImageError(f"archive lacks layer {d}")
                     self._unpack_layer(fh, d, dest)
                 dirs.append(dest)
-        return self._remember(memo, UnpackedImage(tuple(dirs), _image_config(config)))
+        return self._remember(memo, UnpackedImage(tuple(dirs), image_config(config)))
 
     def pull(self, manifest_url: str, digest: str) -> UnpackedImage:
         """Fetch an image from the portal's blob endpoint: manifest, config, then missing layers.
@@ -180,7 +183,7 @@ class LayerStore:
                 dirs.append(dest)
         except fetch.FetchError as exc:
             raise ImageError(str(exc)) from exc
-        return self._remember(memo, UnpackedImage(tuple(dirs), _image_config(config)))
+        return self._remember(memo, UnpackedImage(tuple(dirs), image_config(config)))
 
     def _memo_path(self, digest: str | None) -> Path | None:
         return self.root / ".images" / f"{digest.split(':', 1)[1]}.json" if digest else None
@@ -216,6 +219,8 @@ class LayerStore:
             paths = LayerPaths()  # the rule the portal applied at import (compute/archive_safety.py)
             with tarfile.open(fileobj=reader, mode="r|*") as tf:  # type: ignore[call-overload]
                 for m in tf:
+                    if skipped_device(m):  # debootstrap's /dev nodes: the runtime makes its own
+                        continue
                     problem = paths.check(m)
                     if problem is not None:
                         raise ImageError(f"layer {digest}: {problem}")
@@ -307,23 +312,33 @@ def _load_memo(path: Path) -> UnpackedImage | None:
             cmd=tuple(c["cmd"]),
             env=tuple((str(k), str(v)) for k, v in c["env"]),
             working_dir=str(c["working_dir"]),
+            user=str(c.get("user", "")),
+            exposed_ports=tuple(str(p) for p in c.get("exposed_ports", ())),
+            stop_signal=str(c.get("stop_signal", "")),
         )
         return UnpackedImage(tuple(Path(p) for p in data["layers"]), config)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _image_config(config: dict[str, Any]) -> ImageConfig:
+def image_config(config: dict[str, Any]) -> ImageConfig:
+    """The runtime part of an OCI (or docker-save: same keys) image config."""
     c = config.get("config") or {}
+    if not isinstance(c, dict):
+        raise ImageError("image config: 'config' is not an object")
     env = []
     for item in c.get("Env") or []:
         k, _, v = str(item).partition("=")
         env.append((k, v))
+    ports = c.get("ExposedPorts") or {}
     return ImageConfig(
         entrypoint=tuple(str(x) for x in c.get("Entrypoint") or ()),
         cmd=tuple(str(x) for x in c.get("Cmd") or ()),
         env=tuple(env),
         working_dir=str(c.get("WorkingDir") or "/"),
+        user=str(c.get("User") or ""),
+        exposed_ports=tuple(sorted(str(p) for p in ports)) if isinstance(ports, dict) else (),
+        stop_signal=str(c.get("StopSignal") or ""),
     )
 
 

@@ -1,9 +1,10 @@
 """OCI runtime ``config.json`` built from typed objects (never from strings).
 
 :func:`runtime_config` turns a :class:`BundleSpec` into the dict crun reads.
-Security defaults live here: non-root user, empty capability sets,
-``noNewPrivileges``, a seccomp deny-list, masked and read-only ``/proc`` and
-``/sys`` paths, devices deny-all except the standard character devices.
+Security defaults live here: a user namespace whose root is an unprivileged
+host range, Docker's default capability set inside it, ``noNewPrivileges``,
+a seccomp deny-list, masked and read-only ``/proc`` and ``/sys`` paths,
+devices deny-all except the standard character devices.
 """
 
 from __future__ import annotations
@@ -11,10 +12,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# Capabilities the workload keeps in every set.  Empty on purpose: a
-# non-root process needs none, and an empty inheritable/ambient set means
-# exec'd programs cannot regain any.
-DEFAULT_CAPS: tuple[str, ...] = ()
+from compute.spec import ID_RANGE_MIN, ID_RANGE_SIZE
+
+# Capabilities root inside the container's user namespace keeps (Docker's
+# default set, without NET_RAW and MKNOD).  They act only on objects that
+# namespace owns: its mounts, its pid/ipc/uts namespaces, files of its own id
+# range; never on the host.  A non-root user gets none in effect (they are
+# bounding/permitted only for uid 0, as in Docker); inheritable and ambient
+# stay empty, so exec'd programs regain nothing.
+DEFAULT_CAPS: tuple[str, ...] = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_NET_BIND_SERVICE",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_SETFCAP", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE",
+)  # fmt: skip
 
 # Syscalls that let a process reach the host kernel's global state or other
 # namespaces.  Denied with EPERM; everything else is allowed.
@@ -60,7 +69,7 @@ class BundleSpec:
     hostname: str
     args: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
-    uid: int
+    uid: int  # inside the user namespace
     gid: int
     cgroups_path: str
     memory_bytes: int
@@ -72,6 +81,10 @@ class BundleSpec:
     tmp_size_mb: int = 16
     readonly_rootfs: bool = False
     capabilities: tuple[str, ...] = DEFAULT_CAPS
+    id_base: int = 0  # host uid/gid of root inside
+    id_size: int = ID_RANGE_SIZE
+    additional_gids: tuple[int, ...] = ()
+    resolv_conf: str | None = None  # host file bind-mounted read-only on /etc/resolv.conf
 
 
 def _mount(dest: str, fstype: str, source: str, options: tuple[str, ...]) -> dict[str, Any]:
@@ -79,12 +92,16 @@ def _mount(dest: str, fstype: str, source: str, options: tuple[str, ...]) -> dic
 
 
 def runtime_config(b: BundleSpec) -> dict[str, Any]:
-    if b.uid == 0 or b.gid == 0:
-        raise ValueError("containers never run as root")
+    if b.id_base < ID_RANGE_MIN or b.id_size < 1 or b.id_base + b.id_size > 2**32:
+        raise ValueError(f"containers run in a user namespace of an unprivileged id range, not {b.id_base}")
+    if not (0 <= b.uid < b.id_size and 0 <= b.gid < b.id_size):
+        raise ValueError(f"user {b.uid}:{b.gid} is outside the container's id range (0..{b.id_size - 1})")
     if not b.args:
         raise ValueError("a container needs a command")
     caps = list(b.capabilities)
-    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
+    # Like Docker: a non-root user starts with no effective capabilities.
+    effective = caps if b.uid == 0 else []
+    namespaces: list[dict[str, str]] = [{"type": t} for t in ("user", "pid", "ipc", "uts", "mount", "cgroup")]
     namespaces.append({"type": "network", "path": b.netns_path} if b.netns_path else {"type": "network"})
     device_rules: list[dict[str, Any]] = [{"allow": False, "access": "rwm"}]
     device_rules += [
@@ -99,12 +116,16 @@ def runtime_config(b: BundleSpec) -> dict[str, Any]:
         "root": {"path": b.rootfs, "readonly": b.readonly_rootfs},
         "process": {
             "terminal": False,
-            "user": {"uid": b.uid, "gid": b.gid, "additionalGids": []},
+            "user": {"uid": b.uid, "gid": b.gid, "additionalGids": list(b.additional_gids)},
             "args": list(b.args),
             "env": [f"{k}={v}" for k, v in b.env],
             "cwd": b.cwd or "/",
             "capabilities": {
-                s: caps for s in ("bounding", "effective", "inheritable", "permitted", "ambient")
+                "bounding": caps,
+                "permitted": effective,
+                "effective": effective,
+                "inheritable": [],
+                "ambient": [],
             },
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 1024}],
             "noNewPrivileges": True,
@@ -123,9 +144,23 @@ def runtime_config(b: BundleSpec) -> dict[str, Any]:
             _mount("/dev/mqueue", "mqueue", "mqueue", ("nosuid", "noexec", "nodev")),
             _mount("/sys", "sysfs", "sysfs", ("nosuid", "noexec", "nodev", "ro")),
             _mount(TMP, "tmpfs", "tmpfs", ("nosuid", "nodev", "mode=1777", f"size={b.tmp_size_mb}m")),
+            *(
+                [
+                    _mount(
+                        "/etc/resolv.conf",
+                        "bind",
+                        b.resolv_conf,
+                        ("rbind", "ro", "nosuid", "nodev", "noexec"),
+                    )
+                ]
+                if b.resolv_conf
+                else []
+            ),
         ],
         "linux": {
             "namespaces": namespaces,
+            "uidMappings": [{"containerID": 0, "hostID": b.id_base, "size": b.id_size}],
+            "gidMappings": [{"containerID": 0, "hostID": b.id_base, "size": b.id_size}],
             "cgroupsPath": b.cgroups_path,
             "resources": {
                 "devices": device_rules,

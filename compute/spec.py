@@ -9,7 +9,8 @@ exactly one argument, the message's JSON.  A node sees only the specs of its
 own instances; it never touches the portal's database.
 
 Portal -> node: :class:`CreateInstance`, :class:`InstanceAction`,
-:class:`DeleteInstance`, :class:`ConsoleRequest`, :class:`NetworkSegment`.
+:class:`DeleteInstance`, :class:`ConsoleRequest`, :class:`NetworkSegment`,
+:class:`InstanceForwards`, :class:`InstanceSecurity`.
 Node -> portal: :class:`Observation`, :class:`NodeReport`, :class:`ConsoleTail`.
 """
 
@@ -102,6 +103,8 @@ class Task(enum.StrEnum):
     DELETE = "compute.instance.delete"
     CONSOLE = "compute.instance.console"
     ENSURE_NETWORK = "compute.network.ensure"
+    FORWARDS = "compute.network.forwards"
+    SECURITY = "compute.network.security"
     OBSERVE = "portal.observe"
     NODE_REPORT = "portal.node_report"
     CONSOLE_TAIL = "portal.console"
@@ -147,6 +150,15 @@ def _check_ipv4(what: str, value: str) -> None:
         raise SpecError(f"{what} must be an IPv4 address, got {value!r}") from None
 
 
+def _check_interface(what: str, value: str) -> None:
+    if "/" not in value:
+        raise SpecError(f"{what} needs a prefix length, got {value!r}")
+    try:
+        ipaddress.IPv4Interface(value)
+    except ValueError:
+        raise SpecError(f"{what} must be an IPv4 address with prefix length, got {value!r}") from None
+
+
 def _check_bridge(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", name):
         raise SpecError(f"bridge name must be 1-15 of [A-Za-z0-9_.-], got {name!r}")
@@ -171,7 +183,7 @@ def _check_tunnel(vni: int | None, local: str | None, peers: tuple[str, ...]) ->
 
 @dataclasses.dataclass(frozen=True)
 class NetworkSegment:
-    """A tenant network as one node carries it: bridge, host address, VXLAN tunnel.
+    """A tenant network as one node carries it: bridge, host address, VXLAN tunnel, router.
 
     Sent alone (:attr:`Task.ENSURE_NETWORK`) when the set of nodes carrying
     the network changes, and inside every :class:`NetworkAttachment`.
@@ -181,6 +193,12 @@ class NetworkSegment:
     other nodes that carry the network: broadcast, unknown-unicast and
     multicast frames are copied to each of them (head-end replication).
     The list is complete: a node drops peers that are not in it.
+
+    ``gateway`` (``198.18.0.1/24``, the same on every node: an anycast
+    gateway) makes the node route for the network and answer DNS there;
+    ``egress`` lets the network's traffic out through the node's uplink with
+    source NAT.  ``hosts`` are the (hostname, address) pairs of the network's
+    instances, which the node's resolver answers.
     """
 
     TASK: ClassVar[Task] = Task.ENSURE_NETWORK
@@ -192,14 +210,30 @@ class NetworkSegment:
     vni: int | None = None
     tunnel_local: str | None = None
     tunnel_peers: tuple[str, ...] = ()
+    gateway: str | None = None
+    egress: bool = False
+    hosts: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         _check_bridge(self.bridge)
         if not 576 <= self.mtu <= 9000:
             raise SpecError(f"mtu must be within 576..9000, got {self.mtu!r}")
-        if self.host_address is not None and "/" not in self.host_address:
-            raise SpecError(f"host_address needs a prefix length, got {self.host_address!r}")
+        for what, value in (("host_address", self.host_address), ("gateway", self.gateway)):
+            if value is not None:
+                _check_interface(what, value)
+        if self.egress and self.gateway is None:
+            raise SpecError("egress needs a gateway")
+        for name, address in self.hosts:
+            if not _NAME_RE.match(name):
+                raise SpecError(f"host name must be an RFC 1123 label, got {name!r}")
+            _check_ipv4("each host address", address)
         _check_tunnel(self.vni, self.tunnel_local, self.tunnel_peers)
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network | None:
+        """The network's subnet, from the gateway or the host address (None without either)."""
+        iface = self.gateway or self.host_address
+        return ipaddress.IPv4Interface(iface).network if iface else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,21 +241,31 @@ class NetworkAttachment:
     """One NIC of an instance: its network's :class:`NetworkSegment` plus the NIC's own address.
 
     ``address`` is an interface address with prefix length
-    (``198.18.0.10/24``), ``gateway`` optional (no default route without it).
+    (``198.18.0.10/24``), ``gateway`` optional (no default route without it),
+    ``dns`` the resolver addresses the instance is given (the gateway's).
     The segment's ``host_address`` is this node's own address on the bridge,
-    so the host reaches its instances; the node does not forward for them.
+    so the host reaches its instances.
     """
 
     segment: NetworkSegment
     address: str
     mac: str
     gateway: str | None = None
+    dns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", self.mac):
             raise SpecError(f"mac must be lower-case aa:bb:cc:dd:ee:ff, got {self.mac!r}")
-        if "/" not in self.address:
-            raise SpecError(f"address needs a prefix length, got {self.address!r}")
+        _check_interface("address", self.address)
+        if self.gateway is not None:
+            _check_ipv4("gateway", self.gateway)
+        for server in self.dns:
+            _check_ipv4("each dns server", server)
+
+    @property
+    def ip(self) -> str:
+        """The NIC's address without prefix length."""
+        return str(ipaddress.IPv4Interface(self.address).ip)
 
     @property
     def bridge(self) -> str:
@@ -256,6 +300,17 @@ class InstanceSpec:
     env: tuple[tuple[str, str], ...] = ()
     cpu_quota_percent: int = 100
     pids_limit: int = 1024
+    # Containers: host uid/gid of root inside the container's user namespace
+    # (one 65536-id range per tenant, docs/container-driver.md); 0 = derive on
+    # the node (specs stored before the field existed).
+    id_base: int = 0
+    # Containers: overrides of the image config's User and WorkingDir.
+    user: str = ""
+    workdir: str = ""
+    # Containers: ``no | on-failure[:N] | always``; the node restarts with backoff (restart_rule).
+    restart_policy: str = "no"
+    # the resolved rules of its security groups (None: no filtering, as before security groups)
+    security: tuple[SecurityRule, ...] | None = None
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -268,11 +323,56 @@ class InstanceSpec:
             raise SpecError("cpu_quota_percent must be within 1..100*vcpus")
         if self.pids_limit < 8:
             raise SpecError("pids_limit must be at least 8")
+        base = self.id_base
+        if base and (base < ID_RANGE_MIN or base % ID_RANGE_SIZE or base + ID_RANGE_SIZE > 2**32):
+            raise SpecError(f"id_base must be 0 or a multiple of {ID_RANGE_SIZE} in {ID_RANGE_MIN}..2^32")
+        for name, value in self.env:
+            problem = env_problem(name, value)
+            if problem:
+                raise SpecError(problem)
+        if "\x00" in self.user or "\x00" in self.workdir or "\x00" in "".join(self.command):
+            raise SpecError("user, workdir and command must not contain NUL")
+        restart_rule(self.restart_policy)  # raises SpecError when malformed
+        if self.workdir and not self.workdir.startswith("/"):
+            raise SpecError(f"workdir must be an absolute path, got {self.workdir!r}")
 
     @property
     def short_id(self) -> str:
         """First 8 hex digits of the id: used in host-side names (taps, veths)."""
         return self.instance_id[:8]
+
+
+ID_RANGE_SIZE = 65536  # ids per user-namespace range (uid 0..65535 inside)
+ID_RANGE_MIN = 1 << 24  # no range starts below host uid 16777216
+
+
+CRASH_LOOP_LIMIT = 10  # restarts of a container that keeps failing before the node gives up
+_RESTART_RE = re.compile(r"(no|always|on-failure)(?::([1-9][0-9]{0,2}))?")
+
+
+def restart_rule(policy: str) -> tuple[str, int]:
+    """``no | on-failure[:N] | always`` → (mode, most restarts in a row); SpecError when malformed.
+
+    ``always`` and a bare ``on-failure`` still stop after :data:`CRASH_LOOP_LIMIT`
+    quick failures in a row (a crash loop), as the instance then needs a human.
+    """
+    m = _RESTART_RE.fullmatch(policy) if isinstance(policy, str) else None
+    if m is None or (m.group(2) and m.group(1) != "on-failure"):
+        raise SpecError(f"restart_policy must be no, on-failure[:N] (N 1..999) or always, got {policy!r}")
+    if m.group(1) == "no":
+        return "no", 0
+    return m.group(1), int(m.group(2)) if m.group(2) else CRASH_LOOP_LIMIT
+
+
+def env_problem(name: str, value: str) -> str | None:
+    """Why ``name=value`` cannot be a process environment entry, or None."""
+    if not name:
+        return "an environment variable needs a name"
+    if "=" in name or "\x00" in name:
+        return f"environment variable name {name!r} must not contain '=' or NUL"
+    if "\x00" in value:
+        return f"environment variable {name} has a NUL in its value"
+    return None
 
 
 def stored_spec(data: Mapping[str, Any]) -> InstanceSpec:
@@ -302,6 +402,74 @@ class _AboutInstance:
 
     def __post_init__(self) -> None:
         _check_instance_id(self.instance_id)
+
+
+class Protocol(enum.StrEnum):
+    """Transport protocol of a published port."""
+
+    TCP = "tcp"
+    UDP = "udp"
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """A published port: ``external_address:external_port`` of the node → ``address:port`` of an instance."""
+
+    protocol: Protocol
+    external_address: str
+    external_port: int
+    address: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check_ipv4("external_address", self.external_address)
+        _check_ipv4("address", self.address)
+        for what, port in (("external_port", self.external_port), ("port", self.port)):
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise SpecError(f"{what} must be within 1..65535, got {port!r}")
+
+
+class Direction(enum.StrEnum):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+#: protocols a security group rule can name ("any": every IPv4 packet)
+RULE_PROTOCOLS = ("any", "tcp", "udp", "icmp")
+
+
+@dataclasses.dataclass(frozen=True)
+class SecurityRule:
+    """One allow rule of an instance's security groups, resolved by the portal.
+
+    ``remote`` lists the CIDRs the rule admits (a remote group becomes its
+    members' addresses; ``0.0.0.0/0`` is anyone; empty admits nobody).
+    Ports only with tcp/udp; ``None`` means every port.
+    """
+
+    direction: Direction
+    protocol: str = "any"
+    port_min: int | None = None
+    port_max: int | None = None
+    remote: tuple[str, ...] = ("0.0.0.0/0",)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in RULE_PROTOCOLS:
+            raise SpecError(f"protocol must be one of {', '.join(RULE_PROTOCOLS)}, got {self.protocol!r}")
+        if (self.port_min is None) != (self.port_max is None):
+            raise SpecError("port_min and port_max go together")
+        if self.port_min is not None and self.port_max is not None:
+            if self.protocol not in ("tcp", "udp"):
+                raise SpecError(f"ports need tcp or udp, not {self.protocol}")
+            if not 1 <= self.port_min <= self.port_max <= 65535:
+                raise SpecError(
+                    f"ports must satisfy 1 <= min <= max <= 65535, got {self.port_min}-{self.port_max}"
+                )
+        for cidr in self.remote:
+            try:
+                ipaddress.IPv4Network(cidr)
+            except ValueError:
+                raise SpecError(f"remote must be IPv4 CIDRs, got {cidr!r}") from None
 
 
 # ---------------------------------------------------------------- portal -> node
@@ -355,6 +523,32 @@ class DeleteInstance(_AboutInstance):
     instance_id: str
     kind: Kind
     action_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceForwards(_AboutInstance):
+    """The complete list of an instance's published ports; the node converges to it (empty: none)."""
+
+    TASK: ClassVar[Task] = Task.FORWARDS
+
+    instance_id: str
+    forwards: tuple[Forward, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        keys = [(f.protocol, f.external_address, f.external_port) for f in self.forwards]
+        if len(set(keys)) != len(keys):
+            raise SpecError("an external address and port is published twice")
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceSecurity(_AboutInstance):
+    """The complete, resolved rule list of an instance's security groups; the node converges to it."""
+
+    TASK: ClassVar[Task] = Task.SECURITY
+
+    instance_id: str
+    rules: tuple[SecurityRule, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,6 +671,11 @@ class InventoryItem:
     # counters at the time of the report (0 when the driver could not read them)
     cpu_time_ns: int = 0
     memory_bytes: int = 0
+    # a workload that ended: how (exit code or signal, OOM) and its last output lines
+    exit_code: int | None = None
+    message: str = ""
+    restarts: int = 0  # by the node's restart policy, in a row
+    gave_up: bool = False  # a crash loop: the policy's restarts are used up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,6 +706,8 @@ class NodeReport:
     cached: tuple[str, ...] = ()
     # The node's underlay IPv4 address for VXLAN tunnels; "" when it does not tunnel.
     tunnel_address: str = ""
+    # Why the node's nftables rules differ from what it last loaded ("" when they do not); it reloads them.
+    network_drift: str = ""
 
     def __post_init__(self) -> None:
         if self.tunnel_address:
@@ -522,6 +723,8 @@ NodeRequest = (
     | NetworkSegment
     | ConsoleOpen
     | ExecRequest
+    | InstanceForwards
+    | InstanceSecurity
 )
 #: the tasks a compute node's worker runs (the others run on the portal's control queue)
 NODE_TASKS: tuple[Task, ...] = tuple(cls.TASK for cls in typing.get_args(NodeRequest))
@@ -536,6 +739,8 @@ MESSAGES: dict[Task, type[Any]] = {
         NetworkSegment,
         ConsoleOpen,
         ExecRequest,
+        InstanceForwards,
+        InstanceSecurity,
         Observation,
         NodeReport,
         ConsoleTail,

@@ -19,12 +19,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from compute import fetch
 from compute.config import NodeConfig
-from compute.drivers.base import Driver, DriverError, InstanceNotFound
-from compute.network import bridge, vxlan
+from compute.drivers.base import Driver, DriverError, InstanceInfo, InstanceNotFound
+from compute.network import router
 from compute.spec import (
     MESSAGES,
     Action,
@@ -38,6 +36,9 @@ from compute.spec import (
     ExecRequest,
     ExecResult,
     InstanceAction,
+    InstanceForwards,
+    InstanceSecurity,
+    InstanceSpec,
     InventoryItem,
     Kind,
     NetworkSegment,
@@ -73,8 +74,11 @@ class NodeService:
     ) -> None:
         self.config = config
         self.send = send
-        self.prepare_bridge = prepare_bridge or _prepare_bridge
+        # the real node routes, filters and answers DNS for its networks; fakes only record segments
+        self.router = router.Router(config) if prepare_bridge is None else None
+        self.prepare_bridge = prepare_bridge or self._ensure
         self._drivers: dict[Kind, Driver] = dict(drivers or {})
+        self._exit_marks: frozenset[tuple[str, float]] = frozenset()
         self._pid = os.getpid()
         self._hubs: list[subprocess.Popen[bytes]] = []
 
@@ -84,6 +88,27 @@ class NodeService:
         if kind not in self._drivers:
             self._drivers[kind] = make_driver(kind, self.config)
         return self._drivers[kind]
+
+    def _ensure(self, seg: NetworkSegment) -> None:
+        assert self.router is not None
+        try:
+            self.router.ensure(seg)
+        except router.RouterError as exc:
+            raise DriverError(str(exc)) from exc
+
+    def _attach(self, spec: InstanceSpec) -> None:
+        if self.router is not None:
+            try:
+                self.router.attach(spec)
+            except router.RouterError as exc:
+                raise DriverError(str(exc)) from exc
+
+    def _detach(self, instance_id: str) -> None:
+        if self.router is not None:
+            try:
+                self.router.detach(instance_id)
+            except router.RouterError as exc:
+                raise DriverError(str(exc)) from exc
 
     # ------------------------------------------------------------ receiving
 
@@ -101,6 +126,8 @@ class NodeService:
             Task.ENSURE_NETWORK: self.ensure_network,
             Task.CONSOLE_OPEN: self.console_open,
             Task.EXEC: self.exec,
+            Task.FORWARDS: self.forwards,
+            Task.SECURITY: self.security,
         }
         known = next((t for t in handlers if t == task), None)
         if known is None:
@@ -186,6 +213,7 @@ class NodeService:
         def body(d: Driver) -> PowerState:
             for nic in spec.networks:
                 self.prepare_bridge(nic.segment)
+            self._attach(spec)  # port security is in force before the workload sends a frame
             return d.spawn(spec).power_state
 
         return self._run(spec.instance_id, spec.kind, Action.CREATE, message.action_id, body)
@@ -201,6 +229,32 @@ class NodeService:
             self.prepare_bridge(segment)
         except DriverError as exc:
             log.warning("cannot ensure network %s: %s", segment.network, exc)
+            return False
+        return True
+
+    def forwards(self, message: InstanceForwards) -> bool:
+        """Converge the instance's published ports to the message's complete list.
+
+        No action is in flight (the portal has recorded the ports already), so a
+        failure is logged; the portal's reconcile sees it as rule drift.
+        """
+        if self.router is None:
+            return True
+        try:
+            self.router.set_forwards(message.instance_id, message.forwards)
+        except router.RouterError as exc:
+            log.warning("cannot publish the ports of %s: %s", message.instance_id, exc)
+            return False
+        return True
+
+    def security(self, message: InstanceSecurity) -> bool:
+        """Converge the instance's security group rules (a live change: nothing restarts)."""
+        if self.router is None:
+            return True
+        try:
+            self.router.set_security(message.instance_id, message.rules)
+        except router.RouterError as exc:
+            log.warning("cannot apply the security groups of %s: %s", message.instance_id, exc)
             return False
         return True
 
@@ -277,6 +331,7 @@ class NodeService:
 
         def body(d: Driver) -> PowerState:
             d.destroy(message.instance_id)
+            self._detach(message.instance_id)
             return PowerState.NOSTATE
 
         return self._run(message.instance_id, message.kind, Action.DELETE, message.action_id, body)
@@ -289,6 +344,28 @@ class NodeService:
         state = self.config.state_dir
         return sorted(set(ImageCache(state / "images").digests()) | set(LayerStore(state).layers()))
 
+    def supervise(self) -> bool:
+        """Apply restart policies of ended containers; True when one was restarted or given up."""
+        try:
+            driver = self.driver(Kind.CONTAINER)
+            supervise = getattr(driver, "supervise", None)  # only the container driver has one
+            return bool(supervise()) if callable(supervise) else False
+        except Exception:
+            log.exception("container supervision failed")
+            return False
+
+    def exits_changed(self) -> bool:
+        """Whether a container ended since the last call (the heartbeat then reports at once)."""
+        try:
+            driver = self.driver(Kind.CONTAINER)
+            marks_of = getattr(driver, "exit_marks", None)  # only the container driver has them
+            marks: frozenset[tuple[str, float]] = marks_of() if callable(marks_of) else frozenset()
+        except Exception:  # a broken driver shows in the next heartbeat's health instead
+            return False
+        changed = marks != self._exit_marks and bool(marks - self._exit_marks)
+        self._exit_marks = marks
+        return changed
+
     def report(self) -> NodeReport:
         """Capacity, driver health and capabilities, and inventory, sent as the node's heartbeat."""
         drivers: list[DriverStatus] = []
@@ -300,7 +377,7 @@ class NodeService:
                 capabilities = driver.capabilities
                 ok, why = driver.health()
                 if ok:
-                    inventory += [_item(driver, kind, i.instance_id, i.power_state) for i in driver.list()]
+                    inventory += [_item(driver, kind, i) for i in driver.list()]
             except Exception as exc:  # a broken driver is reported, never fatal to the heartbeat
                 ok, why = False, f"{type(exc).__name__}: {exc}"
             drivers.append(DriverStatus(kind, ok, why, capabilities))
@@ -316,9 +393,23 @@ class NodeService:
             sent_at=time.time(),
             cached=tuple(self.cached()),
             tunnel_address=self.config.tunnel_address,
+            network_drift=self._network_drift(),
         )
         self.send(report.TASK, to_json(report))
         return report
+
+    def _network_drift(self) -> str:
+        """Rule drift since the last load, repaired by loading the desired rules again."""
+        if self.router is None:
+            return ""
+        try:
+            drift = self.router.drift()
+            if drift:
+                log.warning("%s; loading them again", drift)
+                self.router.converge()
+        except router.RouterError as exc:
+            return f"{drift or 'rules'}; reloading failed: {exc}"[:255]
+        return drift[:255]
 
 
 def _stop(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:
@@ -355,36 +446,33 @@ _ACTIONS: dict[Action, Callable[[NodeService, Driver, InstanceAction], PowerStat
 
 
 def _prepare_bridge(seg: NetworkSegment) -> None:
-    """Create the tenant bridge with this node's address on it, then its VXLAN device and peers.
-
-    A segment without a local tunnel address stays on this node's bridge.
-    Peers are only added here, never removed: creates and ensures for one
-    network may be handled out of order (two worker processes), and a stale
-    peer list must not cut off a node that joined since.  A peer that no
-    longer carries the network only receives copies of broadcast frames.
-    """
+    """The network's devices only (bridge, addresses, VXLAN), as a driver error on failure."""
     try:
-        bridge.ensure_bridge(seg.bridge, seg.mtu, address=seg.host_address, exclusive=True)
-    except (bridge.NetworkError, NetlinkError, OSError) as exc:
-        raise DriverError(f"cannot prepare bridge {seg.bridge}: {exc}") from exc
-    if seg.vni is None or seg.tunnel_local is None:
-        return
-    try:
-        vxlan.ensure_vxlan(seg.vni, seg.tunnel_local, seg.bridge, seg.mtu)
-        vxlan.set_peers(seg.vni, seg.tunnel_peers, prune=False)
-    except (bridge.NetworkError, NetlinkError, OSError) as exc:
-        raise DriverError(f"cannot prepare VXLAN {seg.vni} of {seg.network}: {exc}") from exc
+        router.prepare_devices(seg)
+    except router.RouterError as exc:
+        raise DriverError(str(exc)) from exc
 
 
-def _item(driver: Driver, kind: Kind, instance_id: str, state: PowerState) -> InventoryItem:
-    """An inventory entry with the workload's counters when they can be read."""
+def _item(driver: Driver, kind: Kind, info: InstanceInfo) -> InventoryItem:
+    """An inventory entry with the workload's counters when they can be read, or how it ended."""
+    instance_id, state = info.instance_id, info.power_state
     if state != PowerState.RUNNING:
-        return InventoryItem(instance_id, kind, state)
+        return InventoryItem(
+            instance_id,
+            kind,
+            state,
+            exit_code=info.exit_code,
+            message=info.message[:1000],
+            restarts=info.restarts,
+            gave_up=info.gave_up,
+        )
     try:
         stats = driver.stats(instance_id)
     except DriverError:
-        return InventoryItem(instance_id, kind, state)
-    return InventoryItem(instance_id, kind, state, stats.cpu_time_ns, stats.memory_bytes)
+        return InventoryItem(instance_id, kind, state, restarts=info.restarts)
+    return InventoryItem(
+        instance_id, kind, state, stats.cpu_time_ns, stats.memory_bytes, restarts=info.restarts
+    )
 
 
 def _mem_total_mb() -> int:

@@ -71,13 +71,28 @@ def _heartbeat_loop(parent: int) -> None:
     # worker this child is not: terminate() did nothing, and every stop waited for join() in vain.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    next_beat = 0.0
+    last = 0.0
+    pending = False
     while os.getppid() == parent:
-        try:
-            service.report()
-        except Exception:  # keep beating; the portal marks the node down if beats stop
-            log.exception("heartbeat failed")
-        time.sleep(config.heartbeat_seconds)
+        # A container that ended (conmon wrote its exit file) is reported at once, with its exit
+        # code or signal and last output, instead of at the next regular beat; exits first, then
+        # the restart policies (which may have restarted or given up on some).  A burst of exits
+        # (a mass delete) is folded into one report per EXIT_REPORT_GAP.
+        pending = service.exits_changed() | service.supervise() | pending
+        now = time.monotonic()
+        if now >= next_beat or (pending and now - last >= EXIT_REPORT_GAP):
+            try:
+                service.report()
+            except Exception:  # keep beating; the portal marks the node down if beats stop
+                log.exception("heartbeat failed")
+            last, pending = time.monotonic(), False
+            next_beat = last + config.heartbeat_seconds
+        time.sleep(EXIT_POLL_SECONDS)
 
+
+EXIT_POLL_SECONDS = 0.2  # how soon a container's exit reaches the portal
+EXIT_REPORT_GAP = 0.5  # at most two early reports a second
 
 _beater: list[multiprocessing.process.BaseProcess] = []
 

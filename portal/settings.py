@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "portal.cloud",
     "portal.audit",
     "portal.images",
+    "portal.metering",
     "portal.web",
     "portal.console",
 ]
@@ -60,6 +61,7 @@ MIDDLEWARE = [
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "portal.audit.middleware.AuditMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",  # the browser's language (Accept-Language)
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -109,7 +111,10 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
-LANGUAGE_CODE = "en-us"
+LANGUAGE_CODE = "en"
+#: the UI's languages; the catalogues are in locale/ and compiled by the Makefile (msgfmt)
+LANGUAGES = [("en", "English"), ("de", "Deutsch")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
@@ -305,6 +310,8 @@ SKYPORT_CONSOLE_TICKET_SECONDS = env.seconds("SKYPORT_CONSOLE_TICKET_SECONDS", 3
 SKYPORT_CONSOLE_IDLE_SECONDS = env.seconds("SKYPORT_CONSOLE_IDLE_SECONDS", 900)
 SKYPORT_CONSOLE_WS_URL = os.environ.get("SKYPORT_CONSOLE_WS_URL", "").rstrip("/")
 SKYPORT_EXEC_MAX_SECONDS = env.seconds("SKYPORT_EXEC_MAX_SECONDS", 120)
+# Metering (docs/metering.md): samples farther apart than this many heartbeats leave a gap.
+SKYPORT_METERING_GAP_BEATS = env.integer("SKYPORT_METERING_GAP_BEATS", 3, minimum=1)
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "portal.sweep", "schedule": env.seconds("SKYPORT_SWEEP_SECONDS", 5)},
     # stuck imports, upload leftovers, unreferenced blobs
@@ -312,6 +319,8 @@ CELERY_BEAT_SCHEDULE = {
         "task": "portal.images.sweep",
         "schedule": env.seconds("SKYPORT_IMAGE_SWEEP_SECONDS", 300),
     },
+    # budget warnings at 80 % and 100 % of each tenant's monthly budget
+    "budgets": {"task": "portal.metering.budgets", "schedule": env.seconds("SKYPORT_BUDGET_SECONDS", 600)},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Beat marks every task it sends in <schedule>.sent; the file's age says whether it still sends

@@ -44,6 +44,8 @@ class InstanceInfo:
     oom_killed: bool = False
     started_at: float | None = None
     message: str = ""
+    restarts: int = 0
+    gave_up: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ def meta_data(spec: InstanceSpec) -> str:
 
 
 def network_config(spec: InstanceSpec) -> str:
-    """network-config version 2: static addresses, NICs matched by MAC."""
+    """network-config version 2: static addresses, NICs matched by MAC, gateway route and resolvers."""
     ethernets: dict[str, Any] = {}
     for i, net in enumerate(spec.networks):
         eth: dict[str, Any] = {
@@ -38,6 +38,8 @@ def network_config(spec: InstanceSpec) -> str:
             # keyword ("Address default is not a valid ip network"), fails its init-local stage
             # and leaves the NIC down.
             eth["routes"] = [{"to": "0.0.0.0/0", "via": net.gateway}]
+        if net.dns:
+            eth["nameservers"] = {"addresses": list(net.dns)}
         ethernets[f"eth{i}"] = eth
     return json.dumps({"version": 2, "ethernets": ethernets}, indent=2) + "\n"
 

@@ -5,13 +5,17 @@ Layout under ``<state_dir>/containers``::
     crun/                 crun --root (this driver's containers only)
     locks/<cid>           per-instance flock
     <cid>/spec.json       the InstanceSpec; written last by spawn (marks "exists")
-    <cid>/bundle/         config.json + rootfs/ (overlay mount point)
-    <cid>/upper, work/    the container's private overlay layers
+    <cid>/bundle/         config.json (written at each launch) + rootfs/ (overlay mount point)
+    <cid>/upper, work/    the container's private overlay layers, owned by its id range
+    <cid>/lowerdir        the image's layer directories, top first, one a line
     <cid>/console.log     stdout+stderr (conmon passthrough), kept after exit
     <cid>/conmon/exit     exit code written by conmon (survives worker restarts)
     <cid>/result.json     exit code + OOM verdict, saved before the cgroup goes
 
-``cid`` is ``sky-<instance_id>``.  The overlay rootfs and the netns bind
+``cid`` is ``sky-<instance_id>``.  Each container runs in a user namespace
+whose root is host uid ``id_base`` (one range per tenant); the image layers
+are overlay lowers through idmapped mounts (:mod:`compute.idmap`), so they
+are shared and never copied or chowned.  The overlay rootfs and the netns bind
 mount exist in the worker's private mount namespace only while crun creates
 the container; crun's mount namespace keeps its own copy, so the worker's
 mount table stays small whatever the density.  The network namespace then
@@ -27,6 +31,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -39,7 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from compute import cgroups, nsenv
+from compute import cgroups, idmap, nsenv, passwd
 from compute.config import NodeConfig
 from compute.drivers import conmon
 from compute.drivers.base import (
@@ -57,20 +62,39 @@ from compute.layers import ImageError, LayerStore, UnpackedImage
 from compute.network import veth
 from compute.network.bridge import NetworkError
 from compute.oci import BundleSpec, runtime_config
-from compute.spec import Capability, ImageFormat, InstanceSpec, Kind, PowerState, stored_spec, to_json
+from compute.spec import (
+    ID_RANGE_SIZE,
+    Capability,
+    ImageFormat,
+    InstanceSpec,
+    Kind,
+    PowerState,
+    restart_rule,
+    stored_spec,
+    to_json,
+)
 
-UID_BASE = 1_000_000
-UID_SPAN = 1_000_000
 CGROUP_PARENT = "skyport"
+CRASH_WINDOW = 10.0  # seconds: a container that ends sooner after its start counts as crashing
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LEGACY_ID_BASE = 1 << 31  # ranges for specs stored before InstanceSpec.id_base
+LEGACY_RANGES = (2**32 - LEGACY_ID_BASE) // ID_RANGE_SIZE - 1
 
 
 def container_id(instance_id: str) -> str:
     return f"sky-{instance_id}"
 
 
-def container_uid(instance_id: str) -> int:
-    """Unprivileged uid/gid of a container, fixed by its id (1000000-1999999)."""
-    return UID_BASE + int(instance_id.replace("-", "")[:12], 16) % UID_SPAN
+def id_base(spec: InstanceSpec) -> int:
+    """Host uid/gid of the container's root: the tenant's range (docs/container-driver.md).
+
+    The portal sends it; a spec stored before it did gets a range derived
+    from the tenant's slug, in the upper half of the id space.
+    """
+    if spec.id_base:
+        return spec.id_base
+    digest = hashlib.sha256(spec.tenant.encode()).digest()
+    return LEGACY_ID_BASE + int.from_bytes(digest[:4], "big") % LEGACY_RANGES * ID_RANGE_SIZE
 
 
 def cgroups_path(instance_id: str) -> str:
@@ -128,6 +152,19 @@ class _Paths:
     @property
     def started(self) -> Path:
         return self.root / "started"
+
+    @property
+    def stopped(self) -> Path:
+        """Marker: stopped on purpose (or its policy is done with it): the supervisor leaves it alone."""
+        return self.root / "stopped"
+
+    @property
+    def restarts(self) -> Path:
+        return self.root / "restarts"
+
+    @property
+    def gave_up(self) -> Path:
+        return self.root / "gave_up"
 
 
 class ContainerDriver(Driver):
@@ -203,27 +240,50 @@ class ContainerDriver(Driver):
             raise DriverError(f"cannot unpack image {spec.image.name}: {exc}") from exc
 
     def _bundle_spec(self, spec: InstanceSpec, image: UnpackedImage, paths: _Paths) -> BundleSpec:
-        args = spec.command or (image.config.entrypoint + image.config.cmd)
+        """config.json's inputs: image config, then the spec's overrides; user resolved in the rootfs."""
+        cfg = image.config
+        args = spec.command or (cfg.entrypoint + cfg.cmd)
         if not args:
             raise DriverError(f"image {spec.image.name} has no command and the spec gives none")
-        env = dict(image.config.env)
-        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        try:
+            user = passwd.resolve(paths.rootfs, spec.user or cfg.user)
+        except passwd.UnknownUser as exc:
+            raise DriverError(f"cannot run {spec.name}: {exc}") from exc
+        if not (user.uid < ID_RANGE_SIZE and user.gid < ID_RANGE_SIZE):
+            raise DriverError(
+                f"cannot run {spec.name}: user {user.uid}:{user.gid} is above {ID_RANGE_SIZE - 1}"
+            )
+        env = {"PATH": DEFAULT_PATH, "HOME": user.home}
+        env.update(dict(cfg.env))
         env.update(dict(spec.env))
         env["HOSTNAME"] = spec.hostname
-        uid = container_uid(spec.instance_id)
         return BundleSpec(
             hostname=spec.hostname,
             args=tuple(args),
             env=tuple(env.items()),
-            uid=uid,
-            gid=uid,
+            uid=user.uid,
+            gid=user.gid,
+            additional_gids=user.additional_gids,
+            id_base=id_base(spec),
             cgroups_path=cgroups_path(spec.instance_id),
             memory_bytes=spec.ram_mb * 1024 * 1024,
             cpu_quota_percent=spec.cpu_quota_percent,
             pids_limit=spec.pids_limit,
-            cwd=image.config.working_dir,
-            netns_path=str(paths.netns) if spec.networks else None,
+            cwd=spec.workdir or cfg.working_dir,
+            netns_path=None,  # a new one, wired after create (see _launch)
+            resolv_conf=self._resolv_conf(spec, paths),
         )
+
+    @staticmethod
+    def _resolv_conf(spec: InstanceSpec, paths: _Paths) -> str | None:
+        """The container's resolv.conf (its networks' resolvers), written beside the bundle."""
+        servers = list(dict.fromkeys(s for nic in spec.networks for s in nic.dns))
+        if not servers:
+            return None
+        path = paths.root / "resolv.conf"
+        path.write_text("".join(f"nameserver {s}\n" for s in servers))
+        path.chmod(0o644)
+        return str(path)
 
     def _pid(self, paths: _Paths, instance_id: str) -> int | None:
         """PID 1 of the container if it is alive and in our cgroup."""
@@ -280,7 +340,10 @@ class ContainerDriver(Driver):
         if pid is not None:
             frozen = cgroups.frozen(self.fs, cgroups_path(instance_id))
             state = PowerState.PAUSED if frozen else PowerState.RUNNING
-            return InstanceInfo(instance_id, self.kind, state, pid=pid, started_at=started_at)
+            restarts = read_int(paths.restarts) or 0
+            return InstanceInfo(
+                instance_id, self.kind, state, pid=pid, started_at=started_at, restarts=restarts
+            )
         result = self._record_result(paths, instance_id)
         code = result.get("exit_code")
         oom = bool(result.get("oom_killed", False))
@@ -298,8 +361,16 @@ class ContainerDriver(Driver):
         if oom:
             message = "killed by the kernel: out of memory (memory limit reached)"
         elif code is not None:
-            message = f"exited with code {code}"
-        state = PowerState.CRASHED if oom else PowerState.SHUTDOWN
+            message = exit_reason(code)
+        restarts = read_int(paths.restarts) or 0
+        gave_up = paths.gave_up.exists()
+        if gave_up:
+            message = f"crash loop: gave up after {restarts} restarts; {message}"
+        if message:
+            last = last_lines(paths.log)
+            if last:
+                message = f"{message}; last output: {last}"
+        state = PowerState.CRASHED if oom or gave_up else PowerState.SHUTDOWN
         return InstanceInfo(
             instance_id,
             self.kind,
@@ -308,6 +379,8 @@ class ContainerDriver(Driver):
             oom_killed=oom,
             started_at=started_at,
             message=message,
+            restarts=restarts,
+            gave_up=gave_up,
         )
 
     # ------------------------------------------------------------- lifecycle
@@ -348,9 +421,10 @@ class ContainerDriver(Driver):
                 undo.callback(self._teardown, paths, spec.instance_id)
                 for d in (paths.rootfs, paths.upper, paths.work, paths.conmon):
                     d.mkdir(parents=True, mode=0o755)
-                bundle = self._bundle_spec(spec, image, paths)
-                (paths.bundle / "config.json").write_text(json.dumps(runtime_config(bundle), indent=1))
-                (paths.root / "lowerdir").write_text(image.lowerdir)
+                # The container's root owns its private layer (the rootfs' "/").
+                base = id_base(spec)
+                os.chown(paths.upper, base, base)
+                (paths.root / "lowerdir").write_text("\n".join(str(p) for p in reversed(image.layers)))
                 tmp = paths.spec.with_suffix(".tmp")
                 tmp.write_text(json.dumps(to_json(spec)))
                 os.replace(tmp, paths.spec)  # from here on the instance exists
@@ -362,30 +436,36 @@ class ContainerDriver(Driver):
     def _launch(self, paths: _Paths, spec: InstanceSpec) -> InstanceInfo:
         """Mount, wire, create under conmon, start; undo all of it on failure."""
         cid = container_id(spec.instance_id)
-        for stale in (paths.exit, paths.pidfile, paths.result):
+        for stale in (paths.exit, paths.pidfile, paths.result, paths.stopped):
             stale.unlink(missing_ok=True)
         if (self.crun_root / cid).exists():  # crun's own state dir: a stopped container
             self._runtime("delete", "--force", cid, check=False)
         self.fs.remove(cgroups_path(spec.instance_id))
         with contextlib.ExitStack() as transient, contextlib.ExitStack() as undo:
             if not nsenv.is_mountpoint(paths.rootfs):
-                lower = (paths.root / "lowerdir").read_text()
-                opts = f"lowerdir={lower},upperdir={paths.upper},workdir={paths.work}"
-                nsenv.mount("overlay", paths.rootfs, "overlay", nsenv.MS_NODEV, opts)
+                self._mount_rootfs(paths, id_base(spec))
             transient.callback(_umount_quiet, paths.rootfs)
-            if spec.networks:
-                try:
-                    veth.create_netns(paths.netns, spec.short_id, spec.networks)
-                except (NetworkError, OSError) as exc:
-                    raise DriverError(f"cannot set up the network of {spec.name}: {exc}") from exc
-                transient.callback(veth.release_netns, paths.netns)
-                hosts = [veth.host_ifname(spec.short_id, i) for i in range(len(spec.networks))]
-                undo.callback(veth.delete_links, hosts)
+            bundle = self._bundle_spec(spec, self._image(spec), paths)
+            try:
+                config = runtime_config(bundle)
+            except ValueError as exc:
+                raise DriverError(f"cannot run {spec.name}: {exc}") from exc
+            (paths.bundle / "config.json").write_text(json.dumps(config, indent=1))
             undo.callback(self._runtime, "delete", "--force", cid, check=False)
             undo.callback(self.fs.remove, cgroups_path(spec.instance_id))
             conmon.create(
                 self.runtime, self.crun_root, cid, paths.bundle, paths.conmon, paths.pidfile, paths.log
             )
+            if spec.networks:
+                # crun made the netns inside the container's user namespace (its
+                # root mounts its own sysfs there); wire it before PID 1 starts.
+                hosts = [veth.host_ifname(spec.short_id, i) for i in range(len(spec.networks))]
+                undo.callback(veth.delete_links, hosts)
+                try:
+                    pid = int(paths.pidfile.read_text().strip())
+                    veth.wire_netns(f"/proc/{pid}/ns/net", spec.short_id, spec.networks)
+                except (NetworkError, OSError, ValueError) as exc:
+                    raise DriverError(f"cannot set up the network of {spec.name}: {exc}") from exc
             paths.started.touch()
             self._start_created(cid)
             undo.pop_all()
@@ -393,6 +473,32 @@ class ContainerDriver(Driver):
         if info.power_state not in (PowerState.RUNNING, PowerState.SHUTDOWN):
             raise DriverError(f"container {spec.name} did not start: {info.message}")
         return info
+
+    def _mount_rootfs(self, paths: _Paths, base: int) -> None:
+        """overlay(idmapped image layers, private upper) on ``bundle/rootfs``.
+
+        Every path is given as ``/proc/self/fd/<n>`` (idmapped layer clones,
+        upper and work dirs opened ``O_PATH``): overlay shows the strings it
+        was given in mountinfo, so the container never sees a node path.
+        """
+        text = (paths.root / "lowerdir").read_text()
+        layers = text.split("\n") if "\n" in text or not text.count(":") else text.split(":")
+        fds: list[int] = []
+        try:
+            for layer in layers:
+                fds.append(idmap.open_idmapped(Path(layer), base))
+            upper = os.open(paths.upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds.append(upper)
+            work = os.open(paths.work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds.append(work)
+            lower = ":".join(f"/proc/self/fd/{fd}" for fd in fds[:-2])
+            opts = f"lowerdir={lower},upperdir=/proc/self/fd/{upper},workdir=/proc/self/fd/{work}"
+            nsenv.mount("overlay", paths.rootfs, "overlay", nsenv.MS_NODEV, opts)
+        except OSError as exc:
+            raise DriverError(f"cannot mount the root file system of {paths.root.name}: {exc}") from exc
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _start_created(self, cid: str) -> None:
         """``crun start``, without its exec when possible.
@@ -425,11 +531,14 @@ class ContainerDriver(Driver):
             info = self._info(paths, instance_id)
             if info.power_state in (PowerState.RUNNING, PowerState.PAUSED):
                 return info
+            for marker in (paths.stopped, paths.gave_up, paths.restarts):  # a new run, a new count
+                marker.unlink(missing_ok=True)
             return self._launch(paths, spec)
 
     def stop(self, instance_id: str, timeout: float = 30.0, force: bool = False) -> InstanceInfo:
         with self._locked(instance_id) as paths:
             self._load_spec(paths)
+            paths.stopped.touch()  # before the signal: the supervisor must not restart it
             self._stop(paths, instance_id, timeout, force)
             return self._info(paths, instance_id)
 
@@ -440,9 +549,10 @@ class ContainerDriver(Driver):
             with conmon.pidfd(pid) as pidfd:
                 if pidfd is not None:
                     # A namespace's PID 1 never gets signals it has no handler
-                    # for: without a SIGTERM handler waiting would be pointless.
-                    if not force and conmon.handles(pid, signal.SIGTERM):
-                        conmon.send(pidfd, signal.SIGTERM)
+                    # for: without a handler for the stop signal waiting would be pointless.
+                    sig = self._stop_signal(paths)
+                    if not force and conmon.handles(pid, sig):
+                        conmon.send(pidfd, sig)
                         _thaw_quiet(self.fs, cg)
                         select.select([pidfd], [], [], max(timeout, 0.0))
                     conmon.send(pidfd, signal.SIGKILL)
@@ -457,6 +567,14 @@ class ContainerDriver(Driver):
             self._runtime("delete", "--force", container_id(instance_id), check=False)
             self.fs.remove(cgroups_path(instance_id))
             nsenv.forget_unified(cgroups_path(instance_id))
+
+    def _stop_signal(self, paths: _Paths) -> signal.Signals:
+        """The image's StopSignal (``SIGQUIT``, ``QUIT`` or ``3``), else SIGTERM."""
+        try:
+            name = self._image(self._load_spec(paths)).config.stop_signal.upper()
+        except (DriverError, InstanceNotFound):
+            return signal.SIGTERM
+        return stop_signal(name)
 
     def reboot(self, instance_id: str) -> InstanceInfo:
         with self._locked(instance_id) as paths:
@@ -548,6 +666,72 @@ class ContainerDriver(Driver):
                     out.append(self._info(_Paths(d), iid))
         return out
 
+    def supervise(self, now: float | None = None) -> tuple[str, ...]:
+        """Apply each ended container's restart policy; return the ids restarted or given up.
+
+        Restarts back off (0.25 s doubling, at most 8 s after the exit); a
+        container that ran 10 s or more before it ended starts a new count.
+        When the policy's restarts are used up the container stays down,
+        ``crashed``, with the last exit code and output in its message.
+        """
+        now = time.time() if now is None else now
+        acted = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.base):
+                iid = entry.name.removeprefix("sky-")
+                if not (entry.name.startswith("sky-") and is_instance_id(iid)):
+                    continue
+                paths = _Paths(Path(entry.path))
+                if not paths.exit.exists() or paths.stopped.exists() or paths.gave_up.exists():
+                    continue
+                with contextlib.suppress(InstanceNotFound, DriverError, OSError):
+                    if self._supervise_one(paths, iid, now):
+                        acted.append(iid)
+        return tuple(acted)
+
+    def _supervise_one(self, paths: _Paths, instance_id: str, now: float) -> bool:
+        # Under the instance lock: an action (stop, destroy) may be on this container right now,
+        # and nothing may be written into a directory that a destroy is removing.
+        with self._locked(instance_id) as locked:
+            if not locked.spec.exists() or not locked.exit.exists() or locked.stopped.exists():
+                return False
+            if self._pid(locked, instance_id) is not None:
+                return False  # started again meanwhile
+            spec = self._load_spec(locked)
+            mode, limit = restart_rule(spec.restart_policy)
+            code = self._exit_code(locked)
+            if mode == "no" or code is None or (mode == "on-failure" and code == 0):
+                locked.stopped.touch()  # the policy is done with it: skip it from now on
+                return False
+            exited = locked.exit.stat().st_mtime
+            started = mtime(locked.started) or exited
+            restarts = read_int(locked.restarts) or 0
+            if exited - started >= CRASH_WINDOW:
+                restarts = 0  # it ran a good while: not a crash loop
+            if restarts >= limit:
+                locked.gave_up.touch()
+                return True
+            if now < exited + min(0.25 * 2**restarts, 8.0):
+                return False  # backing off
+            self._stop(locked, instance_id, timeout=0.0, force=True)  # crun delete, cgroup gone
+            locked.restarts.write_text(str(restarts + 1))
+            self._launch(locked, spec)
+        return True
+
+    def exit_marks(self) -> frozenset[tuple[str, float]]:
+        """(container, time) of every exit file conmon has written: a change means a container ended.
+
+        Cheap enough to poll several times a second (one ``stat`` per container),
+        so the node reports an exit at once, not at the next heartbeat.
+        """
+        marks = set()
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.base):
+                if entry.name.startswith("sky-"):
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                        marks.add((entry.name, os.stat(os.path.join(entry.path, "conmon", "exit")).st_mtime))
+        return frozenset(marks)
+
     def stats(self, instance_id: str) -> Stats:
         paths = self._paths(instance_id)
         spec = self._load_spec(paths)
@@ -583,6 +767,33 @@ class ContainerDriver(Driver):
 
 
 # ---------------------------------------------------------------- utilities
+
+
+def exit_reason(code: int) -> str:
+    """``exited with code 3`` or ``killed by SIGKILL (exit code 137)``."""
+    if code > 128:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(code - 128).name} (exit code {code})"
+    return f"exited with code {code}"
+
+
+def last_lines(log: Path, lines: int = 5, max_chars: int = 600) -> str:
+    """The last few lines of a container's output, joined by `` | `` (for reasons and events)."""
+    text = tail(log, 8192) or ""
+    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    out = " | ".join(kept)
+    return out[-max_chars:]
+
+
+def stop_signal(name: str) -> signal.Signals:
+    """A StopSignal value as a signal; SIGTERM when empty or unknown."""
+    name = name.strip().upper()
+    try:
+        if name.isdigit():
+            return signal.Signals(int(name))
+        return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+    except (KeyError, ValueError):
+        return signal.SIGTERM
 
 
 def _umount_quiet(path: Path) -> None:

@@ -28,13 +28,22 @@ def _index(ipr: IPRoute, name: str) -> int | None:
     return int(found[0]) if found else None
 
 
-def ensure_bridge(name: str, mtu: int = 1500, address: str | None = None, exclusive: bool = False) -> int:
+def ensure_bridge(
+    name: str,
+    mtu: int = 1500,
+    address: str | None = None,
+    exclusive: bool = False,
+    gateway: str | None = None,
+) -> int:
     """Create bridge ``name`` if missing, bring it up, return its ifindex.
 
     Idempotent.  ``address`` (``198.18.0.1/24``) is added to the bridge if
     given and not present yet; with ``exclusive`` every other IPv4 address
     on the bridge is removed (the node's address on a network can change,
     e.g. from the shared ``.1`` of single-node days to its own).
+    ``gateway`` (the network's anycast gateway) is kept as a second address,
+    added after ``address`` so the node's own address stays primary (the
+    source of the node's ARP requests, which must cross the tunnel).
     """
     with host_lock(), IPRoute() as ipr:
         idx = _index(ipr, name)
@@ -49,20 +58,28 @@ def ensure_bridge(name: str, mtu: int = 1500, address: str | None = None, exclus
                 raise NetworkError(f"bridge {name} vanished after creation")
         ipr.link("set", index=idx, mtu=mtu, state="up")
         if address:
-            iface = ipaddress.ip_interface(address)
             have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
-            want = (str(iface.ip), iface.network.prefixlen)
+            wanted = [_pair(a) for a in (address, gateway) if a]
             if exclusive:
-                for ip, prefixlen in sorted(have - {want}):
+                for ip, prefixlen in sorted(have - set(wanted)):
                     if ipaddress.ip_address(ip).version == 4:
                         ipr.addr("del", index=idx, address=ip, prefixlen=prefixlen)
-            if want not in have:
+                # deleting a primary address deletes its secondaries too (promote_secondaries=0)
+                have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
+            for ip, prefixlen in wanted:
+                if (ip, prefixlen) in have:
+                    continue
                 try:
-                    ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+                    ipr.addr("add", index=idx, address=ip, prefixlen=prefixlen)
                 except NetlinkError as exc:
                     if exc.code != EEXIST:  # added meanwhile by someone outside our lock: as wanted
-                        raise NetworkError(f"cannot add {address} to bridge {name}: {exc}") from exc
+                        raise NetworkError(f"cannot add {ip}/{prefixlen} to bridge {name}: {exc}") from exc
         return idx
+
+
+def _pair(address: str) -> tuple[str, int]:
+    iface = ipaddress.ip_interface(address)
+    return str(iface.ip), iface.network.prefixlen
 
 
 def delete_bridge(name: str) -> None:

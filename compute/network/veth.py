@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -53,22 +53,50 @@ def create_netns(netns_path: Path, short_id: str, nics: Sequence[NetworkAttachme
 
     On failure nothing is left: no bind mount, no namespace, no veth.
     """
+    netns_path.touch(mode=0o600)
+
+    def enter() -> None:
+        nsenv.unshare(nsenv.CLONE_NEWNET)
+        nsenv.mount(
+            f"/proc/{os.getpid()}/task/{threading.get_native_id()}/ns/net", netns_path, None, nsenv.MS_BIND
+        )
+
+    try:
+        return _wire(enter, short_id, nics)
+    except BaseException:
+        release_netns(netns_path)
+        raise
+
+
+def wire_netns(netns: str, short_id: str, nics: Sequence[NetworkAttachment]) -> list[str]:
+    """Wire the existing network namespace ``netns`` (e.g. ``/proc/<pid>/ns/net``); return host veths.
+
+    The container driver lets crun make the namespace inside the container's
+    user namespace (so the container can mount its own sysfs) and wires it
+    here between ``crun create`` and start.  On failure no veth is left.
+    """
+
+    def enter() -> None:
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            nsenv.setns(fd, nsenv.CLONE_NEWNET)
+        finally:
+            os.close(fd)
+
+    return _wire(enter, short_id, nics)
+
+
+def _wire(enter: Callable[[], None], short_id: str, nics: Sequence[NetworkAttachment]) -> list[str]:
     hosts = [host_ifname(short_id, i) for i in range(len(nics))]
     for nic in nics:
         ensure_bridge_fast(nic.bridge, nic.mtu)
-    netns_path.touch(mode=0o600)
     error: list[BaseException] = []
 
     def inside() -> None:
         host_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
         try:
-            nsenv.unshare(nsenv.CLONE_NEWNET)
-            nsenv.mount(
-                f"/proc/{os.getpid()}/task/{threading.get_native_id()}/ns/net",
-                netns_path,
-                None,
-                nsenv.MS_BIND,
-            )
+            enter()
+            _container_sysctls()
             with IPRoute() as ipr:
                 _wire_inside(ipr, nics, hosts, host_fd)
         except BaseException as exc:
@@ -90,10 +118,25 @@ def create_netns(netns_path: Path, short_id: str, nics: Sequence[NetworkAttachme
                     raise NetworkError(f"veth {host} or bridge {nic.bridge} missing after creation")
                 ipr.link("set", index=found[0], master=bridge[0], mtu=nic.mtu, state="up")
     except BaseException:
-        release_netns(netns_path)
         delete_links(hosts)
         raise
     return hosts
+
+
+# Per-netns sysctls of a container's namespace (this thread is inside it;
+# /proc/sys/net is the calling thread's netns).  As Docker does: every port is
+# unprivileged and ICMP echo sockets are allowed, so a non-root user inside can
+# bind :80 or ping without NET_BIND_SERVICE or NET_RAW.
+_NETNS_SYSCTLS = (
+    ("net/ipv4/ip_unprivileged_port_start", "0"),
+    ("net/ipv4/ping_group_range", "0 2147483647"),
+)
+
+
+def _container_sysctls() -> None:
+    for key, value in _NETNS_SYSCTLS:
+        with open(f"/proc/sys/{key}", "w") as fh:
+            fh.write(value)
 
 
 def ensure_bridge_fast(name: str, mtu: int) -> None:

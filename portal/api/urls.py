@@ -1,4 +1,4 @@
-from django.urls import include, path
+from django.urls import include, path, re_path
 from rest_framework.routers import DefaultRouter
 
 from portal.audit.api.views import EventViewSet
@@ -7,8 +7,12 @@ from portal.cloud.api.views import (
     FlavorViewSet,
     InstanceViewSet,
     NetworkViewSet,
+    PublishedPortViewSet,
+    SecurityGroupRuleViewSet,
+    SecurityGroupViewSet,
 )
 from portal.images.api.views import ImageViewSet, blob, node_upload
+from portal.metering.api.views import BudgetViewSet, PriceSheetViewSet, UsageViewSet
 from portal.tenancy.api.views import (
     APITokenViewSet,
     MembershipViewSet,
@@ -28,10 +32,28 @@ router.register("nodes", ComputeNodeViewSet)
 router.register("instances", InstanceViewSet)
 router.register("events", EventViewSet)
 router.register("networks", NetworkViewSet)
+router.register("published-ports", PublishedPortViewSet)
+router.register("security-groups", SecurityGroupViewSet)
+router.register("security-group-rules", SecurityGroupRuleViewSet)
 router.register("images", ImageViewSet)
+router.register("usage", UsageViewSet, basename="usage")
+router.register("prices", PriceSheetViewSet)
+router.register("budgets", BudgetViewSet)
 
 urlpatterns = [
     path("blobs/uploads/<int:image_id>", node_upload, name="node-upload"),
+    # `curl -T FILE ".../images/ID/file/?type=..."` appends FILE's name to a path ending in "/":
+    # accept that form too (the name is ignored), so the README's one-liner works as written
+    re_path(
+        r"^images/(?P<pk>[^/.]+)/file/(?:[^/]+)$",
+        ImageViewSet.as_view(
+            {"put": "upload"},
+            parser_classes=ImageViewSet.upload.kwargs["parser_classes"],
+            http_method_names=ImageViewSet.upload.kwargs["http_method_names"],
+            schema=None,
+        ),
+        name="image-upload-named",
+    ),
     path("blobs/<str:digest>", blob, name="blob"),
     path("", include(router.urls)),
 ]

@@ -45,7 +45,7 @@ class AuditMiddleware:
         with requestlog.bound(request.request_id):  # type: ignore[attr-defined]
             response = self.get_response(request)
         response["X-Request-ID"] = request.request_id  # type: ignore[attr-defined]
-        if request.method not in SAFE_METHODS:
+        if request.method not in SAFE_METHODS and not getattr(request, "audit", {}).get("dry_run"):
             try:
                 self._record(request, response)
             except Exception:  # the audit write must never turn a done action into a 500

@@ -38,6 +38,13 @@ def describe(
     _django_request(request).audit = info  # type: ignore[attr-defined]
 
 
+def not_a_change(request: Any) -> None:
+    """This POST changes nothing (a dry run, e.g. the launch preview): write no Event for it."""
+    info: dict[str, Any] = getattr(_django_request(request), "audit", {})
+    info["dry_run"] = True
+    _django_request(request).audit = info  # type: ignore[attr-defined]
+
+
 def note_error(request: Any, message: str) -> None:
     """Keep the error message a refused request answered with."""
     info: dict[str, Any] = getattr(_django_request(request), "audit", {})

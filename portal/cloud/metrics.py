@@ -85,3 +85,13 @@ def store_console(instance_id: str, node: str, text: str, at: float) -> None:
 def should_refresh_console(instance_id: str) -> bool:
     """True for at most one caller per CONSOLE_REFRESH seconds per instance."""
     return bool(cache.add(f"console-req:{instance_id}", time.time(), CONSOLE_REFRESH))
+
+
+def first_console_request(instance_id: str) -> float:
+    """When the portal first asked for this instance's console (kept for an hour): the page says
+    "no answer yet" after a while instead of "asking…" forever."""
+    key = f"console-first-req:{instance_id}"
+    now = time.time()
+    cache.add(key, now, TTL)
+    value = cache.get(key)
+    return float(value) if isinstance(value, int | float) else now

@@ -101,6 +101,11 @@ class ComputeNode(models.Model):
         blank=True,
         help_text="Workloads on the node that the database does not know (reconcile)",
     )
+    network_drift = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="Why the node's network rules differ from what it loaded (last heartbeat)",
+    )
     tunnel_address = models.GenericIPAddressField(
         protocol="IPv4",
         null=True,
@@ -143,9 +148,10 @@ class Network(models.Model):
 
     ``vni`` is the network's VXLAN segment id.  Each node that carries the
     network has its own address on it (:class:`HostPort`).  ``host_address``
-    (the subnet's first address) is reserved for a future router and is not
-    configured anywhere: instances get no gateway, networks never forward to
-    each other, there is no NAT and no uplink.
+    (the subnet's first address) is the network's gateway and resolver, the
+    same on every node that carries it (an anycast gateway).  ``egress``
+    (operators) lets its traffic out through the nodes' uplinks with source
+    NAT, when the tenant's ``network_egress`` allows it too.
     """
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="networks")
@@ -154,9 +160,14 @@ class Network(models.Model):
     bridge = models.CharField(max_length=15, unique=True)
     vni = models.PositiveIntegerField(unique=True, help_text="VXLAN network identifier (1..16777215)")
     host_address = models.GenericIPAddressField(
-        protocol="IPv4", help_text="Reserved for a router (the subnet's first address); not configured"
+        protocol="IPv4", help_text="The gateway and DNS resolver (the subnet's first address) on every node"
     )
     mtu = models.PositiveIntegerField(default=TENANT_MTU)
+    egress = models.BooleanField(
+        default=True,
+        db_default=True,
+        help_text="Operators: traffic may leave through the nodes' uplinks (source NAT)",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = TenantScopedQuerySet.as_manager()
@@ -240,6 +251,14 @@ class Instance(models.Model):
     anti_affinity_group = models.CharField(max_length=63, blank=True)
     ssh_keys = models.JSONField(default=list, blank=True, help_text="Public keys injected at creation")
     user_data = models.TextField(blank=True)
+    # Containers: launch overrides of the image config (docs/container-driver.md).  ``env``
+    # values may be secrets: the API, events and the audit log show only the names.
+    command = models.JSONField(default=list, blank=True, help_text="Replaces Entrypoint + Cmd")
+    env = models.JSONField(default=dict, blank=True, help_text="Added to (and overriding) the image's Env")
+    workdir = models.CharField(max_length=255, blank=True)
+    run_as = models.CharField(max_length=65, blank=True, help_text="user[:group], name or id")
+    restart_policy = models.CharField(max_length=16, default="no", help_text="no | on-failure[:N] | always")
+    restarts = models.PositiveIntegerField(default=0, help_text="Restarts in a row by the node's policy")
     flavor = models.ForeignKey(Flavor, on_delete=models.PROTECT, related_name="instances")
     vcpus = models.PositiveSmallIntegerField()
     ram_mb = models.PositiveIntegerField()
@@ -307,3 +326,118 @@ class AppliedAction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.action_id} of {self.instance_id}"
+
+
+class ExternalAddress(models.Model):
+    """An address on a node's outside (the LAN in front of it), with the port range it publishes from.
+
+    Operators define them per node (``manage.py node external-address``);
+    the node must have the address on one of its interfaces.
+    """
+
+    node = models.ForeignKey(ComputeNode, on_delete=models.CASCADE, related_name="external_addresses")
+    address = models.GenericIPAddressField(protocol="IPv4")
+    first_port = models.PositiveIntegerField(default=20000)
+    last_port = models.PositiveIntegerField(default=29999)
+
+    class Meta:
+        ordering = ["node__name", "address"]
+        constraints = [
+            models.UniqueConstraint(fields=["node", "address"], name="externaladdress_unique_node_address"),
+            models.CheckConstraint(
+                condition=Q(first_port__gte=1)
+                & Q(last_port__lte=65535)
+                & Q(first_port__lte=models.F("last_port")),
+                name="externaladdress_port_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.node.name} {self.address} {self.first_port}-{self.last_port}"
+
+
+class PublishedPort(models.Model):
+    """An instance's port reachable at an external address and port of its node (DNAT on the node)."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="published_ports")
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="published_ports")
+    protocol = models.CharField(max_length=3, choices=[("tcp", "TCP"), ("udp", "UDP")])
+    port = models.PositiveIntegerField(help_text="The instance's port (1..65535)")
+    external = models.ForeignKey(ExternalAddress, on_delete=models.PROTECT, related_name="published_ports")
+    external_port = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = TenantScopedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["instance__name", "protocol", "port"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["external", "protocol", "external_port"], name="publishedport_unique_external"
+            ),
+            models.UniqueConstraint(
+                fields=["instance", "protocol", "port"], name="publishedport_unique_port"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        target = f"{self.instance.name}:{self.port}"
+        return f"{self.external.address}:{self.external_port}/{self.protocol} -> {target}"
+
+
+class SecurityGroup(models.Model):
+    """A tenant's named set of allow rules, attached to instances (enforced per tap/veth on the node).
+
+    Every tenant has a ``default`` group: all egress, ingress only from the
+    group's own members.  Traffic no rule of an instance's groups allows is dropped.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="security_groups")
+    name = models.CharField(max_length=63)
+    description = models.CharField(max_length=255, blank=True)
+    instances = models.ManyToManyField(Instance, related_name="security_groups", blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = TenantScopedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["tenant__slug", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="securitygroup_unique_tenant_name")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant.slug}/{self.name}"
+
+
+class SecurityGroupRule(models.Model):
+    """One allow rule: direction, protocol, port range, and a remote CIDR or group (neither: anyone)."""
+
+    group = models.ForeignKey(SecurityGroup, on_delete=models.CASCADE, related_name="rules")
+    direction = models.CharField(max_length=7, choices=[("ingress", "Ingress"), ("egress", "Egress")])
+    protocol = models.CharField(
+        max_length=4,
+        choices=[("any", "Any"), ("tcp", "TCP"), ("udp", "UDP"), ("icmp", "ICMP")],
+        default="any",
+    )
+    port_min = models.PositiveIntegerField(null=True, blank=True)
+    port_max = models.PositiveIntegerField(null=True, blank=True)
+    remote_cidr = models.CharField(max_length=18, blank=True)
+    remote_group = models.ForeignKey(
+        SecurityGroup, null=True, blank=True, on_delete=models.CASCADE, related_name="referenced_by"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["group", "direction", "protocol", "port_min"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(remote_group__isnull=True) | Q(remote_cidr=""),
+                name="securitygrouprule_one_remote",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        ports = f" {self.port_min}-{self.port_max}" if self.port_min else ""
+        remote = self.remote_cidr or (f"group {self.remote_group.name}" if self.remote_group else "anyone")
+        return f"{self.direction} {self.protocol}{ports} {remote}"

@@ -20,7 +20,7 @@ from django.db.models import Max
 
 from compute.spec import VNI_MAX, NetworkAttachment, NetworkSegment
 from portal.cloud import dispatch
-from portal.cloud.choices import NodeStatus
+from portal.cloud.choices import NodeStatus, VmState
 from portal.cloud.models import ComputeNode, HostPort, Instance, Network, Port
 from portal.errors import Conflict
 from portal.tenancy.models import Tenant
@@ -132,10 +132,13 @@ def network_nodes(network: Network) -> list[ComputeNode]:
 
 
 def segment(network: Network, node: ComputeNode) -> NetworkSegment:
-    """The network as ``node`` carries it: bridge, the node's address, VNI and tunnel peers.
+    """The network as ``node`` carries it: bridge, the node's address, VNI and tunnel peers, router.
 
     Peers are the other nodes that carry the network, are up and tunnel.  A
     node without a tunnel address gets no tunnel (its bridge stays local).
+    Every node gets the same gateway (the subnet's first address); egress
+    needs both the network's and the tenant's switch on.  ``hosts`` are the
+    names of the network's live instances, for the node's resolver.
     """
     prefix = ipaddress.ip_network(network.cidr).prefixlen
     local = node.tunnel_address or None
@@ -161,21 +164,58 @@ def segment(network: Network, node: ComputeNode) -> NetworkSegment:
         vni=network.vni,
         tunnel_local=local,
         tunnel_peers=peers,
+        gateway=f"{network.host_address}/{prefix}",
+        egress=network.egress and network.tenant.network_egress,
+        hosts=hosts(network),
     )
 
 
-def sync_network(network: Network, exclude: ComputeNode | None = None) -> list[str]:
-    """After commit, send the network's segment to the tunnelling, up nodes that carry it.
+def hosts(network: Network) -> tuple[tuple[str, str], ...]:
+    """(hostname, address) of the network's instances that are not deleted, for DNS."""
+    rows = (
+        Port.objects.filter(network=network)
+        .exclude(instance__vm_state=VmState.DELETED)
+        .order_by("address")
+        .values_list("instance__name", "address")
+    )
+    return tuple((str(name), str(address)) for name, address in rows)
 
-    Each gets its full current peer list (nodes only add peers, see
-    ``compute.tasks._prepare_bridge``).  Returns the queues it will send to.
+
+def sync_network(network: Network, exclude: ComputeNode | None = None, everyone: bool = False) -> list[str]:
+    """After commit, send the network's segment to the up, tunnelling nodes that carry it (but ``exclude``).
+
+    Sent when the set of carriers changed (each tunnelling node gets its
+    full current peer list; nodes only add peers, see
+    ``compute.network.router.prepare_devices``), when an instance joined the
+    network (the resolvers learn its name) and when an operator switched
+    egress (then ``everyone``: also the nodes that do not tunnel).  Returns
+    the queues it will send to.
     """
     queues = []
     for node in network_nodes(network):
-        if node.status != NodeStatus.UP or not node.tunnel_address or (exclude and node.pk == exclude.pk):
+        if node.status != NodeStatus.UP or (exclude and node.pk == exclude.pk):
+            continue
+        if not node.tunnel_address and not everyone:
             continue
         dispatch.send(node.queue, segment(network, node))
         queues.append(node.queue)
+    return queues
+
+
+def set_egress(network: Network | None, tenant: Tenant | None, on: bool) -> list[str]:
+    """Operators: switch egress of one network or of all of a tenant's networks; tell their nodes."""
+    with transaction.atomic():
+        if network is not None:
+            Network.objects.filter(pk=network.pk).update(egress=on)
+            targets = [network]
+        else:
+            assert tenant is not None
+            Tenant.objects.filter(pk=tenant.pk).update(network_egress=on)
+            targets = list(Network.objects.filter(tenant=tenant))
+        queues = []
+        for net in targets:
+            net.refresh_from_db()
+            queues += sync_network(net, everyone=True)
     return queues
 
 
@@ -186,6 +226,8 @@ def attachments(instance: Instance, node: ComputeNode) -> tuple[NetworkAttachmen
             segment=segment(p.network, node),
             address=f"{p.address}/{ipaddress.ip_network(p.network.cidr).prefixlen}",
             mac=p.mac,
+            gateway=p.network.host_address,
+            dns=(p.network.host_address,),
         )
         for p in instance.ports.select_related("network__tenant")
     )

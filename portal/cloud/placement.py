@@ -16,8 +16,8 @@ from django.db.models import Count, Q, Sum
 
 from compute.spec import Kind
 from portal.cloud import scheduler
-from portal.cloud.choices import NodeStatus
-from portal.cloud.models import ComputeNode, Flavor, Instance
+from portal.cloud.choices import NodeStatus, RequestedKind
+from portal.cloud.models import ComputeNode, Flavor, Instance, SecurityGroup
 from portal.errors import Conflict, QuotaExceeded
 from portal.images.models import Image
 from portal.tenancy.models import Quota, Tenant
@@ -33,6 +33,25 @@ class Request:
     anti_affinity_group: str = ""
     ssh_keys: tuple[str, ...] = ()
     user_data: str = ""
+    command: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str = ""
+    run_as: str = ""
+    restart_policy: str = "no"
+
+    @property
+    def overrides(self) -> list[str]:
+        """Names of the container-only launch overrides this request sets."""
+        given = {
+            "command": self.command,
+            "env": self.env,
+            "workdir": self.workdir,
+            "user": self.run_as,
+            "restart_policy": self.restart_policy != "no",
+        }
+        return [k for k, v in given.items() if v]
+
+    security_groups: tuple[SecurityGroup, ...] = ()  # none: the tenant's default group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +164,32 @@ def place(req: Request, lock: bool) -> tuple[scheduler.Placement, dict[str, dict
         else None,
         weigher=settings.SKYPORT_SCHEDULER_WEIGHER,
     )
+    views = node_views(nodes)
+    used = usage(req.tenant.pk)
     try:
-        placement = scheduler.schedule(sreq, node_views(nodes))
+        placement = scheduler.schedule(sreq, views)
+        effect = quota_effect(quota, used, placement.kind, req.flavor)
+        full = _full(effect, "containers")
+        if req.requested_kind == RequestedKind.AUTO and placement.kind == Kind.CONTAINER and full:
+            # kind=auto: a full container quota is no reason to refuse an image that also has
+            # a VM disk; it becomes a VM (whose own quota check still applies)
+            vm = scheduler.schedule(dataclasses.replace(sreq, kind=Kind.VM), views)
+            if vm.kind == Kind.VM:
+                why = (
+                    vm.reason.split(":", 1)[0]
+                    + f": the container quota of {req.tenant.slug} is full ({full})"
+                )
+                placement = dataclasses.replace(vm, reason=why)
+                effect = quota_effect(quota, used, placement.kind, req.flavor)
     except scheduler.NoValidHost as exc:
         raise Conflict(str(exc)) from exc
-    effect = quota_effect(quota, usage(req.tenant.pk), placement.kind, req.flavor)
     return placement, effect
+
+
+def _full(effect: dict[str, dict[str, int]], limit: str) -> str:
+    """ "used of limit" when one more of ``limit`` would exceed the quota, else ""."""
+    e = effect[limit]
+    return f"{e['used']} of {e['limit']}" if e["used"] + e["requested"] > e["limit"] else ""
 
 
 def preview(req: Request) -> Preview:

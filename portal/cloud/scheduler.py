@@ -112,6 +112,18 @@ def public_reason(reason: str) -> str:
     return reason
 
 
+#: said when nodes were refused for capacity: the tenant's quota is not what stops the launch
+CAPACITY_HINT = (
+    "This is the cloud's capacity, not your quota: choose a smaller flavor, delete or stop instances "
+    "you no longer need, try again later, or ask an operator to add capacity."
+)
+
+
+def capacity_hint(rejected: Sequence[tuple[str, str]]) -> str:
+    """:data:`CAPACITY_HINT` (with a leading space) when a node was refused for capacity, else ""."""
+    return " " + CAPACITY_HINT if any(why.startswith("not enough ") for _, why in rejected) else ""
+
+
 def summarize(rejected: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     """Rejected nodes as tenants see them: how many nodes per public reason, no node names."""
     counts: dict[str, int] = {}
@@ -176,13 +188,17 @@ def schedule(r: Request, nodes: Sequence[NodeView]) -> Placement:
                 f"tenant '{r.tenant}' has no dedicated node with room"
                 + (f" ({detail})" if detail else "")
                 + ". Ask an operator to dedicate a node, or launch with kind 'vm' or 'auto'."
+                + capacity_hint([r for r in rejected if any(d.name == r[0] for d in dedicated)])
             )
 
     node, rejected = _best(nodes, r, VM)
     if node is None:
         # counted, not named: the tenant learns why, not other tenants' node names and load
         detail = "; ".join(f"{label}: {why}" for label, why in summarize(rejected))
-        raise NoValidHost(f"No node can take this VM now ({detail or 'no compute nodes are registered'}).")
+        raise NoValidHost(
+            f"No node can take this VM now ({detail or 'no compute nodes are registered'})."
+            + capacity_hint(rejected)
+        )
     if r.kind == VM:
         why = f"vm on {node.name}: requested"
     elif not has_container:

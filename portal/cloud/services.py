@@ -11,6 +11,7 @@ Messages to nodes leave after commit (:mod:`portal.cloud.dispatch`).
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from typing import Any
 
@@ -29,7 +30,18 @@ from compute.spec import (
     PowerState,
 )
 from portal.audit.log import record
-from portal.cloud import deadlines, dispatch, metrics, networks, placement, scheduler, states
+from portal.audit.models import Event, Outcome
+from portal.cloud import (
+    deadlines,
+    dispatch,
+    forwards,
+    metrics,
+    networks,
+    placement,
+    scheduler,
+    secgroups,
+    states,
+)
 from portal.cloud.choices import NodeStatus, NodeTenancy, VmState
 from portal.cloud.models import ComputeNode, Instance
 from portal.cloud.placement import Request
@@ -49,6 +61,10 @@ def build_spec(instance: Instance) -> InstanceSpec:
     if artifact is None:
         raise Conflict(f"Image {instance.image} has no artifact for a {instance.kind}.")
     node = _node(instance)
+    try:
+        id_base = instance.tenant.id_base if instance.kind == Kind.CONTAINER else 0
+    except ValueError as exc:
+        raise Conflict(str(exc)) from exc
     return InstanceSpec(
         instance_id=str(instance.pk),
         name=instance.name,
@@ -63,6 +79,13 @@ def build_spec(instance: Instance) -> InstanceSpec:
         ssh_keys=tuple(instance.ssh_keys),
         user_data=instance.user_data or None,
         cpu_quota_percent=100 * instance.vcpus,
+        id_base=id_base,
+        command=tuple(instance.command),
+        env=tuple((str(k), str(v)) for k, v in instance.env.items()),
+        workdir=instance.workdir,
+        user=instance.run_as,
+        restart_policy=instance.restart_policy,
+        security=secgroups.rules_for(instance),
     )
 
 
@@ -87,9 +110,16 @@ def create_instance(req: Request, user: Any) -> Instance:
     rule = states.RULES[Action.CREATE]
     with transaction.atomic():
         chosen, effect = placement.place(req, lock=True)
+        if req.overrides and chosen.kind != Kind.CONTAINER:
+            raise Conflict(
+                f"{', '.join(req.overrides)} apply to containers only, and this instance would be a VM "
+                f"({chosen.reason}). Leave them out or launch with kind=container."
+            )
         placement.check_quota(req.tenant, effect)
         if Instance.objects.filter(tenant=req.tenant, name=req.name).live().exists():
             raise Conflict(f"Tenant {req.tenant.slug} already has a live instance named '{req.name}'.")
+        if any(g.tenant_id != req.tenant.pk for g in req.security_groups):
+            raise Conflict("A security group of another tenant cannot be attached.")
         node = ComputeNode.objects.get(name=chosen.node)
         network = networks.default_network(req.tenant)
         action_id = uuid.uuid4().hex
@@ -109,21 +139,30 @@ def create_instance(req: Request, user: Any) -> Instance:
             anti_affinity_group=req.anti_affinity_group,
             ssh_keys=list(req.ssh_keys),
             user_data=req.user_data,
+            command=list(req.command),
+            env=dict(req.env),
+            workdir=req.workdir,
+            run_as=req.run_as,
+            restart_policy=req.restart_policy,
             vm_state=VmState.BUILDING,
             task_state=rule.task,
             action_id=action_id,
             task_deadline=_deadline(rule.task),
             created_by=user,
         )
-        new_on_node = node not in networks.network_nodes(network)
+        instance.security_groups.set(req.security_groups or [secgroups.default_group(req.tenant)])
         port = networks.allocate_port(network, instance)
         instance.addresses = [{"network": network.name, "address": port.address, "mac": port.mac}]
         instance.save(update_fields=["addresses"])
         spec = build_spec(instance)
         _event(instance, "instance.schedule", chosen.reason, user, action_id)
         dispatch.send(node.queue, CreateInstance(spec, action_id))
-        if new_on_node and node.tunnel_address:
-            networks.sync_network(network, exclude=node)  # the others learn the new peer
+        if node.tunnel_address:  # the segment's other nodes learn the new name and, if new, the peer
+            networks.sync_network(network, exclude=node)
+        # instances whose rules name the new member's groups admit its address
+        secgroups.sync(
+            secgroups.affected_by_members_of(instance.security_groups.all(), exclude=[str(instance.pk)])
+        )
     return instance
 
 
@@ -169,14 +208,42 @@ def _dispatch(instance: Instance, action: Action, params: dict[str, Any], user: 
     )
 
 
+#: how the dispatch event of a snapshot starts, followed by its name (read by ``snapshot_names``)
+SNAPSHOT_SENT = "snapshot "
+
+
+def snapshot_names(instance: Instance) -> list[str]:
+    """Snapshots of ``instance`` that its node reported taken, newest first.
+
+    Until the portal has a snapshots resource (issue 13), the audit log is where they are:
+    a ``dispatch.snapshot`` event names the snapshot and carries the action id, and the
+    node's ``node.snapshot`` success event for the same action id says it exists.
+    """
+    done = Event.objects.filter(
+        object_type="instance", object_id=str(instance.pk), action="node.snapshot", outcome=Outcome.SUCCESS
+    ).values_list("request_id", flat=True)
+    sent = Event.objects.filter(
+        object_type="instance", object_id=str(instance.pk), action="dispatch.snapshot", request_id__in=done
+    ).order_by("-created_at")
+    names: list[str] = []
+    for message in sent.values_list("message", flat=True):
+        name = message.removeprefix(SNAPSHOT_SENT).split(" ", 1)[0]
+        if message.startswith(SNAPSHOT_SENT) and name not in names:
+            names.append(name)
+    return names
+
+
 def act(instance: Instance, action: str, params: dict[str, Any], user: Any) -> Instance:
     """Claim the instance for one of the public actions and send it to its node (202)."""
     unknown = states.unknown(action)
     if unknown:
         raise InvalidAction(unknown)
     check(instance, Action(action), params)
+    node = instance.node.name if instance.node else "its node"
+    # the snapshot's name is kept in the event: the pages offer reverts to the ones that succeeded
+    message = f"{SNAPSHOT_SENT}{params['name']} sent to {node}" if action == Action.SNAPSHOT else ""
     with transaction.atomic():
-        _dispatch(instance, Action(action), params, user, "")
+        _dispatch(instance, Action(action), params, user, message)
     return instance
 
 
@@ -223,7 +290,12 @@ def console(instance: Instance) -> dict[str, Any]:
         dispatch.send(node.queue, ConsoleRequest(str(instance.pk), Kind(instance.kind)))
         refreshing = True
     tail = metrics.console(str(instance.pk))
+    asked = time.time() - metrics.first_console_request(str(instance.pk)) if tail is None else 0.0
     return {
+        # the node answered (an empty text: the workload has printed nothing yet)
+        "answered": tail is not None,
+        # how long the portal has been asking without an answer (seconds)
+        "waiting": asked,
         "text": tail["text"] if tail else "",
         "at": dt.datetime.fromtimestamp(tail["at"], tz=dt.UTC) if tail else None,
         "node": tail["node"] if tail else (node.name if node else None),
@@ -253,6 +325,10 @@ def delete_instance(instance: Instance, user: Any) -> Instance:
         if instance.vm_state == VmState.DELETED:
             return instance
         action_id = _claim(instance, Action.DELETE)
+        forwards.forget(instance)  # the node removes the rules with the workload
+        groups = list(instance.security_groups.all())
+        instance.security_groups.clear()  # no longer admitted as a member
+        secgroups.sync(secgroups.affected_by_members_of(groups, exclude=[str(instance.pk)]))
         node = instance.node
         if node is None:
             Instance.objects.filter(pk=instance.pk).update(

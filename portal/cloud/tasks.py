@@ -37,6 +37,7 @@ from portal.cloud import metrics, networks, states
 from portal.cloud.choices import NodeStatus, VmState
 from portal.cloud.models import AppliedAction, ComputeNode, Instance, Network
 from portal.images.choices import ImageStatus
+from portal.metering import sampling
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def apply_observation(data: dict[str, Any]) -> str:
             instance.task_state = None
             instance.task_deadline = None
         instance.save()
+        sampling.record_observation(instance, obs, timezone.now())
         _node_event(
             instance.tenant_id,
             obs.node,
@@ -120,6 +122,19 @@ def _drifted(power_state: str, vm_state: str, task_state: str | None, item: Inve
     return item.power_state.value != power_state
 
 
+def _record_restarts(node: str, rows: Any, seen: dict[str, InventoryItem]) -> None:
+    """Restart counts from the node's restart policy (compute/drivers/container.py ``supervise``)."""
+    for inst in rows.select_for_update():
+        item = seen[str(inst.pk)]
+        if item.restarts == inst.restarts:
+            continue
+        inst.restarts = item.restarts
+        inst.save(update_fields=["restarts", "updated_at"])
+        if item.restarts:
+            message = f"restarted by its policy {inst.restart_policy} ({item.restarts} in a row)"
+            _node_event(inst.tenant_id, node, "instance.restarted", inst, Outcome.SUCCESS, message)
+
+
 def _reconcile(node: ComputeNode, report: NodeReport) -> None:
     """Compare the node's real inventory with the database; record, never delete.
 
@@ -135,15 +150,20 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
     known = set()
     samples: list[tuple[str, int, int]] = []
     suspects = []
-    for pk, power_state, vm_state, task_state in live.order_by().values_list(
-        "pk", "power_state", "vm_state", "task_state"
+    restarted = []
+    for pk, power_state, vm_state, task_state, restarts in live.order_by().values_list(
+        "pk", "power_state", "vm_state", "task_state", "restarts"
     ):
         known.add(str(pk))
         item = seen.get(str(pk))
         if item is not None and item.power_state == PowerState.RUNNING and item.cpu_time_ns:
             samples.append((str(pk), item.cpu_time_ns, item.memory_bytes))
+        if item is not None and item.restarts != restarts:
+            restarted.append(pk)
         if _drifted(power_state, vm_state, task_state, item):
             suspects.append(pk)
+    if restarted:
+        _record_restarts(node.name, live.filter(pk__in=restarted), seen)
     for inst in live.filter(pk__in=suspects).select_for_update() if suspects else ():
         item = seen.get(str(inst.pk))
         if not _drifted(inst.power_state, inst.vm_state, inst.task_state, item):
@@ -160,7 +180,10 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
             old = inst.power_state
             inst.power_state = item.power_state.value
             inst.vm_state = states.POWER_TO_VM.get(item.power_state, inst.vm_state)
-            inst.status_reason = ""
+            if item.gave_up:  # a crash loop: the restart policy is used up, a human must look
+                inst.vm_state = VmState.ERROR
+            # how it ended (exit code or signal, last output), or nothing when it runs again
+            inst.status_reason = item.message[:255]
             inst.missing_since = None
             inst.save(
                 update_fields=["power_state", "vm_state", "status_reason", "missing_since", "updated_at"]
@@ -171,7 +194,8 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
                 "reconcile.power_state",
                 inst,
                 Outcome.SUCCESS,
-                f"power state {old} -> {inst.power_state} (seen on the node)",
+                f"power state {old} -> {inst.power_state} (seen on the node)"
+                + (f": {item.message}" if item.message else ""),
             )
     metrics.record_many(report.sent_at or time.time(), samples)
     orphans = sorted(
@@ -203,6 +227,8 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
     except SpecError as exc:
         log.error("dropping malformed node report: %s", exc)
         return None
+    # Usage samples first: a beat too old for reconcile still says what ran at its time.
+    sampling.record_report(report, timezone.now())
     sent = dt.datetime.fromtimestamp(report.sent_at, tz=dt.UTC) if report.sent_at else timezone.now()
     if timezone.now() - sent > dt.timedelta(seconds=3 * settings.SKYPORT_HEARTBEAT_SECONDS):
         log.info("ignoring stale heartbeat of %s sent at %s", report.node, sent)
@@ -224,6 +250,9 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
         came_up = node.status == NodeStatus.DOWN
         readdressed = (node.tunnel_address or "") != report.tunnel_address
         node.tunnel_address = report.tunnel_address or None
+        if report.network_drift and report.network_drift != node.network_drift:
+            _node_event(None, node.name, "node.network_drift", node, Outcome.FAILURE, report.network_drift)
+        node.network_drift = report.network_drift
         if came_up:
             _node_event(None, node.name, "node.up", node, Outcome.SUCCESS, "heartbeat resumed")
         if node.status != NodeStatus.DISABLED:

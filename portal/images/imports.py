@@ -425,6 +425,7 @@ def _commit(held: Claim, image: Image, checked: validation.Checked, source_diges
                     size=sum(b.size for b in {b.digest: b for b in blobs}.values()),
                     virtual_size=checked.virtual_size,
                     source_digest=source_digest,
+                    config=checked.config,
                 )
                 artifact.blobs.set(blobs)
                 min_disk = -(-checked.virtual_size // 2**30)

@@ -116,6 +116,10 @@ class Artifact(models.Model):
     size = models.PositiveBigIntegerField(help_text="Bytes stored (all blobs)")
     virtual_size = models.PositiveBigIntegerField(default=0, help_text="Disk size the guest sees (VM disks)")
     source_digest = models.CharField(max_length=71, blank=True)
+    # Container images: the runtime part of the image config (compute.layers.ImageConfig as a
+    # dict: entrypoint, cmd, env, working_dir, user, exposed_ports, stop_signal), recorded at
+    # import so the API can check launch overrides and offer the exposed ports.
+    config = models.JSONField(default=dict, blank=True)
     blobs = models.ManyToManyField(Blob, related_name="artifacts")
     created_at = models.DateTimeField(auto_now_add=True)
 

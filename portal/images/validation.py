@@ -33,8 +33,15 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 
 from compute import safejson
-from compute.archive_safety import LayerPaths, TooLarge, UnpackBudget, UnpackLimits
-from compute.layers import whiteout_problem
+from compute.archive_safety import (
+    LayerPaths,
+    TooLarge,
+    UnpackBudget,
+    UnpackLimits,
+    member_path,
+    skipped_device,
+)
+from compute.layers import ImageError, image_config, whiteout_problem
 from portal.images.store import BlobStore, is_digest
 
 CHUNK = 1 << 20
@@ -78,6 +85,7 @@ class Checked:
     blobs: list[StagedBlob]
     virtual_size: int = 0
     detail: str = ""
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # the image's ImageConfig
 
     def discard(self) -> None:
         for blob in self.blobs:
@@ -333,7 +341,12 @@ def check_archive(path: Path, store: BlobStore, limits: UnpackLimits = UNLIMITED
     try:
         tf = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the with below
     except (tarfile.TarError, OSError) as exc:
-        raise Rejected(f"not a tar archive: {exc}") from exc
+        # tarfile's own message lists every decompressor it tried ("ReadError('not a gzip
+        # file') - method bz2 ..."): say what is wrong in words instead
+        raise Rejected(
+            "not a tar archive (plain, gzip, bzip2 or xz): an OCI image archive is a tar file, "
+            "as written by `skopeo copy ... oci-archive:FILE` or `docker save`"
+        ) from exc
     staged: list[StagedBlob] = []
     try:
         with tf:
@@ -437,6 +450,9 @@ def _scan_layer(
     try:
         with tarfile.open(fileobj=stream, mode="r|") as layer:  # type: ignore[call-overload]
             for member in layer:
+                if skipped_device(member):
+                    budget.skipped.append(str(member_path(member.name)))
+                    continue
                 check_layer_member(member, digest)
                 problem = paths.check(member)
                 if problem is not None:
@@ -559,7 +575,17 @@ def _oci_layout(
                 f"but the config's rootfs.diff_ids[{i}] is {diff_ids[i]}"
             )
         total += s
-    return Checked("oci", digest, staged, detail=f"OCI image, {len(layers)} layers, {total / 2**20:.1f} MiB")
+    detail = f"OCI image, {len(layers)} layers, {total / 2**20:.1f} MiB{_skipped_note(budget)}"
+    return Checked("oci", digest, staged, detail=detail, config=runtime_config(config))
+
+
+def runtime_config(config: bytes) -> dict[str, Any]:
+    """The runtime part of an image config (what a node honours), as recorded on the artifact."""
+    data = _json(config, "the image config")
+    try:
+        return dataclasses.asdict(image_config(data if isinstance(data, dict) else {}))
+    except ImageError as exc:
+        raise Rejected(str(exc)) from exc
 
 
 def _check_config(config: bytes) -> list[str]:
@@ -575,6 +601,13 @@ def _check_config(config: bytes) -> list[str]:
     if not isinstance(diff_ids, list) or not all(isinstance(d, str) and is_digest(d) for d in diff_ids):
         raise Rejected("the image config has no rootfs.diff_ids")
     return [str(d) for d in diff_ids]
+
+
+def _skipped_note(budget: UnpackBudget) -> str:
+    if not budget.skipped:
+        return ""
+    names = ", ".join(sorted(set(budget.skipped)))
+    return f"; {len(budget.skipped)} device nodes skipped (containers get their own /dev): {names}"
 
 
 def _docker_save(
@@ -620,5 +653,7 @@ def _docker_save(
         "oci",
         digest,
         staged,
-        detail=f"docker archive converted to OCI, {len(descriptors)} layers, {total / 2**20:.1f} MiB",
+        detail=f"docker archive converted to OCI, {len(descriptors)} layers, {total / 2**20:.1f} MiB"
+        f"{_skipped_note(budget)}",
+        config=runtime_config(config),
     )

@@ -1,4 +1,7 @@
+from typing import Any
+
 from django.contrib import admin
+from django.http import HttpRequest
 
 from portal.tenancy.models import APIToken, Membership, Quota, SSHKey, Tenant
 
@@ -16,10 +19,17 @@ class QuotaInline(admin.StackedInline):  # type: ignore[type-arg]
 
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ["slug", "name", "active", "created_at"]
-    list_filter = ["active"]
+    list_display = ["slug", "name", "active", "network_egress", "created_at"]
+    list_filter = ["active", "network_egress"]
     search_fields = ["slug", "name"]
     inlines = [QuotaInline, MembershipInline]
+
+    def save_model(self, request: HttpRequest, obj: Tenant, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if change and "network_egress" in form.changed_data:
+            from portal.cloud.networks import set_egress  # tenancy does not import cloud at module level
+
+            set_egress(None, obj, obj.network_egress)
 
 
 @admin.register(Membership)

@@ -15,6 +15,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
+from compute.spec import ID_RANGE_MIN, ID_RANGE_SIZE
 from portal.tenancy.choices import Role
 from portal.tenancy.querysets import TenantScopedQuerySet
 
@@ -29,6 +30,11 @@ class Tenant(models.Model):
     slug = models.SlugField(max_length=50, unique=True)
     name = models.CharField(max_length=200)
     active = models.BooleanField(default=True)
+    network_egress = models.BooleanField(
+        default=True,
+        db_default=True,
+        help_text="Operators: the tenant's networks may reach the outside through the nodes' uplinks",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = TenantQuerySet.as_manager()
@@ -38,6 +44,19 @@ class Tenant(models.Model):
 
     def __str__(self) -> str:
         return self.slug
+
+    @property
+    def id_base(self) -> int:
+        """Host uid/gid of root in this tenant's containers (docs/container-driver.md).
+
+        One 65536-id range per tenant, the same on every node, so files its
+        containers write (volumes) keep their owners from one container to the
+        next.  Raises ValueError past the 65 279th tenant (the id space ends).
+        """
+        base = ID_RANGE_MIN + self.pk * ID_RANGE_SIZE
+        if base + ID_RANGE_SIZE > 2**32:
+            raise ValueError(f"tenant {self.slug} has no container id range left (pk {self.pk})")
+        return base
 
 
 class Membership(models.Model):
@@ -70,6 +89,7 @@ class Quota(models.Model):
     disk_gb = models.PositiveIntegerField()
     containers = models.PositiveIntegerField()
     vms = models.PositiveIntegerField()
+    published_ports = models.PositiveIntegerField(default=10, db_default=10)
 
     objects = TenantScopedQuerySet.as_manager()
 

@@ -104,9 +104,13 @@ def confirm(
     button: str,
     cancel: str,
     fields: dict[str, str] | None = None,
+    pairs: list[tuple[str, str]] | None = None,
 ) -> HttpResponse:
-    """The confirmation page of a destructive action: GET shows it, its form POSTs to the same URL."""
-    context = {"title": title, "body": body, "button": button, "cancel": cancel, "fields": fields or {}}
+    """The confirmation page of a destructive action: GET shows it, its form POSTs to the same URL.
+
+    ``fields`` and ``pairs`` (for a name given several times) become hidden inputs."""
+    hidden = list((fields or {}).items()) + list(pairs or [])
+    context = {"title": title, "body": body, "button": button, "cancel": cancel, "fields": hidden}
     return page(request, "web/confirm.html", context)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from django import forms
@@ -10,13 +11,21 @@ from django.core.validators import MaxValueValidator, RegexValidator
 from django.db.models import Q
 
 from portal.audit.models import Outcome
-from portal.cloud import placement
+from portal.cloud import launch, placement
 from portal.cloud.choices import Kind, RequestedKind, VmState
-from portal.cloud.models import ComputeNode, Flavor, Network
+from portal.cloud.models import ComputeNode, Flavor, Instance, Network
 from portal.cloud.naming import NAME_RE, NAME_RULE
+from portal.images import naming as image_naming
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
-from portal.tenancy.models import Quota, SSHKey, Tenant, ssh_key_fingerprint, validate_ssh_public_key
+from portal.tenancy.models import (
+    APIToken,
+    Quota,
+    SSHKey,
+    Tenant,
+    ssh_key_fingerprint,
+    validate_ssh_public_key,
+)
 from portal.tenancy.querysets import Actor
 
 name_validator = RegexValidator(NAME_RE, NAME_RULE)
@@ -35,6 +44,13 @@ class ImageChoiceField(forms.ModelChoiceField):  # type: ignore[type-arg]
         kinds = sorted({"container" if f == "oci" else "vm" for f in obj.formats()})
         owner = "public" if obj.is_public else f"private to {obj.owner.slug}"
         return f"{obj} ({', '.join(kinds) or 'no artifact'}; {owner})"
+
+
+class SecretTextarea(forms.Textarea):
+    """A textarea that never renders what was typed (env values may be secrets), even on an error."""
+
+    def format_value(self, value: Any) -> str | None:
+        return None
 
 
 class LaunchForm(NoSuffix, forms.Form):
@@ -67,6 +83,28 @@ class LaunchForm(NoSuffix, forms.Form):
         label="User data",
         help_text="cloud-init user data (VMs), at most 16 KiB.",
     )
+    command = forms.CharField(
+        required=False,
+        max_length=16384,
+        label="Command (containers)",
+        help_text="Replaces the image's Entrypoint and Cmd; split like a shell line: sh -c 'echo hi'.",
+    )
+    env = forms.CharField(
+        required=False,
+        max_length=launch.MAX_ENV_BYTES + 2 * launch.MAX_ENV,
+        strip=False,
+        widget=SecretTextarea(attrs={"rows": 3, "spellcheck": "false", "autocomplete": "off"}),
+        label="Environment (containers)",
+        help_text="NAME=value per line, added to the image's; values are never shown again.",
+    )
+    workdir = forms.CharField(required=False, max_length=255, label="Working directory (containers)")
+    user = forms.CharField(
+        required=False, max_length=65, label="User (containers)", help_text="user[:group], names or ids."
+    )
+    restart_policy = forms.CharField(
+        required=False, max_length=16, initial="no", label="Restart policy (containers)",
+        help_text=launch.RESTART_HELP,
+    )  # fmt: skip
 
     def __init__(
         self, *args: Any, actor: Actor, tenant: Tenant, user: Any, preview: bool = False, **kwargs: Any
@@ -91,18 +129,61 @@ class LaunchForm(NoSuffix, forms.Form):
             self.fields["name"].required = False
             self.fields["network"].required = False
 
+    def clean_name(self) -> str:
+        """A live instance of the tenant with the same name is refused here, next to the field
+        (the preview asks as the user types), not only by the database on submit."""
+        name: str = self.cleaned_data["name"]
+        if name and Instance.objects.live().filter(tenant=self.tenant, name=name).exists():
+            raise forms.ValidationError(
+                f"Tenant {self.tenant.slug} already has an instance named {name}; choose another name."
+            )
+        return name
+
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
         image, flavor = data.get("image"), data.get("flavor")
-        if (
-            image is not None
-            and flavor is not None
-            and (flavor.ram_mb < image.min_ram_mb or flavor.disk_gb < image.min_disk_gb)
-        ):
-            self.add_error(
-                "flavor", f"Image {image} needs at least {image.min_ram_mb} MiB and {image.min_disk_gb} GiB."
-            )
+        if image is not None and flavor is not None:
+            short = [
+                f"{need} {unit} of {what} (this flavor has {has} {unit})"
+                for what, need, has, unit in (
+                    ("memory", image.min_ram_mb, flavor.ram_mb, "MiB"),
+                    ("disk", image.min_disk_gb, flavor.disk_gb, "GiB"),
+                )
+                if has < need
+            ]
+            if short:
+                self.add_error("flavor", f"Image {image} needs at least {' and '.join(short)}.")
+        self._clean_overrides(data)
         return data
+
+    def _clean_overrides(self, data: dict[str, Any]) -> None:
+        """The API's rules (portal/cloud/launch.py); env values never appear in an error."""
+        try:
+            data["command"] = shlex.split(data.get("command") or "")
+        except ValueError as exc:
+            self.add_error("command", f"Cannot split the command: {exc}.")
+            data["command"] = []
+        env, problem = launch.parse_env_lines(data.get("env") or "")
+        data["env"] = env
+        data["restart_policy"] = data.get("restart_policy") or "no"
+        checks = {
+            "command": launch.command_error(data["command"]),
+            "env": problem or launch.env_error(env),
+            "workdir": launch.workdir_error(data.get("workdir") or ""),
+            "user": launch.user_error(data.get("user") or ""),
+            "restart_policy": launch.restart_policy_error(data["restart_policy"]),
+        }
+        for field, error in checks.items():
+            if error:
+                self.add_error(field, error)
+
+    #: fields the preview does not depend on: their errors do not stop it
+    PREVIEW_ONLY_NEEDS = ("image", "flavor", "kind")
+
+    def previewable(self) -> bool:
+        """Whether placement can be previewed: the fields it depends on are valid."""
+        self.is_valid()
+        return not any(f in self.errors for f in self.PREVIEW_ONLY_NEEDS) and not self.non_field_errors()
 
     def to_request(self) -> placement.Request:
         data = self.cleaned_data
@@ -114,6 +195,11 @@ class LaunchForm(NoSuffix, forms.Form):
             requested_kind=data["kind"],
             ssh_keys=tuple(k.public_key for k in data.get("ssh_keys") or ()),
             user_data=data.get("user_data") or "",
+            command=tuple(data.get("command") or ()),
+            env=tuple((data.get("env") or {}).items()),
+            workdir=data.get("workdir") or "",
+            run_as=data.get("user") or "",
+            restart_policy=data.get("restart_policy") or "no",
         )
 
 
@@ -128,18 +214,28 @@ class SnapshotForm(NoSuffix, forms.Form):
         super().__init__(*args, **kwargs)
 
 
-class RevertForm(SnapshotForm):
-    """The snapshot to go back to: a GET form whose answer is a confirmation page."""
+class RevertForm(NoSuffix, forms.Form):
+    """The snapshot to go back to, picked from those the node reported taken (a GET form whose
+    answer is a confirmation page); an unknown name is refused here, before anything is sent."""
 
-    name = forms.CharField(max_length=63, validators=[name_validator], label="Snapshot to revert to")
-    id_prefix = "revert"
+    name = forms.ChoiceField(label="Snapshot to revert to")
+
+    def __init__(self, *args: Any, names: list[str], **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", "revert-%s")
+        super().__init__(*args, **kwargs)
+        field = self.fields["name"]
+        field.choices = [(n, n) for n in names]  # type: ignore[attr-defined]
+        field.error_messages["invalid_choice"] = "No snapshot named %(value)s has been taken of this VM."
+        if not names:
+            field.widget.attrs["disabled"] = True
+            field.help_text = "No snapshots yet: take one first."
 
 
 class PublishForm(NoSuffix, forms.Form):
     """A VM's disk as a new private image of its tenant."""
 
-    name = forms.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", max_length=100, label="Image name")
-    version = forms.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,39}$", max_length=40, label="Version")
+    name = forms.CharField(max_length=100, validators=[image_naming.name_validator], label="Image name")
+    version = forms.CharField(max_length=40, validators=[image_naming.version_validator], label="Version")
     description = forms.CharField(required=False, max_length=2000, label="Description")
 
     def __init__(self, *args: Any, tenant: Any, **kwargs: Any) -> None:
@@ -224,8 +320,11 @@ class TokenForm(NoSuffix, forms.Form):
 
     OPERATOR = "__operator__"
 
-    def __init__(self, *args: Any, tenants: list[Tenant], is_operator: bool, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, tenants: list[Tenant], is_operator: bool, user_id: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.user_id = user_id
         choices = [(t.slug, t.slug) for t in tenants]
         if is_operator:
             choices.append((self.OPERATOR, "none: operator token (all tenants)"))
@@ -235,6 +334,16 @@ class TokenForm(NoSuffix, forms.Form):
             MaxValueValidator(limit, f"At most {limit} days (SKYPORT_TOKEN_MAX_DAYS).")
         )
         self.fields["expires_in_days"].widget.attrs["max"] = limit
+
+    def clean_name(self) -> str:
+        """Names tell tokens apart on the list and in "Revoke token X?": one live token per name."""
+        name: str = self.cleaned_data["name"].strip()
+        if self.user_id is None:
+            return name
+        live = APIToken.objects.filter(user_id=self.user_id, name=name, revoked_at__isnull=True)
+        if live.exists():
+            raise forms.ValidationError(f"You already have a token named {name}; choose another name.")
+        return name
 
 
 class QuotaForm(NoSuffix, forms.ModelForm):  # type: ignore[type-arg]

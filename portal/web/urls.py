@@ -1,5 +1,6 @@
 from django.urls import path
 
+from portal.metering import views as usage
 from portal.web.views import auth, images, instances, keys, ops, tenant
 
 app_name = "web"
@@ -10,6 +11,7 @@ urlpatterns = [
     path("logout/", auth.LogoutView.as_view(), name="logout"),
     path("tenant/", auth.switch_tenant, name="switch-tenant"),
     path("instances/", instances.instance_list, name="instances"),
+    path("instances/bulk/", instances.instances_bulk, name="instances-bulk"),
     path("instances/rows/", instances.instance_rows, name="instance-rows"),
     path("instances/new/", instances.launch, name="launch"),
     path("instances/new/preview/", instances.launch_preview, name="launch-preview"),
@@ -33,8 +35,13 @@ urlpatterns = [
     path("tokens/", keys.tokens, name="tokens"),
     path("tokens/<int:pk>/revoke/", keys.token_revoke, name="token-revoke"),
     path("events/", tenant.events, name="events"),
+    path("usage/", usage.usage, name="usage"),
+    path("usage/<slug:slug>/<int:year>-<int:month>/", usage.statement, name="statement"),
+    path("tasks/", tenant.tasks, name="tasks"),
+    path("tasks/panel/", tenant.tasks_panel, name="tasks-panel"),
     path("ops/", ops.nodes, name="ops"),
     path("ops/nodes/", ops.nodes, name="ops-nodes"),
+    path("ops/nodes/<str:name>/", ops.node_detail, name="ops-node"),
     path("ops/nodes/<str:name>/tenancy/", ops.node_tenancy, name="ops-node-tenancy"),
     path("ops/nodes/<str:name>/drain/", ops.node_drain, name="ops-node-drain"),
     path("ops/nodes/<str:name>/enable/", ops.node_enable, name="ops-node-enable"),
@@ -43,4 +50,5 @@ urlpatterns = [
     path("ops/instances/", ops.instances, name="ops-instances"),
     path("ops/drift/", ops.drift, name="ops-drift"),
     path("ops/events/", ops.events, name="ops-events"),
+    path("ops/usage/", usage.ops_usage, name="ops-usage"),
 ]

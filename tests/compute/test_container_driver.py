@@ -17,7 +17,7 @@ import pytest
 
 from compute import cgroups
 from compute.drivers.base import DriverError, InstanceNotFound, InvalidState, NotSupported
-from compute.drivers.container import ContainerDriver, cgroups_path
+from compute.drivers.container import ContainerDriver, cgroups_path, id_base
 from compute.spec import PowerState, to_json
 from tests.compute.container_fixtures import (
     BridgeNet,
@@ -32,6 +32,9 @@ from tests.compute.container_fixtures import (
 __all__ = ["driver", "sample_images", "testnet"]
 
 pytestmark = pytest.mark.host
+
+# CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE SYS_CHROOT AUDIT_WRITE SETFCAP
+DOCKER_CAPS_MASK = sum(1 << n for n in (0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 29, 31))
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
@@ -78,11 +81,18 @@ def test_lifecycle_network_stats_and_cleanup(
     wait_for(lambda: "pid=" in driver.console_log(spec.instance_id), what="log line")
     assert "hostname=web-1 pid=1" in driver.console_log(spec.instance_id)
 
-    # Not host root, no capabilities, no new privileges.
+    # Root inside its own user namespace, an unprivileged range outside; Docker's
+    # default capabilities (no NET_RAW, no MKNOD) inside that namespace only.
     status = proc_status(info.pid)
-    assert all(int(u) >= 1_000_000 for u in status["Uid"].split())
-    assert all(int(g) >= 1_000_000 for g in status["Gid"].split())
-    assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+    base = id_base(spec)
+    assert base >= 1 << 24
+    assert [int(u) for u in status["Uid"].split()] == [base] * 4
+    assert [int(g) for g in status["Gid"].split()] == [base] * 4
+    assert Path(f"/proc/{info.pid}/uid_map").read_text().split() == ["0", str(base), "65536"]
+    assert Path(f"/proc/{info.pid}/gid_map").read_text().split() == ["0", str(base), "65536"]
+    assert os.readlink(f"/proc/{info.pid}/ns/user") != os.readlink("/proc/self/ns/user")
+    assert int(status["CapEff"], 16) == DOCKER_CAPS_MASK == int(status["CapBnd"], 16)
+    assert int(status["CapInh"], 16) == 0 and int(status["CapAmb"], 16) == 0
     assert status["NoNewPrivs"] == "1"
     assert status["Seccomp"] == "2"
 
@@ -293,5 +303,31 @@ def test_supervisor_gone_is_reported_not_waited_for(
     after = driver.info(spec.instance_id)
     assert time.monotonic() - t0 < 0.5
     assert after.exit_code is None and "unknown" in after.message
+    driver.destroy(spec.instance_id)
+    assert leftovers(driver, spec) == []
+
+
+def test_gateway_and_resolver_reach_the_container(
+    driver: ContainerDriver, sample_images: SampleImages, testnet: BridgeNet
+) -> None:
+    """The NIC's gateway becomes the default route, its resolvers /etc/resolv.conf (read-only)."""
+    nic = dataclasses.replace(
+        testnet.attachment(10), gateway=testnet.address(1), dns=(testnet.address(1), "198.18.128.53")
+    )
+    spec = make_spec(sample_images.base, networks=(nic,), hostname="dns-1")
+    info = driver.spawn(spec)
+    assert info.pid
+    resolv = Path(f"/proc/{info.pid}/root/etc/resolv.conf").read_text()
+    assert resolv == f"nameserver {testnet.address(1)}\nnameserver 198.18.128.53\n"
+    routes = subprocess.run(
+        ["nsenter", "-t", str(info.pid), "-n", "ip", "-4", "route"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"default via {testnet.address(1)} dev eth0" in routes
+    mounts = Path(f"/proc/{info.pid}/mountinfo").read_text()
+    (line,) = [m for m in mounts.splitlines() if " /etc/resolv.conf " in m]
+    assert " ro," in line or " ro " in line
     driver.destroy(spec.instance_id)
     assert leftovers(driver, spec) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import stat
 import tarfile
 import uuid
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from compute import cgroups
-from compute.drivers.container import container_uid
+from compute.drivers.container import LEGACY_ID_BASE, id_base, stop_signal
 from compute.layers import ImageError, LayerStore
 from compute.oci import BundleSpec, runtime_config
+from compute.spec import ImageFormat, ImageRef, InstanceSpec, Kind, SpecError
 from tests.hostcaps import require_root
 
 
@@ -24,8 +26,9 @@ def bundle(**kw: object) -> BundleSpec:
         "hostname": "h",
         "args": ("/bin/sh",),
         "env": (("PATH", "/bin"),),
-        "uid": 1_000_123,
-        "gid": 1_000_123,
+        "uid": 0,
+        "gid": 0,
+        "id_base": (256 + 17) << 16,
         "cgroups_path": "/skyport/sky-x",
         "memory_bytes": 32 << 20,
         "cpu_quota_percent": 50,
@@ -38,10 +41,17 @@ def bundle(**kw: object) -> BundleSpec:
 def test_runtime_config_security_defaults() -> None:
     c = runtime_config(bundle(netns_path="/x/netns"))
     p = c["process"]
-    assert p["user"]["uid"] == 1_000_123 and p["noNewPrivileges"] is True
-    assert set(p["capabilities"]) == {"bounding", "effective", "inheritable", "permitted", "ambient"}
-    assert all(v == [] for v in p["capabilities"].values())
+    assert p["user"]["uid"] == 0 and p["noNewPrivileges"] is True
+    caps = p["capabilities"]
+    assert set(caps) == {"bounding", "effective", "inheritable", "permitted", "ambient"}
+    assert caps["inheritable"] == caps["ambient"] == []
+    assert caps["bounding"] == caps["effective"] == caps["permitted"]
+    assert {"CAP_CHOWN", "CAP_NET_BIND_SERVICE", "CAP_SETUID"} <= set(caps["bounding"])
+    assert not {"CAP_NET_RAW", "CAP_MKNOD", "CAP_SYS_ADMIN", "CAP_NET_ADMIN"} & set(caps["bounding"])
     lin = c["linux"]
+    assert {"type": "user"} in lin["namespaces"]
+    mapping = [{"containerID": 0, "hostID": (256 + 17) << 16, "size": 65536}]
+    assert lin["uidMappings"] == lin["gidMappings"] == mapping
     assert lin["resources"]["memory"] == {"limit": 32 << 20, "swap": 32 << 20}
     assert lin["resources"]["cpu"] == {"quota": 50_000, "period": 100_000}
     assert lin["resources"]["pids"] == {"limit": 64}
@@ -53,18 +63,59 @@ def test_runtime_config_security_defaults() -> None:
     json.dumps(c)  # serialisable as is
 
 
-def test_runtime_config_refuses_root_and_empty_command() -> None:
-    with pytest.raises(ValueError):
-        runtime_config(bundle(uid=0))
+def test_runtime_config_refuses_host_ids_and_empty_command() -> None:
+    with pytest.raises(ValueError, match="unprivileged id range"):
+        runtime_config(bundle(id_base=0))  # root inside would be host root
+    with pytest.raises(ValueError, match="unprivileged id range"):
+        runtime_config(bundle(id_base=1000))
+    with pytest.raises(ValueError, match="outside the container's id range"):
+        runtime_config(bundle(uid=65536))
     with pytest.raises(ValueError):
         runtime_config(bundle(args=()))
 
 
-def test_container_uid_is_unprivileged_and_stable() -> None:
-    for _ in range(200):
-        iid = str(uuid.uuid4())
-        uid = container_uid(iid)
-        assert 1_000_000 <= uid < 2_000_000 and uid == container_uid(iid)
+def test_a_non_root_user_starts_without_effective_capabilities() -> None:
+    caps = runtime_config(bundle(uid=1000, gid=1000))["process"]["capabilities"]
+    assert caps["effective"] == caps["permitted"] == [] and caps["bounding"]
+
+
+def test_id_range_is_the_tenants_and_stable() -> None:
+    spec = make_spec_for(tenant="acme", id_base=(256 + 5) << 16)
+    assert id_base(spec) == (256 + 5) << 16
+    # Specs stored before the portal sent a range: derived from the tenant, upper half.
+    old = [make_spec_for(tenant=t, id_base=0) for t in ("acme", "acme", "globex")]
+    bases = [id_base(s) for s in old]
+    assert bases[0] == bases[1] != bases[2]
+    assert all(b >= LEGACY_ID_BASE and b % 65536 == 0 and b + 65536 <= 2**32 for b in bases)
+
+
+def make_spec_for(tenant: str, id_base: int) -> InstanceSpec:
+    ref = ImageRef("x", "1", ImageFormat.OCI, "sha256:" + "0" * 64, "/x")
+    return InstanceSpec(
+        instance_id=str(uuid.uuid4()), name="a", hostname="a", tenant=tenant, kind=Kind.CONTAINER,
+        vcpus=1, ram_mb=32, disk_gb=0, image=ref, id_base=id_base,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("env", (("A=B", "x"),), "must not contain '='"),
+        ("env", (("A\x00", "x"),), "must not contain '='"),
+        ("env", (("", "x"),), "needs a name"),
+        ("env", (("A", "x\x00y"),), "NUL in its value"),
+        ("id_base", 1000, "id_base must be"),
+        ("id_base", ((256 + 5) << 16) + 1, "id_base must be"),
+        ("workdir", "relative", "absolute path"),
+    ],
+)
+def test_spec_refuses_bad_container_fields(field: str, value: object, words: str) -> None:
+    ref = ImageRef("x", "1", ImageFormat.OCI, "sha256:" + "0" * 64, "/x")
+    with pytest.raises(SpecError, match=words):
+        InstanceSpec(
+            instance_id=str(uuid.uuid4()), name="a", hostname="a", tenant="t", kind=Kind.CONTAINER,
+            vcpus=1, ram_mb=32, disk_gb=0, image=ref, **{field: value},  # type: ignore[arg-type]
+        )  # fmt: skip
 
 
 class FakeFS:
@@ -292,3 +343,8 @@ def test_a_layer_published_meanwhile_by_another_process_is_kept(
     assert theirs and image.layers[0] == theirs[0]
     assert (image.layers[0] / "etc" / "hostname").read_bytes() == b"mine"
     assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp-")], "the loser's copy is gone"
+
+
+def test_stop_signal_names() -> None:
+    assert stop_signal("SIGQUIT") == signal.SIGQUIT == stop_signal("quit") == stop_signal("3")
+    assert stop_signal("") == signal.SIGTERM == stop_signal("SIGNOPE") == stop_signal("999")

@@ -25,11 +25,15 @@ from compute.spec import (
     ConsoleTail,
     CreateInstance,
     DeleteInstance,
+    Direction,
     DriverStatus,
     ExecRequest,
+    Forward,
     ImageFormat,
     ImageRef,
     InstanceAction,
+    InstanceForwards,
+    InstanceSecurity,
     InstanceSpec,
     InventoryItem,
     Kind,
@@ -38,6 +42,8 @@ from compute.spec import (
     NodeReport,
     Observation,
     PowerState,
+    Protocol,
+    SecurityRule,
     SpecError,
     Task,
     from_json,
@@ -217,6 +223,8 @@ def test_every_message_round_trips_through_json() -> None:
         _nic(vni=3, tunnel_local="192.0.2.1", tunnel_peers=("192.0.2.2",)).segment,
         Observation(iid, "n1", Action.REVERT, "a4", False, PowerState.PAUSED, "no", 1.5, (("k", "v"),)),
         ConsoleTail(iid, "n1", "boot\n", 2.0),
+        InstanceForwards(iid, (Forward(Protocol.UDP, "198.18.129.1", 20000, "198.19.160.10", 53),)),
+        InstanceSecurity(iid, (SecurityRule(Direction.INGRESS, "tcp", 80, 81, ("198.19.160.0/24",)),)),
         NodeReport(
             "n1", "node.n1", 2, 64, 1, (DriverStatus(Kind.VM, True, "ok", frozenset(Capability)),),
             (InventoryItem(iid, Kind.VM, PowerState.RUNNING, 5, 6),),
@@ -318,4 +326,30 @@ def test_the_worker_registers_every_node_task() -> None:
         Task.ENSURE_NETWORK,
         Task.CONSOLE_OPEN,
         Task.EXEC,
+        Task.FORWARDS,
+        Task.SECURITY,
     }
+
+
+def test_forwards_refuse_ports_out_of_range_and_duplicates() -> None:
+    iid = _spec()["instance_id"]
+    with pytest.raises(SpecError, match=r"external_port must be within 1\.\.65535"):
+        Forward(Protocol.TCP, "198.18.129.1", 0, "198.19.160.10", 80)
+    with pytest.raises(SpecError, match=r"port must be within 1\.\.65535"):
+        Forward(Protocol.TCP, "198.18.129.1", 20000, "198.19.160.10", 65536)
+    fwd = Forward(Protocol.TCP, "198.18.129.1", 20000, "198.19.160.10", 80)
+    with pytest.raises(SpecError, match="published twice"):
+        InstanceForwards(iid, (fwd, fwd))
+
+
+def test_security_rules_refuse_what_cannot_be_enforced() -> None:
+    with pytest.raises(SpecError, match="protocol must be one of"):
+        SecurityRule(Direction.INGRESS, "sctp")
+    with pytest.raises(SpecError, match="ports need tcp or udp"):
+        SecurityRule(Direction.INGRESS, "icmp", 1, 2)
+    with pytest.raises(SpecError, match="port_min and port_max go together"):
+        SecurityRule(Direction.INGRESS, "tcp", 1, None)
+    with pytest.raises(SpecError, match="1 <= min <= max <= 65535"):
+        SecurityRule(Direction.INGRESS, "tcp", 90, 80)
+    with pytest.raises(SpecError, match="remote must be IPv4 CIDRs"):
+        SecurityRule(Direction.INGRESS, remote=("10.0.0.1/33",))

@@ -154,7 +154,11 @@ def test_accelerator_missing_cpuinfo_is_tcg(tmp_path: Path) -> None:
 def _spec_with_net(**kw: object) -> object:
     image = ImageRef("tiny", "1", ImageFormat.QCOW2, "sha256:" + "0" * 64, "/x.qcow2")
     net = NetworkAttachment(
-        NetworkSegment("n1", "sktnet1"), "198.18.3.10/24", "52:54:00:aa:bb:cc", gateway="198.18.3.1"
+        NetworkSegment("n1", "sktnet1"),
+        "198.18.3.10/24",
+        "52:54:00:aa:bb:cc",
+        gateway="198.18.3.1",
+        dns=("198.18.3.1",),
     )
     return vm_spec(image, (net,), hostname="web-1", ssh_keys=("ssh-ed25519 AAAAkey user@h",), **kw)
 
@@ -170,6 +174,7 @@ def test_seed_contents() -> None:
     assert eth0["addresses"] == ["198.18.3.10/24"]
     # cloud-init 22.4 (Debian 12) refuses "to": "default" and brings no NIC up
     assert eth0["routes"] == [{"to": "0.0.0.0/0", "via": "198.18.3.1"}]
+    assert eth0["nameservers"] == {"addresses": ["198.18.3.1"]}
     ud = cloudinit.user_data(spec)  # type: ignore[arg-type]
     assert ud.startswith("#cloud-config\n")
     assert json.loads(ud.split("\n", 1)[1])["ssh_authorized_keys"] == ["ssh-ed25519 AAAAkey user@h"]

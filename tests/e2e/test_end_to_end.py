@@ -9,6 +9,7 @@ delete cleans both up; the events list shows each step.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import shutil
@@ -32,6 +33,7 @@ from portal.cloud.models import ComputeNode, Network
 from portal.images.nodekeys import node_key
 from portal.tenancy.models import Membership, Tenant
 from tests.hostcaps import require, require_binary, require_libvirtd, require_root
+from tests.netcleanup import table_for, teardown_node
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER = settings.CELERY_BROKER_URL  # settings_test: a Redis database of the tests' own
@@ -139,6 +141,7 @@ class Stack:
                 SKYPORT_NODE_NAME=node,
                 SKYPORT_NODE_DIR=str(self.base / node),
                 SKYPORT_NODE_KEY=node_key(node),
+                SKYPORT_NFT_TABLE=table_for(node),
             )
 
     def stop(self) -> None:
@@ -178,6 +181,8 @@ def stack(settings: Any) -> Iterator[tuple[Stack, list[str]]]:
         s.stop()
         server.stop()
         _destroy_leftovers(base, nodes)
+        for node in nodes:
+            teardown_node(node, base / node, in_this_namespace=True)
         for net in Network.objects.all():
             subprocess.run(["ip", "link", "del", net.bridge], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
@@ -212,8 +217,13 @@ def _client(username: str, tenant: str | None, staff: bool = False) -> APIClient
 
 
 def _ping(address: str, timeout: float = 60) -> bool:
+    # From the network's gateway (.1), an address of every node that carries it: both nodes of
+    # this test share one kernel and one bridge, and each node's rules know its own host address.
+    gateway = str(ipaddress.ip_network(f"{address}/24", strict=False).network_address + 1)
+
     def once() -> bool:
-        return subprocess.run(["ping", "-c1", "-W1", address], capture_output=True, timeout=5).returncode == 0
+        cmd = ["ping", "-c1", "-W1", "-I", gateway, address]
+        return subprocess.run(cmd, capture_output=True, timeout=5).returncode == 0
 
     return bool(wait_for(f"ping {address}", once, timeout=timeout, every=0.5))
 

@@ -44,6 +44,7 @@ from portal.images.nodekeys import node_key
 from portal.tenancy.models import Tenant
 from tests.e2e.test_end_to_end import ROOT, PortalServer, Stack, _client, wait_for
 from tests.hostcaps import require, require_binary, require_root
+from tests.netcleanup import table_for, teardown_node
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.host, pytest.mark.slow]
 
@@ -213,12 +214,15 @@ def cluster(
                 SKYPORT_NODE_DIR=str(base / node),
                 SKYPORT_NODE_KEY=node_key(node),
                 SKYPORT_TUNNEL_ADDRESS=HOSTS[h],
+                SKYPORT_NFT_TABLE=table_for(node),
             )
         yield stack, underlay, nodes
     finally:
         if stack is not None:
             stack.stop()
         _destroy_containers(base, list(nodes.values()))
+        for node in nodes.values():  # their tables and bridges go with the namespaces
+            teardown_node(node, base / node, in_this_namespace=False)
         if server is not None:
             server.stop()
         if redis is not None:

@@ -33,6 +33,7 @@ from portal.cloud.models import ComputeNode, Instance, Network
 from portal.tenancy.models import Tenant
 from tests.e2e.test_end_to_end import ROOT, PortalServer, Stack, _client, _destroy_leftovers, wait_for
 from tests.hostcaps import require_binary, require_libvirtd, require_root
+from tests.netcleanup import table_for, teardown_node
 
 VISIBILITY = "4"  # seconds before a message taken by a dead worker is delivered again
 
@@ -108,7 +109,7 @@ class Cluster:
         self.stack.start(
             self.node, "-A", "compute.worker", "worker", "-Q", f"node.{self.node}", "--concurrency", "4",
             SKYPORT_NODE_NAME=self.node, SKYPORT_NODE_DIR=str(self.base / self.node),
-            SKYPORT_NODE_KEY=node_key(self.node),
+            SKYPORT_NODE_KEY=node_key(self.node), SKYPORT_NFT_TABLE=table_for(self.node),
         )  # fmt: skip
         self.compute = self.stack.procs[-1]
 
@@ -186,6 +187,7 @@ def cluster(
         if failed:
             print(c.stack.logs())  # their tails, in the test's output
         _destroy_leftovers(base, [c.node])
+        teardown_node(c.node, base / c.node, in_this_namespace=True)
         for net in Network.objects.all():
             subprocess.run(["ip", "link", "del", net.bridge], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)

@@ -31,12 +31,12 @@ def add_file(name: str, data: bytes, mode: int = 0o644) -> Member:
     return add
 
 
-def add_special(name: str, kind: bytes, linkname: str = "") -> Member:
+def add_special(name: str, kind: bytes, linkname: str = "", major: int = 8, minor: int = 0) -> Member:
     def add(tf: tarfile.TarFile) -> None:
         info = tarfile.TarInfo(name)
         info.type, info.linkname, info.mtime = kind, linkname, 1_700_000_000
         if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-            info.devmajor, info.devminor = 8, 0
+            info.devmajor, info.devminor = major, minor
         tf.addfile(info)
 
     return add

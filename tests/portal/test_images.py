@@ -540,6 +540,9 @@ def test_not_an_archive_is_rejected(world: World, store: Path, capture: Any) -> 
     upload(c, img["id"], b"this is not a tar file" * 100, "oci", capture)
     image = Image.objects.get(pk=img["id"])
     assert image.status == "failed" and "not a tar archive" in image.status_reason
+    # in words, not tarfile's list of decompressors and exception reprs (issue 15, defect 7)
+    assert "ReadError" not in image.status_reason and "method" not in image.status_reason
+    assert "docker save" in image.status_reason
 
 
 # ------------------------------------------------------------------ visibility and deletion
@@ -671,3 +674,16 @@ def test_blob_endpoint_serves_nodes_with_their_key_only(
     assert (
         anon.get("/api/v1/blobs/../../etc", HTTP_AUTHORIZATION=f"Node n1:{node_key('n1')}").status_code == 404
     )
+
+
+def test_standard_dev_nodes_in_a_layer_are_skipped_other_devices_refused(
+    world: World, store: Path, tmp_path: Path, capture: Any
+) -> None:
+    ok = f.tar_bytes(f.add_file("etc/x", b"x"), f.add_special("dev/null", tarfile.CHRTYPE, major=1, minor=3))
+    image = oci_upload(world.client("a_member"), tmp_path, capture, [f.BASE, ok])
+    assert image.status == "active", image.status_reason
+    assert "1 device nodes skipped" in image.status_reason and "dev/null" in image.status_reason
+    # dev/null with other numbers is not debootstrap's: still refused.
+    odd = f.tar_bytes(f.add_special("dev/null", tarfile.CHRTYPE, major=1, minor=1))
+    image = oci_upload(world.client("a_member"), tmp_path, capture, [f.BASE, odd], version="2")
+    assert image.status == "failed" and "is a device node" in image.status_reason

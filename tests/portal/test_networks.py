@@ -102,7 +102,7 @@ def test_instances_on_two_nodes_get_tunnel_peers_and_own_host_addresses(
         (nic2.segment.tunnel_local,),
     )
     assert seg.host_address == nic1.segment.host_address
-    assert nodes.run() == 2
+    assert nodes.run() == 3  # the create, the ensure, and a1's default group now admitting a2
     sent.clear()
 
     # each node has its own address on the network, from the same pool as the ports, never the .1
@@ -115,9 +115,15 @@ def test_instances_on_two_nodes_get_tunnel_peers_and_own_host_addresses(
     assert net.host_address not in set(hosts.values()) | ports
     assert nic1.segment.host_address == f"{hosts[first['node']]}/{subnet.prefixlen}"
 
-    # a third instance on a node that already carries the network tells nobody
-    _launch(world, "a_member", "acme", "a3")
-    assert _ensures(sent) == {}
+    # a third instance on a node that already carries the network: the other carrier only learns
+    # its name (for its resolver); the peers are unchanged
+    third = _launch(world, "a_member", "acme", "a3")
+    (other,) = _ensures(sent).values()
+    assert len(other.tunnel_peers) == 1 and other.tunnel_peers[0] != other.tunnel_local
+    assert ("a3", third["addresses"][0]["address"]) in other.hosts
+    # every node has the same gateway, the subnet's .1, handed to the instance with DNS there
+    assert other.gateway == nic1.segment.gateway == f"{net.host_address}/{subnet.prefixlen}"
+    assert (nic1.gateway, nic1.dns) == (net.host_address, (net.host_address,))
     assert {n1.pk, n2.pk} == {n.pk for n in networks.network_nodes(net)}
 
 
@@ -195,3 +201,46 @@ def test_migration_gives_existing_networks_vnis_and_the_tunnel_mtu() -> None:
     executor.migrate(executor.loader.graph.leaf_nodes())
     got = list(Network.objects.filter(tenant__slug="old").order_by("pk").values_list("vni", "mtu"))
     assert got == [(1, 1450), (2, 1450), (3, 1450)]
+
+
+def test_operators_switch_egress_per_network_and_per_tenant_and_the_nodes_are_told(
+    world: World, sent: list[tuple[str, str, list[Any]]], nodes: FakeNodes
+) -> None:
+    from django.core.management import CommandError, call_command
+
+    from portal.audit.models import Event
+
+    _node("eg1", world.a, None)  # no tunnel: still told, egress is not about peers
+    first = _launch(world, "a_member", "acme", "a1")
+    (nic,) = _creates(sent)[f"node.{first['node']}"].networks
+    assert nic.segment.egress is True and nic.segment.gateway is not None
+    nodes.run()
+    sent.clear()
+
+    call_command("network", "egress", "off", "acme", "--network", "default")
+    assert _ensures(sent)["node.eg1"].egress is False
+    assert Event.objects.filter(action="network.egress").exists()
+    sent.clear()
+    call_command("network", "egress", "on", "acme", "--network", "default")
+    assert _ensures(sent)["node.eg1"].egress is True
+    sent.clear()
+    # the tenant's switch wins over the network's
+    call_command("network", "egress", "off", "acme")
+    assert _ensures(sent)["node.eg1"].egress is False
+    assert Tenant.objects.get(slug="acme").network_egress is False
+    net = Network.objects.get(tenant=world.a, name="default")
+    assert net.egress is True and networks.segment(net, ComputeNode.objects.get(name="eg1")).egress is False
+    with pytest.raises(CommandError, match="no tenant 'nobody'"):
+        call_command("network", "egress", "on", "nobody")
+    with pytest.raises(CommandError, match="has no network 'other'"):
+        call_command("network", "egress", "on", "acme", "--network", "other")
+
+
+def test_heartbeat_reports_rule_drift_as_an_event(world: World) -> None:
+    from portal.audit.models import Event
+
+    node = apply_node_report(_beat("dr1") | {"network_drift": "nftables tables skyport were changed"})
+    assert node is not None and node.network_drift == "nftables tables skyport were changed"
+    assert Event.objects.filter(action="node.network_drift", message__contains="changed").count() == 1
+    node = apply_node_report(_beat("dr1") | {"network_drift": ""})
+    assert node is not None and node.network_drift == ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import yaml
 
+from portal.metering.models import Budget, PriceSheet
 from portal.tenancy.models import APIToken, SSHKey
 from tests.portal.conftest import ED25519, World
 
@@ -33,6 +34,9 @@ def test_allow_header_matches_the_schema_everywhere(world: World) -> None:
         "ssh-keys": key.pk,
         "tenants": "acme",
         "tokens": token.pk,
+        "prices": PriceSheet.objects.create(effective_from="2026-01-01").pk,
+        "budgets": Budget.objects.create(tenant=world.a, monthly_amount=10).pk,
+        "usage": "",  # a report: no detail path
     }
     doc = yaml.safe_load(c.get("/api/schema/").content)
     checked = 0

@@ -27,6 +27,7 @@ from portal.cloud.models import ComputeNode, Instance
 from portal.cloud.tasks import apply_node_report
 from tests.portal.conftest import UP_BOTH, FakeNodes, World
 from tests.ui.conftest import login, shot
+from tests.web.helpers import taken_snapshot
 
 POLL_TIMEOUT = 8_000  # ms: the pages poll every 2 s
 REASON = "container on node-a: dedicated to acme"
@@ -112,7 +113,7 @@ def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world
     expect(page.locator("[data-field=isolation_reason]")).to_have_text(REASON)
     status = page.locator("#instance-status")
     expect(status.locator("[data-field=vm_state]")).to_have_text("building")
-    expect(status.get_by_role("button", name="Stop")).to_be_disabled()
+    expect(status.get_by_role("button", name="Shut down")).to_be_disabled()
     _mark(page)
     # The detail page also polls the console, which may queue console requests
     # to the node at any moment; what matters is that the launch sent one create.
@@ -121,21 +122,23 @@ def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world
     fake_nodes.run()
     expect(status.locator("[data-field=vm_state]")).to_have_text("active", timeout=POLL_TIMEOUT)
     expect(status.locator("[data-field=power_state]")).to_have_text("running")
-    expect(status.get_by_role("button", name="Stop")).to_be_enabled()
+    expect(status.get_by_role("button", name="Shut down")).to_be_enabled()
     expect(page.locator(".log")).to_contain_text("node.create success", timeout=POLL_TIMEOUT)
     expect(page.locator("[data-field=stats]")).to_contain_text("No statistics yet")
     # heartbeats bring CPU and memory samples, a console request brings the log tail:
     # both panels show them by themselves
     _heartbeats_until_samples(fake_nodes, Instance.objects.get(name="app"), 2)
     stats = page.locator("[data-field=stats]")
-    expect(stats.get_by_role("img", name="memory use over the last heartbeats")).to_be_visible(timeout=12_000)
-    expect(stats).to_contain_text("48.0 MiB of 128 MiB")
-    expect(stats.get_by_role("img", name="CPU use over the last heartbeats")).to_be_visible()
+    expect(stats.get_by_role("img", name=re.compile("^memory use over the last heartbeats"))).to_be_visible(
+        timeout=12_000
+    )
+    expect(stats).to_contain_text("48.0 MiB used; the flavor gives 128 MiB")
+    expect(stats.get_by_role("img", name=re.compile("^CPU use over the last heartbeats"))).to_be_visible()
     _answer_nodes_until(fake_nodes, page.locator("pre[data-field=console]"), "fake: app booted")
     _not_reloaded(page)
     shot(page, "instance-detail")
 
-    status.get_by_role("button", name="Stop").click()
+    status.get_by_role("button", name="Shut down").click()
     expect(page.get_by_role("status")).to_contain_text("Stop sent to node-a")
     expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("stopping")
     page.get_by_role("link", name="Instances", exact=True).click()
@@ -151,11 +154,14 @@ def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world
     page.get_by_role("link", name="Delete…").click()
     expect(page.get_by_role("heading", name="Delete instance app?")).to_be_visible()
     page.get_by_role("button", name="Delete instance").click()
-    status = page.locator("#instance-status")
-    expect(status.locator("[data-field=task_state]")).to_have_text("deleting")
+    # back on the list (not on the dead instance's page): the row shows the delete, then leaves
+    expect(page).to_have_url(re.compile(r"/instances/$"))
+    expect(page.get_by_role("status")).to_contain_text("Delete of app requested")
+    row = page.locator("tr[data-instance=app]")
+    expect(row).to_contain_text("deleting")
     _mark(page)
     fake_nodes.run()
-    expect(status.locator("[data-field=vm_state]")).to_have_text("deleted", timeout=POLL_TIMEOUT)
+    expect(row).to_have_count(0, timeout=POLL_TIMEOUT)
     _not_reloaded(page)
     assert Instance.objects.get(name="app").vm_state == "deleted"
 
@@ -235,13 +241,15 @@ def test_operator_dedicates_a_node(live_server: Any, page: Any, world: World) ->
 def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, browser: Any, world: World,
                                         queued: list[Any]) -> None:  # fmt: skip
     base = live_server.url
+    taken_snapshot(world.instance_a, "before-upgrade")
+    queued.clear()
     # the confirmation is plain forms: it works the same with JavaScript off
     no_js = browser.new_context(java_script_enabled=False)
     try:
         plain = no_js.new_page()
         login(plain, base, "a_member")
         plain.goto(f"{base}/instances/{world.instance_a.pk}/")
-        plain.get_by_label("Snapshot to revert to").fill("before-upgrade")
+        plain.get_by_label("Snapshot to revert to").select_option("before-upgrade")
         plain.get_by_role("button", name="Revert to snapshot…").click()
         expect(plain.get_by_role("heading", name="Revert web-1 to snapshot before-upgrade?")).to_be_visible()
         expect(plain).to_have_url(re.compile(r"/revert/\?name=before-upgrade$"))
@@ -251,7 +259,7 @@ def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, browser: A
 
     login(page, base, "a_member")
     page.goto(f"{base}/instances/{world.instance_a.pk}/")
-    page.get_by_label("Snapshot to revert to").fill("before-upgrade")
+    page.get_by_label("Snapshot to revert to").select_option("before-upgrade")
     page.get_by_role("button", name="Revert to snapshot…").click()
     expect(page.get_by_role("heading", name="Revert web-1 to snapshot before-upgrade?")).to_be_visible()
     expect(page.get_by_text("What changed in web-1 since snapshot before-upgrade")).to_be_visible()
@@ -261,7 +269,7 @@ def test_revert_to_a_snapshot_asks_first(live_server: Any, page: Any, browser: A
     expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("none")
     assert [m for m in queued if m[1] == "compute.instance.action"] == [], "nothing is sent before confirming"
 
-    page.get_by_label("Snapshot to revert to").fill("before-upgrade")
+    page.get_by_label("Snapshot to revert to").select_option("before-upgrade")
     page.get_by_role("button", name="Revert to snapshot…").click()
     page.get_by_role("button", name="Revert to snapshot", exact=True).click()
     expect(page.get_by_role("status")).to_contain_text("Revert to before-upgrade sent to shared-1")
@@ -357,7 +365,11 @@ def test_tenant_pages_and_narrow_screen(live_server: Any, page: Any, browser: An
 
         pages: list[tuple[str, str, list[Any]]] = [
             ("dashboard-390", "/", [link("Launch instance")]),
-            ("instance-detail-390", f"/instances/{world.instance_a.pk}/", [button("Stop"), link("Delete…")]),
+            (
+                "instance-detail-390",
+                f"/instances/{world.instance_a.pk}/",
+                [button("Shut down"), link("Delete…")],
+            ),
             (
                 "launch-390",
                 "/instances/new/",
@@ -478,13 +490,17 @@ def test_detail_panels_stop_polling_once_deleted(live_server: Any, page: Any, wo
 
     page.get_by_role("link", name="Delete…").click()
     page.get_by_role("button", name="Delete instance").click()
+    expect(page).to_have_url(re.compile(r"/instances/$"))
+    page.goto(base + url)
     expect(page.locator("#instance-status [data-field=task_state]")).to_have_text("deleting")
     fake_nodes.run()
     status = page.locator("#instance-status")
     expect(status.locator("[data-field=vm_state]")).to_have_text("deleted", timeout=POLL_TIMEOUT)
     expect(page.locator("#instance-stats")).to_contain_text("the instance is deleted", timeout=POLL_TIMEOUT)
     expect(page.locator("#instance-console")).not_to_have_attribute("hx-trigger", re.compile("every"))
-    expect(page.locator("[hx-trigger*=every]")).to_have_count(0)
+    # the instance's panels stop; the header's task area (not about this instance) keeps polling
+    expect(page.locator("main [hx-trigger*=every]")).to_have_count(0)
     before = page.evaluate("window.__opened.length")
     page.clock.run_for(60_000)
-    assert page.evaluate(f"window.__opened.slice({before})") == [], "a deleted instance's panels still poll"
+    asked = page.evaluate(f"window.__opened.slice({before})")
+    assert [p for p in asked if p != "/tasks/panel/"] == [], "a deleted instance's panels still poll"

@@ -17,7 +17,7 @@ from portal.errors import InvalidAction
 from portal.tenancy.models import APIToken, Quota, SSHKey
 from portal.web.presenters import action_allowed, sparkline_points
 from tests.portal.conftest import UP_BOTH, FakeNodes, World, heartbeat, new_ed25519
-from tests.web.helpers import client, text
+from tests.web.helpers import client, taken_snapshot, text
 
 
 def _image(name: str) -> int:
@@ -167,7 +167,7 @@ def test_tokens_key_shown_once_and_revoked(world: World) -> None:
     assert "skyport_new_token" not in c.session, "the key does not stay in the session"
     api = client(world, None)
     assert api.get("/api/v1/instances/", headers={"Authorization": f"Bearer {key[1]}"}).status_code == 200
-    assert "Revoke token ci?" in text(c.get(f"/tokens/{token.pk}/revoke/"))
+    assert "Revoke token ci (sky_" in text(c.get(f"/tokens/{token.pk}/revoke/"))
     assert c.post(f"/tokens/{token.pk}/revoke/").status_code == 303
     assert api.get("/api/v1/instances/", headers={"Authorization": f"Bearer {key[1]}"}).status_code == 401
     assert Event.objects.filter(action="apitoken.revoke", object_id=str(token.pk), outcome="success").exists()
@@ -346,6 +346,8 @@ def test_revert_asks_for_confirmation_first(world: World, sent: list[Any]) -> No
     c = client(world, "a_member")
     inst = world.instance_a
     url = f"/instances/{inst.pk}/"
+    taken_snapshot(inst, "before-upgrade")
+    sent.clear()
     detail = text(c.get(url))
     assert f'<form method="get" action="{url}revert/"' in detail, "revert is a GET form to its confirmation"
     assert 'value="revert"' not in detail, "no button posts a revert at once"
@@ -359,7 +361,7 @@ def test_revert_asks_for_confirmation_first(world: World, sent: list[Any]) -> No
         assert f'href="{url}"' in page, "Cancel goes back to the instance"
     assert sent == [] and Instance.objects.get(pk=inst.pk).task_state is None
     r = c.get(url + "revert/", {"name": "../etc"})
-    assert r.status_code == 400 and 'value="../etc"' in text(r) and "Check the name" in text(r)
+    assert r.status_code == 400 and "No snapshot named ../etc has been taken" in text(r)
     # posting a revert action directly is refused: it must go through the confirmation
     r = c.post(url + "action/", {"action": "revert", "name": "before-upgrade"})
     assert r.status_code == 400 and "asks for confirmation" in text(r)
@@ -414,3 +416,30 @@ def test_paging_keeps_the_filters_and_htmx_filters_push_their_query(world: World
     assert 'value="bulk"' in page2, "the form shows the filters of the URL"
     # without the target header (a reload, or htmx restoring history) the whole page comes back
     assert "<html" in text(c.get("/instances/", {"kind": "vm"}, headers={"HX-Request": "true"}))
+
+
+def test_launch_form_takes_container_overrides_and_never_shows_env_values(
+    world: World, sent: list[Any]
+) -> None:
+    _ready_node_a()
+    c = client(world, "a_member")
+    secret = "hunter2-very-secret"
+    body = {"name": "ctr", "image": _image("sample"), "flavor": world.flavor_public.pk, "kind": "container",
+            "network": "default", "command": "sh -c 'echo hi; sleep 9'",
+            "env": f"TOKEN={secret}\nMODE=prod\n", "workdir": "/srv", "user": "1000:1000",
+            "restart_policy": "on-failure:3"}  # fmt: skip
+    # an error elsewhere: the page comes back without the env values
+    r = c.post("/instances/new/", {**body, "user": "root; reboot"})
+    assert r.status_code == 400 and "user[:group]" in text(r) and secret not in text(r)
+    r = c.post("/instances/new/", {**body, "env": f"NOEQUALS\nTOKEN={secret}"})
+    assert r.status_code == 400 and "Line 1: write NAME=value." in text(r) and secret not in text(r)
+    r = c.post("/instances/new/", body)
+    assert r.status_code == 303, text(r)
+    inst = Instance.objects.get(tenant=world.a, name="ctr")
+    assert inst.command == ["sh", "-c", "echo hi; sleep 9"]
+    assert inst.env == {"TOKEN": secret, "MODE": "prod"}
+    assert (inst.workdir, inst.run_as, inst.restart_policy) == ("/srv", "1000:1000", "on-failure:3")
+    detail = text(c.get(r["Location"]))
+    assert secret not in detail
+    assert "TOKEN=********" in detail and "sh -c echo hi; sleep 9" in detail and "on-failure:3" in detail
+    assert not [e for e in Event.objects.all() if secret in e.message or secret in e.path]

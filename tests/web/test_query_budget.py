@@ -12,33 +12,50 @@ from typing import Any
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from portal.cloud.models import Instance
+from portal.metering.models import UsageDay, UsageHour
 from tests.portal.conftest import World
 from tests.web.helpers import client
 
 #: path (with {id} for an instance) -> the most queries it may run
 PAGES = {
-    "/": 10,
+    "/": 13,  # the cost chart: price sheets, day rows, hour rows of today
     "/instances/": 6,
     "/instances/rows/": 6,
-    "/instances/{id}/": 5,
-    "/instances/{id}/status/": 4,
+    "/instances/{id}/": 6,  # + the snapshots the revert form offers
+    "/instances/{id}/status/": 5,  # + the snapshots behind the out-of-band revert button
     "/ops/instances/": 8,
     "/ops/nodes/": 7,
     "/ops/drift/": 7,
+    "/ops/nodes/shared-1/": 8,
     "/events/": 6,
+    "/usage/": 12,
+    "/usage/acme/{month}/": 13,
+    "/ops/usage/": 10,
+    "/tasks/": 8,
+    "/tasks/panel/": 7,
 }
 API = {
     "/api/v1/instances/": 5,
     "/api/v1/instances/{id}/": 4,
+    "/api/v1/usage/?tenant=acme&group_by=instance": 11,
 }
+
+
+def _usage(instance: Instance) -> None:
+    """An hour and a day of metered usage this month, so the usage pages have a line per instance."""
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    fields = {"tenant_id": instance.tenant_id, "kind": instance.kind, "running_ms": 3_600_000}
+    UsageHour.objects.create(instance=instance, hour=hour, **fields)
+    UsageDay.objects.create(instance=instance, day=hour.date(), **fields)
 
 
 def _more_instances(world: World, n: int) -> None:
     base = world.instance_a
     for i in range(n):
-        Instance.objects.create(
+        extra = Instance.objects.create(
             tenant=base.tenant,
             name=f"extra-{i}",
             kind=base.kind,
@@ -54,6 +71,7 @@ def _more_instances(world: World, n: int) -> None:
             power_state="running",
             node=base.node,
         )
+        _usage(extra)
 
 
 def _count(c: Any, path: str) -> tuple[int, list[str]]:
@@ -73,7 +91,8 @@ def test_query_count_is_bounded_and_independent_of_the_instances(
 
         Membership.objects.create(user=world.users["operator"], tenant=world.a, role="admin")
     c = client(world, who)
-    url = path.format(id=world.instance_a.pk)
+    url = path.format(id=world.instance_a.pk, month=f"{timezone.now():%Y-%m}")
+    _usage(world.instance_a)
     c.get(url)  # warm the session and caches
     few, _ = _count(c, url)
     _more_instances(world, 6)

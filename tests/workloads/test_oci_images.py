@@ -116,6 +116,14 @@ def test_app_archives_import_through_the_upload_path_and_share_the_base_layer(
         assert image.status == "active", f"{name}: {image.status_reason}"
         art = Artifact.objects.get(image=image)
         assert art.format == "oci"
+        if name == "nginx":  # the runtime config is recorded for the API (overrides, ports)
+            assert art.config["entrypoint"] == ["/usr/sbin/nginx"]
+            assert art.config["cmd"] == ["-g", "daemon off;"]
+            assert art.config["exposed_ports"] == ["80/tcp"] and art.config["stop_signal"] == "SIGQUIT"
+            assert ["NGINX_ENTRY", "skyport"] in art.config["env"]
+            assert art.config["working_dir"] == "/var/www/html"
+        if name == "pyhttp":
+            assert art.config["user"] == "1000" and art.config["exposed_ports"] == ["8000/tcp"]
         assert base in set(art.blobs.values_list("digest", flat=True))
     # one base layer blob, referenced by the three images, stored as one file
     assert Blob.objects.get(digest=base).artifacts.count() == 3
@@ -129,6 +137,8 @@ def test_app_archives_import_through_the_upload_path_and_share_the_base_layer(
     # the docker layers are stored under their diff_ids; the config is the OCI image's own
     assert set(wi.manifest["files"]["pyhttp-docker"]["diff_ids"]) <= stored
     assert oci_parts(wi.pyhttp)[0] == _docker_config(wi.pyhttp_docker)
+    config = Artifact.objects.get(image=docker).config
+    assert config["user"] == "1000" and config["cmd"] == ["python3", "-m", "http.server", "8000"]
 
 
 def _docker_config(archive: Path) -> dict[str, Any]:
@@ -356,3 +366,29 @@ def test_nginx_serves_http_under_crun_in_a_user_namespace(
         log.close()
     for controller in ("memory", "pids", "cpu"):
         assert not (Path("/sys/fs/cgroup") / controller / name).exists()
+
+
+def test_debootstrap_dev_nodes_are_skipped_and_noted_not_refused(
+    member: APIClient,
+    workload_images: WorkloadImages,
+    django_capture_on_commit_callbacks: Any,
+    tmp_path: Path,
+) -> None:
+    wi = workload_images
+    image = upload(
+        member,
+        "devnodes",
+        wi.devnodes,
+        "oci",
+        wi.sha256("debian-devnodes"),
+        django_capture_on_commit_callbacks,
+    )
+    assert image.status == "active", image.status_reason
+    assert "8 device nodes skipped" in image.status_reason and "dev/null" in image.status_reason
+    # A node unpacks the same layer without them.
+    from compute.layers import LayerStore
+
+    unpacked = LayerStore(tmp_path / "node").unpack(wi.devnodes, f"sha256:{wi.sha256('debian-devnodes')}")
+    (layer,) = unpacked.layers
+    assert (layer / "dev").is_dir() and not (layer / "dev" / "null").exists()
+    assert (layer / "bin" / "sh").exists() or (layer / "usr" / "bin" / "sh").exists()

@@ -13,14 +13,45 @@
   const submit = document.getElementById("upload-submit");
   let imageId = null; // kept across a retry
 
+  // Every field's error at once, next to its field, with aria-invalid and aria-describedby;
+  // the summary above the form takes the focus, so keyboard and screen reader users land on it.
   function showErrors(message, fields) {
     banner.textContent = message || "";
     banner.hidden = !message;
     form.querySelectorAll("[data-for]").forEach(function (p) {
       const msgs = (fields || {})[p.dataset.for];
+      const input = form.elements[p.dataset.for];
+      p.id = p.id || "err-" + p.dataset.for;
       p.textContent = msgs ? [].concat(msgs).join(" ") : "";
       p.hidden = !msgs;
+      if (input && input.setAttribute) {
+        if (msgs) {
+          input.setAttribute("aria-invalid", "true");
+          input.setAttribute("aria-describedby", p.id);
+        } else {
+          input.removeAttribute("aria-invalid");
+          input.removeAttribute("aria-describedby");
+        }
+      }
     });
+    if (message) banner.focus();
+  }
+
+  const SHA256 = /^(sha256:)?[0-9a-f]{64}$/;
+
+  // What can be checked before anything is created: all of it at once, so an empty submit
+  // flags every missing field and a bad sha256 leaves no image record behind.
+  function localErrors(file) {
+    const errors = {};
+    if (!form.elements.name.value.trim()) errors.name = ["Give the image a name."];
+    if (!form.elements.version.value.trim()) errors.version = ["Give the image a version, e.g. 1.0."];
+    if (!file) errors.file = ["Choose the image file to upload."];
+    else if (file.size > Number(form.dataset.max)) {
+      errors.file = ["The file is " + mib(file.size) + "; the limit is " + mib(Number(form.dataset.max)) + "."];
+    }
+    const sha = form.elements.sha256.value.trim();
+    if (sha && !SHA256.test(sha)) errors.sha256 = ["A sha256 is 64 hexadecimal digits (lower case), optionally after sha256:."];
+    return errors;
   }
 
   function mib(n) { return (n / 1048576).toFixed(1) + " MiB"; }
@@ -76,9 +107,10 @@
     event.preventDefault();
     showErrors("", {});
     const file = form.elements.file.files[0];
-    if (!file) { showErrors("Choose a file.", { file: ["Choose the image file to upload."] }); return; }
-    if (file.size > Number(form.dataset.max)) {
-      showErrors("The file is too large.", { file: ["The file is " + mib(file.size) + "; the limit is " + mib(Number(form.dataset.max)) + "."] });
+    const errors = localErrors(file);
+    const count = Object.keys(errors).length;
+    if (count) {
+      showErrors("The form has " + count + " error" + (count > 1 ? "s" : "") + "; they are shown next to each field.", errors);
       return;
     }
     submit.disabled = true;

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -16,9 +16,17 @@ from portal.api.strict import (
     StrictPrimaryKeyRelatedField,
     StrictRegexField,
 )
-from portal.cloud import states
+from portal.cloud import launch, states
 from portal.cloud.choices import RequestedKind
-from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.cloud.models import (
+    ComputeNode,
+    Flavor,
+    Instance,
+    Network,
+    PublishedPort,
+    SecurityGroup,
+    SecurityGroupRule,
+)
 from portal.cloud.naming import NAME_RE as _NAME_RE
 from portal.cloud.naming import NAME_RULE
 from portal.images.choices import ImageStatus
@@ -76,9 +84,11 @@ class ComputeNodeSerializer(StrictModelSerializer[ComputeNode]):
             "orphans",
             "cached",
             "tunnel_address",
+            "network_drift",
             "created_at",
         ]
         read_only_fields = [
+            "network_drift",
             "orphans",
             "cached",
             "id",
@@ -157,6 +167,40 @@ class ImageRefField(serializers.Field):  # type: ignore[type-arg]
         return str(value)
 
 
+_T = TypeVar("_T")
+
+
+def _checked(value: _T, problem: str | None) -> _T:
+    if problem:
+        raise serializers.ValidationError(problem)
+    return value
+
+
+class EnvVarSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """One environment variable of a container; the value is write-only (answers show a mask)."""
+
+    name = StrictCharField(max_length=launch.MAX_ENV_NAME, trim_whitespace=False)
+    value = StrictCharField(max_length=32768, allow_blank=True, trim_whitespace=False)
+
+
+class EnvField(serializers.ListField):
+    """``[{"name", "value"}]`` in, a dict on the model, names with masked values out."""
+
+    child = EnvVarSerializer()
+
+    def to_internal_value(self, data: Any) -> dict[str, str]:  # type: ignore[override]
+        items = super().to_internal_value(data)
+        env: dict[str, str] = {}
+        for item in items:
+            if item["name"] in env:
+                raise serializers.ValidationError(f"Variable {item['name'][:64]!r} is given twice.")
+            env[item["name"]] = item["value"]
+        return env
+
+    def to_representation(self, data: Any) -> list[dict[str, str]]:
+        return [{"name": str(name), "value": launch.MASK} for name in (data or {})]
+
+
 class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     tenant = TenantField(required=False)
     flavor = StrictPrimaryKeyRelatedField(queryset=Flavor.objects.all())
@@ -184,6 +228,40 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     user_data = StrictCharField(
         required=False, allow_blank=True, max_length=16384, write_only=True, trim_whitespace=False
     )
+    command = serializers.ListField(
+        child=StrictCharField(max_length=4096, allow_blank=True, trim_whitespace=False),
+        required=False,
+        max_length=launch.MAX_ARGS,
+        help_text="Container: replaces the image's Entrypoint + Cmd",
+    )
+    env = EnvField(
+        required=False,
+        max_length=launch.MAX_ENV,
+        help_text="Container: environment added to the image's; values are never shown again (masked)",
+    )
+    workdir = StrictCharField(
+        required=False, allow_blank=True, max_length=255, help_text="Container: working directory"
+    )
+    restart_policy = StrictCharField(
+        required=False,
+        default="no",
+        max_length=16,
+        help_text=f"Container: {launch.RESTART_HELP}",
+    )
+    user = StrictCharField(
+        source="run_as",
+        required=False,
+        allow_blank=True,
+        max_length=65,
+        help_text="Container: user[:group] to run as (name or id, resolved in the image)",
+    )
+    security_group_ids = serializers.ListField(
+        child=StrictIntegerField(min_value=1, max_value=MAX_ID),
+        write_only=True,
+        required=False,
+        max_length=20,
+        help_text="Ids of the tenant's security groups to attach (default: its 'default' group)",
+    )
 
     class Meta:
         model = Instance
@@ -207,7 +285,14 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             "addresses",
             "anti_affinity_group",
             "ssh_key_ids",
+            "security_group_ids",
             "user_data",
+            "command",
+            "env",
+            "workdir",
+            "user",
+            "restart_policy",
+            "restarts",
             "created_by",
             "created_at",
             "updated_at",
@@ -223,6 +308,7 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             "power_state",
             "status_reason",
             "addresses",
+            "restarts",
             "created_at",
             "updated_at",
         ]
@@ -247,6 +333,31 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
         if value and not _NAME_RE.match(value):
             raise serializers.ValidationError("Use lower-case letters, digits and '-' (at most 63).")
         return value
+
+    def validate_command(self, value: list[str]) -> list[str]:
+        return _checked(value, launch.command_error(value))
+
+    def validate_env(self, value: dict[str, str]) -> dict[str, str]:
+        return _checked(value, launch.env_error(value))
+
+    def validate_workdir(self, value: str) -> str:
+        return _checked(value, launch.workdir_error(value))
+
+    def validate_user(self, value: str) -> str:
+        return _checked(value, launch.user_error(value))
+
+    def validate_restart_policy(self, value: str) -> str:
+        return _checked(value, launch.restart_policy_error(value))
+
+    def validate_security_group_ids(self, value: list[int]) -> list[SecurityGroup]:
+        groups = {
+            g.pk: g
+            for g in SecurityGroup.objects.restrict(actor_for(self.context["request"])).filter(pk__in=value)
+        }
+        missing = sorted(set(value) - set(groups))
+        if missing:
+            raise serializers.ValidationError(f"No security group with id {missing[0]}.")
+        return [groups[k] for k in value]
 
     def validate_ssh_key_ids(self, value: list[int]) -> list[str]:
         keys = dict(
@@ -281,7 +392,25 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
         ):
             need = f"{image.min_ram_mb} MiB and {image.min_disk_gb} GiB"
             raise serializers.ValidationError({"flavor": f"Image {image} needs at least {need}."})
+        self._check_overrides(attrs, image)
         return attrs
+
+    @staticmethod
+    def _check_overrides(attrs: dict[str, Any], image: Any) -> None:
+        """What the portal can know from the image config recorded at import."""
+        given = [k for k in ("command", "env", "workdir", "run_as") if attrs.get(k)]
+        if attrs.get("restart_policy", "no") != "no":
+            given.append("restart_policy")
+        if given and attrs.get("requested_kind") == RequestedKind.VM:
+            field = given[0] if given[0] != "run_as" else "user"
+            raise serializers.ValidationError({field: "Applies to containers only, not to kind=vm."})
+        artifact = image.artifact_for("container") if image is not None else None
+        config = artifact.config if artifact is not None else {}
+        no_command = not (config.get("entrypoint") or config.get("cmd"))
+        if artifact is not None and config and no_command and not attrs.get("command"):
+            raise serializers.ValidationError(
+                {"command": f"Image {image} has no Entrypoint or Cmd: give a command."}
+            )
 
 
 class InstanceRenameSerializer(StrictModelSerializer[Instance]):
@@ -381,5 +510,161 @@ class NetworkSerializer(StrictModelSerializer[Network]):
 
     class Meta:
         model = Network
-        fields = ["id", "tenant", "name", "cidr", "bridge", "vni", "host_address", "mtu", "created_at"]
+        fields = [
+            "id",
+            "tenant",
+            "name",
+            "cidr",
+            "bridge",
+            "vni",
+            "host_address",
+            "mtu",
+            "egress",
+            "created_at",
+        ]
         read_only_fields = fields
+
+
+class InstanceRefField(serializers.PrimaryKeyRelatedField):  # type: ignore[type-arg]
+    """An instance of your tenants by id (a UUID string); others do not exist for you."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, str):
+            self.fail("incorrect_type", data_type=type(data).__name__)
+        return super().to_internal_value(data)
+
+    def to_representation(self, value: Any) -> str:
+        return str(value.pk)
+
+
+class PublishedPortSerializer(StrictModelSerializer[PublishedPort]):
+    """A published port: ``protocol``/``port`` of ``instance`` at ``external_address:external_port``."""
+
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True
+    )
+    instance = InstanceRefField(queryset=Instance.objects.none())  # type: ignore[assignment]  # popped by DRF
+    protocol = serializers.ChoiceField(choices=["tcp", "udp"])
+    port = StrictIntegerField(min_value=1, max_value=65535, help_text="The instance's port")
+    external_port = StrictIntegerField(
+        min_value=1,
+        max_value=65535,
+        required=False,
+        help_text="Optional: a port of the node's published range (default: the first free one)",
+    )
+    external_address = serializers.CharField(source="external.address", read_only=True)
+    node = serializers.CharField(source="external.node.name", read_only=True)
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = PublishedPort
+        fields = [
+            "id",
+            "tenant",
+            "instance",
+            "protocol",
+            "port",
+            "external_address",
+            "external_port",
+            "node",
+            "url",
+            "created_at",
+        ]
+        read_only_fields = ["id", "created_at"]
+        validators: list[Any] = []  # "already published" is a 409 from the service, with a sentence
+
+    def get_url(self, obj: PublishedPort) -> str:
+        return f"{obj.protocol}://{obj.external.address}:{obj.external_port}"
+
+    def get_fields(self) -> dict[str, Any]:
+        fields = super().get_fields()
+        request = self.context.get("request")
+        if request is not None and request.user.is_authenticated:
+            fields["instance"].queryset = Instance.objects.restrict(actor_for(request)).live()  # type: ignore[attr-defined]
+        return fields
+
+
+class SecurityGroupRuleSerializer(StrictModelSerializer[SecurityGroupRule]):
+    """One allow rule; ``remote_cidr`` or ``remote_group`` (a group of the same tenant), neither: anyone."""
+
+    group = StrictPrimaryKeyRelatedField(queryset=SecurityGroup.objects.none())
+    remote_group = StrictPrimaryKeyRelatedField(
+        queryset=SecurityGroup.objects.none(), required=False, allow_null=True
+    )
+    port_min = StrictIntegerField(min_value=1, max_value=65535, required=False, allow_null=True)
+    port_max = StrictIntegerField(min_value=1, max_value=65535, required=False, allow_null=True)
+
+    class Meta:
+        model = SecurityGroupRule
+        fields = [
+            "id",
+            "group",
+            "direction",
+            "protocol",
+            "port_min",
+            "port_max",
+            "remote_cidr",
+            "remote_group",
+        ]
+        read_only_fields = ["id"]
+
+    def get_fields(self) -> dict[str, Any]:
+        fields = super().get_fields()
+        request = self.context.get("request")
+        if request is not None and request.user.is_authenticated:
+            visible = SecurityGroup.objects.restrict(actor_for(request))
+            fields["group"].queryset = visible  # type: ignore[attr-defined]
+            # any group: a foreign one is refused with a sentence in validate(), not "does not exist"
+            fields["remote_group"].queryset = SecurityGroup.objects.all()  # type: ignore[attr-defined]
+        return fields
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        from portal.cloud import secgroups
+
+        try:
+            attrs["remote_cidr"] = secgroups.validate_rule(
+                attrs["group"],
+                attrs.get("protocol", "any"),
+                attrs.get("port_min"),
+                attrs.get("port_max"),
+                attrs.get("remote_cidr", ""),
+                attrs.get("remote_group"),
+            )
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+        return attrs
+
+
+class SecurityGroupSerializer(DefaultTenantMixin, StrictModelSerializer[SecurityGroup]):
+    tenant = TenantField(required=False)
+    rules = SecurityGroupRuleSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = SecurityGroup
+        fields = ["id", "tenant", "name", "description", "rules", "created_at"]
+        read_only_fields = ["id", "created_at"]
+        validators: list[Any] = []
+
+    def validate_name(self, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise serializers.ValidationError(NAME_RULE)
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().validate(attrs)
+        tenant = attrs.get("tenant") or getattr(self.instance, "tenant", None)
+        name = attrs.get("name")
+        clash = SecurityGroup.objects.filter(tenant=tenant, name=name)
+        if self.instance is not None:
+            clash = clash.exclude(pk=self.instance.pk)
+        if name and clash.exists():
+            raise FieldConflict("name", f"Tenant {tenant} already has a security group named '{name}'.")
+        return attrs
+
+
+class InstanceSecurityGroupsSerializer(serializers.Serializer[Any]):
+    security_groups = serializers.ListField(
+        child=StrictIntegerField(min_value=1, max_value=MAX_ID),
+        max_length=20,
+        help_text="Ids of security groups",
+    )

@@ -9,7 +9,7 @@ from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied
+from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -17,10 +17,18 @@ from compute.spec import ConsoleMode
 from portal.api.authentication import actor_for
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
-from portal.cloud import disclosure, placement, services
+from portal.cloud import disclosure, forwards, placement, secgroups, services
 from portal.cloud.api import serializers
 from portal.cloud.choices import VmState
-from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.cloud.models import (
+    ComputeNode,
+    Flavor,
+    Instance,
+    Network,
+    PublishedPort,
+    SecurityGroup,
+    SecurityGroupRule,
+)
 from portal.console import services as console_services
 from portal.console.api import serializers as console_api
 from portal.errors import Conflict
@@ -130,6 +138,12 @@ class InstanceViewSet(ScopedViewSet):
             anti_affinity_group=data.get("anti_affinity_group", ""),
             ssh_keys=tuple(data.get("ssh_key_ids", ())),
             user_data=data.get("user_data", ""),
+            command=tuple(data.get("command", ())),
+            env=tuple(data.get("env", {}).items()),
+            workdir=data.get("workdir", ""),
+            run_as=data.get("run_as", ""),
+            restart_policy=data.get("restart_policy", "no"),
+            security_groups=tuple(data.get("security_group_ids", ())),
         )
 
     @extend_schema(responses={202: serializers.InstanceSerializer})
@@ -165,6 +179,29 @@ class InstanceViewSet(ScopedViewSet):
         services.act(instance, body.validated_data["action"], body.validated_data["params"], request.user)
         instance.refresh_from_db()
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        request=serializers.InstanceSecurityGroupsSerializer,
+        responses={200: serializers.SecurityGroupSerializer(many=True)},
+    )
+    @action(detail=True, methods=["get", "post"], url_path="security-groups")
+    def security_groups(self, request: Request, pk: str | None = None) -> Response:
+        """The instance's security groups; POST sets exactly these (applied live on its node)."""
+        instance = self.get_object()
+        if request.method == "POST":
+            self.check_role(instance.tenant_id, self.write_role)
+            body = serializers.InstanceSecurityGroupsSerializer(data=request.data)
+            body.is_valid(raise_exception=True)
+            ids = body.validated_data["security_groups"]
+            groups = list(SecurityGroup.objects.restrict(self.actor).filter(pk__in=ids))
+            missing = sorted(set(ids) - {g.pk for g in groups})
+            if missing:
+                raise ValidationError({"security_groups": [f"No security group with id {missing[0]}."]})
+            secgroups.set_groups(instance, groups)
+            describe(request, "instance.security_groups", instance, message=", ".join(g.name for g in groups))
+        groups = instance.security_groups.prefetch_related("rules")
+        ctx = {"request": request}
+        return Response(serializers.SecurityGroupSerializer(groups, many=True, context=ctx).data)
 
     @extend_schema(responses={200: serializers.ConsoleSerializer})
     @action(detail=True, methods=["get"], url_path="console")
@@ -283,3 +320,91 @@ class NetworkViewSet(viewsets.ReadOnlyModelViewSet):  # type: ignore[type-arg]
 
     def get_queryset(self) -> models.QuerySet[Any]:
         return Network.objects.select_related("tenant").restrict(actor_for(self.request))
+
+
+class PublishedPortViewSet(ScopedViewSet):
+    """Published ports of your tenants' instances: a tcp/udp port reachable at an address:port of its node.
+
+    Members publish and unpublish; the node applies it at once.  Ports count
+    against the tenant's ``published_ports`` quota and go with the instance.
+    """
+
+    queryset = PublishedPort.objects.select_related("tenant", "instance", "external__node")
+    serializer_class = serializers.PublishedPortSerializer
+    http_method_names = ["get", "post", "delete", "head", "options"]
+    filterset_fields = {"instance": ["exact"], "protocol": ["exact"], "tenant__slug": ["exact"]}
+    ordering_fields = ["created_at", "external_port"]
+
+    @extend_schema(responses={201: serializers.PublishedPortSerializer})
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        instance = data["instance"]
+        self.check_role(instance.tenant_id, self.write_role)
+        row = forwards.publish(instance, data["protocol"], data["port"], data.get("external_port"))
+        describe(request, "publishedport.create", row, tenant_id=row.tenant_id, message=str(row))
+        return Response(self.get_serializer(row).data, status=status.HTTP_201_CREATED)
+
+    def perform_destroy(self, instance: models.Model) -> None:
+        assert isinstance(instance, PublishedPort)
+        describe(
+            self.request,
+            "publishedport.delete",
+            instance,
+            tenant_id=instance.tenant_id,
+            message=str(instance),
+        )
+        forwards.unpublish(instance)
+
+
+class SecurityGroupViewSet(ScopedViewSet):
+    """Security groups of your tenants: named allow rules attached to instances, changed live.
+
+    Each tenant has a ``default`` group (all egress; ingress only from its
+    members) that instances get when launched without groups.
+    """
+
+    queryset = SecurityGroup.objects.select_related("tenant").prefetch_related("rules")
+    serializer_class = serializers.SecurityGroupSerializer
+    filterset_fields = {"tenant__slug": ["exact"], "name": ["exact"]}
+    ordering_fields = ["name", "created_at"]
+
+    def perform_destroy(self, instance: models.Model) -> None:
+        assert isinstance(instance, SecurityGroup)
+        if instance.instances.live().exists():
+            raise Conflict(f"Security group {instance.name} is attached to instances; detach it first.")
+        super().perform_destroy(instance)
+
+
+class SecurityGroupRuleViewSet(ScopedViewSet):
+    """Rules of your tenants' security groups.  A change reaches the running instances within a second."""
+
+    queryset = SecurityGroupRule.objects.select_related("group__tenant", "remote_group")
+    serializer_class = serializers.SecurityGroupRuleSerializer
+    http_method_names = ["get", "post", "delete", "head", "options"]
+    filterset_fields = {"group": ["exact"], "direction": ["exact"]}
+    ordering_fields = ["created_at"]
+
+    def get_queryset(self) -> models.QuerySet[Any]:
+        groups = SecurityGroup.objects.restrict(self.actor)
+        return SecurityGroupRule.objects.select_related("group__tenant", "remote_group").filter(
+            group__in=groups
+        )
+
+    def tenant_id_of(self, obj: models.Model) -> int | None:
+        assert isinstance(obj, SecurityGroupRule)
+        return obj.group.tenant_id
+
+    def perform_create(self, serializer: Any) -> None:
+        group = serializer.validated_data["group"]
+        self.check_role(group.tenant_id, self.write_role)
+        super().perform_create(serializer)
+        secgroups.sync(secgroups.in_group(group))
+
+    def perform_destroy(self, instance: models.Model) -> None:
+        assert isinstance(instance, SecurityGroupRule)
+        self.check_role(instance.group.tenant_id, self.write_role)
+        group = instance.group
+        super().perform_destroy(instance)
+        secgroups.sync(secgroups.in_group(group))

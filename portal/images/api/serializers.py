@@ -11,6 +11,7 @@ from portal.api.conflicts import FieldConflict
 from portal.api.fields import TENANT_SLUG_SCHEMA, DefaultTenantMixin, TenantField
 from portal.api.strict import StrictBooleanField, StrictModelSerializer
 from portal.images.models import Artifact, Image
+from portal.images.naming import name_validator, version_validator
 from portal.tenancy.models import Tenant
 
 
@@ -19,7 +20,16 @@ class ArtifactSerializer(StrictModelSerializer[Artifact]):
 
     class Meta:
         model = Artifact
-        fields = ["format", "digest", "size", "virtual_size", "source_digest", "layers", "created_at"]
+        fields = [
+            "format",
+            "digest",
+            "size",
+            "virtual_size",
+            "source_digest",
+            "layers",
+            "config",
+            "created_at",
+        ]
         read_only_fields = fields
 
     def get_layers(self, obj: Artifact) -> list[str]:
@@ -48,6 +58,10 @@ class ImageSerializer(DefaultTenantMixin, StrictModelSerializer[Image]):
 
     class Meta:
         model = Image
+        extra_kwargs = {
+            "name": {"validators": [name_validator]},
+            "version": {"validators": [version_validator]},
+        }
         fields = [
             "id",
             "name",

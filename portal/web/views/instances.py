@@ -7,6 +7,7 @@ and name the action for the audit Event.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from django.contrib import messages
@@ -17,9 +18,9 @@ from django.urls import reverse
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
-from compute.spec import Action
+from compute.spec import Action, Kind
 from portal.audit.models import Event
-from portal.audit.record import describe, note_error
+from portal.audit.record import describe, not_a_change, note_error
 from portal.cloud import disclosure, placement, services
 from portal.cloud.choices import VmState
 from portal.cloud.models import Instance
@@ -50,6 +51,10 @@ from portal.web.views.tenant import paginate, query_without_page
 STOP_POLLING = 286
 POLL_SECONDS = 2
 STATS_POLL_SECONDS = 5
+#: after this long without a console answer the panel says so instead of "asking…"
+CONSOLE_PATIENCE_SECONDS = 10
+#: without JavaScript, pages with live states reload themselves this often (a meta refresh)
+NOSCRIPT_REFRESH_SECONDS = 10
 
 
 def filter_instances(qs: QuerySet[Instance], form: InstanceFilterForm) -> QuerySet[Instance]:
@@ -94,6 +99,7 @@ def instance_list(request: HttpRequest, tenant: Tenant) -> HttpResponse:
         "rows_query": request.GET.urlencode(),
         "poll": POLL_SECONDS,
         "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
+        "bulk_actions": BULK_ACTIONS.items(),
     }
     if request.headers.get("HX-Request") and request.headers.get("HX-Target") == RESULTS_TARGET:
         response = render(request, "web/partials/instance_results.html", ctx)
@@ -107,11 +113,95 @@ def instance_list(request: HttpRequest, tenant: Tenant) -> HttpResponse:
 def instance_rows(request: HttpRequest, tenant: Tenant) -> HttpResponse:
     """The polled table body of the instance list (same filters as the page)."""
     _form, page_obj = _tenant_instances(request, tenant)
-    return render(
-        request,
-        "web/partials/instance_rows.html",
-        {"page_obj": page_obj, "rows_query": request.GET.urlencode(), "poll": POLL_SECONDS},
-    )
+    ctx = {
+        "page_obj": page_obj,
+        "rows_query": request.GET.urlencode(),
+        "poll": POLL_SECONDS,
+        "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
+    }
+    return render(request, "web/partials/instance_rows.html", ctx)
+
+
+#: what the instance list does to several instances at once (value -> label)
+BULK_ACTIONS = {"start": "Start", "stop": "Shut down", "reboot": "Reboot", "delete": "Delete"}
+#: at most this many instances per bulk request (one page of the list holds fewer)
+BULK_MAX = 100
+
+
+@tenant_page
+def instances_bulk(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    """GET: one confirmation page for the chosen instances (saying which the action skips and why);
+    POST: the action on each, through the same services as one at a time, then back to the list."""
+    data = request.POST if request.method == "POST" else request.GET
+    action = data.get("action", "")
+    if request.method == "POST":
+        describe(request, f"instance.bulk_{action}"[:100], tenant_id=tenant.pk)
+    refused = _write_refusal(request, tenant.pk)
+    if refused:
+        return refused
+    ids = data.getlist("id")[:BULK_MAX]
+    chosen: list[Instance] = []
+    if action in BULK_ACTIONS and ids:
+        qs = Instance.objects.restrict(actor(request)).filter(tenant=tenant).live()  # type: ignore[attr-defined]
+        valid = [i for i in ids if _is_uuid(i)]
+        chosen = list(qs.filter(pk__in=valid).select_related("node", "tenant").order_by("name"))
+    if not chosen:
+        note_error(request, "no instances or no action chosen")
+        messages.error(request, "Choose one or more instances and an action.")
+        return HttpResponseRedirect(reverse("web:instances"), status=303)
+    label = BULK_ACTIONS[action]
+    ready = [i for i in chosen if _bulk_allowed(i, action)]
+    skipped = [i for i in chosen if i not in ready]
+    if request.method != "POST":
+        names = ", ".join(i.name for i in ready) or "none"
+        body = f"{label}: {names}."
+        if skipped:
+            body += (
+                " Skipped, their state does not allow it: "
+                + ", ".join(f"{i.name} ({i.task_state or i.vm_state})" for i in skipped)
+                + "."
+            )
+        if action == "delete":
+            body += " The nodes destroy the workloads and their disks; this cannot be undone."
+        fields = [("action", action)] + [("id", str(i.pk)) for i in ready]
+        return confirm(
+            request,
+            f"{label} {len(ready)} instance{'s' if len(ready) != 1 else ''}?",
+            body,
+            f"{label} {len(ready)}",
+            reverse("web:instances"),
+            pairs=fields,
+        )
+    done: list[str] = []
+    failed: list[str] = []
+    for inst in ready:
+        call = (
+            (lambda i=inst: services.delete_instance(i, request.user))
+            if action == "delete"
+            else (lambda i=inst: services.act(i, action, {}, request.user))
+        )
+        outcome = attempt(request, call)
+        (failed if isinstance(outcome, Refusal) else done).append(inst.name)
+    describe(request, f"instance.bulk_{action}", tenant_id=tenant.pk, message=f"{label}: {', '.join(done)}")
+    if done:
+        messages.success(
+            request, f"{label} sent for {', '.join(done)}; the list updates as the nodes report."
+        )
+    if failed or skipped:
+        messages.error(request, f"Not done: {', '.join(failed + [i.name for i in skipped])}.")
+    return HttpResponseRedirect(reverse("web:instances"), status=303)
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _bulk_allowed(instance: Instance, action: str) -> bool:
+    return delete_allowed(instance) if action == "delete" else action_allowed(instance, Action(action))
 
 
 def _instance(request: HttpRequest, pk: str) -> Instance:
@@ -131,6 +221,9 @@ def _status_context(request: HttpRequest, instance: Instance) -> dict[str, Any]:
         "live": instance.vm_state != VmState.DELETED,
         "refusal": refusal,
         "poll": POLL_SECONDS,
+        "noscript_refresh": NOSCRIPT_REFRESH_SECONDS,
+        "can_snapshot": action_allowed(instance, Action.SNAPSHOT),
+        "can_publish": action_allowed(instance, Action.PUBLISH),
     }
 
 
@@ -150,13 +243,13 @@ def _detail_page(
     revert: Any = None,
 ) -> HttpResponse:
     ctx = _status_context(request, instance)
+    names = services.snapshot_names(instance) if instance.kind == Kind.VM else []
     ctx |= {
         "error": error,
         "snapshot_form": snapshot or SnapshotForm(),
-        "revert_form": revert or RevertForm(),
-        "can_snapshot": action_allowed(instance, Action.SNAPSHOT),
+        "revert_form": revert or RevertForm(names=names),
+        "snapshot_names": names,
         "publish_form": publish or PublishForm(tenant=instance.tenant),
-        "can_publish": action_allowed(instance, Action.PUBLISH),
     }
     return page(request, "web/instance_detail.html", ctx, status=status)
 
@@ -165,7 +258,10 @@ def _detail_page(
 def instance_status(request: HttpRequest, pk: str) -> HttpResponse:
     """Polled partial: states, reason and the action buttons the state allows."""
     instance = _instance(request, pk)
-    return _polled(request, "web/partials/instance_status.html", instance, _status_context(request, instance))
+    ctx = _status_context(request, instance)
+    if instance.kind == Kind.VM:  # the buttons outside the panel come along (out of band)
+        ctx |= {"oob": True, "snapshot_names": services.snapshot_names(instance)}
+    return _polled(request, "web/partials/instance_status.html", instance, ctx)
 
 
 def _polled(request: HttpRequest, template: str, instance: Instance, context: dict[str, Any]) -> HttpResponse:
@@ -186,7 +282,12 @@ def instance_console(request: HttpRequest, pk: str) -> HttpResponse:
         request,
         "web/partials/instance_console.html",
         instance,
-        {"console": services.console(instance), "events": events[:10], "poll": POLL_SECONDS},
+        {
+            "console": services.console(instance),
+            "events": events[:10],
+            "poll": POLL_SECONDS,
+            "console_patience": CONSOLE_PATIENCE_SECONDS,
+        },
     )
 
 
@@ -224,6 +325,8 @@ def instance_stats(request: HttpRequest, pk: str) -> HttpResponse:
             "memory_mib": points[-1]["memory_bytes"] / 2**20,
             "limit_mib": data["memory_limit_bytes"] / 2**20,
             "count": len(points),
+            "span": (points[-1]["at"] - points[0]["at"]).total_seconds(),
+            "cpu_max": 100 * instance.vcpus,
         }
         if len(points) >= 2
         else None
@@ -261,13 +364,14 @@ def instance_action(request: HttpRequest, pk: str) -> HttpResponse:
             note_error(request, "invalid snapshot name")
             return _detail_page(request, instance, "Check the snapshot name.", 400, snapshot)
         params["name"] = snapshot.cleaned_data["name"]
+    if action == Action.STOP and request.POST.get("force") == "1":
+        params["force"] = True
     outcome = attempt(request, lambda: services.act(instance, action, params, request.user))
     if isinstance(outcome, Refusal):
         instance.refresh_from_db()
         return _detail_page(request, instance, outcome.message, outcome.status, snapshot)
-    messages.success(
-        request, f"{action.capitalize()} sent to {instance.node}; the state updates when it reports."
-    )
+    what = "Power off" if params.get("force") else action.capitalize()
+    messages.success(request, f"{what} sent to {instance.node}; the state updates when it reports.")
     return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
 
 
@@ -284,10 +388,10 @@ def instance_revert(request: HttpRequest, pk: str) -> HttpResponse:
     refused = _write_refusal(request, instance.tenant_id)
     if refused:
         return refused
-    form = RevertForm(request.POST if posted else request.GET)
+    form = RevertForm(request.POST if posted else request.GET, names=services.snapshot_names(instance))
     if not form.is_valid():
-        note_error(request, "invalid snapshot name")
-        error = "Check the name of the snapshot to revert to."
+        note_error(request, "unknown snapshot name")
+        error = " ".join(str(e) for e in form.errors.get("name", ())) or "Check the snapshot to revert to."
         return _detail_page(request, instance, error, 400, revert=form)
     name = form.cleaned_data["name"]
     if not posted:
@@ -334,8 +438,11 @@ def instance_delete(request: HttpRequest, pk: str) -> HttpResponse:
     if isinstance(outcome, Refusal):
         instance.refresh_from_db()
         return _detail_page(request, instance, outcome.message, outcome.status)
-    messages.success(request, f"Delete of {instance.name} requested.")
-    return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
+    messages.success(
+        request, f"Delete of {instance.name} requested; it leaves the list once its node reports."
+    )
+    # the instance's page would only offer forms for an instance on its way out: go to the list
+    return HttpResponseRedirect(reverse("web:instances"), status=303)
 
 
 def _launch_form(request: HttpRequest, tenant: Tenant, data: Any = None, preview: bool = False) -> LaunchForm:
@@ -368,11 +475,17 @@ def launch(request: HttpRequest, tenant: Tenant) -> HttpResponse:
 
 @tenant_page
 def launch_preview(request: HttpRequest, tenant: Tenant) -> HttpResponse:
-    """Partial: what ``placement.preview`` says about the form as filled in so far (GET: a dry run)."""
+    """Partial: what ``placement.preview`` says about the form as filled in so far (a dry run).
+
+    The form POSTs it (user data may be 16 KiB: too long for a query string, and the CSRF
+    token does not belong in one); GET is still answered for links and old pages.
+    """
+    not_a_change(request)
     refusal = role_refusal(actor(request), tenant.pk, Role.MEMBER)
     ctx: dict[str, Any] = {"refusal": refusal}
-    form = _launch_form(request, tenant, request.GET, preview=True)
-    if refusal is None and form.is_valid():
+    data = request.POST if request.method == "POST" else request.GET
+    form = _launch_form(request, tenant, data, preview=True)
+    if refusal is None and form.previewable():
         result = attempt(request, lambda: placement.preview(form.to_request()))
         if isinstance(result, Refusal):
             ctx["error"] = result.message

@@ -54,7 +54,9 @@ def ssh_key_delete(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 def _token_form(request: HttpRequest, data: object = None) -> TokenForm:
-    return TokenForm(data, tenants=my_tenants(request), is_operator=actor(request).is_operator)
+    return TokenForm(
+        data, tenants=my_tenants(request), is_operator=actor(request).is_operator, user_id=user_id_of(request)
+    )
 
 
 #: session key holding a new token's key between the POST and the one page that shows it
@@ -115,11 +117,15 @@ def tokens(request: HttpRequest) -> HttpResponse:
 
 @login_page
 def token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
-    token = get_object_or_404(APIToken, pk=pk, user_id=user_id_of(request))
+    token = get_object_or_404(
+        APIToken.objects.select_related("membership__tenant"), pk=pk, user_id=user_id_of(request)
+    )
     if request.method != "POST":
         return confirm(
             request,
-            f"Revoke token {token.name}?",
+            f"Revoke token {token.name} (sky_{token.key_id}…, {_token_scope(token)})?",
+            f"Created {token.created_at:%Y-%m-%d %H:%M} UTC, last used "
+            f"{f'{token.last_used_at:%Y-%m-%d %H:%M} UTC' if token.last_used_at else 'never'}. "
             "Programs using it are refused from now on. A revoked token cannot be restored.",
             "Revoke token",
             reverse("web:tokens"),
@@ -130,3 +136,10 @@ def token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
         token.save(update_fields=["revoked_at"])
     messages.success(request, f"Revoked token {token.name}.")
     return HttpResponseRedirect(reverse("web:tokens"), status=303)
+
+
+def _token_scope(token: APIToken) -> str:
+    """Where a token acts: "tenant acme (member)" or "operator"."""
+    if token.membership is None:
+        return "operator, all tenants"
+    return f"tenant {token.membership.tenant.slug} as {token.membership.get_role_display().lower()}"

@@ -11,7 +11,7 @@ from django.views.decorators.http import require_POST
 
 from portal.audit.models import Event
 from portal.audit.record import describe, note_error
-from portal.cloud import placement, services
+from portal.cloud import metrics, placement, services
 from portal.cloud.models import ComputeNode, Instance
 from portal.tenancy.models import Quota, Tenant
 from portal.web.access import Refusal, attempt, confirm, operator_page, page
@@ -39,6 +39,43 @@ def _nodes_page(request: HttpRequest, error: str = "", status: int = 200) -> Htt
 @operator_page
 def nodes(request: HttpRequest) -> HttpResponse:
     return _nodes_page(request)
+
+
+@operator_page
+def node_detail(request: HttpRequest, name: str) -> HttpResponse:
+    """One node: its instances, allocation (capacity x ratio), what its running workloads use
+    according to the heartbeats (memory and CPU, summed), and its drain state with the instances
+    still on it (a drain stops new placements; the instances stay until they are deleted)."""
+    node = get_object_or_404(ComputeNode.objects.select_related("owner"), name=name)
+    hosted = list(
+        Instance.objects.live()
+        .filter(node=node)
+        .select_related("tenant", "flavor")
+        .order_by("tenant__slug", "name")
+    )
+    memory = cpu = 0.0
+    measured = 0
+    for inst in hosted:
+        points = metrics.samples(str(inst.pk))
+        if points:
+            measured += 1
+            memory += points[-1]["memory_bytes"]
+            cpu += points[-1]["cpu_percent"]
+    return page(
+        request,
+        "web/ops/node.html",
+        {
+            "load": node_loads([node])[0],
+            "node": node,
+            "instances": hosted,
+            "measured": measured,
+            "memory_used": memory,
+            "ram_bytes": node.ram_mb * 2**20,
+            "cpu_used": cpu,
+            "cpu_capacity": node.vcpus * 100,
+            "now": timezone.now(),
+        },
+    )
 
 
 @require_POST

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from typing import Any
+
 from django.core.paginator import Paginator
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, redirect
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 
-from portal.audit.models import Event
+from portal.audit.models import Event, Outcome
 from portal.cloud import placement
 from portal.cloud.choices import VmState
 from portal.cloud.models import ComputeNode, Instance, Network
 from portal.images.models import Image
+from portal.metering import chart
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Quota, Tenant
 from portal.web.access import actor, current_tenant, login_page, page, role_refusal, tenant_page
@@ -42,6 +47,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             "dedicated": ComputeNode.objects.filter(owner=tenant).values_list("name", flat=True),
             "events": Event.objects.restrict(actor(request)).filter(tenant=tenant)[:8],
             "can_launch": role_refusal(actor(request), tenant.pk, Role.MEMBER) is None,
+            "chart": chart.month(tenant.pk, timezone.now()),
         },
     )
 
@@ -120,3 +126,48 @@ def events(request: HttpRequest, tenant: Tenant) -> HttpResponse:
             "query": query_without_page(request),
         },
     )
+
+
+#: how far back the task area looks for finished work
+TASK_WINDOW = dt.timedelta(minutes=15)
+
+
+def _tasks(request: HttpRequest, tenant: Tenant, limit: int) -> dict[str, Any]:
+    """Work in flight and what nodes reported lately, for the task area (every page) and /tasks/."""
+    who = actor(request)
+    since = timezone.now() - TASK_WINDOW
+    running = list(
+        Instance.objects.restrict(who)
+        .filter(tenant=tenant, task_state__isnull=False)
+        .order_by("-updated_at")[:limit]
+    )
+    importing = list(
+        Image.objects.restrict(who)
+        .filter(owner=tenant, status__in=("queued", "importing"))
+        .order_by("-pk")[:limit]
+    )
+    finished = list(
+        Event.objects.restrict(who)
+        .filter(tenant=tenant, created_at__gte=since, action__startswith="node.")
+        .order_by("-created_at")[:limit]
+    )
+    return {
+        "running": running,
+        "importing": importing,
+        "finished": finished,
+        "active": len(running) + len(importing),
+        "failures": sum(1 for e in finished if e.outcome != Outcome.SUCCESS),
+        "window_minutes": int(TASK_WINDOW.total_seconds() // 60),
+    }
+
+
+@tenant_page
+def tasks_panel(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    """The task area of every page (polled): running actions, imports, nodes' recent outcomes."""
+    return render(request, "web/partials/tasks.html", _tasks(request, tenant, 5))
+
+
+@tenant_page
+def tasks(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    """The task log: the same, longer; without JavaScript the header links here."""
+    return page(request, "web/tasks.html", _tasks(request, tenant, 50))

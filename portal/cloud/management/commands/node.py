@@ -1,7 +1,8 @@
-"""Operators' node commands: register, dedicate to a tenant, share, enable/disable, list."""
+"""Operators' node commands: register, dedicate, share, enable/disable, list, external addresses."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -9,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from portal.audit.log import record
 from portal.cloud import services
-from portal.cloud.models import ComputeNode
+from portal.cloud.models import ComputeNode, ExternalAddress
 from portal.errors import Conflict
 from portal.images.nodekeys import node_key
 from portal.tenancy.models import Tenant
@@ -34,6 +35,14 @@ class Command(BaseCommand):
         for verb in ("disable", "enable"):
             sub.add_parser(verb, help=f"{verb} scheduling onto a node").add_argument("name")
         sub.add_parser("list", help="list nodes")
+        ext = sub.add_parser(
+            "external-address",
+            help="add (or with --remove drop) an address on the node's outside for published ports",
+        )
+        ext.add_argument("name")
+        ext.add_argument("address")
+        ext.add_argument("--ports", default="20000-29999", help="the published port range, FIRST-LAST")
+        ext.add_argument("--remove", action="store_true")
         sub.add_parser(
             "key", help="print the key a node sends to fetch image blobs (its SKYPORT_NODE_KEY)"
         ).add_argument("name")
@@ -47,7 +56,32 @@ class Command(BaseCommand):
     def _audit(self, node: ComputeNode, action: str, message: str) -> None:
         record(f"node.{action}", node, actor_name="manage.py", message=message)
 
-    def handle(self, *args: Any, **options: Any) -> None:
+    def _external(self, node: ComputeNode, options: dict[str, Any]) -> None:
+        try:
+            address = str(ipaddress.IPv4Address(options["address"]))
+        except ValueError:
+            raise CommandError(f"{options['address']!r} is not an IPv4 address") from None
+        if options["remove"]:
+            row = ExternalAddress.objects.filter(node=node, address=address).first()
+            if row is None:
+                raise CommandError(f"node {node.name} has no external address {address}")
+            if row.published_ports.exists():
+                raise CommandError(f"{address} still has published ports; unpublish them first")
+            row.delete()
+            self._audit(node, "external_address", f"removed {address}")
+            self.stdout.write(f"removed {address} from node {node.name}")
+            return
+        match = re.fullmatch(r"(\d{1,5})-(\d{1,5})", options["ports"])
+        first, last = (int(match[1]), int(match[2])) if match else (0, 0)
+        if not 1 <= first <= last <= 65535:
+            raise CommandError(f"--ports {options['ports']!r}: expected FIRST-LAST within 1-65535")
+        ExternalAddress.objects.update_or_create(
+            node=node, address=address, defaults={"first_port": first, "last_port": last}
+        )
+        self._audit(node, "external_address", f"publishes on {address} ports {first}-{last}")
+        self.stdout.write(f"node {node.name} publishes ports on {address}:{first}-{last}")
+
+    def handle(self, *args: Any, **options: Any) -> None:  # noqa: PLR0912 -- one branch per sub-command
         action = options["action"]
         if action == "list":
             for n in ComputeNode.objects.select_related("owner"):
@@ -76,6 +110,9 @@ class Command(BaseCommand):
             )
             return
         node = self._node(name)
+        if action == "external-address":
+            self._external(node, options)
+            return
         try:
             if action == "dedicate":
                 tenant = Tenant.objects.filter(slug=options["tenant"]).first()

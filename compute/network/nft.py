@@ -1,0 +1,213 @@
+"""Skyport's nftables tables, built from typed objects and replaced atomically.
+
+Why this shape: the node owns exactly two tables, ``inet <name>`` (routing
+policy: what may reach the node, what it forwards, source NAT) and
+``bridge <name>`` (layer 2: port security, the anycast gateway kept off the
+VXLAN tunnels).  Both are rebuilt from the node's whole desired state on
+every change and loaded in **one** libnftables transaction (``add table;
+delete table; add table; …``), so a change is all-or-nothing and never
+touches another program's tables.  We drive libnftables through its JSON
+interface (``nft -j -f -``) rather than the ``python3-nftables`` binding:
+the binding is a Debian package for the system interpreter only (not
+installable into the project's venv), and the JSON the CLI reads is the
+same JSON the binding would pass to the same library, with no text syntax
+to quote.  The rules are data (:class:`Rule` holds a tuple of expression
+dicts made by the helpers below), never strings built from user input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+NFT = "nft"
+
+Expr = dict[str, Any]
+
+
+class NftError(Exception):
+    """``nft`` refused a transaction or could not be run; the message is nft's own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Set:
+    """A named set: ``type`` is one nft type or a tuple of them (a concatenation)."""
+
+    name: str
+    type: str | tuple[str, ...]
+    elements: tuple[Any, ...] = ()
+    interval: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """A base chain (with ``hook``) or a regular chain (``hook`` None, reached by jump)."""
+
+    name: str
+    hook: str | None = None
+    type: str = "filter"
+    priority: int = 0
+    policy: str = "accept"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    chain: str
+    expr: tuple[Expr, ...]
+    comment: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    family: str
+    name: str
+    sets: tuple[Set, ...] = ()
+    chains: tuple[Chain, ...] = ()
+    rules: tuple[Rule, ...] = ()
+
+    def commands(self) -> list[dict[str, Any]]:
+        """The libnftables JSON commands that replace this table as a whole."""
+        ref = {"family": self.family, "name": self.name}
+        own = {"family": self.family, "table": self.name}
+        cmds: list[dict[str, Any]] = [
+            {"add": {"table": ref}},
+            {"delete": {"table": ref}},
+            {"add": {"table": ref}},
+        ]
+        for s in self.sets:
+            body: dict[str, Any] = own | {
+                "name": s.name,
+                "type": list(s.type) if isinstance(s.type, tuple) else s.type,
+            }
+            if s.interval:
+                body["flags"] = ["interval"]
+            if s.elements:
+                body["elem"] = list(s.elements)
+            cmds.append({"add": {"set": body}})
+        for c in self.chains:
+            chain: dict[str, Any] = own | {"name": c.name}
+            if c.hook:
+                chain |= {"type": c.type, "hook": c.hook, "prio": c.priority, "policy": c.policy}
+            cmds.append({"add": {"chain": chain}})
+        for r in self.rules:
+            rule: dict[str, Any] = own | {"chain": r.chain, "expr": list(r.expr)}
+            if r.comment:
+                rule["comment"] = r.comment
+            cmds.append({"add": {"rule": rule}})
+        return cmds
+
+    def delete_commands(self) -> list[dict[str, Any]]:
+        ref = {"family": self.family, "name": self.name}
+        return [{"add": {"table": ref}}, {"delete": {"table": ref}}]
+
+
+# ---------------------------------------------------------------- expressions
+
+
+def meta(key: str) -> Expr:
+    return {"meta": {"key": key}}
+
+
+def payload(protocol: str, field: str) -> Expr:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def concat(*parts: Expr) -> Expr:
+    return {"concat": list(parts)}
+
+
+def match(left: Expr, right: Any, op: str = "==") -> Expr:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def anon(values: Iterable[Any]) -> Expr:
+    return {"set": list(values)}
+
+
+def prefix(cidr: str) -> Expr:
+    addr, length = cidr.split("/")
+    return {"prefix": {"addr": addr, "len": int(length)}}
+
+
+def ct_state(*states: str) -> Expr:
+    return match({"ct": {"key": "state"}}, list(states), "in")
+
+
+def fib_daddr_type(*types: str) -> Expr:
+    return match({"fib": {"result": "type", "flags": ["daddr"]}}, anon(types))
+
+
+def l4(proto: str, field: str) -> Expr:
+    return payload(proto, field)
+
+
+def ref(set_name: str) -> str:
+    return f"@{set_name}"
+
+
+ACCEPT: Expr = {"accept": None}
+DROP: Expr = {"drop": None}
+MASQUERADE: Expr = {"masquerade": None}
+
+
+def jump(chain: str) -> Expr:
+    return {"jump": {"target": chain}}
+
+
+def dnat(addr: str, port: int) -> Expr:
+    return {"dnat": {"family": "ip", "addr": addr, "port": port}}
+
+
+# ---------------------------------------------------------------- applying
+
+
+def run(commands: Sequence[dict[str, Any]]) -> None:
+    """Load ``commands`` as one transaction (all or nothing)."""
+    doc = json.dumps({"nftables": list(commands)})
+    try:
+        r = subprocess.run([NFT, "-j", "-f", "-"], input=doc, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NftError(f"cannot run nft: {exc}") from exc
+    if r.returncode != 0:
+        raise NftError(r.stderr.strip() or f"nft exited with {r.returncode}")
+
+
+def apply(tables: Sequence[Table]) -> None:
+    """Replace each table with its new contents, in one transaction."""
+    run([cmd for t in tables for cmd in t.commands()])
+
+
+def delete(tables: Sequence[Table]) -> None:
+    run([cmd for t in tables for cmd in t.delete_commands()])
+
+
+def listing(family: str, name: str) -> dict[str, Any] | None:
+    """``nft -j list table`` as JSON, None when the table does not exist."""
+    try:
+        r = subprocess.run(
+            [NFT, "-j", "list", "table", family, name], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NftError(f"cannot run nft: {exc}") from exc
+    if r.returncode != 0:
+        return None
+    data: dict[str, Any] = json.loads(r.stdout)
+    return data
+
+
+def fingerprint(family: str, name: str) -> str:
+    """A digest of the table as the kernel has it (handles and counters left out); "" if absent."""
+    data = listing(family, name)
+    if data is None:
+        return ""
+    items = []
+    for obj in data.get("nftables", []):
+        for kind, body in obj.items():
+            if kind == "metainfo":
+                continue
+            items.append({kind: {k: v for k, v in body.items() if k not in ("handle", "counter")}})
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()

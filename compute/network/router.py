@@ -1,0 +1,726 @@
+"""The node's router for tenant networks: anycast gateway, DNS, egress NAT, port security.
+
+Why here and not in the drivers: VMs (taps) and containers (veths) sit on
+the same bridges and get the same policy, so the node keeps one desired
+network state and converges the kernel to it:
+
+- **State on disk** (``<state_dir>/net/``): the :class:`NetworkSegment` of
+  each network the node carries and, per instance, its NICs (host interface,
+  MAC, address).  Every change rewrites one file, then :meth:`Router.converge`
+  rebuilds Skyport's two nftables tables from *all* files in one transaction
+  (``compute.network.nft``), under the host-wide network lock.  Idempotent:
+  the same state gives the same tables.
+- **Gateway**: the network's ``.1`` on the bridge of every node that carries
+  it (anycast; the node's own host address stays the bridge's primary
+  address).  ARP for the gateway never crosses the VXLAN tunnel (bridge
+  table), so each instance resolves its own node's gateway and its traffic
+  leaves by the node it runs on.  Routing is switched on per bridge
+  (``net.ipv4.conf.<bridge>.forwarding``) and on the uplink, never globally.
+- **Policy** (``inet`` table): from a tenant bridge the node accepts only
+  its own addresses *on that bridge* (closing the cross-network gap) and
+  broadcast; it forwards a tenant's packets only out of the uplink, with
+  masquerade, for networks whose ``egress`` is on; into a tenant bridge only
+  replies.  Networks never route to each other.
+- **Port security** (``bridge`` table): a NIC's frames must carry its MAC,
+  and its ARP and IPv4 packets its address; other ethertypes are dropped.
+- **DNS**: a ``dnsmasq`` per network, bound to the gateway address only,
+  answering the network's instance names and forwarding the rest to the
+  node's ``SKYPORT_DNS_SERVERS`` (none: names only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from compute.config import NodeConfig
+from compute.network import bridge, nft, vxlan
+from compute.network.nft import (
+    ACCEPT,
+    DROP,
+    MASQUERADE,
+    Chain,
+    Expr,
+    Rule,
+    Set,
+    Table,
+    anon,
+    concat,
+    ct_state,
+    dnat,
+    fib_daddr_type,
+    jump,
+    match,
+    meta,
+    payload,
+    prefix,
+    ref,
+)
+from compute.spec import (
+    Direction,
+    Forward,
+    InstanceSpec,
+    Kind,
+    NetworkSegment,
+    SecurityRule,
+    SpecError,
+    from_json,
+    to_json,
+)
+
+log = logging.getLogger(__name__)
+
+DNSMASQ = "dnsmasq"
+PENDING = "pending"  # rules loaded, fingerprint not taken yet
+UNSPECIFIED = str(ipaddress.IPv4Address(0))  # the sender address of ARP probes
+
+
+class RouterError(Exception):
+    """The node could not bring its networks to the desired state; the message says why."""
+
+
+def nic_ifname(kind: Kind, instance_id: str, index: int) -> str:
+    """Host-side interface of NIC ``index``: ``skv``/``skc`` + 8 hex of the id + index."""
+    return f"{'skv' if kind is Kind.VM else 'skc'}{instance_id[:8]}{index}"[:15]
+
+
+@dataclasses.dataclass(frozen=True)
+class Nic:
+    """One NIC as port security sees it."""
+
+    ifname: str
+    bridge: str
+    mac: str
+    address: str
+
+
+def nics_of(spec: InstanceSpec) -> tuple[Nic, ...]:
+    return tuple(
+        Nic(nic_ifname(spec.kind, spec.instance_id, i), n.bridge, n.mac, n.ip)
+        for i, n in enumerate(spec.networks)
+    )
+
+
+# ---------------------------------------------------------------- the tables
+
+
+def _ip(iface: str) -> str:
+    return str(ipaddress.IPv4Interface(iface).ip)
+
+
+def tables(
+    name: str,
+    uplink: str,
+    segments: Sequence[NetworkSegment],
+    nics: Sequence[Nic],
+    forwards: Sequence[Forward] = (),
+    security: Mapping[str, tuple[SecurityRule, ...]] | None = None,
+) -> tuple[Table, Table]:
+    """Skyport's ``inet`` and ``bridge`` tables for the given desired state.
+
+    ``security`` maps an ifname to the resolved rules of its instance's
+    security groups; NICs not in it are not filtered.
+    """
+    return inet_table(name, uplink, segments, forwards), bridge_table(name, segments, nics, security or {})
+
+
+def inet_table(
+    name: str, uplink: str, segments: Sequence[NetworkSegment], forwards: Sequence[Forward] = ()
+) -> Table:
+    bridges = sorted({s.bridge for s in segments})
+    own = sorted({(s.bridge, _ip(a)) for s in segments for a in (s.host_address, s.gateway) if a is not None})
+    egress = sorted({str(s.subnet) for s in segments if s.egress and s.subnet is not None}) if uplink else []
+    iif, oif = meta("iifname"), meta("oifname")
+    saddr = payload("ip", "saddr")
+    sets = (
+        Set("bridges", "ifname", tuple(bridges)),
+        Set("own", ("ifname", "ipv4_addr"), tuple({"concat": list(p)} for p in own)),
+        Set("egress_nets", "ipv4_addr", tuple(prefix(c) for c in egress), interval=True),
+        Set("bridged", ("ifname", "ifname"), tuple({"concat": [b, b]} for b in bridges)),
+    )
+    chains = (
+        Chain("input", hook="input"),
+        Chain("forward", hook="forward"),
+        Chain("postrouting", hook="postrouting", type="nat", priority=100),
+        Chain("prerouting", hook="prerouting", type="nat", priority=-100),
+        Chain("from_tenant"),
+        Chain("route_from_tenant"),
+        Chain("route_to_tenant"),
+    )
+    rules = [
+        Rule("input", (match(iif, ref("bridges")), jump("from_tenant"))),
+        Rule("from_tenant", (ct_state("established", "related"), ACCEPT), "replies to the node's own"),
+        Rule("from_tenant", (match(concat(iif, payload("ip", "daddr")), ref("own")), ACCEPT)),
+        Rule("from_tenant", (fib_daddr_type("broadcast", "multicast"), ACCEPT)),
+        Rule("from_tenant", (DROP,), "the node's addresses on other networks"),
+        # With br_netfilter (bridge-nf-call-iptables=1) frames bridged between two ports of one
+        # network pass here too, with the bridge as both interfaces: that is switching, not routing.
+        Rule("forward", (match(concat(iif, oif), ref("bridged")), ACCEPT), "bridged within a network"),
+        Rule("forward", (match(iif, ref("bridges")), jump("route_from_tenant"))),
+        Rule("forward", (match(oif, ref("bridges")), jump("route_to_tenant"))),
+    ]
+    if uplink:
+        rules.append(
+            Rule("route_from_tenant", (match(oif, uplink), match(saddr, ref("egress_nets")), ACCEPT))
+        )
+        rules.append(
+            Rule("postrouting", (match(oif, uplink), match(saddr, ref("egress_nets")), MASQUERADE), "egress")
+        )
+    for f in sorted(forwards, key=lambda f: (f.external_address, f.protocol, f.external_port)):
+        rules.append(
+            Rule(
+                "prerouting",
+                (
+                    match(payload("ip", "daddr"), f.external_address),
+                    match(meta("l4proto"), f.protocol.value),
+                    match(payload("th", "dport"), f.external_port),
+                    dnat(f.address, f.port),
+                ),
+                "published port",
+            )
+        )
+    dnatted = match({"ct": {"key": "status"}}, "dnat", "in")
+    rules += [
+        Rule("route_from_tenant", (dnatted, ct_state("established", "related"), ACCEPT), "published replies"),
+        Rule("route_from_tenant", (DROP,), "networks never route to each other"),
+        Rule("route_to_tenant", (ct_state("established", "related"), ACCEPT)),
+        Rule("route_to_tenant", (dnatted, ACCEPT), "published ports"),
+        Rule("route_to_tenant", (DROP,)),
+    ]
+    return Table("inet", name, sets, chains, tuple(rules))
+
+
+def bridge_table(
+    name: str,
+    segments: Sequence[NetworkSegment],
+    nics: Sequence[Nic],
+    security: Mapping[str, tuple[SecurityRule, ...]] | None = None,
+) -> Table:
+    tunnels = sorted({vxlan.device_name(s.vni) for s in segments if s.vni is not None and s.tunnel_local})
+    gateways = sorted({_ip(s.gateway) for s in segments if s.gateway})
+    iif, oif = meta("iifname"), meta("oifname")
+    arp_s, arp_d = payload("arp", "saddr ip"), payload("arp", "daddr ip")
+    is_arp = match(payload("ether", "type"), "arp")
+    sets = (
+        Set("tunnels", "ifname", tuple(tunnels)),
+        Set("gateways", "ipv4_addr", tuple(gateways)),
+        Set("nics", "ifname", tuple(sorted({n.ifname for n in nics}))),
+        Set("nic_mac", ("ifname", "ether_addr"), tuple({"concat": [n.ifname, n.mac]} for n in nics)),
+        Set("nic_ip", ("ifname", "ipv4_addr"), tuple({"concat": [n.ifname, n.address]} for n in nics)),
+    )
+    chains = (
+        Chain("prerouting", hook="prerouting", priority=-200),
+        Chain("forward", hook="forward"),
+        Chain("output", hook="output"),
+        Chain("port_security"),
+        Chain("from_tunnel"),
+        Chain("to_tunnel"),
+    )
+    rules = (
+        Rule("prerouting", (match(iif, ref("nics")), jump("port_security"))),
+        Rule("prerouting", (match(iif, ref("tunnels")), jump("from_tunnel"))),
+        Rule("port_security", (match(concat(iif, payload("ether", "saddr")), ref("nic_mac"), "!="), DROP)),
+        Rule("port_security", (is_arp, match(arp_s, UNSPECIFIED), ACCEPT), "ARP probes"),
+        Rule("port_security", (is_arp, match(concat(iif, arp_s), ref("nic_ip"), "!="), DROP)),
+        Rule(
+            "port_security",
+            (
+                match(payload("ether", "type"), "ip"),
+                match(concat(iif, payload("ip", "saddr")), ref("nic_ip"), "!="),
+                DROP,
+            ),
+        ),
+        Rule("port_security", (match(payload("ether", "type"), {"set": ["ip", "arp"]}, "!="), DROP)),
+        Rule("from_tunnel", (is_arp, match(arp_s, ref("gateways")), DROP), "anycast gateway stays local"),
+        Rule("from_tunnel", (is_arp, match(arp_d, ref("gateways")), DROP)),
+        Rule("to_tunnel", (is_arp, match(arp_s, ref("gateways")), DROP)),
+        Rule("to_tunnel", (is_arp, match(arp_d, ref("gateways")), DROP)),
+        Rule("forward", (match(oif, ref("tunnels")), jump("to_tunnel"))),
+        Rule("output", (match(oif, ref("tunnels")), jump("to_tunnel"))),
+    )
+    node_addresses = sorted({_ip(a) for s in segments for a in (s.host_address, s.gateway) if a is not None})
+    more = (Set("node_addresses", "ipv4_addr", tuple(node_addresses)),)
+    sg_chains, sg_rules = security_groups(security or {})
+    return Table("bridge", name, sets + more, chains + sg_chains, rules + sg_rules)
+
+
+# Security groups, stateless: this kernel has no bridge conntrack (nf_conntrack_bridge), so replies
+# are admitted the way stateless ACLs do it: TCP segments that do not open a connection (not SYN
+# without ACK), ICMP replies and errors, and UDP from the port ranges the other direction allows.
+_ICMP_REPLIES = anon(("echo-reply", "destination-unreachable", "time-exceeded"))
+
+
+def _sg_match(rule: SecurityRule, peer: str, ports: str) -> list[Expr] | None:
+    """The match of one rule (``peer`` saddr/daddr, ``ports`` dport/sport); None when it admits nobody."""
+    if not rule.remote:
+        return None
+    exprs: list[Expr] = [match(payload("ether", "type"), "ip")]
+    if "0.0.0.0/0" not in rule.remote:
+        exprs.append(match(payload("ip", peer), anon(prefix(c) for c in sorted(rule.remote))))
+    if rule.protocol != "any":
+        exprs.append(match(meta("l4proto"), rule.protocol))
+    if rule.port_min is not None and rule.port_max is not None:
+        exprs.append(match(payload(rule.protocol, ports), {"range": [rule.port_min, rule.port_max]}))
+    return exprs
+
+
+def _sg_chain(chain: str, rules: Sequence[SecurityRule], direction: Direction) -> list[Rule]:
+    """``to_<if>`` (frames to the NIC: ingress) or ``from_<if>`` (frames from it: egress)."""
+    peer = "saddr" if direction is Direction.INGRESS else "daddr"
+    reverse_peer = "daddr" if peer == "saddr" else "saddr"
+    out = [
+        Rule(chain, (match(payload("ether", "type"), "arp"), ACCEPT)),
+        # the node itself (its host address, the gateway: health checks, DNS answers) is always admitted
+        Rule(
+            chain,
+            (
+                match(payload("ether", "type"), "ip"),
+                match(payload("ip", peer), ref("node_addresses")),
+                ACCEPT,
+            ),
+        ),
+        Rule(
+            chain,
+            (
+                match(meta("l4proto"), "tcp"),
+                match({"&": [payload("tcp", "flags"), ["syn", "ack"]]}, "syn", "!="),
+                ACCEPT,
+            ),
+            "replies",
+        ),
+        Rule(chain, (match(meta("l4proto"), "icmp"), match(payload("icmp", "type"), _ICMP_REPLIES), ACCEPT)),
+    ]
+    for r in rules:
+        if r.direction is direction:
+            m = _sg_match(r, peer, "dport")
+            if m is not None:
+                out.append(Rule(chain, (*m, ACCEPT)))
+        elif r.protocol == "udp" and r.port_min is not None:
+            m = _sg_match(r, reverse_peer, "sport")  # reflexive: replies to UDP the other direction allows
+            if m is not None:
+                out.append(Rule(chain, (*m, ACCEPT), "udp replies"))
+    out.append(Rule(chain, (DROP,)))
+    return out
+
+
+def security_groups(
+    security: Mapping[str, tuple[SecurityRule, ...]],
+) -> tuple[tuple[Chain, ...], tuple[Rule, ...]]:
+    """Per filtered NIC a ``to_`` and a ``from_`` chain, reached through verdict maps keyed by interface."""
+    chains: list[Chain] = [
+        Chain("sg_ingress_fwd", hook="forward", priority=10),
+        Chain("sg_ingress_out", hook="output", priority=10),
+        Chain("sg_egress", hook="prerouting", priority=-150),
+    ]
+    rules: list[Rule] = []
+    to_map, from_map = [], []
+    for ifname in sorted(security):
+        chains += [Chain(f"to_{ifname}"), Chain(f"from_{ifname}")]
+        rules += _sg_chain(f"to_{ifname}", security[ifname], Direction.INGRESS)
+        rules += _sg_chain(f"from_{ifname}", security[ifname], Direction.EGRESS)
+        to_map.append([ifname, jump(f"to_{ifname}")])
+        from_map.append([ifname, jump(f"from_{ifname}")])
+    if security:
+        to_vmap: Expr = {"vmap": {"key": meta("oifname"), "data": {"set": to_map}}}
+        from_vmap: Expr = {"vmap": {"key": meta("iifname"), "data": {"set": from_map}}}
+        rules += [
+            Rule("sg_ingress_fwd", (to_vmap,)),
+            Rule("sg_ingress_out", (to_vmap,)),
+            Rule("sg_egress", (from_vmap,)),
+        ]
+    return tuple(chains), tuple(rules)
+
+
+# ---------------------------------------------------------------- the node's state
+
+
+def prepare_devices(seg: NetworkSegment) -> None:
+    """Create the tenant bridge with this node's addresses on it, then its VXLAN device and peers.
+
+    A segment without a local tunnel address stays on this node's bridge.
+    Peers are only added here, never removed: creates and ensures for one
+    network may be handled out of order (two worker processes), and a stale
+    peer list must not cut off a node that joined since.  A peer that no
+    longer carries the network only receives copies of broadcast frames.
+    The device functions take the host-wide network lock themselves.
+    """
+    collision = route_collision(seg)
+    if collision:
+        raise RouterError(collision)
+    try:
+        bridge.ensure_bridge(
+            seg.bridge, seg.mtu, address=seg.host_address, exclusive=True, gateway=seg.gateway
+        )
+    except (bridge.NetworkError, NetlinkError, OSError) as exc:
+        raise RouterError(f"cannot prepare bridge {seg.bridge}: {exc}") from exc
+    if seg.vni is None or seg.tunnel_local is None:
+        return
+    try:
+        vxlan.ensure_vxlan(seg.vni, seg.tunnel_local, seg.bridge, seg.mtu)
+        vxlan.set_peers(seg.vni, seg.tunnel_peers, prune=False)
+    except (bridge.NetworkError, NetlinkError, OSError) as exc:
+        raise RouterError(f"cannot prepare VXLAN {seg.vni} of {seg.network}: {exc}") from exc
+
+
+class Router:
+    """A node's desired network state on disk, and the convergence of the kernel to it."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.root = config.state_dir / "net"
+
+    @property
+    def _segments(self) -> Path:
+        return self.root / "segments"
+
+    @property
+    def _nics(self) -> Path:
+        return self.root / "nics"
+
+    @property
+    def _security(self) -> Path:
+        return self.root / "security"
+
+    @property
+    def _forwards(self) -> Path:
+        return self.root / "forwards"
+
+    @property
+    def _dns(self) -> Path:
+        return self.root / "dns"
+
+    def segments(self) -> list[NetworkSegment]:
+        found = []
+        for path in sorted(self._segments.glob("*.json")) if self._segments.is_dir() else []:
+            try:
+                found.append(from_json(NetworkSegment, json.loads(path.read_text())))
+            except (SpecError, ValueError) as exc:
+                log.warning("ignoring unreadable network state %s: %s", path, exc)
+        return found
+
+    def nics(self) -> list[Nic]:
+        return [n for nics in self.instance_nics().values() for n in nics]
+
+    def instance_nics(self) -> dict[str, list[Nic]]:
+        found: dict[str, list[Nic]] = {}
+        for path in sorted(self._nics.glob("*.json")) if self._nics.is_dir() else []:
+            try:
+                found[path.stem] = [Nic(**n) for n in json.loads(path.read_text())]
+            except (TypeError, ValueError) as exc:
+                log.warning("ignoring unreadable NIC state %s: %s", path, exc)
+        return found
+
+    def security(self) -> dict[str, tuple[SecurityRule, ...]]:
+        """Resolved rules by host interface, for the instances whose security groups are known."""
+        by_if: dict[str, tuple[SecurityRule, ...]] = {}
+        nics = self.instance_nics()
+        for path in sorted(self._security.glob("*.json")) if self._security.is_dir() else []:
+            try:
+                rules = tuple(from_json(SecurityRule, r) for r in json.loads(path.read_text()))
+            except (SpecError, ValueError) as exc:
+                log.warning("ignoring unreadable security state %s: %s", path, exc)
+                continue
+            for nic in nics.get(path.stem, ()):
+                by_if[nic.ifname] = rules
+        return by_if
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """The node's rule state lock (beside the host-wide device lock, which is not re-entrant)."""
+        path = self.config.network_lock.with_suffix(".rules")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def forwards(self) -> list[Forward]:
+        found: list[Forward] = []
+        for path in sorted(self._forwards.glob("*.json")) if self._forwards.is_dir() else []:
+            try:
+                found += [from_json(Forward, f) for f in json.loads(path.read_text())]
+            except (SpecError, ValueError) as exc:
+                log.warning("ignoring unreadable forwards %s: %s", path, exc)
+        return found
+
+    def desired(self) -> tuple[Table, Table]:
+        return tables(
+            self.config.nft_table,
+            self.config.uplink,
+            self.segments(),
+            self.nics(),
+            self.forwards(),
+            self.security(),
+        )
+
+    # ------------------------------------------------------------ changes
+
+    def ensure(self, seg: NetworkSegment) -> None:
+        """Carry ``seg``: bridge with host address and gateway, VXLAN and peers, routing, DNS, rules."""
+        prepare_devices(seg)
+        with self._lock():
+            _write(self._segments / f"{seg.bridge}.json", to_json(seg))
+            self._routing(seg)
+            self._converge_locked()
+            try:
+                self._resolver(seg)
+            except (RouterError, OSError, subprocess.SubprocessError) as exc:
+                # DNS is a service on the network, not a condition of it: instances still start
+                log.warning("the resolver of %s is not running: %s", seg.network, exc)
+
+    def attach(self, spec: InstanceSpec) -> None:
+        """Record the instance's NICs for port security and enforce it (before the workload starts)."""
+        if not spec.networks:
+            return
+        with self._lock():
+            _write(self._nics / f"{spec.instance_id}.json", [dataclasses.asdict(n) for n in nics_of(spec)])
+            if spec.security is not None:
+                _write(self._security / f"{spec.instance_id}.json", [to_json(r) for r in spec.security])
+            self._converge_locked()
+
+    def set_security(self, instance_id: str, rules: Sequence[SecurityRule]) -> None:
+        """Make ``rules`` the instance's security group rules (enforced on its NICs at once)."""
+        with self._lock():
+            _write(self._security / f"{instance_id}.json", [to_json(r) for r in rules])
+            self._converge_locked()
+
+    def set_forwards(self, instance_id: str, forwards: Sequence[Forward]) -> None:
+        """Make ``forwards`` the instance's complete list of published ports (empty: none)."""
+        with self._lock():
+            path = self._forwards / f"{instance_id}.json"
+            if forwards:
+                _write(path, [to_json(f) for f in forwards])
+            else:
+                path.unlink(missing_ok=True)
+            for address in sorted({f.external_address for f in forwards}):
+                ifname = _interface_of(address)
+                if ifname is None:
+                    raise RouterError(f"external address {address} is not configured on this node")
+                _sysctl(f"net/ipv4/conf/{ifname}/forwarding", "1")  # packets to publish arrive there
+            self._converge_locked()
+
+    def detach(self, instance_id: str) -> None:
+        """Forget the instance's NICs and published ports, and remove their rules."""
+        paths = [self._nics / f"{instance_id}.json", self._forwards / f"{instance_id}.json"]
+        paths.append(self._security / f"{instance_id}.json")
+        if not any(p.exists() for p in paths):
+            return
+        with self._lock():
+            for path in paths:
+                path.unlink(missing_ok=True)
+            self._converge_locked()
+
+    def release(self, bridge_name: str) -> None:
+        """Stop carrying a network: resolver, rules, VXLAN device, bridge (each: done if already gone)."""
+        with self._lock():
+            path = self._segments / f"{bridge_name}.json"
+            seg = from_json(NetworkSegment, json.loads(path.read_text())) if path.exists() else None
+            self._stop_resolver(bridge_name)
+            path.unlink(missing_ok=True)
+            self._converge_locked()
+        if seg is not None and seg.vni is not None:
+            vxlan.delete_vxlan(seg.vni)
+        bridge.delete_bridge(bridge_name)
+
+    def converge(self) -> None:
+        with self._lock():
+            self._converge_locked()
+
+    def _converge_locked(self) -> None:
+        try:
+            nft.apply(self.desired())
+        except nft.NftError as exc:
+            raise RouterError(f"cannot load the nftables rules: {exc}") from exc
+        # Listing the tables back costs as much as loading them: the next heartbeat takes the
+        # fingerprint (drift between this load and that heartbeat goes unnoticed once).
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "fingerprint").write_text(PENDING)
+
+    def _fingerprint(self) -> str:
+        name = self.config.nft_table
+        return nft.fingerprint("inet", name) + nft.fingerprint("bridge", name)
+
+    def drift(self) -> str:
+        """Why the kernel's rules differ from what this node last loaded ("" when they do not)."""
+        try:
+            stored = (self.root / "fingerprint").read_text()
+        except FileNotFoundError:
+            return ""
+        try:
+            now = self._fingerprint()
+        except nft.NftError as exc:
+            return f"cannot read the rules: {exc}"
+        if stored == PENDING:
+            with self._lock():
+                if (self.root / "fingerprint").read_text() == PENDING:
+                    (self.root / "fingerprint").write_text(now)
+            return ""
+        if now == stored:
+            return ""
+        return f"nftables tables {self.config.nft_table} were changed outside Skyport"
+
+    def teardown(self) -> None:
+        """Remove everything this router made: resolvers, rules, devices (tests and node decommission)."""
+        for seg in self.segments():
+            self.release(seg.bridge)
+        nft.delete(self.desired())
+
+    # ------------------------------------------------------------ routing and DNS
+
+    def _routing(self, seg: NetworkSegment) -> None:
+        on = seg.gateway is not None
+        _sysctl(f"net/ipv4/conf/{seg.bridge}/forwarding", "1" if on else "0")
+        if on and seg.egress and self.config.uplink:
+            try:
+                _sysctl(f"net/ipv4/conf/{self.config.uplink}/forwarding", "1")
+            except OSError as exc:
+                raise RouterError(f"uplink {self.config.uplink} is not usable: {exc}") from exc
+
+    def _resolver(self, seg: NetworkSegment) -> None:
+        """Run the network's dnsmasq on the gateway address (restarted when its names change).
+
+        The names travel as ``--host-record`` arguments, not a hosts file:
+        dnsmasq reads files after dropping to ``nobody``, and the node's
+        state directory need not be readable by it.  A restart takes a few
+        milliseconds; clients retry.  Without a gateway there is no resolver.
+        """
+        if seg.gateway is None:
+            self._stop_resolver(seg.bridge)
+            return
+        self._dns.mkdir(parents=True, exist_ok=True)
+        pidfile = self._dns / f"{seg.bridge}.pid"
+        args = [
+            DNSMASQ,
+            "--conf-file=/dev/null",
+            f"--pid-file={pidfile}",
+            f"--listen-address={_ip(seg.gateway)}",
+            "--bind-dynamic",
+            "--except-interface=lo",
+            "--no-resolv",
+            "--no-hosts",
+            "--domain-needed",
+            "--user=nobody",
+            "--group=nogroup",
+            f"--log-facility={self._dns / (seg.bridge + '.log')}",
+            *(f"--host-record={name},{address}" for name, address in seg.hosts),
+            *(f"--server={s}" for s in self.config.dns_servers),
+        ]
+        pid = self._resolver_pid(seg.bridge)
+        if pid is not None:
+            if _cmdline(pid) == args:
+                return
+            self._stop_resolver(seg.bridge)
+        r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RouterError(f"cannot start the resolver of {seg.network}: {r.stderr.strip()}")
+
+    def _resolver_pid(self, bridge_name: str) -> int | None:
+        pidfile = self._dns / f"{bridge_name}.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if f"--pid-file={pidfile}" in _cmdline(pid) else None
+
+    def _stop_resolver(self, bridge_name: str) -> None:
+        pid = self._resolver_pid(bridge_name)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            for _ in range(100):  # it must free the address before a successor binds it
+                if not _cmdline(pid):
+                    break
+                time.sleep(0.01)
+        (self._dns / f"{bridge_name}.pid").unlink(missing_ok=True)
+
+    def stop_resolvers(self) -> None:
+        """Stop every resolver this node started (its state says which)."""
+        for seg in self.segments():
+            self._stop_resolver(seg.bridge)
+
+    def resolver_pids(self) -> Iterator[int]:
+        for seg in self.segments():
+            pid = self._resolver_pid(seg.bridge)
+            if pid is not None:
+                yield pid
+
+
+def route_collision(seg: NetworkSegment) -> str:
+    """Why the segment's subnet cannot go on this host ("" when it can).
+
+    A route to an overlapping subnet through another interface (a stale
+    bridge of another portal, a LAN, a VPN) would shadow or be shadowed by
+    the network's own route, and its instances would be unreachable.
+    The default route overlaps everything and is not a collision.
+    """
+    subnet = seg.subnet
+    if subnet is None:
+        return ""
+    with IPRoute() as ipr:
+        routes = list(ipr.get_routes(family=2, table=254))
+        # links after routes: a bridge another process creates meanwhile is named, not "unknown"
+        names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+        for route in routes:
+            length = int(route["dst_len"])
+            dev = names.get(int(route.get_attr("RTA_OIF") or 0))
+            if length == 0 or dev is None:  # the default route; a route whose device is gone already
+                continue
+            dst = ipaddress.IPv4Network(f"{route.get_attr('RTA_DST')}/{length}")
+            if dev != seg.bridge and dst.overlaps(subnet):
+                return (
+                    f"network {seg.network} ({subnet}) collides with the route to {dst} via {dev} "
+                    "on this host; remove that route or give the network another subnet"
+                )
+    return ""
+
+
+def _interface_of(address: str) -> str | None:
+    """The interface of this namespace that has ``address``, if any."""
+    with IPRoute() as ipr:
+        for a in ipr.get_addr(family=2):
+            if a.get_attr("IFA_ADDRESS") == address or a.get_attr("IFA_LOCAL") == address:
+                links = ipr.get_links(a["index"])
+                return str(links[0].get_attr("IFLA_IFNAME")) if links else None
+    return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    """A process's arguments ([] when it is gone or a zombie)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return raw.decode(errors="replace").split("\0")[:-1] if raw else []
+
+
+def _sysctl(name: str, value: str) -> None:
+    """Write a per-interface sysctl of this network namespace, only when it differs."""
+    path = Path("/proc/sys") / name
+    if path.read_text().strip() != value:
+        path.write_text(value)
+
+
+def _write(path: Path, data: object) -> None:
+    _write_text(path, json.dumps(data, indent=1))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

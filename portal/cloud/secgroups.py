@@ -1,0 +1,137 @@
+"""Security groups: resolve a tenant's named rule sets into what each node enforces, and keep nodes current.
+
+Why resolution happens here: a rule's remote group is a set of instances,
+and only the portal knows their addresses.  :func:`rules_for` turns an
+instance's groups into :class:`compute.spec.SecurityRule` objects with
+plain CIDRs (a remote group becomes its members' ``/32`` addresses).  Any
+change that can alter someone's resolved rules (a rule added or removed, a
+group attached or detached, an instance created or deleted) re-sends the
+complete list to every live instance whose resolution it changes
+(:func:`sync`), on commit: the nodes converge in one nftables transaction each, nothing
+restarts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from django.db import transaction
+
+from compute.spec import Direction, InstanceSecurity, SecurityRule
+from portal.cloud import dispatch
+from portal.cloud.choices import VmState
+from portal.cloud.models import Instance, Port, SecurityGroup, SecurityGroupRule
+from portal.errors import Conflict
+from portal.tenancy.models import Tenant
+
+ANYONE = "0.0.0.0/0"
+
+
+def default_group(tenant: Tenant) -> SecurityGroup:
+    """The tenant's ``default`` group (all egress; ingress only from its members), made on first use."""
+    group, created = SecurityGroup.objects.get_or_create(
+        tenant=tenant, name="default", defaults={"description": "All egress; ingress only from this group"}
+    )
+    if created:
+        SecurityGroupRule.objects.create(group=group, direction="egress")
+        SecurityGroupRule.objects.create(group=group, direction="ingress", remote_group=group)
+    return group
+
+
+def _members(group: SecurityGroup) -> tuple[str, ...]:
+    addresses = Port.objects.filter(
+        instance__security_groups=group, instance__vm_state__in=_LIVE
+    ).values_list("address", flat=True)
+    return tuple(sorted(f"{a}/32" for a in addresses))
+
+
+_LIVE = [s for s in VmState.values if s != VmState.DELETED]
+
+
+def rules_for(instance: Instance) -> tuple[SecurityRule, ...]:
+    """The resolved allow rules of the instance's groups, in a stable order."""
+    resolved: set[SecurityRule] = set()
+    members: dict[int, tuple[str, ...]] = {}
+    rules = SecurityGroupRule.objects.filter(group__instances=instance).select_related("remote_group")
+    for r in rules:
+        if r.remote_group_id is not None:
+            if r.remote_group_id not in members:
+                assert r.remote_group is not None
+                members[r.remote_group_id] = _members(r.remote_group)
+            remote = members[r.remote_group_id]
+        else:
+            remote = (r.remote_cidr or ANYONE,)
+        resolved.add(SecurityRule(Direction(r.direction), r.protocol, r.port_min, r.port_max, remote))
+    return tuple(
+        sorted(resolved, key=lambda x: (x.direction, x.protocol, x.port_min or 0, x.port_max or 0, x.remote))
+    )
+
+
+def sync(instances: Iterable[Instance]) -> int:
+    """After commit, send each live, placed instance its complete resolved rules."""
+    sent = 0
+    for inst in instances:
+        if inst.node is None or inst.vm_state == VmState.DELETED:
+            continue
+        dispatch.send(inst.node.queue, InstanceSecurity(str(inst.pk), rules_for(inst)))
+        sent += 1
+    return sent
+
+
+def affected_by_members_of(groups: Iterable[SecurityGroup], exclude: Iterable[str] = ()) -> list[Instance]:
+    """Live instances whose rules name one of ``groups`` as remote (their resolution changes with members)."""
+    ids = [g.pk for g in groups]
+    return list(
+        Instance.objects.live()
+        .filter(security_groups__rules__remote_group__in=ids, node__isnull=False)
+        .exclude(pk__in=list(exclude))
+        .select_related("node")
+        .distinct()
+    )
+
+
+def in_group(group: SecurityGroup) -> list[Instance]:
+    return list(
+        Instance.objects.live().filter(security_groups=group, node__isnull=False).select_related("node")
+    )
+
+
+def set_groups(instance: Instance, groups: list[SecurityGroup]) -> None:
+    """Attach exactly ``groups`` to a live instance (refused across tenants); the change is live."""
+    if any(g.tenant_id != instance.tenant_id for g in groups):
+        raise Conflict("A security group of another tenant cannot be attached.")
+    with transaction.atomic():
+        before = list(instance.security_groups.all())
+        instance.security_groups.set(groups)
+        sync([instance, *affected_by_members_of([*before, *groups], exclude=[str(instance.pk)])])
+
+
+def validate_rule(
+    group: SecurityGroup,
+    protocol: str,
+    port_min: int | None,
+    port_max: int | None,
+    remote_cidr: str,
+    remote_group: SecurityGroup | None,
+) -> str:
+    """Check a rule before it is stored; returns the normalised CIDR.  Raises ValueError with a sentence."""
+    if remote_group is not None and remote_group.tenant_id != group.tenant_id:
+        raise ValueError("remote_group must be a security group of the same tenant.")
+    if remote_group is not None and remote_cidr:
+        raise ValueError("Give remote_cidr or remote_group, not both.")
+    if (port_min is None) != (port_max is None):
+        raise ValueError("port_min and port_max go together.")
+    if port_min is not None and port_max is not None:
+        if protocol not in ("tcp", "udp"):
+            raise ValueError("Port ranges need protocol tcp or udp.")
+        if not 1 <= port_min <= port_max <= 65535:
+            raise ValueError("Ports must satisfy 1 <= port_min <= port_max <= 65535.")
+    if remote_cidr:
+        try:
+            return str(ipaddress.IPv4Network(remote_cidr, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"remote_cidr {remote_cidr!r} is not an IPv4 network such as 198.18.0.0/24."
+            ) from None
+    return ""

@@ -1,0 +1,189 @@
+"""Usage metering: raw samples, hourly and daily rollups, the price sheet and budgets.
+
+Why three levels: a :class:`UsageSample` is what a node said (or what an
+observation settled) at one instant and is the only source of truth; the
+:class:`UsageHour` rows are derived from the samples (and can be rebuilt from
+them at any time, ``manage.py recompute_usage``); the :class:`UsageDay` rows
+are derived from the hours so a year of a large tenant is read from 365 rows
+per instance instead of 8,760.  Quantities are integers in milliseconds
+(``ram_mib_ms`` = MiB allocated x milliseconds running), so sums are exact on
+every database; money is only ever computed from them in ``Decimal``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from portal.cloud.choices import Kind
+from portal.tenancy.models import Tenant
+from portal.tenancy.querysets import TenantScopedQuerySet
+
+#: the quantity fields an hour and a day row share, in the order reports show them
+QUANTITIES = (
+    "covered_ms",
+    "running_ms",
+    "vcpu_ms",
+    "ram_mib_ms",
+    "memory_mib_ms",
+    "disk_gb_ms",
+    "address_ms",
+    "cpu_ms",
+    "gap_ms",
+)
+
+
+class SampleSource(models.TextChoices):
+    HEARTBEAT = "heartbeat", "Heartbeat"
+    OBSERVATION = "observation", "Observation"
+
+
+class UsageSample(models.Model):
+    """What was true of one instance at one instant: the raw input of all metering.
+
+    ``at`` is the node's time clamped to the portal's receive time (a node
+    cannot report the future), truncated to milliseconds; it is the
+    idempotency key with the instance, so a redelivered heartbeat or
+    observation adds nothing.  Allocations come from the instance row,
+    ``memory_bytes`` and ``cpu_time_ns`` from the node (0: not read).
+    ``deleted`` marks the end: nothing after it is billed.
+    """
+
+    instance = models.ForeignKey("cloud.Instance", on_delete=models.CASCADE, related_name="usage_samples")
+    at = models.DateTimeField()
+    received_at = models.DateTimeField()
+    source = models.CharField(max_length=16, choices=SampleSource.choices)
+    node = models.CharField(max_length=63)
+    running = models.BooleanField()
+    deleted = models.BooleanField(default=False)
+    vcpus = models.PositiveIntegerField()
+    ram_mb = models.PositiveIntegerField()
+    disk_gb = models.PositiveIntegerField()
+    addresses = models.PositiveIntegerField(default=0)
+    memory_bytes = models.BigIntegerField(default=0)
+    cpu_time_ns = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["instance", "at"]
+        constraints = [models.UniqueConstraint(fields=["instance", "at"], name="usage_sample_once")]
+
+    def __str__(self) -> str:
+        return f"{self.instance_id}@{self.at:%Y-%m-%d %H:%M:%S.%f}"
+
+
+class UsageQuerySet(TenantScopedQuerySet["UsageHour"]):
+    pass
+
+
+class _Rollup(models.Model):
+    """Quantities of one instance over one period; every field is derived from samples."""
+
+    instance = models.ForeignKey("cloud.Instance", on_delete=models.CASCADE, related_name="+")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    covered_ms = models.BigIntegerField(default=0, help_text="time between samples closer than the gap")
+    running_ms = models.BigIntegerField(default=0)
+    vcpu_ms = models.BigIntegerField(default=0, help_text="vCPUs allocated x ms running")
+    ram_mib_ms = models.BigIntegerField(default=0, help_text="MiB allocated x ms running")
+    memory_mib_ms = models.BigIntegerField(default=0, help_text="MiB actually used x ms running")
+    disk_gb_ms = models.BigIntegerField(default=0, help_text="GB allocated x ms covered (until delete)")
+    address_ms = models.BigIntegerField(default=0, help_text="published addresses x ms covered")
+    cpu_ms = models.BigIntegerField(default=0, help_text="CPU time the node accounted")
+    gap_ms = models.BigIntegerField(default=0, help_text="time between samples farther apart than the gap")
+
+    objects = UsageQuerySet.as_manager()
+
+    class Meta:
+        abstract = True
+
+
+class UsageHour(_Rollup):
+    """One instance's usage within one UTC hour."""
+
+    hour = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["instance", "hour"], name="usage_hour_once")]
+        indexes = [models.Index(fields=["tenant", "hour"], name="usage_hour_tenant")]
+
+    def __str__(self) -> str:
+        return f"{self.instance_id} {self.hour:%Y-%m-%d %H}h"
+
+
+class UsageDay(_Rollup):
+    """One instance's usage within one UTC day: the sum of its hours."""
+
+    day = models.DateField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["instance", "day"], name="usage_day_once")]
+        indexes = [models.Index(fields=["tenant", "day"], name="usage_day_tenant")]
+
+    def __str__(self) -> str:
+        return f"{self.instance_id} {self.day}"
+
+
+class MemoryBasis(models.TextChoices):
+    ALLOCATED = "allocated", "Allocated memory"
+    ACTUAL = "actual", "Memory actually used"
+
+
+class PriceSheet(models.Model):
+    """The operator's prices from ``effective_from`` (a UTC date) until the next sheet's."""
+
+    effective_from = models.DateField(unique=True)
+    currency = models.CharField(max_length=3, default="EUR")
+    memory_gib_hour = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    memory_basis = models.CharField(max_length=16, choices=MemoryBasis.choices, default=MemoryBasis.ALLOCATED)
+    vcpu_hour = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    disk_gb_month = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    address_month = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    note = models.CharField(max_length=255, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-effective_from"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(memory_gib_hour__gte=0)
+                & Q(vcpu_hour__gte=0)
+                & Q(disk_gb_month__gte=0)
+                & Q(address_month__gte=0),
+                name="price_not_negative",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"prices from {self.effective_from}"
+
+
+class BudgetQuerySet(TenantScopedQuerySet["Budget"]):
+    pass
+
+
+class Budget(models.Model):
+    """A tenant's monthly budget; ``warned_*`` keeps which warning was already given this month."""
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="budget")
+    monthly_amount = models.DecimalField(max_digits=14, decimal_places=2)
+    warned_month = models.DateField(null=True, blank=True)
+    warned_percent = models.PositiveSmallIntegerField(default=0)
+
+    objects = BudgetQuerySet.as_manager()
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=Q(monthly_amount__gt=0), name="budget_positive")]
+
+    def __str__(self) -> str:
+        return f"budget of {self.tenant_id}: {self.monthly_amount}"
+
+
+def hour_floor(at: dt.datetime) -> dt.datetime:
+    return at.replace(minute=0, second=0, microsecond=0)

@@ -1,0 +1,215 @@
+"""Turning heartbeats and observations into samples, and samples into hour and day rows.
+
+Why here and not in the control tasks: the control worker only says "this
+node reported this" (``record_report``) or "this observation was applied"
+(``record_observation``); everything about time, duplicates and gaps is
+decided here.  A sample's time is the node's clock bounded by the portal's
+receive time, truncated to milliseconds; ``(instance, at)`` is unique, so a
+duplicate delivery inserts nothing and changes nothing.  A new sample
+rebuilds only the hours between its neighbours, from the raw samples, with
+the same function ``recompute`` uses, so the incremental rows and a full
+recomputation cannot disagree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Sum
+
+from compute.spec import NodeReport, Observation, PowerState
+from portal.cloud.models import Instance
+from portal.metering.intervals import HOUR, Point, Quantities, floor_hour, hourly
+from portal.metering.models import QUANTITIES, SampleSource, UsageDay, UsageHour, UsageSample
+
+log = logging.getLogger(__name__)
+
+
+def gap_ms() -> int:
+    """Samples farther apart than this many milliseconds leave a gap (N missed heartbeats)."""
+    return int(settings.SKYPORT_METERING_GAP_BEATS * settings.SKYPORT_HEARTBEAT_SECONDS * 1000)
+
+
+def sample_time(node_time: float, received: dt.datetime) -> dt.datetime:
+    """The node's time, never later than the portal received it, in whole milliseconds (UTC)."""
+    at = dt.datetime.fromtimestamp(node_time, tz=dt.UTC) if node_time else received
+    at = min(at, received)
+    return at.replace(microsecond=at.microsecond // 1000 * 1000)
+
+
+def published_addresses(instance: Instance) -> int:
+    """Addresses the instance publishes beyond its tenant network (none exist in the portal yet)."""
+    return 0
+
+
+def _point(s: UsageSample) -> Point:
+    return Point(
+        at=s.at,
+        running=s.running,
+        vcpus=s.vcpus,
+        ram_mb=s.ram_mb,
+        disk_gb=s.disk_gb,
+        addresses=s.addresses,
+        memory_bytes=s.memory_bytes,
+        cpu_time_ns=s.cpu_time_ns,
+        deleted=s.deleted,
+    )
+
+
+def add_sample(
+    instance: Instance,
+    at: dt.datetime,
+    received: dt.datetime,
+    source: str,
+    node: str,
+    *,
+    running: bool,
+    deleted: bool = False,
+    memory_bytes: int = 0,
+    cpu_time_ns: int = 0,
+) -> bool:
+    """Store one sample and rebuild the hours it changes; False when it was already stored."""
+    try:
+        with transaction.atomic():
+            UsageSample.objects.create(
+                instance=instance,
+                at=at,
+                received_at=received,
+                source=source,
+                node=node,
+                running=running,
+                deleted=deleted,
+                vcpus=instance.vcpus,
+                ram_mb=instance.ram_mb,
+                disk_gb=instance.disk_gb,
+                addresses=published_addresses(instance),
+                memory_bytes=memory_bytes,
+                cpu_time_ns=cpu_time_ns,
+            )
+    except IntegrityError:
+        return False
+    samples = UsageSample.objects.filter(instance=instance)
+    prev = samples.filter(at__lt=at).order_by("-at").values_list("at", flat=True).first()
+    nxt = samples.filter(at__gt=at).order_by("at").values_list("at", flat=True).first()
+    rebuild(instance, floor_hour(prev or at), floor_hour(nxt or at) + HOUR)
+    return True
+
+
+def rebuild(instance: Instance, lo: dt.datetime, hi: dt.datetime) -> None:
+    """Recompute the instance's hour rows in ``[lo, hi)`` (whole hours) and its day rows there."""
+    samples = UsageSample.objects.filter(instance=instance)
+    inside = list(samples.filter(at__gte=lo, at__lt=hi).order_by("at"))
+    before = samples.filter(at__lt=lo).order_by("-at").first()
+    after = samples.filter(at__gte=hi).order_by("at").first()
+    points = [_point(s) for s in ([before] if before else []) + inside + ([after] if after else [])]
+    hours = hourly(points, gap_ms(), lo, hi)
+    with transaction.atomic():
+        UsageHour.objects.filter(instance=instance, hour__gte=lo, hour__lt=hi).delete()
+        UsageHour.objects.bulk_create(
+            UsageHour(
+                instance=instance, tenant_id=instance.tenant_id, kind=instance.kind, hour=h, **q.as_dict()
+            )
+            for h, q in sorted(hours.items())
+        )
+        _roll_days(instance, lo.date(), (hi - dt.timedelta(microseconds=1)).date())
+
+
+def _roll_days(instance: Instance, first: dt.date, last: dt.date) -> None:
+    """Day rows from the hour rows of the days ``first..last``."""
+    start = dt.datetime.combine(first, dt.time(), tzinfo=dt.UTC)
+    end = dt.datetime.combine(last, dt.time(), tzinfo=dt.UTC) + dt.timedelta(days=1)
+    days: dict[dt.date, Quantities] = defaultdict(Quantities)
+    for row in UsageHour.objects.filter(instance=instance, hour__gte=start, hour__lt=end).values(
+        "hour", *QUANTITIES
+    ):
+        days[row.pop("hour").date()].add(Quantities(**row))
+    UsageDay.objects.filter(instance=instance, day__gte=first, day__lte=last).delete()
+    UsageDay.objects.bulk_create(
+        UsageDay(instance=instance, tenant_id=instance.tenant_id, kind=instance.kind, day=d, **q.as_dict())
+        for d, q in sorted(days.items())
+    )
+
+
+def recompute(instances: Iterable[Instance]) -> int:
+    """Rebuild every hour and day row of ``instances`` from their raw samples; returns hours written."""
+    written = 0
+    for instance in instances:
+        span = UsageSample.objects.filter(instance=instance).order_by("at").values_list("at", flat=True)
+        first, last = span.first(), span.last()
+        with transaction.atomic():
+            UsageHour.objects.filter(instance=instance).delete()
+            UsageDay.objects.filter(instance=instance).delete()
+            if first is None or last is None:
+                continue
+            rebuild(instance, floor_hour(first), floor_hour(last) + HOUR)
+        written += UsageHour.objects.filter(instance=instance).count()
+    return written
+
+
+def record_report(report: NodeReport, received: dt.datetime) -> int:
+    """One sample per instance the portal places on the reporting node; returns how many were new.
+
+    An instance the node lists is sampled with its power state and counters;
+    one it does not list (while its driver works) is sampled as not running;
+    one whose driver is down is not sampled at all: that time becomes a gap.
+    Beats that arrive late (a control worker restart, a broker backlog) are
+    still samples of their own time.
+    """
+    at = sample_time(report.sent_at, received)
+    seen = {item.instance_id: item for item in report.inventory}
+    blind = {d.kind for d in report.drivers if not d.ok}
+    new = 0
+    with transaction.atomic():
+        live = (
+            Instance.objects.live()
+            .filter(node__name=report.node, created_at__lte=at)
+            .exclude(kind__in=blind)
+            .select_for_update(of=("self",))
+        )
+        for inst in live:
+            item = seen.get(str(inst.pk))
+            running = item is not None and item.power_state == PowerState.RUNNING
+            new += add_sample(
+                inst,
+                at,
+                received,
+                SampleSource.HEARTBEAT,
+                report.node,
+                running=running,
+                memory_bytes=item.memory_bytes if item else 0,
+                cpu_time_ns=item.cpu_time_ns if item else 0,
+            )
+    return new
+
+
+def record_observation(instance: Instance, obs: Observation, received: dt.datetime) -> bool:
+    """A sample at the instant an applied observation says the workload changed state."""
+    if not obs.ok:
+        return False
+    deleted = obs.action == "delete"
+    return add_sample(
+        instance,
+        sample_time(obs.observed_at, received),
+        received,
+        SampleSource.OBSERVATION,
+        obs.node,
+        running=obs.power_state == PowerState.RUNNING and not deleted,
+        deleted=deleted,
+    )
+
+
+def totals(rows: Iterable[dict[str, Any]]) -> Quantities:
+    out = Quantities()
+    for row in rows:
+        out.add(Quantities(**{k: row[k] or 0 for k in QUANTITIES}))
+    return out
+
+
+def sum_fields() -> dict[str, Sum]:
+    return {k: Sum(k) for k in QUANTITIES}

@@ -1,0 +1,446 @@
+"""compute.network.router inside network namespaces this test creates (root): gateway, NAT, DNS, policy.
+
+Topology (every name carries a per-run suffix; nothing touches the host's
+own namespace, its sysctls or its uplink):
+
+```
+netns up:    upl0 198.18.128.1/30   python3 http.server :8080 (logs client addresses)
+               │ veth
+netns node:  upl0 198.18.128.2/30 (SKYPORT_UPLINK)   bridges A 198.19.160.0/24, B 198.19.161.0/24
+               │ veth skc<id>0 (port security keyed by it)
+netns inst:  eth0 198.19.160.10/24, default route via 198.19.160.1, resolv via 198.19.160.1
+```
+
+The Router runs in a thread that joined the node namespace, so its ``nft``,
+``sysctl`` and ``dnsmasq`` act there.  The nftables table has a per-run name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from compute.config import NodeConfig
+from compute.network import hostlock, nft, router
+from compute.spec import (
+    Direction,
+    Forward,
+    ImageFormat,
+    ImageRef,
+    InstanceSpec,
+    Kind,
+    NetworkAttachment,
+    NetworkSegment,
+    Protocol,
+    SecurityRule,
+)
+from tests.compute.test_vxlan import in_netns, ip
+from tests.hostcaps import require_binary, require_root
+
+pytestmark = [pytest.mark.host]
+
+UP, NODE_UP = "198.18.128.1", "198.18.128.2"
+EXTERNAL, CLIENT = "198.18.129.1", "198.18.129.2"
+IID = "5c0ffee0-0000-4000-8000-000000000001"
+MAC = "52:54:00:16:00:0a"
+
+
+def sh(ns: str, *cmd: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout)
+
+
+class Lab:
+    def __init__(self, tag: str, tmp: Path) -> None:
+        self.up, self.node, self.inst = f"skrt-{tag}-u", f"skrt-{tag}-n", f"skrt-{tag}-i"
+        self.outside = f"skrt-{tag}-o"
+        self.table = f"skrt{tag}"
+        self.config = NodeConfig(
+            name="rt",
+            state_dir=tmp / "node",
+            libvirt_uri="test:///default",
+            accelerator="qemu",
+            container_runtime="crun",
+            broker_url="memory://",
+            network_lock=tmp / "net.lock",
+            uplink="upl0",
+            nft_table=self.table,
+        )
+        self.router = router.Router(self.config)
+        self.server: subprocess.Popen[str] | None = None
+        self.log = tmp / "http.log"
+
+    def segment(
+        self, net: int, *, egress: bool = True, hosts: tuple[tuple[str, str], ...] = ()
+    ) -> NetworkSegment:
+        return NetworkSegment(
+            network=f"acme/n{net}",
+            bridge=f"skrtb{net}",
+            mtu=1450,
+            host_address=f"198.19.{160 + net}.10/24",
+            gateway=f"198.19.{160 + net}.1/24",
+            egress=egress,
+            hosts=hosts,
+        )
+
+    def spec(self) -> InstanceSpec:
+        seg = self.segment(0)
+        nic = NetworkAttachment(seg, "198.19.160.20/24", MAC, "198.19.160.1", ("198.19.160.1",))
+        image = ImageRef("busybox", "1", ImageFormat.OCI, "sha256:" + "0" * 64, "/nonexistent")
+        return InstanceSpec(IID, "web", "web", "acme", Kind.CONTAINER, 1, 64, 0, image, (nic,))
+
+    def run(self, fn: object, *args: object) -> object:
+        return in_netns(self.node, fn, *args)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
+    require_root()
+    for binary in ("ip", "nft", "dnsmasq", "busybox", "curl"):
+        require_binary(binary)
+    monkeypatch.setattr(hostlock, "LOCK_FILE", tmp_path / "net.lock")
+    tmp_path.chmod(0o755)
+    lab = Lab(secrets.token_hex(3), tmp_path)
+    made: list[str] = []
+    try:
+        for ns in (lab.up, lab.node, lab.inst, lab.outside):
+            ip("netns", "add", ns)
+            made.append(ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", lab.node, "link", "add", "upl0", "type", "veth", "peer", "name", "upl0", "netns", lab.up)
+        ip("-n", lab.up, "addr", "add", f"{UP}/30", "dev", "upl0")
+        ip("-n", lab.node, "addr", "add", f"{NODE_UP}/30", "dev", "upl0")
+        for ns in (lab.up, lab.node):
+            ip("-n", ns, "link", "set", "upl0", "up")
+        # the LAN in front of the node: the node's external address 198.18.129.1, a client at .2
+        ip(
+            "-n",
+            lab.node,
+            "link",
+            "add",
+            "ext0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lan0",
+            "netns",
+            lab.outside,
+        )
+        ip("-n", lab.node, "addr", "add", f"{EXTERNAL}/24", "dev", "ext0")
+        ip("-n", lab.outside, "addr", "add", f"{CLIENT}/24", "dev", "lan0")
+        ip("-n", lab.node, "link", "set", "ext0", "up")
+        ip("-n", lab.outside, "link", "set", "lan0", "up")
+        lab.server = subprocess.Popen(
+            ["ip", "netns", "exec", lab.up, "python3", "-m", "http.server", "-b", UP, "8080"],
+            stdout=subprocess.DEVNULL,
+            stderr=lab.log.open("w"),
+            text=True,
+        )
+        yield lab
+    finally:
+        for pid in list(lab.router.resolver_pids()) if lab.router.root.exists() else []:
+            subprocess.run(["kill", str(pid)], capture_output=True)
+        if lab.server is not None:
+            lab.server.terminate()
+            lab.server.wait(10)
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+    assert not any(ns in ip("netns", "list") for ns in made)
+
+
+def wire_instance(lab: Lab, mac: str = MAC, address: str = "198.19.160.20/24") -> None:
+    host = router.nic_ifname(Kind.CONTAINER, IID, 0)
+    ip("-n", lab.node, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", lab.inst)
+    ip("-n", lab.node, "link", "set", host, "master", "skrtb0", "mtu", "1450", "up")
+    ip("-n", lab.inst, "link", "set", "eth0", "address", mac, "mtu", "1450", "up")
+    ip("-n", lab.inst, "addr", "add", address, "dev", "eth0")
+    ip("-n", lab.inst, "route", "add", "default", "via", "198.19.160.1")
+
+
+def fetch(lab: Lab) -> bool:
+    return sh(lab.inst, "curl", "-sf", "-m", "2", "-o", "/dev/null", f"http://{UP}:8080/").returncode == 0
+
+
+def ping(lab: Lab, address: str) -> bool:
+    return sh(lab.inst, "ping", "-c", "1", "-W", "1", address).returncode == 0
+
+
+def wait_server(lab: Lab) -> None:
+    for _ in range(100):
+        if sh(lab.up, "curl", "-sf", "-m", "1", "-o", "/dev/null", f"http://{UP}:8080/").returncode == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the upstream HTTP server did not start")
+
+
+def test_gateway_nat_dns_and_no_cross_network_reach(lab: Lab) -> None:
+    wait_server(lab)
+    seg = lab.segment(0, hosts=(("web", "198.19.160.20"), ("db", "198.19.160.21")))
+    lab.run(lab.router.ensure, seg)
+    lab.run(lab.router.ensure, seg)  # idempotent
+    lab.run(lab.router.ensure, lab.segment(1))
+    lab.run(lab.router.attach, lab.spec())
+    wire_instance(lab)
+
+    addrs = ip("-n", lab.node, "-4", "-o", "addr", "show", "dev", "skrtb0")
+    assert "198.19.160.10/24" in addrs and "198.19.160.1/24" in addrs
+    assert addrs.index("198.19.160.10/24") < addrs.index("198.19.160.1/24"), "host address stays primary"
+    forwarding = sh(
+        lab.node,
+        "cat",
+        "/proc/sys/net/ipv4/conf/skrtb0/forwarding",
+        "/proc/sys/net/ipv4/conf/upl0/forwarding",
+    )
+    assert forwarding.stdout.split() == ["1", "1"]
+    assert sh(lab.node, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "0", (
+        "never the global switch"
+    )
+
+    # egress through masquerade: the upstream sees the node's uplink address, never the tenant's
+    assert ping(lab, "198.19.160.1")
+    assert fetch(lab)
+    assert f"{NODE_UP} - - " in lab.log.read_text()
+    assert "198.19.160.20" not in lab.log.read_text()
+    # the upstream has no route back to the tenant subnet: only NAT made that work
+    assert "198.19.160" not in ip("-n", lab.up, "route")
+
+    # DNS on the gateway: the network's instance names
+    answer = sh(lab.inst, "busybox", "nslookup", "db", "198.19.160.1")
+    assert answer.returncode == 0 and "198.19.160.21" in answer.stdout, answer.stdout + answer.stderr
+
+    # the node's addresses on network B are not reachable from network A, even routed on-link
+    ip("-n", lab.inst, "route", "add", "198.19.161.0/24", "dev", "eth0")
+    assert not ping(lab, "198.19.161.10")
+    assert not ping(lab, "198.19.161.1")
+    # and nothing is routed into network B either
+    ip("-n", lab.inst, "route", "del", "198.19.161.0/24", "dev", "eth0")
+    assert not ping(lab, "198.19.161.10")
+
+    # egress off for the network: no way out, the gateway and DNS still answer
+    lab.run(lab.router.ensure, lab.segment(0, egress=False, hosts=seg.hosts))
+    assert not fetch(lab)
+    assert ping(lab, "198.19.160.1")
+    lab.run(lab.router.ensure, seg)
+    assert fetch(lab)
+
+    # the rules live only in our own tables, and a change from outside is reported as drift
+    listing = lab.run(nft.listing, "inet", lab.table)
+    assert listing is not None and "masquerade" in json.dumps(listing)
+    assert lab.run(lab.router.drift) == ""  # the first heartbeat after a load takes the fingerprint
+    assert lab.run(lab.router.drift) == ""
+    assert sh(lab.node, "nft", "add", "rule", "inet", lab.table, "input", "accept").returncode == 0
+    assert "changed outside Skyport" in str(lab.run(lab.router.drift))
+    lab.run(lab.router.converge)
+    assert lab.run(lab.router.drift) == ""
+    assert lab.run(lab.router.drift) == ""
+
+    # teardown: resolvers, rules, devices gone
+    pids = list(lab.router.resolver_pids())
+    assert pids
+    lab.run(lab.router.teardown)
+    assert lab.run(nft.listing, "inet", lab.table) is None
+    assert lab.run(nft.listing, "bridge", lab.table) is None
+    assert "skrtb" not in ip("-n", lab.node, "link", "show")
+    assert all(router._cmdline(pid) == [] for pid in pids), "resolvers stopped (gone or a zombie for init)"
+
+
+def test_port_security_drops_spoofed_ip_and_mac(lab: Lab) -> None:
+    lab.run(lab.router.ensure, lab.segment(0))
+    lab.run(lab.router.attach, lab.spec())
+    wire_instance(lab)
+    assert ping(lab, "198.19.160.1")
+    # another address on the same NIC: its packets are dropped
+    ip("-n", lab.inst, "addr", "flush", "dev", "eth0")
+    ip("-n", lab.inst, "addr", "add", "198.19.160.66/24", "dev", "eth0")
+    ip("-n", lab.inst, "route", "add", "default", "via", "198.19.160.1")
+    assert not ping(lab, "198.19.160.1")
+    # the right address but another MAC
+    ip("-n", lab.inst, "addr", "flush", "dev", "eth0")
+    ip("-n", lab.inst, "link", "set", "eth0", "address", "52:54:00:16:00:99")
+    ip("-n", lab.inst, "addr", "add", "198.19.160.20/24", "dev", "eth0")
+    ip("-n", lab.inst, "route", "add", "default", "via", "198.19.160.1")
+    assert not ping(lab, "198.19.160.1")
+    # back to its own MAC: through again; detaching removes its entries
+    ip("-n", lab.inst, "link", "set", "eth0", "address", MAC)
+    sh(lab.inst, "ip", "neigh", "flush", "all")
+    assert ping(lab, "198.19.160.1")
+    lab.run(lab.router.detach, IID)
+    listing = json.dumps(lab.run(nft.listing, "bridge", lab.table))
+    assert MAC not in listing
+    lab.run(lab.router.teardown)
+
+
+def test_a_refused_transaction_changes_nothing(lab: Lab) -> None:
+    lab.run(lab.router.ensure, lab.segment(0))
+    before = lab.run(nft.fingerprint, "inet", lab.table)
+    broken = nft.Table("inet", lab.table, rules=(nft.Rule("nochain", (nft.ACCEPT,)),))
+    with pytest.raises(nft.NftError):
+        lab.run(nft.apply, [broken])
+    assert lab.run(nft.fingerprint, "inet", lab.table) == before
+    lab.run(lab.router.teardown)
+
+
+def test_published_ports_reach_the_instance_from_outside_and_go_away(lab: Lab) -> None:
+    lab.run(lab.router.ensure, lab.segment(0))
+    lab.run(lab.router.attach, lab.spec())
+    wire_instance(lab)
+    web = subprocess.Popen(
+        ["ip", "netns", "exec", lab.inst, "python3", "-m", "http.server", "-b", "198.19.160.20", "8000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def get() -> bool:
+            url = f"http://{EXTERNAL}:20080/"
+            return sh(lab.outside, "curl", "-sf", "-m", "2", "-o", "/dev/null", url).returncode == 0
+
+        for _ in range(50):
+            if (
+                sh(
+                    lab.inst, "curl", "-sf", "-m", "1", "-o", "/dev/null", "http://198.19.160.20:8000/"
+                ).returncode
+                == 0
+            ):
+                break
+            time.sleep(0.1)
+        assert not get(), "nothing is published yet"
+        forward = Forward(Protocol.TCP, EXTERNAL, 20080, "198.19.160.20", 8000)
+        lab.run(lab.router.set_forwards, IID, [forward])
+        assert get()
+        assert sh(lab.node, "cat", "/proc/sys/net/ipv4/conf/ext0/forwarding").stdout.strip() == "1"
+        # the outside is never routed into the tenant network directly, only through the published port
+        ip("-n", lab.outside, "route", "add", "198.19.160.0/24", "via", EXTERNAL)
+        assert (
+            sh(
+                lab.outside, "curl", "-sf", "-m", "2", "-o", "/dev/null", "http://198.19.160.20:8000/"
+            ).returncode
+            != 0
+        )
+        assert '"dnat": {' in json.dumps(lab.run(nft.listing, "inet", lab.table))
+        lab.run(lab.router.set_forwards, IID, [])
+        assert not get()
+        assert '"dnat": {' not in json.dumps(lab.run(nft.listing, "inet", lab.table))
+        lab.run(lab.router.set_forwards, IID, [forward])
+        assert get()
+        lab.run(lab.router.detach, IID)  # the instance is deleted
+        assert not get()
+        assert "198.19.160.20" not in json.dumps(lab.run(nft.listing, "inet", lab.table))
+        with pytest.raises(router.RouterError, match=r"198\.18\.129\.99 is not configured on this node"):
+            lab.run(
+                lab.router.set_forwards, IID, [Forward(Protocol.TCP, "198.18.129.99", 1, "198.19.160.20", 1)]
+            )
+    finally:
+        web.terminate()
+        web.wait(10)
+    lab.run(lab.router.teardown)
+
+
+def test_security_groups_change_live_on_the_running_instance(lab: Lab) -> None:
+    """Ingress: only listed ports and remotes; a rule added opens at once, removed closes at once."""
+    lab.run(lab.router.ensure, lab.segment(0))
+    egress_all = SecurityRule(Direction.EGRESS)
+    only_ssh = (egress_all, SecurityRule(Direction.INGRESS, "tcp", 22, 22))
+    spec = dataclasses.replace(lab.spec(), security=only_ssh)
+    lab.run(lab.router.attach, spec)
+    wire_instance(lab)
+    # a second "instance" on the same bridge, not a member of the first one's group
+    other = f"{lab.inst}2"
+    ip("netns", "add", other)
+    try:
+        ip("-n", lab.node, "link", "add", "skcpeer0", "type", "veth", "peer", "name", "eth0", "netns", other)
+        ip("-n", lab.node, "link", "set", "skcpeer0", "master", "skrtb0", "mtu", "1450", "up")
+        ip("-n", other, "addr", "add", "198.19.160.21/24", "dev", "eth0")
+        ip("-n", other, "link", "set", "eth0", "mtu", "1450", "up")
+        ip("-n", other, "link", "set", "lo", "up")
+        web = subprocess.Popen(
+            ["ip", "netns", "exec", lab.inst, "python3", "-m", "http.server", "-b", "198.19.160.20", "8000"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            lab.run(
+                lab.router.set_forwards, IID, [Forward(Protocol.TCP, EXTERNAL, 20080, "198.19.160.20", 8000)]
+            )
+
+            def outside() -> bool:
+                url = f"http://{EXTERNAL}:20080/"
+                return sh(lab.outside, "curl", "-sf", "-m", "2", "-o", "/dev/null", url).returncode == 0
+
+            def neighbour() -> bool:
+                url = "http://198.19.160.20:8000/"
+                return sh(other, "curl", "-sf", "-m", "2", "-o", "/dev/null", url).returncode == 0
+
+            for _ in range(50):
+                if (
+                    sh(
+                        lab.inst, "curl", "-sf", "-m", "1", "-o", "/dev/null", "http://198.19.160.20:8000/"
+                    ).returncode
+                    == 0
+                ):
+                    break
+                time.sleep(0.1)
+            assert not outside() and not neighbour(), "8000 is not listed"
+            assert fetch(lab), "egress and its replies pass"
+
+            open_8000 = SecurityRule(Direction.INGRESS, "tcp", 8000, 8000)
+            started = time.monotonic()
+            lab.run(lab.router.set_security, IID, (*only_ssh, open_8000))
+            assert outside() and neighbour()
+            assert time.monotonic() - started < 5
+
+            # only from the group's members (a remote group resolves to their addresses)
+            group_only = SecurityRule(Direction.INGRESS, "tcp", 8000, 8000, ("198.19.160.22/32",))
+            lab.run(lab.router.set_security, IID, (egress_all, group_only))
+            assert not neighbour() and not outside()
+            lab.run(
+                lab.router.set_security,
+                IID,
+                (egress_all, dataclasses.replace(group_only, remote=("198.19.160.21/32",))),
+            )
+            assert neighbour() and not outside()
+
+            lab.run(lab.router.set_security, IID, only_ssh)
+            assert not outside() and not neighbour()
+            # no egress rule: the instance cannot even reach upstream
+            lab.run(lab.router.set_security, IID, ())
+            assert not fetch(lab)
+        finally:
+            web.terminate()
+            web.wait(10)
+    finally:
+        subprocess.run(["ip", "netns", "del", other], capture_output=True, timeout=10)
+    lab.run(lab.router.teardown)
+
+
+def test_a_subnet_that_collides_with_a_host_route_is_refused_with_the_reason(lab: Lab) -> None:
+    """A stale bridge of another portal with the same subnet shadowed the new one's route once."""
+    ip("-n", lab.node, "link", "add", "skn-stale", "type", "bridge")
+    ip("-n", lab.node, "addr", "add", "198.19.160.99/25", "dev", "skn-stale")
+    ip("-n", lab.node, "link", "set", "skn-stale", "up")
+    with pytest.raises(
+        router.RouterError, match=r"collides with the route to 198\.19\.160\.0/25 via skn-stale"
+    ):
+        lab.run(lab.router.ensure, lab.segment(0))
+    assert "skrtb0" not in ip("-n", lab.node, "link", "show"), "nothing half-made"
+    ip("-n", lab.node, "link", "del", "skn-stale")
+    lab.run(lab.router.ensure, lab.segment(0))
+    lab.run(lab.router.ensure, lab.segment(0))  # its own route is no collision
+    lab.run(lab.router.teardown)
+
+
+def test_a_new_host_address_keeps_the_gateway(lab: Lab) -> None:
+    """Deleting the old primary address takes its secondaries (the gateway) with it: it is added back."""
+    lab.run(lab.router.ensure, lab.segment(0))
+    moved = dataclasses.replace(lab.segment(0), host_address="198.19.160.30/24")
+    lab.run(lab.router.ensure, moved)
+    addrs = ip("-n", lab.node, "-4", "-o", "addr", "show", "dev", "skrtb0")
+    assert "198.19.160.30/24" in addrs and "198.19.160.1/24" in addrs and "198.19.160.10/" not in addrs
+    lab.run(lab.router.teardown)

@@ -1,0 +1,158 @@
+"""Samples to hours: the interval rules, and exactness under any order and duplication (hypothesis)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from portal.cloud.models import Instance
+from portal.metering import sampling
+from portal.metering.intervals import Point, Quantities, hourly
+from portal.metering.models import QUANTITIES, UsageDay, UsageHour, UsageSample
+from tests.portal.conftest import World
+
+T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+H = 3_600_000
+GAP = 15_000  # 3 beats of 5 s
+
+
+def p(seconds: float, running: bool = True, **kw: Any) -> Point:
+    return Point(
+        T0 + dt.timedelta(seconds=seconds), running, kw.pop("vcpus", 2), kw.pop("ram_mb", 512), 10, **kw
+    )
+
+
+def total(hours: dict[dt.datetime, Quantities]) -> Quantities:
+    out = Quantities()
+    for q in hours.values():
+        out.add(q)
+    return out
+
+
+def test_running_time_follows_the_earlier_sample_and_splits_at_hours() -> None:
+    pts = [p(3590), p(3595, running=False), p(3605, running=False), p(3610)]
+    hours = hourly(pts, GAP)
+    assert hours[T0].running_ms == 5000 and hours[T0].covered_ms == 10_000
+    assert hours[T0 + dt.timedelta(hours=1)].covered_ms == 10_000
+    assert hours[T0 + dt.timedelta(hours=1)].running_ms == 0
+    assert total(hours).vcpu_ms == 2 * 5000 and total(hours).ram_mib_ms == 512 * 5000
+    assert total(hours).disk_gb_ms == 10 * 20_000  # disk counts while stopped
+
+
+def test_a_long_silence_is_a_gap_and_a_short_one_is_not() -> None:
+    assert total(hourly([p(0), p(15)], GAP)).gap_ms == 0
+    t = total(hourly([p(0), p(15.001)], GAP))
+    assert (t.gap_ms, t.covered_ms, t.running_ms, t.disk_gb_ms) == (15_001, 0, 0, 0)
+
+
+def test_nothing_counts_after_delete_and_cpu_counters_may_restart() -> None:
+    pts = [
+        p(0, cpu_time_ns=1_000_000_000),
+        p(5, cpu_time_ns=3_000_000_000),
+        p(10, cpu_time_ns=500_000_000),  # the workload restarted: its counter began again
+        p(12, running=False, deleted=True),
+        p(14),
+    ]
+    t = total(hourly(pts, GAP))
+    assert t.cpu_ms == 2000 + 500
+    assert t.covered_ms == 12_000
+
+
+def test_clipping_keeps_only_the_window() -> None:
+    pts = [p(0), p(10), p(3600 * 2 + 10)]
+    hours = hourly(pts, 10 * H, T0 + dt.timedelta(hours=1), T0 + dt.timedelta(hours=2))
+    assert list(hours) == [T0 + dt.timedelta(hours=1)] and hours[T0 + dt.timedelta(hours=1)].covered_ms == H
+
+
+# ------------------------------------------------------------------ property tests
+
+_beats = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=4 * 3600 * 1000),  # ms after T0, four hours
+        st.booleans(),  # running
+        st.integers(min_value=0, max_value=4 << 30),  # memory
+    ),
+    min_size=1,
+    max_size=25,
+    unique_by=lambda b: b[0],
+)
+
+
+def _points(beats: list[tuple[int, bool, int]]) -> list[Point]:
+    return [
+        Point(T0 + dt.timedelta(milliseconds=t), r, 1, 256, 3, memory_bytes=m, cpu_time_ns=t * 1000)
+        for t, r, m in beats
+    ]
+
+
+@given(beats=_beats, data=st.data())
+def test_any_order_and_duplication_gives_the_same_hours(
+    beats: list[tuple[int, bool, int]], data: Any
+) -> None:
+    points = _points(beats)
+    shuffled = data.draw(st.permutations(points + data.draw(st.lists(st.sampled_from(points), max_size=10))))
+    assert hourly(shuffled, 60_000) == hourly(points, 60_000)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(beats=_beats, data=st.data())
+def test_incremental_rows_equal_recomputation_for_any_arrival_order(
+    world: World, beats: list[tuple[int, bool, int]], data: Any, settings: Any
+) -> None:
+    """Samples stored one by one, shuffled and repeated: the pure function's hours, and recompute's."""
+    settings.SKYPORT_HEARTBEAT_SECONDS = 20
+    settings.SKYPORT_METERING_GAP_BEATS = 3
+    inst = Instance.objects.get(pk=world.instance_a.pk)
+    inst.vcpus, inst.ram_mb, inst.disk_gb = 1, 256, 3
+    UsageSample.objects.filter(instance=inst).delete()
+    UsageHour.objects.filter(instance=inst).delete()
+    UsageDay.objects.filter(instance=inst).delete()
+    points = _points(beats)
+    arrivals = data.draw(st.permutations(points + data.draw(st.lists(st.sampled_from(points), max_size=10))))
+    for pt in arrivals:
+        sampling.add_sample(
+            inst,
+            pt.at,
+            pt.at,
+            "heartbeat",
+            "shared-1",
+            running=pt.running,
+            memory_bytes=pt.memory_bytes,
+            cpu_time_ns=pt.cpu_time_ns,
+        )
+    assert UsageSample.objects.filter(instance=inst).count() == len(points)
+
+    def stored() -> dict[dt.datetime, Quantities]:
+        rows = UsageHour.objects.filter(instance=inst).values("hour", *QUANTITIES)
+        return {r.pop("hour"): Quantities(**r) for r in rows}
+
+    expected = hourly(points, 60_000)
+    assert stored() == expected
+    sampling.recompute([inst])
+    assert stored() == expected
+    day = UsageDay.objects.get(instance=inst) if expected else None
+    if day is not None:
+        assert Quantities(**{k: getattr(day, k) for k in QUANTITIES}) == total(expected)
+
+
+def test_a_node_clock_ahead_is_bounded_by_the_portal_receive_time(world: World) -> None:
+    """Clock skew: a beat stamped an hour in the future is a sample at the time the portal got it."""
+    import time
+
+    from django.utils import timezone
+
+    from portal.cloud.tasks import apply_node_report
+    from tests.portal.conftest import heartbeat
+
+    inst = world.instance_a
+    item = {"instance_id": str(inst.pk), "kind": "vm", "power_state": "running", "memory_bytes": 1 << 20}
+    before = timezone.now()
+    apply_node_report(heartbeat("shared-1", inventory=[item], sent_at=time.time() + 3600))
+    apply_node_report(heartbeat("shared-1", inventory=[item], sent_at=time.time() + 3600.5))
+    samples = list(UsageSample.objects.filter(instance=inst).order_by("at"))
+    assert len(samples) == 2
+    assert all(before - dt.timedelta(seconds=1) <= s.at <= s.received_at <= timezone.now() for s in samples)
+    assert all(s.at.microsecond % 1000 == 0 for s in samples)  # whole milliseconds

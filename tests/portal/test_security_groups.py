@@ -1,0 +1,116 @@
+"""Security groups through the API: default group, rules resolved for the node, live changes, bad input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compute.spec import CreateInstance, Direction, InstanceSecurity, Task, from_json
+from portal.cloud import secgroups
+from portal.cloud.models import SecurityGroup, SecurityGroupRule
+from tests.portal.conftest import FakeNodes, World
+
+GROUPS, RULES = "/api/v1/security-groups/", "/api/v1/security-group-rules/"
+
+
+def _launch(world: World, name: str, **extra: Any) -> dict[str, Any]:
+    body = {
+        "tenant": "acme",
+        "name": name,
+        "image": "tiny:1",
+        "kind": "vm",
+        "flavor": world.flavor_public.pk,
+        **extra,
+    }
+    r = world.client("a_member").post("/api/v1/instances/", body, format="json")
+    assert r.status_code == 202, r.json()
+    return r.json()  # type: ignore[no-any-return]
+
+
+def _security(sent: list[tuple[str, str, list[Any]]]) -> dict[str, InstanceSecurity]:
+    return {
+        m.instance_id: m
+        for m in (from_json(InstanceSecurity, a[0]) for _, t, a in sent if t == Task.SECURITY)
+    }
+
+
+def test_default_group_admits_members_and_follows_membership(
+    world: World, sent: list[tuple[str, str, list[Any]]], nodes: FakeNodes
+) -> None:
+    first = _launch(world, "a1")
+    (create,) = [from_json(CreateInstance, a[0]) for _, t, a in sent if t == Task.CREATE]
+    rules = create.spec.security
+    assert rules is not None
+    egress = [r for r in rules if r.direction is Direction.EGRESS]
+    ingress = [r for r in rules if r.direction is Direction.INGRESS]
+    assert [(r.protocol, r.remote) for r in egress] == [("any", ("0.0.0.0/0",))]
+    a1_address = first["addresses"][0]["address"]
+    assert [(r.protocol, r.remote) for r in ingress] == [("any", (f"{a1_address}/32",))]
+    sent.clear()
+    second = _launch(world, "a2")
+    # a1 is told at once that its default group now admits a2 too
+    update = _security(sent)[first["id"]]
+    (ing,) = [r for r in update.rules if r.direction is Direction.INGRESS]
+    assert set(ing.remote) == {f"{a1_address}/32", f"{second['addresses'][0]['address']}/32"}
+    nodes.run()
+    sent.clear()
+    assert world.client("a_member").delete(f"/api/v1/instances/{second['id']}/").status_code == 202
+    (ing,) = [r for r in _security(sent)[first["id"]].rules if r.direction is Direction.INGRESS]
+    assert ing.remote == (f"{a1_address}/32",)
+
+
+def test_rules_change_live_and_bad_input_is_refused(
+    world: World, sent: list[tuple[str, str, list[Any]]]
+) -> None:
+    c = world.client("a_member")
+    web = c.post(GROUPS, {"tenant": "acme", "name": "web"}, format="json")
+    assert web.status_code == 201, web.json()
+    gid = web.json()["id"]
+    inst = _launch(world, "w1", security_group_ids=[gid])
+    sent.clear()
+    r = c.post(
+        RULES,
+        {"group": gid, "direction": "ingress", "protocol": "tcp", "port_min": 80, "port_max": 80},
+        format="json",
+    )
+    assert r.status_code == 201, r.json()
+    (rule,) = _security(sent)[inst["id"]].rules
+    assert (rule.protocol, rule.port_min, rule.remote) == ("tcp", 80, ("0.0.0.0/0",))
+    sent.clear()
+    assert c.delete(f"{RULES}{r.json()['id']}/").status_code == 204
+    assert _security(sent)[inst["id"]].rules == ()
+
+    def bad(data: dict[str, Any], message: str) -> None:
+        resp = c.post(RULES, {"group": gid, "direction": "ingress", **data}, format="json")
+        assert resp.status_code == 400, resp.json()
+        assert message in str(resp.json())
+
+    bad({"protocol": "tcp", "port_min": 90, "port_max": 80}, "1 <= port_min <= port_max <= 65535")
+    bad({"protocol": "tcp", "port_min": 0, "port_max": 80}, "greater than or equal to 1")
+    bad({"protocol": "icmp", "port_min": 1, "port_max": 2}, "need protocol tcp or udp")
+    bad({"protocol": "tcp", "port_min": 22}, "port_min and port_max go together")
+    bad({"remote_cidr": "10.0.0.0/33"}, "is not an IPv4 network")
+    bobs = SecurityGroup.objects.create(tenant=world.b, name="bobs")
+    bad({"remote_group": bobs.pk}, "same tenant")
+    # another tenant's group cannot be attached or used, and its rules do not exist for you
+    assert c.post(RULES, {"group": bobs.pk, "direction": "ingress"}, format="json").status_code == 400
+    assert c.get(f"{GROUPS}{bobs.pk}/").status_code == 404
+    r = c.post(
+        f"/api/v1/instances/{inst['id']}/security-groups/", {"security_groups": [bobs.pk]}, format="json"
+    )
+    assert r.status_code == 400 and "No security group with id" in str(r.json())
+    assert not SecurityGroupRule.objects.filter(group=bobs).exists()
+    # switching groups live: the instance gets default's rules
+    default = secgroups.default_group(world.a)
+    sent.clear()
+    r = c.post(
+        f"/api/v1/instances/{inst['id']}/security-groups/", {"security_groups": [default.pk]}, format="json"
+    )
+    assert r.status_code == 200 and [g["name"] for g in r.json()] == ["default"]
+    assert {x.direction for x in _security(sent)[inst["id"]].rules} == {Direction.INGRESS, Direction.EGRESS}
+    # a group in use cannot be deleted; a duplicate name is a conflict
+    assert c.delete(f"{GROUPS}{default.pk}/").status_code == 409
+    assert c.post(GROUPS, {"tenant": "acme", "name": "web"}, format="json").status_code == 409
+    assert (
+        world.client("a_viewer").post(GROUPS, {"tenant": "acme", "name": "x"}, format="json").status_code
+        == 403
+    )
