@@ -20,7 +20,7 @@ import pytest
 
 from compute.console import runexec
 from compute.drivers.base import InvalidState, NotSupported
-from compute.drivers.container import ContainerDriver, cgroups_path
+from compute.drivers.container import ContainerDriver, cgroups_path, id_base
 from compute.drivers.vm import LibvirtDriver
 from compute.spec import ConsoleMode, ConsoleOpen, ExecRequest, InstanceSpec, Kind, NetworkAttachment
 from compute.spec import NetworkSegment as Segment
@@ -86,8 +86,11 @@ def test_container_shell_runs_in_the_container_and_reports_its_exit(
         assert len(shells) == 1 and len(init) == 1, pids
         for ns in ("user", "pid", "mnt", "net", "uts", "ipc"):
             assert os.readlink(f"/proc/{shells[0]}/ns/{ns}") == os.readlink(f"/proc/{init[0]}/ns/{ns}"), ns
+        # user namespaces (docs/container-driver.md): root inside, the tenant range's base on the host
         client.send(b"id\n")
-        client.read_until(b"uid=")
+        client.read_until(b"uid=0(root) gid=0(root)")
+        host_ids = Path(f"/proc/{shells[0]}/status").read_text().split("Uid:")[1].split()[:4]
+        assert host_ids == [str(id_base(running))] * 4, host_ids
         client.send(b"exit 7\n")
         assert client.wait_end() == "the command exited with status 7"
     finally:

@@ -49,7 +49,7 @@ def test_container_shell_over_the_api(world: World, nodes: Nodes, container: Ins
     term.until(b"sum-42")
     term.until(b"shell-box")
     term.type(b"id\n")
-    term.until(b"uid=")
+    term.until(b"uid=0(root) gid=0(root)")  # root of its own user namespace (a root image)
     term.type(b"exit 5\n")
     code, reason = term.wait_closed()
     assert (code, reason) == (1000, "the command exited with status 5")
