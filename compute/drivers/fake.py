@@ -20,8 +20,10 @@ from compute.spec import Capability, InstanceSpec, Kind, PowerState
 
 #: what the real driver of each kind reports (tests/compute/test_node_tasks.py checks they agree)
 REAL_CAPABILITIES = {
-    Kind.VM: frozenset({Capability.PAUSE, Capability.SNAPSHOTS, Capability.PUBLISH, Capability.CONSOLE}),
-    Kind.CONTAINER: frozenset({Capability.PAUSE, Capability.CONSOLE}),
+    Kind.VM: frozenset(
+        {Capability.PAUSE, Capability.SNAPSHOTS, Capability.PUBLISH, Capability.CONSOLE, Capability.TERMINAL}
+    ),
+    Kind.CONTAINER: frozenset({Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.TERMINAL}),
 }
 
 
