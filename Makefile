@@ -24,7 +24,7 @@ DEBS := libvirt-daemon-system qemu-system-x86 qemu-utils libvirt-dev pkg-config 
 	python3-venv busybox-static genisoimage syslinux syslinux-common mtools dosfstools fdisk cpio tini \
 	iproute2 iputils-ping crun runc umoci skopeo conmon redis-server sqlite3 procps chromium docker-compose \
 	postgresql debootstrap openssh-client curl podman netavark aardvark-dns rabbitmq-server gettext \
-	nftables dnsmasq-base
+	nftables dnsmasq-base nginx-light
 
 .PHONY: help run test setup debs venv host redis libvirtd images test-images migrate catalog messages bootstrap check pytest pytest-pg stop status
 
@@ -92,28 +92,32 @@ bootstrap: migrate
 run: setup
 	@mkdir -p $(RUN) $(LOG)
 	@$(MAKE) --no-print-directory stop >/dev/null
-	@echo "starting control worker, compute worker ($(NODE_NAME)) and web server"
+	@echo "starting control worker, compute worker ($(NODE_NAME)), web server and console relay"
 	@setsid $(VENV)/bin/celery -A portal worker -B -Q control -n control@%h --concurrency 2 --loglevel INFO \
 		--pidfile $(RUN)/control.pid --logfile $(LOG)/control.log --detach
 	@SKYPORT_NODE_NAME=$(NODE_NAME) SKYPORT_NODE_KEY=$$($(PY) manage.py node key $(NODE_NAME)) \
 		setsid $(VENV)/bin/celery -A compute.worker worker -Q node.$(NODE_NAME) \
 		-n node@$(NODE_NAME) --concurrency 2 --loglevel INFO \
 		--pidfile $(RUN)/compute.pid --logfile $(LOG)/compute.log --detach
-	@setsid $(VENV)/bin/gunicorn portal.wsgi -b 127.0.0.1:8000 $(GUNICORN_FLAGS) --daemon --pid $(RUN)/web.pid \
+	@# no proxy under make run: the pages hand out the relay's own port for the console WebSocket
+	@SKYPORT_CONSOLE_WS_URL=ws://127.0.0.1:8001 setsid $(VENV)/bin/gunicorn portal.wsgi -b 127.0.0.1:8000 $(GUNICORN_FLAGS) --daemon --pid $(RUN)/web.pid \
 		--access-logfile $(LOG)/web-access.log --error-logfile $(LOG)/web.log
+	@# the console relay (WebSockets only; docs/console.md)
+	@setsid $(VENV)/bin/uvicorn portal.asgi:application \
+		--host 127.0.0.1 --port 8001 --no-access-log >>$(LOG)/relay.log 2>&1 </dev/null & echo $$! > $(RUN)/relay.pid
 	@for i in $$(seq 100); do curl -fs -o /dev/null http://127.0.0.1:8000/healthz && break; sleep 0.1; done
 	@curl -fsS -o /dev/null http://127.0.0.1:8000/healthz || { echo "web server did not start; see $(LOG)/web.log"; exit 1; }
 	@$(PY) manage.py bootstrap
 	@echo "logs in $(LOG); stop with 'make stop'"
 
 stop:
-	@for p in web compute control; do \
+	@for p in relay web compute control; do \
 		f=$(RUN)/$$p.pid; [ -f $$f ] || continue; pid=$$(cat $$f); \
 		if kill -0 $$pid 2>/dev/null; then kill -TERM $$pid; for i in $$(seq 100); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; echo "stopped $$p ($$pid)"; fi; \
 		rm -f $$f; done
 
 status:
-	@for p in redis control compute web; do f=$(RUN)/$$p.pid; \
+	@for p in redis control compute web relay; do f=$(RUN)/$$p.pid; \
 		if [ -f $$f ] && kill -0 $$(cat $$f) 2>/dev/null; then echo "$$p: running (pid $$(cat $$f))"; else echo "$$p: not running"; fi; done
 
 # ---------------------------------------------------------------- make test

@@ -84,6 +84,23 @@ class NodeConfig:
     def queue(self) -> str:
         return f"node.{self.name}"
 
+    def as_env(self) -> dict[str, str]:
+        """The environment :meth:`from_env` reads back as this config (for processes a node starts)."""
+        return {
+            "SKYPORT_NODE_NAME": self.name,
+            "SKYPORT_NODE_DIR": str(self.state_dir),
+            "SKYPORT_LIBVIRT_URI": self.libvirt_uri,
+            "SKYPORT_ACCEL": self.accelerator,
+            "SKYPORT_CONTAINER_RUNTIME": self.container_runtime,
+            "CELERY_BROKER_URL": self.broker_url,
+            "SKYPORT_TUNNEL_ADDRESS": self.tunnel_address,
+            "SKYPORT_NODE_KEY": self.node_key,
+            "SKYPORT_HEARTBEAT_SECONDS": str(self.heartbeat_seconds),
+            "SKYPORT_BROKER_VISIBILITY_SECONDS": str(self.visibility_timeout_seconds),
+            "SKYPORT_NETWORK_LOCK": str(self.network_lock),
+            "SKYPORT_BROKER_MASTER": self.broker_master,
+        }
+
     @classmethod
     def from_env(cls) -> NodeConfig:
         name = os.environ.get("SKYPORT_NODE_NAME", socket.gethostname().split(".")[0]).strip()

@@ -93,7 +93,8 @@ class Capability(enum.StrEnum):
     SNAPSHOTS = "snapshots"
     PUBLISH = "publish"  # export the root disk as an image
     CONSOLE = "console"  # a readable console log
-    EXEC = "exec"  # reserved: no driver reports it yet
+    EXEC = "exec"  # run a command inside the instance (containers: crun exec)
+    TERMINAL = "terminal"  # an interactive console (VM serial pty, container exec with a pty)
     VOLUMES = "volumes"  # attach and detach volumes (the VM driver: virtio disks, hot on a running VM)
 
 
@@ -112,6 +113,8 @@ class Task(enum.StrEnum):
     OBSERVE_VOLUME = "portal.observe_volume"
     NODE_REPORT = "portal.node_report"
     CONSOLE_TAIL = "portal.console"
+    CONSOLE_OPEN = "compute.console.open"
+    EXEC = "compute.instance.exec"
 
 
 class ImageFormat(enum.StrEnum):
@@ -607,6 +610,68 @@ class VolumeRequest:
             _check_instance_id(self.instance_id)
 
 
+class ConsoleMode(enum.StrEnum):
+    """What a console session may do: watch the serial console, type into it, or run a shell (exec)."""
+
+    VIEW = "view"
+    WRITE = "write"
+    EXEC = "exec"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleOpen(_AboutInstance):
+    """Make sure a console hub runs for ``hub`` (docs/console.md).
+
+    The hub is a process on the node that owns the terminal (a VM's serial
+    pty, or a pty around ``crun exec --tty``) and moves its bytes through the
+    two Redis streams named after ``hub``; the portal's relay reads and writes
+    those, so nothing on the node listens.  A VM's hub is shared by every
+    viewer of its serial console (``hub`` is the instance id); an exec hub is
+    one session's own.  Idempotent: a second open of a live hub does nothing.
+    """
+
+    TASK: ClassVar[Task] = Task.CONSOLE_OPEN
+
+    instance_id: str
+    kind: Kind
+    hub: str
+    mode: ConsoleMode
+    command: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9-]{8,64}", self.hub):
+            raise SpecError(f"hub: {self.hub!r} is not a hub name")
+        if self.mode is ConsoleMode.EXEC and not self.command:
+            raise SpecError("command: an exec console needs a command")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecRequest(_AboutInstance):
+    """Run ``command`` in the instance without a terminal; the node pushes an :class:`ExecResult`
+    onto the Redis list ``reply`` (the portal's request waits on it, so no Celery hop back)."""
+
+    TASK: ClassVar[Task] = Task.EXEC
+
+    instance_id: str
+    kind: Kind
+    command: tuple[str, ...]
+    reply: str
+    timeout: float = 30.0
+    max_bytes: int = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+    """What a non-interactive exec did: ``exit_code`` is None when it timed out or could not start."""
+
+    exit_code: int | None
+    output: str
+    truncated: bool = False
+    timed_out: bool = False
+    error: str = ""
+    seconds: float = 0.0
+
+
 # ---------------------------------------------------------------- node -> portal
 
 
@@ -747,6 +812,8 @@ NodeRequest = (
     | DeleteInstance
     | ConsoleRequest
     | NetworkSegment
+    | ConsoleOpen
+    | ExecRequest
     | InstanceForwards
     | InstanceSecurity
     | VolumeRequest
@@ -763,6 +830,8 @@ MESSAGES: dict[Task, type[Any]] = {
         ConsoleRequest,
         NetworkSegment,
         VolumeRequest,
+        ConsoleOpen,
+        ExecRequest,
         InstanceForwards,
         InstanceSecurity,
         Observation,

@@ -10,9 +10,12 @@ success, and the portal ignores an observation whose action id it has seen.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -26,11 +29,14 @@ from compute.spec import (
     SNAPSHOT_ACTIONS,
     Action,
     Capability,
+    ConsoleOpen,
     ConsoleRequest,
     ConsoleTail,
     CreateInstance,
     DeleteInstance,
     DriverStatus,
+    ExecRequest,
+    ExecResult,
     InstanceAction,
     InstanceForwards,
     InstanceSecurity,
@@ -82,12 +88,13 @@ class NodeService:
         self._exit_marks: frozenset[tuple[str, float]] = frozenset()
         self._pid = os.getpid()
         self.volumes = VolumeStore(config.state_dir / "volumes")
+        self._hubs: list[subprocess.Popen[bytes]] = []
 
     def driver(self, kind: Kind) -> Driver:
         if os.getpid() != self._pid:
             self._drivers, self._pid = {}, os.getpid()
         if kind not in self._drivers:
-            self._drivers[kind] = _make_driver(kind, self.config)
+            self._drivers[kind] = make_driver(kind, self.config)
         return self._drivers[kind]
 
     def _ensure(self, seg: NetworkSegment) -> None:
@@ -126,6 +133,8 @@ class NodeService:
             Task.CONSOLE: self.console,
             Task.ENSURE_NETWORK: self.ensure_network,
             Task.VOLUME: self.volume,
+            Task.CONSOLE_OPEN: self.console_open,
+            Task.EXEC: self.exec,
             Task.FORWARDS: self.forwards,
             Task.SECURITY: self.security,
         }
@@ -336,6 +345,39 @@ class NodeService:
         self.send(tail.TASK, to_json(tail))
         return tail
 
+    def console_open(self, message: ConsoleOpen) -> subprocess.Popen[bytes]:
+        """Start the hub of ``message`` (:mod:`compute.console.hub`) and return at once.
+
+        The hub is this worker process's child and ends when the worker goes
+        (it watches its parent); a second open of a live hub exits at once.
+        """
+        self._hubs = [p for p in self._hubs if p.poll() is None]  # reap ended hubs
+        env = {**os.environ, **self.config.as_env()}
+        hub = subprocess.Popen(
+            [sys.executable, "-m", "compute.console.hub", json.dumps(to_json(message)), str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        self._hubs.append(hub)
+        return hub
+
+    def exec(self, message: ExecRequest) -> ExecResult:
+        """Run a command without a terminal; the result goes onto the Redis list ``message.reply``."""
+        import redis
+
+        from compute.console import runexec
+        from compute.console.streams import NO_REDIS, redis_url
+
+        url = redis_url(self.config.broker_url)
+        if url is None:
+            log.error("exec %s: %s", message.instance_id, NO_REDIS)
+            return ExecResult(None, "", error=NO_REDIS)
+        result = runexec.run(self.driver(message.kind), message)
+        client = redis.Redis.from_url(url)
+        client.rpush(message.reply, json.dumps(to_json(result)))
+        client.expire(message.reply, runexec.REPLY_TTL)
+        return result
+
     def delete(self, message: DeleteInstance) -> Observation:
         """Destroy the workload; deleting what is already gone succeeds."""
 
@@ -525,7 +567,8 @@ def _mem_total_mb() -> int:
     return 0
 
 
-def _make_driver(kind: Kind, config: NodeConfig) -> Driver:
+def make_driver(kind: Kind, config: NodeConfig) -> Driver:
+    """The driver of ``kind`` on this node (imported lazily: a VM-less node needs no libvirt)."""
     if kind is Kind.VM:
         from compute.drivers.vm import LibvirtDriver
 

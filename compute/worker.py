@@ -59,9 +59,11 @@ def _node_task(task: Task, **options: Any) -> None:
     app.task(name=task, **options)(run)  # type: ignore[no-untyped-call]
 
 
+# a lost console read is simply asked for again; a console or exec whose worker died is not
+# replayed minutes later (its client has given up, and an exec must not run twice)
+INTERACTIVE = frozenset({Task.CONSOLE, Task.CONSOLE_OPEN, Task.EXEC})
 for _task in NODE_TASKS:
-    # a lost console read is simply asked for again; everything else is redelivered (acks_late)
-    _node_task(_task, **({"acks_late": False} if _task is Task.CONSOLE else {}))
+    _node_task(_task, **({"acks_late": False} if _task in INTERACTIVE else {}))
 
 
 def _heartbeat_loop(parent: int) -> None:

@@ -53,6 +53,7 @@ INSTALLED_APPS = [
     "portal.storage",
     "portal.metering",
     "portal.web",
+    "portal.console",
 ]
 
 MIDDLEWARE = [
@@ -307,6 +308,13 @@ if SKYPORT_IMAGE_BLOB_GRACE_SECONDS < SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS:
 # How compute nodes reach this portal (blob downloads, snapshot uploads).
 SKYPORT_PORTAL_URL = os.environ.get("SKYPORT_PORTAL_URL", "http://127.0.0.1:8000").rstrip("/")
 SKYPORT_HEARTBEAT_SECONDS = env.seconds("SKYPORT_HEARTBEAT_SECONDS", 5)
+# Consoles (docs/console.md): a ticket is redeemed once within this many seconds; a session with
+# no keystroke (and, for viewers, no output) for the idle time is closed; the WebSocket URL the
+# pages hand out ("" = the page's own host: a proxy routes /ws/ to the ASGI relay).
+SKYPORT_CONSOLE_TICKET_SECONDS = env.seconds("SKYPORT_CONSOLE_TICKET_SECONDS", 30)
+SKYPORT_CONSOLE_IDLE_SECONDS = env.seconds("SKYPORT_CONSOLE_IDLE_SECONDS", 900)
+SKYPORT_CONSOLE_WS_URL = os.environ.get("SKYPORT_CONSOLE_WS_URL", "").rstrip("/")
+SKYPORT_EXEC_MAX_SECONDS = env.seconds("SKYPORT_EXEC_MAX_SECONDS", 120)
 # Metering (docs/metering.md): samples farther apart than this many heartbeats leave a gap.
 SKYPORT_METERING_GAP_BEATS = env.integer("SKYPORT_METERING_GAP_BEATS", 3, minimum=1)
 CELERY_BEAT_SCHEDULE = {

@@ -183,6 +183,23 @@ class Driver(abc.ABC):
         workload is gone or unreadable, even if it vanishes halfway through the reading.
         """
 
+    def serial_pty(self, instance_id: str) -> str:
+        """Path of the host end of the workload's serial console pty (``Capability.TERMINAL``, VMs).
+
+        Raises ``InstanceNotFound``, ``InvalidState`` (not running) or ``NotSupported``.
+        """
+        raise NotSupported(f"{self.kind} instances have no serial console on this node")
+
+    def exec_argv(self, instance_id: str, command: tuple[str, ...], tty: bool) -> tuple[str, ...]:
+        """The argv that runs ``command`` inside the running workload (``Capability.EXEC``).
+
+        The process it starts joins the workload's namespaces (user namespace
+        included) and cgroup, so the workload's limits hold for it; with
+        ``tty`` its stdio must be a terminal.  Raises ``InstanceNotFound``,
+        ``InvalidState`` (not running) or ``NotSupported``.
+        """
+        raise NotSupported(f"{self.kind} instances cannot run commands on this node")
+
     @abc.abstractmethod
     def console_log(self, instance_id: str, max_bytes: int = 65536) -> str:
         """Tail of the serial console (VM) or stdout/stderr (container) log.

@@ -171,7 +171,7 @@ class ContainerDriver(Driver):
     """Containers on one node, each an OCI bundle run by crun (or runc)."""
 
     kind = Kind.CONTAINER
-    capabilities = frozenset({Capability.PAUSE, Capability.CONSOLE})
+    capabilities = frozenset({Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.TERMINAL})
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -745,6 +745,19 @@ class ContainerDriver(Driver):
             memory_limit_bytes=s.memory_limit_bytes,
             pids=s.pids,
         )
+
+    def exec_argv(self, instance_id: str, command: tuple[str, ...], tty: bool) -> tuple[str, ...]:
+        # `crun exec` joins every namespace of PID 1 (the user namespace too) and its cgroup, and takes
+        # the container's process settings (capabilities, seccomp, no_new_privs) from its config.
+        paths = self._paths(instance_id)
+        self._load_spec(paths)
+        if self._pid(paths, instance_id) is None:
+            raise InvalidState(f"container {container_id(instance_id)} is not running")
+        if not command:
+            raise DriverError("exec needs a command")
+        flags = ["--tty"] if tty else []
+        nsenv.enter_private_mount_ns()  # crun refuses hybrid cgroups; the caller spawns it from here
+        return (self.runtime, f"--root={self.crun_root}", "exec", *flags, container_id(instance_id), *command)
 
     def console_log(self, instance_id: str, max_bytes: int = 65536) -> str:
         paths = self._paths(instance_id)

@@ -20,9 +20,16 @@ from compute.spec import Capability, InstanceSpec, Kind, PowerState, SnapshotInf
 #: what the real driver of each kind reports (tests/compute/test_node_tasks.py checks they agree)
 REAL_CAPABILITIES = {
     Kind.VM: frozenset(
-        {Capability.PAUSE, Capability.SNAPSHOTS, Capability.PUBLISH, Capability.CONSOLE, Capability.VOLUMES}
+        {
+            Capability.PAUSE,
+            Capability.SNAPSHOTS,
+            Capability.PUBLISH,
+            Capability.CONSOLE,
+            Capability.TERMINAL,
+            Capability.VOLUMES,
+        }
     ),
-    Kind.CONTAINER: frozenset({Capability.PAUSE, Capability.CONSOLE}),
+    Kind.CONTAINER: frozenset({Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.TERMINAL}),
 }
 
 

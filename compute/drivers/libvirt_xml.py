@@ -99,11 +99,12 @@ class DomainConfig:
             ET.SubElement(n, "model", type="virtio")
             ET.SubElement(n, "mtu", size=str(nic.mtu))
             ET.SubElement(n, "rom", enabled="no")
-        serial = ET.SubElement(devices, "serial", type="file")
-        ET.SubElement(serial, "source", path=self.console_log, append="on")
+        # A pty, so the console is interactive (compute/console); libvirt's <log> keeps the file
+        # the portal's console tail reads, whether or not anyone is attached.
+        serial = ET.SubElement(devices, "serial", type="pty")
+        ET.SubElement(serial, "log", file=self.console_log, append="on")
         ET.SubElement(serial, "target", port="0")
-        console = ET.SubElement(devices, "console", type="file")
-        ET.SubElement(console, "source", path=self.console_log, append="on")
+        console = ET.SubElement(devices, "console", type="pty")
         ET.SubElement(console, "target", type="serial", port="0")
         ET.SubElement(devices, "controller", type="usb", model="none")
         ET.SubElement(devices, "memballoon", model="none")

@@ -105,7 +105,14 @@ class LibvirtDriver(Driver):
 
     kind = Kind.VM
     capabilities = frozenset(
-        {Capability.PAUSE, Capability.SNAPSHOTS, Capability.PUBLISH, Capability.CONSOLE, Capability.VOLUMES}
+        {
+            Capability.PAUSE,
+            Capability.SNAPSHOTS,
+            Capability.PUBLISH,
+            Capability.CONSOLE,
+            Capability.TERMINAL,
+            Capability.VOLUMES,
+        }
     )
 
     def __init__(self, config: NodeConfig) -> None:
@@ -644,6 +651,18 @@ class LibvirtDriver(Driver):
             net_rx_bytes=rx,
             net_tx_bytes=tx,
         )
+
+    def serial_pty(self, instance_id: str) -> str:
+        # The pty QEMU opened for <serial type='pty'>; its path is only in the live XML.
+        dom = self._lookup(instance_id)
+        if self._state(dom) != libvirt.VIR_DOMAIN_RUNNING:
+            raise InvalidState(f"VM {instance_id} is not running")
+        root = ET.fromstring(self._call("XMLDesc", lambda: dom.XMLDesc(0)))  # noqa: S314 - from libvirtd
+        source = root.find("./devices/serial[@type='pty']/source")
+        path = source.get("path") if source is not None else None
+        if not path or not path.startswith("/dev/pts/"):
+            raise DriverError(f"VM {instance_id} has no serial pty (defined before consoles existed?)")
+        return path
 
     def console_log(self, instance_id: str, max_bytes: int = 65536) -> str:
         text = tail(self.console_log_path(instance_id), max_bytes)

@@ -18,6 +18,7 @@ urlpatterns = [
     path("instances/<uuid:pk>/", instances.instance_detail, name="instance"),
     path("instances/<uuid:pk>/status/", instances.instance_status, name="instance-status"),
     path("instances/<uuid:pk>/console/", instances.instance_console, name="instance-console"),
+    path("instances/<uuid:pk>/terminal/", instances.instance_terminal, name="instance-terminal"),
     path("instances/<uuid:pk>/stats/", instances.instance_stats, name="instance-stats"),
     path("instances/<uuid:pk>/action/", instances.instance_action, name="instance-action"),
     path("instances/<uuid:pk>/delete/", instances.instance_delete, name="instance-delete"),

@@ -19,12 +19,15 @@ from compute.spec import (
     SPEC_VERSION,
     Action,
     Capability,
+    ConsoleMode,
+    ConsoleOpen,
     ConsoleRequest,
     ConsoleTail,
     CreateInstance,
     DeleteInstance,
     Direction,
     DriverStatus,
+    ExecRequest,
     Forward,
     ImageFormat,
     ImageRef,
@@ -219,6 +222,8 @@ def test_every_message_round_trips_through_json() -> None:
         InstanceAction(iid, Kind.VM, Action.STOP, "a2", {"timeout": 5, "force": True}),
         DeleteInstance(iid, Kind.CONTAINER, "a3"),
         ConsoleRequest(iid, Kind.VM, 100),
+        ConsoleOpen(iid, Kind.CONTAINER, "hub-0001", ConsoleMode.EXEC, ("/bin/sh",)),
+        ExecRequest(iid, Kind.CONTAINER, ("id",), "skyport:exec:1", 5.0, 100),
         _nic(vni=3, tunnel_local="192.0.2.1", tunnel_peers=("192.0.2.2",)).segment,
         Observation(iid, "n1", Action.REVERT, "a4", False, PowerState.PAUSED, "no", 1.5, (("k", "v"),)),
         ConsoleTail(iid, "n1", "boot\n", 2.0),
@@ -320,7 +325,8 @@ def test_the_worker_registers_every_node_task() -> None:
     from compute import worker
 
     assert set(NODE_TASKS) <= set(worker.app.tasks)
-    assert worker.app.tasks[Task.CONSOLE].acks_late is False
+    for interactive in (Task.CONSOLE, Task.CONSOLE_OPEN, Task.EXEC):
+        assert worker.app.tasks[interactive].acks_late is False
     assert worker.app.tasks[Task.CREATE].acks_late is True
     assert set(NODE_TASKS) == {
         Task.CREATE,
@@ -329,6 +335,8 @@ def test_the_worker_registers_every_node_task() -> None:
         Task.CONSOLE,
         Task.ENSURE_NETWORK,
         Task.VOLUME,
+        Task.CONSOLE_OPEN,
+        Task.EXEC,
         Task.FORWARDS,
         Task.SECURITY,
     }

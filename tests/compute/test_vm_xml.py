@@ -53,10 +53,8 @@ GOLDEN = f"""
       <mac address="52:54:00:aa:bb:cc"/><source bridge="sktnet1"/><target dev="skv0123abcd0"/>
       <model type="virtio"/><mtu size="1400"/><rom enabled="no"/>
     </interface>
-    <serial type="file"><source path="/s/logs/{IID}.console.log" append="on"/><target port="0"/></serial>
-    <console type="file">
-      <source path="/s/logs/{IID}.console.log" append="on"/><target type="serial" port="0"/>
-    </console>
+    <serial type="pty"><log file="/s/logs/{IID}.console.log" append="on"/><target port="0"/></serial>
+    <console type="pty"><target type="serial" port="0"/></console>
     <controller type="usb" model="none"/>
     <memballoon model="none"/>
   </devices>

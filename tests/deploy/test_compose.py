@@ -29,7 +29,7 @@ import yaml
 from tests.hostcaps import require
 
 ROOT = Path(__file__).resolve().parents[2]
-PORTAL_SERVICES = ("migrate", "web", "control", "beat")
+PORTAL_SERVICES = ("migrate", "web", "relay", "control", "beat")
 READ_BY_LIBRARIES = {"DATABASE_URL"}  # dj_database_url.config() in portal/settings.py
 
 
@@ -81,7 +81,16 @@ def _command(service: dict[str, Any]) -> list[str]:
 
 
 def test_services(config: dict[str, Any]) -> None:
-    assert set(config["services"]) == {"postgres", "redis", "migrate", "web", "control", "beat", "compute"}
+    assert set(config["services"]) == {
+        "postgres",
+        "redis",
+        "migrate",
+        "web",
+        "relay",
+        "control",
+        "beat",
+        "compute",
+    }
     assert config["services"]["postgres"]["image"].startswith("postgres:")
     assert config["services"]["redis"]["image"].startswith("redis:")
     assert "postgres-data" in config["volumes"] and "redis-data" in config["volumes"]
@@ -109,7 +118,7 @@ def test_healthchecks(config: dict[str, Any]) -> None:
 def test_every_long_running_service_has_a_healthcheck(config: dict[str, Any]) -> None:
     """Everything but one-shot services (restart "no", like migrate) is probed."""
     long_running = {n for n, s in config["services"].items() if s.get("restart", "no") != "no"}
-    assert long_running == {"postgres", "redis", "web", "control", "beat", "compute"}
+    assert long_running == {"postgres", "redis", "web", "relay", "control", "beat", "compute"}
     for name in long_running:
         check = config["services"][name].get("healthcheck", {})
         assert not check.get("disable") and check.get("test", ["NONE"])[0] in ("CMD", "CMD-SHELL"), name

@@ -3,7 +3,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from django.conf import settings
 from django.db import models
+from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, status, viewsets
 from rest_framework.decorators import action
@@ -11,6 +13,7 @@ from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from compute.spec import ConsoleMode
 from portal.api.authentication import actor_for
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
@@ -26,6 +29,8 @@ from portal.cloud.models import (
     SecurityGroup,
     SecurityGroupRule,
 )
+from portal.console import services as console_services
+from portal.console.api import serializers as console_api
 from portal.errors import Conflict
 from portal.images.api.serializers import ImageSerializer
 from portal.storage import snapshots
@@ -256,6 +261,68 @@ class InstanceViewSet(ScopedViewSet):
         """Tail of the console log; each read asks the node for a fresh one (at most every 2 s)."""
         instance = self.get_object()
         return Response(serializers.ConsoleSerializer(services.console(instance)).data)
+
+    @extend_schema(
+        request=console_api.ConsoleSessionRequestSerializer,
+        responses={201: console_api.ConsoleTicketSerializer},
+    )
+    @action(detail=True, methods=["post"], url_path="console/sessions")
+    def console_sessions(self, request: Request, pk: str | None = None) -> Response:
+        """A single-use ticket (30 s) for an interactive console over a WebSocket (docs/console.md).
+
+        Viewers may open ``view`` sessions of a VM's serial console; ``write``
+        and ``exec`` (a shell in a container) need the member role.
+        """
+        # not get_object(): its write check wants a member, and a viewer may watch
+        instance = get_object_or_404(self.get_queryset().select_related("node"), pk=pk)
+        body = console_api.ConsoleSessionRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        mode = ConsoleMode(body.validated_data["mode"])
+        describe(request, f"console.{mode.value}", instance)
+        try:
+            session, ticket = console_services.mint(
+                self.actor, request.user, instance, mode, tuple(body.validated_data.get("command", ()))
+            )
+        except console_services.RoleTooLow as exc:
+            raise PermissionDenied(str(exc)) from None
+        base = settings.SKYPORT_CONSOLE_WS_URL or (
+            ("wss://" if request.is_secure() else "ws://") + request.get_host()
+        )
+        data = {
+            "session": session.pk,
+            "mode": session.mode,
+            "ticket": ticket,
+            "expires_at": session.expires_at,
+            "ws_url": f"{base}/ws/console/{ticket}/",
+        }
+        return Response(console_api.ConsoleTicketSerializer(data).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        request=console_api.ExecRequestSerializer,
+        responses={200: console_api.ExecResultSerializer},
+    )
+    @action(detail=True, methods=["post"], url_path="exec")
+    def exec(self, request: Request, pk: str | None = None) -> Response:
+        """Run a command in a running container: exit code and output (capped), killed at the timeout."""
+        instance = self.get_object()
+        body = console_api.ExecRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        describe(request, "instance.exec", instance)
+        data = body.validated_data
+        answer = console_services.run_exec(
+            instance, tuple(data["command"]), data["timeout"], data["max_bytes"]
+        )
+        if answer.result is None:
+            return Response(
+                {
+                    "message": f"Node {instance.node} did not answer within {answer.waited:.0f} s.",
+                    "code": "node_timeout",
+                },
+                status=status.HTTP_504_GATEWAY_TIMEOUT,
+            )
+        if answer.result.error:
+            raise console_services.ConsoleRefused(answer.result.error)
+        return Response(console_api.ExecResultSerializer(dataclasses.asdict(answer.result)).data)
 
     @extend_schema(responses={200: serializers.StatsSerializer})
     @action(detail=True, methods=["get"], url_path="stats")

@@ -294,6 +294,26 @@ def instance_console(request: HttpRequest, pk: str) -> HttpResponse:
 
 
 @login_page
+def instance_terminal(request: HttpRequest, pk: str) -> HttpResponse:
+    """The interactive console page: xterm.js over the relay's WebSocket (docs/console.md).
+
+    A VM's serial console (write for members, view for viewers) or a shell in a
+    container (members); the page asks the API for a ticket with the session cookie.
+    """
+    instance = _instance(request, pk)
+    role = actor(request).role_in(instance.tenant_id)
+    may_write = actor(request).can(instance.tenant_id, Role.MEMBER)
+    # a VM's serial console: write or view; a container: a shell, for members only
+    modes = {"vm": ("write", "view"), "container": ("exec", "")}[instance.kind]
+    mode = modes[0] if may_write else modes[1]
+    return render(
+        request,
+        "web/instance_terminal.html",
+        {"instance": instance, "mode": mode, "role": role or ("operator" if may_write else "")},
+    )
+
+
+@login_page
 def instance_stats(request: HttpRequest, pk: str) -> HttpResponse:
     """Polled partial: memory and CPU over the last heartbeats, as small inline charts."""
     instance = _instance(request, pk)
