@@ -105,6 +105,7 @@ class Task(enum.StrEnum):
     ENSURE_NETWORK = "compute.network.ensure"
     FORWARDS = "compute.network.forwards"
     SECURITY = "compute.network.security"
+    SECURITY_BATCH = "compute.network.security_batch"
     OBSERVE = "portal.observe"
     NODE_REPORT = "portal.node_report"
     CONSOLE_TAIL = "portal.console"
@@ -552,6 +553,27 @@ class InstanceSecurity(_AboutInstance):
 
 
 @dataclasses.dataclass(frozen=True)
+class SecurityBatch:
+    """The resolved rules of several instances of one node, converged in one nftables transaction.
+
+    What one change (an instance created or deleted, a rule or membership
+    edited) sends each node: a group's members are in the rules of every
+    other member, so one create changes the rules of all of them, and one
+    message per instance made an O(n^2) storm of node tasks in a burst.
+    """
+
+    TASK: ClassVar[Task] = Task.SECURITY_BATCH
+
+    items: tuple[InstanceSecurity, ...]
+
+    def __post_init__(self) -> None:
+        if not self.items:
+            raise SpecError("items: a security batch needs at least one instance")
+        if len({i.instance_id for i in self.items}) != len(self.items):
+            raise SpecError("items: an instance appears twice in one security batch")
+
+
+@dataclasses.dataclass(frozen=True)
 class ConsoleRequest(_AboutInstance):
     """Send back the tail of the instance's console log (:class:`ConsoleTail`)."""
 
@@ -725,6 +747,7 @@ NodeRequest = (
     | ExecRequest
     | InstanceForwards
     | InstanceSecurity
+    | SecurityBatch
 )
 #: the tasks a compute node's worker runs (the others run on the portal's control queue)
 NODE_TASKS: tuple[Task, ...] = tuple(cls.TASK for cls in typing.get_args(NodeRequest))
@@ -741,6 +764,7 @@ MESSAGES: dict[Task, type[Any]] = {
         ExecRequest,
         InstanceForwards,
         InstanceSecurity,
+        SecurityBatch,
         Observation,
         NodeReport,
         ConsoleTail,
