@@ -525,6 +525,9 @@ class NetworkSerializer(StrictModelSerializer[Network]):
         read_only_fields = fields
 
 
+@extend_schema_field(
+    {"type": "string", "format": "uuid", "maxLength": 36, "description": "The id of an instance of yours"}
+)
 class InstanceRefField(serializers.PrimaryKeyRelatedField):  # type: ignore[type-arg]
     """An instance of your tenants by id (a UUID string); others do not exist for you."""
 
