@@ -109,6 +109,7 @@ class Task(enum.StrEnum):
     VOLUME = "compute.volume"
     FORWARDS = "compute.network.forwards"
     SECURITY = "compute.network.security"
+    SECURITY_BATCH = "compute.network.security_batch"
     OBSERVE = "portal.observe"
     OBSERVE_VOLUME = "portal.observe_volume"
     NODE_REPORT = "portal.node_report"
@@ -559,6 +560,27 @@ class InstanceSecurity(_AboutInstance):
 
 
 @dataclasses.dataclass(frozen=True)
+class SecurityBatch:
+    """The resolved rules of several instances of one node, converged in one nftables transaction.
+
+    What one change (an instance created or deleted, a rule or membership
+    edited) sends each node: a group's members are in the rules of every
+    other member, so one create changes the rules of all of them, and one
+    message per instance made an O(n^2) storm of node tasks in a burst.
+    """
+
+    TASK: ClassVar[Task] = Task.SECURITY_BATCH
+
+    items: tuple[InstanceSecurity, ...]
+
+    def __post_init__(self) -> None:
+        if not self.items:
+            raise SpecError("items: a security batch needs at least one instance")
+        if len({i.instance_id for i in self.items}) != len(self.items):
+            raise SpecError("items: an instance appears twice in one security batch")
+
+
+@dataclasses.dataclass(frozen=True)
 class ConsoleRequest(_AboutInstance):
     """Send back the tail of the instance's console log (:class:`ConsoleTail`)."""
 
@@ -816,6 +838,7 @@ NodeRequest = (
     | ExecRequest
     | InstanceForwards
     | InstanceSecurity
+    | SecurityBatch
     | VolumeRequest
 )
 #: the tasks a compute node's worker runs (the others run on the portal's control queue)
@@ -834,6 +857,7 @@ MESSAGES: dict[Task, type[Any]] = {
         ExecRequest,
         InstanceForwards,
         InstanceSecurity,
+        SecurityBatch,
         Observation,
         VolumeObservation,
         NodeReport,

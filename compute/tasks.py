@@ -47,6 +47,7 @@ from compute.spec import (
     NodeReport,
     Observation,
     PowerState,
+    SecurityBatch,
     SnapshotInfo,
     SpecError,
     Task,
@@ -137,6 +138,7 @@ class NodeService:
             Task.EXEC: self.exec,
             Task.FORWARDS: self.forwards,
             Task.SECURITY: self.security,
+            Task.SECURITY_BATCH: self.security_batch,
         }
         known = next((t for t in handlers if t == task), None)
         if known is None:
@@ -277,6 +279,18 @@ class NodeService:
             self.router.set_security(message.instance_id, message.rules)
         except router.RouterError as exc:
             log.warning("cannot apply the security groups of %s: %s", message.instance_id, exc)
+            return False
+        return True
+
+    def security_batch(self, message: SecurityBatch) -> bool:
+        """Converge the rules of several instances at once (one nftables transaction)."""
+        if self.router is None:
+            return True
+        try:
+            self.router.set_security_many({i.instance_id: i.rules for i in message.items})
+        except router.RouterError as exc:
+            ids = ", ".join(i.instance_id for i in message.items)
+            log.warning("cannot apply the security groups of %s: %s", ids, exc)
             return False
         return True
 

@@ -495,8 +495,13 @@ class Router:
 
     def set_security(self, instance_id: str, rules: Sequence[SecurityRule]) -> None:
         """Make ``rules`` the instance's security group rules (enforced on its NICs at once)."""
+        self.set_security_many({instance_id: rules})
+
+    def set_security_many(self, rules: Mapping[str, Sequence[SecurityRule]]) -> None:
+        """Make each instance's rules its security group rules, all in one converge."""
         with self._lock():
-            _write(self._security / f"{instance_id}.json", [to_json(r) for r in rules])
+            for instance_id, own in rules.items():
+                _write(self._security / f"{instance_id}.json", [to_json(r) for r in own])
             self._converge_locked()
 
     def set_forwards(self, instance_id: str, forwards: Sequence[Forward]) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 from django.db import transaction
 
-from compute.spec import Direction, InstanceSecurity, SecurityRule
+from compute.spec import Direction, InstanceSecurity, SecurityBatch, SecurityRule
 from portal.cloud import dispatch
 from portal.cloud.choices import VmState
 from portal.cloud.models import Instance, Port, SecurityGroup, SecurityGroupRule
@@ -49,10 +49,16 @@ def _members(group: SecurityGroup) -> tuple[str, ...]:
 _LIVE = [s for s in VmState.values if s != VmState.DELETED]
 
 
-def rules_for(instance: Instance) -> tuple[SecurityRule, ...]:
-    """The resolved allow rules of the instance's groups, in a stable order."""
+def rules_for(
+    instance: Instance, members: dict[int, tuple[str, ...]] | None = None
+) -> tuple[SecurityRule, ...]:
+    """The resolved allow rules of the instance's groups, in a stable order.
+
+    ``members``: the groups' resolved member addresses, shared by the callers that resolve
+    many instances at once (filled as they are read).
+    """
     resolved: set[SecurityRule] = set()
-    members: dict[int, tuple[str, ...]] = {}
+    members = {} if members is None else members
     rules = SecurityGroupRule.objects.filter(group__instances=instance).select_related("remote_group")
     for r in rules:
         if r.remote_group_id is not None:
@@ -69,14 +75,22 @@ def rules_for(instance: Instance) -> tuple[SecurityRule, ...]:
 
 
 def sync(instances: Iterable[Instance]) -> int:
-    """After commit, send each live, placed instance its complete resolved rules."""
-    sent = 0
+    """After commit, send each live, placed instance its complete resolved rules.
+
+    One :class:`SecurityBatch` per node, whatever the number of instances: a
+    create in a group of n members changes the rules of all n, and a burst of
+    creates must not become n^2 node tasks.  Returns how many instances were sent rules.
+    """
+    members: dict[int, tuple[str, ...]] = {}
+    per_node: dict[str, dict[str, InstanceSecurity]] = {}
     for inst in instances:
         if inst.node is None or inst.vm_state == VmState.DELETED:
             continue
-        dispatch.send(inst.node.queue, InstanceSecurity(str(inst.pk), rules_for(inst)))
-        sent += 1
-    return sent
+        item = InstanceSecurity(str(inst.pk), rules_for(inst, members))
+        per_node.setdefault(inst.node.queue, {})[item.instance_id] = item
+    for queue, items in per_node.items():
+        dispatch.send(queue, SecurityBatch(tuple(items.values())))
+    return sum(len(items) for items in per_node.values())
 
 
 def affected_by_members_of(groups: Iterable[SecurityGroup], exclude: Iterable[str] = ()) -> list[Instance]:

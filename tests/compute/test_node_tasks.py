@@ -43,6 +43,7 @@ from compute.spec import (
     Observation,
     PowerState,
     Protocol,
+    SecurityBatch,
     SecurityRule,
     SnapshotInfo,
     SpecError,
@@ -229,6 +230,9 @@ def test_every_message_round_trips_through_json() -> None:
         ConsoleTail(iid, "n1", "boot\n", 2.0),
         InstanceForwards(iid, (Forward(Protocol.UDP, "198.18.129.1", 20000, "198.19.160.10", 53),)),
         InstanceSecurity(iid, (SecurityRule(Direction.INGRESS, "tcp", 80, 81, ("198.19.160.0/24",)),)),
+        SecurityBatch(
+            (InstanceSecurity(iid, (SecurityRule(Direction.EGRESS, "any", None, None, ("0.0.0.0/0",)),)),)
+        ),
         NodeReport(
             "n1", "node.n1", 2, 64, 1, (DriverStatus(Kind.VM, True, "ok", frozenset(Capability)),),
             (InventoryItem(iid, Kind.VM, PowerState.RUNNING, 5, 6, (SnapshotInfo("s1", 1.5),)),),
@@ -339,6 +343,7 @@ def test_the_worker_registers_every_node_task() -> None:
         Task.EXEC,
         Task.FORWARDS,
         Task.SECURITY,
+        Task.SECURITY_BATCH,
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from portal import beat_health
+from tests.brokerservers import Servers, wait
 
 ROOT = Path(__file__).resolve().parents[2]
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -34,11 +36,25 @@ def _probe(schedule: Path, sweep: str = "1") -> subprocess.CompletedProcess[str]
 @pytest.fixture
 def beat(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """`celery -A portal.celery beat` with the portal's settings, sweeping every second, sending to
-    an in-memory broker (no Redis, nothing queued anywhere); ended by its PID."""
+    a redis-server of the test's own (what it queues goes nowhere else); both ended by their PIDs.
+
+    Not ``memory://``: the portal refuses a broker it cannot run on (compute/celeryconf.py).
+    """
     schedule = tmp_path / "celerybeat-schedule"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    servers = Servers(tmp_path)
+    servers.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", ""])
+    ping = ["redis-cli", "-p", str(port), "ping"]
+    wait(
+        "redis-server",
+        lambda: subprocess.run(ping, capture_output=True, text=True).stdout.strip() == "PONG",
+        20,
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYPORT_", "DJANGO_", "CELERY_"))}
     env.update(
-        CELERY_BROKER_URL="memory://",
+        CELERY_BROKER_URL=f"redis://127.0.0.1:{port}/0",
         SKYPORT_SWEEP_SECONDS="1",
         SKYPORT_VAR_DIR=str(tmp_path / "var"),
         SKYPORT_SECRET_KEY="k" * 50,
@@ -63,6 +79,7 @@ def beat(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
                 proc.kill()
                 proc.wait(5)
         log.close()
+        servers.stop_all()
         print((tmp_path / "beat.log").read_text()[-3000:])
 
 

@@ -70,7 +70,9 @@ def two_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     stack = Stack(tmp_path, "", redis.url)
     stack.env.update(
         DATABASE_URL=_database_url(),
-        SKYPORT_HEARTBEAT_SECONDS="5",
+        # beats older than 3 heartbeats are dropped as stale: under load, draining every message can
+        # take longer than 15 s, and the newest beat must not be dropped for that
+        SKYPORT_HEARTBEAT_SECONDS="60",
         SKYPORT_CACHE_URL=redis.url.removesuffix("/0") + "/1",
     )
     for name in ("control1", "control2"):

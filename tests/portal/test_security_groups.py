@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from compute.spec import CreateInstance, Direction, InstanceSecurity, Task, from_json
+from compute.spec import CreateInstance, Direction, InstanceSecurity, SecurityBatch, Task, from_json
 from portal.cloud import secgroups
-from portal.cloud.models import SecurityGroup, SecurityGroupRule
+from portal.cloud.models import Port, SecurityGroup, SecurityGroupRule
 from tests.portal.conftest import FakeNodes, World
 
 GROUPS, RULES = "/api/v1/security-groups/", "/api/v1/security-group-rules/"
@@ -27,10 +27,29 @@ def _launch(world: World, name: str, **extra: Any) -> dict[str, Any]:
 
 
 def _security(sent: list[tuple[str, str, list[Any]]]) -> dict[str, InstanceSecurity]:
+    """The newest rules sent for each instance (the portal sends one batch per node and change)."""
+    assert not [t for _, t, _ in sent if t == Task.SECURITY], "rules go in batches, one per node"
     return {
         m.instance_id: m
-        for m in (from_json(InstanceSecurity, a[0]) for _, t, a in sent if t == Task.SECURITY)
+        for batch in (from_json(SecurityBatch, a[0]) for _, t, a in sent if t == Task.SECURITY_BATCH)
+        for m in batch.items
     }
+
+
+def test_a_burst_of_creates_sends_one_batch_per_create_not_one_message_per_member(
+    world: World, sent: list[tuple[str, str, list[Any]]], nodes: FakeNodes
+) -> None:
+    """Before: each create sent every other member of the default group its rules, one message
+    each: 100 creates made ~5,000 node tasks, and the creates waited behind them."""
+    ids = [_launch(world, f"m{i}")["id"] for i in range(6)]
+    batches = [from_json(SecurityBatch, a[0]) for _, t, a in sent if t == Task.SECURITY_BATCH]
+    assert len(batches) == 5, "the first create has no other member to tell"
+    assert [len(b.items) for b in batches] == [1, 2, 3, 4, 5]
+    # the last batch gives every earlier member an ingress rule naming all six addresses
+    addresses = {p.address for p in Port.objects.filter(instance_id__in=ids)}
+    for item in batches[-1].items:
+        (ingress,) = [r for r in item.rules if r.direction is Direction.INGRESS]
+        assert {r.removesuffix("/32") for r in ingress.remote} == addresses
 
 
 def test_default_group_admits_members_and_follows_membership(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import yaml
 
+from portal.cloud.models import ComputeNode, ExternalAddress, PublishedPort, SecurityGroup, SecurityGroupRule
 from portal.metering.models import Budget, PriceSheet
 from portal.tenancy.models import APIToken, SSHKey
 from tests.portal.conftest import ED25519, World
@@ -22,6 +23,21 @@ def test_allow_header_matches_the_schema_everywhere(world: World) -> None:
     token.save()
     image = world.instance_a.image
     assert image is not None
+    external = ExternalAddress.objects.create(
+        node=ComputeNode.objects.get(name="shared-1"), address="198.18.9.1"
+    )
+    published = PublishedPort.objects.create(
+        tenant=world.a,
+        instance=world.instance_a,
+        protocol="tcp",
+        port=80,
+        external=external,
+        external_port=20000,
+    )
+    group = SecurityGroup.objects.create(tenant=world.a, name="web")
+    rule = SecurityGroupRule.objects.create(
+        group=group, direction="ingress", protocol="tcp", port_min=80, port_max=80
+    )
     ids = {
         "events": world.event_a.pk,
         "flavors": world.flavor_public.pk,
@@ -37,6 +53,9 @@ def test_allow_header_matches_the_schema_everywhere(world: World) -> None:
         "prices": PriceSheet.objects.create(effective_from="2026-01-01").pk,
         "budgets": Budget.objects.create(tenant=world.a, monthly_amount=10).pk,
         "usage": "",  # a report: no detail path
+        "published-ports": published.pk,
+        "security-groups": group.pk,
+        "security-group-rules": rule.pk,
     }
     doc = yaml.safe_load(c.get("/api/schema/").content)
     checked = 0

@@ -529,6 +529,9 @@ class ResizeSerializer(serializers.Serializer):  # type: ignore[type-arg]
     flavor = StrictIntegerField(min_value=1, max_value=MAX_ID, help_text="Id of a flavor you may use")
 
 
+@extend_schema_field(
+    {"type": "string", "format": "uuid", "maxLength": 36, "description": "The id of an instance of yours"}
+)
 class InstanceRefField(serializers.PrimaryKeyRelatedField):  # type: ignore[type-arg]
     """An instance of your tenants by id (a UUID string); others do not exist for you."""
 
