@@ -73,10 +73,13 @@ class Action(enum.StrEnum):
     REVERT = "revert"
     DELETE_SNAPSHOT = "delete_snapshot"
     PUBLISH = "publish"
+    RESIZE = "resize"
 
 
 #: the actions an :class:`InstanceAction` may carry (create and delete have their own messages)
 INSTANCE_ACTIONS = frozenset(Action) - {Action.CREATE, Action.DELETE}
+#: the actions after which the node reports the instance's snapshots (:attr:`Observation.snapshots`)
+SNAPSHOT_ACTIONS = frozenset({Action.SNAPSHOT, Action.REVERT, Action.DELETE_SNAPSHOT})
 
 
 class Capability(enum.StrEnum):
@@ -92,7 +95,7 @@ class Capability(enum.StrEnum):
     CONSOLE = "console"  # a readable console log
     EXEC = "exec"  # run a command inside the instance (containers: crun exec)
     TERMINAL = "terminal"  # an interactive console (VM serial pty, container exec with a pty)
-    VOLUMES = "volumes"  # reserved: no driver reports it yet
+    VOLUMES = "volumes"  # attach and detach volumes (the VM driver: virtio disks, hot on a running VM)
 
 
 class Task(enum.StrEnum):
@@ -103,10 +106,12 @@ class Task(enum.StrEnum):
     DELETE = "compute.instance.delete"
     CONSOLE = "compute.instance.console"
     ENSURE_NETWORK = "compute.network.ensure"
+    VOLUME = "compute.volume"
     FORWARDS = "compute.network.forwards"
     SECURITY = "compute.network.security"
     SECURITY_BATCH = "compute.network.security_batch"
     OBSERVE = "portal.observe"
+    OBSERVE_VOLUME = "portal.observe_volume"
     NODE_REPORT = "portal.node_report"
     CONSOLE_TAIL = "portal.console"
     CONSOLE_OPEN = "compute.console.open"
@@ -297,6 +302,7 @@ class InstanceSpec:
     networks: tuple[NetworkAttachment, ...] = ()
     ssh_keys: tuple[str, ...] = ()
     user_data: str | None = None
+    vendor_data: str | None = None  # the operator's cloud-init defaults (SKYPORT_VENDOR_DATA), VMs only
     command: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     cpu_quota_percent: int = 100
@@ -491,7 +497,8 @@ class InstanceAction(_AboutInstance):
     """Run one of :data:`INSTANCE_ACTIONS` on an existing instance.
 
     ``params`` by action: stop ``timeout`` (seconds), ``force``; snapshot,
-    revert, delete_snapshot ``name``; publish ``upload_url``, ``upload_token``.
+    revert, delete_snapshot ``name``; publish ``upload_url``, ``upload_token``;
+    resize ``vcpus``, ``ram_mb``, ``disk_gb`` (the new flavor's sizes).
     """
 
     TASK: ClassVar[Task] = Task.ACTION
@@ -584,6 +591,47 @@ class ConsoleRequest(_AboutInstance):
     max_bytes: int = 16384
 
 
+class VolumeOp(enum.StrEnum):
+    """What a :class:`VolumeRequest` asks the node to do with one volume."""
+
+    CREATE = "create"
+    DELETE = "delete"
+    ATTACH = "attach"
+    DETACH = "detach"
+    GROW = "grow"
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeRequest:
+    """Create, delete, attach, detach or grow one volume (a qcow2 file in the node's volume dir).
+
+    ``volume_id`` is the portal's UUID and the idempotency key: a volume
+    created twice is one file, attached twice one disk, detached or deleted
+    when already gone a success.  ``size_gb`` for create and grow;
+    ``instance_id`` and ``kind`` for attach and detach.  The node answers
+    with a :class:`VolumeObservation` carrying ``action_id``.
+    """
+
+    TASK: ClassVar[Task] = Task.VOLUME
+
+    volume_id: str
+    op: VolumeOp
+    action_id: str
+    size_gb: int = 0
+    instance_id: str | None = None
+    kind: Kind | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.volume_id, str) or not UUID_RE.fullmatch(self.volume_id):
+            raise SpecError(f"volume_id must be a lower-case UUID, got {self.volume_id!r}")
+        if self.op in (VolumeOp.CREATE, VolumeOp.GROW) and not 1 <= self.size_gb <= 16384:
+            raise SpecError(f"{self.op} needs size_gb within 1..16384, got {self.size_gb!r}")
+        if self.op in (VolumeOp.ATTACH, VolumeOp.DETACH):
+            if self.instance_id is None or self.kind is None:
+                raise SpecError(f"{self.op} needs instance_id and kind")
+            _check_instance_id(self.instance_id)
+
+
 class ConsoleMode(enum.StrEnum):
     """What a console session may do: watch the serial console, type into it, or run a shell (exec)."""
 
@@ -650,6 +698,41 @@ class ExecResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class VolumeObservation:
+    """What a node did with a volume: ``ok``, or ``message`` says why not in one sentence.
+
+    ``target`` is the guest disk an attach gave it (``vdc``…); ``size_bytes``
+    the file's virtual size after create or grow.
+    """
+
+    TASK: ClassVar[Task] = Task.OBSERVE_VOLUME
+
+    volume_id: str
+    node: str
+    op: VolumeOp
+    action_id: str
+    ok: bool
+    message: str = ""
+    target: str = ""
+    size_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotInfo:
+    """One snapshot of an instance's disk as its node has it.
+
+    ``created_at`` is the node's clock (seconds since the epoch).
+    ``size_bytes`` is what the snapshot holds beyond the disk's shared
+    blocks: the saved memory state of a VM snapshotted while running
+    (``qemu-img`` reports it as ``vm-state-size``); 0 when unknown.
+    """
+
+    name: str
+    created_at: float
+    size_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Observation:
     """What a node saw after acting on an instance, sent to the control queue.
 
@@ -669,6 +752,8 @@ class Observation:
     message: str = ""
     observed_at: float = 0.0
     details: tuple[tuple[str, str], ...] = ()
+    # after snapshot, revert and delete_snapshot: every snapshot the instance now has; else None
+    snapshots: tuple[SnapshotInfo, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -693,6 +778,8 @@ class InventoryItem:
     # counters at the time of the report (0 when the driver could not read them)
     cpu_time_ns: int = 0
     memory_bytes: int = 0
+    # the workload's snapshots (names and times; sizes are 0 here); None: the driver keeps none
+    snapshots: tuple[SnapshotInfo, ...] | None = None
     # a workload that ended: how (exit code or signal, OOM) and its last output lines
     exit_code: int | None = None
     message: str = ""
@@ -728,6 +815,10 @@ class NodeReport:
     cached: tuple[str, ...] = ()
     # The node's underlay IPv4 address for VXLAN tunnels; "" when it does not tunnel.
     tunnel_address: str = ""
+    # Ids of the volume files the node has (reconcile reports the ones it lacks).
+    volumes: tuple[str, ...] = ()
+    # Which instance each attached volume is a disk of, as (volume id, instance id).
+    attachments: tuple[tuple[str, str], ...] = ()
     # Why the node's nftables rules differ from what it last loaded ("" when they do not); it reloads them.
     network_drift: str = ""
 
@@ -748,6 +839,7 @@ NodeRequest = (
     | InstanceForwards
     | InstanceSecurity
     | SecurityBatch
+    | VolumeRequest
 )
 #: the tasks a compute node's worker runs (the others run on the portal's control queue)
 NODE_TASKS: tuple[Task, ...] = tuple(cls.TASK for cls in typing.get_args(NodeRequest))
@@ -760,12 +852,14 @@ MESSAGES: dict[Task, type[Any]] = {
         DeleteInstance,
         ConsoleRequest,
         NetworkSegment,
+        VolumeRequest,
         ConsoleOpen,
         ExecRequest,
         InstanceForwards,
         InstanceSecurity,
         SecurityBatch,
         Observation,
+        VolumeObservation,
         NodeReport,
         ConsoleTail,
     )

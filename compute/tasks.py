@@ -9,6 +9,7 @@ success, and the portal ignores an observation whose action id it has seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from compute.drivers.base import Driver, DriverError, InstanceInfo, InstanceNotF
 from compute.network import router
 from compute.spec import (
     MESSAGES,
+    SNAPSHOT_ACTIONS,
     Action,
     Capability,
     ConsoleOpen,
@@ -46,11 +48,16 @@ from compute.spec import (
     Observation,
     PowerState,
     SecurityBatch,
+    SnapshotInfo,
     SpecError,
     Task,
+    VolumeObservation,
+    VolumeOp,
+    VolumeRequest,
     from_json,
     to_json,
 )
+from compute.volumes import VolumeError, VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,7 @@ class NodeService:
         self._drivers: dict[Kind, Driver] = dict(drivers or {})
         self._exit_marks: frozenset[tuple[str, float]] = frozenset()
         self._pid = os.getpid()
+        self.volumes = VolumeStore(config.state_dir / "volumes")
         self._hubs: list[subprocess.Popen[bytes]] = []
 
     def driver(self, kind: Kind) -> Driver:
@@ -125,6 +133,7 @@ class NodeService:
             Task.DELETE: self.delete,
             Task.CONSOLE: self.console,
             Task.ENSURE_NETWORK: self.ensure_network,
+            Task.VOLUME: self.volume,
             Task.CONSOLE_OPEN: self.console_open,
             Task.EXEC: self.exec,
             Task.FORWARDS: self.forwards,
@@ -166,6 +175,7 @@ class NodeService:
         state: PowerState,
         message: str = "",
         details: dict[str, str] | None = None,
+        snapshots: tuple[SnapshotInfo, ...] | None = None,
     ) -> Observation:
         obs = Observation(
             instance_id=instance_id,
@@ -177,6 +187,7 @@ class NodeService:
             message=message,
             observed_at=time.time(),
             details=tuple(sorted((details or {}).items())),
+            snapshots=snapshots,
         )
         self.send(obs.TASK, to_json(obs))
         return obs
@@ -189,16 +200,27 @@ class NodeService:
         action_id: str,
         body: Callable[[Driver], PowerState],
     ) -> Observation:
+        # after a snapshot action, success or not, the portal gets the instance's whole list
+        listed = action in SNAPSHOT_ACTIONS
         try:
             state = body(self.driver(kind))
         except InstanceNotFound as exc:
             return self._observe(instance_id, action, action_id, False, PowerState.NOSTATE, str(exc))
         except (DriverError, SpecError) as exc:
             log.warning("%s of %s failed: %s", action, instance_id, exc)
-            return self._observe(
-                instance_id, action, action_id, False, self._current(kind, instance_id), str(exc)
-            )
-        return self._observe(instance_id, action, action_id, True, state)
+            snaps = self._snapshots(kind, instance_id) if listed else None
+            current = self._current(kind, instance_id)
+            return self._observe(instance_id, action, action_id, False, current, str(exc), snapshots=snaps)
+        snaps = self._snapshots(kind, instance_id) if listed else None
+        return self._observe(instance_id, action, action_id, True, state, snapshots=snaps)
+
+    def _snapshots(self, kind: Kind, instance_id: str) -> tuple[SnapshotInfo, ...] | None:
+        """The instance's snapshots with their sizes, or None when they cannot be read."""
+        try:
+            return tuple(self.driver(kind).list_snapshots(instance_id, sizes=True))
+        except DriverError as exc:
+            log.warning("cannot list the snapshots of %s: %s", instance_id, exc)
+            return None
 
     def _current(self, kind: Kind, instance_id: str) -> PowerState:
         try:
@@ -283,6 +305,36 @@ class NodeService:
             lambda d: step(self, d, message),
         )
 
+    def volume(self, message: VolumeRequest) -> VolumeObservation:
+        """Create, delete, attach, detach or grow a volume; the outcome goes back as a VolumeObservation."""
+        target, size = "", 0
+        try:
+            store, vid = self.volumes, message.volume_id
+            if message.op is VolumeOp.CREATE:
+                size = store.create(vid, message.size_gb)
+            elif message.op is VolumeOp.DELETE:
+                store.delete(vid)
+            elif message.op is VolumeOp.GROW:
+                size = store.grow(vid, message.size_gb)
+            else:
+                assert message.instance_id is not None and message.kind is not None  # checked by the spec
+                driver = self.driver(message.kind)
+                if message.op is VolumeOp.ATTACH:
+                    if not store.exists(vid):
+                        raise VolumeError(f"volume {vid} has no file on node {self.config.name}")
+                    target = driver.attach_volume(message.instance_id, vid, store.path(vid))
+                else:
+                    driver.detach_volume(message.instance_id, vid, store.path(vid))
+            ok, why = True, ""
+        except (VolumeError, DriverError) as exc:
+            log.warning("volume %s of %s failed: %s", message.op, message.volume_id, exc)
+            ok, why = False, str(exc)
+        obs = VolumeObservation(
+            message.volume_id, self.config.name, message.op, message.action_id, ok, why, target, size
+        )
+        self.send(obs.TASK, to_json(obs))
+        return obs
+
     def publish(self, d: Driver, instance_id: str, url: str, token: str) -> None:
         """Export the instance's disk and upload it to the portal as a new image's file."""
         out = self.config.state_dir / "exports"
@@ -350,6 +402,15 @@ class NodeService:
 
         return self._run(message.instance_id, message.kind, Action.DELETE, message.action_id, body)
 
+    def _attachments(self) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        for kind in Kind:
+            with contextlib.suppress(DriverError):
+                driver = self.driver(kind)
+                if Capability.VOLUMES in driver.capabilities:
+                    found += driver.volume_attachments(self.volumes.root)
+        return found
+
     def cached(self) -> list[str]:
         """Digests in the node's caches (VM bases, container layers), read from disk."""
         from compute.imagecache import ImageCache
@@ -407,6 +468,8 @@ class NodeService:
             sent_at=time.time(),
             cached=tuple(self.cached()),
             tunnel_address=self.config.tunnel_address,
+            volumes=tuple(self.volumes.ids()),
+            attachments=tuple(self._attachments()),
             network_drift=self._network_drift(),
         )
         self.send(report.TASK, to_json(report))
@@ -440,6 +503,15 @@ def _delete_snapshot(svc: NodeService, d: Driver, m: InstanceAction) -> PowerSta
     return d.info(m.instance_id).power_state
 
 
+def _resize(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:
+    sizes = [m.params.get(k) for k in ("vcpus", "ram_mb", "disk_gb")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes[:2]) or not (
+        isinstance(sizes[2], int) and not isinstance(sizes[2], bool) and sizes[2] >= 0
+    ):
+        raise SpecError(f"resize needs whole-number vcpus, ram_mb and disk_gb, got {sizes}")
+    return d.resize(m.instance_id, *sizes).power_state  # type: ignore[arg-type]
+
+
 def _publish(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:
     svc.publish(d, m.instance_id, m.param("upload_url"), m.param("upload_token"))
     return d.info(m.instance_id).power_state
@@ -456,6 +528,7 @@ _ACTIONS: dict[Action, Callable[[NodeService, Driver, InstanceAction], PowerStat
     Action.REVERT: lambda svc, d, m: d.revert(m.instance_id, m.param("name")).power_state,
     Action.DELETE_SNAPSHOT: _delete_snapshot,
     Action.PUBLISH: _publish,
+    Action.RESIZE: _resize,
 }
 
 
@@ -468,13 +541,18 @@ def _prepare_bridge(seg: NetworkSegment) -> None:
 
 
 def _item(driver: Driver, kind: Kind, info: InstanceInfo) -> InventoryItem:
-    """An inventory entry with the workload's counters when they can be read, or how it ended."""
+    """An inventory entry: the workload's counters and snapshots when they can be read, or how it ended."""
     instance_id, state = info.instance_id, info.power_state
+    snaps: tuple[SnapshotInfo, ...] | None = None
+    if Capability.SNAPSHOTS in driver.capabilities:
+        with contextlib.suppress(DriverError):
+            snaps = tuple(driver.list_snapshots(instance_id))
     if state != PowerState.RUNNING:
         return InventoryItem(
             instance_id,
             kind,
             state,
+            snapshots=snaps,
             exit_code=info.exit_code,
             message=info.message[:1000],
             restarts=info.restarts,
@@ -483,9 +561,15 @@ def _item(driver: Driver, kind: Kind, info: InstanceInfo) -> InventoryItem:
     try:
         stats = driver.stats(instance_id)
     except DriverError:
-        return InventoryItem(instance_id, kind, state, restarts=info.restarts)
+        return InventoryItem(instance_id, kind, state, snapshots=snaps, restarts=info.restarts)
     return InventoryItem(
-        instance_id, kind, state, stats.cpu_time_ns, stats.memory_bytes, restarts=info.restarts
+        instance_id,
+        kind,
+        state,
+        stats.cpu_time_ns,
+        stats.memory_bytes,
+        snapshots=snaps,
+        restarts=info.restarts,
     )
 
 

@@ -16,4 +16,4 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
 app = Celery("skyport", amqp=celeryconf.AMQP_CLASS)  # every queue quorum on RabbitMQ (celeryconf)
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks(["portal.cloud", "portal.images", "portal.metering"])
+app.autodiscover_tasks(["portal.cloud", "portal.images", "portal.metering", "portal.storage"])

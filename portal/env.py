@@ -54,6 +54,21 @@ def seconds(name: str, default: float) -> float:
         raise ImproperlyConfigured(f"{exc}.") from None
 
 
+def file_text(name: str, limit: int = 65536) -> str | None:
+    """The text of the file the variable names (``None`` when unset), read once at start-up."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        with open(raw, encoding="utf-8") as f:
+            content = f.read(limit + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ImproperlyConfigured(f"{name}={raw!r}: cannot read the file ({exc}).") from None
+    if len(content) > limit:
+        raise ImproperlyConfigured(f"{name}={raw!r}: the file is longer than {limit} characters.")
+    return content
+
+
 def choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     raw = os.environ.get(name, default)
     if raw not in allowed:

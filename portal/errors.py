@@ -27,6 +27,12 @@ class Conflict(DomainError):
     code = "conflict"
 
 
+class NotFound(DomainError):
+    """The request names something that does not exist, e.g. a snapshot (answered with 404)."""
+
+    code = "not_found"
+
+
 class QuotaExceeded(Conflict):
     code = "quota_exceeded"
 

@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "portal.cloud",
     "portal.audit",
     "portal.images",
+    "portal.storage",
     "portal.metering",
     "portal.web",
     "portal.console",
@@ -257,11 +258,15 @@ SKYPORT_DEFAULT_QUOTA = {
     "disk_gb": 200,
     "containers": 10,
     "vms": 10,
+    "volumes": 10,
+    "volume_gb": 100,
 }
 SKYPORT_TOKEN_MAX_DAYS = env.integer("SKYPORT_TOKEN_MAX_DAYS", 365, minimum=1)
 SKYPORT_SCHEDULER_WEIGHER = env.choice("SKYPORT_SCHEDULER_WEIGHER", "spread", ("spread", "pack"))
 SKYPORT_NETWORK_POOL = os.environ.get("SKYPORT_NETWORK_POOL", "198.18.0.0/15")
 SKYPORT_NETWORK_PREFIX = env.integer("SKYPORT_NETWORK_PREFIX", 24, minimum=8, maximum=29)
+#: cloud-init vendor-data for every VM (the operator's defaults; a tenant's #cloud-config overrides them)
+SKYPORT_VENDOR_DATA = env.file_text("SKYPORT_VENDOR_DATA_FILE")
 #: nodes send a heartbeat this often; three missed beats mark a node down
 # Images: the content-addressed store (blobs/sha256/<hex>) and upload limits.
 SKYPORT_IMAGE_STORE = Path(os.environ.get("SKYPORT_IMAGE_STORE", VAR_DIR / "store"))

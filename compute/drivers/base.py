@@ -13,7 +13,7 @@ import abc
 import dataclasses
 from pathlib import Path
 
-from compute.spec import Capability, InstanceSpec, Kind, PowerState
+from compute.spec import Capability, InstanceSpec, Kind, PowerState, SnapshotInfo
 
 
 class DriverError(Exception):
@@ -61,12 +61,6 @@ class Stats:
     disk_write_bytes: int | None = None
     net_rx_bytes: int | None = None
     net_tx_bytes: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class SnapshotInfo:
-    name: str
-    created_at: float
 
 
 class Driver(abc.ABC):
@@ -141,8 +135,29 @@ class Driver(abc.ABC):
         """Delete a snapshot; succeeds if it does not exist."""
 
     @abc.abstractmethod
-    def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
-        """Snapshots of the workload, oldest first."""
+    def list_snapshots(self, instance_id: str, sizes: bool = False) -> list[SnapshotInfo]:
+        """Snapshots of the workload, oldest first (``sizes``: also measure each, which costs more)."""
+
+    def resize(self, instance_id: str, vcpus: int, ram_mb: int, disk_gb: int) -> InstanceInfo:
+        """Give a stopped workload new vCPUs, memory and a root disk grown to ``disk_gb`` (never shrunk)."""
+        raise NotSupported(f"the {self.kind} driver cannot resize")
+
+    def attach_volume(self, instance_id: str, volume_id: str, path: Path) -> str:
+        """Attach the volume file ``path`` to the instance; returns where it appears (``vdc``…).
+
+        Persistent (survives stop, start and node restarts) and, on a running
+        workload, live.  Attaching an attached volume returns its place.  On
+        failure the instance is left as it was.
+        """
+        raise NotSupported(f"the {self.kind} driver cannot attach volumes")
+
+    def detach_volume(self, instance_id: str, volume_id: str, path: Path) -> None:
+        """Detach the volume file ``path``; succeeds if it is not attached.  Never the root disk."""
+        raise NotSupported(f"the {self.kind} driver cannot detach volumes")
+
+    def volume_attachments(self, volumes: Path) -> list[tuple[str, str]]:
+        """(volume id, instance id) of every volume file under ``volumes`` attached to a workload here."""
+        return []
 
     def export_disk(self, instance_id: str, dest: Path) -> None:
         """Write the instance's root disk to ``dest`` as a standalone qcow2 (no backing file).

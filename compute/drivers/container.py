@@ -54,7 +54,6 @@ from compute.drivers.base import (
     InstanceNotFound,
     InvalidState,
     NotSupported,
-    SnapshotInfo,
     Stats,
 )
 from compute.drivers.common import is_instance_id, mtime, read_int, tail
@@ -69,6 +68,7 @@ from compute.spec import (
     InstanceSpec,
     Kind,
     PowerState,
+    SnapshotInfo,
     restart_rule,
     stored_spec,
     to_json,
@@ -645,7 +645,7 @@ class ContainerDriver(Driver):
     def delete_snapshot(self, instance_id: str, name: str) -> None:
         raise NotSupported("container snapshots are not supported")
 
-    def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
+    def list_snapshots(self, instance_id: str, sizes: bool = False) -> list[SnapshotInfo]:
         self.info(instance_id)
         return []
 

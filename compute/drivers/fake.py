@@ -13,15 +13,21 @@ from compute.drivers.base import (
     InstanceNotFound,
     InvalidState,
     NotSupported,
-    SnapshotInfo,
     Stats,
 )
-from compute.spec import Capability, InstanceSpec, Kind, PowerState
+from compute.spec import Capability, InstanceSpec, Kind, PowerState, SnapshotInfo
 
 #: what the real driver of each kind reports (tests/compute/test_node_tasks.py checks they agree)
 REAL_CAPABILITIES = {
     Kind.VM: frozenset(
-        {Capability.PAUSE, Capability.SNAPSHOTS, Capability.PUBLISH, Capability.CONSOLE, Capability.TERMINAL}
+        {
+            Capability.PAUSE,
+            Capability.SNAPSHOTS,
+            Capability.PUBLISH,
+            Capability.CONSOLE,
+            Capability.TERMINAL,
+            Capability.VOLUMES,
+        }
     ),
     Kind.CONTAINER: frozenset({Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.TERMINAL}),
 }
@@ -36,6 +42,9 @@ class FakeDriver(Driver):
         self.workloads: dict[str, PowerState] = {}
         self.snapshots: dict[str, dict[str, SnapshotInfo]] = {}
         self.spawn_calls = 0
+        # attached volume files per instance: path -> target, as the VM driver keeps them in the definition
+        self.disks: dict[str, dict[str, str]] = {}
+        self.sizes: dict[str, tuple[int, int, int]] = {}  # what resize set: vcpus, ram_mb, disk_gb
         # what a test may read back: a console line per state change, and counters that
         # grow like a workload busy at a quarter of one CPU with 48 MiB resident
         self.console: dict[str, list[str]] = {}
@@ -63,8 +72,36 @@ class FakeDriver(Driver):
             self.console[spec.instance_id] = [f"fake: {spec.hostname} booted"]
         return self.info(spec.instance_id)
 
+    def resize(self, instance_id: str, vcpus: int, ram_mb: int, disk_gb: int) -> InstanceInfo:
+        if self.kind is not Kind.VM:
+            raise NotSupported("the container driver cannot resize")
+        if self._get(instance_id) is not PowerState.SHUTDOWN:
+            raise InvalidState("only a stopped VM can be resized")
+        self.sizes[instance_id] = (vcpus, ram_mb, disk_gb)
+        return self.info(instance_id)
+
+    def attach_volume(self, instance_id: str, volume_id: str, path: Path) -> str:
+        self._need(Capability.VOLUMES)
+        self._get(instance_id)
+        disks = self.disks.setdefault(instance_id, {})
+        return disks.setdefault(str(path), f"vd{'cdefghijklmnopqrstuvwxyz'[len(disks)]}")
+
+    def detach_volume(self, instance_id: str, volume_id: str, path: Path) -> None:
+        self._need(Capability.VOLUMES)
+        self._get(instance_id)
+        self.disks.get(instance_id, {}).pop(str(path), None)
+
+    def volume_attachments(self, volumes: Path) -> list[tuple[str, str]]:
+        return sorted(
+            (Path(p).stem, iid)
+            for iid, disks in self.disks.items()
+            for p in disks
+            if Path(p).parent == volumes
+        )
+
     def destroy(self, instance_id: str) -> None:
         self.workloads.pop(instance_id, None)
+        self.disks.pop(instance_id, None)
         self.snapshots.pop(instance_id, None)
         self.started.pop(instance_id, None)
 
@@ -104,7 +141,7 @@ class FakeDriver(Driver):
     def delete_snapshot(self, instance_id: str, name: str) -> None:
         self.snapshots.get(instance_id, {}).pop(name, None)
 
-    def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
+    def list_snapshots(self, instance_id: str, sizes: bool = False) -> list[SnapshotInfo]:
         return sorted(self.snapshots.get(instance_id, {}).values(), key=lambda s: s.created_at)
 
     def export_disk(self, instance_id: str, dest: Path) -> None:

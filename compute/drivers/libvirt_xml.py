@@ -19,6 +19,22 @@ class DiskConfig:
     target: str  # vda, vdb ...
     format: str = "qcow2"
     readonly: bool = False
+    serial: str = ""  # the guest sees it as /dev/disk/by-id/virtio-<serial> (volumes: their id)
+
+    def to_element(self) -> ET.Element:
+        d = ET.Element("disk", type="file", device="disk")
+        ET.SubElement(d, "driver", name="qemu", type=self.format)
+        ET.SubElement(d, "source", file=self.path)
+        ET.SubElement(d, "target", dev=self.target, bus="virtio")
+        if self.serial:
+            _text(d, "serial", self.serial)
+        if self.readonly:
+            ET.SubElement(d, "readonly")
+        return d
+
+    def to_xml(self) -> str:
+        """The ``<disk>`` element alone, as attachDeviceFlags and detachDeviceFlags take it."""
+        return ET.tostring(self.to_element(), encoding="unicode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +90,7 @@ class DomainConfig:
 
         devices = ET.SubElement(dom, "devices")
         for disk in self.disks:
-            d = ET.SubElement(devices, "disk", type="file", device="disk")
-            ET.SubElement(d, "driver", name="qemu", type=disk.format)
-            ET.SubElement(d, "source", file=disk.path)
-            ET.SubElement(d, "target", dev=disk.target, bus="virtio")
-            if disk.readonly:
-                ET.SubElement(d, "readonly")
+            devices.append(disk.to_element())
         for nic in self.interfaces:
             n = ET.SubElement(devices, "interface", type="bridge")
             ET.SubElement(n, "mac", address=nic.mac)
@@ -110,6 +121,17 @@ def metadata_node(metadata_xml: str) -> str | None:
     """Owning node recorded in a domain's Skyport metadata element (from virDomainGetMetadata)."""
     root = ET.fromstring(metadata_xml)  # noqa: S314 - XML from libvirtd
     return root.findtext(f"{{{METADATA_NS}}}node", default=root.findtext("node"))
+
+
+def disk_sources(domain_xml: str) -> dict[str, str]:
+    """Target (``vda``…) to source file of every file-backed disk in a domain's XML."""
+    root = ET.fromstring(domain_xml)  # noqa: S314 - XML from libvirtd
+    found: dict[str, str] = {}
+    for disk in root.iter("disk"):
+        target, source = disk.find("target"), disk.find("source")
+        if target is not None and source is not None and source.get("file"):
+            found[target.get("dev", "")] = source.get("file", "")
+    return found
 
 
 def snapshot_xml(name: str, internal: tuple[str, ...], skip: tuple[str, ...] = ()) -> str:

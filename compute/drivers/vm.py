@@ -15,7 +15,9 @@ The libvirt connection is opened lazily and per process (Celery forks).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import json
 import os
 import re
 import subprocess
@@ -38,7 +40,6 @@ from compute.drivers.base import (
     InstanceInfo,
     InstanceNotFound,
     InvalidState,
-    SnapshotInfo,
     Stats,
 )
 from compute.drivers.common import is_instance_id, tail
@@ -47,17 +48,22 @@ from compute.drivers.libvirt_xml import (
     DiskConfig,
     DomainConfig,
     InterfaceConfig,
+    disk_sources,
     metadata_node,
     snapshot_xml,
 )
 from compute.imagecache import ImageCache, ImageError, create_overlay, remove_tree
 from compute.network import bridge
-from compute.spec import Capability, InstanceSpec, Kind, PowerState
+from compute.spec import Capability, InstanceSpec, Kind, PowerState, SnapshotInfo
 
 PREFIX = "sky-"
 MAX_NICS = 10
 _SNAP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 GIB = 1 << 30
+#: guest disks volumes may take (vda is the root disk, vdb the seed)
+VOLUME_TARGETS = tuple(f"vd{c}" for c in "cdefghijklmnopqrstuvwxyz")
+#: how long a running guest may take to release a hot-unplugged disk
+DETACH_SECONDS = 30.0
 
 _STATES: dict[int, PowerState] = {
     libvirt.VIR_DOMAIN_NOSTATE: PowerState.NOSTATE,
@@ -99,7 +105,14 @@ class LibvirtDriver(Driver):
 
     kind = Kind.VM
     capabilities = frozenset(
-        {Capability.PAUSE, Capability.SNAPSHOTS, Capability.PUBLISH, Capability.CONSOLE, Capability.TERMINAL}
+        {
+            Capability.PAUSE,
+            Capability.SNAPSHOTS,
+            Capability.PUBLISH,
+            Capability.CONSOLE,
+            Capability.TERMINAL,
+            Capability.VOLUMES,
+        }
     )
 
     def __init__(self, config: NodeConfig) -> None:
@@ -427,7 +440,10 @@ class LibvirtDriver(Driver):
         dom = self._lookup(instance_id)
         with contextlib.suppress(libvirt.libvirtError):
             return self._snapshot_info(dom.snapshotLookupByName(name, 0))
-        xml = snapshot_xml(name, internal=("vda",), skip=("vdb",))
+        # every writable disk, attached volumes too: libvirt takes a running VM's memory snapshot
+        # only with all of them inside it, and a revert then returns the volumes with the VM
+        disks = disk_sources(self._call("domain XML", lambda: dom.XMLDesc(0)))
+        xml = snapshot_xml(name, internal=tuple(t for t in disks if t != "vdb"), skip=("vdb",))
         snap = self._call("snapshot", lambda: dom.snapshotCreateXML(xml, 0))
         return self._snapshot_info(snap)
 
@@ -457,10 +473,129 @@ class LibvirtDriver(Driver):
             raise DriverError(f"snapshot lookup failed: {exc.get_error_message()}") from exc
         self._call("delete snapshot", lambda: snap.delete(0))
 
-    def list_snapshots(self, instance_id: str) -> list[SnapshotInfo]:
+    def list_snapshots(self, instance_id: str, sizes: bool = False) -> list[SnapshotInfo]:
         dom = self._lookup(instance_id)
         snaps = self._call("list snapshots", lambda: dom.listAllSnapshots(0))
-        return sorted((self._snapshot_info(s) for s in snaps), key=lambda s: (s.created_at, s.name))
+        found = sorted((self._snapshot_info(s) for s in snaps), key=lambda s: (s.created_at, s.name))
+        if not sizes or not found:
+            return found
+        measured = self._snapshot_sizes(instance_id)
+        return [dataclasses.replace(s, size_bytes=measured.get(s.name, 0)) for s in found]
+
+    def _snapshot_sizes(self, instance_id: str) -> dict[str, int]:
+        """``vm-state-size`` of each internal snapshot, read with ``qemu-img info -U`` (shared lock)."""
+        disk = self._instance_dir(instance_id) / "disk.qcow2"
+        cmd = ["qemu-img", "info", "-U", "--output=json", str(disk)]
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise DriverError(f"qemu-img info failed: {proc.stderr.strip()[-300:]}")
+        snaps = json.loads(proc.stdout).get("snapshots") or []
+        return {str(s.get("name")): int(s.get("vm-state-size") or 0) for s in snaps}
+
+    # -- resize (stopped VMs) ---------------------------------------------------------------------
+
+    def resize(self, instance_id: str, vcpus: int, ram_mb: int, disk_gb: int) -> InstanceInfo:
+        with self._locked(instance_id):
+            dom = self._lookup(instance_id)
+            if self._state(dom) not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+                raise InvalidState(f"VM {instance_id} must be stopped to be resized")
+            disk = self._instance_dir(instance_id) / "disk.qcow2"
+            if disk_gb:
+                info = json.loads(self._qemu_img_out("info", "-U", "--output=json", str(disk)))
+                if disk_gb * GIB > int(info["virtual-size"]):
+                    if info.get("snapshots"):
+                        raise DriverError(
+                            f"VM {instance_id} has snapshots; delete them before growing its disk (qcow2 "
+                            "cannot resize an image with internal snapshots)"
+                        )
+                    self._qemu_img_out("resize", "-q", "-f", "qcow2", str(disk), str(disk_gb * GIB))
+            config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            self._call("setting the memory", lambda: dom.setMaxMemory(ram_mb * 1024))
+            self._call("setting the memory", lambda: dom.setMemoryFlags(ram_mb * 1024, config))
+            maximum = config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM
+            self._call("setting the vCPUs", lambda: dom.setVcpusFlags(vcpus, maximum))
+            self._call("setting the vCPUs", lambda: dom.setVcpusFlags(vcpus, config))
+            return self._info(dom)
+
+    @staticmethod
+    def _qemu_img_out(*args: str) -> str:
+        proc = subprocess.run(["qemu-img", *args], check=False, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise DriverError(f"qemu-img {args[0]} failed: {proc.stderr.strip()[-300:]}")
+        return proc.stdout
+
+    # -- volumes (virtio disks vdc…; hot on a running VM, persistent in the definition) ------------
+
+    def _disks(self, dom: Any) -> tuple[dict[str, str], dict[str, str]]:
+        """(persistent, live) target -> source file; live is empty when the VM is not running."""
+        config = disk_sources(self._call("domain XML", lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+        live = disk_sources(self._call("domain XML", lambda: dom.XMLDesc(0))) if dom.isActive() else {}
+        return config, live
+
+    def attach_volume(self, instance_id: str, volume_id: str, path: Path) -> str:
+        with self._locked(instance_id):
+            dom = self._lookup(instance_id)
+            config, live = self._disks(dom)
+            for target, source in (config | live).items():
+                if source == str(path):
+                    return target
+            free = [t for t in VOLUME_TARGETS if t not in config and t not in live]
+            if not free:
+                raise DriverError(
+                    f"VM {instance_id} has no free disk slot (at most {len(VOLUME_TARGETS)} volumes)"
+                )
+            disk = DiskConfig(str(path), free[0], "qcow2", serial=volume_id[:20])
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            if dom.isActive():
+                flags |= (
+                    libvirt.VIR_DOMAIN_AFFECT_LIVE
+                )  # libvirt saves the definition only if the live part worked
+            self._call("attaching the volume", lambda: dom.attachDeviceFlags(disk.to_xml(), flags))
+            return free[0]
+
+    def detach_volume(self, instance_id: str, volume_id: str, path: Path) -> None:
+        with self._locked(instance_id):
+            dom = self._lookup(instance_id)
+            config, live = self._disks(dom)
+            target = next((t for t, s in (config | live).items() if s == str(path)), None)
+            if target is None:
+                return
+            if target in ("vda", "vdb"):
+                raise DriverError(f"{target} is not a volume of VM {instance_id}")
+            disk = DiskConfig(str(path), target, "qcow2", serial=volume_id[:20]).to_xml()
+            if target in config:
+                self._call(
+                    "detaching the volume",
+                    lambda: dom.detachDeviceFlags(disk, libvirt.VIR_DOMAIN_AFFECT_CONFIG),
+                )
+            if target in live:
+                self._call(
+                    "detaching the volume",
+                    lambda: dom.detachDeviceFlags(disk, libvirt.VIR_DOMAIN_AFFECT_LIVE),
+                )
+                # the guest releases the disk (ACPI hot-unplug) some time after the call returns
+                end = time.monotonic() + DETACH_SECONDS
+                while target in self._disks(dom)[1]:
+                    if time.monotonic() > end:
+                        raise DriverError(
+                            f"the guest of VM {instance_id} did not release {target} within "
+                            f"{DETACH_SECONDS:g} s; stop the VM and detach again"
+                        )
+                    time.sleep(0.05)
+
+    def volume_attachments(self, volumes: Path) -> list[tuple[str, str]]:
+        found = []
+        for info in self.list():
+            dom = self._maybe(info.instance_id)
+            if dom is None:
+                continue
+            with contextlib.suppress(DriverError, libvirt.libvirtError):
+                config, live = self._disks(dom)
+                for source in set(config.values()) | set(live.values()):
+                    p = Path(source)
+                    if p.parent == volumes and p.suffix == ".qcow2":
+                        found.append((p.stem, info.instance_id))
+        return sorted(found)
 
     # -- observation ------------------------------------------------------------------------------
 

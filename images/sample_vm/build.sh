@@ -10,7 +10,7 @@
 # kernel .deb is cached in OUTDIR so rebuilds need no network.
 set -eu
 
-BUILDER_REV=2  # 2: a shell on ttyS0 (interactive console)
+BUILDER_REV=3  # 2: SSH keys read from meta-data public-keys; 3: and a shell on ttyS0 (interactive console)
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:?usage: build.sh OUTDIR}
 mkdir -p "$out"

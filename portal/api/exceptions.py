@@ -19,10 +19,13 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from portal.api.parsers import BodyTooLarge, too_large_message
 from portal.audit.record import note_error
-from portal.errors import Conflict, DomainError
+from portal.errors import Conflict, DomainError, NotFound
 
 #: the HTTP status of each domain error (the first class in the error's MRO that is listed wins)
-HTTP_STATUS: dict[type[DomainError], int] = {Conflict: status.HTTP_409_CONFLICT}
+HTTP_STATUS: dict[type[DomainError], int] = {
+    Conflict: status.HTTP_409_CONFLICT,
+    NotFound: status.HTTP_404_NOT_FOUND,
+}
 
 
 def http_status(exc: DomainError) -> int:

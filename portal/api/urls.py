@@ -13,6 +13,7 @@ from portal.cloud.api.views import (
 )
 from portal.images.api.views import ImageViewSet, blob, node_upload
 from portal.metering.api.views import BudgetViewSet, PriceSheetViewSet, UsageViewSet
+from portal.storage.api.views import VolumeViewSet
 from portal.tenancy.api.views import (
     APITokenViewSet,
     MembershipViewSet,
@@ -36,6 +37,7 @@ router.register("published-ports", PublishedPortViewSet)
 router.register("security-groups", SecurityGroupViewSet)
 router.register("security-group-rules", SecurityGroupRuleViewSet)
 router.register("images", ImageViewSet)
+router.register("volumes", VolumeViewSet)
 router.register("usage", UsageViewSet, basename="usage")
 router.register("prices", PriceSheetViewSet)
 router.register("budgets", BudgetViewSet)

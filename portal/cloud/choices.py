@@ -47,6 +47,8 @@ class TaskState(models.TextChoices):
     RESUMING = "resuming"
     SNAPSHOTTING = "snapshotting"
     REVERTING = "reverting"
+    DELETING_SNAPSHOT = "deleting_snap", "Deleting snapshot"
+    RESIZING = "resizing"
     PUBLISHING = "publishing"
     DELETING = "deleting"
 

@@ -278,6 +278,9 @@ class Instance(models.Model):
         null=True, blank=True, help_text="When reconcile found the workload missing on its node (drift)"
     )
     addresses = models.JSONField(default=list, blank=True)
+    resize_from = models.JSONField(
+        null=True, blank=True, help_text="Flavor and sizes before a resize in flight (restored if it fails)"
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="instances"
     )

@@ -30,7 +30,6 @@ from compute.spec import (
     PowerState,
 )
 from portal.audit.log import record
-from portal.audit.models import Event, Outcome
 from portal.cloud import (
     deadlines,
     dispatch,
@@ -43,15 +42,15 @@ from portal.cloud import (
     states,
 )
 from portal.cloud.choices import NodeStatus, NodeTenancy, VmState
-from portal.cloud.models import ComputeNode, Instance
+from portal.cloud.models import ComputeNode, Flavor, Instance
 from portal.cloud.placement import Request
-from portal.errors import Conflict, InvalidAction
+from portal.errors import Conflict, InvalidAction, QuotaExceeded
 from portal.images import services as image_services
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
-from portal.tenancy.models import Tenant
+from portal.tenancy.models import Quota, Tenant
 
-__all__ = ["Request", "act", "create_instance", "delete_instance", "publish"]
+__all__ = ["Request", "act", "create_instance", "delete_instance", "dispatch_action", "publish", "resize"]
 
 
 def build_spec(instance: Instance) -> InstanceSpec:
@@ -78,6 +77,7 @@ def build_spec(instance: Instance) -> InstanceSpec:
         networks=networks.attachments(instance, node),
         ssh_keys=tuple(instance.ssh_keys),
         user_data=instance.user_data or None,
+        vendor_data=settings.SKYPORT_VENDOR_DATA if instance.kind == Kind.VM else None,
         cpu_quota_percent=100 * instance.vcpus,
         id_base=id_base,
         command=tuple(instance.command),
@@ -198,8 +198,13 @@ def check(instance: Instance, action: Action, params: dict[str, Any] | None = No
         raise InvalidAction(why)
 
 
-def _dispatch(instance: Instance, action: Action, params: dict[str, Any], user: Any, message: str) -> None:
-    """Claim the instance for ``action`` and send it to its node after commit (inside a transaction)."""
+def dispatch_action(
+    instance: Instance, action: Action, params: dict[str, Any], user: Any, message: str = ""
+) -> None:
+    """Claim the instance for ``action`` and send it to its node after commit (inside a transaction).
+
+    Conflict (409) when the instance is busy or in a state the action cannot start from.
+    """
     action_id = _claim(instance, action)
     node = _node(instance)
     _event(instance, f"dispatch.{action}", message or f"sent to {node.name}", user, action_id)
@@ -208,42 +213,14 @@ def _dispatch(instance: Instance, action: Action, params: dict[str, Any], user: 
     )
 
 
-#: how the dispatch event of a snapshot starts, followed by its name (read by ``snapshot_names``)
-SNAPSHOT_SENT = "snapshot "
-
-
-def snapshot_names(instance: Instance) -> list[str]:
-    """Snapshots of ``instance`` that its node reported taken, newest first.
-
-    Until the portal has a snapshots resource (issue 13), the audit log is where they are:
-    a ``dispatch.snapshot`` event names the snapshot and carries the action id, and the
-    node's ``node.snapshot`` success event for the same action id says it exists.
-    """
-    done = Event.objects.filter(
-        object_type="instance", object_id=str(instance.pk), action="node.snapshot", outcome=Outcome.SUCCESS
-    ).values_list("request_id", flat=True)
-    sent = Event.objects.filter(
-        object_type="instance", object_id=str(instance.pk), action="dispatch.snapshot", request_id__in=done
-    ).order_by("-created_at")
-    names: list[str] = []
-    for message in sent.values_list("message", flat=True):
-        name = message.removeprefix(SNAPSHOT_SENT).split(" ", 1)[0]
-        if message.startswith(SNAPSHOT_SENT) and name not in names:
-            names.append(name)
-    return names
-
-
 def act(instance: Instance, action: str, params: dict[str, Any], user: Any) -> Instance:
     """Claim the instance for one of the public actions and send it to its node (202)."""
     unknown = states.unknown(action)
     if unknown:
         raise InvalidAction(unknown)
     check(instance, Action(action), params)
-    node = instance.node.name if instance.node else "its node"
-    # the snapshot's name is kept in the event: the pages offer reverts to the ones that succeeded
-    message = f"{SNAPSHOT_SENT}{params['name']} sent to {node}" if action == Action.SNAPSHOT else ""
     with transaction.atomic():
-        _dispatch(instance, Action(action), params, user, message)
+        dispatch_action(instance, Action(action), params, user, "")
     return instance
 
 
@@ -274,7 +251,8 @@ def publish(instance: Instance, name: str, version: str, description: str, user:
             "upload_url": f"{settings.SKYPORT_PORTAL_URL}/api/v1/blobs/uploads/{image.pk}",
             "upload_token": image_services.upload_token(image),
         }
-        _dispatch(instance, Action.PUBLISH, params, user, f"image {image} (id {image.pk}) from {node.name}")
+        message = f"image {image} (id {image.pk}) from {node.name}"
+        dispatch_action(instance, Action.PUBLISH, params, user, message)
     return image
 
 
@@ -313,6 +291,58 @@ def stats(instance: Instance) -> dict[str, Any]:
             for s in metrics.samples(str(instance.pk))
         ],
     }
+
+
+def resize(instance: Instance, flavor: Flavor, user: Any) -> Instance:
+    """Give a stopped VM another flavor, with quota and its node's capacity checked as a create.
+
+    The new sizes count at once (under the quota and node locks, as a
+    create); ``resize_from`` keeps the old ones until the node reports, and
+    a failed resize puts them back.  The disk only grows.
+    """
+    if instance.kind != Kind.VM:
+        raise InvalidAction(f"Only VMs can be resized; {instance.name} is a {instance.kind}.")
+    if flavor.disk_gb < instance.disk_gb:
+        raise Conflict(
+            f"Flavor {flavor.name} has a {flavor.disk_gb} GB disk and {instance.name} has "
+            f"{instance.disk_gb} GB; disks only grow."
+        )
+    if (flavor.vcpus, flavor.ram_mb, flavor.disk_gb) == (instance.vcpus, instance.ram_mb, instance.disk_gb):
+        raise Conflict(f"Instance {instance.name} already has the sizes of flavor {flavor.name}.")
+    with transaction.atomic():
+        quota = Quota.objects.select_for_update().get(tenant=instance.tenant)
+        node = ComputeNode.objects.select_for_update().get(pk=_node(instance).pk)
+        delta = {
+            "vcpus": flavor.vcpus - instance.vcpus,
+            "ram_mb": flavor.ram_mb - instance.ram_mb,
+            "disk_gb": flavor.disk_gb - instance.disk_gb,
+        }
+        used = placement.usage(instance.tenant_id)
+        for limit, more in delta.items():
+            if more > 0 and used[limit] + more > getattr(quota, limit):
+                raise QuotaExceeded(
+                    f"Quota exceeded for {limit}: tenant {instance.tenant.slug} uses {used[limit]} of "
+                    f"{getattr(quota, limit)} and this resize needs {more} more."
+                )
+        (view,) = placement.node_views([node])
+        for what, now, more, cap in (
+            ("vCPUs", view.used_vcpus, delta["vcpus"], view.vcpus * view.cpu_ratio),
+            ("RAM", view.used_ram_mb, delta["ram_mb"], view.ram_mb * view.ram_ratio),
+            ("disk", view.used_disk_gb, delta["disk_gb"], view.disk_gb * view.disk_ratio),
+        ):
+            if more > 0 and now + more > cap:
+                raise Conflict(f"Node {node.name} has no room for this resize: not enough {what}.")
+        previous = {
+            "flavor": instance.flavor_id,
+            "vcpus": instance.vcpus,
+            "ram_mb": instance.ram_mb,
+            "disk_gb": instance.disk_gb,
+        }
+        params = {"vcpus": flavor.vcpus, "ram_mb": flavor.ram_mb, "disk_gb": flavor.disk_gb}
+        dispatch_action(instance, Action.RESIZE, params, user, f"to {flavor.name} on {node.name}")
+        Instance.objects.filter(pk=instance.pk).update(flavor=flavor, resize_from=previous, **params)
+        instance.refresh_from_db()
+    return instance
 
 
 def delete_instance(instance: Instance, user: Any) -> Instance:

@@ -13,8 +13,10 @@ action is a member of ``Action``, a rule here, a task state in
 An action that needs a driver capability is offered only where the node of
 the instance reports that capability for the instance's kind (the heartbeat
 says so: ``ComputeNode.drivers``), never by hard-coding what a kind can do.
-``delete_snapshot`` has no rule yet: nodes run it, the portal has no list of
-snapshots to offer it from.
+Snapshots are resources of their own (``portal/storage``, the
+``instances/{id}/snapshots/`` endpoints): ``delete_snapshot`` is not public
+here, and snapshot and revert keep the snapshot rows in step whichever way
+they are asked for.
 """
 
 from __future__ import annotations
@@ -88,6 +90,15 @@ RULES: dict[Action, Rule] = {
     Action.REVERT: Rule(
         TaskState.REVERTING, _ON_NODE, None, needs=Capability.SNAPSHOTS, params=("name",), work_seconds=300
     ),
+    Action.DELETE_SNAPSHOT: Rule(
+        TaskState.DELETING_SNAPSHOT,
+        _ON_NODE,
+        None,
+        needs=Capability.SNAPSHOTS,
+        params=("name",),
+        public=False,
+        work_seconds=300,
+    ),
     Action.PUBLISH: Rule(
         TaskState.PUBLISHING,
         _ON_NODE,
@@ -96,6 +107,14 @@ RULES: dict[Action, Rule] = {
         params=("upload_url", "upload_token"),
         public=False,
         work_seconds=300,
+    ),
+    # a stopped VM gets the new flavor's vCPUs, memory and (grown) disk; its own endpoint
+    Action.RESIZE: Rule(
+        TaskState.RESIZING,
+        (VmState.STOPPED,),
+        VmState.STOPPED,
+        params=("vcpus", "ram_mb", "disk_gb"),
+        public=False,
     ),
     Action.DELETE: Rule(TaskState.DELETING, LIVE_STATES, VmState.DELETED, public=False),
 }

@@ -21,12 +21,14 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from compute.spec import (
+    SNAPSHOT_ACTIONS,
     Action,
     ConsoleTail,
     InventoryItem,
     NodeReport,
     Observation,
     PowerState,
+    SnapshotInfo,
     SpecError,
     Task,
     from_json,
@@ -38,6 +40,7 @@ from portal.cloud.choices import NodeStatus, VmState
 from portal.cloud.models import AppliedAction, ComputeNode, Instance, Network
 from portal.images.choices import ImageStatus
 from portal.metering import sampling
+from portal.storage import snapshots, volumes
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ def apply_observation(data: dict[str, Any]) -> str:
                 if obs.action == Action.DELETE:
                     instance.deleted_at = timezone.now()
                     instance.ports.all().delete()
+                    volumes.release(instance)  # the volumes outlive it, detached
             else:
                 instance.status_reason = f"{obs.action} failed: {obs.message}"[:255]
                 if obs.action == Action.PUBLISH:
@@ -96,9 +100,21 @@ def apply_observation(data: dict[str, Any]) -> str:
                         status=ImageStatus.FAILED,
                         status_reason=f"the node could not publish: {obs.message}"[:255],
                     )
+            if obs.action == Action.RESIZE and instance.resize_from:
+                if not obs.ok:  # the node kept the old sizes: count those again
+                    old = instance.resize_from
+                    instance.flavor_id = old["flavor"]
+                    instance.vcpus, instance.ram_mb, instance.disk_gb = (
+                        old["vcpus"],
+                        old["ram_mb"],
+                        old["disk_gb"],
+                    )
+                instance.resize_from = None
             instance.task_state = None
             instance.task_deadline = None
         instance.save()
+        if obs.action in SNAPSHOT_ACTIONS:
+            snapshots.sync(instance, obs.snapshots, obs.ok)
         sampling.record_observation(instance, obs, timezone.now())
         _node_event(
             instance.tenant_id,
@@ -135,6 +151,22 @@ def _record_restarts(node: str, rows: Any, seen: dict[str, InventoryItem]) -> No
             _node_event(inst.tenant_id, node, "instance.restarted", inst, Outcome.SUCCESS, message)
 
 
+def _sync_snapshots(live: Any, seen: dict[str, InventoryItem], task_states: dict[str, str | None]) -> None:
+    """Settle the snapshot rows of the idle instances from the node's lists.
+
+    An instance with an action in flight is left to that action's observation.
+    The rows are read in one query; only instances whose rows are out of step are locked.
+    """
+    listed: dict[str, tuple[SnapshotInfo, ...]] = {
+        iid: item.snapshots
+        for iid, item in seen.items()
+        if item.snapshots is not None and iid in task_states and task_states[iid] is None
+    }
+    unsettled = snapshots.out_of_step(listed)
+    for inst in live.filter(pk__in=unsettled, task_state=None).select_for_update() if unsettled else ():
+        snapshots.sync(inst, listed[str(inst.pk)])
+
+
 def _reconcile(node: ComputeNode, report: NodeReport) -> None:
     """Compare the node's real inventory with the database; record, never delete.
 
@@ -151,6 +183,7 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
     samples: list[tuple[str, int, int]] = []
     suspects = []
     restarted = []
+    task_states: dict[str, str | None] = {}
     for pk, power_state, vm_state, task_state, restarts in live.order_by().values_list(
         "pk", "power_state", "vm_state", "task_state", "restarts"
     ):
@@ -162,8 +195,10 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
             restarted.append(pk)
         if _drifted(power_state, vm_state, task_state, item):
             suspects.append(pk)
+        task_states[str(pk)] = task_state
     if restarted:
         _record_restarts(node.name, live.filter(pk__in=restarted), seen)
+    _sync_snapshots(live, seen, task_states)
     for inst in live.filter(pk__in=suspects).select_for_update() if suspects else ():
         item = seen.get(str(inst.pk))
         if not _drifted(inst.power_state, inst.vm_state, inst.task_state, item):
@@ -259,6 +294,7 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
             node.status = NodeStatus.UP
             node.status_reason = ""
         _reconcile(node, report)
+        volumes.reconcile(node, report.volumes)
         node.save()
         if (came_up or readdressed) and node.status == NodeStatus.UP:
             # Peers skip nodes that are down or do not tunnel: tell every node of its networks again.

@@ -89,11 +89,16 @@ class Quota(models.Model):
     disk_gb = models.PositiveIntegerField()
     containers = models.PositiveIntegerField()
     vms = models.PositiveIntegerField()
+    volumes = models.PositiveIntegerField(default=10, help_text="Volumes the tenant may have")
+    volume_gb = models.PositiveIntegerField(default=100, help_text="Total size of its volumes in GB")
     published_ports = models.PositiveIntegerField(default=10, db_default=10)
 
     objects = TenantScopedQuerySet.as_manager()
 
+    #: what an instance create uses (``placement.quota_effect``)
     LIMITS = ("instances", "vcpus", "ram_mb", "disk_gb", "containers", "vms")
+    #: what a volume create or extend uses (``portal.storage.volumes``)
+    VOLUME_LIMITS = ("volumes", "volume_gb")
 
     class Meta:
         ordering = ["tenant__slug"]

@@ -215,7 +215,7 @@ class SnapshotForm(NoSuffix, forms.Form):
 
 
 class RevertForm(NoSuffix, forms.Form):
-    """The snapshot to go back to, picked from those the node reported taken (a GET form whose
+    """The snapshot to go back to, picked from the VM's ``available`` Snapshot rows (a GET form whose
     answer is a confirmation page); an unknown name is refused here, before anything is sent."""
 
     name = forms.ChoiceField(label="Snapshot to revert to")

@@ -23,6 +23,12 @@ urlpatterns = [
     path("instances/<uuid:pk>/action/", instances.instance_action, name="instance-action"),
     path("instances/<uuid:pk>/delete/", instances.instance_delete, name="instance-delete"),
     path("instances/<uuid:pk>/revert/", instances.instance_revert, name="instance-revert"),
+    path("instances/<uuid:pk>/snapshots/", instances.instance_snapshots, name="instance-snapshots"),
+    path(
+        "instances/<uuid:pk>/snapshots/<slug:name>/delete/",
+        instances.snapshot_delete,
+        name="snapshot-delete",
+    ),
     path("instances/<uuid:pk>/publish/", images.instance_publish, name="instance-publish"),
     path("images/", tenant.images, name="images"),
     path("images/upload/", images.image_upload, name="image-upload"),

@@ -45,8 +45,12 @@ from compute.spec import (
     Protocol,
     SecurityBatch,
     SecurityRule,
+    SnapshotInfo,
     SpecError,
     Task,
+    VolumeObservation,
+    VolumeOp,
+    VolumeRequest,
     from_json,
     stored_spec,
     to_json,
@@ -231,8 +235,14 @@ def test_every_message_round_trips_through_json() -> None:
         ),
         NodeReport(
             "n1", "node.n1", 2, 64, 1, (DriverStatus(Kind.VM, True, "ok", frozenset(Capability)),),
-            (InventoryItem(iid, Kind.VM, PowerState.RUNNING, 5, 6),),
+            (InventoryItem(iid, Kind.VM, PowerState.RUNNING, 5, 6, (SnapshotInfo("s1", 1.5),)),),
+            volumes=(iid,), attachments=((iid, iid),),
         ),
+        Observation(
+            iid, "n1", Action.SNAPSHOT, "a5", True, PowerState.RUNNING, snapshots=(SnapshotInfo("s", 2.0, 9),)
+        ),
+        VolumeRequest(iid, VolumeOp.ATTACH, "a6", instance_id=iid, kind=Kind.VM),
+        VolumeObservation(iid, "n1", VolumeOp.ATTACH, "a6", True, target="vdc"),
     ]  # fmt: skip
     assert {type(m) for m in messages} == set(MESSAGES.values())
     for message in messages:
@@ -328,6 +338,7 @@ def test_the_worker_registers_every_node_task() -> None:
         Task.DELETE,
         Task.CONSOLE,
         Task.ENSURE_NETWORK,
+        Task.VOLUME,
         Task.CONSOLE_OPEN,
         Task.EXEC,
         Task.FORWARDS,

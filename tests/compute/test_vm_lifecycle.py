@@ -154,6 +154,10 @@ def test_snapshot_and_revert_restore_the_running_guest(booted: Booted) -> None:
     snap = drv.snapshot(iid, "before-stop")
     assert [s.name for s in drv.list_snapshots(iid)] == ["before-stop"]
     assert drv.snapshot(iid, "before-stop") == snap
+    # the size the portal lists: the memory state saved with a running VM (qemu-img vm-state-size)
+    (sized,) = drv.list_snapshots(iid, sizes=True)
+    assert sized.name == "before-stop" and sized.created_at == snap.created_at
+    assert 1 << 20 < sized.size_bytes < 256 << 20, sized
     readies = booted.log().count(READY)
     assert drv.stop(iid, force=True).power_state is PowerState.SHUTDOWN
     # The snapshot holds memory: revert resumes the guest where it was, without a boot.

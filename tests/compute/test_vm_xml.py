@@ -166,7 +166,11 @@ def _spec_with_net(**kw: object) -> object:
 def test_seed_contents() -> None:
     spec = _spec_with_net()
     md = json.loads(cloudinit.meta_data(spec))  # type: ignore[arg-type]
-    assert md == {"instance-id": spec.instance_id, "local-hostname": "web-1"}  # type: ignore[attr-defined]
+    assert md == {
+        "instance-id": spec.instance_id,  # type: ignore[attr-defined]
+        "local-hostname": "web-1",
+        "public-keys": ["ssh-ed25519 AAAAkey user@h"],
+    }
     nc = json.loads(cloudinit.network_config(spec))  # type: ignore[arg-type]
     eth0 = nc["ethernets"]["eth0"]
     assert nc["version"] == 2
@@ -177,21 +181,44 @@ def test_seed_contents() -> None:
     assert eth0["nameservers"] == {"addresses": ["198.18.3.1"]}
     ud = cloudinit.user_data(spec)  # type: ignore[arg-type]
     assert ud.startswith("#cloud-config\n")
-    assert json.loads(ud.split("\n", 1)[1])["ssh_authorized_keys"] == ["ssh-ed25519 AAAAkey user@h"]
+    assert json.loads(ud.split("\n", 1)[1]) == {"hostname": "web-1"}
 
 
-def test_seed_uses_own_user_data_verbatim() -> None:
-    spec = _spec_with_net(user_data="#!/bin/sh\necho hi\n")
-    assert cloudinit.user_data(spec) == "#!/bin/sh\necho hi\n"  # type: ignore[arg-type]
+# A multi-part MIME user-data with CRLF line ends and non-ASCII text: must reach the guest unchanged.
+MULTIPART = (
+    'Content-Type: multipart/mixed; boundary="==B=="\r\nMIME-Version: 1.0\r\n\r\n'
+    '--==B==\r\nContent-Type: text/cloud-config; charset="utf-8"\r\n\r\n'
+    "#cloud-config\r\nwrite_files:\r\n- path: /etc/motd\r\n  content: 'grüße'\r\n"
+    '--==B==\r\nContent-Type: text/x-shellscript; charset="utf-8"\r\n\r\n'
+    "#!/bin/sh\r\necho hi > /tmp/hi\r\n--==B==--\r\n"
+)
 
 
-def test_seed_iso_is_labelled_cidata(tmp_path: Path) -> None:
-    spec = _spec_with_net()
+@pytest.mark.parametrize("user_data", [None, "#!/bin/sh\necho hi\n", "#cloud-config\nusers: []\n", MULTIPART])
+def test_keys_are_in_meta_data_whatever_the_user_data(user_data: str | None) -> None:
+    """Regression (issue 13): giving user-data dropped the tenant's SSH keys (they were only in user-data)."""
+    spec = _spec_with_net(user_data=user_data)
+    files = cloudinit.seed_files(spec)  # type: ignore[arg-type]
+    assert json.loads(files["meta-data"])["public-keys"] == ["ssh-ed25519 AAAAkey user@h"]
+    if user_data is not None:
+        assert files["user-data"] == user_data.encode("utf-8")
+    assert "vendor-data" not in files
+
+
+def test_seed_iso_is_labelled_cidata_and_carries_user_data_byte_for_byte(tmp_path: Path) -> None:
+    spec = _spec_with_net(user_data=MULTIPART, vendor_data="#cloud-config\ntimezone: UTC\n")
     iso = cloudinit.build_seed(spec, tmp_path / "seed.iso")  # type: ignore[arg-type]
     out = subprocess.run(["isoinfo", "-d", "-i", str(iso)], capture_output=True, text=True, check=True).stdout
     assert "Volume id: cidata" in out
     names = subprocess.run(["isoinfo", "-J", "-f", "-i", str(iso)], capture_output=True, text=True).stdout
-    assert set(names.split()) == {"/meta-data", "/network-config", "/user-data"}
+    assert set(names.split()) == {"/meta-data", "/network-config", "/user-data", "/vendor-data"}
+
+    def extract(name: str) -> bytes:
+        cmd = ["isoinfo", "-J", "-i", str(iso), "-x", name]
+        return subprocess.run(cmd, capture_output=True, check=True).stdout
+
+    assert extract("/user-data") == MULTIPART.encode("utf-8")
+    assert extract("/vendor-data") == b"#cloud-config\ntimezone: UTC\n"
 
 
 # -- image cache and overlays ----------------------------------------------------------------------

@@ -204,6 +204,7 @@ class FakeNodes:
         from compute.drivers.fake import FakeDriver
         from compute.tasks import NodeService
         from portal.cloud.tasks import apply_console, apply_node_report, apply_observation
+        from portal.storage.tasks import apply_volume_observation
 
         if queue not in self.nodes:
             name = queue.removeprefix("node.")
@@ -214,6 +215,7 @@ class FakeNodes:
                     Task.OBSERVE: apply_observation,
                     Task.CONSOLE_TAIL: apply_console,
                     Task.NODE_REPORT: apply_node_report,
+                    Task.OBSERVE_VOLUME: apply_volume_observation,
                 }
                 handlers[Task(task)](payload)
 

@@ -45,7 +45,17 @@ def test_duplicate_name_is_409(world: World) -> None:
 
 def test_usage_endpoint(world: World) -> None:
     q = world.client("a_viewer").get("/api/v1/quotas/").json()["results"][0]
-    assert q["usage"] == {"instances": 1, "vcpus": 1, "ram_mb": 128, "disk_gb": 1, "containers": 0, "vms": 1}
+    assert q["usage"] == {
+        "instances": 1,
+        "vcpus": 1,
+        "ram_mb": 128,
+        "disk_gb": 1,
+        "containers": 0,
+        "vms": 1,
+        "volumes": 0,
+        "volume_gb": 0,
+    }
+    assert (q["volumes"], q["volume_gb"]) == (10, 100)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -10,6 +10,7 @@ import yaml
 
 from portal.cloud.models import ComputeNode, ExternalAddress, PublishedPort, SecurityGroup, SecurityGroupRule
 from portal.metering.models import Budget, PriceSheet
+from portal.storage.models import Volume
 from portal.tenancy.models import APIToken, SSHKey
 from tests.portal.conftest import ED25519, World
 
@@ -56,6 +57,7 @@ def test_allow_header_matches_the_schema_everywhere(world: World) -> None:
         "published-ports": published.pk,
         "security-groups": group.pk,
         "security-group-rules": rule.pk,
+        "volumes": Volume.objects.create(tenant=world.a, name="v", size_gb=1, node=external.node).pk,
     }
     doc = yaml.safe_load(c.get("/api/schema/").content)
     checked = 0

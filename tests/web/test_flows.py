@@ -14,6 +14,7 @@ from portal.cloud.choices import VmState
 from portal.cloud.models import ComputeNode, Instance
 from portal.cloud.tasks import apply_node_report
 from portal.errors import InvalidAction
+from portal.storage.models import Snapshot
 from portal.tenancy.models import APIToken, Quota, SSHKey
 from portal.web.presenters import action_allowed, sparkline_points
 from tests.portal.conftest import UP_BOTH, FakeNodes, World, heartbeat, new_ed25519
@@ -346,7 +347,18 @@ def test_revert_asks_for_confirmation_first(world: World, sent: list[Any]) -> No
     c = client(world, "a_member")
     inst = world.instance_a
     url = f"/instances/{inst.pk}/"
+    # a snapshot the portal does not list (no Snapshot row) is refused before any confirmation
+    r = c.get(url + "revert/", {"name": "before-upgrade"})
+    assert r.status_code == 400
+    assert "No snapshot named before-upgrade has been taken of this VM." in text(r)
+    # one still being taken is not offered either
+    Snapshot.objects.create(tenant=inst.tenant, instance=inst, name="before-upgrade", status="creating")
+    assert c.get(url + "revert/", {"name": "before-upgrade"}).status_code == 400
+    Snapshot.objects.filter(instance=inst).update(status="missing")
+    assert c.get(url + "revert/", {"name": "before-upgrade"}).status_code == 400, "nor one the node lost"
+    Snapshot.objects.filter(instance=inst).delete()
     taken_snapshot(inst, "before-upgrade")
+    assert Snapshot.objects.get(instance=inst, name="before-upgrade").status == "available"
     sent.clear()
     detail = text(c.get(url))
     assert f'<form method="get" action="{url}revert/"' in detail, "revert is a GET form to its confirmation"

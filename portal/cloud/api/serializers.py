@@ -525,6 +525,10 @@ class NetworkSerializer(StrictModelSerializer[Network]):
         read_only_fields = fields
 
 
+class ResizeSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    flavor = StrictIntegerField(min_value=1, max_value=MAX_ID, help_text="Id of a flavor you may use")
+
+
 @extend_schema_field(
     {"type": "string", "format": "uuid", "maxLength": 36, "description": "The id of an instance of yours"}
 )

@@ -33,6 +33,8 @@ from portal.console import services as console_services
 from portal.console.api import serializers as console_api
 from portal.errors import Conflict
 from portal.images.api.serializers import ImageSerializer
+from portal.storage import snapshots
+from portal.storage.api.serializers import SnapshotCreateSerializer, SnapshotSerializer
 from portal.tenancy.choices import Role
 
 
@@ -176,9 +178,59 @@ class InstanceViewSet(ScopedViewSet):
         body = serializers.InstanceActionSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         describe(request, f"instance.{body.validated_data['action']}", instance)
-        services.act(instance, body.validated_data["action"], body.validated_data["params"], request.user)
+        snapshots.act(instance, body.validated_data["action"], body.validated_data["params"], request.user)
         instance.refresh_from_db()
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=serializers.ResizeSerializer, responses={202: serializers.InstanceSerializer})
+    @action(detail=True, methods=["post"], url_path="resize")
+    def resize(self, request: Request, pk: str | None = None) -> Response:
+        """Give a stopped VM another flavor (quota and its node's capacity checked; the disk only grows)."""
+        instance = self.get_object()
+        body = serializers.ResizeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        describe(request, "instance.resize", instance)
+        flavor = Flavor.objects.restrict(self.actor).filter(pk=body.validated_data["flavor"]).first()
+        if flavor is None:
+            raise ValidationError({"flavor": f"No flavor {body.validated_data['flavor']} that you may use."})
+        instance = services.resize(instance, flavor, request.user)
+        return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(methods=["get"], responses={200: SnapshotSerializer(many=True)})
+    @extend_schema(methods=["post"], request=SnapshotCreateSerializer, responses={202: SnapshotSerializer})
+    @action(detail=True, methods=["get", "post"], url_path="snapshots")
+    def snapshots(self, request: Request, pk: str | None = None) -> Response:
+        """The VM's disk snapshots, oldest first; POST {"name"} takes one (202, ``creating``)."""
+        instance = self.get_object()
+        if request.method == "GET":
+            rows = instance.snapshots.all()
+            return Response(SnapshotSerializer(rows, many=True).data)
+        body = SnapshotCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        describe(request, "snapshot.create", instance, message=f"snapshot {body.validated_data['name']}")
+        snap = snapshots.take(instance, body.validated_data["name"], request.user)
+        return Response(SnapshotSerializer(snap).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(methods=["get"], responses={200: SnapshotSerializer})
+    @extend_schema(methods=["delete"], responses={202: SnapshotSerializer})
+    @action(detail=True, methods=["get", "delete"], url_path=r"snapshots/(?P<name>[a-z0-9-]{1,63})")
+    def snapshot(self, request: Request, name: str, pk: str | None = None) -> Response:
+        """One snapshot; DELETE removes it on the node (202, ``deleting``; 404 when it is not listed)."""
+        instance = self.get_object()
+        if request.method == "GET":
+            return Response(SnapshotSerializer(snapshots.get(instance, name)).data)
+        describe(request, "snapshot.delete", instance, message=f"snapshot {name}")
+        snap = snapshots.delete(instance, name, request.user)
+        return Response(SnapshotSerializer(snap).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: SnapshotSerializer})
+    @action(detail=True, methods=["post"], url_path=r"snapshots/(?P<name>[a-z0-9-]{1,63})/revert")
+    def revert_snapshot(self, request: Request, name: str, pk: str | None = None) -> Response:
+        """Return the VM to this snapshot (202; 404 when the instance has no such snapshot)."""
+        instance = self.get_object()
+        describe(request, "snapshot.revert", instance, message=f"snapshot {name}")
+        snap = snapshots.revert(instance, name, request.user)
+        return Response(SnapshotSerializer(snap).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(
         request=serializers.InstanceSecurityGroupsSerializer,

@@ -24,6 +24,8 @@ from portal.audit.record import describe, not_a_change, note_error
 from portal.cloud import disclosure, placement, services
 from portal.cloud.choices import VmState
 from portal.cloud.models import Instance
+from portal.storage import snapshots
+from portal.storage.choices import SnapshotStatus
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Tenant
 from portal.web.access import (
@@ -243,7 +245,7 @@ def _detail_page(
     revert: Any = None,
 ) -> HttpResponse:
     ctx = _status_context(request, instance)
-    names = services.snapshot_names(instance) if instance.kind == Kind.VM else []
+    names = snapshots.revertible_names(instance) if instance.kind == Kind.VM else []
     ctx |= {
         "error": error,
         "snapshot_form": snapshot or SnapshotForm(),
@@ -260,7 +262,7 @@ def instance_status(request: HttpRequest, pk: str) -> HttpResponse:
     instance = _instance(request, pk)
     ctx = _status_context(request, instance)
     if instance.kind == Kind.VM:  # the buttons outside the panel come along (out of band)
-        ctx |= {"oob": True, "snapshot_names": services.snapshot_names(instance)}
+        ctx |= {"oob": True, "snapshot_names": snapshots.revertible_names(instance)}
     return _polled(request, "web/partials/instance_status.html", instance, ctx)
 
 
@@ -366,7 +368,7 @@ def instance_action(request: HttpRequest, pk: str) -> HttpResponse:
         params["name"] = snapshot.cleaned_data["name"]
     if action == Action.STOP and request.POST.get("force") == "1":
         params["force"] = True
-    outcome = attempt(request, lambda: services.act(instance, action, params, request.user))
+    outcome = attempt(request, lambda: snapshots.act(instance, action, params, request.user))
     if isinstance(outcome, Refusal):
         instance.refresh_from_db()
         return _detail_page(request, instance, outcome.message, outcome.status, snapshot)
@@ -388,13 +390,16 @@ def instance_revert(request: HttpRequest, pk: str) -> HttpResponse:
     refused = _write_refusal(request, instance.tenant_id)
     if refused:
         return refused
-    form = RevertForm(request.POST if posted else request.GET, names=services.snapshot_names(instance))
+    form = RevertForm(request.POST if posted else request.GET, names=snapshots.revertible_names(instance))
     if not form.is_valid():
         note_error(request, "unknown snapshot name")
         error = " ".join(str(e) for e in form.errors.get("name", ())) or "Check the snapshot to revert to."
         return _detail_page(request, instance, error, 400, revert=form)
     name = form.cleaned_data["name"]
     if not posted:
+        unknown = attempt(request, lambda: snapshots.get(instance, name))
+        if isinstance(unknown, Refusal):
+            return _detail_page(request, instance, unknown.message, unknown.status, revert=form)
         if not action_allowed(instance, Action.REVERT):
             why = action_refusal(instance, Action.REVERT) or (
                 f"{instance.name} cannot be reverted: it is {instance.task_state or instance.vm_state}."
@@ -409,11 +414,54 @@ def instance_revert(request: HttpRequest, pk: str) -> HttpResponse:
             reverse("web:instance", args=[instance.pk]),
             fields={"name": name},
         )
-    outcome = attempt(request, lambda: services.act(instance, Action.REVERT, {"name": name}, request.user))
+    outcome = attempt(request, lambda: snapshots.revert(instance, name, request.user))
     if isinstance(outcome, Refusal):
         instance.refresh_from_db()
         return _detail_page(request, instance, outcome.message, outcome.status, revert=form)
     messages.success(request, f"Revert to {name} sent to {instance.node}; the state updates when it reports.")
+    return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
+
+
+@login_page
+def instance_snapshots(request: HttpRequest, pk: str) -> HttpResponse:
+    """Partial: the VM's snapshots (name, status, size, time) and a revert form that picks from them."""
+    instance = _instance(request, pk)
+    rows = list(instance.snapshots.all())
+    context = {
+        "instance": instance,
+        "snapshots": rows,
+        "revertible": [s for s in rows if s.status == SnapshotStatus.AVAILABLE],
+        "can_revert": action_allowed(instance, Action.REVERT),
+    }
+    return render(request, "web/partials/instance_snapshots.html", context)
+
+
+@login_page
+def snapshot_delete(request: HttpRequest, pk: str, name: str) -> HttpResponse:
+    """GET: a confirmation page; POST: ask the node to delete the snapshot (the row goes when it reports)."""
+    instance = _instance(request, pk)
+    posted = request.method == "POST"
+    if posted:
+        describe(request, "snapshot.delete", instance, message=f"snapshot {name}")
+    refused = _write_refusal(request, instance.tenant_id)
+    if refused:
+        return refused
+    if not posted:
+        found = attempt(request, lambda: snapshots.get(instance, name))
+        if isinstance(found, Refusal):
+            return _detail_page(request, instance, found.message, found.status)
+        return confirm(
+            request,
+            f"Delete snapshot {name} of {instance.name}?",
+            "The snapshot is removed from the VM's disk; you can no longer revert to it.",
+            "Delete snapshot",
+            reverse("web:instance", args=[instance.pk]),
+        )
+    outcome = attempt(request, lambda: snapshots.delete(instance, name, request.user))
+    if isinstance(outcome, Refusal):
+        instance.refresh_from_db()
+        return _detail_page(request, instance, outcome.message, outcome.status)
+    messages.success(request, f"Deleting snapshot {name} on {instance.node}; the list updates when done.")
     return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
 
 

@@ -1,0 +1,78 @@
+"""Snapshots and volumes on the wire: what the lists show and what creates and actions accept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from portal.api.fields import DefaultTenantMixin, TenantField
+from portal.api.strict import StrictCharField, StrictIntegerField, StrictModelSerializer, StrictRegexField
+from portal.cloud.naming import NAME_RE, NAME_RULE
+from portal.storage.models import Snapshot, Volume
+
+#: the largest volume (the node's qemu-img limit for the spec is 16384)
+MAX_VOLUME_GB = 16384
+
+
+class AttachmentSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    instance = serializers.UUIDField()
+    device = serializers.CharField(allow_null=True, help_text="Guest disk (vdc…) once attached")
+    status = serializers.CharField()
+
+
+class SnapshotSerializer(StrictModelSerializer[Snapshot]):
+    class Meta:
+        model = Snapshot
+        fields = ["name", "instance_id", "status", "status_reason", "size_bytes", "taken_at", "created_at"]
+        read_only_fields = fields
+
+
+class SnapshotCreateSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    name = StrictRegexField(NAME_RE, max_length=63, error_messages={"invalid": NAME_RULE})
+
+
+class VolumeSerializer(DefaultTenantMixin, StrictModelSerializer[Volume]):
+    tenant = TenantField(required=False)
+    name = StrictRegexField(NAME_RE, max_length=63, error_messages={"invalid": NAME_RULE})
+    size_gb = StrictIntegerField(min_value=1, max_value=MAX_VOLUME_GB)
+    node = StrictCharField(
+        source="node.name",
+        required=False,
+        max_length=63,
+        help_text="Node to hold the volume (default: an up node you may run VMs on with the most disk)",
+    )
+    attachments = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Volume
+        fields = [
+            "id",
+            "tenant",
+            "name",
+            "size_gb",
+            "node",
+            "status",
+            "status_reason",
+            "attachments",
+            "missing_since",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["id", "status", "status_reason", "missing_since", "created_at", "updated_at"]
+        validators: list[Any] = []  # live-name uniqueness is checked under the quota lock (409)
+
+    @extend_schema_field(AttachmentSerializer(many=True))
+    def get_attachments(self, obj: Volume) -> list[dict[str, Any]]:
+        if obj.instance_id is None:
+            return []
+        return [{"instance": str(obj.instance_id), "device": obj.target or None, "status": obj.status}]
+
+
+class VolumeAttachSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    instance = serializers.UUIDField(help_text="A VM of the volume's tenant on the volume's node")
+
+
+class VolumeExtendSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    size_gb = StrictIntegerField(min_value=1, max_value=MAX_VOLUME_GB)

@@ -1,0 +1,31 @@
+"""Choices of the storage app: the states of snapshots and volumes."""
+
+from django.db import models
+
+
+class SnapshotStatus(models.TextChoices):
+    """Where a snapshot of an instance's disk stands, as the portal last knew it."""
+
+    CREATING = "creating"
+    AVAILABLE = "available"
+    REVERTING = "reverting"
+    DELETING = "deleting"
+    MISSING = "missing"  # the node no longer lists it (found by reconcile)
+
+
+class VolumeStatus(models.TextChoices):
+    """Where a volume stands; the transitional ones wait for the node's :class:`VolumeObservation`."""
+
+    CREATING = "creating"
+    AVAILABLE = "available"
+    ATTACHING = "attaching"
+    IN_USE = "in-use"
+    DETACHING = "detaching"
+    EXTENDING = "extending"
+    DELETING = "deleting"
+    DELETED = "deleted"
+    ERROR = "error"
+
+
+#: statuses of a snapshot an action is working on (the instance is claimed meanwhile)
+SNAPSHOT_IN_FLIGHT = (SnapshotStatus.CREATING, SnapshotStatus.REVERTING, SnapshotStatus.DELETING)

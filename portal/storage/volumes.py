@@ -1,0 +1,262 @@
+"""Volumes: create, attach, detach, extend and delete, each settled by the node's observation.
+
+A volume is a qcow2 file on one node (``compute/volumes.py``); it attaches
+only to a VM on that node.  Every request claims the volume row with a
+conditional UPDATE (its status must allow it), records ``action_id`` and
+sends a :class:`compute.spec.VolumeRequest` after commit; the node's
+:class:`compute.spec.VolumeObservation` settles it (:func:`observe`).  A
+failed attach leaves the volume ``available`` and the instance untouched (the
+driver changes the VM's definition only when the live attach worked).
+Quota: the count of live volumes and their total size in GB, checked with
+the tenant's quota row locked, as instance creates do.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Count, Sum
+from django.utils import timezone
+
+from compute.spec import Capability, Kind, VolumeObservation, VolumeOp, VolumeRequest
+from portal.audit.log import record
+from portal.audit.models import Outcome
+from portal.cloud import dispatch
+from portal.cloud.choices import NodeStatus, NodeTenancy, VmState
+from portal.cloud.models import ComputeNode, Instance
+from portal.errors import Conflict, InvalidAction, QuotaExceeded
+from portal.storage.choices import VolumeStatus
+from portal.storage.models import Volume
+from portal.tenancy.models import Quota, Tenant
+
+#: what each request needs the volume to be, and what it is while the node works
+_CLAIMS: dict[VolumeOp, tuple[tuple[str, ...], VolumeStatus]] = {
+    VolumeOp.ATTACH: ((VolumeStatus.AVAILABLE,), VolumeStatus.ATTACHING),
+    VolumeOp.DETACH: ((VolumeStatus.IN_USE,), VolumeStatus.DETACHING),
+    VolumeOp.GROW: ((VolumeStatus.AVAILABLE,), VolumeStatus.EXTENDING),
+    VolumeOp.DELETE: ((VolumeStatus.AVAILABLE, VolumeStatus.ERROR), VolumeStatus.DELETING),
+}
+#: instance states a volume may be attached or detached in
+_ATTACHABLE = (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED)
+
+
+def usage(tenant_id: int) -> dict[str, int]:
+    """The tenant's live volumes: how many and their total size in GB."""
+    agg = (
+        Volume.objects.live()
+        .filter(tenant_id=tenant_id)
+        .aggregate(volumes=Count("id"), volume_gb=Sum("size_gb"))
+    )
+    return {k: int(v or 0) for k, v in agg.items()}
+
+
+def _check_quota(tenant: Tenant, volumes: int, gb: int) -> None:
+    quota = Quota.objects.select_for_update().get(tenant=tenant)
+    used = usage(tenant.pk)
+    for limit, asked in (("volumes", volumes), ("volume_gb", gb)):
+        if used[limit] + asked > getattr(quota, limit):
+            raise QuotaExceeded(
+                f"Quota exceeded for {limit}: tenant {tenant.slug} uses {used[limit]} of "
+                f"{getattr(quota, limit)} and this volume needs {asked} more."
+            )
+
+
+def _send(volume: Volume, op: VolumeOp, **kw: Any) -> None:
+    dispatch.send(volume.node.queue, VolumeRequest(str(volume.pk), op, volume.action_id, **kw))
+
+
+def _event(
+    volume: Volume, action: str, message: str, user: Any = None, outcome: str = Outcome.SUCCESS
+) -> None:
+    record(
+        action,
+        volume,
+        tenant_id=volume.tenant_id,
+        actor=user,
+        outcome=outcome,
+        message=message,
+        request_id=volume.action_id,
+    )
+
+
+def default_node(tenant: Tenant) -> ComputeNode:
+    """Where a volume goes when the tenant names no node: an up node it may run VMs on, most disk first."""
+    for candidate in ComputeNode.objects.filter(status=NodeStatus.UP).order_by("-disk_gb", "name"):
+        if candidate.tenancy == NodeTenancy.SHARED or candidate.owner_id == tenant.pk:
+            return candidate
+    raise Conflict("No compute node is up to hold the volume; try again later or name a node.")
+
+
+def create(tenant: Tenant, name: str, size_gb: int, node: ComputeNode | None, user: Any) -> Volume:
+    """Write the volume row (``creating``) and ask its node for the file."""
+    node = node or default_node(tenant)
+    if node.tenancy == NodeTenancy.DEDICATED and node.owner_id != tenant.pk:
+        raise Conflict(f"Node {node.name} is dedicated to another tenant; choose another node.")
+    with transaction.atomic():
+        _check_quota(tenant, 1, size_gb)
+        if Volume.objects.live().filter(tenant=tenant, name=name).exists():
+            raise Conflict(f"Tenant {tenant.slug} already has a volume named {name!r}.")
+        volume = Volume.objects.create(
+            tenant=tenant, name=name, size_gb=size_gb, node=node, created_by=user, action_id=uuid.uuid4().hex
+        )
+        _event(volume, "dispatch.volume.create", f"{size_gb} GB on {node.name}", user)
+        _send(volume, VolumeOp.CREATE, size_gb=size_gb)
+    return volume
+
+
+def _claim(volume: Volume, op: VolumeOp, **fields: Any) -> Volume:
+    """Move the volume to the op's working status if its status allows it (conditional UPDATE), else 409."""
+    allowed, working = _CLAIMS[op]
+    action_id = uuid.uuid4().hex
+    claimed = Volume.objects.filter(pk=volume.pk, status__in=allowed).update(
+        status=working, action_id=action_id, status_reason="", updated_at=timezone.now(), **fields
+    )
+    volume.refresh_from_db()
+    if not claimed:
+        hint = {
+            VolumeOp.DELETE: "detach it first" if volume.status == VolumeStatus.IN_USE else "try again later",
+            VolumeOp.ATTACH: "detach it first" if volume.status == VolumeStatus.IN_USE else "try again later",
+        }.get(op, "try again later")
+        raise Conflict(f"Cannot {op} volume {volume.name} while it is {volume.status}; {hint}.")
+    return volume
+
+
+def attach(volume: Volume, instance: Instance, user: Any) -> Volume:
+    """Attach to a VM on the volume's node (hot when it runs); 409 with the reason when it cannot be."""
+    if instance.tenant_id != volume.tenant_id:
+        raise Conflict(f"Instance {instance.name} belongs to another tenant than volume {volume.name}.")
+    if instance.kind != Kind.VM:
+        raise InvalidAction(f"Volumes attach to VMs; {instance.name} is a {instance.kind}.")
+    if instance.node_id != volume.node_id:
+        raise Conflict(
+            f"Volume {volume.name} is on node {volume.node.name} and instance {instance.name} on "
+            f"{instance.node.name if instance.node else 'no node'}; a volume attaches only on its own node."
+        )
+    if Capability.VOLUMES not in instance.capabilities:
+        raise InvalidAction(f"Node {volume.node.name} does not report the volumes capability for VMs.")
+    if instance.vm_state not in _ATTACHABLE or instance.task_state:
+        busy = instance.task_state or instance.vm_state
+        raise Conflict(f"Cannot attach to instance {instance.name} while it is {busy}.")
+    with transaction.atomic():
+        volume = _claim(volume, VolumeOp.ATTACH, instance=instance)
+        _event(volume, "dispatch.volume.attach", f"to {instance.name} on {volume.node.name}", user)
+        _send(volume, VolumeOp.ATTACH, instance_id=str(instance.pk), kind=Kind.VM)
+    return volume
+
+
+def detach(volume: Volume, user: Any) -> Volume:
+    """Detach from its instance (hot when it runs; the guest releases the disk)."""
+    instance = volume.instance
+    if instance is None:
+        raise Conflict(f"Volume {volume.name} is not attached.")
+    with transaction.atomic():
+        volume = _claim(volume, VolumeOp.DETACH)
+        _event(volume, "dispatch.volume.detach", f"from {instance.name}", user)
+        _send(volume, VolumeOp.DETACH, instance_id=str(instance.pk), kind=Kind(instance.kind))
+    return volume
+
+
+def extend(volume: Volume, size_gb: int, user: Any) -> Volume:
+    """Grow a detached volume to ``size_gb`` (quota checked); volumes never shrink."""
+    if size_gb <= volume.size_gb:
+        raise Conflict(f"Volume {volume.name} is {volume.size_gb} GB; it can only grow.")
+    with transaction.atomic():
+        _check_quota(volume.tenant, 0, size_gb - volume.size_gb)
+        volume = _claim(volume, VolumeOp.GROW)
+        _event(volume, "dispatch.volume.extend", f"{volume.size_gb} -> {size_gb} GB", user)
+        _send(volume, VolumeOp.GROW, size_gb=size_gb)
+    return volume
+
+
+def delete(volume: Volume, user: Any) -> Volume:
+    """Delete the file on the node; only a detached volume (409 otherwise)."""
+    with transaction.atomic():
+        volume = _claim(volume, VolumeOp.DELETE)
+        _event(volume, "dispatch.volume.delete", f"on {volume.node.name}", user)
+        _send(volume, VolumeOp.DELETE)
+    return volume
+
+
+def observe(obs: VolumeObservation) -> str:
+    """Settle a volume from its node's observation; a stale or repeated one changes nothing."""
+    with transaction.atomic():
+        volume = Volume.objects.select_for_update().filter(pk=obs.volume_id).first()
+        if volume is None:
+            return "unknown-volume"
+        if obs.action_id != volume.action_id or volume.status not in _WORKING:
+            return "stale"
+        if obs.ok:
+            _settle_ok(volume, obs)
+        else:
+            _settle_failed(volume, obs)
+        volume.save()
+        _event(
+            volume,
+            f"node.volume.{obs.op}",
+            obs.message or f"{obs.op} done on {obs.node}",
+            outcome=Outcome.SUCCESS if obs.ok else Outcome.FAILURE,
+        )
+    return "applied"
+
+
+_WORKING = (
+    VolumeStatus.CREATING,
+    VolumeStatus.ATTACHING,
+    VolumeStatus.DETACHING,
+    VolumeStatus.EXTENDING,
+    VolumeStatus.DELETING,
+)
+
+
+def _settle_ok(volume: Volume, obs: VolumeObservation) -> None:
+    volume.status_reason = ""
+    if obs.op is VolumeOp.ATTACH:
+        volume.status, volume.target = VolumeStatus.IN_USE, obs.target
+    elif obs.op is VolumeOp.DELETE:
+        volume.status, volume.deleted_at = VolumeStatus.DELETED, timezone.now()
+    else:
+        volume.status = VolumeStatus.AVAILABLE
+        if obs.op is VolumeOp.DETACH:
+            volume.instance, volume.target = None, ""
+        if obs.op is VolumeOp.GROW and obs.size_bytes:
+            volume.size_gb = obs.size_bytes // 2**30
+
+
+def _settle_failed(volume: Volume, obs: VolumeObservation) -> None:
+    volume.status_reason = f"{obs.op} failed: {obs.message}"[:255]
+    if obs.op is VolumeOp.ATTACH:
+        volume.status, volume.instance, volume.target = VolumeStatus.AVAILABLE, None, ""
+    elif obs.op is VolumeOp.DETACH:
+        volume.status = VolumeStatus.IN_USE
+    elif obs.op is VolumeOp.GROW:
+        volume.status = VolumeStatus.AVAILABLE
+    else:
+        volume.status = VolumeStatus.ERROR
+
+
+def release(instance: Instance) -> None:
+    """The instance is gone from its node: its volumes stay, detached (inside the caller's transaction)."""
+    instance.volumes.select_for_update().update(
+        instance=None, target="", status=VolumeStatus.AVAILABLE, updated_at=timezone.now()
+    )
+
+
+def reconcile(node: ComputeNode, files: tuple[str, ...]) -> None:
+    """Record volumes whose file the node no longer has (never deletes anything); clear it when seen again."""
+    present = set(files)
+    for volume in (
+        Volume.objects.select_for_update()
+        .filter(node=node)
+        .exclude(status__in=(VolumeStatus.CREATING, VolumeStatus.DELETING, VolumeStatus.DELETED))
+    ):
+        missing = str(volume.pk) not in present
+        if missing and volume.missing_since is None:
+            volume.missing_since = timezone.now()
+            volume.status_reason = f"volume file missing on node {node.name} (found by reconcile)"
+            volume.save(update_fields=["missing_since", "status_reason", "updated_at"])
+            _event(volume, "reconcile.volume_missing", volume.status_reason, outcome=Outcome.FAILURE)
+        elif not missing and volume.missing_since is not None:
+            volume.missing_since, volume.status_reason = None, ""
+            volume.save(update_fields=["missing_since", "status_reason", "updated_at"])
