@@ -424,14 +424,12 @@ def instance_revert(request: HttpRequest, pk: str) -> HttpResponse:
 
 @login_page
 def instance_snapshots(request: HttpRequest, pk: str) -> HttpResponse:
-    """Partial: the VM's snapshots (name, status, size, time) and a revert form that picks from them."""
+    """Partial: the VM's snapshots (name, status, size, time); the page's one revert form picks from them."""
     instance = _instance(request, pk)
     rows = list(instance.snapshots.all())
     context = {
         "instance": instance,
         "snapshots": rows,
-        "revertible": [s for s in rows if s.status == SnapshotStatus.AVAILABLE],
-        "can_revert": action_allowed(instance, Action.REVERT),
     }
     return render(request, "web/partials/instance_snapshots.html", context)
 
