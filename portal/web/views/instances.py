@@ -25,7 +25,6 @@ from portal.cloud import disclosure, placement, services
 from portal.cloud.choices import VmState
 from portal.cloud.models import Instance
 from portal.storage import snapshots
-from portal.storage.choices import SnapshotStatus
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Tenant
 from portal.web.access import (
