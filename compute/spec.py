@@ -798,6 +798,23 @@ class DriverStatus:
 
 
 @dataclasses.dataclass(frozen=True)
+class HostLoad:
+    """The host's own use at a heartbeat (what each workload uses is in the inventory).
+
+    ``cpu_percent`` is the busy share of all CPUs since the node's previous
+    heartbeat (100 = every CPU busy; 0 on the first beat); memory is
+    ``MemAvailable``; disk is what is free on the file system of the node's
+    state directory (disks, layers, volumes).
+    """
+
+    load1: float
+    load5: float
+    cpu_percent: float
+    mem_available_mb: int
+    disk_free_gb: float
+
+
+@dataclasses.dataclass(frozen=True)
 class NodeReport:
     """Heartbeat of a compute node: capacity, driver health and capabilities, inventory."""
 
@@ -821,6 +838,8 @@ class NodeReport:
     attachments: tuple[tuple[str, str], ...] = ()
     # Why the node's nftables rules differ from what it last loaded ("" when they do not); it reloads them.
     network_drift: str = ""
+    # The host's own load, memory and disk; None from nodes older than this field.
+    host: HostLoad | None = None
 
     def __post_init__(self) -> None:
         if self.tunnel_address:

@@ -37,6 +37,7 @@ from compute.spec import (
     DriverStatus,
     ExecRequest,
     ExecResult,
+    HostLoad,
     InstanceAction,
     InstanceForwards,
     InstanceSecurity,
@@ -91,6 +92,7 @@ class NodeService:
         self.volumes = VolumeStore(config.state_dir / "volumes")
         self._hubs: list[subprocess.Popen[bytes]] = []
         self._idle_checked = 0.0
+        self._cpu_times: tuple[int, int] | None = None  # (busy, total) jiffies at the previous heartbeat
 
     def driver(self, kind: Kind) -> Driver:
         if os.getpid() != self._pid:
@@ -473,6 +475,7 @@ class NodeService:
             volumes=tuple(self.volumes.ids()),
             attachments=tuple(self._attachments()),
             network_drift=self._network_drift(),
+            host=self._host_load(),
         )
         self.send(report.TASK, to_json(report))
         return report
@@ -488,6 +491,23 @@ class NodeService:
                 log.info("released network %s: no instance of this node used it for %.0f s", network, grace)
         except router.RouterError as exc:
             log.warning("cannot release an idle network: %s", exc)
+
+    def _host_load(self) -> HostLoad | None:
+        """Load averages, CPU busy since the previous beat, memory available, disk free (None: unreadable)."""
+        try:
+            busy, total = _cpu_jiffies()
+            load1, load5, _ = os.getloadavg()
+            free = shutil.disk_usage(self.config.state_dir).free
+            memory = _mem_available_mb()
+        except (OSError, ValueError, IndexError) as exc:
+            log.warning("cannot read the host's load: %s", exc)
+            return None
+        cpu = 0.0
+        if self._cpu_times is not None and total > self._cpu_times[1]:
+            cpu = 100.0 * (busy - self._cpu_times[0]) / (total - self._cpu_times[1])
+        self._cpu_times = (busy, total)
+        cpu = round(max(0.0, cpu), 1)
+        return HostLoad(round(load1, 2), round(load5, 2), cpu, memory, round(free / 2**30, 1))
 
     def _network_drift(self) -> str:
         """Rule drift since the last load, repaired by loading the desired rules again."""
@@ -585,6 +605,22 @@ def _item(driver: Driver, kind: Kind, info: InstanceInfo) -> InventoryItem:
         snapshots=snaps,
         restarts=info.restarts,
     )
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the host from /proc/stat's first line (idle and iowait are not busy)."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    total = sum(values[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return total - values[3] - values[4], total
+
+
+def _mem_available_mb() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
 
 
 def _mem_total_mb() -> int:

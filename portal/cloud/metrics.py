@@ -34,18 +34,25 @@ def record(instance_id: str, at: float, cpu_time_ns: int, memory_bytes: int) -> 
     record_many(at, [(instance_id, cpu_time_ns, memory_bytes)])
 
 
-def record_many(at: float, samples: list[tuple[str, int, int]]) -> None:
-    """Append one heartbeat's samples, ``(instance_id, cpu_time_ns, memory_bytes)`` each.
+def record_many(
+    at: float, samples: list[tuple[str, int, int]], host: tuple[str, dict[str, Any]] | None = None
+) -> None:
+    """Append one heartbeat's samples, ``(instance_id, cpu_time_ns, memory_bytes)`` each, and keep
+    the node's host load (``(node, compute.spec.HostLoad as a dict)``) if the beat carried one.
 
     Two cache round trips per heartbeat (``get_many``, ``set_many``), not two per instance:
     at 40 instances a node, one round trip each was most of a heartbeat's cost and capped the
     control worker well below 100 beats a second (docs/benchmarks.md, "Control plane at scale").
     """
+    changed: dict[str, Any] = {}
+    if host is not None:
+        changed[_host_key(host[0])] = {**host[1], "at": at}
     if not samples:
+        if changed:
+            cache.set_many(changed, TTL)
         return
     keys = {iid: _samples_key(iid) for iid, _, _ in samples}
     stored: dict[str, list[list[float]]] = cache.get_many(list(keys.values()))
-    changed = {}
     for iid, cpu_time_ns, memory_bytes in samples:
         points = stored.get(keys[iid]) or []
         if points and at <= points[-1][0]:
@@ -95,3 +102,13 @@ def first_console_request(instance_id: str) -> float:
     cache.add(key, now, TTL)
     value = cache.get(key)
     return float(value) if isinstance(value, int | float) else now
+
+
+def _host_key(node: str) -> str:
+    return f"host:{node}"
+
+
+def host(node: str) -> dict[str, Any] | None:
+    """The node's host load from its newest heartbeat, with ``at`` (epoch seconds), or None."""
+    value = cache.get(_host_key(node))
+    return value if isinstance(value, dict) else None

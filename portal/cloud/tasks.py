@@ -10,6 +10,7 @@ it never deletes rows or workloads.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -232,7 +233,8 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
                 f"power state {old} -> {inst.power_state} (seen on the node)"
                 + (f": {item.message}" if item.message else ""),
             )
-    metrics.record_many(report.sent_at or time.time(), samples)
+    host = (report.node, dataclasses.asdict(report.host)) if report.host is not None else None
+    metrics.record_many(report.sent_at or time.time(), samples, host)
     orphans = sorted(
         (
             {"instance_id": iid, "kind": item.kind.value, "power_state": item.power_state.value}

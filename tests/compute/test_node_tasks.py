@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 import uuid
 from typing import Any
 
@@ -163,6 +164,15 @@ def test_report_has_capacity_health_capabilities_and_inventory(tmp_path: pathlib
     assert sent[-1][0] == Task.NODE_REPORT
     assert from_json(NodeReport, sent[-1][1]) == report
     assert report.tunnel_address == ""
+    # the host's own use: load, CPU busy since the previous beat (none before the first), memory, disk
+    assert report.host is not None and report.host.cpu_percent == 0.0
+    assert 0 < report.host.mem_available_mb <= report.ram_mb
+    assert 0 < report.host.disk_free_gb <= report.disk_gb + 1 and report.host.load1 >= 0
+    busy_until = time.monotonic() + 0.3
+    while time.monotonic() < busy_until:  # some CPU time between the two beats
+        pass
+    second = svc.report().host
+    assert second is not None and 0 < second.cpu_percent <= 100
 
 
 def test_fake_drivers_report_what_the_real_drivers_do() -> None:

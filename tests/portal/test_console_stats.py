@@ -110,3 +110,26 @@ def test_a_heartbeat_stores_its_samples_in_two_cache_round_trips(
     running = list(world.a.instances.filter(node__name="shared-1", power_state="running"))
     assert len(running) >= 8
     assert all(len(metrics.samples(str(i.pk))) == 1 for i in running)  # two samples: one CPU delta each
+
+
+def test_the_host_load_of_the_newest_heartbeat_shows_on_the_node(world: World) -> None:
+    from django.test import Client
+
+    from portal.cloud.tasks import apply_node_report
+    from tests.portal.conftest import heartbeat
+
+    op = world.client("operator")
+    assert op.get("/api/v1/nodes/shared-1/").json()["host_load"] is None  # no beat carried one yet
+    load = {"load1": 1.5, "load5": 0.75, "cpu_percent": 42.5, "mem_available_mb": 3000, "disk_free_gb": 55.5}
+    now = time.time()
+    apply_node_report(heartbeat("shared-1", host=load, sent_at=now))
+    assert op.get("/api/v1/nodes/shared-1/").json()["host_load"] == {**load, "at": now}
+    # a malformed one is refused with the whole beat, as every field of the contract is
+    bad = {**load, "cpu_percent": "busy"}
+    assert apply_node_report(heartbeat("shared-1", host=bad, sent_at=now + 1)) is None
+    assert op.get("/api/v1/nodes/shared-1/").json()["host_load"]["cpu_percent"] == 42.5
+    # the operator's node page shows it
+    browser = Client()
+    browser.force_login(world.users["operator"])
+    page = browser.get("/ops/nodes/shared-1/").content.decode()
+    assert "42.5 % busy" in page and "3000 MiB available" in page and "55.5 GiB free" in page

@@ -16,7 +16,7 @@ from portal.api.strict import (
     StrictPrimaryKeyRelatedField,
     StrictRegexField,
 )
-from portal.cloud import launch, states
+from portal.cloud import launch, metrics, states
 from portal.cloud.choices import RequestedKind
 from portal.cloud.models import (
     ComputeNode,
@@ -60,8 +60,20 @@ class FlavorSerializer(StrictModelSerializer[Flavor]):
         return attrs
 
 
+class HostLoadSerializer(serializers.Serializer[dict[str, Any]]):
+    """The host's own load from the node's newest heartbeat (``compute.spec.HostLoad``)."""
+
+    load1 = serializers.FloatField(help_text="1-minute load average")
+    load5 = serializers.FloatField(help_text="5-minute load average")
+    cpu_percent = serializers.FloatField(help_text="busy share of all CPUs since the previous heartbeat")
+    mem_available_mb = serializers.IntegerField(help_text="MemAvailable")
+    disk_free_gb = serializers.FloatField(help_text="free on the file system of the node's state directory")
+    at = serializers.FloatField(help_text="when the node sent it (epoch seconds)")
+
+
 class ComputeNodeSerializer(StrictModelSerializer[ComputeNode]):
     owner = TenantSlugField(required=False, allow_null=True)
+    host_load = serializers.SerializerMethodField()
 
     class Meta:
         model = ComputeNode
@@ -85,9 +97,11 @@ class ComputeNodeSerializer(StrictModelSerializer[ComputeNode]):
             "cached",
             "tunnel_address",
             "network_drift",
+            "host_load",
             "created_at",
         ]
         read_only_fields = [
+            "host_load",
             "network_drift",
             "orphans",
             "cached",
@@ -102,6 +116,11 @@ class ComputeNodeSerializer(StrictModelSerializer[ComputeNode]):
         ]
         # a name in use is a conflict (409), in validate()
         extra_kwargs: dict[str, Any] = {"name": {"validators": []}}
+
+    @extend_schema_field(HostLoadSerializer(allow_null=True))
+    def get_host_load(self, node: ComputeNode) -> dict[str, Any] | None:
+        """The host's own load, memory and disk from its newest heartbeat (kept an hour in the cache)."""
+        return metrics.host(node.name)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         tenancy = attrs.get("tenancy", getattr(self.instance, "tenancy", "shared"))

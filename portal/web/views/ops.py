@@ -66,6 +66,7 @@ def node_detail(request: HttpRequest, name: str) -> HttpResponse:
         "web/ops/node.html",
         {
             "load": node_loads([node])[0],
+            "host": metrics.host(node.name),
             "node": node,
             "instances": hosted,
             "measured": measured,
