@@ -372,6 +372,7 @@ def evacuate(node: ComputeNode, user: Any) -> Report:
             report.moves.append(
                 _rebuild(inst, source, dest, reason, Evacuation.Mode.EVACUATE, user, report, create_now=True)
             )
+        report.moves += _drained_before_loss(source)
         record(
             "computenode.evacuate",
             source,
@@ -381,6 +382,27 @@ def evacuate(node: ComputeNode, user: Any) -> Report:
             message=report.summary(),
         )
     return report
+
+
+def _drained_before_loss(source: ComputeNode) -> list[Move]:
+    """Containers a drain was moving off ``source`` when it was lost: their create goes now."""
+    moves = []
+    waiting = (
+        Evacuation.objects.select_for_update(of=("self",))
+        .filter(source=source, cleaned_at__isnull=True, create_pending=True)
+        .select_related("instance__tenant", "source", "target")
+    )
+    for ev in waiting:
+        inst, target = ev.instance, ev.target
+        if target is None or inst.node_id != target.pk or inst.task_state != TaskState.SPAWNING:
+            continue
+        _send_create(ev)
+        ev.save(update_fields=["create_pending"])
+        why = f"a drain was moving it to {target.name} when {source.name} was lost: building it there now"
+        moves.append(
+            Move(str(inst.pk), inst.name, inst.tenant.slug, inst.kind, "rebuilding", target.name, why)
+        )
+    return moves
 
 
 def drain(node: ComputeNode, user: Any) -> Report:

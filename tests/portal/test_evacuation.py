@@ -429,3 +429,24 @@ def test_manage_py_node_evacuate_and_drain(cluster: Cluster, world: World) -> No
     cluster.run()
     assert Instance.objects.get(pk=vm["id"]).vm_state == "active"
     assert Instance.objects.get(pk=box["id"]).node.name == "ded-a2"
+
+
+def test_a_node_lost_during_its_drain_is_evacuated_with_the_waiting_moves(
+    cluster: Cluster, world: World
+) -> None:
+    box, vm = _on_a1(cluster)
+    world.client("operator").post("/api/v1/nodes/ded-a1/drain/")
+    cluster.lose("ded-a1")  # before it stopped the container
+    cluster.run()
+    assert Instance.objects.get(pk=box["id"]).task_state == "spawning", "still waiting for ded-a1"
+    body = world.client("operator").post("/api/v1/nodes/ded-a1/evacuate/").json()
+    moves = {m["name"]: m for m in body["instances"]}
+    assert (moves["box"]["result"], moves["box"]["target"]) == ("rebuilding", "ded-a2")
+    assert moves["vm"]["result"] == "rebuilding"
+    cluster.run()
+    for iid in (box["id"], vm["id"]):
+        inst = Instance.objects.get(pk=iid)
+        assert (inst.vm_state, inst.task_state) == ("active", None) and inst.node.name != "ded-a1"
+    cluster.come_back("ded-a1", messages_first=True)
+    assert cluster.workloads("ded-a1") == set()
+    assert not Evacuation.objects.filter(cleaned_at__isnull=True).exists()
