@@ -480,15 +480,20 @@ def _send_create(ev: Evacuation) -> None:
     )
 
 
-def left_behind(node: ComputeNode, seen: Mapping[str, InventoryItem], blind: Iterable[str]) -> set[str]:
+def left_behind(
+    node: ComputeNode, seen: Mapping[str, InventoryItem], blind: Iterable[str], sent: dt.datetime
+) -> set[str]:
     """Reconcile of ``node``: destroy the copies the portal moved off it; returns their ids (not orphans).
 
-    Inside the heartbeat's transaction.  A copy no longer listed closes its row (and lets a
-    waiting drain create go); one still listed gets its destroy again after ``RESEND_SECONDS``.
+    Inside the heartbeat's transaction; ``sent`` is when the node took the heartbeat.  A copy no
+    longer listed closes its row (and lets a waiting drain create go); one still listed gets its
+    destroy again after ``RESEND_SECONDS``.  A heartbeat taken before a row was closed (the
+    destroy's observation overtook it) may still list the copy: that is no orphan either.
     """
     blind = set(blind)
-    stale: set[str] = set()
     now = timezone.now()
+    closed_since = Evacuation.objects.filter(source=node, cleaned_at__gte=sent).values_list("instance_id")
+    stale: set[str] = {str(iid) for (iid,) in closed_since} & set(seen)
     rows = (
         Evacuation.objects.select_for_update(of=("self",))
         .filter(source=node, cleaned_at__isnull=True)

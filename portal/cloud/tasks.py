@@ -243,7 +243,8 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
             )
     metrics.record_many(report.sent_at or time.time(), samples)
     # copies of instances the portal moved elsewhere are destroyed, not reported as orphans
-    moved = evacuation.left_behind(node, seen, blind)
+    taken = dt.datetime.fromtimestamp(report.sent_at, tz=dt.UTC) if report.sent_at else timezone.now()
+    moved = evacuation.left_behind(node, seen, blind, taken)
     orphans = sorted(
         (
             {"instance_id": iid, "kind": item.kind.value, "power_state": item.power_state.value}

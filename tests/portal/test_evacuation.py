@@ -22,10 +22,10 @@ from compute.spec import Action, Observation, PowerState, to_json
 from portal.audit.models import Event
 from portal.cloud import placement
 from portal.cloud.models import ComputeNode, Evacuation, Instance
-from portal.cloud.tasks import apply_observation, sweep
+from portal.cloud.tasks import apply_node_report, apply_observation, sweep
 from portal.storage.models import Volume
 from portal.tenancy.models import Quota, Tenant
-from tests.portal.conftest import FakeNodes, World
+from tests.portal.conftest import FakeNodes, World, heartbeat
 
 
 class Cluster:
@@ -278,6 +278,14 @@ def test_returning_node_destroys_moved_copies_and_keeps_the_rest(cluster: Cluste
     ev = Evacuation.objects.get(instance_id=vm["id"])
     assert ev.cleaned_at is not None and ev.source.name == "ded-a1" and ev.target.name == "shared-1"
     assert ComputeNode.objects.get(name="ded-a1").orphans == []
+    # a heartbeat taken before the destroy's observation, processed after it, still lists the copy
+    taken = ev.cleaned_at - dt.timedelta(seconds=0.5)
+    ComputeNode.objects.filter(name="ded-a1").update(last_heartbeat=taken - dt.timedelta(seconds=1))
+    late = {"instance_id": vm["id"], "kind": "vm", "power_state": "shutdown"}
+    apply_node_report(heartbeat("ded-a1", inventory=[late], sent_at=taken.timestamp()))
+    assert ComputeNode.objects.get(name="ded-a1").orphans == [], "no orphan from a late heartbeat"
+    apply_node_report(heartbeat("ded-a1", inventory=[late]))  # taken after: a real leftover
+    assert [o["instance_id"] for o in ComputeNode.objects.get(name="ded-a1").orphans] == [vm["id"]]
     actions = set(Event.objects.filter(object_id=vm["id"]).values_list("action", flat=True))
     assert "evacuation.cleaned" in actions
 
