@@ -221,7 +221,12 @@ def _fail(inst: Instance, source: ComputeNode, why: str, named: str, user: Any, 
 
 
 def _leave_behind(
-    inst: Instance, source: ComputeNode, target: ComputeNode | None, mode: str, create_pending: bool
+    inst: Instance,
+    source: ComputeNode,
+    target: ComputeNode | None,
+    mode: str,
+    create_pending: bool,
+    then_stop: bool = False,
 ) -> Evacuation:
     """Record the copy left on ``source`` and send it the destroy (queued until the node is back)."""
     now = timezone.now()
@@ -238,6 +243,7 @@ def _leave_behind(
         destroy_action_id=uuid.uuid4().hex,
         destroy_sent_at=now,
         create_pending=create_pending,
+        then_stop=then_stop,
     )
     dispatch.send(source.queue, DeleteInstance(str(inst.pk), Kind(inst.kind), ev.destroy_action_id))
     return ev
@@ -291,6 +297,7 @@ def _rebuild(
     action_id = uuid.uuid4().hex
     rule = states.RULES[Action.CREATE]
     old_why = inst.isolation_reason.split(": ", 1)[-1]
+    was_stopped = inst.vm_state == VmState.STOPPED
     inst.node = target
     inst.isolation_reason = f"{reason.split(': ', 1)[0]}: moved from {source.name} ({old_why})"[:255]
     inst.vm_state = VmState.BUILDING
@@ -304,7 +311,7 @@ def _rebuild(
     inst.status_reason = f"{mode} of node {source.name}: {what} on {target.name}"[:255]
     inst.save()
     notes = _detach_local(inst, source, report)
-    _leave_behind(inst, source, target, mode, create_pending=not create_now)
+    _leave_behind(inst, source, target, mode, create_pending=not create_now, then_stop=was_stopped)
     if create_now:
         dispatch.send(target.queue, CreateInstance(services.build_spec(inst), action_id))
     if target.tunnel_address:  # the network's other nodes learn the new peer
@@ -527,6 +534,23 @@ def left_behind(
                 inst, "evacuation.destroy", f"{node.name} still runs a copy ({where}): destroying it", None
             )
     return stale
+
+
+def rebuilt(inst: Instance, obs: Observation) -> None:
+    """A create the portal asked for has run (inside the observation's transaction): an instance
+    that was stopped before it was moved is stopped again (a create starts what it builds)."""
+    if obs.action != Action.CREATE or not obs.ok:
+        return
+    ev = (
+        Evacuation.objects.select_for_update(of=("self",))
+        .filter(instance=inst, target__name=obs.node, then_stop=True)
+        .first()
+    )
+    if ev is None or not states.may_start(Action.STOP, inst.vm_state, inst.task_state):
+        return
+    ev.then_stop = False
+    ev.save(update_fields=["then_stop"])
+    services.dispatch_action(inst, Action.STOP, {}, None, f"it was stopped before it left {ev.source.name}")
 
 
 def observed_elsewhere(inst: Instance, obs: Observation) -> str:

@@ -359,6 +359,9 @@ class Evacuation(models.Model):
     create_pending = models.BooleanField(
         default=False, help_text="The create on the target waits for the source's destroy (drain)"
     )
+    then_stop = models.BooleanField(
+        default=False, help_text="The instance was stopped: stop it again once it is rebuilt"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     cleaned_at = models.DateTimeField(
         null=True, blank=True, help_text="When the source was seen without the copy (or destroyed it)"

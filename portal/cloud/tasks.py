@@ -130,6 +130,7 @@ def apply_observation(data: dict[str, Any]) -> str:
             obs.message or f"power state {obs.power_state.value}",
             obs.action_id,
         )
+        evacuation.rebuilt(instance, obs)  # a create of a moved instance: stopped again if it was
     return "applied"
 
 

@@ -18,7 +18,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from compute.spec import Action, Observation, PowerState, to_json
+from compute.spec import Action, Kind, Observation, PowerState, to_json
 from portal.audit.models import Event
 from portal.cloud import placement
 from portal.cloud.models import ComputeNode, Evacuation, Instance
@@ -458,3 +458,25 @@ def test_a_node_lost_during_its_drain_is_evacuated_with_the_waiting_moves(
     cluster.come_back("ded-a1", messages_first=True)
     assert cluster.workloads("ded-a1") == set()
     assert not Evacuation.objects.filter(cleaned_at__isnull=True).exists()
+
+
+def test_a_stopped_instance_is_stopped_again_after_its_move(cluster: Cluster, world: World) -> None:
+    box, vm = _on_a1(cluster)
+    c = world.client("a_member")
+    assert (
+        c.post(f"/api/v1/instances/{vm['id']}/actions/", {"action": "stop"}, format="json").status_code == 202
+    )
+    cluster.run()
+    assert Instance.objects.get(pk=vm["id"]).vm_state == "stopped"
+    cluster.lose("ded-a1")
+    world.client("operator").post("/api/v1/nodes/ded-a1/evacuate/")
+    cluster.run()
+    inst = Instance.objects.get(pk=vm["id"])
+    assert (inst.vm_state, inst.task_state, inst.power_state) == ("stopped", None, "shutdown")
+    assert cluster.nodes.service(f"node.{inst.node.name}")._drivers[Kind.VM].workloads[vm["id"]] == "shutdown"
+    assert Instance.objects.get(pk=box["id"]).vm_state == "active", "a running one stays running"
+    actions = list(
+        Event.objects.filter(object_id=vm["id"]).order_by("created_at").values_list("action", flat=True)
+    )
+    assert actions[-3:] == ["node.create", "dispatch.stop", "node.stop"]
+    assert not Evacuation.objects.filter(then_stop=True).exists()
