@@ -52,6 +52,7 @@ urlpatterns = [
     path("ops/nodes/<str:name>/drain/", ops.node_drain, name="ops-node-drain"),
     path("ops/nodes/<str:name>/enable/", ops.node_enable, name="ops-node-enable"),
     path("ops/nodes/<str:name>/evacuate/", ops.node_evacuate, name="ops-node-evacuate"),
+    path("ops/nodes/<str:name>/move/", ops.node_move, name="ops-node-move"),
     path("ops/tenants/", ops.tenants, name="ops-tenants"),
     path("ops/tenants/<slug:slug>/quota/", ops.tenant_quota, name="ops-quota"),
     path("ops/instances/", ops.instances, name="ops-instances"),

@@ -480,3 +480,23 @@ def test_a_stopped_instance_is_stopped_again_after_its_move(cluster: Cluster, wo
     )
     assert actions[-3:] == ["node.create", "dispatch.stop", "node.stop"]
     assert not Evacuation.objects.filter(then_stop=True).exists()
+
+
+def test_the_ops_page_drains_and_moves_containers(cluster: Cluster, world: World) -> None:
+    box, vm = _on_a1(cluster)
+    op = world.client("operator")
+    assert 'href="/ops/nodes/ded-a1/move/"' in op.get("/ops/nodes/ded-a1/").content.decode()
+    page = op.get("/ops/nodes/ded-a1/move/")
+    assert page.status_code == 200 and "Move the containers off node ded-a1?" in page.content.decode()
+    assert ComputeNode.objects.get(name="ded-a1").status == "up", "GET only asks"
+    assert world.client("a_admin").post("/ops/nodes/ded-a1/move/").status_code == 403
+    r = op.post("/ops/nodes/ded-a1/move/")
+    assert r.status_code == 303 and r["Location"] == "/ops/nodes/ded-a1/"
+    cluster.run()
+    assert Instance.objects.get(pk=box["id"]).node.name == "ded-a2"
+    assert Instance.objects.get(pk=vm["id"]).node.name == "ded-a1"
+    followed = op.get("/ops/nodes/ded-a1/").content.decode()
+    assert "vm stays" in followed and "Move containers off" in followed
+    cluster.lose("ded-a1")
+    r = op.post("/ops/nodes/ded-a1/move/")
+    assert r.status_code == 409 and "Evacuate it instead" in r.content.decode()

@@ -166,6 +166,33 @@ def node_evacuate(request: HttpRequest, name: str) -> HttpResponse:
 
 
 @operator_page
+def node_move(request: HttpRequest, name: str) -> HttpResponse:
+    """GET: a confirmation page; POST: drain a live node and move its containers (API: drain)."""
+    node = get_object_or_404(ComputeNode, name=name)
+    if request.method != "POST":
+        hosted = Instance.objects.live().filter(node=node, kind="container").count()
+        return confirm(
+            request,
+            f"Move the containers off node {node.name}?",
+            f"{node.name} is drained (no new instances), and each of its {hosted} container"
+            f"{'s' if hosted != 1 else ''} is stopped there and started from its image on another node "
+            "dedicated to its tenant (its writable layer is not copied). VMs stay on the node.",
+            "Drain and move containers",
+            reverse("web:ops-node", args=[node.name]),
+        )
+    describe(request, "computenode.drain", node)
+    outcome = attempt(request, lambda: evacuation.drain(node, request.user))
+    if isinstance(outcome, Refusal):
+        return _nodes_page(request, outcome.message, outcome.status)
+    describe(request, "computenode.drain", node, message=outcome.summary())
+    messages.success(request, f"{outcome.summary()}.")
+    for move in outcome.moves:
+        if move.result == "stays":
+            messages.warning(request, f"{move.tenant}/{move.name} stays: {move.reason}")
+    return HttpResponseRedirect(reverse("web:ops-node", args=[node.name]), status=303)
+
+
+@operator_page
 def tenants(request: HttpRequest) -> HttpResponse:
     rows = [
         (t, quota_bars(t.quota, placement.usage(t.pk)))
