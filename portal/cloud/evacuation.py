@@ -201,12 +201,20 @@ def _named_rejections(inst: Instance, nodes: list[ComputeNode], source: ComputeN
     )
 
 
-def _fail(inst: Instance, source: ComputeNode, why: str, named: str, user: Any, mode: str) -> Move:
+def _fail(
+    inst: Instance,
+    source: ComputeNode,
+    why: str,
+    named: str,
+    user: Any,
+    mode: str,
+    what: str = "no node can take it",
+) -> Move:
     inst.vm_state = VmState.ERROR
     inst.task_state = None
     inst.task_deadline = None
     inst.power_state = PowerState.NOSTATE
-    inst.status_reason = f"{mode} of node {source.name}: no node can take it: {why}"[:255]
+    inst.status_reason = f"{mode} of node {source.name}: {what}: {why}"[:255]
     inst.save()
     _event(inst, f"instance.{mode}", inst.status_reason, user, ok=False)
     return Move(
@@ -216,7 +224,7 @@ def _fail(inst: Instance, source: ComputeNode, why: str, named: str, user: Any, 
         inst.kind,
         "error",
         None,
-        f"no node can take it: {named or why}",
+        f"{what}: {named or why}",
     )
 
 
@@ -310,10 +318,11 @@ def _rebuild(
     what = "rebuilding" if create_now else "waiting for the copy on the old node to stop"
     inst.status_reason = f"{mode} of node {source.name}: {what} on {target.name}"[:255]
     inst.save()
+    spec = services.build_spec(inst)  # before anything is sent: a refusal fails this move alone
     notes = _detach_local(inst, source, report)
     _leave_behind(inst, source, target, mode, create_pending=not create_now, then_stop=was_stopped)
     if create_now:
-        dispatch.send(target.queue, CreateInstance(services.build_spec(inst), action_id))
+        dispatch.send(target.queue, CreateInstance(spec, action_id))
     if target.tunnel_address:  # the network's other nodes learn the new peer
         networks.sync_network(inst.network, exclude=target)
     message = f"from {source.name} to {target.name}: {reason}" + (f"; {'; '.join(notes)}" if notes else "")
@@ -327,6 +336,30 @@ def _rebuild(
         target.name,
         message,
     )
+
+
+def _move(
+    inst: Instance,
+    source: ComputeNode,
+    target: ComputeNode,
+    reason: str,
+    mode: str,
+    user: Any,
+    report: Report,
+) -> Move:
+    """One instance's move in a savepoint: a refusal (its spec cannot be built) fails it alone."""
+    volumes_noted = len(report.volumes)
+    try:
+        with transaction.atomic():
+            return _rebuild(
+                inst, source, target, reason, mode, user, report, create_now=mode == Evacuation.Mode.EVACUATE
+            )
+    except Conflict as exc:
+        del report.volumes[volumes_noted:]
+        inst.refresh_from_db()
+        if mode == Evacuation.Mode.DRAIN:
+            return Move(str(inst.pk), inst.name, inst.tenant.slug, inst.kind, "stays", None, str(exc))
+        return _fail(inst, source, str(exc), "", user, mode, what="cannot rebuild it")
 
 
 def _finish_delete(inst: Instance, source: ComputeNode, user: Any) -> Move:
@@ -376,9 +409,7 @@ def evacuate(node: ComputeNode, user: Any) -> Report:
                 report.moves.append(_fail(inst, source, why, named, user, Evacuation.Mode.EVACUATE))
                 continue
             dest = next(n for n in nodes if n.name == target)
-            report.moves.append(
-                _rebuild(inst, source, dest, reason, Evacuation.Mode.EVACUATE, user, report, create_now=True)
-            )
+            report.moves.append(_move(inst, source, dest, reason, Evacuation.Mode.EVACUATE, user, report))
         report.moves += _drained_before_loss(source)
         record(
             "computenode.evacuate",
@@ -453,9 +484,7 @@ def drain(node: ComputeNode, user: Any) -> Report:
                 report.moves.append(move)
                 continue
             dest = next(n for n in nodes if n.name == target)
-            report.moves.append(
-                _rebuild(inst, source, dest, reason, Evacuation.Mode.DRAIN, user, report, create_now=False)
-            )
+            report.moves.append(_move(inst, source, dest, reason, Evacuation.Mode.DRAIN, user, report))
         record(
             "computenode.drain",
             source,
@@ -481,7 +510,15 @@ def _send_create(ev: Evacuation) -> None:
     inst = ev.instance
     if ev.target is None or inst.node_id != ev.target_id or inst.task_state != TaskState.SPAWNING:
         return  # the row changed meanwhile (deleted, failed by the sweeper): nothing to build
-    dispatch.send(ev.target.queue, CreateInstance(services.build_spec(inst), inst.action_id))
+    try:
+        spec = services.build_spec(inst)
+    except Conflict as exc:  # e.g. its image was deleted meanwhile
+        inst.vm_state, inst.task_state, inst.task_deadline = VmState.ERROR, None, None
+        inst.status_reason = f"{ev.mode} to {ev.target.name}: cannot rebuild it: {exc}"[:255]
+        inst.save()
+        _event(inst, f"instance.{ev.mode}", inst.status_reason, None, ok=False)
+        return
+    dispatch.send(ev.target.queue, CreateInstance(spec, inst.action_id))
     _event(
         inst, "instance.drain", f"the copy on {ev.source.name} stopped; building on {ev.target.name}", None
     )

@@ -20,9 +20,10 @@ from django.utils import timezone
 
 from compute.spec import Action, Kind, Observation, PowerState, to_json
 from portal.audit.models import Event
-from portal.cloud import placement
+from portal.cloud import placement, services
 from portal.cloud.models import ComputeNode, Evacuation, Instance
 from portal.cloud.tasks import apply_node_report, apply_observation, sweep
+from portal.errors import Conflict
 from portal.storage.models import Volume
 from portal.tenancy.models import Quota, Tenant
 from tests.portal.conftest import FakeNodes, World, heartbeat
@@ -500,3 +501,28 @@ def test_the_ops_page_drains_and_moves_containers(cluster: Cluster, world: World
     cluster.lose("ded-a1")
     r = op.post("/ops/nodes/ded-a1/move/")
     assert r.status_code == 409 and "Evacuate it instead" in r.content.decode()
+
+
+def test_an_instance_that_cannot_be_rebuilt_fails_alone(
+    cluster: Cluster, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box, vm = _on_a1(cluster)
+    real = services.build_spec
+
+    def build_spec(inst: Instance) -> Any:
+        if str(inst.pk) == box["id"]:
+            raise Conflict("the tenant's id range is used up")
+        return real(inst)
+
+    monkeypatch.setattr(services, "build_spec", build_spec)
+    cluster.lose("ded-a1")
+    body = world.client("operator").post("/api/v1/nodes/ded-a1/evacuate/").json()
+    moves = {m["name"]: m for m in body["instances"]}
+    assert moves["box"]["result"] == "error" and moves["box"]["reason"].startswith("cannot rebuild it: ")
+    assert moves["vm"]["result"] == "rebuilding"
+    inst = Instance.objects.get(pk=box["id"])
+    assert (inst.node.name, inst.vm_state) == ("ded-a1", "error"), "its move was rolled back"
+    assert not Evacuation.objects.filter(instance_id=box["id"]).exists()
+    assert box["id"] not in str(cluster.nodes.sent + cluster.held), "nothing was sent for it"
+    cluster.run()
+    assert Instance.objects.get(pk=vm["id"]).vm_state == "active"
