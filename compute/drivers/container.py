@@ -74,7 +74,13 @@ from compute.spec import (
     to_json,
 )
 
-CGROUP_PARENT = "skyport"
+#: the cgroup all of the node's containers live under (``/<parent>/sky-<id>``).  One node per
+#: host needs no other; nodes simulated on one kernel (tests/e2e) set one each, or a copy of an
+#: instance on one of them would share the cgroup of its copy on another (and crun's
+#: ``delete --force`` of one would kill both).
+CGROUP_PARENT = os.environ.get("SKYPORT_CGROUP_PARENT", "skyport")
+if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", CGROUP_PARENT) or CGROUP_PARENT in (".", ".."):
+    raise RuntimeError(f"SKYPORT_CGROUP_PARENT={CGROUP_PARENT!r}: use letters, digits, '.', '_' and '-'")
 CRASH_WINDOW = 10.0  # seconds: a container that ends sooner after its start counts as crashing
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LEGACY_ID_BASE = 1 << 31  # ranges for specs stored before InstanceSpec.id_base

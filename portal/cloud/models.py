@@ -331,6 +331,57 @@ class AppliedAction(models.Model):
         return f"{self.action} {self.action_id} of {self.instance_id}"
 
 
+class Evacuation(models.Model):
+    """An instance moved off a node by an evacuation (node down) or a drain (node up): from where, to where.
+
+    The copy on ``source`` is stale from that moment: the portal's row now
+    belongs to ``target`` (or is deleted).  Until the source no longer lists
+    the copy (``cleaned_at``), the source's reconcile asks it to destroy the
+    copy with ``destroy_action_id`` (``portal.cloud.evacuation``), never the
+    other way round.  ``create_pending``: a drain sends the create to the
+    target only once the source has destroyed its copy (one copy at a time).
+    """
+
+    class Mode(models.TextChoices):
+        EVACUATE = "evacuate"
+        DRAIN = "drain"
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="evacuations")
+    source = models.ForeignKey(ComputeNode, on_delete=models.CASCADE, related_name="evacuations")
+    target = models.ForeignKey(
+        ComputeNode, null=True, blank=True, on_delete=models.SET_NULL, related_name="evacuations_in"
+    )
+    mode = models.CharField(max_length=16, choices=Mode.choices)
+    destroy_action_id = models.CharField(
+        max_length=64, help_text="Action id of the destroy sent to the source"
+    )
+    destroy_sent_at = models.DateTimeField(null=True, blank=True)
+    create_pending = models.BooleanField(
+        default=False, help_text="The create on the target waits for the source's destroy (drain)"
+    )
+    then_stop = models.BooleanField(
+        default=False, help_text="The instance was stopped: stop it again once it is rebuilt"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    cleaned_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the source was seen without the copy (or destroyed it)"
+    )
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["instance", "source"],
+                condition=Q(cleaned_at__isnull=True),
+                name="evacuation_one_open_copy_per_node",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        to = self.target.name if self.target else "-"
+        return f"{self.mode} of {self.instance_id} from {self.source.name} to {to}"
+
+
 class ExternalAddress(models.Model):
     """An address on a node's outside (the LAN in front of it), with the port range it publishes from.
 

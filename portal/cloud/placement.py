@@ -146,23 +146,35 @@ def node_views(nodes: list[ComputeNode]) -> list[scheduler.NodeView]:
     return views
 
 
+def scheduler_request(
+    tenant: Tenant, kind: str, sizes: tuple[int, int, int], image: Image, group: str
+) -> scheduler.Request:
+    """The scheduler's request for an instance of ``tenant``: creates and evacuations build it here."""
+    vcpus, ram_mb, disk_gb = sizes
+    return scheduler.Request(
+        tenant=tenant.slug,
+        kind=kind,
+        vcpus=vcpus,
+        ram_mb=ram_mb,
+        disk_gb=disk_gb,
+        image_formats=frozenset(image.formats()),
+        anti_affinity_group=f"{tenant.slug}/{group}" if group else None,
+        weigher=settings.SKYPORT_SCHEDULER_WEIGHER,
+    )
+
+
 def place(req: Request, lock: bool) -> tuple[scheduler.Placement, dict[str, dict[str, int]]]:
     """The scheduler's choice for ``req`` and its quota effect (rows locked with ``lock``)."""
     quota_qs = Quota.objects.select_for_update() if lock else Quota.objects
     quota = quota_qs.get(tenant=req.tenant)
     node_qs = ComputeNode.objects.select_related("owner").order_by("pk")
     nodes = list(node_qs.select_for_update(of=("self",)) if lock else node_qs)
-    sreq = scheduler.Request(
-        tenant=req.tenant.slug,
-        kind=req.requested_kind,
-        vcpus=req.flavor.vcpus,
-        ram_mb=req.flavor.ram_mb,
-        disk_gb=req.flavor.disk_gb,
-        image_formats=frozenset(req.image.formats()),
-        anti_affinity_group=f"{req.tenant.slug}/{req.anti_affinity_group}"
-        if req.anti_affinity_group
-        else None,
-        weigher=settings.SKYPORT_SCHEDULER_WEIGHER,
+    sreq = scheduler_request(
+        req.tenant,
+        req.requested_kind,
+        (req.flavor.vcpus, req.flavor.ram_mb, req.flavor.disk_gb),
+        req.image,
+        req.anti_affinity_group,
     )
     views = node_views(nodes)
     used = usage(req.tenant.pk)

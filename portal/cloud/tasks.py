@@ -5,7 +5,9 @@ ignored (each applied id is kept in :class:`AppliedAction`, apart from the
 audit log, so pruning events never replays one); a
 heartbeat older than the last one changes nothing; the sweeper only moves
 rows that are past their deadline.  Reconcile records drift and orphans;
-it never deletes rows or workloads.
+it never deletes rows, and the only workloads it has a node destroy are
+copies the portal moved to another node (``portal.cloud.evacuation``);
+an observation from a node the instance was moved off never changes its row.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from compute.spec import (
 )
 from portal.audit.log import record
 from portal.audit.models import Outcome
-from portal.cloud import metrics, networks, states
+from portal.cloud import evacuation, metrics, networks, states
 from portal.cloud.choices import NodeStatus, VmState
 from portal.cloud.models import AppliedAction, ComputeNode, Instance, Network
 from portal.images.choices import ImageStatus
@@ -84,6 +86,9 @@ def apply_observation(data: dict[str, Any]) -> str:
             return "unknown-instance"
         if not _first_application(instance, obs):
             return "duplicate"
+        if instance.node_id is not None and obs.node != _node_name(instance.node_id):
+            # a copy the portal moved off that node (evacuation, drain): it never changes the row
+            return evacuation.observed_elsewhere(instance, obs)
         instance.power_state = obs.power_state
         if obs.action_id == instance.action_id:
             instance.vm_state = states.settled(obs.action, obs.ok, obs.power_state, instance.vm_state)
@@ -126,7 +131,12 @@ def apply_observation(data: dict[str, Any]) -> str:
             obs.message or f"power state {obs.power_state.value}",
             obs.action_id,
         )
+        evacuation.rebuilt(instance, obs)  # a create of a moved instance: stopped again if it was
     return "applied"
+
+
+def _node_name(node_id: int) -> str:
+    return ComputeNode.objects.filter(pk=node_id).values_list("name", flat=True).first() or ""
 
 
 def _drifted(power_state: str, vm_state: str, task_state: str | None, item: InventoryItem | None) -> bool:
@@ -235,11 +245,14 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
             )
     host = (report.node, dataclasses.asdict(report.host)) if report.host is not None else None
     metrics.record_many(report.sent_at or time.time(), samples, host)
+    # copies of instances the portal moved elsewhere are destroyed, not reported as orphans
+    taken = dt.datetime.fromtimestamp(report.sent_at, tz=dt.UTC) if report.sent_at else timezone.now()
+    moved = evacuation.left_behind(node, seen, blind, taken)
     orphans = sorted(
         (
             {"instance_id": iid, "kind": item.kind.value, "power_state": item.power_state.value}
             for iid, item in seen.items()
-            if iid not in known
+            if iid not in known and iid not in moved
         ),
         key=lambda o: o["instance_id"],
     )

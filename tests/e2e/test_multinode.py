@@ -38,6 +38,7 @@ from celery.exceptions import AlwaysEagerIgnored
 from django.core.management import call_command
 from django.db import connection
 
+from compute.cgroups import SysCgroupFS
 from portal.cloud import dispatch
 from portal.cloud.models import ComputeNode, HostPort, Instance, Network
 from portal.images.nodekeys import node_key
@@ -215,6 +216,7 @@ def cluster(
                 SKYPORT_NODE_KEY=node_key(node),
                 SKYPORT_TUNNEL_ADDRESS=HOSTS[h],
                 SKYPORT_NFT_TABLE=table_for(node),
+                SKYPORT_CGROUP_PARENT=f"skyport-{node}",  # one kernel, three "hosts": a cgroup tree each
             )
         yield stack, underlay, nodes
     finally:
@@ -223,6 +225,7 @@ def cluster(
         _destroy_containers(base, list(nodes.values()))
         for node in nodes.values():  # their tables and bridges go with the namespaces
             teardown_node(node, base / node, in_this_namespace=False)
+            SysCgroupFS().remove(f"/skyport-{node}")  # the node's own (empty by now) cgroup tree
         if server is not None:
             server.stop()
         if redis is not None:

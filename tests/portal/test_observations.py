@@ -14,7 +14,7 @@ from tests.portal.conftest import World, heartbeat
 def _obs(world: World, **kw: Any) -> dict[str, Any]:
     base = {
         "instance_id": str(world.instance_a.pk),
-        "node": "node-a",
+        "node": "shared-1",  # where instance_a runs: observations from other nodes are ignored
         "action": "create",
         "action_id": "act-1",
         "ok": True,

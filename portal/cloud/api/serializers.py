@@ -694,3 +694,33 @@ class InstanceSecurityGroupsSerializer(serializers.Serializer[Any]):
         max_length=20,
         help_text="Ids of security groups",
     )
+
+
+class EvacuationMoveSerializer(serializers.Serializer[Any]):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    tenant = serializers.CharField()
+    kind = serializers.CharField()
+    result = serializers.ChoiceField(choices=["rebuilding", "moving", "error", "deleted", "stays"])
+    target = serializers.CharField(allow_null=True)
+    reason = serializers.CharField()
+
+
+class EvacuationVolumeSerializer(serializers.Serializer[Any]):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    tenant = serializers.CharField()
+    status = serializers.CharField()
+    reason = serializers.CharField()
+
+
+class EvacuationReportSerializer(serializers.Serializer[Any]):
+    """What an evacuation or a drain did to each instance of the node (``portal.cloud.evacuation``)."""
+
+    node = serializers.CharField()
+    mode = serializers.ChoiceField(choices=["evacuate", "drain"])
+    status = serializers.CharField(help_text="The node's status")
+    data_loss = serializers.CharField(help_text="What is lost with the node's local disks")
+    counts = serializers.DictField(child=serializers.IntegerField())
+    instances = EvacuationMoveSerializer(many=True)
+    volumes = EvacuationVolumeSerializer(many=True)

@@ -17,7 +17,7 @@ from compute.spec import ConsoleMode
 from portal.api.authentication import actor_for
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
-from portal.cloud import disclosure, forwards, placement, secgroups, services
+from portal.cloud import disclosure, evacuation, forwards, placement, secgroups, services
 from portal.cloud.api import serializers
 from portal.cloud.choices import VmState
 from portal.cloud.models import (
@@ -93,6 +93,34 @@ class ComputeNodeViewSet(ScopedViewSet):
             services.set_node_tenancy(serializer.instance, owner)
             serializer.instance.refresh_from_db()
         super().perform_update(serializer)
+
+    @extend_schema(request=None, responses={202: serializers.EvacuationReportSerializer})
+    @action(detail=True, methods=["post"], url_path="evacuate")
+    def evacuate(self, request: Request, name: str | None = None) -> Response:
+        """Rebuild the instances of a down node on other nodes (409 while it may still run them).
+
+        Root disks on the node are lost: VMs are rebuilt from their image, containers from their
+        image and launch config; volumes (local files on the node) are marked error.  Each
+        instance's outcome is in ``instances``; one no node can take goes to ``error``.
+        """
+        node = self.get_object()
+        describe(request, "computenode.evacuate", node)
+        report = evacuation.evacuate(node, request.user)
+        describe(request, "computenode.evacuate", node, message=report.summary())
+        return Response(report.as_dict(), status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: serializers.EvacuationReportSerializer})
+    @action(detail=True, methods=["post"], url_path="drain")
+    def drain(self, request: Request, name: str | None = None) -> Response:
+        """Disable a live node for new placements and move its containers cold to other nodes.
+
+        VMs stay (listed with the reason): cold migration of a VM disk is not built yet.
+        """
+        node = self.get_object()
+        describe(request, "computenode.drain", node)
+        report = evacuation.drain(node, request.user)
+        describe(request, "computenode.drain", node, message=report.summary())
+        return Response(report.as_dict(), status=status.HTTP_202_ACCEPTED)
 
     def perform_destroy(self, instance: models.Model) -> None:
         assert isinstance(instance, ComputeNode)

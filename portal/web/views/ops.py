@@ -11,7 +11,7 @@ from django.views.decorators.http import require_POST
 
 from portal.audit.models import Event
 from portal.audit.record import describe, note_error
-from portal.cloud import metrics, placement, services
+from portal.cloud import evacuation, metrics, placement, services
 from portal.cloud.models import ComputeNode, Instance
 from portal.tenancy.models import Quota, Tenant
 from portal.web.access import Refusal, attempt, confirm, operator_page, page
@@ -136,6 +136,61 @@ def _set_enabled(request: HttpRequest, node: ComputeNode, enabled: bool) -> Http
     services.set_node_enabled(node, enabled=enabled)
     messages.success(request, f"Node {node.name} is {node.status}: {node.status_reason}.")
     return HttpResponseRedirect(reverse("web:ops-nodes"), status=303)
+
+
+@operator_page
+def node_evacuate(request: HttpRequest, name: str) -> HttpResponse:
+    """GET: a confirmation page; POST: rebuild the instances of a down node elsewhere (API: evacuate)."""
+    node = get_object_or_404(ComputeNode, name=name)
+    if request.method != "POST":
+        hosted = Instance.objects.live().filter(node=node).count()
+        return confirm(
+            request,
+            f"Evacuate node {node.name}?",
+            f"Its {hosted} instance{'s' if hosted != 1 else ''} are rebuilt on other nodes, as the scheduler "
+            f"places them (containers only on nodes dedicated to their tenant). "
+            + evacuation.DATA_LOSS.format(node=node.name)
+            + f" Only for a node that is lost: refused while {node.name} still sends heartbeats.",
+            "Evacuate node",
+            reverse("web:ops-node", args=[node.name]),
+        )
+    describe(request, "computenode.evacuate", node)
+    outcome = attempt(request, lambda: evacuation.evacuate(node, request.user))
+    if isinstance(outcome, Refusal):
+        return _nodes_page(request, outcome.message, outcome.status)
+    describe(request, "computenode.evacuate", node, message=outcome.summary())
+    messages.success(request, f"{outcome.summary()}.")
+    for move in outcome.moves:
+        if move.result == "error":
+            messages.warning(request, f"{move.tenant}/{move.name}: {move.reason}")
+    return HttpResponseRedirect(reverse("web:ops-node", args=[node.name]), status=303)
+
+
+@operator_page
+def node_move(request: HttpRequest, name: str) -> HttpResponse:
+    """GET: a confirmation page; POST: drain a live node and move its containers (API: drain)."""
+    node = get_object_or_404(ComputeNode, name=name)
+    if request.method != "POST":
+        hosted = Instance.objects.live().filter(node=node, kind="container").count()
+        return confirm(
+            request,
+            f"Move the containers off node {node.name}?",
+            f"{node.name} is drained (no new instances), and each of its {hosted} container"
+            f"{'s' if hosted != 1 else ''} is stopped there and started from its image on another node "
+            "dedicated to its tenant (its writable layer is not copied). VMs stay on the node.",
+            "Drain and move containers",
+            reverse("web:ops-node", args=[node.name]),
+        )
+    describe(request, "computenode.drain", node)
+    outcome = attempt(request, lambda: evacuation.drain(node, request.user))
+    if isinstance(outcome, Refusal):
+        return _nodes_page(request, outcome.message, outcome.status)
+    describe(request, "computenode.drain", node, message=outcome.summary())
+    messages.success(request, f"{outcome.summary()}.")
+    for move in outcome.moves:
+        if move.result == "stays":
+            messages.warning(request, f"{move.tenant}/{move.name} stays: {move.reason}")
+    return HttpResponseRedirect(reverse("web:ops-node", args=[node.name]), status=303)
 
 
 @operator_page

@@ -1,4 +1,4 @@
-"""Operators' node commands: register, dedicate, share, enable/disable, list, external addresses."""
+"""Operators' node commands: register, dedicate, share, enable/disable, evacuate/drain, list, addresses."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from portal.audit.log import record
-from portal.cloud import services
+from portal.cloud import evacuation, services
 from portal.cloud.models import ComputeNode, ExternalAddress
 from portal.errors import Conflict
 from portal.images.nodekeys import node_key
@@ -17,7 +17,7 @@ from portal.tenancy.models import Tenant
 
 
 class Command(BaseCommand):
-    help = "Manage compute nodes: register, dedicate, share, disable, enable, list."
+    help = "Manage compute nodes: register, dedicate, share, disable, enable, evacuate, drain, list."
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
@@ -34,6 +34,12 @@ class Command(BaseCommand):
         share.add_argument("name")
         for verb in ("disable", "enable"):
             sub.add_parser(verb, help=f"{verb} scheduling onto a node").add_argument("name")
+        sub.add_parser(
+            "evacuate", help="rebuild the instances of a down node on other nodes (root disks are lost)"
+        ).add_argument("name")
+        sub.add_parser(
+            "drain", help="disable a live node and move its containers to other nodes (VMs stay)"
+        ).add_argument("name")
         sub.add_parser("list", help="list nodes")
         ext = sub.add_parser(
             "external-address",
@@ -121,6 +127,15 @@ class Command(BaseCommand):
                 services.set_node_tenancy(node, tenant)
                 self._audit(node, "dedicate", f"dedicated to {tenant.slug}")
                 self.stdout.write(f"node {name} is dedicated to {tenant.slug}")
+            elif action in ("evacuate", "drain"):
+                report = (evacuation.evacuate if action == "evacuate" else evacuation.drain)(node, None)
+                for m in report.moves:
+                    self.stdout.write(
+                        f"{m.tenant}/{m.name} ({m.kind}): {m.result} {m.target or ''} {m.reason}"
+                    )
+                for v in report.volumes:
+                    self.stdout.write(f"volume {v.tenant}/{v.name}: {v.status}: {v.reason}")
+                self.stdout.write(f"{report.summary()}. {report.data_loss}")
             elif action == "share":
                 services.set_node_tenancy(node, None)
                 self._audit(node, "share", "made shared")
