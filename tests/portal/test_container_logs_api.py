@@ -216,3 +216,27 @@ def test_follows_per_process_are_bounded(world: World, nodes: FakeNodes, answeri
     assert all(cloud_logs._follow_slots.acquire(blocking=False) for _ in range(cloud_logs.FOLLOW_SLOTS))
     for _ in range(cloud_logs.FOLLOW_SLOTS):
         cloud_logs._follow_slots.release()
+
+
+def test_the_instance_page_shows_the_last_lines_marked(
+    world: World, nodes: FakeNodes, answering: list[Any]
+) -> None:
+    iid = _container(world, nodes)
+    c = world.client("a_viewer")
+    page = c.get(f"/instances/{iid}/").content.decode()
+    assert f'hx-get="/instances/{iid}/logs/"' in page and 'id="logs-h"' in page
+    panel = c.get(f"/instances/{iid}/logs/").content.decode()
+    assert '<span class="stderr"><span class="mark">01:20:02.000 stderr</span> error: boom</span>' in panel
+    assert '<span class="stdout"><span class="mark">01:20:01.000 stdout</span> ready on :80</span>' in panel
+    assert "read on node-a" in panel and 'hx-trigger="every 5s"' in panel
+    only = c.get(f"/instances/{iid}/logs/?stream=stderr").content.decode()
+    assert "error: boom" in only and "ready on :80" not in only
+    assert world.client("b_admin").get(f"/instances/{iid}/logs/").status_code == 404
+    # a VM's page has the console, not this panel
+    assert 'id="logs-h"' not in c.get(f"/instances/{world.instance_a.pk}/").content.decode()
+    # deleted: the kept logs, drawn once (286 stops htmx polling)
+    world.client("a_member").delete(f"/api/v1/instances/{iid}/")
+    nodes.run()
+    kept = c.get(f"/instances/{iid}/logs/")
+    assert kept.status_code == 286 and "kept after the delete" in kept.content.decode()
+    assert "hx-trigger" not in kept.content.decode().split("<p", 1)[0]
