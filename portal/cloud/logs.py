@@ -29,7 +29,7 @@ from compute import logs
 from compute.console.streams import NO_REDIS, redis_url
 from compute.spec import Capability, Kind, LogsRequest, LogsResult, SpecError, from_json
 from portal.cloud import dispatch
-from portal.cloud.choices import VmState
+from portal.cloud.choices import NodeStatus, VmState
 from portal.cloud.models import Instance
 from portal.errors import Conflict, DomainError, NotFound
 
@@ -96,6 +96,11 @@ def check_readable(instance: Instance) -> None:
         )
     if instance.node is None:
         raise LogsRefused(f"{instance.name} never reached a node, so it has no logs.")
+    if instance.node.status == NodeStatus.DOWN:
+        raise LogsRefused(
+            f"Node {instance.node.name} is down (no heartbeat), so {instance.name}'s logs, "
+            "which are kept there, cannot be read now."
+        )
     if redis_url(settings.CELERY_BROKER_URL) is None:
         raise LogsRefused(NO_REDIS[0].upper() + NO_REDIS[1:] + ".")
     if Capability.LOGS not in instance.capabilities:
@@ -113,8 +118,8 @@ def check_readable(instance: Instance) -> None:
             )
 
 
-def read(instance: Instance, query: Query, skip: int = 0) -> Answer:
-    """Ask the instance's node for the lines ``query`` selects and wait for its answer."""
+def read(instance: Instance, query: Query, skip: int = 0, wait: float = NODE_ANSWER_SECONDS) -> Answer:
+    """Ask the instance's node for the lines ``query`` selects and wait up to ``wait`` s for its answer."""
     check_readable(instance)
     assert instance.node is not None
     reply = f"skyport:logs:{uuid.uuid4()}"
@@ -125,9 +130,9 @@ def read(instance: Instance, query: Query, skip: int = 0) -> Answer:
     except SpecError as exc:  # the view checked the parameters; a bug if this happens
         raise LogsRefused(str(exc)) from None
     dispatch.send(instance.node.queue, request)
-    data = wait_reply(reply, NODE_ANSWER_SECONDS)
+    data = wait_reply(reply, wait)
     if data is None:
-        raise NodeSilent(f"Node {instance.node.name} did not answer within {NODE_ANSWER_SECONDS} s.")
+        raise NodeSilent(f"Node {instance.node.name} did not answer within {wait:.0f} s.")
     result = from_json(LogsResult, data)
     if result.error:
         raise LogsGone(f"No logs of {instance.name} on node {instance.node.name}: {result.error}")

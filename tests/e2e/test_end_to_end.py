@@ -301,6 +301,11 @@ def _run(node_a: str, node_b: str) -> None:
     got = settled(acme, ctr["id"])
     assert got["power_state"] == "running"
     assert _ping(got["addresses"][0]["address"], timeout=20)
+    # its logs, through the node's queue and a Redis reply: the image's first line, marked
+    logs_url = f"/api/v1/instances/{ctr['id']}/logs/"
+    lines = wait_for("the container's first log line", lambda: acme.get(logs_url).json()["lines"], 30)
+    assert lines[0]["stream"] == "stdout" and "pid=1" in lines[0]["text"], lines
+    assert bob.get(logs_url).status_code == 404
     settled(bob, vm3["id"])
 
     # 3. delete everything; the nodes clean up and say so
@@ -309,6 +314,8 @@ def _run(node_a: str, node_b: str) -> None:
         assert c.delete(f"/api/v1/instances/{inst['id']}/").status_code == 202
     for c, inst in left:
         settled(c, inst["id"], "deleted")
+    kept = acme.get(logs_url, {"stream": "stdout", "tail": 1}).json()
+    assert kept["retained"] is True and kept["lines"] == lines[:1], kept
     domains = subprocess.run(
         ["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True, text=True
     ).stdout

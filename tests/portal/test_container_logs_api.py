@@ -240,3 +240,15 @@ def test_the_instance_page_shows_the_last_lines_marked(
     kept = c.get(f"/instances/{iid}/logs/")
     assert kept.status_code == 286 and "kept after the delete" in kept.content.decode()
     assert "hx-trigger" not in kept.content.decode().split("<p", 1)[0]
+
+
+def test_a_node_that_is_down_is_not_asked(world: World, nodes: FakeNodes, answering: list[Any]) -> None:
+    from portal.cloud.models import ComputeNode
+
+    iid = _container(world, nodes)
+    ComputeNode.objects.filter(name="node-a").update(status="down")
+    r = world.client("a_member").get(url(iid))
+    assert r.status_code == 409 and "node-a is down" in r.json()["message"], r.content
+    assert answering == []
+    panel = world.client("a_member").get(f"/instances/{iid}/logs/").content.decode()
+    assert "node-a is down" in panel

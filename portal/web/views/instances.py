@@ -310,7 +310,8 @@ def instance_logs(request: HttpRequest, pk: str) -> HttpResponse:
     stream = stream if stream in ("stdout", "stderr") else ""
     context: dict[str, Any] = {"poll": STATS_POLL_SECONDS, "stream": stream, "lines_wanted": LOGS_PANEL_LINES}
     try:
-        answer = cloud_logs.read(instance, cloud_logs.Query(LOGS_PANEL_LINES, "", stream))
+        # a short wait: a page that polls must not hold a server thread for long on a slow node
+        answer = cloud_logs.read(instance, cloud_logs.Query(LOGS_PANEL_LINES, "", stream), wait=3)
         context["answer"] = answer
         context["lines"] = [(t[11:23], s, x) for t, s, x in answer.lines]  # HH:MM:SS.mmm of the UTC time
     except DomainError as exc:
