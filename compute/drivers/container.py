@@ -801,7 +801,7 @@ class ContainerDriver(Driver):
             if not (kept / "deleted").exists():
                 raise InstanceNotFound(f"no container {paths.root.name} on this node, and no kept logs")
             path, retained = kept / paths.log.name, True
-        lines, truncated = logs.select(logs.read(path), selection)
+        lines, truncated = logs.read_selection(path, selection)
         return lines, truncated, retained
 
     def keep_logs(self, now: float | None = None) -> tuple[str, ...]:

@@ -164,3 +164,39 @@ def test_logs_request_is_checked_at_the_contract() -> None:
     ):
         with pytest.raises(SpecError, match=match):
             LogsRequest(**({"instance_id": IID, "kind": Kind.CONTAINER, "reply": "skyport:logs:1"} | kwargs))  # type: ignore[arg-type]
+
+
+def test_read_selection_reads_only_what_it_needs_and_agrees_with_a_full_read(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(18)
+    log = tmp_path / "container.log"
+    recs = []
+    t = 1_000.0
+    for i in range(30000):
+        t += rng.choice((0.0, 0.001, 0.01))  # runs of equal times too
+        stream = rng.choice(logs.STREAMS)
+        if rng.random() < 0.05:
+            recs.append(rec(t, stream, "P", f"piece-{i}-"))
+        recs.append(rec(t, stream, "F", f"line-{i}" + "z" * rng.randint(0, 80)))
+    data = b"".join(recs)
+    half = data.index(b"\n", len(data) // 2) + 1
+    log.with_name("container.log.1").write_bytes(data[:half])
+    log.write_bytes(data[half:])
+    everything = logs.read(log)
+    times = [x.ns for x in everything]
+    for _ in range(60):
+        since = rng.choice([None, rng.choice(times), times[0] - 1, times[-1] + 1])
+        sel = logs.Selection(
+            tail=rng.choice([None, 0, 1, 7, 100, 5000]),
+            since_ns=since,
+            stream=rng.choice([None, "stdout", "stderr"]),
+            skip=rng.choice([0, 1]) if since else 0,
+        )
+        assert logs.read_selection(log, sel) == logs.select(everything, sel), sel
+    # and it is cheap: the last 100 lines of a ~3 MiB log without reading all of it
+    started = time.perf_counter()
+    for _ in range(20):
+        logs.read_selection(log, logs.Selection(tail=100))
+        logs.read_selection(log, logs.Selection(since_ns=times[-50]))
+    assert (time.perf_counter() - started) / 40 < 0.05
