@@ -305,6 +305,12 @@ def _run(node_a: str, node_b: str) -> None:
     logs_url = f"/api/v1/instances/{ctr['id']}/logs/"
     lines = wait_for("the container's first log line", lambda: acme.get(logs_url).json()["lines"], 30)
     assert lines[0]["stream"] == "stdout" and "pid=1" in lines[0]["text"], lines
+    took = []
+    for _ in range(5):
+        started = time.perf_counter()
+        assert acme.get(logs_url, {"tail": 100}).status_code == 200
+        took.append(time.perf_counter() - started)
+    print(f"logs read through the node: median {sorted(took)[2] * 1000:.0f} ms of {len(took)}")
     assert bob.get(logs_url).status_code == 404
     settled(bob, vm3["id"])
 
