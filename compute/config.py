@@ -64,6 +64,9 @@ class NodeConfig:
     2 MiB; the node keeps one previous file too) and ``log_retention_hours``
     says how long a deleted container's logs stay readable
     (``SKYPORT_LOG_RETENTION_HOURS``, 72; the portal reads the same variable).
+    ``network_idle_seconds``: a network no instance of this node has used for
+    that long is released (bridge, VXLAN device, resolver, rules;
+    ``SKYPORT_NETWORK_IDLE_SECONDS``, default 300).
     ``broker_master`` names the primary the sentinels watch when ``broker_url``
     lists ``sentinel://`` URLs (``SKYPORT_BROKER_MASTER``; compute/celeryconf.py).
     """
@@ -85,6 +88,7 @@ class NodeConfig:
     broker_master: str = ""
     log_max_bytes: int = 2 << 20
     log_retention_hours: float = 72.0
+    network_idle_seconds: float = 300.0
 
     @property
     def queue(self) -> str:
@@ -107,6 +111,7 @@ class NodeConfig:
             "SKYPORT_BROKER_MASTER": self.broker_master,
             "SKYPORT_LOG_MAX_BYTES": str(self.log_max_bytes),
             "SKYPORT_LOG_RETENTION_HOURS": str(int(self.log_retention_hours)),
+            "SKYPORT_NETWORK_IDLE_SECONDS": str(self.network_idle_seconds),
         }
 
     @classmethod
@@ -160,6 +165,7 @@ class NodeConfig:
             broker_master=broker_master,
             log_max_bytes=_log_max_bytes(),
             log_retention_hours=_retention_hours(),
+            network_idle_seconds=seconds("SKYPORT_NETWORK_IDLE_SECONDS", 300.0),
         )
 
 
