@@ -60,6 +60,10 @@ class NodeConfig:
     ``dns_servers`` are the upstream resolvers the networks' resolvers
     forward to (``SKYPORT_DNS_SERVERS``, comma-separated; none: they answer
     only the networks' instance names).
+    ``log_max_bytes`` caps each container's log file (``SKYPORT_LOG_MAX_BYTES``,
+    2 MiB; the node keeps one previous file too) and ``log_retention_hours``
+    says how long a deleted container's logs stay readable
+    (``SKYPORT_LOG_RETENTION_HOURS``, 72; the portal reads the same variable).
     ``network_idle_seconds``: a network no instance of this node has used for
     that long is released (bridge, VXLAN device, resolver, rules;
     ``SKYPORT_NETWORK_IDLE_SECONDS``, default 300).
@@ -82,6 +86,8 @@ class NodeConfig:
     nft_table: str = "skyport"
     dns_servers: tuple[str, ...] = ()
     broker_master: str = ""
+    log_max_bytes: int = 2 << 20
+    log_retention_hours: float = 72.0
     network_idle_seconds: float = 300.0
 
     @property
@@ -103,6 +109,8 @@ class NodeConfig:
             "SKYPORT_BROKER_VISIBILITY_SECONDS": str(self.visibility_timeout_seconds),
             "SKYPORT_NETWORK_LOCK": str(self.network_lock),
             "SKYPORT_BROKER_MASTER": self.broker_master,
+            "SKYPORT_LOG_MAX_BYTES": str(self.log_max_bytes),
+            "SKYPORT_LOG_RETENTION_HOURS": str(int(self.log_retention_hours)),
             "SKYPORT_NETWORK_IDLE_SECONDS": str(self.network_idle_seconds),
         }
 
@@ -155,5 +163,21 @@ class NodeConfig:
             nft_table=table,
             dns_servers=servers,
             broker_master=broker_master,
+            log_max_bytes=_log_max_bytes(),
+            log_retention_hours=_retention_hours(),
             network_idle_seconds=seconds("SKYPORT_NETWORK_IDLE_SECONDS", 300.0),
         )
+
+
+def _log_max_bytes() -> int:
+    raw = os.environ.get("SKYPORT_LOG_MAX_BYTES", "").strip() or str(2 << 20)
+    if not raw.isdigit() or not 65536 <= int(raw) <= 1 << 30:
+        raise ConfigError(f"SKYPORT_LOG_MAX_BYTES={raw!r}: expected a number of bytes within 64 KiB..1 GiB")
+    return int(raw)
+
+
+def _retention_hours() -> float:
+    raw = os.environ.get("SKYPORT_LOG_RETENTION_HOURS", "").strip() or "72"
+    if not raw.isdigit() or int(raw) > 24 * 366:
+        raise ConfigError(f"SKYPORT_LOG_RETENTION_HOURS={raw!r}: expected whole hours within 0..8784")
+    return float(raw)

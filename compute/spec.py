@@ -25,6 +25,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar, Union
 
+from compute import logs
+
 SPEC_VERSION = 2  # 2: a NetworkAttachment carries its NetworkSegment
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -95,6 +97,7 @@ class Capability(enum.StrEnum):
     CONSOLE = "console"  # a readable console log
     EXEC = "exec"  # run a command inside the instance (containers: crun exec)
     TERMINAL = "terminal"  # an interactive console (VM serial pty, container exec with a pty)
+    LOGS = "logs"  # stdout/stderr lines with time and stream, kept after delete (containers)
     VOLUMES = "volumes"  # attach and detach volumes (the VM driver: virtio disks, hot on a running VM)
 
 
@@ -116,6 +119,7 @@ class Task(enum.StrEnum):
     CONSOLE_TAIL = "portal.console"
     CONSOLE_OPEN = "compute.console.open"
     EXEC = "compute.instance.exec"
+    LOGS = "compute.instance.logs"
 
 
 class ImageFormat(enum.StrEnum):
@@ -694,6 +698,53 @@ class ExecResult:
     seconds: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class LogsRequest(_AboutInstance):
+    """Read a container's logs; the node pushes a :class:`LogsResult` onto the Redis list ``reply``.
+
+    The last ``tail`` lines (None: all) at or after ``since`` (RFC 3339, "":
+    from the start) of ``stream`` ("stdout", "stderr", "": both); ``skip``
+    lines stamped exactly ``since`` were already seen (a follow's cursor).
+    Readable after the container exited and, for the node's retention
+    period, after it was deleted (docs/container-driver.md, Logs).
+    """
+
+    TASK: ClassVar[Task] = Task.LOGS
+
+    instance_id: str
+    kind: Kind
+    reply: str
+    tail: int | None = None
+    since: str = ""
+    stream: str = ""
+    skip: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.reply.startswith("skyport:logs:"):
+            raise SpecError(f"reply must be a skyport:logs: list, got {self.reply!r}")
+        try:
+            self.selection()
+        except logs.LogError as exc:
+            raise SpecError(str(exc)) from None
+
+    def selection(self) -> logs.Selection:
+        since = logs.parse_time(self.since) if self.since else None
+        return logs.Selection(self.tail, since, self.stream or None, self.skip)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogsResult:
+    """Lines as (RFC 3339 time, stream, text), oldest first; ``truncated``: older lines were left
+    out to keep the reply small; ``retained``: read from a deleted container's kept logs;
+    ``error`` says why there are none (unknown instance, a VM, an unreadable log)."""
+
+    lines: tuple[tuple[str, str, str], ...] = ()
+    truncated: bool = False
+    retained: bool = False
+    error: str = ""
+
+
 # ---------------------------------------------------------------- node -> portal
 
 
@@ -855,6 +906,7 @@ NodeRequest = (
     | NetworkSegment
     | ConsoleOpen
     | ExecRequest
+    | LogsRequest
     | InstanceForwards
     | InstanceSecurity
     | SecurityBatch
@@ -874,6 +926,7 @@ MESSAGES: dict[Task, type[Any]] = {
         VolumeRequest,
         ConsoleOpen,
         ExecRequest,
+        LogsRequest,
         InstanceForwards,
         InstanceSecurity,
         SecurityBatch,

@@ -44,6 +44,8 @@ from compute.spec import (
     InstanceSpec,
     InventoryItem,
     Kind,
+    LogsRequest,
+    LogsResult,
     NetworkSegment,
     NodeReport,
     Observation,
@@ -61,6 +63,8 @@ from compute.spec import (
 from compute.volumes import VolumeError, VolumeStore
 
 log = logging.getLogger(__name__)
+
+REPLY_TTL = 60  # seconds a reply waits on its Redis list for a portal that gave up
 
 
 class Sender(Protocol):
@@ -80,6 +84,7 @@ class NodeService:
         send: Sender,
         drivers: dict[Kind, Driver] | None = None,
         prepare_bridge: Callable[[NetworkSegment], None] | None = None,
+        reply: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.config = config
         self.send = send
@@ -91,6 +96,9 @@ class NodeService:
         self._pid = os.getpid()
         self.volumes = VolumeStore(config.state_dir / "volumes")
         self._hubs: list[subprocess.Popen[bytes]] = []
+        # answers the portal waits for on a Redis list (logs); tests hand in their own
+        self.reply = reply or self._reply_redis
+        self._logs_kept_at = 0.0
         self._idle_checked = 0.0
         self._cpu_times: tuple[int, int] | None = None  # (busy, total) jiffies at the previous heartbeat
 
@@ -139,6 +147,7 @@ class NodeService:
             Task.VOLUME: self.volume,
             Task.CONSOLE_OPEN: self.console_open,
             Task.EXEC: self.exec,
+            Task.LOGS: self.logs,
             Task.FORWARDS: self.forwards,
             Task.SECURITY: self.security,
             Task.SECURITY_BATCH: self.security_batch,
@@ -394,6 +403,46 @@ class NodeService:
         client.rpush(message.reply, json.dumps(to_json(result)))
         client.expire(message.reply, runexec.REPLY_TTL)
         return result
+
+    def logs(self, message: LogsRequest) -> LogsResult:
+        """Read the instance's logs as asked; the result goes onto the Redis list ``message.reply``."""
+        try:
+            lines, truncated, retained = self.driver(message.kind).logs(
+                message.instance_id, message.selection()
+            )
+            result = LogsResult(
+                tuple((line.time, line.stream, line.text) for line in lines), truncated, retained
+            )
+        except (DriverError, OSError, ValueError) as exc:
+            result = LogsResult(error=str(exc) or type(exc).__name__)
+        self.reply(message.reply, to_json(result))
+        return result
+
+    def _reply_redis(self, key: str, payload: dict[str, Any]) -> None:
+        import redis
+
+        from compute.console.streams import NO_REDIS, redis_url
+
+        url = redis_url(self.config.broker_url)
+        if url is None:
+            log.error("reply to %s: %s", key, NO_REDIS)
+            return
+        client = redis.Redis.from_url(url)
+        client.rpush(key, json.dumps(payload))
+        client.expire(key, REPLY_TTL)
+
+    def keep_logs(self, every: float = 1.0) -> list[str]:
+        """Rotate container logs, sweep deleted ones past retention (at most every ``every`` s)."""
+        now = time.monotonic()
+        if now - self._logs_kept_at < every:
+            return []
+        self._logs_kept_at = now
+        try:
+            keep = getattr(self.driver(Kind.CONTAINER), "keep_logs", None)  # only the container driver
+            return list(keep()) if callable(keep) else []
+        except Exception:
+            log.exception("keeping container logs failed")
+            return []
 
     def delete(self, message: DeleteInstance) -> Observation:
         """Destroy the workload; deleting what is already gone succeeds."""

@@ -61,7 +61,7 @@ def _node_task(task: Task, **options: Any) -> None:
 
 # a lost console read is simply asked for again; a console or exec whose worker died is not
 # replayed minutes later (its client has given up, and an exec must not run twice)
-INTERACTIVE = frozenset({Task.CONSOLE, Task.CONSOLE_OPEN, Task.EXEC})
+INTERACTIVE = frozenset({Task.CONSOLE, Task.CONSOLE_OPEN, Task.EXEC, Task.LOGS})
 for _task in NODE_TASKS:
     _node_task(_task, **({"acks_late": False} if _task in INTERACTIVE else {}))
 
@@ -80,6 +80,7 @@ def _heartbeat_loop(parent: int) -> None:
         # the restart policies (which may have restarted or given up on some).  A burst of exits
         # (a mass delete) is folded into one report per EXIT_REPORT_GAP.
         pending = service.exits_changed() | service.supervise() | pending
+        service.keep_logs()  # each log's previous file kept at the cap; deleted ones swept after retention
         now = time.monotonic()
         if now >= next_beat or (pending and now - last >= EXIT_REPORT_GAP):
             try:

@@ -315,6 +315,11 @@ SKYPORT_CONSOLE_TICKET_SECONDS = env.seconds("SKYPORT_CONSOLE_TICKET_SECONDS", 3
 SKYPORT_CONSOLE_IDLE_SECONDS = env.seconds("SKYPORT_CONSOLE_IDLE_SECONDS", 900)
 SKYPORT_CONSOLE_WS_URL = os.environ.get("SKYPORT_CONSOLE_WS_URL", "").rstrip("/")
 SKYPORT_EXEC_MAX_SECONDS = env.seconds("SKYPORT_EXEC_MAX_SECONDS", 120)
+# Container logs (docs/container-driver.md, Logs): a deleted container's logs stay readable this
+# many hours (the nodes read the same variable and sweep them after it; 0: deleted with it); a
+# follow (?follow=1) streams for at most this many seconds, then ends (the client asks again).
+SKYPORT_LOG_RETENTION_HOURS = env.integer("SKYPORT_LOG_RETENTION_HOURS", 72, minimum=0, maximum=24 * 366)
+SKYPORT_LOG_FOLLOW_SECONDS = env.integer("SKYPORT_LOG_FOLLOW_SECONDS", 60, minimum=1, maximum=3600)
 # Metering (docs/metering.md): samples farther apart than this many heartbeats leave a gap.
 SKYPORT_METERING_GAP_BEATS = env.integer("SKYPORT_METERING_GAP_BEATS", 3, minimum=1)
 CELERY_BEAT_SCHEDULE = {

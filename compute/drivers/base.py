@@ -13,6 +13,7 @@ import abc
 import dataclasses
 from pathlib import Path
 
+from compute import logs
 from compute.spec import Capability, InstanceSpec, Kind, PowerState, SnapshotInfo
 
 
@@ -199,6 +200,19 @@ class Driver(abc.ABC):
         ``InvalidState`` (not running) or ``NotSupported``.
         """
         raise NotSupported(f"{self.kind} instances cannot run commands on this node")
+
+    def logs(self, instance_id: str, selection: logs.Selection) -> logs.Reading:
+        """The workload's output lines ``selection`` asks for (``Capability.LOGS``), oldest first.
+
+        Returns (lines, truncated: older lines left out for size, retained:
+        read from the kept logs of a deleted workload).  Readable after the
+        workload exited, and after it was destroyed for the node's retention
+        period.  Raises ``InstanceNotFound`` (neither the workload nor kept
+        logs) or ``NotSupported``.
+        """
+        raise NotSupported(
+            f"{self.kind} instances have no stdout/stderr logs: read the serial console instead"
+        )
 
     @abc.abstractmethod
     def console_log(self, instance_id: str, max_bytes: int = 65536) -> str:

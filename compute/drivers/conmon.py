@@ -19,21 +19,34 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from compute.drivers.base import DriverError
 from compute.drivers.common import read_int, tail
 
 CREATE_TIMEOUT = 15.0
+LOG_MAX_BYTES = 2 << 20  # conmon starts a container's log afresh beyond this (the node keeps one more)
 
 
 def create(
-    runtime: str, crun_root: Path, cid: str, bundle: Path, state: Path, pidfile: Path, log: Path
+    runtime: str,
+    crun_root: Path,
+    cid: str,
+    bundle: Path,
+    state: Path,
+    pidfile: Path,
+    log: Path,
+    log_max_bytes: int = LOG_MAX_BYTES,
 ) -> None:
     """Create container ``cid`` from ``bundle`` under a new conmon; its files go to ``state``.
 
-    Returns once crun has created the container (PID 1 waits for ``start``);
-    raises :class:`DriverError` with the log's tail when it could not.
+    The container's stdout and stderr go to ``log`` in conmon's ``k8s-file``
+    format (each line with its time and stream, :mod:`compute.logs`), started
+    afresh by conmon at ``log_max_bytes``; conmon's own messages go to
+    ``state/conmon.log``.  Returns once crun has created the container (PID 1
+    waits for ``start``); raises :class:`DriverError` with the reason when it could not.
     """
+    own = state / "conmon.log"
     r, w = os.pipe()
     try:
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "_OCI_SYNCPIPE": str(w)}
@@ -44,10 +57,10 @@ def create(
             "--persist-dir", str(state), "--exit-dir", str(state),
             "--conmon-pidfile", str(state / "conmon.pid"),
             "--socket-dir-path", str(state),
-            "-l", "passthrough", "--log-level", "error",
+            "-l", f"k8s-file:{log}", "--log-size-max", str(log_max_bytes), "--log-level", "error",
             "--runtime-arg", f"--root={crun_root}",
         ]  # fmt: skip
-        with log.open("ab") as out:
+        with own.open("ab") as out:
             proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
@@ -74,12 +87,14 @@ def create(
         os.close(r)
         if w >= 0:
             os.close(w)
-    try:
-        pid = int(json.loads(data.decode().splitlines()[0])["data"])
-    except (ValueError, KeyError, IndexError, TypeError):
-        pid = -1
-    if pid <= 0:
-        raise DriverError(f"crun could not create {cid}: {tail(log, 400) or ''}")
+    reply: dict[str, Any] = {}
+    with contextlib.suppress(ValueError, IndexError):
+        first = json.loads(data.decode().splitlines()[0])
+        reply = first if isinstance(first, dict) else {}
+    pid = reply.get("data")
+    if not isinstance(pid, int) or pid <= 0:
+        why = str(reply.get("message") or "").strip() or tail(own, 400) or tail(log, 400) or ""
+        raise DriverError(f"crun could not create {cid}: {why.strip()}")
 
 
 def is_conmon(pid: int, cid: str) -> bool:

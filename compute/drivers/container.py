@@ -8,7 +8,9 @@ Layout under ``<state_dir>/containers``::
     <cid>/bundle/         config.json (written at each launch) + rootfs/ (overlay mount point)
     <cid>/upper, work/    the container's private overlay layers, owned by its id range
     <cid>/lowerdir        the image's layer directories, top first, one a line
-    <cid>/console.log     stdout+stderr (conmon passthrough), kept after exit
+    <cid>/container.log   stdout+stderr, each line stamped with time and stream (conmon's
+                          k8s-file), capped; .1 is the previous file (compute/logs.py)
+    <cid>/conmon/conmon.log  conmon's own messages
     <cid>/conmon/exit     exit code written by conmon (survives worker restarts)
     <cid>/result.json     exit code + OOM verdict, saved before the cgroup goes
 
@@ -44,7 +46,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from compute import cgroups, idmap, nsenv, passwd
+from compute import cgroups, idmap, logs, nsenv, passwd
 from compute.config import NodeConfig
 from compute.drivers import conmon
 from compute.drivers.base import (
@@ -133,7 +135,16 @@ class _Paths:
 
     @property
     def log(self) -> Path:
+        return self.root / "container.log"
+
+    @property
+    def legacy_log(self) -> Path:
+        """stdout+stderr unmarked, of a container started before the k8s-file logs."""
         return self.root / "console.log"
+
+    def log_text(self, max_chars: int) -> str | None:
+        text = logs.text_tail(self.log, max_chars)
+        return text if text is not None else tail(self.legacy_log, max_chars)
 
     @property
     def conmon(self) -> Path:
@@ -177,7 +188,9 @@ class ContainerDriver(Driver):
     """Containers on one node, each an OCI bundle run by crun (or runc)."""
 
     kind = Kind.CONTAINER
-    capabilities = frozenset({Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.TERMINAL})
+    capabilities = frozenset(
+        {Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.TERMINAL, Capability.LOGS}
+    )
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -373,7 +386,7 @@ class ContainerDriver(Driver):
         if gave_up:
             message = f"crash loop: gave up after {restarts} restarts; {message}"
         if message:
-            last = last_lines(paths.log)
+            last = last_lines(paths)
             if last:
                 message = f"{message}; last output: {last}"
         state = PowerState.CRASHED if oom or gave_up else PowerState.SHUTDOWN
@@ -459,8 +472,16 @@ class ContainerDriver(Driver):
             (paths.bundle / "config.json").write_text(json.dumps(config, indent=1))
             undo.callback(self._runtime, "delete", "--force", cid, check=False)
             undo.callback(self.fs.remove, cgroups_path(spec.instance_id))
+            logs.close_partials(paths.log)  # a line the last run left open is not joined to this run's
             conmon.create(
-                self.runtime, self.crun_root, cid, paths.bundle, paths.conmon, paths.pidfile, paths.log
+                self.runtime,
+                self.crun_root,
+                cid,
+                paths.bundle,
+                paths.conmon,
+                paths.pidfile,
+                paths.log,
+                self.config.log_max_bytes,
             )
             if spec.networks:
                 # crun made the netns inside the container's user namespace (its
@@ -615,6 +636,9 @@ class ContainerDriver(Driver):
 
     def destroy(self, instance_id: str) -> None:
         with self._locked(instance_id) as paths:
+            if paths.spec.exists() and self.config.log_retention_hours > 0:
+                # kept for the retention period; the container's last words land there too
+                logs.retain(paths.log, logs.retained_dir(self.config.state_dir, instance_id))
             self._teardown(paths, instance_id)
         with contextlib.suppress(FileNotFoundError):
             (self.locks / container_id(instance_id)).unlink()
@@ -769,7 +793,33 @@ class ContainerDriver(Driver):
         paths = self._paths(instance_id)
         if not paths.spec.exists():
             raise InstanceNotFound(f"no container {paths.root.name} on this node")
-        return tail(paths.log, max_bytes) or ""
+        return paths.log_text(max_bytes) or ""
+
+    def logs(self, instance_id: str, selection: logs.Selection) -> logs.Reading:
+        """(lines, truncated, retained): see :meth:`Driver.logs`."""
+        paths = self._paths(instance_id)
+        retained = False
+        if paths.spec.exists():
+            path = paths.log
+            logs.keep_generation(path)
+        else:
+            kept = logs.retained_dir(self.config.state_dir, instance_id)
+            if not (kept / "deleted").exists():
+                raise InstanceNotFound(f"no container {paths.root.name} on this node, and no kept logs")
+            path, retained = kept / paths.log.name, True
+        lines, truncated = logs.read_selection(path, selection)
+        return lines, truncated, retained
+
+    def keep_logs(self, now: float | None = None) -> tuple[str, ...]:
+        """Keep each log's replaced generation; drop deleted containers' logs past retention.
+
+        Returns the instance ids whose kept logs were removed.
+        """
+        for path in logs.each_log(self.base, _Paths(Path()).log.name):
+            with contextlib.suppress(OSError):
+                logs.keep_generation(path)
+        root = self.config.state_dir / "logs" / "containers"
+        return tuple(logs.sweep(root, self.config.log_retention_hours * 3600, now))
 
 
 # ---------------------------------------------------------------- utilities
@@ -783,9 +833,9 @@ def exit_reason(code: int) -> str:
     return f"exited with code {code}"
 
 
-def last_lines(log: Path, lines: int = 5, max_chars: int = 600) -> str:
+def last_lines(paths: _Paths, lines: int = 5, max_chars: int = 600) -> str:
     """The last few lines of a container's output, joined by `` | `` (for reasons and events)."""
-    text = tail(log, 8192) or ""
+    text = paths.log_text(8192) or ""
     kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
     out = " | ".join(kept)
     return out[-max_chars:]

@@ -6,6 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from compute import logs
 from compute.drivers.base import (
     Driver,
     DriverError,
@@ -29,7 +30,9 @@ REAL_CAPABILITIES = {
             Capability.VOLUMES,
         }
     ),
-    Kind.CONTAINER: frozenset({Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.TERMINAL}),
+    Kind.CONTAINER: frozenset(
+        {Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.TERMINAL, Capability.LOGS}
+    ),
 }
 
 
@@ -49,6 +52,8 @@ class FakeDriver(Driver):
         # grow like a workload busy at a quarter of one CPU with 48 MiB resident
         self.console: dict[str, list[str]] = {}
         self.started: dict[str, float] = {}
+        # k8s-file records of each container, kept after destroy (as the real driver keeps its logs)
+        self.log_records: dict[str, bytes] = {}
 
     def _get(self, instance_id: str) -> PowerState:
         if instance_id not in self.workloads:
@@ -167,6 +172,16 @@ class FakeDriver(Driver):
         self._get(instance_id)
         busy = time.monotonic() - self.started.get(instance_id, time.monotonic())
         return Stats(cpu_time_ns=1 + int(busy * 0.25e9), memory_bytes=48 << 20)
+
+    def logs(self, instance_id: str, selection: logs.Selection) -> logs.Reading:
+        """The k8s-file text a test put in ``log_records`` (as conmon would write it), selected."""
+        if Capability.LOGS not in self.capabilities:
+            return super().logs(instance_id, selection)
+        retained = instance_id not in self.workloads
+        if retained and instance_id not in self.log_records:
+            raise InstanceNotFound(f"no workload {instance_id} on this node, and no kept logs")
+        lines, truncated = logs.select(logs.parse(self.log_records.get(instance_id, b"")), selection)
+        return lines, truncated, retained
 
     def console_log(self, instance_id: str, max_bytes: int = 65536) -> str:
         self._get(instance_id)

@@ -38,7 +38,11 @@ _DESCRIPTIONS = {
     ),
     "413": "The body is over its limit (SKYPORT_BODY_MAX_BYTES; uploads: SKYPORT_UPLOAD_MAX_BYTES).",
     "415": "The request body's media type is not supported (JSON; uploads: application/octet-stream).",
+    "429": "Too many at once: try again shortly (the message says what is busy).",
+    "504": "The instance's compute node did not answer in time.",
 }
+#: an operation's own further error codes: ``@extend_schema(extensions={EXTRA_ERRORS: ["409"]})``
+EXTRA_ERRORS = "x-skyport-errors"
 
 
 def error_codes(method: str, operation: dict[str, Any]) -> list[str]:
@@ -61,7 +65,8 @@ def add_error_responses(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]
     for path_item in result.get("paths", {}).values():
         for method, operation in path_item.items():
             responses = operation.setdefault("responses", {})
-            for code in error_codes(method, operation):
+            extra = operation.pop(EXTRA_ERRORS, [])
+            for code in sorted(set(error_codes(method, operation)) | set(extra)):
                 responses.setdefault(
                     code,
                     {"description": _DESCRIPTIONS[code], "content": {"application/json": {"schema": ref}}},

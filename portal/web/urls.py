@@ -20,6 +20,7 @@ urlpatterns = [
     path("instances/<uuid:pk>/console/", instances.instance_console, name="instance-console"),
     path("instances/<uuid:pk>/terminal/", instances.instance_terminal, name="instance-terminal"),
     path("instances/<uuid:pk>/stats/", instances.instance_stats, name="instance-stats"),
+    path("instances/<uuid:pk>/logs/", instances.instance_logs, name="instance-logs"),
     path("instances/<uuid:pk>/action/", instances.instance_action, name="instance-action"),
     path("instances/<uuid:pk>/delete/", instances.instance_delete, name="instance-delete"),
     path("instances/<uuid:pk>/revert/", instances.instance_revert, name="instance-revert"),

@@ -38,6 +38,7 @@ from compute.spec import (
     InstanceSpec,
     InventoryItem,
     Kind,
+    LogsRequest,
     NetworkAttachment,
     NetworkSegment,
     NodeReport,
@@ -235,6 +236,7 @@ def test_every_message_round_trips_through_json() -> None:
         ConsoleRequest(iid, Kind.VM, 100),
         ConsoleOpen(iid, Kind.CONTAINER, "hub-0001", ConsoleMode.EXEC, ("/bin/sh",)),
         ExecRequest(iid, Kind.CONTAINER, ("id",), "skyport:exec:1", 5.0, 100),
+        LogsRequest(iid, Kind.CONTAINER, "skyport:logs:1", 10, "2026-12-06T01:20:00.5+01:00", "stderr", 2),
         _nic(vni=3, tunnel_local="192.0.2.1", tunnel_peers=("192.0.2.2",)).segment,
         Observation(iid, "n1", Action.REVERT, "a4", False, PowerState.PAUSED, "no", 1.5, (("k", "v"),)),
         ConsoleTail(iid, "n1", "boot\n", 2.0),
@@ -339,7 +341,7 @@ def test_the_worker_registers_every_node_task() -> None:
     from compute import worker
 
     assert set(NODE_TASKS) <= set(worker.app.tasks)
-    for interactive in (Task.CONSOLE, Task.CONSOLE_OPEN, Task.EXEC):
+    for interactive in (Task.CONSOLE, Task.CONSOLE_OPEN, Task.EXEC, Task.LOGS):
         assert worker.app.tasks[interactive].acks_late is False
     assert worker.app.tasks[Task.CREATE].acks_late is True
     assert set(NODE_TASKS) == {
@@ -351,6 +353,7 @@ def test_the_worker_registers_every_node_task() -> None:
         Task.VOLUME,
         Task.CONSOLE_OPEN,
         Task.EXEC,
+        Task.LOGS,
         Task.FORWARDS,
         Task.SECURITY,
         Task.SECURITY_BATCH,

@@ -10,6 +10,7 @@ delete cleans both up; the events list shows each step.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -27,6 +28,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.db import connection
+from django.test import override_settings
 from rest_framework.test import APIClient
 
 from portal.cloud.models import ComputeNode, Network
@@ -301,6 +303,24 @@ def _run(node_a: str, node_b: str) -> None:
     got = settled(acme, ctr["id"])
     assert got["power_state"] == "running"
     assert _ping(got["addresses"][0]["address"], timeout=20)
+    # its logs, through the node's queue and a Redis reply: the image's first line, marked
+    logs_url = f"/api/v1/instances/{ctr['id']}/logs/"
+    lines = wait_for("the container's first log line", lambda: acme.get(logs_url).json()["lines"], 30)
+    assert lines[0]["stream"] == "stdout" and "pid=1" in lines[0]["text"], lines
+    took = []
+    for _ in range(5):
+        started = time.perf_counter()
+        assert acme.get(logs_url, {"tail": 100}).status_code == 200
+        took.append(time.perf_counter() - started)
+    print(f"logs read through the node: median {sorted(took)[2] * 1000:.0f} ms of {len(took)}")
+    with override_settings(SKYPORT_LOG_FOLLOW_SECONDS=2):  # a follow: the same line, then its end
+        started = time.perf_counter()
+        r = acme.get(logs_url, {"follow": 1})
+        assert r.status_code == 200 and r["Content-Type"] == "application/x-ndjson"
+        followed = [json.loads(x) for x in b"".join(r.streaming_content).decode().splitlines()]
+    assert followed[0] == lines[0] and "follow limit of 2 s" in followed[-1]["end"], followed
+    assert 2 <= time.perf_counter() - started < 8
+    assert bob.get(logs_url).status_code == 404
     settled(bob, vm3["id"])
 
     # 3. delete everything; the nodes clean up and say so
@@ -309,6 +329,8 @@ def _run(node_a: str, node_b: str) -> None:
         assert c.delete(f"/api/v1/instances/{inst['id']}/").status_code == 202
     for c, inst in left:
         settled(c, inst["id"], "deleted")
+    kept = acme.get(logs_url, {"stream": "stdout", "tail": 1}).json()
+    assert kept["retained"] is True and kept["lines"] == lines[:1], kept
     domains = subprocess.run(
         ["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True, text=True
     ).stdout

@@ -198,6 +198,7 @@ class FakeNodes:
         self.sent = sent
         self.tmp = tmp
         self.nodes: dict[str, Any] = {}
+        self.replies: dict[str, dict[str, Any]] = {}  # what nodes pushed onto Redis lists (logs)
 
     def service(self, queue: str) -> Any:
         from compute.config import NodeConfig
@@ -220,7 +221,9 @@ class FakeNodes:
                 handlers[Task(task)](payload)
 
             drivers = {Kind.VM: FakeDriver(Kind.VM), Kind.CONTAINER: FakeDriver(Kind.CONTAINER)}
-            self.nodes[queue] = NodeService(cfg, deliver, drivers, prepare_bridge=lambda nic: None)
+            self.nodes[queue] = NodeService(
+                cfg, deliver, drivers, prepare_bridge=lambda nic: None, reply=self.replies.__setitem__
+            )
         return self.nodes[queue]
 
     def run(self, redeliver: bool = False) -> int:

@@ -36,3 +36,4 @@ def test_schema_covers_the_api() -> None:
     ):
         assert f"/api/v1/{resource}/" in paths, resource
     assert "/api/v1/instances/{id}/actions/" in paths
+    assert "/api/v1/instances/{id}/logs/" in paths

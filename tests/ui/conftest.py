@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from portal.cloud import dispatch
+from portal.cloud import logs as cloud_logs
 from tests.hostcaps import require
 from tests.portal.conftest import FakeNodes, world  # noqa: F401 -- pytest finds fixtures by name
 
@@ -83,8 +85,28 @@ def queued(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, list[Any]]]:
 
 
 @pytest.fixture
-def fake_nodes(queued: list[tuple[str, str, list[Any]]], tmp_path: Path) -> FakeNodes:
-    return FakeNodes(queued, tmp_path)
+def fake_nodes(
+    queued: list[tuple[str, str, list[Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> FakeNodes:
+    nodes = FakeNodes(queued, tmp_path)
+
+    def answer_logs(reply: str, timeout: float) -> dict[str, Any] | None:
+        """A logs read (the container page's panel) is answered at once by its fake node; the
+        test's own ``run()`` may have taken the message first, then its answer is waiting."""
+        deadline = time.monotonic() + min(timeout, 2.0)
+        while time.monotonic() < deadline:
+            if reply in nodes.replies:
+                return nodes.replies.pop(reply)
+            for msg in list(queued):
+                if msg[1] == "compute.instance.logs" and msg[2][0]["reply"] == reply:
+                    with contextlib.suppress(ValueError):
+                        queued.remove(msg)
+                        nodes.service(msg[0]).handle(msg[1], *msg[2])
+            time.sleep(0.01)
+        return None
+
+    monkeypatch.setattr(cloud_logs, "wait_reply", answer_logs)
+    return nodes
 
 
 def shot(page: Any, name: str) -> None:

@@ -115,9 +115,10 @@ def test_launch_watch_running_stop_and_delete(live_server: Any, page: Any, world
     expect(status.locator("[data-field=vm_state]")).to_have_text("building")
     expect(status.get_by_role("button", name="Shut down")).to_be_disabled()
     _mark(page)
-    # The detail page also polls the console, which may queue console requests
+    # The detail page also polls the console and the logs, which may queue requests
     # to the node at any moment; what matters is that the launch sent one create.
-    pending = [task for _, task, _ in fake_nodes.sent if task != "compute.instance.console"]
+    polled = ("compute.instance.console", "compute.instance.logs")
+    pending = [task for _, task, _ in fake_nodes.sent if task not in polled]
     assert pending == ["compute.instance.create"]
     fake_nodes.run()
     expect(status.locator("[data-field=vm_state]")).to_have_text("active", timeout=POLL_TIMEOUT)

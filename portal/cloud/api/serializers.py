@@ -6,6 +6,7 @@ from typing import Any, TypeVar
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from compute import logs
 from portal.api.authentication import actor_for, user_id_of
 from portal.api.conflicts import FieldConflict
 from portal.api.fields import DefaultTenantMixin, TenantField, TenantSlugField
@@ -445,6 +446,41 @@ class ConsoleSerializer(serializers.Serializer):  # type: ignore[type-arg]
     at = serializers.DateTimeField(allow_null=True, help_text="When the node read it")
     node = serializers.CharField(allow_null=True)
     refreshing = serializers.BooleanField(help_text="A fresh tail was requested from the node; read again")
+
+
+class LogsQuerySerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """The query of ``GET /instances/{id}/logs/``."""
+
+    tail = serializers.IntegerField(
+        required=False, min_value=0, max_value=logs.MAX_TAIL, help_text="Only the last N lines (0..10000)"
+    )
+    since = serializers.CharField(
+        required=False, max_length=64, help_text="Only lines at or after this RFC 3339 time"
+    )
+    stream = serializers.ChoiceField(choices=logs.STREAMS, required=False, help_text="One stream only")
+    follow = serializers.BooleanField(
+        required=False, default=False, help_text="Stream new lines (NDJSON) for a bounded time"
+    )
+
+    def validate_since(self, value: str) -> str:
+        try:
+            logs.parse_time(value)
+        except logs.LogError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+        return value
+
+
+class LogLineSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    time = serializers.CharField(help_text="When conmon read the line, RFC 3339 UTC with nanoseconds")
+    stream = serializers.ChoiceField(choices=logs.STREAMS)
+    text = serializers.CharField(allow_blank=True)
+
+
+class LogsSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    lines = LogLineSerializer(many=True, help_text="Oldest first")
+    truncated = serializers.BooleanField(help_text="Older lines were left out to keep the answer under 1 MiB")
+    retained = serializers.BooleanField(help_text="Read from the logs kept after the container was deleted")
+    node = serializers.CharField()
 
 
 class SampleSerializer(serializers.Serializer):  # type: ignore[type-arg]

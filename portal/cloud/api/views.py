@@ -5,7 +5,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import models
+from django.http import HttpResponseBase, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, status, viewsets
 from rest_framework.decorators import action
@@ -15,9 +17,11 @@ from rest_framework.response import Response
 
 from compute.spec import ConsoleMode
 from portal.api.authentication import actor_for
+from portal.api.schema import EXTRA_ERRORS
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
 from portal.cloud import disclosure, evacuation, forwards, placement, secgroups, services
+from portal.cloud import logs as cloud_logs
 from portal.cloud.api import serializers
 from portal.cloud.choices import VmState
 from portal.cloud.models import (
@@ -351,6 +355,52 @@ class InstanceViewSet(ScopedViewSet):
         if answer.result.error:
             raise console_services.ConsoleRefused(answer.result.error)
         return Response(console_api.ExecResultSerializer(dataclasses.asdict(answer.result)).data)
+
+    @extend_schema(
+        parameters=[serializers.LogsQuerySerializer],
+        responses={
+            (200, "application/json"): serializers.LogsSerializer,
+            (200, "application/x-ndjson"): OpenApiTypes.STR,
+        },
+        description=(
+            "A container's stdout and stderr lines, oldest first, each with its time and stream; "
+            "readable after it exited and, for `SKYPORT_LOG_RETENTION_HOURS` (72), after its delete. "
+            "`follow=1` answers NDJSON instead: one `{time, stream, text}` object a line, new lines "
+            "as they come (about once a second), for at most `SKYPORT_LOG_FOLLOW_SECONDS` (60), "
+            'ending with `{"end": "<why>"}`; go on with `since=` the last time. '
+            "A VM has no such logs (409): read its serial console."
+        ),
+        # a VM or a node without logs (409), too many follows (429), a node that does not answer (504)
+        extensions={EXTRA_ERRORS: ["409", "429", "504"]},
+    )
+    @action(detail=True, methods=["get"], url_path="logs")
+    def logs(self, request: Request, pk: str | None = None) -> HttpResponseBase:
+        """A container's logs: ``?tail=N&since=<RFC 3339>&stream=stdout|stderr&follow=1``."""
+        instance = self.get_object()
+        params = serializers.LogsQuerySerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        query = cloud_logs.Query(data.get("tail"), data.get("since", ""), data.get("stream", ""))
+        try:
+            if data["follow"]:
+                body = cloud_logs.follow(instance, query)
+                response = StreamingHttpResponse(body, content_type="application/x-ndjson")
+                response["Cache-Control"] = "no-cache"
+                response["X-Accel-Buffering"] = "no"  # a proxy must pass lines on as they come
+                return response
+            answer = cloud_logs.read(instance, query)
+        except cloud_logs.NodeSilent as exc:
+            return Response({"message": str(exc), "code": exc.code}, status=status.HTTP_504_GATEWAY_TIMEOUT)
+        except cloud_logs.TooManyFollows as exc:
+            return Response({"message": str(exc), "code": exc.code}, status=status.HTTP_429_TOO_MANY_REQUESTS)
+        lines = [{"time": t, "stream": s, "text": x} for t, s, x in answer.lines]
+        out = {
+            "lines": lines,
+            "truncated": answer.truncated,
+            "retained": answer.retained,
+            "node": answer.node,
+        }
+        return Response(serializers.LogsSerializer(out).data)
 
     @extend_schema(responses={200: serializers.StatsSerializer})
     @action(detail=True, methods=["get"], url_path="stats")

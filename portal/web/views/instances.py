@@ -22,8 +22,10 @@ from compute.spec import Action, Kind
 from portal.audit.models import Event
 from portal.audit.record import describe, not_a_change, note_error
 from portal.cloud import disclosure, placement, services
+from portal.cloud import logs as cloud_logs
 from portal.cloud.choices import VmState
 from portal.cloud.models import Instance
+from portal.errors import DomainError
 from portal.storage import snapshots
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Tenant
@@ -290,6 +292,31 @@ def instance_console(request: HttpRequest, pk: str) -> HttpResponse:
             "console_patience": CONSOLE_PATIENCE_SECONDS,
         },
     )
+
+
+#: lines the instance page's logs panel shows (the API gives up to 10000)
+LOGS_PANEL_LINES = 100
+
+
+@login_page
+def instance_logs(request: HttpRequest, pk: str) -> HttpResponse:
+    """Polled partial: a container's last lines, each marked with its time and stream.
+
+    Asked of the node at each poll through the logs API's path (:mod:`portal.cloud.logs`);
+    after a delete it shows the kept logs once and stops polling.
+    """
+    instance = _instance(request, pk)
+    stream = request.GET.get("stream", "")
+    stream = stream if stream in ("stdout", "stderr") else ""
+    context: dict[str, Any] = {"poll": STATS_POLL_SECONDS, "stream": stream, "lines_wanted": LOGS_PANEL_LINES}
+    try:
+        # a short wait: a page that polls must not hold a server thread for long on a slow node
+        answer = cloud_logs.read(instance, cloud_logs.Query(LOGS_PANEL_LINES, "", stream), wait=3)
+        context["answer"] = answer
+        context["lines"] = [(t[11:23], s, x) for t, s, x in answer.lines]  # HH:MM:SS.mmm of the UTC time
+    except DomainError as exc:
+        context["refusal"] = str(exc)
+    return _polled(request, "web/partials/instance_logs.html", instance, context)
 
 
 @login_page
