@@ -76,6 +76,14 @@ class LaunchForm(NoSuffix, forms.Form):
         label="SSH keys",
         help_text="Injected into VMs through cloud-init; add keys on the SSH keys page.",
     )
+    security_groups = forms.ModelMultipleChoiceField(
+        queryset=SecurityGroup.objects.none(),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        label="Security groups",
+        help_text="None chosen: the tenant's default group (all egress, ingress from its members). "
+        "Edit them on the Security groups page.",
+    )
     user_data = forms.CharField(
         required=False,
         max_length=16384,
@@ -122,6 +130,9 @@ class LaunchForm(NoSuffix, forms.Form):
             Q(is_public=True) | Q(tenant=tenant)
         )
         self.fields["ssh_keys"].queryset = SSHKey.objects.filter(user=user)  # type: ignore[attr-defined]
+        groups = SecurityGroup.objects.filter(tenant=tenant).order_by("name")
+        self.fields["security_groups"].queryset = groups  # type: ignore[attr-defined]
+        self.fields["security_groups"].label_from_instance = lambda g: g.name  # type: ignore[attr-defined]
         net = Network.objects.filter(tenant=tenant, name="default").first()
         label = f"default ({net.cidr})" if net else "default (allocated at the first launch)"
         self.fields["network"].choices = [("default", label)]  # type: ignore[attr-defined]
@@ -201,6 +212,7 @@ class LaunchForm(NoSuffix, forms.Form):
             workdir=data.get("workdir") or "",
             run_as=data.get("user") or "",
             restart_policy=data.get("restart_policy") or "no",
+            security_groups=tuple(data.get("security_groups") or ()),
         )
 
 

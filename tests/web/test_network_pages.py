@@ -377,3 +377,30 @@ def test_the_groups_page_reads_a_fixed_number_of_queries(world: World, www: Secu
         secgroups.add_rule(group, "egress")
     secgroups.set_groups(world.instance_a, list(SecurityGroup.objects.filter(tenant=world.a)))
     assert count() == few <= 7, few
+
+
+def test_launch_form_offers_the_tenants_groups(world: World, www: SecurityGroup, sent: Sent) -> None:
+    from compute.spec import CreateInstance
+    from portal.images.models import Image
+
+    bobs = SecurityGroup.objects.create(tenant=world.b, name="bobs")
+    c = client(world, "a_member")
+    page = text(c.get("/instances/new/"))
+    assert f'name="security_groups" value="{www.pk}"' in page and ">\n www</label>" in page
+    assert f'name="security_groups" value="{bobs.pk}"' not in page
+    body = {"image": Image.objects.get(name="tiny").pk, "flavor": world.flavor_public.pk, "kind": "vm"}
+    body |= {"network": "default"}
+    r = c.post("/instances/new/", body | {"name": "w2", "security_groups": [bobs.pk]})
+    assert r.status_code == 400 and "Select a valid choice" in text(r)
+    assert not Instance.objects.filter(name="w2").exists()
+    sent.clear()
+    r = c.post("/instances/new/", body | {"name": "w2", "security_groups": [www.pk]})
+    assert r.status_code == 303, text(r)
+    inst = Instance.objects.get(name="w2")
+    assert list(inst.security_groups.all()) == [www]
+    (create,) = [from_json(CreateInstance, a[0]) for _, t, a in sent if t == Task.CREATE]
+    assert [(x.protocol, x.port_min) for x in create.spec.security or ()] == [("tcp", 443)]
+    # without a choice: the default group, as through the API
+    r = c.post("/instances/new/", body | {"name": "w3"})
+    assert r.status_code == 303
+    assert [g.name for g in Instance.objects.get(name="w3").security_groups.all()] == ["default"]
