@@ -60,6 +60,9 @@ class NodeConfig:
     ``dns_servers`` are the upstream resolvers the networks' resolvers
     forward to (``SKYPORT_DNS_SERVERS``, comma-separated; none: they answer
     only the networks' instance names).
+    ``network_idle_seconds``: a network no instance of this node has used for
+    that long is released (bridge, VXLAN device, resolver, rules;
+    ``SKYPORT_NETWORK_IDLE_SECONDS``, default 300).
     ``broker_master`` names the primary the sentinels watch when ``broker_url``
     lists ``sentinel://`` URLs (``SKYPORT_BROKER_MASTER``; compute/celeryconf.py).
     """
@@ -79,6 +82,7 @@ class NodeConfig:
     nft_table: str = "skyport"
     dns_servers: tuple[str, ...] = ()
     broker_master: str = ""
+    network_idle_seconds: float = 300.0
 
     @property
     def queue(self) -> str:
@@ -99,6 +103,7 @@ class NodeConfig:
             "SKYPORT_BROKER_VISIBILITY_SECONDS": str(self.visibility_timeout_seconds),
             "SKYPORT_NETWORK_LOCK": str(self.network_lock),
             "SKYPORT_BROKER_MASTER": self.broker_master,
+            "SKYPORT_NETWORK_IDLE_SECONDS": str(self.network_idle_seconds),
         }
 
     @classmethod
@@ -150,4 +155,5 @@ class NodeConfig:
             nft_table=table,
             dns_servers=servers,
             broker_master=broker_master,
+            network_idle_seconds=seconds("SKYPORT_NETWORK_IDLE_SECONDS", 300.0),
         )

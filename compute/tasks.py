@@ -90,6 +90,7 @@ class NodeService:
         self._pid = os.getpid()
         self.volumes = VolumeStore(config.state_dir / "volumes")
         self._hubs: list[subprocess.Popen[bytes]] = []
+        self._idle_checked = 0.0
 
     def driver(self, kind: Kind) -> Driver:
         if os.getpid() != self._pid:
@@ -443,6 +444,7 @@ class NodeService:
 
     def report(self) -> NodeReport:
         """Capacity, driver health and capabilities, and inventory, sent as the node's heartbeat."""
+        self._release_idle_networks()
         drivers: list[DriverStatus] = []
         inventory: list[InventoryItem] = []
         for kind in Kind:
@@ -474,6 +476,18 @@ class NodeService:
         )
         self.send(report.TASK, to_json(report))
         return report
+
+    def _release_idle_networks(self) -> None:
+        """Stop carrying networks no instance here has used for a while (checked once a minute at most)."""
+        grace = self.config.network_idle_seconds
+        if self.router is None or time.monotonic() - self._idle_checked < min(60.0, grace):
+            return
+        self._idle_checked = time.monotonic()
+        try:
+            for network in self.router.release_idle(grace):
+                log.info("released network %s: no instance of this node used it for %.0f s", network, grace)
+        except router.RouterError as exc:
+            log.warning("cannot release an idle network: %s", exc)
 
     def _network_drift(self) -> str:
         """Rule drift since the last load, repaired by loading the desired rules again."""

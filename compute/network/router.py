@@ -471,9 +471,14 @@ class Router:
     # ------------------------------------------------------------ changes
 
     def ensure(self, seg: NetworkSegment) -> None:
-        """Carry ``seg``: bridge with host address and gateway, VXLAN and peers, routing, DNS, rules."""
-        prepare_devices(seg)
+        """Carry ``seg``: bridge with host address and gateway, VXLAN and peers, routing, DNS, rules.
+
+        The devices are made under the rule state lock, as :meth:`release_idle`
+        removes them under it: a create never finds its bridge deleted between
+        making it and using it.  Writing the segment marks the network in use.
+        """
         with self._lock():
+            prepare_devices(seg)
             _write(self._segments / f"{seg.bridge}.json", to_json(seg))
             self._routing(seg)
             self._converge_locked()
@@ -533,14 +538,56 @@ class Router:
     def release(self, bridge_name: str) -> None:
         """Stop carrying a network: resolver, rules, VXLAN device, bridge (each: done if already gone)."""
         with self._lock():
-            path = self._segments / f"{bridge_name}.json"
-            seg = from_json(NetworkSegment, json.loads(path.read_text())) if path.exists() else None
-            self._stop_resolver(bridge_name)
-            path.unlink(missing_ok=True)
-            self._converge_locked()
-        if seg is not None and seg.vni is not None:
-            vxlan.delete_vxlan(seg.vni)
-        bridge.delete_bridge(bridge_name)
+            self._release_locked(bridge_name)
+
+    def _release_locked(self, bridge_name: str) -> None:
+        path = self._segments / f"{bridge_name}.json"
+        seg = from_json(NetworkSegment, json.loads(path.read_text())) if path.exists() else None
+        self._stop_resolver(bridge_name)
+        path.unlink(missing_ok=True)
+        self._converge_locked()
+        try:
+            if seg is not None and seg.vni is not None:
+                vxlan.delete_vxlan(seg.vni)
+            bridge.delete_bridge(bridge_name)
+        except (bridge.NetworkError, NetlinkError, OSError) as exc:
+            raise RouterError(f"cannot remove the devices of {bridge_name}: {exc}") from exc
+
+    def idle(self, grace: float, now: float | None = None) -> list[NetworkSegment]:
+        """The networks this node carries that no instance has used for ``grace`` seconds.
+
+        In use: a recorded NIC of an instance (running or stopped) is on its
+        bridge, or a port other than the network's VXLAN device is (a workload
+        the node has no record of: never pulled from under it), or the
+        network was ensured less than ``grace`` seconds ago (a create between
+        making the bridge and recording its NICs).
+        """
+        now = time.time() if now is None else now
+        used = {n.bridge for n in self.nics()}
+        found = []
+        for seg in self.segments():
+            if seg.bridge in used:
+                continue
+            try:
+                age = now - (self._segments / f"{seg.bridge}.json").stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age < grace:
+                continue
+            tunnel = vxlan.device_name(seg.vni) if seg.vni is not None else None
+            if any(port != tunnel for port in bridge.bridge_ports(seg.bridge)):
+                continue
+            found.append(seg)
+        return found
+
+    def release_idle(self, grace: float) -> list[str]:
+        """Release every network :meth:`idle` names (checked again under the lock); their names."""
+        released = []
+        with self._lock():
+            for seg in self.idle(grace):
+                self._release_locked(seg.bridge)
+                released.append(seg.network)
+        return released
 
     def converge(self) -> None:
         with self._lock():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,9 +81,23 @@ def test_container_shell_runs_in_the_container_and_reports_its_exit(
         assert running.hostname.encode() in client.read_until(b"box1\r\n")
         # seen from the host: the shell is in the container's cgroup and in every namespace of its PID 1
         procs = Path("/sys/fs/cgroup/pids", cgroups_path(running.instance_id).lstrip("/"), "cgroup.procs")
-        pids = [int(p) for p in procs.read_text().split()]
-        shells = [p for p in pids if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"/bin/sh")]
-        init = [p for p in pids if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep")]
+
+        def cmdline(pid: int) -> bytes:
+            try:
+                return Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:  # exited between the two reads
+                return b""
+
+        # busybox sh runs `hostname` as an applet in a forked child whose cmdline stays /bin/sh: it has
+        # printed, but on a loaded host it may not have exited yet; wait until only the shell is left
+        deadline = time.monotonic() + 10
+        while True:
+            pids = [int(p) for p in procs.read_text().split()]
+            shells = [p for p in pids if cmdline(p).startswith(b"/bin/sh")]
+            init = [p for p in pids if cmdline(p).startswith(b"sleep")]
+            if (len(shells) == 1 and len(init) == 1) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert len(shells) == 1 and len(init) == 1, pids
         for ns in ("user", "pid", "mnt", "net", "uts", "ipc"):
             assert os.readlink(f"/proc/{shells[0]}/ns/{ns}") == os.readlink(f"/proc/{init[0]}/ns/{ns}"), ns

@@ -444,3 +444,37 @@ def test_a_new_host_address_keeps_the_gateway(lab: Lab) -> None:
     addrs = ip("-n", lab.node, "-4", "-o", "addr", "show", "dev", "skrtb0")
     assert "198.19.160.30/24" in addrs and "198.19.160.1/24" in addrs and "198.19.160.10/" not in addrs
     lab.run(lab.router.teardown)
+
+
+def test_a_network_no_instance_uses_is_released_after_the_grace(lab: Lab) -> None:
+    """Node clean-up (issue 19): a network's bridge, resolver and rules go once no instance here uses it."""
+    lab.run(lab.router.ensure, lab.segment(0))
+    lab.run(lab.router.ensure, lab.segment(1))
+    lab.run(lab.router.attach, lab.spec())  # an instance (running or stopped) on network 0
+    pids = list(lab.router.resolver_pids())
+    assert len(pids) == 2
+    assert lab.run(lab.router.release_idle, 300.0) == [], "both were ensured just now"
+    later = time.time() + 301
+    assert [s.network for s in lab.run(lab.router.idle, 300.0, later)] == ["acme/n1"]  # type: ignore[attr-defined]
+    assert "198.19.161." in json.dumps(lab.run(nft.listing, "inet", lab.table))
+
+    assert lab.run(lab.router.release_idle, 0.0) == ["acme/n1"]
+    links = ip("-n", lab.node, "link", "show")
+    assert "skrtb1" not in links and "skrtb0" in links
+    assert "198.19.161." not in json.dumps(lab.run(nft.listing, "inet", lab.table))
+    assert sum(router._cmdline(pid) != [] for pid in pids) == 1, "network 1's resolver stopped"
+
+    # a port the node has no record of keeps the network: a workload is never cut off
+    lab.run(lab.router.detach, IID)
+    wire_instance(lab)
+    assert lab.run(lab.router.release_idle, 0.0) == []
+    ip("-n", lab.node, "link", "del", router.nic_ifname(Kind.CONTAINER, IID, 0))
+    assert lab.run(lab.router.release_idle, 0.0) == ["acme/n0"]
+    assert "skrtb" not in ip("-n", lab.node, "link", "show")
+    assert all(router._cmdline(pid) == [] for pid in pids), "resolvers stopped (gone or a zombie for init)"
+    assert lab.run(lab.router.segments) == []
+
+    # the next create on it makes it again
+    lab.run(lab.router.ensure, lab.segment(0))
+    assert "skrtb0" in ip("-n", lab.node, "link", "show")
+    lab.run(lab.router.teardown)

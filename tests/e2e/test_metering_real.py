@@ -115,7 +115,8 @@ def _run(node_a: str, node_b: str) -> None:
             gib_h = float(next(x for x in lines if x["key"] == "vm")["used_memory_gib_hours"])
             return gib_h if gib_h > 0 else None
 
-        print(f"vm used memory: {wait_for('the VM line to show used memory', vm_memory_shows, timeout=60)} GiB-h")
+        gib_h = wait_for("the VM line to show used memory", vm_memory_shows, timeout=60)
+        print(f"vm used memory: {gib_h} GiB-h")
     finally:
         for inst in (ctr, vm):
             acme.delete(f"/api/v1/instances/{inst['id']}/")

@@ -10,7 +10,7 @@ from tests.portal.conftest import World
 from tests.web.helpers import client, text
 
 
-def test_fragment_lists_snapshots_and_offers_only_available_ones(world: World) -> None:
+def test_fragment_lists_snapshots_and_the_page_offers_only_available_ones(world: World) -> None:
     inst = world.instance_a
     url = f"/instances/{inst.pk}/snapshots/"
     c = client(world, "a_member")
@@ -21,8 +21,12 @@ def test_fragment_lists_snapshots_and_offers_only_available_ones(world: World) -
     Snapshot.objects.create(tenant=inst.tenant, instance=inst, name="two", status="creating")
     page = text(c.get(url))
     assert 'data-snapshot="one"' in page and 'data-snapshot="two"' in page and "1.0\xa0MB" in page
-    assert '<option value="one">' in page and '<option value="two">' not in page
-    assert f'action="/instances/{inst.pk}/revert/"' in page
+    assert "<select" not in page, "the page's one revert form picks the snapshot, not the list"
+    # the page's revert form offers the one it can revert to, not the one still being taken
+    detail = text(c.get(f"/instances/{inst.pk}/"))
+    assert detail.count('for="revert-name"') == 1 and detail.count("<select") == detail.count("</select>")
+    assert '<option value="one"' in detail and '<option value="two"' not in detail
+    assert f'action="/instances/{inst.pk}/revert/"' in detail
     assert client(world, "b_admin").get(url).status_code == 404
 
 
