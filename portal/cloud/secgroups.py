@@ -16,16 +16,18 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from compute.spec import Direction, InstanceSecurity, SecurityBatch, SecurityRule
 from portal.cloud import dispatch
 from portal.cloud.choices import VmState
 from portal.cloud.models import Instance, Port, SecurityGroup, SecurityGroupRule
-from portal.errors import Conflict
+from portal.errors import Conflict, DomainError
 from portal.tenancy.models import Tenant
 
 ANYONE = "0.0.0.0/0"
+DIRECTIONS = tuple(value for value, _ in SecurityGroupRule._meta.get_field("direction").choices or ())
+PROTOCOLS = tuple(value for value, _ in SecurityGroupRule._meta.get_field("protocol").choices or ())
 
 
 def default_group(tenant: Tenant) -> SecurityGroup:
@@ -111,10 +113,89 @@ def in_group(group: SecurityGroup) -> list[Instance]:
     )
 
 
+def name_taken(tenant: Tenant, name: str, exclude_pk: int | None = None) -> str | None:
+    """The sentence saying ``name`` is taken in the tenant, or None when it is free."""
+    clash = SecurityGroup.objects.filter(tenant=tenant, name=name)
+    if exclude_pk is not None:
+        clash = clash.exclude(pk=exclude_pk)
+    return f"Tenant {tenant} already has a security group named '{name}'." if clash.exists() else None
+
+
+def create_group(tenant: Tenant, name: str, description: str = "") -> SecurityGroup:
+    """A new, empty group (it allows nothing until rules are added); a taken name is a Conflict."""
+    taken = name_taken(tenant, name)
+    if taken:
+        raise Conflict(taken)
+    try:
+        with transaction.atomic():
+            return SecurityGroup.objects.create(tenant=tenant, name=name, description=description)
+    except IntegrityError:  # created meanwhile by another request
+        raise Conflict(f"Tenant {tenant} already has a security group named '{name}'.") from None
+
+
+def delete_group(group: SecurityGroup) -> None:
+    """Delete a group no live instance uses (refused with a Conflict otherwise).
+
+    Rules of other groups that name it as remote go with it (cascade); the
+    instances that had them are sent their new rules.
+    """
+    with transaction.atomic():
+        if group.instances.live().exists():
+            users = ", ".join(sorted(group.instances.live().values_list("name", flat=True)[:5]))
+            raise Conflict(
+                f"Security group {group.name} is attached to instances ({users}); detach it first."
+            )
+        affected = affected_by_members_of([group])
+        group.delete()
+        sync(affected)
+
+
+def add_rule(
+    group: SecurityGroup,
+    direction: str,
+    protocol: str = "any",
+    port_min: int | None = None,
+    port_max: int | None = None,
+    remote_cidr: str = "",
+    remote_group: SecurityGroup | None = None,
+) -> SecurityGroupRule:
+    """Add an allow rule (checked by :func:`validate_rule`); the group's running instances get it live."""
+    if direction not in DIRECTIONS:
+        raise DomainError(f"direction must be one of {', '.join(DIRECTIONS)}.")
+    if protocol not in PROTOCOLS:
+        raise DomainError(f"protocol must be one of {', '.join(PROTOCOLS)}.")
+    try:
+        cidr = validate_rule(group, protocol, port_min, port_max, remote_cidr, remote_group)
+    except ValueError as exc:
+        raise DomainError(str(exc)) from None
+    with transaction.atomic():
+        rule = SecurityGroupRule.objects.create(
+            group=group,
+            direction=direction,
+            protocol=protocol,
+            port_min=port_min,
+            port_max=port_max,
+            remote_cidr=cidr,
+            remote_group=remote_group,
+        )
+        sync(in_group(group))
+    return rule
+
+
+def remove_rule(rule: SecurityGroupRule) -> None:
+    """Remove a rule; the group's running instances lose it live."""
+    with transaction.atomic():
+        group = rule.group
+        rule.delete()
+        sync(in_group(group))
+
+
 def set_groups(instance: Instance, groups: list[SecurityGroup]) -> None:
     """Attach exactly ``groups`` to a live instance (refused across tenants); the change is live."""
     if any(g.tenant_id != instance.tenant_id for g in groups):
         raise Conflict("A security group of another tenant cannot be attached.")
+    if instance.vm_state == VmState.DELETED:
+        raise Conflict(f"Instance {instance.name} is deleted; its security groups no longer change.")
     with transaction.atomic():
         before = list(instance.security_groups.all())
         instance.security_groups.set(groups)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from typing import Any
 
 from django import forms
@@ -11,9 +12,9 @@ from django.core.validators import MaxValueValidator, RegexValidator
 from django.db.models import Q
 
 from portal.audit.models import Outcome
-from portal.cloud import launch, placement
+from portal.cloud import launch, placement, secgroups
 from portal.cloud.choices import Kind, RequestedKind, VmState
-from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.cloud.models import ComputeNode, Flavor, Instance, Network, SecurityGroup
 from portal.cloud.naming import NAME_RE, NAME_RULE
 from portal.images import naming as image_naming
 from portal.images.choices import ImageStatus
@@ -75,6 +76,14 @@ class LaunchForm(NoSuffix, forms.Form):
         label="SSH keys",
         help_text="Injected into VMs through cloud-init; add keys on the SSH keys page.",
     )
+    security_groups = forms.ModelMultipleChoiceField(
+        queryset=SecurityGroup.objects.none(),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        label="Security groups",
+        help_text="None chosen: the tenant's default group (all egress, ingress from its members). "
+        "Edit them on the Security groups page.",
+    )
     user_data = forms.CharField(
         required=False,
         max_length=16384,
@@ -121,6 +130,9 @@ class LaunchForm(NoSuffix, forms.Form):
             Q(is_public=True) | Q(tenant=tenant)
         )
         self.fields["ssh_keys"].queryset = SSHKey.objects.filter(user=user)  # type: ignore[attr-defined]
+        groups = SecurityGroup.objects.filter(tenant=tenant).order_by("name")
+        self.fields["security_groups"].queryset = groups  # type: ignore[attr-defined]
+        self.fields["security_groups"].label_from_instance = lambda g: g.name  # type: ignore[attr-defined]
         net = Network.objects.filter(tenant=tenant, name="default").first()
         label = f"default ({net.cidr})" if net else "default (allocated at the first launch)"
         self.fields["network"].choices = [("default", label)]  # type: ignore[attr-defined]
@@ -200,6 +212,7 @@ class LaunchForm(NoSuffix, forms.Form):
             workdir=data.get("workdir") or "",
             run_as=data.get("user") or "",
             restart_policy=data.get("restart_policy") or "no",
+            security_groups=tuple(data.get("security_groups") or ()),
         )
 
 
@@ -361,3 +374,121 @@ class NodeTenancyForm(NoSuffix, forms.Form):
         empty_label="nobody: shared",
         label="Dedicate to",
     )
+
+
+class SecurityGroupForm(NoSuffix, forms.Form):
+    """A new security group of the current tenant (a taken name is the service's Conflict)."""
+
+    name = forms.CharField(max_length=63, validators=[name_validator], help_text=NAME_RULE)
+    description = forms.CharField(max_length=255, required=False)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", "group-%s")
+        super().__init__(*args, **kwargs)
+
+
+class RuleForm(NoSuffix, forms.Form):
+    """One allow rule of ``group``, checked by the API's own ``secgroups.validate_rule``.
+
+    ``groups`` are the tenant's groups (the remote group choices), read once for all the
+    forms of a page.  A first port without a last one means that one port.
+    """
+
+    direction = forms.ChoiceField(choices=[(d, d) for d in secgroups.DIRECTIONS], initial="ingress")
+    protocol = forms.ChoiceField(choices=[(p, p) for p in secgroups.PROTOCOLS], initial="tcp")
+    port_min = forms.IntegerField(
+        required=False,
+        label="First port",
+        help_text="tcp/udp; empty: every port",
+        min_value=1,
+        max_value=65535,
+    )
+    port_max = forms.IntegerField(
+        required=False,
+        label="Last port",
+        help_text="empty: the first port only",
+        min_value=1,
+        max_value=65535,
+    )
+    remote_cidr = forms.CharField(
+        required=False, max_length=18, label="From/to CIDR", help_text="e.g. 198.18.0.0/24; empty: anyone"
+    )
+    remote_group = forms.ChoiceField(required=False, label="Or members of group")
+
+    def __init__(
+        self, *args: Any, group: SecurityGroup, groups: Sequence[SecurityGroup], **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("auto_id", f"rule-{group.pk}-%s")
+        super().__init__(*args, **kwargs)
+        self.group = group
+        self._groups = {str(g.pk): g for g in groups}
+        self.fields["remote_group"].choices = [("", "none"), *((k, g.name) for k, g in self._groups.items())]  # type: ignore[attr-defined]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        if data.get("port_min") is not None and data.get("port_max") is None:
+            data["port_max"] = data["port_min"]
+        data["remote_group"] = self._groups.get(data.get("remote_group") or "")
+        try:
+            data["remote_cidr"] = secgroups.validate_rule(
+                self.group,
+                data["protocol"],
+                data.get("port_min"),
+                data.get("port_max"),
+                data.get("remote_cidr", ""),
+                data["remote_group"],
+            )
+        except ValueError as exc:
+            self.add_error(self._field_of(str(exc)), str(exc))
+        return data
+
+    @staticmethod
+    def _field_of(message: str) -> str | None:
+        """The field a ``validate_rule`` sentence is about (None: the rule as a whole)."""
+        if message.startswith("Give"):  # remote CIDR and group both given
+            return None
+        if message.startswith("Port ranges"):
+            return "protocol"
+        return next((f for f in ("remote_cidr", "remote_group", "port_max") if f in message), None)
+
+
+class InstanceGroupsForm(NoSuffix, forms.Form):
+    """Exactly the security groups an instance has (from its tenant's ``groups``)."""
+
+    security_groups = forms.MultipleChoiceField(
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        label="Security groups",
+        help_text="Traffic no rule of these groups allows is dropped; none chosen: nothing in or out.",
+    )
+
+    def __init__(self, *args: Any, groups: Sequence[SecurityGroup], **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", "groups-%s")
+        super().__init__(*args, **kwargs)
+        self._groups = {str(g.pk): g for g in groups}
+        field = self.fields["security_groups"]
+        field.choices = [(k, g.name) for k, g in self._groups.items()]  # type: ignore[attr-defined]
+        field.error_messages["invalid_choice"] = "No security group %(value)s in this tenant."
+
+    def chosen(self) -> list[SecurityGroup]:
+        return [self._groups[k] for k in self.cleaned_data["security_groups"]]
+
+
+class PortForm(NoSuffix, forms.Form):
+    """A port of the instance to publish on its node's external address."""
+
+    protocol = forms.ChoiceField(choices=[("tcp", "tcp"), ("udp", "udp")], initial="tcp")
+    port = forms.IntegerField(label="Instance port", min_value=1, max_value=65535)
+    external_port = forms.IntegerField(
+        required=False,
+        label="External port",
+        help_text="Optional: one of the node's published range; empty: the first free one",
+        min_value=1,
+        max_value=65535,
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", "port-%s")
+        super().__init__(*args, **kwargs)

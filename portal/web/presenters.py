@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from django.db.models import Exists, OuterRef
+
 from compute.spec import Action
 from portal.cloud import placement, states
-from portal.cloud.models import ComputeNode, Instance
+from portal.cloud.models import ComputeNode, ExternalAddress, Instance, PublishedPort, SecurityGroup
 from portal.images.models import Image
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Quota
@@ -129,3 +131,37 @@ def sparkline_points(values: Sequence[float], width: int = 120, height: int = 30
     span = (high - low) or 1.0
     step = width / (len(values) - 1)
     return " ".join(f"{i * step:.1f},{height - (v - low) / span * height:.1f}" for i, v in enumerate(values))
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkPanel:
+    """An instance's network as its page shows it: groups (all of its tenant's, which are attached),
+    its published ports, and whether its node has an external address to publish on."""
+
+    groups: Sequence[SecurityGroup]
+    ports: Sequence[PublishedPort]
+    can_publish_here: bool
+
+    @property
+    def attached(self) -> list[SecurityGroup]:
+        return [g for g in self.groups if getattr(g, "attached", False)]
+
+
+def network_panel(instance: Instance) -> NetworkPanel:
+    """Three queries whatever the number of groups and ports."""
+    through = SecurityGroup.instances.through
+    attached = through.objects.filter(securitygroup_id=OuterRef("pk"), instance_id=instance.pk)
+    groups = list(
+        SecurityGroup.objects.filter(tenant_id=instance.tenant_id)
+        .annotate(attached=Exists(attached))
+        .order_by("name")
+    )
+    ports = list(
+        PublishedPort.objects.filter(instance=instance)
+        .select_related("external")
+        .order_by("protocol", "port")
+    )
+    external = (
+        instance.node_id is not None and ExternalAddress.objects.filter(node_id=instance.node_id).exists()
+    )
+    return NetworkPanel(groups, ports, external)

@@ -1,7 +1,7 @@
 from django.urls import path
 
 from portal.metering import views as usage
-from portal.web.views import auth, images, instances, keys, ops, tenant
+from portal.web.views import auth, images, instances, keys, network, ops, tenant
 
 app_name = "web"
 
@@ -31,12 +31,19 @@ urlpatterns = [
         name="snapshot-delete",
     ),
     path("instances/<uuid:pk>/publish/", images.instance_publish, name="instance-publish"),
+    path("instances/<uuid:pk>/security-groups/", network.instance_groups, name="instance-security-groups"),
+    path("instances/<uuid:pk>/ports/", network.port_publish, name="instance-ports"),
+    path("instances/<uuid:pk>/ports/<int:port>/delete/", network.port_unpublish, name="instance-port-delete"),
     path("images/", tenant.images, name="images"),
     path("images/upload/", images.image_upload, name="image-upload"),
     path("images/<int:pk>/", tenant.image_detail, name="image"),
     path("images/<int:pk>/status/", images.image_status, name="image-status"),
     path("images/<int:pk>/delete/", images.image_delete, name="image-delete"),
     path("networks/", tenant.networks, name="networks"),
+    path("security-groups/", network.security_groups, name="security-groups"),
+    path("security-groups/<int:pk>/rules/", network.rule_add, name="security-group-rules"),
+    path("security-groups/<int:pk>/delete/", network.group_delete, name="security-group-delete"),
+    path("security-groups/rules/<int:pk>/delete/", network.rule_delete, name="security-group-rule-delete"),
     path("ssh-keys/", keys.ssh_keys, name="ssh-keys"),
     path("ssh-keys/<int:pk>/delete/", keys.ssh_key_delete, name="ssh-key-delete"),
     path("tokens/", keys.tokens, name="tokens"),

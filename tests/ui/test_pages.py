@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 
 try:
     from playwright.sync_api import expect
@@ -19,6 +20,8 @@ except ImportError:  # the dev extra installs it; CI must not pass by skipping
         raise
     pytest.skip("the playwright Python package is missing (pip install -e '.[dev]')", allow_module_level=True)
 
+from portal.cloud import forwards, networks, secgroups
+from portal.cloud.models import PublishedPort, SecurityGroup
 from portal.images.models import Image
 from tests.portal.conftest import World
 from tests.ui.conftest import login
@@ -35,6 +38,8 @@ SERIOUS = ("serious", "critical")
 def tenant_pages(world: World) -> dict[str, str]:
     inst = world.instance_a.pk
     secret = Image.objects.get(name="secret").pk
+    www = SecurityGroup.objects.get(tenant=world.a, name="www")
+    published = PublishedPort.objects.get(instance=world.instance_a)
     return {
         "dashboard": "/",
         "instances": "/instances/",
@@ -48,6 +53,10 @@ def tenant_pages(world: World) -> dict[str, str]:
         "image-upload": "/images/upload/",
         "image-delete": f"/images/{secret}/delete/",
         "networks": "/networks/",
+        "security-groups": "/security-groups/",
+        "security-group-delete": f"/security-groups/{www.pk}/delete/",
+        "security-rule-delete": f"/security-groups/rules/{www.rules.get().pk}/delete/",
+        "port-unpublish": f"/instances/{inst}/ports/{published.pk}/delete/",
         "ssh-keys": "/ssh-keys/",
         "ssh-key-delete": f"/ssh-keys/{world.key_a.pk}/delete/",
         "tokens": "/tokens/",
@@ -67,6 +76,17 @@ OPERATOR_PAGES = {
     "ops-drift": "/ops/drift/",
     "ops-events": "/ops/events/",
 }
+
+
+def _network(world: World) -> None:
+    """A security group with a rule and a published port on the instance, so its Network panel has rows."""
+    inst = world.instance_a
+    networks.allocate_port(inst.network, inst)
+    call_command("node", "external-address", "shared-1", "198.18.129.1", "--ports", "20000-20009")
+    www = secgroups.create_group(world.a, "www", "web servers")
+    secgroups.add_rule(www, "ingress", "tcp", 80, 80)
+    secgroups.set_groups(inst, [www, secgroups.default_group(world.a)])
+    forwards.publish(inst, "tcp", 80)
 
 
 def _scan(page: Any, name: str, width: str) -> list[str]:
@@ -115,6 +135,7 @@ def test_every_page_is_accessible_fits_and_is_photographed(
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     taken_snapshot(world.instance_a, "before-upgrade")
+    _network(world)
     Membership.objects.create(user=world.users["operator"], tenant=world.a, role="admin")
     base = live_server.url
     problems = _visit(browser, base, None, {"login": "/login/"})

@@ -15,7 +15,15 @@ from portal.web.errors import not_found, server_error
 from tests.portal.conftest import World
 from tests.web.helpers import client, text
 
-TENANT_PAGES = ["/", "/instances/", "/instances/new/", "/images/", "/networks/", "/events/"]
+TENANT_PAGES = [
+    "/",
+    "/instances/",
+    "/instances/new/",
+    "/images/",
+    "/networks/",
+    "/security-groups/",
+    "/events/",
+]
 USER_PAGES = ["/ssh-keys/", "/tokens/"]
 OPS_PAGES = ["/ops/", "/ops/nodes/", "/ops/tenants/", "/ops/instances/", "/ops/drift/", "/ops/events/"]
 

@@ -24,13 +24,14 @@ PAGES = {
     "/": 13,  # the cost chart: price sheets, day rows, hour rows of today
     "/instances/": 6,
     "/instances/rows/": 6,
-    "/instances/{id}/": 6,  # + the snapshots the revert form offers
+    "/instances/{id}/": 9,  # + the snapshots the revert form offers; its network: groups, ports, pools
     "/instances/{id}/status/": 5,  # + the snapshots behind the out-of-band revert button
     "/ops/instances/": 8,
     "/ops/nodes/": 7,
     "/ops/drift/": 7,
     "/ops/nodes/shared-1/": 8,
     "/events/": 6,
+    "/security-groups/": 7,  # groups, their rules, their live instances
     "/usage/": 12,
     "/usage/acme/{month}/": 13,
     "/ops/usage/": 10,

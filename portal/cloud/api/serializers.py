@@ -714,13 +714,17 @@ class SecurityGroupSerializer(DefaultTenantMixin, StrictModelSerializer[Security
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         attrs = super().validate(attrs)
+        from portal.cloud import secgroups
+
         tenant = attrs.get("tenant") or getattr(self.instance, "tenant", None)
         name = attrs.get("name")
-        clash = SecurityGroup.objects.filter(tenant=tenant, name=name)
-        if self.instance is not None:
-            clash = clash.exclude(pk=self.instance.pk)
-        if name and clash.exists():
-            raise FieldConflict("name", f"Tenant {tenant} already has a security group named '{name}'.")
+        taken = (
+            secgroups.name_taken(tenant, name, getattr(self.instance, "pk", None))
+            if name and tenant
+            else None
+        )
+        if taken:
+            raise FieldConflict("name", taken)
         return attrs
 
 

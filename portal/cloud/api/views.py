@@ -500,11 +500,17 @@ class SecurityGroupViewSet(ScopedViewSet):
     filterset_fields = {"tenant__slug": ["exact"], "name": ["exact"]}
     ordering_fields = ["name", "created_at"]
 
+    def perform_create(self, serializer: Any) -> None:
+        data = serializer.validated_data
+        self.check_role(data["tenant"].pk, self.write_role)
+        group = secgroups.create_group(data["tenant"], data["name"], data.get("description", ""))
+        serializer.instance = group
+        describe(self.request, "securitygroup.create", group, tenant_id=group.tenant_id)
+
     def perform_destroy(self, instance: models.Model) -> None:
         assert isinstance(instance, SecurityGroup)
-        if instance.instances.live().exists():
-            raise Conflict(f"Security group {instance.name} is attached to instances; detach it first.")
-        super().perform_destroy(instance)
+        describe(self.request, "securitygroup.delete", instance, tenant_id=instance.tenant_id)
+        secgroups.delete_group(instance)
 
 
 class SecurityGroupRuleViewSet(ScopedViewSet):
@@ -527,14 +533,14 @@ class SecurityGroupRuleViewSet(ScopedViewSet):
         return obj.group.tenant_id
 
     def perform_create(self, serializer: Any) -> None:
-        group = serializer.validated_data["group"]
-        self.check_role(group.tenant_id, self.write_role)
-        super().perform_create(serializer)
-        secgroups.sync(secgroups.in_group(group))
+        data = serializer.validated_data
+        self.check_role(data["group"].tenant_id, self.write_role)
+        rule = secgroups.add_rule(**data)
+        serializer.instance = rule
+        describe(self.request, "securitygrouprule.create", rule, tenant_id=rule.group.tenant_id)
 
     def perform_destroy(self, instance: models.Model) -> None:
         assert isinstance(instance, SecurityGroupRule)
         self.check_role(instance.group.tenant_id, self.write_role)
-        group = instance.group
-        super().perform_destroy(instance)
-        secgroups.sync(secgroups.in_group(group))
+        describe(self.request, "securitygrouprule.delete", instance, tenant_id=instance.group.tenant_id)
+        secgroups.remove_rule(instance)

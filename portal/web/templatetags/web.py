@@ -25,6 +25,7 @@ NAV_LABELS = [
         "Instances",
         "Images",
         "Networks",
+        "Security groups",
         "Events",
         "SSH keys",
         "API tokens",

@@ -40,12 +40,21 @@ from portal.web.access import (
     role_refusal,
     tenant_page,
 )
-from portal.web.forms import InstanceFilterForm, LaunchForm, PublishForm, RevertForm, SnapshotForm
+from portal.web.forms import (
+    InstanceFilterForm,
+    InstanceGroupsForm,
+    LaunchForm,
+    PortForm,
+    PublishForm,
+    RevertForm,
+    SnapshotForm,
+)
 from portal.web.presenters import (
     BUTTON_ACTIONS,
     action_allowed,
     action_refusal,
     delete_allowed,
+    network_panel,
     quota_effect_rows,
 )
 from portal.web.views.tenant import paginate, query_without_page
@@ -244,15 +253,22 @@ def _detail_page(
     snapshot: Any = None,
     publish: Any = None,
     revert: Any = None,
+    groups: InstanceGroupsForm | None = None,
+    port: PortForm | None = None,
 ) -> HttpResponse:
     ctx = _status_context(request, instance)
     names = snapshots.revertible_names(instance) if instance.kind == Kind.VM else []
+    net = network_panel(instance)
+    attached = [str(g.pk) for g in net.attached]
     ctx |= {
         "error": error,
         "snapshot_form": snapshot or SnapshotForm(),
         "revert_form": revert or RevertForm(names=names),
         "snapshot_names": names,
         "publish_form": publish or PublishForm(tenant=instance.tenant),
+        "net": net,
+        "groups_form": groups or InstanceGroupsForm(groups=net.groups, initial={"security_groups": attached}),
+        "port_form": port or PortForm(),
     }
     return page(request, "web/instance_detail.html", ctx, status=status)
 
