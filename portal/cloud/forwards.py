@@ -18,6 +18,7 @@ from portal.cloud import dispatch
 from portal.cloud.choices import VmState
 from portal.cloud.models import ExternalAddress, Instance, PublishedPort
 from portal.errors import Conflict, QuotaExceeded
+from portal.metering import resources as metering
 from portal.tenancy.models import Quota
 
 
@@ -57,6 +58,7 @@ def publish(instance: Instance, protocol: str, port: int, external_port: int | N
             raise Conflict(
                 f"{external.address}:{chosen}/{protocol} was published meanwhile; try again."
             ) from None
+        metering.port_published(row.pk, instance.tenant_id, instance.pk, instance.kind, row.created_at)
         send_forwards(instance)
     return row
 
@@ -86,6 +88,7 @@ def _pick(pools: list[ExternalAddress], protocol: str, wanted: int | None) -> tu
 def unpublish(row: PublishedPort) -> None:
     with transaction.atomic():
         instance = row.instance
+        metering.port_unpublished(row.pk, row.tenant_id, instance.pk, instance.kind)
         row.delete()
         send_forwards(instance)
 
@@ -112,5 +115,7 @@ def send_forwards(instance: Instance) -> None:
 
 def forget(instance: Instance) -> int:
     """Drop the rows of a deleted instance (its node removes the rules with the workload)."""
+    for pk in PublishedPort.objects.filter(instance=instance).values_list("pk", flat=True):
+        metering.port_unpublished(pk, instance.tenant_id, instance.pk, instance.kind)
     deleted, _ = PublishedPort.objects.filter(instance=instance).delete()
     return deleted

@@ -16,18 +16,22 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+from django.apps import apps
 from django.db.models import QuerySet
 
 from portal.cloud.models import Instance
 from portal.metering import rating
 from portal.metering.intervals import HOUR, Quantities, floor_hour
-from portal.metering.models import QUANTITIES, UsageDay, UsageHour
+from portal.metering.models import QUANTITIES, UsageDay, UsageHour, UsageKind
 from portal.metering.sampling import sum_fields
 
 GROUPS = ("instance", "kind", "day", "month")
-#: the row field a group is keyed by (day and month: the row's date)
-_GROUP_FIELDS = {"instance": "instance_id", "kind": "kind", "tenant": "tenant_id"}
+#: the row fields a group is keyed by (day and month: the row's date).  By instance also by
+#: subject: a volume's rows have no instance (its line is the volume), a port's fold into its instance's
+_GROUP_FIELDS = {"instance": ["instance_id", "subject"], "kind": ["kind"], "tenant": ["tenant_id"]}
 DAY = dt.timedelta(days=1)
+#: subjects of resource rows (portal.metering.resources)
+VOLUME = "volume:"
 
 
 @dataclasses.dataclass
@@ -36,6 +40,7 @@ class Line:
 
     key: str
     label: str
+    kind: str = ""
     quantities: Quantities = dataclasses.field(default_factory=Quantities)
     cost: rating.Cost = dataclasses.field(default_factory=rating.Cost)
 
@@ -44,6 +49,7 @@ class Line:
         return {
             "key": self.key,
             "name": self.label,
+            "kind": self.kind,
             "running_hours": _hours(q.running_ms),
             "covered_hours": _hours(q.covered_ms),
             "gap_hours": _hours(q.gap_ms),
@@ -116,20 +122,18 @@ def build(tenant_id: int | None, start: dt.datetime, end: dt.datetime, group_by:
         for p_first, p_last, sheet in sheets.periods(lo.date(), (hi - HOUR).date()):
             p_lo = max(lo, dt.datetime.combine(p_first, dt.time(), tzinfo=dt.UTC))
             p_hi = min(hi, dt.datetime.combine(p_last, dt.time(), tzinfo=dt.UTC) + DAY)
-            by = [_GROUP_FIELDS.get(group_by, date_field)]
+            by = _GROUP_FIELDS.get(group_by, [date_field])
             for row in _rows(level, tenant_id, p_lo, p_hi, by):
                 q = Quantities(**{k: row[k] or 0 for k in QUANTITIES})
-                key = _key(group_by, row[by[0]])
+                key = _key(group_by, row)
                 line = lines.setdefault(key, Line(key, key))
                 line.quantities.add(q)
                 line.cost.add(rating.price(q, sheet))
     if group_by == "instance":
-        names = {
-            str(pk): name
-            for pk, name in Instance.objects.filter(pk__in=list(lines)).values_list("pk", "name")
-        }
+        _label(lines)
+    elif group_by == "kind":
         for line in lines.values():
-            line.label = names.get(line.key, line.key)
+            line.kind = line.key
     total = Line("total", "Total")
     for line in lines.values():
         total.quantities.add(line.quantities)
@@ -138,7 +142,32 @@ def build(tenant_id: int | None, start: dt.datetime, end: dt.datetime, group_by:
     return Report(tenant_id, start, end, group_by, sheets.currency, ordered, total)
 
 
-def _key(group_by: str, value: Any) -> str:
+def _label(lines: dict[str, Line]) -> None:
+    """Names and kinds of the instance and volume lines (one query each)."""
+    volume_ids = [k.removeprefix(VOLUME) for k in lines if k.startswith(VOLUME)]
+    found = {
+        str(pk): (name, kind)
+        for pk, name, kind in Instance.objects.filter(
+            pk__in=[k for k in lines if not k.startswith(VOLUME)]
+        ).values_list("pk", "name", "kind")
+    }
+    if volume_ids:
+        volumes = apps.get_model("storage", "Volume").objects.filter(pk__in=volume_ids)
+        found |= {
+            VOLUME + str(pk): (name, UsageKind.VOLUME) for pk, name in volumes.values_list("pk", "name")
+        }
+    for line in lines.values():
+        line.label, line.kind = found.get(line.key, (line.key, ""))
+
+
+def _key(group_by: str, row: dict[str, Any]) -> str:
+    """The line a row adds to: an instance's own and its ports' rows to the instance, a volume's to itself."""
+    if group_by == "instance":
+        subject = row["subject"]
+        return subject if subject.startswith(VOLUME) else str(row["instance_id"])
+    if group_by in _GROUP_FIELDS:
+        return str(row[_GROUP_FIELDS[group_by][0]])
+    value = row["day"] if "day" in row else row["hour"]
     if group_by == "day":
         return (value.date() if isinstance(value, dt.datetime) else value).isoformat()
     if group_by == "month":
