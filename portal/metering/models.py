@@ -173,7 +173,11 @@ class UsageHour(_Rollup):
                 name="usage_hour_subject_once",
             ),
         ]
-        indexes = [models.Index(fields=["tenant", "hour"], name="usage_hour_tenant")]
+        indexes = [
+            models.Index(fields=["tenant", "hour"], name="usage_hour_tenant"),
+            # a volume's rows (no instance): the per-instance report reads them apart, by volume
+            models.Index(fields=["tenant", "hour"], condition=Q(instance=None), name="usage_hour_volume"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.instance_id} {self.hour:%Y-%m-%d %H}h"
@@ -195,7 +199,10 @@ class UsageDay(_Rollup):
                 name="usage_day_subject_once",
             ),
         ]
-        indexes = [models.Index(fields=["tenant", "day"], name="usage_day_tenant")]
+        indexes = [
+            models.Index(fields=["tenant", "day"], name="usage_day_tenant"),
+            models.Index(fields=["tenant", "day"], condition=Q(instance=None), name="usage_day_volume"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.instance_id} {self.day}"

@@ -26,9 +26,9 @@ from portal.metering.models import QUANTITIES, UsageDay, UsageHour, UsageKind
 from portal.metering.sampling import sum_fields
 
 GROUPS = ("instance", "kind", "day", "month")
-#: the row fields a group is keyed by (day and month: the row's date).  By instance also by
-#: subject: a volume's rows have no instance (its line is the volume), a port's fold into its instance's
-_GROUP_FIELDS = {"instance": ["instance_id", "subject"], "kind": ["kind"], "tenant": ["tenant_id"]}
+#: the row field a group is keyed by (day and month: the row's date).  By instance, a port's rows
+#: fold into their instance's line (they carry it); a volume's have no instance: see _VOLUME_ROWS
+_GROUP_FIELDS = {"instance": "instance_id", "kind": "kind", "tenant": "tenant_id"}
 DAY = dt.timedelta(days=1)
 #: subjects of resource rows (portal.metering.resources)
 VOLUME = "volume:"
@@ -96,15 +96,15 @@ def _segments(start: dt.datetime, end: dt.datetime) -> Iterator[tuple[str, dt.da
         yield "hour", last_midnight, end
 
 
-def _rows(level: str, tenant_id: int | None, lo: dt.datetime, hi: dt.datetime, by: list[str]) -> Any:
+def _rows(level: str, tenant_id: int | None, lo: dt.datetime, hi: dt.datetime, by: str, **only: Any) -> Any:
     rows: QuerySet[Any]
     if level == "hour":
-        rows = UsageHour.objects.filter(hour__gte=lo, hour__lt=hi)
+        rows = UsageHour.objects.filter(hour__gte=lo, hour__lt=hi, **only)
     else:
-        rows = UsageDay.objects.filter(day__gte=lo.date(), day__lt=hi.date())
+        rows = UsageDay.objects.filter(day__gte=lo.date(), day__lt=hi.date(), **only)
     if tenant_id is not None:
         rows = rows.filter(tenant_id=tenant_id)
-    return rows.values(*by).annotate(**sum_fields()).order_by()
+    return rows.values(by).annotate(**sum_fields()).order_by()
 
 
 def build(tenant_id: int | None, start: dt.datetime, end: dt.datetime, group_by: str) -> Report:
@@ -122,8 +122,14 @@ def build(tenant_id: int | None, start: dt.datetime, end: dt.datetime, group_by:
         for p_first, p_last, sheet in sheets.periods(lo.date(), (hi - HOUR).date()):
             p_lo = max(lo, dt.datetime.combine(p_first, dt.time(), tzinfo=dt.UTC))
             p_hi = min(hi, dt.datetime.combine(p_last, dt.time(), tzinfo=dt.UTC) + DAY)
-            by = _GROUP_FIELDS.get(group_by, [date_field])
-            for row in _rows(level, tenant_id, p_lo, p_hi, by):
+            by = _GROUP_FIELDS.get(group_by, date_field)
+            rows = list(_rows(level, tenant_id, p_lo, p_hi, by))
+            if group_by == "instance" and any(row["instance_id"] is None for row in rows):
+                # the volumes' rows were one group without instance: read them by volume, from
+                # their own small index (grouping every row by subject too costs ~25 % more)
+                rows = [row for row in rows if row["instance_id"] is not None]
+                rows += _rows(level, tenant_id, p_lo, p_hi, "subject", instance__isnull=True)
+            for row in rows:
                 q = Quantities(**{k: row[k] or 0 for k in QUANTITIES})
                 key = _key(group_by, row)
                 line = lines.setdefault(key, Line(key, key))
@@ -161,12 +167,11 @@ def _label(lines: dict[str, Line]) -> None:
 
 
 def _key(group_by: str, row: dict[str, Any]) -> str:
-    """The line a row adds to: an instance's own and its ports' rows to the instance, a volume's to itself."""
-    if group_by == "instance":
-        subject = row["subject"]
-        return subject if subject.startswith(VOLUME) else str(row["instance_id"])
+    """The line a row adds to (by instance: a volume's rows come grouped by subject)."""
+    if "subject" in row:
+        return str(row["subject"])
     if group_by in _GROUP_FIELDS:
-        return str(row[_GROUP_FIELDS[group_by][0]])
+        return str(row[_GROUP_FIELDS[group_by]])
     value = row["day"] if "day" in row else row["hour"]
     if group_by == "day":
         return (value.date() if isinstance(value, dt.datetime) else value).isoformat()
