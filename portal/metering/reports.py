@@ -27,7 +27,7 @@ from portal.metering.sampling import sum_fields
 
 GROUPS = ("instance", "kind", "day", "month")
 #: the row field a group is keyed by (day and month: the row's date).  By instance, a port's rows
-#: fold into their instance's line (they carry it); a volume's have no instance: see _VOLUME_ROWS
+#: fold into their instance's line (they carry it); a volume's have no instance: see build()
 _GROUP_FIELDS = {"instance": "instance_id", "kind": "kind", "tenant": "tenant_id"}
 DAY = dt.timedelta(days=1)
 #: subjects of resource rows (portal.metering.resources)
