@@ -25,7 +25,12 @@ from portal.tenancy.models import Quota
 def publish(instance: Instance, protocol: str, port: int, external_port: int | None = None) -> PublishedPort:
     """Publish ``protocol``/``port`` of ``instance`` on its node (the given or first free external port)."""
     with transaction.atomic():
-        instance = Instance.objects.select_for_update().select_related("node", "tenant").get(pk=instance.pk)
+        # of=self: PostgreSQL refuses FOR UPDATE on the nullable side of the outer join to the node
+        instance = (
+            Instance.objects.select_for_update(of=("self",))
+            .select_related("node", "tenant")
+            .get(pk=instance.pk)
+        )
         if instance.vm_state in (VmState.DELETED, VmState.ERROR) or instance.node is None:
             raise Conflict(f"Instance {instance.name} is {instance.vm_state} and has no node to publish on.")
         if PublishedPort.objects.filter(instance=instance, protocol=protocol, port=port).exists():
