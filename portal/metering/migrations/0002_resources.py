@@ -18,14 +18,17 @@ def volumes_so_far(apps, schema_editor):
     for v in Volume.objects.exclude(status__in=("creating", "error")):
         subject = f"volume:{v.pk}"
         start = v.created_at.replace(microsecond=v.created_at.microsecond // 1000 * 1000)
+        end = None
+        if v.status == "deleted":
+            end = v.deleted_at or v.updated_at
+            end = end.replace(microsecond=end.microsecond // 1000 * 1000)
+            if end <= start:
+                continue  # no time to bill (and never an open start without its end)
         events.append(ResourceEvent(subject=subject, tenant_id=v.tenant_id, kind="volume", at=start,
                                     amount=v.size_gb, recorded_at=start))
-        if v.status == "deleted":
-            end = max(v.deleted_at or v.updated_at, start)
-            end = end.replace(microsecond=end.microsecond // 1000 * 1000)
-            if end > start:
-                events.append(ResourceEvent(subject=subject, tenant_id=v.tenant_id, kind="volume", at=end,
-                                            amount=0, recorded_at=end))
+        if end is not None:
+            events.append(ResourceEvent(subject=subject, tenant_id=v.tenant_id, kind="volume", at=end,
+                                        amount=0, recorded_at=end))
     ResourceEvent.objects.bulk_create(events)
 
 
