@@ -1,13 +1,15 @@
 """Usage API over a year: p50/p95 for a tenant with 1,000 instances among 10,000, against the bare SQL.
 
     .venv/bin/python bench/usage.py [--instances 10000] [--tenant-instances 1000] [--days 365]
-                                    [--hour-days 1] [--requests 20]
+                                    [--hour-days 1] [--requests 20] [--volumes 0]
 
 A scratch SQLite database (WAL) holds ``--instances`` instances in ten
 tenants, one of them ("big") with ``--tenant-instances``; every instance
 has a day-rollup row for each of the last ``--days`` days and hour rows for
 the last ``--hour-days`` days (today's hours are what a report up to now
-reads besides the days).  Rows are written with ``bulk_create``.  Then
+reads besides the days); ``--volumes`` adds that many volumes to "big"
+(a day row each, without instance: the per-instance report reads them
+apart).  Rows are written with ``bulk_create``.  Then
 ``GET /api/v1/usage/?tenant=big&from=<a year ago>&to=<now>&group_by=...``
 runs through the whole Django stack in this process (session auth, scoping,
 the report, JSON) ``--requests`` times per grouping; the bare baseline is the
@@ -40,7 +42,8 @@ os.environ.update(
     SKYPORT_VAR_DIR=str(BASE / "var"),
     SKYPORT_SECRET_KEY=secrets.token_urlsafe(50),
     SKYPORT_ALLOWED_HOSTS="testserver",
-    CELERY_BROKER_URL="memory://",
+    # never used (the bench sends no task), but the settings accept only a real broker scheme
+    CELERY_BROKER_URL="redis://127.0.0.1:6379/13",
 )
 os.environ.pop("DATABASE_URL", None)
 
@@ -77,7 +80,9 @@ def _quantities(i: int, hours: int) -> dict[str, int]:
     }
 
 
-def populate(n: int, big: int, days: int, hour_days: int) -> tuple[dt.datetime, dt.datetime, float]:
+def populate(
+    n: int, big: int, days: int, hour_days: int, volumes: int = 0
+) -> tuple[dt.datetime, dt.datetime, float]:
     call_command("migrate", verbosity=0)
     with connection.cursor() as c:
         c.execute("PRAGMA journal_mode=WAL")
@@ -112,6 +117,8 @@ def populate(n: int, big: int, days: int, hour_days: int) -> tuple[dt.datetime, 
         batch_size=2000,
     )
     rows = list(Instance.objects.values_list("pk", "tenant_id", "kind"))
+    # volumes of the big tenant: rows without instance, a subject each, 20 GB all day
+    subjects = [f"volume:{uuid.uuid4()}" for _ in range(volumes)]
     now = timezone.now()
     today = now.date()
     start = dt.datetime.combine(today - dt.timedelta(days=days), dt.time(), tzinfo=dt.UTC)
@@ -127,8 +134,14 @@ def populate(n: int, big: int, days: int, hour_days: int) -> tuple[dt.datetime, 
                 with transaction.atomic():
                     UsageDay.objects.bulk_create(day_rows)
                 day_rows = []
+    volume_q = {"covered_ms": 24 * H, "disk_gb_ms": 24 * H * 20}
+    for d in range(days):
+        day = today - dt.timedelta(days=days - d)
+        day_rows += [
+            UsageDay(subject=s, tenant=tenants[0], kind="volume", day=day, **volume_q) for s in subjects
+        ]
     with transaction.atomic():
-        UsageDay.objects.bulk_create(day_rows)
+        UsageDay.objects.bulk_create(day_rows, batch_size=BATCH)
     hour_rows = []
     first_hour = dt.datetime.combine(today - dt.timedelta(days=hour_days - 1), dt.time(), tzinfo=dt.UTC)
     hour = first_hour
@@ -161,10 +174,13 @@ def main() -> int:
     ap.add_argument("--days", type=int, default=365)
     ap.add_argument("--hour-days", type=int, default=1)
     ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--volumes", type=int, default=0, help="volumes of the big tenant (a day row each)")
     args = ap.parse_args()
     BASE.mkdir(parents=True, exist_ok=True)
     try:
-        start, now, seed_s = populate(args.instances, args.tenant_instances, args.days, args.hour_days)
+        start, now, seed_s = populate(
+            args.instances, args.tenant_instances, args.days, args.hour_days, args.volumes
+        )
         days_n, hours_n = UsageDay.objects.count(), UsageHour.objects.count()
         db = Path(str(settings.DATABASES["default"]["NAME"]))
         size = db.stat().st_size / 2**30 if db.exists() else 0.0

@@ -331,6 +331,11 @@ CELERY_BEAT_SCHEDULE = {
     },
     # budget warnings at 80 % and 100 % of each tenant's monthly budget
     "budgets": {"task": "portal.metering.budgets", "schedule": env.seconds("SKYPORT_BUDGET_SECONDS", 600)},
+    # volumes and published ports that still exist: their usage rows extended up to now
+    "metering": {
+        "task": "portal.metering.tick",
+        "schedule": env.seconds("SKYPORT_METERING_TICK_SECONDS", 300),
+    },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Beat marks every task it sends in <schedule>.sent; the file's age says whether it still sends

@@ -18,13 +18,19 @@ from portal.cloud import dispatch
 from portal.cloud.choices import VmState
 from portal.cloud.models import ExternalAddress, Instance, PublishedPort
 from portal.errors import Conflict, QuotaExceeded
+from portal.metering import resources as metering
 from portal.tenancy.models import Quota
 
 
 def publish(instance: Instance, protocol: str, port: int, external_port: int | None = None) -> PublishedPort:
     """Publish ``protocol``/``port`` of ``instance`` on its node (the given or first free external port)."""
     with transaction.atomic():
-        instance = Instance.objects.select_for_update().select_related("node", "tenant").get(pk=instance.pk)
+        # of=self: PostgreSQL refuses FOR UPDATE on the nullable side of the outer join to the node
+        instance = (
+            Instance.objects.select_for_update(of=("self",))
+            .select_related("node", "tenant")
+            .get(pk=instance.pk)
+        )
         if instance.vm_state in (VmState.DELETED, VmState.ERROR) or instance.node is None:
             raise Conflict(f"Instance {instance.name} is {instance.vm_state} and has no node to publish on.")
         if PublishedPort.objects.filter(instance=instance, protocol=protocol, port=port).exists():
@@ -57,6 +63,7 @@ def publish(instance: Instance, protocol: str, port: int, external_port: int | N
             raise Conflict(
                 f"{external.address}:{chosen}/{protocol} was published meanwhile; try again."
             ) from None
+        metering.port_published(row.pk, instance.tenant_id, instance.pk, instance.kind, row.created_at)
         send_forwards(instance)
     return row
 
@@ -86,6 +93,7 @@ def _pick(pools: list[ExternalAddress], protocol: str, wanted: int | None) -> tu
 def unpublish(row: PublishedPort) -> None:
     with transaction.atomic():
         instance = row.instance
+        metering.port_unpublished(row.pk, row.tenant_id, instance.pk, instance.kind)
         row.delete()
         send_forwards(instance)
 
@@ -112,5 +120,7 @@ def send_forwards(instance: Instance) -> None:
 
 def forget(instance: Instance) -> int:
     """Drop the rows of a deleted instance (its node removes the rules with the workload)."""
+    for pk in PublishedPort.objects.filter(instance=instance).values_list("pk", flat=True):
+        metering.port_unpublished(pk, instance.tenant_id, instance.pk, instance.kind)
     deleted, _ = PublishedPort.objects.filter(instance=instance).delete()
     return deleted

@@ -7,7 +7,7 @@ The rules (docs/metering.md):
   instant the node saw it).
 - Between two samples farther apart than ``gap_ms`` nothing is known: the
   time is a *gap*, counted as such and never billed or interpolated.
-- Otherwise the time is *covered*: disk and addresses count for all of it,
+- Otherwise the time is *covered*: the root disk counts for all of it,
   compute (vCPUs, allocated and actual memory) only when the earlier sample
   says running.  Nothing counts after a ``deleted`` sample.
 - CPU time is the counter's growth between two samples (its new value when
@@ -15,6 +15,11 @@ The rules (docs/metering.md):
 
 Every quantity is an integer (milliseconds), so the result does not depend
 on the order samples arrived in or on how often they were repeated.
+
+Resources the portal itself owns (volumes, published ports) are not sampled:
+their :class:`Change` list (began, resized, ended) is exact, and
+:func:`resource_hourly` counts each amount from its change to the next one
+(the last one until ``until``, "now"), never a gap.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ class Point:
     vcpus: int
     ram_mb: int
     disk_gb: int
-    addresses: int = 0
     memory_bytes: int = 0
     cpu_time_ns: int = 0
     deleted: bool = False
@@ -117,7 +121,6 @@ def hourly(
             else:
                 bucket.covered_ms += part
                 bucket.disk_gb_ms += p.disk_gb * part
-                bucket.address_ms += p.addresses * part
                 if p.running:
                     bucket.running_ms += part
                     bucket.vcpu_ms += p.vcpus * part
@@ -128,4 +131,57 @@ def hourly(
         # CPU time belongs to the hour the interval ends in (where the counter was read)
         if cpu and (hi is None or q.at < hi) and (lo is None or q.at >= lo):
             out.setdefault(floor_hour(q.at), Quantities()).cpu_ms += cpu
+    return {h: v for h, v in out.items() if v}
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """A resource holds ``amount`` (GB of a volume, 1 for a port, 0: gone) from ``at`` on."""
+
+    at: dt.datetime
+    amount: int
+
+
+def _split(start: dt.datetime, end: dt.datetime) -> Iterable[tuple[dt.datetime, int]]:
+    """``(hour, ms)`` pieces of ``[start, end)`` cut at UTC hour boundaries."""
+    cursor = start
+    while cursor < end:
+        hour = floor_hour(cursor)
+        stop = min(hour + HOUR, end)
+        yield hour, ms(stop - cursor)
+        cursor = stop
+
+
+def resource_hourly(
+    changes: Iterable[Change],
+    field: str,
+    until: dt.datetime,
+    lo: dt.datetime | None = None,
+    hi: dt.datetime | None = None,
+    *,
+    covered: bool = False,
+) -> dict[dt.datetime, Quantities]:
+    """``field`` (amount x ms) per UTC hour of a resource's life up to ``until``, clipped to ``[lo, hi)``.
+
+    Changes may come in any order and repeat (deduplicated by time, the
+    first wins as the unique key keeps the first stored).  ``covered`` also
+    counts the time the resource existed as ``covered_ms`` (a volume's own
+    line; a port adds to its instance's line, whose coverage is its samples').
+    """
+    by_time: dict[dt.datetime, Change] = {}
+    for c in changes:
+        by_time.setdefault(c.at, c)
+    ordered = [by_time[t] for t in sorted(by_time)]
+    ends = [c.at for c in ordered[1:]] + [until]
+    out: dict[dt.datetime, Quantities] = {}
+    for c, next_at in zip(ordered, ends, strict=True):
+        if not c.amount:
+            continue
+        start = max(c.at, lo) if lo else c.at
+        end = min(next_at, hi) if hi else next_at
+        for hour, part in _split(start, end):
+            bucket = out.setdefault(hour, Quantities())
+            setattr(bucket, field, getattr(bucket, field) + c.amount * part)
+            if covered:
+                bucket.covered_ms += part
     return {h: v for h, v in out.items() if v}

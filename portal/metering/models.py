@@ -19,7 +19,6 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from portal.cloud.choices import Kind
 from portal.tenancy.models import Tenant
 from portal.tenancy.querysets import TenantScopedQuerySet
 
@@ -35,6 +34,18 @@ QUANTITIES = (
     "cpu_ms",
     "gap_ms",
 )
+
+
+class UsageKind(models.TextChoices):
+    """What a usage row is of: an instance's own usage (and its published ports) or a volume."""
+
+    VM = "vm", "Virtual machine"
+    CONTAINER = "container", "Container"
+    VOLUME = "volume", "Volume"
+
+
+#: ``subject`` of an instance's own rows (its samples); resources have ``volume:<uuid>``/``port:<id>``
+INSTANCE_SUBJECT = ""
 
 
 class SampleSource(models.TextChoices):
@@ -63,7 +74,6 @@ class UsageSample(models.Model):
     vcpus = models.PositiveIntegerField()
     ram_mb = models.PositiveIntegerField()
     disk_gb = models.PositiveIntegerField()
-    addresses = models.PositiveIntegerField(default=0)
     memory_bytes = models.BigIntegerField(default=0)
     cpu_time_ns = models.BigIntegerField(default=0)
 
@@ -75,23 +85,69 @@ class UsageSample(models.Model):
         return f"{self.instance_id}@{self.at:%Y-%m-%d %H:%M:%S.%f}"
 
 
+class ResourceEvent(models.Model):
+    """A portal-owned resource began, changed size or ended: the raw input of volume and port metering.
+
+    ``subject`` names the resource (``volume:<uuid>``, ``port:<id>``);
+    ``amount`` is what it holds from ``at`` until its next event: GB of a
+    volume, 1 for a published port, 0 once it is gone.  The portal itself
+    decides these facts (the node's observation settling a volume, a port
+    published or unpublished), so no node sample is needed; ``at`` is the
+    portal's clock when it applied the change, in whole milliseconds.
+    ``(subject, at)`` is unique: a change recorded twice adds nothing.
+    """
+
+    subject = models.CharField(max_length=48)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    instance = models.ForeignKey(
+        "cloud.Instance", null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    kind = models.CharField(max_length=16, choices=UsageKind.choices)
+    at = models.DateTimeField()
+    amount = models.PositiveIntegerField(help_text="GB of a volume, 1 for a published port; 0: gone")
+    recorded_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["subject", "at"]
+        constraints = [models.UniqueConstraint(fields=["subject", "at"], name="resource_event_once")]
+
+    def __str__(self) -> str:
+        return f"{self.subject}={self.amount}@{self.at:%Y-%m-%d %H:%M:%S.%f}"
+
+
 class UsageQuerySet(TenantScopedQuerySet["UsageHour"]):
     pass
 
 
 class _Rollup(models.Model):
-    """Quantities of one instance over one period; every field is derived from samples."""
+    """Quantities of one subject over one period; every field is derived from samples or resource events.
 
-    instance = models.ForeignKey("cloud.Instance", on_delete=models.CASCADE, related_name="+")
+    An instance's own row (``subject`` "") comes from its samples; a
+    published port's row (``port:<id>``) carries the port's instance and
+    kind, so it adds to the instance's line; a volume's row
+    (``volume:<uuid>``, kind ``volume``) has no instance: a volume belongs to
+    the tenant and outlives the instances it is attached to.
+    """
+
+    instance = models.ForeignKey(
+        "cloud.Instance", null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    subject = models.CharField(
+        max_length=48,
+        blank=True,
+        default=INSTANCE_SUBJECT,
+        db_default=INSTANCE_SUBJECT,
+        help_text="'' for the instance's own usage, else the resource: volume:<uuid> or port:<id>",
+    )
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
-    kind = models.CharField(max_length=16, choices=Kind.choices)
+    kind = models.CharField(max_length=16, choices=UsageKind.choices)
     covered_ms = models.BigIntegerField(default=0, help_text="time between samples closer than the gap")
     running_ms = models.BigIntegerField(default=0)
     vcpu_ms = models.BigIntegerField(default=0, help_text="vCPUs allocated x ms running")
     ram_mib_ms = models.BigIntegerField(default=0, help_text="MiB allocated x ms running")
     memory_mib_ms = models.BigIntegerField(default=0, help_text="MiB actually used x ms running")
     disk_gb_ms = models.BigIntegerField(default=0, help_text="GB allocated x ms covered (until delete)")
-    address_ms = models.BigIntegerField(default=0, help_text="published addresses x ms covered")
+    address_ms = models.BigIntegerField(default=0, help_text="published ports x ms published")
     cpu_ms = models.BigIntegerField(default=0, help_text="CPU time the node accounted")
     gap_ms = models.BigIntegerField(default=0, help_text="time between samples farther apart than the gap")
 
@@ -102,26 +158,51 @@ class _Rollup(models.Model):
 
 
 class UsageHour(_Rollup):
-    """One instance's usage within one UTC hour."""
+    """One subject's usage within one UTC hour."""
 
     hour = models.DateTimeField()
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["instance", "hour"], name="usage_hour_once")]
-        indexes = [models.Index(fields=["tenant", "hour"], name="usage_hour_tenant")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["instance", "hour"], condition=Q(subject=INSTANCE_SUBJECT), name="usage_hour_once"
+            ),
+            models.UniqueConstraint(
+                fields=["subject", "hour"],
+                condition=~Q(subject=INSTANCE_SUBJECT),
+                name="usage_hour_subject_once",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["tenant", "hour"], name="usage_hour_tenant"),
+            # a volume's rows (no instance): the per-instance report reads them apart, by volume
+            models.Index(fields=["tenant", "hour"], condition=Q(instance=None), name="usage_hour_volume"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.instance_id} {self.hour:%Y-%m-%d %H}h"
 
 
 class UsageDay(_Rollup):
-    """One instance's usage within one UTC day: the sum of its hours."""
+    """One subject's usage within one UTC day: the sum of its hours."""
 
     day = models.DateField()
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["instance", "day"], name="usage_day_once")]
-        indexes = [models.Index(fields=["tenant", "day"], name="usage_day_tenant")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["instance", "day"], condition=Q(subject=INSTANCE_SUBJECT), name="usage_day_once"
+            ),
+            models.UniqueConstraint(
+                fields=["subject", "day"],
+                condition=~Q(subject=INSTANCE_SUBJECT),
+                name="usage_day_subject_once",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["tenant", "day"], name="usage_day_tenant"),
+            models.Index(fields=["tenant", "day"], condition=Q(instance=None), name="usage_day_volume"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.instance_id} {self.day}"

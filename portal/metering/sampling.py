@@ -26,7 +26,14 @@ from django.db.models import Sum
 from compute.spec import NodeReport, Observation, PowerState
 from portal.cloud.models import Instance
 from portal.metering.intervals import HOUR, Point, Quantities, floor_hour, hourly
-from portal.metering.models import QUANTITIES, SampleSource, UsageDay, UsageHour, UsageSample
+from portal.metering.models import (
+    INSTANCE_SUBJECT,
+    QUANTITIES,
+    SampleSource,
+    UsageDay,
+    UsageHour,
+    UsageSample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +50,6 @@ def sample_time(node_time: float, received: dt.datetime) -> dt.datetime:
     return at.replace(microsecond=at.microsecond // 1000 * 1000)
 
 
-def published_addresses(instance: Instance) -> int:
-    """Addresses the instance publishes beyond its tenant network (none exist in the portal yet)."""
-    return 0
-
-
 def _point(s: UsageSample) -> Point:
     return Point(
         at=s.at,
@@ -55,7 +57,6 @@ def _point(s: UsageSample) -> Point:
         vcpus=s.vcpus,
         ram_mb=s.ram_mb,
         disk_gb=s.disk_gb,
-        addresses=s.addresses,
         memory_bytes=s.memory_bytes,
         cpu_time_ns=s.cpu_time_ns,
         deleted=s.deleted,
@@ -88,7 +89,6 @@ def add_sample(
                 vcpus=instance.vcpus,
                 ram_mb=instance.ram_mb,
                 disk_gb=instance.disk_gb,
-                addresses=published_addresses(instance),
                 memory_bytes=memory_bytes,
                 cpu_time_ns=cpu_time_ns,
             )
@@ -110,7 +110,9 @@ def rebuild(instance: Instance, lo: dt.datetime, hi: dt.datetime) -> None:
     points = [_point(s) for s in ([before] if before else []) + inside + ([after] if after else [])]
     hours = hourly(points, gap_ms(), lo, hi)
     with transaction.atomic():
-        UsageHour.objects.filter(instance=instance, hour__gte=lo, hour__lt=hi).delete()
+        UsageHour.objects.filter(
+            instance=instance, subject=INSTANCE_SUBJECT, hour__gte=lo, hour__lt=hi
+        ).delete()
         UsageHour.objects.bulk_create(
             UsageHour(
                 instance=instance, tenant_id=instance.tenant_id, kind=instance.kind, hour=h, **q.as_dict()
@@ -125,11 +127,13 @@ def _roll_days(instance: Instance, first: dt.date, last: dt.date) -> None:
     start = dt.datetime.combine(first, dt.time(), tzinfo=dt.UTC)
     end = dt.datetime.combine(last, dt.time(), tzinfo=dt.UTC) + dt.timedelta(days=1)
     days: dict[dt.date, Quantities] = defaultdict(Quantities)
-    for row in UsageHour.objects.filter(instance=instance, hour__gte=start, hour__lt=end).values(
-        "hour", *QUANTITIES
-    ):
+    for row in UsageHour.objects.filter(
+        instance=instance, subject=INSTANCE_SUBJECT, hour__gte=start, hour__lt=end
+    ).values("hour", *QUANTITIES):
         days[row.pop("hour").date()].add(Quantities(**row))
-    UsageDay.objects.filter(instance=instance, day__gte=first, day__lte=last).delete()
+    UsageDay.objects.filter(
+        instance=instance, subject=INSTANCE_SUBJECT, day__gte=first, day__lte=last
+    ).delete()
     UsageDay.objects.bulk_create(
         UsageDay(instance=instance, tenant_id=instance.tenant_id, kind=instance.kind, day=d, **q.as_dict())
         for d, q in sorted(days.items())
@@ -143,12 +147,12 @@ def recompute(instances: Iterable[Instance]) -> int:
         span = UsageSample.objects.filter(instance=instance).order_by("at").values_list("at", flat=True)
         first, last = span.first(), span.last()
         with transaction.atomic():
-            UsageHour.objects.filter(instance=instance).delete()
-            UsageDay.objects.filter(instance=instance).delete()
+            UsageHour.objects.filter(instance=instance, subject=INSTANCE_SUBJECT).delete()
+            UsageDay.objects.filter(instance=instance, subject=INSTANCE_SUBJECT).delete()
             if first is None or last is None:
                 continue
             rebuild(instance, floor_hour(first), floor_hour(last) + HOUR)
-        written += UsageHour.objects.filter(instance=instance).count()
+        written += UsageHour.objects.filter(instance=instance, subject=INSTANCE_SUBJECT).count()
     return written
 
 

@@ -1,12 +1,22 @@
-"""Celery tasks of metering: the periodic budget check (samples are taken by portal.cloud.tasks)."""
+"""Celery tasks of metering: the periodic budget check and the resource tick.
+
+Samples are taken by portal.cloud.tasks; volumes and published ports are
+recorded where they change (portal.metering.resources) and extended to now by the tick.
+"""
 
 from __future__ import annotations
 
 from celery import shared_task
 
-from portal.metering import budgets
+from portal.metering import budgets, resources
 
 
 @shared_task(name="portal.metering.budgets")
 def check_budgets() -> list[tuple[str, int]]:
     return budgets.check()
+
+
+@shared_task(name="portal.metering.tick")
+def tick() -> int:
+    """Extend the hour rows of every volume and published port that still exists up to now."""
+    return resources.tick()

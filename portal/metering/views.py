@@ -41,7 +41,7 @@ class PriceSheetForm(NoSuffix, forms.ModelForm):  # type: ignore[type-arg]
             "memory_gib_hour": "Memory, per GiB-hour",
             "vcpu_hour": "vCPU, per vCPU-hour",
             "disk_gb_month": "Disk, per GB-month (730 h)",
-            "address_month": "Published address, per month (730 h)",
+            "address_month": "Published port (address:port), per month (730 h)",
         }
         widgets = {"effective_from": forms.DateInput(attrs={"type": "date"})}
 

@@ -27,6 +27,7 @@ from portal.cloud import dispatch
 from portal.cloud.choices import NodeStatus, NodeTenancy, VmState
 from portal.cloud.models import ComputeNode, Instance
 from portal.errors import Conflict, InvalidAction, QuotaExceeded
+from portal.metering import resources as metering
 from portal.storage.choices import VolumeStatus
 from portal.storage.models import Volume
 from portal.tenancy.models import Quota, Tenant
@@ -222,6 +223,11 @@ def _settle_ok(volume: Volume, obs: VolumeObservation) -> None:
             volume.instance, volume.target = None, ""
         if obs.op is VolumeOp.GROW and obs.size_bytes:
             volume.size_gb = obs.size_bytes // 2**30
+    # metering (docs/metering.md): disk from the confirmed create to the confirmed delete, each size
+    # from the confirmed extend on; attach and detach change nothing (a volume costs while it exists)
+    if obs.op in (VolumeOp.CREATE, VolumeOp.GROW, VolumeOp.DELETE):
+        size = 0 if obs.op is VolumeOp.DELETE else volume.size_gb
+        metering.volume_changed(volume.pk, volume.tenant_id, size)
 
 
 def _settle_failed(volume: Volume, obs: VolumeObservation) -> None:

@@ -74,8 +74,11 @@ class UsageQuerySerializer(serializers.Serializer):  # type: ignore[type-arg]
 
 
 class UsageLineSerializer(serializers.Serializer):  # type: ignore[type-arg]
-    key = serializers.CharField()
+    key = serializers.CharField(
+        help_text="group_by=instance: the instance's id (its published ports included) or volume:<id>"
+    )
     name = serializers.CharField()
+    kind = serializers.CharField(help_text="vm, container or volume (group_by instance and kind; else empty)")
     running_hours = serializers.DecimalField(max_digits=20, decimal_places=6)
     covered_hours = serializers.DecimalField(max_digits=20, decimal_places=6)
     gap_hours = serializers.DecimalField(max_digits=20, decimal_places=6)
@@ -83,7 +86,9 @@ class UsageLineSerializer(serializers.Serializer):  # type: ignore[type-arg]
     memory_gib_hours = serializers.DecimalField(max_digits=20, decimal_places=6)
     used_memory_gib_hours = serializers.DecimalField(max_digits=20, decimal_places=6)
     disk_gb_months = serializers.DecimalField(max_digits=20, decimal_places=6)
-    address_months = serializers.DecimalField(max_digits=20, decimal_places=6)
+    address_months = serializers.DecimalField(
+        max_digits=20, decimal_places=6, help_text="published ports x months (730 h) published"
+    )
     cpu_seconds = serializers.DecimalField(max_digits=20, decimal_places=3)
     cost_memory = serializers.DecimalField(max_digits=20, decimal_places=2)
     cost_vcpu = serializers.DecimalField(max_digits=20, decimal_places=2)
