@@ -538,12 +538,16 @@ def left_behind(
     now = timezone.now()
     closed_since = Evacuation.objects.filter(source=node, cleaned_at__gte=sent).values_list("instance_id")
     stale: set[str] = {str(iid) for (iid,) in closed_since} & set(seen)
+    # a steady beat (nothing moved off this node) takes no row lock: read first, lock what is open
+    open_rows = list(
+        Evacuation.objects.filter(source=node, cleaned_at__isnull=True).values_list("pk", flat=True)
+    )
     rows = (
         Evacuation.objects.select_for_update(of=("self",))
-        .filter(source=node, cleaned_at__isnull=True)
+        .filter(pk__in=open_rows, cleaned_at__isnull=True)
         .select_related("instance", "target", "source")
     )
-    for ev in rows:
+    for ev in rows if open_rows else ():
         inst, iid = ev.instance, str(ev.instance_id)
         if _owned_here(inst, node):
             ev.cleaned_at = now  # the instance is back on this node: its copy is the instance

@@ -252,11 +252,19 @@ def release(instance: Instance) -> None:
 def reconcile(node: ComputeNode, files: tuple[str, ...]) -> None:
     """Record volumes whose file the node no longer has (never deletes anything); clear it when seen again."""
     present = set(files)
-    for volume in (
-        Volume.objects.select_for_update()
-        .filter(node=node)
-        .exclude(status__in=(VolumeStatus.CREATING, VolumeStatus.DELETING, VolumeStatus.DELETED))
-    ):
+    settled = Volume.objects.filter(node=node).exclude(
+        status__in=(VolumeStatus.CREATING, VolumeStatus.DELETING, VolumeStatus.DELETED)
+    )
+    # Read as values, lock only what looks drifted (as instances are): locking every volume row of
+    # the node on every heartbeat would serialise beats with every volume request (bench/scale.py).
+    drifted = [
+        pk
+        for pk, since in settled.values_list("pk", "missing_since")
+        if (str(pk) not in present) != (since is not None)
+    ]
+    if not drifted:
+        return
+    for volume in settled.select_for_update(of=("self",)).filter(pk__in=drifted):
         missing = str(volume.pk) not in present
         if missing and volume.missing_since is None:
             volume.missing_since = timezone.now()
