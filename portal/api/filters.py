@@ -78,6 +78,19 @@ class StrictFilterSet(filters.FilterSet):  # type: ignore[misc]
         models.DateTimeField: {"filter_class": UTCDateTimeFilter},
     }
 
+    @classmethod
+    def filter_for_lookup(cls, field: models.Field[Any, Any], lookup_type: str) -> tuple[Any, dict[str, Any]]:
+        """A reference (``instance=<id>``, ``group=<id>``) filters by the id, as the schema says: an id
+        nothing of yours has lists nothing (it was a 400 "Select a valid choice", which also told
+        whether an id exists in another tenant)."""
+        if isinstance(field, models.ForeignKey) and lookup_type == "exact":
+            target = field.target_field
+            if isinstance(target, models.UUIDField):
+                return filters.UUIDFilter, {}
+            if isinstance(target, models.AutoField | models.BigAutoField | models.IntegerField):
+                return IntegerFilter, {}
+        return super().filter_for_lookup(field, lookup_type)  # type: ignore[no-any-return]
+
     def is_valid(self) -> bool:
         """Also refuse a filter given without a value (``created_at__lte=``) unless it is text:
         an empty string is no integer, boolean, date or choice (django-filter read it as "no filter")."""

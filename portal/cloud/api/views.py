@@ -230,7 +230,9 @@ class InstanceViewSet(ScopedViewSet):
 
     @extend_schema(methods=["get"], responses={200: SnapshotSerializer(many=True)})
     @extend_schema(methods=["post"], request=SnapshotCreateSerializer, responses={202: SnapshotSerializer})
-    @action(detail=True, methods=["get", "post"], url_path="snapshots")
+    @action(
+        detail=True, methods=["get", "post"], url_path="snapshots", pagination_class=None, filter_backends=[]
+    )
     def snapshots(self, request: Request, pk: str | None = None) -> Response:
         """The VM's disk snapshots, oldest first; POST {"name"} takes one (202, ``creating``)."""
         instance = self.get_object()
@@ -268,7 +270,13 @@ class InstanceViewSet(ScopedViewSet):
         request=serializers.InstanceSecurityGroupsSerializer,
         responses={200: serializers.SecurityGroupSerializer(many=True)},
     )
-    @action(detail=True, methods=["get", "post"], url_path="security-groups")
+    @action(
+        detail=True,
+        methods=["get", "post"],
+        url_path="security-groups",
+        pagination_class=None,
+        filter_backends=[],
+    )
     def security_groups(self, request: Request, pk: str | None = None) -> Response:
         """The instance's security groups; POST sets exactly these (applied live on its node)."""
         instance = self.get_object()

@@ -14,6 +14,8 @@ import io
 from typing import Any
 
 from django.utils import timezone
+from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import renderers, viewsets
 from rest_framework.exceptions import NotFound, ValidationError
@@ -82,11 +84,27 @@ def report_data(tenant: Tenant, report: reports.Report) -> dict[str, Any]:
     }
 
 
+class OneReport(AutoSchema):
+    """The usage "list" answers one report (an object), not a list of them."""
+
+    def _is_list_view(self, serializer: Any = None) -> bool:
+        return False
+
+
 class UsageViewSet(viewsets.ViewSet):
     """Metered usage and its cost for one tenant (docs/metering.md)."""
 
     permission_classes = [IsAuthenticated]
     renderer_classes = [renderers.JSONRenderer, CSVRenderer]
+    schema = OneReport()
+
+    def finalize_response(self, request: Request, response: Response, *args: Any, **kwargs: Any) -> Response:
+        """A refusal is JSON even when CSV was asked for (the schema documents errors as JSON)."""
+        renderer = getattr(request, "accepted_renderer", None)
+        if response.status_code >= 400 and renderer is not None and renderer.format == "csv":
+            request.accepted_renderer = renderers.JSONRenderer()
+            request.accepted_media_type = "application/json"
+        return super().finalize_response(request, response, *args, **kwargs)
 
     @extend_schema(
         parameters=[
@@ -94,7 +112,10 @@ class UsageViewSet(viewsets.ViewSet):
             OpenApiParameter("from", str, description="ISO 8601 start (default: start of this month)"),
             OpenApiParameter("to", str, description="ISO 8601 end, exclusive (default: now)"),
         ],
-        responses=serializers.UsageReportSerializer,
+        responses={
+            (200, "application/json"): serializers.UsageReportSerializer,
+            (200, "text/csv"): OpenApiTypes.STR,
+        },
     )
     def list(self, request: Request) -> Response:
         query = serializers.UsageQuerySerializer(data=request.query_params)
@@ -131,7 +152,7 @@ class PriceSheetViewSet(ScopedViewSet):
 class BudgetViewSet(ScopedViewSet):
     """Monthly budgets of your tenants; tenant admins and operators set them."""
 
-    queryset = Budget.objects.select_related("tenant")
+    queryset = Budget.objects.select_related("tenant").order_by("tenant__slug", "pk")
     serializer_class = serializers.BudgetSerializer
     write_role = Role.ADMIN
     filterset_fields = {"tenant__slug": ["exact"]}
