@@ -25,6 +25,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar, Union
 
+from compute.mountpath import MountPathError, check_mount_path
+
 SPEC_VERSION = 2  # 2: a NetworkAttachment carries its NetworkSegment
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -95,7 +97,7 @@ class Capability(enum.StrEnum):
     CONSOLE = "console"  # a readable console log
     EXEC = "exec"  # run a command inside the instance (containers: crun exec)
     TERMINAL = "terminal"  # an interactive console (VM serial pty, container exec with a pty)
-    VOLUMES = "volumes"  # attach and detach volumes (the VM driver: virtio disks, hot on a running VM)
+    VOLUMES = "volumes"  # attach and detach volumes (VMs: virtio disks, hot; containers: ext4, stopped)
 
 
 class Task(enum.StrEnum):
@@ -601,15 +603,24 @@ class VolumeOp(enum.StrEnum):
     GROW = "grow"
 
 
+class VolumeFormat(enum.StrEnum):
+    """What a volume is on its node: a disk for VMs, or a file system for containers."""
+
+    QCOW2 = "qcow2"  # a qcow2 file, attached to a VM as a virtio disk
+    EXT4 = "ext4"  # ext4 in a sparse file, loop-mounted and bind-mounted into a container
+
+
 @dataclasses.dataclass(frozen=True)
 class VolumeRequest:
-    """Create, delete, attach, detach or grow one volume (a qcow2 file in the node's volume dir).
+    """Create, delete, attach, detach or grow one volume (a file in the node's volume dir).
 
     ``volume_id`` is the portal's UUID and the idempotency key: a volume
     created twice is one file, attached twice one disk, detached or deleted
     when already gone a success.  ``size_gb`` for create and grow;
-    ``instance_id`` and ``kind`` for attach and detach.  The node answers
-    with a :class:`VolumeObservation` carrying ``action_id``.
+    ``instance_id`` and ``kind`` for attach and detach.  An ``ext4`` volume
+    is created with its root directory owned by ``id_base`` (root of the
+    tenant's containers) and attached to a container at ``mount_path``.
+    The node answers with a :class:`VolumeObservation` carrying ``action_id``.
     """
 
     TASK: ClassVar[Task] = Task.VOLUME
@@ -620,16 +631,30 @@ class VolumeRequest:
     size_gb: int = 0
     instance_id: str | None = None
     kind: Kind | None = None
+    format: VolumeFormat = VolumeFormat.QCOW2
+    id_base: int = 0
+    mount_path: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.volume_id, str) or not UUID_RE.fullmatch(self.volume_id):
             raise SpecError(f"volume_id must be a lower-case UUID, got {self.volume_id!r}")
         if self.op in (VolumeOp.CREATE, VolumeOp.GROW) and not 1 <= self.size_gb <= 16384:
             raise SpecError(f"{self.op} needs size_gb within 1..16384, got {self.size_gb!r}")
+        if self.op is VolumeOp.CREATE and self.format is VolumeFormat.EXT4:
+            base = self.id_base
+            if base < ID_RANGE_MIN or base % ID_RANGE_SIZE or base + ID_RANGE_SIZE > 2**32:
+                raise SpecError(
+                    f"an ext4 volume needs the tenant's id_base (>= {ID_RANGE_MIN}), got {base!r}"
+                )
         if self.op in (VolumeOp.ATTACH, VolumeOp.DETACH):
             if self.instance_id is None or self.kind is None:
                 raise SpecError(f"{self.op} needs instance_id and kind")
             _check_instance_id(self.instance_id)
+        if self.op is VolumeOp.ATTACH and self.kind is Kind.CONTAINER:
+            try:
+                check_mount_path(self.mount_path)
+            except MountPathError as exc:
+                raise SpecError(str(exc)) from exc
 
 
 class ConsoleMode(enum.StrEnum):
