@@ -25,7 +25,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar, Union
 
-from compute.mountpath import MountPathError, check_mount_path
+from compute.mountpath import MountPathError, check_mount_path, overlaps
 
 SPEC_VERSION = 2  # 2: a NetworkAttachment carries its NetworkSegment
 
@@ -285,6 +285,31 @@ class NetworkAttachment:
 
 
 @dataclasses.dataclass(frozen=True)
+class VolumeMount:
+    """A container's ext4 volume (``<state_dir>/volumes/<volume_id>.ext4``) and where it is mounted."""
+
+    volume_id: str
+    mount_path: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.volume_id, str) or not UUID_RE.fullmatch(self.volume_id):
+            raise SpecError(f"volume_id must be a lower-case UUID, got {self.volume_id!r}")
+        try:
+            check_mount_path(self.mount_path)
+        except MountPathError as exc:
+            raise SpecError(str(exc)) from exc
+
+
+def _check_volume_mounts(kind: Kind, volumes: tuple[VolumeMount, ...]) -> None:
+    if volumes and kind is not Kind.CONTAINER:
+        raise SpecError("volumes in the spec are for containers; a VM's are attached as disks")
+    for i, a in enumerate(volumes):
+        for b in volumes[:i]:
+            if a.volume_id == b.volume_id or overlaps(a.mount_path, b.mount_path):
+                raise SpecError(f"volume mounts {b.mount_path} and {a.mount_path} collide")
+
+
+@dataclasses.dataclass(frozen=True)
 class InstanceSpec:
     """What a node needs to create one instance (VM or container).
 
@@ -320,6 +345,8 @@ class InstanceSpec:
     restart_policy: str = "no"
     # the resolved rules of its security groups (None: no filtering, as before security groups)
     security: tuple[SecurityRule, ...] | None = None
+    # Containers: volumes attached at create (later attachments live on the node, not in the spec).
+    volumes: tuple[VolumeMount, ...] = ()
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -344,6 +371,7 @@ class InstanceSpec:
         restart_rule(self.restart_policy)  # raises SpecError when malformed
         if self.workdir and not self.workdir.startswith("/"):
             raise SpecError(f"workdir must be an absolute path, got {self.workdir!r}")
+        _check_volume_mounts(self.kind, self.volumes)
 
     @property
     def short_id(self) -> str:

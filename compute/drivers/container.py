@@ -434,6 +434,8 @@ class ContainerDriver(Driver):
                 base = id_base(spec)
                 os.chown(paths.upper, base, base)
                 (paths.root / "lowerdir").write_text("\n".join(str(p) for p in reversed(image.layers)))
+                if spec.volumes:
+                    self._write_attached(paths, self._volumes_at_create(spec))
                 tmp = paths.spec.with_suffix(".tmp")
                 tmp.write_text(json.dumps(to_json(spec)))
                 os.replace(tmp, paths.spec)  # from here on the instance exists
@@ -742,6 +744,22 @@ class ContainerDriver(Driver):
                         if Path(item["path"]).parent == volumes:
                             found.append((item["volume_id"], iid))
         return sorted(found)
+
+    def _volumes_at_create(self, spec: InstanceSpec) -> list[dict[str, str]]:
+        """The attachment list of the spec's volumes (checked like an attach; mount points at launch)."""
+        root = self.config.state_dir / "volumes"
+        taken = dict(self.volume_attachments(root))
+        items = []
+        for v in spec.volumes:
+            path = root / f"{v.volume_id}.ext4"
+            if not path.is_file():
+                raise DriverError(f"volume {v.volume_id} is not an ext4 volume file on this node")
+            if taken.get(v.volume_id, spec.instance_id) != spec.instance_id:
+                raise DriverError(
+                    f"volume {v.volume_id} is attached to container {container_id(taken[v.volume_id])}"
+                )
+            items.append({"volume_id": v.volume_id, "path": str(path), "mount_path": v.mount_path})
+        return items
 
     def _mount_volumes(
         self, paths: _Paths, base: int, transient: contextlib.ExitStack

@@ -29,7 +29,7 @@ from portal.audit.models import Outcome
 from portal.cloud import dispatch
 from portal.cloud.choices import NodeStatus, NodeTenancy, VmState
 from portal.cloud.models import ComputeNode, Instance
-from portal.errors import Conflict, DomainError, InvalidAction, QuotaExceeded
+from portal.errors import Conflict, DomainError, InvalidAction, NotFound, QuotaExceeded
 from portal.storage.choices import VolumeStatus
 from portal.storage.models import Volume
 from portal.tenancy.models import Quota, Tenant
@@ -189,6 +189,35 @@ def container_mount_path(volume: Volume, instance: Instance, mount_path: str | N
                 f"mount_path {path} overlaps volume {other.name} at {other.mount_path} on {instance.name}."
             )
     return path
+
+
+def attach_at_create(instance: Instance, mounts: tuple[tuple[str, str], ...], user: Any) -> None:
+    """Attach ext4 volumes to a container being created (inside its create transaction).
+
+    The volumes are ``in-use`` at once: the attachment is part of the
+    container's spec, made by the node before its first start.  A create that
+    fails leaves them attached to the instance in ``error``; deleting it
+    releases them.  The scheduler already put the container on their node.
+    """
+    for vid, path in mounts:
+        volume = Volume.objects.select_for_update().live().filter(pk=vid, tenant=instance.tenant).first()
+        if volume is None:
+            raise NotFound(f"No volume {vid} in tenant {instance.tenant.slug}.")
+        if volume.format != VolumeFormat.EXT4:
+            raise InvalidAction(f"Volume {volume.name} is {volume.format}: {_WHAT_TAKES[VolumeFormat.EXT4]}.")
+        if volume.node_id != instance.node_id:
+            raise Conflict(f"Volume {volume.name} is on another node than {instance.name}.")
+        if volume.status != VolumeStatus.AVAILABLE:
+            raise Conflict(f"Cannot attach volume {volume.name} while it is {volume.status}.")
+        volume.status, volume.instance, volume.mount_path, volume.target = (
+            VolumeStatus.IN_USE,
+            instance,
+            path,
+            "",
+        )
+        volume.action_id, volume.status_reason = instance.action_id, ""
+        volume.save()
+        _event(volume, "dispatch.volume.attach", f"to {instance.name} at {path} (at create)", user)
 
 
 def attach(volume: Volume, instance: Instance, user: Any, mount_path: str | None = None) -> Volume:

@@ -192,3 +192,70 @@ def test_container_volumes_count_against_the_same_quota(world: World, nodes: Fak
     assert c.post(URL, {"name": "b", "size_gb": 1, "node": "shared-1"}, format="json").status_code == 202
     r = c.post(URL, {"name": "c", "size_gb": 1, "format": "ext4"}, format="json")
     assert r.status_code == 409 and "Quota exceeded for volumes" in r.json()["message"]
+
+
+def _create(world: World, name: str, volumes: Any, kind: str = "container", who: str = "a_member") -> Any:
+    body = {
+        "tenant": "acme" if who.startswith("a_") else "bobco",
+        "name": name,
+        "image": "busybox:1",
+        "flavor": world.flavor_public.pk,
+        "kind": kind,
+        "volumes": volumes,
+    }
+    return world.client(who).post("/api/v1/instances/", body, format="json")
+
+
+def test_volumes_attached_at_create(world: World, nodes: FakeNodes, sent: list[Any]) -> None:
+    _dedicate_node_a(world)
+    c = world.client("a_member")
+    vol, vol2 = _ext4(world, nodes), _ext4(world, nodes, "logs")
+    live = Instance.objects.count()
+    for bad, status, why in (
+        ([{"volume": vol["id"], "mount_path": "/proc"}], 400, "is under /proc"),
+        ([{"volume": vol["id"]}], 400, "mount_path"),
+        (
+            [{"volume": vol["id"], "mount_path": "/a"}, {"volume": vol2["id"], "mount_path": "/a/b"}],
+            400,
+            "overlap",
+        ),
+        (
+            [{"volume": vol["id"], "mount_path": "/a"}, {"volume": vol["id"], "mount_path": "/b"}],
+            400,
+            "twice",
+        ),
+        ([{"volume": "6c5e4ef5-2330-4f56-95a7-7e0c55142669", "mount_path": "/a"}], 404, "No volume"),
+    ):
+        r = _create(world, "app", bad)
+        assert r.status_code == status and why in str(r.json()), (bad, r.json())
+    r = _create(world, "app", [{"volume": vol["id"], "mount_path": "/data"}], kind="vm")
+    assert r.status_code == 400 and "containers only" in str(r.json())
+    assert Instance.objects.count() == live and sent == []
+    # created with both volumes: in-use at once, in the spec the node gets
+    r = _create(
+        world,
+        "app",
+        [{"volume": vol["id"], "mount_path": "/data"}, {"volume": vol2["id"], "mount_path": "/var/log/app"}],
+    )
+    assert r.status_code == 202, r.json()
+    spec = sent[0][2][0]["spec"]
+    assert spec["volumes"] == [
+        {"volume_id": vol["id"], "mount_path": "/data"},
+        {"volume_id": vol2["id"], "mount_path": "/var/log/app"},
+    ]
+    nodes.run()
+    got = c.get(f"{URL}{vol['id']}/").json()
+    assert got["status"] == "in-use" and got["attachments"][0]["mount_path"] == "/data"
+    # taken: another create with it is 409 and makes nothing
+    r = _create(world, "app2", [{"volume": vol["id"], "mount_path": "/data"}])
+    assert r.status_code == 409 and "while it is in-use" in r.json()["message"]
+    assert not Instance.objects.filter(name="app2").exists()
+    # bob cannot name acme's volume
+    r = _create(world, "theirs", [{"volume": vol2["id"], "mount_path": "/data"}], who="b_member")
+    assert r.status_code == 404 and "No volume" in r.json()["message"]
+    assert not Instance.objects.filter(name="theirs").exists()
+    # deleting the container releases both
+    app = Instance.objects.get(name="app")
+    assert c.delete(f"/api/v1/instances/{app.pk}/").status_code == 202
+    nodes.run()
+    assert {v.status for v in Volume.objects.filter(pk__in=[vol["id"], vol2["id"]])} == {"available"}

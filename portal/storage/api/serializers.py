@@ -7,7 +7,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from compute.mountpath import MAX_MOUNT_PATH
+from compute.mountpath import MAX_MOUNT_PATH, MountPathError, check_mount_path
 from portal.api.fields import DefaultTenantMixin, TenantField
 from portal.api.strict import StrictCharField, StrictIntegerField, StrictModelSerializer, StrictRegexField
 from portal.cloud.naming import NAME_RE, NAME_RULE
@@ -97,6 +97,19 @@ class VolumeAttachSerializer(serializers.Serializer):  # type: ignore[type-arg]
         help_text="Containers only (required): an absolute, normalised path such as /data; not /, not "
         "under /proc, /sys, /dev or /tmp, not a system directory itself (docs/storage.md)",
     )
+
+
+class VolumeMountSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """One volume a container is created with, and where it is mounted."""
+
+    volume = serializers.UUIDField(help_text="An available ext4 volume of the tenant")
+    mount_path = StrictCharField(max_length=MAX_MOUNT_PATH, trim_whitespace=False, help_text="Such as /data")
+
+    def validate_mount_path(self, value: str) -> str:
+        try:
+            return check_mount_path(value)
+        except MountPathError as exc:
+            raise serializers.ValidationError(f"{exc}.") from exc
 
 
 class VolumeExtendSerializer(serializers.Serializer):  # type: ignore[type-arg]
