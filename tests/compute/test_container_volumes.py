@@ -291,3 +291,35 @@ def test_a_link_in_the_image_cannot_lead_a_volume_out_of_the_rootfs(
     driver.attach_volume(spec.instance_id, vid, store.path(vid), mount_path="/vol")
     assert driver.start(spec.instance_id).power_state is PowerState.RUNNING
     assert _exec(driver, spec.instance_id, "grep -c ' /vol ' /proc/self/mountinfo").stdout.strip() == "1"
+
+
+def test_attachments_survive_a_worker_restart_and_a_missing_file_fails_the_start(
+    driver: ContainerDriver,  # noqa: F811
+    sample_images: SampleImages,  # noqa: F811
+) -> None:
+    require_binary("mkfs.ext4")
+    store = VolumeStore(driver.config.state_dir / "volumes")
+    vid = str(uuid.uuid4())
+    store.create(vid, 1, VolumeFormat.EXT4, BASE)
+    spec = dataclasses.replace(_spec(sample_images, "vole"), volumes=(VolumeMount(vid, "/data"),))
+    driver.spawn(spec)
+    assert _exec(driver, spec.instance_id, "echo kept > /data/f").returncode == 0
+    driver.stop(spec.instance_id, timeout=0)
+    # a new driver (the worker restarted) knows the attachment and mounts it again
+    again = ContainerDriver(driver.config)
+    assert again.volume_attachments(store.root) == [(vid, spec.instance_id)]
+    assert again.start(spec.instance_id).power_state is PowerState.RUNNING
+    assert _exec(again, spec.instance_id, "cat /data/f").stdout == "kept\n"
+    again.stop(spec.instance_id, timeout=0)
+    # the volume's file is gone: the start fails with the reason and leaves nothing mounted
+    path = store.path(vid)
+    moved = path.with_name("moved")
+    path.rename(moved)
+    with pytest.raises(DriverError, match=f"volume {vid} has no file on this node"):
+        again.start(spec.instance_id)
+    assert again.info(spec.instance_id).power_state is not PowerState.RUNNING
+    with open("/proc/self/mountinfo") as fh:
+        assert not [line for line in fh if str(driver.config.state_dir) in line]
+    moved.rename(path)
+    assert again.start(spec.instance_id).power_state is PowerState.RUNNING
+    assert _exec(again, spec.instance_id, "cat /data/f").stdout == "kept\n"

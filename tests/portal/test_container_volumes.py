@@ -259,3 +259,33 @@ def test_volumes_attached_at_create(world: World, nodes: FakeNodes, sent: list[A
     assert c.delete(f"/api/v1/instances/{app.pk}/").status_code == 202
     nodes.run()
     assert {v.status for v in Volume.objects.filter(pk__in=[vol["id"], vol2["id"]])} == {"available"}
+
+
+def test_an_attach_the_node_refuses_leaves_the_volume_available(
+    world: World, nodes: FakeNodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from compute.drivers.base import DriverError
+    from compute.spec import Kind
+
+    _dedicate_node_a(world)
+    app = _container(world, nodes, "app")
+    vol = _ext4(world, nodes)
+    driver = nodes.service("node.node-a").driver(Kind.CONTAINER)
+
+    def refused(*args: Any, **kw: Any) -> str:
+        raise DriverError(
+            "cannot mount a volume at /evil/x: /evil is a symbolic link in the container's file system"
+        )
+
+    monkeypatch.setattr(driver, "attach_volume", refused)
+    before = Instance.objects.filter(pk=app["id"]).values("vm_state", "task_state", "power_state").get()
+    assert _attach(world, vol["id"], app["id"], "/evil/x").status_code == 202
+    nodes.run()
+    got = world.client("a_member").get(f"{URL}{vol['id']}/").json()
+    assert (got["status"], got["attachments"]) == ("available", [])
+    assert got["status_reason"].startswith(
+        "attach failed: cannot mount a volume at /evil/x: /evil is a symbolic"
+    )
+    assert Volume.objects.get(pk=vol["id"]).mount_path == ""
+    after = Instance.objects.filter(pk=app["id"]).values("vm_state", "task_state", "power_state").get()
+    assert after == before
