@@ -3,8 +3,8 @@
 A volume is a file on one node (``compute/volumes.py``): a ``qcow2`` disk
 that attaches to a VM on that node, or an ``ext4`` file system (owned by the
 tenant's container root, ``Tenant.id_base``) that a stopped container of
-the tenant on that node mounts at a ``mount_path``.  Every request claims the volume row with a
-conditional UPDATE (its status must allow it), records ``action_id`` and
+the tenant on that node mounts at a ``mount_path``.  Every request claims
+the volume row with a conditional UPDATE (its status must allow it), records ``action_id`` and
 sends a :class:`compute.spec.VolumeRequest` after commit; the node's
 :class:`compute.spec.VolumeObservation` settles it (:func:`observe`).  A
 failed attach leaves the volume ``available`` and the instance untouched (the
