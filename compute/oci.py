@@ -85,6 +85,8 @@ class BundleSpec:
     id_size: int = ID_RANGE_SIZE
     additional_gids: tuple[int, ...] = ()
     resolv_conf: str | None = None  # host file bind-mounted read-only on /etc/resolv.conf
+    # (destination inside, host directory): volumes bind-mounted read-write, nosuid, nodev
+    volumes: tuple[tuple[str, str], ...] = ()
 
 
 def _mount(dest: str, fstype: str, source: str, options: tuple[str, ...]) -> dict[str, Any]:
@@ -156,6 +158,7 @@ def runtime_config(b: BundleSpec) -> dict[str, Any]:
                 if b.resolv_conf
                 else []
             ),
+            *(_mount(dest, "bind", source, ("bind", "rw", "nosuid", "nodev")) for dest, source in b.volumes),
         ],
         "linux": {
             "namespaces": namespaces,

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar, Union
 
 from compute import logs
+from compute.mountpath import MountPathError, check_mount_path, overlaps
 
 SPEC_VERSION = 2  # 2: a NetworkAttachment carries its NetworkSegment
 
@@ -98,7 +99,7 @@ class Capability(enum.StrEnum):
     EXEC = "exec"  # run a command inside the instance (containers: crun exec)
     TERMINAL = "terminal"  # an interactive console (VM serial pty, container exec with a pty)
     LOGS = "logs"  # stdout/stderr lines with time and stream, kept after delete (containers)
-    VOLUMES = "volumes"  # attach and detach volumes (the VM driver: virtio disks, hot on a running VM)
+    VOLUMES = "volumes"  # attach and detach volumes (VMs: virtio disks, hot; containers: ext4, stopped)
 
 
 class Task(enum.StrEnum):
@@ -287,6 +288,31 @@ class NetworkAttachment:
 
 
 @dataclasses.dataclass(frozen=True)
+class VolumeMount:
+    """A container's ext4 volume (``<state_dir>/volumes/<volume_id>.ext4``) and where it is mounted."""
+
+    volume_id: str
+    mount_path: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.volume_id, str) or not UUID_RE.fullmatch(self.volume_id):
+            raise SpecError(f"volume_id must be a lower-case UUID, got {self.volume_id!r}")
+        try:
+            check_mount_path(self.mount_path)
+        except MountPathError as exc:
+            raise SpecError(str(exc)) from exc
+
+
+def _check_volume_mounts(kind: Kind, volumes: tuple[VolumeMount, ...]) -> None:
+    if volumes and kind is not Kind.CONTAINER:
+        raise SpecError("volumes in the spec are for containers; a VM's are attached as disks")
+    for i, a in enumerate(volumes):
+        for b in volumes[:i]:
+            if a.volume_id == b.volume_id or overlaps(a.mount_path, b.mount_path):
+                raise SpecError(f"volume mounts {b.mount_path} and {a.mount_path} collide")
+
+
+@dataclasses.dataclass(frozen=True)
 class InstanceSpec:
     """What a node needs to create one instance (VM or container).
 
@@ -322,6 +348,8 @@ class InstanceSpec:
     restart_policy: str = "no"
     # the resolved rules of its security groups (None: no filtering, as before security groups)
     security: tuple[SecurityRule, ...] | None = None
+    # Containers: volumes attached at create (later attachments live on the node, not in the spec).
+    volumes: tuple[VolumeMount, ...] = ()
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -346,6 +374,7 @@ class InstanceSpec:
         restart_rule(self.restart_policy)  # raises SpecError when malformed
         if self.workdir and not self.workdir.startswith("/"):
             raise SpecError(f"workdir must be an absolute path, got {self.workdir!r}")
+        _check_volume_mounts(self.kind, self.volumes)
 
     @property
     def short_id(self) -> str:
@@ -605,15 +634,24 @@ class VolumeOp(enum.StrEnum):
     GROW = "grow"
 
 
+class VolumeFormat(enum.StrEnum):
+    """What a volume is on its node: a disk for VMs, or a file system for containers."""
+
+    QCOW2 = "qcow2"  # a qcow2 file, attached to a VM as a virtio disk
+    EXT4 = "ext4"  # ext4 in a sparse file, loop-mounted and bind-mounted into a container
+
+
 @dataclasses.dataclass(frozen=True)
 class VolumeRequest:
-    """Create, delete, attach, detach or grow one volume (a qcow2 file in the node's volume dir).
+    """Create, delete, attach, detach or grow one volume (a file in the node's volume dir).
 
     ``volume_id`` is the portal's UUID and the idempotency key: a volume
     created twice is one file, attached twice one disk, detached or deleted
     when already gone a success.  ``size_gb`` for create and grow;
-    ``instance_id`` and ``kind`` for attach and detach.  The node answers
-    with a :class:`VolumeObservation` carrying ``action_id``.
+    ``instance_id`` and ``kind`` for attach and detach.  An ``ext4`` volume
+    is created with its root directory owned by ``id_base`` (root of the
+    tenant's containers) and attached to a container at ``mount_path``.
+    The node answers with a :class:`VolumeObservation` carrying ``action_id``.
     """
 
     TASK: ClassVar[Task] = Task.VOLUME
@@ -624,16 +662,30 @@ class VolumeRequest:
     size_gb: int = 0
     instance_id: str | None = None
     kind: Kind | None = None
+    format: VolumeFormat = VolumeFormat.QCOW2
+    id_base: int = 0
+    mount_path: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.volume_id, str) or not UUID_RE.fullmatch(self.volume_id):
             raise SpecError(f"volume_id must be a lower-case UUID, got {self.volume_id!r}")
         if self.op in (VolumeOp.CREATE, VolumeOp.GROW) and not 1 <= self.size_gb <= 16384:
             raise SpecError(f"{self.op} needs size_gb within 1..16384, got {self.size_gb!r}")
+        if self.op is VolumeOp.CREATE and self.format is VolumeFormat.EXT4:
+            base = self.id_base
+            if base < ID_RANGE_MIN or base % ID_RANGE_SIZE or base + ID_RANGE_SIZE > 2**32:
+                raise SpecError(
+                    f"an ext4 volume needs the tenant's id_base (>= {ID_RANGE_MIN}), got {base!r}"
+                )
         if self.op in (VolumeOp.ATTACH, VolumeOp.DETACH):
             if self.instance_id is None or self.kind is None:
                 raise SpecError(f"{self.op} needs instance_id and kind")
             _check_instance_id(self.instance_id)
+        if self.op is VolumeOp.ATTACH and self.kind is Kind.CONTAINER:
+            try:
+                check_mount_path(self.mount_path)
+            except MountPathError as exc:
+                raise SpecError(str(exc)) from exc
 
 
 class ConsoleMode(enum.StrEnum):

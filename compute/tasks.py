@@ -54,6 +54,7 @@ from compute.spec import (
     SnapshotInfo,
     SpecError,
     Task,
+    VolumeFormat,
     VolumeObservation,
     VolumeOp,
     VolumeRequest,
@@ -323,7 +324,7 @@ class NodeService:
         try:
             store, vid = self.volumes, message.volume_id
             if message.op is VolumeOp.CREATE:
-                size = store.create(vid, message.size_gb)
+                size = store.create(vid, message.size_gb, message.format, message.id_base)
             elif message.op is VolumeOp.DELETE:
                 store.delete(vid)
             elif message.op is VolumeOp.GROW:
@@ -334,7 +335,13 @@ class NodeService:
                 if message.op is VolumeOp.ATTACH:
                     if not store.exists(vid):
                         raise VolumeError(f"volume {vid} has no file on node {self.config.name}")
-                    target = driver.attach_volume(message.instance_id, vid, store.path(vid))
+                    fmt = store.format(vid)
+                    wanted = VolumeFormat.EXT4 if message.kind is Kind.CONTAINER else VolumeFormat.QCOW2
+                    if fmt is not wanted:
+                        raise VolumeError(f"a {fmt} volume cannot be attached to a {message.kind}")
+                    target = driver.attach_volume(
+                        message.instance_id, vid, store.path(vid), mount_path=message.mount_path
+                    )
                 else:
                     driver.detach_volume(message.instance_id, vid, store.path(vid))
             ok, why = True, ""

@@ -143,11 +143,12 @@ class Driver(abc.ABC):
         """Give a stopped workload new vCPUs, memory and a root disk grown to ``disk_gb`` (never shrunk)."""
         raise NotSupported(f"the {self.kind} driver cannot resize")
 
-    def attach_volume(self, instance_id: str, volume_id: str, path: Path) -> str:
-        """Attach the volume file ``path`` to the instance; returns where it appears (``vdc``…).
+    def attach_volume(self, instance_id: str, volume_id: str, path: Path, mount_path: str = "") -> str:
+        """Attach the volume file ``path`` to the instance; returns where it appears (``vdc``…, a mount path).
 
         Persistent (survives stop, start and node restarts) and, on a running
-        workload, live.  Attaching an attached volume returns its place.  On
+        workload, live (VMs; a container takes volumes only while stopped, at
+        ``mount_path``).  Attaching an attached volume returns its place.  On
         failure the instance is left as it was.
         """
         raise NotSupported(f"the {self.kind} driver cannot attach volumes")

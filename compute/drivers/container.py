@@ -13,6 +13,7 @@ Layout under ``<state_dir>/containers``::
     <cid>/conmon/conmon.log  conmon's own messages
     <cid>/conmon/exit     exit code written by conmon (survives worker restarts)
     <cid>/result.json     exit code + OOM verdict, saved before the cgroup goes
+    <cid>/volumes.json    attached ext4 volumes: volume id, file, mount path (docs/storage.md)
 
 ``cid`` is ``sky-<instance_id>``.  Each container runs in a user namespace
 whose root is host uid ``id_base`` (one range per tenant); the image layers
@@ -40,6 +41,7 @@ import re
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -60,6 +62,7 @@ from compute.drivers.base import (
 )
 from compute.drivers.common import is_instance_id, mtime, read_int, tail
 from compute.layers import ImageError, LayerStore, UnpackedImage
+from compute.mountpath import MountPathError, check_mount_path, overlaps
 from compute.network import veth
 from compute.network.bridge import NetworkError
 from compute.oci import BundleSpec, runtime_config
@@ -183,13 +186,24 @@ class _Paths:
     def gave_up(self) -> Path:
         return self.root / "gave_up"
 
+    @property
+    def volumes(self) -> Path:
+        return self.root / "volumes.json"
+
 
 class ContainerDriver(Driver):
     """Containers on one node, each an OCI bundle run by crun (or runc)."""
 
     kind = Kind.CONTAINER
     capabilities = frozenset(
-        {Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.TERMINAL, Capability.LOGS}
+        {
+            Capability.PAUSE,
+            Capability.CONSOLE,
+            Capability.EXEC,
+            Capability.TERMINAL,
+            Capability.LOGS,
+            Capability.VOLUMES,
+        }
     )
 
     def __init__(self, config: NodeConfig) -> None:
@@ -444,6 +458,8 @@ class ContainerDriver(Driver):
                 base = id_base(spec)
                 os.chown(paths.upper, base, base)
                 (paths.root / "lowerdir").write_text("\n".join(str(p) for p in reversed(image.layers)))
+                if spec.volumes:
+                    self._write_attached(paths, self._volumes_at_create(spec))
                 tmp = paths.spec.with_suffix(".tmp")
                 tmp.write_text(json.dumps(to_json(spec)))
                 os.replace(tmp, paths.spec)  # from here on the instance exists
@@ -464,7 +480,8 @@ class ContainerDriver(Driver):
             if not nsenv.is_mountpoint(paths.rootfs):
                 self._mount_rootfs(paths, id_base(spec))
             transient.callback(_umount_quiet, paths.rootfs)
-            bundle = self._bundle_spec(spec, self._image(spec), paths)
+            volumes = self._mount_volumes(paths, id_base(spec), transient)
+            bundle = dataclasses.replace(self._bundle_spec(spec, self._image(spec), paths), volumes=volumes)
             try:
                 config = runtime_config(bundle)
             except ValueError as exc:
@@ -664,6 +681,155 @@ class ContainerDriver(Driver):
         if left or paths.root.exists():
             raise DriverError(f"could not remove all of {cid}: {', '.join(left) or paths.root}")
 
+    # -------------------------------------------------------------- volumes
+
+    def _attached(self, paths: _Paths) -> list[dict[str, str]]:
+        """The container's volumes as ``volumes.json`` lists them (volume_id, path, mount_path)."""
+        try:
+            items = json.loads(paths.volumes.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise DriverError(f"cannot read the volumes of {paths.root.name}: {exc}") from exc
+        keys = {"volume_id", "path", "mount_path"}
+        if not isinstance(items, list) or not all(isinstance(i, dict) and set(i) == keys for i in items):
+            raise DriverError(f"the volume list of {paths.root.name} is malformed")
+        return items
+
+    @staticmethod
+    def _write_attached(paths: _Paths, items: list[dict[str, str]]) -> None:
+        tmp = paths.volumes.with_suffix(".tmp")
+        tmp.write_text(json.dumps(items))
+        os.replace(tmp, paths.volumes)
+
+    def attach_volume(self, instance_id: str, volume_id: str, path: Path, mount_path: str = "") -> str:
+        """Attach the ext4 volume file ``path`` at ``mount_path`` of a stopped container.
+
+        The attachment is recorded in ``volumes.json``; each launch loop-mounts
+        the file and bind-mounts it there.  The mount point is checked (and
+        made) in the container's file system now, so a path through a
+        symbolic link fails the attach, not the next start.  A running
+        container is refused: there is no hot attach.
+        """
+        try:
+            check_mount_path(mount_path)
+        except MountPathError as exc:
+            raise DriverError(str(exc)) from exc
+        if path.suffix != ".ext4" or not path.is_file():
+            raise DriverError(f"volume {volume_id} is not an ext4 volume file on this node")
+        for vid, other in self.volume_attachments(path.parent):
+            if vid == volume_id and other != instance_id:
+                raise DriverError(f"volume {volume_id} is attached to container {container_id(other)}")
+        with self._locked(instance_id) as paths:
+            spec = self._load_spec(paths)
+            items = self._attached(paths)
+            for item in items:
+                if item["volume_id"] == volume_id:
+                    if item["mount_path"] == mount_path:
+                        return mount_path  # a redelivered attach
+                    raise DriverError(f"volume {volume_id} is already attached at {item['mount_path']}")
+                if overlaps(item["mount_path"], mount_path):
+                    raise DriverError(
+                        f"{mount_path} overlaps volume {item['volume_id']} at {item['mount_path']}"
+                    )
+            info = self._info(paths, instance_id)
+            if info.power_state in (PowerState.RUNNING, PowerState.PAUSED):
+                raise InvalidState(
+                    f"container {spec.name} is {info.power_state}: volumes attach to a stopped container "
+                    "(no hot attach); stop it first"
+                )
+            base = id_base(spec)
+            with contextlib.ExitStack() as transient:
+                if not nsenv.is_mountpoint(paths.rootfs):
+                    self._mount_rootfs(paths, base)
+                    transient.callback(_umount_quiet, paths.rootfs)
+                mount_point(paths.rootfs, mount_path, base)
+            items.append({"volume_id": volume_id, "path": str(path), "mount_path": mount_path})
+            self._write_attached(paths, items)
+            return mount_path
+
+    def detach_volume(self, instance_id: str, volume_id: str, path: Path) -> None:
+        """Forget the volume of a stopped container (its mount went with the container's mount
+        namespace when it stopped); succeeds when it is not attached or the container is gone."""
+        if not self._paths(instance_id).spec.exists():
+            return
+        with self._locked(instance_id) as paths:
+            spec = self._load_spec(paths)
+            items = self._attached(paths)
+            keep = [i for i in items if i["volume_id"] != volume_id]
+            if len(keep) == len(items):
+                return
+            info = self._info(paths, instance_id)
+            if info.power_state in (PowerState.RUNNING, PowerState.PAUSED):
+                raise InvalidState(
+                    f"container {spec.name} is {info.power_state}: volumes detach from a stopped container "
+                    "(no hot detach); stop it first"
+                )
+            self._write_attached(paths, keep)
+
+    def volume_attachments(self, volumes: Path) -> list[tuple[str, str]]:
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.base):
+                iid = entry.name.removeprefix("sky-")
+                if not (entry.name.startswith("sky-") and is_instance_id(iid)):
+                    continue
+                with contextlib.suppress(DriverError, NotADirectoryError):
+                    for item in self._attached(_Paths(Path(entry.path))):
+                        if Path(item["path"]).parent == volumes:
+                            found.append((item["volume_id"], iid))
+        return sorted(found)
+
+    def _volumes_at_create(self, spec: InstanceSpec) -> list[dict[str, str]]:
+        """The attachment list of the spec's volumes (checked like an attach; mount points at launch)."""
+        root = self.config.state_dir / "volumes"
+        taken = dict(self.volume_attachments(root))
+        items = []
+        for v in spec.volumes:
+            path = root / f"{v.volume_id}.ext4"
+            if not path.is_file():
+                raise DriverError(f"volume {v.volume_id} is not an ext4 volume file on this node")
+            if taken.get(v.volume_id, spec.instance_id) != spec.instance_id:
+                raise DriverError(
+                    f"volume {v.volume_id} is attached to container {container_id(taken[v.volume_id])}"
+                )
+            items.append({"volume_id": v.volume_id, "path": str(path), "mount_path": v.mount_path})
+        return items
+
+    def _mount_volumes(
+        self, paths: _Paths, base: int, transient: contextlib.ExitStack
+    ) -> tuple[tuple[str, str], ...]:
+        """Loop-mount each attached volume under ``<volumes>/mnt/<id>`` (in this thread's private
+        mount namespace, like the rootfs) and check its mount point; (mount path, source) pairs.
+
+        crun's mount namespace keeps the mounts; the loop device is set up
+        with autoclear by mount(8), so it goes when the container's mount
+        namespace does (when the container stops).
+        """
+        out = []
+        for item in self._attached(paths):
+            source = Path(item["path"])
+            if not source.is_file():
+                raise DriverError(f"volume {item['volume_id']} has no file on this node")
+            mount_point(paths.rootfs, item["mount_path"], base)
+            mnt = source.parent / "mnt" / item["volume_id"]
+            mnt.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not nsenv.is_mountpoint(mnt):
+                proc = subprocess.run(
+                    ["mount", "-t", "ext4", "-o", "loop,nodev,nosuid", str(source), str(mnt)],
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+                if proc.returncode != 0:
+                    why = re.sub(r"\s+", " ", proc.stderr.strip())[-300:]
+                    raise DriverError(f"cannot mount volume {item['volume_id']}: {why}")
+            transient.callback(_umount_quiet, mnt)
+            out.append((item["mount_path"], str(mnt)))
+        return tuple(out)
+
     # ------------------------------------------------------------ snapshots
 
     def snapshot(self, instance_id: str, name: str) -> SnapshotInfo:
@@ -850,6 +1016,42 @@ def stop_signal(name: str) -> signal.Signals:
         return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
     except (KeyError, ValueError):
         return signal.SIGTERM
+
+
+def mount_point(rootfs: Path, mount_path: str, owner: int) -> None:
+    """Make sure ``mount_path`` is a directory inside ``rootfs`` reached without any symbolic link.
+
+    Each component is looked up from the previous one's ``O_PATH`` fd with
+    ``AT_SYMLINK_NOFOLLOW``: a link (``/data -> ../../..``, planted in the
+    image or by an earlier run of the container) is refused, never followed,
+    so a mount can never land outside the rootfs.  Missing directories are
+    made, owned by the container's root (``owner``), mode 0755.
+    """
+    fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    walked = ""
+    try:
+        for name in mount_path.strip("/").split("/"):
+            walked += "/" + name
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                os.mkdir(name, 0o755, dir_fd=fd)
+                os.chown(name, owner, owner, dir_fd=fd, follow_symlinks=False)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                raise DriverError(
+                    f"cannot mount a volume at {mount_path}: {walked} is a symbolic link in the container's "
+                    "file system (links are not followed); choose another path"
+                )
+            if not stat.S_ISDIR(st.st_mode):
+                raise DriverError(f"cannot mount a volume at {mount_path}: {walked} is not a directory")
+            nfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except OSError as exc:
+        raise DriverError(f"cannot make the mount point {mount_path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
 
 
 def _umount_quiet(path: Path) -> None:

@@ -31,7 +31,14 @@ REAL_CAPABILITIES = {
         }
     ),
     Kind.CONTAINER: frozenset(
-        {Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.TERMINAL, Capability.LOGS}
+        {
+            Capability.PAUSE,
+            Capability.CONSOLE,
+            Capability.EXEC,
+            Capability.TERMINAL,
+            Capability.LOGS,
+            Capability.VOLUMES,
+        }
     ),
 }
 
@@ -85,15 +92,22 @@ class FakeDriver(Driver):
         self.sizes[instance_id] = (vcpus, ram_mb, disk_gb)
         return self.info(instance_id)
 
-    def attach_volume(self, instance_id: str, volume_id: str, path: Path) -> str:
+    def attach_volume(self, instance_id: str, volume_id: str, path: Path, mount_path: str = "") -> str:
         self._need(Capability.VOLUMES)
         self._get(instance_id)
         disks = self.disks.setdefault(instance_id, {})
+        if self.kind is Kind.CONTAINER:
+            if self._get(instance_id) is not PowerState.SHUTDOWN:
+                raise InvalidState("volumes attach to a stopped container")
+            return disks.setdefault(str(path), mount_path)
         return disks.setdefault(str(path), f"vd{'cdefghijklmnopqrstuvwxyz'[len(disks)]}")
 
     def detach_volume(self, instance_id: str, volume_id: str, path: Path) -> None:
         self._need(Capability.VOLUMES)
-        self._get(instance_id)
+        state = self._get(instance_id)
+        attached = str(path) in self.disks.get(instance_id, {})
+        if self.kind is Kind.CONTAINER and attached and state is not PowerState.SHUTDOWN:
+            raise InvalidState("volumes detach from a stopped container")
         self.disks.get(instance_id, {}).pop(str(path), None)
 
     def volume_attachments(self, volumes: Path) -> list[tuple[str, str]]:

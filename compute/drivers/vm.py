@@ -532,7 +532,7 @@ class LibvirtDriver(Driver):
         live = disk_sources(self._call("domain XML", lambda: dom.XMLDesc(0))) if dom.isActive() else {}
         return config, live
 
-    def attach_volume(self, instance_id: str, volume_id: str, path: Path) -> str:
+    def attach_volume(self, instance_id: str, volume_id: str, path: Path, mount_path: str = "") -> str:
         with self._locked(instance_id):
             dom = self._lookup(instance_id)
             config, live = self._disks(dom)

@@ -18,7 +18,7 @@ from compute.spec import Kind
 from portal.cloud import scheduler
 from portal.cloud.choices import NodeStatus, RequestedKind
 from portal.cloud.models import ComputeNode, Flavor, Instance, SecurityGroup
-from portal.errors import Conflict, QuotaExceeded
+from portal.errors import Conflict, NotFound, QuotaExceeded
 from portal.images.models import Image
 from portal.tenancy.models import Quota, Tenant
 
@@ -38,6 +38,8 @@ class Request:
     workdir: str = ""
     run_as: str = ""
     restart_policy: str = "no"
+    # (volume id, mount path): a container's ext4 volumes attached at create; it is placed on their node
+    volumes: tuple[tuple[str, str], ...] = ()
 
     @property
     def overrides(self) -> list[str]:
@@ -48,6 +50,7 @@ class Request:
             "workdir": self.workdir,
             "user": self.run_as,
             "restart_policy": self.restart_policy != "no",
+            "volumes": self.volumes,
         }
         return [k for k, v in given.items() if v]
 
@@ -176,6 +179,8 @@ def place(req: Request, lock: bool) -> tuple[scheduler.Placement, dict[str, dict
         req.image,
         req.anti_affinity_group,
     )
+    if req.volumes:
+        nodes = [n for n in nodes if n.pk == _volume_node(req)]
     views = node_views(nodes)
     used = usage(req.tenant.pk)
     try:
@@ -196,6 +201,22 @@ def place(req: Request, lock: bool) -> tuple[scheduler.Placement, dict[str, dict
     except scheduler.NoValidHost as exc:
         raise Conflict(str(exc)) from exc
     return placement, effect
+
+
+def _volume_node(req: Request) -> int:
+    """The node that holds the volumes a container is created with (all on one node, else 409)."""
+    from portal.storage.models import Volume
+
+    wanted = [vid for vid, _ in req.volumes]
+    found = dict(Volume.objects.live().filter(tenant=req.tenant, pk__in=wanted).values_list("pk", "node_id"))
+    for vid in wanted:
+        if not any(str(pk) == vid for pk in found):
+            raise NotFound(f"No volume {vid} in tenant {req.tenant.slug}.")
+    if len(set(found.values())) > 1:
+        raise Conflict(
+            "These volumes are on different nodes; a container mounts only volumes of its own node."
+        )
+    return next(iter(found.values()))
 
 
 def _full(effect: dict[str, dict[str, int]], limit: str) -> str:

@@ -28,6 +28,7 @@ from compute.spec import (
     InstanceSpec,
     Kind,
     PowerState,
+    VolumeMount,
 )
 from portal.audit.log import record
 from portal.cloud import (
@@ -48,6 +49,8 @@ from portal.errors import Conflict, InvalidAction, QuotaExceeded
 from portal.images import services as image_services
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
+from portal.storage import volumes as storage_volumes
+from portal.storage.choices import VolumeStatus
 from portal.tenancy.models import Quota, Tenant
 
 __all__ = ["Request", "act", "create_instance", "delete_instance", "dispatch_action", "publish", "resize"]
@@ -86,7 +89,16 @@ def build_spec(instance: Instance) -> InstanceSpec:
         user=instance.run_as,
         restart_policy=instance.restart_policy,
         security=secgroups.rules_for(instance),
+        volumes=_volume_mounts(instance),
     )
+
+
+def _volume_mounts(instance: Instance) -> tuple[VolumeMount, ...]:
+    """A container's attached ext4 volumes (docs/storage.md); a VM's volumes are disks, not in the spec."""
+    if instance.kind != Kind.CONTAINER or instance.pk is None:
+        return ()
+    attached = instance.volumes.filter(status=VolumeStatus.IN_USE).exclude(mount_path="")
+    return tuple(VolumeMount(str(v.pk), v.mount_path) for v in attached.order_by("mount_path"))
 
 
 def _node(instance: Instance) -> ComputeNode:
@@ -154,6 +166,8 @@ def create_instance(req: Request, user: Any) -> Instance:
         port = networks.allocate_port(network, instance)
         instance.addresses = [{"network": network.name, "address": port.address, "mac": port.mac}]
         instance.save(update_fields=["addresses"])
+        if req.volumes:
+            storage_volumes.attach_at_create(instance, req.volumes, user)
         spec = build_spec(instance)
         _event(instance, "instance.schedule", chosen.reason, user, action_id)
         dispatch.send(node.queue, CreateInstance(spec, action_id))

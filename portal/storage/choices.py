@@ -27,5 +27,12 @@ class VolumeStatus(models.TextChoices):
     ERROR = "error"
 
 
+class VolumeFormatChoice(models.TextChoices):
+    """What a volume is on its node (``compute.spec.VolumeFormat``)."""
+
+    QCOW2 = "qcow2", "qcow2 disk (VMs)"
+    EXT4 = "ext4", "ext4 file system (containers)"
+
+
 #: statuses of a snapshot an action is working on (the instance is claimed meanwhile)
 SNAPSHOT_IN_FLIGHT = (SnapshotStatus.CREATING, SnapshotStatus.REVERTING, SnapshotStatus.DELETING)

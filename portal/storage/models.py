@@ -15,7 +15,7 @@ from django.db import models
 from django.db.models import Q
 
 from portal.cloud.models import ComputeNode, Instance
-from portal.storage.choices import SnapshotStatus, VolumeStatus
+from portal.storage.choices import SnapshotStatus, VolumeFormatChoice, VolumeStatus
 from portal.tenancy.models import Tenant
 from portal.tenancy.querysets import TenantScopedQuerySet
 
@@ -52,17 +52,25 @@ class VolumeQuerySet(TenantScopedQuerySet["Volume"]):
 
 
 class Volume(models.Model):
-    """A persistent disk of a tenant: a qcow2 file on one node, attached to at most one VM at a time.
+    """A persistent volume of a tenant on one node, attached to at most one instance at a time.
 
+    ``qcow2``: a disk for VMs; ``ext4``: a file system for containers (docs/storage.md).
     It outlives the instances it is attached to.  ``instance`` and
-    ``target`` (the guest disk, ``vdc``…) describe the attachment; the
-    transitional statuses wait for the node's observation of ``action_id``.
+    ``target`` (the guest disk, ``vdc``…) or ``mount_path`` (in a
+    container) describe the attachment; the transitional statuses wait for
+    the node's observation of ``action_id``.
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="volumes")
     name = models.CharField(max_length=63)
     size_gb = models.PositiveIntegerField()
+    format = models.CharField(
+        max_length=8,
+        choices=VolumeFormatChoice.choices,
+        default=VolumeFormatChoice.QCOW2,
+        help_text="qcow2: a disk for VMs; ext4: a file system for containers",
+    )
     node = models.ForeignKey(ComputeNode, on_delete=models.PROTECT, related_name="volumes")
     status = models.CharField(max_length=16, choices=VolumeStatus.choices, default=VolumeStatus.CREATING)
     status_reason = models.CharField(max_length=255, blank=True)
@@ -70,6 +78,7 @@ class Volume(models.Model):
         Instance, null=True, blank=True, on_delete=models.SET_NULL, related_name="volumes"
     )
     target = models.CharField(max_length=8, blank=True, help_text="Guest disk of the attachment (vdc…)")
+    mount_path = models.CharField(max_length=255, blank=True, help_text="Where a container mounts it")
     action_id = models.CharField(max_length=64, blank=True, help_text="Id of the node request in flight")
     missing_since = models.DateTimeField(
         null=True, blank=True, help_text="When reconcile found the file missing on its node"

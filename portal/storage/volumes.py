@@ -1,8 +1,10 @@
 """Volumes: create, attach, detach, extend and delete, each settled by the node's observation.
 
-A volume is a qcow2 file on one node (``compute/volumes.py``); it attaches
-only to a VM on that node.  Every request claims the volume row with a
-conditional UPDATE (its status must allow it), records ``action_id`` and
+A volume is a file on one node (``compute/volumes.py``): a ``qcow2`` disk
+that attaches to a VM on that node, or an ``ext4`` file system (owned by the
+tenant's container root, ``Tenant.id_base``) that a stopped container of
+the tenant on that node mounts at a ``mount_path``.  Every request claims
+the volume row with a conditional UPDATE (its status must allow it), records ``action_id`` and
 sends a :class:`compute.spec.VolumeRequest` after commit; the node's
 :class:`compute.spec.VolumeObservation` settles it (:func:`observe`).  A
 failed attach leaves the volume ``available`` and the instance untouched (the
@@ -20,13 +22,14 @@ from django.db import transaction
 from django.db.models import Count, Sum
 from django.utils import timezone
 
-from compute.spec import Capability, Kind, VolumeObservation, VolumeOp, VolumeRequest
+from compute.mountpath import MountPathError, check_mount_path, overlaps
+from compute.spec import Capability, Kind, VolumeFormat, VolumeObservation, VolumeOp, VolumeRequest
 from portal.audit.log import record
 from portal.audit.models import Outcome
 from portal.cloud import dispatch
 from portal.cloud.choices import NodeStatus, NodeTenancy, VmState
 from portal.cloud.models import ComputeNode, Instance
-from portal.errors import Conflict, InvalidAction, QuotaExceeded
+from portal.errors import Conflict, DomainError, InvalidAction, NotFound, QuotaExceeded
 from portal.metering import resources as metering
 from portal.storage.choices import VolumeStatus
 from portal.storage.models import Volume
@@ -41,6 +44,18 @@ _CLAIMS: dict[VolumeOp, tuple[tuple[str, ...], VolumeStatus]] = {
 }
 #: instance states a volume may be attached or detached in
 _ATTACHABLE = (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED)
+
+
+_WHAT_TAKES = {
+    VolumeFormat.EXT4: "containers mount ext4 volumes",
+    VolumeFormat.QCOW2: "VMs take qcow2 volumes",
+}
+
+
+class InvalidMountPath(DomainError):
+    """A container mount path the rules refuse (answered with 400)."""
+
+    code = "invalid_mount_path"
 
 
 def usage(tenant_id: int) -> dict[str, int]:
@@ -82,28 +97,60 @@ def _event(
     )
 
 
-def default_node(tenant: Tenant) -> ComputeNode:
-    """Where a volume goes when the tenant names no node: an up node it may run VMs on, most disk first."""
+def default_node(tenant: Tenant, fmt: VolumeFormat = VolumeFormat.QCOW2) -> ComputeNode:
+    """Where a volume goes when the tenant names no node: most disk first, an up node it may run VMs
+    on (qcow2) or one dedicated to it, where its containers run (ext4)."""
     for candidate in ComputeNode.objects.filter(status=NodeStatus.UP).order_by("-disk_gb", "name"):
-        if candidate.tenancy == NodeTenancy.SHARED or candidate.owner_id == tenant.pk:
+        if candidate.owner_id == tenant.pk or (
+            fmt is VolumeFormat.QCOW2 and candidate.tenancy == NodeTenancy.SHARED
+        ):
             return candidate
+    if fmt is VolumeFormat.EXT4:
+        raise Conflict(
+            f"No node dedicated to tenant {tenant.slug} is up: ext4 volumes are for containers, which run "
+            "only on a tenant's dedicated nodes; ask an operator for one, or create a qcow2 volume for VMs."
+        )
     raise Conflict("No compute node is up to hold the volume; try again later or name a node.")
 
 
-def create(tenant: Tenant, name: str, size_gb: int, node: ComputeNode | None, user: Any) -> Volume:
+def create(
+    tenant: Tenant,
+    name: str,
+    size_gb: int,
+    node: ComputeNode | None,
+    user: Any,
+    fmt: VolumeFormat = VolumeFormat.QCOW2,
+) -> Volume:
     """Write the volume row (``creating``) and ask its node for the file."""
-    node = node or default_node(tenant)
+    node = node or default_node(tenant, fmt)
     if node.tenancy == NodeTenancy.DEDICATED and node.owner_id != tenant.pk:
         raise Conflict(f"Node {node.name} is dedicated to another tenant; choose another node.")
+    if fmt is VolumeFormat.EXT4 and node.owner_id != tenant.pk:
+        raise Conflict(
+            f"Node {node.name} is not dedicated to tenant {tenant.slug}: ext4 volumes are for containers, "
+            "which run only on the tenant's dedicated nodes; choose one of those."
+        )
+    id_base = 0
+    if fmt is VolumeFormat.EXT4:
+        try:
+            id_base = tenant.id_base
+        except ValueError as exc:
+            raise Conflict(str(exc)) from exc
     with transaction.atomic():
         _check_quota(tenant, 1, size_gb)
         if Volume.objects.live().filter(tenant=tenant, name=name).exists():
             raise Conflict(f"Tenant {tenant.slug} already has a volume named {name!r}.")
         volume = Volume.objects.create(
-            tenant=tenant, name=name, size_gb=size_gb, node=node, created_by=user, action_id=uuid.uuid4().hex
+            tenant=tenant,
+            name=name,
+            size_gb=size_gb,
+            format=fmt,
+            node=node,
+            created_by=user,
+            action_id=uuid.uuid4().hex,
         )
-        _event(volume, "dispatch.volume.create", f"{size_gb} GB on {node.name}", user)
-        _send(volume, VolumeOp.CREATE, size_gb=size_gb)
+        _event(volume, "dispatch.volume.create", f"{size_gb} GB {fmt} on {node.name}", user)
+        _send(volume, VolumeOp.CREATE, size_gb=size_gb, format=fmt, id_base=id_base)
     return volume
 
 
@@ -124,26 +171,92 @@ def _claim(volume: Volume, op: VolumeOp, **fields: Any) -> Volume:
     return volume
 
 
-def attach(volume: Volume, instance: Instance, user: Any) -> Volume:
-    """Attach to a VM on the volume's node (hot when it runs); 409 with the reason when it cannot be."""
+def container_mount_path(volume: Volume, instance: Instance, mount_path: str | None) -> str:
+    """The checked mount path of an attach to ``instance`` ("" for a VM); 400 when it is refused."""
+    if instance.kind != Kind.CONTAINER:
+        if mount_path:
+            raise InvalidMountPath(f"mount_path applies to containers only; {instance.name} is a VM.")
+        return ""
+    if not mount_path:
+        raise InvalidMountPath(f"Attaching to container {instance.name} needs a mount_path such as /data.")
+    try:
+        path = check_mount_path(mount_path)
+    except MountPathError as exc:
+        raise InvalidMountPath(f"{exc}.") from exc
+    others = Volume.objects.live().filter(instance=instance).exclude(pk=volume.pk).exclude(mount_path="")
+    for other in others:
+        if overlaps(other.mount_path, path):
+            raise InvalidMountPath(
+                f"mount_path {path} overlaps volume {other.name} at {other.mount_path} on {instance.name}."
+            )
+    return path
+
+
+def attach_at_create(instance: Instance, mounts: tuple[tuple[str, str], ...], user: Any) -> None:
+    """Attach ext4 volumes to a container being created (inside its create transaction).
+
+    The volumes are ``in-use`` at once: the attachment is part of the
+    container's spec, made by the node before its first start.  A create that
+    fails leaves them attached to the instance in ``error``; deleting it
+    releases them.  The scheduler already put the container on their node.
+    """
+    for vid, path in mounts:
+        volume = Volume.objects.select_for_update().live().filter(pk=vid, tenant=instance.tenant).first()
+        if volume is None:
+            raise NotFound(f"No volume {vid} in tenant {instance.tenant.slug}.")
+        if volume.format != VolumeFormat.EXT4:
+            raise InvalidAction(f"Volume {volume.name} is {volume.format}: {_WHAT_TAKES[VolumeFormat.EXT4]}.")
+        if volume.node_id != instance.node_id:
+            raise Conflict(f"Volume {volume.name} is on another node than {instance.name}.")
+        if volume.status != VolumeStatus.AVAILABLE:
+            raise Conflict(f"Cannot attach volume {volume.name} while it is {volume.status}.")
+        volume.status, volume.instance, volume.mount_path, volume.target = (
+            VolumeStatus.IN_USE,
+            instance,
+            path,
+            "",
+        )
+        volume.action_id, volume.status_reason = instance.action_id, ""
+        volume.save()
+        _event(volume, "dispatch.volume.attach", f"to {instance.name} at {path} (at create)", user)
+
+
+def attach(volume: Volume, instance: Instance, user: Any, mount_path: str | None = None) -> Volume:
+    """Attach to a VM (hot when it runs) or a stopped container at ``mount_path``, on the volume's
+    node; 409 with the reason when it cannot be, 400 for a bad mount path."""
     if instance.tenant_id != volume.tenant_id:
         raise Conflict(f"Instance {instance.name} belongs to another tenant than volume {volume.name}.")
-    if instance.kind != Kind.VM:
-        raise InvalidAction(f"Volumes attach to VMs; {instance.name} is a {instance.kind}.")
+    wanted = VolumeFormat.EXT4 if instance.kind == Kind.CONTAINER else VolumeFormat.QCOW2
+    if volume.format != wanted:
+        raise InvalidAction(
+            f"Volume {volume.name} is {volume.format} and {instance.name} a {instance.kind}: "
+            f"{_WHAT_TAKES[wanted]}; create a {wanted} volume for it."
+        )
+    path = container_mount_path(volume, instance, mount_path)
     if instance.node_id != volume.node_id:
         raise Conflict(
             f"Volume {volume.name} is on node {volume.node.name} and instance {instance.name} on "
             f"{instance.node.name if instance.node else 'no node'}; a volume attaches only on its own node."
         )
     if Capability.VOLUMES not in instance.capabilities:
-        raise InvalidAction(f"Node {volume.node.name} does not report the volumes capability for VMs.")
+        raise InvalidAction(
+            f"Node {volume.node.name} does not report the volumes capability for {instance.kind}s."
+        )
     if instance.vm_state not in _ATTACHABLE or instance.task_state:
         busy = instance.task_state or instance.vm_state
         raise Conflict(f"Cannot attach to instance {instance.name} while it is {busy}.")
+    if instance.kind == Kind.CONTAINER and instance.vm_state != VmState.STOPPED:
+        raise Conflict(
+            f"Container {instance.name} is {instance.vm_state}: volumes attach to a stopped container "
+            "(there is no hot attach into a running one); stop it, attach, then start it."
+        )
     with transaction.atomic():
-        volume = _claim(volume, VolumeOp.ATTACH, instance=instance)
-        _event(volume, "dispatch.volume.attach", f"to {instance.name} on {volume.node.name}", user)
-        _send(volume, VolumeOp.ATTACH, instance_id=str(instance.pk), kind=Kind.VM)
+        volume = _claim(volume, VolumeOp.ATTACH, instance=instance, mount_path=path)
+        where = f" at {path}" if path else ""
+        _event(volume, "dispatch.volume.attach", f"to {instance.name}{where} on {volume.node.name}", user)
+        _send(
+            volume, VolumeOp.ATTACH, instance_id=str(instance.pk), kind=Kind(instance.kind), mount_path=path
+        )
     return volume
 
 
@@ -152,6 +265,11 @@ def detach(volume: Volume, user: Any) -> Volume:
     instance = volume.instance
     if instance is None:
         raise Conflict(f"Volume {volume.name} is not attached.")
+    if instance.kind == Kind.CONTAINER and (instance.vm_state != VmState.STOPPED or instance.task_state):
+        raise Conflict(
+            f"Container {instance.name} is {instance.task_state or instance.vm_state}: volumes detach from "
+            "a stopped container (there is no hot detach); stop it first."
+        )
     with transaction.atomic():
         volume = _claim(volume, VolumeOp.DETACH)
         _event(volume, "dispatch.volume.detach", f"from {instance.name}", user)
@@ -214,13 +332,13 @@ _WORKING = (
 def _settle_ok(volume: Volume, obs: VolumeObservation) -> None:
     volume.status_reason = ""
     if obs.op is VolumeOp.ATTACH:
-        volume.status, volume.target = VolumeStatus.IN_USE, obs.target
+        volume.status, volume.target = VolumeStatus.IN_USE, "" if volume.mount_path else obs.target
     elif obs.op is VolumeOp.DELETE:
         volume.status, volume.deleted_at = VolumeStatus.DELETED, timezone.now()
     else:
         volume.status = VolumeStatus.AVAILABLE
         if obs.op is VolumeOp.DETACH:
-            volume.instance, volume.target = None, ""
+            volume.instance, volume.target, volume.mount_path = None, "", ""
         if obs.op is VolumeOp.GROW and obs.size_bytes:
             volume.size_gb = obs.size_bytes // 2**30
     # metering (docs/metering.md): disk from the confirmed create to the confirmed delete, each size
@@ -234,6 +352,7 @@ def _settle_failed(volume: Volume, obs: VolumeObservation) -> None:
     volume.status_reason = f"{obs.op} failed: {obs.message}"[:255]
     if obs.op is VolumeOp.ATTACH:
         volume.status, volume.instance, volume.target = VolumeStatus.AVAILABLE, None, ""
+        volume.mount_path = ""
     elif obs.op is VolumeOp.DETACH:
         volume.status = VolumeStatus.IN_USE
     elif obs.op is VolumeOp.GROW:
@@ -245,7 +364,7 @@ def _settle_failed(volume: Volume, obs: VolumeObservation) -> None:
 def release(instance: Instance) -> None:
     """The instance is gone from its node: its volumes stay, detached (inside the caller's transaction)."""
     instance.volumes.select_for_update().update(
-        instance=None, target="", status=VolumeStatus.AVAILABLE, updated_at=timezone.now()
+        instance=None, target="", mount_path="", status=VolumeStatus.AVAILABLE, updated_at=timezone.now()
     )
 
 

@@ -68,7 +68,9 @@ def test_create_attach_detach_survive_delete(world: World, nodes: FakeNodes) -> 
     nodes.run()
     got = c.get(f"{URL}{vol['id']}/").json()
     assert got["status"] == "in-use"
-    assert got["attachments"] == [{"instance": vm1["id"], "device": "vdc", "status": "in-use"}]
+    assert got["attachments"] == [
+        {"instance": vm1["id"], "device": "vdc", "mount_path": None, "status": "in-use"}
+    ]
     # attached: not deletable, not attachable elsewhere
     r = c.delete(f"{URL}{vol['id']}/")
     assert r.status_code == 409 and "detach it first" in r.json()["message"]
@@ -159,7 +161,7 @@ def test_a_failed_attach_leaves_volume_available_and_instance_as_it_was(
     vol = _volume(world, nodes)
     driver = nodes.service("node.shared-1").driver(Kind.VM)
 
-    def broken(*args: Any) -> str:
+    def broken(*args: Any, **kw: Any) -> str:
         raise DriverError("attaching the volume failed: could not open disk image")
 
     monkeypatch.setattr(driver, "attach_volume", broken)

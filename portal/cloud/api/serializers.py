@@ -7,6 +7,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from compute import logs
+from compute.mountpath import overlaps
 from portal.api.authentication import actor_for, user_id_of
 from portal.api.conflicts import FieldConflict
 from portal.api.fields import DefaultTenantMixin, TenantField, TenantSlugField
@@ -32,6 +33,7 @@ from portal.cloud.naming import NAME_RE as _NAME_RE
 from portal.cloud.naming import NAME_RULE
 from portal.images.choices import ImageStatus
 from portal.images.models import Image
+from portal.storage.api.serializers import VolumeMountSerializer
 from portal.tenancy.models import SSHKey
 
 #: the largest id a database can hold (BigAutoField); larger ones overflow the query, not just miss
@@ -282,6 +284,13 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
         max_length=20,
         help_text="Ids of the tenant's security groups to attach (default: its 'default' group)",
     )
+    volumes = serializers.ListField(
+        child=VolumeMountSerializer(),
+        write_only=True,
+        required=False,
+        max_length=16,
+        help_text="Container: ext4 volumes to mount, [{volume, mount_path}]; it is placed on their node",
+    )
 
     class Meta:
         model = Instance
@@ -306,6 +315,7 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             "anti_affinity_group",
             "ssh_key_ids",
             "security_group_ids",
+            "volumes",
             "user_data",
             "command",
             "env",
@@ -369,6 +379,17 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     def validate_restart_policy(self, value: str) -> str:
         return _checked(value, launch.restart_policy_error(value))
 
+    def validate_volumes(self, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, a in enumerate(value):
+            for b in value[:i]:
+                if a["volume"] == b["volume"]:
+                    raise serializers.ValidationError(f"Volume {a['volume']} is given twice.")
+                if overlaps(a["mount_path"], b["mount_path"]):
+                    raise serializers.ValidationError(
+                        f"Mount paths {b['mount_path']} and {a['mount_path']} overlap."
+                    )
+        return value
+
     def validate_security_group_ids(self, value: list[int]) -> list[SecurityGroup]:
         groups = {
             g.pk: g
@@ -418,7 +439,7 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
     @staticmethod
     def _check_overrides(attrs: dict[str, Any], image: Any) -> None:
         """What the portal can know from the image config recorded at import."""
-        given = [k for k in ("command", "env", "workdir", "run_as") if attrs.get(k)]
+        given = [k for k in ("command", "env", "workdir", "run_as", "volumes") if attrs.get(k)]
         if attrs.get("restart_policy", "no") != "no":
             given.append("restart_policy")
         if given and attrs.get("requested_kind") == RequestedKind.VM:

@@ -178,6 +178,7 @@ class InstanceViewSet(ScopedViewSet):
             run_as=data.get("run_as", ""),
             restart_policy=data.get("restart_policy", "no"),
             security_groups=tuple(data.get("security_group_ids", ())),
+            volumes=tuple((str(v["volume"]), v["mount_path"]) for v in data.get("volumes", ())),
         )
 
     @extend_schema(responses={202: serializers.InstanceSerializer})

@@ -7,9 +7,11 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from compute.mountpath import MAX_MOUNT_PATH, MountPathError, check_mount_path
 from portal.api.fields import DefaultTenantMixin, TenantField
 from portal.api.strict import StrictCharField, StrictIntegerField, StrictModelSerializer, StrictRegexField
 from portal.cloud.naming import NAME_RE, NAME_RULE
+from portal.storage.choices import VolumeFormatChoice
 from portal.storage.models import Snapshot, Volume
 
 #: the largest volume (the node's qemu-img limit for the spec is 16384)
@@ -18,7 +20,8 @@ MAX_VOLUME_GB = 16384
 
 class AttachmentSerializer(serializers.Serializer):  # type: ignore[type-arg]
     instance = serializers.UUIDField()
-    device = serializers.CharField(allow_null=True, help_text="Guest disk (vdc…) once attached")
+    device = serializers.CharField(allow_null=True, help_text="Guest disk (vdc…) of a VM once attached")
+    mount_path = serializers.CharField(allow_null=True, help_text="Where a container mounts it")
     status = serializers.CharField()
 
 
@@ -37,11 +40,18 @@ class VolumeSerializer(DefaultTenantMixin, StrictModelSerializer[Volume]):
     tenant = TenantField(required=False)
     name = StrictRegexField(NAME_RE, max_length=63, error_messages={"invalid": NAME_RULE})
     size_gb = StrictIntegerField(min_value=1, max_value=MAX_VOLUME_GB)
+    format = serializers.ChoiceField(
+        choices=VolumeFormatChoice.choices,
+        default=VolumeFormatChoice.QCOW2,
+        help_text="qcow2 (default): a disk for VMs; ext4: a file system for containers, on a node "
+        "dedicated to the tenant",
+    )
     node = StrictCharField(
         source="node.name",
         required=False,
         max_length=63,
-        help_text="Node to hold the volume (default: an up node you may run VMs on with the most disk)",
+        help_text="Node to hold the volume (default, most disk first: an up node you may run VMs on for "
+        "qcow2, one dedicated to your tenant for ext4)",
     )
     attachments = serializers.SerializerMethodField()
 
@@ -52,6 +62,7 @@ class VolumeSerializer(DefaultTenantMixin, StrictModelSerializer[Volume]):
             "tenant",
             "name",
             "size_gb",
+            "format",
             "node",
             "status",
             "status_reason",
@@ -67,11 +78,38 @@ class VolumeSerializer(DefaultTenantMixin, StrictModelSerializer[Volume]):
     def get_attachments(self, obj: Volume) -> list[dict[str, Any]]:
         if obj.instance_id is None:
             return []
-        return [{"instance": str(obj.instance_id), "device": obj.target or None, "status": obj.status}]
+        return [
+            {
+                "instance": str(obj.instance_id),
+                "device": obj.target or None,
+                "mount_path": obj.mount_path or None,
+                "status": obj.status,
+            }
+        ]
 
 
 class VolumeAttachSerializer(serializers.Serializer):  # type: ignore[type-arg]
-    instance = serializers.UUIDField(help_text="A VM of the volume's tenant on the volume's node")
+    instance = serializers.UUIDField(help_text="An instance of the volume's tenant on the volume's node")
+    mount_path = StrictCharField(
+        required=False,
+        max_length=MAX_MOUNT_PATH,
+        trim_whitespace=False,
+        help_text="Containers only (required): an absolute, normalised path such as /data; not /, not "
+        "under /proc, /sys, /dev or /tmp, not a system directory itself (docs/storage.md)",
+    )
+
+
+class VolumeMountSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """One volume a container is created with, and where it is mounted."""
+
+    volume = serializers.UUIDField(help_text="An available ext4 volume of the tenant")
+    mount_path = StrictCharField(max_length=MAX_MOUNT_PATH, trim_whitespace=False, help_text="Such as /data")
+
+    def validate_mount_path(self, value: str) -> str:
+        try:
+            return check_mount_path(value)
+        except MountPathError as exc:
+            raise serializers.ValidationError(f"{exc}.") from exc
 
 
 class VolumeExtendSerializer(serializers.Serializer):  # type: ignore[type-arg]

@@ -12,6 +12,7 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from compute.spec import VolumeFormat
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
 from portal.cloud.choices import VmState
@@ -25,7 +26,8 @@ from portal.tenancy.choices import Role
 
 
 class VolumeViewSet(ScopedViewSet):
-    """Volumes of your tenants: persistent disks on one node, attached to one VM at a time.
+    """Volumes of your tenants: persistent qcow2 disks for VMs or ext4 file systems for containers, on
+    one node, attached to one instance at a time.
 
     Create, attach, detach, extend and delete return 202; ``status`` shows
     the node at work (creating, attaching, …) until it reports.
@@ -64,14 +66,16 @@ class VolumeViewSet(ScopedViewSet):
             node = ComputeNode.objects.filter(name=data["node"]["name"]).first()
             if node is None:
                 raise ValidationError({"node": f"No node named {data['node']['name']!r}."})
-        volume = volumes.create(tenant, data["name"], data["size_gb"], node, request.user)
+        fmt = VolumeFormat(data["format"])
+        volume = volumes.create(tenant, data["name"], data["size_gb"], node, request.user, fmt)
         describe(request, "volume.create", volume, message=f"{volume.size_gb} GB on {volume.node.name}")
         return Response(self.get_serializer(volume).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=serializers.VolumeAttachSerializer, responses={202: serializers.VolumeSerializer})
     @action(detail=True, methods=["post"], url_path="attach")
     def attach(self, request: Request, pk: str | None = None) -> Response:
-        """Attach to a VM of the same tenant on the volume's node (hot when it runs)."""
+        """Attach to a VM (hot when it runs) or a stopped container (at ``mount_path``) of the same
+        tenant on the volume's node."""
         volume = self.get_object()
         body = serializers.VolumeAttachSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -80,13 +84,13 @@ class VolumeViewSet(ScopedViewSet):
         instance = visible.filter(pk=body.validated_data["instance"]).first()
         if instance is None:
             raise NotFound(f"No instance {body.validated_data['instance']} that you can see.")
-        volume = volumes.attach(volume, instance, request.user)
+        volume = volumes.attach(volume, instance, request.user, body.validated_data.get("mount_path"))
         return Response(self.get_serializer(volume).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: serializers.VolumeSerializer})
     @action(detail=True, methods=["post"], url_path="detach")
     def detach(self, request: Request, pk: str | None = None) -> Response:
-        """Detach from its VM (hot when it runs: the guest releases the disk)."""
+        """Detach from its VM (hot when it runs: the guest releases the disk) or its stopped container."""
         volume = self.get_object()
         describe(request, "volume.detach", volume)
         volume = volumes.detach(volume, request.user)
