@@ -469,15 +469,18 @@ class ConsoleSerializer(serializers.Serializer):  # type: ignore[type-arg]
     refreshing = serializers.BooleanField(help_text="A fresh tail was requested from the node; read again")
 
 
+@extend_schema_field({"type": "string", "format": "date-time", "maxLength": 64})
+class RFC3339Field(serializers.CharField):
+    """A time as text, kept to the nanosecond (a DateTimeField would cut it to microseconds)."""
+
+
 class LogsQuerySerializer(serializers.Serializer):  # type: ignore[type-arg]
     """The query of ``GET /instances/{id}/logs/``."""
 
     tail = serializers.IntegerField(
         required=False, min_value=0, max_value=logs.MAX_TAIL, help_text="Only the last N lines (0..10000)"
     )
-    since = serializers.CharField(
-        required=False, max_length=64, help_text="Only lines at or after this RFC 3339 time"
-    )
+    since = RFC3339Field(required=False, max_length=64, help_text="Only lines at or after this RFC 3339 time")
     stream = serializers.ChoiceField(choices=logs.STREAMS, required=False, help_text="One stream only")
     follow = serializers.BooleanField(
         required=False, default=False, help_text="Stream new lines (NDJSON) for a bounded time"
