@@ -3,7 +3,10 @@
 Why this shape: whole UTC months are read from the month rollup (one row per
 instance and month), the whole days around them from the day rollup and
 only the partial days at the edges from the hour rows, so a year costs about
-12 + 60 rows per instance whatever the heartbeat period.
+12 month rows, up to 60 day rows and 46 hour rows per instance whatever the
+heartbeat period.  By day, months are not used (a month row cannot say which
+day its usage was on); a price sheet starting mid-month splits the range
+first, so no row is read across a price change.
 Prices are applied per price period (``rating.Sheets.periods``) on sums the
 database computed, so the amount of a group never depends on how many rows
 it had.
