@@ -5,7 +5,8 @@
 
 A scratch SQLite database (WAL) holds ``--instances`` instances in ten
 tenants, one of them ("big") with ``--tenant-instances``; every instance
-has a day-rollup row for each of the last ``--days`` days and hour rows for
+has a day-rollup row for each of the last ``--days`` days, a month-rollup row
+for each month of them (the sum of its days), and hour rows for
 the last ``--hour-days`` days (today's hours are what a report up to now
 reads besides the days); ``--volumes`` adds that many volumes to "big"
 (a day row each, without instance: the per-instance report reads them
@@ -60,7 +61,7 @@ from django.utils import timezone  # noqa: E402
 
 from portal.cloud import networks  # noqa: E402
 from portal.cloud.models import Flavor, Instance  # noqa: E402
-from portal.metering.models import PriceSheet, UsageDay, UsageHour  # noqa: E402
+from portal.metering.models import PriceSheet, UsageDay, UsageHour, UsageMonth  # noqa: E402
 from portal.tenancy.models import Membership, Tenant  # noqa: E402
 
 H = 3_600_000
@@ -142,6 +143,30 @@ def populate(
         ]
     with transaction.atomic():
         UsageDay.objects.bulk_create(day_rows, batch_size=BATCH)
+    # the month rollup: each month's row is the sum of its seeded days (what sampling.roll_months writes)
+    month_days: dict[dt.date, int] = {}
+    for d in range(days):
+        month = (today - dt.timedelta(days=days - d)).replace(day=1)
+        month_days[month] = month_days.get(month, 0) + 1
+    month_rows = [
+        UsageMonth(instance_id=pk, tenant_id=tenant_id, kind=kind, month=m, **_quantities(i, 24 * n))
+        for i, (pk, tenant_id, kind) in enumerate(rows)
+        for m, n in month_days.items()
+    ]
+    month_rows += [
+        UsageMonth(
+            subject=s,
+            tenant=tenants[0],
+            kind="volume",
+            month=m,
+            covered_ms=24 * H * n,
+            disk_gb_ms=24 * H * 20 * n,
+        )
+        for s in subjects
+        for m, n in month_days.items()
+    ]
+    with transaction.atomic():
+        UsageMonth.objects.bulk_create(month_rows, batch_size=BATCH)
     hour_rows = []
     first_hour = dt.datetime.combine(today - dt.timedelta(days=hour_days - 1), dt.time(), tzinfo=dt.UTC)
     hour = first_hour
@@ -182,6 +207,7 @@ def main() -> int:
             args.instances, args.tenant_instances, args.days, args.hour_days, args.volumes
         )
         days_n, hours_n = UsageDay.objects.count(), UsageHour.objects.count()
+        months_n = UsageMonth.objects.count()
         db = Path(str(settings.DATABASES["default"]["NAME"]))
         size = db.stat().st_size / 2**30 if db.exists() else 0.0
         c = Client()
@@ -212,7 +238,8 @@ def main() -> int:
         results.append(("bare SQL: SUM over the tenant's day rows by instance", len(got), times))
         print(
             f"\nUsage API over {args.days} days: {args.instances} instances, {args.tenant_instances} in the "
-            f"tenant; {days_n:,} day rows, {hours_n:,} hour rows, SQLite {size:.2f} GiB, "
+            f"tenant; {months_n:,} month rows, {days_n:,} day rows, {hours_n:,} hour rows, "
+            f"SQLite {size:.2f} GiB, "
             f"seeded in {seed_s:.0f} s; {args.requests} requests each"
         )
         print("| request | lines | p50 (ms) | p95 (ms) |")

@@ -1,11 +1,12 @@
-"""Usage metering: raw samples, hourly and daily rollups, the price sheet and budgets.
+"""Usage metering: raw samples, hourly, daily and monthly rollups, the price sheet and budgets.
 
 Why three levels: a :class:`UsageSample` is what a node said (or what an
 observation settled) at one instant and is the only source of truth; the
 :class:`UsageHour` rows are derived from the samples (and can be rebuilt from
 them at any time, ``manage.py recompute_usage``); the :class:`UsageDay` rows
 are derived from the hours so a year of a large tenant is read from 365 rows
-per instance instead of 8,760.  Quantities are integers in milliseconds
+per instance instead of 8,760, and the :class:`UsageMonth` rows from the days
+(12 rows per instance and year).  Quantities are integers in milliseconds
 (``ram_mib_ms`` = MiB allocated x milliseconds running), so sums are exact on
 every database; money is only ever computed from them in ``Decimal``.
 """
@@ -206,6 +207,34 @@ class UsageDay(_Rollup):
 
     def __str__(self) -> str:
         return f"{self.instance_id} {self.day}"
+
+
+class UsageMonth(_Rollup):
+    """One subject's usage within one UTC month (``month``: its first day): the sum of its days.
+
+    Why: a year's report of a large tenant reads 12 rows per instance instead of 365.
+    """
+
+    month = models.DateField(help_text="the first day of the UTC month")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["instance", "month"], condition=Q(subject=INSTANCE_SUBJECT), name="usage_month_once"
+            ),
+            models.UniqueConstraint(
+                fields=["subject", "month"],
+                condition=~Q(subject=INSTANCE_SUBJECT),
+                name="usage_month_subject_once",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["tenant", "month"], name="usage_month_tenant"),
+            models.Index(fields=["tenant", "month"], condition=Q(instance=None), name="usage_month_volume"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.instance_id} {self.month:%Y-%m}"
 
 
 class MemoryBasis(models.TextChoices):

@@ -36,7 +36,9 @@ from portal.metering.models import (
     UsageDay,
     UsageHour,
     UsageKind,
+    UsageMonth,
 )
+from portal.metering.sampling import roll_months
 
 #: the quantity each kind of resource fills, and whether its time is the row's coverage
 _FIELDS = {"volume": ("disk_gb_ms", True), "port": ("address_ms", False)}
@@ -119,6 +121,7 @@ def rebuild(subject: str, lo: dt.datetime, until: dt.datetime) -> int:
         UsageHour.objects.filter(subject=subject, hour__gte=lo, hour__lt=hi).delete()
         if not events:
             UsageDay.objects.filter(subject=subject, day__gte=lo.date()).delete()
+            UsageMonth.objects.filter(subject=subject, month__gte=lo.date().replace(day=1)).delete()
             return 0
         field, covered = _FIELDS[subject.split(":", 1)[0]]
         changes = [Change(e.at, e.amount) for e in events]
@@ -159,6 +162,12 @@ def _roll_days(subject: str, last: ResourceEvent, first: dt.date, final: dt.date
         )
         for d, q in sorted(days.items())
     )
+    roll_months(
+        {"subject": subject},
+        {"instance_id": last.instance_id, "tenant_id": last.tenant_id, "kind": last.kind},
+        first,
+        final,
+    )
 
 
 def open_subjects() -> list[str]:
@@ -187,6 +196,7 @@ def recompute(subjects: Iterable[str], now: dt.datetime | None = None) -> int:
         with transaction.atomic():
             UsageHour.objects.filter(subject=subject).delete()
             UsageDay.objects.filter(subject=subject).delete()
+            UsageMonth.objects.filter(subject=subject).delete()
             if first is not None:
                 written += rebuild(subject, floor_hour(first), now)
     return written

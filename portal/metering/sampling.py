@@ -33,6 +33,7 @@ from portal.metering.models import (
     SampleSource,
     UsageDay,
     UsageHour,
+    UsageMonth,
     UsageSample,
 )
 
@@ -174,6 +175,36 @@ def _roll_days(instance: Instance, first: dt.date, last: dt.date) -> None:
         UsageDay(instance=instance, tenant_id=instance.tenant_id, kind=instance.kind, day=d, **q.as_dict())
         for d, q in sorted(days.items())
     )
+    roll_months(
+        {"instance": instance, "subject": INSTANCE_SUBJECT},
+        {"instance": instance, "tenant_id": instance.tenant_id, "kind": instance.kind},
+        first,
+        last,
+    )
+
+
+def month_start(day: dt.date) -> dt.date:
+    return day.replace(day=1)
+
+
+def roll_months(where: dict[str, Any], fields: dict[str, Any], first: dt.date, last: dt.date) -> None:
+    """Month rows of one subject (``where``) from its day rows of the months touching ``first..last``.
+
+    Like the days from the hours: the touched months are deleted and summed
+    again from the day rows, so a rebuild is idempotent and the month rows
+    always equal their days.  ``fields`` are the rows' instance, tenant and kind.
+    """
+    lo = month_start(first)
+    hi = month_start(last)
+    hi = hi.replace(year=hi.year + hi.month // 12, month=hi.month % 12 + 1)
+    months: dict[dt.date, Quantities] = defaultdict(Quantities)
+    for row in UsageDay.objects.filter(day__gte=lo, day__lt=hi, **where).values("day", *QUANTITIES):
+        months[month_start(row.pop("day"))].add(Quantities(**row))
+    UsageMonth.objects.filter(month__gte=lo, month__lt=hi, **where).delete()
+    subject = where.get("subject", "")
+    UsageMonth.objects.bulk_create(
+        UsageMonth(subject=subject, month=m, **fields, **q.as_dict()) for m, q in sorted(months.items())
+    )
 
 
 def recompute(instances: Iterable[Instance]) -> int:
@@ -185,6 +216,7 @@ def recompute(instances: Iterable[Instance]) -> int:
         with transaction.atomic():
             UsageHour.objects.filter(instance=instance, subject=INSTANCE_SUBJECT).delete()
             UsageDay.objects.filter(instance=instance, subject=INSTANCE_SUBJECT).delete()
+            UsageMonth.objects.filter(instance=instance, subject=INSTANCE_SUBJECT).delete()
             if first is None or last is None:
                 continue
             rebuild(instance, floor_hour(first), floor_hour(last) + HOUR)
