@@ -521,7 +521,7 @@ class NodeService:
             node=self.config.name,
             queue=self.config.queue,
             vcpus=os.cpu_count() or 1,
-            ram_mb=_mem_total_mb(),
+            ram_mb=_meminfo_mb("MemTotal"),
             disk_gb=shutil.disk_usage(self.config.state_dir).total // 2**30,
             drivers=tuple(drivers),
             inventory=tuple(inventory),
@@ -554,7 +554,7 @@ class NodeService:
             busy, total = _cpu_jiffies()
             load1, load5, _ = os.getloadavg()
             free = shutil.disk_usage(self.config.state_dir).free
-            memory = _mem_available_mb()
+            memory = _meminfo_mb("MemAvailable")
         except (OSError, ValueError, IndexError) as exc:
             log.warning("cannot read the host's load: %s", exc)
             return None
@@ -671,18 +671,11 @@ def _cpu_jiffies() -> tuple[int, int]:
     return total - values[3] - values[4], total
 
 
-def _mem_available_mb() -> int:
+def _meminfo_mb(field: str) -> int:
+    """A /proc/meminfo line (``MemTotal``, ``MemAvailable``) in MiB; 0 if absent."""
     with open("/proc/meminfo") as fh:
         for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) // 1024
-    return 0
-
-
-def _mem_total_mb() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) // 1024
     return 0
 

@@ -47,12 +47,8 @@ def record_many(
     changed: dict[str, Any] = {}
     if host is not None:
         changed[_host_key(host[0])] = {**host[1], "at": at}
-    if not samples:
-        if changed:
-            cache.set_many(changed, TTL)
-        return
     keys = {iid: _samples_key(iid) for iid, _, _ in samples}
-    stored: dict[str, list[list[float]]] = cache.get_many(list(keys.values()))
+    stored: dict[str, list[list[float]]] = cache.get_many(list(keys.values())) if keys else {}
     for iid, cpu_time_ns, memory_bytes in samples:
         points = stored.get(keys[iid]) or []
         if points and at <= points[-1][0]:

@@ -80,7 +80,29 @@ def add_sample(
     """Store one sample and rebuild the hours it changes; False when it was already stored."""
     with transaction.atomic():
         serialise([instance.pk])
-        return _add_sample(instance, at, received, source, node, running, deleted, memory_bytes, cpu_time_ns)
+        try:
+            with transaction.atomic():
+                UsageSample.objects.create(
+                    instance=instance,
+                    at=at,
+                    received_at=received,
+                    source=source,
+                    node=node,
+                    running=running,
+                    deleted=deleted,
+                    vcpus=instance.vcpus,
+                    ram_mb=instance.ram_mb,
+                    disk_gb=instance.disk_gb,
+                    memory_bytes=memory_bytes,
+                    cpu_time_ns=cpu_time_ns,
+                )
+        except IntegrityError:
+            return False
+        samples = UsageSample.objects.filter(instance=instance)
+        prev = samples.filter(at__lt=at).order_by("-at").values_list("at", flat=True).first()
+        nxt = samples.filter(at__gt=at).order_by("at").values_list("at", flat=True).first()
+        rebuild(instance, floor_hour(prev or at), floor_hour(nxt or at) + HOUR)
+        return True
 
 
 def serialise(instance_ids: Iterable[Any]) -> None:
@@ -100,42 +122,6 @@ def serialise(instance_ids: Iterable[Any]) -> None:
             cursor.execute(
                 "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k ORDER BY k", [keys]
             )
-
-
-def _add_sample(
-    instance: Instance,
-    at: dt.datetime,
-    received: dt.datetime,
-    source: str,
-    node: str,
-    running: bool,
-    deleted: bool,
-    memory_bytes: int,
-    cpu_time_ns: int,
-) -> bool:
-    try:
-        with transaction.atomic():
-            UsageSample.objects.create(
-                instance=instance,
-                at=at,
-                received_at=received,
-                source=source,
-                node=node,
-                running=running,
-                deleted=deleted,
-                vcpus=instance.vcpus,
-                ram_mb=instance.ram_mb,
-                disk_gb=instance.disk_gb,
-                memory_bytes=memory_bytes,
-                cpu_time_ns=cpu_time_ns,
-            )
-    except IntegrityError:
-        return False
-    samples = UsageSample.objects.filter(instance=instance)
-    prev = samples.filter(at__lt=at).order_by("-at").values_list("at", flat=True).first()
-    nxt = samples.filter(at__gt=at).order_by("at").values_list("at", flat=True).first()
-    rebuild(instance, floor_hour(prev or at), floor_hour(nxt or at) + HOUR)
-    return True
 
 
 def rebuild(instance: Instance, lo: dt.datetime, hi: dt.datetime) -> None:
