@@ -88,3 +88,17 @@ class StrictModelSerializer(serializers.ModelSerializer[_M]):
         **{field: StrictIntegerField for field in INTEGER_FIELDS},
     }
     serializer_related_field = StrictPrimaryKeyRelatedField
+
+
+class QuerySerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """Query parameters of a view: one given empty (``since=``) is refused with "A value is needed.",
+    as the list filters refuse it (portal/api/filters.py); DRF reads an empty form value as absent,
+    which the schema does not allow."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        empty: dict[str, list[str]] = {
+            str(name): ["A value is needed."] for name in self.fields if data.get(name) == ""
+        }
+        if empty:
+            raise serializers.ValidationError(empty)
+        return super().to_internal_value(data)

@@ -107,6 +107,8 @@ def test_scoping_viewer_reads_outsider_404(world: World, nodes: FakeNodes, answe
         ("since=2026-12-06T01:20:00", "since"),  # no zone: ambiguous
         ("stream=both", "stream"),
         ("follow=maybe", "follow"),
+        ("since=", "since"),  # given empty: refused, not read as absent (the schema says date-time)
+        ("tail=", "tail"),
     ],
 )
 def test_bad_parameters_are_400_with_a_message(

@@ -12,6 +12,7 @@ from portal.api.authentication import actor_for, user_id_of
 from portal.api.conflicts import FieldConflict
 from portal.api.fields import DefaultTenantMixin, TenantField, TenantSlugField
 from portal.api.strict import (
+    QuerySerializer,
     StrictCharField,
     StrictIntegerField,
     StrictModelSerializer,
@@ -474,7 +475,7 @@ class RFC3339Field(serializers.CharField):
     """A time as text, kept to the nanosecond (a DateTimeField would cut it to microseconds)."""
 
 
-class LogsQuerySerializer(serializers.Serializer):  # type: ignore[type-arg]
+class LogsQuerySerializer(QuerySerializer):
     """The query of ``GET /instances/{id}/logs/``."""
 
     tail = serializers.IntegerField(

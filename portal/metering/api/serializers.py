@@ -10,7 +10,7 @@ from rest_framework import serializers
 
 from portal.api.fields import DefaultTenantMixin, TenantField
 from portal.api.filters import UTCDateTimeField
-from portal.api.strict import StrictCharField, StrictModelSerializer, StrictSlugField
+from portal.api.strict import QuerySerializer, StrictCharField, StrictModelSerializer, StrictSlugField
 from portal.metering.models import Budget, PriceSheet
 from portal.metering.reports import GROUPS
 
@@ -50,7 +50,7 @@ class BoundedDateField(serializers.DateField):
     """A date (YYYY-MM-DD)."""
 
 
-class UsageQuerySerializer(serializers.Serializer):  # type: ignore[type-arg]
+class UsageQuerySerializer(QuerySerializer):
     """``tenant`` (slug; optional with one membership), ``from``/``to`` (ISO 8601; default: this month
     so far), ``group_by`` (instance, kind, day or month)."""
 

@@ -122,14 +122,6 @@ class UsageViewSet(viewsets.ViewSet):
         },
     )
     def list(self, request: Request) -> Response:
-        # a parameter given empty is refused, as list filters refuse it (a form would read it as absent)
-        empty = {
-            k: ["A value is needed."]
-            for k in ("tenant", "from", "to", "group_by")
-            if request.query_params.get(k) == ""
-        }
-        if empty:
-            raise ValidationError(empty)
         query = serializers.UsageQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         tenant = _tenant(request, query.validated_data.get("tenant"))
