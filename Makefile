@@ -135,6 +135,7 @@ check: venv
 	SKYPORT_ENV=production SKYPORT_SECRET_KEY=$$(head -c 48 /dev/urandom | base64 | tr -d '\n') \
 		$(PY) manage.py check --deploy --fail-level WARNING
 
+# The whole suite on SQLite, one lane (`make test` runs it in two lanes at once: tests/run).
 pytest: setup
 	mkdir -p test-artifacts
 	# the live schemathesis run (~4 min) runs once, in the PostgreSQL pass: the production database,
@@ -147,4 +148,7 @@ pytest: setup
 pytest-pg: setup
 	VENV=$(VENV) tests/pg/run
 
-test: setup check test-images pytest pytest-pg
+# Both of the above in two lanes at once (tests/run): the host lane (libvirt, crun, networks) on
+# SQLite, and the db lane (portal, web, security, metering, ui on SQLite, then on PostgreSQL).
+test: setup check test-images
+	VENV=$(VENV) tests/run

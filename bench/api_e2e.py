@@ -1,6 +1,11 @@
 """API end to end vs bare crun and the bare drivers, and 100 concurrent creates.
 
-    .venv/bin/python bench/api_e2e.py [--runs 5] [--burst 100]
+    .venv/bin/python bench/api_e2e.py [--runs 5] [--burst 100] [--containers-only]
+
+The broker is SKYPORT_TEST_BROKER_URL (default redis://127.0.0.1:6379/6); tenant networks come
+from SKYPORT_TEST_NETWORK_POOL (default 198.18.0.0/15), the bare drivers' bridge uses its last /24.
+``--containers-only`` skips the VM runs and the burst; the container runs then also print where
+the time went (from the workers' own log lines, millisecond stamps).
 
 container: POST /api/v1/instances (kind=container) -> the API shows power_state
            running, against ContainerDriver.spawn -> running in this process
@@ -20,8 +25,11 @@ set them up) and the sample images in var/images.
 from __future__ import annotations
 
 import argparse
+import datetime
+import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import statistics
@@ -36,7 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BASE = Path("/var/lib/skyport") / f"bench-{secrets.token_hex(4)}"
-BROKER = "redis://127.0.0.1:6379/6"
+BROKER = os.environ.get("SKYPORT_TEST_BROKER_URL", "redis://127.0.0.1:6379/6")
 os.environ.update(
     DJANGO_SETTINGS_MODULE="portal.settings",
     SKYPORT_VAR_DIR=str(BASE / "var"),
@@ -46,6 +54,9 @@ os.environ.update(
     SKYPORT_ALLOWED_HOSTS="testserver,127.0.0.1",
 )
 os.environ.pop("DATABASE_URL", None)
+POOL = ipaddress.IPv4Network(os.environ.get("SKYPORT_TEST_NETWORK_POOL", "198.18.0.0/15"))
+os.environ["SKYPORT_NETWORK_POOL"] = str(POOL)
+BARE_NET = list(POOL.subnets(new_prefix=24))[-1]
 
 import django  # noqa: E402
 
@@ -68,6 +79,7 @@ from portal.images.models import Image  # noqa: E402
 from portal.images.nodekeys import node_key  # noqa: E402
 from portal.tenancy.models import Membership, Quota, Tenant  # noqa: E402
 from tests.e2e.test_end_to_end import PortalServer, Stack, wait_for  # noqa: E402
+from tests.netcleanup import teardown_node  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 import container_start  # noqa: E402
@@ -96,17 +108,22 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+#: per counted API run: (wall clock at the POST, POST answered after s, running seen after s)
+MARKS: list[tuple[float, float, float]] = []
+
+
 def api_runs(
     c: APIClient, tenant: str, image: str, flavor: int, kind: str, runs: int, ready: Any
 ) -> list[float]:
     times = []
     for i in range(-1, runs):  # run -1 warms caches (image, layers) and is not counted
-        t0 = time.monotonic()
+        wall, t0 = time.time(), time.monotonic()
         r = c.post(
             "/api/v1/instances/",
             {"tenant": tenant, "name": f"{kind}-{i}", "image": image, "flavor": flavor, "kind": kind},
             format="json",
         )
+        answered = time.monotonic() - t0
         assert r.status_code == 202, r.json()
         iid = r.json()["id"]
         try:
@@ -117,6 +134,8 @@ def api_runs(
             ) from None
         if i >= 0:
             times.append(took)
+            if kind == "container":
+                MARKS.append((wall, answered, took))
         print(f"  api {kind} run {i + 1}: {took:.3f} s", file=sys.stderr)
         c.delete(f"/api/v1/instances/{iid}/")
         poll(lambda iid=iid: Instance.objects.get(pk=iid).vm_state == "deleted", every=0.05)
@@ -130,7 +149,7 @@ def bare_runs(
     assert artifact is not None
     times = []
     for i in range(-1, runs):  # run -1 warms caches and is not counted
-        nic = NetworkAttachment(net.segment, f"198.18.254.{51 + i}/24", "52:54:00:fe:00:" + f"{i + 1:02x}")
+        nic = NetworkAttachment(net.segment, f"{BARE_NET[51 + i]}/24", "52:54:00:fe:00:" + f"{i + 1:02x}")
         spec = InstanceSpec(
             instance_id=str(uuid.uuid4()),
             name=f"bare-{i}",
@@ -219,11 +238,56 @@ def burst(n: int, flavor: int, image: str) -> tuple[float, int, int, int]:
     return wall, statuses.count(202), overshoot, doubles
 
 
+LOG_LINE = re.compile(
+    r"^\[(?P<at>[\d-]+ [\d:]+,\d+): INFO/[\w-]+\] Task (?P<task>[\w.]+)\[[\w-]+\] "
+    r"(?P<what>received|succeeded in (?P<took>[\d.e-]+)s)"
+)
+
+
+def log_marks(text: str, task: str) -> list[tuple[str, float, float]]:
+    """(``received`` or ``succeeded``, wall clock, run time in the pool) of ``task`` in a worker log."""
+    out = []
+    for line in text.splitlines():
+        m = LOG_LINE.match(line)
+        if m and m["task"] == task:
+            at = datetime.datetime.strptime(m["at"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.append((m["what"].split()[0], at, float(m["took"] or 0)))
+    return out
+
+
+def breakdown(node_log: str, control_log: str) -> list[dict[str, float]]:
+    """Where each counted container POST's time went, in ms after the POST, from the workers' logs.
+
+    The node worker's main process logs ``received`` when it takes the message off the broker and
+    ``succeeded in Xs`` (X measured in the pool process) when the pool hands the result back;
+    the control worker logs the same for the observation.  Runs are sequential, so the first
+    create received after a POST is that POST's, and the first observation received after it is
+    its answer.
+    """
+    creates = log_marks(node_log, "compute.instance.create")
+    observes = log_marks(control_log, "portal.observe")
+    rows = []
+    for wall, answered, took in MARKS:
+        got = next(at for what, at, _ in creates if what == "received" and at >= wall - 0.002)
+        done, ran = next((at, t) for what, at, t in creates if what == "succeeded" and at >= got)
+        seen = next(at for what, at, _ in observes if what == "received" and at >= got)
+        applied, apply_took = next((at, t) for what, at, t in observes if what == "succeeded" and at >= seen)
+        rows.append({
+            "post_answered": answered * 1000, "node_received": (got - wall) * 1000,
+            "task_ran": ran * 1000, "node_done": (done - wall) * 1000,
+            "control_received": (seen - wall) * 1000, "apply_ran": apply_took * 1000,
+            "applied": (applied - wall) * 1000, "running_seen": took * 1000,
+        })  # fmt: skip
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--burst", type=int, default=100)
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--keep-logs", type=Path, help="copy the workers' logs into this directory")
+    ap.add_argument("--containers-only", action="store_true", help="no VM runs, no burst; print a breakdown")
     args = ap.parse_args()
     BASE.mkdir(parents=True, mode=0o755, exist_ok=True)
     BASE.chmod(0o755)
@@ -283,8 +347,8 @@ def main() -> int:
                 BROKER,
             )
         )
-        bridge.ensure_bridge(bare_bridge, address="198.18.254.1/24")
-        net = NetworkAttachment(NetworkSegment("bare", bare_bridge), "198.18.254.2/24", "52:54:00:fe:00:00")
+        bridge.ensure_bridge(bare_bridge, address=f"{BARE_NET[1]}/24")
+        net = NetworkAttachment(NetworkSegment("bare", bare_bridge), f"{BARE_NET[2]}/24", "52:54:00:fe:00:00")
 
         def running(c: APIClient, iid: str) -> bool:
             return bool(c.get(f"/api/v1/instances/{iid}/").json()["power_state"] == "running")
@@ -309,17 +373,28 @@ def main() -> int:
         (BASE / "crun").mkdir()
         crun = container_start.bench_bare(BASE / "crun", rootfs, args.runs * 4)
         ca = api_runs(client("c", "ctr"), "ctr", "busybox", flavor, "container", args.runs * 4, running)
-        print("vms ...", file=sys.stderr)
-        vb = bare_runs(vdrv, tiny, Kind.VM, args.runs, net, bare_vm_ready)
-        va = api_runs(client("v", "vms"), "vms", "tiny", flavor, "vm", args.runs, vm_ready)
-        print("burst ...", file=sys.stderr)
-        wall, accepted, overshoot, doubles = burst(args.burst, flavor, "tiny")
+        vb: list[float] = []
+        va: list[float] = []
+        wall, accepted, overshoot, doubles = float("nan"), 0, 0, 0
+        if not args.containers_only:
+            print("vms ...", file=sys.stderr)
+            vb = bare_runs(vdrv, tiny, Kind.VM, args.runs, net, bare_vm_ready)
+            va = api_runs(client("v", "vms"), "vms", "tiny", flavor, "vm", args.runs, vm_ready)
+            print("burst ...", file=sys.stderr)
+            wall, accepted, overshoot, doubles = burst(args.burst, flavor, "tiny")
     except BaseException:
         print(stack.logs(), file=sys.stderr)
         raise
     finally:
         stack.stop()
+        if args.keep_logs:
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
+            for f in BASE.glob("*.log"):
+                shutil.copy(f, args.keep_logs / f.name)
+        node_log, control_log = (BASE / f"{ded}.log").read_text(), (BASE / "control.log").read_text()
         server.stop()
+        for node in (ded, shared):  # resolvers and nftables tables too, not only the bridges
+            teardown_node(node, BASE / node, in_this_namespace=True)
         for n in Network.objects.all():
             bridge.delete_bridge(n.bridge)
         bridge.delete_bridge(bare_bridge)
@@ -336,6 +411,15 @@ def main() -> int:
     print(f"| container: API POST -> running | {len(ca)} | {ca0:.3f} | {ca0 / c0:.2f} | {ca0 / d0:.2f} |")
     print(f"| vm: LibvirtDriver.spawn -> guest ready | {len(vb)} | {v0:.2f} | see bench/vm_boot.py | 1.00 |")
     print(f"| vm: API POST -> guest ready | {len(va)} | {va0:.2f} | | {va0 / v0:.2f} |")
+    rows = breakdown(node_log, control_log) if MARKS else []
+    if rows:
+        cols = list(rows[0])
+        print("\n| ms after the POST (median of " + str(len(rows)) + ") | " + " | ".join(cols) + " |")
+        print("|---|" + "---:|" * len(cols))
+        print("| container | " + " | ".join(f"{median([r[k] for r in rows]):.1f}" for k in cols) + " |")
+    print(f"\nload average at the end: {Path('/proc/loadavg').read_text().strip()}")
+    if args.containers_only:
+        return 0
     quota = args.burst // 2
     print(f"\n| concurrent creates | wall (s) | accepted (quota {quota}) | overshoot | double placement |")
     print("|---:|---:|---:|---:|---:|")

@@ -8,11 +8,13 @@ instances' NICs with port security and a security group of 5 rules each
 (ingress tcp 22, tcp 80, udp 53 from a /24, icmp, egress any).  Printed:
 
 - ``reload``: ``Router.converge`` (read the state files, build both tables,
-  one ``nft -j -f -`` transaction), against the bare tool loading the same
-  JSON (``nft -j -f``) in the same run;
+  one ``nft -j -f -`` transaction: what drift repair pays), against the bare
+  tool loading the same JSON (``nft -j -f``) in the same run;
 - ``attach``: what a container or VM start pays for its rules (record one
-  more instance and reload, with N already present);
-- ``rule change``: ``Router.set_security`` on one instance with N present,
+  more instance and load its per-NIC delta, with N already present; the
+  mean of an attach and a detach);
+- ``rule change``: ``Router.set_security`` on one instance with N present
+  (alternating between two rule lists, so each call changes something),
   i.e. the node's share of "API → enforced" (the rest is one broker hop);
 - the number of nftables rules loaded.
 """
@@ -143,7 +145,10 @@ def main() -> None:
 
                 attach = in_ns(ns, lambda: timed(attach_detach, 5)) / 2
                 some = next(iter(r.instance_nics()))
-                change = in_ns(ns, lambda iid=some: timed(lambda: r.set_security(iid, RULES[:4]), 5))
+                lists = iter([RULES[:4], RULES] * 3)  # each call a real change (the same list is a no-op)
+                change = in_ns(
+                    ns, lambda iid=some, lists=lists: timed(lambda: r.set_security(iid, next(lists)), 5)
+                )
                 listing = in_ns(ns, lambda: nft.listing("bridge", cfg.nft_table)) or {}
                 listing_inet = in_ns(ns, lambda: nft.listing("inet", cfg.nft_table)) or {}
                 count = sum(

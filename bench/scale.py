@@ -192,13 +192,16 @@ def seed(nodes: int, per_node: int) -> dict[str, list[str]]:
 
     from portal.cloud import networks
     from portal.cloud.models import ComputeNode, Flavor, Instance
-    from portal.images.models import Image
-    from portal.tenancy.models import Tenant
+    from portal.images.models import Artifact, Image
+    from portal.tenancy.models import Membership, Tenant
 
     tenant = Tenant.objects.create(slug="scale", name="Scale")
     user = get_user_model().objects.create_user(username="scale", password=secrets.token_hex(16))
     flavor = Flavor.objects.create(name="s1.tiny", vcpus=1, ram_mb=128, disk_gb=1)
     image = Image.objects.create(name="tiny", version="1", status="active")
+    for fmt in ("qcow2", "oci"):  # what a create's spec names (its blobs are never fetched here)
+        Artifact.objects.create(image=image, format=fmt, digest="sha256:" + "0" * 64, size=1)
+    Membership.objects.create(user=user, tenant=tenant, role="member")
     network = networks.default_network(tenant)
     names = [f"sim{n:04d}" for n in range(nodes)]
     ComputeNode.objects.bulk_create(
@@ -346,6 +349,8 @@ def one_run(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
         sim.start()
         warm_up(nodes, args, port)
         lags, seen = measure(args, procs, port, row)
+        if args.api:
+            api_checks(row, args.burst)  # while the nodes keep beating
         sim.stop()
         row["beats_sent"] = sim.sent
         row["sim_late_p99"] = round(_pct(sim.late[-seen:] if seen else sim.late, 0.99), 2)
@@ -420,6 +425,123 @@ def measure(
     return lags, len(lags)
 
 
+def api_checks(row: dict[str, Any], burst: int) -> None:
+    """The API under this load: a list page's time and queries, and a create burst's invariants.
+
+    In this process, through DRF's test client against the same PostgreSQL, while the simulated
+    nodes keep beating.  List: ``GET /api/v1/instances/?tenant=scale`` (page 1 and the last page
+    of the tenant's N*40 instances, 30 each).  Burst: ``burst`` creates by 16 threads for a new
+    tenant whose quota admits half of them, onto 4 empty nodes of its own (32 vCPUs, 16 GiB each:
+    room for more than the quota, so the quota binds); messages to the nodes are dropped (nothing
+    consumes the simulated nodes' queues), so this measures the API, the quota lock and the
+    capacity claims.
+    """
+    from django.contrib.auth import get_user_model
+    from django.db import connection, connections
+    from django.test.utils import CaptureQueriesContext
+    from rest_framework.test import APIClient
+
+    from portal.cloud import dispatch
+    from portal.cloud.models import ComputeNode, Flavor, Instance
+    from portal.tenancy.models import Membership, Quota, Tenant
+
+    c = APIClient(HTTP_HOST="localhost")  # portal.settings' ALLOWED_HOSTS, not the tests'
+    c.force_login(get_user_model().objects.get(username="scale"))
+    total = Instance.objects.filter(tenant__slug="scale").count()
+    last = (total + 49) // 50
+    for page in (1, last):
+        times, queries = [], set()
+        for _ in range(30):
+            with CaptureQueriesContext(connection) as q:
+                t0 = time.perf_counter()
+                r = c.get("/api/v1/instances/", {"tenant": "scale", "page": page})
+                times.append(time.perf_counter() - t0)
+            assert r.status_code == 200, r.content[:300]
+            queries.add(len(q))
+        key = "first" if page == 1 else "last"
+        row[f"list_{key}_p95_ms"] = round(_pct(times, 0.95) * 1000, 1)
+        row[f"list_{key}_queries"] = sorted(queries)
+
+    # nodes of the burst's own: the simulated ones host the scale tenant's containers, and a VM of
+    # another tenant never shares a host with them (the isolation invariant)
+    from django.utils import timezone
+
+    both = {k: {"ok": True, "detail": "synthetic", "capabilities": []} for k in ("vm", "container")}
+    for k in range(4):
+        ComputeNode.objects.create(
+            name=f"burst-{k}", queue=f"node.burst-{k}", status="up", vcpus=32, ram_mb=16384, disk_gb=1000,
+            drivers=both, last_heartbeat=timezone.now(),
+        )  # fmt: skip
+    tenant = Tenant.objects.create(slug="burst", name="Burst")
+    Quota.objects.filter(tenant=tenant).update(
+        instances=burst // 2, vcpus=10**6, ram_mb=10**9, disk_gb=10**7, vms=burst, containers=burst
+    )
+    user = get_user_model().objects.create_user(username="burst", password=secrets.token_hex(16))
+    Membership.objects.create(user=user, tenant=tenant, role="member")
+    flavor = Flavor.objects.get(name="s1.tiny").pk
+    statuses: list[int] = []
+    reasons: list[str] = []  # the first refusal's body, and any unexpected answer's
+    lock = threading.Lock()
+    todo = list(range(burst))
+    original, dispatch._send = dispatch._send, lambda queue, task, args: None  # type: ignore[assignment]
+
+    def worker() -> None:
+        client = APIClient(HTTP_HOST="localhost")
+        client.force_login(user)
+        while True:
+            with lock:
+                if not todo:
+                    break
+                i = todo.pop()
+            r = client.post(
+                "/api/v1/instances/",
+                {"tenant": "burst", "name": f"b{i}", "image": "tiny:1", "flavor": flavor, "kind": "vm"},
+                format="json",
+            )
+            with lock:
+                statuses.append(r.status_code)
+                if r.status_code not in (202, 409) or (r.status_code == 409 and not reasons):
+                    reasons.append(r.content.decode(errors="replace")[:300])
+        connections.close_all()
+
+    # The burst's nodes send no heartbeats of their own (the creates' messages go nowhere), so
+    # they beat here, as a node's heartbeat refreshes its row: otherwise the sweeper marks them
+    # down within 3 periods and the rest of the burst is refused for that, not for quota.
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(1.0):
+            ComputeNode.objects.filter(name__startswith="burst-").update(
+                status="up", last_heartbeat=timezone.now()
+            )
+        connections.close_all()
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    t0 = time.monotonic()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        dispatch._send = original  # type: ignore[assignment]
+        done.set()
+        beating.join(5)
+    row["burst_s"] = round(time.monotonic() - t0, 1)
+    row["burst_statuses"] = {str(k): statuses.count(k) for k in sorted(set(statuses))}
+    row["burst_refusal"] = reasons[:3]
+    live = Instance.objects.live().filter(tenant=tenant)
+    row["burst_overshoot"] = max(0, live.count() - burst // 2)
+    over = 0
+    for node in ComputeNode.objects.filter(instances__in=live).distinct():
+        here = Instance.objects.live().filter(node=node)
+        over += int(sum(i.ram_mb for i in here) > node.ram_mb * node.ram_allocation_ratio)
+        over += int(sum(i.vcpus for i in here) > node.vcpus * node.cpu_allocation_ratio)
+    row["burst_double_placement"] = over + live.filter(node__isnull=True).count()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="100,250,500", help="comma-separated N for successive runs")
@@ -434,6 +556,10 @@ def main() -> int:
     parser.add_argument("--json", help="append the rows here (JSON lines)")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs)")
     parser.add_argument("--loglevel", default="WARNING", help="the control workers' log level")
+    parser.add_argument(
+        "--api", action="store_true", help="also time the list page and run a create burst (api_checks)"
+    )
+    parser.add_argument("--burst", type=int, default=500, help="creates in the burst (--api)")
     args = parser.parse_args()
     rows = []
     for n in (int(x) for x in args.nodes.split(",")):
@@ -474,6 +600,14 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
     for r in rows:
         print(f"  N={r['nodes']}: most written tables per hour {r['top_tables']}")
+        if "list_first_p95_ms" in r:
+            print(
+                f"  N={r['nodes']}: list page p95 {r['list_first_p95_ms']} ms (first page, queries "
+                f"{r['list_first_queries']}), {r['list_last_p95_ms']} ms (last page, queries "
+                f"{r['list_last_queries']}); burst of {sum(r['burst_statuses'].values())} in "
+                f"{r['burst_s']} s: {r['burst_statuses']}, quota overshoot {r['burst_overshoot']}, "
+                f"double placement {r['burst_double_placement']}"
+            )
 
 
 def _one() -> int:
@@ -488,6 +622,8 @@ def _one() -> int:
     parser.add_argument("--pool", default="prefork")
     parser.add_argument("--json")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--api", action="store_true")
+    parser.add_argument("--burst", type=int, default=500)
     parser.add_argument("--loglevel", default="WARNING")
     args = parser.parse_args()
     print(json.dumps(one_run(args.one, args)))

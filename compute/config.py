@@ -67,6 +67,12 @@ class NodeConfig:
     ``network_idle_seconds``: a network no instance of this node has used for
     that long is released (bridge, VXLAN device, resolver, rules;
     ``SKYPORT_NETWORK_IDLE_SECONDS``, default 300).
+    ``libvirt_netns`` is the network namespace libvirtd runs in when it is
+    not this node's (``SKYPORT_LIBVIRT_NETNS``, e.g. ``/proc/1/ns/net``;
+    empty, the default, for a node in libvirtd's own namespace).  Set, VM
+    NICs are unbridged taps libvirtd makes there, which the driver moves into
+    this node's namespace and onto the network's bridge after QEMU opened
+    them (the multi-node tests simulate hosts with namespaces on one libvirtd).
     ``broker_master`` names the primary the sentinels watch when ``broker_url``
     lists ``sentinel://`` URLs (``SKYPORT_BROKER_MASTER``; compute/celeryconf.py).
     """
@@ -89,6 +95,7 @@ class NodeConfig:
     log_max_bytes: int = 2 << 20
     log_retention_hours: float = 72.0
     network_idle_seconds: float = 300.0
+    libvirt_netns: str = ""
 
     @property
     def queue(self) -> str:
@@ -112,6 +119,7 @@ class NodeConfig:
             "SKYPORT_LOG_MAX_BYTES": str(self.log_max_bytes),
             "SKYPORT_LOG_RETENTION_HOURS": str(int(self.log_retention_hours)),
             "SKYPORT_NETWORK_IDLE_SECONDS": str(self.network_idle_seconds),
+            "SKYPORT_LIBVIRT_NETNS": self.libvirt_netns,
         }
 
     @classmethod
@@ -166,6 +174,7 @@ class NodeConfig:
             log_max_bytes=_log_max_bytes(),
             log_retention_hours=_retention_hours(),
             network_idle_seconds=seconds("SKYPORT_NETWORK_IDLE_SECONDS", 300.0),
+            libvirt_netns=os.environ.get("SKYPORT_LIBVIRT_NETNS", "").strip(),
         )
 
 

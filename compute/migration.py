@@ -16,8 +16,12 @@ The disk travels through the portal, so no node ever listens on an address:
    VM runs on an overlay of it, as any VM does.
 3. Only then is the source copy destroyed (the portal's job).
 
-The portal orchestration (claiming the row, the hidden image, ordering the
-steps, events) is not built yet: see docs/faults.md "drain".
+The node task that runs :func:`send_disk` is ``compute.instance.send_disk``
+(:class:`compute.spec.SendDisk`, ``NodeService.send_disk``); the portal's
+orchestration on a drain (claiming the row, the hidden image, ordering the
+steps, events) is ``portal/cloud/vm_migration.py`` (docs/faults.md "drain").
+A backup of a VM's root disk uses the same :func:`send_disk`, PUT to
+``/api/v1/instances/<id>/backup-content`` (``portal/storage/backups.py``).
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ def send_disk(driver: Driver, instance_id: str, url: str, token: str, state_dir:
     state = driver.info(instance_id).power_state
     if state is not PowerState.SHUTDOWN:
         raise InvalidState(
-            f"VM {instance_id} is {state.value}: stop it before migrating, so its disk is clean"
+            f"VM {instance_id} is {state.value}: stop it before sending its disk (a migration or a "
+            "backup), so the disk is clean"
         )
     out = state_dir / "exports"
     out.mkdir(parents=True, exist_ok=True)

@@ -77,10 +77,11 @@ class Action(enum.StrEnum):
     DELETE_SNAPSHOT = "delete_snapshot"
     PUBLISH = "publish"
     RESIZE = "resize"
+    SEND_DISK = "send_disk"  # cold migration, the source's half: :class:`SendDisk`
 
 
-#: the actions an :class:`InstanceAction` may carry (create and delete have their own messages)
-INSTANCE_ACTIONS = frozenset(Action) - {Action.CREATE, Action.DELETE}
+#: the actions an :class:`InstanceAction` may carry (create, delete and send_disk have their own messages)
+INSTANCE_ACTIONS = frozenset(Action) - {Action.CREATE, Action.DELETE, Action.SEND_DISK}
 #: the actions after which the node reports the instance's snapshots (:attr:`Observation.snapshots`)
 SNAPSHOT_ACTIONS = frozenset({Action.SNAPSHOT, Action.REVERT, Action.DELETE_SNAPSHOT})
 
@@ -110,17 +111,20 @@ class Task(enum.StrEnum):
     DELETE = "compute.instance.delete"
     CONSOLE = "compute.instance.console"
     ENSURE_NETWORK = "compute.network.ensure"
+    RELEASE_NETWORK = "compute.network.release"
     VOLUME = "compute.volume"
     FORWARDS = "compute.network.forwards"
     SECURITY = "compute.network.security"
     SECURITY_BATCH = "compute.network.security_batch"
     OBSERVE = "portal.observe"
     OBSERVE_VOLUME = "portal.observe_volume"
+    VOLUME_PROGRESS = "portal.volume_progress"
     NODE_REPORT = "portal.node_report"
     CONSOLE_TAIL = "portal.console"
     CONSOLE_OPEN = "compute.console.open"
     EXEC = "compute.instance.exec"
     LOGS = "compute.instance.logs"
+    SEND_DISK = "compute.instance.send_disk"
 
 
 class ImageFormat(enum.StrEnum):
@@ -203,7 +207,14 @@ class NetworkSegment:
     stays on its bridge) and ``tunnel_peers`` the underlay addresses of the
     other nodes that carry the network: broadcast, unknown-unicast and
     multicast frames are copied to each of them (head-end replication).
-    The list is complete: a node drops peers that are not in it.
+    The list is complete as of ``peers_serial``: the portal raises the
+    network's serial each time it sends the carriers a new list, under the
+    network's row lock, so a higher serial always names every node that
+    joined before it.  A node makes its flood list exactly ``tunnel_peers``
+    (pruning nodes that left) only for a serial higher than the highest it
+    has applied; an older or equal one only adds peers, so a stale list
+    handled out of order never cuts off a node that joined since.  0 (the
+    default, older portals) never prunes.
 
     ``gateway`` (``198.18.0.1/24``, the same on every node: an anycast
     gateway) makes the node route for the network and answer DNS there;
@@ -224,9 +235,13 @@ class NetworkSegment:
     gateway: str | None = None
     egress: bool = False
     hosts: tuple[tuple[str, str], ...] = ()
+    peers_serial: int = 0
 
     def __post_init__(self) -> None:
         _check_bridge(self.bridge)
+        serial = self.peers_serial
+        if isinstance(serial, bool) or not isinstance(serial, int) or serial < 0:
+            raise SpecError(f"peers_serial must be a non-negative integer, got {serial!r}")
         if not 576 <= self.mtu <= 9000:
             raise SpecError(f"mtu must be within 576..9000, got {self.mtu!r}")
         for what, value in (("host_address", self.host_address), ("gateway", self.gateway)):
@@ -245,6 +260,25 @@ class NetworkSegment:
         """The network's subnet, from the gateway or the host address (None without either)."""
         iface = self.gateway or self.host_address
         return ipaddress.IPv4Interface(iface).network if iface else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseNetwork:
+    """The tenant deleted the network: stop carrying it (bridge, VXLAN device, resolver, rules).
+
+    A node releases it at once when none of its recorded NICs is on the
+    bridge and no foreign port is; otherwise its idle release does it later.
+    """
+
+    TASK: ClassVar[Task] = Task.RELEASE_NETWORK
+
+    network: str
+    bridge: str
+    vni: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_bridge(self.bridge)
+        _check_tunnel(self.vni, None, ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +382,10 @@ class InstanceSpec:
     restart_policy: str = "no"
     # the resolved rules of its security groups (None: no filtering, as before security groups)
     security: tuple[SecurityRule, ...] | None = None
+    # their tenant's security serial when resolved (InstanceSecurity.version; 0: unversioned)
+    security_version: int = 0
+    # the members of the groups its rules name as remote (SecurityRule.remote_group)
+    security_members: tuple[GroupMembers, ...] = ()
     # Containers: volumes attached at create (later attachments live on the node, not in the spec).
     volumes: tuple[VolumeMount, ...] = ()
     version: int = SPEC_VERSION
@@ -482,9 +520,12 @@ RULE_PROTOCOLS = ("any", "tcp", "udp", "icmp")
 class SecurityRule:
     """One allow rule of an instance's security groups, resolved by the portal.
 
-    ``remote`` lists the CIDRs the rule admits (a remote group becomes its
-    members' addresses; ``0.0.0.0/0`` is anyone; empty admits nobody).
-    Ports only with tcp/udp; ``None`` means every port.
+    ``remote`` lists the CIDRs the rule admits (``0.0.0.0/0`` is anyone;
+    empty admits nobody).  ``remote_group`` instead names a security group:
+    the rule admits its members' addresses, which the node keeps in a set of
+    its own (:class:`GroupMembers`), so members coming and going change one
+    set element, never this rule.  Ports only with tcp/udp; ``None`` means
+    every port.
     """
 
     direction: Direction
@@ -492,8 +533,13 @@ class SecurityRule:
     port_min: int | None = None
     port_max: int | None = None
     remote: tuple[str, ...] = ("0.0.0.0/0",)
+    remote_group: str = ""
 
     def __post_init__(self) -> None:
+        if self.remote_group:
+            _check_group(self.remote_group)
+            if self.remote:
+                raise SpecError("a rule admits either remote CIDRs or a remote group, not both")
         if self.protocol not in RULE_PROTOCOLS:
             raise SpecError(f"protocol must be one of {', '.join(RULE_PROTOCOLS)}, got {self.protocol!r}")
         if (self.port_min is None) != (self.port_max is None):
@@ -510,6 +556,37 @@ class SecurityRule:
                 ipaddress.IPv4Network(cidr)
             except ValueError:
                 raise SpecError(f"remote must be IPv4 CIDRs, got {cidr!r}") from None
+
+
+_GROUP_RE = re.compile(r"^[0-9a-z]{1,32}$")
+
+
+def _check_group(group: str) -> None:
+    if not isinstance(group, str) or not _GROUP_RE.match(group):
+        raise SpecError(f"a security group id is 1-32 lowercase letters and digits, got {group!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupMembers:
+    """The addresses of a security group's live members, for the rules that name it as remote.
+
+    The node keeps them in one nftables set per group (``grp_<group>``):
+    a member created or deleted changes one element of it on each node that
+    enforces such a rule, not the rules of every instance the group admits
+    (one create in a group of n made every member's rules new: n^2 work in
+    a burst).  ``version``: the tenant's security serial when resolved (as
+    :class:`InstanceSecurity`); a node ignores a list older than the one it
+    applied to the group.
+    """
+
+    group: str
+    addresses: tuple[str, ...] = ()
+    version: int = 0
+
+    def __post_init__(self) -> None:
+        _check_group(self.group)
+        for address in self.addresses:
+            _check_ipv4("addresses", address)
 
 
 # ---------------------------------------------------------------- portal -> node
@@ -567,6 +644,32 @@ class DeleteInstance(_AboutInstance):
 
 
 @dataclasses.dataclass(frozen=True)
+class SendDisk(_AboutInstance):
+    """Cold migration, the source node's half: flatten the stopped VM's disk and PUT it to the portal.
+
+    ``upload_url`` is the portal's upload endpoint of a hidden image made for
+    the move and ``upload_token`` its one-image token (the publish path).  The
+    :class:`Observation` (action ``send_disk``) carries ``digest`` and ``size``
+    in its ``details``; the VM stays defined and stopped on the node whatever
+    happens (``compute.migration.send_disk``).
+    """
+
+    TASK: ClassVar[Task] = Task.SEND_DISK
+
+    instance_id: str
+    action_id: str
+    upload_url: str
+    upload_token: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.upload_url.startswith(("http://", "https://")):
+            raise SpecError(f"upload_url must be an http(s) URL, not {self.upload_url!r}")
+        if not self.upload_token:
+            raise SpecError("upload_token is empty")
+
+
+@dataclasses.dataclass(frozen=True)
 class InstanceForwards(_AboutInstance):
     """The complete list of an instance's published ports; the node converges to it (empty: none)."""
 
@@ -584,33 +687,45 @@ class InstanceForwards(_AboutInstance):
 
 @dataclasses.dataclass(frozen=True)
 class InstanceSecurity(_AboutInstance):
-    """The complete, resolved rule list of an instance's security groups; the node converges to it."""
+    """The complete, resolved rule list of an instance's security groups; the node converges to it.
+
+    ``version`` is the tenant's security serial the portal took (an UPDATE
+    holding the tenant row until commit) before it resolved the rules, so a
+    higher version was resolved after every lower one committed.  A node
+    ignores a list older than the one it applied to the instance (two
+    changes whose batches its two worker processes run out of order).  0:
+    unversioned (older portals), always applied.
+    """
 
     TASK: ClassVar[Task] = Task.SECURITY
 
     instance_id: str
     rules: tuple[SecurityRule, ...] = ()
+    version: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class SecurityBatch:
-    """The resolved rules of several instances of one node, converged in one nftables transaction.
+    """Rules of several instances of one node and group memberships, converged in one transaction.
 
-    What one change (an instance created or deleted, a rule or membership
-    edited) sends each node: a group's members are in the rules of every
-    other member, so one create changes the rules of all of them, and one
-    message per instance made an O(n^2) storm of node tasks in a burst.
+    What one change sends each node that enforces something it alters: a
+    rule added or removed, groups attached (``items``: those instances' new
+    rules), a member created or deleted (``groups``: the new member lists of
+    the groups that admit it; no instance's rules change).
     """
 
     TASK: ClassVar[Task] = Task.SECURITY_BATCH
 
-    items: tuple[InstanceSecurity, ...]
+    items: tuple[InstanceSecurity, ...] = ()
+    groups: tuple[GroupMembers, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.items:
-            raise SpecError("items: a security batch needs at least one instance")
+        if not self.items and not self.groups:
+            raise SpecError("a security batch needs at least one instance or group")
         if len({i.instance_id for i in self.items}) != len(self.items):
             raise SpecError("items: an instance appears twice in one security batch")
+        if len({g.group for g in self.groups}) != len(self.groups):
+            raise SpecError("groups: a group appears twice in one security batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -632,6 +747,16 @@ class VolumeOp(enum.StrEnum):
     ATTACH = "attach"
     DETACH = "detach"
     GROW = "grow"
+    SEND = "send"  # copy the detached volume's content to the portal (a move or a backup)
+    RECEIVE = "receive"  # make the volume from content the portal serves (a move's target, a restore)
+    DROP = "drop"  # forget the source copy after a move the target confirmed (never settles the row)
+    SNAPSHOT = "snapshot"  # take snapshot ``snapshot`` of a volume that nothing uses
+    REVERT = "revert"  # return a detached volume to snapshot ``snapshot``
+    DELETE_SNAPSHOT = "delete_snapshot"
+
+
+#: the volume requests about one snapshot; the node's observation lists the volume's snapshots after them
+VOLUME_SNAPSHOT_OPS = (VolumeOp.SNAPSHOT, VolumeOp.REVERT, VolumeOp.DELETE_SNAPSHOT)
 
 
 class VolumeFormat(enum.StrEnum):
@@ -651,6 +776,9 @@ class VolumeRequest:
     ``instance_id`` and ``kind`` for attach and detach.  An ``ext4`` volume
     is created with its root directory owned by ``id_base`` (root of the
     tenant's containers) and attached to a container at ``mount_path``.
+    ``snapshot`` names the snapshot of a snapshot, revert or delete_snapshot
+    (a portal name; idempotent too: taking an existing one keeps it,
+    deleting a missing one succeeds).
     The node answers with a :class:`VolumeObservation` carrying ``action_id``.
     """
 
@@ -665,10 +793,29 @@ class VolumeRequest:
     format: VolumeFormat = VolumeFormat.QCOW2
     id_base: int = 0
     mount_path: str = ""
+    #: send: where to PUT the content (qcow2) and the one-transfer token
+    upload_url: str = ""
+    upload_token: str = ""
+    #: receive: the portal blob to fetch (with the node key) and the digest it must have
+    blob_url: str = ""
+    digest: str = ""
+    #: drop: the request that made the copy to delete (a copy made by another is kept)
+    origin: str = ""
+    snapshot: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.volume_id, str) or not UUID_RE.fullmatch(self.volume_id):
             raise SpecError(f"volume_id must be a lower-case UUID, got {self.volume_id!r}")
+        if self.op is VolumeOp.SEND and not (self.upload_url and self.upload_token):
+            raise SpecError("send needs upload_url and upload_token")
+        if self.op is VolumeOp.RECEIVE and not (
+            self.blob_url and re.fullmatch(r"sha256:[0-9a-f]{64}", self.digest)
+        ):
+            raise SpecError(f"receive needs blob_url and a sha256 digest, got {self.digest!r}")
+        if (self.op in VOLUME_SNAPSHOT_OPS) != bool(self.snapshot):
+            raise SpecError(f"snapshot names the snapshot of {', '.join(VOLUME_SNAPSHOT_OPS)} only")
+        if self.snapshot and not _NAME_RE.fullmatch(self.snapshot):
+            raise SpecError(f"not a snapshot name: {self.snapshot!r}")
         if self.op in (VolumeOp.CREATE, VolumeOp.GROW) and not 1 <= self.size_gb <= 16384:
             raise SpecError(f"{self.op} needs size_gb within 1..16384, got {self.size_gb!r}")
         if self.op is VolumeOp.CREATE and self.format is VolumeFormat.EXT4:
@@ -805,7 +952,9 @@ class VolumeObservation:
     """What a node did with a volume: ``ok``, or ``message`` says why not in one sentence.
 
     ``target`` is the guest disk an attach gave it (``vdc``…); ``size_bytes``
-    the file's virtual size after create or grow.
+    the file's virtual size after create or grow.  After a snapshot, revert
+    or delete_snapshot ``snapshots`` is the volume's whole list (None when
+    the node could not read it).
     """
 
     TASK: ClassVar[Task] = Task.OBSERVE_VOLUME
@@ -818,6 +967,26 @@ class VolumeObservation:
     message: str = ""
     target: str = ""
     size_bytes: int = 0
+    snapshots: tuple[SnapshotInfo, ...] | None = None
+    digest: str = ""  # send: what the node uploaded; receive: what it verified
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeProgress:
+    """How far a node is in sending or receiving a volume's content (at most one a second).
+
+    ``phase`` is the request's op (send, receive); ``done`` and ``total``
+    are bytes of the transfer (the qcow2 that travels through the portal).
+    """
+
+    TASK: ClassVar[Task] = Task.VOLUME_PROGRESS
+
+    volume_id: str
+    node: str
+    action_id: str
+    phase: VolumeOp
+    done: int
+    total: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -827,7 +996,9 @@ class SnapshotInfo:
     ``created_at`` is the node's clock (seconds since the epoch).
     ``size_bytes`` is what the snapshot holds beyond the disk's shared
     blocks: the saved memory state of a VM snapshotted while running
-    (``qemu-img`` reports it as ``vm-state-size``); 0 when unknown.
+    (``qemu-img`` reports it as ``vm-state-size``); 0 when unknown.  For
+    a volume's snapshot it is the data the snapshot holds: what a qcow2 copy
+    of it needs (``qemu-img measure``), or the blocks of an ext4 copy.
     """
 
     name: str
@@ -931,6 +1102,9 @@ class NodeReport:
     drivers: tuple[DriverStatus, ...]
     inventory: tuple[InventoryItem, ...] = ()
     sent_at: float = 0.0
+    # When the node began listing its workloads (its clock; 0: not said).  Reconcile leaves a row
+    # changed since then (an observation applied while the list was taken) to the next beat.
+    inventory_at: float = 0.0
     # Digests the node holds: VM base disks in its image cache and unpacked container layers.
     cached: tuple[str, ...] = ()
     # The node's underlay IPv4 address for VXLAN tunnels; "" when it does not tunnel.
@@ -956,6 +1130,7 @@ NodeRequest = (
     | DeleteInstance
     | ConsoleRequest
     | NetworkSegment
+    | ReleaseNetwork
     | ConsoleOpen
     | ExecRequest
     | LogsRequest
@@ -963,6 +1138,7 @@ NodeRequest = (
     | InstanceSecurity
     | SecurityBatch
     | VolumeRequest
+    | SendDisk
 )
 #: the tasks a compute node's worker runs (the others run on the portal's control queue)
 NODE_TASKS: tuple[Task, ...] = tuple(cls.TASK for cls in typing.get_args(NodeRequest))
@@ -975,6 +1151,7 @@ MESSAGES: dict[Task, type[Any]] = {
         DeleteInstance,
         ConsoleRequest,
         NetworkSegment,
+        ReleaseNetwork,
         VolumeRequest,
         ConsoleOpen,
         ExecRequest,
@@ -982,8 +1159,10 @@ MESSAGES: dict[Task, type[Any]] = {
         InstanceForwards,
         InstanceSecurity,
         SecurityBatch,
+        SendDisk,
         Observation,
         VolumeObservation,
+        VolumeProgress,
         NodeReport,
         ConsoleTail,
     )

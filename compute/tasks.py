@@ -20,13 +20,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from compute import fetch
+from compute import fetch, migration, transfer
 from compute.config import NodeConfig
 from compute.drivers.base import Driver, DriverError, InstanceInfo, InstanceNotFound
 from compute.network import router
 from compute.spec import (
     MESSAGES,
     SNAPSHOT_ACTIONS,
+    VOLUME_SNAPSHOT_OPS,
     Action,
     Capability,
     ConsoleOpen,
@@ -41,7 +42,6 @@ from compute.spec import (
     InstanceAction,
     InstanceForwards,
     InstanceSecurity,
-    InstanceSpec,
     InventoryItem,
     Kind,
     LogsRequest,
@@ -50,13 +50,16 @@ from compute.spec import (
     NodeReport,
     Observation,
     PowerState,
+    ReleaseNetwork,
     SecurityBatch,
+    SendDisk,
     SnapshotInfo,
     SpecError,
     Task,
     VolumeFormat,
     VolumeObservation,
     VolumeOp,
+    VolumeProgress,
     VolumeRequest,
     from_json,
     to_json,
@@ -117,13 +120,6 @@ class NodeService:
         except router.RouterError as exc:
             raise DriverError(str(exc)) from exc
 
-    def _attach(self, spec: InstanceSpec) -> None:
-        if self.router is not None:
-            try:
-                self.router.attach(spec)
-            except router.RouterError as exc:
-                raise DriverError(str(exc)) from exc
-
     def _detach(self, instance_id: str) -> None:
         if self.router is not None:
             try:
@@ -145,6 +141,7 @@ class NodeService:
             Task.DELETE: self.delete,
             Task.CONSOLE: self.console,
             Task.ENSURE_NETWORK: self.ensure_network,
+            Task.RELEASE_NETWORK: self.release_network,
             Task.VOLUME: self.volume,
             Task.CONSOLE_OPEN: self.console_open,
             Task.EXEC: self.exec,
@@ -152,6 +149,7 @@ class NodeService:
             Task.FORWARDS: self.forwards,
             Task.SECURITY: self.security,
             Task.SECURITY_BATCH: self.security_batch,
+            Task.SEND_DISK: self.send_disk,
         }
         known = next((t for t in handlers if t == task), None)
         if known is None:
@@ -168,7 +166,11 @@ class NodeService:
         fields = dict(payload) if isinstance(payload, Mapping) else {}
         spec = fields.get("spec")
         iid = fields.get("instance_id") or (spec.get("instance_id") if isinstance(spec, Mapping) else None)
-        named = {Task.CREATE: Action.CREATE, Task.DELETE: Action.DELETE}.get(task, fields.get("action"))
+        named = {
+            Task.CREATE: Action.CREATE,
+            Task.DELETE: Action.DELETE,
+            Task.SEND_DISK: Action.SEND_DISK,
+        }.get(task, fields.get("action"))
         action = Action(named) if named in set(Action) else None
         if not isinstance(iid, str) or action is None or not isinstance(fields.get("action_id"), str):
             log.error("dropping invalid %s message %r: %s", task, payload, exc)
@@ -246,14 +248,26 @@ class NodeService:
     def create(self, message: CreateInstance) -> Observation:
         """Spawn the instance (a redelivered create finds it and reports it again)."""
         spec = message.spec
+        prepared: list[NetworkSegment] = []
 
         def body(d: Driver) -> PowerState:
-            for nic in spec.networks:
-                self.prepare_bridge(nic.segment)
-            self._attach(spec)  # port security is in force before the workload sends a frame
+            # port security is in force before the workload sends a frame
+            if self.router is not None:
+                try:
+                    prepared.extend(self.router.prepare(spec))  # networks and NICs, one rule load
+                except router.RouterError as exc:
+                    raise DriverError(str(exc)) from exc
+            else:
+                for nic in spec.networks:
+                    self.prepare_bridge(nic.segment)
             return d.spawn(spec).power_state
 
-        return self._run(spec.instance_id, spec.kind, Action.CREATE, message.action_id, body)
+        observed = self._run(spec.instance_id, spec.kind, Action.CREATE, message.action_id, body)
+        # The networks' resolvers learn the new name after the portal has heard of the start (a
+        # dnsmasq restart is not on the start's path; a redelivered create runs this again).
+        if self.router is not None and prepared:
+            self.router.update_resolvers(prepared)
+        return observed
 
     def ensure_network(self, segment: NetworkSegment) -> bool:
         """Bring this node's part of a network to the given state (bridge, address, VXLAN, peers).
@@ -268,6 +282,25 @@ class NodeService:
             log.warning("cannot ensure network %s: %s", segment.network, exc)
             return False
         return True
+
+    def release_network(self, message: ReleaseNetwork) -> bool:
+        """Stop carrying a network the tenant deleted, now if nothing here still uses its bridge.
+
+        Returns whether it was released; a network still in use (a NIC this
+        node records, a port it does not know) is left to the idle release.
+        """
+        if self.router is None:
+            return False
+        try:
+            released = self.router.release_unused(message.bridge)
+        except router.RouterError as exc:
+            log.warning("cannot release network %s: %s", message.network, exc)
+            return False
+        if released:
+            log.info("released network %s: its tenant deleted it", message.network)
+        else:
+            log.info("network %s was deleted but its bridge is still in use here: kept", message.network)
+        return released
 
     def forwards(self, message: InstanceForwards) -> bool:
         """Converge the instance's published ports to the message's complete list.
@@ -289,20 +322,26 @@ class NodeService:
         if self.router is None:
             return True
         try:
-            self.router.set_security(message.instance_id, message.rules)
+            self.router.set_security(message.instance_id, message.rules, message.version)
         except router.RouterError as exc:
             log.warning("cannot apply the security groups of %s: %s", message.instance_id, exc)
             return False
         return True
 
     def security_batch(self, message: SecurityBatch) -> bool:
-        """Converge the rules of several instances at once (one nftables transaction)."""
+        """Converge the rules of several instances and group memberships at once (one transaction)."""
         if self.router is None:
             return True
         try:
-            self.router.set_security_many({i.instance_id: i.rules for i in message.items})
+            stale = self.router.set_security_many(
+                {i.instance_id: i.rules for i in message.items},
+                {i.instance_id: i.version for i in message.items},
+                message.groups,
+            )
+            if stale:
+                log.info("kept newer security rules of %s (an older batch ran late)", ", ".join(stale))
         except router.RouterError as exc:
-            ids = ", ".join(i.instance_id for i in message.items)
+            ids = ", ".join([i.instance_id for i in message.items] + [g.group for g in message.groups])
             log.warning("cannot apply the security groups of %s: %s", ids, exc)
             return False
         return True
@@ -318,41 +357,94 @@ class NodeService:
             lambda d: step(self, d, message),
         )
 
+    def _attach_or_detach(self, message: VolumeRequest) -> str:
+        """Attach (returns the guest disk, ``vdc``…, or "") or detach a volume of this node."""
+        assert message.instance_id is not None and message.kind is not None  # checked by the spec
+        store, vid = self.volumes, message.volume_id
+        driver = self.driver(message.kind)
+        if message.op is not VolumeOp.ATTACH:
+            driver.detach_volume(message.instance_id, vid, store.path(vid))
+            return ""
+        if not store.exists(vid):
+            raise VolumeError(f"volume {vid} has no file on node {self.config.name}")
+        fmt = store.format(vid)
+        wanted = VolumeFormat.EXT4 if message.kind is Kind.CONTAINER else VolumeFormat.QCOW2
+        if fmt is not wanted:
+            raise VolumeError(f"a {fmt} volume cannot be attached to a {message.kind}")
+        return driver.attach_volume(message.instance_id, vid, store.path(vid), mount_path=message.mount_path)
+
     def volume(self, message: VolumeRequest) -> VolumeObservation:
         """Create, delete, attach, detach or grow a volume; the outcome goes back as a VolumeObservation."""
-        target, size = "", 0
+        target, size, digest = "", 0, ""
+        listed: tuple[SnapshotInfo, ...] | None = None
         try:
             store, vid = self.volumes, message.volume_id
-            if message.op is VolumeOp.CREATE:
-                size = store.create(vid, message.size_gb, message.format, message.id_base)
+            if message.op in (VolumeOp.SEND, VolumeOp.RECEIVE):
+                size, digest = self._transfer(message)
+            elif message.op is VolumeOp.DROP:
+                store.drop(vid, message.origin)
+            elif message.op in VOLUME_SNAPSHOT_OPS:
+                self._volume_snapshot(message)
+            elif message.op is VolumeOp.CREATE:
+                size = store.create(vid, message.size_gb, message.format, message.id_base, message.action_id)
             elif message.op is VolumeOp.DELETE:
                 store.delete(vid)
             elif message.op is VolumeOp.GROW:
                 size = store.grow(vid, message.size_gb)
             else:
-                assert message.instance_id is not None and message.kind is not None  # checked by the spec
-                driver = self.driver(message.kind)
-                if message.op is VolumeOp.ATTACH:
-                    if not store.exists(vid):
-                        raise VolumeError(f"volume {vid} has no file on node {self.config.name}")
-                    fmt = store.format(vid)
-                    wanted = VolumeFormat.EXT4 if message.kind is Kind.CONTAINER else VolumeFormat.QCOW2
-                    if fmt is not wanted:
-                        raise VolumeError(f"a {fmt} volume cannot be attached to a {message.kind}")
-                    target = driver.attach_volume(
-                        message.instance_id, vid, store.path(vid), mount_path=message.mount_path
-                    )
-                else:
-                    driver.detach_volume(message.instance_id, vid, store.path(vid))
+                target = self._attach_or_detach(message)
             ok, why = True, ""
         except (VolumeError, DriverError) as exc:
             log.warning("volume %s of %s failed: %s", message.op, message.volume_id, exc)
             ok, why = False, str(exc)
+        if message.op in VOLUME_SNAPSHOT_OPS:
+            with contextlib.suppress(VolumeError):
+                listed = tuple(self.volumes.snapshots(message.volume_id))
         obs = VolumeObservation(
-            message.volume_id, self.config.name, message.op, message.action_id, ok, why, target, size
+            message.volume_id,
+            self.config.name,
+            message.op,
+            message.action_id,
+            ok,
+            why,
+            target,
+            size,
+            digest=digest,
+            snapshots=listed,
         )
         self.send(obs.TASK, to_json(obs))
         return obs
+
+    def _transfer(self, message: VolumeRequest) -> tuple[int, str]:
+        """Send the volume's content to the portal, or make it from a portal blob: (size, digest)."""
+
+        def progress(done: int, total: int) -> None:
+            report = VolumeProgress(
+                message.volume_id, self.config.name, message.action_id, message.op, done, total
+            )
+            self.send(report.TASK, to_json(report))
+
+        work = self.config.state_dir / "exports"
+        vid = message.volume_id
+        if message.op is VolumeOp.SEND:
+            sent = transfer.send(self.volumes, vid, message.upload_url, message.upload_token, work, progress)
+            return sent.size, sent.digest
+        # a file already here is never overwritten (restore refuses it): a redelivered receive whose
+        # first delivery finished reports a failure the portal drops as stale (its move is settled)
+        size = transfer.receive(
+            self.volumes, vid, message.format, message.blob_url, message.digest, work, progress
+        )
+        self.volumes.stamp(vid, message.action_id)  # this copy came from this request (drop checks it)
+        return size, message.digest
+
+    def _volume_snapshot(self, message: VolumeRequest) -> None:
+        """Take, revert to or delete one snapshot of a volume (the store refuses one in use)."""
+        if message.op is VolumeOp.SNAPSHOT:
+            self.volumes.snapshot(message.volume_id, message.snapshot)
+        elif message.op is VolumeOp.REVERT:
+            self.volumes.revert(message.volume_id, message.snapshot)
+        else:
+            self.volumes.delete_snapshot(message.volume_id, message.snapshot)
 
     def publish(self, d: Driver, instance_id: str, url: str, token: str) -> None:
         """Export the instance's disk and upload it to the portal as a new image's file."""
@@ -367,6 +459,30 @@ class NodeService:
                 raise DriverError(str(exc)) from exc
         finally:
             dest.unlink(missing_ok=True)
+
+    def send_disk(self, message: SendDisk) -> Observation:
+        """Cold migration's first half: upload the stopped VM's flattened disk (``compute.migration``).
+
+        The observation carries the digest and size the target must verify, and
+        what the export and the upload took; the VM is left as it was.
+        """
+        iid = message.instance_id
+        try:
+            sent = migration.send_disk(
+                self.driver(Kind.VM), iid, message.upload_url, message.upload_token, self.config.state_dir
+            )
+        except DriverError as exc:  # not stopped, gone, export or upload failed
+            log.warning("sending the disk of %s failed: %s", iid, exc)
+            state = self._current(Kind.VM, iid)
+            return self._observe(iid, Action.SEND_DISK, message.action_id, False, state, str(exc))
+        details = {
+            "digest": sent.digest,
+            "size": str(sent.size),
+            "export_seconds": f"{sent.export_seconds:.3f}",
+            "upload_seconds": f"{sent.upload_seconds:.3f}",
+        }
+        state = self._current(Kind.VM, iid)
+        return self._observe(iid, Action.SEND_DISK, message.action_id, True, state, details=details)
 
     def console(self, message: ConsoleRequest) -> ConsoleTail:
         """Send the tail of the instance's console log to the portal (:class:`ConsoleTail`)."""
@@ -505,6 +621,7 @@ class NodeService:
         self._release_idle_networks()
         drivers: list[DriverStatus] = []
         inventory: list[InventoryItem] = []
+        inventory_at = time.time()
         for kind in Kind:
             capabilities: frozenset[Capability] = frozenset()
             try:
@@ -526,6 +643,7 @@ class NodeService:
             drivers=tuple(drivers),
             inventory=tuple(inventory),
             sent_at=time.time(),
+            inventory_at=inventory_at,
             cached=tuple(self.cached()),
             tunnel_address=self.config.tunnel_address,
             volumes=tuple(self.volumes.ids()),
@@ -580,7 +698,9 @@ class NodeService:
 
 
 def _stop(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:
-    return d.stop(m.instance_id, float(m.params.get("timeout", 30)), bool(m.params.get("force"))).power_state
+    timeout, force = float(m.params.get("timeout", 30)), bool(m.params.get("force"))
+    # clean: a shutdown or a refusal, never a forced power-off (a migration's stop)
+    return d.stop(m.instance_id, timeout, force, force_after=not m.params.get("clean")).power_state
 
 
 def _snapshot(svc: NodeService, d: Driver, m: InstanceAction) -> PowerState:

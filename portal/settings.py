@@ -204,6 +204,14 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # several models have a "status" field with their own choices: each enum gets its own name
+    "ENUM_NAME_OVERRIDES": {
+        "BackupStatusEnum": "portal.storage.choices.BackupStatus",
+        "SnapshotStatusEnum": "portal.storage.choices.SnapshotStatus",
+        "VolumeStatusEnum": "portal.storage.choices.VolumeStatus",
+        "NodeStatusEnum": "portal.cloud.choices.NodeStatus",
+        "ImageStatusEnum": "portal.images.choices.ImageStatus",
+    },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "portal.api.schema.add_error_responses",
@@ -260,6 +268,7 @@ SKYPORT_DEFAULT_QUOTA = {
     "vms": 10,
     "volumes": 10,
     "volume_gb": 100,
+    "networks": 5,
 }
 SKYPORT_TOKEN_MAX_DAYS = env.integer("SKYPORT_TOKEN_MAX_DAYS", 365, minimum=1)
 SKYPORT_SCHEDULER_WEIGHER = env.choice("SKYPORT_SCHEDULER_WEIGHER", "spread", ("spread", "pack"))
@@ -322,6 +331,9 @@ SKYPORT_LOG_RETENTION_HOURS = env.integer("SKYPORT_LOG_RETENTION_HOURS", 72, min
 SKYPORT_LOG_FOLLOW_SECONDS = env.integer("SKYPORT_LOG_FOLLOW_SECONDS", 60, minimum=1, maximum=3600)
 # Metering (docs/metering.md): samples farther apart than this many heartbeats leave a gap.
 SKYPORT_METERING_GAP_BEATS = env.integer("SKYPORT_METERING_GAP_BEATS", 3, minimum=1)
+# While the control queue holds more messages than there are nodes up (the portal is behind on
+# reading beats), the sweeper marks down only nodes silent longer than this (portal/cloud/tasks.py).
+SKYPORT_NODE_DOWN_BACKLOG_SECONDS = env.seconds("SKYPORT_NODE_DOWN_BACKLOG_SECONDS", 300)
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "portal.sweep", "schedule": env.seconds("SKYPORT_SWEEP_SECONDS", 5)},
     # stuck imports, upload leftovers, unreferenced blobs
@@ -335,6 +347,11 @@ CELERY_BEAT_SCHEDULE = {
     "metering": {
         "task": "portal.metering.tick",
         "schedule": env.seconds("SKYPORT_METERING_TICK_SECONDS", 300),
+    },
+    # volume backups whose policy's interval has passed (docs/storage.md)
+    "backups": {
+        "task": "portal.storage.backups",
+        "schedule": env.seconds("SKYPORT_BACKUP_TICK_SECONDS", 300),
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")

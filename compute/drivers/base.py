@@ -105,10 +105,15 @@ class Driver(abc.ABC):
         """Start a stopped workload.  No-op if it is already running."""
 
     @abc.abstractmethod
-    def stop(self, instance_id: str, timeout: float = 30.0, force: bool = False) -> InstanceInfo:
+    def stop(
+        self, instance_id: str, timeout: float = 30.0, force: bool = False, force_after: bool = True
+    ) -> InstanceInfo:
         """Stop gracefully (ACPI power button / SIGTERM), forcing after ``timeout``.
 
         ``force=True`` skips the graceful phase.  No-op if already stopped.
+        ``force_after=False``: never force; if the workload has not stopped
+        within ``timeout``, raise :class:`InvalidState` and leave it running
+        (a cold migration needs a clean disk, never a pulled plug).
         """
 
     @abc.abstractmethod

@@ -37,8 +37,11 @@ def meta_data(spec: InstanceSpec) -> str:
 
 
 def network_config(spec: InstanceSpec) -> str:
-    """network-config version 2: static addresses, NICs matched by MAC, gateway route and resolvers."""
+    """network-config version 2: one ethernet per NIC (matched by MAC, named eth0, eth1, ... in the
+    spec's order) with its static address and resolver; the default route only on the first NIC that
+    has a gateway (two default routes would fight)."""
     ethernets: dict[str, Any] = {}
+    routed = False
     for i, net in enumerate(spec.networks):
         eth: dict[str, Any] = {
             "match": {"macaddress": net.mac},
@@ -46,7 +49,8 @@ def network_config(spec: InstanceSpec) -> str:
             "addresses": [net.address],
             "mtu": net.mtu,
         }
-        if net.gateway:
+        if net.gateway and not routed:
+            routed = True
             # "0.0.0.0/0", not "default": cloud-init before 23.1 (Debian 12 ships 22.4) rejects the
             # keyword ("Address default is not a valid ip network"), fails its init-local stage
             # and leaves the NIC down.

@@ -463,13 +463,16 @@ class ContainerDriver(Driver):
                 tmp = paths.spec.with_suffix(".tmp")
                 tmp.write_text(json.dumps(to_json(spec)))
                 os.replace(tmp, paths.spec)  # from here on the instance exists
-                info = self._launch(paths, spec)
+                info = self._launch(paths, spec, image)
                 undo.pop_all()
                 return info
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _launch(self, paths: _Paths, spec: InstanceSpec) -> InstanceInfo:
-        """Mount, wire, create under conmon, start; undo all of it on failure."""
+    def _launch(self, paths: _Paths, spec: InstanceSpec, image: UnpackedImage | None = None) -> InstanceInfo:
+        """Mount, wire, create under conmon, start; undo all of it on failure.
+
+        ``image``: the spec's image when the caller has it already (spawn), else it is looked up.
+        """
         cid = container_id(spec.instance_id)
         for stale in (paths.exit, paths.pidfile, paths.result, paths.stopped):
             stale.unlink(missing_ok=True)
@@ -481,7 +484,8 @@ class ContainerDriver(Driver):
                 self._mount_rootfs(paths, id_base(spec))
             transient.callback(_umount_quiet, paths.rootfs)
             volumes = self._mount_volumes(paths, id_base(spec), transient)
-            bundle = dataclasses.replace(self._bundle_spec(spec, self._image(spec), paths), volumes=volumes)
+            image = image or self._image(spec)
+            bundle = dataclasses.replace(self._bundle_spec(spec, image, paths), volumes=volumes)
             try:
                 config = runtime_config(bundle)
             except ValueError as exc:
@@ -579,7 +583,13 @@ class ContainerDriver(Driver):
                 marker.unlink(missing_ok=True)
             return self._launch(paths, spec)
 
-    def stop(self, instance_id: str, timeout: float = 30.0, force: bool = False) -> InstanceInfo:
+    def stop(
+        self, instance_id: str, timeout: float = 30.0, force: bool = False, force_after: bool = True
+    ) -> InstanceInfo:
+        if not force_after:
+            raise NotSupported(
+                "a container is stopped by its stop signal, then killed: no stop without the kill"
+            )
         with self._locked(instance_id) as paths:
             self._load_spec(paths)
             paths.stopped.touch()  # before the signal: the supervisor must not restart it

@@ -55,6 +55,7 @@ class FakeDriver(Driver):
         # attached volume files per instance: path -> target, as the VM driver keeps them in the definition
         self.disks: dict[str, dict[str, str]] = {}
         self.sizes: dict[str, tuple[int, int, int]] = {}  # what resize set: vcpus, ram_mb, disk_gb
+        self.ignores_shutdown: set[str] = set()  # guests that never answer the power button (tests)
         # what a test may read back: a console line per state change, and counters that
         # grow like a workload busy at a quarter of one CPU with 48 MiB resident
         self.console: dict[str, list[str]] = {}
@@ -127,7 +128,11 @@ class FakeDriver(Driver):
     def start(self, instance_id: str) -> InstanceInfo:
         return self._set(instance_id, PowerState.RUNNING)
 
-    def stop(self, instance_id: str, timeout: float = 30.0, force: bool = False) -> InstanceInfo:
+    def stop(
+        self, instance_id: str, timeout: float = 30.0, force: bool = False, force_after: bool = True
+    ) -> InstanceInfo:
+        if instance_id in self.ignores_shutdown and not force and not force_after:
+            raise InvalidState(f"{instance_id} did not shut down within {timeout:g} s; left running")
         return self._set(instance_id, PowerState.SHUTDOWN)
 
     def reboot(self, instance_id: str) -> InstanceInfo:

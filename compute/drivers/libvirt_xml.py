@@ -43,6 +43,8 @@ class InterfaceConfig:
     mac: str
     tap: str  # host-side tap name, at most 15 characters
     mtu: int = 1500
+    #: libvirtd runs in another network namespace: an unbridged tap there, moved and bridged by the node
+    foreign: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,9 @@ class DomainConfig:
         inst = ET.SubElement(meta, "skyport:instance", {"xmlns:skyport": METADATA_NS})
         _text(inst, "skyport:node", self.node)
         _text(inst, "skyport:tenant", self.tenant)
+        for nic in self.interfaces:
+            if nic.foreign:  # what the node needs to bridge the tap once it moved it in
+                ET.SubElement(inst, "skyport:nic", tap=nic.tap, bridge=nic.bridge, mtu=str(nic.mtu))
         _text(dom, "memory", str(self.memory_mib), unit="MiB")
         _text(dom, "vcpu", str(self.vcpus), placement="static")
 
@@ -92,9 +97,10 @@ class DomainConfig:
         for disk in self.disks:
             devices.append(disk.to_element())
         for nic in self.interfaces:
-            n = ET.SubElement(devices, "interface", type="bridge")
+            n = ET.SubElement(devices, "interface", type="ethernet" if nic.foreign else "bridge")
             ET.SubElement(n, "mac", address=nic.mac)
-            ET.SubElement(n, "source", bridge=nic.bridge)
+            if not nic.foreign:
+                ET.SubElement(n, "source", bridge=nic.bridge)
             ET.SubElement(n, "target", dev=nic.tap)
             ET.SubElement(n, "model", type="virtio")
             ET.SubElement(n, "mtu", size=str(nic.mtu))
@@ -121,6 +127,15 @@ def metadata_node(metadata_xml: str) -> str | None:
     """Owning node recorded in a domain's Skyport metadata element (from virDomainGetMetadata)."""
     root = ET.fromstring(metadata_xml)  # noqa: S314 - XML from libvirtd
     return root.findtext(f"{{{METADATA_NS}}}node", default=root.findtext("node"))
+
+
+def metadata_nics(metadata_xml: str) -> list[tuple[str, str, int]]:
+    """(tap, bridge, mtu) of the NICs the node bridges itself (libvirtd in another namespace)."""
+    root = ET.fromstring(metadata_xml)  # noqa: S314 - XML from libvirtd
+    return [
+        (el.get("tap", ""), el.get("bridge", ""), int(el.get("mtu", "1500")))
+        for el in [*root.iter(f"{{{METADATA_NS}}}nic"), *root.iter("nic")]  # libvirtd drops the prefix
+    ]
 
 
 def disk_sources(domain_xml: str) -> dict[str, str]:

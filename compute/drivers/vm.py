@@ -23,14 +23,17 @@ import re
 import subprocess
 import threading
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from compute import nsenv
 from compute.config import NodeConfig
 from compute.drivers import cloudinit
 from compute.drivers.accel import choose_domain_type
@@ -49,6 +52,7 @@ from compute.drivers.libvirt_xml import (
     DomainConfig,
     InterfaceConfig,
     disk_sources,
+    metadata_nics,
     metadata_node,
     snapshot_xml,
 )
@@ -56,7 +60,12 @@ from compute.imagecache import ImageCache, ImageError, create_overlay, remove_tr
 from compute.network import bridge
 from compute.spec import Capability, InstanceSpec, Kind, PowerState, SnapshotInfo
 
-PREFIX = "sky-"
+#: Domains are ``<prefix><instance id>``.  Nodes that share one libvirtd (simulated nodes in tests)
+#: need prefixes of their own, as separate hosts would have separate daemons: a VM migrated between
+#: two of them exists once per node (stopped on the source until the target runs it).
+PREFIX = os.environ.get("SKYPORT_DOMAIN_PREFIX", "sky-")
+if not re.fullmatch(r"[a-z][a-z0-9]{0,15}-", PREFIX):
+    raise RuntimeError(f"SKYPORT_DOMAIN_PREFIX={PREFIX!r}: a lowercase letter, letters or digits, then '-'")
 MAX_NICS = 10
 _SNAP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 GIB = 1 << 30
@@ -81,6 +90,13 @@ _T = TypeVar("_T")
 
 def domain_name(instance_id: str) -> str:
     return PREFIX + instance_id
+
+
+def domain_uuid(instance_id: str) -> str:
+    """The instance id; under another prefix one derived from it (libvirtd keys domains by UUID too)."""
+    if PREFIX == "sky-":
+        return instance_id
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"skyport:{PREFIX}{instance_id}"))
 
 
 def tap_name(instance_id: str, index: int) -> str:
@@ -240,7 +256,7 @@ class LibvirtDriver(Driver):
         idir = self._instance_dir(spec.instance_id)
         return DomainConfig(
             name=domain_name(spec.instance_id),
-            uuid=spec.instance_id,
+            uuid=domain_uuid(spec.instance_id),
             domain_type=self.domain_type,
             vcpus=spec.vcpus,
             memory_mib=spec.ram_mb,
@@ -249,7 +265,13 @@ class LibvirtDriver(Driver):
                 DiskConfig(str(idir / "seed.iso"), "vdb", "raw", readonly=True),
             ),
             interfaces=tuple(
-                InterfaceConfig(bridge=n.bridge, mac=n.mac, tap=tap_name(spec.instance_id, i), mtu=n.mtu)
+                InterfaceConfig(
+                    bridge=n.bridge,
+                    mac=n.mac,
+                    tap=tap_name(spec.instance_id, i),
+                    mtu=n.mtu,
+                    foreign=bool(self.config.libvirt_netns),
+                )
                 for i, n in enumerate(spec.networks)
             ),
             console_log=str(self.console_log_path(spec.instance_id)),
@@ -284,8 +306,59 @@ class LibvirtDriver(Driver):
                 dom = self._call("defining the domain", lambda: self.conn.defineXML(xml))
                 undo.callback(self._undo_define, dom)
                 self._call("starting the domain", dom.create)
+                self._adopt_taps(dom)
                 undo.pop_all()
             return self._info(dom)
+
+    def _adopt_taps(self, dom: Any) -> None:
+        """libvirtd in another network namespace: move the domain's taps here and onto their bridges.
+
+        QEMU keeps its tap file descriptors across the move.  Done right
+        after the domain started, before the guest's kernel is up.
+        """
+        if not self.config.libvirt_netns:
+            return
+        meta = self._call(
+            "reading the NICs", lambda: dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+        )
+        nics = metadata_nics(meta)
+        here = os.getpid()  # /proc/<pid>/ns/net of the process: this node's namespace
+
+        def move() -> None:
+            fd = os.open(self.config.libvirt_netns, os.O_RDONLY)
+            try:
+                nsenv.setns(fd, nsenv.CLONE_NEWNET)  # this thread only
+            finally:
+                os.close(fd)
+            with IPRoute() as ipr:
+                for tap, _, _ in nics:
+                    found = ipr.link_lookup(ifname=tap)
+                    if found:
+                        ipr.link("set", index=found[0], net_ns_pid=here)
+
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                move()
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=run, name="adopt-taps")
+        t.start()
+        t.join()
+        try:
+            if errors:
+                raise errors[0]
+            with IPRoute() as ipr:
+                for tap, bridge_name, mtu in nics:
+                    (idx,) = ipr.link_lookup(ifname=tap) or (None,)
+                    master = ipr.link_lookup(ifname=bridge_name)
+                    if idx is None or not master:
+                        raise DriverError(f"tap {tap} or bridge {bridge_name} is missing after the move")
+                    ipr.link("set", index=idx, mtu=mtu, master=master[0], state="up")
+        except (OSError, NetlinkError, ValueError) as exc:
+            raise DriverError(f"cannot move the taps of the VM into this node's namespace: {exc}") from exc
 
     @staticmethod
     def _ensure_bridge(name: str, mtu: int, host_address: str | None, undo: contextlib.ExitStack) -> None:
@@ -343,9 +416,12 @@ class LibvirtDriver(Driver):
         dom = self._lookup(instance_id)
         if self._state(dom) in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
             self._call("start", dom.create)
+            self._adopt_taps(dom)
         return self._info(dom)
 
-    def stop(self, instance_id: str, timeout: float = 30.0, force: bool = False) -> InstanceInfo:
+    def stop(
+        self, instance_id: str, timeout: float = 30.0, force: bool = False, force_after: bool = True
+    ) -> InstanceInfo:
         dom = self._lookup(instance_id)
         state = self._state(dom)
         if state == libvirt.VIR_DOMAIN_SHUTOFF:
@@ -360,6 +436,16 @@ class LibvirtDriver(Driver):
                 if self._state(dom) == libvirt.VIR_DOMAIN_SHUTOFF:
                     return self._info(dom)
                 time.sleep(0.05)
+        if not force and not force_after:
+            if state == libvirt.VIR_DOMAIN_PAUSED:
+                raise InvalidState(
+                    f"VM {instance_id} is paused and cannot see the power button; not forced off"
+                )
+            # the button was pressed: a slow guest may still go down by itself later
+            raise InvalidState(
+                f"VM {instance_id} did not shut down within {timeout:g} s (ACPI power button); "
+                "left running, not forced off"
+            )
         try:
             dom.destroy()
         except libvirt.libvirtError as exc:

@@ -1,18 +1,22 @@
 """Skyport's nftables tables, built from typed objects and replaced atomically.
 
 Why this shape: the node owns exactly two tables, ``inet <name>`` (routing
-policy: what may reach the node, what it forwards, source NAT) and
-``bridge <name>`` (layer 2: port security, the anycast gateway kept off the
-VXLAN tunnels).  Both are rebuilt from the node's whole desired state on
-every change and loaded in **one** libnftables transaction (``add table;
-delete table; add table; …``), so a change is all-or-nothing and never
-touches another program's tables.  We drive libnftables through its JSON
-interface (``nft -j -f -``) rather than the ``python3-nftables`` binding:
-the binding is a Debian package for the system interpreter only (not
-installable into the project's venv), and the JSON the CLI reads is the
-same JSON the binding would pass to the same library, with no text syntax
-to quote.  The rules are data (:class:`Rule` holds a tuple of expression
-dicts made by the helpers below), never strings built from user input.
+policy: what may reach the node, what it forwards, source NAT) and ``bridge
+<name>`` (layer 2: port security, the anycast gateway kept off the VXLAN
+tunnels).  Both can be rebuilt from the node's whole desired state and loaded
+in **one** libnftables transaction (``add table; delete table; add table;
+…``), so a change is all-or-nothing and never touches another program's
+tables.  What changes with each instance (its set elements, its security chains
+and their verdict-map entries) can also be added or removed alone, in a
+transaction of its own that costs the same whatever else the node carries
+(:mod:`compute.network.router` decides which of the two to use).  We drive
+libnftables through its JSON interface (``nft -j -f -``) rather than the
+``python3-nftables`` binding: the binding is a Debian package for the system
+interpreter only (not installable into the project's venv), and the JSON the
+CLI reads is the same JSON the binding would pass to the same library, with no
+text syntax to quote.  The rules are data (:class:`Rule` holds a tuple of
+expression dicts made by the helpers below), never strings built from user
+input.
 """
 
 from __future__ import annotations
@@ -44,6 +48,15 @@ class Set:
 
 
 @dataclasses.dataclass(frozen=True)
+class Map:
+    """A named verdict map keyed by ``type``: ``elements`` are ``[key, verdict]`` pairs."""
+
+    name: str
+    type: str
+    elements: tuple[Any, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Chain:
     """A base chain (with ``hook``) or a regular chain (``hook`` None, reached by jump)."""
 
@@ -68,6 +81,7 @@ class Table:
     sets: tuple[Set, ...] = ()
     chains: tuple[Chain, ...] = ()
     rules: tuple[Rule, ...] = ()
+    maps: tuple[Map, ...] = ()
 
     def commands(self) -> list[dict[str, Any]]:
         """The libnftables JSON commands that replace this table as a whole."""
@@ -89,20 +103,41 @@ class Table:
                 body["elem"] = list(s.elements)
             cmds.append({"add": {"set": body}})
         for c in self.chains:
-            chain: dict[str, Any] = own | {"name": c.name}
+            spec: dict[str, Any] = own | {"name": c.name}
             if c.hook:
-                chain |= {"type": c.type, "hook": c.hook, "prio": c.priority, "policy": c.policy}
-            cmds.append({"add": {"chain": chain}})
-        for r in self.rules:
-            rule: dict[str, Any] = own | {"chain": r.chain, "expr": list(r.expr)}
-            if r.comment:
-                rule["comment"] = r.comment
-            cmds.append({"add": {"rule": rule}})
+                spec |= {"type": c.type, "hook": c.hook, "prio": c.priority, "policy": c.policy}
+            cmds.append({"add": {"chain": spec}})
+        for m in self.maps:  # after the chains their verdicts jump to
+            vm: dict[str, Any] = own | {"name": m.name, "type": m.type, "map": "verdict"}
+            if m.elements:
+                vm["elem"] = list(m.elements)
+            cmds.append({"add": {"map": vm}})
+        cmds += [add_rule(self.family, self.name, r) for r in self.rules]
         return cmds
 
     def delete_commands(self) -> list[dict[str, Any]]:
         ref = {"family": self.family, "name": self.name}
         return [{"add": {"table": ref}}, {"delete": {"table": ref}}]
+
+
+# ---------------------------------------------------------------- commands on part of a table
+
+
+def add_rule(family: str, table: str, r: Rule) -> dict[str, Any]:
+    rule: dict[str, Any] = {"family": family, "table": table, "chain": r.chain, "expr": list(r.expr)}
+    if r.comment:
+        rule["comment"] = r.comment
+    return {"add": {"rule": rule}}
+
+
+def elements(verb: str, family: str, table: str, name: str, elems: Sequence[Any]) -> dict[str, Any]:
+    """``add`` or ``delete`` elements of a named set or map (adding one that is there is a no-op)."""
+    return {verb: {"element": {"family": family, "table": table, "name": name, "elem": list(elems)}}}
+
+
+def chain(verb: str, family: str, table: str, name: str) -> dict[str, Any]:
+    """``add`` (a no-op when it exists), ``flush`` (remove its rules) or ``delete`` a regular chain."""
+    return {verb: {"chain": {"family": family, "table": table, "name": name}}}
 
 
 # ---------------------------------------------------------------- expressions
@@ -154,8 +189,13 @@ DROP: Expr = {"drop": None}
 MASQUERADE: Expr = {"masquerade": None}
 
 
-def jump(chain: str) -> Expr:
-    return {"jump": {"target": chain}}
+def jump(target: str) -> Expr:
+    return {"jump": {"target": target}}
+
+
+def vmap(key: Expr, map_name: str) -> Expr:
+    """A lookup in the named verdict map: its verdict for ``key``, none (go on) when absent."""
+    return {"vmap": {"key": key, "data": ref(map_name)}}
 
 
 def dnat(addr: str, port: int) -> Expr:

@@ -7,9 +7,15 @@ network state and converges the kernel to it:
 - **State on disk** (``<state_dir>/net/``): the :class:`NetworkSegment` of
   each network the node carries and, per instance, its NICs (host interface,
   MAC, address).  Every change rewrites one file, then :meth:`Router.converge`
-  rebuilds Skyport's two nftables tables from *all* files in one transaction
-  (``compute.network.nft``), under the host-wide network lock.  Idempotent:
-  the same state gives the same tables.
+  brings Skyport's two nftables tables to what *all* files describe, under
+  the node's rule lock.  What only one instance changes (its NICs' set
+  elements, its security chains and their verdict-map entries) is loaded as
+  a delta of its own, whose cost does not grow with the instances the node
+  carries; anything else (a network, a published port) reloads both tables
+  whole in one transaction (``compute.network.nft``).  ``net/loaded.json``
+  records what the kernel was given, so a delta is computed against it;
+  without that record, or when a delta is refused, the tables are loaded
+  whole.  Idempotent: the same state gives the same tables either way.
 - **Gateway**: the network's ``.1`` on the bridge of every node that carries
   it (anycast; the node's own host address stays the bridge's primary
   address).  ARP for the gateway never crosses the VXLAN tunnel (bridge
@@ -33,11 +39,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
+import hashlib
 import ipaddress
 import json
 import logging
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -54,6 +64,7 @@ from compute.network.nft import (
     MASQUERADE,
     Chain,
     Expr,
+    Map,
     Rule,
     Set,
     Table,
@@ -68,10 +79,12 @@ from compute.network.nft import (
     payload,
     prefix,
     ref,
+    vmap,
 )
 from compute.spec import (
     Direction,
     Forward,
+    GroupMembers,
     InstanceSpec,
     Kind,
     NetworkSegment,
@@ -128,13 +141,17 @@ def tables(
     nics: Sequence[Nic],
     forwards: Sequence[Forward] = (),
     security: Mapping[str, tuple[SecurityRule, ...]] | None = None,
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[Table, Table]:
     """Skyport's ``inet`` and ``bridge`` tables for the given desired state.
 
     ``security`` maps an ifname to the resolved rules of its instance's
-    security groups; NICs not in it are not filtered.
+    security groups; NICs not in it are not filtered.  ``groups``: the
+    member addresses of the groups those rules name as remote (a group
+    without an entry admits nobody yet).
     """
-    return inet_table(name, uplink, segments, forwards), bridge_table(name, segments, nics, security or {})
+    inet = inet_table(name, uplink, segments, forwards)
+    return inet, bridge_table(name, segments, nics, security or {}, groups or {})
 
 
 def inet_table(
@@ -208,6 +225,7 @@ def bridge_table(
     segments: Sequence[NetworkSegment],
     nics: Sequence[Nic],
     security: Mapping[str, tuple[SecurityRule, ...]] | None = None,
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> Table:
     tunnels = sorted({vxlan.device_name(s.vni) for s in segments if s.vni is not None and s.tunnel_local})
     gateways = sorted({_ip(s.gateway) for s in segments if s.gateway})
@@ -252,9 +270,13 @@ def bridge_table(
         Rule("output", (match(oif, ref("tunnels")), jump("to_tunnel"))),
     )
     node_addresses = sorted({_ip(a) for s in segments for a in (s.host_address, s.gateway) if a is not None})
-    more = (Set("node_addresses", "ipv4_addr", tuple(node_addresses)),)
-    sg_chains, sg_rules = security_groups(security or {})
-    return Table("bridge", name, sets + more, chains + sg_chains, rules + sg_rules)
+    more: tuple[Set, ...] = (Set("node_addresses", "ipv4_addr", tuple(node_addresses)),)
+    more += tuple(
+        Set(group_set(g), "ipv4_addr", tuple(sorted((groups or {}).get(g, ()))))
+        for g in referenced_groups(security or {})
+    )
+    sg_chains, sg_rules, sg_maps = security_groups(security or {})
+    return Table("bridge", name, sets + more, chains + sg_chains, rules + sg_rules, sg_maps)
 
 
 # Security groups, stateless: this kernel has no bridge conntrack (nf_conntrack_bridge), so replies
@@ -263,12 +285,24 @@ def bridge_table(
 _ICMP_REPLIES = anon(("echo-reply", "destination-unreachable", "time-exceeded"))
 
 
+def group_set(group: str) -> str:
+    """The bridge table's set of the member addresses of security group ``group``."""
+    return f"grp_{group}"
+
+
+def referenced_groups(security: Mapping[str, Sequence[SecurityRule]]) -> list[str]:
+    """The groups the given rules name as remote (each has a set in the bridge table)."""
+    return sorted({r.remote_group for rules in security.values() for r in rules if r.remote_group})
+
+
 def _sg_match(rule: SecurityRule, peer: str, ports: str) -> list[Expr] | None:
     """The match of one rule (``peer`` saddr/daddr, ``ports`` dport/sport); None when it admits nobody."""
-    if not rule.remote:
+    if not rule.remote and not rule.remote_group:
         return None
     exprs: list[Expr] = [match(payload("ether", "type"), "ip")]
-    if "0.0.0.0/0" not in rule.remote:
+    if rule.remote_group:
+        exprs.append(match(payload("ip", peer), ref(group_set(rule.remote_group))))
+    elif "0.0.0.0/0" not in rule.remote:
         exprs.append(match(payload("ip", peer), anon(prefix(c) for c in sorted(rule.remote))))
     if rule.protocol != "any":
         exprs.append(match(meta("l4proto"), rule.protocol))
@@ -316,46 +350,168 @@ def _sg_chain(chain: str, rules: Sequence[SecurityRule], direction: Direction) -
     return out
 
 
+def nic_security(ifname: str, rules: Sequence[SecurityRule]) -> list[Rule]:
+    """The rules of a filtered NIC's ``to_<if>`` and ``from_<if>`` chains."""
+    return _sg_chain(f"to_{ifname}", rules, Direction.INGRESS) + _sg_chain(
+        f"from_{ifname}", rules, Direction.EGRESS
+    )
+
+
+def _sg_entries(ifname: str) -> dict[str, list[list[object]]]:
+    """A filtered NIC's entries in the verdict maps ``sg_to`` (frames to it) and ``sg_from``."""
+    return {"sg_to": [[ifname, jump(f"to_{ifname}")]], "sg_from": [[ifname, jump(f"from_{ifname}")]]}
+
+
 def security_groups(
     security: Mapping[str, tuple[SecurityRule, ...]],
-) -> tuple[tuple[Chain, ...], tuple[Rule, ...]]:
-    """Per filtered NIC a ``to_`` and a ``from_`` chain, reached through verdict maps keyed by interface."""
+) -> tuple[tuple[Chain, ...], tuple[Rule, ...], tuple[Map, ...]]:
+    """Per filtered NIC a ``to_`` and a ``from_`` chain, reached through named verdict maps keyed by
+    interface (named, so that one NIC's entries can be added and removed alone)."""
     chains: list[Chain] = [
         Chain("sg_ingress_fwd", hook="forward", priority=10),
         Chain("sg_ingress_out", hook="output", priority=10),
         Chain("sg_egress", hook="prerouting", priority=-150),
     ]
-    rules: list[Rule] = []
-    to_map, from_map = [], []
+    rules: list[Rule] = [
+        Rule("sg_ingress_fwd", (vmap(meta("oifname"), "sg_to"),)),
+        Rule("sg_ingress_out", (vmap(meta("oifname"), "sg_to"),)),
+        Rule("sg_egress", (vmap(meta("iifname"), "sg_from"),)),
+    ]
+    entries: dict[str, list[list[object]]] = {"sg_to": [], "sg_from": []}
     for ifname in sorted(security):
         chains += [Chain(f"to_{ifname}"), Chain(f"from_{ifname}")]
-        rules += _sg_chain(f"to_{ifname}", security[ifname], Direction.INGRESS)
-        rules += _sg_chain(f"from_{ifname}", security[ifname], Direction.EGRESS)
-        to_map.append([ifname, jump(f"to_{ifname}")])
-        from_map.append([ifname, jump(f"from_{ifname}")])
-    if security:
-        to_vmap: Expr = {"vmap": {"key": meta("oifname"), "data": {"set": to_map}}}
-        from_vmap: Expr = {"vmap": {"key": meta("iifname"), "data": {"set": from_map}}}
-        rules += [
-            Rule("sg_ingress_fwd", (to_vmap,)),
-            Rule("sg_ingress_out", (to_vmap,)),
-            Rule("sg_egress", (from_vmap,)),
-        ]
-    return tuple(chains), tuple(rules)
+        rules += nic_security(ifname, security[ifname])
+        for map_name, pairs in _sg_entries(ifname).items():
+            entries[map_name] += pairs
+    maps = tuple(Map(m, "ifname", tuple(entries[m])) for m in ("sg_to", "sg_from"))
+    return tuple(chains), tuple(rules), maps
+
+
+# ---------------------------------------------------------------- one NIC at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """What one NIC has in the loaded bridge table: its elements and, if filtered, its rules' digest."""
+
+    mac: str
+    address: str
+    security: str | None = None
+
+
+def loaded_nics(nics: Sequence[Nic], security: Mapping[str, tuple[SecurityRule, ...]]) -> dict[str, Loaded]:
+    found = {}
+    for n in nics:
+        rules = security.get(n.ifname)
+        found[n.ifname] = Loaded(n.mac, n.address, None if rules is None else _rules_digest(rules))
+    return found
+
+
+@functools.lru_cache(maxsize=256)
+def _rules_digest(rules: tuple[SecurityRule, ...]) -> str:
+    """The digest of the chains ``rules`` make (the same for every NIC but for the chains' names;
+    most NICs of a node share a few rule lists, so each is digested once)."""
+    return _digest([[r.chain[:3], r.expr, r.comment] for r in nic_security("-", rules)])
+
+
+def nic_delta(
+    table: str,
+    old: Mapping[str, Loaded],
+    nics: Sequence[Nic],
+    security: Mapping[str, tuple[SecurityRule, ...]],
+) -> list[dict[str, object]]:
+    """The commands that take the bridge table from ``old`` NICs to ``nics`` (their other parts equal).
+
+    Removals come first (a NIC's elements, then its map entries before the
+    chains they jump to); one transaction, so frames never see half a NIC.
+    """
+    want = loaded_nics(nics, security)
+    remove = [c for i, was in sorted(old.items()) for c in _nic_out(table, i, was, want.get(i))]
+    add = [c for i, now in sorted(want.items()) for c in _nic_in(table, i, old.get(i), now, security)]
+    return remove + add
+
+
+def members_delta(
+    table: str, old: Mapping[str, Sequence[str]], new: Mapping[str, Sequence[str]]
+) -> list[dict[str, object]]:
+    """The element changes that take each group's set from ``old`` members to ``new`` (same groups)."""
+    cmds: list[dict[str, object]] = []
+    for group in sorted(new):
+        before, after = set(old.get(group, ())), set(new[group])
+        if before - after:
+            cmds.append(nft.elements("delete", "bridge", table, group_set(group), sorted(before - after)))
+        if after - before:
+            cmds.append(nft.elements("add", "bridge", table, group_set(group), sorted(after - before)))
+    return cmds
+
+
+def _nic_elements(ifname: str, e: Loaded) -> dict[str, list[object]]:
+    return {"nic_mac": [{"concat": [ifname, e.mac]}], "nic_ip": [{"concat": [ifname, e.address]}]}
+
+
+def _nic_out(table: str, ifname: str, was: Loaded, now: Loaded | None) -> list[dict[str, object]]:
+    """What of ``was`` goes: all of it when the NIC is gone (``now`` None), else what ``now`` changes."""
+    cmds: list[dict[str, object]] = []
+    if now == was:
+        return cmds
+    if was.security is not None and (now is None or now.security is None):
+        cmds += [nft.elements("delete", "bridge", table, m, p) for m, p in _sg_entries(ifname).items()]
+        for c in (f"to_{ifname}", f"from_{ifname}"):
+            cmds += [nft.chain("flush", "bridge", table, c), nft.chain("delete", "bridge", table, c)]
+    if now is None:
+        cmds.append(nft.elements("delete", "bridge", table, "nics", [ifname]))
+    if now is None or (now.mac, now.address) != (was.mac, was.address):
+        cmds += [nft.elements("delete", "bridge", table, s, e) for s, e in _nic_elements(ifname, was).items()]
+    return cmds
+
+
+def _nic_in(
+    table: str,
+    ifname: str,
+    was: Loaded | None,
+    now: Loaded,
+    security: Mapping[str, tuple[SecurityRule, ...]],
+) -> list[dict[str, object]]:
+    """What of ``now`` comes: all of it for a new NIC (``was`` None), else what changed since ``was``."""
+    cmds: list[dict[str, object]] = []
+    if now == was:
+        return cmds
+    if was is None:
+        cmds.append(nft.elements("add", "bridge", table, "nics", [ifname]))
+    if was is None or (now.mac, now.address) != (was.mac, was.address):
+        cmds += [nft.elements("add", "bridge", table, s, e) for s, e in _nic_elements(ifname, now).items()]
+    if now.security is not None and (was is None or was.security != now.security):
+        for c in (f"to_{ifname}", f"from_{ifname}"):
+            cmds += [nft.chain("add", "bridge", table, c), nft.chain("flush", "bridge", table, c)]
+        cmds += [nft.add_rule("bridge", table, r) for r in nic_security(ifname, security[ifname])]
+        if was is None or was.security is None:
+            cmds += [nft.elements("add", "bridge", table, m, p) for m, p in _sg_entries(ifname).items()]
+    return cmds
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_rules(text: str) -> tuple[SecurityRule, ...]:
+    """An instance's security state file; most instances of a node share a few rule lists."""
+    return tuple(from_json(SecurityRule, r) for r in json.loads(text))
+
+
+def _digest(data: object) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- the node's state
 
 
-def prepare_devices(seg: NetworkSegment) -> None:
+def prepare_devices(seg: NetworkSegment, prune: bool = False) -> None:
     """Create the tenant bridge with this node's addresses on it, then its VXLAN device and peers.
 
     A segment without a local tunnel address stays on this node's bridge.
-    Peers are only added here, never removed: creates and ensures for one
-    network may be handled out of order (two worker processes), and a stale
-    peer list must not cut off a node that joined since.  A peer that no
-    longer carries the network only receives copies of broadcast frames.
-    The device functions take the host-wide network lock themselves.
+    Without ``prune`` peers are only added, never removed: creates and
+    ensures for one network may be handled out of order (two worker
+    processes), and a stale peer list must not cut off a node that joined
+    since.  :meth:`Router.ensure` prunes only for a segment whose
+    ``peers_serial`` is newer than every one it applied before.  The device
+    functions take the host-wide network lock themselves.
     """
     collision = route_collision(seg)
     if collision:
@@ -370,7 +526,7 @@ def prepare_devices(seg: NetworkSegment) -> None:
         return
     try:
         vxlan.ensure_vxlan(seg.vni, seg.tunnel_local, seg.bridge, seg.mtu)
-        vxlan.set_peers(seg.vni, seg.tunnel_peers, prune=False)
+        vxlan.set_peers(seg.vni, seg.tunnel_peers, prune=prune)
     except (bridge.NetworkError, NetlinkError, OSError) as exc:
         raise RouterError(f"cannot prepare VXLAN {seg.vni} of {seg.network}: {exc}") from exc
 
@@ -399,6 +555,10 @@ class Router:
         return self.root / "forwards"
 
     @property
+    def _groups(self) -> Path:
+        return self.root / "groups"
+
+    @property
     def _dns(self) -> Path:
         return self.root / "dns"
 
@@ -423,19 +583,53 @@ class Router:
                 log.warning("ignoring unreadable NIC state %s: %s", path, exc)
         return found
 
-    def security(self) -> dict[str, tuple[SecurityRule, ...]]:
-        """Resolved rules by host interface, for the instances whose security groups are known."""
+    def security(
+        self, nics: Mapping[str, Sequence[Nic]] | None = None
+    ) -> dict[str, tuple[SecurityRule, ...]]:
+        """Resolved rules by host interface, for the instances whose security groups are known.
+
+        ``nics``: :meth:`instance_nics`, when the caller has read them already.
+        """
         by_if: dict[str, tuple[SecurityRule, ...]] = {}
-        nics = self.instance_nics()
+        nics = self.instance_nics() if nics is None else nics
         for path in sorted(self._security.glob("*.json")) if self._security.is_dir() else []:
             try:
-                rules = tuple(from_json(SecurityRule, r) for r in json.loads(path.read_text()))
+                rules = _parse_rules(path.read_text())
             except (SpecError, ValueError) as exc:
                 log.warning("ignoring unreadable security state %s: %s", path, exc)
                 continue
             for nic in nics.get(path.stem, ()):
                 by_if[nic.ifname] = rules
         return by_if
+
+    def group_members(self) -> dict[str, tuple[str, ...]]:
+        """The member addresses of each security group this node was told of."""
+        found: dict[str, tuple[str, ...]] = {}
+        for path in sorted(self._groups.glob("*.json")) if self._groups.is_dir() else []:
+            try:
+                found[path.stem] = tuple(json.loads(path.read_text())["addresses"])
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable group state %s: %s", path, exc)
+        return found
+
+    def _write_members(self, members: GroupMembers) -> bool:
+        """Record a group's members unless a newer version was applied; whether they were."""
+        path = self._groups / f"{members.group}.json"
+        try:
+            applied = int(json.loads(path.read_text())["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            applied = 0
+        if members.version and members.version < applied:
+            log.info("group %s: members v%d ignored, v%d applied", members.group, members.version, applied)
+            return False
+        _write(path, {"addresses": sorted(members.addresses), "version": max(members.version, applied)})
+        return True
+
+    def _prune_groups(self, referenced: Sequence[str]) -> None:
+        """Forget the members of groups no rule on this node names any more."""
+        for path in self._groups.glob("*.json") if self._groups.is_dir() else []:
+            if path.stem not in referenced:
+                path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -459,13 +653,16 @@ class Router:
         return found
 
     def desired(self) -> tuple[Table, Table]:
+        security = self.security()
+        told = self.group_members()
         return tables(
             self.config.nft_table,
             self.config.uplink,
             self.segments(),
             self.nics(),
             self.forwards(),
-            self.security(),
+            security,
+            {g: told.get(g, ()) for g in referenced_groups(security)},
         )
 
     # ------------------------------------------------------------ changes
@@ -478,36 +675,149 @@ class Router:
         making it and using it.  Writing the segment marks the network in use.
         """
         with self._lock():
-            prepare_devices(seg)
-            _write(self._segments / f"{seg.bridge}.json", to_json(seg))
-            self._routing(seg)
+            self._carry_locked([seg])
             self._converge_locked()
-            try:
-                self._resolver(seg)
-            except (RouterError, OSError, subprocess.SubprocessError) as exc:
-                # DNS is a service on the network, not a condition of it: instances still start
-                log.warning("the resolver of %s is not running: %s", seg.network, exc)
+            self._resolvers([seg])
+
+    def _peers_serial(self, bridge_name: str) -> int:
+        """The highest ``peers_serial`` applied to the network on this bridge (0: none yet)."""
+        path = self._segments / f"{bridge_name}.json"
+        try:
+            return int(json.loads(path.read_text()).get("peers_serial", 0))
+        except (FileNotFoundError, ValueError, AttributeError):
+            return 0
 
     def attach(self, spec: InstanceSpec) -> None:
         """Record the instance's NICs for port security and enforce it (before the workload starts)."""
         if not spec.networks:
             return
         with self._lock():
-            _write(self._nics / f"{spec.instance_id}.json", [dataclasses.asdict(n) for n in nics_of(spec)])
-            if spec.security is not None:
-                _write(self._security / f"{spec.instance_id}.json", [to_json(r) for r in spec.security])
+            self._record_nics_locked(spec)
             self._converge_locked()
 
-    def set_security(self, instance_id: str, rules: Sequence[SecurityRule]) -> None:
-        """Make ``rules`` the instance's security group rules (enforced on its NICs at once)."""
-        self.set_security_many({instance_id: rules})
+    def prepare(self, spec: InstanceSpec) -> list[NetworkSegment]:
+        """:meth:`ensure` each network of ``spec``, then :meth:`attach` it, with one rule load.
 
-    def set_security_many(self, rules: Mapping[str, Sequence[SecurityRule]]) -> None:
-        """Make each instance's rules its security group rules, all in one converge."""
+        What a create needs before its workload starts.  Loading the rules is
+        the dearest step (the whole table set in one ``nft -f``): done once
+        here after the segments and the NICs are written, not once per network
+        and once more for the NICs; the rules loaded are the same.
+
+        A network this node already carries with the same devices (its stored
+        segment differs at most in ``hosts``, and its bridge exists) is not
+        prepared again: the devices are the node's own, made under this lock;
+        an :meth:`ensure` (``Task.ENSURE_NETWORK``) still checks and repairs
+        them all.  The resolvers are left to :meth:`update_resolvers`, which
+        the caller runs once the workload is up (DNS does not gate a start).
+        Returns the segments to give it.
+        """
+        if not spec.networks:
+            return []
+        segments = list({nic.segment.bridge: nic.segment for nic in spec.networks}.values())
+        with self._lock():
+            self._carry_locked(segments, again=False)
+            self._record_nics_locked(spec)
+            self._converge_locked()
+        return segments
+
+    def update_resolvers(self, segments: Sequence[NetworkSegment]) -> None:
+        """Bring each segment's resolver to its names (see :meth:`prepare`)."""
+        with self._lock():
+            self._resolvers(segments)
+
+    def _carry_locked(self, segments: Sequence[NetworkSegment], again: bool = True) -> None:
+        for seg in segments:
+            path = self._segments / f"{seg.bridge}.json"
+            applied = self._peers_serial(seg.bridge)
+            if again or not self._carried(path, seg):
+                # only a newer peer list removes flood entries; an older or equal one only adds
+                prepare_devices(seg, prune=seg.peers_serial > applied)
+            stored = dataclasses.replace(seg, peers_serial=max(seg.peers_serial, applied))
+            _write(path, to_json(stored))
+            self._routing(stored)
+
+    @staticmethod
+    def _carried(path: Path, seg: NetworkSegment) -> bool:
+        """Whether ``path`` holds ``seg`` but for its hosts, and its bridge (and tunnel) exist."""
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(stored, dict):
+            return False
+        wanted = to_json(seg)
+        same = {k: v for k, v in stored.items() if k != "hosts"} == {
+            k: v for k, v in wanted.items() if k != "hosts"
+        }
+        devices = [seg.bridge]
+        if seg.vni is not None and seg.tunnel_local is not None:
+            devices.append(vxlan.device_name(seg.vni))
+        try:  # this thread's network namespace (sysfs shows the one it was mounted in)
+            for d in devices:
+                socket.if_nametoindex(d)
+        except OSError:
+            return False
+        return same
+
+    def _resolvers(self, segments: Sequence[NetworkSegment]) -> None:
+        for seg in segments:
+            try:
+                self._resolver(seg)
+            except (RouterError, OSError, subprocess.SubprocessError) as exc:
+                # DNS is a service on the network, not a condition of it: instances still start
+                log.warning("the resolver of %s is not running: %s", seg.network, exc)
+
+    def _record_nics_locked(self, spec: InstanceSpec) -> None:
+        _write(self._nics / f"{spec.instance_id}.json", [dataclasses.asdict(n) for n in nics_of(spec)])
+        if spec.security is not None:
+            self._write_security(spec.instance_id, spec.security, spec.security_version)
+        for members in spec.security_members:
+            self._write_members(members)
+
+    def set_security(self, instance_id: str, rules: Sequence[SecurityRule], version: int = 0) -> None:
+        """Make ``rules`` the instance's security group rules (enforced on its NICs at once)."""
+        self.set_security_many({instance_id: rules}, {instance_id: version})
+
+    def set_security_many(
+        self,
+        rules: Mapping[str, Sequence[SecurityRule]],
+        versions: Mapping[str, int] | None = None,
+        groups: Sequence[GroupMembers] = (),
+    ) -> list[str]:
+        """Make each instance's rules its security group rules and each group's members its members,
+        all in one converge.
+
+        A list whose version is older than the one applied to its instance
+        (or group) is ignored (version 0: always applied).  Returns the
+        instances and groups (``group:<id>``) ignored.
+        """
+        versions = versions or {}
+        stale = []
         with self._lock():
             for instance_id, own in rules.items():
-                _write(self._security / f"{instance_id}.json", [to_json(r) for r in own])
-            self._converge_locked()
+                if not self._write_security(instance_id, own, versions.get(instance_id, 0)):
+                    stale.append(instance_id)
+            for members in groups:
+                if not self._write_members(members):
+                    stale.append(f"group:{members.group}")
+            if len(stale) < len(rules) + len(groups):
+                self._converge_locked()
+        return stale
+
+    def _write_security(self, instance_id: str, rules: Sequence[SecurityRule], version: int) -> bool:
+        """Record the instance's rules unless a newer version was applied; whether they were."""
+        serial = self._security / f"{instance_id}.version"
+        try:
+            applied = int(serial.read_text())
+        except (FileNotFoundError, ValueError):
+            applied = 0
+        if version and version < applied:
+            log.info("ignoring security rules version %d of %s: %d applied", version, instance_id, applied)
+            return False
+        _write(self._security / f"{instance_id}.json", [to_json(r) for r in rules])
+        if version > applied:
+            _write_text(serial, str(version))
+        return True
 
     def set_forwards(self, instance_id: str, forwards: Sequence[Forward]) -> None:
         """Make ``forwards`` the instance's complete list of published ports (empty: none)."""
@@ -527,12 +837,13 @@ class Router:
     def detach(self, instance_id: str) -> None:
         """Forget the instance's NICs and published ports, and remove their rules."""
         paths = [self._nics / f"{instance_id}.json", self._forwards / f"{instance_id}.json"]
-        paths.append(self._security / f"{instance_id}.json")
+        paths += [self._security / f"{instance_id}.json", self._security / f"{instance_id}.version"]
         if not any(p.exists() for p in paths):
             return
         with self._lock():
             for path in paths:
                 path.unlink(missing_ok=True)
+            self._prune_groups(referenced_groups(self.security()))
             self._converge_locked()
 
     def release(self, bridge_name: str) -> None:
@@ -552,6 +863,24 @@ class Router:
             bridge.delete_bridge(bridge_name)
         except (bridge.NetworkError, NetlinkError, OSError) as exc:
             raise RouterError(f"cannot remove the devices of {bridge_name}: {exc}") from exc
+
+    def release_unused(self, bridge_name: str) -> bool:
+        """Release the network of ``bridge_name`` now if no recorded NIC and no other port is on it.
+
+        For a network its tenant deleted (:class:`compute.spec.ReleaseNetwork`):
+        no grace, but the same checks as :meth:`idle`, under the same lock.
+        A bridge this node does not have is released already (True).
+        """
+        with self._lock():
+            if bridge_name in {n.bridge for n in self.nics()}:
+                return False
+            path = self._segments / f"{bridge_name}.json"
+            seg = from_json(NetworkSegment, json.loads(path.read_text())) if path.exists() else None
+            tunnel = vxlan.device_name(seg.vni) if seg is not None and seg.vni is not None else None
+            if any(port != tunnel for port in bridge.bridge_ports(bridge_name)):
+                return False
+            self._release_locked(bridge_name)
+            return True
 
     def idle(self, grace: float, now: float | None = None) -> list[NetworkSegment]:
         """The networks this node carries that no instance has used for ``grace`` seconds.
@@ -590,18 +919,63 @@ class Router:
         return released
 
     def converge(self) -> None:
+        """Load both tables whole from the state files (repairs rules changed outside Skyport)."""
         with self._lock():
-            self._converge_locked()
+            self._converge_locked(whole=True)
 
-    def _converge_locked(self) -> None:
+    @property
+    def _loaded_path(self) -> Path:
+        return self.root / "loaded.json"
+
+    def _loaded(self) -> tuple[str, dict[str, Loaded], dict[str, list[str]]] | None:
+        """The base tables' digest, the NICs and the group members the kernel was last given."""
         try:
-            nft.apply(self.desired())
+            data = json.loads(self._loaded_path.read_text())
+            nics = {k: Loaded(*v) for k, v in data["nics"].items()}
+            return str(data["base"]), nics, {str(k): list(v) for k, v in data["groups"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def _converge_locked(self, whole: bool = False) -> None:
+        """Bring the kernel's tables to the state files: a per-NIC delta when only NICs changed.
+
+        ``whole`` loads both tables whole whatever the record says (drift repair).
+        """
+        name, uplink = self.config.nft_table, self.config.uplink
+        segments, forwards = self.segments(), self.forwards()
+        by_instance = self.instance_nics()
+        nics, security = [n for ns in by_instance.values() for n in ns], self.security(by_instance)
+        told = self.group_members()
+        # which groups have a set is structure; who is in them changes with every create
+        groups = {g: sorted(told.get(g, ())) for g in referenced_groups(security)}
+        base_tables = tables(name, uplink, segments, (), forwards, {})
+        base = _digest([[t.commands() for t in base_tables], sorted(groups)])
+        loaded = None if whole else self._loaded()
+        try:
+            if loaded is not None and loaded[0] == base:
+                delta = members_delta(name, loaded[2], groups) + nic_delta(name, loaded[1], nics, security)
+                if not delta:
+                    return
+                # a crash between the load and the record: no record, the next change loads whole
+                self._loaded_path.unlink(missing_ok=True)
+                try:
+                    nft.run(delta)
+                except nft.NftError as exc:
+                    log.warning("a per-NIC rule change was refused (%s); loading the tables whole", exc)
+                    nft.apply(tables(name, uplink, segments, nics, forwards, security, groups))
+            else:
+                self._loaded_path.unlink(missing_ok=True)
+                nft.apply(tables(name, uplink, segments, nics, forwards, security, groups))
         except nft.NftError as exc:
             raise RouterError(f"cannot load the nftables rules: {exc}") from exc
+        want = {k: [v.mac, v.address, v.security] for k, v in loaded_nics(nics, security).items()}
+        _write(self._loaded_path, {"base": base, "nics": want, "groups": groups})
         # Listing the tables back costs as much as loading them: the next heartbeat takes the
-        # fingerprint (drift between this load and that heartbeat goes unnoticed once).
+        # fingerprint (drift between this load and that heartbeat goes unnoticed once).  Each
+        # load has its own token, so a heartbeat that listed the tables while another load
+        # went in does not store what it listed (see drift).
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "fingerprint").write_text(PENDING)
+        (self.root / "fingerprint").write_text(f"{PENDING} {secrets.token_hex(8)}")
 
     def _fingerprint(self) -> str:
         name = self.config.nft_table
@@ -617,9 +991,12 @@ class Router:
             now = self._fingerprint()
         except nft.NftError as exc:
             return f"cannot read the rules: {exc}"
-        if stored == PENDING:
+        if stored.startswith(PENDING):
+            # Listed outside the lock: store it only if no load went in since the token was read,
+            # else it may be the tables before that load, and the next beat would call the rules
+            # "changed outside Skyport" and load them whole for nothing.
             with self._lock():
-                if (self.root / "fingerprint").read_text() == PENDING:
+                if (self.root / "fingerprint").read_text() == stored:
                     (self.root / "fingerprint").write_text(now)
             return ""
         if now == stored:
@@ -631,6 +1008,7 @@ class Router:
         for seg in self.segments():
             self.release(seg.bridge)
         nft.delete(self.desired())
+        self._loaded_path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------ routing and DNS
 

@@ -4,7 +4,8 @@ The namespace is created by a short-lived thread that ``unshare``s its own
 network namespace (no fork: ``IPRoute(netns=…)`` forks a helper and costs
 more), creates the veth *inside* it with the peer pushed to the host
 namespace, sets the address, MAC, MTU, loopback and, only if the attachment
-has a gateway, a default route.  The namespace is bind-mounted on
+has a gateway, a default route (only the first such NIC: eth0, eth1, ... in
+the spec's order, one default route).  The namespace is bind-mounted on
 ``netns_path`` so crun can join it; once crun has joined, the caller
 unmounts it and the namespace lives exactly as long as the container.  When
 it goes, the kernel deletes the veth pair: nothing to clean up on the host.
@@ -36,6 +37,7 @@ def host_ifname(short_id: str, index: int) -> str:
 def _wire_inside(ipr: IPRoute, nics: Sequence[NetworkAttachment], hosts: Sequence[str], host_fd: int) -> None:
     lo = ipr.link_lookup(ifname="lo")[0]
     ipr.link("set", index=lo, state="up")
+    routed = False  # one default route: through the first NIC that has a gateway
     for i, (nic, host) in enumerate(zip(nics, hosts, strict=True)):
         name = f"eth{i}"
         ipr.link("add", ifname=name, kind="veth", peer={"ifname": host, "net_ns_fd": host_fd})
@@ -44,8 +46,9 @@ def _wire_inside(ipr: IPRoute, nics: Sequence[NetworkAttachment], hosts: Sequenc
         ipr.link("set", index=idx, address=nic.mac, mtu=nic.mtu)
         ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         ipr.link("set", index=idx, state="up")
-        if nic.gateway:
+        if nic.gateway and not routed:
             ipr.route("add", dst="default", gateway=nic.gateway, oif=idx)
+            routed = True
 
 
 def create_netns(netns_path: Path, short_id: str, nics: Sequence[NetworkAttachment]) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import IntegrityError
+from django.db import IntegrityError, OperationalError
 from django.db.models import ProtectedError, RestrictedError
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions, status
@@ -54,7 +54,30 @@ def _first_message(data: Any) -> str:
     return str(data)
 
 
+class DatabaseBusy(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "The database is busy with other writes; nothing was changed. Retry in a few seconds."
+    default_code = "database_busy"
+
+
+def _database_busy(exc: Exception) -> bool:
+    """SQLite's writer lock not granted within its busy timeout (30 s): a load problem, not a bug.
+
+    The transaction that asked for it was rolled back (or never began), so the
+    client may simply retry; PostgreSQL has no such error.
+    """
+    return isinstance(exc, OperationalError) and "database is locked" in str(exc)
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    busy = _database_busy(exc)
+    response = _handle(DatabaseBusy() if busy else exc, context)
+    if busy and response is not None:
+        response["Retry-After"] = "5"
+    return response
+
+
+def _handle(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, ProtectedError | RestrictedError):
         exc = Conflict("This object is still in use by other objects and cannot be deleted.")
     elif isinstance(exc, IntegrityError):

@@ -13,7 +13,7 @@ from portal.cloud.api.views import (
 )
 from portal.images.api.views import ImageViewSet, blob, node_upload
 from portal.metering.api.views import BudgetViewSet, PriceSheetViewSet, UsageViewSet
-from portal.storage.api.views import VolumeViewSet
+from portal.storage.api.views import VolumeViewSet, instance_backup_content, volume_content
 from portal.tenancy.api.views import (
     APITokenViewSet,
     MembershipViewSet,
@@ -44,6 +44,12 @@ router.register("budgets", BudgetViewSet)
 
 urlpatterns = [
     path("blobs/uploads/<int:image_id>", node_upload, name="node-upload"),
+    path("volumes/<uuid:volume_id>/content", volume_content, name="volume-content"),
+    path(
+        "instances/<uuid:instance_id>/backup-content",
+        instance_backup_content,
+        name="instance-backup-content",
+    ),
     # `curl -T FILE ".../images/ID/file/?type=..."` appends FILE's name to a path ending in "/":
     # accept that form too (the name is ignored), so the README's one-liner works as written
     re_path(

@@ -50,6 +50,8 @@ class TaskState(models.TextChoices):
     DELETING_SNAPSHOT = "deleting_snap", "Deleting snapshot"
     RESIZING = "resizing"
     PUBLISHING = "publishing"
+    MIGRATING = "migrating"
+    BACKING_UP = "backing_up", "Backing up"
     DELETING = "deleting"
 
 

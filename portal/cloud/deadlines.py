@@ -23,6 +23,8 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
+from compute.spec import Action
+from portal.cloud.choices import TaskState
 from portal.cloud.states import RULES
 
 #: kombu's Redis transport (5.x) looks for unacknowledged messages older than the visibility
@@ -32,6 +34,8 @@ RESTORE_CHECK_SECONDS = 100.0
 
 #: how long a node may take for the work itself once it has the message, per task state
 WORK_SECONDS: dict[str, float] = {rule.task: rule.work_seconds for rule in RULES.values()}
+#: a VM disk backup (portal/storage/backups.py) is the node's ``send_disk`` under a task state of its own
+WORK_SECONDS[TaskState.BACKING_UP] = RULES[Action.SEND_DISK].work_seconds
 
 #: a deadline must exceed the redelivery delay by at least this much
 MIN_MARGIN_SECONDS = 30.0

@@ -20,8 +20,10 @@ counts), so usage is the same before and after.
 **Drain** (the node is alive): the node is disabled for new placements and
 its containers are moved cold: the node destroys its copy first, and only
 its observation of that sends the create to the target (one copy at a time,
-one address on the network).  VMs stay (their disk is on this node; a cold
-migration copying it is not built yet): the report lists them.
+one address on the network).  Its VMs are migrated cold with their disk
+(:mod:`portal.cloud.vm_migration`: shut down cleanly, disk sent through the
+portal, built on the target, then the source copy destroyed); a VM with
+volumes or snapshots, or one no node can take, stays, listed with the reason.
 
 **The lost node comes back**: every move leaves an :class:`Evacuation` row;
 the old node's reconcile sends it a destroy of each copy the portal has
@@ -47,7 +49,17 @@ from django.utils import timezone
 from compute.spec import Action, CreateInstance, DeleteInstance, InventoryItem, Kind, Observation, PowerState
 from portal.audit.log import record
 from portal.audit.models import Outcome
-from portal.cloud import deadlines, dispatch, forwards, networks, placement, scheduler, services, states
+from portal.cloud import (
+    deadlines,
+    dispatch,
+    forwards,
+    networks,
+    placement,
+    scheduler,
+    services,
+    states,
+    vm_migration,
+)
 from portal.cloud.choices import NodeStatus, TaskState, VmState
 from portal.cloud.models import ComputeNode, Evacuation, Instance
 from portal.errors import Conflict
@@ -64,16 +76,12 @@ DATA_LOSS = (
     "error; their files are still on {node} if it comes back. Snapshots (inside the lost disks) are "
     "marked missing; published ports on {node}'s external addresses are removed."
 )
-VM_STAYS = (
-    "VMs stay: the disk is on {node}, and a cold migration that copies it is not built yet. Migrate "
-    "it manually (publish its disk as an image and launch that elsewhere), or stop the node's worker "
-    "and evacuate the node (the VM is then rebuilt from its image and its disk is lost)"
-)
 
 
 @dataclasses.dataclass(frozen=True)
 class Move:
-    """What happened to one instance: rebuilding / moving (drain) / error / deleted / stays."""
+    """What happened to one instance: rebuilding / moving (drain) / migrating (drain, a VM) / error /
+    deleted / stays."""
 
     id: str
     name: str
@@ -323,8 +331,9 @@ def _rebuild(
     _leave_behind(inst, source, target, mode, create_pending=not create_now, then_stop=was_stopped)
     if create_now:
         dispatch.send(target.queue, CreateInstance(spec, action_id))
-    if target.tunnel_address:  # the network's other nodes learn the new peer
-        networks.sync_network(inst.network, exclude=target)
+    if target.tunnel_address:  # each network's other nodes learn the new peer
+        for net in dict.fromkeys(p.network for p in networks.nics(inst)):
+            networks.sync_network(net, exclude=target)
     message = f"from {source.name} to {target.name}: {reason}" + (f"; {'; '.join(notes)}" if notes else "")
     _event(inst, f"instance.{mode}", message, user, action_id=action_id)
     return Move(
@@ -443,8 +452,25 @@ def _drained_before_loss(source: ComputeNode) -> list[Move]:
     return moves
 
 
+def _migrate(inst: Instance, nodes: list[ComputeNode], source: ComputeNode, user: Any) -> Move:
+    """A VM of a drained node: its cold migration starts (``vm_migration``), or it stays with the reason."""
+
+    def stays(why: str) -> Move:
+        return Move(str(inst.pk), inst.name, inst.tenant.slug, inst.kind, "stays", None, why)
+
+    why = vm_migration.why_it_stays(inst, source)
+    if why:
+        return stays(why)
+    target, reason, why = _choose(inst, nodes, source)
+    if target is None:
+        return stays(f"no node can take it: {_named_rejections(inst, nodes, source) or why}")
+    dest = next(n for n in nodes if n.name == target)
+    message = vm_migration.begin(inst, source, dest, reason, user)
+    return Move(str(inst.pk), inst.name, inst.tenant.slug, inst.kind, "migrating", dest.name, message)
+
+
 def drain(node: ComputeNode, user: Any) -> Report:
-    """Disable a live node and move its containers cold; VMs stay (listed with the reason)."""
+    """Disable a live node, move its containers cold and start the cold migration of its VMs."""
     with transaction.atomic():
         nodes = _locked_nodes()
         source = next(n for n in nodes if n.pk == node.pk)
@@ -458,15 +484,14 @@ def drain(node: ComputeNode, user: Any) -> Report:
         source.save(update_fields=["status", "status_reason"])
         loss = (
             f"Containers are restarted from their image on another node (their writable layer on "
-            f"{source.name} is not copied); VMs stay on {source.name}."
+            f"{source.name} is not copied). VMs are migrated cold with their disk: each is shut down "
+            f"(cleanly, or it stays), its disk copied, and it is started again on its target if it ran; "
+            f"a VM with volumes or snapshots stays on {source.name}."
         )
         report = Report(source.name, Evacuation.Mode.DRAIN, source.status, loss)
         for inst in _residents(source):
             if inst.kind == Kind.VM:
-                why = VM_STAYS.format(node=source.name)
-                report.moves.append(
-                    Move(str(inst.pk), inst.name, inst.tenant.slug, inst.kind, "stays", None, why)
-                )
+                report.moves.append(_migrate(inst, nodes, source, user))
                 continue
             if inst.task_state is not None:
                 why = f"busy ({inst.task_state}); drain again when it has finished"
@@ -538,13 +563,17 @@ def left_behind(
     now = timezone.now()
     closed_since = Evacuation.objects.filter(source=node, cleaned_at__gte=sent).values_list("instance_id")
     stale: set[str] = {str(iid) for (iid,) in closed_since} & set(seen)
+    # a VM migrating off this node (vm_migration) is defined here until the target runs it: no orphan
+    migrating = Evacuation.objects.filter(source=node, cleaned_at__isnull=True).exclude(step="")
+    stale |= {str(iid) for iid in migrating.values_list("instance_id", flat=True)} & set(seen)
     # a steady beat (nothing moved off this node) takes no row lock: read first, lock what is open
+    # (a VM migration in progress, ``step`` set, is vm_migration's: its copy is the instance)
     open_rows = list(
-        Evacuation.objects.filter(source=node, cleaned_at__isnull=True).values_list("pk", flat=True)
+        Evacuation.objects.filter(source=node, cleaned_at__isnull=True, step="").values_list("pk", flat=True)
     )
     rows = (
         Evacuation.objects.select_for_update(of=("self",))
-        .filter(pk__in=open_rows, cleaned_at__isnull=True)
+        .filter(pk__in=open_rows, cleaned_at__isnull=True, step="")
         .select_related("instance", "target", "source")
     )
     for ev in rows if open_rows else ():

@@ -100,7 +100,7 @@ def unpublish(row: PublishedPort) -> None:
 
 def forwards_of(instance: Instance) -> InstanceForwards:
     """The instance's complete list of published ports, as its node applies them."""
-    port = instance.ports.first()
+    port = instance.ports.order_by("index", "pk").first()  # published ports reach the first NIC (eth0)
     rows = PublishedPort.objects.filter(instance=instance).select_related("external")
     return InstanceForwards(
         str(instance.pk),

@@ -168,6 +168,11 @@ class Network(models.Model):
         db_default=True,
         help_text="Operators: traffic may leave through the nodes' uplinks (source NAT)",
     )
+    peers_serial = models.PositiveBigIntegerField(
+        default=0,
+        db_default=0,
+        help_text="Raised for each VXLAN peer list sent to the carrying nodes (they prune on a newer one)",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = TenantScopedQuerySet.as_manager()
@@ -208,12 +213,15 @@ class HostPort(models.Model):
 
 
 class Port(models.Model):
-    """An instance's address and MAC on a network (IPAM)."""
+    """An instance's address and MAC on a network (IPAM): one NIC, ``index`` its place (eth0, eth1, ...)."""
 
     network = models.ForeignKey(Network, on_delete=models.CASCADE, related_name="ports")
     instance = models.ForeignKey("Instance", on_delete=models.CASCADE, related_name="ports")
     address = models.GenericIPAddressField(protocol="IPv4")
     mac = models.CharField(max_length=17, unique=True)
+    index = models.PositiveSmallIntegerField(
+        default=0, db_default=0, help_text="The NIC's place on the instance: 0 is eth0 (the default route)"
+    )
 
     class Meta:
         ordering = ["network", "address"]
@@ -247,7 +255,10 @@ class Instance(models.Model):
     isolation_reason = models.CharField(max_length=255)
     # Deleted instances are kept for the record; their image may be deleted after them.
     image = models.ForeignKey("images.Image", null=True, on_delete=models.SET_NULL, related_name="instances")
-    network = models.ForeignKey("Network", on_delete=models.PROTECT, related_name="instances")
+    # The first NIC's network (eth0); every NIC is a Port (``index`` orders them).  Null once deleted.
+    network = models.ForeignKey(
+        "Network", null=True, blank=True, on_delete=models.SET_NULL, related_name="instances"
+    )
     anti_affinity_group = models.CharField(max_length=63, blank=True)
     ssh_keys = models.JSONField(default=list, blank=True, help_text="Public keys injected at creation")
     user_data = models.TextField(blank=True)
@@ -346,6 +357,13 @@ class Evacuation(models.Model):
         EVACUATE = "evacuate"
         DRAIN = "drain"
 
+    class Step(models.TextChoices):
+        DONE = "", "-"
+        STOPPING = "stopping"  # the source shuts the VM down (cleanly, or refuses)
+        SENDING = "sending"  # the source uploads its flattened disk
+        IMPORTING = "importing"  # the disk arrived; the portal checks it
+        CREATING = "creating"  # the target builds the VM on that disk
+
     instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="evacuations")
     source = models.ForeignKey(ComputeNode, on_delete=models.CASCADE, related_name="evacuations")
     target = models.ForeignKey(
@@ -361,6 +379,17 @@ class Evacuation(models.Model):
     )
     then_stop = models.BooleanField(
         default=False, help_text="The instance was stopped: stop it again once it is rebuilt"
+    )
+    # A VM's cold migration (drain) in progress: the step it is at; "" once the copy on the
+    # target runs and this row is what is left on the source (portal/cloud/vm_migration.py).
+    step = models.CharField(max_length=12, choices=Step.choices, blank=True, default="")
+    image = models.ForeignKey(
+        "images.Image",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The hidden image the VM's disk travels through (deleted after the move)",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     cleaned_at = models.DateTimeField(

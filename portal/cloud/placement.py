@@ -17,7 +17,7 @@ from django.db.models import Count, Q, Sum
 from compute.spec import Kind
 from portal.cloud import scheduler
 from portal.cloud.choices import NodeStatus, RequestedKind
-from portal.cloud.models import ComputeNode, Flavor, Instance, SecurityGroup
+from portal.cloud.models import ComputeNode, Flavor, Instance, Network, SecurityGroup
 from portal.errors import Conflict, NotFound, QuotaExceeded
 from portal.images.models import Image
 from portal.tenancy.models import Quota, Tenant
@@ -55,6 +55,7 @@ class Request:
         return [k for k, v in given.items() if v]
 
     security_groups: tuple[SecurityGroup, ...] = ()  # none: the tenant's default group
+    networks: tuple[Network, ...] = ()  # the NICs in order (eth0 first); none: the tenant's default network
 
 
 @dataclasses.dataclass(frozen=True)

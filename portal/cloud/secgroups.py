@@ -2,12 +2,16 @@
 
 Why resolution happens here: a rule's remote group is a set of instances,
 and only the portal knows their addresses.  :func:`rules_for` turns an
-instance's groups into :class:`compute.spec.SecurityRule` objects with
-plain CIDRs (a remote group becomes its members' ``/32`` addresses).  Any
-change that can alter someone's resolved rules (a rule added or removed, a
-group attached or detached, an instance created or deleted) re-sends the
-complete list to every live instance whose resolution it changes
-(:func:`sync`), on commit: the nodes converge in one nftables transaction each, nothing
+instance's groups into :class:`compute.spec.SecurityRule` objects; a rule
+whose remote is a group names the group (``remote_group``), and the group's
+members go to the nodes as a :class:`compute.spec.GroupMembers` list, which
+a node keeps in one nftables set per group.  A change of rules (a rule
+added or removed, groups attached or detached) re-sends the complete rule
+list of every live instance it changes (:func:`sync`); a change of members
+(an instance created or deleted) re-sends only the member lists of its
+groups, to the nodes whose instances admit them (:func:`sync_members`):
+one message per such node, whatever the number of members.  Both happen on
+commit; the nodes converge in one nftables transaction each, nothing
 restarts.
 """
 
@@ -17,8 +21,9 @@ import ipaddress
 from collections.abc import Iterable
 
 from django.db import IntegrityError, transaction
+from django.db.models import F
 
-from compute.spec import Direction, InstanceSecurity, SecurityBatch, SecurityRule
+from compute.spec import Direction, GroupMembers, InstanceSecurity, SecurityBatch, SecurityRule
 from portal.cloud import dispatch
 from portal.cloud.choices import VmState
 from portal.cloud.models import Instance, Port, SecurityGroup, SecurityGroupRule
@@ -41,58 +46,118 @@ def default_group(tenant: Tenant) -> SecurityGroup:
     return group
 
 
-def _members(group: SecurityGroup) -> tuple[str, ...]:
+def _members(group_id: int) -> tuple[str, ...]:
+    """The addresses of the group's live members (every NIC of each)."""
     addresses = Port.objects.filter(
-        instance__security_groups=group, instance__vm_state__in=_LIVE
+        instance__security_groups=group_id, instance__vm_state__in=_LIVE
     ).values_list("address", flat=True)
-    return tuple(sorted(f"{a}/32" for a in addresses))
+    return tuple(sorted(set(addresses)))
 
 
 _LIVE = [s for s in VmState.values if s != VmState.DELETED]
 
 
-def rules_for(
-    instance: Instance, members: dict[int, tuple[str, ...]] | None = None
-) -> tuple[SecurityRule, ...]:
-    """The resolved allow rules of the instance's groups, in a stable order.
-
-    ``members``: the groups' resolved member addresses, shared by the callers that resolve
-    many instances at once (filled as they are read).
-    """
+def rules_for(instance: Instance) -> tuple[SecurityRule, ...]:
+    """The resolved allow rules of the instance's groups, in a stable order (remote groups by id)."""
     resolved: set[SecurityRule] = set()
-    members = {} if members is None else members
-    rules = SecurityGroupRule.objects.filter(group__instances=instance).select_related("remote_group")
-    for r in rules:
+    for r in SecurityGroupRule.objects.filter(group__instances=instance):
         if r.remote_group_id is not None:
-            if r.remote_group_id not in members:
-                assert r.remote_group is not None
-                members[r.remote_group_id] = _members(r.remote_group)
-            remote = members[r.remote_group_id]
+            rule = SecurityRule(
+                Direction(r.direction), r.protocol, r.port_min, r.port_max, (), str(r.remote_group_id)
+            )
         else:
-            remote = (r.remote_cidr or ANYONE,)
-        resolved.add(SecurityRule(Direction(r.direction), r.protocol, r.port_min, r.port_max, remote))
-    return tuple(
-        sorted(resolved, key=lambda x: (x.direction, x.protocol, x.port_min or 0, x.port_max or 0, x.remote))
-    )
+            rule = SecurityRule(
+                Direction(r.direction), r.protocol, r.port_min, r.port_max, (r.remote_cidr or ANYONE,)
+            )
+        resolved.add(rule)
+    return tuple(sorted(resolved, key=_rule_order))
+
+
+def _rule_order(r: SecurityRule) -> tuple[object, ...]:
+    return (r.direction, r.protocol, r.port_min or 0, r.port_max or 0, r.remote, r.remote_group)
+
+
+def members_of(
+    rules: Iterable[SecurityRule], version: int, cache: dict[str, tuple[str, ...]] | None = None
+) -> tuple[GroupMembers, ...]:
+    """The member lists of the groups ``rules`` name as remote (``cache``: shared by a batch's callers)."""
+    cache = {} if cache is None else cache
+    out = []
+    for group in sorted({r.remote_group for r in rules if r.remote_group}):
+        if group not in cache:
+            cache[group] = _members(int(group))
+        out.append(GroupMembers(group, cache[group], version))
+    return tuple(out)
 
 
 def sync(instances: Iterable[Instance]) -> int:
     """After commit, send each live, placed instance its complete resolved rules.
 
-    One :class:`SecurityBatch` per node, whatever the number of instances: a
-    create in a group of n members changes the rules of all n, and a burst of
-    creates must not become n^2 node tasks.  Returns how many instances were sent rules.
+    One :class:`SecurityBatch` per node, whatever the number of instances,
+    with the members of the groups those rules name.  Returns how many
+    instances were sent rules.
     """
-    members: dict[int, tuple[str, ...]] = {}
+    cache: dict[str, tuple[str, ...]] = {}
     per_node: dict[str, dict[str, InstanceSecurity]] = {}
-    for inst in instances:
-        if inst.node is None or inst.vm_state == VmState.DELETED:
-            continue
-        item = InstanceSecurity(str(inst.pk), rules_for(inst, members))
+    groups: dict[str, dict[str, GroupMembers]] = {}
+    live = [i for i in instances if i.node is not None and i.vm_state != VmState.DELETED]
+    versions = {tenant: next_version(tenant) for tenant in sorted({i.tenant_id for i in live})}
+    for inst in live:
+        assert inst.node is not None
+        version = versions[inst.tenant_id]
+        item = InstanceSecurity(str(inst.pk), rules_for(inst), version)
         per_node.setdefault(inst.node.queue, {})[item.instance_id] = item
+        for m in members_of(item.rules, version, cache):
+            groups.setdefault(inst.node.queue, {})[m.group] = m
     for queue, items in per_node.items():
-        dispatch.send(queue, SecurityBatch(tuple(items.values())))
+        dispatch.send(queue, SecurityBatch(tuple(items.values()), tuple(groups.get(queue, {}).values())))
     return sum(len(items) for items in per_node.values())
+
+
+def sync_members(groups: Iterable[SecurityGroup], exclude: Iterable[str] = ()) -> int:
+    """After commit, send the new member lists of ``groups`` to every node that enforces a rule naming
+    one of them (a member created or deleted: no instance's rules change).  Returns how many nodes.
+
+    ``exclude``: instances that do not count as enforcing (the one being created, whose spec
+    carries the lists; the one being deleted).
+    """
+    by_id = {g.pk: g for g in groups}
+    if not by_id:
+        return 0
+    pairs = (
+        Instance.objects.live()
+        .filter(security_groups__rules__remote_group__in=list(by_id), node__isnull=False)
+        .exclude(pk__in=list(exclude))
+        .values_list("node__queue", "security_groups__rules__remote_group", "tenant_id")
+        .distinct()
+    )
+    per_node: dict[str, set[int]] = {}
+    tenants = set()
+    for queue, group_id, tenant_id in pairs:
+        per_node.setdefault(queue, set()).add(group_id)
+        tenants.add(tenant_id)
+    if not per_node:
+        return 0
+    versions = {t: next_version(t) for t in sorted(tenants | {g.tenant_id for g in by_id.values()})}
+    members = {gid: _members(gid) for gid in sorted({g for ids in per_node.values() for g in ids})}
+    for queue, ids in sorted(per_node.items()):
+        lists = tuple(
+            GroupMembers(str(gid), members[gid], versions[by_id[gid].tenant_id]) for gid in sorted(ids)
+        )
+        dispatch.send(queue, SecurityBatch(groups=lists))
+    return len(per_node)
+
+
+def next_version(tenant_id: int) -> int:
+    """Raise the tenant's security serial; rules resolved after this call carry it.
+
+    The UPDATE holds the tenant row until commit, so a concurrent change
+    waits here and resolves its rules after this one committed: a higher
+    version always reflects every lower one, and nodes ignore a lower one
+    that arrives late (``compute.network.router.Router.set_security_many``).
+    """
+    Tenant.objects.filter(pk=tenant_id).update(security_serial=F("security_serial") + 1)
+    return int(Tenant.objects.values_list("security_serial", flat=True).get(pk=tenant_id))
 
 
 def affected_by_members_of(groups: Iterable[SecurityGroup], exclude: Iterable[str] = ()) -> list[Instance]:
@@ -147,7 +212,7 @@ def delete_group(group: SecurityGroup) -> None:
             )
         affected = affected_by_members_of([group])
         group.delete()
-        sync(affected)
+        sync(affected)  # their rules lose the ones that named it
 
 
 def add_rule(
@@ -199,7 +264,9 @@ def set_groups(instance: Instance, groups: list[SecurityGroup]) -> None:
     with transaction.atomic():
         before = list(instance.security_groups.all())
         instance.security_groups.set(groups)
-        sync([instance, *affected_by_members_of([*before, *groups], exclude=[str(instance.pk)])])
+        sync([instance])  # with the members of the groups its own rules name
+        changed = {g.pk: g for g in before}.keys() ^ {g.pk for g in groups}
+        sync_members([g for g in [*before, *groups] if g.pk in changed], exclude=[str(instance.pk)])
 
 
 def validate_rule(

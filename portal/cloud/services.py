@@ -67,6 +67,8 @@ def build_spec(instance: Instance) -> InstanceSpec:
         id_base = instance.tenant.id_base if instance.kind == Kind.CONTAINER else 0
     except ValueError as exc:
         raise Conflict(str(exc)) from exc
+    security_version = secgroups.next_version(instance.tenant_id)  # before the rules are read
+    security = secgroups.rules_for(instance)
     return InstanceSpec(
         instance_id=str(instance.pk),
         name=instance.name,
@@ -88,7 +90,9 @@ def build_spec(instance: Instance) -> InstanceSpec:
         workdir=instance.workdir,
         user=instance.run_as,
         restart_policy=instance.restart_policy,
-        security=secgroups.rules_for(instance),
+        security_version=security_version,
+        security=security,
+        security_members=secgroups.members_of(security, security_version),
         volumes=_volume_mounts(instance),
     )
 
@@ -132,8 +136,11 @@ def create_instance(req: Request, user: Any) -> Instance:
             raise Conflict(f"Tenant {req.tenant.slug} already has a live instance named '{req.name}'.")
         if any(g.tenant_id != req.tenant.pk for g in req.security_groups):
             raise Conflict("A security group of another tenant cannot be attached.")
+        if any(n.tenant_id != req.tenant.pk for n in req.networks):
+            raise Conflict("A network of another tenant cannot be attached.")
         node = ComputeNode.objects.get(name=chosen.node)
-        network = networks.default_network(req.tenant)
+        nics = list(req.networks) or [networks.default_network(req.tenant)]
+        network = nics[0]
         action_id = uuid.uuid4().hex
         instance = Instance.objects.create(
             tenant=req.tenant,
@@ -163,20 +170,22 @@ def create_instance(req: Request, user: Any) -> Instance:
             created_by=user,
         )
         instance.security_groups.set(req.security_groups or [secgroups.default_group(req.tenant)])
-        port = networks.allocate_port(network, instance)
-        instance.addresses = [{"network": network.name, "address": port.address, "mac": port.mac}]
+        ports = [networks.allocate_port(net, instance, index=i) for i, net in enumerate(nics)]
+        instance.addresses = [
+            {"network": net.name, "address": port.address, "mac": port.mac}
+            for net, port in zip(nics, ports, strict=True)
+        ]
         instance.save(update_fields=["addresses"])
         if req.volumes:
             storage_volumes.attach_at_create(instance, req.volumes, user)
         spec = build_spec(instance)
         _event(instance, "instance.schedule", chosen.reason, user, action_id)
         dispatch.send(node.queue, CreateInstance(spec, action_id))
-        if node.tunnel_address:  # the segment's other nodes learn the new name and, if new, the peer
-            networks.sync_network(network, exclude=node)
+        if node.tunnel_address:  # each segment's other nodes learn the new name and, if new, the peer
+            for net in nics:
+                networks.sync_network(net, exclude=node)
         # instances whose rules name the new member's groups admit its address
-        secgroups.sync(
-            secgroups.affected_by_members_of(instance.security_groups.all(), exclude=[str(instance.pk)])
-        )
+        secgroups.sync_members(instance.security_groups.all(), exclude=[str(instance.pk)])
     return instance
 
 
@@ -372,7 +381,7 @@ def delete_instance(instance: Instance, user: Any) -> Instance:
         forwards.forget(instance)  # the node removes the rules with the workload
         groups = list(instance.security_groups.all())
         instance.security_groups.clear()  # no longer admitted as a member
-        secgroups.sync(secgroups.affected_by_members_of(groups, exclude=[str(instance.pk)]))
+        secgroups.sync_members(groups, exclude=[str(instance.pk)])
         node = instance.node
         if node is None:
             Instance.objects.filter(pk=instance.pk).update(

@@ -117,6 +117,9 @@ RULES: dict[Action, Rule] = {
         public=False,
     ),
     Action.DELETE: Rule(TaskState.DELETING, LIVE_STATES, VmState.DELETED, public=False),
+    # a drain's cold migration of a VM (portal/cloud/vm_migration.py): claimed by the drain, never
+    # by a user; its deadline covers each step (stop, send the disk, create on the target) in turn
+    Action.SEND_DISK: Rule(TaskState.MIGRATING, (), None, public=False, work_seconds=600),
 }
 
 #: actions ``POST /instances/{id}/actions/`` accepts, in the order pages show them

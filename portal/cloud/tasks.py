@@ -38,12 +38,12 @@ from compute.spec import (
 )
 from portal.audit.log import record
 from portal.audit.models import Outcome
-from portal.cloud import evacuation, metrics, networks, states
-from portal.cloud.choices import NodeStatus, VmState
+from portal.cloud import dispatch, evacuation, metrics, networks, states, vm_migration
+from portal.cloud.choices import NodeStatus, TaskState, VmState
 from portal.cloud.models import AppliedAction, ComputeNode, Instance, Network
 from portal.images.choices import ImageStatus
 from portal.metering import sampling
-from portal.storage import snapshots, volumes
+from portal.storage import backups, snapshots, volumes
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,14 @@ def _first_application(instance: Instance, obs: Observation) -> bool:
     return True
 
 
+def _forget_ports(instance: Instance) -> None:
+    """Delete a deleted instance's ports; nodes that no longer carry a network leave its peers."""
+    left = list(instance.ports.values_list("network_id", flat=True))
+    instance.ports.all().delete()
+    if instance.node is not None and left:
+        networks.release_node(instance.node, left)
+
+
 def apply_observation(data: dict[str, Any]) -> str:
     """Apply one node observation; returns what happened (for logs and tests)."""
     try:
@@ -80,48 +88,27 @@ def apply_observation(data: dict[str, Any]) -> str:
         log.error("dropping malformed observation %r: %s", data, exc)
         return "malformed"
     with transaction.atomic():
-        instance = Instance.objects.select_for_update().filter(pk=obs.instance_id).first()
+        # the node's name comes with the row (one query fewer per observation); only the row is locked
+        instance = (
+            Instance.objects.select_for_update(of=("self",))
+            .select_related("node")
+            .filter(pk=obs.instance_id)
+            .first()
+        )
         if instance is None:
             log.warning("observation for unknown instance %s from %s", obs.instance_id, obs.node)
             return "unknown-instance"
         if not _first_application(instance, obs):
             return "duplicate"
-        if instance.node_id is not None and obs.node != _node_name(instance.node_id):
+        if instance.node is not None and obs.node != instance.node.name:
             # a copy the portal moved off that node (evacuation, drain): it never changes the row
             return evacuation.observed_elsewhere(instance, obs)
-        instance.power_state = obs.power_state
-        if obs.action_id == instance.action_id:
-            instance.vm_state = states.settled(obs.action, obs.ok, obs.power_state, instance.vm_state)
-            if obs.ok:
-                instance.status_reason = ""
-                instance.missing_since = None
-                if obs.action == Action.DELETE:
-                    instance.deleted_at = timezone.now()
-                    instance.ports.all().delete()
-                    volumes.release(instance)  # the volumes outlive it, detached
-            else:
-                instance.status_reason = f"{obs.action} failed: {obs.message}"[:255]
-                if obs.action == Action.PUBLISH:
-                    instance.published_images.filter(status=ImageStatus.QUEUED).update(
-                        status=ImageStatus.FAILED,
-                        status_reason=f"the node could not publish: {obs.message}"[:255],
-                    )
-            if obs.action == Action.RESIZE and instance.resize_from:
-                if not obs.ok:  # the node kept the old sizes: count those again
-                    old = instance.resize_from
-                    instance.flavor_id = old["flavor"]
-                    instance.vcpus, instance.ram_mb, instance.disk_gb = (
-                        old["vcpus"],
-                        old["ram_mb"],
-                        old["disk_gb"],
-                    )
-                instance.resize_from = None
-            instance.task_state = None
-            instance.task_deadline = None
-        instance.save()
-        if obs.action in SNAPSHOT_ACTIONS:
-            snapshots.sync(instance, obs.snapshots, obs.ok)
-        sampling.record_observation(instance, obs, timezone.now())
+        # a step of a drain's cold migration of a VM, a VM backup's upload, or any other action
+        moved = backups.observe_instance_send(instance, obs)
+        if moved is None:
+            moved = vm_migration.observed(instance, obs)
+        if moved is None:
+            _settle(instance, obs)
         _node_event(
             instance.tenant_id,
             obs.node,
@@ -131,12 +118,47 @@ def apply_observation(data: dict[str, Any]) -> str:
             obs.message or f"power state {obs.power_state.value}",
             obs.action_id,
         )
+        if moved is not None:
+            return moved
         evacuation.rebuilt(instance, obs)  # a create of a moved instance: stopped again if it was
     return "applied"
 
 
-def _node_name(node_id: int) -> str:
-    return ComputeNode.objects.filter(pk=node_id).values_list("name", flat=True).first() or ""
+def _settle(instance: Instance, obs: Observation) -> None:
+    """Apply an observation to its instance's row (the rules of ``states``), its snapshots and samples."""
+    instance.power_state = obs.power_state
+    if obs.action_id == instance.action_id:
+        instance.vm_state = states.settled(obs.action, obs.ok, obs.power_state, instance.vm_state)
+        if obs.ok:
+            instance.status_reason = ""
+            instance.missing_since = None
+            if obs.action == Action.DELETE:
+                instance.deleted_at = timezone.now()
+                _forget_ports(instance)
+                volumes.release(instance)  # the volumes outlive it, detached
+        else:
+            instance.status_reason = f"{obs.action} failed: {obs.message}"[:255]
+            if obs.action == Action.PUBLISH:
+                instance.published_images.filter(status=ImageStatus.QUEUED).update(
+                    status=ImageStatus.FAILED,
+                    status_reason=f"the node could not publish: {obs.message}"[:255],
+                )
+        if obs.action == Action.RESIZE and instance.resize_from:
+            if not obs.ok:  # the node kept the old sizes: count those again
+                old = instance.resize_from
+                instance.flavor_id = old["flavor"]
+                instance.vcpus, instance.ram_mb, instance.disk_gb = (
+                    old["vcpus"],
+                    old["ram_mb"],
+                    old["disk_gb"],
+                )
+            instance.resize_from = None
+        instance.task_state = None
+        instance.task_deadline = None
+    instance.save()
+    if obs.action in SNAPSHOT_ACTIONS:
+        snapshots.sync(instance, obs.snapshots, obs.ok)
+    sampling.record_observation(instance, obs, timezone.now())
 
 
 def _drifted(power_state: str, vm_state: str, task_state: str | None, item: InventoryItem | None) -> bool:
@@ -149,6 +171,48 @@ def _drifted(power_state: str, vm_state: str, task_state: str | None, item: Inve
     return item.power_state.value != power_state
 
 
+def _record_drift(node: str, rows: Any, seen: dict[str, InventoryItem], inventory_at: float) -> None:
+    """Record what the node's list says of the rows that looked drifted, judged again under lock."""
+    # A row changed after the node began its list (the create's observation of a workload spawned
+    # while the list was taken) is judged by the next beat, not by a list older than the row.
+    # The node's clock against the database's: nodes keep time with NTP (docs/deploy.md); a node
+    # running ahead by d still judges rows changed in the last d by an older list, as before.
+    listed = inventory_at or None
+    for inst in rows.select_for_update():
+        item = seen.get(str(inst.pk))
+        if not _drifted(inst.power_state, inst.vm_state, inst.task_state, item):
+            continue  # settled meanwhile
+        if listed is not None and inst.updated_at.timestamp() > listed:
+            continue  # changed since the node's list was taken
+        if item is None:
+            inst.power_state = PowerState.NOSTATE
+            inst.status_reason = f"workload missing on node {node} (found by reconcile)"
+            inst.missing_since = timezone.now()
+            inst.save(update_fields=["power_state", "status_reason", "missing_since", "updated_at"])
+            _node_event(inst.tenant_id, node, "reconcile.missing", inst, Outcome.FAILURE, inst.status_reason)
+        else:
+            old = inst.power_state
+            inst.power_state = item.power_state.value
+            inst.vm_state = states.POWER_TO_VM.get(item.power_state, inst.vm_state)
+            if item.gave_up:  # a crash loop: the restart policy is used up, a human must look
+                inst.vm_state = VmState.ERROR
+            # how it ended (exit code or signal, last output), or nothing when it runs again
+            inst.status_reason = item.message[:255]
+            inst.missing_since = None
+            inst.save(
+                update_fields=["power_state", "vm_state", "status_reason", "missing_since", "updated_at"]
+            )
+            _node_event(
+                inst.tenant_id,
+                node,
+                "reconcile.power_state",
+                inst,
+                Outcome.SUCCESS,
+                f"power state {old} -> {inst.power_state} (seen on the node)"
+                + (f": {item.message}" if item.message else ""),
+            )
+
+
 def _record_restarts(node: str, rows: Any, seen: dict[str, InventoryItem]) -> None:
     """Restart counts from the node's restart policy (compute/drivers/container.py ``supervise``)."""
     for inst in rows.select_for_update():
@@ -156,7 +220,8 @@ def _record_restarts(node: str, rows: Any, seen: dict[str, InventoryItem]) -> No
         if item.restarts == inst.restarts:
             continue
         inst.restarts = item.restarts
-        inst.save(update_fields=["restarts", "updated_at"])
+        # not updated_at: that marks a change reconcile must not judge with this beat's list
+        inst.save(update_fields=["restarts"])
         if item.restarts:
             message = f"restarted by its policy {inst.restart_policy} ({item.restarts} in a row)"
             _node_event(inst.tenant_id, node, "instance.restarted", inst, Outcome.SUCCESS, message)
@@ -210,39 +275,8 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
     if restarted:
         _record_restarts(node.name, live.filter(pk__in=restarted), seen)
     _sync_snapshots(live, seen, task_states)
-    for inst in live.filter(pk__in=suspects).select_for_update() if suspects else ():
-        item = seen.get(str(inst.pk))
-        if not _drifted(inst.power_state, inst.vm_state, inst.task_state, item):
-            continue  # settled meanwhile
-        if item is None:
-            inst.power_state = PowerState.NOSTATE
-            inst.status_reason = f"workload missing on node {node.name} (found by reconcile)"
-            inst.missing_since = timezone.now()
-            inst.save(update_fields=["power_state", "status_reason", "missing_since", "updated_at"])
-            _node_event(
-                inst.tenant_id, node.name, "reconcile.missing", inst, Outcome.FAILURE, inst.status_reason
-            )
-        else:
-            old = inst.power_state
-            inst.power_state = item.power_state.value
-            inst.vm_state = states.POWER_TO_VM.get(item.power_state, inst.vm_state)
-            if item.gave_up:  # a crash loop: the restart policy is used up, a human must look
-                inst.vm_state = VmState.ERROR
-            # how it ended (exit code or signal, last output), or nothing when it runs again
-            inst.status_reason = item.message[:255]
-            inst.missing_since = None
-            inst.save(
-                update_fields=["power_state", "vm_state", "status_reason", "missing_since", "updated_at"]
-            )
-            _node_event(
-                inst.tenant_id,
-                node.name,
-                "reconcile.power_state",
-                inst,
-                Outcome.SUCCESS,
-                f"power state {old} -> {inst.power_state} (seen on the node)"
-                + (f": {item.message}" if item.message else ""),
-            )
+    if suspects:
+        _record_drift(node.name, live.filter(pk__in=suspects), seen, report.inventory_at)
     host = (report.node, dataclasses.asdict(report.host)) if report.host is not None else None
     metrics.record_many(report.sent_at or time.time(), samples, host)
     # copies of instances the portal moved elsewhere are destroyed, not reported as orphans
@@ -331,6 +365,10 @@ def sweep(now: dt.datetime | None = None) -> dict[str, int]:
     """Fail instances stuck past their task deadline; mark silent nodes down."""
     now = now or timezone.now()
     stuck = 0
+    silent_since = now - dt.timedelta(seconds=3 * settings.SKYPORT_HEARTBEAT_SECONDS)
+    backlog = None  # asked before the transaction: a broker that is away must not hold the writer
+    if ComputeNode.objects.filter(status=NodeStatus.UP, last_heartbeat__lt=silent_since).exists():
+        backlog = dispatch.queued(settings.CELERY_TASK_DEFAULT_QUEUE)
     with transaction.atomic():
         # of=self: PostgreSQL cannot lock the nullable side of the outer join to the node
         for inst in (
@@ -339,6 +377,12 @@ def sweep(now: dt.datetime | None = None) -> dict[str, int]:
             .select_related("node")
         ):
             task = inst.task_state
+            if task == TaskState.MIGRATING and vm_migration.timed_out(inst):
+                stuck += 1  # back on its source, as it was
+                continue
+            if task == TaskState.BACKING_UP and backups.instance_timed_out(inst):
+                stuck += 1  # the backup failed; the VM stays stopped
+                continue
             inst.vm_state = VmState.ERROR
             inst.status_reason = (
                 f"{task} timed out: node {inst.node.name if inst.node else '-'} did not report in time"
@@ -357,17 +401,51 @@ def sweep(now: dt.datetime | None = None) -> dict[str, int]:
                 request_id=inst.action_id,
             )
             stuck += 1
-        silent_since = now - dt.timedelta(seconds=3 * settings.SKYPORT_HEARTBEAT_SECONDS)
         down = 0
-        for node in ComputeNode.objects.select_for_update().filter(
+        silent = ComputeNode.objects.select_for_update().filter(
             status=NodeStatus.UP, last_heartbeat__lt=silent_since
-        ):
+        )
+        deferred = _behind(silent, now, backlog)
+        if deferred:
+            silent = silent.exclude(pk__in=deferred)
+        for node in silent:
             node.status = NodeStatus.DOWN
             node.status_reason = f"no heartbeat since {node.last_heartbeat:%H:%M:%S} UTC (3 beats missed)"
             node.save(update_fields=["status", "status_reason"])
             _node_event(None, node.name, "node.down", node, Outcome.FAILURE, node.status_reason)
             down += 1
-    return {"stuck": stuck, "down": down}
+    return {"stuck": stuck, "down": down, "deferred": len(deferred)}
+
+
+def _behind(silent: Any, now: dt.datetime, backlog: int | None) -> list[Any]:
+    """The silent nodes not to mark down now because their beats may be queued unread.
+
+    A control plane that falls behind reads every node's beats late: all nodes look silent
+    together, and marking them down blames them for the portal's own backlog (bench/scale.py
+    at 500 nodes: hundreds of false marks, nodes flapping).  So when the ``control`` queue holds
+    more messages than there are nodes up (more than a beat each waiting: ``backlog``, read
+    before the sweep's transaction), the sweeper marks
+    down only nodes silent longer than ``SKYPORT_NODE_DOWN_BACKLOG_SECONDS``; the others wait
+    for the backlog.  The broker not answering is no evidence: the nodes are judged as always.
+    """
+    candidates = list(silent.values_list("pk", "last_heartbeat"))
+    if not candidates:
+        return []
+    up = ComputeNode.objects.filter(status=NodeStatus.UP).count()
+    if backlog is None or backlog <= up:
+        return []
+    limit = now - dt.timedelta(seconds=settings.SKYPORT_NODE_DOWN_BACKLOG_SECONDS)
+    deferred = [pk for pk, last in candidates if last is not None and last >= limit]
+    if deferred:
+        log.warning(
+            "the control queue holds %d messages for %d nodes up: not marking %d silent node(s) "
+            "down, their beats may be queued (a node silent over %d s is marked down still)",
+            backlog,
+            up,
+            len(deferred),
+            settings.SKYPORT_NODE_DOWN_BACKLOG_SECONDS,
+        )
+    return deferred
 
 
 @shared_task(name=Task.OBSERVE)

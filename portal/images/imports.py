@@ -461,5 +461,10 @@ def import_image(
     """Validate an uploaded file and make it an artifact of the image (or fail it with the reason).
 
     Idempotent: a second delivery of the same import (same ``token``) does nothing.
+    A drain's VM migration waiting for this upload goes on (``portal.cloud.vm_migration``).
     """
-    return import_artifact(image_id, fmt, upload, source_digest, before, token)
+    status = import_artifact(image_id, fmt, upload, source_digest, before, token)
+    from portal.cloud import vm_migration  # cloud builds on images, not the other way round
+
+    vm_migration.image_settled(image_id)
+    return status

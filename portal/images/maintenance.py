@@ -23,6 +23,7 @@ from portal.images.choices import ImageStatus, ImportPhase
 from portal.images.imports import Claim, end, status_after_failure
 from portal.images.models import Blob, Image
 from portal.images.services import import_event, store
+from portal.storage.moves import held_digests as storage_held
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ def collect_garbage(grace: float | None = None) -> int:
 
     Two kinds: files in ``blobs/`` without a ``Blob`` row (a crash between a
     deletion's commit and its file removal), and ``Blob`` rows no artifact
-    uses (an image deleted in the Django admin), with their files.  Runs
+    uses (an image deleted in the Django admin), with their files; blobs the
+    storage app holds (a volume move under way) stay.  Runs
     under the store lock, like every import's commit, and skips anything
     newer than the grace period: an import touches each blob it reuses, and
     no import may run longer than its deadline, so a blob an import is about
@@ -106,6 +108,7 @@ def collect_garbage(grace: float | None = None) -> int:
         unused_rows = list(
             Blob.objects.annotate(n=Count("artifacts"))
             .filter(n=0, created_at__lt=cutoff)
+            .exclude(digest__in=storage_held())
             .values_list("digest", flat=True)
         )
         # a row whose file is missing goes too; one whose file an import just touched stays

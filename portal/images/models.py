@@ -14,10 +14,11 @@ from portal.tenancy.querysets import Actor, TenantScopedQuerySet
 
 class ImageQuerySet(TenantScopedQuerySet["Image"]):
     def restrict(self, actor: Actor) -> ImageQuerySet:
-        """Public images plus the private images of the actor's tenants."""
+        """Public images plus the private images of the actor's tenants (never a migration's hidden one)."""
+        shown = self.filter(hidden=False)
         if actor.is_operator:
-            return self
-        return self.filter(Q(owner__isnull=True) | Q(owner_id__in=actor.tenant_ids))
+            return shown
+        return shown.filter(Q(owner__isnull=True) | Q(owner_id__in=actor.tenant_ids))
 
 
 class Image(models.Model):
@@ -49,6 +50,9 @@ class Image(models.Model):
         related_name="published_images",
         help_text="The VM whose disk this image was published from",
     )
+    # A VM's disk on its way to another node (a drain's cold migration): never listed or
+    # launched, deleted when the move ends (portal/cloud/vm_migration.py).
+    hidden = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = ImageQuerySet.as_manager()

@@ -25,6 +25,16 @@ class VolumeStatus(models.TextChoices):
     DELETING = "deleting"
     DELETED = "deleted"
     ERROR = "error"
+    BACKING_UP = "backing-up"  # its node sends a copy to the portal's blob store (a Backup)
+    MOVING = "moving"  # copied to ``move_node`` through the portal; on ``node`` until the target confirms
+
+
+class BackupStatus(models.TextChoices):
+    """Where a backup stands: its content arrives in the blob store, then it can be restored."""
+
+    CREATING = "creating"
+    AVAILABLE = "available"
+    ERROR = "error"
 
 
 class VolumeFormatChoice(models.TextChoices):

@@ -14,7 +14,7 @@ snapshot the node no longer has is marked ``missing``, never silently dropped.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from django.db import transaction
@@ -24,7 +24,10 @@ from portal.cloud import services, states
 from portal.cloud.models import Instance
 from portal.errors import Conflict, InvalidAction, NotFound
 from portal.storage.choices import SNAPSHOT_IN_FLIGHT, SnapshotStatus
-from portal.storage.models import Snapshot
+from portal.storage.models import Snapshot, VolumeSnapshot
+
+#: the rows :func:`settle` settles: an instance's or a volume's snapshots
+AnySnapshot = Snapshot | VolumeSnapshot
 
 
 def _names(instance: Instance) -> str:
@@ -98,7 +101,8 @@ def act(instance: Instance, action: str, params: dict[str, Any], user: Any) -> I
     return services.act(instance, action, params, user)
 
 
-def _when(seconds: float) -> dt.datetime | None:
+def node_time(seconds: float) -> dt.datetime | None:
+    """A node's clock reading (seconds since the epoch) as a time, None for 0 (unknown)."""
     return dt.datetime.fromtimestamp(seconds, tz=dt.UTC) if seconds > 0 else None
 
 
@@ -111,6 +115,31 @@ def sync(instance: Instance, listed: Iterable[SnapshotInfo] | None, ok: bool = T
     heartbeat in which the instance has no action in flight.
     """
     rows = {s.name: s for s in instance.snapshots.select_for_update()}
+
+    def found(name: str, info: SnapshotInfo) -> None:
+        Snapshot.objects.create(
+            tenant_id=instance.tenant_id,
+            instance=instance,
+            name=name,
+            status=SnapshotStatus.AVAILABLE,
+            status_reason="found on the node",
+            size_bytes=info.size_bytes,
+            taken_at=node_time(info.created_at),
+        )
+
+    settle(rows, listed, ok, found)
+
+
+def settle(
+    rows: Mapping[str, AnySnapshot],
+    listed: Iterable[SnapshotInfo] | None,
+    ok: bool,
+    found: Callable[[str, SnapshotInfo], None],
+) -> None:
+    """Settle snapshot rows (of an instance or a volume, locked by the caller) from the node's list.
+
+    ``found`` makes the row of a snapshot the node has and the portal did not list.
+    """
     if listed is None:
         _settle_blind(rows.values(), ok)
         return
@@ -118,18 +147,10 @@ def sync(instance: Instance, listed: Iterable[SnapshotInfo] | None, ok: bool = T
     for name, info in seen.items():
         snap = rows.get(name)
         if snap is None:
-            Snapshot.objects.create(
-                tenant_id=instance.tenant_id,
-                instance=instance,
-                name=name,
-                status=SnapshotStatus.AVAILABLE,
-                status_reason="found on the node",
-                size_bytes=info.size_bytes,
-                taken_at=_when(info.created_at),
-            )
+            found(name, info)
             continue
         snap.status, snap.status_reason = SnapshotStatus.AVAILABLE, ""
-        snap.taken_at = _when(info.created_at) or snap.taken_at
+        snap.taken_at = node_time(info.created_at) or snap.taken_at
         if info.size_bytes:
             snap.size_bytes = info.size_bytes
         snap.save()
@@ -162,7 +183,7 @@ def _differs(rows: Mapping[str, Snapshot], seen: Mapping[str, SnapshotInfo]) -> 
         snap = rows.get(name)
         if snap is None or snap.status != SnapshotStatus.AVAILABLE or snap.status_reason:
             return True
-        taken = _when(info.created_at)
+        taken = node_time(info.created_at)
         if (taken is not None and snap.taken_at != taken) or (
             info.size_bytes and snap.size_bytes != info.size_bytes
         ):
@@ -170,7 +191,7 @@ def _differs(rows: Mapping[str, Snapshot], seen: Mapping[str, SnapshotInfo]) -> 
     return any(snap.status != SnapshotStatus.MISSING for name, snap in rows.items() if name not in seen)
 
 
-def _settle_blind(rows: Iterable[Snapshot], ok: bool) -> None:
+def _settle_blind(rows: Iterable[AnySnapshot], ok: bool) -> None:
     """Without the node's list: trust the action's outcome."""
     for snap in rows:
         if snap.status not in SNAPSHOT_IN_FLIGHT:

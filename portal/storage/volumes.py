@@ -23,7 +23,15 @@ from django.db.models import Count, Sum
 from django.utils import timezone
 
 from compute.mountpath import MountPathError, check_mount_path, overlaps
-from compute.spec import Capability, Kind, VolumeFormat, VolumeObservation, VolumeOp, VolumeRequest
+from compute.spec import (
+    VOLUME_SNAPSHOT_OPS,
+    Capability,
+    Kind,
+    VolumeFormat,
+    VolumeObservation,
+    VolumeOp,
+    VolumeRequest,
+)
 from portal.audit.log import record
 from portal.audit.models import Outcome
 from portal.cloud import dispatch
@@ -31,7 +39,8 @@ from portal.cloud.choices import NodeStatus, NodeTenancy, VmState
 from portal.cloud.models import ComputeNode, Instance
 from portal.errors import Conflict, DomainError, InvalidAction, NotFound, QuotaExceeded
 from portal.metering import resources as metering
-from portal.storage.choices import VolumeStatus
+from portal.storage import volume_snapshots
+from portal.storage.choices import SNAPSHOT_IN_FLIGHT, VolumeStatus
 from portal.storage.models import Volume
 from portal.tenancy.models import Quota, Tenant
 
@@ -120,8 +129,10 @@ def create(
     node: ComputeNode | None,
     user: Any,
     fmt: VolumeFormat = VolumeFormat.QCOW2,
+    source: tuple[str, str] | None = None,
 ) -> Volume:
-    """Write the volume row (``creating``) and ask its node for the file."""
+    """Write the volume row (``creating``) and ask its node for the file: empty, or made from the
+    blob ``source`` (URL, digest: a backup's restore)."""
     node = node or default_node(tenant, fmt)
     if node.tenancy == NodeTenancy.DEDICATED and node.owner_id != tenant.pk:
         raise Conflict(f"Node {node.name} is dedicated to another tenant; choose another node.")
@@ -140,6 +151,7 @@ def create(
         _check_quota(tenant, 1, size_gb)
         if Volume.objects.live().filter(tenant=tenant, name=name).exists():
             raise Conflict(f"Tenant {tenant.slug} already has a volume named {name!r}.")
+        action_id = uuid.uuid4().hex
         volume = Volume.objects.create(
             tenant=tenant,
             name=name,
@@ -147,10 +159,17 @@ def create(
             format=fmt,
             node=node,
             created_by=user,
-            action_id=uuid.uuid4().hex,
+            action_id=action_id,
+            origin_action=action_id,  # the node stamps its copy with it (a move's drop checks it)
         )
-        _event(volume, "dispatch.volume.create", f"{size_gb} GB {fmt} on {node.name}", user)
-        _send(volume, VolumeOp.CREATE, size_gb=size_gb, format=fmt, id_base=id_base)
+        if source is None:
+            _event(volume, "dispatch.volume.create", f"{size_gb} GB {fmt} on {node.name}", user)
+            _send(volume, VolumeOp.CREATE, size_gb=size_gb, format=fmt, id_base=id_base)
+        else:
+            _event(
+                volume, "dispatch.volume.restore", f"{size_gb} GB {fmt} on {node.name} from {source[1]}", user
+            )
+            _send(volume, VolumeOp.RECEIVE, format=fmt, blob_url=source[0], digest=source[1])
     return volume
 
 
@@ -158,10 +177,15 @@ def _claim(volume: Volume, op: VolumeOp, **fields: Any) -> Volume:
     """Move the volume to the op's working status if its status allows it (conditional UPDATE), else 409."""
     allowed, working = _CLAIMS[op]
     action_id = uuid.uuid4().hex
-    claimed = Volume.objects.filter(pk=volume.pk, status__in=allowed).update(
-        status=working, action_id=action_id, status_reason="", updated_at=timezone.now(), **fields
+    busy = Volume.objects.filter(pk=volume.pk, snapshots__status__in=SNAPSHOT_IN_FLIGHT)
+    claimed = (
+        Volume.objects.filter(pk=volume.pk, status__in=allowed)
+        .exclude(pk__in=busy)
+        .update(status=working, action_id=action_id, status_reason="", updated_at=timezone.now(), **fields)
     )
     volume.refresh_from_db()
+    if not claimed and volume.status in allowed:
+        raise Conflict(f"A snapshot of volume {volume.name} is in progress; try again when it finishes.")
     if not claimed:
         hint = {
             VolumeOp.DELETE: "detach it first" if volume.status == VolumeStatus.IN_USE else "try again later",
@@ -300,6 +324,8 @@ def delete(volume: Volume, user: Any) -> Volume:
 
 def observe(obs: VolumeObservation) -> str:
     """Settle a volume from its node's observation; a stale or repeated one changes nothing."""
+    if obs.op in VOLUME_SNAPSHOT_OPS:
+        return volume_snapshots.observe(obs)
     with transaction.atomic():
         volume = Volume.objects.select_for_update().filter(pk=obs.volume_id).first()
         if volume is None:
@@ -335,6 +361,7 @@ def _settle_ok(volume: Volume, obs: VolumeObservation) -> None:
         volume.status, volume.target = VolumeStatus.IN_USE, "" if volume.mount_path else obs.target
     elif obs.op is VolumeOp.DELETE:
         volume.status, volume.deleted_at = VolumeStatus.DELETED, timezone.now()
+        volume.snapshots.all().delete()  # the node removed them with the volume
     else:
         volume.status = VolumeStatus.AVAILABLE
         if obs.op is VolumeOp.DETACH:
@@ -343,7 +370,7 @@ def _settle_ok(volume: Volume, obs: VolumeObservation) -> None:
             volume.size_gb = obs.size_bytes // 2**30
     # metering (docs/metering.md): disk from the confirmed create to the confirmed delete, each size
     # from the confirmed extend on; attach and detach change nothing (a volume costs while it exists)
-    if obs.op in (VolumeOp.CREATE, VolumeOp.GROW, VolumeOp.DELETE):
+    if obs.op in (VolumeOp.CREATE, VolumeOp.RECEIVE, VolumeOp.GROW, VolumeOp.DELETE):
         size = 0 if obs.op is VolumeOp.DELETE else volume.size_gb
         metering.volume_changed(volume.pk, volume.tenant_id, size)
 

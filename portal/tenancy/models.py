@@ -35,6 +35,11 @@ class Tenant(models.Model):
         db_default=True,
         help_text="Operators: the tenant's networks may reach the outside through the nodes' uplinks",
     )
+    security_serial = models.PositiveBigIntegerField(
+        default=0,
+        db_default=0,
+        help_text="Raised before each resolution of the tenant's security rules (nodes keep the newest)",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = TenantQuerySet.as_manager()
@@ -92,6 +97,9 @@ class Quota(models.Model):
     volumes = models.PositiveIntegerField(default=10, help_text="Volumes the tenant may have")
     volume_gb = models.PositiveIntegerField(default=100, help_text="Total size of its volumes in GB")
     published_ports = models.PositiveIntegerField(default=10, db_default=10)
+    networks = models.PositiveIntegerField(
+        default=5, db_default=5, help_text="Networks the tenant may have (its default network counts)"
+    )
 
     objects = TenantScopedQuerySet.as_manager()
 

@@ -13,13 +13,15 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
-from django.http import HttpRequest, HttpResponse
+from django.db import models
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 
 from portal.api.authentication import actor_for
 from portal.api.exceptions import http_status
-from portal.audit.record import note_error
+from portal.audit.record import describe, note_error
 from portal.errors import DomainError
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Tenant
@@ -133,6 +135,63 @@ def attempt(request: HttpRequest, call: Callable[[], _T]) -> _T | Refusal:
     except DomainError as exc:
         note_error(request, str(exc))
         return Refusal(str(exc), http_status(exc))
+
+
+def write_refusal(
+    request: HttpRequest,
+    tenant_id: int,
+    action: str,
+    obj: models.Model | None = None,
+    message: str | None = None,
+) -> HttpResponse | None:
+    """A page's change in the tenant: a POST is named for its audit Event (``action`` on ``obj``), and
+    anyone but a member is refused (the GET of its confirmation page too, which names nothing)."""
+    if request.method == "POST":
+        describe(request, action, obj, tenant_id=tenant_id, message=message)
+    why = role_refusal(actor(request), tenant_id, Role.MEMBER)
+    return refuse(request, why) if why else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Ask:
+    """The words of a confirmation page (see :func:`confirm`)."""
+
+    title: str
+    body: str
+    button: str
+    cancel: str
+    fields: dict[str, str] | None = None
+
+
+def confirm_then_act(
+    request: HttpRequest,
+    ask: Ask,
+    act: Callable[[], _T],
+    refused: Callable[[Refusal], HttpResponse],
+    done: Callable[[_T], HttpResponse],
+    check: Callable[[], object] = lambda: None,
+) -> HttpResponse:
+    """A destructive action from a page: GET asks first, the confirmation's form POSTs back to act.
+
+    GET: ``check()``, and when it returns a :class:`Refusal` the page ``refused`` makes of it, else the
+    confirmation page ``ask``.  POST: ``act()`` through :func:`attempt`; its refusal goes to ``refused``,
+    its result to ``done``.
+    """
+    if request.method != "POST":
+        found = check()
+        if isinstance(found, Refusal):
+            return refused(found)
+        return confirm(request, ask.title, ask.body, ask.button, ask.cancel, fields=ask.fields)
+    outcome = attempt(request, act)
+    if isinstance(outcome, Refusal):
+        return refused(outcome)
+    return done(outcome)
+
+
+def success(request: HttpRequest, message: str, url: str) -> HttpResponseRedirect:
+    """A change made: say so on the next page, and go there (303, so a reload does not post again)."""
+    messages.success(request, message)
+    return HttpResponseRedirect(url, status=303)
 
 
 def login_page(view: View) -> View:

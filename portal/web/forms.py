@@ -12,7 +12,7 @@ from django.core.validators import MaxValueValidator, RegexValidator
 from django.db.models import Q
 
 from portal.audit.models import Outcome
-from portal.cloud import launch, placement, secgroups
+from portal.cloud import launch, networks, placement, secgroups
 from portal.cloud.choices import Kind, RequestedKind, VmState
 from portal.cloud.models import ComputeNode, Flavor, Instance, Network, SecurityGroup
 from portal.cloud.naming import NAME_RE, NAME_RULE
@@ -66,8 +66,13 @@ class LaunchForm(NoSuffix, forms.Form):
         widget=forms.RadioSelect,
         help_text="Automatic: a container when your tenant has a dedicated node with room, else a VM.",
     )
-    network = forms.ChoiceField(
-        help_text="Instances join the tenant's default network (other networks are not supported yet)."
+    networks = forms.ModelMultipleChoiceField(
+        queryset=Network.objects.none(),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        label="Networks",
+        help_text="One NIC on each chosen network (eth0, eth1, … in the order listed; the first has the "
+        "default route). None chosen: the tenant's default network. Create networks on the Networks page.",
     )
     ssh_keys = forms.ModelMultipleChoiceField(
         queryset=SSHKey.objects.none(),
@@ -133,13 +138,10 @@ class LaunchForm(NoSuffix, forms.Form):
         groups = SecurityGroup.objects.filter(tenant=tenant).order_by("name")
         self.fields["security_groups"].queryset = groups  # type: ignore[attr-defined]
         self.fields["security_groups"].label_from_instance = lambda g: g.name  # type: ignore[attr-defined]
-        net = Network.objects.filter(tenant=tenant, name="default").first()
-        label = f"default ({net.cidr})" if net else "default (allocated at the first launch)"
-        self.fields["network"].choices = [("default", label)]  # type: ignore[attr-defined]
-        self.fields["network"].initial = "default"
+        self.fields["networks"].queryset = Network.objects.filter(tenant=tenant).order_by("name")  # type: ignore[attr-defined]
+        self.fields["networks"].label_from_instance = lambda n: f"{n.name} ({n.cidr})"  # type: ignore[attr-defined]
         if preview:  # the preview only needs what placement depends on
             self.fields["name"].required = False
-            self.fields["network"].required = False
 
     def clean_name(self) -> str:
         """A live instance of the tenant with the same name is refused here, next to the field
@@ -213,6 +215,7 @@ class LaunchForm(NoSuffix, forms.Form):
             run_as=data.get("user") or "",
             restart_policy=data.get("restart_policy") or "no",
             security_groups=tuple(data.get("security_groups") or ()),
+            networks=tuple(data.get("networks") or ()),
         )
 
 
@@ -233,15 +236,19 @@ class RevertForm(NoSuffix, forms.Form):
 
     name = forms.ChoiceField(label="Snapshot to revert to")
 
-    def __init__(self, *args: Any, names: list[str], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, names: list[str], of: str = "this VM", **kwargs: Any) -> None:
         kwargs.setdefault("auto_id", "revert-%s")
         super().__init__(*args, **kwargs)
         field = self.fields["name"]
         field.choices = [(n, n) for n in names]  # type: ignore[attr-defined]
-        field.error_messages["invalid_choice"] = "No snapshot named %(value)s has been taken of this VM."
+        field.error_messages["invalid_choice"] = f"No snapshot named %(value)s has been taken of {of}."
         if not names:
             field.widget.attrs["disabled"] = True
             field.help_text = "No snapshots yet: take one first."
+
+    def error_text(self) -> str:
+        """Why the form is invalid, as the page says it."""
+        return " ".join(str(e) for e in self.errors.get("name", ())) or "Check the snapshot to revert to."
 
 
 class PublishForm(NoSuffix, forms.Form):
@@ -376,6 +383,48 @@ class NodeTenancyForm(NoSuffix, forms.Form):
     )
 
 
+class NetworkForm(NoSuffix, forms.Form):
+    """A new network of the current tenant: the API's CIDR and prefix rules (``portal.cloud.networks``);
+    an overlap, a taken name or the quota are the service's Conflict."""
+
+    name = forms.CharField(max_length=63, validators=[name_validator], help_text=NAME_RULE)
+    cidr = forms.CharField(
+        max_length=43,
+        required=False,
+        label="CIDR",
+        help_text="Your own subnet inside the pool, e.g. 198.18.40.0/24; empty: the pool chooses one.",
+    )
+    prefix_length = forms.IntegerField(
+        required=False,
+        label="Prefix length",
+        help_text="Without a CIDR: the size of the subnet the pool gives (empty: 24).",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", "network-%s")
+        super().__init__(*args, **kwargs)
+
+    def clean_cidr(self) -> str:
+        text: str = self.cleaned_data.get("cidr") or ""
+        try:
+            return str(networks.parse_cidr(text)) if text else ""
+        except networks.InvalidNetwork as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+    def clean_prefix_length(self) -> int | None:
+        value: int | None = self.cleaned_data.get("prefix_length")
+        try:
+            return networks.check_prefix(value) if value is not None else None
+        except networks.InvalidNetwork as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("cidr") and data.get("prefix_length") is not None:
+            self.add_error("prefix_length", "Give either a CIDR or a prefix length, not both.")
+        return data
+
+
 class SecurityGroupForm(NoSuffix, forms.Form):
     """A new security group of the current tenant (a taken name is the service's Conflict)."""
 
@@ -492,3 +541,49 @@ class PortForm(NoSuffix, forms.Form):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("auto_id", "port-%s")
         super().__init__(*args, **kwargs)
+
+
+class MoveForm(NoSuffix, forms.Form):
+    """The node to move a volume to, picked from the nodes ``portal.storage.moves.check_target`` allows."""
+
+    node = forms.ChoiceField(label="Move to node")
+
+    def __init__(self, *args: Any, nodes: list[str], **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", "move-%s")
+        super().__init__(*args, **kwargs)
+        field = self.fields["node"]
+        field.choices = [(n, n) for n in nodes]  # type: ignore[attr-defined]
+        field.error_messages["invalid_choice"] = "Node %(value)s is not one this volume can move to."
+        if not nodes:
+            field.widget.attrs["disabled"] = True
+            field.help_text = "No other node this volume can move to."
+
+
+class BackupPolicyForm(NoSuffix, forms.Form):
+    """A volume's scheduled backups (the same bounds as the API's ``BackupPolicySerializer``)."""
+
+    interval_hours = forms.IntegerField(min_value=1, max_value=8760, label="Every (hours)")
+    retention = forms.IntegerField(min_value=1, max_value=100, label="Keep (backups)")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", "policy-%s")
+        super().__init__(*args, **kwargs)
+
+
+class RestoreForm(NoSuffix, forms.Form):
+    """A backup (picked from the volume's available ones) restored into a new volume: its name, and
+    optionally its node (default as for a create)."""
+
+    backup = forms.ChoiceField(label="Backup to restore")
+    name = forms.CharField(max_length=63, validators=[name_validator], label="New volume name")
+    node = forms.CharField(required=False, max_length=63, label="Node (optional)")
+
+    def __init__(self, *args: Any, backups: Sequence[tuple[str, str]], **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", "restore-%s")
+        super().__init__(*args, **kwargs)
+        field = self.fields["backup"]
+        field.choices = list(backups)  # type: ignore[attr-defined]
+        field.error_messages["invalid_choice"] = "No available backup %(value)s of this volume."
+        if not backups:
+            field.widget.attrs["disabled"] = True
+            field.help_text = "No available backup yet: back up first."

@@ -9,7 +9,7 @@ from django.db.models import Exists, OuterRef
 
 from compute.spec import Action
 from portal.cloud import placement, states
-from portal.cloud.models import ComputeNode, ExternalAddress, Instance, PublishedPort, SecurityGroup
+from portal.cloud.models import ComputeNode, ExternalAddress, Instance, Port, PublishedPort, SecurityGroup
 from portal.images.models import Image
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Quota
@@ -141,6 +141,7 @@ class NetworkPanel:
     groups: Sequence[SecurityGroup]
     ports: Sequence[PublishedPort]
     can_publish_here: bool
+    nics: Sequence[Port] = ()  # in NIC order: eth0 (the default route and published ports) first
 
     @property
     def attached(self) -> list[SecurityGroup]:
@@ -148,7 +149,7 @@ class NetworkPanel:
 
 
 def network_panel(instance: Instance) -> NetworkPanel:
-    """Three queries whatever the number of groups and ports."""
+    """Four queries whatever the number of groups, ports and NICs."""
     through = SecurityGroup.instances.through
     attached = through.objects.filter(securitygroup_id=OuterRef("pk"), instance_id=instance.pk)
     groups = list(
@@ -164,4 +165,5 @@ def network_panel(instance: Instance) -> NetworkPanel:
     external = (
         instance.node_id is not None and ExternalAddress.objects.filter(node_id=instance.node_id).exists()
     )
-    return NetworkPanel(groups, ports, external)
+    nics = list(Port.objects.filter(instance=instance).select_related("network").order_by("index", "pk"))
+    return NetworkPanel(groups, ports, external, nics)

@@ -1,7 +1,7 @@
 from django.urls import path
 
 from portal.metering import views as usage
-from portal.web.views import auth, images, instances, keys, network, ops, tenant
+from portal.web.views import auth, images, instances, keys, network, ops, tenant, volume_actions, volumes
 
 app_name = "web"
 
@@ -39,7 +39,28 @@ urlpatterns = [
     path("images/<int:pk>/", tenant.image_detail, name="image"),
     path("images/<int:pk>/status/", images.image_status, name="image-status"),
     path("images/<int:pk>/delete/", images.image_delete, name="image-delete"),
-    path("networks/", tenant.networks, name="networks"),
+    path("networks/", network.networks_page, name="networks"),
+    path("networks/<int:pk>/delete/", network.network_delete, name="network-delete"),
+    path("volumes/", volumes.volume_list, name="volumes"),
+    path("volumes/<uuid:pk>/", volumes.volume_detail, name="volume"),
+    path("volumes/<uuid:pk>/snapshots/", volumes.volume_snapshot_take, name="volume-snapshot"),
+    path("volumes/<uuid:pk>/revert/", volumes.volume_revert, name="volume-revert"),
+    path("volumes/<uuid:pk>/move/", volume_actions.volume_move, name="volume-move"),
+    path("volumes/<uuid:pk>/backups/", volume_actions.volume_backup, name="volume-backup"),
+    path(
+        "volumes/<uuid:pk>/backup-policy/", volume_actions.volume_backup_policy, name="volume-backup-policy"
+    ),
+    path("volumes/<uuid:pk>/restore/", volume_actions.volume_backup_restore, name="volume-backup-restore"),
+    path(
+        "volumes/<uuid:pk>/backups/<uuid:bid>/delete/",
+        volume_actions.volume_backup_delete,
+        name="volume-backup-delete",
+    ),
+    path(
+        "volumes/<uuid:pk>/snapshots/<slug:name>/delete/",
+        volumes.volume_snapshot_delete,
+        name="volume-snapshot-delete",
+    ),
     path("security-groups/", network.security_groups, name="security-groups"),
     path("security-groups/<int:pk>/rules/", network.rule_add, name="security-group-rules"),
     path("security-groups/<int:pk>/delete/", network.group_delete, name="security-group-delete"),

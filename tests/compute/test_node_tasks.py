@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import time
@@ -45,19 +46,23 @@ from compute.spec import (
     Observation,
     PowerState,
     Protocol,
+    ReleaseNetwork,
     SecurityBatch,
     SecurityRule,
+    SendDisk,
     SnapshotInfo,
     SpecError,
     Task,
     VolumeObservation,
     VolumeOp,
+    VolumeProgress,
     VolumeRequest,
     from_json,
     stored_spec,
     to_json,
 )
 from compute.tasks import _ACTIONS, NodeService
+from tests.hostcaps import require_binary
 
 
 def _service(tmp_path: pathlib.Path) -> tuple[NodeService, list[tuple[str, dict[str, Any]]], FakeDriver]:
@@ -114,6 +119,46 @@ def test_invalid_spec_is_reported_not_raised(tmp_path: pathlib.Path) -> None:
     obs = svc.handle(Task.CREATE, _create(bad, "act-2"))
     assert not obs.ok and "invalid compute.instance.create" in obs.message and obs.action_id == "act-2"
     assert obs.instance_id == bad["instance_id"]
+
+
+def test_send_disk_uploads_a_stopped_vm_and_reports_its_digest(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The migration's source half as a node task: refused while running, then the digest comes back."""
+    from compute import fetch
+
+    require_binary("qemu-img")
+    got: list[tuple[str, str, bytes]] = []
+    monkeypatch.setattr(
+        fetch, "upload", lambda url, token, path, timeout=0: got.append((url, token, path.read_bytes()))
+    )
+    svc, sent, vm = _service(tmp_path)
+    spec = _spec()
+    iid = spec["instance_id"]
+    svc.handle(Task.CREATE, _create(spec, "a"))
+    msg = {"instance_id": iid, "action_id": "m1", "upload_url": "http://portal/u/7", "upload_token": "tok"}
+    refused = svc.handle(Task.SEND_DISK, msg)
+    assert (refused.ok, refused.action, refused.power_state.value) == (False, Action.SEND_DISK, "running")
+    assert "stop it before sending its disk" in refused.message and got == []
+    # a guest that ignores the power button: a clean stop refuses instead of forcing it off
+    vm.ignores_shutdown.add(iid)
+    clean = svc.handle(Task.ACTION, _act(iid, "stop", "s0", timeout=1, clean=True))
+    assert (clean.ok, clean.power_state.value) == (False, "running") and "left running" in clean.message
+    vm.ignores_shutdown.clear()
+    assert (
+        svc.handle(Task.ACTION, _act(iid, "stop", "s1", timeout=1, clean=True)).power_state.value
+        == "shutdown"
+    )
+    obs = svc.handle(Task.SEND_DISK, msg | {"action_id": "m2"})
+    assert obs.ok and obs.power_state.value == "shutdown", obs.message
+    details = dict(obs.details)
+    assert [(u, t) for u, t, _ in got] == [("http://portal/u/7", "tok")]
+    assert details["digest"] == "sha256:" + hashlib.sha256(got[0][2]).hexdigest()
+    assert int(details["size"]) == len(got[0][2]) and float(details["upload_seconds"]) >= 0
+    assert list((tmp_path / "exports").iterdir()) == []
+    bad = svc.handle(Task.SEND_DISK, msg | {"action_id": "m3", "upload_url": "file:///etc/passwd"})
+    assert (bad.ok, bad.action_id) == (False, "m3") and "http(s) URL" in bad.message
+    assert from_json(Observation, sent[-1][1]) == bad
 
 
 def test_actions_and_delete_are_idempotent(tmp_path: pathlib.Path) -> None:
@@ -225,6 +270,17 @@ def test_ensure_network_validates_and_reports_failure_without_raising(tmp_path: 
     assert not NodeService(cfg, lambda n, p: None, {}, prepare_bridge=broken).ensure_network(seg)
 
 
+def test_release_network_is_validated_and_a_fake_node_without_a_router_keeps_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    cfg = NodeConfig("n1", tmp_path, "test:///default", "qemu", "crun", "memory://")
+    svc = NodeService(cfg, lambda n, p: None, {}, prepare_bridge=lambda seg: None)
+    good = to_json(ReleaseNetwork("acme/back", "skn-0123abcd", 3))
+    assert svc.handle(Task.RELEASE_NETWORK, good) is False  # no router: nothing of its own to release
+    for bad in (good | {"bridge": "a bridge name too long"}, good | {"vni": 0}, good | {"colour": "red"}):
+        assert svc.handle(Task.RELEASE_NETWORK, bad) is None  # refused by the contract, logged
+
+
 def test_every_message_round_trips_through_json() -> None:
     """One from_json for all: nested dataclasses, enums, tuples and frozensets come back equal."""
     spec = from_json(InstanceSpec, _spec() | {"networks": [to_json(_nic(vni=3))], "env": [["A", "b"]]})
@@ -238,6 +294,7 @@ def test_every_message_round_trips_through_json() -> None:
         ExecRequest(iid, Kind.CONTAINER, ("id",), "skyport:exec:1", 5.0, 100),
         LogsRequest(iid, Kind.CONTAINER, "skyport:logs:1", 10, "2026-12-06T01:20:00.5+01:00", "stderr", 2),
         _nic(vni=3, tunnel_local="192.0.2.1", tunnel_peers=("192.0.2.2",)).segment,
+        ReleaseNetwork("acme/back", "skn-0123abcd", 3),
         Observation(iid, "n1", Action.REVERT, "a4", False, PowerState.PAUSED, "no", 1.5, (("k", "v"),)),
         ConsoleTail(iid, "n1", "boot\n", 2.0),
         InstanceForwards(iid, (Forward(Protocol.UDP, "198.18.129.1", 20000, "198.19.160.10", 53),)),
@@ -255,6 +312,11 @@ def test_every_message_round_trips_through_json() -> None:
         ),
         VolumeRequest(iid, VolumeOp.ATTACH, "a6", instance_id=iid, kind=Kind.VM),
         VolumeObservation(iid, "n1", VolumeOp.ATTACH, "a6", True, target="vdc"),
+        VolumeRequest(iid, VolumeOp.RECEIVE, "a7", blob_url="http://p/b", digest="sha256:" + "0" * 64),
+        VolumeProgress(iid, "n1", "a7", VolumeOp.SEND, 5, 10),
+        SendDisk(iid, "a7", "http://127.0.0.1:8000/api/v1/blobs/uploads/7", "tok"),
+        VolumeRequest(iid, VolumeOp.REVERT, "a7", snapshot="s1"),
+        VolumeObservation(iid, "n1", VolumeOp.SNAPSHOT, "a8", True, snapshots=(SnapshotInfo("s1", 3.0, 9),)),
     ]  # fmt: skip
     assert {type(m) for m in messages} == set(MESSAGES.values())
     for message in messages:
@@ -350,6 +412,7 @@ def test_the_worker_registers_every_node_task() -> None:
         Task.DELETE,
         Task.CONSOLE,
         Task.ENSURE_NETWORK,
+        Task.RELEASE_NETWORK,
         Task.VOLUME,
         Task.CONSOLE_OPEN,
         Task.EXEC,
@@ -357,6 +420,7 @@ def test_the_worker_registers_every_node_task() -> None:
         Task.FORWARDS,
         Task.SECURITY,
         Task.SECURITY_BATCH,
+        Task.SEND_DISK,
     }
 
 

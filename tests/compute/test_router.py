@@ -17,6 +17,7 @@ The Router runs in a thread that joined the node namespace, so its ``nft``,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import secrets
@@ -32,6 +33,7 @@ from compute.network import hostlock, nft, router
 from compute.spec import (
     Direction,
     Forward,
+    GroupMembers,
     ImageFormat,
     ImageRef,
     InstanceSpec,
@@ -162,6 +164,23 @@ def wire_instance(lab: Lab, mac: str = MAC, address: str = "198.19.160.20/24") -
     ip("-n", lab.inst, "link", "set", "eth0", "address", mac, "mtu", "1450", "up")
     ip("-n", lab.inst, "addr", "add", address, "dev", "eth0")
     ip("-n", lab.inst, "route", "add", "default", "via", "198.19.160.1")
+
+
+@contextlib.contextmanager
+def neighbour_ns(lab: Lab) -> Iterator[str]:
+    """A second "instance" at 198.19.160.21 on bridge skrtb0, with no recorded NIC (no port security,
+    no security group of its own): its netns name, deleted afterwards."""
+    other = f"{lab.inst}2"
+    ip("netns", "add", other)
+    try:
+        ip("-n", lab.node, "link", "add", "skcpeer0", "type", "veth", "peer", "name", "eth0", "netns", other)
+        ip("-n", lab.node, "link", "set", "skcpeer0", "master", "skrtb0", "mtu", "1450", "up")
+        ip("-n", other, "addr", "add", "198.19.160.21/24", "dev", "eth0")
+        ip("-n", other, "link", "set", "eth0", "mtu", "1450", "up")
+        ip("-n", other, "link", "set", "lo", "up")
+        yield other
+    finally:
+        subprocess.run(["ip", "netns", "del", other], capture_output=True, timeout=10)
 
 
 def fetch(lab: Lab) -> bool:
@@ -352,14 +371,7 @@ def test_security_groups_change_live_on_the_running_instance(lab: Lab) -> None:
     lab.run(lab.router.attach, spec)
     wire_instance(lab)
     # a second "instance" on the same bridge, not a member of the first one's group
-    other = f"{lab.inst}2"
-    ip("netns", "add", other)
-    try:
-        ip("-n", lab.node, "link", "add", "skcpeer0", "type", "veth", "peer", "name", "eth0", "netns", other)
-        ip("-n", lab.node, "link", "set", "skcpeer0", "master", "skrtb0", "mtu", "1450", "up")
-        ip("-n", other, "addr", "add", "198.19.160.21/24", "dev", "eth0")
-        ip("-n", other, "link", "set", "eth0", "mtu", "1450", "up")
-        ip("-n", other, "link", "set", "lo", "up")
+    with neighbour_ns(lab) as other:
         web = subprocess.Popen(
             ["ip", "netns", "exec", lab.inst, "python3", "-m", "http.server", "-b", "198.19.160.20", "8000"],
             stdout=subprocess.DEVNULL,
@@ -415,8 +427,6 @@ def test_security_groups_change_live_on_the_running_instance(lab: Lab) -> None:
         finally:
             web.terminate()
             web.wait(10)
-    finally:
-        subprocess.run(["ip", "netns", "del", other], capture_output=True, timeout=10)
     lab.run(lab.router.teardown)
 
 
@@ -477,4 +487,192 @@ def test_a_network_no_instance_uses_is_released_after_the_grace(lab: Lab) -> Non
     # the next create on it makes it again
     lab.run(lab.router.ensure, lab.segment(0))
     assert "skrtb0" in ip("-n", lab.node, "link", "show")
+    lab.run(lab.router.teardown)
+
+
+def test_an_older_security_version_run_late_is_ignored(lab: Lab) -> None:
+    """Two changes' batches run out of order: the newer rules stay, in the files and in the kernel."""
+    lab.run(lab.router.ensure, lab.segment(0))
+    web = (SecurityRule(Direction.EGRESS), SecurityRule(Direction.INGRESS, "tcp", 8080, 8080))
+    ssh = (SecurityRule(Direction.EGRESS), SecurityRule(Direction.INGRESS, "tcp", 2222, 2222))
+    lab.run(lab.router.attach, dataclasses.replace(lab.spec(), security=ssh, security_version=3))
+    ifname = router.nic_ifname(Kind.CONTAINER, IID, 0)
+
+    def enforced() -> str:
+        listing = json.dumps(lab.run(nft.listing, "bridge", lab.table))
+        return "8080" if "8080" in listing else "2222" if "2222" in listing else "none"
+
+    assert enforced() == "2222"
+    assert lab.run(lab.router.set_security_many, {IID: web}, {IID: 5}) == []
+    assert (lab.router.security()[ifname], enforced()) == (web, "8080")
+    # version 4 was resolved before 5 committed; it runs late and is ignored
+    assert lab.run(lab.router.set_security_many, {IID: ssh}, {IID: 4}) == [IID]
+    assert (lab.router.security()[ifname], enforced()) == (web, "8080")
+    # the same version again (a redelivery) and unversioned messages apply
+    assert lab.run(lab.router.set_security_many, {IID: web}, {IID: 5}) == []
+    assert lab.run(lab.router.set_security_many, {IID: ssh}) == []
+    assert enforced() == "2222"
+    # a create spec older than the applied rules does not roll them back either
+    lab.run(lab.router.set_security_many, {IID: web}, {IID: 7})
+    lab.run(lab.router.attach, dataclasses.replace(lab.spec(), security=ssh, security_version=6))
+    assert enforced() == "8080"
+    lab.run(lab.router.detach, IID)
+    assert not list(lab.router.root.glob("**/security/*"))
+
+
+def test_a_create_prepares_devices_once_and_leaves_dns_to_after_the_start(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prepare (a create): one rule load, devices only when missing or changed, resolvers afterwards."""
+    made: list[str] = []
+    real = router.prepare_devices
+    monkeypatch.setattr(
+        router, "prepare_devices", lambda seg, **kw: (made.append(seg.bridge), real(seg, **kw))
+    )
+    spec = lab.spec()
+    named = dataclasses.replace(lab.segment(0), hosts=(("web", "198.19.160.20"),))
+    spec = dataclasses.replace(spec, networks=(dataclasses.replace(spec.networks[0], segment=named),))
+    assert [s.bridge for s in lab.run(lab.router.prepare, spec)] == ["skrtb0"]  # type: ignore[attr-defined]
+    assert made == ["skrtb0"]
+    assert "198.19.160.20" in json.dumps(lab.run(nft.listing, "bridge", lab.table)), "port security loaded"
+    assert list(lab.router.resolver_pids()) == [], "DNS is not on the start's path"
+    lab.run(lab.router.update_resolvers, [named])
+    assert len(list(lab.router.resolver_pids())) == 1
+
+    # another instance on the network: only its name differs, the devices are not made again
+    more = dataclasses.replace(named, hosts=(*named.hosts, ("db", "198.19.160.21")))
+    again = dataclasses.replace(spec, networks=(dataclasses.replace(spec.networks[0], segment=more),))
+    lab.run(lab.router.prepare, again)
+    assert made == ["skrtb0"]
+    # a changed device field, or a bridge gone from under the node, is prepared again
+    moved = dataclasses.replace(more, host_address="198.19.160.30/24")
+    lab.run(
+        lab.router.prepare,
+        dataclasses.replace(again, networks=(dataclasses.replace(again.networks[0], segment=moved),)),
+    )
+    ip("-n", lab.node, "link", "del", "skrtb0")
+    lab.run(lab.router.prepare, again)
+    assert made == ["skrtb0"] * 3
+    assert "skrtb0" in ip("-n", lab.node, "link", "show")
+    lab.run(lab.router.teardown)
+
+
+def _normal(listing: object) -> list[str]:
+    """A table as the kernel lists it, without handles and with set and map elements in order."""
+    items = []
+    for obj in listing["nftables"]:  # type: ignore[index]
+        for kind, raw in obj.items():
+            if kind == "metainfo":
+                continue
+            body = {k: v for k, v in raw.items() if k != "handle"}
+            if "elem" in body:
+                body["elem"] = sorted(json.dumps(e, sort_keys=True) for e in body["elem"])
+            items.append(json.dumps({kind: body}, sort_keys=True))
+    # rules keep their order within a chain; chains, sets and maps in any order
+    rules = [i for i in items if i.startswith('{"rule"')]
+    return sorted(i for i in items if not i.startswith('{"rule"')) + rules
+
+
+def test_per_nic_changes_give_the_tables_a_whole_load_gives(lab: Lab) -> None:
+    """attach, rule changes, a new MAC, detach: loaded as per-NIC deltas, equal to loading whole."""
+    lab.run(lab.router.ensure, lab.segment(0))
+    ssh = (SecurityRule(Direction.EGRESS), SecurityRule(Direction.INGRESS, "tcp", 22, 22))
+    web = (*ssh, SecurityRule(Direction.INGRESS, "tcp", 80, 80, ("198.19.0.0/16",)))
+    first = dataclasses.replace(lab.spec(), security=ssh)
+    second_id = "6c0ffee0-0000-4000-8000-000000000002"
+    nic = dataclasses.replace(lab.spec().networks[0], address="198.19.160.21/24", mac="52:54:00:16:00:0b")
+    second = dataclasses.replace(lab.spec(), instance_id=second_id, networks=(nic,), security=web)
+    loads: list[list[dict[str, object]]] = []
+    real_run, real_apply = nft.run, nft.apply
+
+    def run(cmds: list[dict[str, object]]) -> None:
+        loads.append(cmds)
+        real_run(cmds)
+
+    def apply(tables: object) -> None:
+        real_apply(tables)  # type: ignore[arg-type]  # through run() above
+        loads.append([{"whole": None}])
+
+    steps = [
+        lambda: lab.router.attach(first),
+        lambda: lab.router.attach(second),
+        lambda: lab.router.set_security(IID, web),
+        lambda: lab.router.set_security(second_id, ()),
+        lambda: lab.router.attach(
+            dataclasses.replace(
+                first, networks=(dataclasses.replace(first.networks[0], mac="52:54:00:16:00:0c"),)
+            )
+        ),
+        lambda: lab.router.detach(second_id),
+    ]
+    deltas: list[list[dict[str, object]]] = []
+    nft.run, nft.apply = run, apply  # type: ignore[assignment]
+    try:
+        for step in steps:
+            lab.run(step)
+            incremental = _normal(lab.run(nft.listing, "bridge", lab.table))
+            assert loads and loads[-1] != [{"whole": None}], "a per-NIC change loaded the tables whole"
+            deltas.append(loads[-1])
+            lab.run(lab.router.converge)
+            assert loads[-1] == [{"whole": None}]
+            assert _normal(lab.run(nft.listing, "bridge", lab.table)) == incremental
+    finally:
+        nft.run, nft.apply = real_run, real_apply  # type: ignore[assignment]
+    # each delta names only the instance it changes (its cost does not grow with the others)
+    assert IID[:8] not in json.dumps(deltas[1]) + json.dumps(deltas[3])
+    assert second_id[:8] not in json.dumps(deltas[2]) + json.dumps(deltas[4])
+    assert "52:54:00:16:00:0c" in json.dumps(lab.run(nft.listing, "bridge", lab.table))
+
+    # tables deleted behind the node's back: the next change finds its delta refused and loads whole
+    lab.run(nft.delete, list(lab.router.desired()))
+    lab.run(lab.router.attach, second)
+    listing = json.dumps(lab.run(nft.listing, "bridge", lab.table))
+    assert "52:54:00:16:00:0b" in listing and "52:54:00:16:00:0c" in listing
+    assert json.dumps(lab.run(nft.listing, "inet", lab.table)) != "null", "the inet table is back too"
+    lab.run(lab.router.teardown)
+
+
+def test_a_remote_group_is_a_set_whose_members_change_without_touching_rules(lab: Lab) -> None:
+    """Ingress from group 7 only: a neighbour gets through once it is a member, and not after;
+    each membership change is one set element, loaded alone (no chain is rewritten)."""
+    lab.run(lab.router.ensure, lab.segment(0))
+    rules = (SecurityRule(Direction.EGRESS), SecurityRule(Direction.INGRESS, remote=(), remote_group="7"))
+    spec = dataclasses.replace(
+        lab.spec(),
+        security=rules,
+        security_version=1,
+        security_members=(GroupMembers("7", ("198.19.160.20",), 1),),
+    )
+    lab.run(lab.router.attach, spec)
+    wire_instance(lab)
+    with neighbour_ns(lab) as other:
+
+        def neighbour() -> bool:
+            return sh(other, "ping", "-c", "1", "-W", "1", "198.19.160.20").returncode == 0
+
+        assert not neighbour(), "not a member"
+        loads: list[list[dict[str, object]]] = []
+        real = nft.run
+        nft.run = lambda cmds: (loads.append(list(cmds)), real(cmds))[1]  # type: ignore[assignment]
+        try:
+            joined = GroupMembers("7", ("198.19.160.20", "198.19.160.21"), 2)
+            assert lab.run(lab.router.set_security_many, {}, {}, [joined]) == []
+            assert neighbour(), "a member now"
+            # an older list run late is ignored; the newer one stays
+            assert lab.run(lab.router.set_security_many, {}, {}, [GroupMembers("7", (), 1)]) == ["group:7"]
+            assert neighbour()
+            assert (
+                lab.run(lab.router.set_security_many, {}, {}, [GroupMembers("7", ("198.19.160.20",), 3)])
+                == []
+            )
+            assert not neighbour(), "left the group"
+        finally:
+            nft.run = real  # type: ignore[assignment]
+        assert [list(c) for load in loads for c in load] == [
+            ["add"],
+            ["delete"],
+        ], f"each change is one element of set grp_7: {loads}"
+        assert all(c[verb]["element"]["name"] == "grp_7" for load in loads for c in load for verb in c)
+    lab.run(lab.router.detach, IID)
+    assert not list(lab.router.root.glob("groups/*")), "a group no rule names any more is forgotten"
     lab.run(lab.router.teardown)

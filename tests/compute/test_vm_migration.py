@@ -177,10 +177,23 @@ def test_a_running_vm_is_refused_and_keeps_running(
 ) -> None:
     source, _ = nodes
     state = source.config.state_dir
-    with pytest.raises(InvalidState, match="stop it before migrating"):
+    with pytest.raises(InvalidState, match="stop it before sending its disk"):
         migration.send_disk(source, vm.instance_id, f"{portal.base}/images/1/file", "t", state)
     assert source.info(vm.instance_id).power_state is PowerState.RUNNING
     assert portal.tokens_seen == []
+
+
+def test_a_clean_stop_never_forces_a_guest_that_cannot_shut_down(
+    nodes: tuple[LibvirtDriver, LibvirtDriver], vm: InstanceSpec
+) -> None:
+    """The migration's stop (``force_after=False``): a paused guest cannot see the power button;
+    it is refused and left as it was, never destroyed (a plain stop would force it off)."""
+    source, _ = nodes
+    source.pause(vm.instance_id)
+    with pytest.raises(InvalidState, match="not forced off"):
+        source.stop(vm.instance_id, timeout=1, force_after=False)
+    assert source.info(vm.instance_id).power_state is PowerState.PAUSED
+    assert source.resume(vm.instance_id).power_state is PowerState.RUNNING
 
 
 def test_a_failed_upload_leaves_the_vm_stopped_and_intact(

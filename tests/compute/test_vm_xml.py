@@ -15,7 +15,7 @@ import pytest
 from compute.drivers import cloudinit
 from compute.drivers.accel import choose_domain_type
 from compute.drivers.base import DriverError, InstanceNotFound, InvalidState
-from compute.drivers.libvirt_xml import DiskConfig, DomainConfig, InterfaceConfig, snapshot_xml
+from compute.drivers.libvirt_xml import DiskConfig, DomainConfig, InterfaceConfig, metadata_nics, snapshot_xml
 from compute.drivers.vm import LibvirtDriver, domain_name, tap_name
 from compute.imagecache import ImageCache, ImageError, create_overlay, qemu_img_info
 from compute.spec import ImageFormat, ImageRef, NetworkAttachment, NetworkSegment, PowerState
@@ -95,6 +95,23 @@ def test_domain_xml_kvm_has_no_tcg_knobs() -> None:
     assert root.get("type") == "kvm"
     assert root.find("features/tcg") is None
     assert root.find("features/acpi") is not None
+
+
+def test_foreign_taps_are_unbridged_and_their_bridge_is_in_the_metadata() -> None:
+    """libvirtd in another network namespace: an ethernet tap there; the node bridges it from the metadata."""
+    cfg = golden_config()
+    (nic,) = cfg.interfaces
+    foreign = InterfaceConfig(nic.bridge, nic.mac, nic.tap, nic.mtu, foreign=True)
+    root = ET.fromstring(DomainConfig(**{**cfg.__dict__, "interfaces": (foreign,)}).to_xml())
+    iface = root.find("devices/interface")
+    assert iface is not None and iface.get("type") == "ethernet" and iface.find("source") is None
+    assert iface.find("target").get("dev") == "skv0123abcd0"  # type: ignore[union-attr]
+    meta = ET.tostring(root.find("metadata")[0], encoding="unicode")  # type: ignore[index]
+    assert metadata_nics(meta) == [("skv0123abcd0", "sktnet1", 1400)]
+    # libvirtd hands the element back without the prefix
+    plain = '<instance><node>n</node><nic tap="skv0123abcd0" bridge="sktnet1" mtu="1400"/></instance>'
+    assert metadata_nics(plain) == [("skv0123abcd0", "sktnet1", 1400)]
+    assert metadata_nics(ET.tostring(ET.fromstring(GOLDEN).find("metadata")[0], encoding="unicode")) == []  # type: ignore[index]
 
 
 def test_driver_builds_golden_xml_from_spec(tmp_path: Path) -> None:
@@ -459,3 +476,42 @@ def test_state_dirs_are_traversable_whatever_the_umask(tmp_path: Path, tiny_ref:
     for d in (tmp_path / "a", tmp_path / "a" / "b", drv.config.state_dir / "instances" / spec.instance_id):
         assert d.stat().st_mode & 0o777 == 0o755, d
     drv.destroy(spec.instance_id)
+
+
+def test_two_nics_two_interfaces_two_ethernets_one_default_route() -> None:
+    """Several tenant networks: one virtio interface each, in the spec's order, and one ethernet each in
+    network-config; only the first NIC's gateway becomes the default route (the portal sends the gateway
+    on the first only; the seed keeps one route even if a spec gave two)."""
+    image = ImageRef("tiny", "1", ImageFormat.QCOW2, "sha256:" + "0" * 64, "/x.qcow2")
+    nics = tuple(
+        NetworkAttachment(
+            NetworkSegment(f"acme/n{i}", f"skn-0000000{i}", mtu=1450),
+            f"198.18.{160 + i}.10/24",
+            f"52:54:00:aa:bb:0{i}",
+            gateway=f"198.18.{160 + i}.1",
+            dns=(f"198.18.{160 + i}.1",),
+        )
+        for i in range(2)
+    )
+    spec = vm_spec(image, nics, hostname="duo")
+    drv = LibvirtDriver(node_config(Path("/s"), uri="test:///default", accel="qemu"))
+    root = ET.fromstring(drv.domain_config(spec).to_xml())
+    found = [
+        (i.find("mac").get("address"), i.find("source").get("bridge"), i.find("target").get("dev"))  # type: ignore[union-attr]
+        for i in root.iter("interface")
+    ]
+    assert found == [
+        ("52:54:00:aa:bb:00", "skn-00000000", tap_name(spec.instance_id, 0)),
+        ("52:54:00:aa:bb:01", "skn-00000001", tap_name(spec.instance_id, 1)),
+    ]
+    assert [i.find("model").get("type") for i in root.iter("interface")] == ["virtio", "virtio"]  # type: ignore[union-attr]
+    nc = json.loads(cloudinit.network_config(spec))
+    assert list(nc["ethernets"]) == ["eth0", "eth1"]
+    eth0, eth1 = nc["ethernets"]["eth0"], nc["ethernets"]["eth1"]
+    assert (eth0["match"], eth1["match"]) == (
+        {"macaddress": "52:54:00:aa:bb:00"},
+        {"macaddress": "52:54:00:aa:bb:01"},
+    )
+    assert eth0["addresses"] == ["198.18.160.10/24"] and eth1["addresses"] == ["198.18.161.10/24"]
+    assert eth0["routes"] == [{"to": "0.0.0.0/0", "via": "198.18.160.1"}] and "routes" not in eth1
+    assert eth1["nameservers"] == {"addresses": ["198.18.161.1"]} and eth1["mtu"] == 1450

@@ -13,6 +13,7 @@ import secrets
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -237,3 +238,48 @@ def test_node_prepares_bridge_address_vxlan_and_adds_peers(two_nodes: tuple[str,
     # a segment without a tunnel address only gets the bridge
     in_netns(n1, _prepare_bridge, NetworkSegment("bob/default", "sknt2", 1450, "198.19.8.10/24"))
     assert "skx-" not in ip("-n", n1, "link", "show", "master", "sknt2")
+
+
+def test_router_prunes_flood_entries_only_for_a_newer_peer_list(
+    two_nodes: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that left is dropped from the flood list; an older list never cuts off a newer peer."""
+    from compute.config import NodeConfig
+    from compute.network import hostlock, router
+    from compute.spec import NetworkSegment
+
+    n1, _ = two_nodes
+    monkeypatch.setattr(hostlock, "LOCK_FILE", tmp_path / "net.lock")
+    config = NodeConfig(
+        name="vt",
+        state_dir=tmp_path / "node",
+        libvirt_uri="test:///default",
+        accelerator="qemu",
+        container_runtime="crun",
+        broker_url="memory://",
+        network_lock=tmp_path / "net.lock",
+        nft_table=f"skvt{secrets.token_hex(3)}",
+    )
+    node = router.Router(config)
+
+    def ensure(serial: int, *peers: str) -> set[str]:
+        seg = NetworkSegment(
+            "acme/default", "skvtp", 1450, "198.19.7.10/24", 77, "198.19.0.1", peers, peers_serial=serial
+        )
+        in_netns(n1, node.ensure, seg)
+        return fdb_flood(n1, "skx-77")
+
+    try:
+        assert ensure(1, "198.19.0.2", "198.19.0.3") == {"198.19.0.2", "198.19.0.3"}
+        # .3 released the network: the portal's next list (serial 3) no longer names it
+        assert ensure(3, "198.19.0.2") == {"198.19.0.2"}
+        # a list from before (serial 2, handled late by the other worker process) only adds
+        assert ensure(2, "198.19.0.4") == {"198.19.0.2", "198.19.0.4"}
+        assert ensure(3, "198.19.0.2") == {"198.19.0.2", "198.19.0.4"}, "an equal serial does not prune"
+        assert [s.peers_serial for s in in_netns(n1, node.segments)] == [3]
+        assert ensure(4, "198.19.0.2") == {"198.19.0.2"}
+        # serial 0 (an older portal) stays lazy
+        assert ensure(0, "198.19.0.5") == {"198.19.0.2", "198.19.0.5"}
+    finally:
+        in_netns(n1, node.teardown)
+    assert "skx-77" not in ip("-n", n1, "link", "show")

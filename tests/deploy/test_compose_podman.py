@@ -141,7 +141,7 @@ def test_compose_runs_the_control_plane_and_a_compute_node(
             assert code == 202, body
             assert (body["decided_kind"], body["node"]) == (kind, s.node), body
             launched[kind] = body["id"]
-        running = {kind: _settled(s, demo, iid, "active") for kind, iid in launched.items()}
+        running = {kind: _settled(s, demo, iid, "active", host) for kind, iid in launched.items()}
     for kind, got in running.items():
         assert got["power_state"] == "running", got
         address = got["addresses"][0]["address"]
@@ -153,7 +153,7 @@ def test_compose_runs_the_control_plane_and_a_compute_node(
             code, body = s.http("DELETE", f"/api/v1/instances/{iid}/", demo)
             assert code == 202, body
         for iid in launched.values():
-            _settled(s, demo, iid, "deleted")
+            _settled(s, demo, iid, "deleted", host)
     domains = s.compose(
         "exec", "-T", "compute", "virsh", "-c", "qemu:///system", "list", "--all", "--name", host=host
     )
@@ -161,14 +161,27 @@ def test_compose_runs_the_control_plane_and_a_compute_node(
     s.timings["test body"] = round(time.monotonic() - started, 1)
 
 
-def _settled(s: ComposeStack, token: str, iid: str, state: str) -> dict[str, Any]:
+def _settled(s: ComposeStack, token: str, iid: str, state: str, host: str) -> dict[str, Any]:
+    last: list[Any] = []
+
     def check() -> dict[str, Any] | None:
         code, got = s.http("GET", f"/api/v1/instances/{iid}/", token)
         assert code == 200, got
         assert got["vm_state"] != "error", got
+        last[:] = [got]
         return got if got["vm_state"] == state and got["task_state"] is None else None
 
-    return wait_for(f"instance {iid} to be {state}", check, timeout=240, every=1)  # type: ignore[no-any-return]
+    try:
+        return wait_for(f"instance {iid} to be {state}", check, timeout=240, every=1)  # type: ignore[no-any-return]
+    except AssertionError as exc:
+        # what CI shows of a stuck instance: its row, its events, what the node and control logged
+        _, events = s.http("GET", f"/api/v1/events/?object_id={iid}", token)
+        logs = s.compose("logs", "--no-color", "--tail", "80", "compute", "control", host=host, check=False)
+        raise AssertionError(
+            f"{exc}\nlast seen: {json.dumps(last[-1] if last else None)}\n"
+            f"events: {json.dumps(events.get('results') if isinstance(events, dict) else events)[:3000]}\n"
+            f"compute and control logs (tail):\n{logs[-8000:]}"
+        ) from None
 
 
 def _ping(s: ComposeStack, address: str) -> bool:

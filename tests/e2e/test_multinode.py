@@ -52,6 +52,8 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.host, pytest.
 UNDERLAY_HOST = "198.19.0.1"
 UNDERLAY_PREFIX = 24
 HOSTS = {"h1": "198.19.0.11", "h2": "198.19.0.12", "h3": "198.19.0.13"}
+#: more environment for every compute worker (tests that grow the topology set e.g. SKYPORT_UPLINK)
+NODE_ENV: dict[str, str] = {}
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -198,8 +200,9 @@ def cluster(
         monkeypatch.setattr(dispatch, "_send", _send_via(redis.url))
         stack = Stack(base, str(settings.DATABASES["default"]["NAME"]), broker=redis.url)
         stack.start(
-            "control", "-A", "portal", "worker", "-Q", "control", "--pool", "threads", "--concurrency", "4"
-        )
+            "control", "-A", "portal", "worker", "-Q", "control", "--pool", "threads", "--concurrency", "4",
+            SKYPORT_PORTAL_URL=server.url,  # where nodes fetch what the control worker points them at
+        )  # fmt: skip
         for h, node in nodes.items():
             stack.start(
                 node,
@@ -217,6 +220,7 @@ def cluster(
                 SKYPORT_TUNNEL_ADDRESS=HOSTS[h],
                 SKYPORT_NFT_TABLE=table_for(node),
                 SKYPORT_CGROUP_PARENT=f"skyport-{node}",  # one kernel, three "hosts": a cgroup tree each
+                **NODE_ENV,
             )
         yield stack, underlay, nodes
     finally:
@@ -368,10 +372,27 @@ def _scenario(base: Path, underlay: Underlay, nodes: dict[str, str]) -> None:
         assert not _ping_from(pid[src], addr[dst], tries=2), f"{src} reached {dst} on-link"
     assert _ping_from(pid["a1"], addr["a2"]), "acme still reaches itself"
 
+    # a2's node no longer carries acme's network: the other node drops it from its flood list
+    assert acme.delete(f"/api/v1/instances/{a2['id']}/").status_code == 202
+    settled(acme, a2["id"], "deleted")
+    h_a1 = next(h for h, n in nodes.items() if n == a1["node"])
+    h_a2 = next(h for h, n in nodes.items() if n == a2["node"])
+
+    def flood(h: str) -> str:
+        dev = f"skx-{acme_net.vni}"
+        return _run("ip", "netns", "exec", underlay.netns[h], "bridge", "fdb", "show", "dev", dev).stdout
+
+    wait_for(
+        f"{h_a1} to prune {h_a2} from its flood list",
+        lambda: f"00:00:00:00:00:00 dst {HOSTS[h_a2]}" not in flood(h_a1),
+        timeout=15,
+        every=0.2,
+    )
+
     # delete everything; the nodes clean up
-    for c, inst in ((acme, a1), (acme, a2), (bob, b1)):
+    for c, inst in ((acme, a1), (bob, b1)):
         assert c.delete(f"/api/v1/instances/{inst['id']}/").status_code == 202
-    for c, inst in ((acme, a1), (acme, a2), (bob, b1)):
+    for c, inst in ((acme, a1), (bob, b1)):
         settled(c, inst["id"], "deleted")
     for inst in (a1, a2, b1):
         assert not (base / inst["node"] / "containers" / f"sky-{inst['id']}").exists()

@@ -156,3 +156,136 @@ def test_a_node_clock_ahead_is_bounded_by_the_portal_receive_time(world: World) 
     assert len(samples) == 2
     assert all(before - dt.timedelta(seconds=1) <= s.at <= s.received_at <= timezone.now() for s in samples)
     assert all(s.at.microsecond % 1000 == 0 for s in samples)  # whole milliseconds
+
+
+_node_beats = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=5 * 3600 * 1000),  # ms after the base, five hours
+        st.sets(st.integers(min_value=0, max_value=2)),  # which of the three the node lists running
+        st.integers(min_value=0, max_value=4 << 30),  # memory
+    ),
+    min_size=1,
+    max_size=20,
+    unique_by=lambda b: b[0],
+)
+_observations = st.lists(
+    st.tuples(st.integers(min_value=0, max_value=5 * 3600 * 1000), st.integers(0, 2), st.booleans()),
+    max_size=5,
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(beats=_node_beats, observations=_observations, data=st.data())
+def test_a_nodes_beats_in_any_order_give_the_rows_a_rebuild_gives(
+    world: World,
+    beats: list[tuple[int, set[int], int]],
+    observations: list[tuple[int, int, bool]],
+    data: Any,
+    settings: Any,
+) -> None:
+    """record_report adds each beat's new intervals to the rows in bulk; late beats, duplicates and
+    observations between beats take the rebuilding way.  Either way the hour, day and month rows of
+    the node's three instances are what recompute builds from the samples, and what the pure
+    function gives."""
+    from django.utils import timezone
+
+    from compute.spec import NodeReport, from_json
+    from portal.metering.intervals import floor_hour
+    from portal.metering.models import UsageMonth
+    from tests.portal.conftest import heartbeat
+
+    settings.SKYPORT_HEARTBEAT_SECONDS = 600
+    settings.SKYPORT_METERING_GAP_BEATS = 3  # 30 min: some examples have gaps
+    base = floor_hour(timezone.now()) - dt.timedelta(hours=6) + dt.timedelta(minutes=50)
+    first = Instance.objects.get(pk=world.instance_a.pk)
+    insts = [first]
+    for n in (2, 3):
+        twin = Instance.objects.filter(name=f"web-{n}").first()
+        if twin is None:
+            twin = Instance.objects.get(pk=first.pk)
+            twin.pk, twin.name, twin.vcpus, twin.ram_mb = None, f"web-{n}", n, 256 * n
+            twin.save()
+        insts.append(twin)
+    Instance.objects.filter(pk__in=[i.pk for i in insts]).update(created_at=base - dt.timedelta(hours=1))
+    for model in (UsageSample, UsageHour, UsageDay, UsageMonth):
+        model.objects.filter(instance__in=insts).delete()
+
+    events: list[tuple[str, int, Any, Any]] = [("beat", t, up, mem) for t, up, mem in beats]
+    events += [("obs", t, i, running) for t, i, running in observations]
+    arrivals = data.draw(st.permutations(events + data.draw(st.lists(st.sampled_from(events), max_size=6))))
+    for what, t, who, value in arrivals:
+        at = base + dt.timedelta(milliseconds=t)
+        if what == "beat":
+            inventory = [
+                {
+                    "instance_id": str(insts[i].pk),
+                    "kind": "vm",
+                    "power_state": "running",
+                    "memory_bytes": value,
+                    "cpu_time_ns": t * 1000 * (i + 1),
+                }
+                for i in sorted(who)
+            ]
+            report = from_json(NodeReport, heartbeat("shared-1", inventory=inventory, sent_at=at.timestamp()))
+            sampling.record_report(report, timezone.now())
+        else:
+            sampling.add_sample(insts[who], at, timezone.now(), "observation", "shared-1", running=value)
+
+    def rows() -> dict[str, dict[tuple[Any, Any], Quantities]]:
+        out: dict[str, dict[tuple[Any, Any], Quantities]] = {}
+        for model, period in ((UsageHour, "hour"), (UsageDay, "day"), (UsageMonth, "month")):
+            got = model.objects.filter(instance__in=insts, subject="")
+            got = got.values("instance_id", period, *QUANTITIES)
+            out[period] = {(r.pop("instance_id"), r.pop(period)): Quantities(**r) for r in got}
+        return out
+
+    stored = rows()
+    for inst in insts:
+        points = [sampling._point(s) for s in UsageSample.objects.filter(instance=inst)]
+        mine = {h: q for (pk, h), q in stored["hour"].items() if pk == inst.pk}
+        assert mine == hourly(points, sampling.gap_ms())
+    sampling.recompute(insts)
+    assert rows() == stored
+
+
+def test_a_beat_costs_the_same_queries_for_3_instances_as_for_30(world: World) -> None:
+    """The control plane's limit at scale was one query set per instance per beat (bench/scale.py)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    from django.utils import timezone
+
+    from compute.spec import NodeReport, from_json
+    from portal.metering.models import UsageMonth
+    from tests.portal.conftest import heartbeat
+
+    first = Instance.objects.get(pk=world.instance_a.pk)
+    start = timezone.now() - dt.timedelta(hours=2)
+
+    def beats(count: int) -> list[int]:
+        mine = list(Instance.objects.filter(node__name="shared-1"))
+        for n in range(len(mine), count):
+            twin = Instance.objects.get(pk=first.pk)
+            twin.pk, twin.name = None, f"many-{n}"
+            twin.save()
+        Instance.objects.filter(node__name="shared-1").update(created_at=start - dt.timedelta(minutes=1))
+        UsageSample.objects.all().delete()
+        UsageHour.objects.all().delete()
+        UsageDay.objects.all().delete()
+        UsageMonth.objects.all().delete()
+        items = [
+            {"instance_id": str(i.pk), "kind": "vm", "power_state": "running", "memory_bytes": 1 << 26}
+            for i in Instance.objects.filter(node__name="shared-1")
+        ]
+        counts = []
+        for k in range(4):  # 40 min apart, across an hour boundary
+            sent = (start + dt.timedelta(minutes=40 * k)).timestamp()
+            report = from_json(NodeReport, heartbeat("shared-1", inventory=items, sent_at=sent))
+            with CaptureQueriesContext(connection) as q:
+                assert sampling.record_report(report, timezone.now()) == count
+            counts.append(len(q.captured_queries))
+        assert UsageHour.objects.filter(instance__node__name="shared-1").count() >= count * 2
+        return counts
+
+    few, many = beats(3), beats(30)
+    assert few == many, (few, many)
+    assert max(many) <= 20, many

@@ -1,23 +1,31 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.test import Client
 from rest_framework.test import APIClient
 
+from compute import fetch, transfer
 from compute.drivers.fake import REAL_CAPABILITIES
 from compute.spec import Kind, Task
+from compute.volumes import VolumeError
 from portal.audit.models import Event, Outcome
 from portal.cloud import dispatch, networks
 from portal.cloud.models import ComputeNode, Flavor, Instance
 from portal.images.models import Artifact, Image
+from portal.images.nodekeys import node_key
+from portal.storage import moves
 from portal.tenancy.choices import Role
 from portal.tenancy.models import APIToken, Membership, SSHKey, Tenant
 
@@ -45,6 +53,9 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, list[Any]]]:
     monkeypatch.setattr(dispatch, "_send", lambda queue, task, args: messages.append((queue, task, args)))
     # tests run inside a transaction that never commits: hand messages over at once
     monkeypatch.setattr(dispatch.transaction, "on_commit", lambda func, using=None, robust=False: func())
+    # nor does the sweeper read a queue's length there (what the lane's Redis holds is not the
+    # test's): unknown, so nodes are judged by their beats alone; tests that mean it patch it
+    monkeypatch.setattr(dispatch, "queued", lambda queue: None)
     return messages
 
 
@@ -199,17 +210,19 @@ class FakeNodes:
         self.tmp = tmp
         self.nodes: dict[str, Any] = {}
         self.replies: dict[str, dict[str, Any]] = {}  # what nodes pushed onto Redis lists (logs)
+        self.split = False  # True: each node its own state directory (tmp/<name>), as moves need
 
     def service(self, queue: str) -> Any:
         from compute.config import NodeConfig
         from compute.drivers.fake import FakeDriver
         from compute.tasks import NodeService
         from portal.cloud.tasks import apply_console, apply_node_report, apply_observation
-        from portal.storage.tasks import apply_volume_observation
+        from portal.storage.tasks import apply_volume_observation, apply_volume_progress
 
         if queue not in self.nodes:
             name = queue.removeprefix("node.")
-            cfg = NodeConfig(name, self.tmp, "test:///default", "qemu", "crun", "memory://")
+            state = Path(self.tmp) / name if self.split else self.tmp
+            cfg = NodeConfig(name, state, "test:///default", "qemu", "crun", "memory://")
 
             def deliver(task: str, payload: dict[str, Any]) -> None:
                 handlers = {
@@ -217,6 +230,7 @@ class FakeNodes:
                     Task.CONSOLE_TAIL: apply_console,
                     Task.NODE_REPORT: apply_node_report,
                     Task.OBSERVE_VOLUME: apply_volume_observation,
+                    Task.VOLUME_PROGRESS: apply_volume_progress,
                 }
                 handlers[Task(task)](payload)
 
@@ -252,3 +266,82 @@ def store(settings: Any, tmp_path: Path) -> Path:
     root = tmp_path / "store"
     settings.SKYPORT_IMAGE_STORE = root
     return root
+
+
+@pytest.fixture
+def wire(monkeypatch: pytest.MonkeyPatch, store: Path) -> list[tuple[str, int, int]]:
+    """The nodes' HTTP to the portal through the test client; returns the progress reports seen."""
+    client = Client()
+
+    def put(url: str, token: str, body: Any, size: int, timeout: float = 0) -> None:
+        data = b"".join(iter(lambda: body.read(1 << 16), b""))
+        r = client.put(
+            url.removeprefix(settings.SKYPORT_PORTAL_URL),
+            data=data,
+            content_type="application/octet-stream",
+            HTTP_AUTHORIZATION=f"Upload {token}",
+        )
+        if r.status_code >= 400:
+            raise VolumeError(f"PUT {url}: HTTP {r.status_code} {r.json()['message']}")
+
+    @contextlib.contextmanager
+    def get(url: str, timeout: float = 0) -> Iterator[Any]:
+        r = client.get(
+            url.removeprefix(settings.SKYPORT_PORTAL_URL),
+            HTTP_AUTHORIZATION=f"Node shared-1:{node_key('shared-1')}",
+        )
+        if r.status_code >= 400:
+            raise fetch.FetchError(f"GET {url}: HTTP {r.status_code}")
+        data = b"".join(r.streaming_content)  # type: ignore[attr-defined]
+        fh = io.BytesIO(data)
+        fh.headers = {"Content-Length": str(len(data))}  # type: ignore[attr-defined]
+        yield fh
+
+    seen: list[tuple[str, int, int]] = []
+    recorded = moves.progress
+
+    def progress(p: Any) -> bool:
+        seen.append((p.phase.value, p.done, p.total))
+        return recorded(p)
+
+    monkeypatch.setattr(transfer, "http_put", put)
+    monkeypatch.setattr(fetch, "open_url", get)
+    monkeypatch.setattr(moves, "progress", progress)
+    return seen
+
+
+@pytest.fixture
+def split(nodes: FakeNodes) -> FakeNodes:
+    nodes.split = True
+    ComputeNode.objects.create(
+        name="shared-2",
+        queue="node.shared-2",
+        status="up",
+        vcpus=64,
+        ram_mb=262144,
+        disk_gb=10000,
+        drivers=UP_BOTH,
+    )
+    return nodes
+
+
+@pytest.fixture
+def node_uploads(store: Path, settings: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A fake node's uploads (``compute.fetch.upload``: publish, migration) reach the portal's real
+    upload endpoint through the test client instead of HTTP; returns the paths PUT to, in order."""
+    from django.test import Client
+
+    from compute import fetch
+
+    done: list[str] = []
+
+    def put(url: str, token: str, path: Path, timeout: float = 3600.0) -> None:
+        where = url.removeprefix(settings.SKYPORT_PORTAL_URL)
+        auth = f"Upload {token}"
+        r = Client().put(where, path.read_bytes(), "application/octet-stream", HTTP_AUTHORIZATION=auth)
+        done.append(where)
+        if r.status_code >= 300:
+            raise fetch.FetchError(f"PUT {url}: HTTP {r.status_code} {r.content[:300]!r}")
+
+    monkeypatch.setattr(fetch, "upload", put)
+    return done

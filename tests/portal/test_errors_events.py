@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+from django.db import OperationalError
+
 from portal.audit.models import Event
+from portal.cloud.models import Instance
 from tests.portal.conftest import World
 
 
@@ -81,3 +85,25 @@ def test_schema_and_docs_are_served(world: World) -> None:
     c = world.client("a_member")
     assert c.get("/api/schema/").status_code == 200
     assert c.get("/api/docs/").status_code == 200
+
+
+def test_a_busy_sqlite_writer_lock_is_503_retry_later_and_changes_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite gives up after its 30 s busy timeout under a burst of writers: that is 503, not 500."""
+    from portal.cloud import placement
+
+    def locked(*args: object, **kwargs: object) -> None:
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(placement, "place", locked)
+    before = Instance.objects.count()
+    r = world.client("a_member").post(
+        "/api/v1/instances/",
+        {"tenant": "acme", "name": "busy", "image": "tiny:1", "flavor": world.flavor_public.pk},
+        format="json",
+    )
+    assert r.status_code == 503, r.content
+    assert r["Retry-After"] == "5"
+    assert r.json()["code"] == "database_busy" and "nothing was changed" in r.json()["message"]
+    assert Instance.objects.count() == before

@@ -97,7 +97,12 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(world: World, nodes: FakeNodes) -> Cluster:
+def cluster(world: World, nodes: FakeNodes, node_uploads: list[str]) -> Cluster:
+    return make_cluster(world, nodes)
+
+
+def make_cluster(world: World, nodes: FakeNodes) -> Cluster:
+    """Four nodes up: shared-1, ded-a1 and ded-a2 dedicated to acme, ded-b to bobco."""
     acme, bob = world.a, world.b
     ComputeNode.objects.filter(name="node-a").delete()  # the world's own dedicated node (never up)
     c = Cluster(world, nodes)
@@ -356,7 +361,7 @@ def test_a_delete_in_flight_on_the_lost_node_is_finished(cluster: Cluster, world
     assert Instance.objects.get(pk=box["id"]).vm_state == "deleted"
 
 
-def test_drain_moves_containers_cold_and_leaves_vms(cluster: Cluster, world: World) -> None:
+def test_drain_moves_containers_cold_and_migrates_vms(cluster: Cluster, world: World) -> None:
     box, vm = _on_a1(cluster)
     r = world.client("operator").post("/api/v1/nodes/ded-a1/drain/")
     assert r.status_code == 202, r.json()
@@ -364,15 +369,20 @@ def test_drain_moves_containers_cold_and_leaves_vms(cluster: Cluster, world: Wor
     assert body["status"] == "disabled" and ComputeNode.objects.get(name="ded-a1").status == "disabled"
     moves = {m["name"]: m for m in body["instances"]}
     assert (moves["box"]["result"], moves["box"]["target"]) == ("moving", "ded-a2")
-    assert moves["vm"]["result"] == "stays" and "migrate it manually" in moves["vm"]["reason"].lower()
-    # first step: only the old node hears of it (one copy at a time)
-    assert [(q, t) for q, t, _ in cluster.nodes.sent] == [("node.ded-a1", "compute.instance.delete")]
+    assert moves["vm"]["result"] == "migrating" and moves["vm"]["target"] in ("ded-a2", "shared-1")
+    # first step: only the old node hears of either (the container's copy destroyed, the VM shut down)
+    assert [(q, t) for q, t, _ in cluster.nodes.sent] == [
+        ("node.ded-a1", "compute.instance.delete"),
+        ("node.ded-a1", "compute.instance.action"),
+    ]
     cluster.run()
     assert box["id"] not in cluster.workloads("ded-a1") and box["id"] in cluster.workloads("ded-a2")
     inst = Instance.objects.get(pk=box["id"])
     assert (inst.node.name, inst.vm_state, inst.task_state) == ("ded-a2", "active", None)
-    assert vm["id"] in cluster.workloads("ded-a1")
-    assert Instance.objects.get(pk=vm["id"]).node.name == "ded-a1"
+    # the VM went through the portal (tests/portal/test_vm_drain.py follows each step)
+    assert vm["id"] not in cluster.workloads("ded-a1")
+    assert vm["id"] in cluster.workloads(moves["vm"]["target"])
+    assert Instance.objects.get(pk=vm["id"]).node.name == moves["vm"]["target"]
     cluster.beat("ded-a1", "ded-a2")
     assert Instance.objects.get(pk=box["id"]).vm_state == "active"
     assert ComputeNode.objects.get(name="ded-a1").orphans == []
@@ -388,10 +398,12 @@ def test_drain_of_a_silent_node_is_refused(cluster: Cluster, world: World) -> No
 
 def test_drain_keeps_a_container_no_node_can_take(cluster: Cluster, world: World) -> None:
     box, _vm = _on_a1(cluster)
-    ComputeNode.objects.filter(name="ded-a2").update(status="disabled")
+    ComputeNode.objects.filter(name__in=("ded-a2", "shared-1")).update(status="disabled")
     body = world.client("operator").post("/api/v1/nodes/ded-a1/drain/").json()
     moves = {m["name"]: m for m in body["instances"]}
     assert moves["box"]["result"] == "stays" and "no node can take it" in moves["box"]["reason"]
+    assert moves["vm"]["result"] == "stays" and "no node can take it" in moves["vm"]["reason"]
+    assert "ded-b: " in moves["vm"]["reason"], "operators read each node and why"
     assert cluster.nodes.sent == []
     inst = Instance.objects.get(pk=box["id"])
     assert (inst.node.name, inst.vm_state) == ("ded-a1", "active")
@@ -429,14 +441,14 @@ def test_manage_py_node_evacuate_and_drain(cluster: Cluster, world: World) -> No
     out = io.StringIO()
     call_command("node", "drain", "ded-a1", stdout=out)
     assert "acme/box (container): moving ded-a2" in out.getvalue()
-    assert "acme/vm (vm): stays" in out.getvalue()
+    assert "acme/vm (vm): migrating" in out.getvalue()
     cluster.run()
     cluster.lose("ded-a1")  # drained, then lost: disabled and silent may be evacuated
     out = io.StringIO()
     call_command("node", "evacuate", "ded-a1", stdout=out)
-    assert "acme/vm (vm): rebuilding" in out.getvalue() and "are lost" in out.getvalue()
-    cluster.run()
-    assert Instance.objects.get(pk=vm["id"]).vm_state == "active"
+    assert "no instances" in out.getvalue(), "everything had moved off"
+    inst = Instance.objects.get(pk=vm["id"])
+    assert inst.vm_state == "active" and inst.node.name != "ded-a1"
     assert Instance.objects.get(pk=box["id"]).node.name == "ded-a2"
 
 
@@ -483,21 +495,22 @@ def test_a_stopped_instance_is_stopped_again_after_its_move(cluster: Cluster, wo
     assert not Evacuation.objects.filter(then_stop=True).exists()
 
 
-def test_the_ops_page_drains_and_moves_containers(cluster: Cluster, world: World) -> None:
+def test_the_ops_page_drains_and_moves_containers_and_vms(cluster: Cluster, world: World) -> None:
     box, vm = _on_a1(cluster)
     op = world.client("operator")
     assert 'href="/ops/nodes/ded-a1/move/"' in op.get("/ops/nodes/ded-a1/").content.decode()
     page = op.get("/ops/nodes/ded-a1/move/")
-    assert page.status_code == 200 and "Move the containers off node ded-a1?" in page.content.decode()
+    assert page.status_code == 200 and "Move the instances off node ded-a1?" in page.content.decode()
+    assert "1 VM is migrated cold" in page.content.decode()
     assert ComputeNode.objects.get(name="ded-a1").status == "up", "GET only asks"
     assert world.client("a_admin").post("/ops/nodes/ded-a1/move/").status_code == 403
     r = op.post("/ops/nodes/ded-a1/move/")
     assert r.status_code == 303 and r["Location"] == "/ops/nodes/ded-a1/"
     cluster.run()
     assert Instance.objects.get(pk=box["id"]).node.name == "ded-a2"
-    assert Instance.objects.get(pk=vm["id"]).node.name == "ded-a1"
+    assert Instance.objects.get(pk=vm["id"]).node.name != "ded-a1"
     followed = op.get("/ops/nodes/ded-a1/").content.decode()
-    assert "vm stays" in followed and "Move containers off" in followed
+    assert "1 migrating" in followed and "Move instances off" in followed
     cluster.lose("ded-a1")
     r = op.post("/ops/nodes/ded-a1/move/")
     assert r.status_code == 409 and "Evacuate it instead" in r.content.decode()
@@ -526,3 +539,20 @@ def test_an_instance_that_cannot_be_rebuilt_fails_alone(
     assert box["id"] not in str(cluster.nodes.sent + cluster.held), "nothing was sent for it"
     cluster.run()
     assert Instance.objects.get(pk=vm["id"]).vm_state == "active"
+
+
+def test_the_ops_evacuate_page(cluster: Cluster, world: World) -> None:
+    """/ops/nodes/NAME/evacuate/: a refusal on the nodes page; else the summary, a warning per stuck move."""
+    _on_a1(cluster)
+    c = world.client("operator")
+    r = c.post("/ops/nodes/ded-a1/evacuate/")
+    assert r.status_code == 409 and b"ded-a1 is up" in r.content
+    ComputeNode.objects.filter(name="ded-a2").update(status="disabled")  # acme's only other dedicated node
+    cluster.lose("ded-a1")
+    r = c.post("/ops/nodes/ded-a1/evacuate/", follow=True)
+    assert r.redirect_chain == [("/ops/nodes/ded-a1/", 303)]
+    shown = [str(m) for m in r.context["messages"]]
+    assert shown[0].endswith(".") and any(m.startswith("acme/box: no node can take it: ") for m in shown)
+    node = ComputeNode.objects.get(name="ded-a1")
+    event = Event.objects.filter(action="computenode.evacuate", object_id=str(node.pk)).latest("pk")
+    assert event.message and event.message + "." == shown[0]

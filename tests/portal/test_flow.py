@@ -6,6 +6,7 @@ import datetime as dt
 import time
 from typing import Any
 
+import pytest
 from django.utils import timezone
 
 from portal.audit.models import Event
@@ -161,6 +162,25 @@ def test_reconcile_records_drift_and_orphans(world: World) -> None:
     assert Event.objects.filter(action="reconcile.missing").count() == 1
 
 
+def test_reconcile_leaves_a_row_changed_after_the_list_was_taken_to_the_next_beat(world: World) -> None:
+    """The node lists its workloads, a create's observation lands, then the beat arrives: the list is
+    older than the row, so neither "missing" nor "shutdown" is recorded from it; a newer list is."""
+    inst = world.instance_a  # active/running on shared-1
+    Instance.objects.filter(pk=inst.pk).update(updated_at=timezone.now())  # the observation, just now
+    before = time.time() - 5
+    stale = heartbeat("shared-1", inventory_at=before, sent_at=time.time())
+    apply_node_report(stale)
+    shutdown = [{"instance_id": str(inst.pk), "kind": "vm", "power_state": "shutdown"}]
+    apply_node_report(heartbeat("shared-1", inventory=shutdown, inventory_at=before, sent_at=time.time()))
+    inst.refresh_from_db()
+    assert (inst.power_state, inst.status_reason, inst.missing_since) == ("running", "", None)
+    assert not Event.objects.filter(action__startswith="reconcile.").exists()
+    # the next beat's list is newer than the row: drift is recorded as before
+    apply_node_report(heartbeat("shared-1", inventory_at=time.time() + 2, sent_at=time.time() + 2))
+    inst.refresh_from_db()
+    assert inst.power_state == "nostate" and inst.missing_since is not None
+
+
 def test_reconcile_does_not_call_instances_of_a_down_driver_missing(world: World) -> None:
     """libvirtd down: the node lists no VMs, but they still run; nothing is marked missing."""
     inst = world.instance_a
@@ -172,15 +192,49 @@ def test_reconcile_does_not_call_instances_of_a_down_driver_missing(world: World
     assert ComputeNode.objects.get(name="shared-1").drivers["vm"]["ok"] is False
 
 
+def test_nodes_are_not_blamed_for_beats_the_portal_has_not_read(
+    world: World, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    """A control queue longer than one message per node up means the beats may be queued: the
+    nodes silent for less than SKYPORT_NODE_DOWN_BACKLOG_SECONDS stay up; longer is down still."""
+    from portal.cloud import dispatch
+
+    settings.SKYPORT_NODE_DOWN_BACKLOG_SECONDS = 300
+    now = timezone.now()
+    nodes = ComputeNode.objects
+    nodes.filter(name="shared-1").update(status="up", last_heartbeat=now - dt.timedelta(seconds=60))
+    nodes.filter(name="node-a").update(status="up", last_heartbeat=now - dt.timedelta(seconds=900))
+    asked: list[str] = []
+
+    def queued(queue: str) -> int | None:
+        asked.append(queue)
+        return backlog
+
+    monkeypatch.setattr(dispatch, "queued", queued)
+    backlog: int | None = 500  # two nodes up, 500 messages waiting: behind
+    assert sweep(now) == {"stuck": 0, "down": 1, "deferred": 1}
+    assert asked == ["control"]
+    assert ComputeNode.objects.get(name="shared-1").status == "up"
+    assert ComputeNode.objects.get(name="node-a").status == "down"  # silent 15 min: down anyway
+
+    backlog = 1  # caught up: the silence is the node's
+    assert sweep(now) == {"stuck": 0, "down": 1, "deferred": 0}
+    assert ComputeNode.objects.get(name="shared-1").status == "down"
+
+    ComputeNode.objects.filter(name="shared-1").update(status="up")
+    backlog = None  # the broker cannot say: judged as always
+    assert sweep(now) == {"stuck": 0, "down": 1, "deferred": 0}
+
+
 def test_sweeper_fails_stuck_work_and_marks_silent_nodes_down(world: World) -> None:
     inst = _launch(world, "a_member", "acme", "stuck", image="tiny:1")
     later = timezone.now() + dt.timedelta(hours=1)
     ComputeNode.objects.filter(name="shared-1").update(last_heartbeat=timezone.now())
-    assert sweep(later) == {"stuck": 1, "down": 1}
+    assert sweep(later) == {"stuck": 1, "down": 1, "deferred": 0}
     got = Instance.objects.get(pk=inst["id"])
     assert got.vm_state == "error" and got.task_state is None and "timed out" in got.status_reason
     assert ComputeNode.objects.get(name="shared-1").status == "down"
-    assert sweep(later) == {"stuck": 0, "down": 0}
+    assert sweep(later) == {"stuck": 0, "down": 0, "deferred": 0}
     r = world.client("a_member").post(
         "/api/v1/instances/",
         {"tenant": "acme", "name": "x", "image": "tiny:1", "flavor": world.flavor_public.pk},

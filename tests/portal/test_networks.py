@@ -127,6 +127,54 @@ def test_instances_on_two_nodes_get_tunnel_peers_and_own_host_addresses(
     assert {n1.pk, n2.pk} == {n.pk for n in networks.network_nodes(net)}
 
 
+def test_a_node_that_leaves_a_network_is_pruned_from_the_other_carriers(
+    world: World, sent: list[tuple[str, str, list[Any]]], nodes: FakeNodes
+) -> None:
+    """The last instance of a node on a network deleted: the remaining carriers get a newer, shorter list."""
+    _node("tn1", world.a, "198.51.100.1")
+    _node("tn2", world.a, "198.51.100.2")
+    _node("tn3", world.a, "198.51.100.3")
+    first = _launch(world, "a_member", "acme", "p1", group="spread")
+    second = _launch(world, "a_member", "acme", "p2", group="spread")
+    third = _launch(world, "a_member", "acme", "p3", group="spread")
+    nodes.run()
+    net = Network.objects.get(tenant=world.a, name="default")
+    before = net.peers_serial
+    addr = {n.name: n.tunnel_address for n in ComputeNode.objects.all()}
+    sent.clear()
+
+    def run() -> list[tuple[str, str, list[Any]]]:
+        """Deliver like ``nodes.run`` but keep what was sent (the observation's own messages too)."""
+        seen = []
+        while sent:
+            seen.append(sent.pop(0))
+            nodes.service(seen[-1][0]).handle(seen[-1][1], *seen[-1][2])
+        return seen
+
+    r = world.client("a_member").delete(f"/api/v1/instances/{second['id']}/")
+    assert r.status_code == 202, r.json()
+    ensured = _ensures(run())  # the node deletes it; the observation reaches the portal
+    assert set(ensured) == {f"node.{first['node']}", f"node.{third['node']}"}
+    for queue, seg in ensured.items():
+        name = queue.removeprefix("node.")
+        other = third["node"] if name == first["node"] else first["node"]
+        assert seg.tunnel_peers == (addr[other],), "the node that left is no longer a peer"
+        assert seg.peers_serial > before
+    net.refresh_from_db()
+    assert net.peers_serial == max(s.peers_serial for s in ensured.values())
+    assert {n.name for n in networks.network_nodes(net)} == {first["node"], third["node"]}
+    sent.clear()
+
+    # back on tn2 (the only node without a "spread" member); then a delete on a node that still
+    # carries the network through another instance prunes nobody
+    assert _launch(world, "a_member", "acme", "p4", group="spread")["node"] == second["node"]
+    fourth = _launch(world, "a_member", "acme", "p5")
+    nodes.run()
+    sent.clear()
+    assert world.client("a_member").delete(f"/api/v1/instances/{fourth['id']}/").status_code == 202
+    assert _ensures(run()) == {}
+
+
 def test_nodes_without_a_tunnel_address_stay_local(
     world: World, sent: list[tuple[str, str, list[Any]]]
 ) -> None:

@@ -54,8 +54,9 @@ def test_usage_endpoint(world: World) -> None:
         "vms": 1,
         "volumes": 0,
         "volume_gb": 0,
+        "networks": 1,  # the default network of the world's instance
     }
-    assert (q["volumes"], q["volume_gb"]) == (10, 100)
+    assert (q["volumes"], q["volume_gb"], q["networks"]) == (10, 100, 5)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from compute.spec import CreateInstance, Direction, InstanceSecurity, SecurityBatch, Task, from_json
+from compute.spec import (
+    CreateInstance,
+    Direction,
+    GroupMembers,
+    InstanceSecurity,
+    SecurityBatch,
+    Task,
+    from_json,
+)
 from portal.cloud import secgroups
 from portal.cloud.models import Port, SecurityGroup, SecurityGroupRule
 from tests.portal.conftest import FakeNodes, World
@@ -36,20 +44,30 @@ def _security(sent: list[tuple[str, str, list[Any]]]) -> dict[str, InstanceSecur
     }
 
 
-def test_a_burst_of_creates_sends_one_batch_per_create_not_one_message_per_member(
+def _members(sent: list[tuple[str, str, list[Any]]]) -> dict[str, GroupMembers]:
+    """The newest member list sent for each group."""
+    return {
+        g.group: g
+        for batch in (from_json(SecurityBatch, a[0]) for _, t, a in sent if t == Task.SECURITY_BATCH)
+        for g in batch.groups
+    }
+
+
+def test_a_burst_of_creates_sends_members_not_rules(
     world: World, sent: list[tuple[str, str, list[Any]]], nodes: FakeNodes
 ) -> None:
-    """Before: each create sent every other member of the default group its rules, one message
-    each: 100 creates made ~5,000 node tasks, and the creates waited behind them."""
+    """Before: each create re-sent the rules of every other member of the default group (each rule
+    listing every member's address): n^2 addresses per create in a burst.  Now a create sends the
+    node only the group's new member list, one message, and no instance's rules change."""
     ids = [_launch(world, f"m{i}")["id"] for i in range(6)]
     batches = [from_json(SecurityBatch, a[0]) for _, t, a in sent if t == Task.SECURITY_BATCH]
-    assert len(batches) == 5, "the first create has no other member to tell"
-    assert [len(b.items) for b in batches] == [1, 2, 3, 4, 5]
-    # the last batch gives every earlier member an ingress rule naming all six addresses
+    assert len(batches) == 5, "the first create has no other member to tell (its spec has the list)"
+    assert all(b.items == () and len(b.groups) == 1 for b in batches), "members only, never rules"
+    assert [len(b.groups[0].addresses) for b in batches] == [2, 3, 4, 5, 6]
     addresses = {p.address for p in Port.objects.filter(instance_id__in=ids)}
-    for item in batches[-1].items:
-        (ingress,) = [r for r in item.rules if r.direction is Direction.INGRESS]
-        assert {r.removesuffix("/32") for r in ingress.remote} == addresses
+    assert set(batches[-1].groups[0].addresses) == addresses
+    versions = [b.groups[0].version for b in batches]
+    assert versions == sorted(versions) and len(set(versions)) == 5
 
 
 def test_default_group_admits_members_and_follows_membership(
@@ -59,22 +77,24 @@ def test_default_group_admits_members_and_follows_membership(
     (create,) = [from_json(CreateInstance, a[0]) for _, t, a in sent if t == Task.CREATE]
     rules = create.spec.security
     assert rules is not None
+    default = str(SecurityGroup.objects.get(tenant__slug="acme", name="default").pk)
     egress = [r for r in rules if r.direction is Direction.EGRESS]
     ingress = [r for r in rules if r.direction is Direction.INGRESS]
-    assert [(r.protocol, r.remote) for r in egress] == [("any", ("0.0.0.0/0",))]
+    assert [(r.protocol, r.remote, r.remote_group) for r in egress] == [("any", ("0.0.0.0/0",), "")]
     a1_address = first["addresses"][0]["address"]
-    assert [(r.protocol, r.remote) for r in ingress] == [("any", (f"{a1_address}/32",))]
+    # ingress names the group; its members travel beside the rules, kept in a set on the node
+    assert [(r.protocol, r.remote, r.remote_group) for r in ingress] == [("any", (), default)]
+    assert [(m.group, m.addresses) for m in create.spec.security_members] == [(default, (a1_address,))]
     sent.clear()
     second = _launch(world, "a2")
-    # a1 is told at once that its default group now admits a2 too
-    update = _security(sent)[first["id"]]
-    (ing,) = [r for r in update.rules if r.direction is Direction.INGRESS]
-    assert set(ing.remote) == {f"{a1_address}/32", f"{second['addresses'][0]['address']}/32"}
+    # a1's node is told at once that the default group now has a2 too; a1's rules do not change
+    assert first["id"] not in _security(sent)
+    a2_address = second["addresses"][0]["address"]
+    assert set(_members(sent)[default].addresses) == {a1_address, a2_address}
     nodes.run()
     sent.clear()
     assert world.client("a_member").delete(f"/api/v1/instances/{second['id']}/").status_code == 202
-    (ing,) = [r for r in _security(sent)[first["id"]].rules if r.direction is Direction.INGRESS]
-    assert ing.remote == (f"{a1_address}/32",)
+    assert _members(sent)[default].addresses == (a1_address,)
 
 
 def test_rules_change_live_and_bad_input_is_refused(
@@ -133,3 +153,24 @@ def test_rules_change_live_and_bad_input_is_refused(
         world.client("a_viewer").post(GROUPS, {"tenant": "acme", "name": "x"}, format="json").status_code
         == 403
     )
+
+
+def test_rules_carry_a_rising_version_from_the_create_on(
+    world: World, sent: list[tuple[str, str, list[Any]]]
+) -> None:
+    """Each resolution takes the tenant's next security serial: a node can keep the newest."""
+    c = world.client("a_member")
+    gid = c.post(GROUPS, {"tenant": "acme", "name": "web"}, format="json").json()["id"]
+    inst = _launch(world, "v1", security_group_ids=[gid])
+    (create,) = [from_json(CreateInstance, args[0]) for _, task, args in sent if task == Task.CREATE]
+    assert create.spec.security_version >= 1
+    seen = [create.spec.security_version]
+    for port in (80, 443):
+        sent.clear()
+        body = {"group": gid, "direction": "ingress", "protocol": "tcp", "port_min": port, "port_max": port}
+        assert c.post(RULES, body, format="json").status_code == 201
+        seen.append(_security(sent)[inst["id"]].version)
+    assert seen == sorted(set(seen)), seen
+    world.a.refresh_from_db()
+    assert world.a.security_serial == seen[-1]
+    assert world.b.security_serial == 0, "another tenant's serial is untouched"

@@ -4,8 +4,8 @@ The portal endpoints are the real ones on pytest-django's live server (the
 upload of a published disk with a one-image token, the blob endpoint with a
 node key); the node side is the real ``compute.migration`` over the fake VM
 driver (its export is a real qcow2 made by qemu-img, so the portal's import
-checks it for real).  The orchestration that would drive these steps on a
-drain is not built (docs/faults.md "drain").
+checks it for real).  The orchestration that drives these steps on a drain
+is tested in test_vm_drain.py (fake nodes) and tests/e2e/test_vm_drain_real.py.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def test_a_stopped_vms_disk_reaches_the_target_through_the_portal(
     image = Image.objects.create(owner=world.a, name="migrate-mover", version="1", source_instance=inst)
     url = f"{portal}/api/v1/blobs/uploads/{image.pk}"
 
-    with pytest.raises(InvalidState, match="stop it before migrating"):
+    with pytest.raises(InvalidState, match="stop it before sending its disk"):
         migration.send_disk(driver, str(inst.pk), url, upload_token(image), tmp_path)
     stop = c.post(f"/api/v1/instances/{inst.pk}/actions/", {"action": "stop"}, format="json")
     assert stop.status_code == 202, stop.content

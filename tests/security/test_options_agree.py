@@ -10,7 +10,7 @@ import yaml
 
 from portal.cloud.models import ComputeNode, ExternalAddress, PublishedPort, SecurityGroup, SecurityGroupRule
 from portal.metering.models import Budget, PriceSheet
-from portal.storage.models import Volume
+from portal.storage.models import Backup, Volume
 from portal.tenancy.models import APIToken, SSHKey
 from tests.portal.conftest import ED25519, World
 
@@ -59,6 +59,14 @@ def test_allow_header_matches_the_schema_everywhere(world: World) -> None:
         "security-group-rules": rule.pk,
         "volumes": Volume.objects.create(tenant=world.a, name="v", size_gb=1, node=external.node).pk,
     }
+    backups = {
+        "volumes": Backup.objects.create(
+            tenant=world.a, volume_id=ids["volumes"], volume_name="v", format="qcow2", size_gb=1
+        ),
+        "instances": Backup.objects.create(
+            tenant=world.a, instance=world.instance_a, volume_name="i", format="qcow2", size_gb=1
+        ),
+    }
     doc = yaml.safe_load(c.get("/api/schema/").content)
     checked = 0
     for path, item in doc["paths"].items():
@@ -66,6 +74,8 @@ def test_allow_header_matches_the_schema_everywhere(world: World) -> None:
         url = path
         for param in ("{id}", "{name}", "{slug}"):
             url = url.replace(param, str(ids[resource]))
+        if "{bid}" in url:  # a volume's or an instance's backup
+            url = url.replace("{bid}", str(backups[resource].pk))
         r = c.options(url)
         assert r.status_code == 200, (url, r.status_code)
         allowed = {m.strip().lower() for m in r["Allow"].split(",")} - {"head", "options"}

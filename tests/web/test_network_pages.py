@@ -90,7 +90,9 @@ def test_groups_page_creates_groups_and_changes_rules_live(world: World, web: In
     rules = _rules_sent(sent)[str(web.pk)].rules
     address = web.ports.get().address
     assert ("udp", 53, 53) in [(x.protocol, x.port_min, x.port_max) for x in rules]
-    assert [x.remote for x in rules if x.direction is Direction.EGRESS] == [(f"{address}/32",)]
+    assert [x.remote_group for x in rules if x.direction is Direction.EGRESS] == [str(group.pk)]
+    (batch,) = [from_json(SecurityBatch, a[0]) for _, t, a in sent if t == Task.SECURITY_BATCH][-1:]
+    assert [(m.group, m.addresses) for m in batch.groups] == [(str(group.pk), (address,))]
     # remove a rule: a confirmation page first, then the node loses it
     stored = SecurityGroupRule.objects.get(group=group, protocol="tcp")
     url = f"{GROUPS}rules/{stored.pk}/delete/"

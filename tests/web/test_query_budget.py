@@ -24,7 +24,7 @@ PAGES = {
     "/": 13,  # the cost chart: price sheets, day rows, hour rows of today
     "/instances/": 6,
     "/instances/rows/": 6,
-    "/instances/{id}/": 9,  # + the snapshots the revert form offers; its network: groups, ports, pools
+    "/instances/{id}/": 10,  # + the snapshots the revert form offers; its network: groups, ports, pools, NICs
     "/instances/{id}/status/": 5,  # + the snapshots behind the out-of-band revert button
     "/ops/instances/": 8,
     "/ops/nodes/": 7,

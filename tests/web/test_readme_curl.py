@@ -3,7 +3,7 @@
 The README's code blocks are parsed; each ``curl`` command (with its continuation lines) runs in
 bash with real curl, with only the address changed to the live server's and ``$TOKEN``/``$ID``
 set as a reader would set them (``$ID`` from the previous answer's ``id``, ``$IID`` from the
-launch's, ``$GID`` from the security group's). ``--fail-with-body``
+launch's, ``$GID`` from the security group's, ``$NID`` from the network's). ``--fail-with-body``
 turns any 4xx/5xx into a failure, so the docs cannot drift from the API again.
 """
 
@@ -70,11 +70,13 @@ def test_every_readme_curl_example_works(
     # the README's operator step before publishing: an external address on the nodes
     for node in ComputeNode.objects.all():
         call_command("node", "external-address", node.name, "198.18.129.1", "--ports", "20000-29999")
-    env = {"PATH": "/usr/bin:/bin", "TOKEN": key, "ID": "", "IID": "", "GID": ""}
+    env = {"PATH": "/usr/bin:/bin", "TOKEN": key, "ID": "", "IID": "", "GID": "", "NID": ""}
     ran = []
     for example in curl_examples(README.read_text()):
-        command = example.replace(README_BASE, live_server.url).replace(
-            '"flavor": 1', f'"flavor": {flavor.pk}'
+        command = (
+            example.replace(README_BASE, live_server.url)
+            .replace('"flavor": 1', f'"flavor": {flavor.pk}')
+            .replace('\\"flavor\\": 1', f'\\"flavor\\": {flavor.pk}')  # in a double-quoted body
         )
         done = subprocess.run(
             ["bash", "-c", command.replace("curl ", "curl --fail-with-body ", 1)],
@@ -91,6 +93,8 @@ def test_every_readme_curl_example_works(
             env["IID"] = str(answer["id"])
         elif command.endswith("/api/v1/security-groups/"):
             env["GID"] = str(answer["id"])
+        elif command.endswith("/api/v1/networks/"):
+            env["NID"] = str(answer["id"])
         ran.append(command)
     assert len(ran) == len(curl_examples(README.read_text()))
     debian = Image.objects.get(owner=demo, name="debian", version="12")

@@ -37,6 +37,8 @@ from portal.images.models import Image
 from portal.storage.api.serializers import VolumeMountSerializer
 from portal.tenancy.models import SSHKey
 
+#: NICs an instance may have (the VM driver's limit is 10; few real workloads need more than a handful)
+MAX_NICS = 8
 #: the largest id a database can hold (BigAutoField); larger ones overflow the query, not just miss
 MAX_ID = 2**63 - 1
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,150}(:[A-Za-z0-9._-]{1,40})?$")
@@ -285,6 +287,15 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
         max_length=20,
         help_text="Ids of the tenant's security groups to attach (default: its 'default' group)",
     )
+    networks = serializers.ListField(
+        child=StrictIntegerField(min_value=1, max_value=MAX_ID),
+        write_only=True,
+        required=False,
+        min_length=1,
+        max_length=MAX_NICS,
+        help_text="Ids of the tenant's networks, one NIC each in this order (eth0 first, it has the "
+        "default route); default: the tenant's default network",
+    )
     volumes = serializers.ListField(
         child=VolumeMountSerializer(),
         write_only=True,
@@ -316,6 +327,7 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             "anti_affinity_group",
             "ssh_key_ids",
             "security_group_ids",
+            "networks",
             "volumes",
             "user_data",
             "command",
@@ -401,6 +413,19 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
             raise serializers.ValidationError(f"No security group with id {missing[0]}.")
         return [groups[k] for k in value]
 
+    def validate_networks(self, value: list[int]) -> list[Network]:
+        if len(set(value)) != len(value):
+            raise serializers.ValidationError(
+                "A network is given twice; an instance has one NIC per network."
+            )
+        found = {
+            n.pk: n for n in Network.objects.restrict(actor_for(self.context["request"])).filter(pk__in=value)
+        }
+        missing = [k for k in value if k not in found]
+        if missing:
+            raise serializers.ValidationError(f"No network with id {missing[0]}.")
+        return [found[k] for k in value]
+
     def validate_ssh_key_ids(self, value: list[int]) -> list[str]:
         keys = dict(
             SSHKey.objects.filter(user_id=user_id_of(self.context["request"]), pk__in=value).values_list(
@@ -427,6 +452,11 @@ class InstanceSerializer(DefaultTenantMixin, StrictModelSerializer[Instance]):
         if image is not None and tenant is not None and image.owner_id not in (None, tenant.pk):
             # The requester may see it through another membership; it still belongs to that tenant.
             raise serializers.ValidationError({"image": f"Image {image} is private to another tenant."})
+        foreign = [n for n in attrs.get("networks", ()) if tenant is not None and n.tenant_id != tenant.pk]
+        if foreign:
+            raise serializers.ValidationError(
+                {"networks": f"Network {foreign[0].name} belongs to tenant {foreign[0].tenant.slug}."}
+            )
         if (
             image is not None
             and flavor is not None
@@ -583,10 +613,36 @@ class PreviewSerializer(serializers.Serializer):  # type: ignore[type-arg]
     rejected = serializers.ListField(child=serializers.ListField(child=serializers.CharField()))
 
 
-class NetworkSerializer(StrictModelSerializer[Network]):
-    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
-        slug_field="slug", read_only=True
+class NetworkInstanceSerializer(serializers.Serializer[Any]):
+    """One live instance with a NIC on the network."""
+
+    id = serializers.UUIDField(source="instance.pk")
+    name = serializers.CharField(source="instance.name")
+    address = serializers.IPAddressField(protocol="IPv4")
+    mac = serializers.CharField()
+    nic = serializers.IntegerField(source="index", help_text="0 is the instance's eth0")
+
+
+class NetworkSerializer(DefaultTenantMixin, StrictModelSerializer[Network]):
+    """A tenant network.  Create with ``cidr`` (inside the pool, overlapping no network) or let the pool
+    choose a free subnet of ``prefix_length`` (default 24)."""
+
+    tenant = TenantField(required=False)
+    cidr = StrictCharField(
+        required=False,
+        max_length=43,
+        help_text="Your own subnet inside the portal's pool, e.g. 198.18.40.0/24; empty: the pool chooses",
     )
+    prefix_length = StrictIntegerField(
+        write_only=True,
+        required=False,
+        min_value=8,
+        max_value=28,
+        help_text="Without cidr: the size of the subnet the pool gives (default 24)",
+    )
+    gateway = serializers.IPAddressField(source="host_address", read_only=True, protocol="IPv4")
+    dns = serializers.SerializerMethodField()
+    instances = serializers.SerializerMethodField()
 
     class Meta:
         model = Network
@@ -595,14 +651,57 @@ class NetworkSerializer(StrictModelSerializer[Network]):
             "tenant",
             "name",
             "cidr",
+            "prefix_length",
+            "gateway",
+            "dns",
             "bridge",
             "vni",
             "host_address",
             "mtu",
             "egress",
+            "instances",
             "created_at",
         ]
-        read_only_fields = fields
+        read_only_fields = ["id", "bridge", "vni", "host_address", "mtu", "egress", "created_at"]
+        validators: list[Any] = []  # a name in use is a conflict (409) from the service
+
+    def validate_name(self, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise serializers.ValidationError(NAME_RULE)
+        return value
+
+    def validate_cidr(self, value: str) -> str:
+        from portal.cloud import networks
+
+        try:
+            return str(networks.parse_cidr(value)) if value else ""
+        except networks.InvalidNetwork as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+    def validate_prefix_length(self, value: int) -> int:
+        from portal.cloud import networks
+
+        try:
+            return networks.check_prefix(value)
+        except networks.InvalidNetwork as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().validate(attrs)
+        if attrs.get("cidr") and "prefix_length" in attrs:
+            raise serializers.ValidationError(
+                {"prefix_length": "Give either cidr or prefix_length, not both."}
+            )
+        return attrs
+
+    def get_dns(self, obj: Network) -> list[str]:
+        """The resolver instances on this network are given (the gateway)."""
+        return [str(obj.host_address)]
+
+    @extend_schema_field(NetworkInstanceSerializer(many=True))
+    def get_instances(self, obj: Network) -> list[dict[str, Any]]:
+        ports = [p for p in obj.ports.all() if p.instance.vm_state != "deleted"]
+        return NetworkInstanceSerializer(ports, many=True).data  # type: ignore[return-value]
 
 
 class ResizeSerializer(serializers.Serializer):  # type: ignore[type-arg]
@@ -766,7 +865,10 @@ class EvacuationMoveSerializer(serializers.Serializer[Any]):
     name = serializers.CharField()
     tenant = serializers.CharField()
     kind = serializers.CharField()
-    result = serializers.ChoiceField(choices=["rebuilding", "moving", "error", "deleted", "stays"])
+    result = serializers.ChoiceField(
+        choices=["rebuilding", "moving", "migrating", "error", "deleted", "stays"],
+        help_text="migrating: a VM's cold migration with its disk has started (drain)",
+    )
     target = serializers.CharField(allow_null=True)
     reason = serializers.CharField()
 

@@ -9,18 +9,17 @@ from django.http import HttpResponseBase, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework import permissions, status, viewsets
+from rest_framework import permissions, status
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from compute.spec import ConsoleMode
-from portal.api.authentication import actor_for
 from portal.api.schema import EXTRA_ERRORS
 from portal.api.viewsets import ScopedViewSet
 from portal.audit.record import describe
-from portal.cloud import disclosure, evacuation, forwards, placement, secgroups, services
+from portal.cloud import disclosure, evacuation, forwards, networks, placement, secgroups, services
 from portal.cloud import logs as cloud_logs
 from portal.cloud.api import serializers
 from portal.cloud.choices import VmState
@@ -37,8 +36,17 @@ from portal.console import services as console_services
 from portal.console.api import serializers as console_api
 from portal.errors import Conflict
 from portal.images.api.serializers import ImageSerializer
+from portal.storage import backups as backup_service
 from portal.storage import snapshots
-from portal.storage.api.serializers import SnapshotCreateSerializer, SnapshotSerializer
+from portal.storage.api.backup_actions import UUID, BackupEvents, BackupViewSet
+from portal.storage.api.serializers import (
+    BackupPolicySerializer,
+    BackupSerializer,
+    RestoreSerializer,
+    SnapshotCreateSerializer,
+    SnapshotSerializer,
+    VolumeSerializer,
+)
 from portal.tenancy.choices import Role
 
 
@@ -118,7 +126,9 @@ class ComputeNodeViewSet(ScopedViewSet):
     def drain(self, request: Request, name: str | None = None) -> Response:
         """Disable a live node for new placements and move its containers cold to other nodes.
 
-        VMs stay (listed with the reason): cold migration of a VM disk is not built yet.
+        VMs are migrated cold with their disk (shut down cleanly, or they stay; started again on
+        the target if they ran); a VM with volumes or snapshots, or one no node can take, stays
+        (listed with the reason).
         """
         node = self.get_object()
         describe(request, "computenode.drain", node)
@@ -133,7 +143,7 @@ class ComputeNodeViewSet(ScopedViewSet):
         super().perform_destroy(instance)
 
 
-class InstanceViewSet(ScopedViewSet):
+class InstanceViewSet(BackupViewSet):
     """Instances of your tenants.  Members create, act on and delete them; viewers read.
 
     Create, actions and delete return 202: the node does the work and the
@@ -154,6 +164,13 @@ class InstanceViewSet(ScopedViewSet):
     }
     search_fields = ["name", "image__name"]
     ordering_fields = ["name", "created_at", "vm_state", "kind"]
+    backup_source = "instance"
+    backup_events = BackupEvents(
+        start="instance.backup",
+        delete="instance.backup.delete",
+        restore="instance.backup.restore",
+        policy="instance.backup_policy",
+    )
 
     def get_queryset(self) -> models.QuerySet[Any]:
         qs = super().get_queryset()
@@ -178,6 +195,7 @@ class InstanceViewSet(ScopedViewSet):
             run_as=data.get("run_as", ""),
             restart_policy=data.get("restart_policy", "no"),
             security_groups=tuple(data.get("security_group_ids", ())),
+            networks=tuple(data.get("networks", ())),
             volumes=tuple((str(v["volume"]), v["mount_path"]) for v in data.get("volumes", ())),
         )
 
@@ -245,6 +263,32 @@ class InstanceViewSet(ScopedViewSet):
         describe(request, "snapshot.create", instance, message=f"snapshot {body.validated_data['name']}")
         snap = snapshots.take(instance, body.validated_data["name"], request.user)
         return Response(SnapshotSerializer(snap).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        methods=["get"], responses={200: BackupSerializer(many=True)}, summary="The disk's backups"
+    )
+    @extend_schema(methods=["post"], request=None, responses={202: BackupSerializer}, summary="Back up now")
+    @action(
+        detail=True, methods=["get", "post"], url_path="backups", pagination_class=None, filter_backends=[]
+    )
+    def backups(self, request: Request, pk: str | None = None) -> Response:
+        """The VM's root-disk backups, newest first; POST backs the stopped VM's disk up (202)."""
+        return self.list_or_start_backup(request, backup_service.start_instance)
+
+    @extend_schema(request=RestoreSerializer, responses={202: VolumeSerializer})
+    @action(detail=True, methods=["post"], url_path=rf"backups/(?P<bid>{UUID})/restore")
+    def restore_backup(self, request: Request, pk: str | None = None, bid: str = "") -> Response:
+        """Restore a disk backup into a new qcow2 volume (quota and node checked as a create)."""
+        return self.restore_from(request, bid)
+
+    @extend_schema(methods=["get"], responses={200: BackupPolicySerializer})
+    @extend_schema(methods=["post"], request=BackupPolicySerializer, responses={200: BackupPolicySerializer})
+    @extend_schema(methods=["delete"], responses={204: None})
+    @action(detail=True, methods=["get", "post", "delete"], url_path="backup-policy")
+    def backup_policy(self, request: Request, pk: str | None = None) -> Response:
+        """The VM disk's scheduled backups: every ``interval_hours``, keep ``retention`` (POST sets,
+        DELETE stops them; existing backups stay).  A VM that is not stopped is skipped at that tick."""
+        return self.get_set_or_remove_policy(request)
 
     @extend_schema(methods=["get"], responses={200: SnapshotSerializer})
     @extend_schema(methods=["delete"], responses={202: SnapshotSerializer})
@@ -449,16 +493,38 @@ class InstanceViewSet(ScopedViewSet):
         super().perform_update(serializer)
 
 
-class NetworkViewSet(viewsets.ReadOnlyModelViewSet):  # type: ignore[type-arg]
-    """Networks of your tenants (each tenant gets a default one on first launch)."""
+class NetworkViewSet(ScopedViewSet):
+    """Networks of your tenants.  Members create and delete them; viewers read.
 
+    Each tenant gets a ``default`` network on its first launch.  Instances
+    choose networks at launch (``networks``: one NIC each, in order); a
+    network in use cannot be deleted (409 names the instances).  Networks
+    count against the tenant's ``networks`` quota.
+    """
+
+    queryset = Network.objects.select_related("tenant").prefetch_related("ports__instance")
     serializer_class = serializers.NetworkSerializer
-    queryset = Network.objects.select_related("tenant")
+    http_method_names = ["get", "post", "delete", "head", "options"]
     filterset_fields = {"tenant__slug": ["exact"], "name": ["exact"]}
     ordering_fields = ["name", "created_at"]
 
-    def get_queryset(self) -> models.QuerySet[Any]:
-        return Network.objects.select_related("tenant").restrict(actor_for(self.request))
+    @extend_schema(responses={201: serializers.NetworkSerializer})
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        self.check_role(data["tenant"].pk, self.write_role)
+        describe(request, "network.create", tenant_id=data["tenant"].pk)
+        net = networks.create_network(
+            data["tenant"], data["name"], data.get("cidr", ""), data.get("prefix_length")
+        )
+        describe(request, "network.create", net, tenant_id=net.tenant_id, message=f"{net.name} {net.cidr}")
+        return Response(self.get_serializer(net).data, status=status.HTTP_201_CREATED)
+
+    def perform_destroy(self, instance: models.Model) -> None:
+        assert isinstance(instance, Network)
+        describe(self.request, "network.delete", instance, tenant_id=instance.tenant_id)
+        networks.delete_network(instance)
 
 
 class PublishedPortViewSet(ScopedViewSet):

@@ -11,8 +11,8 @@ from compute.mountpath import MAX_MOUNT_PATH, MountPathError, check_mount_path
 from portal.api.fields import DefaultTenantMixin, TenantField
 from portal.api.strict import StrictCharField, StrictIntegerField, StrictModelSerializer, StrictRegexField
 from portal.cloud.naming import NAME_RE, NAME_RULE
-from portal.storage.choices import VolumeFormatChoice
-from portal.storage.models import Snapshot, Volume
+from portal.storage.choices import VolumeFormatChoice, VolumeStatus
+from portal.storage.models import Backup, BackupPolicy, Snapshot, Volume, VolumeSnapshot
 
 #: the largest volume (the node's qemu-img limit for the spec is 16384)
 MAX_VOLUME_GB = 16384
@@ -32,8 +32,62 @@ class SnapshotSerializer(StrictModelSerializer[Snapshot]):
         read_only_fields = fields
 
 
+class VolumeSnapshotSerializer(StrictModelSerializer[VolumeSnapshot]):
+    size_bytes = serializers.IntegerField(
+        read_only=True,
+        help_text="Data the snapshot holds: what a qcow2 copy of it needs (qemu-img measure), or the "
+        "blocks of the ext4 copy; shared blocks count in full",
+    )
+
+    class Meta:
+        model = VolumeSnapshot
+        fields = ["name", "volume_id", "status", "status_reason", "size_bytes", "taken_at", "created_at"]
+        read_only_fields = fields
+
+
 class SnapshotCreateSerializer(serializers.Serializer):  # type: ignore[type-arg]
     name = StrictRegexField(NAME_RE, max_length=63, error_messages={"invalid": NAME_RULE})
+
+
+class BackupPolicySerializer(StrictModelSerializer[BackupPolicy]):
+    interval_hours = StrictIntegerField(
+        min_value=1, max_value=8760, help_text="Back up every this many hours"
+    )
+    retention = StrictIntegerField(min_value=1, max_value=100, help_text="Keep the newest this many backups")
+
+    class Meta:
+        model = BackupPolicy
+        fields = ["interval_hours", "retention", "last_result", "updated_at"]
+        read_only_fields = ["last_result", "updated_at"]
+
+
+class BackupSerializer(StrictModelSerializer[Backup]):
+    digest = serializers.CharField(source="blob_id", allow_null=True, read_only=True)
+    format = serializers.CharField(read_only=True, help_text="The volume's format: qcow2 or ext4")
+
+    class Meta:
+        model = Backup
+        fields = [
+            "id", "volume", "instance", "volume_name", "format", "size_gb", "status", "status_reason",
+            "scheduled", "digest", "size_bytes", "created_at", "finished_at",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+class RestoreSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    name = StrictRegexField(NAME_RE, max_length=63, error_messages={"invalid": NAME_RULE})
+    node = StrictCharField(
+        required=False,
+        max_length=63,
+        help_text="Node for the new volume (default as for a create: most disk first, one you may use)",
+    )
+
+
+class MoveSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    node = serializers.CharField(allow_null=True)
+    phase = serializers.CharField()
+    done_bytes = serializers.IntegerField()
+    total_bytes = serializers.IntegerField()
 
 
 class VolumeSerializer(DefaultTenantMixin, StrictModelSerializer[Volume]):
@@ -54,6 +108,13 @@ class VolumeSerializer(DefaultTenantMixin, StrictModelSerializer[Volume]):
         "qcow2, one dedicated to your tenant for ext4)",
     )
     attachments = serializers.SerializerMethodField()
+    backup_policy = serializers.SerializerMethodField(
+        help_text="Scheduled backups (set with …/backup-policy/), null when there are none"
+    )
+    move = serializers.SerializerMethodField(
+        help_text="While moving: the target node, the phase (send: the source uploads; receive: the "
+        "target downloads and verifies) and its bytes done / total; null otherwise"
+    )
 
     class Meta:
         model = Volume
@@ -67,12 +128,33 @@ class VolumeSerializer(DefaultTenantMixin, StrictModelSerializer[Volume]):
             "status",
             "status_reason",
             "attachments",
+            "move",
+            "backup_policy",
             "missing_since",
             "created_at",
             "updated_at",
         ]
         read_only_fields = ["id", "status", "status_reason", "missing_since", "created_at", "updated_at"]
         validators: list[Any] = []  # live-name uniqueness is checked under the quota lock (409)
+
+    @extend_schema_field(BackupPolicySerializer(allow_null=True))
+    def get_backup_policy(self, obj: Volume) -> dict[str, Any] | None:
+        try:
+            policy = obj.backup_policy
+        except BackupPolicy.DoesNotExist:
+            return None
+        return dict(BackupPolicySerializer(policy).data)
+
+    @extend_schema_field(MoveSerializer(allow_null=True))
+    def get_move(self, obj: Volume) -> dict[str, Any] | None:
+        if obj.status != VolumeStatus.MOVING:
+            return None
+        return {
+            "node": obj.move_node.name if obj.move_node else None,
+            "phase": obj.move_phase,
+            "done_bytes": obj.move_done,
+            "total_bytes": obj.move_total,
+        }
 
     @extend_schema_field(AttachmentSerializer(many=True))
     def get_attachments(self, obj: Volume) -> list[dict[str, Any]]:
@@ -86,6 +168,14 @@ class VolumeSerializer(DefaultTenantMixin, StrictModelSerializer[Volume]):
                 "status": obj.status,
             }
         ]
+
+
+class VolumeMoveSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    node = StrictCharField(
+        max_length=63,
+        help_text="The node to copy the volume to: up, not its node, one the tenant could create this "
+        "volume on (qcow2: shared or dedicated to the tenant; ext4: dedicated to the tenant)",
+    )
 
 
 class VolumeAttachSerializer(serializers.Serializer):  # type: ignore[type-arg]

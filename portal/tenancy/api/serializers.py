@@ -14,6 +14,7 @@ from portal.api.conflicts import FieldConflict
 from portal.api.fields import BoundedSlugMixin, DefaultTenantMixin, TenantField
 from portal.api.strict import StrictBooleanField, StrictIntegerField, StrictModelSerializer
 from portal.cloud import placement
+from portal.cloud.models import Network
 from portal.storage.volumes import usage as volume_usage
 from portal.tenancy.models import APIToken, Membership, Quota, SSHKey, Tenant
 
@@ -119,11 +120,12 @@ class QuotaSerializer(StrictModelSerializer[Quota]):
 
     class Meta:
         model = Quota
-        fields = ["id", "tenant", *Quota.LIMITS, *Quota.VOLUME_LIMITS, "usage"]
+        fields = ["id", "tenant", *Quota.LIMITS, *Quota.VOLUME_LIMITS, "networks", "usage"]
         read_only_fields = ["id", "tenant"]
 
     def get_usage(self, obj: Quota) -> dict[str, int]:
-        return placement.usage(obj.tenant_id) | volume_usage(obj.tenant_id)
+        networks = Network.objects.filter(tenant_id=obj.tenant_id).count()
+        return placement.usage(obj.tenant_id) | volume_usage(obj.tenant_id) | {"networks": networks}
 
 
 class SSHKeySerializer(StrictModelSerializer[SSHKey]):

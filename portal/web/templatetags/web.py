@@ -25,6 +25,7 @@ NAV_LABELS = [
         "Instances",
         "Images",
         "Networks",
+        "Volumes",
         "Security groups",
         "Events",
         "SSH keys",

@@ -30,15 +30,19 @@ from portal.storage import snapshots
 from portal.tenancy.choices import Role
 from portal.tenancy.models import Tenant
 from portal.web.access import (
+    Ask,
     Refusal,
     actor,
     attempt,
     confirm,
+    confirm_then_act,
     login_page,
     page,
     refuse,
     role_refusal,
+    success,
     tenant_page,
+    write_refusal,
 )
 from portal.web.forms import (
     InstanceFilterForm,
@@ -427,41 +431,48 @@ def instance_revert(request: HttpRequest, pk: str) -> HttpResponse:
     """GET ?name=: a confirmation page naming the snapshot; POST: ask the node to revert the VM to it."""
     instance = _instance(request, pk)
     posted = request.method == "POST"
-    if posted:
-        describe(request, "instance.revert", instance)
-    refused = _write_refusal(request, instance.tenant_id)
+    refused = write_refusal(request, instance.tenant_id, "instance.revert", instance)
     if refused:
         return refused
     form = RevertForm(request.POST if posted else request.GET, names=snapshots.revertible_names(instance))
     if not form.is_valid():
         note_error(request, "unknown snapshot name")
-        error = " ".join(str(e) for e in form.errors.get("name", ())) or "Check the snapshot to revert to."
-        return _detail_page(request, instance, error, 400, revert=form)
+        return _detail_page(request, instance, form.error_text(), 400, revert=form)
     name = form.cleaned_data["name"]
-    if not posted:
+
+    def check() -> Refusal | None:
         unknown = attempt(request, lambda: snapshots.get(instance, name))
         if isinstance(unknown, Refusal):
-            return _detail_page(request, instance, unknown.message, unknown.status, revert=form)
-        if not action_allowed(instance, Action.REVERT):
-            why = action_refusal(instance, Action.REVERT) or (
-                f"{instance.name} cannot be reverted: it is {instance.task_state or instance.vm_state}."
-            )
-            return _detail_page(request, instance, why, 409, revert=form)
-        return confirm(
-            request,
+            return unknown
+        if action_allowed(instance, Action.REVERT):
+            return None
+        why = action_refusal(instance, Action.REVERT) or (
+            f"{instance.name} cannot be reverted: it is {instance.task_state or instance.vm_state}."
+        )
+        return Refusal(why, 409)
+
+    def refusal_page(refusal: Refusal) -> HttpResponse:
+        instance.refresh_from_db()
+        return _detail_page(request, instance, refusal.message, refusal.status, revert=form)
+
+    back = reverse("web:instance", args=[instance.pk])
+    return confirm_then_act(
+        request,
+        Ask(
             f"Revert {instance.name} to snapshot {name}?",
             f"What changed in {instance.name} since snapshot {name} was taken is lost. "
             "This cannot be undone.",
             "Revert to snapshot",
-            reverse("web:instance", args=[instance.pk]),
+            back,
             fields={"name": name},
-        )
-    outcome = attempt(request, lambda: snapshots.revert(instance, name, request.user))
-    if isinstance(outcome, Refusal):
-        instance.refresh_from_db()
-        return _detail_page(request, instance, outcome.message, outcome.status, revert=form)
-    messages.success(request, f"Revert to {name} sent to {instance.node}; the state updates when it reports.")
-    return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
+        ),
+        act=lambda: snapshots.revert(instance, name, request.user),
+        refused=refusal_page,
+        done=lambda _: success(
+            request, f"Revert to {name} sent to {instance.node}; the state updates when it reports.", back
+        ),
+        check=check,
+    )
 
 
 @login_page
@@ -480,29 +491,30 @@ def instance_snapshots(request: HttpRequest, pk: str) -> HttpResponse:
 def snapshot_delete(request: HttpRequest, pk: str, name: str) -> HttpResponse:
     """GET: a confirmation page; POST: ask the node to delete the snapshot (the row goes when it reports)."""
     instance = _instance(request, pk)
-    posted = request.method == "POST"
-    if posted:
-        describe(request, "snapshot.delete", instance, message=f"snapshot {name}")
-    refused = _write_refusal(request, instance.tenant_id)
+    refused = write_refusal(request, instance.tenant_id, "snapshot.delete", instance, f"snapshot {name}")
     if refused:
         return refused
-    if not posted:
-        found = attempt(request, lambda: snapshots.get(instance, name))
-        if isinstance(found, Refusal):
-            return _detail_page(request, instance, found.message, found.status)
-        return confirm(
-            request,
+
+    def refusal_page(refusal: Refusal) -> HttpResponse:
+        instance.refresh_from_db()
+        return _detail_page(request, instance, refusal.message, refusal.status)
+
+    back = reverse("web:instance", args=[instance.pk])
+    return confirm_then_act(
+        request,
+        Ask(
             f"Delete snapshot {name} of {instance.name}?",
             "The snapshot is removed from the VM's disk; you can no longer revert to it.",
             "Delete snapshot",
-            reverse("web:instance", args=[instance.pk]),
-        )
-    outcome = attempt(request, lambda: snapshots.delete(instance, name, request.user))
-    if isinstance(outcome, Refusal):
-        instance.refresh_from_db()
-        return _detail_page(request, instance, outcome.message, outcome.status)
-    messages.success(request, f"Deleting snapshot {name} on {instance.node}; the list updates when done.")
-    return HttpResponseRedirect(reverse("web:instance", args=[instance.pk]), status=303)
+            back,
+        ),
+        act=lambda: snapshots.delete(instance, name, request.user),
+        refused=refusal_page,
+        done=lambda _: success(
+            request, f"Deleting snapshot {name} on {instance.node}; the list updates when done.", back
+        ),
+        check=lambda: attempt(request, lambda: snapshots.get(instance, name)),
+    )
 
 
 @login_page

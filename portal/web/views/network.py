@@ -1,6 +1,8 @@
-"""Security groups and published ports in the browser: the tenant's groups page and an instance's network.
+"""Networks, security groups and published ports in the browser: the tenant's networks and groups pages
+and an instance's network.
 
-Every change goes through the services the REST API uses (``portal.cloud.secgroups``:
+Every change goes through the services the REST API uses (``portal.cloud.networks``:
+``create_network``, ``delete_network``; ``portal.cloud.secgroups``:
 ``create_group``, ``add_rule``, ``remove_rule``, ``delete_group``, ``set_groups``;
 ``portal.cloud.forwards``: ``publish``, ``unpublish``), so the node gets the same
 messages and the same refusals come back; pages check input with forms (rules with the
@@ -9,32 +11,150 @@ API's own ``secgroups.validate_rule``) and name the action for the audit Event.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from django import forms
 from django.contrib import messages
+from django.db import models
 from django.db.models import Prefetch
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from portal.api.exceptions import http_status
 from portal.audit.record import describe, note_error
-from portal.cloud import forwards, secgroups
-from portal.cloud.models import Instance, PublishedPort, SecurityGroup, SecurityGroupRule
+from portal.cloud import forwards, networks, secgroups
+from portal.cloud.models import Instance, Network, Port, PublishedPort, SecurityGroup, SecurityGroupRule
+from portal.errors import DomainError
 from portal.tenancy.choices import Role
-from portal.tenancy.models import Tenant
+from portal.tenancy.models import Quota, Tenant
 from portal.web.access import (
+    Ask,
     Refusal,
     actor,
     attempt,
-    confirm,
+    confirm_then_act,
     login_page,
     page,
     role_refusal,
+    success,
     tenant_page,
+    write_refusal,
 )
-from portal.web.forms import InstanceGroupsForm, PortForm, RuleForm, SecurityGroupForm
+from portal.web.forms import InstanceGroupsForm, NetworkForm, PortForm, RuleForm, SecurityGroupForm
 from portal.web.views.instances import _detail_page, _instance, _write_refusal
+
+
+def _networks(request: HttpRequest, tenant: Tenant) -> list[Network]:
+    """The tenant's networks with the live instances on each (``nics``): two queries whatever their number."""
+    live = (
+        Port.objects.exclude(instance__vm_state="deleted")
+        .select_related("instance")
+        .order_by("instance__name")
+    )
+    return list(
+        Network.objects.restrict(actor(request))
+        .filter(tenant=tenant)
+        .prefetch_related(Prefetch("ports", queryset=live, to_attr="nics"))
+        .order_by("name")
+    )
+
+
+def _networks_page(
+    request: HttpRequest,
+    tenant: Tenant,
+    *,
+    form: NetworkForm | None = None,
+    error: str = "",
+    status: int = 200,
+) -> HttpResponse:
+    nets = _networks(request, tenant)
+    quota = Quota.objects.filter(tenant=tenant).first()
+    context = {
+        "networks": nets,
+        "limit": quota.networks if quota else Quota.defaults().get("networks", 5),
+        "form": form or NetworkForm(),
+        "refusal": role_refusal(actor(request), tenant.pk, Role.MEMBER),
+        "error": error,
+        "pool": networks.pool(),
+    }
+    return page(request, "web/networks.html", context, status=status)
+
+
+_Form = TypeVar("_Form", bound=forms.Form)
+
+
+def _posted_form(
+    request: HttpRequest,
+    tenant: Tenant,
+    action: str,
+    what: str,
+    make: Callable[[], _Form],
+    invalid: Callable[[_Form], HttpResponse],
+    obj: models.Model | None = None,
+) -> _Form | HttpResponse:
+    """A POSTed change in the tenant: named ``action`` (on ``obj``) for the audit Event and refused for
+    anyone but a member; else the form ``make()`` builds, or the page ``invalid(form)`` when it has
+    errors (the Event keeps "the <what> form has errors")."""
+    refused = write_refusal(request, tenant.pk, action, obj)
+    if refused:
+        return refused
+    form = make()
+    if not form.is_valid():
+        note_error(request, f"the {what} form has errors")
+        return invalid(form)
+    return form
+
+
+@tenant_page
+def networks_page(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    """GET: the tenant's networks and the instances on them; POST: create a network."""
+    if request.method != "POST":
+        return _networks_page(request, tenant)
+    form = _posted_form(
+        request,
+        tenant,
+        "network.create",
+        "network",
+        lambda: NetworkForm(request.POST),
+        lambda form: _networks_page(request, tenant, form=form, status=400),
+    )
+    if isinstance(form, HttpResponse):
+        return form
+    data = form.cleaned_data
+    try:
+        net = networks.create_network(tenant, data["name"], data["cidr"], data["prefix_length"])
+    except DomainError as exc:  # a taken name, an overlap, the quota: next to its field
+        note_error(request, str(exc))
+        field = next(iter(getattr(exc, "errors", None) or {}), None)
+        form.add_error(field, str(exc))
+        return _networks_page(request, tenant, form=form, status=http_status(exc))
+    describe(request, "network.create", net, tenant_id=tenant.pk, message=f"{net.name} {net.cidr}")
+    messages.success(request, f"Created network {net.name} ({net.cidr}); choose it when you launch.")
+    return HttpResponseRedirect(reverse("web:networks") + f"#network-{net.pk}", status=303)
+
+
+@tenant_page
+def network_delete(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
+    """GET: a confirmation page; POST: delete the network (refused while an instance uses it)."""
+    net = get_object_or_404(Network.objects.restrict(actor(request)).filter(tenant=tenant), pk=pk)
+    refused = write_refusal(request, tenant.pk, "network.delete", net)
+    if refused:
+        return refused
+    return confirm_then_act(
+        request,
+        Ask(
+            f"Delete network {net.name} ({net.cidr})?",
+            "Its nodes remove its bridge, tunnel, resolver and rules. Refused while an instance uses it.",
+            "Delete network",
+            reverse("web:networks") + f"#network-{net.pk}",
+        ),
+        act=lambda: networks.delete_network(net),
+        refused=lambda refusal: _networks_page(request, tenant, error=refusal.message, status=refusal.status),
+        done=lambda _: success(request, f"Deleted network {net.name}.", reverse("web:networks")),
+    )
 
 
 def _groups(request: HttpRequest, tenant: Tenant) -> list[SecurityGroup]:
@@ -90,14 +210,16 @@ def security_groups(request: HttpRequest, tenant: Tenant) -> HttpResponse:
     """GET: the tenant's groups and their rules; POST: create a group."""
     if request.method != "POST":
         return _groups_page(request, tenant)
-    describe(request, "securitygroup.create", tenant_id=tenant.pk)
-    refused = _write_refusal(request, tenant.pk)
-    if refused:
-        return refused
-    form = SecurityGroupForm(request.POST)
-    if not form.is_valid():
-        note_error(request, "the security group form has errors")
-        return _groups_page(request, tenant, create=form, status=400)
+    form = _posted_form(
+        request,
+        tenant,
+        "securitygroup.create",
+        "security group",
+        lambda: SecurityGroupForm(request.POST),
+        lambda form: _groups_page(request, tenant, create=form, status=400),
+    )
+    if isinstance(form, HttpResponse):
+        return form
     data = form.cleaned_data
     group = attempt(request, lambda: secgroups.create_group(tenant, data["name"], data["description"]))
     if isinstance(group, Refusal):
@@ -112,20 +234,23 @@ def security_groups(request: HttpRequest, tenant: Tenant) -> HttpResponse:
 @tenant_page
 def rule_add(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
     group = _group(request, tenant, pk)
-    describe(request, "securitygrouprule.create", group, tenant_id=tenant.pk)
-    refused = _write_refusal(request, tenant.pk)
-    if refused:
-        return refused
-    form = RuleForm(request.POST, group=group, groups=_groups(request, tenant))
-    if not form.is_valid():
-        note_error(request, "the rule form has errors")
-        return _groups_page(
+    form = _posted_form(
+        request,
+        tenant,
+        "securitygrouprule.create",
+        "rule",
+        lambda: RuleForm(request.POST, group=group, groups=_groups(request, tenant)),
+        lambda form: _groups_page(
             request,
             tenant,
             rule=form,
             error=f"The rule was not added to {group.name}; see below.",
             status=400,
-        )
+        ),
+        group,
+    )
+    if isinstance(form, HttpResponse):
+        return form
     data = form.cleaned_data
     rule = attempt(request, lambda: secgroups.add_rule(group, **data))
     if isinstance(rule, Refusal):
@@ -145,53 +270,46 @@ def rule_delete(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
         pk=pk,
     )
     group = rule.group
-    posted = request.method == "POST"
-    if posted:
-        describe(
-            request, "securitygrouprule.delete", rule, tenant_id=tenant.pk, message=f"{group.name}: {rule}"
-        )
-    refused = _write_refusal(request, tenant.pk)
+    refused = write_refusal(request, tenant.pk, "securitygrouprule.delete", rule, f"{group.name}: {rule}")
     if refused:
         return refused
-    if not posted:
-        return confirm(
-            request,
+    back = reverse("web:security-groups") + f"#group-{group.pk}"
+    return confirm_then_act(
+        request,
+        Ask(
             f"Remove rule “{rule}” from {group.name}?",
             f"The running instances of {group.name} stop allowing this traffic at once.",
             "Remove rule",
-            reverse("web:security-groups") + f"#group-{group.pk}",
-        )
-    outcome = attempt(request, lambda: secgroups.remove_rule(rule))
-    if isinstance(outcome, Refusal):
-        return _groups_page(request, tenant, error=outcome.message, status=outcome.status)
-    messages.success(request, f"Removed from {group.name}: {rule}.")
-    return _back(f"#group-{group.pk}")
+            back,
+        ),
+        act=lambda: secgroups.remove_rule(rule),
+        refused=lambda refusal: _groups_page(request, tenant, error=refusal.message, status=refusal.status),
+        done=lambda _: success(request, f"Removed from {group.name}: {rule}.", back),
+    )
 
 
 @tenant_page
 def group_delete(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
     """GET: a confirmation page; POST: delete the group (refused while an instance uses it)."""
     group = _group(request, tenant, pk)
-    posted = request.method == "POST"
-    if posted:
-        describe(request, "securitygroup.delete", group, tenant_id=tenant.pk)
-    refused = _write_refusal(request, tenant.pk)
+    refused = write_refusal(request, tenant.pk, "securitygroup.delete", group)
     if refused:
         return refused
-    if not posted:
-        return confirm(
-            request,
+    return confirm_then_act(
+        request,
+        Ask(
             f"Delete security group {group.name}?",
             "Its rules go with it, and so do other groups' rules that name it. "
             "Refused while an instance uses it.",
             "Delete group",
             reverse("web:security-groups") + f"#group-{group.pk}",
-        )
-    outcome = attempt(request, lambda: secgroups.delete_group(group))
-    if isinstance(outcome, Refusal):
-        return _groups_page(request, tenant, error=outcome.message, status=outcome.status)
-    messages.success(request, f"Deleted security group {group.name}.")
-    return _back()
+        ),
+        act=lambda: secgroups.delete_group(group),
+        refused=lambda refusal: _groups_page(request, tenant, error=refusal.message, status=refusal.status),
+        done=lambda _: success(
+            request, f"Deleted security group {group.name}.", reverse("web:security-groups")
+        ),
+    )
 
 
 def _for_write(request: HttpRequest, pk: str, action: str) -> tuple[Instance, HttpResponse | None]:
@@ -263,22 +381,20 @@ def port_unpublish(request: HttpRequest, pk: str, port: int) -> HttpResponse:
     row = get_object_or_404(
         PublishedPort.objects.select_related("external", "instance"), instance=instance, pk=port
     )
-    posted = request.method == "POST"
-    if posted:
-        describe(request, "publishedport.delete", row, tenant_id=row.tenant_id, message=str(row))
-    refused = _write_refusal(request, instance.tenant_id)
+    # the port's tenant is its instance's (forwards.publish)
+    refused = write_refusal(request, instance.tenant_id, "publishedport.delete", row, str(row))
     if refused:
         return refused
-    if not posted:
-        return confirm(
-            request,
+    back = reverse("web:instance", args=[instance.pk]) + "#network"
+    return confirm_then_act(
+        request,
+        Ask(
             f"Unpublish {row.protocol}/{row.port} of {instance.name}?",
             f"{row.external.address}:{row.external_port} stops reaching it at once.",
             "Unpublish",
-            reverse("web:instance", args=[instance.pk]) + "#network",
-        )
-    outcome = attempt(request, lambda: forwards.unpublish(row))
-    if isinstance(outcome, Refusal):
-        return _detail_page(request, instance, outcome.message, outcome.status)
-    messages.success(request, f"Unpublished {row.protocol}/{row.port} of {instance.name}.")
-    return _back_to(instance)
+            back,
+        ),
+        act=lambda: forwards.unpublish(row),
+        refused=lambda refusal: _detail_page(request, instance, refusal.message, refusal.status),
+        done=lambda _: success(request, f"Unpublished {row.protocol}/{row.port} of {instance.name}.", back),
+    )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
@@ -11,7 +14,7 @@ from django.views.decorators.http import require_POST
 
 from portal.audit.models import Event
 from portal.audit.record import describe, note_error
-from portal.cloud import evacuation, metrics, placement, services
+from portal.cloud import evacuation, metrics, placement, services, vm_migration
 from portal.cloud.models import ComputeNode, Instance
 from portal.tenancy.models import Quota, Tenant
 from portal.web.access import Refusal, attempt, confirm, operator_page, page
@@ -154,42 +157,62 @@ def node_evacuate(request: HttpRequest, name: str) -> HttpResponse:
             "Evacuate node",
             reverse("web:ops-node", args=[node.name]),
         )
-    describe(request, "computenode.evacuate", node)
-    outcome = attempt(request, lambda: evacuation.evacuate(node, request.user))
-    if isinstance(outcome, Refusal):
-        return _nodes_page(request, outcome.message, outcome.status)
-    describe(request, "computenode.evacuate", node, message=outcome.summary())
-    messages.success(request, f"{outcome.summary()}.")
-    for move in outcome.moves:
-        if move.result == "error":
-            messages.warning(request, f"{move.tenant}/{move.name}: {move.reason}")
-    return HttpResponseRedirect(reverse("web:ops-node", args=[node.name]), status=303)
+    return _move_off(
+        request,
+        node,
+        "computenode.evacuate",
+        evacuation.evacuate,
+        lambda move: f"{move.tenant}/{move.name}: {move.reason}" if move.result == "error" else None,
+    )
 
 
 @operator_page
 def node_move(request: HttpRequest, name: str) -> HttpResponse:
-    """GET: a confirmation page; POST: drain a live node and move its containers (API: drain)."""
+    """GET: a confirmation page; POST: drain a live node and move its instances (API: drain)."""
     node = get_object_or_404(ComputeNode, name=name)
     if request.method != "POST":
-        hosted = Instance.objects.live().filter(node=node, kind="container").count()
+        live = Instance.objects.live().filter(node=node)
+        hosted, vms = live.filter(kind="container").count(), live.filter(kind="vm").count()
         return confirm(
             request,
-            f"Move the containers off node {node.name}?",
-            f"{node.name} is drained (no new instances), and each of its {hosted} container"
+            f"Move the instances off node {node.name}?",
+            f"{node.name} is drained (no new instances). Each of its {hosted} container"
             f"{'s' if hosted != 1 else ''} is stopped there and started from its image on another node "
-            "dedicated to its tenant (its writable layer is not copied). VMs stay on the node.",
-            "Drain and move containers",
+            f"dedicated to its tenant (its writable layer is not copied). Each of its {vms} VM"
+            f"{'s' if vms != 1 else ''} is migrated cold: shut down cleanly (a guest that does not shut "
+            f"down within {vm_migration.STOP_TIMEOUT:g} s stays, running), its disk copied to another "
+            "node, started there again if it ran. A VM with volumes or snapshots stays on the node.",
+            "Drain and move instances",
             reverse("web:ops-node", args=[node.name]),
         )
-    describe(request, "computenode.drain", node)
-    outcome = attempt(request, lambda: evacuation.drain(node, request.user))
+    return _move_off(
+        request,
+        node,
+        "computenode.drain",
+        evacuation.drain,
+        lambda move: f"{move.tenant}/{move.name} stays: {move.reason}" if move.result == "stays" else None,
+    )
+
+
+def _move_off(
+    request: HttpRequest,
+    node: ComputeNode,
+    action: str,
+    run: Callable[[ComputeNode, Any], evacuation.Report],
+    warning: Callable[[evacuation.Move], str | None],
+) -> HttpResponse:
+    """The POST of an evacuate or a drain: ``run(node, user)``, audited as ``action`` with its summary;
+    a refusal on the nodes page, else the summary and a ``warning`` for each move that has one."""
+    describe(request, action, node)
+    outcome = attempt(request, lambda: run(node, request.user))
     if isinstance(outcome, Refusal):
         return _nodes_page(request, outcome.message, outcome.status)
-    describe(request, "computenode.drain", node, message=outcome.summary())
+    describe(request, action, node, message=outcome.summary())
     messages.success(request, f"{outcome.summary()}.")
     for move in outcome.moves:
-        if move.result == "stays":
-            messages.warning(request, f"{move.tenant}/{move.name} stays: {move.reason}")
+        text = warning(move)
+        if text:
+            messages.warning(request, text)
     return HttpResponseRedirect(reverse("web:ops-node", args=[node.name]), status=303)
 
 

@@ -1,4 +1,4 @@
-"""Tenant pages that only read: dashboard, images, networks, the audit log."""
+"""Tenant pages that only read: dashboard, images, the audit log."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from django.utils import timezone
 from portal.audit.models import Event, Outcome
 from portal.cloud import placement
 from portal.cloud.choices import VmState
-from portal.cloud.models import ComputeNode, Instance, Network
+from portal.cloud.models import ComputeNode, Instance
 from portal.images.models import Image
 from portal.metering import chart
 from portal.tenancy.choices import Role
@@ -74,17 +74,6 @@ def image_detail(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
     image = get_object_or_404(Image.objects.restrict(actor(request)).prefetch_related("artifacts"), pk=pk)
     refusal = image_delete_refusal(actor(request), image)
     return page(request, "web/image_detail.html", {"image": image, "delete_refusal": refusal})
-
-
-@tenant_page
-def networks(request: HttpRequest, tenant: Tenant) -> HttpResponse:
-    nets = (
-        Network.objects.restrict(actor(request))
-        .filter(tenant=tenant)
-        .annotate(n_ports=Count("ports"))
-        .order_by("name")
-    )
-    return page(request, "web/networks.html", {"networks": nets})
 
 
 def filter_events(qs: QuerySet[Event], form: EventFilterForm) -> QuerySet[Event]:

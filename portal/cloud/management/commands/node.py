@@ -38,7 +38,7 @@ class Command(BaseCommand):
             "evacuate", help="rebuild the instances of a down node on other nodes (root disks are lost)"
         ).add_argument("name")
         sub.add_parser(
-            "drain", help="disable a live node and move its containers to other nodes (VMs stay)"
+            "drain", help="disable a live node, move its containers and migrate its VMs (cold) to other nodes"
         ).add_argument("name")
         sub.add_parser("list", help="list nodes")
         ext = sub.add_parser(
