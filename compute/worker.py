@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -69,8 +70,11 @@ for _task in NODE_TASKS:
 def _heartbeat_loop(parent: int) -> None:
     # The fork inherited the worker's signal handlers, which turn SIGTERM into a warm shutdown of a
     # worker this child is not: terminate() did nothing, and every stop waited for join() in vain.
+    # The parent forked with SIGTERM and SIGINT blocked, so one sent before this point waits for
+    # the default action instead of reaching the inherited handler.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     next_beat = 0.0
     last = 0.0
     pending = False
@@ -105,13 +109,42 @@ def _start_heartbeat(**kwargs: Any) -> None:
     beater = multiprocessing.get_context("fork").Process(
         target=_heartbeat_loop, args=(os.getpid(),), name="heartbeat", daemon=True
     )
-    beater.start()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        beater.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a stop sent meanwhile arrives now
     _beater.append(beater)
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+STOP_GRACE_SECONDS = 5.0
 
 
 @worker_shutdown.connect
 def _stop_heartbeat(**kwargs: Any) -> None:
+    """End the heartbeat child: SIGTERM, then SIGKILL if it has not ended within the grace.
+
+    Bounded either way: Python joins a daemon child at exit without a timeout, so a child that
+    outlived this would hold the worker's exit for as long as it lived.
+    """
     for beater in _beater:
+        if not beater.is_alive():
+            continue
+        beater.terminate()
+        beater.join(STOP_GRACE_SECONDS)
         if beater.is_alive():
-            beater.terminate()
-            beater.join(5)
+            log.warning(
+                "heartbeat child %s did not end within %.0f s of SIGTERM (%s); killing it",
+                beater.pid, STOP_GRACE_SECONDS, _wchan(beater.pid),
+            )  # fmt: skip
+            beater.kill()
+            beater.join(STOP_GRACE_SECONDS)
+
+
+def _wchan(pid: int | None) -> str:
+    """Where in the kernel ``pid`` waits, for the log (``?`` when unreadable)."""
+    try:
+        return "waiting in " + Path(f"/proc/{pid}/wchan").read_text().strip()
+    except OSError:
+        return "?"
