@@ -110,10 +110,14 @@ run: setup
 	@$(PY) manage.py bootstrap
 	@echo "logs in $(LOG); stop with 'make stop'"
 
+# SIGTERM (a worker finishes its task in hand), 30 s, then SIGKILL to what is still running.
 stop:
 	@for p in relay web compute control; do \
 		f=$(RUN)/$$p.pid; [ -f $$f ] || continue; pid=$$(cat $$f); \
-		if kill -0 $$pid 2>/dev/null; then kill -TERM $$pid; for i in $$(seq 100); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; echo "stopped $$p ($$pid)"; fi; \
+		if kill -0 $$pid 2>/dev/null; then kill -TERM $$pid; \
+			for i in $$(seq 300); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; \
+			if kill -0 $$pid 2>/dev/null; then kill -KILL $$pid; echo "killed $$p ($$pid): still running 30 s after SIGTERM"; \
+			else echo "stopped $$p ($$pid)"; fi; fi; \
 		rm -f $$f; done
 
 status:
