@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -102,8 +103,9 @@ class NodeService:
         self._hubs: list[subprocess.Popen[bytes]] = []
         # answers the portal waits for on a Redis list (logs); tests hand in their own
         self.reply = reply or self._reply_redis
-        self._logs_kept_at = 0.0
-        self._idle_checked = 0.0
+        # monotonic() counts from the host's boot: -inf, not 0, makes the first call act at once
+        self._logs_kept_at = -math.inf
+        self._idle_checked = -math.inf
         self._cpu_times: tuple[int, int] | None = None  # (busy, total) jiffies at the previous heartbeat
 
     def driver(self, kind: Kind) -> Driver:

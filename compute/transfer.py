@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +44,7 @@ class Throttle:
     def __init__(self, report: Progress, total: int, every: float = PROGRESS_EVERY) -> None:
         self.report, self.total, self.every = report, total, every
         self.done = 0
-        self._last = 0.0
+        self._last = -math.inf  # the first chunk reports at once, however long the host has been up
         self.sent = 0  # how many messages went (tests read it)
 
     def add(self, n: int) -> None:
