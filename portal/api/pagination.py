@@ -6,22 +6,63 @@ or ``page_size=0``, cut ``page_size=10000`` to the maximum and took
 were valid, so a client could not know what it got.  Here a ``page_size``
 that is not an integer from 1 to 500 is a 400, a page that is not a
 positive integer (or past the end) a 404, and the schema states the bounds.
+
+Pages after the first are read keys first (:class:`KeysFirstPaginator`): a deep
+``OFFSET`` then walks only the ordering's index, not every joined row before it.
+The order is made total (the primary key breaks ties), so the first page's query
+and a later page's keys agree on where each row falls.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from django.core.paginator import Page, Paginator
+from django.db.models import QuerySet
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 
+if TYPE_CHECKING:
+    _Paginator = Paginator[Any]  # generic in the stubs only
+else:
+    _Paginator = Paginator
+
+
+class KeysFirstPaginator(_Paginator):
+    """Page ``n > 1`` of a queryset: its primary keys by the list's order, then those rows.
+
+    One query slicing the whole queryset makes the database join (``select_related``) and
+    carry every row it skips: at 20,000 instances the last page took 47 ms of PostgreSQL
+    time.  The keys alone come from the ordering's index; the second query fetches the page's
+    rows with their joins, put back in the keys' order.  The first page stays one query
+    (``LIMIT`` stops the index walk early).  A row deleted between the two is left out.
+    """
+
+    def page(self, number: Any) -> Page[Any]:
+        number = self.validate_number(number)
+        bottom = (number - 1) * self.per_page
+        top = bottom + self.per_page
+        if top + self.orphans >= self.count:
+            top = self.count
+        rows: Any = self.object_list
+        plain = not isinstance(rows, QuerySet) or rows.query.combinator or rows.query.values_select
+        if bottom == 0 or plain:  # values() rows have no pk to look up; a union cannot be filtered
+            return Page(rows[bottom:top], number, self)
+        keys = list(rows.values_list("pk", flat=True)[bottom:top])
+        found = {row.pk: row for row in rows.filter(pk__in=keys)}
+        return Page([found[k] for k in keys if k in found], number, self)
+
 
 class Pagination(PageNumberPagination):
+    django_paginator_class = KeysFirstPaginator
     page_size = 50
     page_size_query_param = "page_size"
     max_page_size = 500
     last_page_strings = ()  # "page=last" is not an integer
+
+    def paginate_queryset(self, queryset: Any, request: Request, view: Any = None) -> list[Any] | None:
+        return super().paginate_queryset(total_order(queryset), request, view)
 
     def get_page_size(self, request: Request) -> int:
         raw = request.query_params.get(self.page_size_query_param, None)
@@ -40,3 +81,17 @@ class Pagination(PageNumberPagination):
             if p["name"] == self.page_size_query_param:
                 p["schema"]["maximum"] = self.max_page_size
         return parameters
+
+
+def total_order(rows: Any) -> Any:
+    """``rows`` ordered as before, then by primary key: no two rows tie, so pages cannot overlap."""
+    if not isinstance(rows, QuerySet) or rows.query.combinator or rows.query.values_select:
+        return rows
+    order = list(rows.query.order_by) or (
+        list(rows.model._meta.ordering) if rows.query.default_ordering else []
+    )
+    pk = rows.model._meta.pk
+    keys = {"pk", pk.name, pk.attname} if pk is not None else {"pk"}
+    if any(isinstance(o, str) and o.lstrip("-") in keys for o in order):
+        return rows
+    return rows.order_by(*order, "pk")

@@ -310,7 +310,20 @@ class Instance(models.Model):
                 name="instance_unique_live_name",
             ),
         ]
-        indexes = [models.Index(fields=["tenant", "vm_state"], name="instance_tenant_state")]
+        indexes = [
+            models.Index(fields=["tenant", "vm_state"], name="instance_tenant_state"),
+            # the list pages (newest first, live ones) read 50 rows in order instead of sorting them all
+            models.Index(
+                fields=["tenant", "-created_at"],
+                condition=~Q(vm_state=VmState.DELETED),
+                name="instance_live_newest",
+            ),
+            models.Index(
+                fields=["-created_at"],
+                condition=~Q(vm_state=VmState.DELETED),
+                name="instance_all_live_newest",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.kind}, {self.vm_state})"
