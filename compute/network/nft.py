@@ -21,10 +21,13 @@ input.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
+import os
 import subprocess
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -206,14 +209,95 @@ def dnat(addr: str, port: int) -> Expr:
 
 
 def run(commands: Sequence[dict[str, Any]]) -> None:
-    """Load ``commands`` as one transaction (all or nothing)."""
+    """Load ``commands`` as one transaction (all or nothing).
+
+    In the process's own network namespace through libnftables, a context kept per process
+    (0.5 ms for 40 rules, against 16 ms for running ``nft``, most of it starting the
+    program and making its context); from a thread that entered another namespace, or
+    without the library, by ``nft``: a kept context holds a netlink socket, and with it its
+    namespace, alive.
+    """
     doc = json.dumps({"nftables": list(commands)})
+    if _LIBNFT.load() and _in_own_namespace():
+        _LIBNFT.run(doc)
+        return
     try:
         r = subprocess.run([NFT, "-j", "-f", "-"], input=doc, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise NftError(f"cannot run nft: {exc}") from exc
     if r.returncode != 0:
         raise NftError(r.stderr.strip() or f"nft exited with {r.returncode}")
+
+
+def _in_own_namespace() -> bool:
+    """Whether the calling thread is in its process's network namespace."""
+    try:
+        return os.stat("/proc/thread-self/ns/net").st_ino == os.stat(f"/proc/{os.getpid()}/ns/net").st_ino
+    except OSError:
+        return False
+
+
+class _LibNft:
+    """libnftables through ctypes: one context per process, used under a lock."""
+
+    OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON: also makes the library read JSON input
+
+    def __init__(self) -> None:
+        self.lib: ctypes.CDLL | None = None
+        self.tried = False
+        self.ctx: int | None = None
+        self.pid = 0
+        self.lock = threading.Lock()
+
+    def load(self) -> bool:
+        if not self.tried:
+            self.tried = True
+            try:
+                lib = ctypes.CDLL("libnftables.so.1")
+            except OSError:
+                return False
+            lib.nft_ctx_new.restype = ctypes.c_void_p
+            lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+            lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+            lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+            lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+            lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+            self.lib = lib
+        return self.lib is not None
+
+    def _context(self, lib: ctypes.CDLL) -> int:
+        if self.ctx is None or self.pid != os.getpid():  # a fork's child makes its own
+            ctx = lib.nft_ctx_new(0)
+            if not ctx:
+                raise NftError("cannot make a libnftables context")
+            lib.nft_ctx_output_set_flags(ctx, self.OUTPUT_JSON)
+            lib.nft_ctx_buffer_output(ctx)
+            lib.nft_ctx_buffer_error(ctx)
+            self.ctx, self.pid = ctx, os.getpid()
+        return self.ctx
+
+    def run(self, doc: str) -> None:
+        lib = self.lib
+        assert lib is not None
+        with self.lock:
+            ctx = self._context(lib)
+            rc = lib.nft_run_cmd_from_buffer(ctx, doc.encode())
+            lib.nft_ctx_get_output_buffer(ctx)  # read (and so emptied) whatever it printed
+            if rc == 0:
+                return
+            error = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace").strip()
+            lib.nft_ctx_free(ctx)  # the next load starts from a fresh context and error buffer
+            self.ctx = None
+        raise NftError(error or f"libnftables refused the transaction ({rc})")
+
+
+_LIBNFT = _LibNft()
 
 
 def apply(tables: Sequence[Table]) -> None:
