@@ -248,6 +248,13 @@ class _LibNft:
         self.ctx: int | None = None
         self.pid = 0
         self.lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        # a thread of the parent may have held the lock at the fork; the child makes its own
+        # context (the parent's stays the parent's: its socket is left alone here)
+        self.lock = threading.Lock()
+        self.ctx, self.pid = None, 0
 
     def load(self) -> bool:
         if not self.tried:
@@ -272,7 +279,7 @@ class _LibNft:
         return self.lib is not None
 
     def _context(self, lib: ctypes.CDLL) -> int:
-        if self.ctx is None or self.pid != os.getpid():  # a fork's child makes its own
+        if self.ctx is None or self.pid != os.getpid():
             ctx = lib.nft_ctx_new(0)
             if not ctx:
                 raise NftError("cannot make a libnftables context")

@@ -6,7 +6,10 @@ which is then that process's own namespace: where the node loads its rules throu
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -39,6 +42,19 @@ out["unchanged"] = nft.fingerprint("inet", "sklib") == before
 nft.apply([table])  # a fresh context after the refusal
 out["after"] = nft.fingerprint("inet", "sklib") == before
 
+import os
+nft._LIBNFT.lock.acquire()  # as if another thread were loading rules when the process forked
+pid = os.fork()
+if pid == 0:  # the child (a worker's pool process or heartbeat) loads with a context of its own
+    try:
+        nft.apply([table])
+        os._exit(0)
+    except BaseException:
+        os._exit(1)
+nft._LIBNFT.lock.release()
+_, status = os.waitpid(pid, 0)
+out["forked_child_loaded"] = os.waitstatus_to_exitcode(status) == 0
+
 def in_thread():  # a thread elsewhere (here: a new namespace) uses the nft program
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -58,15 +74,22 @@ def test_the_library_loads_rules_and_refuses_as_nft_does() -> None:
     require_root()
     require_binary("nft")
     require_binary("unshare")
-    r = subprocess.run(
+    proc = subprocess.Popen(
         ["unshare", "--net", sys.executable, "-c", textwrap.dedent(BODY)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # a forked child stuck on the lock, if any
+        proc.wait(5)
+    assert proc.returncode == 0, stderr
+    out = json.loads(stdout.strip().splitlines()[-1])
     require(out["loaded_by_library"], "libnftables.so.1 (Debian's libnftables1, which nft itself uses)")
     assert out["rules"] == 40
     assert "nochain" in out["refused"] or "No such file or directory" in out["refused"], out["refused"]
     assert out["unchanged"] and out["after"]
+    assert out["forked_child_loaded"]  # not blocked by a lock its parent's thread held at the fork
     assert out["thread_own"] is False  # loaded by the nft program there (see nft.run)
     print(f"40 rules loaded through libnftables in {out['apply_ms']:.1f} ms")
