@@ -15,13 +15,13 @@ from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from portal.audit.record import describe, note_error
+from portal.audit.record import note_error
 from portal.cloud.models import ComputeNode
 from portal.storage import backups, moves
 from portal.storage.models import Backup, BackupPolicy, Volume
 from portal.web.access import Ask, Refusal, attempt, confirm_then_act, login_page, success, write_refusal
 from portal.web.forms import BackupPolicyForm, MoveForm, RestoreForm
-from portal.web.views.volumes import _detail, _volume, _write_refusal, move_targets, restorable
+from portal.web.views.volumes import _detail, _volume, move_targets, restorable
 
 
 def _back(volume: Volume) -> HttpResponseRedirect:
@@ -36,8 +36,7 @@ def _backup(volume: Volume, bid: str) -> Backup:
 @login_page
 def volume_move(request: HttpRequest, pk: str) -> HttpResponse:
     volume = _volume(request, pk)
-    describe(request, "volume.move", volume)
-    refused = _write_refusal(request, volume)
+    refused = write_refusal(request, volume.tenant_id, "volume.move", volume)
     if refused:
         return refused
     form = MoveForm(request.POST, nodes=move_targets(volume))
@@ -57,8 +56,7 @@ def volume_move(request: HttpRequest, pk: str) -> HttpResponse:
 @login_page
 def volume_backup(request: HttpRequest, pk: str) -> HttpResponse:
     volume = _volume(request, pk)
-    describe(request, "volume.backup", volume)
-    refused = _write_refusal(request, volume)
+    refused = write_refusal(request, volume.tenant_id, "volume.backup", volume)
     if refused:
         return refused
     outcome = attempt(request, lambda: backups.start(volume, request.user))
@@ -76,8 +74,8 @@ def volume_backup_policy(request: HttpRequest, pk: str) -> HttpResponse:
     """POST sets the policy (every N hours, keep M); POST with ``remove`` stops scheduled backups."""
     volume = _volume(request, pk)
     remove = "remove" in request.POST
-    describe(request, "volume.backup_policy", volume, message="removed" if remove else "")
-    refused = _write_refusal(request, volume)
+    message = "removed" if remove else ""
+    refused = write_refusal(request, volume.tenant_id, "volume.backup_policy", volume, message=message)
     if refused:
         return refused
     if remove:

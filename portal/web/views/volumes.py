@@ -16,7 +16,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from compute.spec import VolumeOp
-from portal.audit.record import describe, note_error
+from portal.audit.record import note_error
 from portal.cloud.models import ComputeNode
 from portal.errors import Conflict
 from portal.storage import moves, volume_snapshots
@@ -32,7 +32,6 @@ from portal.web.access import (
     confirm_then_act,
     login_page,
     page,
-    refuse,
     role_refusal,
     success,
     tenant_page,
@@ -124,17 +123,11 @@ def volume_detail(request: HttpRequest, pk: str) -> HttpResponse:
     return _detail(request, _volume(request, pk))
 
 
-def _write_refusal(request: HttpRequest, volume: Volume) -> HttpResponse | None:
-    why = role_refusal(actor(request), volume.tenant_id, Role.MEMBER)
-    return refuse(request, why) if why else None
-
-
 @require_POST
 @login_page
 def volume_snapshot_take(request: HttpRequest, pk: str) -> HttpResponse:
     volume = _volume(request, pk)
-    describe(request, "volume.snapshot", volume)
-    refused = _write_refusal(request, volume)
+    refused = write_refusal(request, volume.tenant_id, "volume.snapshot", volume)
     if refused:
         return refused
     form = SnapshotForm(request.POST)
