@@ -20,21 +20,17 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-from django.core.management import call_command
 from django.db import connection
 
 from portal.cloud.models import ComputeNode, Evacuation, Instance
 from portal.cloud.tasks import sweep
 from portal.images.nodekeys import node_key
-from portal.tenancy.models import Tenant
 from tests.e2e import test_multinode as mn
-from tests.e2e.test_end_to_end import ROOT, Stack, _client, wait_for
+from tests.e2e.test_end_to_end import Stack, _client, wait_for
 from tests.e2e.test_multinode import Underlay, _container_pid, cluster  # noqa: F401 -- cluster is a fixture
-from tests.hostcaps import require
 from tests.netcleanup import table_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.host, pytest.mark.slow]
@@ -69,17 +65,7 @@ def test_returning_node_destroys_the_copy_the_portal_moved(
 
 def _scenario(stack: Stack, underlay: Underlay, nodes: dict[str, str]) -> None:
     base = stack.base
-    Tenant.objects.create(slug="acme", name="Acme")
-    Tenant.objects.create(slug="bobco", name="Bob Co")
-    call_command("bootstrap")
-    images = Path(os.environ.get("SKYPORT_IMAGE_DIR", str(ROOT / "var/images")))
-    busybox = sorted(images.glob("busybox-[0-9]*.oci.tar"))
-    require(bool(busybox), f"the sample busybox image in {images} (`make images`)")
-    version = busybox[-1].name.removeprefix("busybox-").removesuffix(".oci.tar")
-    call_command(
-        "import_image", str(busybox[-1]), "--name", "busybox", "--version", version,
-        "--format", "oci", "--public", "--wait",
-    )  # fmt: skip
+    version = mn.seed_tenants_and_busybox()
     op = _client("ev-operator", None, staff=True)
     acme = _client("ev-acme", "acme")
     wait_for(
@@ -92,9 +78,7 @@ def _scenario(stack: Stack, underlay: Underlay, nodes: dict[str, str]) -> None:
         ),
         timeout=90,
     )
-    for h, tenant in (("h1", "acme"), ("h2", "acme"), ("h3", "bobco")):
-        r = op.patch(f"/api/v1/nodes/{nodes[h]}/", {"tenancy": "dedicated", "owner": tenant}, format="json")
-        assert r.status_code == 200, r.json()
+    mn.dedicate(op, nodes)
     flavor = op.get("/api/v1/flavors/", {"name": "m1.tiny"}).json()["results"][0]["id"]
 
     def settled(iid: str, state: str = "active", node: str | None = None) -> dict[str, Any]:

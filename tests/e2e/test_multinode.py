@@ -267,6 +267,32 @@ def _ping_from(pid: int, address: str, tries: int = 1) -> bool:
     return r.returncode == 0
 
 
+def seed_tenants_and_busybox() -> str:
+    """Tenants acme and bobco, the default flavors and the sample busybox image; returns its version."""
+    Tenant.objects.create(slug="acme", name="Acme")
+    Tenant.objects.create(slug="bobco", name="Bob Co")
+    call_command("bootstrap")
+    images = Path(os.environ.get("SKYPORT_IMAGE_DIR", str(ROOT / "var/images")))
+    busybox = sorted(images.glob("busybox-[0-9]*.oci.tar"))
+    require(bool(busybox), f"the sample busybox image in {images} (`make images`)")
+    version = busybox[-1].name.removeprefix("busybox-").removesuffix(".oci.tar")
+    call_command(
+        "import_image", str(busybox[-1]), "--name", "busybox", "--version", version,
+        "--format", "oci", "--public", "--wait",
+    )  # fmt: skip
+    return version
+
+
+def dedicate(op: Any, nodes: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """h1 and h2 dedicated to acme, h3 to bobco (through the API); each node as the API answered."""
+    answered = {}
+    for h, tenant in (("h1", "acme"), ("h2", "acme"), ("h3", "bobco")):
+        r = op.patch(f"/api/v1/nodes/{nodes[h]}/", {"tenancy": "dedicated", "owner": tenant}, format="json")
+        assert r.status_code == 200, r.json()
+        answered[h] = r.json()
+    return answered
+
+
 def test_tenant_network_spans_nodes_and_tenants_stay_apart(
     cluster: tuple[Stack, Underlay, dict[str, str]],
 ) -> None:
@@ -279,17 +305,7 @@ def test_tenant_network_spans_nodes_and_tenants_stay_apart(
 
 
 def _scenario(base: Path, underlay: Underlay, nodes: dict[str, str]) -> None:
-    Tenant.objects.create(slug="acme", name="Acme")
-    Tenant.objects.create(slug="bobco", name="Bob Co")
-    call_command("bootstrap")  # default flavors
-    images = Path(os.environ.get("SKYPORT_IMAGE_DIR", str(ROOT / "var/images")))
-    busybox = sorted(images.glob("busybox-[0-9]*.oci.tar"))
-    require(bool(busybox), f"the sample busybox image in {images} (`make images`)")
-    version = busybox[-1].name.removeprefix("busybox-").removesuffix(".oci.tar")
-    call_command(
-        "import_image", str(busybox[-1]), "--name", "busybox", "--version", version,
-        "--format", "oci", "--public", "--wait",
-    )  # fmt: skip
+    version = seed_tenants_and_busybox()
     op = _client("mn-operator", None, staff=True)
     acme = _client("mn-acme", "acme")
     bob = _client("mn-bob", "bobco")
@@ -306,10 +322,8 @@ def _scenario(base: Path, underlay: Underlay, nodes: dict[str, str]) -> None:
         ),
         timeout=90,
     )
-    for h, tenant in (("h1", "acme"), ("h2", "acme"), ("h3", "bobco")):
-        r = op.patch(f"/api/v1/nodes/{nodes[h]}/", {"tenancy": "dedicated", "owner": tenant}, format="json")
-        assert r.status_code == 200, r.json()
-        assert r.json()["tunnel_address"] == HOSTS[h]
+    for h, node in dedicate(op, nodes).items():
+        assert node["tunnel_address"] == HOSTS[h]
     flavor = op.get("/api/v1/flavors/", {"name": "m1.tiny"}).json()["results"][0]["id"]
 
     def launch(c: Any, tenant: str, name: str, group: str = "") -> dict[str, Any]:

@@ -18,23 +18,21 @@ volume on h1 whose files are checked the same way.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.core.management import call_command
 from django.db import connection
 
 from portal.cloud.models import ComputeNode
 from portal.images.models import Blob
 from portal.tenancy.models import Tenant
 from tests.e2e import test_multinode as mn
-from tests.e2e.test_end_to_end import ROOT, Stack, _client, wait_for
+from tests.e2e.test_end_to_end import Stack, _client, wait_for
 from tests.e2e.test_multinode import _container_pid, cluster  # noqa: F401 -- cluster is a fixture
-from tests.hostcaps import require, require_binary
+from tests.hostcaps import require_binary
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.host, pytest.mark.slow]
 
@@ -63,17 +61,7 @@ def _debugfs(path: Path, command: str) -> subprocess.CompletedProcess[bytes]:
 
 def _scenario(stack: Stack, nodes: dict[str, str]) -> None:
     base = stack.base
-    Tenant.objects.create(slug="acme", name="Acme")
-    Tenant.objects.create(slug="bobco", name="Bob Co")
-    call_command("bootstrap")
-    images = Path(os.environ.get("SKYPORT_IMAGE_DIR", str(ROOT / "var/images")))
-    busybox = sorted(images.glob("busybox-[0-9]*.oci.tar"))
-    require(bool(busybox), f"the sample busybox image in {images} (`make images`)")
-    version = busybox[-1].name.removeprefix("busybox-").removesuffix(".oci.tar")
-    call_command(
-        "import_image", str(busybox[-1]), "--name", "busybox", "--version", version,
-        "--format", "oci", "--public", "--wait",
-    )  # fmt: skip
+    version = mn.seed_tenants_and_busybox()
     op = _client("vm-operator", None, staff=True)
     acme = _client("vm-acme", "acme")
     wait_for(
@@ -86,9 +74,7 @@ def _scenario(stack: Stack, nodes: dict[str, str]) -> None:
         ),
         timeout=90,
     )
-    for h, tenant in (("h1", "acme"), ("h2", "acme"), ("h3", "bobco")):
-        r = op.patch(f"/api/v1/nodes/{nodes[h]}/", {"tenancy": "dedicated", "owner": tenant}, format="json")
-        assert r.status_code == 200, r.json()
+    mn.dedicate(op, nodes)
     flavor = op.get("/api/v1/flavors/", {"name": "m1.tiny"}).json()["results"][0]["id"]
 
     def volume(vid: str) -> dict[str, Any]:
