@@ -46,8 +46,7 @@ class KeysFirstPaginator(_Paginator):
         if top + self.orphans >= self.count:
             top = self.count
         rows: Any = self.object_list
-        plain = not isinstance(rows, QuerySet) or rows.query.combinator or rows.query.values_select
-        if bottom == 0 or plain:  # values() rows have no pk to look up; a union cannot be filtered
+        if bottom == 0 or not _model_rows(rows):
             return Page(rows[bottom:top], number, self)
         keys = list(rows.values_list("pk", flat=True)[bottom:top])
         found = {row.pk: row for row in rows.filter(pk__in=keys)}
@@ -85,7 +84,7 @@ class Pagination(PageNumberPagination):
 
 def total_order(rows: Any) -> Any:
     """``rows`` ordered as before, then by primary key: no two rows tie, so pages cannot overlap."""
-    if not isinstance(rows, QuerySet) or rows.query.combinator or rows.query.values_select:
+    if not _model_rows(rows):
         return rows
     order = list(rows.query.order_by) or (
         list(rows.model._meta.ordering) if rows.query.default_ordering else []
@@ -95,3 +94,9 @@ def total_order(rows: Any) -> Any:
     if any(isinstance(o, str) and o.lstrip("-") in keys for o in order):
         return rows
     return rows.order_by(*order, "pk")
+
+
+def _model_rows(rows: Any) -> bool:
+    """Whether ``rows`` is a queryset of model rows that can be ordered and looked up by primary key
+    (not a list, not ``values()`` dicts, not a union, which cannot be filtered)."""
+    return isinstance(rows, QuerySet) and not rows.query.combinator and not rows.query.values_select
