@@ -679,13 +679,15 @@ class Router:
             self._converge_locked()
             self._resolvers([seg])
 
-    def _peers_serial(self, bridge_name: str) -> int:
-        """The highest ``peers_serial`` applied to the network on this bridge (0: none yet)."""
+    def _applied(self, bridge_name: str) -> tuple[int, tuple[str, ...]]:
+        """The highest ``peers_serial`` applied to the network on this bridge (0: none yet), and
+        the flood list its tunnel holds."""
         path = self._segments / f"{bridge_name}.json"
         try:
-            return int(json.loads(path.read_text()).get("peers_serial", 0))
-        except (FileNotFoundError, ValueError, AttributeError):
-            return 0
+            stored = json.loads(path.read_text())
+            return int(stored.get("peers_serial", 0)), tuple(str(p) for p in stored.get("tunnel_peers", ()))
+        except (FileNotFoundError, ValueError, AttributeError, TypeError):
+            return 0, ()
 
     def attach(self, spec: InstanceSpec) -> None:
         """Record the instance's NICs for port security and enforce it (before the workload starts)."""
@@ -728,17 +730,22 @@ class Router:
     def _carry_locked(self, segments: Sequence[NetworkSegment], again: bool = True) -> None:
         for seg in segments:
             path = self._segments / f"{seg.bridge}.json"
-            applied = self._peers_serial(seg.bridge)
+            applied, held = self._applied(seg.bridge)
+            newer = seg.peers_serial > applied
             if again or not self._carried(path, seg):
                 # only a newer peer list removes flood entries; an older or equal one only adds
-                prepare_devices(seg, prune=seg.peers_serial > applied)
-            stored = dataclasses.replace(seg, peers_serial=max(seg.peers_serial, applied))
+                prepare_devices(seg, prune=newer)
+                held = seg.tunnel_peers if newer else tuple(sorted({*held, *seg.tunnel_peers}))
+            # The stored segment names the flood list the tunnel holds, so a later segment with the
+            # same list (the serial rises with every instance that joins) finds nothing to do.
+            stored = dataclasses.replace(seg, peers_serial=max(seg.peers_serial, applied), tunnel_peers=held)
             _write(path, to_json(stored))
             self._routing(stored)
 
     @staticmethod
     def _carried(path: Path, seg: NetworkSegment) -> bool:
-        """Whether ``path`` holds ``seg`` but for its hosts, and its bridge (and tunnel) exist."""
+        """Whether ``path`` holds ``seg`` but for its hosts and peers' serial, and its bridge (and
+        tunnel) exist: the devices are as ``seg`` wants them (the stored flood list is the tunnel's)."""
         try:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -746,8 +753,9 @@ class Router:
         if not isinstance(stored, dict):
             return False
         wanted = to_json(seg)
-        same = {k: v for k, v in stored.items() if k != "hosts"} == {
-            k: v for k, v in wanted.items() if k != "hosts"
+        ignored = ("hosts", "peers_serial")
+        same = {k: v for k, v in stored.items() if k not in ignored} == {
+            k: v for k, v in wanted.items() if k not in ignored
         }
         devices = [seg.bridge]
         if seg.vni is not None and seg.tunnel_local is not None:

@@ -539,8 +539,11 @@ def test_a_create_prepares_devices_once_and_leaves_dns_to_after_the_start(
     lab.run(lab.router.update_resolvers, [named])
     assert len(list(lab.router.resolver_pids())) == 1
 
-    # another instance on the network: only its name differs, the devices are not made again
-    more = dataclasses.replace(named, hosts=(*named.hosts, ("db", "198.19.160.21")))
+    # another instance on the network: its name differs and the portal raised the peers' serial
+    # (it does for every instance that joins); the devices are not made again
+    more = dataclasses.replace(
+        named, hosts=(*named.hosts, ("db", "198.19.160.21")), peers_serial=named.peers_serial + 1
+    )
     again = dataclasses.replace(spec, networks=(dataclasses.replace(spec.networks[0], segment=more),))
     lab.run(lab.router.prepare, again)
     assert made == ["skrtb0"]

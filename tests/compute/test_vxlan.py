@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -246,7 +247,7 @@ def test_router_prunes_flood_entries_only_for_a_newer_peer_list(
     """A node that left is dropped from the flood list; an older list never cuts off a newer peer."""
     from compute.config import NodeConfig
     from compute.network import hostlock, router
-    from compute.spec import NetworkSegment
+    from compute.spec import ImageFormat, ImageRef, InstanceSpec, Kind, NetworkAttachment, NetworkSegment
 
     n1, _ = two_nodes
     monkeypatch.setattr(hostlock, "LOCK_FILE", tmp_path / "net.lock")
@@ -262,12 +263,31 @@ def test_router_prunes_flood_entries_only_for_a_newer_peer_list(
     )
     node = router.Router(config)
 
-    def ensure(serial: int, *peers: str) -> set[str]:
-        seg = NetworkSegment(
+    def segment(serial: int, *peers: str) -> NetworkSegment:
+        return NetworkSegment(
             "acme/default", "skvtp", 1450, "198.19.7.10/24", 77, "198.19.0.1", peers, peers_serial=serial
         )
-        in_netns(n1, node.ensure, seg)
+
+    def ensure(serial: int, *peers: str) -> set[str]:
+        in_netns(n1, node.ensure, segment(serial, *peers))
         return fdb_flood(n1, "skx-77")
+
+    made: list[int] = []
+    real = router.prepare_devices
+    monkeypatch.setattr(
+        router, "prepare_devices", lambda seg, **kw: (made.append(seg.peers_serial), real(seg, **kw))
+    )
+
+    def prepare(serial: int, *peers: str) -> set[str]:
+        """What a create does: the devices only when they are not as the segment wants them."""
+        image = ImageRef("busybox", "1", ImageFormat.OCI, "sha256:" + "0" * 64, "/nonexistent")
+        nic = NetworkAttachment(segment(serial, *peers), "198.19.7.20/24", "02:5c:00:00:07:14")
+        spec = InstanceSpec(str(uuid.uuid4()), "web", "web", "acme", Kind.CONTAINER, 1, 64, 0, image, (nic,))
+        in_netns(n1, node.prepare, spec)
+        return fdb_flood(n1, "skx-77")
+
+    def held() -> tuple[str, ...]:
+        return next(s.tunnel_peers for s in in_netns(n1, node.segments))
 
     try:
         assert ensure(1, "198.19.0.2", "198.19.0.3") == {"198.19.0.2", "198.19.0.3"}
@@ -280,6 +300,18 @@ def test_router_prunes_flood_entries_only_for_a_newer_peer_list(
         assert ensure(4, "198.19.0.2") == {"198.19.0.2"}
         # serial 0 (an older portal) stays lazy
         assert ensure(0, "198.19.0.5") == {"198.19.0.2", "198.19.0.5"}
+        # the stored segment names the flood list the tunnel holds, not the late list alone
+        assert held() == ("198.19.0.2", "198.19.0.5")
+        # a create whose list is the held one finds nothing to do, though the serial rose
+        made.clear()
+        assert prepare(5, "198.19.0.2", "198.19.0.5") == {"198.19.0.2", "198.19.0.5"}
+        assert made == [], "same devices, same flood list: not prepared again"
+        # a newer, shorter list prunes; an older, other list adds and the held list grows
+        assert prepare(6, "198.19.0.2") == {"198.19.0.2"}
+        assert prepare(5, "198.19.0.6") == {"198.19.0.2", "198.19.0.6"}
+        assert held() == ("198.19.0.2", "198.19.0.6")
+        assert made == [6, 5]
+        assert [s.peers_serial for s in in_netns(n1, node.segments)] == [6]
     finally:
         in_netns(n1, node.teardown)
     assert "skx-77" not in ip("-n", n1, "link", "show")
