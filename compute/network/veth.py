@@ -1,20 +1,27 @@
-"""Network namespace + veth per container.
+"""The veths of a container's network namespace.
 
-The namespace is created by a short-lived thread that ``unshare``s its own
-network namespace (no fork: ``IPRoute(netns=…)`` forks a helper and costs
-more), creates the veth *inside* it with the peer pushed to the host
-namespace, sets the address, MAC, MTU, loopback and, only if the attachment
-has a gateway, a default route (only the first such NIC: eth0, eth1, ... in
-the spec's order, one default route).  The namespace is bind-mounted on
-``netns_path`` so crun can join it; once crun has joined, the caller
-unmounts it and the namespace lives exactly as long as the container.  When
-it goes, the kernel deletes the veth pair: nothing to clean up on the host.
+crun makes the namespace (inside the container's user namespace, so the
+container can mount its own sysfs); between ``crun create`` and the start the
+driver wires it here.  Each NIC is one veth pair made by one netlink request
+from the host side: the host end enslaved to the network's bridge and up, the
+peer pushed into the container's namespace as ``eth<i>`` with its MAC and
+MTU.  A short-lived thread that joined the namespace then sets the address,
+loopback, the namespace's sysctls and, only if the attachment has a gateway,
+a default route (only the first such NIC: eth0, eth1, ... in the spec's
+order, one default route).  When the namespace goes with its container, the
+kernel deletes the veth pairs: nothing to clean up on the host.
+
+Why from the host side: a pair made inside the namespace needs its host end
+looked up, moved under the bridge and brought up afterwards, three more
+requests and two link dumps (``bench/container_start.py``: 11.7 ms for the
+wiring before, see docs/container-driver.md).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,96 +41,62 @@ def host_ifname(short_id: str, index: int) -> str:
     return f"{HOST_PREFIX}{short_id}{index}"[:15]
 
 
-def _wire_inside(ipr: IPRoute, nics: Sequence[NetworkAttachment], hosts: Sequence[str], host_fd: int) -> None:
-    lo = ipr.link_lookup(ifname="lo")[0]
-    ipr.link("set", index=lo, state="up")
-    routed = False  # one default route: through the first NIC that has a gateway
-    for i, (nic, host) in enumerate(zip(nics, hosts, strict=True)):
-        name = f"eth{i}"
-        ipr.link("add", ifname=name, kind="veth", peer={"ifname": host, "net_ns_fd": host_fd})
-        idx = ipr.link_lookup(ifname=name)[0]
-        iface = ipaddress.ip_interface(nic.address)
-        ipr.link("set", index=idx, address=nic.mac, mtu=nic.mtu)
-        ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
-        ipr.link("set", index=idx, state="up")
-        if nic.gateway and not routed:
-            ipr.route("add", dst="default", gateway=nic.gateway, oif=idx)
-            routed = True
-
-
-def create_netns(netns_path: Path, short_id: str, nics: Sequence[NetworkAttachment]) -> list[str]:
-    """Create a wired network namespace bound on ``netns_path``; return host veth names.
-
-    On failure nothing is left: no bind mount, no namespace, no veth.
-    """
-    netns_path.touch(mode=0o600)
-
-    def enter() -> None:
-        nsenv.unshare(nsenv.CLONE_NEWNET)
-        nsenv.mount(
-            f"/proc/{os.getpid()}/task/{threading.get_native_id()}/ns/net", netns_path, None, nsenv.MS_BIND
-        )
-
-    try:
-        return _wire(enter, short_id, nics)
-    except BaseException:
-        release_netns(netns_path)
-        raise
-
-
 def wire_netns(netns: str, short_id: str, nics: Sequence[NetworkAttachment]) -> list[str]:
     """Wire the existing network namespace ``netns`` (e.g. ``/proc/<pid>/ns/net``); return host veths.
 
-    The container driver lets crun make the namespace inside the container's
-    user namespace (so the container can mount its own sysfs) and wires it
-    here between ``crun create`` and start.  On failure no veth is left.
+    On failure no veth is left on the host.
     """
-
-    def enter() -> None:
-        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            nsenv.setns(fd, nsenv.CLONE_NEWNET)
-        finally:
-            os.close(fd)
-
-    return _wire(enter, short_id, nics)
-
-
-def _wire(enter: Callable[[], None], short_id: str, nics: Sequence[NetworkAttachment]) -> list[str]:
     hosts = [host_ifname(short_id, i) for i in range(len(nics))]
-    for nic in nics:
-        ensure_bridge_fast(nic.bridge, nic.mtu)
+    bridges = [bridge_index(nic.bridge, nic.mtu) for nic in nics]
+    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with IPRoute() as ipr:
+            for i, (nic, host, master) in enumerate(zip(nics, hosts, bridges, strict=True)):
+                peer = {"ifname": f"eth{i}", "net_ns_fd": fd, "address": nic.mac, "mtu": nic.mtu}
+                ipr.link("add", ifname=host, kind="veth", mtu=nic.mtu, master=master, state="up", peer=peer)
+        _in_thread(f"netns-{short_id}", lambda: _configure_inside(fd, nics))
+    except BaseException as exc:
+        delete_links(hosts)
+        if isinstance(exc, NetlinkError | OSError):
+            raise NetworkError(f"cannot wire the network namespace: {exc}") from exc
+        raise
+    finally:
+        os.close(fd)
+    return hosts
+
+
+def _in_thread(name: str, body: Callable[[], None]) -> None:
+    """Run ``body`` in a new thread (one that may enter another namespace) and re-raise its error."""
     error: list[BaseException] = []
 
-    def inside() -> None:
-        host_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+    def run() -> None:
         try:
-            enter()
-            _container_sysctls()
-            with IPRoute() as ipr:
-                _wire_inside(ipr, nics, hosts, host_fd)
+            body()
         except BaseException as exc:
             error.append(exc)
-        finally:
-            os.close(host_fd)
 
-    t = threading.Thread(target=inside, name=f"netns-{short_id}")
+    t = threading.Thread(target=run, name=name)
     t.start()
     t.join()
-    try:
-        if error:
-            raise NetworkError(f"cannot wire the network namespace: {error[0]}") from error[0]
-        with IPRoute() as ipr:
-            for nic, host in zip(nics, hosts, strict=True):
-                found = ipr.link_lookup(ifname=host)
-                bridge = ipr.link_lookup(ifname=nic.bridge)
-                if not found or not bridge:
-                    raise NetworkError(f"veth {host} or bridge {nic.bridge} missing after creation")
-                ipr.link("set", index=found[0], master=bridge[0], mtu=nic.mtu, state="up")
-    except BaseException:
-        delete_links(hosts)
-        raise
-    return hosts
+    if error:
+        raise error[0]
+
+
+def _configure_inside(netns_fd: int, nics: Sequence[NetworkAttachment]) -> None:
+    """In this (throwaway) thread: join the namespace, then its sysctls, loopback, addresses, route."""
+    nsenv.setns(netns_fd, nsenv.CLONE_NEWNET)
+    _container_sysctls()
+    with IPRoute() as ipr:
+        ipr.link("set", index=socket.if_nametoindex("lo"), state="up")
+        routed = False  # one default route: through the first NIC that has a gateway
+        for i, nic in enumerate(nics):
+            idx = socket.if_nametoindex(f"eth{i}")  # a socket of this thread's namespace
+            iface = ipaddress.ip_interface(nic.address)
+            ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            ipr.link("set", index=idx, state="up")
+            if nic.gateway and not routed:
+                ipr.route("add", dst="default", gateway=nic.gateway, oif=idx)
+                routed = True
 
 
 # Per-netns sysctls of a container's namespace (this thread is inside it;
@@ -142,12 +115,17 @@ def _container_sysctls() -> None:
             fh.write(value)
 
 
-def ensure_bridge_fast(name: str, mtu: int) -> None:
-    """Create the bridge only when it is missing (``ensure_bridge`` takes a lock)."""
-    with IPRoute() as ipr:
-        if ipr.link_lookup(ifname=name):
-            return
-    ensure_bridge(name, mtu=mtu)
+def bridge_index(name: str, mtu: int) -> int:
+    """The index of bridge ``name`` in this thread's namespace, made first when missing.
+
+    ``if_nametoindex`` (an ioctl on a socket of this thread's namespace) when it
+    exists, the normal case; ``ensure_bridge`` takes the host-wide lock only to make it.
+    """
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        ensure_bridge(name, mtu=mtu)
+        return socket.if_nametoindex(name)
 
 
 def release_netns(netns_path: Path) -> None:
@@ -159,12 +137,18 @@ def release_netns(netns_path: Path) -> None:
 
 def delete_links(names: Sequence[str]) -> None:
     """Delete host-side veths that still exist (normally gone with their netns)."""
+    found = []
+    for name in names:
+        try:
+            found.append(socket.if_nametoindex(name))
+        except OSError:
+            continue  # gone already
+    if not found:
+        return
     with IPRoute() as ipr:
-        for name in names:
-            found = ipr.link_lookup(ifname=name)
-            if found:
-                try:
-                    ipr.link("del", index=found[0])
-                except NetlinkError as exc:
-                    if exc.code not in (2, 19):
-                        raise
+        for index in found:
+            try:
+                ipr.link("del", index=index)
+            except NetlinkError as exc:
+                if exc.code not in (2, 19):
+                    raise
