@@ -35,7 +35,9 @@ Measured over ``--seconds`` after one warm-up period:
 - DB rows written per hour: inserted + updated + deleted tuples (pg_stat_user_tables) scaled
   to an hour, and the tables that take most;
 - Redis memory (``used_memory``) at the end, and the control workers' CPU (utime + stime of
-  their process groups from ``/proc``, as a share of one core).
+  their process groups from ``/proc``, as a share of one core);
+- at the end, while the nodes still beat: the metering roll of the hour they beat in (every
+  instance's day and month row summed from its hours), its time and day rows.
 """
 
 from __future__ import annotations
@@ -361,6 +363,7 @@ def one_run(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
         lags, seen = measure(args, procs, port, row)
         if args.api:
             api_checks(row, args.burst)  # while the nodes keep beating
+        roll_time(row)  # the nodes still beat: the roll waits for their metering writes
         sim.stop()
         row["beats_sent"] = sim.sent
         row["sim_late_p99"] = round(_pct(sim.late[-seen:] if seen else sim.late, 0.99), 2)
@@ -433,6 +436,24 @@ def measure(
     row["false_down"] = Event.objects.filter(action="node.down").count()
     row["beats_per_s"] = round(len(lags) / elapsed, 1)
     return lags, len(lags)
+
+
+def roll_time(row: dict[str, Any]) -> None:
+    """How long the roll of the hour the nodes beat in takes (every instance's day and month row).
+
+    Rolled as if that hour had closed (``now`` one hour on): the day and month rows of every
+    instance that beat, summed from their hours, as the beat's ``portal.metering.roll`` does once
+    an hour (docs/metering.md).
+    """
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from portal.metering import sampling
+
+    t0 = time.monotonic()
+    row["roll_day_rows"] = sampling.roll(timezone.now() + dt.timedelta(hours=1))
+    row["roll_s"] = round(time.monotonic() - t0, 2)
 
 
 def api_checks(row: dict[str, Any], burst: int) -> None:
@@ -654,6 +675,8 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
     for r in rows:
         print(f"  N={r['nodes']}: most written tables per hour {r['top_tables']}")
+        if "roll_s" in r:
+            print(f"  N={r['nodes']}: the hour's roll: {r['roll_day_rows']} day rows in {r['roll_s']} s")
         if "list_first_p95_ms" in r:
             print(
                 f"  N={r['nodes']}: list page p95 {r['list_first_p95_ms']} ms (first page, queries "

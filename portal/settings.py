@@ -348,6 +348,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "portal.metering.tick",
         "schedule": env.seconds("SKYPORT_METERING_TICK_SECONDS", 300),
     },
+    # the instances' day and month rows summed from the hours that closed (RollupMark)
+    "metering-roll": {
+        "task": "portal.metering.roll",
+        "schedule": env.seconds("SKYPORT_METERING_ROLL_SECONDS", 300),
+    },
     # volume backups whose policy's interval has passed (docs/storage.md)
     "backups": {
         "task": "portal.storage.backups",

@@ -237,6 +237,25 @@ class UsageMonth(_Rollup):
         return f"{self.instance_id} {self.month:%Y-%m}"
 
 
+class RollupMark(models.Model):
+    """How far the instances' day and month rows are rolled from their hours (one row, ``pk`` 1).
+
+    Why: a heartbeat adds its interval to the instance's hour row only; adding it
+    to the day and month rows as well tripled the rows a beat writes
+    (``bench/scale.py``).  The day and month rows of the days and months wholly
+    before ``until`` are exact; :func:`portal.metering.sampling.roll` moves
+    ``until`` to the last whole hour, recomputing the day and month rows it
+    passes from their hours, and reports read the time from ``until`` on from
+    hour rows.  A late sample of an hour before ``until`` still updates its day
+    and month rows.  Null: nothing is rolled, reports read only hour rows.
+    """
+
+    until = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"rolled until {self.until}"
+
+
 class MemoryBasis(models.TextChoices):
     ALLOCATED = "allocated", "Allocated memory"
     ACTUAL = "actual", "Memory actually used"

@@ -27,7 +27,7 @@ from portal.cloud.models import Instance
 from portal.metering import rating
 from portal.metering.intervals import HOUR, Quantities, floor_hour
 from portal.metering.models import QUANTITIES, UsageDay, UsageHour, UsageKind, UsageMonth
-from portal.metering.sampling import sum_fields
+from portal.metering.sampling import rolled_until, sum_fields
 
 GROUPS = ("instance", "kind", "day", "month")
 #: the row field a group is keyed by (day and month: the row's date).  By instance, a port's rows
@@ -115,6 +115,24 @@ def _segments(
         yield "hour", last_midnight, end
 
 
+def _rolled_segments(
+    start: dt.datetime, end: dt.datetime, rolled: dt.datetime | None, months: bool = True
+) -> Iterator[tuple[str, dt.datetime, dt.datetime]]:
+    """:func:`_segments` of the part of ``[start, end)`` before the roll's mark, hours after it.
+
+    The instances' day and month rows hold the hours before the mark only
+    (``RollupMark``); the last hours, which beats still add to, come from hour rows.
+    """
+    cut = start if rolled is None else min(max(start, floor_hour(rolled)), end)
+    pieces = list(_segments(start, cut, months)) if start < cut else []
+    if cut < end:
+        if pieces and pieces[-1][0] == "hour":  # the partial day before the mark: one hour read
+            pieces[-1] = ("hour", pieces[-1][1], end)
+        else:
+            pieces.append(("hour", cut, end))
+    yield from pieces
+
+
 def _next_month(at: dt.datetime) -> dt.datetime:
     return at.replace(year=at.year + at.month // 12, month=at.month % 12 + 1, day=1)
 
@@ -142,12 +160,13 @@ def build(tenant_id: int | None, start: dt.datetime, end: dt.datetime, group_by:
     end = floor_hour(end) + (HOUR if end != floor_hour(end) else dt.timedelta())
     sheets = rating.Sheets()
     lines: dict[str, Line] = {}
+    rolled = rolled_until()
     # a price period starts on any day: split the range by periods first, then into rollup levels;
     # by day, month rows cannot say which day their usage was on
     for p_first, p_last, sheet in sheets.periods(start.date(), (end - HOUR).date()):
         p_lo = max(start, dt.datetime.combine(p_first, dt.time(), tzinfo=dt.UTC))
         p_hi = min(end, dt.datetime.combine(p_last, dt.time(), tzinfo=dt.UTC) + DAY)
-        for level, lo, hi in _segments(p_lo, p_hi, months=group_by != "day"):
+        for level, lo, hi in _rolled_segments(p_lo, p_hi, rolled, months=group_by != "day"):
             by = _GROUP_FIELDS.get(group_by, level)
             rows = list(_rows(level, tenant_id, lo, hi, by))
             if group_by == "instance" and any(row["instance_id"] is None for row in rows):

@@ -8,7 +8,8 @@ receive time, truncated to milliseconds; ``(instance, at)`` is unique, so a
 duplicate delivery inserts nothing and changes nothing.  A new sample
 rebuilds only the hours between its neighbours, from the raw samples, with
 the same function ``recompute`` uses, so the incremental rows and a full
-recomputation cannot disagree.
+recomputation cannot disagree.  A heartbeat's interval goes to the hour rows;
+the day and month rows follow them at :func:`roll` (``RollupMark``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, OuterRef, Subquery, Sum
+from django.db.models import Exists, Min, OuterRef, QuerySet, Subquery, Sum
+from django.db.models.functions import TruncDate, TruncMonth
+from django.utils import timezone
 
 from compute.spec import NodeReport, Observation, PowerState
 from portal.cloud.models import Instance
@@ -31,6 +34,7 @@ from portal.metering.intervals import HOUR, Point, Quantities, floor_hour, hourl
 from portal.metering.models import (
     INSTANCE_SUBJECT,
     QUANTITIES,
+    RollupMark,
     SampleSource,
     UsageDay,
     UsageHour,
@@ -96,10 +100,14 @@ def add_sample(
                 ).save(force_insert=True)
         except IntegrityError:
             return False
-        samples = UsageSample.objects.filter(instance=instance)
-        prev = samples.filter(at__lt=at).order_by("-at").values_list("at", flat=True).first()
-        nxt = samples.filter(at__gt=at).order_by("at").values_list("at", flat=True).first()
-        rebuild(instance, floor_hour(prev or at), floor_hour(nxt or at) + HOUR)
+        samples = UsageSample.objects.filter(instance=instance).exclude(at=at)
+        neighbours = list(samples.filter(at__lt=at).order_by("-at").values_list("at", flat=True)[:1])
+        neighbours += samples.filter(at__gt=at).order_by("at").values_list("at", flat=True)[:1]
+        if not neighbours:
+            # its first sample (a create's observation): no interval yet, no row can change
+            return True
+        span = [*neighbours, at]
+        rebuild(instance, floor_hour(min(span)), floor_hour(max(span)) + HOUR)
         return True
 
 
@@ -140,15 +148,115 @@ def serialise(instance_ids: Iterable[Any]) -> None:
     heartbeat then locked (and dirtied) every instance row of its node, the control worker's limit
     as nodes grew (bench/scale.py).  PostgreSQL: transaction advisory locks keyed by the instance
     id, taken in key order (no deadlock between two beats).  SQLite has one writer at a time.
+
+    The roll (:func:`roll`) waits for them and they for it: a beat reads the roll's mark and adds
+    to the day rows of the hours before it only, so the roll must not move the mark in between.
     """
     if connection.vendor != "postgresql":
-        return
+        return  # SQLite: transactions begin IMMEDIATE (settings), one writer at a time
     keys = sorted({(uuid.UUID(str(i)).int >> 64) & (2**63 - 1) for i in instance_ids})
-    if keys:
-        with connection.cursor() as cursor:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock_shared(%s, %s)", ROLL_LOCK)
+        if keys:
             cursor.execute(
                 "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k ORDER BY k", [keys]
             )
+
+
+#: the two-key advisory lock of the roll (a key space apart from the instances' one-key locks)
+ROLL_LOCK = (0x534B59, 1)
+
+
+def rolled_until() -> dt.datetime | None:
+    """The roll's mark: the instances' day and month rows wholly before it are exact (None: none are)."""
+    return RollupMark.objects.filter(pk=1).values_list("until", flat=True).first()
+
+
+def roll(now: dt.datetime | None = None) -> int:
+    """Move the mark to the start of the current hour; returns the day rows written.
+
+    The day rows of the instances with hour rows between the old mark and the
+    new one are summed again from all the hours of their days, and their month
+    rows from the days of their months (a rebuild's rule, set-based: one
+    statement per level whatever the number of instances).  Idempotent; the
+    beat runs it every few minutes (``SKYPORT_METERING_ROLL_SECONDS``).
+    """
+    target = floor_hour(now or timezone.now())
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", ROLL_LOCK)
+        mark, _ = RollupMark.objects.select_for_update().get_or_create(pk=1)
+        hours = UsageHour.objects.filter(subject=INSTANCE_SUBJECT, instance__isnull=False)
+        start = mark.until or hours.aggregate(first=Min("hour"))["first"]
+        written = 0
+        if start is not None and start < target:
+            touched = hours.filter(hour__gte=start, hour__lt=target).values("instance_id").distinct()
+            first, last = start.date(), (target - dt.timedelta(microseconds=1)).date()
+            written = _sum_days(touched, first, last)
+            _sum_months(touched, month_start(first), month_start(last))
+        if mark.until is None or mark.until < target:
+            mark.until = target
+            mark.save(update_fields=["until"])
+    return written
+
+
+def _sum_days(instances: QuerySet[Any], first: dt.date, last: dt.date) -> int:
+    """The day rows ``first..last`` of ``instances`` (a subquery of ids), summed from their hours."""
+    lo = dt.datetime.combine(first, dt.time(), tzinfo=dt.UTC)
+    hi = dt.datetime.combine(last, dt.time(), tzinfo=dt.UTC) + dt.timedelta(days=1)
+    mine = {"subject": INSTANCE_SUBJECT, "instance_id__in": instances}
+    UsageDay.objects.filter(day__gte=first, day__lte=last, **mine).delete()
+    rows = (
+        UsageHour.objects.filter(hour__gte=lo, hour__lt=hi, **mine)
+        .annotate(period=TruncDate("hour", tzinfo=dt.UTC))
+        .values("instance_id", "tenant_id", "kind", "period")
+        .annotate(**sum_fields())
+        .order_by()
+    )
+    made = UsageDay.objects.bulk_create(
+        (
+            UsageDay(
+                instance_id=r["instance_id"],
+                subject=INSTANCE_SUBJECT,
+                tenant_id=r["tenant_id"],
+                kind=r["kind"],
+                day=r["period"],
+                **{k: r[k] or 0 for k in QUANTITIES},
+            )
+            for r in rows
+        ),
+        batch_size=500,
+    )
+    return len(made)
+
+
+def _sum_months(instances: QuerySet[Any], first: dt.date, last: dt.date) -> None:
+    """The month rows ``first..last`` (first days) of ``instances``, summed from their days."""
+    hi = last.replace(year=last.year + last.month // 12, month=last.month % 12 + 1)
+    mine = {"subject": INSTANCE_SUBJECT, "instance_id__in": instances}
+    UsageMonth.objects.filter(month__gte=first, month__lt=hi, **mine).delete()
+    rows = (
+        UsageDay.objects.filter(day__gte=first, day__lt=hi, **mine)
+        .annotate(period=TruncMonth("day"))
+        .values("instance_id", "tenant_id", "kind", "period")
+        .annotate(**sum_fields())
+        .order_by()
+    )
+    UsageMonth.objects.bulk_create(
+        (
+            UsageMonth(
+                instance_id=r["instance_id"],
+                subject=INSTANCE_SUBJECT,
+                tenant_id=r["tenant_id"],
+                kind=r["kind"],
+                month=r["period"],
+                **{k: r[k] or 0 for k in QUANTITIES},
+            )
+            for r in rows
+        ),
+        batch_size=500,
+    )
 
 
 def rebuild(instance: Instance, lo: dt.datetime, hi: dt.datetime) -> None:
@@ -249,7 +357,8 @@ def record_report(report: NodeReport, received: dt.datetime) -> int:
     A constant number of queries per beat, whatever the node holds (``bench/scale.py``: one
     query set per instance per beat was the control plane's limit): the beat's samples are
     inserted together, and where a sample is its instance's newest (the normal case) the one
-    new interval, from the previous sample to it, is *added* to the hour, day and month rows.
+    new interval, from the previous sample to it, is *added* to the hour rows, and to the day
+    and month rows only where :func:`roll` has passed its hour (the roll sums the others later).
     The rules are per interval (``intervals.hourly`` sums its intervals' pieces), so the rows
     are what a rebuild from the raw samples gives, to the millisecond.  A sample that is not
     the newest (a late beat, a duplicate) or an instance with a delete sample goes the
@@ -338,9 +447,11 @@ def _append(
     by_pk = {inst.pk: inst for inst in instances}
     days: dict[tuple[Any, dt.date], Quantities] = defaultdict(Quantities)
     months: dict[tuple[Any, dt.date], Quantities] = defaultdict(Quantities)
+    rolled = rolled_until()  # under serialise()'s lock: the roll does not move it meanwhile
     for (pk, hour), q in hours.items():
-        days[(pk, hour.date())].add(q)
-        months[(pk, month_start(hour.date()))].add(q)
+        if rolled is not None and hour < rolled:  # a late beat: the roll has passed its hour
+            days[(pk, hour.date())].add(q)
+            months[(pk, month_start(hour.date()))].add(q)
     _accumulate(UsageHour, "hour", hours, by_pk)
     _accumulate(UsageDay, "day", days, by_pk)
     _accumulate(UsageMonth, "month", months, by_pk)

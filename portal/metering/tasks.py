@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from portal.metering import budgets, resources
+from portal.metering import budgets, resources, sampling
 
 
 @shared_task(name="portal.metering.budgets")
@@ -20,3 +20,9 @@ def check_budgets() -> list[tuple[str, int]]:
 def tick() -> int:
     """Extend the hour rows of every volume and published port that still exists up to now."""
     return resources.tick()
+
+
+@shared_task(name="portal.metering.roll")
+def roll() -> int:
+    """Sum the instances' day and month rows of the hours that closed since the last roll."""
+    return sampling.roll()

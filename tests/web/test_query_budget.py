@@ -21,7 +21,7 @@ from tests.web.helpers import client
 
 #: path (with {id} for an instance) -> the most queries it may run
 PAGES = {
-    "/": 13,  # the cost chart: price sheets, day rows, hour rows of today
+    "/": 14,  # the cost chart: price sheets, the roll's mark, day rows, hour rows of today
     "/instances/": 6,
     "/instances/rows/": 6,
     "/instances/{id}/": 10,  # + the snapshots the revert form offers; its network: groups, ports, pools, NICs
@@ -32,16 +32,16 @@ PAGES = {
     "/ops/nodes/shared-1/": 8,
     "/events/": 6,
     "/security-groups/": 7,  # groups, their rules, their live instances
-    "/usage/": 12,
-    "/usage/acme/{month}/": 13,
-    "/ops/usage/": 10,
+    "/usage/": 14,  # the cost chart and the report: each reads the roll's mark
+    "/usage/acme/{month}/": 15,  # by instance and by day: each report reads the roll's mark
+    "/ops/usage/": 11,  # + the roll's mark
     "/tasks/": 8,
     "/tasks/panel/": 7,
 }
 API = {
     "/api/v1/instances/": 5,
     "/api/v1/instances/{id}/": 4,
-    "/api/v1/usage/?tenant=acme&group_by=instance": 11,
+    "/api/v1/usage/?tenant=acme&group_by=instance": 13,  # the report and the month so far: the mark each
 }
 
 
