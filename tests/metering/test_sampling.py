@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from django.test import override_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,14 +98,16 @@ def test_any_order_and_duplication_gives_the_same_hours(
     assert hourly(shuffled, 60_000) == hourly(points, 60_000)
 
 
+# Settings per example through override_settings, which each example leaves again: pytest-django's
+# ``settings`` fixture nests one override per assignment until the test ends, and the hundreds
+# of examples of a shrink then exceed the recursion limit reading a setting.
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(beats=_beats, data=st.data())
+@override_settings(SKYPORT_HEARTBEAT_SECONDS=20, SKYPORT_METERING_GAP_BEATS=3)
 def test_incremental_rows_equal_recomputation_for_any_arrival_order(
-    world: World, beats: list[tuple[int, bool, int]], data: Any, settings: Any
+    world: World, beats: list[tuple[int, bool, int]], data: Any
 ) -> None:
     """Samples stored one by one, shuffled and repeated: the pure function's hours, and recompute's."""
-    settings.SKYPORT_HEARTBEAT_SECONDS = 20
-    settings.SKYPORT_METERING_GAP_BEATS = 3
     inst = Instance.objects.get(pk=world.instance_a.pk)
     inst.vcpus, inst.ram_mb, inst.disk_gb = 1, 256, 3
     UsageSample.objects.filter(instance=inst).delete()
@@ -176,12 +179,12 @@ _observations = st.lists(
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(beats=_node_beats, observations=_observations, data=st.data())
+@override_settings(SKYPORT_HEARTBEAT_SECONDS=600, SKYPORT_METERING_GAP_BEATS=3)  # some have 30 min gaps
 def test_a_nodes_beats_in_any_order_give_the_rows_a_rebuild_gives(
     world: World,
     beats: list[tuple[int, set[int], int]],
     observations: list[tuple[int, int, bool]],
     data: Any,
-    settings: Any,
 ) -> None:
     """record_report adds each beat's new intervals to the rows in bulk; late beats, duplicates and
     observations between beats take the rebuilding way.  Either way the hour, day and month rows of
@@ -191,12 +194,13 @@ def test_a_nodes_beats_in_any_order_give_the_rows_a_rebuild_gives(
 
     from compute.spec import NodeReport, from_json
     from portal.metering.intervals import floor_hour
-    from portal.metering.models import UsageMonth
+    from portal.metering.models import RollupMark, UsageMonth
     from tests.portal.conftest import heartbeat
 
-    settings.SKYPORT_HEARTBEAT_SECONDS = 600
-    settings.SKYPORT_METERING_GAP_BEATS = 3  # 30 min: some examples have gaps
     base = floor_hour(timezone.now()) - dt.timedelta(hours=6) + dt.timedelta(minutes=50)
+    # the roll's mark in the middle of the beats: the hours after it reach the day and month
+    # rows at the roll (below), those before it at once (a fixed place, not the clock's)
+    RollupMark.objects.update_or_create(pk=1, defaults={"until": base + dt.timedelta(hours=2, minutes=10)})
     first = Instance.objects.get(pk=world.instance_a.pk)
     insts = [first]
     for n in (2, 3):
@@ -239,6 +243,7 @@ def test_a_nodes_beats_in_any_order_give_the_rows_a_rebuild_gives(
             out[period] = {(r.pop("instance_id"), r.pop(period)): Quantities(**r) for r in got}
         return out
 
+    sampling.roll(timezone.now() + dt.timedelta(hours=1))  # every hour the beats wrote has closed
     stored = rows()
     for inst in insts:
         points = [sampling._point(s) for s in UsageSample.objects.filter(instance=inst)]
