@@ -207,56 +207,38 @@ def _sum_days(instances: QuerySet[Any], first: dt.date, last: dt.date) -> int:
     hi = dt.datetime.combine(last, dt.time(), tzinfo=dt.UTC) + dt.timedelta(days=1)
     mine = {"subject": INSTANCE_SUBJECT, "instance_id__in": instances}
     UsageDay.objects.filter(day__gte=first, day__lte=last, **mine).delete()
-    rows = (
-        UsageHour.objects.filter(hour__gte=lo, hour__lt=hi, **mine)
-        .annotate(period=TruncDate("hour", tzinfo=dt.UTC))
-        .values("instance_id", "tenant_id", "kind", "period")
-        .annotate(**sum_fields())
-        .order_by()
-    )
-    made = UsageDay.objects.bulk_create(
-        (
-            UsageDay(
-                instance_id=r["instance_id"],
-                subject=INSTANCE_SUBJECT,
-                tenant_id=r["tenant_id"],
-                kind=r["kind"],
-                day=r["period"],
-                **{k: r[k] or 0 for k in QUANTITIES},
-            )
-            for r in rows
-        ),
-        batch_size=500,
-    )
-    return len(made)
+    hours = UsageHour.objects.filter(hour__gte=lo, hour__lt=hi, **mine)
+    return _store_sums(UsageDay, "day", hours.annotate(period=TruncDate("hour", tzinfo=dt.UTC)))
 
 
 def _sum_months(instances: QuerySet[Any], first: dt.date, last: dt.date) -> None:
     """The month rows ``first..last`` (first days) of ``instances``, summed from their days."""
-    hi = last.replace(year=last.year + last.month // 12, month=last.month % 12 + 1)
+    hi = next_month(last)
     mine = {"subject": INSTANCE_SUBJECT, "instance_id__in": instances}
     UsageMonth.objects.filter(month__gte=first, month__lt=hi, **mine).delete()
-    rows = (
-        UsageDay.objects.filter(day__gte=first, day__lt=hi, **mine)
-        .annotate(period=TruncMonth("day"))
-        .values("instance_id", "tenant_id", "kind", "period")
-        .annotate(**sum_fields())
-        .order_by()
-    )
-    UsageMonth.objects.bulk_create(
+    days = UsageDay.objects.filter(day__gte=first, day__lt=hi, **mine)
+    _store_sums(UsageMonth, "month", days.annotate(period=TruncMonth("day")))
+
+
+def _store_sums(model: Any, period: str, rows: QuerySet[Any]) -> int:
+    """Insert into ``model`` the sums of ``rows`` (annotated with their ``period``) per instance
+    and period, as the instances' own rows; returns how many."""
+    sums = rows.values("instance_id", "tenant_id", "kind", "period").annotate(**sum_fields()).order_by()
+    made = model.objects.bulk_create(
         (
-            UsageMonth(
+            model(
                 instance_id=r["instance_id"],
                 subject=INSTANCE_SUBJECT,
                 tenant_id=r["tenant_id"],
                 kind=r["kind"],
-                month=r["period"],
+                **{period: r["period"]},
                 **{k: r[k] or 0 for k in QUANTITIES},
             )
-            for r in rows
+            for r in sums
         ),
         batch_size=500,
     )
+    return len(made)
 
 
 def rebuild(instance: Instance, lo: dt.datetime, hi: dt.datetime) -> None:
@@ -308,6 +290,11 @@ def month_start(day: dt.date) -> dt.date:
     return day.replace(day=1)
 
 
+def next_month(day: dt.date) -> dt.date:
+    """The first day of the month after ``day``'s."""
+    return day.replace(year=day.year + day.month // 12, month=day.month % 12 + 1, day=1)
+
+
 def roll_months(where: dict[str, Any], fields: dict[str, Any], first: dt.date, last: dt.date) -> None:
     """Month rows of one subject (``where``) from its day rows of the months touching ``first..last``.
 
@@ -316,8 +303,7 @@ def roll_months(where: dict[str, Any], fields: dict[str, Any], first: dt.date, l
     always equal their days.  ``fields`` are the rows' instance, tenant and kind.
     """
     lo = month_start(first)
-    hi = month_start(last)
-    hi = hi.replace(year=hi.year + hi.month // 12, month=hi.month % 12 + 1)
+    hi = next_month(last)
     months: dict[dt.date, Quantities] = defaultdict(Quantities)
     for row in UsageDay.objects.filter(day__gte=lo, day__lt=hi, **where).values("day", *QUANTITIES):
         months[month_start(row.pop("day"))].add(Quantities(**row))
