@@ -52,6 +52,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -679,14 +680,22 @@ class Router:
             self._converge_locked()
             self._resolvers([seg])
 
-    def _applied(self, bridge_name: str) -> tuple[int, tuple[str, ...]]:
-        """The highest ``peers_serial`` applied to the network on this bridge (0: none yet), and
-        the flood list its tunnel holds."""
-        path = self._segments / f"{bridge_name}.json"
+    @staticmethod
+    def _stored(path: Path) -> dict[str, Any]:
+        """The segment last applied on this node from ``path`` ({} when none or unreadable)."""
         try:
             stored = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return stored if isinstance(stored, dict) else {}
+
+    @staticmethod
+    def _applied(stored: dict[str, Any]) -> tuple[int, tuple[str, ...]]:
+        """The highest ``peers_serial`` applied to the network (0: none yet), and the flood list
+        its tunnel holds, from its stored segment."""
+        try:
             return int(stored.get("peers_serial", 0)), tuple(str(p) for p in stored.get("tunnel_peers", ()))
-        except (FileNotFoundError, ValueError, AttributeError, TypeError):
+        except (ValueError, TypeError):
             return 0, ()
 
     def attach(self, spec: InstanceSpec) -> None:
@@ -730,9 +739,10 @@ class Router:
     def _carry_locked(self, segments: Sequence[NetworkSegment], again: bool = True) -> None:
         for seg in segments:
             path = self._segments / f"{seg.bridge}.json"
-            applied, held = self._applied(seg.bridge)
+            stored_json = self._stored(path)  # read once: the serial, the flood list, the devices
+            applied, held = self._applied(stored_json)
             newer = seg.peers_serial > applied
-            if again or not self._carried(path, seg):
+            if again or not self._carried(stored_json, seg):
                 # only a newer peer list removes flood entries; an older or equal one only adds
                 prepare_devices(seg, prune=newer)
                 held = seg.tunnel_peers if newer else tuple(sorted({*held, *seg.tunnel_peers}))
@@ -743,14 +753,10 @@ class Router:
             self._routing(stored)
 
     @staticmethod
-    def _carried(path: Path, seg: NetworkSegment) -> bool:
-        """Whether ``path`` holds ``seg`` but for its hosts and peers' serial, and its bridge (and
-        tunnel) exist: the devices are as ``seg`` wants them (the stored flood list is the tunnel's)."""
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return False
-        if not isinstance(stored, dict):
+    def _carried(stored: dict[str, Any], seg: NetworkSegment) -> bool:
+        """Whether the stored segment is ``seg`` but for its hosts and peers' serial, and its bridge
+        (and tunnel) exist: the devices are as ``seg`` wants them (the stored flood list is the tunnel's)."""
+        if not stored:
             return False
         wanted = to_json(seg)
         ignored = ("hosts", "peers_serial")
