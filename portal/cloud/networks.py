@@ -62,11 +62,16 @@ def allocate_vni() -> int:
 
 def default_network(tenant: Tenant) -> Network:
     """The tenant's default network, allocated from the pool on first use."""
-    return _allocate(lambda: _default_network(tenant))
+    # the usual case, the network exists: no savepoint for an allocation that does not happen
+    return _existing_default(tenant) or _allocate(lambda: _default_network(tenant))
+
+
+def _existing_default(tenant: Tenant) -> Network | None:
+    return Network.objects.filter(tenant=tenant, name=DEFAULT_NAME).first()
 
 
 def _default_network(tenant: Tenant) -> Network:
-    existing = Network.objects.filter(tenant=tenant, name=DEFAULT_NAME).first()
+    existing = _existing_default(tenant)  # again: a lost race retries and finds the winner's
     if existing is not None:
         return existing
     _serialise_subnets()
@@ -220,7 +225,7 @@ def delete_network(network: Network) -> list[str]:
     own is still on the bridge (else its idle release does it later).
     """
     with transaction.atomic():
-        list(Network.objects.select_for_update().filter(pk=network.pk).values_list("pk", flat=True))
+        _lock(network)
         in_use = users(network)
         if in_use:
             shown = ", ".join(in_use[:5]) + (f" and {len(in_use) - 5} more" if len(in_use) > 5 else "")
@@ -238,6 +243,11 @@ def delete_network(network: Network) -> list[str]:
         return queues
 
 
+def _lock(network: Network) -> None:
+    """Lock the network's row (no ordering: the model's would join the tenant table)."""
+    list(Network.objects.select_for_update().filter(pk=network.pk).order_by().values_list("pk", flat=True))
+
+
 def _free_address(network: Network) -> str:
     """The lowest free address of the network for a port or a node (.1-.9 are reserved).
 
@@ -245,7 +255,7 @@ def _free_address(network: Network) -> str:
     PostgreSQL; SQLite has one writer anyway) instead of racing on the
     unique address and retrying.
     """
-    list(Network.objects.select_for_update().filter(pk=network.pk).values_list("pk", flat=True))
+    _lock(network)
     subnet = ipaddress.ip_network(network.cidr)
     used = (
         set(network.ports.values_list("address", flat=True))
@@ -272,13 +282,14 @@ def allocate_port(network: Network, instance: Instance, index: int = 0) -> Port:
 def host_port(network: Network, node: ComputeNode) -> HostPort:
     """The node's own address on the network, allocated on first use and then kept."""
 
-    def create() -> HostPort:
-        existing = HostPort.objects.filter(network=network, node=node).first()
-        if existing is not None:
-            return existing
-        return HostPort.objects.create(network=network, node=node, address=_free_address(network))
+    def kept() -> HostPort | None:
+        return HostPort.objects.filter(network=network, node=node).first()
 
-    return _allocate(create)
+    def create() -> HostPort:
+        # again: a lost race retries and finds the winner's
+        return kept() or HostPort.objects.create(network=network, node=node, address=_free_address(network))
+
+    return kept() or _allocate(create)  # the usual case, the port is kept: no savepoint
 
 
 def network_nodes(network: Network) -> list[ComputeNode]:
@@ -297,7 +308,7 @@ def segment(network: Network, node: ComputeNode) -> NetworkSegment:
     """
     prefix = ipaddress.ip_network(network.cidr).prefixlen
     local = node.tunnel_address or None
-    serial = Network.objects.filter(pk=network.pk).values_list("peers_serial", flat=True).first() or 0
+    serial = Network.objects.filter(pk=network.pk).order_by().values_list("peers_serial", flat=True).first()
     peers: tuple[str, ...] = ()
     if local:
         peers = tuple(
@@ -323,7 +334,7 @@ def segment(network: Network, node: ComputeNode) -> NetworkSegment:
         gateway=f"{network.host_address}/{prefix}",
         egress=network.egress and network.tenant.network_egress,
         hosts=hosts(network),
-        peers_serial=int(serial),
+        peers_serial=int(serial or 0),
     )
 
 

@@ -167,8 +167,10 @@ def scheduler_request(
     )
 
 
-def place(req: Request, lock: bool) -> tuple[scheduler.Placement, dict[str, dict[str, int]]]:
-    """The scheduler's choice for ``req`` and its quota effect (rows locked with ``lock``)."""
+def place(req: Request, lock: bool) -> tuple[scheduler.Placement, dict[str, dict[str, int]], ComputeNode]:
+    """The scheduler's choice for ``req``, its quota effect and the chosen node's row.
+
+    With ``lock`` the quota and node rows are locked until commit."""
     quota_qs = Quota.objects.select_for_update() if lock else Quota.objects
     quota = quota_qs.get(tenant=req.tenant)
     node_qs = ComputeNode.objects.select_related("owner").order_by("pk")
@@ -201,7 +203,8 @@ def place(req: Request, lock: bool) -> tuple[scheduler.Placement, dict[str, dict
                 effect = quota_effect(quota, used, placement.kind, req.flavor)
     except scheduler.NoValidHost as exc:
         raise Conflict(str(exc)) from exc
-    return placement, effect
+    chosen = {n.name: n for n in nodes}[placement.node]  # the scheduler chose among these rows
+    return placement, effect, chosen
 
 
 def _volume_node(req: Request) -> int:
@@ -228,6 +231,6 @@ def _full(effect: dict[str, dict[str, int]], limit: str) -> str:
 
 def preview(req: Request) -> Preview:
     """Dry run: the decision, node and quota effect, without creating anything."""
-    placement, effect = place(req, lock=False)
+    placement, effect, _ = place(req, lock=False)
     check_quota(req.tenant, effect)
     return Preview(placement.kind, placement.node, placement.reason, effect, placement.rejected)

@@ -20,8 +20,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db import IntegrityError, connection, transaction
 
 from compute.spec import Direction, GroupMembers, InstanceSecurity, SecurityBatch, SecurityRule
 from portal.cloud import dispatch
@@ -156,8 +155,17 @@ def next_version(tenant_id: int) -> int:
     version always reflects every lower one, and nodes ignore a lower one
     that arrives late (``compute.network.router.Router.set_security_many``).
     """
-    Tenant.objects.filter(pk=tenant_id).update(security_serial=F("security_serial") + 1)
-    return int(Tenant.objects.values_list("security_serial", flat=True).get(pk=tenant_id))
+    table = connection.ops.quote_name(Tenant._meta.db_table)
+    with connection.cursor() as cursor:  # one statement: SQLite (3.35+) and PostgreSQL return the new value
+        cursor.execute(
+            f"UPDATE {table} SET security_serial = security_serial + 1 WHERE id = %s "  # noqa: S608
+            "RETURNING security_serial",
+            [tenant_id],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise Tenant.DoesNotExist(f"no tenant {tenant_id}")
+    return int(row[0])
 
 
 def affected_by_members_of(groups: Iterable[SecurityGroup], exclude: Iterable[str] = ()) -> list[Instance]:

@@ -125,7 +125,7 @@ def create_instance(req: Request, user: Any) -> Instance:
     """Place the instance, claim quota and capacity, and send it to its node."""
     rule = states.RULES[Action.CREATE]
     with transaction.atomic():
-        chosen, effect = placement.place(req, lock=True)
+        chosen, effect, node = placement.place(req, lock=True)
         if req.overrides and chosen.kind != Kind.CONTAINER:
             raise Conflict(
                 f"{', '.join(req.overrides)} apply to containers only, and this instance would be a VM "
@@ -138,7 +138,6 @@ def create_instance(req: Request, user: Any) -> Instance:
             raise Conflict("A security group of another tenant cannot be attached.")
         if any(n.tenant_id != req.tenant.pk for n in req.networks):
             raise Conflict("A network of another tenant cannot be attached.")
-        node = ComputeNode.objects.get(name=chosen.node)
         nics = list(req.networks) or [networks.default_network(req.tenant)]
         network = nics[0]
         action_id = uuid.uuid4().hex
@@ -169,7 +168,8 @@ def create_instance(req: Request, user: Any) -> Instance:
             task_deadline=_deadline(rule.task),
             created_by=user,
         )
-        instance.security_groups.set(req.security_groups or [secgroups.default_group(req.tenant)])
+        groups = list(req.security_groups) or [secgroups.default_group(req.tenant)]
+        instance.security_groups.add(*groups)  # a new row: nothing to replace
         ports = [networks.allocate_port(net, instance, index=i) for i, net in enumerate(nics)]
         instance.addresses = [
             {"network": net.name, "address": port.address, "mac": port.mac}
@@ -185,7 +185,7 @@ def create_instance(req: Request, user: Any) -> Instance:
             for net in nics:
                 networks.sync_network(net, exclude=node)
         # instances whose rules name the new member's groups admit its address
-        secgroups.sync_members(instance.security_groups.all(), exclude=[str(instance.pk)])
+        secgroups.sync_members(groups, exclude=[str(instance.pk)])
     return instance
 
 

@@ -170,6 +170,8 @@ class ImageRefField(serializers.Field):  # type: ignore[type-arg]
 
     def to_internal_value(self, data: Any) -> Image:
         qs = Image.objects.restrict(actor_for(self.context["request"])).filter(status=ImageStatus.ACTIVE)
+        # the artifacts once: validation, placement and the node's spec each ask for them
+        qs = qs.prefetch_related("artifacts")
         if not isinstance(data, str | int) or isinstance(data, bool):
             raise serializers.ValidationError("Expected an image id or a reference such as 'busybox:1.36'.")
         text = str(data).strip()

@@ -1,0 +1,41 @@
+"""The create POST's SQL: a fixed budget, whatever the tenant already runs (issue 18: POST → running).
+
+Every query the POST runs is on the path to the node (the create is sent at commit), so a
+change that adds one has to raise this budget on purpose.  The budget counts a container
+create on a tenant whose default network, security group and node's host port exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from portal.cloud.models import Instance
+from tests.portal.conftest import FakeNodes, World
+from tests.portal.test_flow import _dedicate_node_a
+
+BUDGET = 38
+
+
+def _post(world: World, c: Any, name: str) -> tuple[Any, list[str]]:
+    body = {"tenant": "acme", "name": name, "image": "sample:1", "flavor": world.flavor_public.pk}
+    with CaptureQueriesContext(connection) as ctx:
+        r = c.post("/api/v1/instances/", body, format="json")
+    assert r.status_code == 202, r.json()
+    return r, [q["sql"] for q in ctx.captured_queries]
+
+
+def test_a_create_runs_a_fixed_number_of_queries(world: World, nodes: FakeNodes) -> None:
+    _dedicate_node_a(world)
+    c = world.client("a_member")  # logged in once: the budget is the create's, not a login's
+    _post(world, c, "first")  # the tenant's default network and the node's host port are made here
+    _, second = _post(world, c, "second")
+    for i in range(5):
+        _post(world, c, f"more-{i}")
+    r, later = _post(world, c, "later")
+    assert r.json()["decided_kind"] == "container"
+    assert Instance.objects.filter(tenant__slug="acme").live().count() >= 8
+    assert len(later) == len(second), "the create's queries grow with the tenant's instances"
+    assert len(later) <= BUDGET, f"{len(later)} queries, budget {BUDGET}:\n" + "\n".join(later)
