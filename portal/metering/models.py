@@ -81,6 +81,12 @@ class UsageSample(models.Model):
     class Meta:
         ordering = ["instance", "at"]
         constraints = [models.UniqueConstraint(fields=["instance", "at"], name="usage_sample_once")]
+        indexes = [
+            # Every heartbeat asks, for each instance on the node, whether it has a delete sample.
+            # Without this the answer scanned all of the instance's samples (720 an hour at 5 s
+            # beats): 25 ms per instance at 100,000 samples on PostgreSQL, growing for ever.
+            models.Index(fields=["instance"], condition=models.Q(deleted=True), name="usage_sample_deleted"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.instance_id}@{self.at:%Y-%m-%d %H:%M:%S.%f}"
