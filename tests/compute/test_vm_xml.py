@@ -36,7 +36,7 @@ GOLDEN = f"""
   <memory unit="MiB">256</memory>
   <vcpu placement="static">2</vcpu>
   <os><type arch="x86_64" machine="pc">hvm</type><boot dev="hd"/></os>
-  <features><acpi/><tcg><tb-cache unit="MiB">32</tb-cache></tcg></features>
+  <features><acpi/><tcg><tb-cache unit="MiB">64</tb-cache></tcg></features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
@@ -73,6 +73,7 @@ def golden_config() -> DomainConfig:
         domain_type="qemu",
         vcpus=2,
         memory_mib=256,
+        tb_cache_mib=64,
         disks=(
             DiskConfig(f"/s/instances/{IID}/disk.qcow2", "vda"),
             DiskConfig(f"/s/instances/{IID}/seed.iso", "vdb", "raw", readonly=True),
@@ -121,6 +122,18 @@ def test_driver_builds_golden_xml_from_spec(tmp_path: Path) -> None:
     spec = vm_spec(image, (net,), ram_mb=256)
     spec = type(spec)(**{**spec.__dict__, "instance_id": IID, "vcpus": 2, "tenant": 'acme <&> "co"'})
     assert canon(drv.domain_config(spec).to_xml()) == canon(GOLDEN)
+
+
+@pytest.mark.parametrize(
+    ("ram_mb", "cache_mib"), [(64, 32), (128, 32), (256, 64), (512, 128), (1024, 256), (8192, 256)]
+)
+def test_tcg_translation_cache_follows_the_guest_size(ram_mb: int, cache_mib: int) -> None:
+    """A quarter of the guest's RAM, 32-256 MiB: a 512 MiB Debian guest thrashed a 32 MiB cache."""
+    drv = LibvirtDriver(node_config(Path("/s"), uri="test:///default", accel="qemu"))
+    image = ImageRef("tiny", "1", ImageFormat.QCOW2, "sha256:" + "0" * 64, "/x.qcow2")
+    root = ET.fromstring(drv.domain_config(vm_spec(image, ram_mb=ram_mb)).to_xml())
+    assert root.findtext("features/tcg/tb-cache") == str(cache_mib)
+    assert root.find("features/tcg/tb-cache").get("unit") == "MiB"  # type: ignore[union-attr]
 
 
 def test_snapshot_xml_leaves_seed_out() -> None:
