@@ -22,6 +22,8 @@ import pytest
 from django.conf import settings
 
 ROOT = Path(settings.BASE_DIR)
+# SQLite files whatever the test database: the PostgreSQL pass leaves this module out
+pytestmark = pytest.mark.db_agnostic
 
 
 def _manage(db: Path, *args: str, var: Path) -> subprocess.CompletedProcess[str]:
