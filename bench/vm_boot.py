@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 import libvirt  # noqa: E402
 
 from compute.drivers import cloudinit  # noqa: E402
+from compute.drivers.libvirt_xml import tb_cache_mib  # noqa: E402
 from compute.drivers.vm import LibvirtDriver  # noqa: E402
 from compute.network import bridge  # noqa: E402
 from compute.spec import ImageRef, NetworkAttachment, NetworkSegment  # noqa: E402
@@ -49,7 +50,7 @@ BARE_XML = """<domain type='qemu'>
   <memory unit='MiB'>{ram}</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <features><acpi/><tcg><tb-cache unit='MiB'>32</tb-cache></tcg></features>
+  <features><acpi/><tcg><tb-cache unit='MiB'>{tb}</tb-cache></tcg></features>
   <devices>
     <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
       <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
@@ -97,7 +98,14 @@ class Bench:
         cloudinit.build_seed(spec, seed)
         name = f"sky-bench-{uuid.uuid4().hex[:8]}"
         xml = BARE_XML.format(
-            name=name, ram=128, disk=disk, seed=seed, log=log, mac=random_mac(), bridge=self.br
+            name=name,
+            ram=128,
+            tb=tb_cache_mib(128),
+            disk=disk,
+            seed=seed,
+            log=log,
+            mac=random_mac(),
+            bridge=self.br,
         )
         t0 = time.monotonic()
         dom = self.conn.defineXML(xml)  # type: ignore[attr-defined]
@@ -111,7 +119,7 @@ class Bench:
             dom.undefine()
 
     def driver(self, i: int) -> float:
-        net = NetworkAttachment("b", self.br, f"198.18.250.{100 + i}/24", random_mac())
+        net = NetworkAttachment(NetworkSegment("b", self.br), f"198.18.250.{100 + i}/24", random_mac())
         spec = vm_spec(self.ref, (net,))
         t0 = time.monotonic()
         self.drv.spawn(spec)
