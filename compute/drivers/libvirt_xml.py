@@ -74,7 +74,7 @@ class DomainConfig:
     console_log: str
     tenant: str = ""
     node: str = ""  # owning compute node: several nodes may share one libvirtd (tests, e2e)
-    tb_cache_mib: int = TB_CACHE_MIN_MIB  # TCG only; the driver sets tb_cache_mib(memory_mib)
+    tb_cache_mib: int | None = None  # TCG only; None: tb_cache_mib(memory_mib)
     machine: str = "pc"
 
     def to_xml(self) -> str:
@@ -102,7 +102,8 @@ class DomainConfig:
         ET.SubElement(features, "acpi")  # the power button is how stop() asks nicely
         if self.domain_type == "qemu":
             tcg = ET.SubElement(features, "tcg")
-            _text(tcg, "tb-cache", str(self.tb_cache_mib), unit="MiB")
+            size = self.tb_cache_mib if self.tb_cache_mib is not None else tb_cache_mib(self.memory_mib)
+            _text(tcg, "tb-cache", str(size), unit="MiB")
 
         _text(dom, "on_poweroff", "destroy")
         _text(dom, "on_reboot", "restart")

@@ -55,7 +55,6 @@ from compute.drivers.libvirt_xml import (
     metadata_nics,
     metadata_node,
     snapshot_xml,
-    tb_cache_mib,
 )
 from compute.imagecache import ImageCache, ImageError, create_overlay, remove_tree
 from compute.network import bridge
@@ -261,7 +260,6 @@ class LibvirtDriver(Driver):
             domain_type=self.domain_type,
             vcpus=spec.vcpus,
             memory_mib=spec.ram_mb,
-            tb_cache_mib=tb_cache_mib(spec.ram_mb),
             disks=(
                 DiskConfig(str(idir / "disk.qcow2"), "vda", "qcow2"),
                 DiskConfig(str(idir / "seed.iso"), "vdb", "raw", readonly=True),

@@ -73,7 +73,6 @@ def golden_config() -> DomainConfig:
         domain_type="qemu",
         vcpus=2,
         memory_mib=256,
-        tb_cache_mib=64,
         disks=(
             DiskConfig(f"/s/instances/{IID}/disk.qcow2", "vda"),
             DiskConfig(f"/s/instances/{IID}/seed.iso", "vdb", "raw", readonly=True),
