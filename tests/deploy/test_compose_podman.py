@@ -174,14 +174,44 @@ def _settled(s: ComposeStack, token: str, iid: str, state: str, host: str) -> di
     try:
         return wait_for(f"instance {iid} to be {state}", check, timeout=240, every=1)  # type: ignore[no-any-return]
     except AssertionError as exc:
-        # what CI shows of a stuck instance: its row, its events, what the node and control logged
-        _, events = s.http("GET", f"/api/v1/events/?object_id={iid}", token)
-        logs = s.compose("logs", "--no-color", "--tail", "80", "compute", "control", host=host, check=False)
-        raise AssertionError(
-            f"{exc}\nlast seen: {json.dumps(last[-1] if last else None)}\n"
-            f"events: {json.dumps(events.get('results') if isinstance(events, dict) else events)[:3000]}\n"
-            f"compute and control logs (tail):\n{logs[-8000:]}"
-        ) from None
+        report = _stuck_report(s, token, iid, last[-1] if last else None, host)
+        raise AssertionError(f"{exc}\n{report}") from None
+
+
+def _stuck_report(s: ComposeStack, token: str, iid: str, last: Any, host: str) -> str:
+    """What CI shows of a stuck instance, the node's side first (CI keeps only the start of it).
+
+    The stack's containers (a restarted compute container loses the task it held until the
+    broker's visibility timeout), what the node's worker is running and holding (celery inspect),
+    libvirt's domains, the node's log and processes, then the row, its events and the control
+    worker's log without the beat's sweeps.
+    """
+
+    def node(*cmd: str) -> str:
+        return s.compose("exec", "-T", "compute", *cmd, host=host, timeout=60, check=False).strip()
+
+    compute_log = s.compose("logs", "--no-color", "--tail", "60", "compute", host=host, check=False)
+    control_log = s.compose("logs", "--no-color", "--tail", "200", "control", host=host, check=False)
+    control_log = "\n".join(line for line in control_log.splitlines() if "portal.sweep" not in line)
+    inspect = ("celery", "-A", "compute.worker", "inspect")
+    worker = ("-d", f"node@{s.node}", "--timeout", "10")
+    _, events = s.http("GET", f"/api/v1/events/?object_id={iid}", token)
+    listed = ("podman", "ps", "-a", "--filter", f"name=^{s.project}_", "--format", "{{.Names}}")
+    names = s.run(*listed, check=False)
+    fmt = "{{.Name}} {{.State.Status}} started {{.State.StartedAt}} restarts={{.RestartCount}}"
+    containers = s.run("podman", "inspect", "--format", fmt, *names.split(), check=False) if names else ""
+    parts = [
+        ("containers", containers.strip()),
+        ("celery inspect active", node(*inspect, "active", *worker)),
+        ("celery inspect reserved", node(*inspect, "reserved", *worker)),
+        ("virsh list --all", node("virsh", "-c", "qemu:///system", "list", "--all")),
+        ("compute log (tail)", compute_log[-4000:]),
+        ("processes on the node", node("ps", "-eo", "pid,ppid,stat,wchan:24,etime,args", "--cols", "160")),
+        ("last seen", json.dumps(last)),
+        ("events", json.dumps(events.get("results") if isinstance(events, dict) else events)[:3000]),
+        ("control log (tail, without sweeps)", control_log[-3000:]),
+    ]
+    return "\n".join(f"--- {title}:\n{text}" for title, text in parts)
 
 
 def _ping(s: ComposeStack, address: str) -> bool:
