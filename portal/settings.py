@@ -331,6 +331,9 @@ SKYPORT_LOG_RETENTION_HOURS = env.integer("SKYPORT_LOG_RETENTION_HOURS", 72, min
 SKYPORT_LOG_FOLLOW_SECONDS = env.integer("SKYPORT_LOG_FOLLOW_SECONDS", 60, minimum=1, maximum=3600)
 # Metering (docs/metering.md): samples farther apart than this many heartbeats leave a gap.
 SKYPORT_METERING_GAP_BEATS = env.integer("SKYPORT_METERING_GAP_BEATS", 3, minimum=1)
+# Raw usage samples (one per instance per heartbeat) are kept this many days, then pruned; the
+# hour, day and month rows they were summed into are kept for ever (docs/metering.md).
+SKYPORT_METERING_SAMPLE_DAYS = env.integer("SKYPORT_METERING_SAMPLE_DAYS", 40, minimum=1, maximum=3660)
 # While the control queue holds more messages than there are nodes up (the portal is behind on
 # reading beats), the sweeper marks down only nodes silent longer than this (portal/cloud/tasks.py).
 SKYPORT_NODE_DOWN_BACKLOG_SECONDS = env.seconds("SKYPORT_NODE_DOWN_BACKLOG_SECONDS", 300)
@@ -352,6 +355,11 @@ CELERY_BEAT_SCHEDULE = {
     "metering-roll": {
         "task": "portal.metering.roll",
         "schedule": env.seconds("SKYPORT_METERING_ROLL_SECONDS", 300),
+    },
+    # raw usage samples older than SKYPORT_METERING_SAMPLE_DAYS deleted (their hours are final)
+    "metering-prune": {
+        "task": "portal.metering.prune",
+        "schedule": env.seconds("SKYPORT_METERING_PRUNE_SECONDS", 3600),
     },
     # volume backups whose policy's interval has passed (docs/storage.md)
     "backups": {

@@ -50,6 +50,22 @@ def gap_ms() -> int:
     return int(settings.SKYPORT_METERING_GAP_BEATS * settings.SKYPORT_HEARTBEAT_SECONDS * 1000)
 
 
+def retention() -> dt.timedelta:
+    """How long raw samples are kept (``SKYPORT_METERING_SAMPLE_DAYS``); their rows are kept for ever."""
+    return dt.timedelta(days=settings.SKYPORT_METERING_SAMPLE_DAYS)
+
+
+def too_old(at: dt.datetime, received: dt.datetime) -> bool:
+    """Whether a sample arrived more than the retention after it was taken (a message held that
+    long in a broker): the prune may have removed its neighbours, so it could only be misbilled."""
+    return received - at > retention()
+
+
+def pruned_until() -> dt.datetime | None:
+    """Where the prune has got to: the rows of the hours before it are final (None: nothing pruned)."""
+    return RollupMark.objects.filter(pk=1).values_list("pruned_until", flat=True).first()
+
+
 def sample_time(node_time: float, received: dt.datetime) -> dt.datetime:
     """The node's time, never later than the portal received it, in whole milliseconds (UTC)."""
     at = dt.datetime.fromtimestamp(node_time, tz=dt.UTC) if node_time else received
@@ -82,7 +98,11 @@ def add_sample(
     memory_bytes: int = 0,
     cpu_time_ns: int = 0,
 ) -> bool:
-    """Store one sample and rebuild the hours it changes; False when it was already stored."""
+    """Store one sample and rebuild the hours it changes; False when nothing was stored (it was
+    already, or it arrived too late: :func:`too_old`)."""
+    if too_old(at, received):
+        log.warning("refusing a sample of %s taken at %s: older than the samples kept", instance.pk, at)
+        return False
     with transaction.atomic():
         serialise([instance.pk])
         try:
@@ -201,6 +221,51 @@ def roll(now: dt.datetime | None = None) -> int:
     return written
 
 
+def prune(now: dt.datetime | None = None, batch: int = 5000) -> int:
+    """Delete the raw samples older than the retention; returns how many.
+
+    The hour, day and month rows stay: they are exact for the hours before the prune's mark
+    (``RollupMark.pruned_until``, the retention's start rounded down to the hour), which no
+    rebuild or recompute touches from then on.  Each instance keeps its newest sample before the
+    mark, where the interval that crosses it starts.  The mark moves first, under the roll's lock
+    (PostgreSQL: the beats and rebuilds in flight finish first), then the samples go in batches
+    of ``batch``, each a short transaction of its own: the beats are never held up for long.
+    """
+    target = floor_hour((now or timezone.now()) - retention())
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", ROLL_LOCK)
+        mark, _ = RollupMark.objects.select_for_update().get_or_create(pk=1)
+        if mark.pruned_until is None or mark.pruned_until < target:
+            mark.pruned_until = target
+            mark.save(update_fields=["pruned_until"])
+        target = mark.pruned_until
+    newest = (
+        UsageSample.objects.filter(instance=OuterRef("instance_id"), at__lt=target)
+        .order_by("-at")
+        .values("pk")[:1]
+    )
+    doomed = UsageSample.objects.filter(at__lt=target).exclude(pk=Subquery(newest))
+    deleted = 0
+    lower: dt.datetime | None = None
+    while True:
+        # a window of about ``batch`` samples, by time: one DELETE of a range of the ``at`` index
+        # (each window starts where the last ended, never over its dead rows), its own transaction
+        window = doomed if lower is None else doomed.filter(at__gte=lower)
+        taken = UsageSample.objects.filter(at__lt=target, **({} if lower is None else {"at__gte": lower}))
+        edge = list(taken.order_by("at").values_list("at", flat=True)[batch : batch + 1])  # the index alone
+        upper = edge[0] if edge else target
+        with transaction.atomic():
+            deleted += window.filter(at__lt=upper).delete()[0]
+        if not edge:
+            break
+        lower = upper
+    if deleted:
+        log.info("pruned %d usage samples taken before %s", deleted, target)
+    return deleted
+
+
 def _sum_days(instances: QuerySet[Any], first: dt.date, last: dt.date) -> int:
     """The day rows ``first..last`` of ``instances`` (a subquery of ids), summed from their hours."""
     lo = dt.datetime.combine(first, dt.time(), tzinfo=dt.UTC)
@@ -242,7 +307,15 @@ def _store_sums(model: Any, period: str, rows: QuerySet[Any]) -> int:
 
 
 def rebuild(instance: Instance, lo: dt.datetime, hi: dt.datetime) -> None:
-    """Recompute the instance's hour rows in ``[lo, hi)`` (whole hours) and its day rows there."""
+    """Recompute the instance's hour rows in ``[lo, hi)`` (whole hours) and its day rows there.
+
+    Never before :func:`pruned_until`: those hours' samples are gone, their rows are final.
+    """
+    final = pruned_until()
+    if final is not None and lo < final:
+        lo = final
+        if lo >= hi:
+            return
     samples = UsageSample.objects.filter(instance=instance)
     inside = list(samples.filter(at__gte=lo, at__lt=hi).order_by("at"))
     before = samples.filter(at__lt=lo).order_by("-at").first()
@@ -315,18 +388,35 @@ def roll_months(where: dict[str, Any], fields: dict[str, Any], first: dt.date, l
 
 
 def recompute(instances: Iterable[Instance]) -> int:
-    """Rebuild every hour and day row of ``instances`` from their raw samples; returns hours written."""
+    """Rebuild every hour and day row of ``instances`` from their raw samples; returns hours written.
+
+    After a prune, only the rows from :func:`pruned_until` on: the earlier ones are final (their
+    samples are gone) and are kept as they are; the day and month rows that straddle it are summed
+    again from the kept hours and days.
+    """
     written = 0
+    final = pruned_until()
     for instance in instances:
         span = UsageSample.objects.filter(instance=instance).order_by("at").values_list("at", flat=True)
         first, last = span.first(), span.last()
+        mine = {"instance": instance, "subject": INSTANCE_SUBJECT}
         with transaction.atomic():
-            UsageHour.objects.filter(instance=instance, subject=INSTANCE_SUBJECT).delete()
-            UsageDay.objects.filter(instance=instance, subject=INSTANCE_SUBJECT).delete()
-            UsageMonth.objects.filter(instance=instance, subject=INSTANCE_SUBJECT).delete()
-            if first is None or last is None:
+            if final is None:
+                UsageHour.objects.filter(**mine).delete()
+                UsageDay.objects.filter(**mine).delete()
+                UsageMonth.objects.filter(**mine).delete()
+            else:
+                UsageHour.objects.filter(hour__gte=final, **mine).delete()
+                UsageDay.objects.filter(day__gte=final.date(), **mine).delete()
+                UsageMonth.objects.filter(month__gte=month_start(final.date()), **mine).delete()
+            lo, hi = (floor_hour(first), floor_hour(last) + HOUR) if first and last else (None, None)
+            if final is not None and (lo is None or hi is None or hi <= final):
+                # no sample after the prune's mark: the day and month rows it straddles again
+                _roll_days(instance, final.date(), final.date())
                 continue
-            rebuild(instance, floor_hour(first), floor_hour(last) + HOUR)
+            if lo is None or hi is None:
+                continue
+            rebuild(instance, max(lo, final) if final is not None else lo, hi)
         written += UsageHour.objects.filter(instance=instance, subject=INSTANCE_SUBJECT).count()
     return written
 
@@ -351,6 +441,11 @@ def record_report(report: NodeReport, received: dt.datetime) -> int:
     rebuilding way, :func:`add_sample`.
     """
     at = sample_time(report.sent_at, received)
+    if too_old(at, received):
+        log.warning(
+            "refusing the samples of a beat of %s taken at %s: older than the samples kept", report.node, at
+        )
+        return 0
     seen = {item.instance_id: item for item in report.inventory}
     blind = {d.kind for d in report.drivers if not d.ok}
     with transaction.atomic():

@@ -26,3 +26,9 @@ def tick() -> int:
 def roll() -> int:
     """Sum the instances' day and month rows of the hours that closed since the last roll."""
     return sampling.roll()
+
+
+@shared_task(name="portal.metering.prune")
+def prune() -> int:
+    """Delete the raw usage samples older than ``SKYPORT_METERING_SAMPLE_DAYS`` (their hours are final)."""
+    return sampling.prune()

@@ -15,7 +15,8 @@ from portal.metering.models import ResourceEvent
 class Command(BaseCommand):
     help = (
         "Rebuild usage hour and day rows from the raw samples and resource events "
-        "(all, one tenant's, or one instance's with its published ports)."
+        "(all, one tenant's, or one instance's with its published ports); an instance's rows "
+        "before the samples' prune mark are final and kept."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
