@@ -255,6 +255,10 @@ def prune(now: dt.datetime | None = None, batch: int = 5000) -> int:
         window = doomed if lower is None else doomed.filter(at__gte=lower)
         taken = UsageSample.objects.filter(at__lt=target, **({} if lower is None else {"at__gte": lower}))
         edge = list(taken.order_by("at").values_list("at", flat=True)[batch : batch + 1])  # the index alone
+        if edge and lower is not None and edge[0] <= lower:
+            # more than ``batch`` samples at ``lower`` itself (the beats of many nodes in the same
+            # millisecond): this window takes all of them, up to the next later time
+            edge = list(taken.filter(at__gt=lower).order_by("at").values_list("at", flat=True)[:1])
         upper = edge[0] if edge else target
         with transaction.atomic():
             deleted += window.filter(at__lt=upper).delete()[0]

@@ -118,6 +118,27 @@ def test_prune_keeps_the_rows_and_the_newest_sample_and_later_samples_stay_exact
     assert UsageSample.objects.filter(instance=inst).count() == len(points) - len(old) + 1
 
 
+@override_settings(SKYPORT_METERING_SAMPLE_DAYS=1)
+def test_prune_ends_when_more_samples_than_a_batch_share_one_time(world: World) -> None:
+    """Three instances beat in the same millisecond and the batch is two: every window still moves on."""
+    first = Instance.objects.get(pk=world.instance_a.pk)
+    insts = [first]
+    for n in (2, 3):
+        twin = Instance.objects.get(pk=first.pk)
+        twin.pk, twin.name = None, f"same-ms-{n}"
+        twin.save()
+        insts.append(twin)
+    UsageSample.objects.filter(instance__in=insts).delete()
+    now = timezone.now()
+    times = [floor_hour(now) - dt.timedelta(days=2) + k * STEP for k in range(6)]
+    for at in times:
+        for inst in insts:
+            assert sampling.add_sample(inst, at, at, "heartbeat", "shared-1", running=True)
+    assert sampling.prune(now, batch=2) == 3 * (len(times) - 1)
+    left = UsageSample.objects.filter(instance__in=insts).values_list("instance_id", "at")
+    assert sorted(left) == sorted((inst.pk, times[-1]) for inst in insts)
+
+
 def test_the_beat_prunes_every_hour_by_default(world: World) -> None:
     entry = django_settings.CELERY_BEAT_SCHEDULE["metering-prune"]
     assert entry["task"] == "portal.metering.prune"

@@ -165,6 +165,10 @@ def test_a_container_with_two_nics_on_two_tenant_networks(
 
         # delete the instance, then the network: the node releases it at once (bridge and rules gone)
         for ns in list(probes):  # the probes' veths hold the bridges; a release keeps a bridge in use
+            # Deleting the veth removes both ends at once; a namespace's own devices go only when
+            # the kernel gets round to destroying it, later under load (CI once saw the bridge
+            # still in use then, and the release rightly kept it).
+            subprocess.run(["ip", "-n", ns, "link", "del", "eth0"], check=True)
             subprocess.run(["ip", "netns", "del", ns], check=True)
             probes.remove(ns)
         deleted = node.handle(Task.DELETE, to_json(DeleteInstance(spec.instance_id, Kind.CONTAINER, "del-1")))
