@@ -192,6 +192,16 @@ def rolled_until() -> dt.datetime | None:
     return RollupMark.objects.filter(pk=1).values_list("until", flat=True).first()
 
 
+def _mark_alone() -> RollupMark:
+    """The mark's row, locked, with the roll's lock taken alone (PostgreSQL: the beats and rebuilds
+    in flight, which hold it shared, finish first); inside the caller's transaction."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", ROLL_LOCK)
+    mark, _ = RollupMark.objects.select_for_update().get_or_create(pk=1)
+    return mark
+
+
 def roll(now: dt.datetime | None = None) -> int:
     """Move the mark to the start of the current hour; returns the day rows written.
 
@@ -203,10 +213,7 @@ def roll(now: dt.datetime | None = None) -> int:
     """
     target = floor_hour(now or timezone.now())
     with transaction.atomic():
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", ROLL_LOCK)
-        mark, _ = RollupMark.objects.select_for_update().get_or_create(pk=1)
+        mark = _mark_alone()
         hours = UsageHour.objects.filter(subject=INSTANCE_SUBJECT, instance__isnull=False)
         start = mark.until or hours.aggregate(first=Min("hour"))["first"]
         written = 0
@@ -233,10 +240,7 @@ def prune(now: dt.datetime | None = None, batch: int = 5000) -> int:
     """
     target = floor_hour((now or timezone.now()) - retention())
     with transaction.atomic():
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", ROLL_LOCK)
-        mark, _ = RollupMark.objects.select_for_update().get_or_create(pk=1)
+        mark = _mark_alone()
         if mark.pruned_until is None or mark.pruned_until < target:
             mark.pruned_until = target
             mark.save(update_fields=["pruned_until"])
@@ -252,8 +256,9 @@ def prune(now: dt.datetime | None = None, batch: int = 5000) -> int:
     while True:
         # a window of about ``batch`` samples, by time: one DELETE of a range of the ``at`` index
         # (each window starts where the last ended, never over its dead rows), its own transaction
-        window = doomed if lower is None else doomed.filter(at__gte=lower)
-        taken = UsageSample.objects.filter(at__lt=target, **({} if lower is None else {"at__gte": lower}))
+        since = {} if lower is None else {"at__gte": lower}
+        window = doomed.filter(**since)
+        taken = UsageSample.objects.filter(at__lt=target, **since)
         edge = list(taken.order_by("at").values_list("at", flat=True)[batch : batch + 1])  # the index alone
         if edge and lower is not None and edge[0] <= lower:
             # more than ``batch`` samples at ``lower`` itself (the beats of many nodes in the same
@@ -413,14 +418,12 @@ def recompute(instances: Iterable[Instance]) -> int:
                 UsageHour.objects.filter(hour__gte=final, **mine).delete()
                 UsageDay.objects.filter(day__gte=final.date(), **mine).delete()
                 UsageMonth.objects.filter(month__gte=month_start(final.date()), **mine).delete()
-            lo, hi = (floor_hour(first), floor_hour(last) + HOUR) if first and last else (None, None)
-            if final is not None and (lo is None or hi is None or hi <= final):
+            hi = floor_hour(last) + HOUR if last is not None else None
+            if final is not None and (hi is None or hi <= final):
                 # no sample after the prune's mark: the day and month rows it straddles again
                 _roll_days(instance, final.date(), final.date())
-                continue
-            if lo is None or hi is None:
-                continue
-            rebuild(instance, max(lo, final) if final is not None else lo, hi)
+            elif first is not None and hi is not None:
+                rebuild(instance, floor_hour(first), hi)  # which starts no earlier than the mark
         written += UsageHour.objects.filter(instance=instance, subject=INSTANCE_SUBJECT).count()
     return written
 
