@@ -5,7 +5,7 @@ from django.db import models
 from django.http import HttpRequest
 
 from portal.cloud import networks
-from portal.cloud.models import ComputeNode, Flavor, Instance, Network
+from portal.cloud.models import ComputeNode, Flavor, Instance, Network, UnsentMessage
 from portal.jsonforms import JSON_FIELD_OVERRIDES
 
 
@@ -75,3 +75,19 @@ class NetworkAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def save_model(self, request: HttpRequest, obj: Network, form: Any, change: bool) -> None:
         networks.set_egress(obj, None, obj.egress)
+
+
+@admin.register(UnsentMessage)
+class UnsentMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Node messages the broker refused, waiting for the sweep to send them (read-only; deleting
+    one drops it: its instance then fails at its task deadline)."""
+
+    list_display = ["id", "queue", "task", "created_at", "attempts", "last_error"]
+    list_filter = ["queue", "task"]
+    readonly_fields = ["queue", "task", "args", "created_at", "attempts", "last_error", "claimed_until"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -537,3 +537,30 @@ class SecurityGroupRule(models.Model):
         ports = f" {self.port_min}-{self.port_max}" if self.port_min else ""
         remote = self.remote_cidr or (f"group {self.remote_group.name}" if self.remote_group else "anyone")
         return f"{self.direction} {self.protocol}{ports} {remote}"
+
+
+class UnsentMessage(models.Model):
+    """A node message the broker did not take after its transaction committed: sent again later.
+
+    :mod:`portal.cloud.dispatch` publishes after commit; when that publish fails (the broker
+    away longer than the publish retry policy lasts), the message waits here instead of being
+    lost with a 500, and ``dispatch.flush`` (the beat's sweep, every few seconds) sends it.
+    While a queue has messages waiting, new ones for it wait behind them: a node hears of a
+    create before the delete that follows it.
+    """
+
+    queue = models.CharField(max_length=255)
+    task = models.CharField(max_length=100)
+    args = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    #: a flush sending this message holds it until then (two sweeps never send it twice)
+    claimed_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["queue", "id"], name="unsent_queue_order")]
+
+    def __str__(self) -> str:
+        return f"{self.task} to {self.queue} ({self.attempts} attempts)"

@@ -478,4 +478,6 @@ def console(data: dict[str, Any]) -> bool:
 
 @shared_task(name="portal.sweep")
 def sweep_task() -> dict[str, int]:
-    return sweep()
+    # node messages the broker refused after their commit first (portal/cloud/dispatch.py)
+    resent = dispatch.flush()
+    return sweep() | resent

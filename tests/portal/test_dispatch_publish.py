@@ -13,32 +13,50 @@ from portal.cloud import dispatch
 REAL_QUEUED = dispatch.queued  # the conftest keeps tests off the broker; this test means it
 
 
+class FakeConnection:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ensured: list[dict[str, Any]] = []
+
+    def ensure_connection(self, **kwargs: Any) -> None:
+        self.ensured.append(kwargs)
+
+
+class FakeConf:
+    task_publish_retry_policy = {"max_retries": 40, "interval_start": 0, "interval_step": 0.25}
+
+
 class FakeApp:
     """send_task fails like kombu's half torn-down channel while the pooled connection is used."""
+
+    conf = FakeConf()
 
     def __init__(self, broken: int) -> None:
         self.broken = broken
         self.sent: list[tuple[str, str, Any]] = []
-        self.connections = 0
+        self.connections: list[FakeConnection] = []
 
     def send_task(self, task: str, args: list[Any], queue: str, connection: Any = None) -> None:
         if connection is None and self.broken:
             self.broken -= 1
             raise AttributeError("'NoneType' object has no attribute 'client'")
-        self.sent.append((task, queue, connection))
+        self.sent.append((task, queue, connection and connection.name))
 
     @contextlib.contextmanager
-    def connection_for_write(self) -> Iterator[str]:
-        self.connections += 1
-        yield f"conn{self.connections}"
+    def connection_for_write(self) -> Iterator[FakeConnection]:
+        self.connections.append(FakeConnection(f"conn{len(self.connections) + 1}"))
+        yield self.connections[-1]
 
 
 def test_a_broken_publish_is_made_again_on_a_new_connection() -> None:
     app = FakeApp(broken=1)
     dispatch.publish(app, "node.a", "compute.instance.create", [{}])
     assert app.sent == [("compute.instance.create", "node.a", "conn1")]
+    # the new connection waits for the broker as long as the publish retry policy does, not
+    # only its connect timeout (a Redis restart outlasted that: a 500 in the burst of 100)
+    assert app.connections[0].ensured == [FakeConf.task_publish_retry_policy]
     dispatch.publish(app, "node.a", "compute.instance.create", [{}])  # the pool works again
-    assert app.sent[-1] == ("compute.instance.create", "node.a", None) and app.connections == 1
+    assert app.sent[-1] == ("compute.instance.create", "node.a", None) and len(app.connections) == 1
 
 
 def test_other_errors_are_not_swallowed() -> None:
