@@ -1117,6 +1117,10 @@ class NodeReport:
     network_drift: str = ""
     # The host's own load, memory and disk; None from nodes older than this field.
     host: HostLoad | None = None
+    # Action ids of the instance messages the node took within the last ``taken_window`` seconds
+    # (compute/taken.py); a window of 0 (nodes older than this field) says nothing either way.
+    taken: tuple[str, ...] = ()
+    taken_window: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tunnel_address:

@@ -65,6 +65,7 @@ from compute.spec import (
     from_json,
     to_json,
 )
+from compute.taken import TakenLog
 from compute.volumes import VolumeError, VolumeStore
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,10 @@ REPLY_TTL = 60  # seconds a reply waits on its Redis list for a portal that gave
 
 class Sender(Protocol):
     def __call__(self, task: Task, payload: dict[str, Any]) -> None: ...
+
+
+#: the messages about one instance's task, whose action ids the heartbeat reports as taken
+_INSTANCE_TASKS = frozenset({Task.CREATE, Task.ACTION, Task.DELETE})
 
 
 class NodeService:
@@ -107,6 +112,8 @@ class NodeService:
         self._logs_kept_at = -math.inf
         self._idle_checked = -math.inf
         self._cpu_times: tuple[int, int] | None = None  # (busy, total) jiffies at the previous heartbeat
+        # the instance messages taken, for the heartbeat (a message lost before it is sent again)
+        self.taken = TakenLog(config.state_dir / "taken")
 
     def driver(self, kind: Kind) -> Driver:
         if os.getpid() != self._pid:
@@ -157,6 +164,8 @@ class NodeService:
         if known is None:
             log.error("dropping message of unknown task %r", task)
             return None
+        if known in _INSTANCE_TASKS:
+            self.taken.mark(payload)
         try:
             message = from_json(MESSAGES[known], payload)
         except SpecError as exc:
@@ -652,6 +661,8 @@ class NodeService:
             attachments=tuple(self._attachments()),
             network_drift=self._network_drift(),
             host=self._host_load(),
+            taken=self.taken.recent(),
+            taken_window=self.taken.window,
         )
         self.send(report.TASK, to_json(report))
         return report

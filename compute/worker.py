@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_received, worker_ready, worker_shutdown
 
 from compute import celeryconf
 from compute.config import NodeConfig
@@ -58,6 +58,16 @@ def _node_task(task: Task, **options: Any) -> None:
 
     run.__name__ = run.__qualname__ = task.replace(".", "_")
     app.task(name=task, **options)(run)  # type: ignore[no-untyped-call]
+
+
+@task_received.connect
+def _mark_taken(request: Any = None, **kwargs: Any) -> None:
+    """A message reserved by this worker is taken, even before a pool process runs it (prefetch)."""
+    try:
+        if request is not None and request.task_name in (Task.CREATE, Task.ACTION, Task.DELETE):
+            service.taken.mark(request.args[0] if request.args else None)
+    except Exception:  # a mark only helps: never let it lose the message
+        log.exception("cannot mark a received message as taken")
 
 
 # a lost console read is simply asked for again; a console or exec whose worker died is not

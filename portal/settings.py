@@ -317,6 +317,16 @@ if SKYPORT_IMAGE_BLOB_GRACE_SECONDS < SKYPORT_IMAGE_IMPORT_DEADLINE_SECONDS:
 # How compute nodes reach this portal (blob downloads, snapshot uploads).
 SKYPORT_PORTAL_URL = os.environ.get("SKYPORT_PORTAL_URL", "http://127.0.0.1:8000").rstrip("/")
 SKYPORT_HEARTBEAT_SECONDS = env.seconds("SKYPORT_HEARTBEAT_SECONDS", 5)
+# A create or delete a node has not taken this long after it was sent, its queue empty, is sent
+# again (portal/cloud/resend.py: the broker lost it).  Several beats, so a beat's lag is no loss.
+SKYPORT_RESEND_AFTER_SECONDS = env.seconds(
+    "SKYPORT_RESEND_AFTER_SECONDS", max(60, 3 * SKYPORT_HEARTBEAT_SECONDS)
+)
+if SKYPORT_RESEND_AFTER_SECONDS < 3 * SKYPORT_HEARTBEAT_SECONDS:
+    raise ImproperlyConfigured(
+        f"SKYPORT_RESEND_AFTER_SECONDS ({SKYPORT_RESEND_AFTER_SECONDS:g}) must be at least three "
+        f"heartbeats (SKYPORT_HEARTBEAT_SECONDS={SKYPORT_HEARTBEAT_SECONDS:g})"
+    )
 # Consoles (docs/console.md): a ticket is redeemed once within this many seconds; a session with
 # no keystroke (and, for viewers, no output) for the idle time is closed; the WebSocket URL the
 # pages hand out ("" = the page's own host: a proxy routes /ws/ to the ASGI relay).

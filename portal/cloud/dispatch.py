@@ -164,14 +164,27 @@ def _send(queue: str, task: str, args: list[Any]) -> None:
 
 
 def queued(queue: str) -> int | None:
-    """How many messages wait in ``queue`` on the broker (None: the broker cannot say now)."""
+    """How many messages wait in ``queue`` on the broker (None: the broker cannot say now).
+
+    A queue the broker does not know holds none: Redis deletes a list once it is empty, so
+    kombu's Redis transport answers "NOT_FOUND" for every empty queue (RabbitMQ: a queue not
+    declared yet).
+    """
+    from amqp.exceptions import NotFound
+    from kombu.exceptions import ChannelError
+
     from portal.celery import app
 
     try:
         with app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=2)  # never hang the sweeper
             channel: Any = conn.default_channel
-            return int(channel.queue_declare(queue=queue, passive=True).message_count)
-    except Exception as exc:  # a broker away or a queue not declared yet: no evidence either way
+            try:
+                return int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except (ChannelError, NotFound) as exc:
+                if "NOT_FOUND" in str(exc) or isinstance(exc, NotFound):
+                    return 0
+                raise
+    except Exception as exc:  # a broker away: no evidence either way
         log.info("cannot read the length of queue %s: %s", queue, exc)
         return None

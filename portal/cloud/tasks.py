@@ -38,7 +38,7 @@ from compute.spec import (
 )
 from portal.audit.log import record
 from portal.audit.models import Outcome
-from portal.cloud import dispatch, evacuation, metrics, networks, states, vm_migration
+from portal.cloud import dispatch, evacuation, metrics, networks, resend, states, vm_migration
 from portal.cloud.choices import NodeStatus, TaskState, VmState
 from portal.cloud.models import AppliedAction, ComputeNode, Instance, Network
 from portal.images.choices import ImageStatus
@@ -243,8 +243,11 @@ def _sync_snapshots(live: Any, seen: dict[str, InventoryItem], task_states: dict
         snapshots.sync(inst, listed[str(inst.pk)])
 
 
-def _reconcile(node: ComputeNode, report: NodeReport) -> None:
+def _reconcile(node: ComputeNode, report: NodeReport) -> list[str]:
     """Compare the node's real inventory with the database; record, never delete.
+
+    Returns the instances whose create or delete the node should have taken by now and did
+    not (portal/cloud/resend.py), for the caller to send again after its transaction.
 
     The steady state (nothing drifted) reads the node's instances as plain values, without row
     locks: locking all of a node's rows on every heartbeat dirtied every instance row each beat
@@ -260,10 +263,13 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
     suspects = []
     restarted = []
     task_states: dict[str, str | None] = {}
-    for pk, power_state, vm_state, task_state, restarts in live.order_by().values_list(
-        "pk", "power_state", "vm_state", "task_state", "restarts"
+    in_flight = []
+    for pk, power_state, vm_state, task_state, restarts, action_id, deadline in live.order_by().values_list(
+        "pk", "power_state", "vm_state", "task_state", "restarts", "action_id", "task_deadline"
     ):
         known.add(str(pk))
+        if task_state is not None:
+            in_flight.append((str(pk), task_state, action_id, deadline))
         item = seen.get(str(pk))
         if item is not None and item.power_state == PowerState.RUNNING and item.cpu_time_ns:
             samples.append((str(pk), item.cpu_time_ns, item.memory_bytes))
@@ -302,6 +308,8 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> None:
                 f"{len(orphans)} workload(s) on the node unknown to the portal: "
                 + ", ".join(o["instance_id"] for o in orphans[:10]),
             )
+    # judged as of the beat (a beat read late must not call a message taken since then lost)
+    return resend.untaken(in_flight, report, taken)
 
 
 def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
@@ -342,7 +350,7 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
         if node.status != NodeStatus.DISABLED:
             node.status = NodeStatus.UP
             node.status_reason = ""
-        _reconcile(node, report)
+        lost = _reconcile(node, report)
         volumes.reconcile(node, report.volumes)
         node.save()
         if (came_up or readdressed) and node.status == NodeStatus.UP:
@@ -358,6 +366,8 @@ def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:
                 Outcome.SUCCESS,
                 f"registered with {node.vcpus} vCPUs and {node.ram_mb} MiB",
             )
+    if lost and node.status == NodeStatus.UP:
+        resend.resend(node, lost, report)
     return node
 
 

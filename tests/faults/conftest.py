@@ -36,6 +36,7 @@ from tests.hostcaps import require_binary, require_libvirtd, require_root
 from tests.netcleanup import table_for, teardown_node
 
 VISIBILITY = "4"  # seconds before a message taken by a dead worker is delivered again
+RESEND_AFTER = "10"  # seconds before a create or delete the node never took is sent again
 
 
 def _free_port() -> int:
@@ -91,6 +92,10 @@ class Cluster:
         self.app.config_from_object("django.conf:settings", namespace="CELERY")
         self.app.conf.broker_url = self.redis.url
         self.app.conf.broker_transport_options = {"visibility_timeout": float(VISIBILITY)}
+        # the API here derives task deadlines from the visibility timeout as the control worker
+        # does (portal/cloud/deadlines.py): the resend judges a claim's age from its deadline
+        monkeypatch.setitem(settings.CELERY_BROKER_TRANSPORT_OPTIONS, "visibility_timeout", float(VISIBILITY))
+        monkeypatch.setattr(settings, "SKYPORT_BROKER_VISIBILITY_SECONDS", float(VISIBILITY))
 
         def send(queue: str, task: str, args: list[Any]) -> None:
             # the portal's broker hop to this cluster's Redis: the real one's lock and second try
@@ -100,6 +105,10 @@ class Cluster:
         self.node = f"flt{secrets.token_hex(3)}"
         self.stack = Stack(base, str(settings.DATABASES["default"]["NAME"]), self.redis.url)
         self.stack.env["SKYPORT_BROKER_VISIBILITY_SECONDS"] = VISIBILITY
+        # a message the broker lost is sent again after this (ten of the stack's 1 s heartbeats)
+        self.stack.env["SKYPORT_RESEND_AFTER_SECONDS"] = RESEND_AFTER
+        # a message the control worker builds (a resend) points nodes at this test's server too
+        self.stack.env["SKYPORT_PORTAL_URL"] = self.server.url
         self.stack.start(
             "control", "-A", "portal", "worker", "-Q", "control", "--pool", "threads", "--concurrency", "4"
         )

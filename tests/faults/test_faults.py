@@ -24,6 +24,7 @@ from portal.cloud.models import Instance, UnsentMessage
 from portal.tenancy.models import Quota, Tenant
 from tests.e2e.test_end_to_end import wait_for
 from tests.faults.conftest import (
+    RESEND_AFTER,
     VISIBILITY,
     Cluster,
     acme_client,
@@ -138,6 +139,34 @@ def test_redis_restarted_during_a_burst_of_100_creates(cluster: Cluster) -> None
     assert not Instance.objects.filter(vm_state="error").exists()
     assert_true_and_no_orphans(cluster)
     _delete_all(clients[0])
+    assert_true_and_no_orphans(cluster)
+
+
+def test_a_create_the_broker_lost_is_sent_again(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The create never reaches the node (as kombu loses a message popped when Redis restarts):
+    the node's heartbeats do not list its action id, its queue is empty, and the control worker
+    sends it again (portal/cloud/resend.py)."""
+    real = dispatch._send
+    lost: list[str] = []
+
+    def lose_the_first_create(queue: str, task: str, args: list[Any]) -> None:
+        if task == "compute.instance.create" and not lost:
+            lost.append(args[0]["action_id"])
+            return
+        real(queue, task, args)
+
+    monkeypatch.setattr(dispatch, "_send", lose_the_first_create)
+    c = acme_client()
+    t0 = time.monotonic()
+    app = launch(c, "lost-once", kind="container")
+    got = settled(c, app["id"], timeout=90)
+    took = time.monotonic() - t0
+    assert lost and got["power_state"] == "running"
+    (resent,) = Event.objects.filter(object_id=app["id"], action="dispatch.resend")
+    assert resent.request_id == lost[0] and "did not take the compute.instance.create" in resent.message
+    print(f"a lost create: sent again and running {took:.1f} s after the POST (resend: {RESEND_AFTER} s)")
+    assert_true_and_no_orphans(cluster)
+    _delete_all(c)
     assert_true_and_no_orphans(cluster)
 
 

@@ -90,6 +90,10 @@ def test_queued_counts_a_queues_messages_on_the_real_broker_and_says_none_when_i
             channel: Any = conn.default_channel
             channel.queue_purge(queue)
             channel.queue_delete(queue)
+    # an emptied queue, and one never declared, hold none (Redis: "NOT_FOUND" for an empty list);
+    # the resend of a lost message (portal/cloud/resend.py) waits for exactly this 0
+    assert REAL_QUEUED(queue) == 0
+    assert REAL_QUEUED(f"never-{secrets.token_hex(4)}") == 0
 
     # a broker that does not answer (nothing listens on port 1): no evidence, and at once
     monkeypatch.setattr(app, "connection_for_read", lambda: Connection("redis://127.0.0.1:1/0"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
@@ -37,3 +39,28 @@ def test_settings_parse_numbers_only_through_the_readers() -> None:
 
     source = (Path(__file__).resolve().parents[2] / "portal" / "settings.py").read_text()
     assert "int(os.environ" not in source and "float(os.environ" not in source
+
+
+def test_resend_after_follows_the_heartbeat_and_refuses_less_than_three_beats(tmp_path: Path) -> None:
+    """SKYPORT_RESEND_AFTER_SECONDS (portal/cloud/resend.py): a lag of a beat or two is no loss."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import django; django.setup(); from django.conf import settings as s; "
+        "print(s.SKYPORT_RESEND_AFTER_SECONDS)"
+    )
+
+    def run(**extra: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYPORT_", "DJANGO_", "CELERY_"))}
+        env.update(DJANGO_SETTINGS_MODULE="portal.settings", SKYPORT_VAR_DIR=str(tmp_path), **extra)
+        return subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+
+    assert float(run().stdout) == 60
+    assert float(run(SKYPORT_HEARTBEAT_SECONDS="60").stdout) == 180  # three beats, when longer
+    assert float(run(SKYPORT_RESEND_AFTER_SECONDS="20", SKYPORT_HEARTBEAT_SECONDS="5").stdout) == 20
+    refused = run(SKYPORT_RESEND_AFTER_SECONDS="10", SKYPORT_HEARTBEAT_SECONDS="5")
+    assert refused.returncode != 0
+    assert "SKYPORT_RESEND_AFTER_SECONDS (10) must be at least three heartbeats" in refused.stderr

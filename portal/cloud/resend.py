@@ -1,0 +1,140 @@
+"""A create or delete the node never took is sent again, once its queue is empty.
+
+kombu's Redis transport can lose a message on its way to a worker: it pops the
+message (``BRPOP``) before it records it as unacknowledged, so a connection that
+breaks in between (Redis restarted under load) loses it for good, and no
+visibility timeout brings it back (seen in tests/faults, the burst of 100: one
+create never reached the node, and its instance would have been failed at its
+deadline, 11 minutes later by default).
+
+The node's heartbeat lists the action ids of the instance messages it took in
+the last ``taken_window`` seconds (compute/taken.py).  Reconcile picks the
+instances of the node whose create or delete
+
+- was claimed at least ``SKYPORT_RESEND_AFTER_SECONDS`` ago (and within the
+  node's window, or the node's silence says nothing),
+- and is not among the ids the node took;
+
+and this module sends such a message again, with the same action id, when the
+node's queue on the broker is empty (a message still queued is not lost) and no
+message to the node waits unsent (portal/cloud/dispatch.py).  It does so at most
+:data:`MAX_RESENDS` times per action, ``SKYPORT_RESEND_AFTER_SECONDS`` apart,
+each recorded as a ``dispatch.resend`` event.  A create that was in fact taken
+(say, a worker crashed holding it) is harmless to send again: spawn is
+idempotent by instance id, and an observation of an action id already applied is
+ignored.
+
+Only the lifecycle messages are rebuilt from the row (a create from the instance
+as it is, a delete from its id); an action's parameters are not kept, so a lost
+start, stop or snapshot still ends at its deadline.  A drain's create that waits
+for the old copy to stop (``Evacuation.create_pending``) is not the node's to
+take yet and is left alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable
+
+from django.conf import settings
+from django.db.models import Count, Max
+from django.utils import timezone
+
+from compute.spec import CreateInstance, DeleteInstance, Kind, NodeReport
+from portal.audit.log import record
+from portal.audit.models import Event
+from portal.cloud import deadlines, dispatch
+from portal.cloud.choices import TaskState, VmState
+from portal.cloud.models import ComputeNode, Evacuation, Instance, UnsentMessage
+from portal.cloud.services import build_spec
+from portal.errors import Conflict
+
+log = logging.getLogger(__name__)
+
+#: the task states whose message can be rebuilt from the row and sent again
+RESENDABLE = frozenset({TaskState.SPAWNING, TaskState.DELETING})
+#: how many times one action's message is sent again at most
+MAX_RESENDS = 3
+ACTION = "dispatch.resend"
+
+
+def untaken(
+    rows: Iterable[tuple[str, str | None, str, dt.datetime | None]], report: NodeReport, now: dt.datetime
+) -> list[str]:
+    """The instances (pk, task state, action id, deadline) whose message the node should have taken.
+
+    No query: reconcile hands in the values it already read.  Empty unless the node reports
+    what it took (``taken_window`` > 0).
+    """
+    if report.taken_window <= 0:
+        return []
+    taken = set(report.taken)
+    after = float(settings.SKYPORT_RESEND_AFTER_SECONDS)
+    out = []
+    for pk, task_state, action_id, deadline in rows:
+        if task_state not in RESENDABLE or deadline is None or not action_id or action_id in taken:
+            continue
+        claimed = deadline - dt.timedelta(seconds=deadlines.deadline_seconds(task_state))
+        age = (now - claimed).total_seconds()
+        if after <= age <= report.taken_window - after:
+            out.append(str(pk))
+    return out
+
+
+def resend(node: ComputeNode, pks: list[str], report: NodeReport, now: dt.datetime | None = None) -> int:
+    """Send again the lost messages of ``pks`` (from :func:`untaken`); how many were sent.
+
+    Outside any transaction: it asks the broker how long the node's queue is.
+    """
+    if not pks:
+        return 0
+    now = now or timezone.now()
+    if UnsentMessage.objects.filter(queue=node.queue).exists():
+        return 0  # the sweep sends those first, in order
+    waiting = dispatch.queued(node.queue)
+    if waiting != 0:
+        if waiting is None:
+            log.info("not sending lost messages to %s again: its queue's length is unknown", node.name)
+        return 0  # still queued, not lost (or the broker cannot say)
+    after = dt.timedelta(seconds=float(settings.SKYPORT_RESEND_AFTER_SECONDS))
+    pending = Evacuation.objects.filter(create_pending=True).values("instance_id")
+    rows = (
+        Instance.objects.filter(pk__in=pks, node=node, task_state__in=RESENDABLE)
+        .exclude(vm_state=VmState.DELETED)
+        .exclude(pk__in=pending)
+        .select_related("image", "node", "tenant")
+    )
+    sent = 0
+    for inst in rows:
+        before = Event.objects.filter(
+            object_id=str(inst.pk), action=ACTION, request_id=inst.action_id
+        ).aggregate(n=Count("id"), last=Max("created_at"))
+        if before["n"] >= MAX_RESENDS or (before["last"] and now - before["last"] < after):
+            continue
+        if inst.task_state == TaskState.DELETING:
+            message: CreateInstance | DeleteInstance = DeleteInstance(
+                str(inst.pk), Kind(inst.kind), inst.action_id
+            )
+        else:
+            try:
+                message = CreateInstance(build_spec(inst), inst.action_id)
+            except Conflict as exc:  # its image deleted meanwhile: the deadline fails it
+                log.warning("cannot build the lost create of %s again: %s", inst.pk, exc)
+                continue
+        record(
+            ACTION,
+            inst,
+            actor_name="portal",
+            message=(
+                f"{node.name} did not take the {message.TASK} message within "
+                f"{settings.SKYPORT_RESEND_AFTER_SECONDS:g} s and its queue is empty: sent again "
+                f"({before['n'] + 1} of {MAX_RESENDS})"
+            ),
+            request_id=inst.action_id,
+        )
+        dispatch.send(node.queue, message)
+        sent += 1
+    if sent:
+        log.warning("sent %d lost message(s) to %s again", sent, node.name)
+    return sent
