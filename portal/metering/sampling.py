@@ -103,7 +103,9 @@ def add_sample(
     if too_old(at, received):
         log.warning("refusing a sample of %s taken at %s: older than the samples kept", instance.pk, at)
         return False
-    with transaction.atomic():
+    # no savepoint of its own inside a caller's transaction (an observation's, a beat's): nothing
+    # here is caught and carried on from but the insert's IntegrityError, which has its own
+    with transaction.atomic(savepoint=False):
         serialise([instance.pk])
         try:
             with transaction.atomic():
