@@ -1118,9 +1118,11 @@ class NodeReport:
     # The host's own load, memory and disk; None from nodes older than this field.
     host: HostLoad | None = None
     # Action ids of the instance messages the node took within the last ``taken_window`` seconds
-    # (compute/taken.py); a window of 0 (nodes older than this field) says nothing either way.
+    # (compute/taken.py), and of those it has handled (its observation sent); a window of 0
+    # (nodes older than these fields) says nothing either way.
     taken: tuple[str, ...] = ()
     taken_window: float = 0.0
+    done: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.tunnel_address:

@@ -167,10 +167,14 @@ class NodeService:
         if known in _INSTANCE_TASKS:
             self.taken.mark(payload)
         try:
-            message = from_json(MESSAGES[known], payload)
-        except SpecError as exc:
-            return self._refuse(known, payload, exc)
-        return handlers[known](message)
+            try:
+                message = from_json(MESSAGES[known], payload)
+            except SpecError as exc:
+                return self._refuse(known, payload, exc)
+            return handlers[known](message)
+        finally:
+            if known in _INSTANCE_TASKS:
+                self.taken.finish(payload)  # its observation is sent (or it raised: none will come)
 
     def _refuse(self, task: Task, payload: Mapping[str, Any], exc: SpecError) -> Observation | None:
         """Report a malformed instance message as a failed action, if it says which one."""
@@ -645,6 +649,7 @@ class NodeService:
                 ok, why = False, f"{type(exc).__name__}: {exc}"
             drivers.append(DriverStatus(kind, ok, why, capabilities))
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        taken, done = self.taken.recent()
         report = NodeReport(
             node=self.config.name,
             queue=self.config.queue,
@@ -661,7 +666,8 @@ class NodeService:
             attachments=tuple(self._attachments()),
             network_drift=self._network_drift(),
             host=self._host_load(),
-            taken=self.taken.recent(),
+            taken=taken,
+            done=done,
             taken_window=self.taken.window,
         )
         self.send(report.TASK, to_json(report))

@@ -243,11 +243,11 @@ def _sync_snapshots(live: Any, seen: dict[str, InventoryItem], task_states: dict
         snapshots.sync(inst, listed[str(inst.pk)])
 
 
-def _reconcile(node: ComputeNode, report: NodeReport) -> list[str]:
+def _reconcile(node: ComputeNode, report: NodeReport) -> dict[str, str]:
     """Compare the node's real inventory with the database; record, never delete.
 
-    Returns the instances whose create or delete the node should have taken by now and did
-    not (portal/cloud/resend.py), for the caller to send again after its transaction.
+    Returns the instances whose create or delete, or its observation, was lost on the way
+    (portal/cloud/resend.py), for the caller to send again after its transaction.
 
     The steady state (nothing drifted) reads the node's instances as plain values, without row
     locks: locking all of a node's rows on every heartbeat dirtied every instance row each beat
@@ -309,7 +309,7 @@ def _reconcile(node: ComputeNode, report: NodeReport) -> list[str]:
                 + ", ".join(o["instance_id"] for o in orphans[:10]),
             )
     # judged as of the beat (a beat read late must not call a message taken since then lost)
-    return resend.untaken(in_flight, report, taken)
+    return resend.unanswered(in_flight, report, taken)
 
 
 def apply_node_report(data: dict[str, Any]) -> ComputeNode | None:

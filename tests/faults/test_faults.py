@@ -170,6 +170,61 @@ def test_a_create_the_broker_lost_is_sent_again(cluster: Cluster, monkeypatch: p
     assert_true_and_no_orphans(cluster)
 
 
+def test_an_observation_the_broker_lost_gets_the_create_sent_again(cluster: Cluster) -> None:
+    """The node creates the container and sends its observation; the observation vanishes from
+    the ``control`` queue before the control worker reads it (as kombu can lose a popped message).
+    The node's heartbeat says it handled the create; the control worker sends it again, and the
+    node finds the container there and observes again."""
+    control = cluster.stack.procs[0]
+    os.killpg(control.pid, signal.SIGTERM)  # nobody reads the control queue for a moment
+    control.wait(30)
+    c = acme_client()
+    app = launch(c, "unheard", kind="container")
+    action_id = Instance.objects.get(pk=app["id"]).action_id
+    node_log = cluster.base / f"{cluster.node}.log"
+    wait_for(
+        "the node to finish the create",
+        lambda: re.search(r"Task compute\.instance\.create\[[0-9a-f-]+\] succeeded", node_log.read_text()),
+        timeout=60,
+        every=0.2,
+    )
+    redis = ["redis-cli", "-p", str(cluster.redis.port)]
+
+    def observations() -> list[str]:
+        out = subprocess.run([*redis, "lrange", "control", "0", "-1"], capture_output=True, text=True).stdout
+        return [m for m in out.splitlines() if '"portal.observe"' in m and action_id in _body(m)]
+
+    wait_for("the observation in the control queue", observations, timeout=30, every=0.2)
+    for message in observations():  # lost on the way
+        subprocess.run([*redis, "lrem", "control", "0", message], check=True, capture_output=True)
+    cluster.stack.start(
+        "control", "-A", "portal", "worker", "-Q", "control", "--pool", "threads", "--concurrency", "4"
+    )
+    t0 = time.monotonic()
+    got = settled(c, app["id"], timeout=90)
+    assert got["power_state"] == "running"
+    (resent,) = Event.objects.filter(object_id=app["id"], action="dispatch.resend")
+    assert resent.request_id == action_id and "its observation did not arrive" in resent.message
+    print(
+        f"a lost observation: the create sent again, running {time.monotonic() - t0:.1f} s after the restart"
+    )
+    assert Event.objects.filter(object_id=app["id"], action="node.create").count() == 1
+    assert_true_and_no_orphans(cluster)
+    _delete_all(c)
+    assert_true_and_no_orphans(cluster)
+
+
+def _body(message: str) -> str:
+    """A Celery message's decoded body (base64 in the Redis list)."""
+    import base64
+    import json
+
+    try:
+        return base64.b64decode(json.loads(message)["body"]).decode()
+    except (ValueError, KeyError):
+        return ""
+
+
 def _libvirtd_pid() -> int:
     return int(Path("/var/run/libvirtd.pid").read_text().strip())
 

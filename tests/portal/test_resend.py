@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from django.db.models import F
 
-from compute.spec import Task
+from compute.spec import Kind, Task
 from portal.audit.models import Event
 from portal.cloud import dispatch
 from portal.cloud.models import Instance, UnsentMessage
@@ -89,7 +89,7 @@ def test_a_lost_create_is_sent_again_once_the_node_says_it_never_took_it(
     assert (again[0]["action_id"], again[0]["spec"]["instance_id"]) == (lost["action_id"], inst["id"])
     (note,) = _resent(inst["id"])
     assert "node-a did not take the compute.instance.create message within 60 s" in note
-    assert "(1 of 3)" in note
+    assert "its queue is empty: sent again (1 of 3)" in note
 
     _beat(nodes)  # not again within the resend interval, though still not taken
     assert len(_resent(inst["id"])) == 1
@@ -140,3 +140,45 @@ def test_a_taken_message_is_not_sent_again_and_a_lost_delete_is(
     _age(lone["id"], settings.SKYPORT_RESEND_AFTER_SECONDS + 1)
     apply_node_report(heartbeat("node-a", capabilities={"container": ["exec"]}))
     assert _resent(lone["id"]) == []
+
+
+def test_a_lost_observation_gets_the_create_sent_again_and_the_node_observes_again(
+    world: World,
+    nodes: FakeNodes,
+    queue_length: list[int | None],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The node ran the create and sent its observation; the way back lost it (as kombu can)."""
+    from portal.cloud import tasks
+
+    real = tasks.apply_observation
+    dropped: list[dict[str, Any]] = []
+
+    def lose_the_first(data: dict[str, Any]) -> str:
+        if not dropped:
+            dropped.append(data)
+            return "lost"
+        return real(data)
+
+    monkeypatch.setattr(tasks, "apply_observation", lose_the_first)  # before the node is made
+    _dedicate_node_a(world)
+    inst = _launch(world, "unheard")
+    nodes.run()
+    assert dropped and dropped[0]["action_id"] == Instance.objects.get(pk=inst["id"]).action_id
+    svc = nodes.service(QUEUE)
+    assert list(svc.driver(Kind.CONTAINER).workloads) == [inst["id"]]  # the node did create it
+    taken, done = svc.taken.recent()
+    assert dropped[0]["action_id"] in taken and dropped[0]["action_id"] in done
+
+    _beat(nodes)  # too early to call it lost
+    assert _resent(inst["id"]) == []
+    _age(inst["id"], settings.SKYPORT_RESEND_AFTER_SECONDS + 1)
+    _beat(nodes)
+    (note,) = _resent(inst["id"])
+    assert "node-a handled the compute.instance.create message, but its observation did not arrive" in note
+    nodes.run()  # the node finds the container there and observes again
+    got = world.client("a_member").get(f"/api/v1/instances/{inst['id']}/").json()
+    assert (got["vm_state"], got["task_state"], got["power_state"]) == ("active", None, "running")
+    assert list(svc.driver(Kind.CONTAINER).workloads) == [inst["id"]]  # still one
+    assert Event.objects.filter(object_id=inst["id"], action="node.create").count() == 1
