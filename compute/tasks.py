@@ -78,7 +78,7 @@ class Sender(Protocol):
 
 
 #: the messages about one instance's task, whose action ids the heartbeat reports as taken
-_INSTANCE_TASKS = frozenset({Task.CREATE, Task.ACTION, Task.DELETE})
+INSTANCE_TASKS = frozenset({Task.CREATE, Task.ACTION, Task.DELETE})
 
 
 class NodeService:
@@ -164,7 +164,7 @@ class NodeService:
         if known is None:
             log.error("dropping message of unknown task %r", task)
             return None
-        if known in _INSTANCE_TASKS:
+        if known in INSTANCE_TASKS:
             self.taken.mark(payload)
         try:
             try:
@@ -173,7 +173,7 @@ class NodeService:
                 return self._refuse(known, payload, exc)
             return handlers[known](message)
         finally:
-            if known in _INSTANCE_TASKS:
+            if known in INSTANCE_TASKS:
                 self.taken.finish(payload)  # its observation is sent (or it raised: none will come)
 
     def _refuse(self, task: Task, payload: Mapping[str, Any], exc: SpecError) -> Observation | None:

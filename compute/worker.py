@@ -23,7 +23,7 @@ from celery.signals import task_received, worker_ready, worker_shutdown
 from compute import celeryconf
 from compute.config import NodeConfig
 from compute.spec import NODE_TASKS, Task
-from compute.tasks import NodeService
+from compute.tasks import INSTANCE_TASKS, NodeService
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _node_task(task: Task, **options: Any) -> None:
 def _mark_taken(request: Any = None, **kwargs: Any) -> None:
     """A message reserved by this worker is taken, even before a pool process runs it (prefetch)."""
     try:
-        if request is not None and request.task_name in (Task.CREATE, Task.ACTION, Task.DELETE):
+        if request is not None and request.task_name in INSTANCE_TASKS:
             service.taken.mark(request.args[0] if request.args else None)
     except Exception:  # a mark only helps: never let it lose the message
         log.exception("cannot mark a received message as taken")

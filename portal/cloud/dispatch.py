@@ -44,9 +44,7 @@ def deliver(queue: str, task: str, args: list[Any]) -> bool:
     Runs after the commit: raising here would answer a request whose rows are saved with a
     500, and lose the message.
     """
-    from portal.cloud.models import UnsentMessage
-
-    if UnsentMessage.objects.filter(queue=queue).exists():
+    if waiting_unsent(queue):
         _keep(queue, task, args, "waits behind earlier messages to this queue")
         return False
     try:
@@ -56,6 +54,13 @@ def deliver(queue: str, task: str, args: list[Any]) -> bool:
         _keep(queue, task, args, repr(exc), attempts=1)
         return False
     return True
+
+
+def waiting_unsent(queue: str) -> bool:
+    """Whether messages to ``queue`` wait unsent: a new one waits behind them, in order."""
+    from portal.cloud.models import UnsentMessage
+
+    return UnsentMessage.objects.filter(queue=queue).exists()
 
 
 def _keep(queue: str, task: str, args: list[Any], why: str, attempts: int = 0) -> None:
@@ -81,10 +86,10 @@ def flush(now: dt.datetime | None = None) -> dict[str, int]:
 
     now = now or timezone.now()
     oldest = now - dt.timedelta(seconds=redelivery_seconds(float(configured_visibility())))
+    free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
+    hold = now + dt.timedelta(seconds=CLAIM_SECONDS)
     sent = dropped = failed = 0
     for row in UnsentMessage.objects.order_by("id")[:FLUSH_BATCH]:
-        free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
-        hold = now + dt.timedelta(seconds=CLAIM_SECONDS)
         if not UnsentMessage.objects.filter(free, pk=row.pk).update(claimed_until=hold):
             break  # another sweep is sending it: it goes on in order, not this one
         if row.created_at < oldest:

@@ -48,7 +48,7 @@ from portal.audit.log import record
 from portal.audit.models import Event
 from portal.cloud import deadlines, dispatch
 from portal.cloud.choices import TaskState, VmState
-from portal.cloud.models import ComputeNode, Evacuation, Instance, UnsentMessage
+from portal.cloud.models import ComputeNode, Evacuation, Instance
 from portal.cloud.services import build_spec
 from portal.errors import Conflict
 
@@ -105,7 +105,7 @@ def resend(
     if not lost:
         return 0
     now = now or timezone.now()
-    if UnsentMessage.objects.filter(queue=node.queue).exists():
+    if dispatch.waiting_unsent(node.queue):
         return 0  # the sweep sends those first, in order
     waiting = dispatch.queued(node.queue)
     if waiting != 0:
