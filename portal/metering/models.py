@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -186,6 +187,11 @@ class UsageHour(_Rollup):
             models.Index(fields=["tenant", "hour"], name="usage_hour_tenant"),
             # a volume's rows (no instance): the per-instance report reads them apart, by volume
             models.Index(fields=["tenant", "hour"], condition=Q(instance=None), name="usage_hour_volume"),
+            # the roll's question, which instances have hours in the hours that closed: without it
+            # a scan of every hour row ever written (bench/roll_history.py)
+            models.Index(
+                fields=["hour", "instance"], condition=Q(subject=INSTANCE_SUBJECT), name="usage_hour_roll"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -257,16 +263,32 @@ class RollupMark(models.Model):
     hour rows.  A late sample of an hour before ``until`` still updates its day
     and month rows.  Null: nothing is rolled, reports read only hour rows.
 
+    ``rolling_to`` and ``rolled_through``: a roll under way, in slices of instances by id, each
+    slice its own short transaction (a roll of every instance at once held the beats for seconds,
+    ``bench/roll_history.py``).  The instances whose id is at most ``rolled_through`` have their
+    day and month rows summed up to ``rolling_to``; a late beat of theirs adds to those rows for
+    the hours before ``rolling_to``, the others' for the hours before ``until``.  ``until`` moves
+    to ``rolling_to`` with the last slice.  Null: no roll is under way.
+
     ``pruned_until``: the raw samples before it are gone but each instance's newest
     (:func:`portal.metering.sampling.prune`), so the hour, day and month rows before it are
     final: no rebuild or recompute starts earlier.  Null: no sample was ever pruned.
     """
 
     until = models.DateTimeField(null=True, blank=True)
+    rolling_to = models.DateTimeField(null=True, blank=True)
+    rolled_through = models.UUIDField(null=True, blank=True)
     pruned_until = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"rolled until {self.until}"
+
+    def rolled_for(self, instance_id: Any) -> dt.datetime | None:
+        """How far ``instance_id``'s day and month rows are summed from its hours."""
+        through = self.rolled_through
+        if self.rolling_to is not None and through is not None and instance_id <= through:
+            return self.rolling_to
+        return self.until
 
 
 class MemoryBasis(models.TextChoices):

@@ -204,30 +204,72 @@ def _mark_alone() -> RollupMark:
     return mark
 
 
-def roll(now: dt.datetime | None = None) -> int:
+#: instances per slice of the roll: ~0.2 s of the beats held up on this 2-core machine
+ROLL_SLICE = 500
+
+
+def roll(now: dt.datetime | None = None, slice_size: int = ROLL_SLICE, max_slices: int | None = None) -> int:
     """Move the mark to the start of the current hour; returns the day rows written.
 
     The day rows of the instances with hour rows between the old mark and the
     new one are summed again from all the hours of their days, and their month
     rows from the days of their months (a rebuild's rule, set-based: one
-    statement per level whatever the number of instances).  Idempotent; the
-    beat runs it every few minutes (``SKYPORT_METERING_ROLL_SECONDS``).
+    statement per level and slice).  The instances go in slices of
+    ``slice_size`` by id, each slice its own transaction under the roll's lock,
+    so the beats wait for one slice, never for the whole roll (at 10,000
+    instances the single transaction held them for 4.24 s, docs/benchmarks.md).
+    ``RollupMark.rolled_through`` says how far the roll got, so a beat in between
+    knows which rows it adds to, and a roll stopped half-way (``max_slices``, or
+    a worker that died) is finished by the next.  Idempotent; the beat runs it
+    every few minutes (``SKYPORT_METERING_ROLL_SECONDS``).
     """
     target = floor_hour(now or timezone.now())
-    with transaction.atomic():
-        mark = _mark_alone()
-        hours = UsageHour.objects.filter(subject=INSTANCE_SUBJECT, instance__isnull=False)
-        start = mark.until or hours.aggregate(first=Min("hour"))["first"]
-        written = 0
-        if start is not None and start < target:
-            touched = hours.filter(hour__gte=start, hour__lt=target).values("instance_id").distinct()
-            first, last = start.date(), (target - dt.timedelta(microseconds=1)).date()
-            written = _sum_days(touched, first, last)
-            _sum_months(touched, month_start(first), month_start(last))
-        if mark.until is None or mark.until < target:
-            mark.until = target
-            mark.save(update_fields=["until"])
+    written = 0
+    slices = 0
+    while max_slices is None or slices < max_slices:
+        with transaction.atomic():
+            mark = _mark_alone()
+            if mark.rolling_to is None:
+                if mark.until is not None and mark.until >= target:
+                    return written
+                mark.rolling_to, mark.rolled_through = target, None
+            done, rows = _roll_slice(mark, slice_size)
+            written += rows
+            if done:
+                mark.until, mark.rolling_to, mark.rolled_through = mark.rolling_to, None, None
+            mark.save(update_fields=["until", "rolling_to", "rolled_through"])
+        slices += 1
     return written
+
+
+def _roll_slice(mark: RollupMark, size: int) -> tuple[bool, int]:
+    """Sum the day and month rows up to ``mark.rolling_to`` of the next ``size`` instances (by id)
+    after ``mark.rolled_through`` that have hours since ``mark.until``; moves ``rolled_through``.
+    Returns whether this was the last slice and the day rows written."""
+    goal = mark.rolling_to
+    assert goal is not None
+    hours = UsageHour.objects.filter(subject=INSTANCE_SUBJECT, instance__isnull=False)
+    start = mark.until or hours.aggregate(first=Min("hour"))["first"]
+    if start is None or start >= goal:
+        return True, 0
+    after = {} if mark.rolled_through is None else {"instance_id__gt": mark.rolled_through}
+    ids = list(
+        hours.filter(hour__gte=start, hour__lt=goal, **after)
+        .order_by("instance_id")
+        .values_list("instance_id", flat=True)
+        .distinct()[: size + 1]
+    )
+    last = len(ids) <= size
+    chunk = ids[:size]
+    # the slice is every id up to its last one: an instance in that range with no hours yet is
+    # rolled too (its later beats add to its day rows), whether it has hours or not
+    mark.rolled_through = None if last else chunk[-1]
+    if not chunk:
+        return last, 0
+    first, end = start.date(), (goal - dt.timedelta(microseconds=1)).date()
+    written = _sum_days(chunk, first, end)
+    _sum_months(chunk, month_start(first), month_start(end))
+    return last, written
 
 
 def prune(now: dt.datetime | None = None, batch: int = 5000) -> int:
@@ -277,8 +319,8 @@ def prune(now: dt.datetime | None = None, batch: int = 5000) -> int:
     return deleted
 
 
-def _sum_days(instances: QuerySet[Any], first: dt.date, last: dt.date) -> int:
-    """The day rows ``first..last`` of ``instances`` (a subquery of ids), summed from their hours."""
+def _sum_days(instances: list[Any], first: dt.date, last: dt.date) -> int:
+    """The day rows ``first..last`` of ``instances`` (ids), summed from their hours."""
     lo = dt.datetime.combine(first, dt.time(), tzinfo=dt.UTC)
     hi = dt.datetime.combine(last, dt.time(), tzinfo=dt.UTC) + dt.timedelta(days=1)
     mine = {"subject": INSTANCE_SUBJECT, "instance_id__in": instances}
@@ -287,7 +329,7 @@ def _sum_days(instances: QuerySet[Any], first: dt.date, last: dt.date) -> int:
     return _store_sums(UsageDay, "day", hours.annotate(period=TruncDate("hour", tzinfo=dt.UTC)))
 
 
-def _sum_months(instances: QuerySet[Any], first: dt.date, last: dt.date) -> None:
+def _sum_months(instances: list[Any], first: dt.date, last: dt.date) -> None:
     """The month rows ``first..last`` (first days) of ``instances``, summed from their days."""
     hi = next_month(last)
     mine = {"subject": INSTANCE_SUBJECT, "instance_id__in": instances}
@@ -537,8 +579,9 @@ def _append(
     by_pk = {inst.pk: inst for inst in instances}
     days: dict[tuple[Any, dt.date], Quantities] = defaultdict(Quantities)
     months: dict[tuple[Any, dt.date], Quantities] = defaultdict(Quantities)
-    rolled = rolled_until()  # under serialise()'s lock: the roll does not move it meanwhile
+    mark = RollupMark.objects.filter(pk=1).first()  # under serialise()'s lock: no slice rolls meanwhile
     for (pk, hour), q in hours.items():
+        rolled = mark.rolled_for(pk) if mark is not None else None
         if rolled is not None and hour < rolled:  # a late beat: the roll has passed its hour
             days[(pk, hour.date())].add(q)
             months[(pk, month_start(hour.date()))].add(q)

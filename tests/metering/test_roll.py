@@ -167,3 +167,47 @@ def test_an_instances_first_sample_rebuilds_nothing_and_the_second_makes_the_int
     later = at + dt.timedelta(seconds=10)
     assert sampling.add_sample(inst, later, later, "heartbeat", "shared-1", running=True)
     assert _hour_sum([inst], at - HOUR, at + HOUR).running_ms == 10_000
+
+
+def test_a_roll_in_slices_stopped_half_way_and_the_late_beats_between_give_a_rebuilds_rows(
+    world: World, settings: Any
+) -> None:
+    """The roll goes in slices of instances by id, each its own transaction: the beats wait for one
+    slice, not for the whole roll.  Between two slices, a late beat adds to the day and month rows
+    of the instances already rolled (their rows are summed up to the new mark) and to the hour rows
+    alone of the others; a roll stopped half-way is finished by the next.  The rows are then what a
+    rebuild from the raw samples gives."""
+    settings.SKYPORT_HEARTBEAT_SECONDS = 600
+    settings.SKYPORT_METERING_GAP_BEATS = 3
+    base = floor_hour(timezone.now()).replace(hour=0) - dt.timedelta(days=1, hours=3)  # 21:00
+    insts = _three(world, base - HOUR)
+    for model in (UsageSample, UsageHour, UsageDay, UsageMonth):
+        model.objects.exclude(instance__in=insts).delete()
+    RollupMark.objects.update_or_create(pk=1, defaults={"until": base})
+    for k in range(3):  # 21:10, 21:20, 21:30
+        _beat(insts, base + dt.timedelta(minutes=10 * (k + 1)))
+    goal = base + dt.timedelta(hours=5)  # 02:00 the next day: the roll crosses midnight
+
+    assert sampling.roll(goal + dt.timedelta(minutes=5), slice_size=2, max_slices=1) > 0
+    mark = RollupMark.objects.get(pk=1)
+    ids = sorted(i.pk for i in insts)
+    assert (mark.until, mark.rolling_to, mark.rolled_through) == (base, goal, ids[1])
+    assert sampling.rolled_until() == base, "reports read hours from the old mark until the roll ends"
+    assert not UsageDay.objects.filter(instance_id=ids[2]).exists(), "the second slice is not rolled yet"
+
+    # late beats, every 10 min from 21:40 to 01:20: before the roll's new mark, after its old one
+    for k in range(4, 27):
+        _beat(insts, base + dt.timedelta(minutes=10 * k))
+    rolled_days = {i: sum(r.running_ms for r in UsageDay.objects.filter(instance_id=i)) for i in ids}
+    hours = {i: _hour_sum([Instance(pk=i)], base, goal).running_ms for i in ids}
+    assert rolled_days[ids[0]] == hours[ids[0]] and rolled_days[ids[1]] == hours[ids[1]], "added as they came"
+    assert rolled_days[ids[2]] == 0, "the instance not rolled yet: hours only"
+
+    assert sampling.roll(goal + dt.timedelta(minutes=5), slice_size=2) > 0  # the next roll finishes it
+    mark = RollupMark.objects.get(pk=1)
+    assert (mark.until, mark.rolling_to, mark.rolled_through) == (goal, None, None)
+    rolled = _rows(insts)
+    assert _sum(rolled["day"].values()) == _hour_sum(insts, base, goal) == _sum(rolled["month"].values())
+    sampling.recompute(insts)
+    assert _rows(insts) == rolled
+    assert sampling.roll(goal + dt.timedelta(minutes=5), slice_size=2) == 0, "idempotent"
