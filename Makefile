@@ -139,7 +139,7 @@ check: venv
 	SKYPORT_ENV=production SKYPORT_SECRET_KEY=$$(head -c 48 /dev/urandom | base64 | tr -d '\n') \
 		$(PY) manage.py check --deploy --fail-level WARNING
 
-# The whole suite on SQLite, one lane (`make test` runs it in two lanes at once: tests/run).
+# The whole suite on SQLite, one lane (`make test` runs it in three lanes at once: tests/run).
 pytest: setup
 	mkdir -p test-artifacts
 	# the live schemathesis run (~4 min) runs once, in the PostgreSQL pass: the production database,
@@ -152,8 +152,9 @@ pytest: setup
 pytest-pg: setup
 	VENV=$(VENV) tests/pg/run
 
-# Both of the above in two lanes at once (tests/run): the host lane (libvirt, crun, networks) on
-# SQLite, and the db lane (portal, web, security, metering, ui on SQLite, then on PostgreSQL).
+# Both of the above in three lanes at once (tests/run): the host lane (libvirt, crun, networks) on
+# SQLite, the db lane (portal, web, security, metering, ui on SQLite) and the pg lane (portal, web,
+# security on PostgreSQL), the last two ending with a few host tests each.
 # The set-up steps after the venv run side by side (-j4: the sample images, migrate and the
 # catalog, lint and type checks; ~45 s one after another, ~20 s together), each one's output
 # printed whole when it ends.

@@ -6,8 +6,13 @@ set it fails the test instead: CI must never pass by skipping real tests.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +45,32 @@ def require_libvirtd(uri: str = "qemu:///system") -> None:
     except Exception as exc:  # libvirt raises libvirtError or ImportError
         ok, why = False, str(exc)
     require(ok, f"a running libvirtd at {uri} (`make test` starts one): {why}")
+
+
+#: tests/run runs some libvirt tests in another lane than tests/faults, whose libvirtd test kills
+#: the host's libvirtd: that test holds this lock alone, the others share it (flock, released
+#: when the holder exits, however it ends)
+LIBVIRTD_LOCK = Path("/run/skyport-tests-libvirtd.lock")
+
+
+@contextmanager
+def libvirtd_lock(alone: bool, timeout: float = 900.0) -> Iterator[None]:
+    """Hold the host libvirtd's test lock: shared while a test uses libvirtd, ``alone`` while one
+    kills it.  Waits up to ``timeout`` seconds, then fails the test saying who holds it."""
+    fd = os.open(LIBVIRTD_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if alone else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"{LIBVIRTD_LOCK} still held after {timeout:.0f} s by another test lane",
+                        pytrace=False,
+                    )
+                time.sleep(0.5)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -32,7 +32,7 @@ from tests.faults.conftest import (
     launch,
     settled,
 )
-from tests.hostcaps import require_binary, require_root
+from tests.hostcaps import libvirtd_lock, require_binary, require_root
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -230,6 +230,11 @@ def _libvirtd_pid() -> int:
 
 
 def test_libvirtd_killed_while_vms_run(cluster: Cluster) -> None:
+    with libvirtd_lock(alone=True):  # tests/run's other lanes boot VMs on the same libvirtd
+        _libvirtd_killed_while_vms_run(cluster)
+
+
+def _libvirtd_killed_while_vms_run(cluster: Cluster) -> None:
     c = acme_client()
     vm = launch(c, "steady", kind="vm")
     settled(c, vm["id"])
