@@ -17,8 +17,6 @@ the same run.  Prints a table; everything is removed at the end.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import shutil
 import statistics
 import sys
@@ -31,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale import Procs, seed, start_postgres, start_redis  # noqa: E402
+from scale import Procs, django_on_throwaway_postgres, seed  # noqa: E402
 
 INDEX = "usage_sample_deleted"
 
@@ -102,24 +100,7 @@ def main() -> int:
     procs = Procs(tmp)
     rows = []
     try:
-        db_url = start_postgres(procs)
-        port = start_redis(procs)  # a beat sends nothing here; the settings want a broker
-        os.environ.update(
-            {
-                "DJANGO_SETTINGS_MODULE": "portal.settings",
-                "DATABASE_URL": db_url,
-                "SKYPORT_VAR_DIR": str(tmp / "var"),
-                "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
-                "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0",
-                "SKYPORT_LOG_LEVEL": "WARNING",
-            }
-        )
-        import django
-
-        django.setup()
-        from django.core.management import call_command
-
-        call_command("migrate", verbosity=0)
+        django_on_throwaway_postgres(procs)
         placed = seed(1, args.instances)
         node, ids = next(iter(placed.items()))
         beats(node, ids, 2)  # the node comes up: its first beats register and reconcile it

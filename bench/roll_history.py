@@ -24,8 +24,6 @@ before and during the roll.  Everything is removed at the end.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import shutil
 import statistics
 import sys
@@ -40,7 +38,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from beat_history import beats  # noqa: E402
-from scale import Procs, seed, start_postgres, start_redis  # noqa: E402
+from scale import Procs, django_on_throwaway_postgres, seed  # noqa: E402
 
 INDEX = "usage_hour_roll"
 
@@ -150,27 +148,11 @@ def main() -> int:
     procs = Procs(tmp)
     rows = []
     try:
-        db_url = start_postgres(procs)
-        port = start_redis(procs)  # a beat sends nothing here; the settings want a broker
-        os.environ.update(
-            {
-                "DJANGO_SETTINGS_MODULE": "portal.settings",
-                "DATABASE_URL": db_url,
-                "SKYPORT_VAR_DIR": str(tmp / "var"),
-                "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
-                "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0",
-                "SKYPORT_LOG_LEVEL": "WARNING",
-            }
-        )
-        import django
-
-        django.setup()
-        from django.core.management import call_command
+        django_on_throwaway_postgres(procs)
         from django.utils import timezone
 
         from portal.metering.intervals import HOUR, floor_hour
 
-        call_command("migrate", verbosity=0)
         placed = seed(args.nodes, args.instances)
         node, node_ids = next(iter(placed.items()))
         every = [i for ids in placed.values() for i in ids]

@@ -170,6 +170,30 @@ def start_redis(procs: Procs) -> int:
     return port
 
 
+def django_on_throwaway_postgres(procs: Procs) -> None:
+    """A throwaway PostgreSQL cluster and redis-server (``procs``' children), Django set up on
+    them and migrated: the in-process benches' database (``bench/beat_history.py``,
+    ``bench/roll_history.py``)."""
+    db_url = start_postgres(procs)
+    port = start_redis(procs)  # those benches send nothing; the settings want a broker
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "portal.settings",
+            "DATABASE_URL": db_url,
+            "SKYPORT_VAR_DIR": str(procs.tmp / "var"),
+            "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
+            "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+            "SKYPORT_LOG_LEVEL": "WARNING",
+        }
+    )
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
 def _redis(port: int, *args: str) -> str:
     return subprocess.run(
         ["redis-cli", "-p", str(port), *args], capture_output=True, text=True
