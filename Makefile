@@ -156,7 +156,7 @@ pytest-pg: setup
 # SQLite, the db lane (portal, web, security, metering, ui on SQLite) and the pg lane (portal, web,
 # security on PostgreSQL), the last two ending with a few host tests each.
 # The set-up steps after the venv run side by side (-j4: the sample images, migrate and the
-# catalog, lint and type checks; ~45 s one after another, ~20 s together), each one's output
+# catalog, lint and type checks; ~44 s one after another, ~26 s together), each one's output
 # printed whole when it ends.
 test:
 	@$(MAKE) --no-print-directory -j4 --output-sync=target setup check test-images
