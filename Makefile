@@ -53,7 +53,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: debs $(VENV)/.installed
 
-redis:
+redis: debs
 	@mkdir -p $(RUN) $(LOG)
 	@if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then echo "redis: already answering on 127.0.0.1:6379"; else \
 		redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save '' --appendonly yes \
@@ -61,7 +61,7 @@ redis:
 		for i in $$(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done; \
 		redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null; echo "redis: started"; fi
 
-libvirtd:
+libvirtd: debs
 	@mkdir -p $(LOG)
 	compute/host/start-libvirtd.sh $(LOG)/libvirtd.log
 

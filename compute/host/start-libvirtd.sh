@@ -7,7 +7,10 @@ log=${1:-/var/log/skyport-libvirtd.log}
 if virsh -c qemu:///system version >/dev/null 2>&1; then
     exit 0
 fi
-if [ -e /dev/kvm ]; then
+for tool in tini virtlogd libvirtd; do
+    command -v "$tool" >/dev/null || { echo "$tool is not installed (make debs installs it)" >&2; exit 1; }
+done
+if [ -e /dev/kvm ] && getent group kvm >/dev/null; then
     chgrp kvm /dev/kvm && chmod 0660 /dev/kvm    # else libvirt re-probes QEMU on every call
 fi
 rm -f /etc/libvirt/qemu/networks/autostart/default.xml   # no dnsmasq/NAT network
