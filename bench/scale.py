@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/scale.py [--nodes 100,250,500] [--instances 40] [--period 5]
         [--seconds 60] [--control-workers 1] [--concurrency 4] [--json out.json]
+        [--metering-beat 0,60]   # a run per usage sampling period (0: every beat, as before)
 
 What runs, all started by this script and stopped by PID:
 
@@ -340,6 +341,7 @@ def one_run(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
         "nodes": nodes,
         "instances": nodes * args.instances,
         "workers": args.control_workers,
+        "metering_beat": args.metering_one,
     }
     try:
         db_url = start_postgres(procs)
@@ -355,6 +357,7 @@ def one_run(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
             "SKYPORT_VAR_DIR": str(tmp / "var"),
             "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
             "SKYPORT_HEARTBEAT_SECONDS": str(args.period),
+            "SKYPORT_METERING_BEAT_SECONDS": str(args.metering_one),
             "SKYPORT_LOG_LEVEL": "WARNING",
         }
         os.environ.update(env)
@@ -659,12 +662,19 @@ def main() -> int:
         "--api", action="store_true", help="also time the list page and run a create burst (api_checks)"
     )
     parser.add_argument("--burst", type=int, default=500, help="creates in the burst (--api)")
+    parser.add_argument(
+        "--metering-beat",
+        default="60",
+        help="comma-separated SKYPORT_METERING_BEAT_SECONDS, a run each (0: every beat sampled)",
+    )
     args = parser.parse_args()
     rows = []
-    for n in (int(x) for x in args.nodes.split(",")):
+    runs = [(int(n), int(m)) for n in args.nodes.split(",") for m in args.metering_beat.split(",")]
+    for n, m in runs:
         # one process per run: Django is set up once per process, each run has its own database
         out = subprocess.run(
-            [sys.executable, __file__, "--one", str(n), *sys.argv[1:]], capture_output=True, text=True
+            [sys.executable, __file__, "--one", str(n), "--metering-one", str(m), *sys.argv[1:]],
+            capture_output=True, text=True,
         ) if "--one" not in sys.argv else None  # fmt: skip
         if out is not None:
             if out.returncode != 0:
@@ -687,7 +697,7 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     )
     head = (
         f"{'nodes':>6}{'insts':>7}{'beats/s':>8}{'lag p50':>8}{'lag p99':>8}{'max':>7}{'sim late':>9}"
-        f"{'backlog':>8}{'down':>5}{'rows/h':>10}{'redis MB':>9}{'ctl CPU':>8}"
+        f"{'backlog':>8}{'down':>5}{'rows/h':>10}{'redis MB':>9}{'ctl CPU':>8}{'sampled':>8}"
     )
     print(head)
     print("-" * len(head))
@@ -696,6 +706,7 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['nodes']:>6}{r['instances']:>7}{r['beats_per_s']:>8}{r['lag_p50']:>8}{r['lag_p99']:>8}"
             f"{r['lag_max']:>7}{r['sim_late_p99']:>9}{r['backlog']:>8}{r['false_down']:>5}"
             f"{r['rows_per_hour']:>10}{r['redis_mb']:>9}{r['control_cpu']:>8}"
+            f"{(str(r['metering_beat']) + ' s') if r.get('metering_beat') else 'every':>8}"
         )
     for r in rows:
         print(f"  N={r['nodes']}: most written tables per hour {r['top_tables']}")
@@ -734,6 +745,8 @@ def _one() -> int:
     parser.add_argument("--api", action="store_true")
     parser.add_argument("--burst", type=int, default=500)
     parser.add_argument("--loglevel", default="WARNING")
+    parser.add_argument("--metering-beat")
+    parser.add_argument("--metering-one", type=int, default=60)
     args = parser.parse_args()
     print(json.dumps(one_run(args.one, args)))
     return 0

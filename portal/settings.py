@@ -339,7 +339,10 @@ SKYPORT_EXEC_MAX_SECONDS = env.seconds("SKYPORT_EXEC_MAX_SECONDS", 120)
 # follow (?follow=1) streams for at most this many seconds, then ends (the client asks again).
 SKYPORT_LOG_RETENTION_HOURS = env.integer("SKYPORT_LOG_RETENTION_HOURS", 72, minimum=0, maximum=24 * 366)
 SKYPORT_LOG_FOLLOW_SECONDS = env.integer("SKYPORT_LOG_FOLLOW_SECONDS", 60, minimum=1, maximum=3600)
-# Metering (docs/metering.md): samples farther apart than this many heartbeats leave a gap.
+# Metering (docs/metering.md): a node's heartbeats are sampled every this many seconds (and at
+# once when the set of running instances changes; 0: every beat); samples farther apart than
+# that period plus this many heartbeats leave a gap.
+SKYPORT_METERING_BEAT_SECONDS = env.integer("SKYPORT_METERING_BEAT_SECONDS", 60, minimum=0, maximum=3600)
 SKYPORT_METERING_GAP_BEATS = env.integer("SKYPORT_METERING_GAP_BEATS", 3, minimum=1)
 # Raw usage samples (one per instance per heartbeat) are kept this many days, then pruned; the
 # hour, day and month rows they were summed into are kept for ever (docs/metering.md).

@@ -98,6 +98,7 @@ class Stack:
             "SKYPORT_VAR_DIR": str(base / "var"),
             "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
             "SKYPORT_HEARTBEAT_SECONDS": "1",
+            "SKYPORT_METERING_BEAT_SECONDS": "3",  # every third beat sampled (the default: a minute)
             "SKYPORT_ACCEL": os.environ.get("SKYPORT_ACCEL", "auto"),
         }
 

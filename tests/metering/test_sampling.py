@@ -103,7 +103,9 @@ def test_any_order_and_duplication_gives_the_same_hours(
 # of examples of a shrink then exceed the recursion limit reading a setting.
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(beats=_beats, data=st.data())
-@override_settings(SKYPORT_HEARTBEAT_SECONDS=20, SKYPORT_METERING_GAP_BEATS=3)
+@override_settings(
+    SKYPORT_HEARTBEAT_SECONDS=20, SKYPORT_METERING_GAP_BEATS=3, SKYPORT_METERING_BEAT_SECONDS=0
+)
 def test_incremental_rows_equal_recomputation_for_any_arrival_order(
     world: World, beats: list[tuple[int, bool, int]], data: Any
 ) -> None:
@@ -141,6 +143,7 @@ def test_incremental_rows_equal_recomputation_for_any_arrival_order(
         assert Quantities(**{k: getattr(day, k) for k in QUANTITIES}) == total(expected)
 
 
+@override_settings(SKYPORT_METERING_BEAT_SECONDS=0)  # every beat (test_beat_sampling.py: a minute)
 def test_a_node_clock_ahead_is_bounded_by_the_portal_receive_time(world: World) -> None:
     """Clock skew: a beat stamped an hour in the future is a sample at the time the portal got it."""
     import time
