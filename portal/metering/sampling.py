@@ -112,8 +112,14 @@ def beat_phase(node: str, period: float) -> float:
 
 
 def _beat_sampled(report: NodeReport, at: dt.datetime, digest: str) -> None:
+    """Keep this beat as the node's last sampled one, unless a later one is kept (a late beat
+    sampled for its digest does not move the node's minute back)."""
+    key = _BEAT_KEY.format(report.node)
     try:
-        cache.set(_BEAT_KEY.format(report.node), (at.timestamp(), digest), 24 * 3600)
+        last = cache.get(key)
+        if isinstance(last, tuple) and len(last) == 2 and last[0] > at.timestamp():
+            return
+        cache.set(key, (at.timestamp(), digest), 24 * 3600)
     except Exception as exc:  # the next beat samples again, no harm
         log.warning("cannot keep the last sampled beat of %s: %s", report.node, exc)
 

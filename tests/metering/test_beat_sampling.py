@@ -102,9 +102,11 @@ def test_a_late_beat_is_not_sampled_and_the_cache_only_saves_work(world: World) 
     Instance.objects.filter(pk=one.pk).update(created_at=T0 - dt.timedelta(minutes=1))
     assert beat(60, [one]) == 1
     assert beat(55, [one]) == 0  # delivered after the beat of 60 s: its time is covered
+    assert beat(50, []) == 1  # a late beat that shows another running set is sampled ...
+    assert beat(62, [one]) == 0  # ... and does not move the node's last sampled beat back
     cache.clear()  # the cache lost the node's last sampled beat: the next beat samples
     assert beat(65, [one]) == 1
-    assert times(one) == [60, 65]
+    assert times(one) == [50, 60, 65]
 
 
 def test_every_beat_is_sampled_when_the_period_is_a_beat_or_less(world: World, settings: Any) -> None:
