@@ -576,12 +576,20 @@ def api_checks(row: dict[str, Any], burst: int) -> None:
     row["burst_refusal"] = reasons[:3]
     live = Instance.objects.live().filter(tenant=tenant)
     row["burst_overshoot"] = max(0, live.count() - burst // 2)
+    row["burst_double_placement"] = overfilled(live)
+
+
+def overfilled(live: Any) -> int:
+    """Double placement after a burst: the nodes holding ``live`` instances (a queryset) that hold
+    more memory or vCPUs than they have (one count each), and instances placed on no node."""
+    from portal.cloud.models import ComputeNode, Instance
+
     over = 0
     for node in ComputeNode.objects.filter(instances__in=live).distinct():
         here = Instance.objects.live().filter(node=node)
         over += int(sum(i.ram_mb for i in here) > node.ram_mb * node.ram_allocation_ratio)
         over += int(sum(i.vcpus for i in here) > node.vcpus * node.cpu_allocation_ratio)
-    row["burst_double_placement"] = over + live.filter(node__isnull=True).count()
+    return over + int(live.filter(node__isnull=True).count())
 
 
 def list_page_times_apart(row: dict[str, Any], prefix: str) -> None:

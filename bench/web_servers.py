@@ -37,16 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale import Procs, _free_port, _pct, django_on_throwaway_postgres  # noqa: E402
+from scale import Procs, _free_port, _pct, django_on_throwaway_postgres, overfilled  # noqa: E402
 
-
-def gunicorn_flags() -> list[str]:
-    import re
-    import shlex
-
-    found = re.search(r"^GUNICORN_FLAGS := (.*)$", (REPO / "Makefile").read_text(), re.MULTILINE)
-    assert found, "Makefile has no GUNICORN_FLAGS"
-    return shlex.split(found[1])
+from tests.security.gunicorn import make_run_flags  # noqa: E402
 
 
 def start_servers(procs: Procs, count: int, tag: str) -> list[str]:
@@ -56,7 +49,7 @@ def start_servers(procs: Procs, count: int, tag: str) -> list[str]:
         procs.start(
             f"web-{tag}-{k}",
             [str(Path(sys.executable).with_name("gunicorn")), "portal.wsgi", "-b", f"127.0.0.1:{port}",
-             *gunicorn_flags()],
+             *make_run_flags()],
         )  # fmt: skip
         urls.append(f"http://127.0.0.1:{port}")
     for url in urls:
@@ -128,7 +121,7 @@ def warm_up(urls: list[str], token: str) -> None:
 
 
 def burst(urls: list[str], slug: str, token: str, creates: int, threads: int) -> dict[str, Any]:
-    from portal.cloud.models import ComputeNode, Flavor, Instance
+    from portal.cloud.models import Flavor, Instance
 
     flavor = Flavor.objects.get(name="s1.tiny").pk
     todo = list(range(creates))
@@ -169,11 +162,6 @@ def burst(urls: list[str], slug: str, token: str, creates: int, threads: int) ->
         w.join()
     wall = time.monotonic() - t0
     live = Instance.objects.live().filter(tenant__slug=slug)
-    over = 0
-    for node in ComputeNode.objects.filter(name__startswith="web-bench-"):
-        here = Instance.objects.live().filter(node=node)
-        over += int(sum(i.ram_mb for i in here) > node.ram_mb * node.ram_allocation_ratio)
-        over += int(sum(i.vcpus for i in here) > node.vcpus * node.cpu_allocation_ratio)
     return {
         "servers": len(urls),
         "wall_s": round(wall, 2),
@@ -183,7 +171,7 @@ def burst(urls: list[str], slug: str, token: str, creates: int, threads: int) ->
         "p95_ms": round(_pct(took, 0.95) * 1000, 1),
         "statuses": {str(k): statuses.count(k) for k in sorted(set(statuses))},
         "overshoot": max(0, live.count() - creates // 2),
-        "double_placement": over + live.filter(node__isnull=True).count(),
+        "double_placement": overfilled(live),
     }
 
 
@@ -220,7 +208,7 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"\n{args.creates} creates by {args.threads} clients over HTTP, quota {args.creates // 2}; "
-        f"gunicorn {' '.join(gunicorn_flags())} per server; PostgreSQL\n"
+        f"gunicorn {' '.join(make_run_flags())} per server; PostgreSQL\n"
     )
     head = f"{'servers':>7}{'wall s':>8}{'answered/s':>11}{'accepted/s':>11}{'p50 ms':>8}{'p95 ms':>8}"
     print(head + "  statuses               overshoot  double placement")
