@@ -15,10 +15,13 @@ has; the node's reply (``portal.console``) replaces it.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from typing import Any
 
 from django.core.cache import cache
+
+log = logging.getLogger(__name__)
 
 KEEP = 60
 TTL = 3600
@@ -43,20 +46,27 @@ def record_many(
     Two cache round trips per heartbeat (``get_many``, ``set_many``), not two per instance:
     at 40 instances a node, one round trip each was most of a heartbeat's cost and capped the
     control worker well below 100 beats a second (docs/benchmarks.md, "Control plane at scale").
+
+    A cache that cannot be reached costs these samples, not the heartbeat: the stats are
+    recent history for graphs, and a beat that raised here would not refresh its node, which the
+    sweeper would then mark down (a separate ``SKYPORT_CACHE_URL`` that is away).
     """
     changed: dict[str, Any] = {}
     if host is not None:
         changed[_host_key(host[0])] = {**host[1], "at": at}
     keys = {iid: _samples_key(iid) for iid, _, _ in samples}
-    stored: dict[str, list[list[float]]] = cache.get_many(list(keys.values())) if keys else {}
-    for iid, cpu_time_ns, memory_bytes in samples:
-        points = stored.get(keys[iid]) or []
-        if points and at <= points[-1][0]:
-            continue
-        points.append([at, float(cpu_time_ns), float(memory_bytes)])
-        changed[keys[iid]] = points[-KEEP:]
-    if changed:
-        cache.set_many(changed, TTL)
+    try:
+        stored: dict[str, list[list[float]]] = cache.get_many(list(keys.values())) if keys else {}
+        for iid, cpu_time_ns, memory_bytes in samples:
+            points = stored.get(keys[iid]) or []
+            if points and at <= points[-1][0]:
+                continue
+            points.append([at, float(cpu_time_ns), float(memory_bytes)])
+            changed[keys[iid]] = points[-KEEP:]
+        if changed:
+            cache.set_many(changed, TTL)
+    except Exception as exc:  # the cache's client raises its own errors (redis.ConnectionError ...)
+        log.warning("instance stats of this heartbeat not kept: the cache failed: %s", exc)
 
 
 def forget(instance_id: str) -> None:

@@ -115,6 +115,41 @@ def test_a_heartbeat_stores_its_samples_in_two_cache_round_trips(
     assert all(len(metrics.samples(str(i.pk))) == 1 for i in running)  # two samples: one CPU delta each
 
 
+def test_a_cache_that_is_away_costs_the_stats_not_the_heartbeat(
+    world: World, nodes: FakeNodes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A separate SKYPORT_CACHE_URL that is down: the beats still refresh their node (else the
+    sweeper marks it down) and are still sampled for usage; only the stats history waits."""
+    import redis
+
+    from portal.cloud.models import ComputeNode
+    from portal.metering import sampling
+    from portal.metering.models import UsageSample
+
+    iid = _vm(world, nodes)
+    svc = nodes.service("node.shared-1")
+
+    class Away:
+        def __getattr__(self, name: str) -> Any:
+            def refuse(*args: Any, **kwargs: Any) -> Any:
+                raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+            return refuse
+
+    monkeypatch.setattr(metrics, "cache", Away())
+    monkeypatch.setattr(sampling, "cache", Away())
+    before = ComputeNode.objects.get(name="shared-1").last_heartbeat
+    samples = UsageSample.objects.filter(instance_id=iid, source="heartbeat").count()
+    time.sleep(0.01)
+    svc.report()
+    after = ComputeNode.objects.get(name="shared-1").last_heartbeat
+    assert after is not None and (before is None or after > before)
+    assert UsageSample.objects.filter(instance_id=iid, source="heartbeat").count() == samples + 1
+    assert "the cache failed" in caplog.text and "cannot read the last sampled beat" in caplog.text
+    monkeypatch.undo()
+    assert metrics.samples(iid) == []  # nothing was kept while it was away
+
+
 def test_the_host_load_of_the_newest_heartbeat_shows_on_the_node(world: World) -> None:
     from django.test import Client
 
