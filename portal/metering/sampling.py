@@ -52,8 +52,14 @@ def gap_ms() -> int:
     """Samples farther apart than this many milliseconds leave a gap: N missed heartbeats, after the
     heartbeat sample period when it is longer than a beat (:func:`beat_due`)."""
     beats = settings.SKYPORT_METERING_GAP_BEATS * settings.SKYPORT_HEARTBEAT_SECONDS
-    period = settings.SKYPORT_METERING_BEAT_SECONDS
-    return int((beats + (period if period > settings.SKYPORT_HEARTBEAT_SECONDS else 0)) * 1000)
+    return int((beats + beat_period()) * 1000)
+
+
+def beat_period() -> float:
+    """Seconds between a node's sampled heartbeats, or 0 when every beat is sampled (a period of
+    ``SKYPORT_METERING_BEAT_SECONDS`` up to one heartbeat)."""
+    period = float(settings.SKYPORT_METERING_BEAT_SECONDS)
+    return period if period > settings.SKYPORT_HEARTBEAT_SECONDS else 0.0
 
 
 #: the last sampled beat of each node in the cache: (its sample time, its running set's digest)
@@ -67,8 +73,9 @@ def _beat_digest(report: NodeReport) -> str:
     return hashlib.blake2b(" ".join([*running, "|", *blind]).encode(), digest_size=16).hexdigest()
 
 
-def beat_due(report: NodeReport, at: dt.datetime) -> str | None:
-    """Whether this beat of the node is sampled: its digest if so, else None.
+def beat_due(node: str, at: dt.datetime, digest: str, last: tuple[float, str] | None, period: float) -> bool:
+    """Whether a beat of ``node`` at ``at`` with running set ``digest`` is sampled, after the node's
+    last sampled beat ``last`` (its time and digest; None: none known), ``period`` (> 0) apart.
 
     Once every ``SKYPORT_METERING_BEAT_SECONDS`` (60) of the node's beats, not every beat: the
     samples of the beats between add nothing to what the instances cost but rows (20,000
@@ -79,30 +86,15 @@ def beat_due(report: NodeReport, at: dt.datetime) -> str | None:
     seconds (bench/scale.py: 500 nodes started at once had a lag p99 of 2.6 s, every sampled
     beat in one 5 s of each minute).  A beat is sampled at once, whatever the period, when the
     set of running instances or of drivers down differs from the last sampled beat's (a crash,
-    a start the portal did not order), and a beat older than the last sampled one is not sampled (a late
-    beat: the samples around it cover its time).  Starts, stops and deletes the portal
-    ordered are exact whatever the period: their observations are samples of their own.  The
-    node's last sampled beat is kept in the cache; without one (the cache lost it, or
-    cannot be read) the beat is sampled.  A period of a beat or less (0) samples every beat.
+    a start the portal did not order), and a beat older than the last sampled one is not
+    sampled (a late beat: the samples around it cover its time).  Starts, stops and deletes the
+    portal ordered are exact whatever the period: their observations are samples of their own.
+    Without a last sampled beat (the cache lost it, or cannot be read) the beat is sampled.
     """
-    digest = _beat_digest(report)
-    period = settings.SKYPORT_METERING_BEAT_SECONDS
-    if period <= settings.SKYPORT_HEARTBEAT_SECONDS:
-        return digest  # every beat, late ones too
-    try:
-        last = cache.get(_BEAT_KEY.format(report.node))
-    except Exception as exc:  # the cache only saves work; without it every beat samples
-        log.warning("cannot read the last sampled beat of %s: %s", report.node, exc)
-        return digest
-    if not (isinstance(last, tuple) and len(last) == 2):
-        return digest
-    last_at, last_digest = last
-    if digest != last_digest:
-        return digest
-    phase = beat_phase(report.node, period)
-    if math.floor((at.timestamp() - phase) / period) > math.floor((last_at - phase) / period):
-        return digest
-    return None
+    if last is None or digest != last[1]:
+        return True
+    phase = beat_phase(node, period)
+    return math.floor((at.timestamp() - phase) / period) > math.floor((last[0] - phase) / period)
 
 
 def beat_phase(node: str, period: float) -> float:
@@ -111,17 +103,22 @@ def beat_phase(node: str, period: float) -> float:
     return spread % max(1, round(period * 1000)) / 1000
 
 
-def _beat_sampled(report: NodeReport, at: dt.datetime, digest: str) -> None:
-    """Keep this beat as the node's last sampled one, unless a later one is kept (a late beat
-    sampled for its digest does not move the node's minute back)."""
-    key = _BEAT_KEY.format(report.node)
+def _last_sampled(node: str) -> tuple[float, str] | None:
+    """The node's last sampled beat from the cache: None when there is none or the cache fails
+    (it only saves work: without it the beat is sampled)."""
     try:
-        last = cache.get(key)
-        if isinstance(last, tuple) and len(last) == 2 and last[0] > at.timestamp():
-            return
-        cache.set(key, (at.timestamp(), digest), 24 * 3600)
+        last = cache.get(_BEAT_KEY.format(node))
+    except Exception as exc:  # the cache's client raises its own errors (redis.ConnectionError ...)
+        log.warning("cannot read the last sampled beat of %s: %s", node, exc)
+        return None
+    return last if isinstance(last, tuple) and len(last) == 2 else None
+
+
+def _keep_sampled(node: str, at: dt.datetime, digest: str) -> None:
+    try:
+        cache.set(_BEAT_KEY.format(node), (at.timestamp(), digest), 24 * 3600)
     except Exception as exc:  # the next beat samples again, no harm
-        log.warning("cannot keep the last sampled beat of %s: %s", report.node, exc)
+        log.warning("cannot keep the last sampled beat of %s: %s", node, exc)
 
 
 def retention() -> dt.timedelta:
@@ -571,13 +568,16 @@ def record_report(report: NodeReport, received: dt.datetime) -> int:
             "refusing the samples of a beat of %s taken at %s: older than the samples kept", report.node, at
         )
         return 0
-    digest = beat_due(report, at)
-    if digest is None:
+    period = beat_period()  # 0: every beat is sampled, late ones too; nothing to decide or keep
+    digest, last = (_beat_digest(report), _last_sampled(report.node)) if period else ("", None)
+    if period and not beat_due(report.node, at, digest, last, period):
         return 0
     seen = {item.instance_id: item for item in report.inventory}
     blind = {d.kind for d in report.drivers if not d.ok}
     new = _record_beat(report, at, received, seen, blind)
-    _beat_sampled(report, at, digest)
+    # a late beat sampled for its running set does not move the node's minute back
+    if period and (last is None or last[0] <= at.timestamp()):
+        _keep_sampled(report.node, at, digest)
     return new
 
 
