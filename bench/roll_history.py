@@ -148,7 +148,8 @@ def main() -> int:
     procs = Procs(tmp)
     rows = []
     try:
-        django_on_throwaway_postgres(procs)
+        # every beat sampled for usage: what is measured is a sampled beat's work
+        django_on_throwaway_postgres(procs, SKYPORT_METERING_BEAT_SECONDS="0")
         from django.utils import timezone
 
         from portal.metering.intervals import HOUR, floor_hour

@@ -171,28 +171,38 @@ def start_redis(procs: Procs) -> int:
     return port
 
 
-def django_on_throwaway_postgres(procs: Procs) -> None:
+def django_on_throwaway_postgres(procs: Procs, **settings: str) -> tuple[dict[str, str], int]:
     """A throwaway PostgreSQL cluster and redis-server (``procs``' children), Django set up on
-    them and migrated: the in-process benches' database (``bench/beat_history.py``,
-    ``bench/roll_history.py``)."""
+    them and migrated: the benches' database (``one_run`` here, ``bench/beat_history.py``,
+    ``bench/roll_history.py``, ``bench/web_servers.py``).
+
+    ``settings``: more environment variables for the portal.  The machine's own ``SKYPORT_*``
+    and ``CELERY_*`` variables are not used.  Returns the environment set (for the bench's
+    own Skyport processes) and redis-server's port (broker database 0, the cache 1).
+    """
     db_url = start_postgres(procs)
-    port = start_redis(procs)  # those benches send nothing; the settings want a broker
-    os.environ.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "portal.settings",
-            "DATABASE_URL": db_url,
-            "SKYPORT_VAR_DIR": str(procs.tmp / "var"),
-            "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
-            "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0",
-            "SKYPORT_LOG_LEVEL": "WARNING",
-        }
-    )
+    port = start_redis(procs)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("SKYPORT_", "CELERY_", "DJANGO_"))},
+        "DJANGO_SETTINGS_MODULE": "portal.settings",
+        "DATABASE_URL": db_url,
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+        "SKYPORT_CACHE_URL": f"redis://127.0.0.1:{port}/1",
+        "SKYPORT_VAR_DIR": str(procs.tmp / "var"),
+        "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
+        "SKYPORT_LOG_LEVEL": "WARNING",
+        **settings,
+    }
+    os.environ.update(env)
+    for key in [k for k in os.environ if k not in env and k.startswith(("SKYPORT_", "CELERY_"))]:
+        del os.environ[key]
     import django
 
     django.setup()
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
+    return env, port
 
 
 def _redis(port: int, *args: str) -> str:
@@ -344,32 +354,15 @@ def one_run(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
         "metering_beat": args.metering_one,
     }
     try:
-        db_url = start_postgres(procs)
-        port = start_redis(procs)
-        broker = f"redis://127.0.0.1:{port}/0"
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("SKYPORT_", "CELERY_", "DJANGO_"))},
-            "DJANGO_SETTINGS_MODULE": "portal.settings",
-            "DATABASE_URL": db_url,
-            "DB_CONN_MAX_AGE": "60",
-            "CELERY_BROKER_URL": broker,
-            "SKYPORT_CACHE_URL": f"redis://127.0.0.1:{port}/1",
-            "SKYPORT_VAR_DIR": str(tmp / "var"),
-            "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
-            "SKYPORT_HEARTBEAT_SECONDS": str(args.period),
-            "SKYPORT_METERING_BEAT_SECONDS": str(args.metering_one),
-            "SKYPORT_LOG_LEVEL": "WARNING",
-        }
-        os.environ.update(env)
-        for key in [k for k in os.environ if k not in env and k.startswith(("SKYPORT_", "CELERY_"))]:
-            del os.environ[key]
-        import django
-
-        django.setup()
-        from django.core.management import call_command
+        env, port = django_on_throwaway_postgres(
+            procs,
+            DB_CONN_MAX_AGE="60",
+            SKYPORT_HEARTBEAT_SECONDS=str(args.period),
+            SKYPORT_METERING_BEAT_SECONDS=str(args.metering_one),
+        )
+        broker = env["CELERY_BROKER_URL"]
         from django.db import connection
 
-        call_command("migrate", verbosity=0)
         placed = seed(nodes, args.instances)
         if args.api:
             list_page_times(row, "idle")  # the same rows before any node beats: the page itself
