@@ -265,8 +265,7 @@ class NodeService:
         spec = message.spec
         prepared: list[NetworkSegment] = []
 
-        def body(d: Driver) -> PowerState:
-            # port security is in force before the workload sends a frame
+        def network() -> None:
             if self.router is not None:
                 try:
                     prepared.extend(self.router.prepare(spec))  # networks and NICs, one rule load
@@ -275,7 +274,11 @@ class NodeService:
             else:
                 for nic in spec.networks:
                     self.prepare_bridge(nic.segment)
-            return d.spawn(spec).power_state
+
+        def body(d: Driver) -> PowerState:
+            # Port security is in force before the workload sends a frame; the container driver
+            # makes the networks ready while crun creates the container (Driver.spawn_with).
+            return d.spawn_with(spec, network).power_state
 
         observed = self._run(spec.instance_id, spec.kind, Action.CREATE, message.action_id, body)
         # The networks' resolvers learn the new name after the portal has heard of the start (a

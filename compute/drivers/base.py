@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 from compute import logs
@@ -91,6 +92,18 @@ class Driver(abc.ABC):
         call made (disks, seeds, bundles, cgroups, netns, taps, veths) is
         removed before the error is raised.
         """
+
+    def spawn_with(self, spec: InstanceSpec, network: Callable[[], None]) -> InstanceInfo:
+        """:meth:`spawn`, with ``network`` (the node making the instance's networks and NIC rules
+        ready) done before the workload can send a frame.
+
+        Here ``network`` simply runs first.  A driver that can do it while its
+        runtime makes the workload (the container driver: while crun creates
+        the container, whose process waits for its start) overrides this.  An
+        error from ``network`` fails the spawn and undoes it, as any other.
+        """
+        network()
+        return self.spawn(spec)
 
     @abc.abstractmethod
     def destroy(self, instance_id: str) -> None:

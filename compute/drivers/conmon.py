@@ -17,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ def create(
     pidfile: Path,
     log: Path,
     log_max_bytes: int = LOG_MAX_BYTES,
+    meanwhile: Callable[[], None] | None = None,
 ) -> None:
     """Create container ``cid`` from ``bundle`` under a new conmon; its files go to ``state``.
 
@@ -45,6 +46,12 @@ def create(
     afresh by conmon at ``log_max_bytes``; conmon's own messages go to
     ``state/conmon.log``.  Returns once crun has created the container (PID 1
     waits for ``start``); raises :class:`DriverError` with the reason when it could not.
+
+    ``meanwhile`` runs in this thread while conmon and crun work (a cold
+    ``crun create`` spends most of its time waiting in the kernel: its first
+    cgroup migration waits for an RCU grace period).  Its error is raised
+    once the create has finished either way, so the caller's undo finds a
+    container to delete, not one still being made.
     """
     own = state / "conmon.log"
     r, w = os.pipe()
@@ -72,6 +79,12 @@ def create(
             )
         os.close(w)
         w = -1
+        error: BaseException | None = None
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException as exc:  # raised below, after the create has finished
+                error = exc
         data = b""
         deadline = time.monotonic() + CREATE_TIMEOUT
         while not data.endswith(b"\n"):
@@ -83,6 +96,8 @@ def create(
                 break
             data += chunk
         proc.wait(timeout=CREATE_TIMEOUT)
+        if error is not None:
+            raise error
     finally:
         os.close(r)
         if w >= 0:

@@ -44,7 +44,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -441,10 +441,20 @@ class ContainerDriver(Driver):
             return False, f"container driver unusable: {exc}"
 
     def spawn(self, spec: InstanceSpec) -> InstanceInfo:
+        return self._spawn(spec, None)
+
+    def spawn_with(self, spec: InstanceSpec, network: Callable[[], None]) -> InstanceInfo:
+        """``network`` runs while crun creates the container (its PID 1 waits for the start), and
+        is done before the veths are wired and the container started."""
+        return self._spawn(spec, network)
+
+    def _spawn(self, spec: InstanceSpec, network: Callable[[], None] | None) -> InstanceInfo:
         if spec.kind != Kind.CONTAINER:
             raise DriverError(f"instance {spec.instance_id} is a {spec.kind}, not a container")
         with self._locked(spec.instance_id) as paths:
             if paths.spec.exists():
+                if network is not None:
+                    network()
                 return self._info(paths, spec.instance_id)
             if paths.root.exists():  # a spawn that died half-way: start over
                 self._teardown(paths, spec.instance_id)
@@ -463,15 +473,22 @@ class ContainerDriver(Driver):
                 tmp = paths.spec.with_suffix(".tmp")
                 tmp.write_text(json.dumps(to_json(spec)))
                 os.replace(tmp, paths.spec)  # from here on the instance exists
-                info = self._launch(paths, spec, image)
+                info = self._launch(paths, spec, image, network)
                 undo.pop_all()
                 return info
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _launch(self, paths: _Paths, spec: InstanceSpec, image: UnpackedImage | None = None) -> InstanceInfo:
+    def _launch(
+        self,
+        paths: _Paths,
+        spec: InstanceSpec,
+        image: UnpackedImage | None = None,
+        network: Callable[[], None] | None = None,
+    ) -> InstanceInfo:
         """Mount, wire, create under conmon, start; undo all of it on failure.
 
         ``image``: the spec's image when the caller has it already (spawn), else it is looked up.
+        ``network``: see :meth:`spawn_with`.
         """
         cid = container_id(spec.instance_id)
         for stale in (paths.exit, paths.pidfile, paths.result, paths.stopped):
@@ -503,6 +520,7 @@ class ContainerDriver(Driver):
                 paths.pidfile,
                 paths.log,
                 self.config.log_max_bytes,
+                meanwhile=network,
             )
             if spec.networks:
                 # crun made the netns inside the container's user namespace (its

@@ -213,6 +213,59 @@ def test_failed_spawn_leaves_nothing(
         driver.info(spec.instance_id)
 
 
+def uptime() -> float:
+    return float(Path("/proc/uptime").read_text().split()[0])
+
+
+def test_the_network_is_made_while_crun_creates_and_done_before_the_start(
+    driver: ContainerDriver, sample_images: SampleImages, testnet: BridgeNet
+) -> None:
+    """spawn_with: the node's network step overlaps crun's create; the workload starts after it."""
+    script = "cat /proc/uptime; sleep 60"  # the host's clock: crun makes no time namespace
+    spec = make_spec(
+        sample_images.base, command=("/bin/sh", "-c", script), networks=(testnet.attachment(12),)
+    )
+    seen: list[tuple[str, float]] = []
+
+    def network() -> None:
+        deadline = time.monotonic() + 10
+        while (state := driver._crun_state(spec.instance_id)) is None or (
+            not seen and state["status"] != "created"
+        ):  # crun's create runs meanwhile: the container exists, created, its PID 1 waiting
+            assert time.monotonic() < deadline, f"crun never created the container: {state}"
+            time.sleep(0.01)
+        time.sleep(0.2)
+        seen.append((state["status"], uptime()))
+
+    info = driver.spawn_with(spec, network)
+    assert info.power_state == PowerState.RUNNING
+    assert [s for s, _ in seen] == ["created"]
+    wait_for(lambda: driver.console_log(spec.instance_id).strip(), what="the workload's first line")
+    started = float(driver.console_log(spec.instance_id).split()[0])
+    assert started >= seen[0][1], (started, seen)
+    # A redelivered create finds the container running and makes the network again, once.
+    driver.spawn_with(spec, network)
+    assert [s for s, _ in seen] == ["created", "running"]
+    driver.destroy(spec.instance_id)
+    assert leftovers(driver, spec) == []
+
+
+def test_a_failed_network_step_undoes_the_spawn(
+    driver: ContainerDriver, sample_images: SampleImages, testnet: BridgeNet
+) -> None:
+    spec = make_spec(sample_images.base, networks=(testnet.attachment(13),))
+
+    def network() -> None:
+        raise DriverError("the bridge could not be made")
+
+    with pytest.raises(DriverError, match="the bridge could not be made"):
+        driver.spawn_with(spec, network)
+    assert leftovers(driver, spec) == []
+    assert driver._crun_state(spec.instance_id) is None
+    with pytest.raises(InstanceNotFound):
+        driver.info(spec.instance_id)
+
+
 def test_two_images_share_the_base_layer(
     driver: ContainerDriver, sample_images: SampleImages, testnet: BridgeNet
 ) -> None:
