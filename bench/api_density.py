@@ -3,8 +3,9 @@
     SKYPORT_TEST_BROKER_URL=redis://127.0.0.1:6379/7 SKYPORT_TEST_NETWORK_POOL=198.18.128.0/20 \\
         nice -n 19 .venv/bin/python bench/api_density.py [--n 1000] [--json out.json]
 
-The same stack as bench/api_e2e.py (scratch SQLite, real Redis, a real control worker and a real
-compute worker with crun + conmon, the node dedicated to the tenant).  One tenant network sized
+The same stack as bench/api_e2e.py (scratch SQLite, or a throwaway PostgreSQL with
+``SKYPORT_BENCH_POSTGRES=1``; real Redis, a real control worker and a real compute worker with
+crun + conmon, the node dedicated to the tenant).  One tenant network sized
 for N (``SKYPORT_NETWORK_PREFIX`` 22 for 1000: one bridge, below its 1023 ports), a private flavor
 of 16 MiB, and the node's overcommit ratios raised by the operator so the scheduler places N.
 
@@ -152,11 +153,11 @@ def main() -> int:  # noqa: PLR0912 -- one straight run, step by step
     state_dir = base / node
     server = e2e.PortalServer()
     settings.SKYPORT_PORTAL_URL = server.url
-    stack = e2e.Stack(base, str(settings.DATABASES["default"]["NAME"]), e2e.BROKER)
+    stack = e2e.Stack(base, str(settings.DATABASES["default"]["NAME"]), e2e.BROKER, e2e.DATABASE_URL)
     stack.env["SKYPORT_VAR_DIR"] = str(base / "var")
     stack.env["SKYPORT_HEARTBEAT_SECONDS"] = str(args.heartbeat)
     stack.start_cluster([node])
-    result: dict[str, Any] = {"n": n}
+    result: dict[str, Any] = {"n": n, "database": settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]}
     ids: list[str] = []
     ok = True
     try:

@@ -17,7 +17,9 @@ burst:     N concurrent POSTs from N threads against a quota of N/2 instances:
            wall time, overshoot (must be 0), double placement (must be 0).
 
 Real Redis, a real control worker and two real compute workers (one node
-dedicated to the container tenant, one shared), a scratch SQLite database.
+dedicated to the container tenant, one shared), a scratch SQLite database, or
+with ``SKYPORT_BENCH_POSTGRES=1`` a throwaway PostgreSQL cluster (bench/scale.py's,
+on a unix socket, fsync off) started and stopped by this run.
 Needs root, libvirtd, crun and redis-server (``make run`` or ``make test``
 set them up) and the sample images in var/images.
 """
@@ -54,6 +56,19 @@ os.environ.update(
     SKYPORT_ALLOWED_HOSTS="testserver,127.0.0.1",
 )
 os.environ.pop("DATABASE_URL", None)
+#: the portal's database when not SQLite: a throwaway PostgreSQL cluster, stopped at exit
+DATABASE_URL = ""
+if os.environ.get("SKYPORT_BENCH_POSTGRES") == "1":
+    import atexit
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import scale
+
+    _pg = scale.Procs(Path(tempfile.mkdtemp(prefix="skyport-bench-pg-", dir="/var/tmp")))
+    atexit.register(shutil.rmtree, _pg.tmp, True)
+    atexit.register(_pg.stop_all)
+    DATABASE_URL = os.environ["DATABASE_URL"] = scale.start_postgres(_pg)
 POOL = ipaddress.IPv4Network(os.environ.get("SKYPORT_TEST_NETWORK_POOL", "198.18.0.0/15"))
 os.environ["SKYPORT_NETWORK_POOL"] = str(POOL)
 BARE_NET = list(POOL.subnets(new_prefix=24))[-1]
@@ -307,7 +322,7 @@ def main() -> int:
     settings.SKYPORT_PORTAL_URL = server.url
     os.environ["SKYPORT_NODE_NAME"] = "bench-bare"
     os.environ["SKYPORT_NODE_KEY"] = node_key("bench-bare")
-    stack = Stack(BASE, str(settings.DATABASES["default"]["NAME"]), BROKER)
+    stack = Stack(BASE, str(settings.DATABASES["default"]["NAME"]), BROKER, DATABASE_URL)
     stack.env["SKYPORT_VAR_DIR"] = str(BASE / "var")
     stack.start_cluster([ded, shared])
     bare_bridge = f"skb{tag}"

@@ -87,13 +87,14 @@ class PortalServer:
 class Stack:
     """Worker processes started by this test, ended by PID."""
 
-    def __init__(self, base: Path, db_path: str, broker: str = BROKER) -> None:
+    def __init__(self, base: Path, db_path: str, broker: str = BROKER, database_url: str = "") -> None:
+        """``database_url``: the portal's database when not the SQLite file ``db_path``."""
         self.base = base
         self.procs: list[subprocess.Popen[bytes]] = []
         self.env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "portal.settings",
-            "DATABASE_URL": f"sqlite:///{db_path}",
+            "DATABASE_URL": database_url or f"sqlite:///{db_path}",
             "CELERY_BROKER_URL": broker,
             "SKYPORT_VAR_DIR": str(base / "var"),
             "SKYPORT_SECRET_KEY": secrets.token_urlsafe(50),
