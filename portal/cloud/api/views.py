@@ -206,7 +206,8 @@ class InstanceViewSet(BackupViewSet):
         describe(request, "instance.create", tenant_id=serializer.validated_data["tenant"].pk)
         instance = services.create_instance(self._request(serializer.validated_data), request.user)
         describe(request, "instance.create", instance, message=instance.isolation_reason)
-        return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
+        serializer.instance = instance  # as DRF's save() does: its fields are built once, not twice
+        return Response(serializer.data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=serializers.InstanceSerializer, responses={200: serializers.PreviewSerializer})
     @action(detail=False, methods=["post"], url_path="preview")
