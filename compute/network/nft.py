@@ -138,6 +138,15 @@ def elements(verb: str, family: str, table: str, name: str, elems: Sequence[Any]
     return {verb: {"element": {"family": family, "table": table, "name": name, "elem": list(elems)}}}
 
 
+def named_set(verb: str, family: str, table: str, name: str, type: str = "") -> dict[str, Any]:
+    """``add`` an empty named set of ``type`` (a no-op when it exists) or ``delete`` one (no rule may
+    name it by then)."""
+    body: dict[str, Any] = {"family": family, "table": table, "name": name}
+    if verb == "add":
+        body["type"] = type
+    return {verb: {"set": body}}
+
+
 def chain(verb: str, family: str, table: str, name: str) -> dict[str, Any]:
     """``add`` (a no-op when it exists), ``flush`` (remove its rules) or ``delete`` a regular chain."""
     return {verb: {"chain": {"family": family, "table": table, "name": name}}}

@@ -432,10 +432,31 @@ def nic_delta(
     return remove + add
 
 
+def groups_delta(
+    table: str,
+    old: Mapping[str, Sequence[str]],
+    new: Mapping[str, Sequence[str]],
+    nic_cmds: Sequence[dict[str, object]],
+) -> list[dict[str, object]]:
+    """``nic_cmds`` (a :func:`nic_delta`) with the group sets brought from ``old`` to ``new``.
+
+    A group the rules name for the first time gets its set (and members) before the NICs'
+    rules that name it; a set no rule names any more goes after the NICs' chains that named
+    it.  A node whose only member of a group comes and goes (one container at a time) thus
+    changes a few elements, not the whole table set.
+    """
+    added = [
+        nft.named_set("add", "bridge", table, group_set(g), "ipv4_addr") for g in sorted(set(new) - set(old))
+    ]
+    gone = [nft.named_set("delete", "bridge", table, group_set(g)) for g in sorted(set(old) - set(new))]
+    return [*added, *members_delta(table, old, new), *nic_cmds, *gone]
+
+
 def members_delta(
     table: str, old: Mapping[str, Sequence[str]], new: Mapping[str, Sequence[str]]
 ) -> list[dict[str, object]]:
-    """The element changes that take each group's set from ``old`` members to ``new`` (same groups)."""
+    """The element changes that take each group's set from ``old`` members to ``new`` (a group new
+    in ``new`` gets all its members; one only in ``old`` is left to the caller)."""
     cmds: list[dict[str, object]] = []
     for group in sorted(new):
         before, after = set(old.get(group, ())), set(new[group])
@@ -960,14 +981,14 @@ class Router:
         by_instance = self.instance_nics()
         nics, security = [n for ns in by_instance.values() for n in ns], self.security(by_instance)
         told = self.group_members()
-        # which groups have a set is structure; who is in them changes with every create
+        # the groups the NICs' rules name have a set each; sets, members and NICs change by delta
         groups = {g: sorted(told.get(g, ())) for g in referenced_groups(security)}
         base_tables = tables(name, uplink, segments, (), forwards, {})
-        base = _digest([[t.commands() for t in base_tables], sorted(groups)])
+        base = _digest([t.commands() for t in base_tables])
         loaded = None if whole else self._loaded()
         try:
             if loaded is not None and loaded[0] == base:
-                delta = members_delta(name, loaded[2], groups) + nic_delta(name, loaded[1], nics, security)
+                delta = groups_delta(name, loaded[2], groups, nic_delta(name, loaded[1], nics, security))
                 if not delta:
                     return
                 # a crash between the load and the record: no record, the next change loads whole

@@ -635,6 +635,55 @@ def test_per_nic_changes_give_the_tables_a_whole_load_gives(lab: Lab) -> None:
     lab.run(lab.router.teardown)
 
 
+def test_a_group_whose_only_member_comes_and_goes_is_loaded_by_delta(lab: Lab) -> None:
+    """A node running one container at a time: the group its rules name gets its set with the
+    first member and loses it with the last, each as a delta equal to loading whole."""
+    lab.run(lab.router.ensure, lab.segment(0))
+    rules = (SecurityRule(Direction.EGRESS), SecurityRule(Direction.INGRESS, remote=(), remote_group="7"))
+    spec = dataclasses.replace(
+        lab.spec(),
+        security=rules,
+        security_version=1,
+        security_members=(GroupMembers("7", ("198.19.160.20",), 1),),
+    )
+    lab.run(lab.router.attach, dataclasses.replace(spec, security=()))  # a record to start from
+    loads: list[list[dict[str, object]]] = []
+    real_run, real_apply = nft.run, nft.apply
+
+    def run(cmds: list[dict[str, object]]) -> None:
+        loads.append(cmds)
+        real_run(cmds)
+
+    def apply(tables: object) -> None:
+        real_apply(tables)  # type: ignore[arg-type]  # through run() above
+        loads.append([{"whole": None}])
+
+    nft.run, nft.apply = run, apply  # type: ignore[assignment]
+    try:
+        for step in (
+            lambda: lab.router.detach(IID),
+            lambda: lab.router.attach(spec),  # the set of group 7 appears
+            lambda: lab.router.detach(IID),  # and goes
+            lambda: lab.router.attach(spec),
+        ):
+            lab.run(step)
+            assert loads[-1] != [{"whole": None}], f"loaded whole: {loads}"
+            incremental = _normal(lab.run(nft.listing, "bridge", lab.table))
+            lab.run(lab.router.converge)
+            assert loads[-1] == [{"whole": None}]
+            assert _normal(lab.run(nft.listing, "bridge", lab.table)) == incremental
+    finally:
+        nft.run, nft.apply = real_run, real_apply  # type: ignore[assignment]
+    sets = [json.dumps(c) for load in loads for c in load if "set" in json.dumps(c)[:20]]
+    assert any('"add": {"set"' in c and "grp_7" in c for c in sets), sets
+    assert any('"delete": {"set"' in c and "grp_7" in c for c in sets), sets
+    listing = json.dumps(lab.run(nft.listing, "bridge", lab.table))
+    assert "grp_7" in listing and "198.19.160.20" in listing
+    lab.run(lab.router.detach, IID)
+    assert "grp_7" not in json.dumps(lab.run(nft.listing, "bridge", lab.table))
+    lab.run(lab.router.teardown)
+
+
 def test_a_remote_group_is_a_set_whose_members_change_without_touching_rules(lab: Lab) -> None:
     """Ingress from group 7 only: a neighbour gets through once it is a member, and not after;
     each membership change is one set element, loaded alone (no chain is rewritten)."""
