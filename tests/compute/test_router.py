@@ -576,15 +576,9 @@ def _normal(listing: object) -> list[str]:
     return sorted(i for i in items if not i.startswith('{"rule"')) + rules
 
 
-def test_per_nic_changes_give_the_tables_a_whole_load_gives(lab: Lab) -> None:
-    """attach, rule changes, a new MAC, detach: loaded as per-NIC deltas, equal to loading whole."""
-    lab.run(lab.router.ensure, lab.segment(0))
-    ssh = (SecurityRule(Direction.EGRESS), SecurityRule(Direction.INGRESS, "tcp", 22, 22))
-    web = (*ssh, SecurityRule(Direction.INGRESS, "tcp", 80, 80, ("198.19.0.0/16",)))
-    first = dataclasses.replace(lab.spec(), security=ssh)
-    second_id = "6c0ffee0-0000-4000-8000-000000000002"
-    nic = dataclasses.replace(lab.spec().networks[0], address="198.19.160.21/24", mac="52:54:00:16:00:0b")
-    second = dataclasses.replace(lab.spec(), instance_id=second_id, networks=(nic,), security=web)
+@contextlib.contextmanager
+def recorded_loads() -> Iterator[list[list[dict[str, object]]]]:
+    """Each nftables load while inside: its commands, or ``[{"whole": None}]`` for a whole load."""
     loads: list[list[dict[str, object]]] = []
     real_run, real_apply = nft.run, nft.apply
 
@@ -596,6 +590,22 @@ def test_per_nic_changes_give_the_tables_a_whole_load_gives(lab: Lab) -> None:
         real_apply(tables)  # type: ignore[arg-type]  # through run() above
         loads.append([{"whole": None}])
 
+    nft.run, nft.apply = run, apply  # type: ignore[assignment]
+    try:
+        yield loads
+    finally:
+        nft.run, nft.apply = real_run, real_apply  # type: ignore[assignment]
+
+
+def test_per_nic_changes_give_the_tables_a_whole_load_gives(lab: Lab) -> None:
+    """attach, rule changes, a new MAC, detach: loaded as per-NIC deltas, equal to loading whole."""
+    lab.run(lab.router.ensure, lab.segment(0))
+    ssh = (SecurityRule(Direction.EGRESS), SecurityRule(Direction.INGRESS, "tcp", 22, 22))
+    web = (*ssh, SecurityRule(Direction.INGRESS, "tcp", 80, 80, ("198.19.0.0/16",)))
+    first = dataclasses.replace(lab.spec(), security=ssh)
+    second_id = "6c0ffee0-0000-4000-8000-000000000002"
+    nic = dataclasses.replace(lab.spec().networks[0], address="198.19.160.21/24", mac="52:54:00:16:00:0b")
+    second = dataclasses.replace(lab.spec(), instance_id=second_id, networks=(nic,), security=web)
     steps = [
         lambda: lab.router.attach(first),
         lambda: lab.router.attach(second),
@@ -609,8 +619,7 @@ def test_per_nic_changes_give_the_tables_a_whole_load_gives(lab: Lab) -> None:
         lambda: lab.router.detach(second_id),
     ]
     deltas: list[list[dict[str, object]]] = []
-    nft.run, nft.apply = run, apply  # type: ignore[assignment]
-    try:
+    with recorded_loads() as loads:
         for step in steps:
             lab.run(step)
             incremental = _normal(lab.run(nft.listing, "bridge", lab.table))
@@ -619,8 +628,6 @@ def test_per_nic_changes_give_the_tables_a_whole_load_gives(lab: Lab) -> None:
             lab.run(lab.router.converge)
             assert loads[-1] == [{"whole": None}]
             assert _normal(lab.run(nft.listing, "bridge", lab.table)) == incremental
-    finally:
-        nft.run, nft.apply = real_run, real_apply  # type: ignore[assignment]
     # each delta names only the instance it changes (its cost does not grow with the others)
     assert IID[:8] not in json.dumps(deltas[1]) + json.dumps(deltas[3])
     assert second_id[:8] not in json.dumps(deltas[2]) + json.dumps(deltas[4])
@@ -635,31 +642,24 @@ def test_per_nic_changes_give_the_tables_a_whole_load_gives(lab: Lab) -> None:
     lab.run(lab.router.teardown)
 
 
-def test_a_group_whose_only_member_comes_and_goes_is_loaded_by_delta(lab: Lab) -> None:
-    """A node running one container at a time: the group its rules name gets its set with the
-    first member and loses it with the last, each as a delta equal to loading whole."""
-    lab.run(lab.router.ensure, lab.segment(0))
+def group7_spec(lab: Lab) -> InstanceSpec:
+    """The lab's instance with all egress and ingress from group 7 only, whose one member it is."""
     rules = (SecurityRule(Direction.EGRESS), SecurityRule(Direction.INGRESS, remote=(), remote_group="7"))
-    spec = dataclasses.replace(
+    return dataclasses.replace(
         lab.spec(),
         security=rules,
         security_version=1,
         security_members=(GroupMembers("7", ("198.19.160.20",), 1),),
     )
+
+
+def test_a_group_whose_only_member_comes_and_goes_is_loaded_by_delta(lab: Lab) -> None:
+    """A node running one container at a time: the group its rules name gets its set with the
+    first member and loses it with the last, each as a delta equal to loading whole."""
+    lab.run(lab.router.ensure, lab.segment(0))
+    spec = group7_spec(lab)
     lab.run(lab.router.attach, dataclasses.replace(spec, security=()))  # a record to start from
-    loads: list[list[dict[str, object]]] = []
-    real_run, real_apply = nft.run, nft.apply
-
-    def run(cmds: list[dict[str, object]]) -> None:
-        loads.append(cmds)
-        real_run(cmds)
-
-    def apply(tables: object) -> None:
-        real_apply(tables)  # type: ignore[arg-type]  # through run() above
-        loads.append([{"whole": None}])
-
-    nft.run, nft.apply = run, apply  # type: ignore[assignment]
-    try:
+    with recorded_loads() as loads:
         for step in (
             lambda: lab.router.detach(IID),
             lambda: lab.router.attach(spec),  # the set of group 7 appears
@@ -672,8 +672,6 @@ def test_a_group_whose_only_member_comes_and_goes_is_loaded_by_delta(lab: Lab) -
             lab.run(lab.router.converge)
             assert loads[-1] == [{"whole": None}]
             assert _normal(lab.run(nft.listing, "bridge", lab.table)) == incremental
-    finally:
-        nft.run, nft.apply = real_run, real_apply  # type: ignore[assignment]
     sets = [json.dumps(c) for load in loads for c in load if "set" in json.dumps(c)[:20]]
     assert any('"add": {"set"' in c and "grp_7" in c for c in sets), sets
     assert any('"delete": {"set"' in c and "grp_7" in c for c in sets), sets
@@ -688,13 +686,7 @@ def test_a_remote_group_is_a_set_whose_members_change_without_touching_rules(lab
     """Ingress from group 7 only: a neighbour gets through once it is a member, and not after;
     each membership change is one set element, loaded alone (no chain is rewritten)."""
     lab.run(lab.router.ensure, lab.segment(0))
-    rules = (SecurityRule(Direction.EGRESS), SecurityRule(Direction.INGRESS, remote=(), remote_group="7"))
-    spec = dataclasses.replace(
-        lab.spec(),
-        security=rules,
-        security_version=1,
-        security_members=(GroupMembers("7", ("198.19.160.20",), 1),),
-    )
+    spec = group7_spec(lab)
     lab.run(lab.router.attach, spec)
     wire_instance(lab)
     with neighbour_ns(lab) as other:
