@@ -45,6 +45,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+import container_start  # noqa: E402
+import scale  # noqa: E402  # no Django: its throwaway PostgreSQL and the double-placement count
+
 BASE = Path("/var/lib/skyport") / f"bench-{secrets.token_hex(4)}"
 BROKER = os.environ.get("SKYPORT_TEST_BROKER_URL", "redis://127.0.0.1:6379/6")
 os.environ.update(
@@ -61,9 +65,6 @@ DATABASE_URL = ""
 if os.environ.get("SKYPORT_BENCH_POSTGRES") == "1":
     import atexit
     import tempfile
-
-    sys.path.insert(0, str(REPO / "bench"))
-    import scale
 
     _pg = scale.Procs(Path(tempfile.mkdtemp(prefix="skyport-bench-pg-", dir="/var/tmp")))
     atexit.register(shutil.rmtree, _pg.tmp, True)
@@ -95,9 +96,6 @@ from portal.images.nodekeys import node_key  # noqa: E402
 from portal.tenancy.models import Membership, Quota, Tenant  # noqa: E402
 from tests.e2e.test_end_to_end import PortalServer, Stack, wait_for  # noqa: E402
 from tests.netcleanup import teardown_node  # noqa: E402
-
-sys.path.insert(0, str(REPO / "bench"))
-import container_start  # noqa: E402
 
 READY = "SKYPORT-READY"
 
@@ -243,14 +241,7 @@ def burst(n: int, flavor: int, image: str) -> tuple[float, int, int, int]:
     dispatch._send = original  # type: ignore[assignment]
     live = Instance.objects.filter(tenant=tenant).live()
     overshoot = max(0, live.count() - n // 2)
-    doubles = 0
-    all_live = Instance.objects.live()
-    for node in ComputeNode.objects.all():
-        here = list(all_live.filter(node=node))
-        doubles += int(sum(i.ram_mb for i in here) > node.ram_mb * node.ram_allocation_ratio)
-        doubles += int(sum(i.vcpus for i in here) > node.vcpus * node.cpu_allocation_ratio)
-    doubles += live.filter(node__isnull=True).count()
-    return wall, statuses.count(202), overshoot, doubles
+    return wall, statuses.count(202), overshoot, scale.overfilled(live)
 
 
 LOG_LINE = re.compile(
