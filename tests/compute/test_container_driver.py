@@ -122,7 +122,12 @@ def test_lifecycle_network_stats_and_cleanup(
     rebooted = driver.reboot(spec.instance_id)
     assert rebooted.power_state == PowerState.RUNNING and rebooted.pid != started.pid
     assert ping(testnet.address(10))
-    assert driver.console_log(spec.instance_id).count("hostname=web-1 pid=1") >= 2
+    # ping is answered by the kernel as soon as the netns has its address, perhaps before the new
+    # run's shell has printed its line (and conmon written it): the log keeps the runs' lines
+    wait_for(
+        lambda: driver.console_log(spec.instance_id).count("hostname=web-1 pid=1") >= 2,
+        what="the first run's line and the rebooted run's in the log",
+    )
 
     with pytest.raises(NotSupported):
         driver.snapshot(spec.instance_id, "s1")
